@@ -1,0 +1,150 @@
+"""Backend registry: which implementation serves a call.
+
+Backends: "auto" (default), "cuda" (csrc/, the extension pyext._C),
+"triton" (triton_kernels/), "torch" (the reference, pyext.reference).
+
+- "auto" never fails on valid input: the CUDA kernel when the extension is
+  built and covers the case, else Triton on a GPU, else the reference.
+- A backend named explicitly (per call, `set_backend`, `use_backend` or the
+  environment variable PYEXT_BACKEND) runs or raises BackendUnavailable
+  saying why; it never falls back silently.
+"""
+import contextlib
+import os
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend named explicitly cannot serve this call."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_default = _check_name(os.environ.get("PYEXT_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Set the backend used by calls that pass no `backend=`."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with pyext.use_backend("triton"): ...` — the default backend inside the block."""
+    global _default
+    previous, _default = _default, _check_name(name)
+    try:
+        yield
+    finally:
+        _default = previous
+
+
+# What this machine can run, decided once at import.
+def _extension_status():
+    try:
+        from pyext import _C  # noqa: F401  (registers torch.ops.pyext.*_cuda)
+    except ImportError as e:
+        return False, f"the CUDA extension pyext._C is not built ({e})"
+    return True, "the CUDA extension pyext._C is built"
+
+
+def _triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    return True, f"triton {triton.__version__}"
+
+
+CUDA_BUILT, _CUDA_BUILD_NOTE = _extension_status()
+TRITON_INSTALLED, _TRITON_NOTE = _triton_status()
+# Triton's interpreter runs its kernels on CPU tensors (slowly): for tests.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+def available_backends() -> dict:
+    """Each backend, whether it can run on this machine, and why (not)."""
+    gpu = torch.cuda.is_available()
+    no_gpu = "no CUDA GPU is visible to torch"
+    if not CUDA_BUILT:
+        cuda = BackendStatus(False, _CUDA_BUILD_NOTE)
+    else:
+        cuda = BackendStatus(gpu, _CUDA_BUILD_NOTE + ("" if gpu else f", but {no_gpu}"))
+    if not TRITON_INSTALLED:
+        triton_status = BackendStatus(False, _TRITON_NOTE)
+    elif gpu:
+        triton_status = BackendStatus(True, _TRITON_NOTE + " on the GPU")
+    elif TRITON_INTERPRET:
+        triton_status = BackendStatus(True, _TRITON_NOTE + " under TRITON_INTERPRET=1 (CPU tensors, slow)")
+    else:
+        triton_status = BackendStatus(False, f"{_TRITON_NOTE}, but {no_gpu} (TRITON_INTERPRET=1 runs it on CPU)")
+    return {
+        "auto": BackendStatus(True, "picks cuda, then triton, then torch, per call"),
+        "cuda": cuda,
+        "triton": triton_status,
+        "torch": BackendStatus(True, "the PyTorch reference implementation"),
+    }
+
+
+def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
+    """Why `backend` cannot take these tensors at all, or None.
+
+    The per-op checks (dtype, sizes, options) come on top of this.
+    """
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if not CUDA_BUILT:
+            return _CUDA_BUILD_NOTE
+        if not all(t.is_cuda for t in tensors):
+            return "it needs CUDA tensors, got " + ", ".join(sorted({str(t.device) for t in tensors}))
+        return None
+    if backend == "triton":
+        if not TRITON_INSTALLED:
+            return _TRITON_NOTE
+        if all(t.is_cuda for t in tensors):
+            return None
+        if TRITON_INTERPRET and not any(t.is_cuda for t in tensors):
+            return None
+        return ("it needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got "
+                + ", ".join(sorted({str(t.device) for t in tensors})))
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select(op: str, backend: Optional[str], device: torch.device,
+           why_not: Callable[[str], Optional[str]]) -> str:
+    """The backend that serves one call of `op`.
+
+    why_not(name) returns None when backend `name` can run this call, else the
+    reason it cannot (used in the error when that backend was asked for).
+    """
+    name = _check_name(backend) if backend is not None else _default
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for candidate in ("cuda", "triton"):
+            if why_not(candidate) is None:
+                return candidate
+        return "torch"
+    reason = why_not(name)
+    if reason is not None:
+        raise BackendUnavailable(f"pyext.{op}: backend '{name}' cannot run this call: {reason}")
+    return name
