@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, poisonable_out
+from ._utils import on_device, poisonable_out, to_out
 
 SQRT1_2 = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -46,7 +46,7 @@ def gelu_fwd_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
         y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + TANH_COEFF * x * x * x)))
     else:
         y = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, TANH: tl.constexpr, BLOCK: tl.cons
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
         grad = cdf + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-    tl.store(dx_ptr + offs, (dy * grad).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, to_out(dy * grad, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def gelu_fwd(x: torch.Tensor, approximate: str, out=None) -> torch.Tensor:

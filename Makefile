@@ -1,0 +1,44 @@
+# pyext: `make test` (CPU tests, CUDA extension built where nvcc is), `make bench`
+# (the benchmark suite), `make gpu-check` (on the GPU machine, offline).
+# The first two install what they need into a virtual environment, .venv.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.14.1
+MAX_JOBS    ?= $(shell nproc)
+PY          := $(VENV)/bin/python
+HAVE_NVCC   := $(if $(shell command -v nvcc 2>/dev/null),1,0)
+OUT         ?= benchmarks/results
+
+export MAX_JOBS
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+.PHONY: test bench gpu-check ext clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest pytest-benchmark hypothesis \
+		ninja pybind11 matplotlib setuptools wheel
+	PYEXT_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The CUDA extension, built in place (ninja rebuilds only what changed).
+ext: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+test: ext
+	PYEXT_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest -q tests benchmarks
+
+bench: ext
+	$(PY) -m benchmarks --out $(OUT)
+
+# On the GPU machine: its own python3 and packages, no network.
+gpu-check:
+	mkdir -p $(OUT)
+	python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
+	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rs tests benchmarks 2>&1 | tee $(OUT)/pytest.log
+	python3 -m benchmarks --out $(OUT)
+
+clean:
+	rm -rf build $(VENV) pyext/_C*.so *.egg-info

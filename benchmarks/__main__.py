@@ -1,0 +1,52 @@
+"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--out DIR]"""
+import argparse
+import os
+import sys
+
+import torch
+
+from benchmarks import OPS, harness
+from benchmarks.harness import HAS_GPU
+
+NO_GPU_WARNING = ("NO GPU: this is a smoke run on tiny CPU shapes; its timings mean nothing "
+                  "(run it on a CUDA GPU for real figures).")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=list(OPS))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    if not HAS_GPU:
+        print(NO_GPU_WARNING)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+
+    meta = harness.machine_info()
+    print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
+    ceilings = harness.measure_ceilings(args.quick)
+    meta["ceilings"] = ceilings
+    if HAS_GPU:
+        print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
+              f"bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+
+    cases = [c for op in args.ops for c in OPS[op](args.quick, dtypes)]
+    rows = []
+    for i, case in enumerate(cases):
+        harness.progress(i, len(cases), f"{case.op} {case.direction} {case.dtype} {case.label}")
+        rows += harness.run_case(case, ceilings, args.quick)
+    harness.progress(len(cases), len(cases), "done")
+
+    print(harness.table(rows))
+    base = harness.write_results(args.out, meta, rows)
+    pngs = harness.plot(base, rows)
+    print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
+    if not HAS_GPU:
+        print(NO_GPU_WARNING)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Timing, ceilings and reports shared by every benchmark case.
+
+A Case is one problem (op, shape, dtype, direction) with the bytes and FLOPs
+it must move and do, and the providers (ours and the peers) that solve it.
+Conventions (DESIGN.md section 5): memory-bound kernels count each tensor read
+once and written once; attention FLOPs = 4*B*H*Sq*Sk*D (half when causal),
+backward 2.5x forward; AdamW 28 bytes per fp32 parameter.
+"""
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+OURS = ("pyext-cuda", "pyext-triton")
+
+
+@dataclasses.dataclass
+class Case:
+    op: str                 # "gelu", "layer_norm", ...
+    label: str              # human-readable shape and options
+    size: float             # x-axis for plots (elements, hidden size, seqlen)
+    dtype: str
+    direction: str          # "fwd", "bwd", "fwd+bwd", "step"
+    bytes: float            # minimal bytes moved (0 when compute bound)
+    flops: float            # FLOPs done (0 when memory bound)
+    # provider -> zero-argument callable to time, or a string saying why it is skipped
+    providers: Dict[str, Union[Callable[[], object], str]]
+
+
+def timer(fn: Callable[[], object], quick: bool) -> List[float]:
+    """Run-time samples in milliseconds (after warm-up)."""
+    if HAS_GPU:
+        import triton.testing
+        warmup, rep = (10, 30) if quick else (25, 100)
+        q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return list(q)
+    fn()  # warm-up (compilation)
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    m = statistics.median(samples)
+    return [m, min(samples), max(samples)]
+
+
+def measure_ceilings(quick: bool) -> dict:
+    """The machine's own ceilings: device-to-device copy bandwidth (bytes read
+    plus written) and bf16 matrix-product rate, on random data."""
+    if not HAS_GPU:
+        return {"copy_GBps": None, "bf16_matmul_TFLOPs": None}
+    n = (1 << 26) if quick else (1 << 28)  # 256 MiB or 1 GiB of fp32
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), quick)[0]
+    copy_gbps = 2 * src.numel() * 4 / ms / 1e6
+    del src, dst
+    m = 4096 if quick else 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = timer(lambda: a @ b, quick)[0]
+    return {"copy_GBps": copy_gbps, "bf16_matmul_TFLOPs": 2 * m ** 3 / ms / 1e9}
+
+
+def machine_info() -> dict:
+    info = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if HAS_GPU else None,
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if HAS_GPU:
+        p = torch.cuda.get_device_properties(0)
+        info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                    memory_GiB=round(p.total_memory / 2 ** 30, 1))
+    return info
+
+
+def run_case(case: Case, ceilings: dict, quick: bool) -> List[dict]:
+    """Time every provider of one case; one row per provider."""
+    rows = []
+    for name, fn in case.providers.items():
+        row = dict(op=case.op, label=case.label, size=case.size, dtype=case.dtype,
+                   direction=case.direction, provider=name, bytes=case.bytes, flops=case.flops)
+        if isinstance(fn, str):
+            row["skipped"] = fn
+        else:
+            try:
+                med, lo, hi = timer(fn, quick)
+            except Exception as e:  # a peer that cannot run this case says why
+                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            else:
+                row.update(ms=med, ms_p20=lo, ms_p80=hi)
+                if case.bytes:
+                    row["GBps"] = case.bytes / med / 1e6
+                    if ceilings.get("copy_GBps"):
+                        row["pct_of_ceiling"] = 100 * row["GBps"] / ceilings["copy_GBps"]
+                if case.flops:
+                    row["TFLOPs"] = case.flops / med / 1e9
+                    if ceilings.get("bf16_matmul_TFLOPs"):
+                        row["pct_of_ceiling"] = 100 * row["TFLOPs"] / ceilings["bf16_matmul_TFLOPs"]
+        rows.append(row)
+        if HAS_GPU:
+            torch.cuda.empty_cache()
+    peers = [r["ms"] for r in rows if "ms" in r and r["provider"] not in OURS]
+    for r in rows:
+        if "ms" in r and r["provider"] in OURS and peers:
+            r["speedup_vs_best_peer"] = min(peers) / r["ms"]
+    return rows
+
+
+def progress(i: int, n: int, text: str) -> None:
+    width = 30
+    done = int(width * i / max(n, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {text[:60]:<60}")
+    sys.stderr.flush()
+    if i == n:
+        sys.stderr.write("\n")
+
+
+def table(rows: List[dict]) -> str:
+    head = f"{'op':<12}{'case':<28}{'dtype':<10}{'dir':<8}{'provider':<16}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<10}{r['direction']:<8}{r['provider']:<16}"
+                         f"  skipped: {r['skipped'][:60]}")
+            continue
+        def fmt(key, spec):
+            return format(r[key], spec) if key in r else "-"
+        speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
+        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<10}{r['direction']:<8}{r['provider']:<16}"
+                     f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
+                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, meta: dict, rows: List[dict]) -> str:
+    """JSON (meta + every row) and CSV (one row per case and provider)."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = "smoke" if not HAS_GPU else (meta["gpu"] or "gpu").replace(" ", "-")
+    base = os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    keys = sorted({k for r in rows for k in r})
+    with open(base + ".csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(json.dumps(r.get(k, "")) if isinstance(r.get(k), str) else str(r.get(k, ""))
+                             for k in keys) + "\n")
+    return base
+
+
+def plot(base: str, rows: List[dict]) -> List[str]:
+    """One PNG per op and direction: throughput against size, a line per provider."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    groups = sorted({(r["op"], r["direction"], r["dtype"]) for r in rows})
+    for op, direction, dtype in groups:
+        sel = [r for r in rows if (r["op"], r["direction"], r["dtype"]) == (op, direction, dtype) and "ms" in r]
+        if not sel:
+            continue
+        metric = "TFLOPs" if "TFLOPs" in sel[0] else "GBps"
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for provider in sorted({r["provider"] for r in sel}):
+            pts = sorted((r["size"], r[metric]) for r in sel if r["provider"] == provider)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("size")
+        ax.set_ylabel("TFLOP/s" if metric == "TFLOPs" else "GB/s")
+        ax.set_title(f"{op} {direction} {dtype}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = f"{base}-{op}-{direction}-{dtype}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def our_backends() -> Dict[str, Optional[str]]:
+    """pyext-cuda / pyext-triton -> None when it runs here, else why not."""
+    import pyext
+    status = pyext.available_backends()
+    return {f"pyext-{b}": None if status[b].available else status[b].reason for b in ("cuda", "triton")}
+
+
+def autograd_callable(fn: Callable, inputs: list, direction: str, grad: torch.Tensor):
+    """What to time for one provider: the forward alone (no autograd state),
+    the backward alone (graph built once, replayed with retain_graph), or both."""
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if direction == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+        return run
+    if direction == "bwd":
+        out = fn(*inputs)
+        return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    if direction == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(*inputs), leaves, grad)
+    raise ValueError(direction)

@@ -1,0 +1,137 @@
+"""The oracle, the tolerance rule and the input makers every test uses.
+
+Rule (DESIGN.md section 4): for an output or gradient `out` of a kernel run in
+dtype d, with `ref` the reference computed in float64 and `pt` the reference
+computed in d,
+
+    max|out - ref| <= 2 * max|pt - ref| + FLOOR[d]
+
+and NaN exactly where the reference has NaN. FLOOR is fixed per dtype, a few
+units in the last place at magnitude 1; never raise it to make a test pass.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    # Triton kernels run on CPU tensors under the interpreter; it is read when
+    # the kernels are defined, so before pyext is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pyext  # noqa: E402
+from pyext import _backend  # noqa: E402
+
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+# Each backend with the device its tests run on: on a machine with no GPU the
+# Triton kernels run under the interpreter on CPU tensors.
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("triton", id="triton"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "cuda":
+        return torch.device("cuda")
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_close(out, ref, pt, name="output"):
+    """The tolerance rule above; `ref` in float64, `pt` in out's dtype."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == pt.dtype, f"{name}: dtype {out.dtype} != {pt.dtype}"
+    out64, pt64, ref = out.double().cpu(), pt.double().cpu(), ref.double().cpu()
+    nan = ref.isnan()
+    assert torch.equal(out64.isnan(), nan), f"{name}: NaN where the reference has none, or the reverse"
+    if out64.numel() == 0:
+        return
+    assert torch.equal(out64.isinf() & ~nan, ref.isinf()), f"{name}: inf pattern differs"
+    finite = ref.isfinite()
+    assert torch.equal(out64[ref.isinf()], ref[ref.isinf()]), f"{name}: infinities differ in sign"
+    err = (out64[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+    pt_err = (pt64[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+    bound = 2 * pt_err + FLOOR[out.dtype]
+    assert err <= bound, (f"{name}: max error {err:.3g} > 2 * torch's {pt_err:.3g} + floor "
+                          f"{FLOOR[out.dtype]:.0e} = {bound:.3g} ({out.dtype})")
+
+
+def make_tensor(shape, dtype, device, layout="contiguous", scale=1.0, requires_grad=False):
+    """Fresh random normal data (never zeros) in one of three layouts.
+
+    "contiguous"; "strided": every other element of the last dim of a larger
+    tensor; "transposed": the last two dims swapped in memory.
+    """
+    shape = tuple(shape)
+    if layout == "contiguous":
+        t = torch.randn(shape, dtype=torch.float32, device=device) * scale
+    elif layout == "strided":
+        t = (torch.randn(shape[:-1] + (2 * shape[-1],), device=device) * scale)[..., ::2]
+    elif layout == "transposed":
+        assert len(shape) >= 2
+        t = (torch.randn(shape[:-2] + (shape[-1], shape[-2]), device=device) * scale).transpose(-1, -2)
+    else:
+        raise ValueError(layout)
+    t = t.to(dtype)
+    assert layout == "contiguous" or not t.is_contiguous() or t.numel() <= 1
+    return t.requires_grad_(requires_grad)
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor shaped like t, full of NaN: an unwritten element fails."""
+    return torch.full(t.shape, float("nan"), dtype=t.dtype, device=t.device)
+
+
+def poison_cuda_allocator(nbytes: int) -> None:
+    """Fill the caching allocator's free blocks with NaN bytes, so that a kernel
+    output allocated next starts out poisoned rather than zero."""
+    if HAS_GPU and nbytes:
+        torch.full((nbytes // 2 + 1,), float("nan"), dtype=torch.float16, device="cuda")
+
+
+def compute_sanitizer():
+    """Path of compute-sanitizer, or None."""
+    return shutil.which("compute-sanitizer")
+
+
+def run_under_sanitizer(tool: str, code: str) -> subprocess.CompletedProcess:
+    """Run python code under `compute-sanitizer --tool <tool>`; errors fail."""
+    cmd = [compute_sanitizer(), "--tool", tool, "--error-exitcode", "1",
+           sys.executable, "-c", code]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed per test (fresh data), printed on failure to reproduce."""
+    seed = int.from_bytes(os.urandom(4), "little") % 2 ** 31
+    torch.manual_seed(seed)
+    yield
+    request.node.user_properties.append(("seed", seed))
+
+
+@pytest.fixture
+def restore_backend():
+    previous = _backend.get_backend()
+    yield
+    pyext.set_backend(previous)

@@ -1,0 +1,27 @@
+"""`python -m benchmarks --quick` runs end to end and writes its report."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_GPU
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU run is `make gpu-check`")
+def test_smoke_run_writes_json_csv_and_plots(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert "mean nothing" in lines[0] and "mean nothing" in lines[-1]
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    report = json.load(open(path))
+    assert report["meta"]["torch"] and report["results"]
+    timed = [r for r in report["results"] if "ms" in r]
+    assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
+    assert glob.glob(str(tmp_path / "*.csv")) and glob.glob(str(tmp_path / "*.png"))
