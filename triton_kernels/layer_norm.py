@@ -28,6 +28,7 @@ the forward reads x three times (twice for RMSNorm), the backward reads x and
 dy twice, and the backward adds each row into its program's partials in memory.
 """
 import math
+import struct
 
 import torch
 import triton
@@ -53,7 +54,7 @@ def _acc(x):
 
 
 @triton.jit
-def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps,
+def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,7 +70,7 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
         mean = tl.sum(x, axis=1) / cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
         tl.store(mean_ptr + row, mean, mask=row_mask)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / cols + eps)
+    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_W:
@@ -80,7 +81,7 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
 
 
 @triton.jit
-def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, cols, eps,
+def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, cols, eps_high, eps_low,
                              RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -102,7 +103,7 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
         x = _acc(tl.load(x_row + col, mask=col < cols, other=0.0))
         xc = tl.where(col < cols, x - mean, 0.0)
         squares += xc * xc
-    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / cols + eps)
+    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd)
     for start in range(0, cols, BLOCK_N):
         col = start + tl.arange(0, BLOCK_N)
@@ -237,6 +238,14 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _split_eps(eps: float):
+    """eps as two fp32 values whose sum is eps to double precision: Triton
+    passes Python floats as fp32, which would round eps for fp64 input. In
+    fp32 math the low part vanishes: (v + high) + low rounds to v + high."""
+    high = struct.unpack("f", struct.pack("f", eps))[0]
+    return high, eps - high
+
+
 def _fused_tile(cols: int, limit: int):
     """(BLOCK_M, BLOCK_N, num_warps) holding whole rows, or None past `limit`."""
     block_n = triton.next_power_of_2(max(cols, 1))
@@ -297,6 +306,7 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out):
             mean.zero_()
         rstd.fill_(1.0 / math.sqrt(eps))
         return y, mean, rstd
+    eps_high, eps_low = _split_eps(eps)
     flags = dict(RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None)
     # Absent pointers: any tensor stands in; the kernels never read them.
     w_arg = weight if weight is not None else x
@@ -307,11 +317,11 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out):
         if tile is not None:
             block_m, block_n, num_warps = tile
             _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
-                x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, eps,
+                x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, eps_high, eps_low,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
             _norm_fwd_chunked_kernel[(rows,)](
-                x, w_arg, b_arg, y, mean_arg, rstd, cols, eps, BLOCK_N=CHUNK, num_warps=8, **flags)
+                x, w_arg, b_arg, y, mean_arg, rstd, cols, eps_high, eps_low, BLOCK_N=CHUNK, num_warps=8, **flags)
     return y, mean, rstd
 
 

@@ -56,8 +56,6 @@ def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool) -> Tupl
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {p.device} but x is on {x.device}")
-    if not x.is_floating_point():
-        raise NotImplementedError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
     if not rms:  # F.rms_norm promotes any weight dtype; F.layer_norm refuses a mix
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None and not _param_dtype_ok(x.dtype, p.dtype):
@@ -65,6 +63,8 @@ def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool) -> Tupl
                                    f"bfloat16 x), got {name} of dtype {p.dtype}")
         if weight is not None and bias is not None and weight.dtype != bias.dtype:
             raise RuntimeError(f"{op}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    if not x.is_floating_point():
+        raise NotImplementedError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
     return shape
 
 
