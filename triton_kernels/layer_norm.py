@@ -54,6 +54,15 @@ def _acc(x):
 
 
 @triton.jit
+def _rsqrt(v):
+    # rsqrt.approx is within ~1 ulp in fp32; fp64 has no precise rsqrt, so it
+    # takes the IEEE square root and division (fp64 input meets torch's fp64).
+    if v.dtype == tl.float64:
+        return 1.0 / tl.sqrt(v)
+    return tl.math.rsqrt(v)
+
+
+@triton.jit
 def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -70,7 +79,7 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
         mean = tl.sum(x, axis=1) / cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
         tl.store(mean_ptr + row, mean, mask=row_mask)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / cols + eps_high + eps_low)
+    rstd = _rsqrt(tl.sum(xc * xc, axis=1) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_W:
@@ -103,7 +112,7 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
         x = _acc(tl.load(x_row + col, mask=col < cols, other=0.0))
         xc = tl.where(col < cols, x - mean, 0.0)
         squares += xc * xc
-    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
+    rstd = _rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd)
     for start in range(0, cols, BLOCK_N):
         col = start + tl.arange(0, BLOCK_N)
