@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops.layer_norm import default_rms_eps
-from conftest import (BACKENDS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+from conftest import (BACKENDS, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 KINDS = ["layer_norm", "rms_norm"]

@@ -188,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(const char* op, con
   return {dx, dweight, dbias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
+                                                                   at::IntArrayRef normalized_shape,
                                                                    const OptTensor& weight, const OptTensor& bias,
                                                                    double eps) {
   return norm_fwd_cuda("layer_norm_fwd_cuda", x, normalized_shape, weight, bias, eps, false);
