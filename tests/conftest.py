@@ -83,16 +83,19 @@ def make_tensor(shape, dtype, device, layout="contiguous", scale=1.0, requires_g
     tensor; "transposed": the last two dims swapped in memory.
     """
     shape = tuple(shape)
+
+    def randn(*size):  # drawn in fp32, converted before any view so the layout survives
+        return (torch.randn(size, dtype=torch.float32, device=device) * scale).to(dtype)
+
     if layout == "contiguous":
-        t = torch.randn(shape, dtype=torch.float32, device=device) * scale
+        t = randn(*shape)
     elif layout == "strided":
-        t = (torch.randn(shape[:-1] + (2 * shape[-1],), device=device) * scale)[..., ::2]
+        t = randn(*shape[:-1], 2 * shape[-1])[..., ::2]
     elif layout == "transposed":
         assert len(shape) >= 2
-        t = (torch.randn(shape[:-2] + (shape[-1], shape[-2]), device=device) * scale).transpose(-1, -2)
+        t = randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
     else:
         raise ValueError(layout)
-    t = t.to(dtype)
     assert layout == "contiguous" or not t.is_contiguous() or t.numel() <= 1
     return t.requires_grad_(requires_grad)
 
