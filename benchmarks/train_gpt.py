@@ -76,7 +76,7 @@ def make_text(n_bytes: int, seed: int = 0) -> torch.Tensor:
              "which one all have not but they were his her had their more can will would "
              "kernel memory tensor attention layer norm gradient optimizer step model").split()
     weights = 1.0 / torch.arange(1, len(words) + 1, dtype=torch.float)
-    idx = torch.multinomial(weights, n_bytes // 4, replacement=True, generator=g)
+    idx = torch.multinomial(weights, n_bytes // 3, replacement=True, generator=g)
     text = " ".join(words[i] for i in idx.tolist()).encode()[:n_bytes]
     return torch.tensor(list(text), dtype=torch.long)
 
