@@ -2,17 +2,19 @@
 
     import pyext
     y = pyext.gelu(x)                      # like torch.nn.functional.gelu
+    y = pyext.layer_norm(x, (d,), w, b)    # like F.layer_norm; pyext.rms_norm like F.rms_norm
     pyext.available_backends()             # what runs on this machine, and why not
     with pyext.use_backend("triton"): ...  # or backend="cuda" per call, or PYEXT_BACKEND
 """
 from pyext._backend import (BackendUnavailable, available_backends, get_backend, set_backend,
                             use_backend)
 from pyext.ops.gelu import gelu
+from pyext.ops.layer_norm import layer_norm, rms_norm
 from pyext import nn, reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "available_backends", "get_backend", "set_backend", "use_backend",
-    "gelu", "nn", "reference",
+    "gelu", "layer_norm", "rms_norm", "nn", "reference",
 ]

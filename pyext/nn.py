@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from pyext.ops.gelu import gelu
+from pyext.ops.layer_norm import layer_norm, rms_norm
 
 
 class GELU(torch.nn.GELU):
@@ -15,6 +16,26 @@ class GELU(torch.nn.GELU):
         return gelu(input, self.approximate, backend=self.backend)
 
 
+class LayerNorm(torch.nn.LayerNorm):
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, backend=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    def __init__(self, normalized_shape, eps=None, elementwise_affine: bool = True, device=None, dtype=None, *,
+                 backend=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device,
+                         dtype=dtype)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through
     pyext.scaled_dot_product_attention when `need_weights=False` and no mask

@@ -18,6 +18,15 @@ if not _backend.CUDA_BUILT and not REQUIRED:
 CUDA_OPS = {
     "gelu_fwd_cuda": "pyext::gelu_fwd_cuda(Tensor x, str approximate) -> Tensor",
     "gelu_bwd_cuda": "pyext::gelu_bwd_cuda(Tensor grad, Tensor x, str approximate) -> Tensor",
+    "layer_norm_fwd_cuda": "pyext::layer_norm_fwd_cuda(Tensor x, int[] normalized_shape, Tensor? weight, "
+                           "Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_bwd_cuda": "pyext::layer_norm_bwd_cuda(Tensor grad, Tensor x, Tensor mean, Tensor rstd, "
+                           "Tensor? weight, Tensor? bias, bool need_dweight, bool need_dbias) "
+                           "-> (Tensor, Tensor, Tensor)",
+    "rms_norm_fwd_cuda": "pyext::rms_norm_fwd_cuda(Tensor x, int[] normalized_shape, Tensor? weight, "
+                         "float eps) -> (Tensor, Tensor)",
+    "rms_norm_bwd_cuda": "pyext::rms_norm_bwd_cuda(Tensor grad, Tensor x, Tensor rstd, Tensor? weight, "
+                         "bool need_dweight) -> (Tensor, Tensor)",
 }
 
 
@@ -36,3 +45,17 @@ def test_fake_implementations_give_shapes_without_a_gpu():
     x = torch.empty(3, 5, device="meta", dtype=torch.bfloat16)
     assert torch.ops.pyext.gelu_fwd_cuda(x, "none").shape == x.shape
     assert torch.ops.pyext.gelu_bwd_cuda(x, x, "tanh").dtype == x.dtype
+
+
+def test_norm_fake_implementations_give_shapes_without_a_gpu():
+    x = torch.empty(3, 4, 5, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(5, device="meta", dtype=torch.float32)
+    y, mean, rstd = torch.ops.pyext.layer_norm_fwd_cuda(x, [5], w, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert mean.shape == rstd.shape == (3, 4) and rstd.dtype == torch.float32
+    dx, dw, db = torch.ops.pyext.layer_norm_bwd_cuda(x, x, mean, rstd, w, w, True, False)
+    assert dx.shape == x.shape and dw.shape == (5,) and dw.dtype == torch.float32 and db.numel() == 0
+    y, rstd = torch.ops.pyext.rms_norm_fwd_cuda(x, [4, 5], None, 1e-6)
+    assert rstd.shape == (3,)
+    dx, dw = torch.ops.pyext.rms_norm_bwd_cuda(x, x, rstd, None, False)
+    assert dx.shape == x.shape and dw.numel() == 0

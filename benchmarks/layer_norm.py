@@ -1,0 +1,95 @@
+"""LayerNorm and RMSNorm cases: rows x hidden, forward, backward, and both.
+
+Bytes (each tensor read once and written once; e = element size of x, e_w of
+the weight, statistics fp32):
+  forward   LayerNorm  read x, w, b; write y, mean, rstd:  2*M*N*e + 2*N*e_w + 8*M
+            RMSNorm    read x, w;    write y, rstd:        2*M*N*e +   N*e_w + 4*M
+  backward  LayerNorm  read x, dy, w, mean, rstd; write dx, dw, db:  3*M*N*e + 3*N*e_w + 8*M
+            RMSNorm    read x, dy, w, rstd;       write dx, dw:      3*M*N*e + 2*N*e_w + 4*M
+  fwd+bwd   the sum of the two.
+Floor = bytes / measured copy bandwidth. The partial sums of dw/db that our
+two-stage reduction writes and reads back are not counted: they are overhead.
+"""
+import torch
+import torch.nn.functional as F
+
+import pyext
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+
+GPT2 = (8 * 1024, 768)  # batch 8 x 1024 tokens x hidden 768
+SHAPES_GPU = [GPT2] + [(rows, hidden) for rows in (4096, 16384) for hidden in (1024, 2048, 4096, 8192)]
+SHAPES_QUICK = [GPT2, (4096, 1024), (16384, 8192)]
+SHAPES_SMOKE = [(4, 256)]
+DIRECTIONS_GPU = ("fwd", "bwd", "fwd+bwd")
+DIRECTIONS_SMOKE = ("fwd", "fwd+bwd")
+
+
+def _bytes(rms: bool, rows: int, hidden: int, e: int, e_w: int, direction: str) -> int:
+    fwd = 2 * rows * hidden * e + (1 if rms else 2) * hidden * e_w + (4 if rms else 8) * rows
+    bwd = 3 * rows * hidden * e + (2 if rms else 3) * hidden * e_w + (4 if rms else 8) * rows
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
+
+
+def _label(rows: int, hidden: int) -> str:
+    return "8x1024x768" if (rows, hidden) == GPT2 else f"{rows}x{hidden}"
+
+
+def _plot_group(op: str, rows: int) -> str:
+    """Plots draw GB/s against hidden size, one line per provider: the
+    4096-row sweep gets plots of its own."""
+    return f"{op}[4096 rows]" if rows == 4096 else op
+
+
+def _cases(rms: bool, quick: bool, dtypes):
+    op = "rms_norm" if rms else "layer_norm"
+    device = "cuda" if HAS_GPU else "cpu"
+    shapes = (SHAPES_QUICK if quick else SHAPES_GPU) if HAS_GPU else SHAPES_SMOKE
+    directions = DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
+    ours = our_backends()
+
+    if rms:
+        def torch_fn(x, w, b):
+            return F.rms_norm(x, x.shape[-1:], w)
+
+        def pyext_fn(backend):
+            return lambda x, w, b: pyext.rms_norm(x, x.shape[-1:], w, backend=backend)
+    else:
+        def torch_fn(x, w, b):
+            return F.layer_norm(x, x.shape[-1:], w, b)
+
+        def pyext_fn(backend):
+            return lambda x, w, b: pyext.layer_norm(x, x.shape[-1:], w, b, backend=backend)
+
+    # Static shapes, as a training run has: one graph per shape and dtype.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               2 * len(shapes) * len(dtypes))
+    compiled = torch.compile(torch_fn, dynamic=False)
+    fns = {
+        "pyext-cuda": pyext_fn("cuda"),
+        "pyext-triton": pyext_fn("triton"),
+        "torch": torch_fn,
+        "torch.compile": compiled,
+    }
+    for dtype in dtypes:
+        for rows, hidden in shapes:
+            x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+            b = None if rms else torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+            inputs = [x, w, b]
+            dy = torch.randn_like(x)
+            for direction in directions:
+                providers = {name: ours.get(name) or autograd_callable(fn, inputs, direction, dy)
+                             for name, fn in fns.items()}
+                yield Case(op=_plot_group(op, rows), label=_label(rows, hidden), size=hidden,
+                           dtype=str(dtype).split(".")[1],
+                           direction=direction,
+                           bytes=_bytes(rms, rows, hidden, x.element_size(), w.element_size(), direction),
+                           flops=0, providers=providers)
+
+
+def layer_norm_cases(quick: bool, dtypes):
+    return _cases(False, quick, dtypes)
+
+
+def rms_norm_cases(quick: bool, dtypes):
+    return _cases(True, quick, dtypes)

@@ -1,0 +1,281 @@
+"""LayerNorm and RMSNorm: pyext.layer_norm, pyext.rms_norm and their ops
+{layer_norm,rms_norm}_{fwd,bwd}_{cuda,triton}.
+
+Forward ops return (y, mean, rstd) for LayerNorm and (y, rstd) for RMSNorm;
+mean and rstd have x's leading (batch) shape, in fp32 (fp64 for fp64 x), and
+are saved for the backward. Backward ops return (dx, dweight, dbias) and
+(dx, dweight); a gradient not asked for (need_* false) is an empty tensor.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pyext import _backend, reference
+from pyext.ops._register import kernel_backends
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """What eps=None means in F.rms_norm: the machine epsilon of the type torch
+    computes in (float32 for float16/bfloat16/float32 input, float64 for float64),
+    which is what torch's kernels use (its docstring says finfo(x.dtype).eps)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _param_dtype_ok(x_dtype, p_dtype) -> bool:
+    """The parameter dtypes the kernels take: x's, or float32 for float16/bfloat16 x."""
+    return p_dtype == x_dtype or (x_dtype in _REDUCED and p_dtype == torch.float32)
+
+
+def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool) -> Tuple[int, ...]:
+    """The errors F.layer_norm / F.rms_norm raise for the same call (type and
+    meaning; our messages name the argument). Returns normalized_shape as a tuple."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+    if isinstance(normalized_shape, (int, Tensor)) or not all(
+            isinstance(d, (int, torch.SymInt)) for d in normalized_shape):
+        raise TypeError(f"{op}: normalized_shape must be a tuple or list of ints, got {normalized_shape!r}")
+    shape = tuple(normalized_shape)
+    if not shape:
+        raise RuntimeError(f"{op}: normalized_shape must have at least one dimension, got []")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != shape:
+            raise RuntimeError(f"{op}: {name} must have shape normalized_shape {list(shape)}, "
+                               f"got {name} of shape {list(p.shape)}")
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+        raise RuntimeError(f"{op}: expected x of shape [*, {', '.join(map(str, shape))}] "
+                           f"(normalized_shape={list(shape)}), got x of shape {list(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+    if not rms:  # F.rms_norm promotes any weight dtype; F.layer_norm refuses a mix
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and not _param_dtype_ok(x.dtype, p.dtype):
+                raise RuntimeError(f"{op}: {name} must have x's dtype {x.dtype} (or float32 for float16/"
+                                   f"bfloat16 x), got {name} of dtype {p.dtype}")
+        if weight is not None and bias is not None and weight.dtype != bias.dtype:
+            raise RuntimeError(f"{op}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    if not x.is_floating_point():
+        raise NotImplementedError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
+    return shape
+
+
+def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, need_dbias):
+    """Checks of a backward op's arguments (they may come from anywhere)."""
+    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
+        raise RuntimeError(f"{op}: grad must match x ({x.dtype} {list(x.shape)} on {x.device}), "
+                           f"got {grad.dtype} {list(grad.shape)} on {grad.device}")
+    stat = _stat_dtype(x.dtype)
+    for name, s in (("mean", mean), ("rstd", rstd)):
+        if s is None:
+            continue
+        if (s.dim() >= x.dim() or tuple(s.shape) != tuple(x.shape[:s.dim()]) or s.dtype != stat
+                or s.device != x.device):
+            raise RuntimeError(f"{op}: {name} must be {stat} of x's leading shape on {x.device}, "
+                               f"got {s.dtype} {list(s.shape)} on {s.device}")
+    if mean is not None and mean.shape != rstd.shape:
+        raise RuntimeError(f"{op}: mean shape {list(mean.shape)} differs from rstd shape {list(rstd.shape)}")
+    _check_inputs(op, x, x.shape[rstd.dim():], weight, bias, rms=False)
+    if x.dtype not in _KERNEL_DTYPES:
+        raise RuntimeError(f"{op}: x dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)")
+    if need_dweight and weight is None:
+        raise RuntimeError(f"{op}: need_dweight without a weight")
+    if need_dbias and bias is None:
+        raise RuntimeError(f"{op}: need_dbias without a bias")
+
+
+# ------------------------------------------------------- Triton stages (ops)
+
+def _kernel_dtypes_or_raise(op, x, *params):
+    if x.dtype not in _KERNEL_DTYPES:
+        raise RuntimeError(f"{op}: x dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)")
+    for p in params:
+        if p is not None and not _param_dtype_ok(x.dtype, p.dtype):
+            raise RuntimeError(f"{op}: weight dtype {p.dtype} is not supported with x dtype {x.dtype}")
+
+
+@torch.library.custom_op("pyext::layer_norm_fwd_triton", mutates_args=())
+def layer_norm_fwd_triton(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                          bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import layer_norm as kernels
+    shape = _check_inputs("layer_norm_fwd_triton", x, normalized_shape, weight, bias, rms=False)
+    _kernel_dtypes_or_raise("layer_norm_fwd_triton", x, weight, bias)
+    return kernels.layer_norm_fwd(x, shape, weight, bias, eps)
+
+
+@torch.library.custom_op("pyext::layer_norm_bwd_triton", mutates_args=())
+def layer_norm_bwd_triton(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                          bias: Optional[Tensor], need_dweight: bool,
+                          need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import layer_norm as kernels
+    _check_backward("layer_norm_bwd_triton", grad, x, mean, rstd, weight, bias, need_dweight, need_dbias)
+    return kernels.layer_norm_bwd(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias)
+
+
+@torch.library.custom_op("pyext::rms_norm_fwd_triton", mutates_args=())
+def rms_norm_fwd_triton(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                        eps: float) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import layer_norm as kernels
+    shape = _check_inputs("rms_norm_fwd_triton", x, normalized_shape, weight, None, rms=True)
+    _kernel_dtypes_or_raise("rms_norm_fwd_triton", x, weight)
+    return kernels.rms_norm_fwd(x, shape, weight, eps)
+
+
+@torch.library.custom_op("pyext::rms_norm_bwd_triton", mutates_args=())
+def rms_norm_bwd_triton(grad: Tensor, x: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                        need_dweight: bool) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import layer_norm as kernels
+    _check_backward("rms_norm_bwd_triton", grad, x, None, rstd, weight, None, need_dweight, False)
+    return kernels.rms_norm_bwd(grad, x, rstd, weight, need_dweight)
+
+
+# ------------------------------------------- fake implementations, autograd
+
+def _fake_stats(x, normalized_shape):
+    batch = x.shape[:x.dim() - len(normalized_shape)]
+    return x.new_empty(batch, dtype=_stat_dtype(x.dtype))
+
+
+def _fake_grad(need, param, x):
+    if need:
+        return torch.empty_like(param, memory_format=torch.contiguous_format)
+    return x.new_empty(0)
+
+
+def _fake_ln_fwd(x, normalized_shape, weight, bias, eps):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, _fake_stats(x, normalized_shape), _fake_stats(x, normalized_shape)
+
+
+def _fake_rms_fwd(x, normalized_shape, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_stats(x, normalized_shape)
+
+
+def _fake_ln_bwd(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, _fake_grad(need_dweight, weight, x), _fake_grad(need_dbias, bias, x)
+
+
+def _fake_rms_bwd(grad, x, rstd, weight, need_dweight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_grad(need_dweight, weight, x)
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, _, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, _, weight, _ = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, rstd, weight)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _make_ln_backward(bwd_op):
+    def backward(ctx, grad, _mean_grad, _rstd_grad):
+        if grad is None:
+            return None, None, None, None, None
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        need_dx, _, need_dweight, need_dbias, _ = ctx.needs_input_grad
+        dx, dweight, dbias = bwd_op(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias)
+        return (dx if need_dx else None, None, dweight if need_dweight else None,
+                dbias if need_dbias else None, None)
+    return backward
+
+
+def _make_rms_backward(bwd_op):
+    def backward(ctx, grad, _rstd_grad):
+        if grad is None:
+            return None, None, None, None
+        x, rstd, weight = ctx.saved_tensors
+        need_dx, _, need_dweight, _ = ctx.needs_input_grad
+        dx, dweight = bwd_op(grad, x, rstd, weight, need_dweight)
+        return dx if need_dx else None, None, dweight if need_dweight else None, None
+    return backward
+
+
+LN_FWD, LN_BWD, RMS_FWD, RMS_BWD = {}, {}, {}, {}
+for _name in kernel_backends():
+    LN_FWD[_name] = getattr(torch.ops.pyext, f"layer_norm_fwd_{_name}")
+    LN_BWD[_name] = getattr(torch.ops.pyext, f"layer_norm_bwd_{_name}")
+    RMS_FWD[_name] = getattr(torch.ops.pyext, f"rms_norm_fwd_{_name}")
+    RMS_BWD[_name] = getattr(torch.ops.pyext, f"rms_norm_bwd_{_name}")
+    torch.library.register_fake(f"pyext::layer_norm_fwd_{_name}")(_fake_ln_fwd)
+    torch.library.register_fake(f"pyext::layer_norm_bwd_{_name}")(_fake_ln_bwd)
+    torch.library.register_fake(f"pyext::rms_norm_fwd_{_name}")(_fake_rms_fwd)
+    torch.library.register_fake(f"pyext::rms_norm_bwd_{_name}")(_fake_rms_bwd)
+    torch.library.register_autograd(f"pyext::layer_norm_fwd_{_name}", _make_ln_backward(LN_BWD[_name]),
+                                    setup_context=_ln_setup_context)
+    torch.library.register_autograd(f"pyext::rms_norm_fwd_{_name}", _make_rms_backward(RMS_BWD[_name]),
+                                    setup_context=_rms_setup_context)
+
+
+# ------------------------------------------------------------ public API
+
+def _why_not(backend: str, x: Tensor, *params):
+    reason = _backend.device_reason(backend, x, *(p for p in params if p is not None))
+    if reason is not None or backend == "torch":
+        return reason
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
+    for p in params:
+        if p is not None and not _param_dtype_ok(x.dtype, p.dtype):
+            return (f"weight dtype {p.dtype} with x dtype {x.dtype} is not supported "
+                    "(the kernels take x's dtype, or float32 for float16/bfloat16 x)")
+    return None
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, *, backend=None) -> Tensor:
+    """LayerNorm with `torch.nn.functional.layer_norm`'s semantics: normalizes
+    over the trailing dims `normalized_shape`, then scales by weight and adds
+    bias (each optional). Differentiable in x, weight and bias.
+
+    Kernels (cuda, triton) take float32/float16/bfloat16/float64 x, with weight
+    and bias of x's dtype or float32 (float16/bfloat16 x; computed in fp32,
+    output in x's dtype, as torch does on CPU). Non-contiguous x is copied
+    once; the output is contiguous. Statistics are fp32 (fp64 for fp64 x).
+
+    Hidden size n = prod(normalized_shape): any n >= 0. The fast path holds a
+    row in registers and reads it once: n <= 16384 in the forward and n <= 8192
+    in the backward (half that for fp64 in the CUDA kernels). Beyond it, a
+    chunked path loops over the row (re-reading it, from L2 when it fits).
+    dweight and dbias are reduced in two deterministic stages, no atomics.
+    """
+    shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False)
+    name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
+    if name == "torch":
+        return reference.layer_norm(x, shape, weight, bias, eps)
+    return LN_FWD[name](x, list(shape), weight, bias, float(eps))[0]
+
+
+def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+             backend=None) -> Tensor:
+    """RMSNorm with `torch.nn.functional.rms_norm`'s semantics:
+    y = x / sqrt(mean(x^2 over normalized_shape) + eps) * weight.
+
+    eps=None means what it means in torch: the machine epsilon of the math type
+    (float32 for float16/bfloat16/float32 x, float64 for float64; see
+    `default_rms_eps`). Kernels take float32/float16/bfloat16/float64 x with
+    weight of x's dtype or float32; other weight dtypes go to the reference
+    under "auto". Fast path and chunked path as in `layer_norm`.
+    """
+    shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True)
+    name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight))
+    if name == "torch":
+        return reference.rms_norm(x, shape, weight, eps)
+    eps = default_rms_eps(x.dtype) if eps is None else float(eps)
+    return RMS_FWD[name](x, list(shape), weight, eps)[0]

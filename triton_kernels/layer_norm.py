@@ -1,0 +1,410 @@
+"""LayerNorm and RMSNorm, forward and backward, in Triton.
+
+Rows of n = cols elements (cols = the product of normalized_shape); all math
+in fp32 (fp64 for fp64 input); mean and rstd saved in that type.
+
+Forward:
+  LayerNorm  mean = sum(x) / n,  var = sum((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
+             y = (x - mean) * rstd * w + b
+  RMSNorm    rstd = 1 / sqrt(sum(x^2) / n + eps),  y = x * rstd * w
+  Bytes: read x, write y (plus w, b and the per-row statistics).
+
+Backward, with xhat = (x - mean) * rstd (x * rstd for RMSNorm) and g = dy * w:
+  dbias = sum over rows of dy,  dweight = sum over rows of dy * xhat
+  LayerNorm  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+             (d xhat_i / d x_j = rstd * (delta_ij - 1/n - xhat_i xhat_j / n))
+  RMSNorm    dx = rstd * (g - xhat * mean(g * xhat))
+             (d xhat_i / d x_j = rstd * (delta_ij - xhat_i xhat_j / n))
+  Bytes: read x and dy, write dx (plus w, statistics, and the partials below).
+
+dweight and dbias are reduced in two stages without atomics: each program of
+the backward owns a contiguous run of rows and writes one row of partial sums;
+`_sum_partials_kernel` adds the partial rows in a fixed order. Deterministic.
+
+Fast path: a row of up to FWD_FUSED_COLS (forward) / BWD_FUSED_COLS (backward)
+elements is loaded whole, once (short rows several per program). Longer rows go
+through the chunked kernels, which loop over the row in CHUNK-element pieces:
+the forward reads x three times (twice for RMSNorm), the backward reads x and
+dy twice, and the backward adds each row into its program's partials in memory.
+"""
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import on_device, to_out
+
+FWD_FUSED_COLS = 16384
+BWD_FUSED_COLS = 8192
+CHUNK = 4096
+TILE = 4096            # elements per program on the fused path, short rows batched
+MAX_ROWS_PER_TILE = 64
+PARTIALS_TILE = 4096  # elements per step of stage two
+PROGRAMS_PER_SM = 2    # backward programs (rows of partials) per SM
+
+
+@triton.jit
+def _acc(x):
+    # fp32 math for fp32/fp16/bf16, fp64 for fp64
+    if x.dtype == tl.float64:
+        return x
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rsqrt(v):
+    # rsqrt.approx is within ~1 ulp in fp32; fp64 has no precise rsqrt, so it
+    # takes the IEEE square root and division (fp64 input meets torch's fp64).
+    if v.dtype == tl.float64:
+        return 1.0 / tl.sqrt(v)
+    return tl.math.rsqrt(v)
+
+
+@triton.jit
+def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.arange(0, BLOCK_N)
+    row_mask = row < rows
+    col_mask = col < cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = row[:, None] * cols + col[None, :]
+    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    if RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / cols
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(mean_ptr + row, mean, mask=row_mask)
+    rstd = _rsqrt(tl.sum(xc * xc, axis=1) / cols + eps_high + eps_low)
+    tl.store(rstd_ptr + row, rstd, mask=row_mask)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
+    if HAS_B:
+        y = y + _acc(tl.load(b_ptr + col, mask=col_mask, other=0.0))[None, :]
+    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, cols, eps_high, eps_low,
+                             RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * cols
+    y_row = y_ptr + row * cols
+    acc_ty = rstd_ptr.dtype.element_ty
+    if RMS:
+        mean = 0.0
+    else:
+        total = tl.zeros([BLOCK_N], acc_ty)
+        for start in range(0, cols, BLOCK_N):
+            col = start + tl.arange(0, BLOCK_N)
+            total += _acc(tl.load(x_row + col, mask=col < cols, other=0.0))
+        mean = tl.sum(total, axis=0) / cols
+        tl.store(mean_ptr + row, mean)
+    squares = tl.zeros([BLOCK_N], acc_ty)
+    for start in range(0, cols, BLOCK_N):
+        col = start + tl.arange(0, BLOCK_N)
+        x = _acc(tl.load(x_row + col, mask=col < cols, other=0.0))
+        xc = tl.where(col < cols, x - mean, 0.0)
+        squares += xc * xc
+    rstd = _rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
+    tl.store(rstd_ptr + row, rstd)
+    for start in range(0, cols, BLOCK_N):
+        col = start + tl.arange(0, BLOCK_N)
+        col_mask = col < cols
+        y = (_acc(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
+        if HAS_W:
+            y = y * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+        if HAS_B:
+            y = y + _acc(tl.load(b_ptr + col, mask=col_mask, other=0.0))
+        tl.store(y_row + col, to_out(y, y_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+                     rows, cols, rows_per_program,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
+                     NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    acc_ty = rstd_ptr.dtype.element_ty
+    col = tl.arange(0, BLOCK_N)
+    col_mask = col < cols
+    if HAS_W:
+        w = _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+    dw = tl.zeros([BLOCK_N], acc_ty)
+    db = tl.zeros([BLOCK_N], acc_ty)
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, rows)
+    for start in range(first, last, BLOCK_M):
+        row = start + tl.arange(0, BLOCK_M)
+        row_mask = row < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row[:, None] * cols + col[None, :]
+        x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0))
+        dy = _acc(tl.load(dy_ptr + offs, mask=mask, other=0.0))
+        rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)
+        if RMS:
+            xhat = x * rstd[:, None]
+        else:
+            mean = tl.load(mean_ptr + row, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        mean_gx = tl.sum(g * xhat, axis=1) / cols
+        if RMS:
+            dx = rstd[:, None] * (g - xhat * mean_gx[:, None])
+        else:
+            mean_g = tl.sum(g, axis=1) / cols
+            dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+        tl.store(dx_ptr + offs, to_out(dx, dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw += tl.sum(dy * xhat, axis=0)
+        if NEED_DB:
+            db += tl.sum(dy, axis=0)
+    if NEED_DW:
+        tl.store(dw_part_ptr + pid * cols + col, dw, mask=col_mask)
+    if NEED_DB:
+        tl.store(db_part_ptr + pid * cols + col, db, mask=col_mask)
+
+
+@triton.jit
+def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+                             rows, cols, rows_per_program,
+                             RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
+                             NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The partials start at zero (the host allocates them zeroed); each
+    # program adds its rows into its own row of partials.
+    pid = tl.program_id(0).to(tl.int64)
+    acc_ty = rstd_ptr.dtype.element_ty
+    dw_row = dw_part_ptr + pid * cols
+    db_row = db_part_ptr + pid * cols
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, rows)
+    for row in range(first, last):
+        x_row = x_ptr + row * cols
+        dy_row = dy_ptr + row * cols
+        rstd = tl.load(rstd_ptr + row)
+        if RMS:
+            mean = 0.0
+        else:
+            mean = tl.load(mean_ptr + row)
+        sum_g = tl.zeros([BLOCK_N], acc_ty)
+        sum_gx = tl.zeros([BLOCK_N], acc_ty)
+        for start in range(0, cols, BLOCK_N):
+            col = start + tl.arange(0, BLOCK_N)
+            col_mask = col < cols
+            x = _acc(tl.load(x_row + col, mask=col_mask, other=0.0))
+            g = _acc(tl.load(dy_row + col, mask=col_mask, other=0.0))
+            if HAS_W:
+                g = g * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+            sum_g += g
+            sum_gx += g * tl.where(col_mask, (x - mean) * rstd, 0.0)
+        mean_gx = tl.sum(sum_gx, axis=0) / cols
+        if RMS:
+            mean_g = 0.0
+        else:
+            mean_g = tl.sum(sum_g, axis=0) / cols
+        for start in range(0, cols, BLOCK_N):
+            col = start + tl.arange(0, BLOCK_N)
+            col_mask = col < cols
+            xhat = (_acc(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
+            dy = _acc(tl.load(dy_row + col, mask=col_mask, other=0.0))
+            if HAS_W:
+                g = dy * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+            else:
+                g = dy
+            dx = rstd * (g - mean_g - xhat * mean_gx)
+            tl.store(dx_ptr + row * cols + col, to_out(dx, dx_ptr.dtype.element_ty), mask=col_mask)
+            if NEED_DW:
+                tl.store(dw_row + col, tl.load(dw_row + col, mask=col_mask) + dy * xhat, mask=col_mask)
+            if NEED_DB:
+                tl.store(db_row + col, tl.load(db_row + col, mask=col_mask) + dy, mask=col_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, parts, cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out[c] = sum over p of part[p, c]: same tree, same order, every run.
+    col = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = col < cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], part_ptr.dtype.element_ty)
+    for start in range(0, parts, BLOCK_P):
+        p = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
+        mask = (p < parts)[:, None] & col_mask[None, :]
+        acc += tl.load(part_ptr + p[:, None] * cols + col[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + col, to_out(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ------------------------------------------------------------------ host side
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _split_eps(eps: float):
+    """eps as two fp32 values whose sum is eps to double precision: Triton
+    passes Python floats as fp32, which would round eps for fp64 input. In
+    fp32 math the low part vanishes: (v + high) + low rounds to v + high."""
+    high = struct.unpack("f", struct.pack("f", eps))[0]
+    return high, eps - high
+
+
+def _fused_tile(cols: int, limit: int):
+    """(BLOCK_M, BLOCK_N, num_warps) holding whole rows, or None past `limit`."""
+    block_n = triton.next_power_of_2(max(cols, 1))
+    if block_n > limit:
+        return None
+    block_m = max(1, min(MAX_ROWS_PER_TILE, TILE // block_n))
+    num_warps = min(16, max(1, block_m * block_n // 512))  # ~16 elements per thread
+    return block_m, block_n, num_warps
+
+
+def _take(out, i, shape, dtype, device):
+    """out[i] when the caller passed one (tests pass NaN-filled ones), else new."""
+    t = None if out is None else out[i]
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"out[{i}] must be contiguous {dtype} of shape {tuple(shape)}, "
+                         f"got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def _programs_to_fill(x: torch.Tensor) -> int:
+    """Programs that fill the GPU; 1 under the interpreter (CPU tensors), which
+    runs programs one after another."""
+    if x.is_cuda:
+        return torch.cuda.get_device_properties(x.device).multi_processor_count * PROGRAMS_PER_SM
+    return 1
+
+
+def _backward_programs(x: torch.Tensor, work: int) -> int:
+    """Programs (rows of partials) for the backward: enough to fill the GPU,
+    no more than the work. Under the interpreter 4, to test the reduction."""
+    return max(1, min(work, _programs_to_fill(x) if x.is_cuda else 4))
+
+
+def _sum_tile(x: torch.Tensor, cols: int):
+    """(BLOCK_P, BLOCK_N) of stage two: columns split over enough programs to
+    fill the GPU, at least 32 and at most PARTIALS_TILE columns each."""
+    block_n = min(PARTIALS_TILE, max(32, triton.next_power_of_2(triton.cdiv(cols, _programs_to_fill(x)))))
+    return PARTIALS_TILE // block_n, block_n
+
+
+def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out):
+    x = x.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    k = len(normalized_shape)
+    batch = tuple(x.shape[:x.dim() - k])
+    cols = math.prod(normalized_shape)
+    rows = math.prod(batch)
+    y = _take(out, 0, x.shape, x.dtype, x.device)
+    mean = None if rms else _take(out, 1, batch, _stat_dtype(x), x.device)
+    rstd = _take(out, 1 if rms else 2, batch, _stat_dtype(x), x.device)
+    if rows == 0:
+        return y, mean, rstd
+    if cols == 0:  # an empty row: variance 0 by convention, nothing to write in y
+        if mean is not None:
+            mean.zero_()
+        rstd.fill_(1.0 / math.sqrt(eps))
+        return y, mean, rstd
+    eps_high, eps_low = _split_eps(eps)
+    flags = dict(RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None)
+    # Absent pointers: any tensor stands in; the kernels never read them.
+    w_arg = weight if weight is not None else x
+    b_arg = bias if bias is not None else x
+    mean_arg = mean if mean is not None else rstd
+    tile = _fused_tile(cols, FWD_FUSED_COLS)
+    with on_device(x):
+        if tile is not None:
+            block_m, block_n, num_warps = tile
+            _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+                x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, eps_high, eps_low,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+        else:
+            _norm_fwd_chunked_kernel[(rows,)](
+                x, w_arg, b_arg, y, mean_arg, rstd, cols, eps_high, eps_low, BLOCK_N=CHUNK, num_warps=8, **flags)
+    return y, mean, rstd
+
+
+def _grad_for(need, param, rows, out, i, x):
+    if not need:
+        return torch.empty(0, dtype=x.dtype, device=x.device)
+    g = _take(out, i, param.shape, param.dtype, param.device)
+    if rows == 0:
+        g.zero_()  # a sum over no rows
+    return g
+
+
+def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, out):
+    x, dy, rstd = x.contiguous(), dy.contiguous(), rstd.contiguous()
+    mean = mean.contiguous() if mean is not None else None
+    weight = weight.contiguous() if weight is not None else None
+    rows = rstd.numel()
+    cols = math.prod(x.shape[rstd.dim():])
+    dx = _take(out, 0, x.shape, x.dtype, x.device)
+    dweight = _grad_for(need_dweight, weight, rows, out, 1, x)
+    dbias = _grad_for(need_dbias, bias, rows, out, 2, x)
+    if rows == 0 or cols == 0:
+        return dx, dweight, dbias
+    tile = _fused_tile(cols, BWD_FUSED_COLS)
+    if tile is not None:
+        block_m, block_n, num_warps = tile
+        programs = _backward_programs(x, triton.cdiv(rows, block_m))
+        rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
+        new_partials = torch.empty
+    else:
+        programs = _backward_programs(x, rows)
+        rows_per_program = triton.cdiv(rows, programs)
+        new_partials = torch.zeros  # the chunked kernel adds into them
+    programs = triton.cdiv(rows, rows_per_program)
+    stat = _stat_dtype(x)
+    dw_part = new_partials((programs, cols), dtype=stat, device=x.device) if need_dweight else rstd
+    db_part = new_partials((programs, cols), dtype=stat, device=x.device) if need_dbias else rstd
+    flags = dict(RMS=rms, HAS_W=weight is not None, NEED_DW=need_dweight, NEED_DB=need_dbias)
+    w_arg = weight if weight is not None else x
+    mean_arg = mean if mean is not None else rstd
+    with on_device(x):
+        if tile is not None:
+            _norm_bwd_kernel[(programs,)](
+                dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, rows_per_program,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+        else:
+            _norm_bwd_chunked_kernel[(programs,)](
+                dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, rows_per_program,
+                BLOCK_N=CHUNK, num_warps=8, **flags)
+        block_p, block_n = _sum_tile(x, cols)
+        for need, part, grad in ((need_dweight, dw_part, dweight), (need_dbias, db_part, dbias)):
+            if need:
+                _sum_partials_kernel[(triton.cdiv(cols, block_n),)](
+                    part, grad, programs, cols, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+    return dx, dweight, dbias
+
+
+def layer_norm_fwd(x, normalized_shape, weight, bias, eps, out=None):
+    """(y, mean, rstd); `out` optionally gives them (contiguous, right shape)."""
+    return _norm_fwd(x, normalized_shape, weight, bias, eps, False, out)
+
+
+def layer_norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, out=None):
+    """(dx, dweight, dbias); a gradient not asked for is an empty tensor."""
+    return _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, False, out)
+
+
+def rms_norm_fwd(x, normalized_shape, weight, eps, out=None):
+    """(y, rstd)."""
+    y, _, rstd = _norm_fwd(x, normalized_shape, weight, None, eps, True, out)
+    return y, rstd
+
+
+def rms_norm_bwd(dy, x, rstd, weight, need_dweight, out=None):
+    """(dx, dweight)."""
+    dx, dweight, _ = _norm_bwd(dy, x, None, rstd, weight, None, need_dweight, False, True, out)
+    return dx, dweight
