@@ -21,3 +21,25 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: f
 
 def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.Tensor:
     return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+def attention(q, k, v, *, scale=None, causal=False, causal_offset=0):
+    """Attention by its definition, returning (out, lse).
+
+    q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
+    Causal: key j visible to query i iff j <= i + causal_offset. Rows that see
+    no key: out 0, lse -inf. lse is float32 for half inputs (float64 for
+    float64), like the kernels'.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        i = torch.arange(q.shape[2], device=q.device)[:, None]
+        j = torch.arange(k.shape[2], device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    lse = torch.logsumexp(s.to(torch.float64 if q.dtype == torch.float64 else torch.float32), dim=-1)
+    p = torch.exp(s - lse[..., None].to(s.dtype))
+    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+    return p @ v, lse
