@@ -12,7 +12,7 @@ from pyext._backend import (BackendUnavailable, available_backends, get_backend,
 from pyext.ops.gelu import gelu
 from pyext.ops.layer_norm import layer_norm, rms_norm
 from pyext.ops.attention import flash_attention, scaled_dot_product_attention
-from pyext import nn, reference
+from pyext import nn, optim, reference
 from pyext.patch import patch, patch_report, unpatch
 
 __version__ = "0.1.0"
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "available_backends", "get_backend", "set_backend", "use_backend",
     "gelu", "layer_norm", "rms_norm", "flash_attention", "scaled_dot_product_attention",
-    "nn", "reference", "patch", "patch_report", "unpatch",
+    "nn", "optim", "reference", "patch", "patch_report", "unpatch",
 ]
