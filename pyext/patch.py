@@ -62,9 +62,9 @@ class _RouteSDPA(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            from pyext.ops.attention import scaled_dot_product_attention
-            return scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
+        from pyext.ops import attention
+        if func is F.scaled_dot_product_attention and not attention.calling_torch_sdpa:
+            return attention.scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
         return func(*args, **kwargs)
 
 

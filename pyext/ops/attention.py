@@ -73,6 +73,19 @@ for _name in kernel_backends():
                                     setup_context=_setup_context)
 
 
+calling_torch_sdpa = False  # read by pyext.patch's routing mode, which lets such calls through
+
+
+def torch_sdpa(*args, **kwargs):
+    """torch's own SDPA, not re-routed to pyext by a patched model's forward."""
+    global calling_torch_sdpa
+    calling_torch_sdpa = True
+    try:
+        return F.scaled_dot_product_attention(*args, **kwargs)
+    finally:
+        calling_torch_sdpa = False
+
+
 def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None):
     """Why `backend` cannot run this attention call, or None."""
     if backend == "torch":
@@ -169,8 +182,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     name = _backend.select("scaled_dot_product_attention", backend, query.device,
                            lambda b: _why_not(b, query, key, value, extra))
     if name == "torch":
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = FWD[name](query, key, value, scale, is_causal, 0)
     return out
