@@ -3,6 +3,7 @@
     import pyext
     y = pyext.gelu(x)                      # like torch.nn.functional.gelu
     y = pyext.layer_norm(x, (d,), w, b)    # like F.layer_norm; pyext.rms_norm like F.rms_norm
+    o = pyext.flash_attention(q, k, v, causal=True)  # (B, H, S, D); also scaled_dot_product_attention
     pyext.available_backends()             # what runs on this machine, and why not
     with pyext.use_backend("triton"): ...  # or backend="cuda" per call, or PYEXT_BACKEND
 """
@@ -10,11 +11,14 @@ from pyext._backend import (BackendUnavailable, available_backends, get_backend,
                             use_backend)
 from pyext.ops.gelu import gelu
 from pyext.ops.layer_norm import layer_norm, rms_norm
-from pyext import nn, reference
+from pyext.ops.attention import flash_attention, scaled_dot_product_attention
+from pyext import nn, optim, reference
+from pyext.patch import patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "available_backends", "get_backend", "set_backend", "use_backend",
-    "gelu", "layer_norm", "rms_norm", "nn", "reference",
+    "gelu", "layer_norm", "rms_norm", "flash_attention", "scaled_dot_product_attention",
+    "nn", "optim", "reference", "patch", "patch_report", "unpatch",
 ]

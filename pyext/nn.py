@@ -1,6 +1,7 @@
 """Drop-in modules: subclasses of torch.nn's, same constructor and state_dict,
 whose forward runs pyext's kernels. `backend` (keyword only) pins a backend."""
 import torch
+import torch.nn.functional as F
 
 from pyext.ops.gelu import gelu
 from pyext.ops.layer_norm import layer_norm, rms_norm
@@ -35,3 +36,39 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention whose attention runs through
+    pyext.scaled_dot_product_attention when `need_weights=False` and no mask
+    is given (packed in-projection, batched input). Every other call — weights
+    asked for, masks, bias_k/bias_v, add_zero_attn, separate q/k/v projection
+    weights — is torch's own forward, unchanged."""
+
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if (need_weights or key_padding_mask is not None or attn_mask is not None or is_causal
+                or self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim
+                or query.dim() != 3):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        from pyext.ops.attention import scaled_dot_product_attention
+        if not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+        batch, heads = query.shape[0], self.num_heads
+
+        def split_heads(t):  # (B, S, E) -> (B, H, S, E / H)
+            return t.view(batch, t.shape[1], heads, self.head_dim).transpose(1, 2)
+
+        q = split_heads(F.linear(query, w_q, b_q))
+        k = split_heads(F.linear(key, w_k, b_k))
+        v = split_heads(F.linear(value, w_v, b_v))
+        out = scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           backend=self.backend)
+        out = F.linear(out.transpose(1, 2).reshape(batch, -1, self.embed_dim),
+                       self.out_proj.weight, self.out_proj.bias)
+        return (out if self.batch_first else out.transpose(0, 1)), None

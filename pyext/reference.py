@@ -3,6 +3,8 @@
 They are the "torch" backend and, run in float64, the test oracle. Each
 mirrors the torch function whose semantics pyext promises.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,3 +23,49 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: f
 
 def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.Tensor:
     return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+def attention(q, k, v, *, scale=None, causal=False, causal_offset=0):
+    """Attention by its definition, returning (out, lse).
+
+    q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
+    Causal: key j visible to query i iff j <= i + causal_offset. Rows that see
+    no key: out 0, lse -inf. lse is float32 for half inputs (float64 for
+    float64), like the kernels'.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        i = torch.arange(q.shape[2], device=q.device)[:, None]
+        j = torch.arange(k.shape[2], device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    lse = torch.logsumexp(s.to(torch.float64 if q.dtype == torch.float64 else torch.float32), dim=-1)
+    p = torch.exp(s - lse[..., None].to(s.dtype))
+    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+    return p @ v, lse
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+               weight_decay, amsgrad, maximize, grad_scale=None):
+    """One AdamW step per tensor, in place, in the moments' dtype (float32 for
+    half parameters, the parameter's own dtype otherwise); `steps` hold t,
+    already incremented. The update is written out in triton_kernels/adamw.py."""
+    for i, p in enumerate(params):
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        g = grads[i].to(m.dtype)
+        if grad_scale is not None:
+            g = g / grad_scale.to(m.dtype)
+        if maximize:
+            g = -g
+        t = float(steps[i])
+        lr_ = float(lr)
+        x = p.to(m.dtype) * (1 - lr_ * weight_decay)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
+            v = max_exp_avg_sqs[i]
+        denom = v.sqrt() / math.sqrt(1 - beta2 ** t) + eps
+        p.copy_(x - (lr_ / (1 - beta1 ** t)) * m / denom)

@@ -25,3 +25,14 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     timed = [r for r in report["results"] if "ms" in r]
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
     assert glob.glob(str(tmp_path / "*.csv")) and glob.glob(str(tmp_path / "*.png"))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")
+def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.train_gpt", "--steps", "3", "--no-compile",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mean nothing" in out.stdout
+    (path,) = glob.glob(str(tmp_path / "train_gpt-*.json"))
+    runs = json.load(open(path))["runs"]
+    assert set(runs) == {"eager", "pyext"} and all(len(r["losses"]) == 3 for r in runs.values())

@@ -42,3 +42,13 @@ def to_out(x, dtype: tl.constexpr):
     if _INTERPRETED and dtype == tl.bfloat16:
         return _round_bf16_by_hand(x.to(tl.float32)).to(dtype)
     return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b):
+    """tl.dot with fp32 accumulation. The interpreter (Triton 3.8) multiplies
+    bfloat16 matrices wrongly, so there the operands go up to float32 first:
+    exact, like the tensor cores' products of bf16 values."""
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)

@@ -1,0 +1,189 @@
+"""Attention: pyext.flash_attention, pyext.scaled_dot_product_attention and
+their ops flash_attn_{fwd,bwd}_{triton,cuda}.
+
+    flash_attn_fwd(q, k, v, scale, causal, causal_offset) -> (out, lse)
+    flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic) -> (dq, dk, dv)
+
+Kernels cover float16/bfloat16, head dims that are multiples of 8 up to 256,
+any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyext import _backend, reference
+from pyext.ops._register import kernel_backends
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+@torch.library.custom_op("pyext::flash_attn_fwd_triton", mutates_args=())
+def flash_attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                          causal_offset: int) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset)
+
+
+@torch.library.custom_op("pyext::flash_attn_bwd_triton", mutates_args=())
+def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          scale: float, causal: bool, causal_offset: int,
+                          deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset)
+
+
+def _fake_fwd(q, k, v, scale, causal, causal_offset):
+    b, h, s, d = q.shape
+    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _fake_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # a statistic returned for inspection, as in FlashAttention
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (scale, causal, causal_offset)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.args, True)
+        return dq, dk, dv, None, None, None
+    return backward
+
+
+FWD, BWD = {}, {}
+for _name in kernel_backends():
+    if not hasattr(torch.ops.pyext, f"flash_attn_fwd_{_name}"):
+        continue  # an extension built without attention kernels
+    FWD[_name] = getattr(torch.ops.pyext, f"flash_attn_fwd_{_name}")
+    BWD[_name] = getattr(torch.ops.pyext, f"flash_attn_bwd_{_name}")
+    torch.library.register_fake(f"pyext::flash_attn_fwd_{_name}")(_fake_fwd)
+    torch.library.register_fake(f"pyext::flash_attn_bwd_{_name}")(_fake_bwd)
+    torch.library.register_autograd(f"pyext::flash_attn_fwd_{_name}", _make_backward(BWD[_name]),
+                                    setup_context=_setup_context)
+
+
+calling_torch_sdpa = False  # read by pyext.patch's routing mode, which lets such calls through
+
+
+def torch_sdpa(*args, **kwargs):
+    """torch's own SDPA, not re-routed to pyext by a patched model's forward."""
+    global calling_torch_sdpa
+    calling_torch_sdpa = True
+    try:
+        return F.scaled_dot_product_attention(*args, **kwargs)
+    finally:
+        calling_torch_sdpa = False
+
+
+def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None):
+    """Why `backend` cannot run this attention call, or None."""
+    if backend == "torch":
+        return None
+    reason = _backend.device_reason(backend, q, k, v)
+    if reason is not None:
+        return reason
+    if backend not in FWD:
+        return "the CUDA extension was built without attention kernels"
+    if extra is not None:
+        return extra
+    if q.dim() != 4:
+        return f"it needs 4-D (B, H, S, D) inputs, got {q.dim()}-D"
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        return "it needs the same batch size for query, key and value (no broadcasting)"
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
+    d = q.shape[-1]
+    if d % 8 or d > MAX_HEAD_DIM or v.shape[-1] != d:
+        return (f"head dim {d} (value head dim {v.shape[-1]}) is not supported: "
+                f"equal q/k/v head dims, a multiple of 8 up to {MAX_HEAD_DIM}")
+    return None
+
+
+def _check_qkv(op: str, q, k, v, gqa: bool):
+    """The errors torch's SDPA raises for the same inputs (type and meaning)."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise RuntimeError(f"{op}: expected query, key and value to have the same dtype, got "
+                           f"query {q.dtype}, key {k.dtype}, value {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise RuntimeError(f"{op}: expected query, key and value on the same device, got "
+                           f"query {q.device}, key {k.device}, value {v.device}")
+    if not (q.dim() == k.dim() == v.dim()) or q.dim() < 2:
+        raise RuntimeError(f"{op}: expected query, key and value of the same rank (at least 2), got "
+                           f"{q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if q.shape[-1] != k.shape[-1]:
+        raise RuntimeError(f"{op}: query head dim {q.shape[-1]} must equal key head dim {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise RuntimeError(f"{op}: key length {k.shape[-2]} must equal value length {v.shape[-2]}")
+    if not q.is_floating_point():
+        raise RuntimeError(f"{op}: expected floating-point query, key and value, got {q.dtype}")
+    if q.dim() >= 3:
+        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+        if hk != hv or (hq != hk and (not gqa or hq % hk)):
+            raise RuntimeError(f"{op}: query heads {hq} must equal key/value heads {hk}/{hv}"
+                               + (", or be a multiple of them" if gqa else " (or pass enable_gqa=True)"))
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                    return_lse: bool = False, deterministic: bool = False, backend=None):
+    """Exact attention without an S x S matrix in memory, layout (B, H, S, D) like SDPA.
+
+    causal=True aligns the mask bottom-right, as FlashAttention does: query i
+    sees key j iff j <= i + Sk - Sq (rows that see no key give 0). k and v may
+    have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
+    also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
+    carries no gradient.
+    The kernels' backward is always deterministic (no atomics), so
+    `deterministic` is accepted and always honoured. Kernels: float16/bfloat16,
+    head dims multiple of 8 up to 256; other inputs go to the reference
+    (backend "auto") or raise (a kernel backend named).
+    """
+    _check_qkv("flash_attention", q, k, v, gqa=True)
+    if q.dim() != 4:
+        raise RuntimeError(f"flash_attention: expected 4-D (B, H, S, D) query, key and value, got {q.dim()}-D")
+    if q.shape[0] != k.shape[0]:
+        raise RuntimeError(f"flash_attention: batch sizes differ: query {q.shape[0]}, key {k.shape[0]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    causal_offset = k.shape[2] - q.shape[2]
+    name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(b, q, k, v))
+    if name == "torch":
+        out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset)
+    else:
+        out, lse = FWD[name](q, k, v, scale, causal, causal_offset)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend=None) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, with pyext's kernels
+    where they apply (is_causal is top-left aligned, as in torch). An attn_mask,
+    dropout, float32/float64 inputs or head dims over 256 go to torch's own
+    SDPA under backend "auto"; a kernel backend named explicitly raises."""
+    _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
+    extra = None
+    if attn_mask is not None:
+        extra = "an attn_mask is not supported by the kernels"
+    elif dropout_p > 0.0:
+        extra = f"dropout_p={dropout_p} is not supported by the kernels"
+    name = _backend.select("scaled_dot_product_attention", backend, query.device,
+                           lambda b: _why_not(b, query, key, value, extra))
+    if name == "torch":
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out, _ = FWD[name](query, key, value, scale, is_causal, 0)
+    return out

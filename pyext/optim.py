@@ -1,0 +1,145 @@
+"""pyext.optim.AdamW: torch.optim.AdamW's interface, stepped by fused kernels.
+
+Same constructor, validation, param groups, defaults and state keys (`step`
+a tensor, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` with amsgrad) as
+torch.optim.AdamW, so a state_dict moves between the two both ways. Moments
+are kept in float32 for float16/bfloat16 parameters. One launch steps every
+tensor of a (device, dtype) group.
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from pyext import _backend, reference
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+
+
+@torch.library.custom_op("pyext::adamw_step_triton", mutates_args=_MUTATED)
+def adamw_step_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                      exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor], steps: Tensor, lr: float,
+                      lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
+                      amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor]) -> None:
+    from pyext.triton_kernels import adamw as kernels
+    kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
+                       beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale)
+
+
+@adamw_step_triton.register_fake
+def _(*args):
+    return None
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW with fused steps. `backend` (keyword only): "auto"
+    (default: the Triton kernel on GPUs, the reference elsewhere), "triton" or
+    "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
+    skipped, as torch's fused AdamW does (this reads found_inf on the host)."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, capturable=False, backend=None):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if backend is not None and backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        self.backend = backend
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=None, capturable=capturable, differentiable=False,
+                        fused=None)
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if not state:
+            on_device = group["capturable"]
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            # a state_dict loaded from torch.optim.AdamW holds moments in p's dtype
+            if key in state and state[key].dtype != _moment_dtype(p):
+                state[key] = state[key].to(_moment_dtype(p))
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        for group in self.param_groups:
+            groups = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                groups.setdefault((p.device, p.dtype), []).append(p)
+            for params in groups.values():
+                self._step_group(group, params, grad_scale)
+        return loss
+
+    def _step_group(self, group: dict, params: List[Tensor], grad_scale: Optional[Tensor]):
+        from torch.distributed.tensor import DTensor  # FSDP2 shards: step the local shards
+        states = [self._init_state(p, group) for p in params]
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params)]
+
+        def moments(key):
+            ts = [s[key] for s in states] if key in states[0] else []
+            return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+
+        steps = [s["step"] for s in states]
+        for s in steps:
+            s += 1
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        kw = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  amsgrad=group["amsgrad"], maximize=group["maximize"])
+        name = _backend.select("optim.AdamW", self.backend, local[0].device,
+                               lambda b: self._why_not(b, local[0]))
+        args = (local, grads, moments("exp_avg"), moments("exp_avg_sq"), moments("max_exp_avg_sq"))
+        if name == "torch":
+            reference.adamw_step(*args, steps, lr=lr, grad_scale=grad_scale, **kw)
+            return
+        step_values = torch.stack([s.to(local[0].device) for s in steps])
+        lr_value = 0.0 if lr_tensor is not None else float(lr)
+        lr_arg = lr_tensor.to(device=local[0].device, dtype=torch.float32) if lr_tensor is not None else None
+        scale_arg = grad_scale.to(torch.float32) if grad_scale is not None else None
+        torch.ops.pyext.adamw_step_triton(*args, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"],
+                                          kw["eps"], kw["weight_decay"], kw["amsgrad"], kw["maximize"],
+                                          scale_arg)
+
+    @staticmethod
+    def _why_not(backend: str, p: Tensor):
+        if backend == "cuda":
+            return "AdamW has no CUDA kernel yet (issue 6); use 'triton' or 'auto'"
+        reason = _backend.device_reason(backend, p)
+        if reason is None and backend != "torch" and p.dtype not in _KERNEL_DTYPES:
+            reason = f"parameter dtype {p.dtype} is not supported (float32, float16, bfloat16 are)"
+        return reason

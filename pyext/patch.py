@@ -1,0 +1,213 @@
+"""Swap pyext's kernels into a model that already exists.
+
+    model = pyext.patch(model)            # in place; returns the model
+    pyext.patch_report(model)             # what was swapped, what was left and why
+    pyext.unpatch(model)                  # back to the original classes and forward
+
+- torch.nn.LayerNorm / RMSNorm / GELU / MultiheadAttention modules get pyext's
+  subclass as their class: same object, same Parameter objects, same
+  state_dict, so an optimizer built before the patch keeps working.
+- Calls to F.scaled_dot_product_attention made inside the model's forward go
+  to pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
+  the model's forward only: other code, and other models, are untouched.
+- HuggingFace transformers models: pyext's attention is registered as the
+  attention implementation "pyext" (with the SDPA mask function, so causal
+  masking is kept) and selected on the model; GPT-2's, BERT's and Llama's own
+  activation and RMSNorm modules are replaced by pyext modules sharing their
+  parameters.
+"""
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from pyext import nn as pnn
+
+log = logging.getLogger("pyext.patch")
+
+# torch class -> (pyext subclass, the patch() flag that enables it)
+_CLASS_SWAPS = {
+    torch.nn.LayerNorm: (pnn.LayerNorm, "layer_norm"),
+    torch.nn.RMSNorm: (pnn.RMSNorm, "rms_norm"),
+    torch.nn.GELU: (pnn.GELU, "gelu"),
+    torch.nn.MultiheadAttention: (pnn.MultiheadAttention, "attention"),
+}
+
+
+@dataclass
+class PatchReport:
+    swapped: List[Tuple[str, str, str]] = field(default_factory=list)  # (module path, from, to)
+    left: List[Tuple[str, str, str]] = field(default_factory=list)     # (module path, class, why)
+    attention: str = "not routed"
+
+    def __str__(self):
+        lines = [f"pyext.patch: {len(self.swapped)} modules swapped; attention: {self.attention}"]
+        lines += [f"  swapped {path or '<root>'}: {old} -> {new}" for path, old, new in self.swapped]
+        lines += [f"  left    {path or '<root>'}: {cls} ({why})" for path, cls, why in self.left]
+        if not self.swapped and self.attention == "not routed":
+            lines.append("  nothing to swap in this model")
+        return "\n".join(lines)
+
+
+class _RouteSDPA(TorchFunctionMode):
+    """Sends F.scaled_dot_product_attention to pyext's, with the patch's backend."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        from pyext.ops import attention
+        if func is F.scaled_dot_product_attention and not attention.calling_torch_sdpa:
+            return attention.scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
+        return func(*args, **kwargs)
+
+
+def _hf_module_swaps():
+    """HuggingFace module classes -> a factory of the pyext module replacing one."""
+    try:
+        from transformers import activations
+    except ImportError:
+        return {}
+    swaps = {}
+    for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUActivation"):
+        cls = getattr(activations, name, None)
+        if cls is not None:
+            approx = "none" if name == "GELUActivation" else "tanh"
+            swaps[cls] = ("gelu", functools.partial(_gelu_module, approx))
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        swaps[LlamaRMSNorm] = ("rms_norm", _rms_norm_module)
+    except ImportError:
+        pass
+    return swaps
+
+
+def _gelu_module(approximate, old, backend):
+    if approximate == "none" and getattr(old, "act", F.gelu) is not F.gelu:
+        return None  # a GELUActivation built on another function: not ours to change
+    return pnn.GELU(approximate, backend=backend)
+
+
+def _rms_norm_module(old, backend):
+    new = pnn.RMSNorm(old.weight.shape, eps=old.variance_epsilon, device="meta", backend=backend)
+    new.weight = old.weight  # the same Parameter: optimizers and state_dict see no change
+    return new
+
+
+def _use_pyext_attention_in_hf(model, report) -> bool:
+    """Register and select the "pyext" attention implementation on an HF model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+
+    def pyext_attention(module, query, key, value, attention_mask, **kwargs):
+        # transformers' own SDPA integration (GQA, causal flag, masks), with its
+        # F.scaled_dot_product_attention call routed to pyext.
+        with _RouteSDPA(model._pyext_backend):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("pyext", pyext_attention)
+    AttentionMaskInterface.register("pyext", sdpa_mask)
+    model._pyext_hf_attn = config._attn_implementation
+    model.set_attn_implementation("pyext")
+    report.attention = f"transformers attention implementation 'pyext' (was '{model._pyext_hf_attn}')"
+    return True
+
+
+def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, attention=True,
+          backend=None, verbose=False) -> torch.nn.Module:
+    """Swap pyext's kernels into `model` in place and return it (see the module doc).
+
+    Patching twice is harmless; `backend` pins one backend for every swapped
+    module (None: the process default, normally "auto").
+    """
+    if getattr(model, "_pyext_patched", False):
+        unpatch(model)
+    enabled = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu, "attention": attention}
+    report = PatchReport()
+    replaced = []  # (parent, attribute name, original module) to put back on unpatch
+    hf_swaps = _hf_module_swaps()
+
+    for path, module in list(model.named_modules()):
+        cls = type(module)
+        if cls in _CLASS_SWAPS:
+            new_cls, flag = _CLASS_SWAPS[cls]
+            if not enabled[flag]:
+                report.left.append((path, cls.__name__, f"{flag}=False"))
+                continue
+            module.__class__ = new_cls
+            module.backend = backend
+            module._pyext_original_class = cls
+            report.swapped.append((path, cls.__name__, f"pyext.nn.{new_cls.__name__}"))
+        elif cls in hf_swaps:
+            flag, make = hf_swaps[cls]
+            new = make(module, backend) if enabled[flag] else None
+            if new is None:
+                why = f"{flag}=False" if not enabled[flag] else "not a function pyext implements"
+                report.left.append((path, cls.__name__, why))
+                continue
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            setattr(parent, name, new)
+            replaced.append((parent, name, module))
+            report.swapped.append((path, cls.__name__, f"pyext.nn.{type(new).__name__}"))
+        elif cls.__module__.startswith("pyext."):
+            continue
+        elif any(k in cls.__name__.lower() for k in ("norm", "gelu", "attention")) and \
+                not list(module.children()):
+            report.left.append((path, cls.__name__, "no pyext equivalent"))
+
+    model._pyext_backend = backend
+    model._pyext_replaced = replaced
+    if attention and not _use_pyext_attention_in_hf(model, report):
+        original_forward = model.forward  # bound method of the class's forward
+
+        @functools.wraps(original_forward)
+        def forward(*args, **kwargs):
+            with _RouteSDPA(backend):
+                return original_forward(*args, **kwargs)
+
+        model.forward = forward
+        report.attention = "F.scaled_dot_product_attention calls in forward go to pyext"
+    model._pyext_patched = True
+    model._pyext_report = report
+    (print if verbose else log.info)(str(report))
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `patch`: original classes, modules, attention and forward."""
+    if not getattr(model, "_pyext_patched", False):
+        return model
+    for module in model.modules():
+        original = module.__dict__.pop("_pyext_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            module.__dict__.pop("backend", None)
+    for parent, name, old in model._pyext_replaced:
+        setattr(parent, name, old)
+    if "forward" in model.__dict__:
+        del model.forward
+    if hasattr(model, "_pyext_hf_attn"):
+        model.set_attn_implementation(model._pyext_hf_attn)
+        del model._pyext_hf_attn
+    for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_backend"):
+        delattr(model, attr)
+    return model
+
+
+def patch_report(model: torch.nn.Module) -> PatchReport:
+    """What the last `patch(model)` swapped and left."""
+    return model._pyext_report

@@ -1,0 +1,159 @@
+"""pyext.optim.AdamW against torch.optim.AdamW and a float64 reference."""
+import pytest
+import torch
+
+import pyext
+from conftest import BACKENDS, HAS_GPU, assert_close, device_for
+
+SHAPES = [(), (1,), (7,), (33, 5), (0,), (1025,)]
+OPTIONS = [
+    dict(),
+    dict(weight_decay=0.1, amsgrad=True),
+    dict(maximize=True, betas=(0.8, 0.95), eps=1e-6),
+]
+
+
+def make_params(dtype, device):
+    return [torch.randn(s, dtype=torch.float32, device=device).to(dtype) for s in SHAPES]
+
+
+def run(opt_cls, params, grads_per_step, lr_schedule, **options):
+    """Steps `opt_cls` over two param groups, with a changing lr."""
+    groups = [{"params": params[:3]}, {"params": params[3:], "lr": 3e-3}]
+    opt = opt_cls(groups, lr=1e-2, **options)
+    for grads, lr in zip(grads_per_step, lr_schedule):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o)) or "defaults")
+def test_steps_match_the_oracle(backend, dtype, options):
+    device = device_for(backend)
+    steps = 50 if backend == "torch" or HAS_GPU else 6
+    start = make_params(dtype, device)
+    grads = [[torch.randn(p.shape, device=device) if (i + j) % 5 else None for j, p in enumerate(start)]
+             for i in range(steps)]  # some params have no grad on some steps
+    lrs = [1e-2 * (1 - i / (2 * steps)) for i in range(steps)]
+
+    ours = [p.clone() for p in start]
+    opt = run(lambda g, **kw: pyext.optim.AdamW(g, backend=backend, **kw), ours, grads, lrs, **options)
+    ref = [p.double() for p in start]
+    ref_opt = run(lambda g, **kw: pyext.optim.AdamW(g, backend="torch", **kw), ref, grads, lrs, **options)
+    pt = [p.clone() for p in start]
+    pt_opt = run(lambda g, **kw: torch.optim.AdamW(g, foreach=False, **kw), pt, grads, lrs, **options)
+
+    for i, (o, r, p) in enumerate(zip(ours, ref, pt)):
+        assert_close(o, r, p, f"param {i} {tuple(o.shape)}")
+        if dtype == torch.float32 and o.numel():
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if options.get("amsgrad") else ()):
+                assert_close(opt.state[o][key], ref_opt.state[r][key], pt_opt.state[p][key], f"{key} {i}")
+            assert float(opt.state[o]["step"]) == float(pt_opt.state[p]["step"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend):
+    device = device_for(backend)
+    start = make_params(torch.float32, device)
+    grads = [[torch.randn(p.shape, device=device) for p in start] for _ in range(6)]
+    lrs = [1e-2] * 6
+
+    def train(opt, params, steps):
+        for grad in steps:
+            for p, g in zip(params, grad):
+                p.grad = g.clone()
+            opt.step()
+
+    a = [p.clone() for p in start]
+    torch_opt = torch.optim.AdamW(a, lr=1e-2, amsgrad=True)
+    train(torch_opt, a, grads[:3])
+    ours = pyext.optim.AdamW(a, lr=1e-2, amsgrad=True, backend=backend)
+    ours.load_state_dict(torch_opt.state_dict())
+    train(ours, a, grads[3:])
+
+    b = [p.clone() for p in start]
+    torch_opt = torch.optim.AdamW(b, lr=1e-2, amsgrad=True)
+    train(torch_opt, b, grads)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+    back = torch.optim.AdamW(a, lr=1e-2, amsgrad=True)
+    back.load_state_dict(ours.state_dict())
+    assert back.state_dict()["param_groups"][0]["lr"] == 1e-2
+    for p in a[:2]:
+        torch.testing.assert_close(back.state[p]["exp_avg"], ours.state[p]["exp_avg"])
+        assert isinstance(back.state[p]["step"], torch.Tensor)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), "learning rate"), (dict(eps=-1e-8), "epsilon"), (dict(betas=(1.0, 0.9)), "index 0"),
+    (dict(betas=(0.9, -0.1)), "index 1"), (dict(weight_decay=-0.1), "weight_decay"),
+])
+def test_constructor_validation_matches_torch(kwargs, match):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=match):
+        torch.optim.AdamW(p, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        pyext.optim.AdamW(p, **kwargs)
+
+
+def test_empty_parameter_list_is_torchs_error():
+    with pytest.raises(ValueError, match="empty"):
+        pyext.optim.AdamW([])
+
+
+def test_sparse_gradients_are_rejected():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        pyext.optim.AdamW([p]).step()
+
+
+def test_named_cuda_backend_says_why():
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    with pytest.raises(pyext.BackendUnavailable):
+        pyext.optim.AdamW([p], backend="cuda").step()
+
+
+@pytest.mark.gpu
+def test_grad_scaler_skips_a_step_with_inf():
+    model = torch.nn.Linear(8, 8, device="cuda")
+    opt = pyext.optim.AdamW(model.parameters(), lr=1e-2, backend="triton")
+    scaler = torch.amp.GradScaler("cuda")
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.randn(4, 8, device="cuda")).sum()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(4, 8, device="cuda")).sum()).backward()
+    scaler.step(opt)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.gpu
+def test_capturable_step_replays_in_a_cuda_graph():
+    params = [torch.randn(257, device="cuda"), torch.randn(3, 5, device="cuda")]
+    expected = [p.clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    for p, e, g in zip(params, expected, grads):
+        p.grad, e.grad = g, g.clone()
+    lr = torch.tensor(1e-2, device="cuda")
+    opt = pyext.optim.AdamW(params, lr=lr, capturable=True, backend="triton")
+    ref = torch.optim.AdamW(expected, lr=1e-2, capturable=True)
+    opt.step()
+    ref.step()  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+        ref.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,212 @@
+"""pyext.flash_attention and pyext.scaled_dot_product_attention: the specification."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyext
+from pyext import reference
+from conftest import BACKENDS, HAS_GPU, assert_close, device_for, make_tensor, poisoned_like
+
+DTYPES = [torch.bfloat16, torch.float16]
+# (batch, query heads, key heads, Sq, Sk, head dim): odd lengths one past a
+# block, Sq != Sk both ways, GQA and MQA, head dims 40 and 80, Sq = 1.
+SHAPES = [
+    (1, 2, 2, 17, 17, 64),
+    (2, 2, 1, 19, 33, 40),
+    (1, 4, 2, 33, 20, 80),
+    (1, 3, 3, 1, 23, 16),
+    (1, 2, 2, 24, 9, 32),
+]
+KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def qkv(shape, dtype, device, layout="contiguous"):
+    b, hq, hk, sq, sk, d = shape
+    if layout == "bshd":  # (B, S, H, D) memory viewed as (B, H, S, D), as models produce
+        q = make_tensor((b, sq, hq, d), dtype, device).transpose(1, 2)
+        k, v = (make_tensor((b, sk, hk, d), dtype, device).transpose(1, 2) for _ in range(2))
+    else:
+        q = make_tensor((b, hq, sq, d), dtype, device)
+        k, v = (make_tensor((b, hk, sk, d), dtype, device) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def check_flash(backend, q, k, v, causal):
+    """out, lse, dq, dk, dv of `backend` against the float64 oracle."""
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, return_lse=True, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    offset = k.shape[2] - q.shape[2]
+    scale = q.shape[-1] ** -0.5
+
+    def run_reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, l = reference.attention(*leaves, scale=scale, causal=causal, causal_offset=offset)
+        return [o, l] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+
+    ref, pt = run_reference(torch.float64), run_reference(q.dtype)
+    for name, o, r, p in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt):
+        assert_close(o, r, p, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_flash_attention_matches_oracle(backend, dtype, causal, shape):
+    check_flash(backend, *qkv(shape, dtype, device_for(backend)), causal)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_transposed_bshd_views_need_no_copy_to_be_right(backend):
+    check_flash(backend, *qkv((2, 2, 1, 21, 18, 48), torch.bfloat16, device_for(backend), "bshd"), True)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_rows_that_see_no_key_are_zero(backend):
+    q, k, v = qkv((1, 2, 2, 20, 6, 32), torch.bfloat16, device_for(backend))
+    out, lse = pyext.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    blind = q.shape[2] - k.shape[2]  # bottom-right: the first Sq - Sk queries see nothing
+    assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
+    assert torch.isneginf(lse[:, :, :blind]).all() and torch.isfinite(lse[:, :, blind:]).all()
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
+
+
+def test_triton_kernels_write_every_element():
+    from pyext.triton_kernels import flash_attention as kernels
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
+    out, lse = kernels.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
+                                      lse=torch.full(q.shape[:3], float("nan"), device=q.device))
+    assert not out.isnan().any() and not lse.isnan().any()
+    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3,
+                                   dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
+    assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_is_deterministic(backend):
+    q, k, v = qkv((1, 4, 1, 37, 29, 64), torch.bfloat16, device_for(backend))
+    runs = 20 if HAS_GPU else 2
+    first = None
+    for _ in range(runs):
+        out = pyext.flash_attention(q, k, v, causal=True, deterministic=True, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        if first is None:
+            first = grads
+        assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 32), (2, 4, 2, 21, 13, 64)], ids=str)
+def test_sdpa_drop_in_matches_torch(backend, is_causal, shape):
+    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
+    gqa = shape[1] != shape[2]
+    out = pyext.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.2, enable_gqa=gqa,
+                                             backend=backend)
+    leaves64 = [t.detach().double() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves64, is_causal=is_causal, scale=0.2, enable_gqa=gqa)
+    pt = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.2, enable_gqa=gqa)
+    assert_close(out, ref, pt, "sdpa out")
+
+
+@pytest.mark.parametrize("case", ["mask", "dropout", "float32", "head_dim_320", "3d"])
+def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case):
+    device = device_for("triton")
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    d = 320 if case == "head_dim_320" else 16
+    shape = (3, 7, d) if case == "3d" else (1, 2, 7, d)
+    q, k, v = (make_tensor(shape, dtype, device) for _ in range(3))
+    kwargs = {"mask": dict(attn_mask=torch.rand(7, 7, device=device) > 0.3),
+              "dropout": dict(dropout_p=0.5)}.get(case, {})
+    torch.manual_seed(7)
+    got = pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="auto")
+    torch.manual_seed(7)
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
+    reason = {"mask": "attn_mask", "dropout": "dropout", "float32": "float32", "head_dim_320": "head dim",
+              "3d": "4-D"}[case]
+    with pytest.raises(pyext.BackendUnavailable, match=reason):
+        pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
+
+
+def test_flash_attention_float32_goes_to_the_reference_under_auto():
+    q, k, v = (make_tensor((1, 2, 5, 8), torch.float32, "cpu") for _ in range(3))
+    out = pyext.flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal=True, causal_offset=0)[0])
+
+
+@pytest.mark.parametrize("bad,error", [
+    ("dtype", "same dtype"), ("device", "same device"), ("rank", "rank"), ("head_dim", "head dim"),
+    ("heads", "heads"), ("length", "length"),
+])
+def test_bad_inputs_raise_torchs_error_type_with_a_clear_message(bad, error):
+    q, k, v = (make_tensor((1, 4, 6, 16), torch.bfloat16, "cpu") for _ in range(3))
+    if bad == "dtype":
+        k = k.half()
+    elif bad == "device":
+        k = torch.empty(k.shape, dtype=k.dtype, device="meta")
+    elif bad == "rank":
+        k = k[0]
+    elif bad == "head_dim":
+        k = make_tensor((1, 4, 6, 8), torch.bfloat16, "cpu")
+    elif bad == "heads":
+        k = v = make_tensor((1, 3, 6, 16), torch.bfloat16, "cpu")
+    else:
+        v = make_tensor((1, 4, 5, 16), torch.bfloat16, "cpu")
+    with pytest.raises(RuntimeError, match=error):
+        pyext.flash_attention(q, k, v)
+    with pytest.raises(RuntimeError, match=error):
+        pyext.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def test_sdpa_without_enable_gqa_refuses_fewer_key_heads_like_torch():
+    q = make_tensor((1, 4, 6, 16), torch.bfloat16, "cpu")
+    k = v = make_tensor((1, 2, 6, 16), torch.bfloat16, "cpu")
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="enable_gqa"):
+        pyext.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for(backend))
+    fwd = getattr(torch.ops.pyext, f"flash_attn_fwd_{backend}")
+    bwd = getattr(torch.ops.pyext, f"flash_attn_bwd_{backend}")
+    torch.library.opcheck(fwd, (q, k, v, 0.25, True, 3))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
+    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                0.25, True, 3, True))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compile_fullgraph(backend):
+    q, k, v = qkv((1, 2, 2, 9, 9, 16), torch.bfloat16, device_for(backend))
+
+    def f(q, k, v):
+        return pyext.scaled_dot_product_attention(q * 2, k, v, is_causal=True, backend=backend).float().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for g, e in zip(grads, expected):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen", [1024, 8192])
+def test_large(backend, head_dim, seqlen):
+    check_flash(backend, *qkv((1, 2, 1, seqlen, seqlen, head_dim), torch.bfloat16, "cuda"), True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("head_dim", [8, 24, 96, 160, 192, 256])
+def test_every_head_dim_on_gpu(backend, head_dim):
+    check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True)

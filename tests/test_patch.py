@@ -1,0 +1,156 @@
+"""pyext.patch / pyext.unpatch on models users already have."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyext
+from benchmarks.train_gpt import GPT, TINY
+from conftest import BACKENDS, assert_close, device_for
+
+
+
+def nano_gpt():
+    return GPT(**dict(TINY, layers=1))
+
+
+def encoder():
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True,
+                                             activation=torch.nn.GELU())
+    return torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+def hf_model(kind):
+    tf = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return tf.GPT2LMHeadModel(cfg)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                             hidden_size=32, intermediate_size=64, vocab_size=64)
+        return tf.LlamaForCausalLM(cfg)
+    cfg = tf.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=32, intermediate_size=64,
+                        vocab_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tf.BertForMaskedLM(cfg)
+
+
+def loss_of(model, kind, device, dtype):
+    """A scalar loss of `model` on fixed random input of the model's kind."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "nanogpt":
+        idx = torch.randint(0, 256, (2, 16), generator=g).to(device)
+        return model(idx, idx)
+    if kind == "encoder":
+        x = torch.randn(2, 9, 32, generator=g).to(device, dtype)
+        return model(x).square().mean()
+    ids = torch.randint(0, 64, (2, 12), generator=g).to(device)
+    return model(input_ids=ids, labels=ids).loss
+
+
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "bert"]
+
+
+def build(kind):
+    torch.manual_seed(0)
+    return {"nanogpt": nano_gpt, "encoder": encoder}.get(kind, lambda: hf_model(kind))()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_patched_model_matches_the_original(kind, backend):
+    device = device_for(backend)
+    original = build(kind).to(device)
+    patched = pyext.patch(copy.deepcopy(original), backend=backend)
+    assert pyext.patch_report(patched).swapped, str(pyext.patch_report(patched))
+
+    def loss_and_grads(model, dtype):
+        model = model.to(dtype).train()
+        loss = loss_of(model, kind, device, dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [loss] + list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    ref = loss_and_grads(copy.deepcopy(original), torch.float64)
+    # bfloat16, as models train: the attention kernels take half types only
+    pt = loss_and_grads(original, torch.bfloat16)
+    out = loss_and_grads(patched, torch.bfloat16)
+    names = ["loss"] + [n for n, p in original.named_parameters() if p.requires_grad]
+    for name, o, r, p in zip(names, out, ref, pt):
+        if r is None:
+            assert o is None, name
+            continue
+        assert_close(o, r, p, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_and_parameters_are_untouched(kind):
+    model = build(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    pyext.patch(model, backend="torch")
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    loss_of(model, kind, "cpu", torch.float32).backward()
+    opt.step()  # the optimizer built before the patch updates the model's tensors
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpatch_restores_classes_and_forward(kind):
+    model = build(kind)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    pyext.patch(model, backend="torch")
+    pyext.patch(model, backend="torch")  # twice is harmless
+    assert any(type(m).__module__.startswith("pyext") for m in model.modules())
+    pyext.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert "forward" not in model.__dict__
+
+
+def test_flags_leave_modules_alone():
+    model = nano_gpt()
+    pyext.patch(model, layer_norm=False, backend="torch")
+    assert all(type(m) is torch.nn.LayerNorm for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert any(path.endswith("ln_1") and why == "layer_norm=False"
+               for path, _, why in pyext.patch_report(model).left)
+
+
+def test_attention_routing_is_scoped_to_the_model(monkeypatch):
+    calls = []
+    import pyext.ops.attention as attention
+    real = attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = pyext.patch(nano_gpt(), backend="torch")
+    loss_of(model, "nanogpt", "cpu", torch.float32)
+    assert calls == [1]
+    q = torch.randn(1, 2, 4, 8)
+    F.scaled_dot_product_attention(q, q, q)  # outside the model: torch's own
+    assert calls == [1]
+
+
+def test_multihead_attention_goes_through_pyext(monkeypatch):
+    calls = []
+    import pyext.ops.attention as attention
+    real = attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=False)
+    x = torch.randn(5, 3, 16)
+    expected, _ = mha(x, x, x, need_weights=False)
+    pyext.patch(mha, backend="torch")
+    got, weights = mha(x, x, x, need_weights=False)
+    assert calls == [1] and weights is None
+    torch.testing.assert_close(got, expected)
+    mha(x, x, x, need_weights=True)  # weights asked for: torch's own path
+    assert calls == [1]
+
+
+def test_a_model_with_nothing_to_swap_says_so(capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    pyext.patch(model, attention=False, verbose=True)
+    assert "nothing to swap" in capsys.readouterr().out

@@ -1,0 +1,108 @@
+"""Fused AdamW in Triton: one launch steps every tensor of a (device, dtype) group.
+
+The tensors are reached through tables of their addresses: program i finds
+its tensor (block_tensor[i]) and its offset in it (block_start[i]), so tensors
+of any sizes share one launch. Per element, in fp32 (AdamW, Loshchilov & Hutter):
+
+    g = grad / grad_scale, negated when maximizing
+    p = p * (1 - lr * weight_decay)                     (decoupled weight decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g^2
+    v_max = max(v_max, v)                               (amsgrad only; v_max replaces v below)
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+Bytes per fp32 parameter: read p, g, m, v and write p, m, v: 28 (36 with amsgrad).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import on_device, to_out
+
+BLOCK = 1024
+
+
+@triton.jit
+def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, block_tensor, block_start,
+                  lr, lr_ptr, grad_scale_ptr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+                  P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(numel_tab + t)
+    p_ptr = tl.load(p_tab + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(m_tab + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(v_tab + t).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_tab + t)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
+
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr)
+    if MAXIMIZE:
+        g = -g
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
+    bias_correction2 = 1.0 - tl.exp2(step * log2_beta2)
+    if AMSGRAD:
+        vmax_ptr = tl.load(vmax_tab + t).to(tl.pointer_type(tl.float32))
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
+        tl.store(vmax_ptr + offs, vmax, mask=mask)
+        denom = tl.sqrt(vmax) / tl.sqrt(bias_correction2) + eps
+    else:
+        denom = tl.sqrt(v) / tl.sqrt(bias_correction2) + eps
+    p = p - (lr / bias_correction1) * m / denom
+    tl.store(p_ptr + offs, to_out(p, P_DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _log2(beta):
+    return math.log2(beta) if beta > 0 else float("-inf")
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale):
+    """One AdamW step, in place, for tensors of one device and one dtype.
+
+    steps: float32 tensor (len(params),) on the device, already incremented.
+    lr_tensor: a 0-d device tensor read by the kernel (capturable), else lr.
+    grad_scale: a 1-element device tensor the grads are divided by, or None.
+    """
+    live = [i for i, p in enumerate(params) if p.numel()]
+    if not live:
+        return
+    device = params[0].device
+    numels = [params[i].numel() for i in live]
+    nblocks = [triton.cdiv(n, BLOCK) for n in numels]
+
+    def table(tensors):
+        return torch.tensor([tensors[i].data_ptr() for i in live], dtype=torch.int64, device=device)
+
+    counts = torch.tensor(nblocks, device=device)
+    block_tensor = torch.repeat_interleave(torch.arange(len(live), device=device), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    block_start = (torch.arange(int(sum(nblocks)), device=device) - first_block[block_tensor]) * BLOCK
+    vmax_tab = table(max_exp_avg_sqs) if amsgrad else table(exp_avgs)
+    with on_device(params[0]):
+        _adamw_kernel[(int(sum(nblocks)),)](
+            table(params), table(grads), table(exp_avgs), table(exp_avg_sqs), vmax_tab,
+            torch.tensor(numels, dtype=torch.int64, device=device), steps[live].contiguous(),
+            block_tensor, block_start,
+            float(lr), lr_tensor if lr_tensor is not None else steps, grad_scale if grad_scale is not None else steps,
+            beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
+            P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+            LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=BLOCK)
