@@ -19,7 +19,7 @@ SHELL       := /bin/bash
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest pytest-benchmark hypothesis \
-		ninja pybind11 matplotlib setuptools wheel
+		ninja pybind11 matplotlib setuptools wheel transformers
 	PYEXT_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -39,6 +39,7 @@ gpu-check:
 	python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
 	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rs tests benchmarks 2>&1 | tee $(OUT)/pytest.log
 	python3 -m benchmarks --out $(OUT)
+	python3 -m benchmarks.train_gpt --out $(OUT)
 
 clean:
 	rm -rf build $(VENV) pyext/_C*.so *.egg-info

@@ -12,10 +12,12 @@ if not torch.cuda.is_available():
     # must be chosen before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks import gelu, layer_norm  # noqa: E402
+from benchmarks import adamw, attention, gelu, layer_norm  # noqa: E402
 
 OPS = {
     "gelu": gelu.cases,
     "layer_norm": layer_norm.layer_norm_cases,
     "rms_norm": layer_norm.rms_norm_cases,
+    "attention": attention.cases,
+    "adamw": adamw.cases,
 }

@@ -32,12 +32,14 @@ def main(argv=None):
         print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
               f"bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
 
-    cases = [c for op in args.ops for c in OPS[op](args.quick, dtypes)]
-    rows = []
-    for i, case in enumerate(cases):
-        harness.progress(i, len(cases), f"{case.op} {case.direction} {case.dtype} {case.label}")
-        rows += harness.run_case(case, ceilings, args.quick)
-    harness.progress(len(cases), len(cases), "done")
+    # Cases are made one at a time (each holds its tensors), so the total is not known ahead.
+    rows, done = [], 0
+    for op in args.ops:
+        for case in OPS[op](args.quick, dtypes):
+            harness.progress(done, None, f"{case.op} {case.direction} {case.dtype} {case.label}")
+            rows += harness.run_case(case, ceilings, args.quick)
+            done += 1
+    harness.progress(done, done, "done")
 
     print(harness.table(rows))
     base = harness.write_results(args.out, meta, rows)

@@ -122,27 +122,27 @@ def run_case(case: Case, ceilings: dict, quick: bool) -> List[dict]:
     return rows
 
 
-def progress(i: int, n: int, text: str) -> None:
-    width = 30
-    done = int(width * i / max(n, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {text[:60]:<60}")
-    sys.stderr.flush()
-    if i == n:
+def progress(i: int, n: Optional[int], text: str) -> None:
+    """One status line, rewritten in place: cases done (of n when known) and the current one."""
+    count = f"{i}/{n}" if n else f"{i} done"
+    sys.stderr.write(f"\r[{count}] {text[:70]:<70}")
+    if n is not None and i == n:
         sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def table(rows: List[dict]) -> str:
-    head = f"{'op':<12}{'case':<28}{'dtype':<10}{'dir':<8}{'provider':<16}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}"
+    head = f"{'op':<12}{'case':<28}{'dtype':<20}{'dir':<8}{'provider':<16}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<10}{r['direction']:<8}{r['provider']:<16}"
+            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<20}{r['direction']:<8}{r['provider']:<16}"
                          f"  skipped: {r['skipped'][:60]}")
             continue
         def fmt(key, spec):
             return format(r[key], spec) if key in r else "-"
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
-        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<10}{r['direction']:<8}{r['provider']:<16}"
+        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<20}{r['direction']:<8}{r['provider']:<16}"
                      f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
                      f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}")
     return "\n".join(lines)
@@ -214,8 +214,13 @@ def autograd_callable(fn: Callable, inputs: list, direction: str, grad: torch.Te
                 return fn(*inputs)
         return run
     if direction == "bwd":
-        out = fn(*inputs)
-        return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
+        graph = []  # built by the first (warm-up) call, so a provider that fails does so when timed
+
+        def run():
+            if not graph:
+                graph.append(fn(*inputs))
+            return torch.autograd.grad(graph[0], leaves, grad, retain_graph=True)
+        return run
     if direction == "fwd+bwd":
         return lambda: torch.autograd.grad(fn(*inputs), leaves, grad)
     raise ValueError(direction)

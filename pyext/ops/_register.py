@@ -4,10 +4,21 @@ CUDA stages are defined in C++ (csrc/<op>/<op>_api.cpp) and only get their
 fake implementation and autograd in Python; Triton stages are defined in
 Python with torch.library.custom_op. Both are reached as torch.ops.pyext.*.
 """
+import torch
+
 from pyext import _backend
 
 
-def kernel_backends():
-    """Kernel backends whose ops exist in this process: "triton" always (its
-    ops import Triton lazily), "cuda" when the extension is built."""
-    return ("cuda", "triton") if _backend.CUDA_BUILT else ("triton",)
+def kernel_backends(*ops: str):
+    """Kernel backends ("cuda", "triton") whose stages `<op>_<backend>` all
+    exist in this process: Triton's always (its ops import Triton lazily), the
+    CUDA ones when the extension is built and carries them."""
+    names = ("cuda", "triton") if _backend.CUDA_BUILT else ("triton",)
+    return [b for b in names if all(hasattr(torch.ops.pyext, f"{op}_{b}") for op in ops)]
+
+
+def missing_reason(backend: str, table: dict, op: str):
+    """Why a kernel backend has no stages for `op` here, or None."""
+    if backend != "torch" and backend not in table:
+        return f"the CUDA extension pyext._C has no {op} kernels (it was built from older sources: rebuild it)"
+    return None

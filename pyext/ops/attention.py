@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import kernel_backends
+from pyext.ops._register import kernel_backends, missing_reason
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -62,9 +62,7 @@ def _make_backward(bwd_op):
 
 
 FWD, BWD = {}, {}
-for _name in kernel_backends():
-    if not hasattr(torch.ops.pyext, f"flash_attn_fwd_{_name}"):
-        continue  # an extension built without attention kernels
+for _name in kernel_backends("flash_attn_fwd", "flash_attn_bwd"):
     FWD[_name] = getattr(torch.ops.pyext, f"flash_attn_fwd_{_name}")
     BWD[_name] = getattr(torch.ops.pyext, f"flash_attn_bwd_{_name}")
     torch.library.register_fake(f"pyext::flash_attn_fwd_{_name}")(_fake_fwd)
@@ -93,8 +91,8 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
     reason = _backend.device_reason(backend, q, k, v)
     if reason is not None:
         return reason
-    if backend not in FWD:
-        return "the CUDA extension was built without attention kernels"
+    if missing_reason(backend, FWD, "attention"):
+        return missing_reason(backend, FWD, "attention")
     if extra is not None:
         return extra
     if q.dim() != 4:

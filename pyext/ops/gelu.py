@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import kernel_backends
+from pyext.ops._register import kernel_backends, missing_reason
 
 _APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -43,7 +43,7 @@ def _make_backward(bwd_op):
 
 
 FWD, BWD = {}, {}
-for _name in kernel_backends():
+for _name in kernel_backends("gelu_fwd", "gelu_bwd"):
     FWD[_name] = getattr(torch.ops.pyext, f"gelu_fwd_{_name}")
     BWD[_name] = getattr(torch.ops.pyext, f"gelu_bwd_{_name}")
     torch.library.register_fake(f"pyext::gelu_fwd_{_name}")(_fake_fwd)
@@ -53,7 +53,7 @@ for _name in kernel_backends():
 
 
 def _why_not(backend: str, x: Tensor):
-    reason = _backend.device_reason(backend, x)
+    reason = _backend.device_reason(backend, x) or missing_reason(backend, FWD, "gelu")
     if reason is None and backend != "torch" and x.dtype not in _KERNEL_DTYPES:
         reason = f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
     return reason

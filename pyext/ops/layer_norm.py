@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import kernel_backends
+from pyext.ops._register import kernel_backends, missing_reason
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -208,7 +208,7 @@ def _make_rms_backward(bwd_op):
 
 
 LN_FWD, LN_BWD, RMS_FWD, RMS_BWD = {}, {}, {}, {}
-for _name in kernel_backends():
+for _name in kernel_backends("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
     LN_FWD[_name] = getattr(torch.ops.pyext, f"layer_norm_fwd_{_name}")
     LN_BWD[_name] = getattr(torch.ops.pyext, f"layer_norm_bwd_{_name}")
     RMS_FWD[_name] = getattr(torch.ops.pyext, f"rms_norm_fwd_{_name}")
@@ -226,7 +226,8 @@ for _name in kernel_backends():
 # ------------------------------------------------------------ public API
 
 def _why_not(backend: str, x: Tensor, *params):
-    reason = _backend.device_reason(backend, x, *(p for p in params if p is not None))
+    reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None))
+              or missing_reason(backend, LN_FWD, "layer_norm"))
     if reason is not None or backend == "torch":
         return reason
     if x.dtype not in _KERNEL_DTYPES:

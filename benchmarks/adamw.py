@@ -1,0 +1,71 @@
+"""AdamW step cases: a GPT-2-medium-like parameter list (~355M fp32 parameters
+in ~290 tensors) and a ~1B one. Bytes: 28 per fp32 parameter (read p, g, m, v;
+write p, m, v). Peers: torch.optim.AdamW for-loop, foreach and fused."""
+import torch
+
+import pyext
+from benchmarks.harness import HAS_GPU, Case, our_backends
+
+
+def gpt_shapes(layers, dim, vocab=50257, seq=1024):
+    """Parameter shapes of a GPT-2-style model."""
+    shapes = [(vocab, dim), (seq, dim)]
+    for _ in range(layers):
+        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+                   (dim,), (dim,), (4 * dim, dim), (4 * dim,), (dim, 4 * dim), (dim,)]
+    return shapes + [(dim,), (dim,)]
+
+
+MODELS = {"gpt2-medium": (24, 1024), "1B": (20, 2048)}
+
+
+def cases(quick: bool, dtypes):
+    if torch.float32 not in dtypes:
+        return
+    device = "cuda" if HAS_GPU else "cpu"
+    ours = our_backends()
+    models = ({"gpt2-medium": MODELS["gpt2-medium"]} if quick else MODELS) if HAS_GPU else {"tiny": (2, 64)}
+    for label, (layers, dim) in models.items():
+        shapes = gpt_shapes(layers, dim, vocab=50257 if HAS_GPU else 256, seq=1024 if HAS_GPU else 64)
+        params = [torch.randn(s, device=device) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        n = sum(p.numel() for p in params)
+        makers = {
+            "pyext-cuda": lambda: pyext.optim.AdamW(params, backend="cuda"),
+            "pyext-triton": lambda: pyext.optim.AdamW(params, backend="triton"),
+            "torch-forloop": lambda: torch.optim.AdamW(params, foreach=False),
+            "torch-foreach": lambda: torch.optim.AdamW(params, foreach=True),
+            "torch-fused": lambda: torch.optim.AdamW(params, fused=True),
+        }
+        providers = {}
+        for name, make in makers.items():
+            if ours.get(name):
+                providers[name] = ours[name]
+            elif name == "pyext-cuda":
+                providers[name] = "AdamW has no CUDA kernel yet"
+            elif name == "torch-fused" and not HAS_GPU and not _fused_on_cpu():
+                providers[name] = "fused AdamW needs a GPU in this torch"
+            else:
+                providers[name] = _stepper(make)
+        yield Case(op="adamw", label=f"{label} {len(params)} tensors {n / 1e6:.0f}M", size=n, dtype="float32",
+                   direction="step", bytes=28 * n, flops=0, providers=providers)
+
+
+def _stepper(make):
+    """A step of an optimizer built on first use (its state lives with it)."""
+    holder = []
+
+    def step():
+        if not holder:
+            holder.append(make())
+        holder[0].step()
+    return step
+
+
+def _fused_on_cpu():
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+        return True
+    except RuntimeError:
+        return False

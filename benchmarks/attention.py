@@ -1,0 +1,61 @@
+"""Attention cases: bf16, batch x seqlen = 16k tokens, hidden 2048 (head dim
+64 and 128), causal and not, forward and backward.
+
+FLOPs (DESIGN.md section 5): forward 4 * B * H * Sq * Sk * D, half when
+causal; backward 2.5x the forward. Peers: every SDPA backend torch has.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import pyext
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+
+TOKENS, HIDDEN = 16384, 2048
+SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+SEQLENS_QUICK = [1024, 4096]
+MATH_MAX_SEQLEN = 2048  # the math backend materialises B*H*S*S scores
+SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
+
+
+def _sdpa(backend, causal):
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def cases(quick: bool, dtypes):
+    if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
+        return
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
+    device = "cuda" if HAS_GPU else "cpu"
+    ours = our_backends()
+    grid = [(s, d) for s in (SEQLENS_QUICK if quick else SEQLENS) for d in ((128,) if quick else (64, 128))]
+    if not HAS_GPU:
+        grid = [(64, 32)]
+    for seqlen, head_dim in grid:
+        heads = HIDDEN // head_dim if HAS_GPU else 2
+        batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn_like(q)
+        for causal in (False, True):
+            fns = {f"pyext-{b}": (lambda b_: lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal,
+                                                                                    backend=b_))(b)
+                   for b in ("cuda", "triton")}
+            fns.update({name: _sdpa(backend, causal) for name, backend in SDPA.items()})
+            flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+            for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
+                providers = {}
+                for name, fn in fns.items():
+                    if ours.get(name):
+                        providers[name] = ours[name]
+                    elif name == "sdpa-math" and seqlen > MATH_MAX_SEQLEN:
+                        providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
+                    else:
+                        providers[name] = autograd_callable(fn, [q, k, v], direction, dout)
+                yield Case(op="attention", label=f"S={seqlen} D={head_dim}{' causal' if causal else ''}",
+                           size=seqlen, dtype=f"{str(dtype).split('.')[1]}-d{head_dim}{'-causal' if causal else ''}",
+                           direction=direction, bytes=0, flops=factor * flops, providers=providers)
