@@ -42,8 +42,6 @@ def cases(quick: bool, dtypes):
         for name, make in makers.items():
             if ours.get(name):
                 providers[name] = ours[name]
-            elif name == "pyext-cuda":
-                providers[name] = "AdamW has no CUDA kernel yet"
             elif name == "torch-fused" and not HAS_GPU and not _fused_on_cpu():
                 providers[name] = "fused AdamW needs a GPU in this torch"
             else:

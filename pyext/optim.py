@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
+from pyext.ops._register import kernel_backends, missing_reason
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
@@ -27,9 +28,10 @@ def adamw_step_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List[
                        beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale)
 
 
-@adamw_step_triton.register_fake
-def _(*args):
-    return None
+STEP = {}
+for _name in kernel_backends("adamw_step"):
+    STEP[_name] = getattr(torch.ops.pyext, f"adamw_step_{_name}")
+    torch.library.register_fake(f"pyext::adamw_step_{_name}")(lambda *args: None)
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:
@@ -38,8 +40,8 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW with fused steps. `backend` (keyword only): "auto"
-    (default: the Triton kernel on GPUs, the reference elsewhere), "triton" or
-    "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
+    (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
+    "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
     skipped, as torch's fused AdamW does (this reads found_inf on the host)."""
 
     _step_supports_amp_scaling = True
@@ -122,7 +124,7 @@ class AdamW(torch.optim.Optimizer):
         kw = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                   amsgrad=group["amsgrad"], maximize=group["maximize"])
         name = _backend.select("optim.AdamW", self.backend, local[0].device,
-                               lambda b: self._why_not(b, local[0]))
+                               lambda b: self._why_not(b, local + grads))
         args = (local, grads, moments("exp_avg"), moments("exp_avg_sq"), moments("max_exp_avg_sq"))
         if name == "torch":
             reference.adamw_step(*args, steps, lr=lr, grad_scale=grad_scale, **kw)
@@ -131,15 +133,19 @@ class AdamW(torch.optim.Optimizer):
         lr_value = 0.0 if lr_tensor is not None else float(lr)
         lr_arg = lr_tensor.to(device=local[0].device, dtype=torch.float32) if lr_tensor is not None else None
         scale_arg = grad_scale.to(torch.float32) if grad_scale is not None else None
-        torch.ops.pyext.adamw_step_triton(*args, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"],
+        STEP[name](*args, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"],
                                           kw["eps"], kw["weight_decay"], kw["amsgrad"], kw["maximize"],
                                           scale_arg)
 
     @staticmethod
-    def _why_not(backend: str, p: Tensor):
-        if backend == "cuda":
-            return "AdamW has no CUDA kernel yet (issue 6); use 'triton' or 'auto'"
-        reason = _backend.device_reason(backend, p)
-        if reason is None and backend != "torch" and p.dtype not in _KERNEL_DTYPES:
-            reason = f"parameter dtype {p.dtype} is not supported (float32, float16, bfloat16 are)"
+    def _why_not(backend: str, tensors: List[Tensor]):
+        """Why `backend` cannot step these parameters and gradients, or None."""
+        reason = _backend.device_reason(backend, *tensors) or missing_reason(backend, STEP, "AdamW")
+        if reason is None and backend != "torch":
+            if tensors[0].dtype not in _KERNEL_DTYPES:
+                reason = f"parameter dtype {tensors[0].dtype} is not supported (float32, float16, bfloat16 are)"
+            elif any(g.dtype != tensors[0].dtype for g in tensors):
+                reason = "gradients must have their parameters' dtype"
+            elif backend == "cuda" and not all(t.is_contiguous() for t in tensors):
+                reason = "the CUDA kernel needs contiguous parameters and gradients"
         return reason

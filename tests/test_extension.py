@@ -27,6 +27,10 @@ CUDA_OPS = {
                          "float eps) -> (Tensor, Tensor)",
     "rms_norm_bwd_cuda": "pyext::rms_norm_bwd_cuda(Tensor grad, Tensor x, Tensor rstd, Tensor? weight, "
                          "bool need_dweight) -> (Tensor, Tensor)",
+    "adamw_step_cuda": ("pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor steps, float lr, "
+                        "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+                        "bool amsgrad, bool maximize, Tensor? grad_scale) -> ()"),
 }
 
 
