@@ -1,5 +1,6 @@
-"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--out DIR]"""
+"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--out DIR] [--compare OLD.json]"""
 import argparse
+import json
 import os
 import sys
 
@@ -19,6 +20,7 @@ def main(argv=None):
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--compare", metavar="OLD.json", help="report each case's change against an older run")
     args = parser.parse_args(argv)
     if not HAS_GPU:
         print(NO_GPU_WARNING)
@@ -42,6 +44,11 @@ def main(argv=None):
     harness.progress(done, done, "done")
 
     print(harness.table(rows))
+    print("\n".join(["", "summary:"] + harness.summary(rows)))
+    if args.compare:
+        with open(args.compare) as f:
+            lines = harness.compare(json.load(f)["results"], rows)
+        print("\n".join(["", f"against {args.compare}:"] + (lines or ["no case in common"])))
     base = harness.write_results(args.out, meta, rows)
     pngs = harness.plot(base, rows)
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")

@@ -6,8 +6,10 @@ Conventions (DESIGN.md section 5): memory-bound kernels count each tensor read
 once and written once; attention FLOPs = 4*B*H*Sq*Sk*D (half when causal),
 backward 2.5x forward; AdamW 28 bytes per fp32 parameter.
 """
+import csv
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -156,12 +158,54 @@ def write_results(out_dir: str, meta: dict, rows: List[dict]) -> str:
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     keys = sorted({k for r in rows for k in r})
-    with open(base + ".csv", "w") as f:
-        f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(json.dumps(r.get(k, "")) if isinstance(r.get(k), str) else str(r.get(k, ""))
-                             for k in keys) + "\n")
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
     return base
+
+
+def case_key(row: dict) -> tuple:
+    return (row["op"], row["label"], row["dtype"], row["direction"], row["provider"])
+
+
+def compare(old_rows: List[dict], rows: List[dict], threshold: float = 0.05) -> List[str]:
+    """Per case and provider, the change of the median time against an older
+    run; lines flagged REGRESSION when more than `threshold` slower."""
+    old = {case_key(r): r["ms"] for r in old_rows if "ms" in r}
+    lines = []
+    for r in rows:
+        before = old.get(case_key(r))
+        if before is None or "ms" not in r:
+            continue
+        change = r["ms"] / before - 1
+        flag = "  REGRESSION" if change > threshold else ""
+        lines.append(f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<20}{r['direction']:<8}{r['provider']:<16}"
+                     f"{before:9.4f} -> {r['ms']:9.4f} ms {100 * change:+6.1f}%{flag}")
+    return lines
+
+
+def summary(rows: List[dict]) -> List[str]:
+    """Per op: our best backend's speed-up over the best peer (geometric mean
+    and minimum over its cases) and its best percent of the ceiling."""
+    lines = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        best = {}
+        for r in rows:
+            if r["op"] == op and "speedup_vs_best_peer" in r:
+                key = case_key(r)[:4]
+                best[key] = max(best.get(key, 0.0), r["speedup_vs_best_peer"])
+        if not best:
+            lines.append(f"{op:<12} no timed case of ours")
+            continue
+        ups = list(best.values())
+        geo = math.exp(sum(math.log(u) for u in ups) / len(ups))
+        pct = [r["pct_of_ceiling"] for r in rows if r["op"] == op and r["provider"] in OURS
+               and "pct_of_ceiling" in r]
+        pct_text = f", up to {max(pct):.0f}% of the ceiling" if pct else ""
+        lines.append(f"{op:<12} ours vs best peer: geomean {geo:.2f}x, min {min(ups):.2f}x "
+                     f"over {len(ups)} cases{pct_text}")
+    return lines
 
 
 def plot(base: str, rows: List[dict]) -> List[str]:

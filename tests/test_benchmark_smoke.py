@@ -25,6 +25,11 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     timed = [r for r in report["results"] if "ms" in r]
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
     assert glob.glob(str(tmp_path / "*.csv")) and glob.glob(str(tmp_path / "*.png"))
+    again = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "gelu", "--out",
+                            str(tmp_path / "again"), "--compare", path],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"against {path}:" in again.stdout and "ms" in again.stdout.split(f"against {path}:")[1]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")

@@ -1,0 +1,74 @@
+"""Write the latest committed GPU benchmark into README.md's results section.
+
+    python -m benchmarks.readme_table [RESULTS.json]
+
+Without an argument it takes the newest GPU JSON under benchmarks/results/
+(smoke and train_gpt files are skipped) and rewrites the README between
+<!-- results:start --> and <!-- results:end -->, so the README shows only
+measured figures, with their date, GPU and versions.
+"""
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+OURS = ("pyext-cuda", "pyext-triton")
+
+
+def latest_gpu_json(results_dir):
+    paths = [p for p in glob.glob(os.path.join(results_dir, "*.json"))
+             if not os.path.basename(p).startswith(("smoke", "train_gpt"))]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def markdown(report, source):
+    meta, rows = report["meta"], report["results"]
+    ceil = meta.get("ceilings", {})
+    lines = [f"Measured {meta['time'][:10]} on {meta['gpu']} (torch {meta['torch']}, Triton {meta['triton']}, "
+             f"CUDA {meta['cuda']}); ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s, bf16 matmul "
+             f"{ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s. Source: `{os.path.relpath(source, ROOT)}`.", "",
+             "| op | case | dtype | dir | ours (best) | time ms | throughput | % ceiling | vs best peer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    cases = {}
+    for r in rows:
+        if r["provider"] in OURS and "ms" in r:
+            key = (r["op"], r["label"], r["dtype"], r["direction"])
+            if key not in cases or r["ms"] < cases[key]["ms"]:
+                cases[key] = r
+    for (op, label, dtype, direction), r in cases.items():
+        rate = f"{r['TFLOPs']:.0f} TFLOP/s" if "TFLOPs" in r else f"{r.get('GBps', 0):.0f} GB/s"
+        pct = f"{r['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in r else "-"
+        up = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
+        lines.append(f"| {op} | {label} | {dtype} | {direction} | {r['provider']} | {r['ms']:.3f} | {rate} | "
+                     f"{pct} | {up} |")
+    return "\n".join(lines)
+
+
+def rewrite(readme_path, body):
+    text = open(readme_path).read()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme_path} has no {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(readme_path, "w") as f:
+        f.write(f"{head}{START}\n{body}\n{END}{tail}")
+
+
+def main(argv=None, readme=os.path.join(ROOT, "README.md"),
+         results_dir=os.path.join(ROOT, "benchmarks", "results")):
+    argv = sys.argv[1:] if argv is None else argv
+    source = argv[0] if argv else latest_gpu_json(results_dir)
+    if source is None:
+        body = "No GPU results are committed yet: run `make gpu-check` on a GPU machine."
+    else:
+        with open(source) as f:
+            body = markdown(json.load(f), source)
+    rewrite(readme, body)
+    print(f"rewrote the results section of {readme}" + (f" from {source}" if source else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""benchmarks.readme_table turns a benchmark JSON into the README's results section."""
+import json
+
+from benchmarks import readme_table
+
+
+def test_rewrites_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{readme_table.START}\nold\n{readme_table.END}\noutro\n")
+    report = {"meta": {"time": "2026-11-22T10:00:00", "gpu": "NVIDIA H100", "torch": "2.11", "triton": "3.6",
+                       "cuda": "13.0", "ceilings": {"copy_GBps": 3000.0, "bf16_matmul_TFLOPs": 780.0}},
+              "results": [
+                  dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="pyext-triton", ms=2.0,
+                       GBps=2700.0, pct_of_ceiling=90.0, speedup_vs_best_peer=1.1),
+                  dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="pyext-cuda", ms=1.5,
+                       GBps=2800.0, pct_of_ceiling=93.3, speedup_vs_best_peer=1.2),
+                  dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="torch", ms=1.8)]}
+    source = tmp_path / "NVIDIA-H100.json"
+    source.write_text(json.dumps(report))
+    readme_table.main([str(source)], readme=str(readme), results_dir=str(tmp_path))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "NVIDIA H100" in text and "| gelu | n=1 | bfloat16 | fwd | pyext-cuda | 1.500 | 2800 GB/s | 93% | 1.20x |" in text
+
+
+def test_without_gpu_results_says_so(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{readme_table.START}\n{readme_table.END}\n")
+    (tmp_path / "smoke-1.json").write_text("{}")
+    readme_table.main([], readme=str(readme), results_dir=str(tmp_path))
+    assert "No GPU results are committed yet" in readme.read_text()
