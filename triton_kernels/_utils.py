@@ -52,3 +52,11 @@ def dot(a, b):
     if _INTERPRETED and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
+
+
+@triton.jit
+def to_compute(x):
+    """x in the type the kernels compute in: fp32 for fp32/fp16/bf16, fp64 for fp64."""
+    if x.dtype == tl.float64:
+        return x
+    return x.to(tl.float32)

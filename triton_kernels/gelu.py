@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, poisonable_out, to_out
+from ._utils import on_device, poisonable_out, to_compute, to_out
 
 SQRT1_2 = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -30,18 +30,10 @@ def _tanh(u):
 
 
 @triton.jit
-def _compute_type(x):
-    # fp32 math for fp32/fp16/bf16, fp64 for fp64
-    if x.dtype == tl.float64:
-        return x
-    return x.to(tl.float32)
-
-
-@triton.jit
 def gelu_fwd_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = _compute_type(tl.load(x_ptr + offs, mask=mask))
+    x = to_compute(tl.load(x_ptr + offs, mask=mask))
     if TANH:
         y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + TANH_COEFF * x * x * x)))
     else:
@@ -53,8 +45,8 @@ def gelu_fwd_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
 def gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = _compute_type(tl.load(x_ptr + offs, mask=mask))
-    dy = _compute_type(tl.load(dy_ptr + offs, mask=mask))
+    x = to_compute(tl.load(x_ptr + offs, mask=mask))
+    dy = to_compute(tl.load(dy_ptr + offs, mask=mask))
     if TANH:
         x2 = x * x
         t = _tanh(SQRT_2_OVER_PI * (x + TANH_COEFF * x2 * x))

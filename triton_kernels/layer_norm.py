@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, to_out
+from ._utils import on_device, to_compute, to_out
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
@@ -43,14 +43,6 @@ TILE = 4096            # elements per program on the fused path, short rows batc
 MAX_ROWS_PER_TILE = 64
 PARTIALS_TILE = 4096  # elements per step of stage two
 PROGRAMS_PER_SM = 2    # backward programs (rows of partials) per SM
-
-
-@triton.jit
-def _acc(x):
-    # fp32 math for fp32/fp16/bf16, fp64 for fp64
-    if x.dtype == tl.float64:
-        return x
-    return x.to(tl.float32)
 
 
 @triton.jit
@@ -72,7 +64,7 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
     col_mask = col < cols
     mask = row_mask[:, None] & col_mask[None, :]
     offs = row[:, None] * cols + col[None, :]
-    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
     if RMS:
         xc = x
     else:
@@ -83,9 +75,9 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_W:
-        y = y * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
+        y = y * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
     if HAS_B:
-        y = y + _acc(tl.load(b_ptr + col, mask=col_mask, other=0.0))[None, :]
+        y = y + to_compute(tl.load(b_ptr + col, mask=col_mask, other=0.0))[None, :]
     tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -103,13 +95,13 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
         total = tl.zeros([BLOCK_N], acc_ty)
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
-            total += _acc(tl.load(x_row + col, mask=col < cols, other=0.0))
+            total += to_compute(tl.load(x_row + col, mask=col < cols, other=0.0))
         mean = tl.sum(total, axis=0) / cols
         tl.store(mean_ptr + row, mean)
     squares = tl.zeros([BLOCK_N], acc_ty)
     for start in range(0, cols, BLOCK_N):
         col = start + tl.arange(0, BLOCK_N)
-        x = _acc(tl.load(x_row + col, mask=col < cols, other=0.0))
+        x = to_compute(tl.load(x_row + col, mask=col < cols, other=0.0))
         xc = tl.where(col < cols, x - mean, 0.0)
         squares += xc * xc
     rstd = _rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
@@ -117,11 +109,11 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
     for start in range(0, cols, BLOCK_N):
         col = start + tl.arange(0, BLOCK_N)
         col_mask = col < cols
-        y = (_acc(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
+        y = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
         if HAS_W:
-            y = y * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+            y = y * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
         if HAS_B:
-            y = y + _acc(tl.load(b_ptr + col, mask=col_mask, other=0.0))
+            y = y + to_compute(tl.load(b_ptr + col, mask=col_mask, other=0.0))
         tl.store(y_row + col, to_out(y, y_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -135,7 +127,7 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
     col = tl.arange(0, BLOCK_N)
     col_mask = col < cols
     if HAS_W:
-        w = _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+        w = to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
     dw = tl.zeros([BLOCK_N], acc_ty)
     db = tl.zeros([BLOCK_N], acc_ty)
     first = pid * rows_per_program
@@ -145,8 +137,8 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
         row_mask = row < last
         mask = row_mask[:, None] & col_mask[None, :]
         offs = row[:, None] * cols + col[None, :]
-        x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0))
-        dy = _acc(tl.load(dy_ptr + offs, mask=mask, other=0.0))
+        x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
+        dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
         rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)
         if RMS:
             xhat = x * rstd[:, None]
@@ -200,10 +192,10 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
             col_mask = col < cols
-            x = _acc(tl.load(x_row + col, mask=col_mask, other=0.0))
-            g = _acc(tl.load(dy_row + col, mask=col_mask, other=0.0))
+            x = to_compute(tl.load(x_row + col, mask=col_mask, other=0.0))
+            g = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
-                g = g * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+                g = g * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
             sum_g += g
             sum_gx += g * tl.where(col_mask, (x - mean) * rstd, 0.0)
         mean_gx = tl.sum(sum_gx, axis=0) / cols
@@ -214,10 +206,10 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
             col_mask = col < cols
-            xhat = (_acc(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
-            dy = _acc(tl.load(dy_row + col, mask=col_mask, other=0.0))
+            xhat = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
+            dy = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
-                g = dy * _acc(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+                g = dy * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
             else:
                 g = dy
             dx = rstd * (g - mean_g - xhat * mean_gx)

@@ -22,3 +22,18 @@ def missing_reason(backend: str, table: dict, op: str):
     if backend != "torch" and backend not in table:
         return f"the CUDA extension pyext._C has no {op} kernels (it was built from older sources: rebuild it)"
     return None
+
+
+def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
+    """Fake implementations and autograd for `<op>_fwd_<backend>` and
+    `<op>_bwd_<backend>` of every kernel backend here; returns the forward
+    and backward ops by backend name."""
+    fwd, bwd = {}, {}
+    for name in kernel_backends(f"{op}_fwd", f"{op}_bwd"):
+        fwd[name] = getattr(torch.ops.pyext, f"{op}_fwd_{name}")
+        bwd[name] = getattr(torch.ops.pyext, f"{op}_bwd_{name}")
+        torch.library.register_fake(f"pyext::{op}_fwd_{name}")(fake_fwd)
+        torch.library.register_fake(f"pyext::{op}_bwd_{name}")(fake_bwd)
+        torch.library.register_autograd(f"pyext::{op}_fwd_{name}", make_backward(bwd[name]),
+                                        setup_context=setup_context)
+    return fwd, bwd

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import kernel_backends, missing_reason
+from pyext.ops._register import missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -61,14 +61,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-FWD, BWD = {}, {}
-for _name in kernel_backends("flash_attn_fwd", "flash_attn_bwd"):
-    FWD[_name] = getattr(torch.ops.pyext, f"flash_attn_fwd_{_name}")
-    BWD[_name] = getattr(torch.ops.pyext, f"flash_attn_bwd_{_name}")
-    torch.library.register_fake(f"pyext::flash_attn_fwd_{_name}")(_fake_fwd)
-    torch.library.register_fake(f"pyext::flash_attn_bwd_{_name}")(_fake_bwd)
-    torch.library.register_autograd(f"pyext::flash_attn_fwd_{_name}", _make_backward(BWD[_name]),
-                                    setup_context=_setup_context)
+FWD, BWD = register_stages("flash_attn", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
 
 
 calling_torch_sdpa = False  # read by pyext.patch's routing mode, which lets such calls through

@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import kernel_backends, missing_reason
+from pyext.ops._register import missing_reason, register_stages
 
 _APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -42,14 +42,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-FWD, BWD = {}, {}
-for _name in kernel_backends("gelu_fwd", "gelu_bwd"):
-    FWD[_name] = getattr(torch.ops.pyext, f"gelu_fwd_{_name}")
-    BWD[_name] = getattr(torch.ops.pyext, f"gelu_bwd_{_name}")
-    torch.library.register_fake(f"pyext::gelu_fwd_{_name}")(_fake_fwd)
-    torch.library.register_fake(f"pyext::gelu_bwd_{_name}")(_fake_bwd)
-    torch.library.register_autograd(f"pyext::gelu_fwd_{_name}", _make_backward(BWD[_name]),
-                                    setup_context=_setup_context)
+FWD, BWD = register_stages("gelu", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
 
 
 def _why_not(backend: str, x: Tensor):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import kernel_backends, missing_reason
+from pyext.ops._register import missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -207,20 +207,10 @@ def _make_rms_backward(bwd_op):
     return backward
 
 
-LN_FWD, LN_BWD, RMS_FWD, RMS_BWD = {}, {}, {}, {}
-for _name in kernel_backends("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
-    LN_FWD[_name] = getattr(torch.ops.pyext, f"layer_norm_fwd_{_name}")
-    LN_BWD[_name] = getattr(torch.ops.pyext, f"layer_norm_bwd_{_name}")
-    RMS_FWD[_name] = getattr(torch.ops.pyext, f"rms_norm_fwd_{_name}")
-    RMS_BWD[_name] = getattr(torch.ops.pyext, f"rms_norm_bwd_{_name}")
-    torch.library.register_fake(f"pyext::layer_norm_fwd_{_name}")(_fake_ln_fwd)
-    torch.library.register_fake(f"pyext::layer_norm_bwd_{_name}")(_fake_ln_bwd)
-    torch.library.register_fake(f"pyext::rms_norm_fwd_{_name}")(_fake_rms_fwd)
-    torch.library.register_fake(f"pyext::rms_norm_bwd_{_name}")(_fake_rms_bwd)
-    torch.library.register_autograd(f"pyext::layer_norm_fwd_{_name}", _make_ln_backward(LN_BWD[_name]),
-                                    setup_context=_ln_setup_context)
-    torch.library.register_autograd(f"pyext::rms_norm_fwd_{_name}", _make_rms_backward(RMS_BWD[_name]),
-                                    setup_context=_rms_setup_context)
+LN_FWD, LN_BWD = register_stages("layer_norm", _fake_ln_fwd, _fake_ln_bwd, _ln_setup_context,
+                                 _make_ln_backward)
+RMS_FWD, RMS_BWD = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_setup_context,
+                                   _make_rms_backward)
 
 
 # ------------------------------------------------------------ public API
