@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, optional_peer, our_backends
 
 TOKENS, HIDDEN = 16384, 2048
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
@@ -24,6 +24,15 @@ def _sdpa(backend, causal):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return run
+
+
+def _flash_attn_package(causal):
+    """FlashAttention's own package (its (B, S, H, D) layout, from our views)."""
+    flash_attn = optional_peer("flash_attn")
+    if isinstance(flash_attn, str):
+        return flash_attn
+    return lambda q, k, v: flash_attn.flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
 
 
 def cases(quick: bool, dtypes):
@@ -46,12 +55,15 @@ def cases(quick: bool, dtypes):
                                                                                     backend=b_))(b)
                    for b in ("cuda", "triton")}
             fns.update({name: _sdpa(backend, causal) for name, backend in SDPA.items()})
+            fns["flash-attn"] = _flash_attn_package(causal)
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
             for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
                 providers = {}
                 for name, fn in fns.items():
                     if ours.get(name):
                         providers[name] = ours[name]
+                    elif isinstance(fn, str):
+                        providers[name] = fn
                     elif name == "sdpa-math" and seqlen > MATH_MAX_SEQLEN:
                         providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
                     else:

@@ -53,6 +53,35 @@ def timer(fn: Callable[[], object], quick: bool) -> List[float]:
     return [m, min(samples), max(samples)]
 
 
+def host_and_memory(fn: Callable[[], object]) -> dict:
+    """CPU time to issue one call (median of 5, no synchronisation: what the
+    host spends launching) and, on a GPU, the peak memory one call allocates
+    beyond what was allocated before it. Not on the CPU smoke run."""
+    if not HAS_GPU:
+        return {}
+    issue = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        issue.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return {"host_ms": statistics.median(issue),
+            "peak_mem_MB": (torch.cuda.max_memory_allocated() - before) / 2 ** 20}
+
+
+def optional_peer(module: str):
+    """A peer package's module when it is installed, else the line saying it is not."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        return f"{module} is not installed ({e.__class__.__name__})"
+
+
 def measure_ceilings(quick: bool) -> dict:
     """The machine's own ceilings: device-to-device copy bandwidth (bytes read
     plus written) and bf16 matrix-product rate, on random data."""
@@ -105,7 +134,7 @@ def run_case(case: Case, ceilings: dict, quick: bool) -> List[dict]:
             except Exception as e:  # a peer that cannot run this case says why
                 row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             else:
-                row.update(ms=med, ms_p20=lo, ms_p80=hi)
+                row.update(ms=med, ms_p20=lo, ms_p80=hi, **host_and_memory(fn))
                 if case.bytes:
                     row["GBps"] = case.bytes / med / 1e6
                     if ceilings.get("copy_GBps"):

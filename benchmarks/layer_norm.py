@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, optional_peer, our_backends
 
 GPT2 = (8 * 1024, 768)  # batch 8 x 1024 tokens x hidden 768
 SHAPES_GPU = [GPT2] + [(rows, hidden) for rows in (4096, 16384) for hidden in (1024, 2048, 4096, 8192)]
@@ -69,6 +69,7 @@ def _cases(rms: bool, quick: bool, dtypes):
         "pyext-triton": pyext_fn("triton"),
         "torch": torch_fn,
         "torch.compile": compiled,
+        "liger": _liger(rms),
     }
     for dtype in dtypes:
         for rows, hidden in shapes:
@@ -78,13 +79,25 @@ def _cases(rms: bool, quick: bool, dtypes):
             inputs = [x, w, b]
             dy = torch.randn_like(x)
             for direction in directions:
-                providers = {name: ours.get(name) or autograd_callable(fn, inputs, direction, dy)
+                providers = {name: ours.get(name) or (fn if isinstance(fn, str) else
+                                                      autograd_callable(fn, inputs, direction, dy))
                              for name, fn in fns.items()}
                 yield Case(op=_plot_group(op, rows), label=_label(rows, hidden), size=hidden,
                            dtype=str(dtype).split(".")[1],
                            direction=direction,
                            bytes=_bytes(rms, rows, hidden, x.element_size(), w.element_size(), direction),
                            flops=0, providers=providers)
+
+
+def _liger(rms: bool):
+    """Liger-Kernel's Triton norm, when installed, or why it is skipped."""
+    name = "liger_kernel.ops.rms_norm" if rms else "liger_kernel.ops.layer_norm"
+    ops = optional_peer(name)
+    if isinstance(ops, str):
+        return ops
+    if rms:
+        return lambda x, w, b: ops.LigerRMSNormFunction.apply(x, w, torch.finfo(torch.float32).eps)
+    return lambda x, w, b: ops.LigerLayerNormFunction.apply(x, w, b, 1e-5)
 
 
 def layer_norm_cases(quick: bool, dtypes):
