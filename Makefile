@@ -35,7 +35,8 @@ bench: ext
 
 # On the GPU machine: its own python3 and packages, no network. The tests, the
 # benchmark suite and the training run all run (one lease checks everything);
-# the target fails at the end if any of them failed.
+# the target fails at the end if any of them failed. The plots are packed
+# into one plots.tgz (the device tool brings back at most 8 files).
 gpu-check:
 	mkdir -p $(OUT)
 	python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
@@ -43,6 +44,7 @@ gpu-check:
 	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rs tests benchmarks 2>&1 | tee $(OUT)/pytest.log || status=1; \
 	python3 -m benchmarks --out $(OUT) || status=1; \
 	python3 -m benchmarks.train_gpt --out $(OUT) || status=1; \
+	(cd $(OUT) && tar -czf plots.tgz *.png && rm -f *.png); \
 	exit $$status
 
 clean:
