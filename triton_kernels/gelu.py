@@ -14,13 +14,12 @@ import triton.language as tl
 
 from ._utils import on_device, poisonable_out, to_compute, to_out
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-SQRT_2_OVER_PI = 0.7978845608028654
-TANH_COEFF = 0.044715
-
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
+
+# Constants, written out where used (Triton kernels read no Python floats):
+# 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327,
+# sqrt(2/pi) = 0.7978845608028654, and the tanh form's cubic coefficient 0.044715.
 
 
 @triton.jit
@@ -30,15 +29,29 @@ def _tanh(u):
 
 
 @triton.jit
+def _gelu(x, TANH: tl.constexpr):
+    if TANH:
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(x, TANH: tl.constexpr):
+    if TANH:
+        x2 = x * x
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
 def gelu_fwd_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = to_compute(tl.load(x_ptr + offs, mask=mask))
-    if TANH:
-        y = 0.5 * x * (1.0 + _tanh(SQRT_2_OVER_PI * (x + TANH_COEFF * x * x * x)))
-    else:
-        y = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
-    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_out(_gelu(x, TANH), y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -47,15 +60,7 @@ def gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, TANH: tl.constexpr, BLOCK: tl.cons
     mask = offs < n
     x = to_compute(tl.load(x_ptr + offs, mask=mask))
     dy = to_compute(tl.load(dy_ptr + offs, mask=mask))
-    if TANH:
-        x2 = x * x
-        t = _tanh(SQRT_2_OVER_PI * (x + TANH_COEFF * x2 * x))
-        du = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEFF * x2)
-        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
-        grad = cdf + x * INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-    tl.store(dx_ptr + offs, to_out(dy * grad, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, to_out(dy * _gelu_grad(x, TANH), dx_ptr.dtype.element_ty), mask=mask)
 
 
 def gelu_fwd(x: torch.Tensor, approximate: str, out=None) -> torch.Tensor:

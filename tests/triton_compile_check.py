@@ -1,0 +1,123 @@
+"""Compile every Triton kernel that pyext launches, for sm_80 and sm_90, with
+no GPU: Triton builds PTX and cubins from a target description alone.
+
+Run as a script (the test runs it in a subprocess, without TRITON_INTERPRET,
+so the kernels are real @triton.jit functions). The launch functions are
+called on CPU tensors with Triton's launcher replaced by a recorder; each
+recorded launch (and every autotune config) is then compiled. This catches
+what the interpreter cannot: Python globals the compiler refuses, illegal
+dot shapes, type errors in code paths the interpreter takes differently.
+"""
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+launches = []  # (JITFunction, bound arguments, options, configs)
+all_configs = False  # compile every autotune config of the launches recorded while True
+
+
+def _record_jit(self, *args, grid, warmup, **kwargs):
+    launches.append((self, args, kwargs, [None]))
+
+
+def _record_autotuned(self, *args, **kwargs):
+    launches.append((self.fn, args, kwargs, list(self.configs) if all_configs else self.configs[:1]))
+
+
+def _signature(fn, args, kwargs, config):
+    names = fn.arg_names
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    if config is not None:
+        values.update(config.kwargs)
+        options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i64" if abs(value) >= 2 ** 31 else "i32"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        elif value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = None
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
+    return signature, constexprs, options
+
+
+def exercise_launchers():
+    """One call of every launch function on small CPU tensors: each kernel and
+    constexpr branch once, every autotune config for one attention shape."""
+    global all_configs
+    from pyext.triton_kernels import adamw, flash_attention, gelu, layer_norm
+    x = torch.randn(3, 40, dtype=torch.bfloat16)
+    for approx in ("none", "tanh"):
+        gelu.gelu_fwd(x, approx)
+        gelu.gelu_bwd(x, x, approx)
+    for cols in (40, 20000):  # the fused and the chunked paths
+        xc, wc = torch.randn(2, cols, dtype=torch.bfloat16), torch.randn(cols, dtype=torch.bfloat16)
+        layer_norm.layer_norm_fwd(xc, (cols,), wc, wc, 1e-5)
+        layer_norm.layer_norm_bwd(xc, xc, torch.randn(2), torch.rand(2), wc, wc, True, True)
+        layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
+        layer_norm.rms_norm_bwd(xc, xc, torch.rand(2), wc, True)
+    for d, causal in ((80, False), (128, True)):
+        all_configs = d == 128
+        q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
+        k = v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16)
+        out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
+        flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7)
+    all_configs = False
+    for dtype, amsgrad, capturable in ((torch.float32, False, False), (torch.bfloat16, True, True)):
+        ps = [torch.randn(5, dtype=dtype), torch.randn(3, 2, dtype=dtype)]
+        ms = [torch.zeros(p.shape) for p in ps]
+        adamw.adamw_step(ps, ps, ms, ms, ms, torch.ones(2), 1e-3, torch.ones(()) if capturable else None,
+                         0.9, 0.999, 1e-8, 0.01, amsgrad, False, torch.ones(1) if capturable else None)
+
+
+def main():
+    JITFunction.run = _record_jit
+    Autotuner.run = _record_autotuned
+    exercise_launchers()
+    seen, failures = set(), []
+    for fn, args, kwargs, configs in launches:
+        for i, config in enumerate(configs):
+            signature, constexprs, options = _signature(fn, args, kwargs, config)
+            for target in TARGETS if i == 0 else TARGETS[-1:]:  # every autotune config for sm_90
+                key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                       repr(sorted(options.items())), target.arch)
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+                except Exception as e:  # report all, fail at the end
+                    failures.append(f"{fn.__name__} sm_{target.arch} {constexprs} {options}: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    print(f"compiled {len(seen) - len(failures)} of {len(seen)} kernel variants")
+    for line in failures:
+        print("FAILED", line)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
