@@ -56,6 +56,21 @@ def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset):
     return ok
 
 
+@triton.jit
+def _load_tile(base, offs_rows, row_stride, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    """[rows, BLOCK_D] tile of a (rows, HEAD_DIM) matrix with unit column stride; zeros outside."""
+    mask = (offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs_rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key that a query block starting at start_m can see."""
+    if CAUSAL:
+        return tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + causal_offset), 0)
+    return seq_k
+
+
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
@@ -71,22 +86,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=(offs_m[:, None] < seq_q) & d_ok[None, :], other=0.0)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + causal_offset), 0)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         s = dot(q, tl.trans(k)) * qk_scale
         s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -94,7 +103,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -143,9 +152,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_tile(k_ptr + b * skb + hk * skh, offs_n, skn, offs_d, seq_k, HEAD_DIM)
+    v = _load_tile(v_ptr + b * svb + hk * svh, offs_n, svn, offs_d, seq_k, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -156,10 +164,9 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, 
         bh = b * heads_q + h
         for start_m in range(lo, seq_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_mask = (offs_m[:, None] < seq_q) & d_ok[None, :]
-            q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+            q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = bh * seq_q + offs_m
-            do = tl.load(dout_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+            do = _load_tile(dout_ptr + bh * seq_q * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_q, HEAD_DIM)
             lse2 = _load_lse2(lse_ptr, row, offs_m < seq_q)
             delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
             # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
@@ -193,22 +200,18 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_mask = (offs_m[:, None] < seq_q) & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     row = bh * seq_q + offs_m
-    do = tl.load(dout_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+    do = _load_tile(dout_ptr + bh * seq_q * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_q, HEAD_DIM)
     lse2 = _load_lse2(lse_ptr, row, offs_m < seq_q)
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + causal_offset), 0)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
         s = dot(q, tl.trans(k)) * qk_scale
         p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset),
                      tl.exp2(s - lse2[:, None]), 0.0)
