@@ -1,0 +1,73 @@
+"""What the built CUDA kernels are made of, read from their machine code
+(cuobjdump --dump-sass), with no GPU: every op built for sm_80 and sm_90a,
+no local memory (register spills or run-time-indexed arrays) in any kernel,
+16-byte loads and stores in the vectorised elementwise kernels."""
+import functools
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from pyext import _backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = ("sm_80", "sm_90a")
+
+if not _backend.CUDA_BUILT:
+    pytest.skip(f"extension not built: {_backend._CUDA_BUILD_NOTE}", allow_module_level=True)
+
+
+def _cuobjdump():
+    try:
+        import triton
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    except ImportError:
+        bundled = None
+    return bundled if bundled and os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+CUOBJDUMP = _cuobjdump()
+if CUOBJDUMP is None:
+    pytest.skip("no cuobjdump (neither Triton's nor the toolkit's)", allow_module_level=True)
+
+
+def _extension():
+    from pyext import _C
+    return _C.__file__
+
+
+@functools.lru_cache(maxsize=None)
+def _sass(arch):
+    """{mangled kernel name: its SASS} for one architecture."""
+    out = subprocess.run([CUOBJDUMP, "--dump-sass", "--gpu-architecture", arch, _extension()],
+                         capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", out)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_op_is_built_for_ampere_and_hopper():
+    listing = subprocess.run([CUOBJDUMP, "--list-elf", _extension()], capture_output=True, text=True,
+                             check=True).stdout
+    ops = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu"))}
+    for op in ops:
+        for arch in ARCHS:
+            assert f"{op}.{arch}.cubin" in listing, f"{op} has no {arch} code:\n{listing}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_kernel_uses_local_memory(arch):
+    kernels = _sass(arch)
+    assert kernels
+    spilling = [name for name, code in kernels.items() if re.search(r"\b(LDL|STL)\b", code)]
+    assert not spilling, f"local memory in {spilling}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vectorised_gelu_kernels_move_16_bytes_per_access(arch):
+    vectorised = {n: c for n, c in _sass(arch).items() if "gelu_" in n and "Li1EE" not in n}
+    assert len(vectorised) == 8  # fwd and bwd, four dtypes
+    for name, code in vectorised.items():
+        assert "LDG.E.128" in code and "STG.E.128" in code, name
