@@ -18,6 +18,11 @@ if not _backend.CUDA_BUILT and not REQUIRED:
 CUDA_OPS = {
     "gelu_fwd_cuda": "pyext::gelu_fwd_cuda(Tensor x, str approximate) -> Tensor",
     "gelu_bwd_cuda": "pyext::gelu_bwd_cuda(Tensor grad, Tensor x, str approximate) -> Tensor",
+    "adamw_step_cuda": (
+        "pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, float step, "
+        "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
+        "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"),
 }
 
 
@@ -36,3 +41,10 @@ def test_fake_implementations_give_shapes_without_a_gpu():
     x = torch.empty(3, 5, device="meta", dtype=torch.bfloat16)
     assert torch.ops.pyext.gelu_fwd_cuda(x, "none").shape == x.shape
     assert torch.ops.pyext.gelu_bwd_cuda(x, x, "tanh").dtype == x.dtype
+
+
+def test_adamw_fake_implementation_runs_without_a_gpu():
+    p = torch.empty(3, 5, device="meta")
+    m = torch.empty(3, 5, device="meta")
+    assert torch.ops.pyext.adamw_step_cuda([p], [p], [m], [m], [], [], 1.0, 1e-3, None, 0.9, 0.999,
+                                           0.01, 1e-8, False, False, None, None) is None

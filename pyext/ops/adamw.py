@@ -136,9 +136,9 @@ def step_bucket(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         return
     lr_tensor = None
     if isinstance(lr, Tensor):
-        if lr.device.type == "cpu":
+        if lr.device.type == "cpu" and device.type != "cpu":
             lr = lr.item()  # a host value: no sync
-        else:
+        else:  # read where the kernel runs (capturable: a scheduler may change it between replays)
             lr_tensor, lr = _scalar_on(lr, device), 0.0
     staged = _stage_non_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None)
     lists = [list(x) for x in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])]
