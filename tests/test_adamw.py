@@ -485,6 +485,49 @@ def test_op_rejects_mismatched_lists(backend):
         op(params, grads, m, v, vmax, [s.double() for s in steps], *rest)
 
 
+_COMPILE_FOR_GPU = textwrap.dedent("""
+    import re, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from pyext.triton_kernels.adamw import BLOCK, adamw_kernel
+
+    pointers = ("tensor_table", "block_table", "bias_corrections", "lr_ptr", "grad_scale_ptr",
+                "found_inf_ptr")
+    kinds = dict(tensor_table="*i64", block_table="*i32")
+    flags = ("AMSGRAD", "MAXIMIZE", "LR_ON_DEVICE", "STEP_PER_TENSOR", "UNSCALE", "SKIP_ON_INF", "ALIGNED")
+    for arch in (80, 90):
+        for dtype, on, vectors in ((tl.float32, (), 16), (tl.bfloat16, flags, 16), (tl.float16, (), 0)):
+            constexprs = {f: f in on for f in flags}
+            if dtype == tl.float32:
+                constexprs["ALIGNED"] = True
+            constexprs.update(PARAM_DTYPE=dtype, BLOCK=BLOCK)
+            signature = {name: "constexpr" if name in constexprs else
+                         kinds.get(name, "*fp32" if name in pointers else "fp32")
+                         for name in adamw_kernel.arg_names}
+            kernel = triton.compile(ASTSource(adamw_kernel, signature, constexprs),
+                                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
+            found = len(re.findall(r"ld\\.global(\\.\\w+)*\\.v4", kernel.asm["ptx"]))
+            # a full block of an aligned launch: every load 16 bytes wide
+            assert found >= vectors, (arch, dtype, found)
+    print("ok")
+""")
+
+
+def test_triton_kernel_compiles_for_sm80_and_sm90_without_a_gpu():
+    """The interpreter accepts code that the compiler rejects (globals that are
+    not constexpr, ...): compile for real targets, and check that full blocks
+    of aligned launches use 16-byte loads."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
+
+
 # ------------------------------------------------------------- DTensor
 
 _DTENSOR_WORKER = textwrap.dedent("""

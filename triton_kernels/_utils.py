@@ -25,7 +25,7 @@ def poisonable_out(out, like: torch.Tensor) -> torch.Tensor:
 # Triton's interpreter (TRITON_INTERPRET=1, how CI runs the kernels on CPU)
 # converts float32 to bfloat16 by truncation; the GPU rounds to nearest even.
 # Kernels store through `to_out` so both round the same way.
-_INTERPRETED: tl.constexpr = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit

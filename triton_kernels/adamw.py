@@ -30,9 +30,9 @@ from ._utils import on_device, to_out
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
 
-# Pointer table columns (int64), one row per tensor.
-P, G, M, V, VMAX, NUMEL, FIRST_BLOCK = range(7)
-ROW = 8  # padded row length
+# Pointer table columns (int64), one row per tensor, padded to ROW.
+P, G, M, V, VMAX, NUMEL, FIRST_BLOCK = (tl.constexpr(i) for i in range(7))
+ROW = tl.constexpr(8)
 
 
 @triton.jit
