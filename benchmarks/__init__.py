@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
     # must be chosen before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks import gelu  # noqa: E402
+from benchmarks import adamw, gelu  # noqa: E402
 
 OPS = {
     "gelu": gelu.cases,
+    "adamw": adamw.cases,
 }

@@ -32,6 +32,9 @@ class Case:
     flops: float            # FLOPs done (0 when memory bound)
     # provider -> zero-argument callable to time, or a string saying why it is skipped
     providers: Dict[str, Union[Callable[[], object], str]]
+    # provider -> zero-argument callable, run after its timing, returning more
+    # figures for its row (AdamW: host time to issue one step, "host_ms")
+    extras: Dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
 
 
 def timer(fn: Callable[[], object], quick: bool) -> List[float]:
@@ -104,6 +107,8 @@ def run_case(case: Case, ceilings: dict, quick: bool) -> List[dict]:
                 row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             else:
                 row.update(ms=med, ms_p20=lo, ms_p80=hi)
+                if name in case.extras:
+                    row.update(case.extras[name]())
                 if case.bytes:
                     row["GBps"] = case.bytes / med / 1e6
                     if ceilings.get("copy_GBps"):
@@ -144,7 +149,8 @@ def table(rows: List[dict]) -> str:
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
         lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<10}{r['direction']:<8}{r['provider']:<16}"
                      f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
-                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}")
+                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}"
+                     + (f"  host {r['host_ms']:.3f} ms" if "host_ms" in r else ""))
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ import torch
 from benchmarks import OPS
 from benchmarks.harness import HAS_GPU
 
-PROVIDERS = ["pyext-cuda", "pyext-triton", "torch", "torch.compile"]
+PROVIDERS = ["pyext-cuda", "pyext-triton", "torch", "torch.compile", "torch-forloop", "torch-foreach",
+             "torch-fused"]
 
 
 @pytest.fixture(scope="module")
