@@ -562,6 +562,26 @@ _DTENSOR_WORKER = textwrap.dedent("""
                 state = ours.state[p][key]
                 assert isinstance(state, DTensor) and state.placements == p.placements, key
                 torch.testing.assert_close(state.full_tensor(), theirs.state[q][key])
+
+        # FSDP2: fully_shard's parameters are Shard(0) DTensors, its grads reduce-scattered
+        from torch.distributed.fsdp import fully_shard
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+        twin = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+        twin.load_state_dict(model.state_dict())
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        ours = pyext.optim.AdamW(model.parameters(), lr=1e-2, backend=backend)
+        theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+        for step in range(3):
+            x = torch.randn(4, 7)  # the same on both ranks: FSDP's averaged grads are twin's
+            for net, opt in ((model, ours), (twin, theirs)):
+                net(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert isinstance(p, DTensor)
+            torch.testing.assert_close(p.full_tensor(), q.detach())
     dist.destroy_process_group()
     print("rank", dist.get_rank() if dist.is_initialized() else os.environ["RANK"], "ok")
 """)
@@ -573,7 +593,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_dtensor_params_step_their_local_shards_gloo(tmp_path):
+def test_dtensor_and_fsdp2_params_step_their_local_shards_gloo(tmp_path):
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
@@ -581,12 +601,12 @@ def test_dtensor_params_step_their_local_shards_gloo(tmp_path):
         import torch.distributed.tensor  # noqa: F401
     except ImportError as e:
         pytest.skip(f"DTensor is not available: {e}")
-    backends = ["torch", "triton"] if not HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     script = tmp_path / "worker.py"
     script.write_text(_DTENSOR_WORKER)
-    workers = [subprocess.Popen([sys.executable, str(script), *backends], env=dict(env, RANK=str(r)),
+    # CPU processes: Triton runs under its interpreter there, GPU or not
+    workers = [subprocess.Popen([sys.executable, str(script), "torch", "triton"], env=dict(env, RANK=str(r)),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for r in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
