@@ -136,8 +136,8 @@ class AdamW(torch.optim.Optimizer):
         return state
 
     def _collect(self, group):
-        """The local tensors of `group`'s parameters that have a grad, bucketed
-        by (device, dtype), each bucket with the backend that will step it."""
+        """`group`'s parameters that have a grad, bucketed by the (device, dtype)
+        of their local tensors: [(backend that will step the bucket, params)]."""
         buckets = {}
         for p in group["params"]:
             if p.grad is None:
@@ -149,23 +149,27 @@ class AdamW(torch.optim.Optimizer):
                     f"pyext.optim.AdamW: a DTensor parameter with placements {p.placements} has a "
                     f"grad with placements {getattr(p.grad, 'placements', 'none (a plain tensor)')}; "
                     "they must match (reduce the grad first)")
-            state = self._init_state(p, group)
             local = _local(p)
-            bucket = buckets.setdefault((local.device, local.dtype), {
-                "params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
-                "max_exp_avg_sqs": [], "state_steps": []})
-            bucket["params"].append(local)
-            bucket["grads"].append(_local(p.grad))
-            bucket["exp_avgs"].append(_local(state["exp_avg"]))
-            bucket["exp_avg_sqs"].append(_local(state["exp_avg_sq"]))
+            buckets.setdefault((local.device, local.dtype), []).append(p)
+        return [(_backend.select("optim.AdamW", group["backend"], device,
+                                 lambda name, params=params: ops.why_not(name, [_local(p) for p in params])),
+                 params)
+                for (device, _), params in buckets.items()]
+
+    def _tensor_lists(self, group, params):
+        """The local tensors that one step of `params` reads and writes."""
+        lists = {key: [] for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                                     "state_steps")}
+        for p in params:
+            state = self._init_state(p, group)
+            lists["params"].append(_local(p))
+            lists["grads"].append(_local(p.grad))
+            lists["exp_avgs"].append(_local(state["exp_avg"]))
+            lists["exp_avg_sqs"].append(_local(state["exp_avg_sq"]))
             if group["amsgrad"]:
-                bucket["max_exp_avg_sqs"].append(_local(state["max_exp_avg_sq"]))
-            bucket["state_steps"].append(state["step"])
-        for (device, _), bucket in buckets.items():
-            bucket["backend"] = _backend.select(
-                "optim.AdamW", group["backend"], device,
-                lambda name, params=bucket["params"]: ops.why_not(name, params))
-        return list(buckets.values())
+                lists["max_exp_avg_sqs"].append(_local(state["max_exp_avg_sq"]))
+            lists["state_steps"].append(state["step"])
+        return lists
 
     def _check_graph_capture(self):
         if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -202,15 +206,14 @@ class AdamW(torch.optim.Optimizer):
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                      eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                      grad_scale=grad_scale)
-        for bucket in buckets:
-            steps = bucket["state_steps"]
+        for backend, params in buckets:
+            lists = self._tensor_lists(group, params)
+            steps = lists["state_steps"]
             torch._foreach_add_(steps, 1.0)
             if group["capturable"]:
                 if found_inf is not None:  # the kernels skip this step: so does the count
                     torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
-                ops.step_bucket(bucket["backend"], bucket["params"], bucket["grads"],
-                                bucket["exp_avgs"], bucket["exp_avg_sqs"], bucket["max_exp_avg_sqs"],
-                                steps, None, found_inf=found_inf, **hyper)
+                ops.step_bucket(backend, *lists.values(), None, found_inf=found_inf, **hyper)
                 continue
             # Host step counts: one launch per distinct count (usually one;
             # more when some parameters missed a grad on earlier steps).
@@ -218,9 +221,5 @@ class AdamW(torch.optim.Optimizer):
             for i, count in enumerate(torch.stack(steps).tolist()):
                 by_count.setdefault(count, []).append(i)
             for count, idx in by_count.items():
-                pick = {key: [bucket[key][i] for i in idx] if bucket[key] else []
-                        for key in ("params", "grads", "exp_avgs", "exp_avg_sqs",
-                                    "max_exp_avg_sqs", "state_steps")}
-                ops.step_bucket(bucket["backend"], pick["params"], pick["grads"], pick["exp_avgs"],
-                                pick["exp_avg_sqs"], pick["max_exp_avg_sqs"], pick["state_steps"],
-                                count, found_inf=None, **hyper)
+                picked = [[lst[i] for i in idx] if lst else [] for lst in lists.values()]
+                ops.step_bucket(backend, *picked, count, found_inf=None, **hyper)
