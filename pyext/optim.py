@@ -10,6 +10,8 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
 from pyext import _backend
 from pyext.ops import adamw as ops
 
@@ -25,22 +27,15 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
-def _host_step_dtype() -> torch.dtype:
-    # what torch.optim.AdamW uses for its host-side step count
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _local(t):
-    """The local shard of a DTensor (FSDP2 parameters), else t itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _is_dtensor(t) -> bool:
+def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
-        return False
-    return isinstance(t, DTensor)
+        return ()  # isinstance(x, ()) is False
+    return DTensor
+
+
+_DTensor = _dtensor_class()
 
 
 class AdamW(torch.optim.Optimizer):
@@ -50,12 +45,13 @@ class AdamW(torch.optim.Optimizer):
     "torch", or None for pyext's default) picks the implementation.
     Parameters may be float32, float16 or bfloat16 (moments are kept in
     float32) or DTensors (their local shards are stepped); float64 and
-    complex parameters go through the reference. `capturable=True` keeps the
-    step counts on the device and reads a tensor `lr` there, so the step can
-    be captured in a CUDA graph and never syncs with the host.
+    complex parameters go through the reference. As in torch's fused AdamW,
+    the step counts live on the parameters' device and the kernels read them
+    there, so a step never waits for the device; `capturable=True` also lets
+    step() be captured in a CUDA graph (give `lr` as a device tensor to
+    change it between replays).
     Works with torch.amp.GradScaler like torch's fused AdamW: gradients are
-    unscaled inside the step and a step with inf/NaN gradients is skipped
-    (without capturable, that costs one host sync per step to read found_inf).
+    unscaled inside the step and a step with inf/NaN gradients is skipped.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -117,59 +113,73 @@ class AdamW(torch.optim.Optimizer):
                 if key in saved and _moment_dtype(p) != p.dtype:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=_moment_dtype(p))
 
-    def _init_state(self, p, group):
+    def _init_state(self, p, local, group):
+        """The state of p, made on p's first step; step counts moved where they belong."""
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = (torch.zeros((), dtype=torch.float32, device=_local(p).device)
-                             if group["capturable"] else torch.tensor(0.0, dtype=_host_step_dtype()))
-        for key in _MOMENTS[: 3 if group["amsgrad"] else 2]:
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=_moment_dtype(p),
-                                              memory_format=torch.preserve_format)
-        # Step counts live where this group's mode wants them (a checkpoint
-        # from another mode or from torch's fused AdamW may put them elsewhere).
-        step, device = state["step"], _local(p).device
-        if group["capturable"] and (step.device != device or step.dtype != torch.float32):
-            state["step"] = step.to(device=device, dtype=torch.float32)
-        elif not group["capturable"] and step.device.type != "cpu":
-            state["step"] = step.to(device="cpu", dtype=_host_step_dtype())
+        if not state:
+            # step: a float32 count on the param's device, as torch's fused AdamW keeps it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_moment_dtype(p),
+                                                       memory_format=torch.preserve_format)
+        step = state["step"]
+        if step.get_device() != local.get_device() or step.dtype != torch.float32:
+            # a checkpoint of torch's unfused AdamW keeps its counts on the host
+            state["step"] = step.to(device=local.device, dtype=torch.float32)
         return state
 
     def _collect(self, group):
         """`group`'s parameters that have a grad, bucketed by the (device, dtype)
-        of their local tensors: [(backend that will step the bucket, params)]."""
-        buckets = {}
+        of their local tensors: [(backend that will step the bucket, params, locals)]."""
+        params, locals_ = [], []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(_SPARSE_ERROR)
-            if _is_dtensor(p) and (not _is_dtensor(p.grad) or p.grad.placements != p.placements):
-                raise RuntimeError(
-                    f"pyext.optim.AdamW: a DTensor parameter with placements {p.placements} has a "
-                    f"grad with placements {getattr(p.grad, 'placements', 'none (a plain tensor)')}; "
-                    "they must match (reduce the grad first)")
-            local = _local(p)
-            buckets.setdefault((local.device, local.dtype), []).append(p)
-        return [(_backend.select("optim.AdamW", group["backend"], device,
-                                 lambda name, params=params: ops.why_not(name, [_local(p) for p in params])),
-                 params)
-                for (device, _), params in buckets.items()]
+            if isinstance(p, _DTensor):
+                if not isinstance(grad, _DTensor) or grad.placements != p.placements:
+                    raise RuntimeError(
+                        f"pyext.optim.AdamW: a DTensor parameter with placements {p.placements} has "
+                        f"a grad with placements {getattr(grad, 'placements', 'none (a plain tensor)')}"
+                        "; they must match (reduce the grad first)")
+                locals_.append(p.to_local())
+            else:
+                locals_.append(p)
+            params.append(p)
+        if not params:
+            return []
+        buckets = []
+        for (device, _), (bucket, idx) in _group_tensors_by_device_and_dtype([locals_], with_indices=True).items():
+            bucket = bucket[0]
+            backend = _backend.select("optim.AdamW", group["backend"], device,
+                                      lambda name, bucket=bucket: ops.why_not(name, bucket))
+            buckets.append((backend, [params[i] for i in idx], bucket))
+        return buckets
 
-    def _tensor_lists(self, group, params):
+    def _tensor_lists(self, group, params, locals_):
         """The local tensors that one step of `params` reads and writes."""
-        lists = {key: [] for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                                     "state_steps")}
-        for p in params:
-            state = self._init_state(p, group)
-            lists["params"].append(_local(p))
-            lists["grads"].append(_local(p.grad))
-            lists["exp_avgs"].append(_local(state["exp_avg"]))
-            lists["exp_avg_sqs"].append(_local(state["exp_avg_sq"]))
-            if group["amsgrad"]:
-                lists["max_exp_avg_sqs"].append(_local(state["max_exp_avg_sq"]))
-            lists["state_steps"].append(state["step"])
-        return lists
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
+        amsgrad = group["amsgrad"]
+        for p, local in zip(params, locals_):
+            state = self._init_state(p, local, group)
+            steps.append(state["step"])
+            if not isinstance(p, _DTensor):
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if amsgrad:
+                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            else:  # a DTensor: its shard, and its grad's and moments' shards
+                grads.append(p.grad.to_local())
+                exp_avgs.append(state["exp_avg"].to_local())
+                exp_avg_sqs.append(state["exp_avg_sq"].to_local())
+                if amsgrad:
+                    max_exp_avg_sqs.append(state["max_exp_avg_sq"].to_local())
+        return list(locals_), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
 
     def _check_graph_capture(self):
         if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -191,35 +201,19 @@ class AdamW(torch.optim.Optimizer):
         # that cannot serve one of them raises with nothing changed.
         work = [(group, self._collect(group)) for group in self.param_groups]
         work = [(group, buckets) for group, buckets in work if buckets]
-        if found_inf is not None and any(not group["capturable"] for group, _ in work):
-            # Host-side step counts cannot wait for the device to say whether
-            # this step is skipped: read found_inf once.
-            if found_inf.item() != 0:
-                return loss
-            found_inf = None
         for group, buckets in work:
             self._step_group(group, buckets, grad_scale, found_inf)
         return loss
 
     def _step_group(self, group, buckets, grad_scale, found_inf):
         beta1, beta2 = (float(b) for b in group["betas"])
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                     eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                     grad_scale=grad_scale)
-        for backend, params in buckets:
-            lists = self._tensor_lists(group, params)
-            steps = lists["state_steps"]
+        for backend, params, locals_ in buckets:
+            lists = self._tensor_lists(group, params, locals_)
+            steps = lists[-1]
             torch._foreach_add_(steps, 1.0)
-            if group["capturable"]:
-                if found_inf is not None:  # the kernels skip this step: so does the count
-                    torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
-                ops.step_bucket(backend, *lists.values(), None, found_inf=found_inf, **hyper)
-                continue
-            # Host step counts: one launch per distinct count (usually one;
-            # more when some parameters missed a grad on earlier steps).
-            by_count = {}
-            for i, count in enumerate(torch.stack(steps).tolist()):
-                by_count.setdefault(count, []).append(i)
-            for count, idx in by_count.items():
-                picked = [[lst[i] for i in idx] if lst else [] for lst in lists.values()]
-                ops.step_bucket(backend, *picked, count, found_inf=None, **hyper)
+            if found_inf is not None:  # the kernels skip this step: so does the count
+                torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+            ops.step_bucket(backend, *lists, lr=group["lr"], beta1=beta1, beta2=beta2,
+                            weight_decay=group["weight_decay"], eps=group["eps"],
+                            amsgrad=group["amsgrad"], maximize=group["maximize"],
+                            grad_scale=grad_scale, found_inf=found_inf)

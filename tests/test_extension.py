@@ -20,9 +20,9 @@ CUDA_OPS = {
     "gelu_bwd_cuda": "pyext::gelu_bwd_cuda(Tensor grad, Tensor x, str approximate) -> Tensor",
     "adamw_step_cuda": (
         "pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
-        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, float step, "
-        "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
-        "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"),
+        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, "
+        "Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+        "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"),
 }
 
 
@@ -45,6 +45,6 @@ def test_fake_implementations_give_shapes_without_a_gpu():
 
 def test_adamw_fake_implementation_runs_without_a_gpu():
     p = torch.empty(3, 5, device="meta")
-    m = torch.empty(3, 5, device="meta")
-    assert torch.ops.pyext.adamw_step_cuda([p], [p], [m], [m], [], [], 1.0, 1e-3, None, 0.9, 0.999,
+    m, step = torch.empty(3, 5, device="meta"), torch.empty((), device="meta")
+    assert torch.ops.pyext.adamw_step_cuda([p], [p], [m], [m], [], [step], 1e-3, None, 0.9, 0.999,
                                            0.01, 1e-8, False, False, None, None) is None

@@ -65,10 +65,10 @@ def _update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, beta1, beta2, eps,
 
 @triton.jit
 def adamw_kernel(tensor_table, block_table, bias_corrections, lr, lr_ptr, beta1, beta2, eps,
-                 weight_decay, bias_correction1, bias_correction2_sqrt, grad_scale_ptr, found_inf_ptr,
-                 PARAM_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 LR_ON_DEVICE: tl.constexpr, STEP_PER_TENSOR: tl.constexpr, UNSCALE: tl.constexpr,
-                 SKIP_ON_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                 weight_decay, grad_scale_ptr, found_inf_ptr, PARAM_DTYPE: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+                 UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr):
     if SKIP_ON_INF:
         if tl.load(found_inf_ptr) != 0:  # GradScaler saw inf/NaN: this step is skipped
             return
@@ -90,9 +90,9 @@ def adamw_kernel(tensor_table, block_table, bias_corrections, lr, lr_ptr, beta1,
         vmax_ptr = tl.multiple_of(vmax_ptr, 16)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
-    if STEP_PER_TENSOR:  # capturable: 1 - beta^t of this tensor's own step count
-        bias_correction1 = tl.load(bias_corrections + 2 * t)
-        bias_correction2_sqrt = tl.load(bias_corrections + 2 * t + 1)
+    # 1 - beta1^t and sqrt(1 - beta2^t) of this tensor's own step count t
+    bias_correction1 = tl.load(bias_corrections + 2 * t)
+    bias_correction2_sqrt = tl.load(bias_corrections + 2 * t + 1)
     grad_scale = 1.0
     if UNSCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -160,15 +160,15 @@ def _aligned(*addresses):
     return all(a % 16 == 0 for a in addresses)
 
 
-def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, step, lr,
-               lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf):
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, lr_tensor,
+               beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf):
     """One AdamW step over lists of tensors on one device, params of one dtype.
 
     params/grads: float32, float16 or bfloat16; moments float32; each tensor's
     p, g, m, v (and vmax) share one non-overlapping dense layout (checked by
     the caller, pyext.ops.adamw). state_steps: per-tensor step counts on the
-    device (already counting this step), or empty, then `step` is the count
-    of every tensor. lr_tensor (device, 1 element) overrides `lr` when given.
+    device, already counting this step. lr_tensor (device, 1 element)
+    overrides `lr` when given.
     grad_scale / found_inf: GradScaler's float32 scale and inf flag, or None.
     """
     live = [i for i, p in enumerate(params) if p.numel()]
@@ -188,25 +188,18 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
         first_block += n_blocks
     tensor_table, block_table = _tables.get(device, rows, blocks_per_tensor)
 
-    if state_steps:
-        # Per-tensor 1 - beta^t from the device step counts, in float64, by
-        # device-side torch ops (no host sync: capturable).
-        t = torch.stack([state_steps[i] for i in live]).to(torch.float64)
-        bias_corrections = torch.stack([1 - beta1 ** t, (1 - beta2 ** t).sqrt()], dim=1).to(torch.float32)
-        bias_correction1 = bias_correction2_sqrt = 1.0
-    else:
-        bias_corrections = tensor_table  # unused
-        bias_correction1 = 1.0 - beta1 ** step
-        bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    # Per-tensor 1 - beta^t from the device step counts, in float64 (Triton
+    # has no portable float64 pow), by a few device-side torch ops: no host
+    # sync, capturable.
+    t = torch.stack([state_steps[i] for i in live]).to(torch.float64)
+    bias_corrections = torch.stack([1 - beta1 ** t, (1 - beta2 ** t).sqrt()], dim=1).to(torch.float32)
     unused = tensor_table
     with on_device(params[0]):
         adamw_kernel[(first_block,)](
             tensor_table, block_table, bias_corrections, lr,
             lr_tensor if lr_tensor is not None else unused, beta1, beta2, eps, weight_decay,
-            bias_correction1, bias_correction2_sqrt,
             grad_scale if grad_scale is not None else unused,
             found_inf if found_inf is not None else unused,
             PARAM_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize,
-            LR_ON_DEVICE=lr_tensor is not None, STEP_PER_TENSOR=bool(state_steps),
-            UNSCALE=grad_scale is not None, SKIP_ON_INF=found_inf is not None,
+            LR_ON_DEVICE=lr_tensor is not None, UNSCALE=grad_scale is not None, SKIP_ON_INF=found_inf is not None,
             ALIGNED=_aligned(*addresses), BLOCK=BLOCK, num_warps=NUM_WARPS)

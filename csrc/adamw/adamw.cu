@@ -49,7 +49,7 @@ struct Coeffs {
 };
 
 __device__ Coeffs coeffs_for(const AdamWTensorList& list, const AdamWHyper& h, int t, float lr) {
-  const double step = list.step[t] != nullptr ? double(*list.step[t]) : h.host_step;
+  const double step = *list.step[t];
   Coeffs k;
   k.beta1 = float(h.beta1);
   k.one_minus_beta1 = float(1.0 - h.beta1);

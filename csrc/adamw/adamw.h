@@ -20,7 +20,7 @@ struct AdamWTensorList {
   float* exp_avg[kAdamWMaxTensors];
   float* exp_avg_sq[kAdamWMaxTensors];
   float* max_exp_avg_sq[kAdamWMaxTensors];  // amsgrad only
-  const float* step[kAdamWMaxTensors];   // device step counts (capturable); null: AdamWHyper's host step
+  const float* step[kAdamWMaxTensors];   // step count t (float32 on the device, this step counted)
   int64_t numel[kAdamWMaxTensors];
   int64_t chunk_end[kAdamWMaxTensors];   // chunks of tensors 0..i together (prefix sum)
   uint8_t vectorized[kAdamWMaxTensors];  // every pointer of tensor i is 16-byte aligned
@@ -29,7 +29,6 @@ struct AdamWTensorList {
 
 struct AdamWHyper {
   double beta1, beta2;            // double: bias corrections 1 - beta^t are taken in double
-  double host_step;               // the step count t of every tensor whose step pointer is null
   float lr;
   const float* lr_ptr;            // when set, lr is read from the device (capturable)
   float weight_decay, eps;

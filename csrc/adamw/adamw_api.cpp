@@ -37,7 +37,7 @@ void check_like(const at::Tensor& t, const std::string& name, const at::Tensor& 
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList state_steps, double step, double lr,
+                     at::TensorList state_steps, double lr,
                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                      double weight_decay, double eps, bool amsgrad, bool maximize,
                      const std::optional<at::Tensor>& grad_scale,
@@ -48,9 +48,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
               "), got ", grads.size(), ", ", exp_avgs.size(), " and ", exp_avg_sqs.size());
   TORCH_CHECK(max_exp_avg_sqs.size() == (amsgrad ? n : 0), "adamw_step: max_exp_avg_sqs must have ",
               amsgrad ? n : 0, " tensors (amsgrad=", amsgrad, "), got ", max_exp_avg_sqs.size());
-  TORCH_CHECK(state_steps.empty() || state_steps.size() == n,
-              "adamw_step: state_steps must be empty or have one tensor per param (", n, "), got ",
-              state_steps.size());
+  TORCH_CHECK(state_steps.size() == n, "adamw_step: state_steps must have one tensor per param (", n,
+              "), got ", state_steps.size());
   if (n == 0) return;
   const at::Tensor& p0 = params[0];
   const at::ScalarType dtype = p0.scalar_type();
@@ -68,7 +67,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     check_like(exp_avgs[i], item("exp_avgs", i), p, i, at::kFloat);
     check_like(exp_avg_sqs[i], item("exp_avg_sqs", i), p, i, at::kFloat);
     if (amsgrad) check_like(max_exp_avg_sqs[i], item("max_exp_avg_sqs", i), p, i, at::kFloat);
-    if (!state_steps.empty()) check_scalar(state_steps[i], item("state_steps", i), p0.device());
+    check_scalar(state_steps[i], item("state_steps", i), p0.device());
   }
   if (lr_tensor) check_scalar(*lr_tensor, "lr_tensor", p0.device());
   if (grad_scale) check_scalar(*grad_scale, "grad_scale", p0.device());
@@ -79,7 +78,6 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   AdamWHyper hyper{};
   hyper.beta1 = beta1;
   hyper.beta2 = beta2;
-  hyper.host_step = step;
   hyper.lr = static_cast<float>(lr);
   hyper.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
   hyper.weight_decay = static_cast<float>(weight_decay);
@@ -107,7 +105,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     list.exp_avg[t] = exp_avgs[i].data_ptr<float>();
     list.exp_avg_sq[t] = exp_avg_sqs[i].data_ptr<float>();
     list.max_exp_avg_sq[t] = amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr;
-    list.step[t] = state_steps.empty() ? nullptr : state_steps[i].data_ptr<float>();
+    list.step[t] = state_steps[i].data_ptr<float>();
     list.numel[t] = numel;
     list.chunk_end[t] = (t > 0 ? list.chunk_end[t - 1] : 0) + adamw_chunks(numel);
     list.vectorized[t] = aligned16(params[i]) && aligned16(grads[i]) && aligned16(exp_avgs[i]) &&
@@ -123,9 +121,9 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 TORCH_LIBRARY_FRAGMENT(pyext, m) {
   m.def(
       "adamw_step_cuda(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, float step, "
-      "float lr, Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, "
-      "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyext, CUDA, m) { m.impl("adamw_step_cuda", &adamw_step_cuda); }
