@@ -745,7 +745,7 @@ def test_cuda_step_under_memcheck():
             "    ps = [torch.randn(n + 1, device='cuda', dtype=dt)[1:] for n in (1, 7, 4097)]\n"  # misaligned
             "    ps += [torch.randn(n, device='cuda', dtype=dt) for n in (0, 3, 4099, 70000)]\n"
             "    ps = [torch.nn.Parameter(p) for p in ps]\n"
-            "    opt = pyext.optim.AdamW(ps, amsgrad=ams, backend='cuda', capturable=ams)\n"
+            "    opt = pyext.optim.AdamW(ps, amsgrad=ams, backend='cuda')\n"
             "    for p in ps: p.grad = torch.randn_like(p)\n"
             "    opt.grad_scale = torch.tensor(4.0, device='cuda')\n"
             "    opt.found_inf = torch.tensor(0.0, device='cuda')\n"

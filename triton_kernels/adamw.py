@@ -122,7 +122,7 @@ class _Tables:
 
     def __init__(self, capacity=8):
         self.recent = collections.OrderedDict()  # eager tables, least recently used first
-        self.kept_for_graphs = []
+        self.kept_for_graphs = {}  # id -> table, never freed
         self.capacity = capacity
 
     @staticmethod
@@ -149,7 +149,7 @@ class _Tables:
         else:
             self.recent.move_to_end(key)
         if capturing:
-            self.kept_for_graphs.append(entry)
+            self.kept_for_graphs[id(entry)] = entry
         return entry[-2:]
 
 
