@@ -475,6 +475,13 @@ def test_compile_fullgraph(backend):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_triton_op_with_empty_lists_does_nothing():
+    # (with no tensor at all the dispatcher cannot reach the CUDA op; the
+    # optimizer never calls either op with an empty bucket)
+    torch.ops.pyext.adamw_step_triton([], [], [], [], [], [], 1e-2, None, 0.9, 0.999, 1e-2, 1e-8, True,
+                                      False, None, None)
+
+
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_op_rejects_mismatched_lists(backend):
     op = getattr(torch.ops.pyext, f"adamw_step_{backend}")
