@@ -514,7 +514,8 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
             signature = {name: "constexpr" if name in constexprs else
                          kinds.get(name, "*fp32" if name in pointers else "fp32")
                          for name in adamw_kernel.arg_names}
-            kernel = triton.compile(ASTSource(adamw_kernel, signature, constexprs),
+            constants = {(adamw_kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+            kernel = triton.compile(ASTSource(adamw_kernel, signature, constants),
                                     target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
             found = len(re.findall(r"ld\\.global(\\.\\w+)*\\.v4", kernel.asm["ptx"]))
             # a full block of an aligned launch: every load 16 bytes wide
