@@ -9,7 +9,6 @@ from itertools import chain
 
 import torch
 from torch import Tensor
-
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from pyext import _backend
