@@ -226,8 +226,9 @@ def _dtensor_rank(rank, world, port, backend, results):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_dtensor_shards_are_stepped_locally(backend):
-    """FSDP2-style parameters: a 2-process gloo run on CPU against a plain run."""
+def test_dtensor_shards_are_stepped_locally(backend, monkeypatch):
+    """FSDP2-style parameters: a 2-process gloo run on CPU against a plain run
+    (Triton's kernels run there under the interpreter, GPU or not)."""
     import socket
     import torch.multiprocessing as mp
     pytest.importorskip("torch.distributed.tensor")
@@ -236,6 +237,7 @@ def test_dtensor_shards_are_stepped_locally(backend):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
     results = mp.get_context("spawn").Manager().dict()
     mp.start_processes(_dtensor_rank, args=(2, port, backend, results), nprocs=2, join=True, start_method="spawn")
     assert sorted(results.keys()) == [0, 1]

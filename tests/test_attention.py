@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import pyext
 from pyext import reference
+from pyext.ops import attention
 from conftest import BACKENDS, HAS_GPU, assert_close, device_for, make_tensor, poisoned_like
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -20,6 +21,15 @@ SHAPES = [
     (1, 2, 2, 24, 9, 32),
 ]
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_built(request):
+    """Cases of the cuda backend need the CUDA attention kernels (issue 5) in
+    the built extension; where it has none they are skipped, saying so."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec and callspec.params.get("backend") == "cuda" and "cuda" not in attention.FWD:
+        pytest.skip("pyext._C has no CUDA attention kernels (issue 5)")
 
 
 def qkv(shape, dtype, device, layout="contiguous"):

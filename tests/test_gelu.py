@@ -71,7 +71,7 @@ def test_triton_kernels_write_every_element(approximate):
 @pytest.mark.gpu
 @pytest.mark.parametrize("approximate", APPROX)
 def test_cuda_kernels_write_every_element(approximate):
-    x = make_tensor((1 << 20) + 3, torch.bfloat16, "cuda")
+    x = make_tensor(((1 << 20) + 3,), torch.bfloat16, "cuda")
     poison_cuda_allocator(2 * x.numel() * 4)
     y = torch.ops.pyext.gelu_fwd_cuda(x, approximate)
     poison_cuda_allocator(2 * x.numel() * 4)

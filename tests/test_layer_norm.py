@@ -423,7 +423,8 @@ def test_ops_called_directly_refuse_inconsistent_arguments(backend):
 def test_weight_dtype_the_kernels_lack(kind):
     """float32 x with bfloat16 weight: torch's rms_norm promotes (auto runs
     the reference); layer_norm refuses it as torch does."""
-    x, w = torch.randn(2, 3), torch.randn(3).bfloat16()
+    device = device_for("triton")
+    x, w = torch.randn(2, 3, device=device), torch.randn(3, device=device).bfloat16()
     if kind == "layer_norm":
         with pytest.raises(RuntimeError, match="weight"):
             pyext.layer_norm(x, (3,), w)

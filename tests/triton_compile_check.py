@@ -70,16 +70,19 @@ def exercise_launchers():
     constexpr branch once, every autotune config for one attention shape."""
     global all_configs
     from pyext.triton_kernels import adamw, flash_attention, gelu, layer_norm
-    x = torch.randn(3, 40, dtype=torch.bfloat16)
-    for approx in ("none", "tanh"):
-        gelu.gelu_fwd(x, approx)
-        gelu.gelu_bwd(x, x, approx)
-    for cols in (40, 20000):  # the fused and the chunked paths
-        xc, wc = torch.randn(2, cols, dtype=torch.bfloat16), torch.randn(cols, dtype=torch.bfloat16)
-        layer_norm.layer_norm_fwd(xc, (cols,), wc, wc, 1e-5)
-        layer_norm.layer_norm_bwd(xc, xc, torch.randn(2), torch.rand(2), wc, wc, True, True)
-        layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
-        layer_norm.rms_norm_bwd(xc, xc, torch.rand(2), wc, True)
+    for dtype in (torch.bfloat16, torch.float64):  # float64 computes in float64
+        x = torch.randn(3, 40, dtype=dtype)
+        for approx in ("none", "tanh"):
+            gelu.gelu_fwd(x, approx)
+            gelu.gelu_bwd(x, x, approx)
+        stat = torch.float64 if dtype == torch.float64 else torch.float32
+        for cols in (40, 20000):  # the fused and the chunked paths
+            xc, wc = torch.randn(2, cols, dtype=dtype), torch.randn(cols, dtype=dtype)
+            mean, rstd = torch.randn(2, dtype=stat), torch.rand(2, dtype=stat)
+            layer_norm.layer_norm_fwd(xc, (cols,), wc, wc, 1e-5)
+            layer_norm.layer_norm_bwd(xc, xc, mean, rstd, wc, wc, True, True)
+            layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
+            layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
     for d, causal in ((80, False), (128, True)):
         all_configs = d == 128
         q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)

@@ -5,6 +5,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def on_device(t: torch.Tensor):
@@ -55,8 +56,19 @@ def dot(a, b):
 
 
 @triton.jit
+def mul_rn(a, b):
+    """a * b rounded to the compute type, never fused into a following add.
+    A product used twice (summed, then subtracted from its own mean) must be
+    the same value both times: with one row element, g - mean(g) is then 0
+    exactly, where fma(dy, w, -mean) would leave g's rounding error times rstd."""
+    if _INTERPRETED:
+        return a * b
+    return libdevice.mul_rn(a, b)
+
+
+@triton.jit
 def to_compute(x):
-    """x in the type the kernels compute in: fp32 for fp32/fp16/bf16, fp64 for fp64."""
-    if x.dtype == tl.float64:
-        return x
-    return x.to(tl.float32)
+    """x in the type the kernels compute in: fp32 for fp32/fp16/bf16, fp64 for fp64.
+    One return: the compiler types every return of a function alike, even one
+    behind a compile-time condition."""
+    return x.to(tl.float64 if x.dtype == tl.float64 else tl.float32)

@@ -13,6 +13,7 @@ of any sizes share one launch. Per element, in fp32 (AdamW, Loshchilov & Hutter)
 
 Bytes per fp32 parameter: read p, g, m, v and write p, m, v: 28 (36 with amsgrad).
 """
+import collections
 import math
 
 import torch
@@ -74,6 +75,33 @@ def _log2(beta):
     return math.log2(beta) if beta > 0 else float("-inf")
 
 
+_TABLES = collections.OrderedDict()  # launch tables by the tensors' addresses and sizes
+_TABLES_KEPT = 64
+
+
+def _launch_tables(device, live, numels, *tensor_lists):
+    """Address tables (one per tensor list), sizes, the live tensors' slots, and
+    each program's tensor and offset: built on the host, copied in one transfer,
+    and kept, so that a step captured in a CUDA graph (after a warm-up step)
+    copies nothing from the host."""
+    addresses = tuple(tuple(tensors[i].data_ptr() for i in live) for tensors in tensor_lists)
+    key = (device, tuple(live), tuple(numels), addresses)
+    tables = _TABLES.get(key)
+    if tables is None:
+        block_tensor = [t for t, n in enumerate(numels) for _ in range(triton.cdiv(n, BLOCK))]
+        block_start = [b * BLOCK for n in numels for b in range(triton.cdiv(n, BLOCK))]
+        host = torch.tensor([*addresses, numels, live], dtype=torch.int64)
+        on_dev = torch.cat([host.flatten(), torch.tensor(block_tensor + block_start)]).to(device)
+        rows = host.shape[0]
+        tables = list(on_dev[:rows * len(live)].view(rows, len(live)).unbind(0))
+        tables += list(on_dev[rows * len(live):].view(2, -1).unbind(0))
+        _TABLES[key] = tables
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    return tables
+
+
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale):
     """One AdamW step, in place, for tensors of one device and one dtype.
@@ -85,22 +113,13 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
     live = [i for i, p in enumerate(params) if p.numel()]
     if not live:
         return
-    device = params[0].device
     numels = [params[i].numel() for i in live]
-    nblocks = [triton.cdiv(n, BLOCK) for n in numels]
-
-    def table(tensors):
-        return torch.tensor([tensors[i].data_ptr() for i in live], dtype=torch.int64, device=device)
-
-    counts = torch.tensor(nblocks, device=device)
-    block_tensor = torch.repeat_interleave(torch.arange(len(live), device=device), counts)
-    first_block = torch.cumsum(counts, 0) - counts
-    block_start = (torch.arange(int(sum(nblocks)), device=device) - first_block[block_tensor]) * BLOCK
-    vmax_tab = table(max_exp_avg_sqs) if amsgrad else table(exp_avgs)
+    p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, slots, block_tensor, block_start = _launch_tables(
+        params[0].device, live, numels, params, grads, exp_avgs, exp_avg_sqs,
+        max_exp_avg_sqs if amsgrad else exp_avgs)
     with on_device(params[0]):
-        _adamw_kernel[(int(sum(nblocks)),)](
-            table(params), table(grads), table(exp_avgs), table(exp_avg_sqs), vmax_tab,
-            torch.tensor(numels, dtype=torch.int64, device=device), steps[live].contiguous(),
+        _adamw_kernel[(block_tensor.numel(),)](
+            p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, steps.index_select(0, slots),
             block_tensor, block_start,
             float(lr), lr_tensor if lr_tensor is not None else steps, grad_scale if grad_scale is not None else steps,
             beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,

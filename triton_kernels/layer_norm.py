@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, to_compute, to_out
+from ._utils import mul_rn, on_device, to_compute, to_out
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
@@ -146,7 +146,7 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
             mean = tl.load(mean_ptr + row, mask=row_mask, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
-            g = dy * w[None, :]
+            g = mul_rn(dy, w[None, :])
         else:
             g = dy
         mean_gx = tl.sum(g * xhat, axis=1) / cols
@@ -195,7 +195,7 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
             x = to_compute(tl.load(x_row + col, mask=col_mask, other=0.0))
             g = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
-                g = g * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+                g = mul_rn(g, to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0)))
             sum_g += g
             sum_gx += g * tl.where(col_mask, (x - mean) * rstd, 0.0)
         mean_gx = tl.sum(sum_gx, axis=0) / cols
@@ -209,7 +209,7 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
             xhat = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
             dy = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
-                g = dy * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+                g = mul_rn(dy, to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0)))
             else:
                 g = dy
             dx = rstd * (g - mean_g - xhat * mean_gx)

@@ -20,7 +20,7 @@ def kernel_backends(*ops: str):
 def missing_reason(backend: str, table: dict, op: str):
     """Why a kernel backend has no stages for `op` here, or None."""
     if backend != "torch" and backend not in table:
-        return f"the CUDA extension pyext._C has no {op} kernels (it was built from older sources: rebuild it)"
+        return f"the CUDA extension pyext._C has no {op} kernels (not in the sources it was built from)"
     return None
 
 
