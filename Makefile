@@ -14,7 +14,7 @@ export MAX_JOBS
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: test bench gpu-check ext clean
+.PHONY: test bench gpu-check gpu-test gpu-bench ext clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,15 +33,26 @@ test: ext
 bench: ext
 	$(PY) -m benchmarks --out $(OUT)
 
-# On the GPU machine: its own python3 and packages, no network. The tests, the
-# benchmark suite and the training run all run (one lease checks everything);
-# the target fails at the end if any of them failed. The plots are packed
+# On the GPU machine: its own python3 and packages, no network. `gpu-check` is
+# `gpu-test` (build for sm_80 and sm_90a, every test, GPU-marked ones too,
+# in parallel where pytest-xdist is installed) then `gpu-bench` (the benchmark
+# suite and the training run, one process at a time, so timings see an idle
+# GPU). Each fails at the end if any of its steps failed. The plots are packed
 # into one plots.tgz (the device tool brings back at most 8 files).
-gpu-check:
+GPU_ARCHS   ?= 8.0;9.0a
+XDIST       := $(shell python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+
+gpu-check: gpu-test gpu-bench
+
+gpu-test:
 	mkdir -p $(OUT)
-	python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee $(OUT)/build.log
+	TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" python3 -m pip install -v --no-build-isolation --no-deps -e . \
+		> $(OUT)/build.log 2>&1 || { tail -40 $(OUT)/build.log; exit 1; }
+	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rfEs $(XDIST) tests 2>&1 | tee $(OUT)/pytest.log | tail -40
+
+gpu-bench:
+	mkdir -p $(OUT)
 	status=0; \
-	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rs tests benchmarks 2>&1 | tee $(OUT)/pytest.log || status=1; \
 	python3 -m benchmarks --out $(OUT) || status=1; \
 	python3 -m benchmarks.train_gpt --out $(OUT) || status=1; \
 	(cd $(OUT) && tar -czf plots.tgz *.png && rm -f *.png); \

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -11,6 +12,10 @@ from benchmarks.harness import HAS_GPU
 
 NO_GPU_WARNING = ("NO GPU: this is a smoke run on tiny CPU shapes; its timings mean nothing "
                   "(run it on a CUDA GPU for real figures).")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
@@ -35,12 +40,18 @@ def main(argv=None):
               f"bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
 
     # Cases are made one at a time (each holds its tensors), so the total is not known ahead.
+    # Stopped early (Ctrl-C, or SIGTERM from a time limit), it reports the cases it finished.
+    signal.signal(signal.SIGTERM, _interrupt)
     rows, done = [], 0
-    for op in args.ops:
-        for case in OPS[op](args.quick, dtypes):
-            harness.progress(done, None, f"{case.op} {case.direction} {case.dtype} {case.label}")
-            rows += harness.run_case(case, ceilings, args.quick)
-            done += 1
+    try:
+        for op in args.ops:
+            for case in OPS[op](args.quick, dtypes):
+                harness.progress(done, None, f"{case.op} {case.direction} {case.dtype} {case.label}")
+                rows += harness.run_case(case, ceilings, args.quick)
+                done += 1
+    except KeyboardInterrupt:
+        meta["interrupted_after_cases"] = done
+        print(f"\ninterrupted: reporting the {done} cases finished")
     harness.progress(done, done, "done")
 
     print(harness.table(rows))
@@ -54,7 +65,7 @@ def main(argv=None):
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
     if not HAS_GPU:
         print(NO_GPU_WARNING)
-    return 0
+    return 1 if "interrupted_after_cases" in meta else 0
 
 
 if __name__ == "__main__":
