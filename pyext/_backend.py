@@ -130,17 +130,18 @@ def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
 
 
 def select(op: str, backend: Optional[str], device: torch.device,
-           why_not: Callable[[str], Optional[str]]) -> str:
+           why_not: Callable[[str], Optional[str]], auto_order=("cuda", "triton")) -> str:
     """The backend that serves one call of `op`.
 
     why_not(name) returns None when backend `name` can run this call, else the
     reason it cannot (used in the error when that backend was asked for).
+    auto_order: the kernel backends "auto" tries, in order, before torch.
     """
     name = _check_name(backend) if backend is not None else _default
     if name == "auto":
         if device.type != "cuda":
             return "torch"
-        for candidate in ("cuda", "triton"):
+        for candidate in auto_order:
             if why_not(candidate) is None:
                 return candidate
         return "torch"
