@@ -245,6 +245,11 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     in the backward (half that for fp64 in the CUDA kernels). Beyond it, a
     chunked path loops over the row (re-reading it, from L2 when it fits).
     dweight and dbias are reduced in two deterministic stages, no atomics.
+
+    Under torch.autocast the kernels keep x's dtype (statistics still fp32),
+    as fused LayerNorms do; F.layer_norm there computes and returns float32.
+    The next matmul casts to the autocast dtype either way, so a model sees
+    the same values, with half the bytes moved.
     """
     shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False)
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
