@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops import attention
-from conftest import BACKENDS, HAS_GPU, assert_close, device_for, make_tensor, poisoned_like
+from conftest import (BACKENDS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+                      poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.bfloat16, torch.float16]
 # (batch, query heads, key heads, Sq, Sk, head dim): odd lengths one past a
@@ -94,6 +95,38 @@ def test_triton_kernels_write_every_element():
     grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3,
                                    dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
     assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_cuda_kernels_write_every_element(backend):
+    q, k, v = (t.detach() for t in qkv((2, 4, 2, 77, 90, 72), torch.bfloat16, "cuda"))
+    poison_cuda_allocator(8 * q.numel() * q.element_size())
+    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
+    poison_cuda_allocator(8 * q.numel() * q.element_size())
+    grads = torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 13, True)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.skipif(compute_sanitizer() is None, reason="compute-sanitizer is not on PATH")
+def test_cuda_kernels_under_sanitizer(backend, tool):
+    # Every head-dim instantiation, ragged lengths, GQA, causal both ways, a
+    # (B, S, H, D) view, forward and backward.
+    code = ("import torch\n"
+            "fwd, bwd = torch.ops.pyext.flash_attn_fwd_cuda, torch.ops.pyext.flash_attn_bwd_cuda\n"
+            "for d in (8, 40, 64, 96, 128, 160, 200, 256):\n"
+            "  for sq, sk, causal, off in ((1, 70, True, 69), (70, 33, True, 0), (130, 65, False, 0)):\n"
+            "    q = torch.randn(1, sq, 4, d, device='cuda', dtype=torch.bfloat16).transpose(1, 2)\n"
+            "    k, v = (torch.randn(1, 2, sk, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))\n"
+            "    out, lse = fwd(q, k, v, 0.1, causal, off)\n"
+            "    bwd(torch.randn_like(out), q, k, v, out, lse, 0.1, causal, off, True)\n"
+            "torch.cuda.synchronize()\n")
+    result = run_under_sanitizer(tool, code)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
