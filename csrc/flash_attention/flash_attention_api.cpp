@@ -117,15 +117,76 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   return {out, lse};
 }
 
+template <typename T>
+void launch_bwd(const FlashAttnParams& p, cudaStream_t s) {
+  flash_bwd_delta<T>(p, s);
+  switch (flash_padded_head_dim(p.head_dim)) {
+    case 32: return flash_bwd<T, 32>(p, s);
+    case 64: return flash_bwd<T, 64>(p, s);
+    case 96: return flash_bwd<T, 96>(p, s);
+    case 128: return flash_bwd<T, 128>(p, s);
+    case 160: return flash_bwd<T, 160>(p, s);
+    case 192: return flash_bwd<T, 192>(p, s);
+    case 224: return flash_bwd<T, 224>(p, s);
+    default: return flash_bwd<T, 256>(p, s);
+  }
+}
+
+// out and dout are read as contiguous (B, Hq, Sq, D) rows, lse as (B, Hq, Sq).
+at::Tensor contiguous_like(const char* op, const at::Tensor& t, const at::Tensor& q, const char* name,
+                           at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, bool causal, int64_t causal_offset,
+    bool /*deterministic: the kernels always are (no atomics)*/) {
+  constexpr const char* op = "flash_attn_bwd_cuda";
+  check_qkv(op, q_in, k_in, v_in);
+  const at::Tensor dout = contiguous_like(op, dout_in, q_in, "dout", q_in.sizes(), q_in.scalar_type());
+  const at::Tensor out = contiguous_like(op, out_in, q_in, "out", q_in.sizes(), q_in.scalar_type());
+  const at::Tensor lse = contiguous_like(op, lse_in, q_in, "lse", q_in.sizes().slice(0, 3), at::kFloat);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor dq = at::empty(q_in.sizes(), q_in.options());
+  at::Tensor dk = at::empty(k_in.sizes(), k_in.options());
+  at::Tensor dv = at::empty(v_in.sizes(), v_in.options());
+  if (q_in.numel() == 0 || k_in.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  const at::Tensor q = aligned_for_copies(q_in), k = aligned_for_copies(k_in), v = aligned_for_copies(v_in);
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  FlashAttnParams p = make_params(q, k, v, scale, causal, causal_offset);
+  check_grid(op, p);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(q.scalar_type(), op,
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_bwd<cuda_t<scalar_t>>(p, stream); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_bwd<cuda_t<scalar_t>>(p, stream); }));
+  check_launch(op);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyext, m) {
   m.def("flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale, bool causal, int causal_offset) "
         "-> (Tensor, Tensor)");
+  m.def("flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+        "bool causal, int causal_offset, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyext, CUDA, m) {
   m.impl("flash_attn_fwd_cuda", &flash_attn_fwd_cuda);
+  m.impl("flash_attn_bwd_cuda", &flash_attn_bwd_cuda);
 }
 
 }  // namespace pyext
