@@ -1,7 +1,8 @@
 """What the built CUDA kernels are made of, read from their machine code
 (cuobjdump --dump-sass), with no GPU: every op built for sm_80 and sm_90a,
 no local memory (register spills or run-time-indexed arrays) in any kernel,
-16-byte loads and stores in the vectorised elementwise kernels."""
+16-byte loads and stores in the vectorised elementwise kernels, tensor cores
+(HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) in the attention kernels."""
 import functools
 import glob
 import os
@@ -71,3 +72,14 @@ def test_vectorised_gelu_kernels_move_16_bytes_per_access(arch):
     assert len(vectorised) == 8  # fwd and bwd, four dtypes
     for name, code in vectorised.items():
         assert "LDG.E.128" in code and "STG.E.128" in code, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flash_attention_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
+    kernels = {n: c for n, c in _sass(arch).items()
+               if re.search(r"flash_(fwd|bwd_dkdv|bwd_dq)_kernel", n)}
+    assert len(kernels) == 3 * 2 * 8, sorted(kernels)  # fwd, dK/dV, dQ; two dtypes; eight head dims
+    for name, code in kernels.items():
+        for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
+            assert op in code, f"{op} missing from {name}"
+        assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"

@@ -1,0 +1,48 @@
+// FlashAttention kernels: plain parameters in, no torch types (see
+// flash_attention_api.cpp, which checks the inputs before any launch).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pyext {
+
+// q (B, Hq, Sq, D) and k, v (B, Hkv, Sk, D): strides in elements, unit last
+// stride, base pointers 16-byte aligned and strides multiples of 8 elements
+// (for 16-byte cp.async). out, dout, dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D)
+// and lse, delta (B, Hq, Sq) are contiguous.
+struct FlashAttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  void* out;          // forward output; backward input
+  float* lse;         // forward output (natural log); backward input
+  const void* dout;   // backward only
+  float* delta;       // backward scratch: rowsum(dout * out), fp32
+  void* dq;
+  void* dk;
+  void* dv;
+  int batch, heads_q, heads_kv, seq_q, seq_k, head_dim;
+  float scale;
+  bool causal;
+  int causal_offset;  // key j visible to query i iff j <= i + causal_offset; clamped to [-Sq, Sk]
+};
+
+// Head dims are compiled for multiples of 32; a head dim that is a multiple of
+// 8 runs on the next one up, with zero-filled loads and masked stores.
+constexpr int kFlashHeadDims[] = {32, 64, 96, 128, 160, 192, 224, 256};
+inline int flash_padded_head_dim(int d) { return (d + 31) / 32 * 32; }
+
+// T is __half or __nv_bfloat16; kD one of kFlashHeadDims. Instantiated in
+// flash_fwd_hdim*.cu and flash_bwd_hdim*.cu.
+template <typename T, int kD> void flash_fwd(const FlashAttnParams& p, cudaStream_t stream);
+// dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
+template <typename T, int kD> void flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
+// delta = rowsum(dout * out) in fp32; instantiated in flash_bwd_delta.cu.
+template <typename T> void flash_bwd_delta(const FlashAttnParams& p, cudaStream_t stream);
+
+}  // namespace pyext

@@ -1,0 +1,9 @@
+// Backward kernels for head dims 160 and 192 (fp16, bf16); see flash_bwd_launch.cuh.
+#include "flash_attention/flash_bwd_launch.cuh"
+
+namespace pyext {
+template void flash_bwd<__half, 160>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__nv_bfloat16, 160>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__half, 192>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__nv_bfloat16, 192>(const FlashAttnParams&, cudaStream_t);
+}  // namespace pyext

@@ -1,0 +1,9 @@
+// Backward kernels for head dims 224 and 256 (fp16, bf16); see flash_bwd_launch.cuh.
+#include "flash_attention/flash_bwd_launch.cuh"
+
+namespace pyext {
+template void flash_bwd<__half, 224>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__nv_bfloat16, 224>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__half, 256>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__nv_bfloat16, 256>(const FlashAttnParams&, cudaStream_t);
+}  // namespace pyext

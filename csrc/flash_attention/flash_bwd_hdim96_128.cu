@@ -1,0 +1,9 @@
+// Backward kernels for head dims 96 and 128 (fp16, bf16); see flash_bwd_launch.cuh.
+#include "flash_attention/flash_bwd_launch.cuh"
+
+namespace pyext {
+template void flash_bwd<__half, 96>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__nv_bfloat16, 96>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__half, 128>(const FlashAttnParams&, cudaStream_t);
+template void flash_bwd<__nv_bfloat16, 128>(const FlashAttnParams&, cudaStream_t);
+}  // namespace pyext

@@ -1,0 +1,30 @@
+// Host launcher of the FlashAttention backward for one dtype and head dim:
+// dK/dV per key block, then dQ per query block (delta is computed before, by
+// flash_bwd_delta). Included by the flash_bwd_hdim*.cu instantiation files.
+#pragma once
+
+#include "flash_attention/flash_bwd_dkdv_kernel.cuh"
+#include "flash_attention/flash_bwd_dq_kernel.cuh"
+
+namespace pyext {
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int kD>
+void flash_bwd(const FlashAttnParams& p, cudaStream_t stream) {
+  using KV = FlashBwdDkDvTraits<kD>;
+  using Q = FlashBwdDqTraits<kD>;
+  auto dkdv = flash_bwd_dkdv_kernel<T, kD>;
+  auto dq = flash_bwd_dq_kernel<T, kD>;
+  allow_smem(dkdv, KV::kSmemBytes);
+  allow_smem(dq, Q::kSmemBytes);
+  const dim3 grid_kv(p.batch * p.heads_kv, (p.seq_k + KV::kBlockN - 1) / KV::kBlockN);
+  dkdv<<<grid_kv, KV::kThreads, KV::kSmemBytes, stream>>>(p);
+  const dim3 grid_q(p.batch * p.heads_q, (p.seq_q + Q::kBlockM - 1) / Q::kBlockM);
+  dq<<<grid_q, Q::kThreads, Q::kSmemBytes, stream>>>(p);
+}
+
+}  // namespace pyext

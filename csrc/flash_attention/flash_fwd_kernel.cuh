@@ -1,0 +1,150 @@
+// FlashAttention forward (FlashAttention-2 scheme, mma.sync for sm_80+).
+//
+// One CTA per (batch * query head, block of 64 queries); 4 warps, each owning
+// 16 query rows. K/V tiles of kBlockN keys are double-buffered with cp.async:
+// the copy of tile j + 1 runs while tile j is used. Per tile, in registers:
+//   s = q k^T * scale * log2(e)     (base-2 logits; masked keys -> -inf first)
+//   m' = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
+//   l' = l * alpha + rowsum p;  o' = o * alpha + p v
+// and at the end out = o / l, lse = (m + log2 l) / log2(e). A row with no
+// visible key keeps m = -inf: exponents use m' = 0 then, so exp2(-inf) = 0,
+// never exp2(-inf - -inf); it ends with l = 0, out = 0 and lse = -inf.
+// Each lane holds rows g and g + 8 of its warp (C fragment layout), so row
+// reductions combine the 4 lanes of a group (shuffles over lane bits 0, 1).
+#pragma once
+
+#include <cmath>
+
+#include "flash_attention/flash_attention.h"
+#include "flash_attention/flash_tile.cuh"
+
+namespace pyext {
+
+template <int kD>
+struct FlashFwdTraits {
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keeps o, s in registers and smem under 100 KB
+  static constexpr int kThreads = 128;
+  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kSmemStride<kD> * 2;  // q, 2 x (k, v)
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel(const FlashAttnParams p) {
+  using Tr = FlashFwdTraits<kD>;
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kS = kSmemStride<kD>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sq = reinterpret_cast<T*>(smem);
+  T* sk = sq + kM * kS;      // [2][kN][kS]
+  T* sv = sk + 2 * kN * kS;  // [2][kN][kS]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int m0 = blockIdx.y * kM;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const int d = p.head_dim;
+
+  // Keys past n_end are masked for every row of this block.
+  const int n_end = p.causal ? max(0, min(p.seq_k, min(m0 + kM, p.seq_q) + p.causal_offset)) : p.seq_k;
+  const int n_blocks = (n_end + kN - 1) / kN;
+  auto load_kv = [&](int nb, int buf) {
+    load_tile_async<T, kN, kD, Tr::kThreads>(sk + buf * kN * kS, k, p.k_row_stride, nb * kN, p.seq_k, d, tid);
+    load_tile_async<T, kN, kD, Tr::kThreads>(sv + buf * kN * kS, v, p.v_row_stride, nb * kN, p.seq_k, d, tid);
+  };
+  load_tile_async<T, kM, kD, Tr::kThreads>(sq, q, p.q_row_stride, m0, p.seq_q, d, tid);
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const float scale2 = p.scale * kLog2e;
+  const int row = m0 + warp * 16 + lane / 4;  // this lane's rows: row, row + 8
+  float o[kD / 8][4];
+  zero(o);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's partial row sums
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int buf = nb % 2;
+    if (nb + 1 < n_blocks) {
+      load_kv(nb + 1, 1 - buf);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    float s[kN / 8][4];
+    zero(s);
+    warp_mma_nt<T, kN, kD, kD>(s, sq + warp * 16 * kS, sk + buf * kN * kS, lane);
+
+    const int n0 = nb * kN;
+    const bool edge = n0 + kN > p.seq_k || (p.causal && n0 + kN - 1 > m0 + p.causal_offset);
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] *= scale2;
+        if (edge) {
+          const int col = n0 + 8 * j + 2 * (lane % 4) + e % 2, r = row + 8 * (e / 2);
+          if (col >= p.seq_k || (p.causal && col > r + p.causal_offset)) s[j][e] = -INFINITY;
+        }
+      }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m[r];
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m[r] - m_use);
+      m[r] = mx;
+      l[r] *= alpha;
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        o[j][2 * r] *= alpha;
+        o[j][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) {
+        s[j][2 * r] = exp2f(s[j][2 * r] - m_use);
+        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_use);
+        l[r] += s[j][2 * r] + s[j][2 * r + 1];
+      }
+    }
+
+    uint32_t pa[kN / 16][4];
+    acc_to_a<T, kN>(s, pa);
+    warp_mma_rt<T, kN, kD, kD>(o, pa, sv + buf * kN * kS, lane);
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+
+  float inv[2];
+  const int64_t row_base = int64_t(bh) * p.seq_q;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    if (lane % 4 == 0 && row + 8 * r < p.seq_q)
+      p.lse[row_base + row + 8 * r] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
+  }
+  store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * d, o, row, p.seq_q, 0, d, inv, lane);
+}
+
+template <typename T, int kD>
+void flash_fwd(const FlashAttnParams& p, cudaStream_t stream) {
+  using Tr = FlashFwdTraits<kD>;
+  auto kernel = flash_fwd_kernel<T, kD>;
+  if (Tr::kSmemBytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+}
+
+}  // namespace pyext

@@ -1,0 +1,129 @@
+// Building blocks shared by the FlashAttention kernels: tiles copied into
+// shared memory with cp.async, and one warp's tensor-core products over them.
+//
+// Shared tiles are row-major with rows of kD + 8 elements: the 16 padding
+// bytes shift consecutive rows by 4 banks, so the 8 row addresses of an
+// ldmatrix (16 bytes each) cover all 32 banks once (no bank conflict) for
+// every kD that is a multiple of 32.
+#pragma once
+
+#include <cstdint>
+
+#include "common/mma.cuh"
+
+namespace pyext {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int kD> constexpr int kSmemStride = kD + 8;
+
+// Rows row0 .. row0 + kRows - 1 of a (n_rows, d) matrix with row stride
+// `row_stride` (elements, unit column stride) into a [kRows][kD + 8] shared
+// tile, 16 bytes (8 elements) per cp.async; rows >= n_rows and columns >= d
+// (d a multiple of 8) are zero-filled. `base` is row 0 of the matrix, a valid
+// address that the zero-fill copies point at.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* base, int64_t row_stride, int row0, int n_rows,
+                                                int d, int tid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kTotal = kRows * kChunks;
+#pragma unroll 1  // unrolled, the per-copy addresses get hoisted out of the key loop and spill at kD >= 224
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+    const int c = tid + i * kThreads;
+    if (kTotal % kThreads != 0 && c >= kTotal) break;
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = row0 + r < n_rows && col < d;
+    const T* src = ok ? base + int64_t(row0 + r) * row_stride + col : base;
+    cp_async_16(smem + r * kSmemStride<kD> + col, src, ok);
+  }
+}
+
+// acc (16 x kN) += A B^T for one warp, both operands in shared memory with
+// the reduction dim (kK) contiguous: A is 16 rows at `a` (row-major, stride
+// kSmemStride<kD>), B is kN rows at `b`. acc[j] is the C fragment of columns
+// 8j .. 8j + 7.
+//   A, per 16-wide k step: ldmatrix_x4 with lane l on row l % 16, column
+//     8 (l / 16): matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) = a[0..3].
+//   B, per pair of 8-column tiles: lane l on row 8 (l / 16) + l % 8, column
+//     8 ((l / 8) % 2): r[0], r[1] = b0, b1 of tile 2p; r[2], r[3] of tile 2p+1.
+template <typename T, int kN, int kK, int kD>
+__device__ __forceinline__ void warp_mma_nt(float (&acc)[kN / 8][4], const T* a, const T* b, int lane) {
+  constexpr int kS = kSmemStride<kD>;
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+    uint32_t af[4];
+    ldmatrix_x4(af, a + (lane % 16) * kS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int p = 0; p < kN / 16; ++p) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + (p * 16 + (lane / 16) * 8 + lane % 8) * kS + ks * 16 + ((lane / 8) % 2) * 8);
+      mma_m16n8k16<T>(acc[2 * p], af, bf[0], bf[1]);
+      mma_m16n8k16<T>(acc[2 * p + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x kN) += A B for one warp: A (16 x kK) in registers as A fragments
+// (af[s] covers k = 16s .. 16s + 15), B (kK x kN) in shared memory with rows
+// along k and columns contiguous (stride kSmemStride<kD>), read transposed:
+//   ldmatrix_x4_trans with lane l on row 16s + l % 16, column 16p + 8 (l / 16):
+//   matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+//   = b0, b1 of tile 2p and b0, b1 of tile 2p + 1.
+template <typename T, int kK, int kN, int kD>
+__device__ __forceinline__ void warp_mma_rt(float (&acc)[kN / 8][4], const uint32_t (&af)[kK / 16][4],
+                                            const T* b, int lane) {
+  constexpr int kS = kSmemStride<kD>;
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks) {
+#pragma unroll
+    for (int p = 0; p < kN / 16; ++p) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, b + (ks * 16 + lane % 16) * kS + p * 16 + (lane / 16) * 8);
+      mma_m16n8k16<T>(acc[2 * p], af[ks], bf[0], bf[1]);
+      mma_m16n8k16<T>(acc[2 * p + 1], af[ks], bf[2], bf[3]);
+    }
+  }
+}
+
+// C fragments of a 16 x kN fp32 tile -> A fragments of the same tile in T, in
+// registers: the C layout of columns 16s .. 16s + 15 (tiles 2s, 2s + 1) is the
+// A layout of k step s, so a[s] = {c[2s][0,1], c[2s][2,3], c[2s+1][0,1], c[2s+1][2,3]}.
+template <typename T, int kN>
+__device__ __forceinline__ void acc_to_a(const float (&c)[kN / 8][4], uint32_t (&a)[kN / 16][4]) {
+#pragma unroll
+  for (int s = 0; s < kN / 16; ++s) {
+    a[s][0] = pack2<T>(c[2 * s][0], c[2 * s][1]);
+    a[s][1] = pack2<T>(c[2 * s][2], c[2 * s][3]);
+    a[s][2] = pack2<T>(c[2 * s + 1][0], c[2 * s + 1][1]);
+    a[s][3] = pack2<T>(c[2 * s + 1][2], c[2 * s + 1][3]);
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ void zero(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int j = 0; j < kN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// Stores rows `row` (C elements 0, 1) and `row` + 8 (elements 2, 3) of a
+// 16 x 8 kN fragment tile, times `mul[0]` / `mul[1]`, into a contiguous
+// (n_rows, d) matrix at columns col0 + 8j + 2t; rows >= n_rows and columns
+// >= d are skipped.
+template <typename T, int kN>
+__device__ __forceinline__ void store_acc(T* out, const float (&acc)[kN][4], int row, int n_rows, int col0, int d,
+                                          const float (&mul)[2], int lane) {
+  const int col = col0 + 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= n_rows) continue;
+    T* dst = out + int64_t(row + 8 * r) * d + col;  // one 64-bit address per row, constant offsets after
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (col + 8 * j < d)
+        *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(acc[j][2 * r] * mul[r], acc[j][2 * r + 1] * mul[r]);
+    }
+  }
+}
+
+}  // namespace pyext
