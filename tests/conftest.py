@@ -61,7 +61,9 @@ def assert_close(out, ref, pt, name="output"):
     """The tolerance rule above; `ref` in float64, `pt` in out's dtype."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert out.dtype == pt.dtype, f"{name}: dtype {out.dtype} != {pt.dtype}"
-    out64, pt64, ref = out.double().cpu(), pt.double().cpu(), ref.double().cpu()
+    # compared where the reference lives (the GPU for large cases: no copies back)
+    ref = ref.double()
+    out64, pt64 = out.double().to(ref.device), pt.double().to(ref.device)
     nan = ref.isnan()
     assert torch.equal(out64.isnan(), nan), f"{name}: NaN where the reference has none, or the reverse"
     if out64.numel() == 0:
