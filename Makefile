@@ -37,9 +37,10 @@ bench: ext
 # `gpu-test` (build for sm_80 and sm_90a, every test, GPU-marked ones too,
 # in parallel where pytest-xdist is installed) then `gpu-bench` (the benchmark
 # suite and the training run, one process at a time, so timings see an idle
-# GPU). Each fails at the end if any of its steps failed. The plots are packed
+# GPU). TESTS= narrows the tests (a device call runs at most 10 minutes). Each fails at the end if any of its steps failed. The plots are packed
 # into one plots.tgz (the device tool brings back at most 8 files).
 GPU_ARCHS   ?= 8.0;9.0a
+TESTS       ?= tests
 XDIST       := $(shell python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 
 gpu-check: gpu-test gpu-bench
@@ -48,7 +49,7 @@ gpu-test:
 	mkdir -p $(OUT)
 	TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" python3 -m pip install -v --no-build-isolation --no-deps -e . \
 		> $(OUT)/build.log 2>&1 || { tail -40 $(OUT)/build.log; exit 1; }
-	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rfEs $(XDIST) tests 2>&1 | tee $(OUT)/pytest.log | tail -40
+	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rfEs $(XDIST) $(TESTS) 2>&1 | tee $(OUT)/pytest.log | tail -40
 
 gpu-bench:
 	mkdir -p $(OUT)
