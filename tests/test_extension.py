@@ -68,3 +68,37 @@ def test_norm_fake_implementations_give_shapes_without_a_gpu():
     assert rstd.shape == (3,)
     dx, dw = torch.ops.pyext.rms_norm_bwd_cuda(x, x, rstd, None, False)
     assert dx.shape == x.shape and dw.numel() == 0
+
+
+# One bad call per op family, straight to the CUDA kernel's host code (on a
+# machine with no GPU the CPU tensors reach it through a redispatch and are
+# refused there). Each runs in its own process: a check that crashes instead
+# of raising fails its case alone.
+BAD_CALLS = {
+    "gelu": ("gelu_fwd_cuda", "(x, 'nope')", "approximate"),
+    "layer_norm": ("layer_norm_fwd_cuda", "(x, [9], None, None, 1e-5)", "normalized_shape"),
+    "rms_norm": ("rms_norm_fwd_cuda", "(x, [8], x[0, :7], 1e-6)", "weight"),
+    "flash_attention": ("flash_attn_fwd_cuda", "(x[None, None].half(), x[None].half(), x[None].half(), "
+                        "1.0, False, 0)", "4-D"),
+    "adamw": ("adamw_step_cuda", "([x], [x[:, :3].contiguous()], [x], [x], [], x.new_ones(1), 1e-3, None, "
+              "0.9, 0.999, 1e-8, 0.0, False, False, None)", "elements"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(BAD_CALLS))
+def test_host_checks_raise_rather_than_crash(family):
+    import subprocess
+    import sys
+    op, args, word = BAD_CALLS[family]
+    code = ("import torch, pyext\n"
+            f"x = torch.randn(4, 8, device={'cuda' if torch.cuda.is_available() else 'cpu'!r})\n"
+            "keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)\n"
+            "try:\n"
+            f"    torch.ops.pyext.{op}.default.redispatch(keys, *{args})\n"
+            "except RuntimeError as e:\n"
+            "    print('raised:', e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert "raised:" in result.stdout, result.stdout + result.stderr[-2000:]
+    # without a GPU the device check may come first
+    assert word in result.stdout or (not torch.cuda.is_available() and "CUDA tensor" in result.stdout), result.stdout
