@@ -14,7 +14,7 @@ export MAX_JOBS
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: test bench gpu-check gpu-test gpu-bench ext clean
+.PHONY: test bench gpu-check gpu-test gpu-bench peer-wheels ext clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +37,15 @@ bench: ext
 # `gpu-test` (build for sm_80 and sm_90a, every test, GPU-marked ones too,
 # in parallel where pytest-xdist is installed) then `gpu-bench` (the benchmark
 # suite and the training run, one process at a time, so timings see an idle
-# GPU). TESTS= narrows the tests (a device call runs at most 10 minutes). Each fails at the end if any of its steps failed. The plots are packed
+# GPU). TESTS= narrows the tests (a device call runs at most 10 minutes).
+# Each fails at the end if any of its steps failed. The plots are packed
 # into one plots.tgz (the device tool brings back at most 8 files).
+# Peers the GPU image lacks (Liger-Kernel, pure Python) travel as wheels:
+# `make peer-wheels` here, where there is a network, then carry .whl;
+# gpu-bench installs them from that folder alone (--no-index).
 GPU_ARCHS   ?= 8.0;9.0a
+PEER_WHEELS ?= .whl
+PEERS       ?= liger-kernel==0.8.5
 TESTS       ?= tests
 XDIST       := $(shell python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 
@@ -51,9 +57,14 @@ gpu-test:
 		> $(OUT)/build.log 2>&1 || { tail -40 $(OUT)/build.log; exit 1; }
 	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rfEs $(XDIST) $(TESTS) 2>&1 | tee $(OUT)/pytest.log | tail -40
 
+peer-wheels:
+	python3 -m pip download -q --no-deps -d $(PEER_WHEELS) $(PEERS)
+
 gpu-bench:
 	mkdir -p $(OUT)
 	status=0; \
+	if ls $(PEER_WHEELS)/*.whl > /dev/null 2>&1; then \
+		python3 -m pip install -q --no-deps --no-index $(PEER_WHEELS)/*.whl || status=1; fi; \
 	python3 -m benchmarks --out $(OUT) || status=1; \
 	python3 -m benchmarks.train_gpt --out $(OUT) || status=1; \
 	(cd $(OUT) && tar -czf plots.tgz *.png && rm -f *.png); \

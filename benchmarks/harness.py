@@ -74,12 +74,15 @@ def host_and_memory(fn: Callable[[], object]) -> dict:
 
 
 def optional_peer(module: str):
-    """A peer package's module when it is installed, else the line saying it is not."""
+    """A peer package's module when it imports, else the line saying why not
+    (absent, or built for other torch/Triton versions than these)."""
     import importlib
     try:
         return importlib.import_module(module)
     except ImportError as e:
         return f"{module} is not installed ({e.__class__.__name__})"
+    except Exception as e:  # installed, but does not import with this torch or Triton
+        return f"{module} failed to import ({e.__class__.__name__}: {str(e)[:120]})"
 
 
 def measure_ceilings(quick: bool) -> dict:
