@@ -37,7 +37,10 @@ bench: ext
 # `gpu-test` (build for sm_80 and sm_90a, every test, GPU-marked ones too,
 # in parallel where pytest-xdist is installed) then `gpu-bench` (the benchmark
 # suite and the training run, one process at a time, so timings see an idle
-# GPU). TESTS= narrows the tests (a device call runs at most 10 minutes).
+# GPU). A device call runs at most 10 minutes: TESTS= narrows the tests,
+# BENCH_ARGS= the benchmarks (e.g. "--ops attention"), TRAIN=0 skips the
+# training run, and BENCH_LIMIT=seconds stops the suite (0: never; it reports the cases
+# it finished).
 # Each fails at the end if any of its steps failed. The plots are packed
 # into one plots.tgz (the device tool brings back at most 8 files).
 # Peers the GPU image lacks (Liger-Kernel, pure Python) travel as wheels:
@@ -46,6 +49,9 @@ bench: ext
 GPU_ARCHS   ?= 8.0;9.0a
 PEER_WHEELS ?= .whl
 PEERS       ?= liger-kernel==0.8.5
+BENCH_ARGS  ?=
+BENCH_LIMIT ?= 0
+TRAIN       ?= 1
 TESTS       ?= tests
 XDIST       := $(shell python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 
@@ -65,8 +71,8 @@ gpu-bench:
 	status=0; \
 	if ls $(PEER_WHEELS)/*.whl > /dev/null 2>&1; then \
 		python3 -m pip install -q --no-deps --no-index $(PEER_WHEELS)/*.whl || status=1; fi; \
-	python3 -m benchmarks --out $(OUT) || status=1; \
-	python3 -m benchmarks.train_gpt --out $(OUT) || status=1; \
+	timeout -s TERM $(BENCH_LIMIT) python3 -m benchmarks --out $(OUT) $(BENCH_ARGS) || status=1; \
+	if [ "$(TRAIN)" = 1 ]; then python3 -m benchmarks.train_gpt --out $(OUT) || status=1; fi; \
 	(cd $(OUT) && tar -czf plots.tgz *.png && rm -f *.png); \
 	exit $$status
 
