@@ -3,6 +3,9 @@
 
 FLOPs (DESIGN.md section 5): forward 4 * B * H * Sq * Sk * D, half when
 causal; backward 2.5x the forward. Peers: every SDPA backend torch has.
+On a GPU of compute capability 9.0 and up, pyext-triton's forward reads through
+tensor descriptors (TMA); pyext-triton-ptr times the same forward with
+pointer loads forced, the Ampere path, so that one run compares the two.
 """
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,22 @@ def _flash_attn_package(causal):
         return flash_attn
     return lambda q, k, v: flash_attn.flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+
+
+def _triton_pointer_forward(causal, why_not_triton):
+    """pyext's Triton attention with the forward's pointer loads forced, or why
+    it is not timed: where pyext-triton itself takes the pointer path it would
+    time the same kernel again."""
+    if why_not_triton is not None:
+        return why_not_triton
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return "same kernel as pyext-triton here: the descriptor forward needs compute capability 9.0+"
+    from pyext.triton_kernels import flash_attention
+
+    def run(q, k, v):
+        with flash_attention.use_loads("pointer"):
+            return pyext.flash_attention(q, k, v, causal=causal, backend="triton")
+    return run
 
 
 def cases(quick: bool, dtypes):
@@ -68,6 +87,10 @@ def cases(quick: bool, dtypes):
                         providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
                     else:
                         providers[name] = autograd_callable(fn, [q, k, v], direction, dout)
+                if direction == "fwd":  # the backward has one path: it would be timed twice
+                    pointer = _triton_pointer_forward(causal, ours["pyext-triton"])
+                    providers["pyext-triton-ptr"] = pointer if isinstance(pointer, str) else \
+                        autograd_callable(pointer, [q, k, v], direction, dout)
                 yield Case(op="attention", label=f"S={seqlen} D={head_dim}{' causal' if causal else ''}",
                            size=seqlen, dtype=f"{str(dtype).split('.')[1]}-d{head_dim}{'-causal' if causal else ''}",
                            direction=direction, bytes=0, flops=factor * flops, providers=providers)

@@ -20,7 +20,9 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 HAS_GPU = torch.cuda.is_available()
-OURS = ("pyext-cuda", "pyext-triton")
+# pyext-triton-ptr: the Triton forward with pointer loads forced (attention, on sm_90:
+# the Ampere path timed beside the descriptor path that pyext-triton takes there)
+OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr")
 
 
 @dataclasses.dataclass

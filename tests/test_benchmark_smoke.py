@@ -41,3 +41,21 @@ def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
     (path,) = glob.glob(str(tmp_path / "train_gpt-*.json"))
     runs = json.load(open(path))["runs"]
     assert set(runs) == {"eager", "pyext"} and all(len(r["losses"]) == 3 for r in runs.values())
+
+
+def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
+    # pyext-triton-ptr: the forward with pointer loads forced, timed only where
+    # pyext-triton takes the descriptor (TMA) path, i.e. compute capability 9.0+.
+    import torch
+    from benchmarks import attention
+    hopper = HAS_GPU and torch.cuda.get_device_capability()[0] >= 9
+    cases = list(attention.cases(True, [torch.bfloat16]))
+    assert cases
+    for case in cases:
+        pointer = case.providers.get("pyext-triton-ptr")
+        if case.direction != "fwd":
+            assert pointer is None
+        elif hopper:
+            assert callable(pointer)
+        else:
+            assert isinstance(pointer, str) and "9.0" in pointer

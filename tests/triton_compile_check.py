@@ -7,6 +7,12 @@ called on CPU tensors with Triton's launcher replaced by a recorder; each
 recorded launch (and every autotune config) is then compiled. This catches
 what the interpreter cannot: Python globals the compiler refuses, illegal
 dot shapes, type errors in code paths the interpreter takes differently.
+
+The attention launchers run once per target, as if on that GPU: sm_80 must
+get the pointer forward, sm_90 the tensor-descriptor (TMA) forward (and the
+pointer forward too, forced, as its fallback there). Autotune configs are
+pruned with that GPU's shared memory, as on the device; where a kernel has
+such a prune, each config it keeps must compile to a kernel that fits.
 """
 import os
 import sys
@@ -19,20 +25,26 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
+# Shared memory per block (opt-in) of an A100 and an H100, bytes.
+SHARED_MEMORY = {80: 166912, 90: 232448}
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
           torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
-launches = []  # (JITFunction, bound arguments, options, configs)
-all_configs = False  # compile every autotune config of the launches recorded while True
+launches = []  # (JITFunction, bound arguments, options, configs, targets, pruned)
+all_configs = False  # compile every autotune config (pruned) of the launches recorded while True
+targets = TARGETS  # the targets of the launches recorded now
 
 
 def _record_jit(self, *args, grid, warmup, **kwargs):
-    launches.append((self, args, kwargs, [None]))
+    launches.append((self, args, kwargs, [None], targets, False))
 
 
 def _record_autotuned(self, *args, **kwargs):
-    launches.append((self.fn, args, kwargs, list(self.configs) if all_configs else self.configs[:1]))
+    self.nargs = dict(zip(self.arg_names, args))
+    configs = self.prune_configs(kwargs) if all_configs else self.configs[:1]
+    launches.append((self.fn, args, kwargs, list(configs), targets, self.early_config_prune is not None))
 
 
 def _signature(fn, args, kwargs, config):
@@ -43,6 +55,8 @@ def _signature(fn, args, kwargs, config):
     if config is not None:
         values.update(config.kwargs)
         options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.pre_hook is not None:  # sets the descriptors' boxes
+            config.pre_hook(values)
     signature, constexprs = {}, {}
     for param in fn.params:
         value = values[param.name]
@@ -51,6 +65,9 @@ def _signature(fn, args, kwargs, config):
             constexprs[param.name] = value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, TensorDescriptor):
+            box = ",".join(str(n) for n in value.block_shape)
+            signature[param.name] = f"tensordesc<{_TYPES[value.base.dtype]}[{box}]>"
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int):
@@ -68,7 +85,7 @@ def _signature(fn, args, kwargs, config):
 def exercise_launchers():
     """One call of every launch function on small CPU tensors: each kernel and
     constexpr branch once, every autotune config for one attention shape."""
-    global all_configs
+    global all_configs, targets
     from pyext.triton_kernels import adamw, flash_attention, gelu, layer_norm
     for dtype in (torch.bfloat16, torch.float64):  # float64 computes in float64
         x = torch.randn(3, 40, dtype=dtype)
@@ -83,13 +100,26 @@ def exercise_launchers():
             layer_norm.layer_norm_bwd(xc, xc, mean, rstd, wc, wc, True, True)
             layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
             layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
-    for d, causal in ((80, False), (128, True)):
-        all_configs = d == 128
-        q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
-        k = v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16)
-        out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
-        flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7)
-    all_configs = False
+    for target in TARGETS:  # the launchers as they run on an A100, then on an H100
+        targets = [target]
+        flash_attention._has_tma = lambda t: target.arch >= 90
+        flash_attention._shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
+        for d, causal in ((80, False), (128, True), (256, True)):
+            all_configs = d >= 128
+            q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
+            k = v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16)
+            out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
+            flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7)
+        forwards = {fn.__name__ for fn, *_, ts, _ in launches if ts == targets and "fwd" in fn.__name__}
+        expected = "_fwd_tma_kernel" if target.arch >= 90 else "_fwd_kernel"
+        assert forwards == {expected}, f"sm_{target.arch} launched {forwards}, expected {expected}"
+        if target.arch >= 90:
+            with flash_attention.use_loads("pointer"):
+                for d in (80, 128):
+                    all_configs = d == 128
+                    q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
+                    flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0)
+    all_configs, targets = False, TARGETS
     for dtype, amsgrad, capturable in ((torch.float32, False, False), (torch.bfloat16, True, True)):
         ps = [torch.randn(5, dtype=dtype), torch.randn(3, 2, dtype=dtype)]
         ms = [torch.zeros(p.shape) for p in ps]
@@ -102,21 +132,25 @@ def main():
     Autotuner.run = _record_autotuned
     exercise_launchers()
     seen, failures = set(), []
-    for fn, args, kwargs, configs in launches:
-        for i, config in enumerate(configs):
+    for fn, args, kwargs, configs, launch_targets, pruned in launches:
+        for config in configs:
             signature, constexprs, options = _signature(fn, args, kwargs, config)
-            for target in TARGETS if i == 0 else TARGETS[-1:]:  # every autotune config for sm_90
+            for target in launch_targets:
                 key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
                        repr(sorted(options.items())), target.arch)
                 if key in seen:
                     continue
                 seen.add(key)
+                what = f"{fn.__name__} sm_{target.arch} {constexprs} {options}"
                 try:
-                    triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+                    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
                 except Exception as e:  # report all, fail at the end
-                    failures.append(f"{fn.__name__} sm_{target.arch} {constexprs} {options}: "
-                                    f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    print(f"compiled {len(seen) - len(failures)} of {len(seen)} kernel variants")
+                    failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    continue
+                if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
+                    failures.append(f"{what}: {kernel.metadata.shared} bytes of shared memory, more than "
+                                    f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}")
+    print(f"compiled {len(seen) - len(failures)} of {len(seen)} kernel variants (Triton {triton.__version__})")
     for line in failures:
         print("FAILED", line)
     return 1 if failures else 0

@@ -18,7 +18,14 @@ Backward, with P recomputed from lse: D_i = rowsum(dO * O) (a first pass), then
 dK and dV are accumulated per key block over every query block and every
 query head of its group; dQ per query block over every key block. No atomics:
 the backward is deterministic (same bits run to run) always.
+
+Two forwards compute the same thing: _fwd_kernel loads tiles through pointers
+(masked loads; Ampere, and the fallback), _fwd_tma_kernel through tensor
+descriptors (TMA copies on sm_90 and up, pipelined and optionally warp
+specialised). forward_loads() picks one per call (use_loads() and
+$PYEXT_TRITON_ATTN_LOADS override it); the backward uses pointers.
 """
+import contextlib
 import os
 
 import torch
@@ -27,19 +34,72 @@ import triton.language as tl
 
 from ._utils import dot, on_device, to_out
 
+try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(kind):
-    """Block sizes to try on a GPU; one small fixed shape under the interpreter."""
+    """Block sizes to try on a GPU; one small fixed shape under the interpreter.
+    "fwd_tma" (the descriptor forward) also says whether its key loop is warp
+    specialised, and sets each config's descriptor boxes before a launch."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    if kind == "fwd":
+        shapes = [(16, 16, 1, 1, False)]
+    elif kind == "fwd":
         shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]
+    elif kind == "fwd_tma":  # (BLOCK_M, BLOCK_N, warps, stages, warp-specialised)
+        # Warp specialisation (the key loop split into a TMA producer partition
+        # and the consumer's math) only with 4 warps and 64 rows: with 8 warps
+        # Triton 3.6 and 3.8 leave the loop unspecialised, and with 128 rows on
+        # 4 warps their Hopper pass fails to compile (NVGPUWarpSpecialization).
+        shapes = [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), (128, 32, 4, 4, False),
+                  (64, 64, 4, 3, True), (64, 128, 4, 2, True), (64, 32, 4, 4, True)]
     else:
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    if kind != "fwd_tma":
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s,
+                          pre_hook=_set_boxes) for m, n, w, s, ws in shapes]
+
+
+def _set_boxes(nargs):
+    """Descriptor boxes of the config about to run: [1, 1, rows, BLOCK_D]."""
+    q_box = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
+    kv_box = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    nargs["q_desc"].block_shape = nargs["out_desc"].block_shape = q_box
+    nargs["k_desc"].block_shape = nargs["v_desc"].block_shape = kv_box
+
+
+def _shared_memory_limit(t):
+    """Bytes of shared memory one program may use on t's GPU; None off a GPU."""
+    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin if t.is_cuda else None
+
+
+def _fitting_configs(configs, named_args, **kwargs):
+    """The descriptor forward's configs whose buffers fit in shared memory (at
+    least the smallest). Per program, in [rows, BLOCK_D] tiles of the input
+    dtype: Q, and num_stages buffers of K and of V (the TMA pipeline's ring;
+    O's store reuses Q's space); warp specialisation adds two more
+    [BLOCK_M, BLOCK_D] tiles for the hand-off between its warp groups; plus
+    1 KiB of barriers. Checked against the compiler's own figure for every
+    config (tests/triton_compile_check.py): exact to within that KiB for
+    Triton 3.6 and 3.8 at head dims 64, 128 and 256.
+    The pointer kernels have no such prune: their buffers depend on how the
+    compiler pipelines cp.async, and the autotuner skips a config that does
+    not launch for want of shared memory."""
+    limit = _shared_memory_limit(named_args["q_desc"].base)
+    if limit is None:
+        return configs
+
+    def need(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        rows = m * (3 if c.kwargs["WARP_SPECIALIZE"] else 1) + 2 * c.num_stages * n
+        return rows * kwargs["BLOCK_D"] * named_args["q_desc"].base.element_size() + 1024
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
 def _seq_bucket(n):
@@ -71,6 +131,29 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
     return seq_k
 
 
+@triton.jit
+def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr):
+    """One key block of the online softmax: (m, l, acc) updated with keys offs_n."""
+    s = dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    """(out, lse) of the rows once every key block is in; rows that saw no key get (0, -inf)."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    return out, lse
+
+
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
@@ -85,7 +168,6 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
@@ -96,24 +178,52 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     for start_n in range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-        s = dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale,
+                                causal_offset, CAUSAL)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = _finish(m_i, l_i, acc)
     row = bh * seq_q + offs_m
     tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], to_out(out, out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < seq_q) & d_ok[None, :])
+             mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
     tl.store(lse_ptr + row, lse, mask=offs_m < seq_q)
+
+
+@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _fitting_configs})
+@triton.jit
+def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
+                    seq_q, seq_k, heads_q, group, qk_scale, causal_offset,
+                    SQ_BUCKET, SK_BUCKET,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """The forward with Q, K, V read and O written through 4-D tensor descriptors
+    (B, H, S, D) with boxes [1, 1, rows, BLOCK_D]: TMA on sm_90. The hardware
+    bounds each box by the tensor's extents, per head: rows past S and columns
+    past D read as zeros (what the padded dot needs) and are not written, so
+    no masks, and no address arithmetic per element. Box coordinates are int32
+    (what TMA takes); only the lse pointer needs int64 offsets."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // heads_q, bh % heads_q
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
+    for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale,
+                                causal_offset, CAUSAL)
+
+    out, lse = _finish(m_i, l_i, acc)
+    out_desc.store([b, h, start_m, 0], to_out(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -222,6 +332,76 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
              mask=q_mask)
 
 
+LOADS_ENV = "PYEXT_TRITON_ATTN_LOADS"
+LOADS = ("auto", "pointer", "descriptor")
+_loads = None  # set inside use_loads()
+
+
+def loads_mode():
+    """How the forward reads its tiles: use_loads()'s mode, else $PYEXT_TRITON_ATTN_LOADS, else "auto"."""
+    mode = _loads or os.environ.get(LOADS_ENV) or "auto"
+    if mode not in LOADS:
+        raise ValueError(f"{LOADS_ENV}={mode!r}: expected one of {', '.join(LOADS)}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_loads(mode: str):
+    """Within the block the forward reads tiles `mode`'s way: "auto" (descriptors
+    on a GPU of compute capability 9 or more when Triton has them and the
+    layouts allow, else pointers), "pointer" (always; the Ampere path), or
+    "descriptor" (always; an error where the layouts do not allow; on CPU
+    tensors under TRITON_INTERPRET=1 too, which is how the tests run it)."""
+    global _loads
+    if mode not in LOADS:
+        raise ValueError(f"use_loads: mode {mode!r} is not one of {', '.join(LOADS)}")
+    previous, _loads = _loads, mode
+    try:
+        yield
+    finally:
+        _loads = previous
+
+
+def _has_tma(t):
+    """Whether t lives on a GPU with the Tensor Memory Accelerator (compute capability 9.0 and up)."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _descriptor_problem(t):
+    """Why TMA cannot address t as a (B, H, S, D) tensor, or None: it needs a
+    16-byte aligned base, a unit last stride and the other strides positive
+    multiples of 16 bytes (so no broadcast dimension)."""
+    size = t.element_size()
+    if t.stride(-1) != 1:
+        return f"last stride {t.stride(-1)} is not 1"
+    if t.data_ptr() % 16:
+        return "base address is not 16-byte aligned"
+    if any(s <= 0 or s * size % 16 for s in t.stride()[:-1]):
+        return f"strides {tuple(t.stride())} of {size}-byte elements are not positive multiples of 16 bytes"
+    return None
+
+
+def forward_loads(q, k, v, out):
+    """"descriptor" or "pointer": how flash_attn_fwd reads q, k, v and writes out (see use_loads)."""
+    mode = loads_mode()
+    if mode == "pointer":
+        return "pointer"
+    problems = [f"{name}: {why}" for name, t in (("q", q), ("k", k), ("v", v), ("out", out))
+                if (why := _descriptor_problem(t)) is not None]
+    if mode == "auto":
+        return "descriptor" if _has_tma(q) and TensorDescriptor is not None and not problems else "pointer"
+    if TensorDescriptor is None:
+        raise RuntimeError(f"{LOADS_ENV}=descriptor: Triton {triton.__version__} has no host tensor descriptors")
+    if problems:
+        raise ValueError(f"{LOADS_ENV}=descriptor: " + "; ".join(problems))
+    return "descriptor"
+
+
+def _descriptor(t):
+    """Host descriptor over a (B, H, S, D) tensor; its box is set per config (_set_boxes)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
+
+
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -234,16 +414,17 @@ def _prepare(q, k, v, causal):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
-    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), seq_q, seq_k, heads_q, heads_q // heads_k)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    sizes = (seq_q, seq_k, heads_q, heads_q // heads_k)
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal))
     buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
-    return q, k, v, args, meta, buckets
+    return q, k, v, strides + sizes, sizes, meta, buckets
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests)."""
-    q, k, v, args, meta, buckets = _prepare(q, k, v, causal)
+    q, k, v, args, sizes, meta, buckets = _prepare(q, k, v, causal)
     batch, heads_q, seq_q, head_dim = q.shape
     out = torch.empty((batch, heads_q, seq_q, head_dim), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device) if lse is None else lse
@@ -253,14 +434,18 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         return out.zero_(), lse.fill_(float("-inf"))
     grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), batch * heads_q)  # noqa: E731
     with on_device(q):
-        _fwd_kernel[grid](q, k, v, out, lse, *args, scale * LOG2E, causal_offset, *buckets, **meta)
+        if forward_loads(q, k, v, out) == "descriptor":
+            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
+                                  scale * LOG2E, causal_offset, *buckets, **meta)
+        else:
+            _fwd_kernel[grid](q, k, v, out, lse, *args, scale * LOG2E, causal_offset, *buckets, **meta)
     return out, lse
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int,
                    dq=None, dk=None, dv=None):
     """(dq, dk, dv); deterministic. Gradients may be passed in (poisoned, by tests)."""
-    q, k, v, args, meta, buckets = _prepare(q, k, v, causal)
+    q, k, v, args, _, meta, buckets = _prepare(q, k, v, causal)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     dout, out = dout.contiguous(), out.contiguous()
