@@ -54,6 +54,8 @@ BENCH_LIMIT ?= 0
 TRAIN       ?= 1
 TESTS       ?= tests
 XDIST       := $(shell python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+# A kernel that hangs fails its test after 5 minutes instead of eating the call.
+TIMEOUT     := $(shell python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")
 
 gpu-check: gpu-test gpu-bench
 
@@ -61,7 +63,7 @@ gpu-test:
 	mkdir -p $(OUT)
 	TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" python3 -m pip install -v --no-build-isolation --no-deps -e . \
 		> $(OUT)/build.log 2>&1 || { tail -40 $(OUT)/build.log; exit 1; }
-	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rfEs $(XDIST) $(TESTS) 2>&1 | tee $(OUT)/pytest.log | tail -40
+	PYEXT_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -rfEs $(XDIST) $(TIMEOUT) $(TESTS) 2>&1 | tee $(OUT)/pytest.log | tail -40
 
 peer-wheels:
 	python3 -m pip download -q --no-deps -d $(PEER_WHEELS) $(PEERS)
