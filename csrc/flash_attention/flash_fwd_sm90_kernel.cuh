@@ -20,11 +20,13 @@
 // swizzle width) by the tile's rows; a D = 128 tile is two boxes one after
 // the other. See wgmma.cuh for the descriptor of each operand.
 //
-// Overlap: the producer keeps the next K/V tile in flight while a tile is
-// used, and the two consumer warpgroups run independently, so the tensor
-// cores can work for one while the other does its softmax (left to the warp
-// schedulers: no ping-pong barrier, no intra-warpgroup software pipelining
-// yet; both are the next steps, see benchmarks/NOTES.md).
+// Overlap: the producer keeps the next K/V tiles in flight (3 buffers) while
+// a tile is used; within a consumer warpgroup, tile nb's S = Q K^T is issued
+// together with tile nb - 1's P V, and tile nb's softmax starts while that
+// P V runs (kIntraWgOverlap; see the loop for what ptxas keeps of it); the
+// two consumer warpgroups run independently, so the tensor cores can work
+// for one while the other does its softmax (left to the warp schedulers: no
+// ping-pong barrier yet, the next step, see benchmarks/NOTES.md).
 #pragma once
 
 #include <cmath>
@@ -43,7 +45,12 @@ struct FlashFwdSm90Traits {
   static_assert(kD == 64 || kD == 128, "Stage 2 forward covers head dims 64 and 128");
   static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
   static constexpr int kBlockN = 128;  // keys per K/V tile (wgmma N of S = Q K^T)
-  static constexpr int kStages = 2;    // K/V ring depth
+  // Tile nb - 1's P V overlaps tile nb's softmax (see the consumer loop);
+  // false: one tile at a time, S, softmax, P V.
+  static constexpr bool kIntraWgOverlap = true;
+  // K/V ring depth. With the overlap, buffer nb - 1 is released only after
+  // tile nb's softmax: a third buffer lets tile nb + 1 load meanwhile.
+  static constexpr int kStages = kIntraWgOverlap ? 3 : 2;
   static constexpr int kThreads = 384;
   static constexpr int kConsumerWarps = 8;
   static constexpr int kBoxCols = 64;  // head-dim elements per TMA box: 128 bytes
@@ -51,13 +58,16 @@ struct FlashFwdSm90Traits {
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kTileBytes = kBlockN * kD * 2;  // one K (or V) tile
   // Q + kStages x (K + V) + 1 KB to align the base to 1024 (128-byte swizzle
-  // atoms): D 64: 16 + 2 x 32 + 1 = 81 KB; D 128: 32 + 2 x 64 + 1 = 161 KB.
+  // atoms). 3 stages: D 64: 16 + 3 x 32 + 1 = 113 KB; D 128: 32 + 3 x 64 + 1
+  // = 225 KB, with the barriers and the 1 KB ptxas reserves 226 KB of the
+  // 227 KB a block may have (2 stages: 81 and 161 KB).
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + 1024;
   // 384 threads x 168 (the cap that __launch_bounds__(384, 1) gives) = 64512
   // registers = 128 x 24 + 256 x 240: the producer's give-back pays for the
   // consumers' raise.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  static_assert(kSmemBytes + 2048 <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
 template <typename T, int kD>
@@ -145,22 +155,27 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's partial row sums
     if (n_blocks > 0) mbarrier_wait(q_full, 0);
 
-    for (int nb = 0; nb < n_blocks; ++nb) {
-      const int s = nb % kStages;
-      mbarrier_wait(&full[s], (nb / kStages) & 1);
-
-      float sacc[kN / 8][4];
-      wgmma_fence();
+    float sacc[kN / 8][4];   // S of the current tile, then P in fp32
+    uint32_t pa[kN / 16][4];  // P rounded to T: the A operand of P V
+    // S = Q K^T for the tile in buffer s, issued and committed (one group).
+    auto issue_s = [&](int s) {
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint64_t off = (ks % 4) * 2;  // 32 bytes per k step within a box
-        Wgmma<T, kN>::template ss<0>(sacc, dq + (ks / 4) * kQBox + off, dk + s * kStage + (ks / 4) * kTileBox + off,
-                                     ks > 0);
+        const uint64_t off = (ks / 4) * kQBox + (ks % 4) * 2;  // box ks / 4, 32 bytes per k step in it
+        Wgmma<T, kN>::template ss<0>(sacc, dq + off, dk + s * kStage + (ks / 4) * kTileBox + (ks % 4) * 2, ks > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operand(sacc);
-
+    };
+    // O += P V for the tile in buffer s, issued and committed (one group).
+    auto issue_pv = [&](int s) {
+#pragma unroll
+      for (int ks = 0; ks < kN / 16; ++ks)
+        Wgmma<T, kD>::template rs<1>(o, pa[ks], dv + s * kStage + ks * (16 * kBox * 2 >> 4), 1);
+      wgmma_commit();
+    };
+    // Masking and online softmax of tile nb on sacc (complete): m, l updated,
+    // sacc = exp2(s - m'), and alpha = exp2(m - m') for O, left to the caller.
+    auto softmax = [&](int nb, float (&alpha)[2]) {
       const int n0 = nb * kN;
       const bool edge = n0 + kN > p.seq_k || (p.causal && n0 + kN - 1 > m0w + p.causal_offset);
 #pragma unroll
@@ -174,7 +189,6 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
           }
         }
       }
-
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = m[r];
@@ -183,14 +197,9 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_use = mx == -INFINITY ? 0.f : mx;
-        const float alpha = exp2f(m[r] - m_use);
+        alpha[r] = exp2f(m[r] - m_use);
         m[r] = mx;
-        l[r] *= alpha;
-#pragma unroll
-        for (int j = 0; j < kD / 8; ++j) {
-          o[j][2 * r] *= alpha;
-          o[j][2 * r + 1] *= alpha;
-        }
+        l[r] *= alpha[r];
 #pragma unroll
         for (int j = 0; j < kN / 8; ++j) {
           sacc[j][2 * r] = exp2f(sacc[j][2 * r] - m_use);
@@ -198,21 +207,88 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
           l[r] += sacc[j][2 * r] + sacc[j][2 * r + 1];
         }
       }
-
-      uint32_t pa[kN / 16][4];
-      acc_to_a<T, kN>(sacc, pa);
-      wgmma_fence();
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-      for (int ks = 0; ks < kN / 16; ++ks)
-        Wgmma<T, kD>::template rs<1>(o, pa[ks], dv + s * kStage + ks * (16 * kBox * 2 >> 4), 1);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operand(o);
-      wgmma_fence_operand(pa);
-      // This warp's reads of buffer s are done (wait_group in every lane);
-      // one arrival per warp.
+      for (int j = 0; j < kD / 8; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+      }
+    };
+    // This warp's reads of buffer s are done (wait_group in every lane): one
+    // arrival per warp.
+    auto release = [&](int s) {
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&empty[s]);
+    };
+    auto wait_full = [&](int nb) { mbarrier_wait(&full[nb % kStages], (nb / kStages) & 1); };
+
+    if constexpr (Tr::kIntraWgOverlap) {
+      // Tile nb's softmax runs while the tensor cores do tile nb - 1's P V:
+      //   issue S(nb); issue PV(nb - 1); wait S(nb) (wait_group 1: groups
+      //   complete in order); softmax(nb); wait PV(nb - 1); release nb - 1;
+      //   O *= alpha(nb); P(nb) -> pa.
+      // pa and o belong to the PV in flight until its wait: nothing writes
+      // them before, and wgmma_fence_operand keeps the compiler from reusing
+      // their registers early.
+      // SASS (ptxas 13.0): ptxas hoists the PV wait (WARPGROUP.DEPBAR.LE 0)
+      // above the exp2s, to round each P right after its exp2 into pa, so
+      // only the scaling, masking and row maxima overlap the P V; P into
+      // registers of its own (copied to pa after the wait) made ptxas
+      // serialise every wgmma instead. See benchmarks/NOTES.md.
+      if (n_blocks > 0) {
+        float alpha[2];
+        wait_full(0);
+        wgmma_fence();
+        issue_s(0);
+        wgmma_wait<0>();
+        wgmma_fence_operand(sacc);
+        softmax(0, alpha);  // O is still zero: no rescale
+        acc_to_a<T, kN>(sacc, pa);
+        for (int nb = 1; nb < n_blocks; ++nb) {
+          wait_full(nb);
+          wgmma_fence();
+          issue_s(nb % kStages);
+          issue_pv((nb - 1) % kStages);
+          wgmma_wait<1>();
+          wgmma_fence_operand(sacc);
+          softmax(nb, alpha);
+          wgmma_wait<0>();
+          wgmma_fence_operand(o);
+          wgmma_fence_operand(pa);
+          release((nb - 1) % kStages);
+          rescale_o(alpha);
+          acc_to_a<T, kN>(sacc, pa);
+        }
+        wgmma_fence();
+        issue_pv((n_blocks - 1) % kStages);
+        wgmma_wait<0>();
+        wgmma_fence_operand(o);
+        wgmma_fence_operand(pa);
+        release((n_blocks - 1) % kStages);
+      }
+    } else {
+      // One tile at a time: S, softmax, P V, release.
+      for (int nb = 0; nb < n_blocks; ++nb) {
+        const int s = nb % kStages;
+        float alpha[2];
+        wait_full(nb);
+        wgmma_fence();
+        issue_s(s);
+        wgmma_wait<0>();
+        wgmma_fence_operand(sacc);
+        softmax(nb, alpha);
+        rescale_o(alpha);
+        acc_to_a<T, kN>(sacc, pa);
+        wgmma_fence();
+        issue_pv(s);
+        wgmma_wait<0>();
+        wgmma_fence_operand(o);
+        wgmma_fence_operand(pa);
+        release(s);
+      }
     }
 
     float inv[2];
