@@ -336,3 +336,56 @@ def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):
     pt, _ = reference.attention(shifted, k, v, scale=0.3, causal=False, causal_offset=0)
     assert_close(got, ref, pt, "out")
 # ---- end of the Hopper forward tests ----
+
+
+# ---- CUDA forward, Stage 2 (sm_90a) and Stage 1 (mma.sync) -----------------
+# On compute capability 9.x the CUDA forward for head dims that pad to 64 or
+# 128 runs the sm_90a kernel unless PYEXT_FLASH_SM90=0 (read per call): these
+# cases run each path, set through the environment. Head dims 64, 128 and ones
+# that pad to them (40, 120; 72 pads to 96, Stage 1 either way), 128-row query tiles ragged both ways, key
+# tiles of 128 ragged, GQA, Sq = 1, rows that see no key (causal, Sq > Sk).
+SM90_SHAPES = SHAPES + [
+    (2, 4, 2, 129, 257, 128),
+    (1, 2, 1, 300, 131, 72),
+    (1, 3, 1, 1, 200, 120),
+    (1, 2, 2, 255, 64, 64),
+    (1, 2, 2, 128, 128, 128),
+]
+
+
+@pytest.fixture(params=["sm90", "stage1"])
+def cuda_fwd_stage(request, monkeypatch):
+    if request.param == "sm90" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the sm_90a forward needs a device of compute capability 9.x")
+    monkeypatch.setenv("PYEXT_FLASH_SM90", "1" if request.param == "sm90" else "0")
+    return request.param
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
+def test_cuda_forward_stages_match_oracle(backend, cuda_fwd_stage, dtype, causal, shape):
+    check_flash(backend, *qkv(shape, dtype, "cuda"), causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_cuda_forward_stages_on_bshd_views(backend, cuda_fwd_stage):
+    check_flash(backend, *qkv((2, 4, 2, 150, 140, 128), torch.bfloat16, "cuda", "bshd"), True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_forward_runs_the_stage_asked_for(backend, cuda_fwd_stage, head_dim):
+    """The sm_90a kernel is what runs when it should (no silent fall-back to
+    Stage 1, e.g. a tensor map the driver refused), and never when it is off."""
+    q, k, v = (t.detach() for t in qkv((1, 2, 2, 200, 200, head_dim), torch.float16, "cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 0)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("flash_fwd_sm90_kernel" in n for n in names) == (cuda_fwd_stage == "sm90"), names
+# ---- end of the Stage 2 block -----------------------------------------------

@@ -2,7 +2,9 @@
 (cuobjdump --dump-sass), with no GPU: every op built for sm_80 and sm_90a,
 no local memory (register spills or run-time-indexed arrays) in any kernel,
 16-byte loads and stores in the vectorised elementwise kernels, tensor cores
-(HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) in the attention kernels."""
+(HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) in the attention kernels, and
+warpgroup tensor cores (HGMMA), the bulk tensor copy engine (UTMALDG) and
+mbarriers (SYNCS) in the sm_90a attention forward."""
 import functools
 import glob
 import os
@@ -83,3 +85,27 @@ def test_flash_attention_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
         for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
             assert op in code, f"{op} missing from {name}"
         assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+
+
+def test_sm90_flash_forward_uses_wgmma_tma_and_mbarriers():
+    kernels = {n: c for n, c in _sass("sm_90a").items() if "flash_fwd_sm90_kernel" in n}
+    assert len(kernels) == 2 * 2, sorted(kernels)  # two dtypes; head dims 64 and 128
+    for name, code in kernels.items():
+        # S = Q K^T: 64x128 tiles, both operands from shared memory; O += P V:
+        # A (P) from registers, B (V) transposed from shared memory.
+        assert re.search(r"HGMMA\.64x128x16\.F32\S* R\d+, gdesc", code), f"no SS HGMMA in {name}"
+        assert re.search(r"HGMMA\.64x(64|128)x16\.F32\S* R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", code), \
+            f"no register-A HGMMA with transposed B in {name}"
+        for op in ("UTMALDG.4D", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64", "WARPGROUP.DEPBAR",
+                   "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"):
+            assert op in code, f"{op} missing from {name}"
+        assert "HMMA.16816" not in code, f"mma.sync in {name}"
+        assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+
+
+def test_sm90_flash_forward_is_a_stub_for_sm80():
+    """The sm_80 pass compiles the sm_90a-only kernel to a trap: no tensor core code."""
+    kernels = {n: c for n, c in _sass("sm_80").items() if "flash_fwd_sm90_kernel" in n}
+    assert len(kernels) == 2 * 2, sorted(kernels)
+    for name, code in kernels.items():
+        assert "BPT.TRAP" in code and "HMMA" not in code, name

@@ -40,6 +40,12 @@ inline int flash_padded_head_dim(int d) { return (d + 31) / 32 * 32; }
 // T is __half or __nv_bfloat16; kD one of kFlashHeadDims. Instantiated in
 // flash_fwd_hdim*.cu and flash_bwd_hdim*.cu.
 template <typename T, int kD> void flash_fwd(const FlashAttnParams& p, cudaStream_t stream);
+// Stage 2 forward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or 128
+// (head dims that pad to them); instantiated in flash_fwd_sm90_hdim*.cu.
+// Returns false, having launched nothing, where it cannot run: the extension
+// was built without sm_90a code, or the driver refuses a TMA tensor map for
+// these strides (cuTensorMapEncodeTiled); the caller then runs flash_fwd.
+template <typename T, int kD> bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
 // dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
 template <typename T, int kD> void flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
 // delta = rowsum(dout * out) in fp32; instantiated in flash_bwd_delta.cu.

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -81,9 +83,29 @@ void check_grid(const char* op, const FlashAttnParams& p) {
               ": sequence too long for the grid (at most 65535 blocks of 64)");
 }
 
+// Stage 2 forward (sm_90a: wgmma, TMA, warp specialisation) runs on devices
+// of compute capability 9.x for head dims that pad to 64 or 128, unless the
+// environment says PYEXT_FLASH_SM90=0 (read on every call, so a test or a
+// benchmark can compare both stages in one process). Everything else, and any
+// case flash_fwd_sm90 turns down (no sm_90a code in this build, a layout the
+// TMA driver refuses), runs Stage 1.
+bool sm90_forward_wanted(int device) {
+  const char* env = std::getenv("PYEXT_FLASH_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9;
+}
+
 template <typename T>
-void launch_fwd(const FlashAttnParams& p, cudaStream_t s) {
-  switch (flash_padded_head_dim(p.head_dim)) {
+void launch_fwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
+  const int padded = flash_padded_head_dim(p.head_dim);
+  if (sm90 && padded == 64 && flash_fwd_sm90<T, 64>(p, s)) return;
+  if (sm90 && padded == 128 && flash_fwd_sm90<T, 128>(p, s)) return;
+  switch (padded) {
     case 32: return flash_fwd<T, 32>(p, s);
     case 64: return flash_fwd<T, 64>(p, s);
     case 96: return flash_fwd<T, 96>(p, s);
@@ -110,9 +132,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool sm90 = sm90_forward_wanted(q.get_device());
   AT_DISPATCH_SWITCH(q.scalar_type(), "flash_attn_fwd_cuda",
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_fwd<cuda_t<scalar_t>>(p, stream); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_fwd<cuda_t<scalar_t>>(p, stream); }));
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); }));
   check_launch("flash_attn_fwd_cuda");
   return {out, lse};
 }

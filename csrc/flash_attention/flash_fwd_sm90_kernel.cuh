@@ -1,0 +1,342 @@
+// FlashAttention forward, Stage 2: sm_90a (Hopper) with wgmma, TMA and warp
+// specialisation. Same math, masking and outputs as Stage 1
+// (flash_fwd_kernel.cuh: base-2 online softmax with log2(e) folded into the
+// scale, rows that see no key -> out 0, lse -inf); head dims 64 and 128 (a
+// head dim that pads to one of them, TMA zero-filling the columns past d).
+//
+// CTA = 128 query rows of one (batch, query head), 384 threads:
+//   warpgroup 0, producer: gives registers back (setmaxnreg.dec to 24); one
+//     thread issues the TMA copies: Q once, then K and V tiles of kBlockN keys
+//     into a ring of kStages shared buffers. full[s] completes when tile data
+//     has landed (1 arrival with expect_tx + the bytes); empty[s] when all 8
+//     consumer warps are done reading buffer s (8 arrivals).
+//   warpgroups 1, 2, consumers (setmaxnreg.inc to 240): each owns 64 query
+//     rows. Per tile: S = Q K^T (wgmma, A = Q and B = K from shared memory,
+//     both K-major), masking and online softmax in fp32 registers, P rounded
+//     to 16 bits in registers, O += P V (wgmma, A = P from registers, B = V
+//     from shared memory, MN-major: the transpose bit). Then the buffer is
+//     released and the epilogue stores O / l and lse with plain stores.
+// Shared tiles are TMA boxes of 64 head-dim elements (128 bytes, the 128-byte
+// swizzle width) by the tile's rows; a D = 128 tile is two boxes one after
+// the other. See wgmma.cuh for the descriptor of each operand.
+//
+// Overlap: the producer keeps the next K/V tiles in flight (3 buffers) while
+// a tile is used; within a consumer warpgroup, tile nb's S = Q K^T is issued
+// together with tile nb - 1's P V, and tile nb's softmax starts while that
+// P V runs (kIntraWgOverlap; see the loop for what ptxas keeps of it); the
+// two consumer warpgroups run independently, so the tensor cores can work
+// for one while the other does its softmax (left to the warp schedulers: no
+// ping-pong barrier yet, the next step, see benchmarks/NOTES.md).
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "common/tma.cuh"
+#include "common/tma_host.h"
+#include "common/wgmma.cuh"
+#include "flash_attention/flash_attention.h"
+#include "flash_attention/flash_tile.cuh"
+
+namespace pyext {
+
+template <int kD>
+struct FlashFwdSm90Traits {
+  static_assert(kD == 64 || kD == 128, "Stage 2 forward covers head dims 64 and 128");
+  static constexpr int kBlockM = 128;  // two consumer warpgroups x 64 rows
+  static constexpr int kBlockN = 128;  // keys per K/V tile (wgmma N of S = Q K^T)
+  // Tile nb - 1's P V overlaps tile nb's softmax (see the consumer loop);
+  // false: one tile at a time, S, softmax, P V.
+  static constexpr bool kIntraWgOverlap = true;
+  // K/V ring depth. With the overlap, buffer nb - 1 is released only after
+  // tile nb's softmax: a third buffer lets tile nb + 1 load meanwhile.
+  static constexpr int kStages = kIntraWgOverlap ? 3 : 2;
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kBoxCols = 64;  // head-dim elements per TMA box: 128 bytes
+  static constexpr int kBoxes = kD / kBoxCols;
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kTileBytes = kBlockN * kD * 2;  // one K (or V) tile
+  // Q + kStages x (K + V) + 1 KB to align the base to 1024 (128-byte swizzle
+  // atoms). 3 stages: D 64: 16 + 3 x 32 + 1 = 113 KB; D 128: 32 + 3 x 64 + 1
+  // = 225 KB, with the barriers and the 1 KB ptxas reserves 226 KB of the
+  // 227 KB a block may have (2 stages: 81 and 161 KB).
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + 1024;
+  // 384 threads x 168 (the cap that __launch_bounds__(384, 1) gives) = 64512
+  // registers = 128 x 24 + 256 x 240: the producer's give-back pays for the
+  // consumers' raise.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(kSmemBytes + 2048 <= 227 * 1024, "shared memory over the sm_90 per-block limit");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                          const __grid_constant__ CUtensorMap tm_v, const FlashAttnParams p) {
+#if PYEXT_SM90A
+  using Tr = FlashFwdSm90Traits<kD>;
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBoxes = Tr::kBoxes;
+  constexpr int kBox = Tr::kBoxCols;
+  // The barriers are static shared memory: the host reads a non-zero static
+  // size as "this binary holds the sm_90a body" (the stub below has none).
+  __shared__ uint64_t bars[1 + 2 * kStages];
+  uint64_t* q_full = bars;
+  uint64_t* full = bars + 1;
+  uint64_t* empty = bars + 1 + kStages;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* sq = reinterpret_cast<T*>(smem);      // [kBoxes][kM][64]
+  T* sk = sq + kM * kD;                    // [kStages][kBoxes][kN][64]
+  T* sv = sk + kStages * kN * kD;          // [kStages][kBoxes][kN][64]
+
+  const int tid = threadIdx.x, warpgroup = tid / 128;
+  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kM;  // the longest causal rows start first
+  // Keys past n_end are masked for every row of this block; both consumer
+  // warpgroups walk all n_blocks tiles (each release needs all 8 warps).
+  const int n_end = p.causal ? max(0, min(p.seq_k, min(m0 + kM, p.seq_q) + p.causal_offset)) : p.seq_k;
+  const int n_blocks = (n_end + kN - 1) / kN;
+
+  if (tid == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], Tr::kConsumerWarps);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    if (tid == 0 && n_blocks > 0) {
+      prefetch_tensor_map(&tm_q);
+      prefetch_tensor_map(&tm_k);
+      prefetch_tensor_map(&tm_v);
+      mbarrier_arrive_expect_tx(q_full, Tr::kQBytes);
+#pragma unroll
+      for (int x = 0; x < kBoxes; ++x) tma_load_4d(sq + x * kM * kBox, &tm_q, q_full, x * kBox, m0, h, b);
+      for (int nb = 0; nb < n_blocks; ++nb) {
+        const int s = nb % kStages;
+        // Buffer s last held tile nb - kStages: its release is the
+        // (nb / kStages - 1)-th completion of empty[s].
+        if (nb >= kStages) mbarrier_wait(&empty[s], (nb / kStages - 1) & 1);
+        mbarrier_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
+#pragma unroll
+        for (int x = 0; x < kBoxes; ++x)
+          tma_load_4d(sk + (s * kBoxes + x) * kN * kBox, &tm_k, &full[s], x * kBox, nb * kN, hk, b);
+#pragma unroll
+        for (int x = 0; x < kBoxes; ++x)
+          tma_load_4d(sv + (s * kBoxes + x) * kN * kBox, &tm_v, &full[s], x * kBox, nb * kN, hk, b);
+      }
+    }
+  } else {
+    // ---- consumers ----
+    setmaxnreg_inc<Tr::kConsumerRegs>();
+    const int wg = warpgroup - 1, lane = tid % 32, warp = (tid % 128) / 32;
+    const int m0w = m0 + wg * 64;                // this warpgroup's first row
+    const int row = m0w + warp * 16 + lane / 4;  // this lane's rows: row, row + 8
+
+    // Descriptors (wgmma.cuh). Q: this warpgroup's 64 rows of each box, k
+    // step ks in box ks / 4 at byte 32 (ks % 4) of the row. K: the 128 rows
+    // of a box, same k stepping. V (MN-major): k step = 16 keys = 2048 bytes,
+    // the second 64 columns (D = 128) one box (kN x 128 bytes) further: LBO.
+    const uint64_t dq = smem_desc_sw128(sq + wg * 64 * kBox, 16, 1024);
+    const uint64_t dk = smem_desc_sw128(sk, 16, 1024);
+    const uint64_t dv = smem_desc_sw128(sv, kN * kBox * 2, 1024);
+    constexpr uint64_t kQBox = kM * kBox * 2 >> 4, kTileBox = kN * kBox * 2 >> 4, kStage = kD * kN * 2 >> 4;
+
+    const float scale2 = p.scale * kLog2e;
+    float o[kD / 8][4];
+    zero(o);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's partial row sums
+    if (n_blocks > 0) mbarrier_wait(q_full, 0);
+
+    float sacc[kN / 8][4];   // S of the current tile, then P in fp32
+    uint32_t pa[kN / 16][4];  // P rounded to T: the A operand of P V
+    // S = Q K^T for the tile in buffer s, issued and committed (one group).
+    auto issue_s = [&](int s) {
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        const uint64_t off = (ks / 4) * kQBox + (ks % 4) * 2;  // box ks / 4, 32 bytes per k step in it
+        Wgmma<T, kN>::template ss<0>(sacc, dq + off, dk + s * kStage + (ks / 4) * kTileBox + (ks % 4) * 2, ks > 0);
+      }
+      wgmma_commit();
+    };
+    // O += P V for the tile in buffer s, issued and committed (one group).
+    auto issue_pv = [&](int s) {
+#pragma unroll
+      for (int ks = 0; ks < kN / 16; ++ks)
+        Wgmma<T, kD>::template rs<1>(o, pa[ks], dv + s * kStage + ks * (16 * kBox * 2 >> 4), 1);
+      wgmma_commit();
+    };
+    // Masking and online softmax of tile nb on sacc (complete): m, l updated,
+    // sacc = exp2(s - m'), and alpha = exp2(m - m') for O, left to the caller.
+    auto softmax = [&](int nb, float (&alpha)[2]) {
+      const int n0 = nb * kN;
+      const bool edge = n0 + kN > p.seq_k || (p.causal && n0 + kN - 1 > m0w + p.causal_offset);
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sacc[j][e] *= scale2;
+          if (edge) {
+            const int col = n0 + 8 * j + 2 * (lane % 4) + e % 2, r = row + 8 * (e / 2);
+            if (col >= p.seq_k || (p.causal && col > r + p.causal_offset)) sacc[j][e] = -INFINITY;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[r];
+#pragma unroll
+        for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(sacc[j][2 * r], sacc[j][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        alpha[r] = exp2f(m[r] - m_use);
+        m[r] = mx;
+        l[r] *= alpha[r];
+#pragma unroll
+        for (int j = 0; j < kN / 8; ++j) {
+          sacc[j][2 * r] = exp2f(sacc[j][2 * r] - m_use);
+          sacc[j][2 * r + 1] = exp2f(sacc[j][2 * r + 1] - m_use);
+          l[r] += sacc[j][2 * r] + sacc[j][2 * r + 1];
+        }
+      }
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+      }
+    };
+    // This warp's reads of buffer s are done (wait_group in every lane): one
+    // arrival per warp.
+    auto release = [&](int s) {
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&empty[s]);
+    };
+    auto wait_full = [&](int nb) { mbarrier_wait(&full[nb % kStages], (nb / kStages) & 1); };
+
+    if constexpr (Tr::kIntraWgOverlap) {
+      // Tile nb's softmax runs while the tensor cores do tile nb - 1's P V:
+      //   issue S(nb); issue PV(nb - 1); wait S(nb) (wait_group 1: groups
+      //   complete in order); softmax(nb); wait PV(nb - 1); release nb - 1;
+      //   O *= alpha(nb); P(nb) -> pa.
+      // pa and o belong to the PV in flight until its wait: nothing writes
+      // them before, and wgmma_fence_operand keeps the compiler from reusing
+      // their registers early.
+      // SASS (ptxas 13.0): ptxas hoists the PV wait (WARPGROUP.DEPBAR.LE 0)
+      // above the exp2s, to round each P right after its exp2 into pa, so
+      // only the scaling, masking and row maxima overlap the P V; P into
+      // registers of its own (copied to pa after the wait) made ptxas
+      // serialise every wgmma instead. See benchmarks/NOTES.md.
+      if (n_blocks > 0) {
+        float alpha[2];
+        wait_full(0);
+        wgmma_fence();
+        issue_s(0);
+        wgmma_wait<0>();
+        wgmma_fence_operand(sacc);
+        softmax(0, alpha);  // O is still zero: no rescale
+        acc_to_a<T, kN>(sacc, pa);
+        for (int nb = 1; nb < n_blocks; ++nb) {
+          wait_full(nb);
+          wgmma_fence();
+          issue_s(nb % kStages);
+          issue_pv((nb - 1) % kStages);
+          wgmma_wait<1>();
+          wgmma_fence_operand(sacc);
+          softmax(nb, alpha);
+          wgmma_wait<0>();
+          wgmma_fence_operand(o);
+          wgmma_fence_operand(pa);
+          release((nb - 1) % kStages);
+          rescale_o(alpha);
+          acc_to_a<T, kN>(sacc, pa);
+        }
+        wgmma_fence();
+        issue_pv((n_blocks - 1) % kStages);
+        wgmma_wait<0>();
+        wgmma_fence_operand(o);
+        wgmma_fence_operand(pa);
+        release((n_blocks - 1) % kStages);
+      }
+    } else {
+      // One tile at a time: S, softmax, P V, release.
+      for (int nb = 0; nb < n_blocks; ++nb) {
+        const int s = nb % kStages;
+        float alpha[2];
+        wait_full(nb);
+        wgmma_fence();
+        issue_s(s);
+        wgmma_wait<0>();
+        wgmma_fence_operand(sacc);
+        softmax(nb, alpha);
+        rescale_o(alpha);
+        acc_to_a<T, kN>(sacc, pa);
+        wgmma_fence();
+        issue_pv(s);
+        wgmma_wait<0>();
+        wgmma_fence_operand(o);
+        wgmma_fence_operand(pa);
+        release(s);
+      }
+    }
+
+    float inv[2];
+    const int64_t row_base = int64_t(bh) * p.seq_q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      if (lane % 4 == 0 && row + 8 * r < p.seq_q)
+        p.lse[row_base + row + 8 * r] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+    store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * p.head_dim, o, row, p.seq_q, 0, p.head_dim, inv, lane);
+  }
+#else
+  // Built for an arch without sm_90a features: never launched (the host
+  // checks for the static shared memory above first).
+  __trap();
+#endif
+}
+
+template <typename T, int kD>
+bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
+  using Tr = FlashFwdSm90Traits<kD>;
+  auto kernel = flash_fwd_sm90_kernel<T, kD>;
+  // The binary for this device holds the sm_90a body only if the build
+  // targeted sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a); its barriers are the
+  // only static shared memory, the stub has none.
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.sharedSizeBytes == 0) {
+    cudaGetLastError();
+    return false;
+  }
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const uint64_t d = p.head_dim;
+  CUtensorMap tq, tk, tv;
+  if (!make_tensor_map_4d_16bit(&tq, kBf16, p.q, {d, uint64_t(p.seq_q), uint64_t(p.heads_q), uint64_t(p.batch)},
+                                {p.q_row_stride, p.q_head_stride, p.q_batch_stride}, Tr::kBoxCols, Tr::kBlockM) ||
+      !make_tensor_map_4d_16bit(&tk, kBf16, p.k, {d, uint64_t(p.seq_k), uint64_t(p.heads_kv), uint64_t(p.batch)},
+                                {p.k_row_stride, p.k_head_stride, p.k_batch_stride}, Tr::kBoxCols, Tr::kBlockN) ||
+      !make_tensor_map_4d_16bit(&tv, kBf16, p.v, {d, uint64_t(p.seq_k), uint64_t(p.heads_kv), uint64_t(p.batch)},
+                                {p.v_row_stride, p.v_head_stride, p.v_batch_stride}, Tr::kBoxCols, Tr::kBlockN))
+    return false;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, p);
+  return true;
+}
+
+}  // namespace pyext
