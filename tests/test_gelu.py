@@ -55,6 +55,10 @@ def test_non_contiguous(backend, layout):
 def test_nan_and_inf_match_torch(backend, approximate):
     x = make_tensor((64,), torch.float32, device_for(backend))
     x[3], x[10], x[20], x[30] = float("nan"), float("inf"), float("-inf"), -40.0
+    if backend == "torch" and F.gelu(x, approximate=approximate)[10].isnan():
+        # torch's vectorised float32 CPU kernel (AVX-512 at least) gives NaN for
+        # gelu(+inf), its scalar path and float64 give inf; the torch backend is torch.
+        pytest.skip("torch's own float32 gelu gives NaN at +inf on this CPU")
     check_gelu(backend, x, approximate)
 
 
