@@ -33,19 +33,20 @@ test: ext
 bench: ext
 	$(PY) -m benchmarks --out $(OUT)
 
-# On the GPU machine: its own python3 and packages, no network. `gpu-check` is
-# `gpu-test` (build for sm_80 and sm_90a, every test, GPU-marked ones too,
-# in parallel where pytest-xdist is installed) then `gpu-bench` (the benchmark
-# suite and the training run, one process at a time, so timings see an idle
-# GPU). A device call runs at most 10 minutes: TESTS= narrows the tests,
-# BENCH_ARGS= the benchmarks (e.g. "--ops attention"), TRAIN=0 skips the
-# training run, and BENCH_LIMIT=seconds stops the suite (0: never; it reports the cases
-# it finished).
-# Each fails at the end if any of its steps failed. The plots are packed
-# into one plots.tgz (the device tool brings back at most 8 files).
+# On the GPU machine: its own python3 and packages, no network. `gpu-check`
+# is .ci/gpu-check: build, tests, benchmarks in one device call, each stage
+# inside what is left of GPU_SECONDS (see that script). For runs split across
+# calls by hand: `gpu-test` (build for sm_80 and sm_90a, every test, GPU-marked
+# ones too, in parallel where pytest-xdist is installed; TESTS= narrows them)
+# and `gpu-bench` (the benchmark suite and the training run, one process at a
+# time, so timings see an idle GPU; BENCH_ARGS= e.g. "--ops attention",
+# TRAIN=0 skips the training run, BENCH_LIMIT=seconds stops the suite, which
+# then reports the cases it finished). Each fails at the end if any of its
+# steps failed. The plots are packed into one plots.tgz (the device tool
+# brings back at most 8 files).
 # Peers the GPU image lacks (Liger-Kernel, pure Python) travel as wheels:
 # `make peer-wheels` here, where there is a network, then carry .whl;
-# gpu-bench installs them from that folder alone (--no-index).
+# the GPU targets install them from that folder alone (--no-index).
 GPU_ARCHS   ?= 8.0;9.0a
 PEER_WHEELS ?= .whl
 PEERS       ?= liger-kernel==0.8.5
@@ -57,7 +58,8 @@ XDIST       := $(shell python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 # A kernel that hangs fails its test after 5 minutes instead of eating the call.
 TIMEOUT     := $(shell python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")
 
-gpu-check: gpu-test gpu-bench
+gpu-check:
+	OUT=$(OUT) bash .ci/gpu-check
 
 gpu-test:
 	mkdir -p $(OUT)
