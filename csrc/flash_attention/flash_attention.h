@@ -43,8 +43,9 @@ template <typename T, int kD> void flash_fwd(const FlashAttnParams& p, cudaStrea
 // Stage 2 forward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or 128
 // (head dims that pad to them); instantiated in flash_fwd_sm90_hdim*.cu.
 // Returns false, having launched nothing, where it cannot run: the extension
-// was built without sm_90a code, or the driver refuses a TMA tensor map for
-// these strides (cuTensorMapEncodeTiled); the caller then runs flash_fwd.
+// was built without sm_90a code, the driver refuses a TMA tensor map for
+// these strides (cuTensorMapEncodeTiled) or the dynamic shared memory size;
+// the caller then runs flash_fwd.
 template <typename T, int kD> bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
 // dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
 template <typename T, int kD> void flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
