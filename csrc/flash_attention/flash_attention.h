@@ -38,8 +38,10 @@ constexpr int kFlashHeadDims[] = {32, 64, 96, 128, 160, 192, 224, 256};
 inline int flash_padded_head_dim(int d) { return (d + 31) / 32 * 32; }
 
 // T is __half or __nv_bfloat16; kD one of kFlashHeadDims. Instantiated in
-// flash_fwd_hdim*.cu and flash_bwd_hdim*.cu.
-template <typename T, int kD> void flash_fwd(const FlashAttnParams& p, cudaStream_t stream);
+// flash_fwd_hdim*.cu and flash_bwd_hdim*.cu. flash_fwd and flash_bwd return
+// false, having launched nothing, when the device has less shared memory per
+// block than the kernels for kD need (the larger head dims on sm_86/sm_89).
+template <typename T, int kD> bool flash_fwd(const FlashAttnParams& p, cudaStream_t stream);
 // Stage 2 forward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or 128
 // (head dims that pad to them); instantiated in flash_fwd_sm90_hdim*.cu.
 // Returns false, having launched nothing, where it cannot run: the extension
@@ -48,7 +50,7 @@ template <typename T, int kD> void flash_fwd(const FlashAttnParams& p, cudaStrea
 // the caller then runs flash_fwd.
 template <typename T, int kD> bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
 // dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
-template <typename T, int kD> void flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
+template <typename T, int kD> bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
 // delta = rowsum(dout * out) in fp32; instantiated in flash_bwd_delta.cu.
 template <typename T> void flash_bwd_delta(const FlashAttnParams& p, cudaStream_t stream);
 

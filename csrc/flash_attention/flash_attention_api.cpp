@@ -83,6 +83,14 @@ void check_grid(const char* op, const FlashAttnParams& p) {
               ": sequence too long for the grid (at most 65535 blocks of 64)");
 }
 
+void check_shared_memory(const char* op, bool launched, int head_dim, int device) {
+  if (launched) return;
+  int limit = 0;
+  cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  TORCH_CHECK(false, op, ": head dim ", head_dim, " needs more shared memory per block than this GPU allows (",
+              limit, " bytes); backend='triton' runs it");
+}
+
 // Stage 2 forward (sm_90a: wgmma, TMA, warp specialisation) runs on devices
 // of compute capability 9.x for head dims that pad to 64 or 128, unless the
 // environment says PYEXT_FLASH_SM90=0 (read on every call, so a test or a
@@ -100,11 +108,13 @@ bool sm90_forward_wanted(int device) {
   return major == 9;
 }
 
+// Each launch_* returns false, having launched nothing, when this GPU has too
+// little shared memory per block for the head dim's kernels.
 template <typename T>
-void launch_fwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
+bool launch_fwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
   const int padded = flash_padded_head_dim(p.head_dim);
-  if (sm90 && padded == 64 && flash_fwd_sm90<T, 64>(p, s)) return;
-  if (sm90 && padded == 128 && flash_fwd_sm90<T, 128>(p, s)) return;
+  if (sm90 && padded == 64 && flash_fwd_sm90<T, 64>(p, s)) return true;
+  if (sm90 && padded == 128 && flash_fwd_sm90<T, 128>(p, s)) return true;
   switch (padded) {
     case 32: return flash_fwd<T, 32>(p, s);
     case 64: return flash_fwd<T, 64>(p, s);
@@ -133,16 +143,18 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = sm90_forward_wanted(q.get_device());
+  bool launched = false;
   AT_DISPATCH_SWITCH(q.scalar_type(), "flash_attn_fwd_cuda",
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); }));
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launched = launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); })
+                     AT_DISPATCH_CASE(at::kBFloat16,
+                                      [&] { launched = launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); }));
+  check_shared_memory("flash_attn_fwd_cuda", launched, p.head_dim, q.get_device());
   check_launch("flash_attn_fwd_cuda");
   return {out, lse};
 }
 
 template <typename T>
-void launch_bwd(const FlashAttnParams& p, cudaStream_t s) {
-  flash_bwd_delta<T>(p, s);
+bool launch_bwd(const FlashAttnParams& p, cudaStream_t s) {
   switch (flash_padded_head_dim(p.head_dim)) {
     case 32: return flash_bwd<T, 32>(p, s);
     case 64: return flash_bwd<T, 64>(p, s);
@@ -191,9 +203,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(q.scalar_type(), op,
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_bwd<cuda_t<scalar_t>>(p, stream); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_bwd<cuda_t<scalar_t>>(p, stream); }));
+  bool launched = false;
+  AT_DISPATCH_SWITCH(q.scalar_type(), op, AT_DISPATCH_CASE(at::kHalf, [&] {
+                       flash_bwd_delta<cuda_t<scalar_t>>(p, stream);
+                       launched = launch_bwd<cuda_t<scalar_t>>(p, stream);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       flash_bwd_delta<cuda_t<scalar_t>>(p, stream);
+                       launched = launch_bwd<cuda_t<scalar_t>>(p, stream);
+                     }));
+  check_shared_memory(op, launched, p.head_dim, q.get_device());
   check_launch(op);
   return {dq, dk, dv};
 }

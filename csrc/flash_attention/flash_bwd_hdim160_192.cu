@@ -2,8 +2,8 @@
 #include "flash_attention/flash_bwd_launch.cuh"
 
 namespace pyext {
-template void flash_bwd<__half, 160>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__nv_bfloat16, 160>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__half, 192>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__nv_bfloat16, 192>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__half, 160>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__nv_bfloat16, 160>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__half, 192>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__nv_bfloat16, 192>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

@@ -2,8 +2,8 @@
 #include "flash_attention/flash_bwd_launch.cuh"
 
 namespace pyext {
-template void flash_bwd<__half, 224>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__nv_bfloat16, 224>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__half, 256>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__nv_bfloat16, 256>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__half, 224>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__nv_bfloat16, 224>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__half, 256>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__nv_bfloat16, 256>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

@@ -2,8 +2,8 @@
 #include "flash_attention/flash_bwd_launch.cuh"
 
 namespace pyext {
-template void flash_bwd<__half, 32>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__nv_bfloat16, 32>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__half, 64>(const FlashAttnParams&, cudaStream_t);
-template void flash_bwd<__nv_bfloat16, 64>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__half, 32>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__nv_bfloat16, 32>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__half, 64>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd<__nv_bfloat16, 64>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

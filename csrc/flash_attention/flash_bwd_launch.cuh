@@ -3,28 +3,24 @@
 // flash_bwd_delta). Included by the flash_bwd_hdim*.cu instantiation files.
 #pragma once
 
+#include "common/launch.h"
 #include "flash_attention/flash_bwd_dkdv_kernel.cuh"
 #include "flash_attention/flash_bwd_dq_kernel.cuh"
 
 namespace pyext {
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
 template <typename T, int kD>
-void flash_bwd(const FlashAttnParams& p, cudaStream_t stream) {
+bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream) {
   using KV = FlashBwdDkDvTraits<kD>;
   using Q = FlashBwdDqTraits<kD>;
   auto dkdv = flash_bwd_dkdv_kernel<T, kD>;
   auto dq = flash_bwd_dq_kernel<T, kD>;
-  allow_smem(dkdv, KV::kSmemBytes);
-  allow_smem(dq, Q::kSmemBytes);
+  if (!opt_in_smem(dkdv, KV::kSmemBytes) || !opt_in_smem(dq, Q::kSmemBytes)) return false;
   const dim3 grid_kv(p.batch * p.heads_kv, (p.seq_k + KV::kBlockN - 1) / KV::kBlockN);
   dkdv<<<grid_kv, KV::kThreads, KV::kSmemBytes, stream>>>(p);
   const dim3 grid_q(p.batch * p.heads_q, (p.seq_q + Q::kBlockM - 1) / Q::kBlockM);
   dq<<<grid_q, Q::kThreads, Q::kSmemBytes, stream>>>(p);
+  return true;
 }
 
 }  // namespace pyext

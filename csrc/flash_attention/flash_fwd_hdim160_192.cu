@@ -2,8 +2,8 @@
 #include "flash_attention/flash_fwd_kernel.cuh"
 
 namespace pyext {
-template void flash_fwd<__half, 160>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__nv_bfloat16, 160>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__half, 192>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__nv_bfloat16, 192>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__half, 160>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__nv_bfloat16, 160>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__half, 192>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__nv_bfloat16, 192>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

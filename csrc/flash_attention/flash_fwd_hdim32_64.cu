@@ -2,8 +2,8 @@
 #include "flash_attention/flash_fwd_kernel.cuh"
 
 namespace pyext {
-template void flash_fwd<__half, 32>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__nv_bfloat16, 32>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__half, 64>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__nv_bfloat16, 64>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__half, 32>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__nv_bfloat16, 32>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__half, 64>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__nv_bfloat16, 64>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

@@ -2,8 +2,8 @@
 #include "flash_attention/flash_fwd_kernel.cuh"
 
 namespace pyext {
-template void flash_fwd<__half, 96>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__nv_bfloat16, 96>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__half, 128>(const FlashAttnParams&, cudaStream_t);
-template void flash_fwd<__nv_bfloat16, 128>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__half, 96>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__nv_bfloat16, 96>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__half, 128>(const FlashAttnParams&, cudaStream_t);
+template bool flash_fwd<__nv_bfloat16, 128>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+#include "common/launch.h"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_tile.cuh"
 
@@ -138,13 +139,13 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
 }
 
 template <typename T, int kD>
-void flash_fwd(const FlashAttnParams& p, cudaStream_t stream) {
+bool flash_fwd(const FlashAttnParams& p, cudaStream_t stream) {
   using Tr = FlashFwdTraits<kD>;
   auto kernel = flash_fwd_kernel<T, kD>;
-  if (Tr::kSmemBytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
   const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return true;
 }
 
 }  // namespace pyext

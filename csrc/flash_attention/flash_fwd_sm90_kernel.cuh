@@ -32,6 +32,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "common/launch.h"
 #include "common/tma.cuh"
 #include "common/tma_host.h"
 #include "common/wgmma.cuh"
@@ -333,13 +334,8 @@ bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
       !make_tensor_map_4d_16bit(&tv, kBf16, p.v, {d, uint64_t(p.seq_k), uint64_t(p.heads_kv), uint64_t(p.batch)},
                                 {p.v_row_stride, p.v_head_stride, p.v_batch_stride}, Tr::kBoxCols, Tr::kBlockN))
     return false;
-  // 113 / 225 KB of dynamic shared memory need the opt-in; should a device refuse
-  // it, run Stage 1 rather than fail the launch (and clear the error, which
-  // check_launch would otherwise report after Stage 1 ran).
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
+  // 113 / 225 KB of dynamic shared memory: should a device refuse it, Stage 1 runs.
+  if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
   const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, p);
   return true;
