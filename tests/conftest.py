@@ -75,7 +75,24 @@ def assert_close(out, ref, pt, name="output"):
     pt_err = (pt64[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
     bound = 2 * pt_err + FLOOR[out.dtype]
     assert err <= bound, (f"{name}: max error {err:.3g} > 2 * torch's {pt_err:.3g} + floor "
-                          f"{FLOOR[out.dtype]:.0e} = {bound:.3g} ({out.dtype})")
+                          f"{FLOOR[out.dtype]:.0e} = {bound:.3g} ({out.dtype}); "
+                          + where_wrong(((out64 - ref).abs() > bound) & finite))
+
+
+def where_wrong(bad: torch.Tensor) -> str:
+    """Where the elements over the bound sit, to point at the kernel code that
+    wrote them: how many, the first, the range of each index, and for 2-D and
+    up how they fall in 16 x 16 tiles (rows, columns < 8 or >= 8), the unit of
+    the mma fragments."""
+    idx = bad.nonzero()
+    ranges = ", ".join(f"{lo}..{hi}" for lo, hi in zip(idx.min(0).values.tolist(), idx.max(0).values.tolist()))
+    text = f"{len(idx)} of {bad.numel()} elements wrong, first at {tuple(idx[0].tolist())}, index ranges ({ranges})"
+    if bad.dim() >= 2:
+        halves = torch.stack([idx[:, -2] % 16 >= 8, idx[:, -1] % 16 >= 8], 1).long()
+        kinds, counts = halves.unique(dim=0, return_counts=True)
+        text += ", by (row%16>=8, col%16>=8): " + ", ".join(
+            f"{tuple(k.tolist())}: {c}" for k, c in zip(kinds, counts.tolist()))
+    return text
 
 
 def make_tensor(shape, dtype, device, layout="contiguous", scale=1.0, requires_grad=False):
