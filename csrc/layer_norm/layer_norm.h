@@ -44,7 +44,8 @@ struct NormBwdParams {
 };
 
 // T is float, double, __half or __nv_bfloat16; W is T, or float when T is
-// __half or __nv_bfloat16. Instantiated in layer_norm.cu.
+// __half or __nv_bfloat16. Instantiated in layer_norm_fwd.cu and
+// layer_norm_bwd.cu.
 template <typename T, typename W> void norm_fwd(const NormFwdParams& p, cudaStream_t stream);
 // Rows of partials the backward needs (its stage-one grid) for p.rows, p.cols
 // and the pointers' alignment; p.rows > 0.
