@@ -1,7 +1,9 @@
 """`python -m benchmarks`: every op of pyext against its peers, in one run.
 
 Each op has a module here with a `cases(quick, dtypes)` generator of
-harness.Case; OPS lists them in the order they run.
+harness.Case and a `count(quick, dtypes)` of how many it makes (for the
+progress bar; the cases hold GPU tensors, so they are made one at a time);
+OPS lists them in the order they run, COUNTS their counts.
 """
 import os
 
@@ -20,4 +22,11 @@ OPS = {
     "rms_norm": layer_norm.rms_norm_cases,
     "attention": attention.cases,
     "adamw": adamw.cases,
+}
+COUNTS = {
+    "gelu": gelu.count,
+    "layer_norm": layer_norm.count,
+    "rms_norm": layer_norm.count,
+    "attention": attention.count,
+    "adamw": adamw.count,
 }

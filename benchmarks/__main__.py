@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from benchmarks import OPS, harness
+from benchmarks import COUNTS, OPS, harness
 from benchmarks.harness import HAS_GPU
 
 NO_GPU_WARNING = ("NO GPU: this is a smoke run on tiny CPU shapes; its timings mean nothing "
@@ -43,16 +43,17 @@ def main(argv=None):
     # Stopped early (Ctrl-C, or SIGTERM from a time limit), it reports the cases it finished.
     signal.signal(signal.SIGTERM, _interrupt)
     rows, done = [], 0
+    bar = harness.Progress(sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
     try:
         for op in args.ops:
             for case in OPS[op](args.quick, dtypes):
-                harness.progress(done, None, f"{case.op} {case.direction} {case.dtype} {case.label}")
+                bar.show(done, f"{case.op} {case.direction} {case.dtype} {case.label}")
                 rows += harness.run_case(case, ceilings, args.quick)
                 done += 1
     except KeyboardInterrupt:
         meta["interrupted_after_cases"] = done
         print(f"\ninterrupted: reporting the {done} cases finished")
-    harness.progress(done, done, "done")
+    bar.show(done, "done", last=True)
 
     print(harness.table(rows))
     print("\n".join(["", "summary:"] + harness.summary(rows)))

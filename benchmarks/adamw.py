@@ -19,13 +19,20 @@ def gpt_shapes(layers, dim, vocab=50257, seq=1024):
 MODELS = {"gpt2-medium": (24, 1024), "1B": (20, 2048)}
 
 
-def cases(quick: bool, dtypes):
+def _models(quick: bool, dtypes) -> dict:
     if torch.float32 not in dtypes:
-        return
+        return {}
+    return ({"gpt2-medium": MODELS["gpt2-medium"]} if quick else MODELS) if HAS_GPU else {"tiny": (2, 64)}
+
+
+def count(quick: bool, dtypes) -> int:
+    return len(_models(quick, dtypes))
+
+
+def cases(quick: bool, dtypes):
     device = "cuda" if HAS_GPU else "cpu"
     ours = our_backends()
-    models = ({"gpt2-medium": MODELS["gpt2-medium"]} if quick else MODELS) if HAS_GPU else {"tiny": (2, 64)}
-    for label, (layers, dim) in models.items():
+    for label, (layers, dim) in _models(quick, dtypes).items():
         shapes = gpt_shapes(layers, dim, vocab=50257 if HAS_GPU else 256, seq=1024 if HAS_GPU else 64)
         params = [torch.randn(s, device=device) for s in shapes]
         for p in params:

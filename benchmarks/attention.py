@@ -54,16 +54,24 @@ def _triton_pointer_forward(causal, why_not_triton):
     return run
 
 
-def cases(quick: bool, dtypes):
+def _grid(quick: bool, dtypes):
+    """(seqlen, head dim) pairs; each gives four cases (causal or not, fwd and bwd)."""
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
-        return
+        return []
+    if not HAS_GPU:
+        return [(64, 32)]
+    return [(s, d) for s in (SEQLENS_QUICK if quick else SEQLENS) for d in ((128,) if quick else (64, 128))]
+
+
+def count(quick: bool, dtypes) -> int:
+    return 4 * len(_grid(quick, dtypes))
+
+
+def cases(quick: bool, dtypes):
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
     device = "cuda" if HAS_GPU else "cpu"
     ours = our_backends()
-    grid = [(s, d) for s in (SEQLENS_QUICK if quick else SEQLENS) for d in ((128,) if quick else (64, 128))]
-    if not HAS_GPU:
-        grid = [(64, 32)]
-    for seqlen, head_dim in grid:
+    for seqlen, head_dim in _grid(quick, dtypes):
         heads = HIDDEN // head_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
         q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)

@@ -11,9 +11,20 @@ ELEMENTS_QUICK = [1 << 24, 1 << 26]
 ELEMENTS_SMOKE = [1 << 12]
 
 
+DIRECTIONS = (("fwd", 2), ("bwd", 3))  # with the tensors each moves
+
+
+def _sizes(quick: bool):
+    return (ELEMENTS_QUICK if quick else ELEMENTS_GPU) if HAS_GPU else ELEMENTS_SMOKE
+
+
+def count(quick: bool, dtypes) -> int:
+    return len(dtypes) * len(_sizes(quick)) * len(DIRECTIONS)
+
+
 def cases(quick: bool, dtypes):
     device = "cuda" if HAS_GPU else "cpu"
-    sizes = (ELEMENTS_QUICK if quick else ELEMENTS_GPU) if HAS_GPU else ELEMENTS_SMOKE
+    sizes = _sizes(quick)
     ours = our_backends()
     compiled = torch.compile(lambda t: F.gelu(t, approximate="tanh"))
     fns = {
@@ -26,7 +37,7 @@ def cases(quick: bool, dtypes):
         for n in sizes:
             x = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn_like(x)
-            for direction, tensors in (("fwd", 2), ("bwd", 3)):
+            for direction, tensors in DIRECTIONS:
                 providers = {name: ours.get(name) or autograd_callable(fn, [x], direction, dy)
                              for name, fn in fns.items()}
                 yield Case(op="gelu", label=f"tanh n={n}", size=n, dtype=str(dtype).split(".")[1],

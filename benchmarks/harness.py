@@ -158,13 +158,26 @@ def run_case(case: Case, ceilings: dict, quick: bool) -> List[dict]:
     return rows
 
 
-def progress(i: int, n: Optional[int], text: str) -> None:
-    """One status line, rewritten in place: cases done (of n when known) and the current one."""
-    count = f"{i}/{n}" if n else f"{i} done"
-    sys.stderr.write(f"\r[{count}] {text[:70]:<70}")
-    if n is not None and i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class Progress:
+    """A progress bar on stderr, rewritten in place: cases done of the total,
+    time so far, time left at the pace so far, and the case now running."""
+
+    def __init__(self, total: int, width: int = 24):
+        self.total, self.width, self.start = max(total, 1), width, time.perf_counter()
+
+    def show(self, done: int, text: str, last: bool = False) -> None:
+        elapsed = time.perf_counter() - self.start
+        filled = self.width * min(done, self.total) // self.total
+        left = f"~{_minutes(elapsed / done * (self.total - done))} left" if 0 < done < self.total else ""
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+                         f"{_minutes(elapsed)} {left:>10} {text[:60]:<60}")
+        if last:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def table(rows: List[dict]) -> str:

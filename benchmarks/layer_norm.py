@@ -40,11 +40,21 @@ def _plot_group(op: str, rows: int) -> str:
     return f"{op}[4096 rows]" if rows == 4096 else op
 
 
+def _grid(quick: bool):
+    """(shapes, directions) of one norm's cases."""
+    shapes = (SHAPES_QUICK if quick else SHAPES_GPU) if HAS_GPU else SHAPES_SMOKE
+    return shapes, DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
+
+
+def count(quick: bool, dtypes) -> int:
+    shapes, directions = _grid(quick)
+    return len(dtypes) * len(shapes) * len(directions)
+
+
 def _cases(rms: bool, quick: bool, dtypes):
     op = "rms_norm" if rms else "layer_norm"
     device = "cuda" if HAS_GPU else "cpu"
-    shapes = (SHAPES_QUICK if quick else SHAPES_GPU) if HAS_GPU else SHAPES_SMOKE
-    directions = DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
+    shapes, directions = _grid(quick)
     ours = our_backends()
 
     if rms:

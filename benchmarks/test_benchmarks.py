@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks import OPS
+from benchmarks import COUNTS, OPS
 from benchmarks.harness import HAS_GPU
 
 PROVIDERS = ["pyext-cuda", "pyext-triton", "torch", "torch.compile", "sdpa-flash", "torch-fused"]
@@ -36,3 +36,12 @@ def test_benchmark(benchmark, first_cases, op, provider):
     benchmark.extra_info.update(op=op, label=case.label, direction=case.direction, bytes=case.bytes,
                                 flops=case.flops)
     benchmark(run)
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_count_is_the_number_of_cases_made(op, quick):
+    """The progress bar's total: each op's count matches the cases it yields
+    (made one at a time, as the suite makes them)."""
+    for dtypes in ([torch.bfloat16, torch.float32], [torch.float16]):
+        assert COUNTS[op](quick, dtypes) == sum(1 for _ in OPS[op](quick, dtypes)), dtypes
