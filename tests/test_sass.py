@@ -77,6 +77,16 @@ def test_vectorised_gelu_kernels_move_16_bytes_per_access(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_adamw_kernels_move_the_moments_16_bytes_per_access(arch):
+    kernels = {n: c for n, c in _sass(arch).items() if "adamw_kernel" in n}
+    assert len(kernels) == 3, sorted(kernels)  # fp32, fp16, bf16 parameters
+    for name, code in kernels.items():
+        assert "LDG.E.128" in code and "STG.E.128" in code, name
+        if "adamw_kernelIfE" not in name:  # four fp16/bf16 parameters or gradients: 8 bytes
+            assert "LDG.E.64" in code and "STG.E.64" in code, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_flash_attention_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
     kernels = {n: c for n, c in _sass(arch).items()
                if re.search(r"flash_(fwd|bwd_dkdv|bwd_dq)_kernel", n)}

@@ -11,13 +11,79 @@
 #include "adamw/adamw.h"
 
 #include "common/float_math.cuh"
+#include "common/vec.cuh"
+#include "common/vec_acc.cuh"
 
 namespace pyext {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kUnroll = 4;  // independent elements in flight per thread
+constexpr int kUnroll = 4;  // independent groups of elements in flight per thread
+constexpr int kVec = 4;     // elements per access on the vector path: 16 bytes of fp32 moments
 
+// The update of one element, with the step's constants worked out once per block.
+struct AdamWUpdate {
+  float inv_scale, step_size, inv_sqrt_bc2, decay, beta1, beta2, eps;
+  bool amsgrad, maximize;
+
+  __device__ AdamWUpdate(const AdamWHyper& h, float t) {
+    const float lr = h.lr_ptr ? *h.lr_ptr : h.lr;
+    inv_scale = h.grad_scale ? 1.0f / *h.grad_scale : 1.0f;
+    step_size = lr / (1.0f - powf(h.beta1, t));
+    inv_sqrt_bc2 = rsqrtf(1.0f - powf(h.beta2, t));
+    decay = 1.0f - lr * h.weight_decay;
+    beta1 = h.beta1, beta2 = h.beta2, eps = h.eps, amsgrad = h.amsgrad, maximize = h.maximize;
+  }
+
+  // p, m, v (and vmax, amsgrad only) updated in place from the gradient g.
+  __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float& vmax) const {
+    g *= inv_scale;
+    if (maximize) g = -g;
+    m = beta1 * m + (1.0f - beta1) * g;
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    float second = v;
+    if (amsgrad) second = vmax = fmaxf(vmax, v);
+    p = p * decay - step_size * m / (sqrtf(second) * inv_sqrt_bc2 + eps);
+  }
+};
+
+// Elements [begin, end) of one tensor, VEC consecutive ones per thread and
+// access (VEC > 1: end - begin a multiple of VEC, every pointer aligned to
+// VEC elements), kUnroll groups loaded before any is updated.
+template <typename T, int VEC>
+__device__ __forceinline__ void adamw_range(const AdamWUpdate& update, T* param, const T* grad, float* m,
+                                            float* v, float* vmax, int64_t begin, int64_t end) {
+  constexpr int64_t kStride = int64_t(kThreads) * VEC;
+  for (int64_t base = begin + int64_t(threadIdx.x) * VEC; base < end; base += kStride * kUnroll) {
+    float p_r[kUnroll][VEC], g_r[kUnroll][VEC], m_r[kUnroll][VEC], v_r[kUnroll][VEC], w_r[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kStride;
+      if (i >= end) continue;
+      load_to_acc<T, VEC>(param + i, p_r[u]);
+      load_to_acc<T, VEC>(grad + i, g_r[u]);
+      load_to_acc<float, VEC>(m + i, m_r[u]);
+      load_to_acc<float, VEC>(v + i, v_r[u]);
+      if (update.amsgrad) load_to_acc<float, VEC>(vmax + i, w_r[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kStride;
+      if (i >= end) continue;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) update(p_r[u][j], g_r[u][j], m_r[u][j], v_r[u][j], w_r[u][j]);
+      store_from_acc<T, VEC>(param + i, p_r[u]);
+      store_from_acc<float, VEC>(m + i, m_r[u]);
+      store_from_acc<float, VEC>(v + i, v_r[u]);
+      if (update.amsgrad) store_from_acc<float, VEC>(vmax + i, w_r[u]);
+    }
+  }
+}
+
+// One block: one chunk of one tensor. 16-byte accesses to the moments (and
+// 4 * sizeof(T) to the parameter and gradient) when the tensor's pointers are
+// aligned, which torch's allocations are; the chunk's last few elements, or
+// all of an unaligned tensor, one at a time.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWLaunch args, AdamWHyper h) {
   const int slot = args.block_tensor[blockIdx.x];
@@ -28,45 +94,14 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWLaunch args, AdamW
   float* m = args.exp_avg[slot];
   float* v = args.exp_avg_sq[slot];
   float* vmax = args.max_exp_avg_sq[slot];
+  const AdamWUpdate update(h, h.steps[args.step_index[slot]]);
 
-  const float t = h.steps[args.step_index[slot]];
-  const float lr = h.lr_ptr ? *h.lr_ptr : h.lr;
-  const float inv_scale = h.grad_scale ? 1.0f / *h.grad_scale : 1.0f;
-  const float step_size = lr / (1.0f - powf(h.beta1, t));
-  const float inv_sqrt_bc2 = rsqrtf(1.0f - powf(h.beta2, t));
-  const float decay = 1.0f - lr * h.weight_decay;
-
-  for (int64_t base = begin + threadIdx.x; base < end; base += int64_t(kThreads) * kUnroll) {
-    float p_r[kUnroll], g_r[kUnroll], m_r[kUnroll], v_r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll requests in flight
-      const int64_t i = base + int64_t(u) * kThreads;
-      if (i < end) {
-        p_r[u] = to_acc(param[i]);
-        g_r[u] = to_acc(grad[i]);
-        m_r[u] = m[i];
-        v_r[u] = v[i];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + int64_t(u) * kThreads;
-      if (i >= end) continue;
-      float g = g_r[u] * inv_scale;
-      if (h.maximize) g = -g;
-      const float mu = h.beta1 * m_r[u] + (1.0f - h.beta1) * g;
-      const float nu = h.beta2 * v_r[u] + (1.0f - h.beta2) * g * g;
-      float second = nu;
-      if (h.amsgrad) {
-        second = fmaxf(vmax[i], nu);
-        vmax[i] = second;
-      }
-      const float denom = sqrtf(second) * inv_sqrt_bc2 + h.eps;
-      param[i] = from_acc<T>(p_r[u] * decay - step_size * mu / denom);
-      m[i] = mu;
-      v[i] = nu;
-    }
-  }
+  const bool aligned = reinterpret_cast<uintptr_t>(param) % (kVec * sizeof(T)) == 0 &&
+                       reinterpret_cast<uintptr_t>(grad) % (kVec * sizeof(T)) == 0 &&
+                       aligned16(m, v) && (!h.amsgrad || aligned16(vmax));
+  const int64_t vec_end = aligned ? begin + (end - begin) / kVec * kVec : begin;
+  adamw_range<T, kVec>(update, param, grad, m, v, vmax, begin, vec_end);
+  adamw_range<T, 1>(update, param, grad, m, v, vmax, vec_end, end);
 }
 
 }  // namespace

@@ -27,11 +27,11 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
 }
 
 // True when every pointer is aligned for a 16-byte access.
-inline bool aligned16(const void* p) {
+__host__ __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
 }
 template <typename... Ptrs>
-inline bool aligned16(const void* p, Ptrs... rest) {
+__host__ __device__ inline bool aligned16(const void* p, Ptrs... rest) {
   return aligned16(p) && aligned16(rest...);
 }
 
