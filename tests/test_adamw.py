@@ -177,15 +177,22 @@ def test_opcheck(backend):
     torch.library.opcheck(getattr(torch.ops.pyext, f"adamw_step_{backend}"), args)
 
 
+def at_offset(t, offset):
+    """t's values in a view that starts `offset` elements into a buffer of its
+    own (offset 1: no 16-byte alignment, so the kernels' scalar path)."""
+    return torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].copy_(t)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_many_tensors_and_long_ones_across_launches(backend, dtype):
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_many_tensors_and_long_ones_across_launches(backend, dtype, offset):
     """More tensors than one launch takes, and one longer than a launch's blocks."""
     sizes = [1, 65536, 65537, 3, 320 * 65536 + 5] + [1000 + 37 * i for i in range(60)]
     start = [torch.randn(n, device="cuda").to(dtype) for n in sizes]
     grads = [[torch.randn(n, device="cuda") for n in sizes] for _ in range(3)]
-    ours, ref, pt = [p.clone() for p in start], [p.double() for p in start], [p.clone() for p in start]
+    ours, ref, pt = [at_offset(p, offset) for p in start], [p.double() for p in start], [p.clone() for p in start]
     opts = [pyext.optim.AdamW(ours, backend=backend, amsgrad=True),
             pyext.optim.AdamW(ref, backend="torch", amsgrad=True),
             torch.optim.AdamW(pt, foreach=False, amsgrad=True)]
