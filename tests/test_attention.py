@@ -86,13 +86,14 @@ def test_rows_that_see_no_key_are_zero(backend):
     assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
 
 
-def test_triton_kernels_write_every_element():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_kernels_write_every_element(deterministic):
     from pyext.triton_kernels import flash_attention as kernels
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
     out, lse = kernels.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
                                       lse=torch.full(q.shape[:3], float("nan"), device=q.device))
     assert not out.isnan().any() and not lse.isnan().any()
-    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3,
+    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3, deterministic,
                                    dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
     assert not any(g.isnan().any() for g in grads)
 
@@ -223,8 +224,9 @@ def test_opcheck(backend):
     bwd = getattr(torch.ops.pyext, f"flash_attn_bwd_{backend}")
     torch.library.opcheck(fwd, (q, k, v, 0.25, True, 3))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
-    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-                                0.25, True, 3, True))
+    for deterministic in (False, True):
+        torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                    0.25, True, 3, deterministic))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -36,7 +36,7 @@ def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
                           scale: float, causal: bool, causal_offset: int,
                           deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset)
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic)
 
 
 def _fake_fwd(q, k, v, scale, causal, causal_offset):
