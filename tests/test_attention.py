@@ -145,6 +145,61 @@ def test_backward_is_deterministic(backend):
         assert all(torch.equal(a, b) for a, b in zip(first, grads))
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms, its setting restored after the test."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def triton_backward_flags(monkeypatch):
+    """The `deterministic` argument of every Triton backward launch, in order."""
+    from pyext.triton_kernels import flash_attention as kernels
+    launch, flags = kernels.flash_attn_bwd, []
+
+    def spy(*args, **kwargs):
+        flags.append(args[9])
+        return launch(*args, **kwargs)
+    monkeypatch.setattr(kernels, "flash_attn_bwd", spy)
+    return flags
+
+
+def _sdpa_causal(q, k, v):
+    return pyext.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend="triton")
+
+
+ATTENTION_CALLS = {
+    "flash_attention": lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, backend="triton"),
+    "flash_attention(deterministic=True)": lambda q, k, v: pyext.flash_attention(
+        q, k, v, causal=True, deterministic=True, backend="triton"),
+    "scaled_dot_product_attention": _sdpa_causal,
+    "compiled scaled_dot_product_attention": torch.compile(_sdpa_causal, fullgraph=True, backend="aot_eager"),
+    "the forward op": lambda q, k, v: torch.ops.pyext.flash_attn_fwd_triton(q, k, v, 0.25, True, 3)[0],
+}
+
+
+@pytest.mark.parametrize("call,use_deterministic_algorithms,expected", [
+    ("flash_attention", False, False),
+    ("flash_attention(deterministic=True)", False, True),
+    ("scaled_dot_product_attention", False, False),
+    ("scaled_dot_product_attention", True, True),
+    ("compiled scaled_dot_product_attention", False, False),
+    ("compiled scaled_dot_product_attention", True, True),
+    ("the forward op", False, True),
+])
+def test_the_backward_is_deterministic_when_asked(call, use_deterministic_algorithms, expected,
+                                                  deterministic_algorithms, triton_backward_flags):
+    # flash_attention's `deterministic` (default False: atomic dQ); the SDPA
+    # drop-in follows torch.use_deterministic_algorithms, as torch's does.
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"))
+    deterministic_algorithms(use_deterministic_algorithms)
+    out = ATTENTION_CALLS[call](q, k, v)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert triton_backward_flags == [expected]
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 32), (2, 4, 2, 21, 13, 64)], ids=str)
@@ -230,18 +285,29 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("use_deterministic_algorithms", [False, True])
+def test_compile_fullgraph(backend, use_deterministic_algorithms, deterministic_algorithms):
+    # Deterministic: the compiled gradients are eager's, bit for bit. Atomic
+    # dQ: no two runs need agree to the bit, so each meets the oracle.
     q, k, v = qkv((1, 2, 2, 9, 9, 16), torch.bfloat16, device_for(backend))
+    deterministic_algorithms(use_deterministic_algorithms)
 
-    def f(q, k, v):
+    def f(q, k, v, backend=backend):
         return pyext.scaled_dot_product_attention(q * 2, k, v, is_causal=True, backend=backend).float().sum()
 
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves)
+
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
-    expected = torch.autograd.grad(f(q, k, v), (q, k, v))
-    for g, e in zip(grads, expected):
-        assert torch.equal(g, e)
+    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"), q.dtype)
+    eager = grads(f, q.dtype)
+    deterministic_algorithms(False)  # for the references' matmuls: cuBLAS refuses them otherwise
+    if use_deterministic_algorithms:
+        assert all(torch.equal(g, e) for g, e in zip(compiled, eager))
+    ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
+    for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
+        assert_close(g, r, p, name)
 
 
 @pytest.mark.gpu
