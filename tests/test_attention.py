@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops import attention
-from conftest import (BACKENDS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+from conftest import (HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -22,6 +22,15 @@ SHAPES = [
     (1, 2, 2, 24, 9, 32),
 ]
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (backend, deterministic): the Triton backward has two paths, dQ summed with
+# atomics (the default) and the deterministic two-kernel one; the CUDA
+# backward is deterministic either way.
+FLASH_KERNELS = [
+    pytest.param("triton", False, id="triton-atomic"),
+    pytest.param("triton", True, id="triton-deterministic"),
+    pytest.param("cuda", False, id="cuda", marks=pytest.mark.gpu),
+]
+FLASH_BACKENDS = [pytest.param("torch", False, id="torch")] + FLASH_KERNELS
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +53,10 @@ def qkv(shape, dtype, device, layout="contiguous"):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def check_flash(backend, q, k, v, causal):
+def check_flash(backend, q, k, v, causal, deterministic=False):
     """out, lse, dq, dk, dv of `backend` against the float64 oracle."""
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, return_lse=True, backend=backend)
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, return_lse=True, deterministic=deterministic,
+                                     backend=backend)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     offset = k.shape[2] - q.shape[2]
@@ -62,23 +72,25 @@ def check_flash(backend, q, k, v, causal):
         assert_close(o, r, p, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,deterministic", FLASH_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_flash_attention_matches_oracle(backend, dtype, causal, shape):
-    check_flash(backend, *qkv(shape, dtype, device_for(backend)), causal)
+def test_flash_attention_matches_oracle(backend, deterministic, dtype, causal, shape):
+    check_flash(backend, *qkv(shape, dtype, device_for(backend)), causal, deterministic)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_transposed_bshd_views_need_no_copy_to_be_right(backend):
-    check_flash(backend, *qkv((2, 2, 1, 21, 18, 48), torch.bfloat16, device_for(backend), "bshd"), True)
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
+def test_transposed_bshd_views_need_no_copy_to_be_right(backend, deterministic):
+    check_flash(backend, *qkv((2, 2, 1, 21, 18, 48), torch.bfloat16, device_for(backend), "bshd"), True,
+                deterministic)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_rows_that_see_no_key_are_zero(backend):
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
+def test_rows_that_see_no_key_are_zero(backend, deterministic):
     q, k, v = qkv((1, 2, 2, 20, 6, 32), torch.bfloat16, device_for(backend))
-    out, lse = pyext.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    out, lse = pyext.flash_attention(q, k, v, causal=True, return_lse=True, deterministic=deterministic,
+                                     backend=backend)
     blind = q.shape[2] - k.shape[2]  # bottom-right: the first Sq - Sk queries see nothing
     assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
     assert torch.isneginf(lse[:, :, :blind]).all() and torch.isfinite(lse[:, :, blind:]).all()
@@ -133,13 +145,16 @@ def test_cuda_kernels_under_sanitizer(backend, tool):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backward_is_deterministic(backend):
-    q, k, v = qkv((1, 4, 1, 37, 29, 64), torch.bfloat16, device_for(backend))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4, 1, 37, 29, 64), (2, 4, 2, 19, 40, 40)], ids=str)
+def test_deterministic_backward_gives_the_same_bits_every_run(backend, causal, shape):
+    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
+    dout = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     runs = 20 if HAS_GPU else 2
     first = None
     for _ in range(runs):
-        out = pyext.flash_attention(q, k, v, causal=True, deterministic=True, backend=backend)
-        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        out = pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
         if first is None:
             first = grads
         assert all(torch.equal(a, b) for a, b in zip(first, grads))
@@ -311,18 +326,18 @@ def test_compile_fullgraph(backend, use_deterministic_algorithms, deterministic_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("seqlen", [1024, 8192])
-def test_large(backend, head_dim, seqlen):
-    check_flash(backend, *qkv((1, 2, 1, seqlen, seqlen, head_dim), torch.bfloat16, "cuda"), True)
+def test_large(backend, deterministic, head_dim, seqlen):
+    check_flash(backend, *qkv((1, 2, 1, seqlen, seqlen, head_dim), torch.bfloat16, "cuda"), True, deterministic)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [8, 24, 96, 160, 192, 256])
-def test_every_head_dim_on_gpu(backend, head_dim):
-    check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True)
+def test_every_head_dim_on_gpu(backend, deterministic, head_dim):
+    check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True, deterministic)
 
 
 # ---- Hopper forward: tensor descriptors (TMA on sm_90), forced on CPU under the interpreter ----
