@@ -6,6 +6,9 @@ causal; backward 2.5x the forward. Peers: every SDPA backend torch has.
 On a GPU of compute capability 9.0 and up, pyext-triton's forward reads through
 tensor descriptors (TMA); pyext-triton-ptr times the same forward with
 pointer loads forced, the Ampere path, so that one run compares the two.
+pyext-triton's backward adds dQ up with atomics (flash_attention's default);
+pyext-triton-det times the deterministic=True backward (dK/dV, then dQ in a
+second kernel) beside it.
 """
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,13 @@ def _triton_pointer_forward(causal, why_not_triton):
     return run
 
 
+def _triton_deterministic(causal, why_not_triton):
+    """pyext's Triton attention with deterministic=True, or why it is not timed."""
+    if why_not_triton is not None:
+        return why_not_triton
+    return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend="triton")
+
+
 def _grid(quick: bool, dtypes):
     """(seqlen, head dim) pairs; each gives four cases (causal or not, fwd and bwd)."""
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
@@ -95,10 +105,12 @@ def cases(quick: bool, dtypes):
                         providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
                     else:
                         providers[name] = autograd_callable(fn, [q, k, v], direction, dout)
-                if direction == "fwd":  # the backward has one path: it would be timed twice
-                    pointer = _triton_pointer_forward(causal, ours["pyext-triton"])
-                    providers["pyext-triton-ptr"] = pointer if isinstance(pointer, str) else \
-                        autograd_callable(pointer, [q, k, v], direction, dout)
+                # each variant of ours only where it differs from pyext-triton: the
+                # pointer loads in the forward, the deterministic dQ in the backward
+                variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
+                               ("pyext-triton-det", _triton_deterministic))
+                fn = fn(causal, ours["pyext-triton"])
+                providers[variant] = fn if isinstance(fn, str) else autograd_callable(fn, [q, k, v], direction, dout)
                 yield Case(op="attention", label=f"S={seqlen} D={head_dim}{' causal' if causal else ''}",
                            size=seqlen, dtype=f"{str(dtype).split('.')[1]}-d{head_dim}{'-causal' if causal else ''}",
                            direction=direction, bytes=0, flops=factor * flops, providers=providers)

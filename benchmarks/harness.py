@@ -21,8 +21,10 @@ import torch
 
 HAS_GPU = torch.cuda.is_available()
 # pyext-triton-ptr: the Triton forward with pointer loads forced (attention, on sm_90:
-# the Ampere path timed beside the descriptor path that pyext-triton takes there)
-OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr")
+# the Ampere path timed beside the descriptor path that pyext-triton takes there);
+# pyext-triton-det: the Triton attention backward with deterministic=True (the
+# two-kernel one, beside pyext-triton's atomic-dQ pass)
+OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det")
 
 
 @dataclasses.dataclass

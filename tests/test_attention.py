@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops import attention
-from conftest import (BACKENDS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+from conftest import (HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -22,6 +22,15 @@ SHAPES = [
     (1, 2, 2, 24, 9, 32),
 ]
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (backend, deterministic): the Triton backward has two paths, dQ summed with
+# atomics (the default) and the deterministic two-kernel one; the CUDA
+# backward is deterministic either way.
+FLASH_KERNELS = [
+    pytest.param("triton", False, id="triton-atomic"),
+    pytest.param("triton", True, id="triton-deterministic"),
+    pytest.param("cuda", False, id="cuda", marks=pytest.mark.gpu),
+]
+FLASH_BACKENDS = [pytest.param("torch", False, id="torch")] + FLASH_KERNELS
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +53,10 @@ def qkv(shape, dtype, device, layout="contiguous"):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def check_flash(backend, q, k, v, causal):
+def check_flash(backend, q, k, v, causal, deterministic=False):
     """out, lse, dq, dk, dv of `backend` against the float64 oracle."""
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, return_lse=True, backend=backend)
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, return_lse=True, deterministic=deterministic,
+                                     backend=backend)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     offset = k.shape[2] - q.shape[2]
@@ -62,23 +72,25 @@ def check_flash(backend, q, k, v, causal):
         assert_close(o, r, p, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,deterministic", FLASH_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_flash_attention_matches_oracle(backend, dtype, causal, shape):
-    check_flash(backend, *qkv(shape, dtype, device_for(backend)), causal)
+def test_flash_attention_matches_oracle(backend, deterministic, dtype, causal, shape):
+    check_flash(backend, *qkv(shape, dtype, device_for(backend)), causal, deterministic)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_transposed_bshd_views_need_no_copy_to_be_right(backend):
-    check_flash(backend, *qkv((2, 2, 1, 21, 18, 48), torch.bfloat16, device_for(backend), "bshd"), True)
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
+def test_transposed_bshd_views_need_no_copy_to_be_right(backend, deterministic):
+    check_flash(backend, *qkv((2, 2, 1, 21, 18, 48), torch.bfloat16, device_for(backend), "bshd"), True,
+                deterministic)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_rows_that_see_no_key_are_zero(backend):
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
+def test_rows_that_see_no_key_are_zero(backend, deterministic):
     q, k, v = qkv((1, 2, 2, 20, 6, 32), torch.bfloat16, device_for(backend))
-    out, lse = pyext.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    out, lse = pyext.flash_attention(q, k, v, causal=True, return_lse=True, deterministic=deterministic,
+                                     backend=backend)
     blind = q.shape[2] - k.shape[2]  # bottom-right: the first Sq - Sk queries see nothing
     assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
     assert torch.isneginf(lse[:, :, :blind]).all() and torch.isfinite(lse[:, :, blind:]).all()
@@ -86,13 +98,14 @@ def test_rows_that_see_no_key_are_zero(backend):
     assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
 
 
-def test_triton_kernels_write_every_element():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_kernels_write_every_element(deterministic):
     from pyext.triton_kernels import flash_attention as kernels
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
     out, lse = kernels.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
                                       lse=torch.full(q.shape[:3], float("nan"), device=q.device))
     assert not out.isnan().any() and not lse.isnan().any()
-    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3,
+    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3, deterministic,
                                    dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
     assert not any(g.isnan().any() for g in grads)
 
@@ -132,16 +145,74 @@ def test_cuda_kernels_under_sanitizer(backend, tool):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backward_is_deterministic(backend):
-    q, k, v = qkv((1, 4, 1, 37, 29, 64), torch.bfloat16, device_for(backend))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4, 1, 37, 29, 64), (2, 4, 2, 19, 40, 40)], ids=str)
+def test_deterministic_backward_gives_the_same_bits_every_run(backend, causal, shape):
+    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
+    dout = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     runs = 20 if HAS_GPU else 2
     first = None
     for _ in range(runs):
-        out = pyext.flash_attention(q, k, v, causal=True, deterministic=True, backend=backend)
-        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        out = pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
         if first is None:
             first = grads
         assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms, its setting restored after the test."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def triton_backward_flags(monkeypatch):
+    """The `deterministic` argument of every Triton backward launch, in order."""
+    from pyext.triton_kernels import flash_attention as kernels
+    launch, flags = kernels.flash_attn_bwd, []
+
+    def spy(*args, **kwargs):
+        flags.append(args[9])
+        return launch(*args, **kwargs)
+    monkeypatch.setattr(kernels, "flash_attn_bwd", spy)
+    return flags
+
+
+def _sdpa_causal(q, k, v):
+    return pyext.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend="triton")
+
+
+ATTENTION_CALLS = {
+    "flash_attention": lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, backend="triton"),
+    "flash_attention(deterministic=True)": lambda q, k, v: pyext.flash_attention(
+        q, k, v, causal=True, deterministic=True, backend="triton"),
+    "scaled_dot_product_attention": _sdpa_causal,
+    "compiled scaled_dot_product_attention": torch.compile(_sdpa_causal, fullgraph=True, backend="aot_eager"),
+    "the forward op": lambda q, k, v: torch.ops.pyext.flash_attn_fwd_triton(q, k, v, 0.25, True, 3)[0],
+}
+
+
+@pytest.mark.parametrize("call,use_deterministic_algorithms,expected", [
+    ("flash_attention", False, False),
+    ("flash_attention(deterministic=True)", False, True),
+    ("scaled_dot_product_attention", False, False),
+    ("scaled_dot_product_attention", True, True),
+    ("compiled scaled_dot_product_attention", False, False),
+    ("compiled scaled_dot_product_attention", True, True),
+    ("the forward op", False, True),
+])
+def test_the_backward_is_deterministic_when_asked(call, use_deterministic_algorithms, expected,
+                                                  deterministic_algorithms, triton_backward_flags):
+    # flash_attention's `deterministic` (default False: atomic dQ); the SDPA
+    # drop-in follows torch.use_deterministic_algorithms, as torch's does.
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"))
+    deterministic_algorithms(use_deterministic_algorithms)
+    out = ATTENTION_CALLS[call](q, k, v)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert triton_backward_flags == [expected]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -223,38 +294,50 @@ def test_opcheck(backend):
     bwd = getattr(torch.ops.pyext, f"flash_attn_bwd_{backend}")
     torch.library.opcheck(fwd, (q, k, v, 0.25, True, 3))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
-    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-                                0.25, True, 3, True))
+    for deterministic in (False, True):
+        torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                    0.25, True, 3, deterministic))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("use_deterministic_algorithms", [False, True])
+def test_compile_fullgraph(backend, use_deterministic_algorithms, deterministic_algorithms):
+    # Deterministic: the compiled gradients are eager's, bit for bit. Atomic
+    # dQ: no two runs need agree to the bit, so each meets the oracle.
     q, k, v = qkv((1, 2, 2, 9, 9, 16), torch.bfloat16, device_for(backend))
+    deterministic_algorithms(use_deterministic_algorithms)
 
-    def f(q, k, v):
+    def f(q, k, v, backend=backend):
         return pyext.scaled_dot_product_attention(q * 2, k, v, is_causal=True, backend=backend).float().sum()
 
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves)
+
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
-    expected = torch.autograd.grad(f(q, k, v), (q, k, v))
-    for g, e in zip(grads, expected):
-        assert torch.equal(g, e)
+    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"), q.dtype)
+    eager = grads(f, q.dtype)
+    deterministic_algorithms(False)  # for the references' matmuls: cuBLAS refuses them otherwise
+    if use_deterministic_algorithms:
+        assert all(torch.equal(g, e) for g, e in zip(compiled, eager))
+    ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
+    for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
+        assert_close(g, r, p, name)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("seqlen", [1024, 8192])
-def test_large(backend, head_dim, seqlen):
-    check_flash(backend, *qkv((1, 2, 1, seqlen, seqlen, head_dim), torch.bfloat16, "cuda"), True)
+def test_large(backend, deterministic, head_dim, seqlen):
+    check_flash(backend, *qkv((1, 2, 1, seqlen, seqlen, head_dim), torch.bfloat16, "cuda"), True, deterministic)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [8, 24, 96, 160, 192, 256])
-def test_every_head_dim_on_gpu(backend, head_dim):
-    check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True)
+def test_every_head_dim_on_gpu(backend, deterministic, head_dim):
+    check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True, deterministic)
 
 
 # ---- Hopper forward: tensor descriptors (TMA on sm_90), forced on CPU under the interpreter ----

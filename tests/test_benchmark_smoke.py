@@ -59,3 +59,22 @@ def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
             assert callable(pointer)
         else:
             assert isinstance(pointer, str) and "9.0" in pointer
+
+
+def test_attention_times_the_deterministic_backward_beside_the_atomic_one():
+    # pyext-triton-det: the backward with deterministic=True, offered in the
+    # backward cases only (the forward is the same), wherever pyext-triton runs.
+    import torch
+    from benchmarks import attention
+    from benchmarks.harness import our_backends
+    why_not_triton = our_backends()["pyext-triton"]
+    cases = list(attention.cases(True, [torch.bfloat16]))
+    assert any(case.direction == "bwd" for case in cases)
+    for case in cases:
+        deterministic = case.providers.get("pyext-triton-det")
+        if case.direction != "bwd":
+            assert deterministic is None
+        elif why_not_triton is None:
+            assert all(g is not None for g in deterministic())
+        else:
+            assert deterministic == why_not_triton

@@ -109,7 +109,8 @@ def exercise_launchers():
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
             k = v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16)
             out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
-            flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7)
+            for deterministic in (False, True):  # atomic dQ, then the dK/dV and dQ kernels
+                flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7, deterministic)
         forwards = {fn.__name__ for fn, *_, ts, _ in launches if ts == targets and "fwd" in fn.__name__}
         expected = "_fwd_tma_kernel" if target.arch >= 90 else "_fwd_kernel"
         assert forwards == {expected}, f"sm_{target.arch} launched {forwards}, expected {expected}"

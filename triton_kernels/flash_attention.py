@@ -16,8 +16,13 @@ Forward, per block of queries, over blocks of keys (never an S x S tensor):
 Backward, with P recomputed from lse: D_i = rowsum(dO * O) (a first pass), then
     dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dQ = scale dS K;  dK = scale dS^T Q
 dK and dV are accumulated per key block over every query block and every
-query head of its group; dQ per query block over every key block. No atomics:
-the backward is deterministic (same bits run to run) always.
+query head of its group (GQA without atomics). dQ two ways (flash_attn_bwd's
+`deterministic`):
+  False: in the same pass, each tile's dS K added into an fp32 dQ buffer with
+    atomics (5 matmuls per tile), then scaled and converted to dq's dtype. The
+    order of the additions, so dQ's last bits, vary run to run.
+  True: a second kernel per query block over every key block, which computes
+    S, P and dP again (7 matmuls per tile); same bits run to run.
 
 Two forwards compute the same thing: _fwd_kernel loads tiles through pointers
 (masked loads; Ampere, and the fallback), _fwd_tma_kernel through tensor
@@ -246,15 +251,16 @@ def _load_lse2(lse_ptr, row, mask):
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"])
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                     seq_q, seq_k, heads_q, group, qk_scale, scale, causal_offset,
-                     SQ_BUCKET, SK_BUCKET,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block of one key head, summed over its query heads."""
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                   seq_q, seq_k, heads_q, group, qk_scale, scale, causal_offset,
+                   SQ_BUCKET, SK_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one key head, summed over its query heads.
+    With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
+    atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     heads_k = heads_q // group
@@ -285,15 +291,25 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, 
             p_t = tl.where(visible_t, tl.exp2(s_t - lse2[None, :]), 0.0)
             dv += dot(p_t.to(do.dtype), do)
             dp_t = dot(v, tl.trans(do))
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += dot(ds_t.to(q.dtype), q)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += dot(ds_t, q)
+            if ATOMIC_DQ:
+                tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dot(tl.trans(ds_t), k),
+                              mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
     out_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
     idx = (bhk * seq_k + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + idx, to_out(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
     tl.store(dv_ptr + idx, to_out(dv, dv_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"])
+_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]
+_bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
+# Timing a config adds into dq_acc: the autotuner zeroes it before each run.
+_bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
+    _bwd_kv_kernel)
+
+
+@triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -442,9 +458,13 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     return out, lse
 
 
-def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int,
+def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
                    dq=None, dk=None, dv=None):
-    """(dq, dk, dv); deterministic. Gradients may be passed in (poisoned, by tests)."""
+    """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
+    block, each a sum in a fixed order (same bits run to run; S and P computed
+    twice). False: one pass that also adds each tile's dS K into an fp32 dQ
+    with atomics, in an order that varies run to run. Gradients may be passed
+    in (poisoned, by tests)."""
     q, k, v, args, _, meta, buckets = _prepare(q, k, v, causal)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -456,14 +476,18 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
         return dq.zero_(), dk.zero_(), dv.zero_()
     rows = batch * heads_q * seq_q
     delta = torch.empty(rows, dtype=torch.float32, device=q.device)
+    tail = (scale * LOG2E, scale, causal_offset, *buckets)
+    grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * heads_k)  # noqa: E731
     with on_device(q):
         block = 16 if _INTERPRET else 64
         _bwd_delta_kernel[(triton.cdiv(rows, block),)](out, dout, delta, rows, HEAD_DIM=head_dim,
                                                        BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
-        grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * heads_k)  # noqa: E731
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, *args, scale * LOG2E, scale,
-                                  causal_offset, *buckets, **meta)
+        if not deterministic:
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, *args, *tail,
+                                         ATOMIC_DQ=True, **meta)
+            return torch.mul(dq_acc, scale, out=dq), dk, dv
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, *args, *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * heads_q)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, *args, scale * LOG2E, scale,
-                               causal_offset, *buckets, **meta)
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, *args, *tail, **meta)
     return dq, dk, dv

@@ -9,6 +9,11 @@ any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
 The CUDA forward runs the sm_90a kernel (wgmma, TMA) on compute capability
 9.x for head dims that pad to 64 or 128, the mma.sync kernel elsewhere;
 PYEXT_FLASH_SM90=0 in the environment (read per call) forces the latter.
+The Triton backward with deterministic=False sums dQ with atomics (faster,
+last bits vary run to run); the CUDA backward is deterministic either way.
+The public functions carry the caller's choice from the forward to the
+backward in _FlashAttention's context; a forward op called directly gets the
+deterministic backward.
 """
 import math
 from typing import Optional, Tuple
@@ -36,7 +41,7 @@ def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
                           scale: float, causal: bool, causal_offset: int,
                           deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset)
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic)
 
 
 def _fake_fwd(q, k, v, scale, causal, causal_offset):
@@ -54,17 +59,36 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)  # a statistic returned for inspection, as in FlashAttention
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (scale, causal, causal_offset)
+    ctx.deterministic = True  # a forward op called directly; _FlashAttention sets the caller's choice
 
 
 def _make_backward(bwd_op):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.args, True)
+        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.args, ctx.deterministic)
         return dq, dk, dv, None, None, None
     return backward
 
 
 FWD, BWD = register_stages("flash_attn", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """The forward op of `backend` with a backward that honours `deterministic`:
+    the op's schema has no place for the flag, so it lives in this context."""
+
+    @staticmethod
+    def forward(ctx, backend: str, deterministic: bool, q, k, v, scale, causal, causal_offset):
+        output = FWD[backend](q, k, v, scale, causal, causal_offset)
+        _setup_context(ctx, (q, k, v, scale, causal, causal_offset), output)
+        ctx.backend, ctx.deterministic = backend, deterministic
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (None, None) + _make_backward(BWD[ctx.backend])(ctx, dout, dlse)
+
+
 # The kernel backends "auto" tries. The CUDA kernels (issue 5) join when a GPU
 # run of tests/test_attention.py has passed with them; until then only
 # backend="cuda", named, runs them.
@@ -144,8 +168,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
     carries no gradient.
-    The kernels' backward is always deterministic (no atomics), so
-    `deterministic` is accepted and always honoured. Kernels: float16/bfloat16,
+    deterministic=False (the default): the Triton backward adds dQ up with
+    fp32 atomics in one pass (faster; dQ's last bits vary run to run).
+    deterministic=True: it computes dQ in a second pass instead, giving the
+    same bits run to run. The CUDA backward is always deterministic and
+    ignores the flag; so does the reference. Kernels: float16/bfloat16,
     head dims multiple of 8 up to 256; other inputs go to the reference
     (backend "auto") or raise (a kernel backend named).
     """
@@ -160,7 +187,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if name == "torch":
         out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset)
     else:
-        out, lse = FWD[name](q, k, v, scale, causal, causal_offset)
+        out, lse = _FlashAttention.apply(name, deterministic, q, k, v, scale, causal, causal_offset)
     return (out, lse) if return_lse else out
 
 
@@ -170,7 +197,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """torch.nn.functional.scaled_dot_product_attention, with pyext's kernels
     where they apply (is_causal is top-left aligned, as in torch). An attn_mask,
     dropout, float32/float64 inputs or head dims over 256 go to torch's own
-    SDPA under backend "auto"; a kernel backend named explicitly raises."""
+    SDPA under backend "auto"; a kernel backend named explicitly raises. The
+    backward is deterministic when torch.are_deterministic_algorithms_enabled()
+    at the call (see flash_attention's `deterministic`)."""
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
     extra = None
     if attn_mask is not None:
@@ -183,5 +212,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    out, _ = FWD[name](query, key, value, scale, is_causal, 0)
+    out, _ = _FlashAttention.apply(name, torch.are_deterministic_algorithms_enabled(), query, key, value,
+                                   scale, is_causal, 0)
     return out
