@@ -189,6 +189,8 @@ ATTENTION_CALLS = {
     "flash_attention": lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, backend="triton"),
     "flash_attention(deterministic=True)": lambda q, k, v: pyext.flash_attention(
         q, k, v, causal=True, deterministic=True, backend="triton"),
+    "flash_attention(deterministic=False)": lambda q, k, v: pyext.flash_attention(
+        q, k, v, causal=True, deterministic=False, backend="triton"),
     "scaled_dot_product_attention": _sdpa_causal,
     "compiled scaled_dot_product_attention": torch.compile(_sdpa_causal, fullgraph=True, backend="aot_eager"),
     "the forward op": lambda q, k, v: torch.ops.pyext.flash_attn_fwd_triton(q, k, v, 0.25, True, 3)[0],
@@ -197,7 +199,9 @@ ATTENTION_CALLS = {
 
 @pytest.mark.parametrize("call,use_deterministic_algorithms,expected", [
     ("flash_attention", False, False),
+    ("flash_attention", True, True),
     ("flash_attention(deterministic=True)", False, True),
+    ("flash_attention(deterministic=False)", True, False),
     ("scaled_dot_product_attention", False, False),
     ("scaled_dot_product_attention", True, True),
     ("compiled scaled_dot_product_attention", False, False),
@@ -206,8 +210,8 @@ ATTENTION_CALLS = {
 ])
 def test_the_backward_is_deterministic_when_asked(call, use_deterministic_algorithms, expected,
                                                   deterministic_algorithms, triton_backward_flags):
-    # flash_attention's `deterministic` (default False: atomic dQ); the SDPA
-    # drop-in follows torch.use_deterministic_algorithms, as torch's does.
+    # flash_attention's `deterministic` when given; otherwise, and always for
+    # the SDPA drop-in, torch.use_deterministic_algorithms, as torch's ops do.
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"))
     deterministic_algorithms(use_deterministic_algorithms)
     out = ATTENTION_CALLS[call](q, k, v)

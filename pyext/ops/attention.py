@@ -160,7 +160,7 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                    return_lse: bool = False, deterministic: bool = False, backend=None):
+                    return_lse: bool = False, deterministic: Optional[bool] = None, backend=None):
     """Exact attention without an S x S matrix in memory, layout (B, H, S, D) like SDPA.
 
     causal=True aligns the mask bottom-right, as FlashAttention does: query i
@@ -168,11 +168,13 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
     carries no gradient.
-    deterministic=False (the default): the Triton backward adds dQ up with
-    fp32 atomics in one pass (faster; dQ's last bits vary run to run).
-    deterministic=True: it computes dQ in a second pass instead, giving the
-    same bits run to run. The CUDA backward is always deterministic and
-    ignores the flag; so does the reference. Kernels: float16/bfloat16,
+    deterministic=False: the Triton backward adds dQ up with fp32 atomics in
+    one pass (faster; dQ's last bits vary run to run). deterministic=True: it
+    computes dQ in a second pass instead, giving the same bits run to run.
+    None (the default) means torch.are_deterministic_algorithms_enabled() at
+    the call: False unless torch.use_deterministic_algorithms(True) was set.
+    The CUDA backward is always deterministic and ignores the flag; so does
+    the reference. Kernels: float16/bfloat16,
     head dims multiple of 8 up to 256; other inputs go to the reference
     (backend "auto") or raise (a kernel backend named).
     """
@@ -187,6 +189,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if name == "torch":
         out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset)
     else:
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
         out, lse = _FlashAttention.apply(name, deterministic, q, k, v, scale, causal, causal_offset)
     return (out, lse) if return_lse else out
 
