@@ -95,7 +95,7 @@ void check_shared_memory(const char* op, bool launched, int head_dim, int device
 // runs on devices of compute capability 9.x for head dims that pad to 64 or
 // 128, unless the environment says PYEXT_FLASH_SM90=0 (read on every call, so
 // a test or a benchmark can compare both stages in one process). Everything
-// else, and any case flash_fwd_sm90 / flash_bwd_dkdv_sm90 turns down (no
+// else, and any case flash_fwd_sm90 / flash_bwd_sm90 turns down (no
 // sm_90a code in this build, a layout the TMA driver refuses, the shared
 // memory opt-in refused), runs Stage 1.
 bool sm90_wanted(int device) {
@@ -154,14 +154,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   return {out, lse};
 }
 
-// Stage 2's dK/dV, then Stage 1's dQ (54 / 102 KB of shared memory, less
-// than the sm_90a kernel's 65 / 129 KB: not refused where that one ran).
 template <typename T>
 bool launch_bwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
   const int padded = flash_padded_head_dim(p.head_dim);
-  if (sm90 && padded == 64 && flash_bwd_dkdv_sm90<T, 64>(p, s)) return flash_bwd_dq<T, 64>(p, s);
-  if (sm90 && padded == 128 && flash_bwd_dkdv_sm90<T, 128>(p, s)) return flash_bwd_dq<T, 128>(p, s);
-  switch (flash_padded_head_dim(p.head_dim)) {
+  if (sm90 && padded == 64 && flash_bwd_sm90<T, 64>(p, s)) return true;
+  if (sm90 && padded == 128 && flash_bwd_sm90<T, 128>(p, s)) return true;
+  switch (padded) {
     case 32: return flash_bwd<T, 32>(p, s);
     case 64: return flash_bwd<T, 64>(p, s);
     case 96: return flash_bwd<T, 96>(p, s);

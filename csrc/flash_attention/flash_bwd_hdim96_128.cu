@@ -1,5 +1,4 @@
 // Backward kernels for head dims 96 and 128 (fp16, bf16); see flash_bwd_launch.cuh.
-// flash_bwd_dq of head dim 128 also serves the sm_90a backward (flash_bwd_sm90_hdim128.cu).
 #include "flash_attention/flash_bwd_launch.cuh"
 
 namespace pyext {
@@ -7,6 +6,4 @@ template bool flash_bwd<__half, 96>(const FlashAttnParams&, cudaStream_t);
 template bool flash_bwd<__nv_bfloat16, 96>(const FlashAttnParams&, cudaStream_t);
 template bool flash_bwd<__half, 128>(const FlashAttnParams&, cudaStream_t);
 template bool flash_bwd<__nv_bfloat16, 128>(const FlashAttnParams&, cudaStream_t);
-template bool flash_bwd_dq<__half, 128>(const FlashAttnParams&, cudaStream_t);
-template bool flash_bwd_dq<__nv_bfloat16, 128>(const FlashAttnParams&, cudaStream_t);
 }  // namespace pyext

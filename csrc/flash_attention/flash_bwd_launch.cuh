@@ -1,7 +1,6 @@
-// Host launchers of the FlashAttention backward for one dtype and head dim:
+// Host launcher of the FlashAttention backward for one dtype and head dim:
 // dK/dV per key block, then dQ per query block (delta is computed before, by
-// flash_bwd_delta); flash_bwd_dq alone also follows the sm_90a dK/dV.
-// Included by the flash_bwd_hdim*.cu instantiation files.
+// flash_bwd_delta). Included by the flash_bwd_hdim*.cu instantiation files.
 #pragma once
 
 #include "common/launch.h"
@@ -11,24 +10,17 @@
 namespace pyext {
 
 template <typename T, int kD>
-bool flash_bwd_dq(const FlashAttnParams& p, cudaStream_t stream) {
+bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream) {
+  using KV = FlashBwdDkDvTraits<kD>;
   using Q = FlashBwdDqTraits<kD>;
+  auto dkdv = flash_bwd_dkdv_kernel<T, kD>;
   auto dq = flash_bwd_dq_kernel<T, kD>;
-  if (!opt_in_smem(dq, Q::kSmemBytes)) return false;
+  if (!opt_in_smem(dkdv, KV::kSmemBytes) || !opt_in_smem(dq, Q::kSmemBytes)) return false;
+  const dim3 grid_kv(p.batch * p.heads_kv, (p.seq_k + KV::kBlockN - 1) / KV::kBlockN);
+  dkdv<<<grid_kv, KV::kThreads, KV::kSmemBytes, stream>>>(p);
   const dim3 grid_q(p.batch * p.heads_q, (p.seq_q + Q::kBlockM - 1) / Q::kBlockM);
   dq<<<grid_q, Q::kThreads, Q::kSmemBytes, stream>>>(p);
   return true;
-}
-
-template <typename T, int kD>
-bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream) {
-  using KV = FlashBwdDkDvTraits<kD>;
-  auto dkdv = flash_bwd_dkdv_kernel<T, kD>;
-  if (!opt_in_smem(dkdv, KV::kSmemBytes) || !opt_in_smem(flash_bwd_dq_kernel<T, kD>, FlashBwdDqTraits<kD>::kSmemBytes))
-    return false;
-  const dim3 grid_kv(p.batch * p.heads_kv, (p.seq_k + KV::kBlockN - 1) / KV::kBlockN);
-  dkdv<<<grid_kv, KV::kThreads, KV::kSmemBytes, stream>>>(p);
-  return flash_bwd_dq<T, kD>(p, stream);
 }
 
 }  // namespace pyext

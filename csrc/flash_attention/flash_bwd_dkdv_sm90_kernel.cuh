@@ -8,7 +8,7 @@
 // order (no atomics: bitwise deterministic):
 //   S^T = K Q^T;  P^T = exp2(S^T * scale * log2(e) - lse * log2(e))
 //   dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
-//   then dK * scale and dV are stored. dQ runs Stage 1's kernel afterwards.
+//   then dK * scale and dV are stored. dQ: flash_bwd_dq_sm90_kernel.cuh.
 //
 // CTA = 128 keys of one (batch, key head), 384 threads:
 //   warpgroup 0, producer (setmaxnreg.dec to 24): thread 0 issues the TMA
@@ -29,11 +29,8 @@
 #pragma once
 
 #include <cmath>
-#include <type_traits>
 
-#include "common/launch.h"
 #include "common/tma.cuh"
-#include "common/tma_host.h"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_tile.cuh"
@@ -41,7 +38,7 @@
 namespace pyext {
 
 template <int kD>
-struct FlashBwdSm90Traits {
+struct FlashBwdDkDvSm90Traits {
   static_assert(kD == 64 || kD == 128, "Stage 2 backward covers head dims 64 and 128");
   static constexpr int kBlockN = 128;  // keys per CTA: two consumer warpgroups x 64
   static constexpr int kBlockM = 64;   // query rows per step (wgmma N of S^T and dP^T)
@@ -67,12 +64,12 @@ struct FlashBwdSm90Traits {
 };
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(FlashBwdSm90Traits<kD>::kThreads, 1)
+__global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
     flash_bwd_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
                                const FlashAttnParams p) {
 #if PYEXT_SM90A
-  using Tr = FlashBwdSm90Traits<kD>;
+  using Tr = FlashBwdDkDvSm90Traits<kD>;
   constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBoxes = Tr::kBoxes;
   constexpr int kBox = Tr::kBoxCols;
   // Static shared memory: the host reads a non-zero static size as "this
@@ -267,38 +264,6 @@ __global__ void __launch_bounds__(FlashBwdSm90Traits<kD>::kThreads, 1)
   // checks for the static shared memory above first).
   __trap();
 #endif
-}
-
-// dK and dV by the kernel above; false, having launched nothing, where it
-// cannot run (no sm_90a code in this build, a tensor map or the shared memory
-// size refused): the caller then runs Stage 1's dK/dV.
-template <typename T, int kD>
-bool flash_bwd_dkdv_sm90(const FlashAttnParams& p, cudaStream_t stream) {
-  using Tr = FlashBwdSm90Traits<kD>;
-  auto kernel = flash_bwd_dkdv_sm90_kernel<T, kD>;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.sharedSizeBytes == 0) {
-    cudaGetLastError();
-    return false;
-  }
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const uint64_t d = p.head_dim, sq = p.seq_q, sk = p.seq_k, hq = p.heads_q, hkv = p.heads_kv, bs = p.batch;
-  // dO is contiguous (B, Hq, Sq, D).
-  const int64_t do_row = p.head_dim, do_head = int64_t(p.seq_q) * p.head_dim, do_batch = p.heads_q * do_head;
-  CUtensorMap tq, tk, tv, tdo;
-  if (!make_tensor_map_4d_16bit(&tq, kBf16, p.q, {d, sq, hq, bs}, {p.q_row_stride, p.q_head_stride, p.q_batch_stride},
-                                Tr::kBoxCols, Tr::kBlockM) ||
-      !make_tensor_map_4d_16bit(&tk, kBf16, p.k, {d, sk, hkv, bs}, {p.k_row_stride, p.k_head_stride, p.k_batch_stride},
-                                Tr::kBoxCols, Tr::kBlockN) ||
-      !make_tensor_map_4d_16bit(&tv, kBf16, p.v, {d, sk, hkv, bs}, {p.v_row_stride, p.v_head_stride, p.v_batch_stride},
-                                Tr::kBoxCols, Tr::kBlockN) ||
-      !make_tensor_map_4d_16bit(&tdo, kBf16, p.dout, {d, sq, hq, bs}, {do_row, do_head, do_batch}, Tr::kBoxCols,
-                                Tr::kBlockM))
-    return false;
-  if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
-  const dim3 grid(p.batch * p.heads_kv, (p.seq_k + Tr::kBlockN - 1) / Tr::kBlockN);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, tdo, p);
-  return true;
 }
 
 }  // namespace pyext
