@@ -425,12 +425,14 @@ def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):
 # ---- end of the Hopper forward tests ----
 
 
-# ---- CUDA forward, Stage 2 (sm_90a) and Stage 1 (mma.sync) -----------------
-# On compute capability 9.x the CUDA forward for head dims that pad to 64 or
-# 128 runs the sm_90a kernel unless PYEXT_FLASH_SM90=0 (read per call): these
-# cases run each path, set through the environment. Head dims 64, 128 and ones
-# that pad to them (40, 120; 72 pads to 96, Stage 1 either way), 128-row query tiles ragged both ways, key
-# tiles of 128 ragged, GQA, Sq = 1, rows that see no key (causal, Sq > Sk).
+# ---- CUDA forward and backward, Stage 2 (sm_90a) and Stage 1 (mma.sync) ----
+# On compute capability 9.x the CUDA forward and backward for head dims
+# that pad to 64 or 128 run the sm_90a kernels unless
+# PYEXT_FLASH_SM90=0 (read per call): these cases run each path, set through
+# the environment (check_flash runs the forward and the backward). Head dims
+# 64, 128 and ones that pad to them (40, 120; 72 pads to 96, Stage 1 either
+# way), 128-row query tiles and 128-key blocks ragged both ways, GQA, Sq = 1,
+# rows that see no key (causal, Sq > Sk).
 SM90_SHAPES = SHAPES + [
     (2, 4, 2, 129, 257, 128),
     (1, 2, 1, 300, 131, 72),
@@ -441,9 +443,9 @@ SM90_SHAPES = SHAPES + [
 
 
 @pytest.fixture(params=["sm90", "stage1"])
-def cuda_fwd_stage(request, monkeypatch):
+def cuda_stage(request, monkeypatch):
     if request.param == "sm90" and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the sm_90a forward needs a device of compute capability 9.x")
+        pytest.skip("the sm_90a kernels need a device of compute capability 9.x")
     monkeypatch.setenv("PYEXT_FLASH_SM90", "1" if request.param == "sm90" else "0")
     return request.param
 
@@ -453,20 +455,20 @@ def cuda_fwd_stage(request, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
-def test_cuda_forward_stages_match_oracle(backend, cuda_fwd_stage, dtype, causal, shape):
+def test_cuda_stages_match_oracle(backend, cuda_stage, dtype, causal, shape):
     check_flash(backend, *qkv(shape, dtype, "cuda"), causal)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
-def test_cuda_forward_stages_on_bshd_views(backend, cuda_fwd_stage):
+def test_cuda_stages_on_bshd_views(backend, cuda_stage):
     check_flash(backend, *qkv((2, 4, 2, 150, 140, 128), torch.bfloat16, "cuda", "bshd"), True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_cuda_forward_runs_the_stage_asked_for(backend, cuda_fwd_stage, head_dim):
+def test_cuda_forward_runs_the_stage_asked_for(backend, cuda_stage, head_dim):
     """The sm_90a kernel is what runs when it should (no silent fall-back to
     Stage 1, e.g. a tensor map the driver refused), and never when it is off."""
     q, k, v = (t.detach() for t in qkv((1, 2, 2, 200, 200, head_dim), torch.float16, "cuda"))
@@ -474,5 +476,38 @@ def test_cuda_forward_runs_the_stage_asked_for(backend, cuda_fwd_stage, head_dim
         torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 0)
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
-    assert any("flash_fwd_sm90_kernel" in n for n in names) == (cuda_fwd_stage == "sm90"), names
+    assert any("flash_fwd_sm90_kernel" in n for n in names) == (cuda_stage == "sm90"), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("head_dim", [40, 128])
+def test_cuda_backward_runs_the_stage_asked_for(backend, cuda_stage, head_dim):
+    """dK/dV and dQ: the sm_90a kernels exactly when asked, Stage 1's otherwise."""
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 200, 300, head_dim), torch.bfloat16, "cuda"))
+    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 100)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, 0.125, True, 100, True)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    sm90 = cuda_stage == "sm90"
+    for kernel in ("flash_bwd_dkdv", "flash_bwd_dq"):
+        assert any(f"{kernel}_sm90_kernel" in n for n in names) == sm90, names
+        assert any(f"{kernel}_kernel" in n for n in names) == (not sm90), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_cuda_stages_backward_is_deterministic_and_writes_every_element(backend, cuda_stage):
+    q, k, v = (t.detach() for t in qkv((2, 4, 2, 77, 300, 120), torch.bfloat16, "cuda", "bshd"))
+    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
+    dout = torch.randn_like(out)
+    first = None
+    for _ in range(10):
+        poison_cuda_allocator(8 * k.numel() * k.element_size())
+        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, 0.3, True, 13, True)
+        assert not any(g.isnan().any() for g in grads)
+        if first is None:
+            first = grads
+        assert all(torch.equal(a, b) for a, b in zip(first, grads))
 # ---- end of the Stage 2 block -----------------------------------------------

@@ -4,7 +4,7 @@ no local memory (register spills or run-time-indexed arrays) in any kernel,
 16-byte loads and stores in the vectorised elementwise kernels, tensor cores
 (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) in the attention kernels, and
 warpgroup tensor cores (HGMMA), the bulk tensor copy engine (UTMALDG) and
-mbarriers (SYNCS) in the sm_90a attention forward."""
+mbarriers (SYNCS) in the sm_90a attention forward and backward."""
 import functools
 import glob
 import os
@@ -113,9 +113,28 @@ def test_sm90_flash_forward_uses_wgmma_tma_and_mbarriers():
         assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
 
 
-def test_sm90_flash_forward_is_a_stub_for_sm80():
-    """The sm_80 pass compiles the sm_90a-only kernel to a trap: no tensor core code."""
-    kernels = {n: c for n, c in _sass("sm_80").items() if "flash_fwd_sm90_kernel" in n}
+@pytest.mark.parametrize("kernel", ["flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel"])
+def test_sm90_flash_backward_uses_wgmma_tma_and_mbarriers(kernel):
+    kernels = {n: c for n, c in _sass("sm_90a").items() if kernel in n}
+    assert len(kernels) == 2 * 2, sorted(kernels)  # two dtypes; head dims 64 and 128
+    for name, code in kernels.items():
+        # dK/dV: S^T = K Q^T, dP^T = V dO^T (dQ: S = Q K^T, dP = dO V^T), 64
+        # x 64 tiles, both operands from shared memory; dV += P^T dO, dK +=
+        # dS^T Q (dQ += dS K): A from registers, B transposed from shared memory.
+        assert re.search(r"HGMMA\.64x64x16\.F32\S* R\d+, gdesc", code), f"no SS HGMMA in {name}"
+        assert re.search(r"HGMMA\.64x(64|128)x16\.F32\S* R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", code), \
+            f"no register-A HGMMA with transposed B in {name}"
+        for op in ("UTMALDG.4D", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64", "WARPGROUP.DEPBAR",
+                   "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"):
+            assert op in code, f"{op} missing from {name}"
+        assert "HMMA.16816" not in code, f"mma.sync in {name}"
+        assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+
+
+@pytest.mark.parametrize("kernel", ["flash_fwd_sm90_kernel", "flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel"])
+def test_sm90_flash_kernels_are_stubs_for_sm80(kernel):
+    """The sm_80 pass compiles the sm_90a-only kernels to a trap: no tensor core code."""
+    kernels = {n: c for n, c in _sass("sm_80").items() if kernel in n}
     assert len(kernels) == 2 * 2, sorted(kernels)
     for name, code in kernels.items():
         assert "BPT.TRAP" in code and "HMMA" not in code, name

@@ -51,6 +51,12 @@ template <typename T, int kD> bool flash_fwd(const FlashAttnParams& p, cudaStrea
 template <typename T, int kD> bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
 // dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
 template <typename T, int kD> bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
+// Stage 2 backward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or
+// 128: dk, dv, then dq, as flash_bwd (flash_bwd_sm90_hdim*.cu). Returns false,
+// having launched nothing, where either of its two kernels cannot run (as
+// flash_fwd_sm90: no sm_90a code, a tensor map or the shared memory refused);
+// the caller then runs flash_bwd.
+template <typename T, int kD> bool flash_bwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
 // delta = rowsum(dout * out) in fp32; instantiated in flash_bwd_delta.cu.
 template <typename T> void flash_bwd_delta(const FlashAttnParams& p, cudaStream_t stream);
 

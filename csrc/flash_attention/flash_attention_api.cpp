@@ -91,13 +91,14 @@ void check_shared_memory(const char* op, bool launched, int head_dim, int device
               limit, " bytes); backend='triton' runs it");
 }
 
-// Stage 2 forward (sm_90a: wgmma, TMA, warp specialisation) runs on devices
-// of compute capability 9.x for head dims that pad to 64 or 128, unless the
-// environment says PYEXT_FLASH_SM90=0 (read on every call, so a test or a
-// benchmark can compare both stages in one process). Everything else, and any
-// case flash_fwd_sm90 turns down (no sm_90a code in this build, a layout the
-// TMA driver refuses), runs Stage 1.
-bool sm90_forward_wanted(int device) {
+// Stage 2 (sm_90a: wgmma, TMA, warp specialisation), forward and backward,
+// runs on devices of compute capability 9.x for head dims that pad to 64 or
+// 128, unless the environment says PYEXT_FLASH_SM90=0 (read on every call, so
+// a test or a benchmark can compare both stages in one process). Everything
+// else, and any case flash_fwd_sm90 / flash_bwd_sm90 turns down (no
+// sm_90a code in this build, a layout the TMA driver refuses, the shared
+// memory opt-in refused), runs Stage 1.
+bool sm90_wanted(int device) {
   const char* env = std::getenv("PYEXT_FLASH_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   int major = 0;
@@ -142,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool sm90 = sm90_forward_wanted(q.get_device());
+  const bool sm90 = sm90_wanted(q.get_device());
   bool launched = false;
   AT_DISPATCH_SWITCH(q.scalar_type(), "flash_attn_fwd_cuda",
                      AT_DISPATCH_CASE(at::kHalf, [&] { launched = launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); })
@@ -154,8 +155,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
 }
 
 template <typename T>
-bool launch_bwd(const FlashAttnParams& p, cudaStream_t s) {
-  switch (flash_padded_head_dim(p.head_dim)) {
+bool launch_bwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
+  const int padded = flash_padded_head_dim(p.head_dim);
+  if (sm90 && padded == 64 && flash_bwd_sm90<T, 64>(p, s)) return true;
+  if (sm90 && padded == 128 && flash_bwd_sm90<T, 128>(p, s)) return true;
+  switch (padded) {
     case 32: return flash_bwd<T, 32>(p, s);
     case 64: return flash_bwd<T, 64>(p, s);
     case 96: return flash_bwd<T, 96>(p, s);
@@ -203,13 +207,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool sm90 = sm90_wanted(q.get_device());
   bool launched = false;
   AT_DISPATCH_SWITCH(q.scalar_type(), op, AT_DISPATCH_CASE(at::kHalf, [&] {
                        flash_bwd_delta<cuda_t<scalar_t>>(p, stream);
-                       launched = launch_bwd<cuda_t<scalar_t>>(p, stream);
+                       launched = launch_bwd<cuda_t<scalar_t>>(p, stream, sm90);
                      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
                        flash_bwd_delta<cuda_t<scalar_t>>(p, stream);
-                       launched = launch_bwd<cuda_t<scalar_t>>(p, stream);
+                       launched = launch_bwd<cuda_t<scalar_t>>(p, stream, sm90);
                      }));
   check_shared_memory(op, launched, p.head_dim, q.get_device());
   check_launch(op);

@@ -6,9 +6,10 @@ their ops flash_attn_{fwd,bwd}_{triton,cuda}.
 
 Kernels cover float16/bfloat16, head dims that are multiples of 8 up to 256,
 any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
-The CUDA forward runs the sm_90a kernel (wgmma, TMA) on compute capability
-9.x for head dims that pad to 64 or 128, the mma.sync kernel elsewhere;
-PYEXT_FLASH_SM90=0 in the environment (read per call) forces the latter.
+The CUDA forward and backward run the sm_90a kernels (wgmma, TMA) on
+compute capability 9.x for head dims that pad to 64 or 128, the mma.sync
+kernels elsewhere; PYEXT_FLASH_SM90=0 in the environment (read per call)
+forces the latter.
 The Triton backward with deterministic=False sums dQ with atomics (faster,
 last bits vary run to run); the CUDA backward is deterministic either way.
 The public functions carry the caller's choice from the forward to the

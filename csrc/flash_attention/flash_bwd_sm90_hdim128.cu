@@ -1,0 +1,7 @@
+// Stage 2 backward kernels (sm_90a) for head dim 128 (fp16, bf16); see flash_bwd_sm90_launch.cuh.
+#include "flash_attention/flash_bwd_sm90_launch.cuh"
+
+namespace pyext {
+template bool flash_bwd_sm90<__half, 128>(const FlashAttnParams&, cudaStream_t);
+template bool flash_bwd_sm90<__nv_bfloat16, 128>(const FlashAttnParams&, cudaStream_t);
+}  // namespace pyext
