@@ -77,6 +77,9 @@ def test_norm_fake_implementations_give_shapes_without_a_gpu():
 BAD_CALLS = {
     "gelu": ("gelu_fwd_cuda", "(x, 'nope')", "approximate"),
     "layer_norm": ("layer_norm_fwd_cuda", "(x, [9], None, None, 1e-5)", "normalized_shape"),
+    "layer_norm weight": ("layer_norm_fwd_cuda", "(x, [8], x[0, :7], None, 1e-5)", "weight"),
+    "layer_norm_bwd": ("layer_norm_bwd_cuda", "(x, x, x[:, 0].contiguous(), x[:3, 0].contiguous(), None, None, "
+                       "False, False)", "rstd"),
     "rms_norm": ("rms_norm_fwd_cuda", "(x, [8], x[0, :7], 1e-6)", "weight"),
     "flash_attention": ("flash_attn_fwd_cuda", "(x[None, None].half(), x[None].half(), x[None].half(), "
                         "1.0, False, 0)", "4-D"),
