@@ -1,7 +1,12 @@
-"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--out DIR] [--compare OLD.json]"""
+"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--out DIR] [--compare OLD.json]
+python -m benchmarks --merge PART.json ... [--out DIR] [--compare OLD.json]
+
+The JSON and CSV are rewritten after every case, so a run that is killed (a
+time limit, a kernel that hangs) keeps what it finished. --merge joins the
+reports of runs made one op per process (as make gpu-check does, so that a
+kernel that breaks the CUDA context costs its own op only) into one report."""
 import argparse
 import json
-import os
 import signal
 import sys
 
@@ -18,20 +23,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=list(OPS))
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                        choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--compare", metavar="OLD.json", help="report each case's change against an older run")
-    args = parser.parse_args(argv)
-    if not HAS_GPU:
-        print(NO_GPU_WARNING)
+def measure(args, meta, base):
+    """Ceilings (into meta), then every case of args.ops: the rows, written to base as they come."""
     dtypes = [getattr(torch, d) for d in args.dtypes]
-
-    meta = harness.machine_info()
     print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
     ceilings = harness.measure_ceilings(args.quick)
     meta["ceilings"] = ceilings
@@ -50,10 +44,48 @@ def main(argv=None):
                 bar.show(done, f"{case.op} {case.direction} {case.dtype} {case.label}")
                 rows += harness.run_case(case, ceilings, args.quick)
                 done += 1
+                harness.write_results(base, meta, rows)
     except KeyboardInterrupt:
         meta["interrupted_after_cases"] = done
         print(f"\ninterrupted: reporting the {done} cases finished")
     bar.show(done, "done", last=True)
+    return rows
+
+
+def merge(paths):
+    """One report from several: the first one's machine and ceilings, every row."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    meta = dict(reports[0]["meta"], merged_from=list(paths))
+    interrupted = [p for p, r in zip(paths, reports) if "interrupted_after_cases" in r["meta"]]
+    if interrupted:
+        meta["interrupted"] = interrupted
+    return meta, [row for r in reports for row in r["results"]]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=list(OPS))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    parser.add_argument("--out", default=harness.RESULTS_DIR)
+    parser.add_argument("--compare", metavar="OLD.json", help="report each case's change against an older run")
+    parser.add_argument("--merge", nargs="+", metavar="PART.json", help="join these reports instead of measuring")
+    args = parser.parse_args(argv)
+    if not HAS_GPU:
+        print(NO_GPU_WARNING)
+
+    if args.merge:
+        meta, rows = merge(args.merge)
+        base = harness.result_base(args.out, meta)
+    else:
+        meta = harness.machine_info()
+        base = harness.result_base(args.out, meta)
+        rows = measure(args, meta, base)
 
     print(harness.table(rows))
     print("\n".join(["", "summary:"] + harness.summary(rows)))
@@ -61,12 +93,12 @@ def main(argv=None):
         with open(args.compare) as f:
             lines = harness.compare(json.load(f)["results"], rows)
         print("\n".join(["", f"against {args.compare}:"] + (lines or ["no case in common"])))
-    base = harness.write_results(args.out, meta, rows)
+    harness.write_results(base, meta, rows)
     pngs = harness.plot(base, rows)
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
     if not HAS_GPU:
         print(NO_GPU_WARNING)
-    return 1 if "interrupted_after_cases" in meta else 0
+    return 1 if "interrupted_after_cases" in meta or "interrupted" in meta else 0
 
 
 if __name__ == "__main__":

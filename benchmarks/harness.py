@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 HAS_GPU = torch.cuda.is_available()
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # pyext-triton-ptr: the Triton forward with pointer loads forced (attention, on sm_90:
 # the Ampere path timed beside the descriptor path that pyext-triton takes there);
 # pyext-triton-det: the Triton attention backward with deterministic=True (the
@@ -199,11 +200,15 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str, meta: dict, rows: List[dict]) -> str:
-    """JSON (meta + every row) and CSV (one row per case and provider)."""
+def result_base(out_dir: str, meta: dict) -> str:
+    """out_dir/<GPU name>-<date>-<time> (smoke-... without a GPU): the reports' path less its suffix."""
     os.makedirs(out_dir, exist_ok=True)
     stem = "smoke" if not HAS_GPU else (meta["gpu"] or "gpu").replace(" ", "-")
-    base = os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def write_results(base: str, meta: dict, rows: List[dict]) -> None:
+    """base.json (meta + every row) and base.csv (one row per case and provider)."""
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     keys = sorted({k for r in rows for k in r})
@@ -211,7 +216,6 @@ def write_results(out_dir: str, meta: dict, rows: List[dict]) -> str:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    return base
 
 
 def case_key(row: dict) -> tuple:

@@ -32,6 +32,26 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert f"against {path}:" in again.stdout and "ms" in again.stdout.split(f"against {path}:")[1]
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the GPU run is `make gpu-check`")
+def test_runs_of_one_op_each_merge_into_one_report(tmp_path):
+    """make gpu-check measures one op per process, then joins the reports."""
+    parts = []
+    for op in ("gelu", "adamw"):
+        run = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", op, "--out", str(tmp_path / op)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        (path,) = glob.glob(str(tmp_path / op / "*.json"))
+        parts.append(path)
+    merged = subprocess.run([sys.executable, "-m", "benchmarks", "--merge", *parts, "--out", str(tmp_path / "all")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "all" / "*.json"))
+    report = json.load(open(path))
+    assert {r["op"] for r in report["results"]} == {"gelu", "adamw"}
+    assert report["meta"]["merged_from"] == parts and report["meta"]["ceilings"]
+    assert glob.glob(str(tmp_path / "all" / "*.csv")) and glob.glob(str(tmp_path / "all" / "*.png"))
+
+
 @pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")
 def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_gpt", "--steps", "3", "--no-compile",
