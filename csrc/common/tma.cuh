@@ -31,6 +31,18 @@ __device__ __forceinline__ void fence_barrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
+// The barriers of a producer/consumer ring of `stages` buffers: full[s]
+// completes on `producers` arrivals (the TMA issuer's, with the bytes it
+// expects, and any plain-store writers), empty[s] on `consumers` (one per
+// consumer warp). One thread calls it, then fence_barrier_init.
+__device__ __forceinline__ void mbarrier_ring_init(uint64_t* full, uint64_t* empty, int stages, uint32_t producers,
+                                                   uint32_t consumers) {
+  for (int s = 0; s < stages; ++s) {
+    mbarrier_init(&full[s], producers);
+    mbarrier_init(&empty[s], consumers);
+  }
+}
+
 // fence.proxy.async.shared::cta: orders this thread's ordinary (generic
 // proxy) shared-memory accesses before later async-proxy ones (TMA, wgmma)
 // on the same memory. Needed after st.shared of data that TMA stores or

@@ -52,8 +52,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dk
   load_tile_async<T, kN, kD, Tr::kThreads>(sk, k, p.k_row_stride, n0, p.seq_k, d, tid);
   load_tile_async<T, kN, kD, Tr::kThreads>(sv, v, p.v_row_stride, n0, p.seq_k, d, tid);
 
-  // Queries before n0 - causal_offset see none of these keys.
-  const int m_lo = p.causal ? max(n0 - p.causal_offset, 0) / kM * kM : 0;
+  const int m_lo = queries_begin(p, n0, kM);
   const int m_blocks = m_lo < p.seq_q ? (p.seq_q - m_lo + kM - 1) / kM : 0;
   const int steps = group * m_blocks;  // step i: query head hk * group + i / m_blocks, block i % m_blocks
   auto load_step = [&](int i, int buf) {

@@ -96,17 +96,14 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
   // m_blocks. Computed by each role after its setmaxnreg: ptxas spills values
   // that live across it.
   auto schedule = [&](int& m_lo, int& m_blocks) {
-    m_lo = p.causal ? max(n0 - p.causal_offset, 0) / kM * kM : 0;
+    m_lo = queries_begin(p, n0, kM);
     m_blocks = m_lo < p.seq_q ? (p.seq_q - m_lo + kM - 1) / kM : 0;
     return group * m_blocks;
   };
 
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1 + 32);
-      mbarrier_init(&empty[s], Tr::kConsumerWarps);
-    }
+    mbarrier_ring_init(full, empty, kStages, 1 + 32, Tr::kConsumerWarps);  // TMA issuer + warp 1's lanes
     fence_barrier_init();
   }
   __syncthreads();

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(FlashBwdDqTraits<kD>::kThreads) flash_bwd_dq_k
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
-  const int n_end = p.causal ? max(0, min(p.seq_k, min(m0 + kM, p.seq_q) + p.causal_offset)) : p.seq_k;
+  const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
   auto load_kv = [&](int nb, int buf) {
     load_tile_async<T, kN, kD, Tr::kThreads>(sk + buf * kN * kS, k, p.k_row_stride, nb * kN, p.seq_k, d, tid);

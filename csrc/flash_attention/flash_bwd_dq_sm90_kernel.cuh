@@ -77,15 +77,12 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
   const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
   const int hk = h / (p.heads_q / p.heads_kv);
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kM;  // the longest causal rows start first
-  const int n_end = p.causal ? max(0, min(p.seq_k, min(m0 + kM, p.seq_q) + p.causal_offset)) : p.seq_k;
+  const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
 
   if (tid == 0) {
     mbarrier_init(qdo_full, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], Tr::kConsumerWarps);
-    }
+    mbarrier_ring_init(full, empty, kStages, 1, Tr::kConsumerWarps);
     fence_barrier_init();
   }
   __syncthreads();

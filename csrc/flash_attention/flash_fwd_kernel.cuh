@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
   const int d = p.head_dim;
 
   // Keys past n_end are masked for every row of this block.
-  const int n_end = p.causal ? max(0, min(p.seq_k, min(m0 + kM, p.seq_q) + p.causal_offset)) : p.seq_k;
+  const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
   auto load_kv = [&](int nb, int buf) {
     load_tile_async<T, kN, kD, Tr::kThreads>(sk + buf * kN * kS, k, p.k_row_stride, nb * kN, p.seq_k, d, tid);

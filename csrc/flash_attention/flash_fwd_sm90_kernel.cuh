@@ -97,15 +97,12 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kM;  // the longest causal rows start first
   // Keys past n_end are masked for every row of this block; both consumer
   // warpgroups walk all n_blocks tiles (each release needs all 8 warps).
-  const int n_end = p.causal ? max(0, min(p.seq_k, min(m0 + kM, p.seq_q) + p.causal_offset)) : p.seq_k;
+  const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
 
   if (tid == 0) {
     mbarrier_init(q_full, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], Tr::kConsumerWarps);
-    }
+    mbarrier_ring_init(full, empty, kStages, 1, Tr::kConsumerWarps);
     fence_barrier_init();
   }
   __syncthreads();

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/mma.cuh"
+#include "flash_attention/flash_attention.h"
 
 namespace pyext {
 
@@ -17,6 +18,19 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 template <int kD> constexpr int kSmemStride = kD + 8;
+
+// Causal ranges of a block, from "query i sees key j iff j <= i + causal_offset":
+// one past the last key any query row in [m0, m0 + rows) sees (keys from there
+// on are masked for the whole block; Sk when not causal) ...
+__device__ __forceinline__ int keys_end(const FlashAttnParams& p, int m0, int rows) {
+  return p.causal ? max(0, min(p.seq_k, min(m0 + rows, p.seq_q) + p.causal_offset)) : p.seq_k;
+}
+
+// ... and the first query row, rounded down to a block of `rows`, that sees
+// key n0: queries before n0 - causal_offset see none of the keys from n0 on.
+__device__ __forceinline__ int queries_begin(const FlashAttnParams& p, int n0, int rows) {
+  return p.causal ? max(n0 - p.causal_offset, 0) / rows * rows : 0;
+}
 
 // Rows row0 .. row0 + kRows - 1 of a (n_rows, d) matrix with row stride
 // `row_stride` (elements, unit column stride) into a [kRows][kD + 8] shared
