@@ -97,6 +97,19 @@ def test_flash_attention_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
         assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
 
 
+def assert_sm90_pipeline(name, code):
+    """What every sm_90a attention kernel shows: register-A HGMMA with B
+    transposed from shared memory, TMA loads on mbarriers, warp groups'
+    setmaxnreg; no mma.sync and no local memory."""
+    assert re.search(r"HGMMA\.64x(64|128)x16\.F32\S* R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", code), \
+        f"no register-A HGMMA with transposed B in {name}"
+    for op in ("UTMALDG.4D", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64", "WARPGROUP.DEPBAR",
+               "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"):
+        assert op in code, f"{op} missing from {name}"
+    assert "HMMA.16816" not in code, f"mma.sync in {name}"
+    assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+
+
 def test_sm90_flash_forward_uses_wgmma_tma_and_mbarriers():
     kernels = {n: c for n, c in _sass("sm_90a").items() if "flash_fwd_sm90_kernel" in n}
     assert len(kernels) == 2 * 2, sorted(kernels)  # two dtypes; head dims 64 and 128
@@ -104,13 +117,7 @@ def test_sm90_flash_forward_uses_wgmma_tma_and_mbarriers():
         # S = Q K^T: 64x128 tiles, both operands from shared memory; O += P V:
         # A (P) from registers, B (V) transposed from shared memory.
         assert re.search(r"HGMMA\.64x128x16\.F32\S* R\d+, gdesc", code), f"no SS HGMMA in {name}"
-        assert re.search(r"HGMMA\.64x(64|128)x16\.F32\S* R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", code), \
-            f"no register-A HGMMA with transposed B in {name}"
-        for op in ("UTMALDG.4D", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64", "WARPGROUP.DEPBAR",
-                   "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"):
-            assert op in code, f"{op} missing from {name}"
-        assert "HMMA.16816" not in code, f"mma.sync in {name}"
-        assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+        assert_sm90_pipeline(name, code)
 
 
 @pytest.mark.parametrize("kernel", ["flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel"])
@@ -122,13 +129,7 @@ def test_sm90_flash_backward_uses_wgmma_tma_and_mbarriers(kernel):
         # x 64 tiles, both operands from shared memory; dV += P^T dO, dK +=
         # dS^T Q (dQ += dS K): A from registers, B transposed from shared memory.
         assert re.search(r"HGMMA\.64x64x16\.F32\S* R\d+, gdesc", code), f"no SS HGMMA in {name}"
-        assert re.search(r"HGMMA\.64x(64|128)x16\.F32\S* R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", code), \
-            f"no register-A HGMMA with transposed B in {name}"
-        for op in ("UTMALDG.4D", "SYNCS.ARRIVE.TRANS64", "SYNCS.PHASECHK.TRANS64", "WARPGROUP.DEPBAR",
-                   "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"):
-            assert op in code, f"{op} missing from {name}"
-        assert "HMMA.16816" not in code, f"mma.sync in {name}"
-        assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+        assert_sm90_pipeline(name, code)
 
 
 @pytest.mark.parametrize("kernel", ["flash_fwd_sm90_kernel", "flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel"])
