@@ -68,8 +68,15 @@ def check_flash(backend, q, k, v, causal, deterministic=False):
         return [o, l] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
 
     ref, pt = run_reference(torch.float64), run_reference(q.dtype)
+    # Every tensor checked and every failure reported: which of them are wrong
+    # (lse only: S = Q K^T or the softmax; dv only: P^T dO; ...) points at the product.
+    failures = []
     for name, o, r, p in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt):
-        assert_close(o, r, p, name)
+        try:
+            assert_close(o, r, p, name)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("backend,deterministic", FLASH_BACKENDS)
