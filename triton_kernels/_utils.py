@@ -25,7 +25,9 @@ def poisonable_out(out, like: torch.Tensor) -> torch.Tensor:
 
 # Triton's interpreter (TRITON_INTERPRET=1, how CI runs the kernels on CPU)
 # converts float32 to bfloat16 by truncation; the GPU rounds to nearest even.
-# Kernels store through `to_out` so both round the same way.
+# Kernels narrow through `round_to` (outputs, and operands such as attention's
+# P and dS before a product) so both round the same way: truncation is biased,
+# and sums of truncated values drift.
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -38,8 +40,8 @@ def _round_bf16_by_hand(x):
 
 
 @triton.jit
-def to_out(x, dtype: tl.constexpr):
-    """x converted to the output dtype, rounding to nearest even."""
+def round_to(x, dtype: tl.constexpr):
+    """x converted to dtype, rounding to nearest even."""
     if _INTERPRETED and dtype == tl.bfloat16:
         return _round_bf16_by_hand(x.to(tl.float32)).to(dtype)
     return x.to(dtype)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, to_out
+from ._utils import on_device, round_to
 
 BLOCK = 1024
 
@@ -63,7 +63,7 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
     else:
         denom = tl.sqrt(v) / tl.sqrt(bias_correction2) + eps
     p = p - (lr / bias_correction1) * m / denom
-    tl.store(p_ptr + offs, to_out(p, P_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 

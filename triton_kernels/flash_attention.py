@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot, on_device, to_out
+from ._utils import dot, on_device, round_to
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -146,7 +146,7 @@ def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, caus
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v)
     return m_new, l_i, acc
 
 
@@ -189,7 +189,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
 
     out, lse = _finish(m_i, l_i, acc)
     row = bh * seq_q + offs_m
-    tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], to_out(out, out_ptr.dtype.element_ty),
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], round_to(out, out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
     tl.store(lse_ptr + row, lse, mask=offs_m < seq_q)
 
@@ -227,7 +227,7 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
                                 causal_offset, CAUSAL)
 
     out, lse = _finish(m_i, l_i, acc)
-    out_desc.store([b, h, start_m, 0], to_out(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
@@ -289,17 +289,17 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             s_t = dot(k, tl.trans(q)) * qk_scale
             visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset))
             p_t = tl.where(visible_t, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += dot(p_t.to(do.dtype), do)
+            dv += dot(round_to(p_t, do.dtype), do)
             dp_t = dot(v, tl.trans(do))
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            ds_t = round_to(p_t * (dp_t - delta[None, :]), q.dtype)
             dk += dot(ds_t, q)
             if ATOMIC_DQ:
                 tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dot(tl.trans(ds_t), k),
                               mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
     out_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
     idx = (bhk * seq_k + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + idx, to_out(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + idx, to_out(dv, dv_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dk_ptr + idx, round_to(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + idx, round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
 
 
 _BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]
@@ -343,8 +343,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
                      tl.exp2(s - lse2[:, None]), 0.0)
         dp = dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(k.dtype), k)
-    tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], to_out(dq * scale, dq_ptr.dtype.element_ty),
+        dq += dot(round_to(ds, k.dtype), k)
+    tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], round_to(dq * scale, dq_ptr.dtype.element_ty),
              mask=q_mask)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, poisonable_out, to_compute, to_out
+from ._utils import on_device, poisonable_out, to_compute, round_to
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
@@ -51,7 +51,7 @@ def gelu_fwd_kernel(x_ptr, y_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = to_compute(tl.load(x_ptr + offs, mask=mask))
-    tl.store(y_ptr + offs, to_out(_gelu(x, TANH), y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, round_to(_gelu(x, TANH), y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, TANH: tl.constexpr, BLOCK: tl.cons
     mask = offs < n
     x = to_compute(tl.load(x_ptr + offs, mask=mask))
     dy = to_compute(tl.load(dy_ptr + offs, mask=mask))
-    tl.store(dx_ptr + offs, to_out(dy * _gelu_grad(x, TANH), dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, round_to(dy * _gelu_grad(x, TANH), dx_ptr.dtype.element_ty), mask=mask)
 
 
 def gelu_fwd(x: torch.Tensor, approximate: str, out=None) -> torch.Tensor:

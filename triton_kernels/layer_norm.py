@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import mul_rn, on_device, to_compute, to_out
+from ._utils import mul_rn, on_device, to_compute, round_to
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
@@ -78,7 +78,7 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
         y = y * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
     if HAS_B:
         y = y + to_compute(tl.load(b_ptr + col, mask=col_mask, other=0.0))[None, :]
-    tl.store(y_ptr + offs, to_out(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
             y = y * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
         if HAS_B:
             y = y + to_compute(tl.load(b_ptr + col, mask=col_mask, other=0.0))
-        tl.store(y_row + col, to_out(y, y_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(y_row + col, round_to(y, y_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
         else:
             mean_g = tl.sum(g, axis=1) / cols
             dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(dx_ptr + offs, to_out(dx, dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DW:
             dw += tl.sum(dy * xhat, axis=0)
         if NEED_DB:
@@ -213,7 +213,7 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
             else:
                 g = dy
             dx = rstd * (g - mean_g - xhat * mean_gx)
-            tl.store(dx_ptr + row * cols + col, to_out(dx, dx_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(dx_ptr + row * cols + col, round_to(dx, dx_ptr.dtype.element_ty), mask=col_mask)
             if NEED_DW:
                 tl.store(dw_row + col, tl.load(dw_row + col, mask=col_mask) + dy * xhat, mask=col_mask)
             if NEED_DB:
@@ -230,7 +230,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, parts, cols, BLOCK_P: tl.constexpr, 
         p = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
         mask = (p < parts)[:, None] & col_mask[None, :]
         acc += tl.load(part_ptr + p[:, None] * cols + col[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + col, to_out(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(out_ptr + col, round_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty), mask=col_mask)
 
 
 # ------------------------------------------------------------------ host side
