@@ -18,6 +18,20 @@ inline int elementwise_blocks(int64_t work_items, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sms) * 8)));
 }
 
+// Whether the binary for this device holds `kernel`'s sm_90a body: only if
+// the build targeted sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a). For the sm_90a
+// attention kernels, whose barriers are their only static shared memory and
+// whose stub for other architectures has none.
+template <typename Kernel>
+bool has_sm90a_body(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.sharedSizeBytes == 0) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory (over 48 KB needs
 // an opt-in). False, with nothing set and no CUDA error left behind, when the
 // current device allows less per block (99 KB on sm_86/sm_89, 163 KB on

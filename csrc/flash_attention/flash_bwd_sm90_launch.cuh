@@ -13,19 +13,6 @@
 
 namespace pyext {
 
-// The binary for this device holds a kernel's sm_90a body only if the build
-// targeted sm_90a; its barriers are the only static shared memory, the stub
-// has none.
-template <typename Kernel>
-bool has_sm90a_body(Kernel kernel) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.sharedSizeBytes == 0) {
-    cudaGetLastError();
-    return false;
-  }
-  return true;
-}
-
 // Tensor maps over q, k, v and dout as (D, S, H, B), boxes of 64 head-dim
 // elements x q_rows (q, dout) or kv_rows (k, v); dout is contiguous
 // (B, Hq, Sq, D). False when the driver refuses one.

@@ -313,14 +313,7 @@ template <typename T, int kD>
 bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
   using Tr = FlashFwdSm90Traits<kD>;
   auto kernel = flash_fwd_sm90_kernel<T, kD>;
-  // The binary for this device holds the sm_90a body only if the build
-  // targeted sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a); its barriers are the
-  // only static shared memory, the stub has none.
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.sharedSizeBytes == 0) {
-    cudaGetLastError();
-    return false;
-  }
+  if (!has_sm90a_body(kernel)) return false;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const uint64_t d = p.head_dim;
   CUtensorMap tq, tk, tv;
