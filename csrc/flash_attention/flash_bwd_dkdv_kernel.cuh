@@ -81,14 +81,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dk
 
   for (int i = 0; i < steps; ++i) {
     const int buf = i % 2;
-    if (i + 1 < steps) {
-      load_step(i + 1, 1 - buf);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    cp_async_prefetch_next(i, steps, load_step);
     const T* q_tile = sq + buf * kM * kS;
     const T* do_tile = sdo + buf * kM * kS;
     const int m0 = m_lo + (i % m_blocks) * kM;

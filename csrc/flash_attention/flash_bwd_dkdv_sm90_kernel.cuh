@@ -30,9 +30,9 @@
 
 #include <cmath>
 
-#include "common/tma.cuh"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
+#include "flash_attention/flash_sm90_tile.cuh"
 #include "flash_attention/flash_tile.cuh"
 
 namespace pyext {
@@ -45,8 +45,6 @@ struct FlashBwdDkDvSm90Traits {
   static constexpr int kStages = 2;    // Q/dO ring: step i + 1 loads while step i computes
   static constexpr int kThreads = 384;
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kBoxCols = 64;  // head-dim elements per TMA box: 128 bytes
-  static constexpr int kBoxes = kD / kBoxCols;
   static constexpr int kKVBytes = kBlockN * kD * 2;  // one K (or V) tile
   static constexpr int kStepBytes = kBlockM * kD * 2;  // one Q (or dO) tile
   // K + V + kStages x (Q + dO) + 1 KB to align the base to 1024 (128-byte
@@ -70,22 +68,18 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
                                const FlashAttnParams p) {
 #if PYEXT_SM90A
   using Tr = FlashBwdDkDvSm90Traits<kD>;
-  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBoxes = Tr::kBoxes;
-  constexpr int kBox = Tr::kBoxCols;
-  // Static shared memory: the host reads a non-zero static size as "this
-  // binary holds the sm_90a body" (the stub below has none).
-  __shared__ uint64_t bars[1 + 2 * kStages];
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBox = kSm90BoxCols;
+  __shared__ uint64_t bars[1 + 2 * kStages];  // see sm90_barriers_init; the stub below has none
   __shared__ float s_lse[kStages][kM];  // lse * log2(e) of the step's rows, +inf: no contribution
   __shared__ float s_delta[kStages][kM];
   uint64_t* kv_full = bars;
   uint64_t* full = bars + 1;
   uint64_t* empty = bars + 1 + kStages;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sk = reinterpret_cast<T*>(smem);  // [kBoxes][kN][64]
-  T* sv = sk + kN * kD;                // [kBoxes][kN][64]
-  T* sq = sv + kN * kD;                // [kStages][kBoxes][kM][64]
-  T* sdo = sq + kStages * kM * kD;     // [kStages][kBoxes][kM][64]
+  T* sk = reinterpret_cast<T*>(smem_align_1024(smem_raw));  // [kD / 64][kN][64]
+  T* sv = sk + kN * kD;                                      // [kD / 64][kN][64]
+  T* sq = sv + kN * kD;                                      // [kStages][kD / 64][kM][64]
+  T* sdo = sq + kStages * kM * kD;                           // [kStages][kD / 64][kM][64]
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const int bhk = blockIdx.x, b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
@@ -101,11 +95,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
     return group * m_blocks;
   };
 
-  if (tid == 0) {
-    mbarrier_init(kv_full, 1);
-    mbarrier_ring_init(full, empty, kStages, 1 + 32, Tr::kConsumerWarps);  // TMA issuer + warp 1's lanes
-    fence_barrier_init();
-  }
+  if (tid == 0) sm90_barriers_init<kStages>(bars, 1 + 32, Tr::kConsumerWarps);  // TMA issuer + warp 1's lanes
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -120,22 +110,16 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
       prefetch_tensor_map(&tm_v);
       prefetch_tensor_map(&tm_do);
       mbarrier_arrive_expect_tx(kv_full, 2 * Tr::kKVBytes);
-#pragma unroll
-      for (int x = 0; x < kBoxes; ++x) tma_load_4d(sk + x * kN * kBox, &tm_k, kv_full, x * kBox, n0, hk, b);
-#pragma unroll
-      for (int x = 0; x < kBoxes; ++x) tma_load_4d(sv + x * kN * kBox, &tm_v, kv_full, x * kBox, n0, hk, b);
+      tma_load_tile<kD, kN>(sk, &tm_k, kv_full, n0, hk, b);
+      tma_load_tile<kD, kN>(sv, &tm_v, kv_full, n0, hk, b);
       for (int i = 0; i < steps; ++i) {
         const int s = i % kStages, h = hk * group + i / m_blocks, m0 = m_lo + (i % m_blocks) * kM;
         // Slot s last held step i - kStages: its release is the
         // (i / kStages - 1)-th completion of empty[s].
         if (i >= kStages) mbarrier_wait(&empty[s], (i / kStages - 1) & 1);
         mbarrier_arrive_expect_tx(&full[s], 2 * Tr::kStepBytes);
-#pragma unroll
-        for (int x = 0; x < kBoxes; ++x)
-          tma_load_4d(sq + (s * kBoxes + x) * kM * kBox, &tm_q, &full[s], x * kBox, m0, h, b);
-#pragma unroll
-        for (int x = 0; x < kBoxes; ++x)
-          tma_load_4d(sdo + (s * kBoxes + x) * kM * kBox, &tm_do, &full[s], x * kBox, m0, h, b);
+        tma_load_tile<kD, kM>(sq + s * kM * kD, &tm_q, &full[s], m0, h, b);
+        tma_load_tile<kD, kM>(sdo + s * kM * kD, &tm_do, &full[s], m0, h, b);
       }
     } else if (warp == 1) {
       // lse and delta rows of each step, two per lane; the arrival (release)
@@ -192,13 +176,13 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint64_t a = (ks / 4) * kKVBox + (ks % 4) * 2, bk = s * kStage + (ks / 4) * kStepBox + (ks % 4) * 2;
+        const uint64_t a = kmajor_k_step(ks, kKVBox), bk = s * kStage + kmajor_k_step(ks, kStepBox);
         Wgmma<T, kM>::template ss<0>(st, dk_a + a, dq_k + bk, ks > 0);
       }
       wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint64_t a = (ks / 4) * kKVBox + (ks % 4) * 2, bk = s * kStage + (ks / 4) * kStepBox + (ks % 4) * 2;
+        const uint64_t a = kmajor_k_step(ks, kKVBox), bk = s * kStage + kmajor_k_step(ks, kStepBox);
         Wgmma<T, kM>::template ss<0>(dpt, dv_a + a, ddo_k + bk, ks > 0);
       }
       wgmma_commit();

@@ -69,14 +69,7 @@ __global__ void __launch_bounds__(FlashBwdDqTraits<kD>::kThreads) flash_bwd_dq_k
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int buf = nb % 2;
-    if (nb + 1 < n_blocks) {
-      load_kv(nb + 1, 1 - buf);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    cp_async_prefetch_next(nb, n_blocks, load_kv);
     const T* k_tile = sk + buf * kN * kS;
 
     float s[kN / 8][4];

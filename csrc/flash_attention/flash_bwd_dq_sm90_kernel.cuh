@@ -22,9 +22,9 @@
 
 #include <cmath>
 
-#include "common/tma.cuh"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
+#include "flash_attention/flash_sm90_tile.cuh"
 #include "flash_attention/flash_tile.cuh"
 
 namespace pyext {
@@ -37,8 +37,6 @@ struct FlashBwdDqSm90Traits {
   static constexpr int kStages = 2;
   static constexpr int kThreads = 384;
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kBoxCols = 64;
-  static constexpr int kBoxes = kD / kBoxCols;
   static constexpr int kQBytes = kBlockM * kD * 2;     // one Q (or dO) block
   static constexpr int kTileBytes = kBlockN * kD * 2;  // one K (or V) tile
   // Q + dO + kStages x (K + V) + 1 KB to align to 1024. D 64: 16 + 16 + 2 x
@@ -59,19 +57,16 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
                              const FlashAttnParams p) {
 #if PYEXT_SM90A
   using Tr = FlashBwdDqSm90Traits<kD>;
-  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBoxes = Tr::kBoxes;
-  constexpr int kBox = Tr::kBoxCols;
-  // Static shared memory only in the sm_90a body (the host checks for it).
-  __shared__ uint64_t bars[1 + 2 * kStages];
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBox = kSm90BoxCols;
+  __shared__ uint64_t bars[1 + 2 * kStages];  // see sm90_barriers_init; the stub below has none
   uint64_t* qdo_full = bars;
   uint64_t* full = bars + 1;
   uint64_t* empty = bars + 1 + kStages;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sq = reinterpret_cast<T*>(smem);  // [kBoxes][kM][64]
-  T* sdo = sq + kM * kD;               // [kBoxes][kM][64]
-  T* sk = sdo + kM * kD;               // [kStages][kBoxes][kN][64]
-  T* sv = sk + kStages * kN * kD;      // [kStages][kBoxes][kN][64]
+  T* sq = reinterpret_cast<T*>(smem_align_1024(smem_raw));  // [kD / 64][kM][64]
+  T* sdo = sq + kM * kD;                                     // [kD / 64][kM][64]
+  T* sk = sdo + kM * kD;                                     // [kStages][kD / 64][kN][64]
+  T* sv = sk + kStages * kN * kD;                            // [kStages][kD / 64][kN][64]
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
@@ -80,11 +75,7 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
   const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
 
-  if (tid == 0) {
-    mbarrier_init(qdo_full, 1);
-    mbarrier_ring_init(full, empty, kStages, 1, Tr::kConsumerWarps);
-    fence_barrier_init();
-  }
+  if (tid == 0) sm90_barriers_init<kStages>(bars, 1, Tr::kConsumerWarps);
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -96,21 +87,9 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
       prefetch_tensor_map(&tm_k);
       prefetch_tensor_map(&tm_v);
       mbarrier_arrive_expect_tx(qdo_full, 2 * Tr::kQBytes);
-#pragma unroll
-      for (int x = 0; x < kBoxes; ++x) tma_load_4d(sq + x * kM * kBox, &tm_q, qdo_full, x * kBox, m0, h, b);
-#pragma unroll
-      for (int x = 0; x < kBoxes; ++x) tma_load_4d(sdo + x * kM * kBox, &tm_do, qdo_full, x * kBox, m0, h, b);
-      for (int nb = 0; nb < n_blocks; ++nb) {
-        const int s = nb % kStages;
-        if (nb >= kStages) mbarrier_wait(&empty[s], (nb / kStages - 1) & 1);
-        mbarrier_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
-#pragma unroll
-        for (int x = 0; x < kBoxes; ++x)
-          tma_load_4d(sk + (s * kBoxes + x) * kN * kBox, &tm_k, &full[s], x * kBox, nb * kN, hk, b);
-#pragma unroll
-        for (int x = 0; x < kBoxes; ++x)
-          tma_load_4d(sv + (s * kBoxes + x) * kN * kBox, &tm_v, &full[s], x * kBox, nb * kN, hk, b);
-      }
+      tma_load_tile<kD, kM>(sq, &tm_q, qdo_full, m0, h, b);
+      tma_load_tile<kD, kM>(sdo, &tm_do, qdo_full, m0, h, b);
+      produce_kv_ring<kD, kN, kStages>(sk, sv, &tm_k, &tm_v, full, empty, n_blocks, hk, b);
     }
   } else {
     // ---- consumers ----
@@ -155,13 +134,13 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint64_t a = (ks / 4) * kQBox + (ks % 4) * 2, bk = s * kStage + (ks / 4) * kTileBox + (ks % 4) * 2;
+        const uint64_t a = kmajor_k_step(ks, kQBox), bk = s * kStage + kmajor_k_step(ks, kTileBox);
         Wgmma<T, kN>::template ss<0>(sacc, dq_a + a, dk_k + bk, ks > 0);
       }
       wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint64_t a = (ks / 4) * kQBox + (ks % 4) * 2, bk = s * kStage + (ks / 4) * kTileBox + (ks % 4) * 2;
+        const uint64_t a = kmajor_k_step(ks, kQBox), bk = s * kStage + kmajor_k_step(ks, kTileBox);
         Wgmma<T, kN>::template ss<0>(dpacc, ddo_a + a, dv_k + bk, ks > 0);
       }
       wgmma_commit();

@@ -3,20 +3,15 @@
 // One CTA per (batch * query head, block of 64 queries); 4 warps, each owning
 // 16 query rows. K/V tiles of kBlockN keys are double-buffered with cp.async:
 // the copy of tile j + 1 runs while tile j is used. Per tile, in registers:
-//   s = q k^T * scale * log2(e)     (base-2 logits; masked keys -> -inf first)
-//   m' = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
-//   l' = l * alpha + rowsum p;  o' = o * alpha + p v
-// and at the end out = o / l, lse = (m + log2 l) / log2(e). A row with no
-// visible key keeps m = -inf: exponents use m' = 0 then, so exp2(-inf) = 0,
-// never exp2(-inf - -inf); it ends with l = 0, out = 0 and lse = -inf.
-// Each lane holds rows g and g + 8 of its warp (C fragment layout), so row
-// reductions combine the 4 lanes of a group (shuffles over lane bits 0, 1).
+// s = q k^T, then the online softmax of flash_softmax.cuh (its derivation is
+// there) and o = o * alpha + p v; at the end out = o / l and lse.
 #pragma once
 
 #include <cmath>
 
 #include "common/launch.h"
 #include "flash_attention/flash_attention.h"
+#include "flash_attention/flash_softmax.cuh"
 #include "flash_attention/flash_tile.cuh"
 
 namespace pyext {
@@ -66,56 +61,14 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int buf = nb % 2;
-    if (nb + 1 < n_blocks) {
-      load_kv(nb + 1, 1 - buf);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    cp_async_prefetch_next(nb, n_blocks, load_kv);
 
     float s[kN / 8][4];
     zero(s);
     warp_mma_nt<T, kN, kD, kD>(s, sq + warp * 16 * kS, sk + buf * kN * kS, lane);
 
-    const int n0 = nb * kN;
-    const bool edge = n0 + kN > p.seq_k || (p.causal && n0 + kN - 1 > m0 + p.causal_offset);
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] *= scale2;
-        if (edge) {
-          const int col = n0 + 8 * j + 2 * (lane % 4) + e % 2, r = row + 8 * (e / 2);
-          if (col >= p.seq_k || (p.causal && col > r + p.causal_offset)) s[j][e] = -INFINITY;
-        }
-      }
-    }
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m[r] - m_use);
-      m[r] = mx;
-      l[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        o[j][2 * r] *= alpha;
-        o[j][2 * r + 1] *= alpha;
-      }
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) {
-        s[j][2 * r] = exp2f(s[j][2 * r] - m_use);
-        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_use);
-        l[r] += s[j][2 * r] + s[j][2 * r + 1];
-      }
-    }
+    scale_and_mask<kN>(s, p, scale2, nb * kN, m0, row, lane);
+    online_softmax_step<kN>(s, m, l, [&](int r, float alpha) { rescale_row(o, r, alpha); });
 
     uint32_t pa[kN / 16][4];
     acc_to_a<T, kN>(s, pa);
@@ -126,15 +79,7 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
 
   float inv[2];
   const int64_t row_base = int64_t(bh) * p.seq_q;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-    if (lane % 4 == 0 && row + 8 * r < p.seq_q)
-      p.lse[row_base + row + 8 * r] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
-  }
+  softmax_finish(m, l, inv, p.lse + row_base, row, p.seq_q, lane);
   store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * d, o, row, p.seq_q, 0, d, inv, lane);
 }
 

@@ -30,13 +30,12 @@
 #pragma once
 
 #include <cmath>
-#include <type_traits>
 
 #include "common/launch.h"
-#include "common/tma.cuh"
-#include "common/tma_host.h"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
+#include "flash_attention/flash_sm90_tile.cuh"
+#include "flash_attention/flash_softmax.cuh"
 #include "flash_attention/flash_tile.cuh"
 
 namespace pyext {
@@ -54,8 +53,6 @@ struct FlashFwdSm90Traits {
   static constexpr int kStages = kIntraWgOverlap ? 3 : 2;
   static constexpr int kThreads = 384;
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kBoxCols = 64;  // head-dim elements per TMA box: 128 bytes
-  static constexpr int kBoxes = kD / kBoxCols;
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kTileBytes = kBlockN * kD * 2;  // one K (or V) tile
   // Q + kStages x (K + V) + 1 KB to align the base to 1024 (128-byte swizzle
@@ -77,19 +74,15 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
                           const __grid_constant__ CUtensorMap tm_v, const FlashAttnParams p) {
 #if PYEXT_SM90A
   using Tr = FlashFwdSm90Traits<kD>;
-  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBoxes = Tr::kBoxes;
-  constexpr int kBox = Tr::kBoxCols;
-  // The barriers are static shared memory: the host reads a non-zero static
-  // size as "this binary holds the sm_90a body" (the stub below has none).
-  __shared__ uint64_t bars[1 + 2 * kStages];
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBox = kSm90BoxCols;
+  __shared__ uint64_t bars[1 + 2 * kStages];  // see sm90_barriers_init; the stub below has none
   uint64_t* q_full = bars;
   uint64_t* full = bars + 1;
   uint64_t* empty = bars + 1 + kStages;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sq = reinterpret_cast<T*>(smem);      // [kBoxes][kM][64]
-  T* sk = sq + kM * kD;                    // [kStages][kBoxes][kN][64]
-  T* sv = sk + kStages * kN * kD;          // [kStages][kBoxes][kN][64]
+  T* sq = reinterpret_cast<T*>(smem_align_1024(smem_raw));  // [kD / 64][kM][64]
+  T* sk = sq + kM * kD;                                      // [kStages][kD / 64][kN][64]
+  T* sv = sk + kStages * kN * kD;                            // [kStages][kD / 64][kN][64]
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
@@ -100,11 +93,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
   const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
 
-  if (tid == 0) {
-    mbarrier_init(q_full, 1);
-    mbarrier_ring_init(full, empty, kStages, 1, Tr::kConsumerWarps);
-    fence_barrier_init();
-  }
+  if (tid == 0) sm90_barriers_init<kStages>(bars, 1, Tr::kConsumerWarps);
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -115,21 +104,8 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
       prefetch_tensor_map(&tm_k);
       prefetch_tensor_map(&tm_v);
       mbarrier_arrive_expect_tx(q_full, Tr::kQBytes);
-#pragma unroll
-      for (int x = 0; x < kBoxes; ++x) tma_load_4d(sq + x * kM * kBox, &tm_q, q_full, x * kBox, m0, h, b);
-      for (int nb = 0; nb < n_blocks; ++nb) {
-        const int s = nb % kStages;
-        // Buffer s last held tile nb - kStages: its release is the
-        // (nb / kStages - 1)-th completion of empty[s].
-        if (nb >= kStages) mbarrier_wait(&empty[s], (nb / kStages - 1) & 1);
-        mbarrier_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
-#pragma unroll
-        for (int x = 0; x < kBoxes; ++x)
-          tma_load_4d(sk + (s * kBoxes + x) * kN * kBox, &tm_k, &full[s], x * kBox, nb * kN, hk, b);
-#pragma unroll
-        for (int x = 0; x < kBoxes; ++x)
-          tma_load_4d(sv + (s * kBoxes + x) * kN * kBox, &tm_v, &full[s], x * kBox, nb * kN, hk, b);
-      }
+      tma_load_tile<kD, kM>(sq, &tm_q, q_full, m0, h, b);
+      produce_kv_ring<kD, kN, kStages>(sk, sv, &tm_k, &tm_v, full, empty, n_blocks, hk, b);
     }
   } else {
     // ---- consumers ----
@@ -159,8 +135,8 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
     auto issue_s = [&](int s) {
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint64_t off = (ks / 4) * kQBox + (ks % 4) * 2;  // box ks / 4, 32 bytes per k step in it
-        Wgmma<T, kN>::template ss<0>(sacc, dq + off, dk + s * kStage + (ks / 4) * kTileBox + (ks % 4) * 2, ks > 0);
+        Wgmma<T, kN>::template ss<0>(sacc, dq + kmajor_k_step(ks, kQBox), dk + s * kStage + kmajor_k_step(ks, kTileBox),
+                                     ks > 0);
       }
       wgmma_commit();
     };
@@ -174,46 +150,12 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
     // Masking and online softmax of tile nb on sacc (complete): m, l updated,
     // sacc = exp2(s - m'), and alpha = exp2(m - m') for O, left to the caller.
     auto softmax = [&](int nb, float (&alpha)[2]) {
-      const int n0 = nb * kN;
-      const bool edge = n0 + kN > p.seq_k || (p.causal && n0 + kN - 1 > m0w + p.causal_offset);
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sacc[j][e] *= scale2;
-          if (edge) {
-            const int col = n0 + 8 * j + 2 * (lane % 4) + e % 2, r = row + 8 * (e / 2);
-            if (col >= p.seq_k || (p.causal && col > r + p.causal_offset)) sacc[j][e] = -INFINITY;
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m[r];
-#pragma unroll
-        for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(sacc[j][2 * r], sacc[j][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_use = mx == -INFINITY ? 0.f : mx;
-        alpha[r] = exp2f(m[r] - m_use);
-        m[r] = mx;
-        l[r] *= alpha[r];
-#pragma unroll
-        for (int j = 0; j < kN / 8; ++j) {
-          sacc[j][2 * r] = exp2f(sacc[j][2 * r] - m_use);
-          sacc[j][2 * r + 1] = exp2f(sacc[j][2 * r + 1] - m_use);
-          l[r] += sacc[j][2 * r] + sacc[j][2 * r + 1];
-        }
-      }
+      scale_and_mask<kN>(sacc, p, scale2, nb * kN, m0w, row, lane);
+      online_softmax_step<kN>(sacc, m, l, [&](int r, float a) { alpha[r] = a; });
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        o[j][0] *= alpha[0];
-        o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1];
-        o[j][3] *= alpha[1];
-      }
+      rescale_row(o, 0, alpha[0]);
+      rescale_row(o, 1, alpha[1]);
     };
     // This warp's reads of buffer s are done (wait_group in every lane): one
     // arrival per warp.
@@ -291,15 +233,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
 
     float inv[2];
     const int64_t row_base = int64_t(bh) * p.seq_q;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = l[r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-      if (lane % 4 == 0 && row + 8 * r < p.seq_q)
-        p.lse[row_base + row + 8 * r] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
-    }
+    softmax_finish(m, l, inv, p.lse + row_base, row, p.seq_q, lane);
     store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * p.head_dim, o, row, p.seq_q, 0, p.head_dim, inv, lane);
   }
 #else
@@ -314,20 +248,12 @@ bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
   using Tr = FlashFwdSm90Traits<kD>;
   auto kernel = flash_fwd_sm90_kernel<T, kD>;
   if (!has_sm90a_body(kernel)) return false;
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const uint64_t d = p.head_dim;
-  CUtensorMap tq, tk, tv;
-  if (!make_tensor_map_4d_16bit(&tq, kBf16, p.q, {d, uint64_t(p.seq_q), uint64_t(p.heads_q), uint64_t(p.batch)},
-                                {p.q_row_stride, p.q_head_stride, p.q_batch_stride}, Tr::kBoxCols, Tr::kBlockM) ||
-      !make_tensor_map_4d_16bit(&tk, kBf16, p.k, {d, uint64_t(p.seq_k), uint64_t(p.heads_kv), uint64_t(p.batch)},
-                                {p.k_row_stride, p.k_head_stride, p.k_batch_stride}, Tr::kBoxCols, Tr::kBlockN) ||
-      !make_tensor_map_4d_16bit(&tv, kBf16, p.v, {d, uint64_t(p.seq_k), uint64_t(p.heads_kv), uint64_t(p.batch)},
-                                {p.v_row_stride, p.v_head_stride, p.v_batch_stride}, Tr::kBoxCols, Tr::kBlockN))
-    return false;
+  Sm90TensorMaps maps;
+  if (!make_sm90_tensor_maps<T>(p, Tr::kBlockM, Tr::kBlockN, maps)) return false;
   // 113 / 225 KB of dynamic shared memory: should a device refuse it, Stage 1 runs.
   if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
   const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(tq, tk, tv, p);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, p);
   return true;
 }
 

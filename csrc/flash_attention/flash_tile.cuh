@@ -53,6 +53,22 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* base, int64_t 
   }
 }
 
+// Double buffering with cp.async, at the top of step i of `steps`: starts
+// the copies of step i + 1 into the other buffer (load(i + 1, 1 - i % 2), one
+// commit group), waits for step i's (all groups but the newest) and makes
+// them visible to the whole block.
+template <typename Load>
+__device__ __forceinline__ void cp_async_prefetch_next(int i, int steps, const Load& load) {
+  if (i + 1 < steps) {
+    load(i + 1, 1 - i % 2);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // acc (16 x kN) += A B^T for one warp, both operands in shared memory with
 // the reduction dim (kK) contiguous: A is 16 rows at `a` (row-major, stride
 // kSmemStride<kD>), B is kN rows at `b`. acc[j] is the C fragment of columns
