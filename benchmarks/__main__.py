@@ -1,10 +1,14 @@
-"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--out DIR] [--compare OLD.json]
+"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--skip-providers P ...]
+                       [--out DIR] [--compare OLD.json]
 python -m benchmarks --merge PART.json ... [--out DIR] [--compare OLD.json]
 
 The JSON and CSV are rewritten after every case, so a run that is killed (a
-time limit, a kernel that hangs) keeps what it finished. --merge joins the
-reports of runs made one op per process (as make gpu-check does, so that a
-kernel that breaks the CUDA context costs its own op only) into one report."""
+time limit, a kernel that hangs) keeps what it finished. A kernel that
+faults leaves the process unable to use the GPU: the run stops there, says
+which provider did it, and reports what it finished; --skip-providers leaves
+that one out of a second run. --merge joins the reports of runs made one op
+per process (as make gpu-check does, so that a kernel that breaks the CUDA
+context costs its own op only) into one report."""
 import argparse
 import json
 import signal
@@ -38,22 +42,33 @@ def measure(args, meta, base):
     signal.signal(signal.SIGTERM, _interrupt)
     rows, done = [], 0
     bar = harness.Progress(sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
+    skip = tuple(args.skip_providers)
     try:
         for op in args.ops:
             for case in OPS[op](args.quick, dtypes):
                 bar.show(done, f"{case.op} {case.direction} {case.dtype} {case.label}")
-                rows += harness.run_case(case, ceilings, args.quick)
+                rows += harness.run_case(case, ceilings, args.quick, skip)
                 done += 1
                 harness.write_results(base, meta, rows)
     except KeyboardInterrupt:
         meta["interrupted_after_cases"] = done
         print(f"\ninterrupted: reporting the {done} cases finished")
+    except harness.BrokenCUDAContext as e:
+        message, case_rows = e.args
+        rows += case_rows
+        meta["interrupted_after_cases"] = done
+        meta["cuda_context_broken_by"] = message
+        print(f"\nstopped: {message}; the CUDA context is unusable after it. Reporting the {done} cases "
+              f"finished; run again with --skip-providers {message.split()[0]} for the rest")
     bar.show(done, "done", last=True)
     return rows
 
 
 def merge(paths):
-    """One report from several: the first one's machine and ceilings, every row."""
+    """One report from several: the first one's machine and ceilings, one row
+    per case and provider. Where parts repeat one (a run again after a fault,
+    with the faulting provider left out), a measured row wins over a skipped
+    one, and a later part over an earlier."""
     reports = []
     for path in paths:
         with open(path) as f:
@@ -62,7 +77,15 @@ def merge(paths):
     interrupted = [p for p, r in zip(paths, reports) if "interrupted_after_cases" in r["meta"]]
     if interrupted:
         meta["interrupted"] = interrupted
-    return meta, [row for r in reports for row in r["results"]]
+    broken = [r["meta"]["cuda_context_broken_by"] for r in reports if "cuda_context_broken_by" in r["meta"]]
+    if broken:
+        meta["cuda_context_broken_by"] = broken
+    rows = {}
+    for row in (row for r in reports for row in r["results"]):
+        key = harness.case_key(row)
+        if key not in rows or "skipped" in rows[key] or "skipped" not in row:
+            rows[key] = row
+    return meta, list(rows.values())
 
 
 def main(argv=None):
@@ -72,6 +95,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    parser.add_argument("--skip-providers", nargs="+", action="extend", default=[], metavar="PROVIDER",
+                        help="leave these providers out (e.g. pyext-cuda), each row saying so")
     parser.add_argument("--out", default=harness.RESULTS_DIR)
     parser.add_argument("--compare", metavar="OLD.json", help="report each case's change against an older run")
     parser.add_argument("--merge", nargs="+", metavar="PART.json", help="join these reports instead of measuring")

@@ -128,19 +128,41 @@ def machine_info() -> dict:
     return info
 
 
-def run_case(case: Case, ceilings: dict, quick: bool) -> List[dict]:
-    """Time every provider of one case; one row per provider."""
+class BrokenCUDAContext(RuntimeError):
+    """A provider's kernel faulted: nothing after it in this process can use the GPU."""
+
+
+def cuda_context_broken() -> bool:
+    """True after a fault (an illegal address, a trap): the error is sticky."""
+    if not HAS_GPU:
+        return False
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return True
+    return False
+
+
+def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[dict]:
+    """Time every provider of one case but those in `skip`; one row per
+    provider. Raises BrokenCUDAContext, with the rows so far, when one faults."""
     rows = []
     for name, fn in case.providers.items():
         row = dict(op=case.op, label=case.label, size=case.size, dtype=case.dtype,
                    direction=case.direction, provider=name, bytes=case.bytes, flops=case.flops)
-        if isinstance(fn, str):
+        if name in skip:
+            row["skipped"] = "left out by --skip-providers"
+        elif isinstance(fn, str):
             row["skipped"] = fn
         else:
             try:
                 med, lo, hi = timer(fn, quick)
             except Exception as e:  # a peer that cannot run this case says why
                 row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                if cuda_context_broken():
+                    rows.append(row)
+                    raise BrokenCUDAContext(f"{name} on {case.op} {case.direction} {case.dtype} {case.label}: "
+                                            f"{row['skipped']}", rows) from e
             else:
                 row.update(ms=med, ms_p20=lo, ms_p80=hi, **host_and_memory(fn))
                 if case.bytes:

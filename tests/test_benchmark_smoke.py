@@ -98,3 +98,64 @@ def test_attention_times_the_deterministic_backward_beside_the_atomic_one():
             assert all(g is not None for g in deterministic())
         else:
             assert deterministic == why_not_triton
+
+
+def _case(provider_fns):
+    from benchmarks.harness import Case
+    return Case(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", bytes=64, flops=0,
+                providers=provider_fns)
+
+
+def test_skipped_providers_are_left_out_and_say_so():
+    from benchmarks import harness
+    rows = harness.run_case(_case({"torch": lambda: None, "pyext-triton": lambda: None}), {}, True,
+                            skip=("pyext-triton",))
+    by = {r["provider"]: r for r in rows}
+    assert "ms" in by["torch"] and by["pyext-triton"]["skipped"] == "left out by --skip-providers"
+
+
+def test_a_provider_that_breaks_the_cuda_context_stops_the_run_and_is_named(monkeypatch, tmp_path):
+    """A fault is sticky: the run stops at it (no rows of knock-on errors),
+    keeps what it finished and names the provider; a second run without it
+    merges with the first into one row per case and provider."""
+    from benchmarks import __main__ as cli, harness
+
+    def faulting():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def cases(quick, dtypes):
+        yield _case({"torch": lambda: None, "pyext-cuda": faulting})
+        yield _case({"torch": lambda: None, "pyext-cuda": faulting})
+
+    monkeypatch.setitem(cli.OPS, "gelu", cases)
+    monkeypatch.setitem(cli.COUNTS, "gelu", lambda quick, dtypes: 2)
+    monkeypatch.setattr(harness, "cuda_context_broken", lambda: True)
+    assert cli.main(["--quick", "--ops", "gelu", "--dtypes", "float32", "--out", str(tmp_path / "a")]) == 1
+    (first,) = glob.glob(str(tmp_path / "a" / "*.json"))
+    report = json.load(open(first))
+    assert report["meta"]["cuda_context_broken_by"].startswith("pyext-cuda on gelu fwd")
+    assert [r["provider"] for r in report["results"]] == ["torch", "pyext-cuda"]  # the first case only
+
+    monkeypatch.setattr(harness, "cuda_context_broken", lambda: False)
+    assert cli.main(["--quick", "--ops", "gelu", "--dtypes", "float32", "--skip-providers", "pyext-cuda",
+                     "--out", str(tmp_path / "b")]) == 0
+    (second,) = glob.glob(str(tmp_path / "b" / "*.json"))
+    meta, rows = cli.merge([first, second])
+    assert len(rows) == 2 and {r["provider"] for r in rows} == {"torch", "pyext-cuda"}
+    assert "ms" in next(r for r in rows if r["provider"] == "torch")
+    assert meta["cuda_context_broken_by"] == [report["meta"]["cuda_context_broken_by"]]
+
+
+def test_merge_keeps_a_measured_row_over_a_skipped_one_and_a_later_over_an_earlier(tmp_path):
+    from benchmarks import __main__ as cli
+    row = dict(op="gelu", label="n=8", dtype="float32", direction="fwd")
+    parts = [
+        [dict(row, provider="a", ms=1.0), dict(row, provider="b", skipped="left out"), dict(row, provider="c", ms=3.0)],
+        [dict(row, provider="a", skipped="left out"), dict(row, provider="b", ms=2.0), dict(row, provider="c", ms=4.0)],
+    ]
+    paths = []
+    for i, results in enumerate(parts):
+        paths.append(str(tmp_path / f"{i}.json"))
+        json.dump({"meta": {"gpu": "x"}, "results": results}, open(paths[-1], "w"))
+    _, rows = cli.merge(paths)
+    assert {r["provider"]: r.get("ms") for r in rows} == {"a": 1.0, "b": 2.0, "c": 4.0}
