@@ -1,0 +1,91 @@
+"""First calls of the CUDA kernels that have never run on a GPU, each probe in
+its own process under a time limit, before any test or benchmark
+(.ci/gpu-check). The Triton kernels are not probed: none waits on barriers of
+ours, and their first call autotunes for a minute.
+
+A kernel whose mbarrier protocol is wrong hangs instead of failing, and a
+kernel that faults leaves its process's CUDA context unusable: either one,
+met first inside the test suite, would spend the session's few minutes of GPU
+time on timeouts and knock-on failures. Here each costs at most LIMIT seconds,
+and what it costs is named: the probe's output says how far it got.
+
+    python3 .ci/gpu_smoke.py FAILED_FILE
+
+prints one line per probe and writes the names of the probes that hung or
+crashed, space separated, to FAILED_FILE. gpu-check passes them on in
+$PYEXT_SMOKE_FAILED: the tests of those kernels skip saying so (see
+tests/conftest.py), and a failed sm_90a probe turns the sm_90a kernels off
+(PYEXT_FLASH_SM90=0) for the rest of the run."""
+import subprocess
+import sys
+import time
+
+import torch
+
+LIMIT = 45  # seconds per probe: CUDA start-up and the extension's import take about 5
+
+ATTENTION = """
+import os, torch, pyext
+os.environ["PYEXT_FLASH_SM90"] = "{sm90}"
+for d in (64, 128, 40):
+    for causal in (False, True):
+        q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, d ** -0.5, causal, 0)
+        torch.cuda.synchronize()
+        print(f"forward d={{d}} causal={{causal}}: ran", flush=True)
+        grads = torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, d ** -0.5,
+                                                    causal, 0, True)
+        torch.cuda.synchronize()
+        print(f"backward d={{d}} causal={{causal}}: ran", flush=True)
+"""
+
+ADAMW = """
+import torch, pyext
+params = [torch.randn(n, device="cuda", requires_grad=True) for n in (1, 4099, 1 << 20)]
+params.append(torch.randn(4100, device="cuda")[1:].requires_grad_())  # not 16-byte aligned
+for p in params:
+    p.grad = torch.randn_like(p)
+opt = pyext.optim.AdamW(params, backend="cuda")
+for _ in range(2):
+    opt.step()
+torch.cuda.synchronize()
+print("two steps: ran", flush=True)
+"""
+
+
+def probes():
+    yield "cuda-attention-sm80", ATTENTION.format(sm90=0)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        yield "cuda-attention-sm90", ATTENTION.format(sm90=1)
+    yield "cuda-adamw", ADAMW
+
+
+def run(name, code):
+    """'ok', 'hung' or 'crashed', and the probe's last lines of output."""
+    start = time.time()
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=LIMIT)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return "hung", f"killed after {LIMIT} s; " + (out.strip().splitlines()[-1:] or ["no output"])[0]
+    seconds = time.time() - start
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return "crashed", f"exit {r.returncode} after {seconds:.0f} s: {last[:200]}"
+    return "ok", f"{seconds:.0f} s"
+
+
+def main(failed_file):
+    failed = []
+    for name, code in probes():
+        outcome, detail = run(name, code)
+        print(f"smoke {name}: {outcome} ({detail})", flush=True)
+        if outcome != "ok":
+            failed.append(name)
+    with open(failed_file, "w") as f:
+        f.write(" ".join(failed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
