@@ -11,7 +11,9 @@ and what it costs is named: the probe's output says how far it got.
 
     python3 .ci/gpu_smoke.py FAILED_FILE
 
-prints one line per probe and writes the names of the probes that hung or
+prints each probe's outcome and output (how far it got; for attention, the
+errors of its first results against float32 attention beside torch's own
+bf16 SDPA's) and writes the names of the probes that hung or
 crashed, space separated, to FAILED_FILE. gpu-check passes them on in
 $PYEXT_SMOKE_FAILED: the tests of those kernels skip saying so (see
 tests/conftest.py), and a failed sm_90a probe turns the sm_90a kernels off
@@ -25,18 +27,32 @@ import torch
 LIMIT = 45  # seconds per probe: CUDA start-up and the extension's import take about 5
 
 ATTENTION = """
-import os, torch, pyext
+import os, torch, torch.nn.functional as F, pyext
 os.environ["PYEXT_FLASH_SM90"] = "{sm90}"
+
+def err(ours, ref, theirs):
+    return f"{{(ours.float() - ref).abs().max().item():.1e}} (torch's {{(theirs.float() - ref).abs().max().item():.1e}})"
+
 for d in (64, 128, 40):
     for causal in (False, True):
         q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, d ** -0.5, causal, 0)
         torch.cuda.synchronize()
         print(f"forward d={{d}} causal={{causal}}: ran", flush=True)
-        grads = torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, d ** -0.5,
-                                                    causal, 0, True)
+        dout = torch.randn_like(out)
+        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, d ** -0.5, causal, 0, True)
         torch.cuda.synchronize()
         print(f"backward d={{d}} causal={{causal}}: ran", flush=True)
+        # Errors against float32 attention, beside torch's own bf16 SDPA's: a first look, the tests judge.
+        f32 = [t.float().requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*f32, is_causal=causal)
+        ref_grads = torch.autograd.grad(ref, f32, dout.float())
+        bf16 = [t.clone().requires_grad_() for t in (q, k, v)]
+        theirs = F.scaled_dot_product_attention(*bf16, is_causal=causal)
+        their_grads = torch.autograd.grad(theirs, bf16, dout)
+        print(f"  error out {{err(out, ref, theirs)}}, " + ", ".join(
+            f"{{n}} {{err(g, r, t)}}" for n, g, r, t in zip(("dq", "dk", "dv"), grads, ref_grads, their_grads)),
+            flush=True)
 """
 
 ADAMW = """
@@ -61,25 +77,27 @@ def probes():
 
 
 def run(name, code):
-    """'ok', 'hung' or 'crashed', and the probe's last lines of output."""
+    """'ok', 'hung' or 'crashed'; a word on how it ended; what the probe printed."""
     start = time.time()
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=LIMIT)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return "hung", f"killed after {LIMIT} s; " + (out.strip().splitlines()[-1:] or ["no output"])[0]
+        return "hung", f"killed after {LIMIT} s", out
     seconds = time.time() - start
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        return "crashed", f"exit {r.returncode} after {seconds:.0f} s: {last[:200]}"
-    return "ok", f"{seconds:.0f} s"
+        return "crashed", f"exit {r.returncode} after {seconds:.0f} s: {last[:200]}", r.stdout
+    return "ok", f"{seconds:.0f} s", r.stdout
 
 
 def main(failed_file):
     failed = []
     for name, code in probes():
-        outcome, detail = run(name, code)
+        outcome, detail, output = run(name, code)
         print(f"smoke {name}: {outcome} ({detail})", flush=True)
+        for line in output.strip().splitlines():
+            print(f"    {line}", flush=True)
         if outcome != "ok":
             failed.append(name)
     with open(failed_file, "w") as f:
