@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, poisonable_out, to_compute, round_to
+from ._utils import on_device, poisonable_out, round_to, to_compute
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8

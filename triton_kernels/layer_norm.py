@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import mul_rn, on_device, to_compute, round_to
+from ._utils import mul_rn, on_device, round_to, to_compute
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
