@@ -24,12 +24,21 @@ if not _backend.CUDA_BUILT:
 
 
 def _cuobjdump():
+    """The toolkit's cuobjdump (it knows every arch the toolkit's nvcc builds),
+    else the one Triton ships. Triton 3.6's is CUDA 12.8's, whose --list-elf
+    names sm_90a code "sm_90"; this machine's toolkit has none, Triton 3.8's
+    is CUDA 13.1's."""
+    nvcc = shutil.which("nvcc")
+    beside_nvcc = os.path.join(os.path.dirname(nvcc), "cuobjdump") if nvcc else ""
     try:
         import triton
         bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     except ImportError:
-        bundled = None
-    return bundled if bundled and os.path.exists(bundled) else shutil.which("cuobjdump")
+        bundled = ""
+    for candidate in (beside_nvcc, shutil.which("cuobjdump"), bundled):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
 
 
 CUOBJDUMP = _cuobjdump()
