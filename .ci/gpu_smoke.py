@@ -12,8 +12,8 @@ and what it costs is named: the probe's output says how far it got.
     python3 .ci/gpu_smoke.py FAILED_FILE
 
 prints each probe's outcome and output (how far it got; for attention, the
-errors of its first results against float32 attention beside torch's own
-bf16 SDPA's) and writes the names of the probes that hung or
+kernels the profiler saw run and the errors of its first results against
+float32 attention beside torch's own bf16 SDPA's) and writes the names of the probes that hung or
 crashed, space separated, to FAILED_FILE. gpu-check passes them on in
 $PYEXT_SMOKE_FAILED: the tests of those kernels skip saying so (see
 tests/conftest.py), and a failed sm_90a probe turns the sm_90a kernels off
@@ -27,7 +27,8 @@ import torch
 LIMIT = 45  # seconds per probe: CUDA start-up and the extension's import take about 5
 
 ATTENTION = """
-import os, torch, torch.nn.functional as F, pyext
+import os, re, torch, torch.nn.functional as F, pyext
+from torch.profiler import profile, ProfilerActivity
 os.environ["PYEXT_FLASH_SM90"] = "{sm90}"
 
 def err(ours, ref, theirs):
@@ -36,13 +37,17 @@ def err(ours, ref, theirs):
 for d in (64, 128, 40):
     for causal in (False, True):
         q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, d ** -0.5, causal, 0)
-        torch.cuda.synchronize()
-        print(f"forward d={{d}} causal={{causal}}: ran", flush=True)
-        dout = torch.randn_like(out)
-        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, d ** -0.5, causal, 0, True)
-        torch.cuda.synchronize()
-        print(f"backward d={{d}} causal={{causal}}: ran", flush=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, d ** -0.5, causal, 0)
+            torch.cuda.synchronize()
+            print(f"forward d={{d}} causal={{causal}}: ran", flush=True)
+            dout = torch.randn_like(out)
+            grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, d ** -0.5, causal, 0, True)
+            torch.cuda.synchronize()
+            print(f"backward d={{d}} causal={{causal}}: ran", flush=True)
+        # Which kernels ran: a refused tensor map falls back to Stage 1 silently.
+        ran = sorted({{m for e in prof.key_averages() for m in re.findall(r"flash_\w+_kernel", e.key)}})
+        print(f"  kernels: {{', '.join(ran) or 'none seen by the profiler'}}", flush=True)
         # Errors against float32 attention, beside torch's own bf16 SDPA's: a first look, the tests judge.
         f32 = [t.float().requires_grad_() for t in (q, k, v)]
         ref = F.scaled_dot_product_attention(*f32, is_causal=causal)

@@ -474,10 +474,11 @@ def test_cuda_stages_on_bshd_views(backend, cuda_stage):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
 def test_cuda_forward_runs_the_stage_asked_for(backend, cuda_stage, head_dim):
     """The sm_90a kernel is what runs when it should (no silent fall-back to
-    Stage 1, e.g. a tensor map the driver refused), and never when it is off."""
+    Stage 1, e.g. a tensor map the driver refused: at d 40 its 64-column box
+    is wider than the tensor), and never when it is off."""
     q, k, v = (t.detach() for t in qkv((1, 2, 2, 200, 200, head_dim), torch.float16, "cuda"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 0)

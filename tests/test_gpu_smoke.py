@@ -69,6 +69,7 @@ def test_probe_code_runs_with_the_triton_kernels_on_cpu(gpu_smoke):
     for name, code in gpu_smoke.probes():
         code = (code.replace('device="cuda"', 'device="cpu"').replace("_cuda(", "_triton(")
                 .replace('backend="cuda"', 'backend="triton"').replace("torch.cuda.synchronize()", "pass")
+                .replace("ProfilerActivity.CUDA", "ProfilerActivity.CPU")
                 .replace("(2, 4, 300, d", "(1, 2, 40, d").replace("1 << 20", "1 << 10"))
         env = dict(os.environ, TRITON_INTERPRET="1")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
