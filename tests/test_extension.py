@@ -88,19 +88,26 @@ BAD_CALLS = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(BAD_CALLS))
-def test_host_checks_raise_rather_than_crash(family):
-    import subprocess
-    import sys
-    op, args, word = BAD_CALLS[family]
-    code = ("import torch, pyext\n"
+def bad_call_code(family: str) -> str:
+    """A program making one bad call of `family`; .ci/gpu-check also runs it
+    under cuda-gdb for a backtrace when this test finds it crashing."""
+    op, args, _ = BAD_CALLS[family]
+    return ("import torch, pyext\n"
             f"x = torch.randn(4, 8, device={'cuda' if torch.cuda.is_available() else 'cpu'!r})\n"
             "keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)\n"
             "try:\n"
             f"    torch.ops.pyext.{op}.default.redispatch(keys, *{args})\n"
             "except RuntimeError as e:\n"
             "    print('raised:', e)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("family", sorted(BAD_CALLS))
+def test_host_checks_raise_rather_than_crash(family):
+    import subprocess
+    import sys
+    word = BAD_CALLS[family][2]
+    result = subprocess.run([sys.executable, "-c", bad_call_code(family)], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert "raised:" in result.stdout, result.stdout + result.stderr[-2000:]
     # without a GPU the device check may come first
