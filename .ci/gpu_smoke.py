@@ -46,7 +46,7 @@ for d in (64, 128, 40):
             torch.cuda.synchronize()
             print(f"backward d={{d}} causal={{causal}}: ran", flush=True)
         # Which kernels ran: a refused tensor map falls back to Stage 1 silently.
-        ran = sorted({{m for e in prof.key_averages() for m in re.findall(r"flash_\w+_kernel", e.key)}})
+        ran = sorted({{m for e in prof.key_averages() for m in re.findall(r"flash_\\w+_kernel", e.key)}})
         print(f"  kernels: {{', '.join(ran) or 'none seen by the profiler'}}", flush=True)
         # Errors against float32 attention, beside torch's own bf16 SDPA's: a first look, the tests judge.
         f32 = [t.float().requires_grad_() for t in (q, k, v)]
