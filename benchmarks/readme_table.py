@@ -5,7 +5,8 @@
 Without an argument it takes the newest GPU JSON under benchmarks/results/
 (smoke and train_gpt files are skipped) and rewrites the README between
 <!-- results:start --> and <!-- results:end -->, so the README shows only
-measured figures, with their date, GPU and versions.
+measured figures, with their date, GPU and versions, and the plots written
+beside that JSON (`<its name>-<op>-<direction>-<dtype>.png`).
 """
 import glob
 import json
@@ -23,12 +24,20 @@ def latest_gpu_json(results_dir):
     return max(paths, key=os.path.getmtime) if paths else None
 
 
-def markdown(report, source):
+def plots_beside(source):
+    """The PNG plots `python -m benchmarks` wrote with this JSON, sorted."""
+    return sorted(glob.glob(glob.escape(os.path.splitext(source)[0]) + "-*.png"))
+
+
+def markdown(report, source, readme_dir=ROOT):
     meta, rows = report["meta"], report["results"]
     ceil = meta.get("ceilings", {})
+
+    def ceiling(key):  # None where it was not measured (a CPU smoke run)
+        return "-" if ceil.get(key) is None else f"{ceil[key]:.0f}"
     lines = [f"Measured {meta['time'][:10]} on {meta['gpu']} (torch {meta['torch']}, Triton {meta['triton']}, "
-             f"CUDA {meta['cuda']}); ceilings: copy {ceil.get('copy_GBps', 0):.0f} GB/s, bf16 matmul "
-             f"{ceil.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s. Source: `{os.path.relpath(source, ROOT)}`.", "",
+             f"CUDA {meta['cuda']}); ceilings: copy {ceiling('copy_GBps')} GB/s, bf16 matmul "
+             f"{ceiling('bf16_matmul_TFLOPs')} TFLOP/s. Source: `{os.path.relpath(source, readme_dir)}`.", "",
              "| op | case | dtype | dir | ours (best) | time ms | throughput | % ceiling | vs best peer |",
              "|---|---|---|---|---|---|---|---|---|"]
     cases = {}
@@ -43,6 +52,10 @@ def markdown(report, source):
         up = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
         lines.append(f"| {op} | {label} | {dtype} | {direction} | {r['provider']} | {r['ms']:.3f} | {rate} | "
                      f"{pct} | {up} |")
+    stem = os.path.basename(os.path.splitext(source)[0])
+    for png in plots_beside(source):
+        title = os.path.splitext(os.path.basename(png))[0][len(stem) + 1:].replace("-", " ")
+        lines += ["", f"![{title}]({os.path.relpath(png, readme_dir)})"]
     return "\n".join(lines)
 
 
@@ -64,7 +77,7 @@ def main(argv=None, readme=os.path.join(ROOT, "README.md"),
         body = "No GPU results are committed yet: run `make gpu-check` on a GPU machine."
     else:
         with open(source) as f:
-            body = markdown(json.load(f), source)
+            body = markdown(json.load(f), source, os.path.dirname(os.path.abspath(readme)))
     rewrite(readme, body)
     print(f"rewrote the results section of {readme}" + (f" from {source}" if source else ""))
     return 0

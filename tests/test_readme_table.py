@@ -15,12 +15,21 @@ def test_rewrites_only_the_marked_section(tmp_path):
                   dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="pyext-cuda", ms=1.5,
                        GBps=2800.0, pct_of_ceiling=93.3, speedup_vs_best_peer=1.2),
                   dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="torch", ms=1.8)]}
-    source = tmp_path / "NVIDIA-H100.json"
+    results = tmp_path / "results"
+    results.mkdir()
+    source = results / "NVIDIA-H100.json"
     source.write_text(json.dumps(report))
-    readme_table.main([str(source)], readme=str(readme), results_dir=str(tmp_path))
+    for name in ("NVIDIA-H100-gelu-fwd-bfloat16.png", "NVIDIA-H100-gelu-bwd-float32.png", "other-gelu-fwd.png"):
+        (results / name).write_bytes(b"png")
+    readme_table.main([str(source)], readme=str(readme), results_dir=str(results))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "NVIDIA H100" in text and "| gelu | n=1 | bfloat16 | fwd | pyext-cuda | 1.500 | 2800 GB/s | 93% | 1.20x |" in text
+    assert "Source: `results/NVIDIA-H100.json`" in text
+    # the plots written with this JSON, by path from the README; not another run's
+    assert "![gelu bwd float32](results/NVIDIA-H100-gelu-bwd-float32.png)" in text
+    assert "![gelu fwd bfloat16](results/NVIDIA-H100-gelu-fwd-bfloat16.png)" in text
+    assert "other-gelu" not in text
 
 
 def test_without_gpu_results_says_so(tmp_path):
