@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     # must be chosen before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks import adamw, attention, gelu, layer_norm  # noqa: E402
+from benchmarks import adamw, attention, gelu, layer_norm, train_step  # noqa: E402
 
 OPS = {
     "gelu": gelu.cases,
@@ -22,6 +22,7 @@ OPS = {
     "rms_norm": layer_norm.rms_norm_cases,
     "attention": attention.cases,
     "adamw": adamw.cases,
+    "train_step": train_step.cases,
 }
 COUNTS = {
     "gelu": gelu.count,
@@ -29,4 +30,5 @@ COUNTS = {
     "rms_norm": layer_norm.count,
     "attention": attention.count,
     "adamw": adamw.count,
+    "train_step": train_step.count,
 }

@@ -1,0 +1,75 @@
+"""One whole training step, timed as one call: forward, backward and AdamW
+step of train_gpt's GPT-2-small-like model (bf16 autocast, 8 x 1024 tokens
+of a byte vocabulary; a tiny one without a GPU).
+
+FLOPs per step: 6 x the matmul weights x tokens (forward 2, backward 4), plus
+causal attention, 4 B H S^2 D / 2 forward and 2.5 times that backward. As
+TFLOP/s over the bf16 matmul ceiling this is the step's model-FLOP
+utilisation. Providers: plain PyTorch with torch.optim.AdamW(fused=True),
+the same model under torch.compile, and the model patched by pyext.patch
+with one backend and stepped by pyext.optim.AdamW. The loss curves, and the
+patched model under torch.compile, are `python -m benchmarks.train_gpt`'s.
+"""
+import torch
+
+import pyext
+from benchmarks.adamw import fused_adamw_on_cpu
+from benchmarks.harness import HAS_GPU, Case, our_backends
+from benchmarks.train_gpt import GPT, GPT2_SMALL, TINY, VOCAB, batches
+
+
+def _configs(quick: bool, dtypes) -> dict:
+    if torch.bfloat16 not in dtypes:
+        return {}
+    return {"gpt2-small": GPT2_SMALL} if HAS_GPU else {"tiny": TINY}
+
+
+def count(quick: bool, dtypes) -> int:
+    return len(_configs(quick, dtypes))
+
+
+def step_flops(layers, heads, dim, seq, batch) -> float:
+    weights = layers * 12 * dim * dim + dim * VOCAB  # qkv, proj, fc, fc2; the tied head
+    attention_fwd = 4 * batch * heads * seq * seq * (dim // heads) / 2
+    return 6 * weights * batch * seq + 3.5 * layers * attention_fwd
+
+
+def cases(quick: bool, dtypes):
+    device = torch.device("cuda" if HAS_GPU else "cpu")
+    ours = our_backends()
+    for label, cfg in _configs(quick, dtypes).items():
+        x, y = next(batches(cfg, 1, device))
+        providers = {name: ours[name] or _stepper(cfg, device, x, y, backend=name[len("pyext-"):])
+                     for name in ("pyext-cuda", "pyext-triton")}
+        providers["torch"] = _stepper(cfg, device, x, y)
+        providers["torch.compile"] = _stepper(cfg, device, x, y, compiled=True)
+        tokens = cfg["batch"] * cfg["seq"]
+        yield Case(op="train_step", label=f"{label} {cfg['batch']}x{cfg['seq']} tokens", size=tokens,
+                   dtype="bfloat16", direction="step", bytes=0,
+                   flops=step_flops(cfg["layers"], cfg["heads"], cfg["dim"], cfg["seq"], cfg["batch"]),
+                   providers=providers)
+
+
+def _stepper(cfg, device, x, y, backend=None, compiled=False):
+    """A training step of a model (and optimizer) built on first use, the same
+    initial weights for every provider."""
+    holder = []
+
+    def step():
+        if not holder:
+            torch.manual_seed(0)
+            model = GPT(**cfg).to(device)
+            if backend:
+                pyext.patch(model, backend=backend)
+                opt = pyext.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, backend=backend)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
+                                        fused=HAS_GPU or fused_adamw_on_cpu())
+            holder.append((torch.compile(model) if compiled else model, opt))
+        model, opt = holder[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
