@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import HAS_GPU
 
@@ -159,3 +160,17 @@ def test_merge_keeps_a_measured_row_over_a_skipped_one_and_a_later_over_an_earli
         json.dump({"meta": {"gpu": "x"}, "results": results}, open(paths[-1], "w"))
     _, rows = cli.merge(paths)
     assert {r["provider"]: r.get("ms") for r in rows} == {"a": 1.0, "b": 2.0, "c": 4.0}
+
+
+def test_train_step_flops_count_every_matmul_weight_of_the_model():
+    """6 FLOPs per matmul weight per token (the tied head included once), plus
+    causal attention with its backward (3.5 x the forward's 4 B H S^2 D / 2)."""
+    from benchmarks.train_gpt import GPT, TINY
+    from benchmarks.train_step import step_flops
+    model = GPT(**TINY)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    tokens = TINY["batch"] * TINY["seq"]
+    attention = 3.5 * TINY["layers"] * 4 * TINY["batch"] * TINY["heads"] * TINY["seq"] ** 2 \
+        * (TINY["dim"] // TINY["heads"]) / 2
+    assert step_flops(**{k: TINY[k] for k in ("layers", "heads", "dim", "seq", "batch")}) \
+        == 6 * weights * tokens + attention
