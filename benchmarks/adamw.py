@@ -49,7 +49,7 @@ def cases(quick: bool, dtypes):
         for name, make in makers.items():
             if ours.get(name):
                 providers[name] = ours[name]
-            elif name == "torch-fused" and not HAS_GPU and not fused_adamw_on_cpu():
+            elif name == "torch-fused" and not HAS_GPU and not _fused_on_cpu():
                 providers[name] = "fused AdamW needs a GPU in this torch"
             else:
                 providers[name] = _stepper(make)
@@ -68,7 +68,7 @@ def _stepper(make):
     return step
 
 
-def fused_adamw_on_cpu():
+def _fused_on_cpu():
     try:
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
         return True

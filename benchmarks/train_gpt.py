@@ -94,14 +94,29 @@ def batches(cfg, steps, device):
         yield block[:, :-1], block[:, 1:]
 
 
-def train(cfg, steps, device, *, patched, compiled, autocast=True, warmup=3):
+def build(cfg, device, *, patched, backend=None):
+    """The model (seed 0, so every run starts from the same weights) and its
+    optimizer: torch's fused AdamW, or, patched, pyext's kernels and AdamW."""
     torch.manual_seed(0)
     model = GPT(**cfg).to(device)
     if patched:
-        pyext.patch(model)
-        opt = pyext.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+        pyext.patch(model, backend=backend)
+        return model, pyext.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, backend=backend)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+
+
+def step(model, opt, x, y, device, autocast=True):
+    """One training step; returns the loss (not synchronised)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def train(cfg, steps, device, *, patched, compiled, autocast=True, warmup=3):
+    model, opt = build(cfg, device, patched=patched)
     step_fn = torch.compile(model) if compiled else model
     losses, t_start = [], None
     if HAS_GPU:
@@ -111,11 +126,7 @@ def train(cfg, steps, device, *, patched, compiled, autocast=True, warmup=3):
             if HAS_GPU:
                 torch.cuda.synchronize()
             t_start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = step_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step(step_fn, opt, x, y, device, autocast)
         losses.append(loss.detach())  # read after the loop: no host sync per step
     if HAS_GPU:
         torch.cuda.synchronize()

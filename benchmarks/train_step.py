@@ -12,10 +12,8 @@ patched model under torch.compile, are `python -m benchmarks.train_gpt`'s.
 """
 import torch
 
-import pyext
-from benchmarks.adamw import fused_adamw_on_cpu
 from benchmarks.harness import HAS_GPU, Case, our_backends
-from benchmarks.train_gpt import GPT, GPT2_SMALL, TINY, VOCAB, batches
+from benchmarks.train_gpt import GPT2_SMALL, TINY, VOCAB, batches, build, step
 
 
 def _configs(quick: bool, dtypes) -> dict:
@@ -55,21 +53,9 @@ def _stepper(cfg, device, x, y, backend=None, compiled=False):
     initial weights for every provider."""
     holder = []
 
-    def step():
+    def run():
         if not holder:
-            torch.manual_seed(0)
-            model = GPT(**cfg).to(device)
-            if backend:
-                pyext.patch(model, backend=backend)
-                opt = pyext.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, backend=backend)
-            else:
-                opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
-                                        fused=HAS_GPU or fused_adamw_on_cpu())
+            model, opt = build(cfg, device, patched=backend is not None, backend=backend)
             holder.append((torch.compile(model) if compiled else model, opt))
-        model, opt = holder[0]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+        step(*holder[0], x, y, device)
+    return run
