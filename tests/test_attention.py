@@ -259,6 +259,27 @@ def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case
         pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("fn", ["sdpa", "flash_attention"])
+def test_autocast_casts_inputs_as_torchs_sdpa_does(backend, fn):
+    """Inside torch.autocast, float32 (and mixed) q, k, v are cast to the
+    region's dtype as torch's SDPA casts them: the call gives torch's dtype,
+    the same bits as a call with the cast inputs, so a named kernel backend
+    runs rather than refusing float32, and gradients in the inputs' dtypes."""
+    device = device_for("cuda" if backend == "cuda" else "triton")
+    q, k = (make_tensor((1, 2, 19, 16), torch.float32, device, requires_grad=True) for _ in range(2))
+    v = make_tensor((1, 2, 19, 16), torch.bfloat16, device, requires_grad=True)
+    call = (pyext.scaled_dot_product_attention if fn == "sdpa" else pyext.flash_attention)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = call(q, k, v, backend=backend)
+        theirs = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == theirs.dtype == torch.bfloat16
+    cast = [t.detach().bfloat16() for t in (q, k, v)]
+    assert torch.equal(out, call(*cast, backend=backend))
+    dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert (dq.dtype, dk.dtype, dv.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+
+
 def test_flash_attention_float32_goes_to_the_reference_under_auto():
     q, k, v = (make_tensor((1, 2, 5, 8), torch.float32, "cpu") for _ in range(3))
     out = pyext.flash_attention(q, k, v, causal=True)

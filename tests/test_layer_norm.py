@@ -106,6 +106,48 @@ def test_float32_parameters_with_half_input(backend, kind, dtype):
     assert db is None or db.dtype == torch.float32
 
 
+def check_autocast(kind, backend, to_float32):
+    """Inside a bf16 autocast region, bf16 x with float32 parameters: the same
+    y as a call outside it with x, weight, bias cast to float32 (to_float32)
+    or left as they are; gradients in the inputs' own dtypes."""
+    device = device_for(backend)
+    x = inputs(5, 96, torch.bfloat16, device).requires_grad_()
+    w, b = (p.requires_grad_() if p is not None else None
+            for p in params(kind, (96,), torch.float32, device))
+    args = (x, (96,), w, b) if kind == "layer_norm" else (x, (96,), w)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = getattr(pyext, kind)(*args, backend=backend)
+    assert y.dtype == (torch.float32 if to_float32 else torch.bfloat16)
+    cast = [a.detach().float() if isinstance(a, torch.Tensor) and to_float32 else a for a in args]
+    assert torch.equal(y, getattr(pyext, kind)(*cast, backend=backend))
+    leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    grads = torch.autograd.grad(y.float().sum(), leaves)
+    assert [g.dtype for g in grads] == [a.dtype for a in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_gives_torchs_dtype(backend, kind):
+    """torch's autocast casts layer_norm's inputs to float32 on CUDA (and
+    rms_norm's in recent torch) but not on CPU; pyext's functions do the same."""
+    device = device_for(backend)
+    x = inputs(2, 8, torch.bfloat16, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        theirs = getattr(F, kind)(x, (8,))
+    check_autocast(kind, backend, to_float32=theirs.dtype == torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_float32_cast_on_a_device_torch_casts_on(backend, kind, monkeypatch):
+    """The float32 cast torch's CUDA autocast makes, exercised on whatever
+    device the tests run on (CPU autocast leaves layer_norm alone)."""
+    from pyext import _autocast
+    op = f"aten::{kind}"
+    monkeypatch.setitem(_autocast.POLICY, op, (frozenset({device_for(backend).type}), True))
+    check_autocast(kind, backend, to_float32=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])

@@ -57,32 +57,49 @@ def build(kind):
     return {"nanogpt": nano_gpt, "encoder": encoder}.get(kind, lambda: hf_model(kind))()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_patched_model_matches_the_original(kind, backend):
+def loss_and_grads(model, kind, device, dtype, autocast):
+    """The loss and every parameter's gradient (None where unused), with the
+    model in `dtype`, inside a bf16 autocast region or not."""
+    model = model.to(dtype).train()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_of(model, kind, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [loss] + list(torch.autograd.grad(loss, params, allow_unused=True))
+
+
+def check_patched(kind, backend, dtype, autocast):
+    """The patched model's loss and gradients against the float64 oracle, with
+    the unpatched model run the same way as torch's own error."""
     device = device_for(backend)
     original = build(kind).to(device)
     # the CUDA attention kernels are issue 5's: until they are built, cuda patches the rest
     attention = backend != "cuda" or "cuda" in pyext.ops.attention.FWD
     patched = pyext.patch(copy.deepcopy(original), attention=attention, backend=backend)
     assert pyext.patch_report(patched).swapped, str(pyext.patch_report(patched))
-
-    def loss_and_grads(model, dtype):
-        model = model.to(dtype).train()
-        loss = loss_of(model, kind, device, dtype)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return [loss] + list(torch.autograd.grad(loss, params, allow_unused=True))
-
-    ref = loss_and_grads(copy.deepcopy(original), torch.float64)
-    # bfloat16, as models train: the attention kernels take half types only
-    pt = loss_and_grads(original, torch.bfloat16)
-    out = loss_and_grads(patched, torch.bfloat16)
+    ref = loss_and_grads(copy.deepcopy(original), kind, device, torch.float64, autocast=False)
+    pt = loss_and_grads(original, kind, device, dtype, autocast)
+    out = loss_and_grads(patched, kind, device, dtype, autocast)
     names = ["loss"] + [n for n, p in original.named_parameters() if p.requires_grad]
     for name, o, r, p in zip(names, out, ref, pt):
         if r is None:
             assert o is None, name
             continue
         assert_close(o, r, p, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_patched_model_matches_the_original(kind, backend):
+    # bfloat16, as models train: the attention kernels take half types only
+    check_patched(kind, backend, torch.bfloat16, autocast=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_patched_model_matches_the_original_under_autocast(kind, backend):
+    """float32 parameters in a bf16 autocast region, the other way models
+    train: every loss and gradient in the unpatched model's dtype, as close."""
+    check_patched(kind, backend, torch.float32, autocast=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)

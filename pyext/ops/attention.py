@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyext import _backend, reference
+from pyext._autocast import autocast_inputs
 from pyext.ops._register import missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -177,8 +178,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     The CUDA backward is always deterministic and ignores the flag; so does
     the reference. Kernels: float16/bfloat16,
     head dims multiple of 8 up to 256; other inputs go to the reference
-    (backend "auto") or raise (a kernel backend named).
+    (backend "auto") or raise (a kernel backend named). Under torch.autocast,
+    q, k and v are cast as torch casts them for its SDPA (float32 to the
+    region's dtype).
     """
+    q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
     _check_qkv("flash_attention", q, k, v, gqa=True)
     if q.dim() != 4:
         raise RuntimeError(f"flash_attention: expected 4-D (B, H, S, D) query, key and value, got {q.dim()}-D")
@@ -204,7 +208,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dropout, float32/float64 inputs or head dims over 256 go to torch's own
     SDPA under backend "auto"; a kernel backend named explicitly raises. The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
-    at the call (see flash_attention's `deterministic`)."""
+    at the call (see flash_attention's `deterministic`). Under torch.autocast
+    the inputs are cast as torch casts them (float32 to the region's dtype),
+    so such calls run the kernels too."""
+    query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
+                                                   attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
     extra = None
     if attn_mask is not None:

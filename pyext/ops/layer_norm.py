@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
+from pyext._autocast import autocast_inputs
 from pyext.ops._register import missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -246,11 +247,10 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     chunked path loops over the row (re-reading it, from L2 when it fits).
     dweight and dbias are reduced in two deterministic stages, no atomics.
 
-    Under torch.autocast the kernels keep x's dtype (statistics still fp32),
-    as fused LayerNorms do; F.layer_norm there computes and returns float32.
-    The next matmul casts to the autocast dtype either way, so a model sees
-    the same values, with half the bytes moved.
+    Under torch.autocast, x, weight and bias are cast as torch casts them for
+    F.layer_norm: to float32 on CUDA (float32 output), not on CPU.
     """
+    x, weight, bias = autocast_inputs("aten::layer_norm", x, weight, bias)
     shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False)
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
     if name == "torch":
@@ -267,8 +267,10 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     (float32 for float16/bfloat16/float32 x, float64 for float64; see
     `default_rms_eps`). Kernels take float32/float16/bfloat16/float64 x with
     weight of x's dtype or float32; other weight dtypes go to the reference
-    under "auto". Fast path and chunked path as in `layer_norm`.
+    under "auto". Fast path and chunked path as in `layer_norm`. Under
+    torch.autocast, x and weight are cast as torch casts them for F.rms_norm.
     """
+    x, weight = autocast_inputs("aten::rms_norm", x, weight)
     shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True)
     name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight))
     if name == "torch":
