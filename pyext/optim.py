@@ -18,12 +18,34 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 
+def _check_lists(op: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool):
+    """The kernels read every tensor as flat memory, element i of a parameter
+    beside element i of its grad and moments: each must be contiguous, of its
+    parameter's size, on its device; grads in the parameters' dtype, moments
+    float32."""
+    lists = [("grads", grads, False), ("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True)]
+    if amsgrad:
+        lists.append(("max_exp_avg_sqs", max_exp_avg_sqs, True))
+    for name, tensors, moment in [("params", params, False)] + lists:
+        if len(tensors) != len(params):
+            raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors but params has {len(params)}")
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            want = torch.float32 if moment else params[0].dtype
+            if t.device != params[0].device or t.dtype != want:
+                raise RuntimeError(f"{op}: {name}[{i}] must be {want} on {params[0].device}, "
+                                   f"got {t.dtype} on {t.device}")
+            if t.numel() != p.numel() or not t.is_contiguous():
+                raise RuntimeError(f"{op}: {name}[{i}] must be contiguous with params[{i}]'s {p.numel()} "
+                                   f"elements, got shape {list(t.shape)}, strides {list(t.stride())}")
+
+
 @torch.library.custom_op("pyext::adamw_step_triton", mutates_args=_MUTATED)
 def adamw_step_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                       exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor], steps: Tensor, lr: float,
                       lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
                       amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor]) -> None:
     from pyext.triton_kernels import adamw as kernels
+    _check_lists("adamw_step_triton", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
     kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
                        beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale)
 
@@ -42,7 +64,10 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW with fused steps. `backend` (keyword only): "auto"
     (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
     "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
-    skipped, as torch's fused AdamW does (this reads found_inf on the host)."""
+    skipped, as torch's fused AdamW does (this reads found_inf on the host).
+    The kernels step contiguous memory: a parameter, gradient or moment that
+    is not contiguous (a strided view, a transposed or channels_last tensor)
+    is stepped through a contiguous copy, written back after the launch."""
 
     _step_supports_amp_scaling = True
 
@@ -129,13 +154,17 @@ class AdamW(torch.optim.Optimizer):
         if name == "torch":
             reference.adamw_step(*args, steps, lr=lr, grad_scale=grad_scale, **kw)
             return
+        staged = [[t.contiguous() for t in tensors] for tensors in args]
         step_values = torch.stack([s.to(local[0].device) for s in steps])
         lr_value = 0.0 if lr_tensor is not None else float(lr)
         lr_arg = lr_tensor.to(device=local[0].device, dtype=torch.float32) if lr_tensor is not None else None
         scale_arg = grad_scale.to(torch.float32) if grad_scale is not None else None
-        STEP[name](*args, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"],
-                                          kw["eps"], kw["weight_decay"], kw["amsgrad"], kw["maximize"],
-                                          scale_arg)
+        STEP[name](*staged, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"], kw["eps"],
+                   kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg)
+        for k in (0, 2, 3, 4):  # params and moments written back; grads are only read
+            for t, c in zip(args[k], staged[k]):
+                if c is not t:
+                    t.copy_(c)
 
     @staticmethod
     def _why_not(backend: str, tensors: List[Tensor]):
@@ -146,6 +175,4 @@ class AdamW(torch.optim.Optimizer):
                 reason = f"parameter dtype {tensors[0].dtype} is not supported (float32, float16, bfloat16 are)"
             elif any(g.dtype != tensors[0].dtype for g in tensors):
                 reason = "gradients must have their parameters' dtype"
-            elif backend == "cuda" and not all(t.is_contiguous() for t in tensors):
-                reason = "the CUDA kernel needs contiguous parameters and gradients"
         return reason

@@ -61,6 +61,68 @@ def test_steps_match_the_oracle(backend, dtype, options):
         [float(pt_opt.state[q]["step"]) for q in pt if q in pt_opt.state]
 
 
+def laid_out(value: torch.Tensor, layout: str) -> torch.Tensor:
+    """`value` in a memory layout: "contiguous", "strided" (every other element
+    of a wider tensor: not dense), "transposed" or "channels_last" (dense,
+    other strides)."""
+    if layout == "strided":
+        wide = torch.zeros(*value.shape[:-1], 2 * value.shape[-1], dtype=value.dtype, device=value.device)
+        wide[..., ::2] = value
+        return wide[..., ::2]
+    if layout == "transposed":
+        return value.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "channels_last":
+        return value.contiguous(memory_format=torch.channels_last)
+    return value.clone()
+
+
+# (shape, parameter layout, gradient layout)
+LAYOUTS = [((6, 8), "strided", "contiguous"), ((6, 8), "strided", "strided"),
+           ((5, 9), "transposed", "contiguous"), ((5, 9), "transposed", "transposed"),
+           ((2, 3, 4, 5), "channels_last", "channels_last"), ((2, 3, 4, 5), "contiguous", "channels_last"),
+           ((7, 3), "contiguous", "strided")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_non_contiguous_parameters_and_gradients(backend, amsgrad):
+    """Every layout autograd or a user can give a parameter and its gradient,
+    stepped as torch.optim.AdamW steps them (the kernels step contiguous
+    copies of what is not contiguous)."""
+    device = device_for(backend)
+    values = [torch.randn(shape, device=device) for shape, _, _ in LAYOUTS]
+    grads = [[torch.randn(v.shape, device=device) for v in values] for _ in range(3)]
+
+    def train(opt_cls, dtype):
+        params = [laid_out(v.to(dtype), layout) for v, (_, layout, _) in zip(values, LAYOUTS)]
+        opt = opt_cls(params, lr=0.1, weight_decay=0.1, amsgrad=amsgrad)
+        for step in grads:
+            for p, g, (_, _, layout) in zip(params, step, LAYOUTS):
+                p.grad = laid_out(g.to(dtype), layout)
+            opt.step()
+        assert [p.stride() for p in params] == [laid_out(v, layout).stride()
+                                                for v, (_, layout, _) in zip(values, LAYOUTS)]
+        return torch.cat([p.reshape(-1) for p in params])
+
+    ours = train(lambda ps, **kw: pyext.optim.AdamW(ps, backend=backend, **kw), torch.float32)
+    ref = train(lambda ps, **kw: pyext.optim.AdamW(ps, backend="torch", **kw), torch.float64)
+    pt = train(lambda ps, **kw: torch.optim.AdamW(ps, foreach=False, **kw), torch.float32)
+    assert_close(ours, ref, pt, "params")
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+def test_triton_op_refuses_tensors_it_cannot_step_as_flat_memory(layout):
+    device = device_for("triton")
+    p = laid_out(torch.randn(4, 6, device=device), layout)
+    g, m, v = (torch.zeros(4, 6, device=device) for _ in range(3))
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
+        torch.ops.pyext.adamw_step_triton([p], [g], [m], [v], [], torch.ones(1, device=device), 1e-3, None,
+                                          0.9, 0.999, 1e-8, 0.0, False, False, None)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be contiguous"):
+        torch.ops.pyext.adamw_step_triton([g], [p], [m], [v], [], torch.ones(1, device=device), 1e-3, None,
+                                          0.9, 0.999, 1e-8, 0.0, False, False, None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend):
     device = device_for(backend)
