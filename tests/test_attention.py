@@ -287,8 +287,8 @@ def test_flash_attention_float32_goes_to_the_reference_under_auto():
 
 
 @pytest.mark.parametrize("bad,error", [
-    ("dtype", "same dtype"), ("device", "same device"), ("rank", "rank"), ("head_dim", "head dim"),
-    ("heads", "heads"), ("length", "length"),
+    ("dtype", "same dtype"), ("device", "same device"), ("rank", "rank at least 2"), ("head_dim", "head dim"),
+    ("heads", "heads"), ("batch", "broadcast"), ("length", "length"),
 ])
 def test_bad_inputs_raise_torchs_error_type_with_a_clear_message(bad, error):
     q, k, v = (make_tensor((1, 4, 6, 16), torch.bfloat16, "cpu") for _ in range(3))
@@ -297,17 +297,47 @@ def test_bad_inputs_raise_torchs_error_type_with_a_clear_message(bad, error):
     elif bad == "device":
         k = torch.empty(k.shape, dtype=k.dtype, device="meta")
     elif bad == "rank":
-        k = k[0]
+        q, k, v = q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]
     elif bad == "head_dim":
         k = make_tensor((1, 4, 6, 8), torch.bfloat16, "cpu")
     elif bad == "heads":
         k = v = make_tensor((1, 3, 6, 16), torch.bfloat16, "cpu")
+    elif bad == "batch":
+        q = make_tensor((2, 4, 6, 16), torch.bfloat16, "cpu")
+        k = v = make_tensor((3, 4, 6, 16), torch.bfloat16, "cpu")
     else:
         v = make_tensor((1, 4, 5, 16), torch.bfloat16, "cpu")
+    if bad != "length":  # torch's CPU SDPA computes something for key length 6, value length 5
+        with pytest.raises(Exception) as theirs:
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    expected = RuntimeError if bad == "length" else type(theirs.value)
+    with pytest.raises(expected, match=error):
+        pyext.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     with pytest.raises(RuntimeError, match=error):
         pyext.flash_attention(q, k, v)
-    with pytest.raises(RuntimeError, match=error):
-        pyext.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+# (query, key, value shapes): leading dims that broadcast, as torch's SDPA allows
+BROADCAST = [((1, 4, 6, 16), (4, 6, 16), (4, 6, 16)), ((2, 4, 6, 16), (1, 4, 6, 16), (1, 4, 6, 16)),
+             ((1, 4, 6, 16), (1, 1, 6, 16), (1, 1, 6, 16)), ((2, 3, 2, 5, 16), (2, 3, 2, 7, 16), (2, 3, 2, 7, 16))]
+
+
+@pytest.mark.parametrize("shapes", BROADCAST, ids=str)
+def test_sdpa_broadcasts_leading_dims_like_torch(shapes):
+    """Broadcast batch and head dims are torch's SDPA semantics: "auto" gives
+    its result; a kernel backend runs the case it covers (one key/value head
+    broadcast is MQA) and names why not for the others."""
+    device = device_for("triton")
+    q, k, v = (make_tensor(s, torch.bfloat16, device) for s in shapes)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    pt = F.scaled_dot_product_attention(q, k, v)
+    assert_close(pyext.scaled_dot_product_attention(q, k, v), ref, pt, "sdpa out")
+    kernel_runs = len(shapes[0]) == len(shapes[1]) == 4 and shapes[0][0] == shapes[1][0]
+    if kernel_runs:
+        assert_close(pyext.scaled_dot_product_attention(q, k, v, backend="triton"), ref, pt, "triton out")
+    else:
+        with pytest.raises(pyext.BackendUnavailable, match="4-D|batch"):
+            pyext.scaled_dot_product_attention(q, k, v, backend="triton")
 
 
 def test_sdpa_without_enable_gqa_refuses_fewer_key_heads_like_torch():

@@ -121,10 +121,12 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return missing_reason(backend, FWD, "attention")
     if extra is not None:
         return extra
-    if q.dim() != 4:
-        return f"it needs 4-D (B, H, S, D) inputs, got {q.dim()}-D"
+    if not q.dim() == k.dim() == v.dim() == 4:
+        return f"it needs 4-D (B, H, S, D) inputs, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         return "it needs the same batch size for query, key and value (no broadcasting)"
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+        return "it needs as many key as value heads, and query heads a multiple of them (no broadcasting)"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
     d = q.shape[-1]
@@ -135,7 +137,9 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
 
 
 def _check_qkv(op: str, q, k, v, gqa: bool):
-    """The errors torch's SDPA raises for the same inputs (type and meaning)."""
+    """The errors torch's SDPA raises for the same inputs (type and meaning).
+    As in torch, the leading (batch, head) dims broadcast; with gqa the query
+    heads may also be a multiple of the key/value heads."""
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
@@ -145,8 +149,8 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
     if not (q.device == k.device == v.device):
         raise RuntimeError(f"{op}: expected query, key and value on the same device, got "
                            f"query {q.device}, key {k.device}, value {v.device}")
-    if not (q.dim() == k.dim() == v.dim()) or q.dim() < 2:
-        raise RuntimeError(f"{op}: expected query, key and value of the same rank (at least 2), got "
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        raise RuntimeError(f"{op}: expected query, key and value of rank at least 2, got "
                            f"{q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     if q.shape[-1] != k.shape[-1]:
         raise RuntimeError(f"{op}: query head dim {q.shape[-1]} must equal key head dim {k.shape[-1]}")
@@ -154,11 +158,17 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
         raise RuntimeError(f"{op}: key length {k.shape[-2]} must equal value length {v.shape[-2]}")
     if not q.is_floating_point():
         raise RuntimeError(f"{op}: expected floating-point query, key and value, got {q.dtype}")
-    if q.dim() >= 3:
-        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
-        if hk != hv or (hq != hk and (not gqa or hq % hk)):
-            raise RuntimeError(f"{op}: query heads {hq} must equal key/value heads {hk}/{hv}"
-                               + (", or be a multiple of them" if gqa else " (or pass enable_gqa=True)"))
+    kv = list(k.shape[:-2])
+    try:
+        kv = list(torch.broadcast_shapes(k.shape[:-2], v.shape[:-2]))
+        if gqa and q.dim() >= 3 and kv and kv[-1] and q.shape[-3] % kv[-1] == 0:
+            kv[-1] = q.shape[-3]  # each key/value head serves q.shape[-3] / kv[-1] query heads
+        torch.broadcast_shapes(q.shape[:-2], tuple(kv))
+    except RuntimeError:
+        raise RuntimeError(
+            f"{op}: the leading (batch, head) dims of query {list(q.shape)}, key {list(k.shape)} and value "
+            f"{list(v.shape)} do not broadcast" + (": query heads must be a multiple of key/value heads" if gqa
+                                                   else " (fewer key/value heads need enable_gqa=True)")) from None
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
@@ -184,10 +194,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     """
     q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
     _check_qkv("flash_attention", q, k, v, gqa=True)
-    if q.dim() != 4:
-        raise RuntimeError(f"flash_attention: expected 4-D (B, H, S, D) query, key and value, got {q.dim()}-D")
-    if q.shape[0] != k.shape[0]:
-        raise RuntimeError(f"flash_attention: batch sizes differ: query {q.shape[0]}, key {k.shape[0]}")
+    if not q.dim() == k.dim() == v.dim() == 4:
+        raise RuntimeError(f"flash_attention: expected 4-D (B, H, S, D) query, key and value, got "
+                           f"{q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise RuntimeError(f"flash_attention: batch sizes differ: query {q.shape[0]}, key {k.shape[0]}, "
+                           f"value {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+        raise RuntimeError(f"flash_attention: query heads {q.shape[1]} must be a multiple of key/value heads "
+                           f"{k.shape[1]}/{v.shape[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal_offset = k.shape[2] - q.shape[2]
     name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(b, q, k, v), AUTO_ORDER)
