@@ -53,14 +53,14 @@ def qkv(shape, dtype, device, layout="contiguous"):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def check_flash(backend, q, k, v, causal, deterministic=False):
+def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
     """out, lse, dq, dk, dv of `backend` against the float64 oracle."""
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, return_lse=True, deterministic=deterministic,
-                                     backend=backend)
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True,
+                                     deterministic=deterministic, backend=backend)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     offset = k.shape[2] - q.shape[2]
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     def run_reference(dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -85,6 +85,14 @@ def check_flash(backend, q, k, v, causal, deterministic=False):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_flash_attention_matches_oracle(backend, deterministic, dtype, causal, shape):
     check_flash(backend, *qkv(shape, dtype, device_for(backend)), causal, deterministic)
+
+
+@pytest.mark.parametrize("backend,deterministic", FLASH_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [0.37, 2.0])
+def test_custom_scale(backend, deterministic, causal, scale):
+    check_flash(backend, *qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for(backend)), causal, deterministic,
+                scale)
 
 
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
@@ -227,17 +235,26 @@ def test_the_backward_is_deterministic_when_asked(call, use_deterministic_algori
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 32), (2, 4, 2, 21, 13, 64)], ids=str)
-def test_sdpa_drop_in_matches_torch(backend, is_causal, shape):
-    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
-    gqa = shape[1] != shape[2]
-    out = pyext.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.2, enable_gqa=gqa,
-                                             backend=backend)
-    leaves64 = [t.detach().double() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*leaves64, is_causal=is_causal, scale=0.2, enable_gqa=gqa)
-    pt = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.2, enable_gqa=gqa)
-    assert_close(out, ref, pt, "sdpa out")
+@pytest.mark.parametrize("scale", [None, 0.2])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 32), (2, 4, 2, 21, 13, 64), (1, 2, 1, 1, 9, 16)], ids=str)
+def test_sdpa_drop_in_matches_torch(backend, dtype, is_causal, scale, shape):
+    """out, dq, dk, dv against torch's SDPA in float64, with torch's own in
+    `dtype` as the yardstick: top-left causal with Sq != Sk both ways, GQA, Sq = 1."""
+    q, k, v = qkv(shape, dtype, device_for(backend))
+    kwargs = dict(is_causal=is_causal, scale=scale, enable_gqa=shape[1] != shape[2])
+    out = pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend=backend)
+    dout = torch.randn_like(out)
+
+    def torch_sdpa(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = F.scaled_dot_product_attention(*leaves, **kwargs)
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+
+    ours = [out] + list(torch.autograd.grad(out, (q, k, v), dout))
+    for name, o, r, p in zip(["out", "dq", "dk", "dv"], ours, torch_sdpa(torch.float64), torch_sdpa(dtype)):
+        assert_close(o, r, p, name)
 
 
 @pytest.mark.parametrize("case", ["mask", "dropout", "float32", "head_dim_320", "3d"])
