@@ -1,4 +1,6 @@
 """pyext.optim.AdamW against torch.optim.AdamW and a float64 reference."""
+import copy
+
 import pytest
 import torch
 
@@ -188,22 +190,34 @@ def test_named_cuda_backend_on_cpu_tensors_says_why():
         pyext.optim.AdamW([p], backend="cuda").step()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_grad_scaler_skips_a_step_with_inf(backend):
-    model = torch.nn.Linear(8, 8, device="cuda")
-    opt = pyext.optim.AdamW(model.parameters(), lr=1e-2, backend=backend)
-    scaler = torch.amp.GradScaler("cuda")
-    before = [p.detach().clone() for p in model.parameters()]
-    scaler.scale(model(torch.randn(4, 8, device="cuda")).sum()).backward()
-    next(model.parameters()).grad[0, 0] = float("inf")
-    scaler.step(opt)
-    scaler.update()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    opt.zero_grad()
-    scaler.scale(model(torch.randn(4, 8, device="cuda")).sum()).backward()
-    scaler.step(opt)
-    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
+    """torch.amp.GradScaler hands the optimizer its scale and found_inf: the
+    step with an inf gradient changes nothing, the others equal torch's AdamW
+    run on the unscaled gradients (reference: the same in float64)."""
+    device = device_for(backend)
+    torch.manual_seed(0)
+    start = torch.nn.Linear(8, 8).to(device)
+    inputs = [torch.randn(4, 8, device=device) for _ in range(4)]
+
+    def train(make_opt, dtype):
+        model = copy.deepcopy(start).to(dtype)
+        opt, scaler = make_opt(model.parameters()), torch.amp.GradScaler(device.type, init_scale=1024.0)
+        for i, x in enumerate(inputs):
+            opt.zero_grad()
+            scaler.scale(model(x.to(dtype)).square().sum()).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            if i == 1:
+                model.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            assert (i == 1) == all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    ours = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend=backend), torch.float32)
+    ref = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend="torch"), torch.float64)
+    pt = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), torch.float32)
+    assert_close(ours, ref, pt, "params")
 
 
 @pytest.mark.gpu
