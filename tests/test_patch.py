@@ -118,6 +118,38 @@ def test_state_dict_and_parameters_are_untouched(kind):
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
+ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "bert": 1}
+
+
+@pytest.fixture
+def pyext_sdpa_calls(monkeypatch):
+    """One entry per call of pyext.scaled_dot_product_attention."""
+    import pyext.ops.attention as attention
+    calls, real = [], attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
+    """Every attention layer of a patched model calls pyext's SDPA once per
+    forward (HF models through the "pyext" attention implementation), patched
+    twice as well; unpatched, none does and the loss is the original's."""
+    model = build(kind).train()
+    expected = loss_of(model, kind, "cpu", torch.float32)
+    assert pyext_sdpa_calls == []
+    pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
+    if kind in ("gpt2", "llama", "bert"):
+        assert model.config._attn_implementation == "pyext"
+    loss_of(model, kind, "cpu", torch.float32)
+    assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]
+    pyext.unpatch(model)
+    pyext_sdpa_calls.clear()
+    assert torch.equal(loss_of(model, kind, "cpu", torch.float32), expected)
+    assert pyext_sdpa_calls == []
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_unpatch_restores_classes_and_forward(kind):
     model = build(kind)
@@ -138,12 +170,8 @@ def test_flags_leave_modules_alone():
                for path, _, why in pyext.patch_report(model).left)
 
 
-def test_attention_routing_is_scoped_to_the_model(monkeypatch):
-    calls = []
-    import pyext.ops.attention as attention
-    real = attention.scaled_dot_product_attention
-    monkeypatch.setattr(attention, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_attention_routing_is_scoped_to_the_model(pyext_sdpa_calls):
+    calls = pyext_sdpa_calls
     model = pyext.patch(nano_gpt(), backend="torch")
     loss_of(model, "nanogpt", "cpu", torch.float32)
     assert calls == [1]
@@ -152,12 +180,8 @@ def test_attention_routing_is_scoped_to_the_model(monkeypatch):
     assert calls == [1]
 
 
-def test_multihead_attention_goes_through_pyext(monkeypatch):
-    calls = []
-    import pyext.ops.attention as attention
-    real = attention.scaled_dot_product_attention
-    monkeypatch.setattr(attention, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
+    calls = pyext_sdpa_calls
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=False)
     x = torch.randn(5, 3, 16)
     expected, _ = mha(x, x, x, need_weights=False)
