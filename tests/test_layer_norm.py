@@ -1,5 +1,7 @@
 """pyext.layer_norm, pyext.rms_norm, pyext.nn.LayerNorm and pyext.nn.RMSNorm:
 the specification, as tests. Each check covers y, dx, dweight and dbias."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,9 +321,12 @@ def detach(t):
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("affine", [True, False])
-def test_opcheck(backend, kind, affine):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(backend, kind, affine, dtype):
+    """The ops' registrations (schema, fake, autograd), and the statistics
+    they save for the backward in float32 whatever x's dtype."""
     device = device_for(backend)
-    x = make_tensor((3, 5, 9), torch.float32, device, requires_grad=True)
+    x = make_tensor((3, 5, 9), dtype, device, requires_grad=True)
     w, b = params(kind, (9,), torch.float32, device, weight=affine, bias=affine)
     if w is not None:
         w.requires_grad_()
@@ -329,15 +334,17 @@ def test_opcheck(backend, kind, affine):
         b.requires_grad_()
     fwd = getattr(torch.ops.pyext, f"{kind}_fwd_{backend}")
     bwd = getattr(torch.ops.pyext, f"{kind}_bwd_{backend}")
-    grad = torch.randn(3, 5, 9, device=device)
+    grad = torch.randn(3, 5, 9, device=device).to(dtype)
     if kind == "layer_norm":
         torch.library.opcheck(fwd, (x, [9], w, b, 1e-5))
         _, mean, rstd = fwd(x.detach(), [9], w, b, 1e-5)
+        assert mean.dtype == torch.float32
         torch.library.opcheck(bwd, (grad, x.detach(), mean, rstd, detach(w), detach(b), affine, affine))
     else:
         torch.library.opcheck(fwd, (x, [9], w, 1e-6))
         _, rstd = fwd(x.detach(), [9], w, 1e-6)
         torch.library.opcheck(bwd, (grad, x.detach(), rstd, detach(w), affine))
+    assert rstd.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -398,14 +405,14 @@ def check_state_dict_round_trip(torch_mod, ours):
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", ["int_shape", "empty_shape", "input_shape", "weight_shape", "bias_shape",
-                                  "weight_device", "integer_input", "weight_dtype", "bias_dtype"])
+                                  "weight_device", "bias_device", "integer_input", "weight_dtype", "bias_dtype"])
 def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
     """Same exception type as F.layer_norm / F.rms_norm for the same call, a
     message naming the argument, raised before any backend is chosen (so a
     backend that could not run the call says the input is wrong, not that)."""
     x, ns, w, b = torch.randn(2, 3), (3,), torch.randn(3), torch.randn(3)
     named = {"int_shape": "normalized_shape", "empty_shape": "normalized_shape", "input_shape": "x",
-             "weight_shape": "weight", "bias_shape": "bias", "weight_device": "weight",
+             "weight_shape": "weight", "bias_shape": "bias", "weight_device": "weight", "bias_device": "bias",
              "integer_input": "x", "weight_dtype": "weight", "bias_dtype": "bias"}[case]
     if case == "int_shape":
         ns = 3
@@ -420,6 +427,8 @@ def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
         b = torch.randn(4)
     elif case == "weight_device":
         w = torch.randn(3, device="meta")
+    elif case == "bias_device":
+        b = torch.randn(3, device="meta")
     elif case == "integer_input":
         x, w, b = torch.arange(6).view(2, 3), None, None
     elif case == "weight_dtype":
@@ -427,7 +436,7 @@ def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
     elif case == "bias_dtype":
         x, w, b = x.bfloat16(), w.bfloat16(), b
     if kind == "rms_norm":
-        if case in ("bias_shape", "bias_dtype", "weight_dtype"):
+        if case in ("bias_shape", "bias_device", "bias_dtype", "weight_dtype"):
             pytest.skip("rms_norm has no bias, and promotes any weight dtype")
         ours = lambda: pyext.rms_norm(x, ns, w, backend=backend)  # noqa: E731
         theirs = lambda: F.rms_norm(x, ns, w)  # noqa: E731
@@ -439,7 +448,7 @@ def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
     with pytest.raises(Exception) as our_error:
         ours()
     assert type(our_error.value) is type(torch_error.value), (our_error.value, torch_error.value)
-    assert named in str(our_error.value)
+    assert re.search(rf"\b{named}\b", str(our_error.value)), our_error.value
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
