@@ -126,37 +126,57 @@ def test_triton_op_refuses_tensors_it_cannot_step_as_flat_memory(layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend):
+@pytest.mark.parametrize("first", ["torch", "pyext"])
+def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend, first):
+    """Three steps with one optimizer, its state_dict loaded into the other,
+    three more steps: the same parameters as six steps of torch's AdamW, under
+    the rule (reference: six steps of the float64 reference)."""
     device = device_for(backend)
     start = make_params(torch.float32, device)
     grads = [[torch.randn(p.shape, device=device) for p in start] for _ in range(6)]
-    lrs = [1e-2] * 6
+    make = {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, foreach=False),
+            "pyext": lambda ps: pyext.optim.AdamW(ps, lr=1e-2, amsgrad=True, backend=backend)}
+    second = "pyext" if first == "torch" else "torch"
 
     def train(opt, params, steps):
         for grad in steps:
             for p, g in zip(params, grad):
-                p.grad = g.clone()
+                p.grad = g.to(p.dtype)
             opt.step()
 
-    a = [p.clone() for p in start]
-    torch_opt = torch.optim.AdamW(a, lr=1e-2, amsgrad=True)
-    train(torch_opt, a, grads[:3])
-    ours = pyext.optim.AdamW(a, lr=1e-2, amsgrad=True, backend=backend)
-    ours.load_state_dict(torch_opt.state_dict())
-    train(ours, a, grads[3:])
+    moved = [p.clone() for p in start]
+    before = make[first](moved)
+    train(before, moved, grads[:3])
+    after = make[second](moved)
+    after.load_state_dict(before.state_dict())
+    assert all(isinstance(after.state[p]["step"], torch.Tensor) for p in moved)
+    train(after, moved, grads[3:])
 
-    b = [p.clone() for p in start]
-    torch_opt = torch.optim.AdamW(b, lr=1e-2, amsgrad=True)
-    train(torch_opt, b, grads)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    pt = [p.clone() for p in start]
+    train(make["torch"](pt), pt, grads)
+    ref = [p.double() for p in start]
+    train(pyext.optim.AdamW(ref, lr=1e-2, amsgrad=True, backend="torch"), ref, grads)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    assert_close(flat(moved), flat(ref), flat(pt), "params")
 
-    back = torch.optim.AdamW(a, lr=1e-2, amsgrad=True)
-    back.load_state_dict(ours.state_dict())
-    assert back.state_dict()["param_groups"][0]["lr"] == 1e-2
-    for p in a[:2]:
-        torch.testing.assert_close(back.state[p]["exp_avg"], ours.state[p]["exp_avg"])
-        assert isinstance(back.state[p]["step"], torch.Tensor)
+
+def test_triton_steps_each_dtype_group_in_one_launch(monkeypatch):
+    """Not a launch per tensor: one per (device, dtype) of a param group,
+    however many tensors that holds."""
+    from pyext.triton_kernels import adamw as kernels
+    launches, kernel = [], kernels._adamw_kernel
+
+    class CountLaunches:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(kernels, "_adamw_kernel", CountLaunches())
+    device = device_for("triton")
+    params = make_params(torch.float32, device) + make_params(torch.bfloat16, device)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    pyext.optim.AdamW(params, backend="triton").step()
+    assert len(launches) == 2
 
 
 @pytest.mark.parametrize("kwargs,match", [
