@@ -55,13 +55,30 @@ def test_runs_of_one_op_each_merge_into_one_report(tmp_path):
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")
 def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.train_gpt", "--steps", "3", "--no-compile",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.train_gpt", "--steps", "3", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mean nothing" in out.stdout
     (path,) = glob.glob(str(tmp_path / "train_gpt-*.json"))
+    assert glob.glob(str(tmp_path / "train_gpt-*.png"))
     runs = json.load(open(path))["runs"]
-    assert set(runs) == {"eager", "pyext"} and all(len(r["losses"]) == 3 for r in runs.values())
+    assert set(runs) == {"eager", "pyext", "compile", "pyext+compile"}
+    assert all(len(r["losses"]) == 3 and r["tokens_per_s"] > 0 for r in runs.values())
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")
+def test_train_gpt_fails_when_a_loss_curve_leaves_bf16_noise(tmp_path, monkeypatch, capsys):
+    from benchmarks import train_gpt
+    train = train_gpt.train
+
+    def patched_run_drifts(cfg, steps, device, **kw):
+        run = train(cfg, steps, device, **kw)
+        if kw["patched"]:
+            run["losses"] = [loss + i for i, loss in enumerate(run["losses"])]
+        return run
+    monkeypatch.setattr(train_gpt, "train", patched_run_drifts)
+    assert train_gpt.main(["--steps", "3", "--no-compile", "--out", str(tmp_path)]) == 1
+    assert "FAIL: loss curves of ['pyext']" in capsys.readouterr().err
 
 
 def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
