@@ -15,6 +15,11 @@
   masking is kept) and selected on the model; GPT-2's, BERT's and Llama's own
   activation and RMSNorm modules are replaced by pyext modules sharing their
   parameters.
+- `backend=None` (the process default, normally "auto") lets each call fall
+  back to torch where the kernels do not apply: an attention mask (an HF
+  model given a padding attention_mask), dropout, float32 outside autocast.
+  A backend named here raises BackendUnavailable on such calls instead, as a
+  named backend does everywhere in pyext.
 """
 import functools
 import logging
