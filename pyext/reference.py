@@ -30,21 +30,25 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0):
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
     Causal: key j visible to query i iff j <= i + causal_offset. Rows that see
-    no key: out 0, lse -inf. lse is float32 for half inputs (float64 for
-    float64), like the kernels'.
+    no key: out 0, lse -inf. Computed in float32 for float16/bfloat16 inputs
+    (as torch's fused SDPA kernels accumulate), float64 for float64; out in
+    the inputs' dtype, lse in the computing one.
     """
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        i = torch.arange(q.shape[2], device=q.device)[:, None]
-        j = torch.arange(k.shape[2], device=q.device)[None, :]
-        s = s.masked_fill(j > i + causal_offset, float("-inf"))
-    lse = torch.logsumexp(s.to(torch.float64 if q.dtype == torch.float64 else torch.float32), dim=-1)
-    p = torch.exp(s - lse[..., None].to(s.dtype))
-    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
-    return p @ v, lse
+    dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):  # its precision is its own, as a fused kernel's
+        q, k, v = (t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in (q, k, v))
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        s = (q @ k.transpose(-2, -1)) * scale
+        if causal:
+            i = torch.arange(q.shape[2], device=q.device)[:, None]
+            j = torch.arange(k.shape[2], device=q.device)[None, :]
+            s = s.masked_fill(j > i + causal_offset, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None])
+        p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+        return (p @ v).to(dtype), lse
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

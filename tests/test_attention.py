@@ -53,8 +53,30 @@ def qkv(shape, dtype, device, layout="contiguous"):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
+def torch_attention(q, k, v, scale, causal, offset):
+    """PyTorch's own attention in q's dtype, the yardstick of the rule: out
+    from its SDPA (bottom-right causal as a mask; is_causal when Sq == Sk, so
+    that its fused kernels run), with rows that see no key set to 0 as pyext
+    defines them; lse from the scores computed in q's dtype."""
+    sq, sk = q.shape[2], k.shape[2]
+    visible = (torch.arange(sk, device=q.device)[None, :]
+               <= torch.arange(sq, device=q.device)[:, None] + offset)
+    if not causal:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    elif sq == sk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+        out = out.masked_fill(~visible.any(-1)[:, None], 0)
+    scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return out, torch.logsumexp(scores.float(), dim=-1)
+
+
 def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
-    """out, lse, dq, dk, dv of `backend` against the float64 oracle."""
+    """out, lse, dq, dk, dv of `backend` against the float64 oracle, with
+    PyTorch's own attention in the inputs' dtype as the yardstick."""
     out, lse = pyext.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True,
                                      deterministic=deterministic, backend=backend)
     dout = torch.randn_like(out)
@@ -62,12 +84,13 @@ def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
     offset = k.shape[2] - q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
-    def run_reference(dtype):
+    def run(attention, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, l = reference.attention(*leaves, scale=scale, causal=causal, causal_offset=offset)
+        o, l = attention(*leaves, scale, causal, offset)
         return [o, l] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
 
-    ref, pt = run_reference(torch.float64), run_reference(q.dtype)
+    ref = run(lambda *a: reference.attention(*a[:3], scale=a[3], causal=a[4], causal_offset=a[5]), torch.float64)
+    pt = run(torch_attention, q.dtype)
     # Every tensor checked and every failure reported: which of them are wrong
     # (lse only: S = Q K^T or the softmax; dv only: P^T dO; ...) points at the product.
     failures = []
