@@ -42,6 +42,11 @@ BACKENDS = [
 ]
 
 
+# The torch.compile backends of the compile tests: aot_eager traces the ops
+# through AOTAutograd; Inductor also generates code for the graph around them.
+COMPILERS = ["aot_eager", "inductor"]
+
+
 def device_for(backend: str) -> torch.device:
     if backend == "cuda":
         return torch.device("cuda")

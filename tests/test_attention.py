@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops import attention
-from conftest import (HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+from conftest import (COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -403,7 +403,8 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("use_deterministic_algorithms", [False, True])
-def test_compile_fullgraph(backend, use_deterministic_algorithms, deterministic_algorithms):
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(backend, use_deterministic_algorithms, compiler, deterministic_algorithms):
     # Deterministic: the compiled gradients are eager's, bit for bit. Atomic
     # dQ: no two runs need agree to the bit, so each meets the oracle.
     q, k, v = qkv((1, 2, 2, 9, 9, 16), torch.bfloat16, device_for(backend))
@@ -417,7 +418,7 @@ def test_compile_fullgraph(backend, use_deterministic_algorithms, deterministic_
         return torch.autograd.grad(fn(*leaves), leaves)
 
     torch._dynamo.reset()
-    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"), q.dtype)
+    compiled = grads(torch.compile(f, fullgraph=True, backend=compiler), q.dtype)
     eager = grads(f, q.dtype)
     deterministic_algorithms(False)  # for the references' matmuls: cuBLAS refuses them otherwise
     if use_deterministic_algorithms:

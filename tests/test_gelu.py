@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import pyext
 from pyext import reference
-from conftest import (BACKENDS, HAS_GPU, assert_close, compute_sanitizer, device_for,
+from conftest import (BACKENDS, COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for,
                       make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -101,14 +101,15 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(backend, compiler):
     x = make_tensor((4, 33), torch.float32, device_for(backend), requires_grad=True)
 
     def f(t):
         return pyext.gelu(t * 2, "tanh", backend=backend).sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     (g,) = torch.autograd.grad(compiled(x), x)
     (g_eager,) = torch.autograd.grad(f(x), x)
     torch.testing.assert_close(g, g_eager)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops.layer_norm import default_rms_eps
-from conftest import (BACKENDS, assert_close, compute_sanitizer, device_for, make_tensor,
+from conftest import (BACKENDS, COMPILERS, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 KINDS = ["layer_norm", "rms_norm"]
@@ -349,7 +349,8 @@ def test_opcheck(backend, kind, affine, dtype):
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", KINDS)
-def test_compile_fullgraph(backend, kind):
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(backend, kind, compiler):
     device = device_for(backend)
     x = make_tensor((4, 33), torch.float32, device, requires_grad=True)
     w = make_tensor((33,), torch.float32, device, requires_grad=True)
@@ -361,7 +362,7 @@ def test_compile_fullgraph(backend, kind):
         return (pyext.rms_norm(t * 2, [33], w, backend=backend) ** 2).sum() + b.sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     grads = torch.autograd.grad(compiled(x, w, b), (x, w, b))
     grads_eager = torch.autograd.grad(f(x, w, b), (x, w, b))
     for g, e in zip(grads, grads_eager):
