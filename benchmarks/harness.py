@@ -290,6 +290,7 @@ def plot(base: str, rows: List[dict]) -> List[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
     paths = []
     groups = sorted({(r["op"], r["direction"], r["dtype"]) for r in rows})

@@ -79,7 +79,10 @@ def main(argv=None, readme=os.path.join(ROOT, "README.md"),
         with open(source) as f:
             body = markdown(json.load(f), source, os.path.dirname(os.path.abspath(readme)))
     rewrite(readme, body)
-    print(f"rewrote the results section of {readme}" + (f" from {source}" if source else ""))
+    if source is None:
+        print(f"no GPU results JSON in {results_dir}: the results section of {readme} says so")
+    else:
+        print(f"rewrote the results section of {readme} from {source}")
     return 0
 
 

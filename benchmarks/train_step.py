@@ -13,12 +13,15 @@ patched model under torch.compile, are `python -m benchmarks.train_gpt`'s.
 import torch
 
 from benchmarks.harness import HAS_GPU, Case, our_backends
-from benchmarks.train_gpt import GPT2_SMALL, TINY, VOCAB, batches, build, step
+
+# train_gpt is imported where it is used, not here: `python -m benchmarks.train_gpt`
+# imports this package first, and must not find that module already loaded.
 
 
 def _configs(quick: bool, dtypes) -> dict:
     if torch.bfloat16 not in dtypes:
         return {}
+    from benchmarks.train_gpt import GPT2_SMALL, TINY
     return {"gpt2-small": GPT2_SMALL} if HAS_GPU else {"tiny": TINY}
 
 
@@ -27,12 +30,14 @@ def count(quick: bool, dtypes) -> int:
 
 
 def step_flops(layers, heads, dim, seq, batch) -> float:
+    from benchmarks.train_gpt import VOCAB
     weights = layers * 12 * dim * dim + dim * VOCAB  # qkv, proj, fc, fc2; the tied head
     attention_fwd = 4 * batch * heads * seq * seq * (dim // heads) / 2
     return 6 * weights * batch * seq + 3.5 * layers * attention_fwd
 
 
 def cases(quick: bool, dtypes):
+    from benchmarks.train_gpt import batches
     device = torch.device("cuda" if HAS_GPU else "cpu")
     ours = our_backends()
     for label, cfg in _configs(quick, dtypes).items():
@@ -51,6 +56,7 @@ def cases(quick: bool, dtypes):
 def _stepper(cfg, device, x, y, backend=None, compiled=False):
     """A training step of a model (and optimizer) built on first use, the same
     initial weights for every provider."""
+    from benchmarks.train_gpt import build, step
     holder = []
 
     def run():

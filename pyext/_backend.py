@@ -10,6 +10,7 @@ Backends: "auto" (default), "cuda" (csrc/, the extension pyext._C),
   saying why; it never falls back silently.
 """
 import contextlib
+import importlib.util
 import os
 from typing import Callable, NamedTuple, Optional
 
@@ -54,18 +55,27 @@ def use_backend(name: str):
 
 # What this machine can run, decided once at import.
 def _extension_status():
+    if importlib.util.find_spec("pyext._C") is None:
+        return False, ("the CUDA extension pyext._C is not built (pyext was installed without nvcc or a CUDA "
+                       "build of torch, or with PYEXT_SKIP_CUDA_BUILD=1; `pip install -v --no-build-isolation .` "
+                       "with both present builds it)")
     try:
         from pyext import _C  # noqa: F401  (registers torch.ops.pyext.*_cuda)
     except ImportError as e:
-        return False, f"the CUDA extension pyext._C is not built ({e})"
+        return False, f"the CUDA extension pyext._C does not load ({e})"
     return True, "the CUDA extension pyext._C is built"
 
 
 def _triton_status():
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
+    except ImportError as e:
+        missing = getattr(e, "name", None)
+        why = "is not installed" if missing == "triton" else f"cannot be imported ({e})"
+        return False, f"triton {why}"
+    if importlib.util.find_spec("pyext.triton_kernels") is None:
+        return False, ("pyext.triton_kernels is missing: this is pyext's source folder, not an installed "
+                       "pyext; install it with `pip install -e .` to run from here")
     return True, f"triton {triton.__version__}"
 
 

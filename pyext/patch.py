@@ -6,7 +6,9 @@
 
 - torch.nn.LayerNorm / RMSNorm / GELU / MultiheadAttention modules get pyext's
   subclass as their class: same object, same Parameter objects, same
-  state_dict, so an optimizer built before the patch keeps working.
+  state_dict, so an optimizer built before the patch keeps working. The
+  F.gelu function that nn.TransformerEncoderLayer / DecoderLayer hold with
+  activation="gelu" becomes pyext.gelu.
 - Calls to F.scaled_dot_product_attention made inside the model's forward go
   to pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
   the model's forward only: other code, and other models, are untouched.
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from pyext import nn as pnn
+from pyext.ops.gelu import gelu as pyext_gelu
 
 log = logging.getLogger("pyext.patch")
 
@@ -138,6 +141,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     Patching twice is harmless; `backend` pins one backend for every swapped
     module (None: the process default, normally "auto").
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pyext.patch: model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "_pyext_patched", False):
         unpatch(model)
     enabled = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu, "attention": attention}
@@ -147,6 +152,14 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 
     for path, module in list(model.named_modules()):
         cls = type(module)
+        if module.__dict__.get("activation") is F.gelu:  # nn.Transformer*Layer(activation="gelu")
+            where = f"{path}.activation" if path else "activation"
+            if enabled["gelu"]:
+                module.activation = functools.partial(pyext_gelu, backend=backend)
+                replaced.append((module, "activation", F.gelu))
+                report.swapped.append((where, "F.gelu", "pyext.gelu"))
+            else:
+                report.left.append((where, "F.gelu", "gelu=False"))
         if cls in _CLASS_SWAPS:
             new_cls, flag = _CLASS_SWAPS[cls]
             if not enabled[flag]:

@@ -193,6 +193,27 @@ def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
     assert calls == [1]
 
 
+def test_the_gelu_function_of_a_transformer_layer_is_swapped_and_restored():
+    """nn.TransformerEncoderLayer(activation="gelu") holds F.gelu itself, not a module."""
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, activation="gelu",
+                                             batch_first=True)
+    x = torch.randn(2, 9, 32)
+    expected = layer(x)
+    pyext.patch(layer, attention=False, backend="triton")  # float32: the attention kernels take half types
+    assert ("activation", "F.gelu", "pyext.gelu") in pyext.patch_report(layer).swapped
+    assert layer.activation.func is pyext.gelu and layer.activation.keywords == {"backend": "triton"}
+    torch.testing.assert_close(layer(x), expected)
+    pyext.unpatch(layer)
+    assert layer.activation is F.gelu and torch.equal(layer(x), expected)
+    pyext.patch(layer, gelu=False)
+    assert ("activation", "F.gelu", "gelu=False") in pyext.patch_report(layer).left
+
+
+def test_patch_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pyext.patch("a model")
+
+
 def test_a_model_with_nothing_to_swap_says_so(capsys):
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     pyext.patch(model, attention=False, verbose=True)
