@@ -90,7 +90,7 @@ class AdamW(torch.optim.Optimizer):
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=None, capturable=capturable, differentiable=False,
-                        fused=None)
+                        fused=None, decoupled_weight_decay=True)
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, group: dict) -> dict:

@@ -191,6 +191,24 @@ def test_constructor_validation_matches_torch(kwargs, match):
         pyext.optim.AdamW(p, **kwargs)
 
 
+def test_param_groups_hold_torchs_keys():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert set(pyext.optim.AdamW(p).param_groups[0]) == set(torch.optim.AdamW(p).param_groups[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_without_parameters_or_gradients_step_as_nothing(backend):
+    """A param group with no parameters, and one whose parameters have no
+    gradient this step: torch's AdamW steps neither, and neither do we."""
+    device = device_for(backend)
+    a, b = torch.randn(5, device=device), torch.randn(3, device=device)
+    opt = pyext.optim.AdamW([{"params": [a]}, {"params": []}, {"params": [b]}], backend=backend)
+    a.grad = torch.randn_like(a)
+    before = b.clone()
+    opt.step()
+    assert torch.equal(b, before) and b not in opt.state and a in opt.state
+
+
 def test_empty_parameter_list_is_torchs_error():
     with pytest.raises(ValueError, match="empty"):
         pyext.optim.AdamW([])
