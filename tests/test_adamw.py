@@ -63,6 +63,28 @@ def test_steps_match_the_oracle(backend, dtype, options):
         [float(pt_opt.state[q]["step"]) for q in pt if q in pt_opt.state]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_corrections_keep_their_digits_in_the_first_steps(backend):
+    """1 - 0.999^t is 0.001 at t = 1: worked out in float32 it keeps about four
+    digits, and at a large lr the update shows it (about 6e-5 at lr 10)."""
+    device = device_for(backend)
+    start = torch.randn(4096, device=device)
+    grads = [torch.randn(4096, device=device) for _ in range(3)]
+
+    def train(make, dtype):
+        p = start.to(dtype, copy=True)
+        opt = make([p])
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        return p
+
+    ours = train(lambda ps: pyext.optim.AdamW(ps, lr=10.0, weight_decay=0.0, backend=backend), torch.float32)
+    ref = train(lambda ps: pyext.optim.AdamW(ps, lr=10.0, weight_decay=0.0, backend="torch"), torch.float64)
+    pt = train(lambda ps: torch.optim.AdamW(ps, lr=10.0, weight_decay=0.0, foreach=False), torch.float32)
+    assert_close(ours, ref, pt, "params")
+
+
 def laid_out(value: torch.Tensor, layout: str) -> torch.Tensor:
     """`value` in a memory layout: "contiguous", "strided" (every other element
     of a wider tensor: not dense), "transposed" or "channels_last" (dense,

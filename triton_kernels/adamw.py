@@ -27,7 +27,7 @@ BLOCK = 1024
 
 @triton.jit
 def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, block_tensor, block_start,
-                  lr, lr_ptr, grad_scale_ptr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+                  lr, lr_ptr, grad_scale_ptr, beta1, beta2, log2_betas, eps, weight_decay,
                   P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -53,8 +53,11 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
     p = p * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
-    bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-    bias_correction2 = 1.0 - tl.exp2(step * log2_beta2)
+    # 1 - beta^t in float64: in float32, 1 - 0.999^2 = 0.001999 keeps about
+    # four correct digits, which the update then carries.
+    step64 = step.to(tl.float64)
+    bias_correction1 = (1.0 - tl.exp2(step64 * tl.load(log2_betas))).to(tl.float32)
+    bias_correction2 = (1.0 - tl.exp2(step64 * tl.load(log2_betas + 1))).to(tl.float32)
     if AMSGRAD:
         vmax_ptr = tl.load(vmax_tab + t).to(tl.pointer_type(tl.float32))
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
@@ -102,6 +105,21 @@ def _launch_tables(device, live, numels, *tensor_lists):
     return tables
 
 
+_LOG2_BETAS = collections.OrderedDict()  # (device, beta1, beta2) -> float64 device tensor, kept like _TABLES
+
+
+def _log2_betas(device, beta1, beta2):
+    """[log2 beta1, log2 beta2] in float64 on the device (Triton passes float
+    arguments as float32), made once per value, so a captured step copies nothing."""
+    key = (device, beta1, beta2)
+    if key not in _LOG2_BETAS:
+        _LOG2_BETAS[key] = torch.tensor([_log2(beta1), _log2(beta2)], dtype=torch.float64, device=device)
+        if len(_LOG2_BETAS) > _TABLES_KEPT:
+            _LOG2_BETAS.popitem(last=False)
+    _LOG2_BETAS.move_to_end(key)
+    return _LOG2_BETAS[key]
+
+
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale):
     """One AdamW step, in place, for tensors of one device and one dtype.
@@ -122,6 +140,6 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
             p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, steps.index_select(0, slots),
             block_tensor, block_start,
             float(lr), lr_tensor if lr_tensor is not None else steps, grad_scale if grad_scale is not None else steps,
-            beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
+            beta1, beta2, _log2_betas(params[0].device, beta1, beta2), eps, weight_decay,
             P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=BLOCK)

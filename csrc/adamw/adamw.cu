@@ -29,10 +29,13 @@ struct AdamWUpdate {
   __device__ AdamWUpdate(const AdamWHyper& h, float t) {
     const float lr = h.lr_ptr ? *h.lr_ptr : h.lr;
     inv_scale = h.grad_scale ? 1.0f / *h.grad_scale : 1.0f;
-    step_size = lr / (1.0f - powf(h.beta1, t));
-    inv_sqrt_bc2 = rsqrtf(1.0f - powf(h.beta2, t));
+    // 1 - beta^t in double: in float, 1 - 0.999^2 = 0.001999 keeps about four
+    // correct digits, which the update would carry. Once per block.
+    step_size = lr / static_cast<float>(1.0 - pow(h.beta1, double(t)));
+    inv_sqrt_bc2 = static_cast<float>(1.0 / sqrt(1.0 - pow(h.beta2, double(t))));
     decay = 1.0f - lr * h.weight_decay;
-    beta1 = h.beta1, beta2 = h.beta2, eps = h.eps, amsgrad = h.amsgrad, maximize = h.maximize;
+    beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
+    eps = h.eps, amsgrad = h.amsgrad, maximize = h.maximize;
   }
 
   // p, m, v (and vmax, amsgrad only) updated in place from the gradient g.

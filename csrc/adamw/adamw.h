@@ -31,7 +31,8 @@ struct AdamWHyper {
   float lr;
   const float* lr_ptr;      // read instead of lr when not null (capturable)
   const float* grad_scale;  // grads are divided by *grad_scale when not null
-  float beta1, beta2, eps, weight_decay;
+  double beta1, beta2;      // as given: 1 - beta^t is worked out in double
+  float eps, weight_decay;
   bool amsgrad, maximize;
 };
 

@@ -76,8 +76,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                          static_cast<float>(lr),
                          lr_tensor ? lr_tensor->data_ptr<float>() : nullptr,
                          grad_scale ? grad_scale->data_ptr<float>() : nullptr,
-                         static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-                         static_cast<float>(weight_decay), amsgrad, maximize};
+                         beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
+                         amsgrad, maximize};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adamw_step_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) adamw_step<cuda_t<scalar_t>>(list, hyper, stream);
