@@ -37,7 +37,7 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0):
     dtype = q.dtype
     with torch.autocast(q.device.type, enabled=False):  # its precision is its own, as a fused kernel's
         q, k, v = (t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in (q, k, v))
-        groups = q.shape[1] // k.shape[1]
+        groups = q.shape[1] // k.shape[1] if k.shape[1] else 1  # no heads at all: nothing to repeat
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         s = (q @ k.transpose(-2, -1)) * scale

@@ -118,6 +118,23 @@ def test_custom_scale(backend, deterministic, causal, scale):
                 scale)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 2, 2, 5, 7, 16), (1, 0, 0, 5, 7, 16), (1, 2, 1, 0, 7, 16),
+                                   (1, 2, 1, 5, 0, 16)], ids=str)
+def test_empty_inputs_give_torchs_empty_or_zero_results(backend, shape):
+    """No batch, no heads, no queries or no keys: torch's SDPA gives an empty
+    output, or zeros where no key is seen, and zero gradients; so do we."""
+    q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
+    for causal in (False, True):
+        out = pyext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend=backend)
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        assert out.shape == theirs.shape and torch.equal(out, torch.zeros_like(out))
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or not g.any() for g in grads)
+        out = pyext.flash_attention(q, k, v, causal=causal, backend=backend)
+        assert out.shape == q.shape and not out.any()
+
+
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 def test_transposed_bshd_views_need_no_copy_to_be_right(backend, deterministic):
     check_flash(backend, *qkv((2, 2, 1, 21, 18, 48), torch.bfloat16, device_for(backend), "bshd"), True,

@@ -432,7 +432,7 @@ def _prepare(q, k, v, causal):
     heads_k, seq_k = k.shape[1], k.shape[2]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
-    sizes = (seq_q, seq_k, heads_q, heads_q // heads_k)
+    sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal))
     buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
     return q, k, v, strides + sizes, sizes, meta, buckets

@@ -110,6 +110,13 @@ def torch_sdpa(*args, **kwargs):
         calling_torch_sdpa = False
 
 
+def _heads_fit(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """(B, H, S, D) inputs whose heads the kernels take: as many key as value
+    heads, and query heads a multiple of them (GQA/MQA)."""
+    hq, hk = q.shape[1], k.shape[1]
+    return hk == v.shape[1] and (hq % hk == 0 if hk else hq == 0)
+
+
 def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None):
     """Why `backend` cannot run this attention call, or None."""
     if backend == "torch":
@@ -125,8 +132,10 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return f"it needs 4-D (B, H, S, D) inputs, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         return "it needs the same batch size for query, key and value (no broadcasting)"
-    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+    if not _heads_fit(q, k, v):
         return "it needs as many key as value heads, and query heads a multiple of them (no broadcasting)"
+    if backend == "cuda" and k.shape[1] == 0:
+        return "the CUDA kernels need at least one key/value head"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
     d = q.shape[-1]
@@ -200,7 +209,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if not q.shape[0] == k.shape[0] == v.shape[0]:
         raise RuntimeError(f"flash_attention: batch sizes differ: query {q.shape[0]}, key {k.shape[0]}, "
                            f"value {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+    if not _heads_fit(q, k, v):
         raise RuntimeError(f"flash_attention: query heads {q.shape[1]} must be a multiple of key/value heads "
                            f"{k.shape[1]}/{v.shape[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
