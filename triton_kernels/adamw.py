@@ -78,46 +78,48 @@ def _log2(beta):
     return math.log2(beta) if beta > 0 else float("-inf")
 
 
+_KEPT = 64  # device tables kept per cache, the most recently used
+
+
+def _kept(cache: collections.OrderedDict, key, make):
+    """cache[key], made by make() on first use: tables built on the host and
+    copied once, so that a step captured in a CUDA graph (after a warm-up
+    step) copies nothing from the host."""
+    if key not in cache:
+        cache[key] = make()
+        if len(cache) > _KEPT:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
 _TABLES = collections.OrderedDict()  # launch tables by the tensors' addresses and sizes
-_TABLES_KEPT = 64
 
 
 def _launch_tables(device, live, numels, *tensor_lists):
     """Address tables (one per tensor list), sizes, the live tensors' slots, and
-    each program's tensor and offset: built on the host, copied in one transfer,
-    and kept, so that a step captured in a CUDA graph (after a warm-up step)
-    copies nothing from the host."""
+    each program's tensor and offset, copied to the device in one transfer."""
     addresses = tuple(tuple(tensors[i].data_ptr() for i in live) for tensors in tensor_lists)
-    key = (device, tuple(live), tuple(numels), addresses)
-    tables = _TABLES.get(key)
-    if tables is None:
+
+    def make():
         block_tensor = [t for t, n in enumerate(numels) for _ in range(triton.cdiv(n, BLOCK))]
         block_start = [b * BLOCK for n in numels for b in range(triton.cdiv(n, BLOCK))]
         host = torch.tensor([*addresses, numels, live], dtype=torch.int64)
         on_dev = torch.cat([host.flatten(), torch.tensor(block_tensor + block_start)]).to(device)
         rows = host.shape[0]
         tables = list(on_dev[:rows * len(live)].view(rows, len(live)).unbind(0))
-        tables += list(on_dev[rows * len(live):].view(2, -1).unbind(0))
-        _TABLES[key] = tables
-        if len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
-    _TABLES.move_to_end(key)
-    return tables
+        return tables + list(on_dev[rows * len(live):].view(2, -1).unbind(0))
+    return _kept(_TABLES, (device, tuple(live), tuple(numels), addresses), make)
 
 
-_LOG2_BETAS = collections.OrderedDict()  # (device, beta1, beta2) -> float64 device tensor, kept like _TABLES
+_LOG2_BETAS = collections.OrderedDict()  # (device, beta1, beta2) -> float64 device tensor
 
 
 def _log2_betas(device, beta1, beta2):
     """[log2 beta1, log2 beta2] in float64 on the device (Triton passes float
-    arguments as float32), made once per value, so a captured step copies nothing."""
-    key = (device, beta1, beta2)
-    if key not in _LOG2_BETAS:
-        _LOG2_BETAS[key] = torch.tensor([_log2(beta1), _log2(beta2)], dtype=torch.float64, device=device)
-        if len(_LOG2_BETAS) > _TABLES_KEPT:
-            _LOG2_BETAS.popitem(last=False)
-    _LOG2_BETAS.move_to_end(key)
-    return _LOG2_BETAS[key]
+    arguments as float32)."""
+    return _kept(_LOG2_BETAS, (device, beta1, beta2),
+                 lambda: torch.tensor([_log2(beta1), _log2(beta2)], dtype=torch.float64, device=device))
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
