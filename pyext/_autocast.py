@@ -37,6 +37,8 @@ def autocast_inputs(aten_op: str, *args):
     """args as torch's autocast would hand them to `aten_op` here: unchanged
     outside an autocast region and for anything not a castable tensor."""
     device_types, to_float32 = POLICY[aten_op]
+    if not any(torch.is_autocast_enabled(d) for d in device_types):
+        return args
     out = []
     for t in args:
         if (isinstance(t, Tensor) and t.device.type in device_types and torch.is_autocast_enabled(t.device.type)

@@ -27,13 +27,37 @@ def missing_reason(backend: str, table: dict, op: str):
 def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
     """Fake implementations and autograd for `<op>_fwd_<backend>` and
     `<op>_bwd_<backend>` of every kernel backend here; returns the forward
-    and backward ops by backend name."""
-    fwd, bwd = {}, {}
+    ops, the backward ops and the differentiable forwards for the public
+    functions (`differentiable_forward`), each by backend name."""
+    fwd, bwd, differentiable = {}, {}, {}
     for name in kernel_backends(f"{op}_fwd", f"{op}_bwd"):
         fwd[name] = getattr(torch.ops.pyext, f"{op}_fwd_{name}")
         bwd[name] = getattr(torch.ops.pyext, f"{op}_bwd_{name}")
         torch.library.register_fake(f"pyext::{op}_fwd_{name}")(fake_fwd)
         torch.library.register_fake(f"pyext::{op}_bwd_{name}")(fake_bwd)
-        torch.library.register_autograd(f"pyext::{op}_fwd_{name}", make_backward(bwd[name]),
-                                        setup_context=setup_context)
-    return fwd, bwd
+        backward = make_backward(bwd[name])
+        torch.library.register_autograd(f"pyext::{op}_fwd_{name}", backward, setup_context=setup_context)
+        differentiable[name] = differentiable_forward(fwd[name], setup_context, backward)
+    return fwd, bwd, differentiable
+
+
+def differentiable_forward(fwd_op, setup_context, backward):
+    """fwd_op with the autograd registered on it (the same setup_context and
+    backward), as an autograd.Function: what the public functions call, since
+    torch.library's generic autograd wrapper costs more host time per call
+    (it fills in the schema's defaults, walks the arguments, redispatches;
+    benchmarks/NOTES.md, "Host cost of a call"). Inside the Function grad
+    mode is off, so the op's own wrapper passes straight through; the op
+    keeps its autograd for direct callers."""
+    class Forward(torch.autograd.Function):
+        # forward takes ctx, rather than a separate setup_context staticmethod:
+        # with one, Function.apply binds the arguments through inspect.signature
+        # on every call (about 30 us).
+        @staticmethod
+        def forward(ctx, *args):
+            output = fwd_op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+    Forward.backward = staticmethod(backward)
+    return Forward.apply

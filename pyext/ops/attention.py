@@ -72,7 +72,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-FWD, BWD = register_stages("flash_attn", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
+FWD, BWD, _ = register_stages("flash_attn", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
 
 
 class _FlashAttention(torch.autograd.Function):

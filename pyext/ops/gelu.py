@@ -42,7 +42,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-FWD, BWD = register_stages("gelu", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
+FWD, BWD, DIFFERENTIABLE = register_stages("gelu", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
 
 
 def _why_not(backend: str, x: Tensor):
@@ -68,4 +68,4 @@ def gelu(x: Tensor, approximate: str = "none", *, backend=None) -> Tensor:
     name = _backend.select("gelu", backend, x.device, lambda b: _why_not(b, x))
     if name == "torch":
         return reference.gelu(x, approximate)
-    return FWD[name](x, approximate)
+    return DIFFERENTIABLE[name](x, approximate)

@@ -208,9 +208,9 @@ def _make_rms_backward(bwd_op):
     return backward
 
 
-LN_FWD, LN_BWD = register_stages("layer_norm", _fake_ln_fwd, _fake_ln_bwd, _ln_setup_context,
+_, _, LAYER_NORM = register_stages("layer_norm", _fake_ln_fwd, _fake_ln_bwd, _ln_setup_context,
                                  _make_ln_backward)
-RMS_FWD, RMS_BWD = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_setup_context,
+_, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_setup_context,
                                    _make_rms_backward)
 
 
@@ -218,7 +218,7 @@ RMS_FWD, RMS_BWD = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rm
 
 def _why_not(backend: str, x: Tensor, *params):
     reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None))
-              or missing_reason(backend, LN_FWD, "layer_norm"))
+              or missing_reason(backend, LAYER_NORM, "layer_norm"))
     if reason is not None or backend == "torch":
         return reason
     if x.dtype not in _KERNEL_DTYPES:
@@ -255,7 +255,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
     if name == "torch":
         return reference.layer_norm(x, shape, weight, bias, eps)
-    return LN_FWD[name](x, list(shape), weight, bias, float(eps))[0]
+    return LAYER_NORM[name](x, list(shape), weight, bias, float(eps))[0]
 
 
 def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
@@ -276,4 +276,4 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     if name == "torch":
         return reference.rms_norm(x, shape, weight, eps)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
-    return RMS_FWD[name](x, list(shape), weight, eps)[0]
+    return RMS_NORM[name](x, list(shape), weight, eps)[0]
