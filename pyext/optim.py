@@ -96,17 +96,27 @@ class AdamW(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
-            on_device = group["capturable"]
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+            # step on the parameter's device, where torch's fused AdamW keeps it:
+            # one launch increments every step and the kernel reads them in place.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            # a state_dict loaded from torch.optim.AdamW holds moments in p's dtype
-            if key in state and state[key].dtype != _moment_dtype(p):
-                state[key] = state[key].to(_moment_dtype(p))
         return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state_dict of this class or of torch.optim.AdamW, whose
+        moments are in the parameter's dtype (float32 here for float16/bfloat16
+        parameters) and whose step is on the CPU unless it is fused or
+        capturable (here on the parameter's device)."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(_moment_dtype(p))
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,8 +151,7 @@ class AdamW(torch.optim.Optimizer):
             return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
 
         steps = [s["step"] for s in states]
-        for s in steps:
-            s += 1
+        torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
@@ -155,7 +164,7 @@ class AdamW(torch.optim.Optimizer):
             reference.adamw_step(*args, steps, lr=lr, grad_scale=grad_scale, **kw)
             return
         staged = [[t.contiguous() for t in tensors] for tensors in args]
-        step_values = torch.stack([s.to(local[0].device) for s in steps])
+        step_values = torch.stack(steps)
         lr_value = 0.0 if lr_tensor is not None else float(lr)
         lr_arg = lr_tensor.to(device=local[0].device, dtype=torch.float32) if lr_tensor is not None else None
         scale_arg = grad_scale.to(torch.float32) if grad_scale is not None else None

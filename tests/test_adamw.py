@@ -193,6 +193,29 @@ def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend
     assert_close(flat(moved), flat(ref), flat(pt), "params")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_of_torch_half_parameters_loads_as_this_optimizer_keeps_it(backend):
+    """torch.optim.AdamW keeps bfloat16 moments for bfloat16 parameters and
+    (unfused) its step on the CPU; loaded here the moments are float32 and
+    the step a float32 tensor on the parameter's device, and it steps on as a
+    freshly made optimizer would from those values."""
+    device = device_for(backend)
+    params = [p.bfloat16() for p in make_params(torch.float32, device)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch_opt = torch.optim.AdamW(params, lr=1e-2, amsgrad=True, foreach=False)
+    torch_opt.step()
+    ours = pyext.optim.AdamW(params, lr=1e-2, amsgrad=True, backend=backend)
+    ours.load_state_dict(torch_opt.state_dict())
+    for p in params:
+        state = ours.state[p]
+        assert state["step"].device == p.device and state["step"].dtype == torch.float32
+        assert {state[k].dtype for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} == {torch.float32}
+        assert all(state[k].shape == p.shape for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    ours.step()
+    assert [float(ours.state[p]["step"]) for p in params] == [2.0] * len(params)
+
+
 def test_triton_steps_each_dtype_group_in_one_launch(monkeypatch):
     """Not a launch per tensor: one per (device, dtype) of a param group,
     however many tensors that holds."""
