@@ -167,6 +167,8 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
         raise RuntimeError(f"{op}: key length {k.shape[-2]} must equal value length {v.shape[-2]}")
     if not q.is_floating_point():
         raise RuntimeError(f"{op}: expected floating-point query, key and value, got {q.dtype}")
+    if q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+        return  # nothing to broadcast (torch.broadcast_shapes costs ~15 us of host time)
     try:
         kv = list(torch.broadcast_shapes(k.shape[:-2], v.shape[:-2]))
         if gqa and q.dim() >= 3 and kv and kv[-1] and q.shape[-3] % kv[-1] == 0:
