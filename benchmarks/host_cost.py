@@ -1,0 +1,93 @@
+"""python -m benchmarks.host_cost: the host time of pyext's Python path, on any machine.
+
+Every public call pays for checks, backend choice, autograd and the
+dispatcher before its kernel launches; at small sizes that host time, not
+the kernel, sets the speed. This measures it without a GPU: the CUDA ops
+get CPU bodies that only allocate their outputs (or, for the forwards, call
+torch's own function on tiny tensors), and pyext's functions are timed with
+backend="cuda" beside torch's on the same tiny tensors (best of 7 rounds).
+Needs the CUDA extension built (its ops registered), not a GPU. The figures
+are this machine's host times, not kernel times; benchmarks/NOTES.md
+("Host cost of a call") keeps them.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+import pyext
+from pyext import _backend
+
+
+def _cpu_bodies():
+    """CPU implementations of the CUDA ops: outputs of the right shapes, little work."""
+    def ln_fwd(x, shape, w, b, eps):
+        stat = x.new_zeros(x.shape[:x.dim() - len(shape)])
+        return F.layer_norm(x, shape, w, b, eps), stat, stat.clone()
+
+    def ln_bwd(g, x, mean, rstd, w, b, need_dw, need_db):
+        return (torch.empty_like(x), torch.empty_like(w) if need_dw else x.new_empty(0),
+                torch.empty_like(b) if need_db else x.new_empty(0))
+
+    def attn_fwd(q, k, v, scale, causal, offset):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    def attn_bwd(dout, q, k, v, out, lse, scale, causal, offset, deterministic):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    return {"layer_norm_fwd_cuda": ln_fwd, "layer_norm_bwd_cuda": ln_bwd,
+            "gelu_fwd_cuda": lambda x, approximate: F.gelu(x, approximate=approximate),
+            "gelu_bwd_cuda": lambda grad, x, approximate: torch.empty_like(x),
+            "flash_attn_fwd_cuda": attn_fwd, "flash_attn_bwd_cuda": attn_bwd,
+            "adamw_step_cuda": lambda *args: None}
+
+
+def best_us(f, calls: int, rounds: int = 7) -> float:
+    """Best of `rounds` of `calls` calls, in us per call."""
+    for _ in range(calls // 10):
+        f()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            f()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def main():
+    if not _backend.CUDA_BUILT:
+        raise SystemExit(f"needs the CUDA extension's ops: {_backend._CUDA_BUILD_NOTE}")
+    library = torch.library.Library("pyext", "IMPL")  # kept alive until the end of main
+    for op, body in _cpu_bodies().items():
+        library.impl(op, body, "CPU")
+    _backend.device_reason = lambda backend, *tensors: None  # CPU tensors may take backend="cuda" here
+
+    x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((4, 8), (8,), (8,)))
+    q, k, v = (torch.randn(1, 2, 4, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    calls = {  # name -> (torch's, ours)
+        "layer_norm": (lambda: F.layer_norm(x, (8,), w, b), lambda: pyext.layer_norm(x, (8,), w, b, backend="cuda")),
+        "gelu": (lambda: F.gelu(x), lambda: pyext.gelu(x, backend="cuda")),
+        "sdpa (causal)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          lambda: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")),
+    }
+    print("host time per call, us (tiny CPU tensors; the CUDA ops run CPU bodies)")
+    print(f"{'op':15s} {'fwd torch':>10s} {'fwd pyext':>10s} {'fwd+bwd torch':>14s} {'fwd+bwd pyext':>14s}")
+    for name, (theirs, ours) in calls.items():
+        row = [best_us(f, 2000) for f in (theirs, ours)]
+        row += [best_us(lambda f=f: f().sum().backward(), 1000) for f in (theirs, ours)]
+        print(f"{name:15s} {row[0]:10.1f} {row[1]:10.1f} {row[2]:14.1f} {row[3]:14.1f}")
+
+    def params():
+        ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(148)]  # GPT-2 small's tensor count
+        for p in ps:
+            p.grad = torch.randn(4)
+        return ps
+    ours = pyext.optim.AdamW(params(), backend="cuda")
+    theirs = torch.optim.AdamW(params(), fused=True)
+    print(f"AdamW step, 148 tensors: torch fused (its CPU kernel included) {best_us(theirs.step, 300) / 1e3:.3f} ms, "
+          f"pyext (kernel a no-op) {best_us(ours.step, 300) / 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
