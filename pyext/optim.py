@@ -43,11 +43,12 @@ def _check_lists(op: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
 def adamw_step_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                       exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor], steps: Tensor, lr: float,
                       lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
-                      amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor]) -> None:
+                      amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor],
+                      found_inf: Optional[Tensor]) -> None:
     from pyext.triton_kernels import adamw as kernels
     _check_lists("adamw_step_triton", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
     kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-                       beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale)
+                       beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf)
 
 
 STEP = {}
@@ -64,7 +65,8 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW with fused steps. `backend` (keyword only): "auto"
     (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
     "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
-    skipped, as torch's fused AdamW does (this reads found_inf on the host).
+    skipped, as torch's fused AdamW skips it: the kernels read found_inf on the device (no host
+    sync) and the step counts do not advance; the reference reads it on the host.
     The kernels step contiguous memory: a parameter, gradient or moment that
     is not contiguous (a strided view, a transposed or channels_last tensor)
     is stepped through a contiguous copy, written back after the launch."""
@@ -126,8 +128,6 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss
         for group in self.param_groups:
             groups = {}
             for p in group["params"]:
@@ -137,10 +137,11 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients")
                 groups.setdefault((p.device, p.dtype), []).append(p)
             for params in groups.values():
-                self._step_group(group, params, grad_scale)
+                self._step_group(group, params, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, group: dict, params: List[Tensor], grad_scale: Optional[Tensor]):
+    def _step_group(self, group: dict, params: List[Tensor], grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]):
         from torch.distributed.tensor import DTensor  # FSDP2 shards: step the local shards
         states = [self._init_state(p, group) for p in params]
         local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
@@ -151,7 +152,6 @@ class AdamW(torch.optim.Optimizer):
             return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
 
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
@@ -161,15 +161,22 @@ class AdamW(torch.optim.Optimizer):
                                lambda b: self._why_not(b, local + grads))
         args = (local, grads, moments("exp_avg"), moments("exp_avg_sq"), moments("max_exp_avg_sq"))
         if name == "torch":
-            reference.adamw_step(*args, steps, lr=lr, grad_scale=grad_scale, **kw)
+            if found_inf is None or not found_inf.item():
+                torch._foreach_add_(steps, 1)
+                reference.adamw_step(*args, steps, lr=lr, grad_scale=grad_scale, **kw)
             return
+        device = local[0].device
+        torch._foreach_add_(steps, 1)
+        found_arg = found_inf.to(device=device, dtype=torch.float32) if found_inf is not None else None
+        if found_arg is not None:  # a skipped step does not count, as in torch's fused AdamW
+            torch._foreach_sub_(steps, [found_arg] * len(steps))
         staged = [[t.contiguous() for t in tensors] for tensors in args]
         step_values = torch.stack(steps)
         lr_value = 0.0 if lr_tensor is not None else float(lr)
-        lr_arg = lr_tensor.to(device=local[0].device, dtype=torch.float32) if lr_tensor is not None else None
-        scale_arg = grad_scale.to(torch.float32) if grad_scale is not None else None
+        lr_arg = lr_tensor.to(device=device, dtype=torch.float32) if lr_tensor is not None else None
+        scale_arg = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else None
         STEP[name](*staged, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"], kw["eps"],
-                   kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg)
+                   kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg, found_arg)
         for k in (0, 2, 3, 4):  # params and moments written back; grads are only read
             for t, c in zip(args[k], staged[k]):
                 if c is not t:

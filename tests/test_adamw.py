@@ -152,10 +152,10 @@ def test_triton_op_refuses_tensors_it_cannot_step_as_flat_memory(layout):
     g, m, v = (torch.zeros(4, 6, device=device) for _ in range(3))
     with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
         torch.ops.pyext.adamw_step_triton([p], [g], [m], [v], [], torch.ones(1, device=device), 1e-3, None,
-                                          0.9, 0.999, 1e-8, 0.0, False, False, None)
+                                          0.9, 0.999, 1e-8, 0.0, False, False, None, None)
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be contiguous"):
         torch.ops.pyext.adamw_step_triton([g], [p], [m], [v], [], torch.ones(1, device=device), 1e-3, None,
-                                          0.9, 0.999, 1e-8, 0.0, False, False, None)
+                                          0.9, 0.999, 1e-8, 0.0, False, False, None, None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,8 +287,9 @@ def test_named_cuda_backend_on_cpu_tensors_says_why():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
     """torch.amp.GradScaler hands the optimizer its scale and found_inf: the
-    step with an inf gradient changes nothing, the others equal torch's AdamW
-    run on the unscaled gradients (reference: the same in float64)."""
+    step with an inf gradient changes nothing and is not counted, the others
+    equal torch's AdamW run on the unscaled gradients (reference: the same in
+    float64)."""
     device = device_for(backend)
     torch.manual_seed(0)
     start = torch.nn.Linear(8, 8).to(device)
@@ -306,12 +307,36 @@ def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
             scaler.step(opt)
             scaler.update()
             assert (i == 1) == all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert [float(opt.state[p]["step"]) for p in model.parameters()] == [len(inputs) - 1] * 2
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     ours = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend=backend), torch.float32)
     ref = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend="torch"), torch.float64)
     pt = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), torch.float32)
     assert_close(ours, ref, pt, "params")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_grad_scaler_step_does_not_wait_for_the_gpu(backend):
+    """With GradScaler the kernels read found_inf on the device, as torch's
+    fused AdamW does: no step synchronises the host with the GPU, skipped
+    (an inf gradient) or not."""
+    model = torch.nn.Linear(64, 64, device="cuda")
+    opt, scaler = pyext.optim.AdamW(model.parameters(), backend=backend), torch.amp.GradScaler("cuda")
+    x = torch.randn(8, 64, device="cuda")
+    for i in range(3):  # the first step makes the state and the launch tables
+        opt.zero_grad()
+        scaler.scale(model(x).square().sum()).backward()
+        if i == 2:
+            model.weight.grad[0, 0] = float("inf")
+        torch.cuda.set_sync_debug_mode("error" if i else "default")
+        try:
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+    assert [float(opt.state[p]["step"]) for p in model.parameters()] == [2.0, 2.0]
 
 
 @pytest.mark.gpu
@@ -338,12 +363,16 @@ def test_capturable_step_replays_in_a_cuda_graph(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_opcheck(backend):
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck(backend, scaler):
     device = device_for(backend)
     params = [torch.randn(s, device=device) for s in [(5,), (3, 4)]]
+    grad_scale, found_inf = (torch.full((1,), 2.0, device=device), torch.zeros(1, device=device)) if scaler \
+        else (None, None)
     args = (params, [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params],
             [torch.rand_like(p) for p in params], [torch.rand_like(p) for p in params],
-            torch.tensor([3.0, 3.0], device=device), 1e-2, None, 0.9, 0.99, 1e-8, 0.1, True, False, None)
+            torch.tensor([3.0, 3.0], device=device), 1e-2, None, 0.9, 0.99, 1e-8, 0.1, True, False,
+            grad_scale, found_inf)
     torch.library.opcheck(getattr(torch.ops.pyext, f"adamw_step_{backend}"), args)
 
 

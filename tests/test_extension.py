@@ -35,7 +35,7 @@ CUDA_OPS = {
     "adamw_step_cuda": ("pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor steps, float lr, "
                         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-                        "bool amsgrad, bool maximize, Tensor? grad_scale) -> ()"),
+                        "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"),
 }
 
 
@@ -84,7 +84,7 @@ BAD_CALLS = {
     "flash_attention": ("flash_attn_fwd_cuda", "(x[None, None].half(), x[None].half(), x[None].half(), "
                         "1.0, False, 0)", "4-D"),
     "adamw": ("adamw_step_cuda", "([x], [x[:, :3].contiguous()], [x], [x], [], x.new_ones(1), 1e-3, None, "
-              "0.9, 0.999, 1e-8, 0.0, False, False, None)", "elements"),
+              "0.9, 0.999, 1e-8, 0.0, False, False, None, None)", "elements"),
 }
 
 

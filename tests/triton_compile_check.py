@@ -124,8 +124,9 @@ def exercise_launchers():
     for dtype, amsgrad, capturable in ((torch.float32, False, False), (torch.bfloat16, True, True)):
         ps = [torch.randn(5, dtype=dtype), torch.randn(3, 2, dtype=dtype)]
         ms = [torch.zeros(p.shape) for p in ps]
+        scaler = torch.ones(1) if capturable else None  # as grad_scale and as found_inf
         adamw.adamw_step(ps, ps, ms, ms, ms, torch.ones(2), 1e-3, torch.ones(()) if capturable else None,
-                         0.9, 0.999, 1e-8, 0.01, amsgrad, False, torch.ones(1) if capturable else None)
+                         0.9, 0.999, 1e-8, 0.01, amsgrad, False, scaler, scaler)
 
 
 def main():

@@ -27,13 +27,17 @@ BLOCK = 1024
 
 @triton.jit
 def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, block_tensor, block_start,
-                  lr, lr_ptr, grad_scale_ptr, beta1, beta2, log2_betas, eps, weight_decay,
+                  lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, beta2, log2_betas, eps, weight_decay,
                   P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                  LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numel_tab + t)
+    numel = tl.load(numel_tab + t)
+    if HAS_FOUND_INF:  # GradScaler saw an inf or NaN: no element is read or written
+        numel = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
+    mask = offs < numel
     p_ptr = tl.load(p_tab + t).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(g_tab + t).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(m_tab + t).to(tl.pointer_type(tl.float32))
@@ -105,7 +109,10 @@ def _launch_tables(device, live, numels, *tensor_lists):
         block_tensor = [t for t, n in enumerate(numels) for _ in range(triton.cdiv(n, BLOCK))]
         block_start = [b * BLOCK for n in numels for b in range(triton.cdiv(n, BLOCK))]
         host = torch.tensor([*addresses, numels, live], dtype=torch.int64)
-        on_dev = torch.cat([host.flatten(), torch.tensor(block_tensor + block_start)]).to(device)
+        both = torch.cat([host.flatten(), torch.tensor(block_tensor + block_start)])
+        if device.type == "cuda":  # from pinned memory the copy does not make the host wait for the GPU
+            both = both.pin_memory()
+        on_dev = both.to(device, non_blocking=True)
         rows = host.shape[0]
         tables = list(on_dev[:rows * len(live)].view(rows, len(live)).unbind(0))
         return tables + list(on_dev[rows * len(live):].view(2, -1).unbind(0))
@@ -123,12 +130,14 @@ def _log2_betas(device, beta1, beta2):
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-               beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale):
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
     """One AdamW step, in place, for tensors of one device and one dtype.
 
     steps: float32 tensor (len(params),) on the device, already incremented.
     lr_tensor: a 0-d device tensor read by the kernel (capturable), else lr.
     grad_scale: a 1-element device tensor the grads are divided by, or None.
+    found_inf: a 1-element device tensor, or None: when it is not 0 the step
+    changes nothing (GradScaler's skipped step, decided on the device).
     """
     live = [i for i, p in enumerate(params) if p.numel()]
     if not live:
@@ -141,7 +150,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
         _adamw_kernel[(block_tensor.numel(),)](
             p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, steps.index_select(0, slots),
             block_tensor, block_start,
-            float(lr), lr_tensor if lr_tensor is not None else steps, grad_scale if grad_scale is not None else steps,
+            float(lr), *(t if t is not None else steps for t in (lr_tensor, grad_scale, found_inf)),  # steps: unread
             beta1, beta2, _log2_betas(params[0].device, beta1, beta2), eps, weight_decay,
             P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-            LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None, BLOCK=BLOCK)
+            LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)

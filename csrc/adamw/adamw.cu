@@ -89,6 +89,7 @@ __device__ __forceinline__ void adamw_range(const AdamWUpdate& update, T* param,
 // all of an unaligned tensor, one at a time.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWLaunch args, AdamWHyper h) {
+  if (h.found_inf && *h.found_inf != 0.0f) return;  // decided on the device: no host sync
   const int slot = args.block_tensor[blockIdx.x];
   const int64_t begin = int64_t(args.block_chunk[blockIdx.x]) * kAdamWChunk;
   const int64_t end = min(begin + kAdamWChunk, args.numel[slot]);

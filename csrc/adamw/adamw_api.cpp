@@ -35,7 +35,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const at::Tensor& steps,
                      double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                      double eps, double weight_decay, bool amsgrad, bool maximize,
-                     const std::optional<at::Tensor>& grad_scale) {
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   TORCH_CHECK(params[0].is_cuda(), "adamw_step_cuda: params must be CUDA tensors, got ", params[0].device());
   const auto dtype = params[0].scalar_type();
@@ -50,10 +50,11 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                   steps.is_contiguous() && steps.numel() == static_cast<int64_t>(params.size()),
               "adamw_step_cuda: steps must be a contiguous float32 tensor of ", params.size(),
               " elements on ", params[0].device());
-  for (const auto* opt : {&lr_tensor, &grad_scale}) {
+  for (const auto* opt : {&lr_tensor, &grad_scale, &found_inf}) {
     TORCH_CHECK(!opt->has_value() || ((*opt)->device() == params[0].device() &&
                                       (*opt)->scalar_type() == at::kFloat && (*opt)->numel() == 1),
-                "adamw_step_cuda: lr_tensor and grad_scale must be one float32 element on ", params[0].device());
+                "adamw_step_cuda: lr_tensor, grad_scale and found_inf must be one float32 element on ",
+                params[0].device());
   }
 
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -76,6 +77,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                          static_cast<float>(lr),
                          lr_tensor ? lr_tensor->data_ptr<float>() : nullptr,
                          grad_scale ? grad_scale->data_ptr<float>() : nullptr,
+                         found_inf ? found_inf->data_ptr<float>() : nullptr,
                          beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
                          amsgrad, maximize};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -91,7 +93,7 @@ TORCH_LIBRARY_FRAGMENT(pyext, m) {
   m.def("adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor steps, float lr, "
         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-        "bool maximize, Tensor? grad_scale) -> ()");
+        "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyext, CUDA, m) {
