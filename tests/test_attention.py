@@ -1,5 +1,4 @@
 """pyext.flash_attention and pyext.scaled_dot_product_attention: the specification."""
-import math
 
 import pytest
 import torch
