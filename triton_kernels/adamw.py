@@ -97,26 +97,37 @@ def _kept(cache: collections.OrderedDict, key, make):
     return cache[key]
 
 
-_TABLES = collections.OrderedDict()  # launch tables by the tensors' addresses and sizes
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """host copied to device; from pinned memory, so the host does not wait for the GPU."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
-def _launch_tables(device, live, numels, *tensor_lists):
-    """Address tables (one per tensor list), sizes, the live tensors' slots, and
-    each program's tensor and offset, copied to the device in one transfer."""
-    addresses = tuple(tuple(tensors[i].data_ptr() for i in live) for tensors in tensor_lists)
+_BLOCKS = collections.OrderedDict()  # per-program tables by the tensors' sizes
+_ADDRESSES = collections.OrderedDict()  # address tables by the tensors' addresses
 
+
+def _block_tables(device, live, numels):
+    """The live tensors' sizes and slots, and each program's tensor and offset
+    in it. Built with tensor ops (GPT-2 small's 124M parameters are 121k
+    programs) and kept by sizes, which stay the same from step to step."""
     def make():
-        block_tensor = [t for t, n in enumerate(numels) for _ in range(triton.cdiv(n, BLOCK))]
-        block_start = [b * BLOCK for n in numels for b in range(triton.cdiv(n, BLOCK))]
-        host = torch.tensor([*addresses, numels, live], dtype=torch.int64)
-        both = torch.cat([host.flatten(), torch.tensor(block_tensor + block_start)])
-        if device.type == "cuda":  # from pinned memory the copy does not make the host wait for the GPU
-            both = both.pin_memory()
-        on_dev = both.to(device, non_blocking=True)
-        rows = host.shape[0]
-        tables = list(on_dev[:rows * len(live)].view(rows, len(live)).unbind(0))
-        return tables + list(on_dev[rows * len(live):].view(2, -1).unbind(0))
-    return _kept(_TABLES, (device, tuple(live), tuple(numels), addresses), make)
+        blocks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels])
+        block_tensor = torch.repeat_interleave(torch.arange(len(numels)), blocks)
+        first_block = torch.cumsum(blocks, 0) - blocks
+        block_start = (torch.arange(block_tensor.numel()) - first_block[block_tensor]) * BLOCK
+        both = torch.cat([torch.tensor(numels), torch.tensor(live), block_tensor, block_start])
+        return _to_device(both, device).split([len(live), len(live), block_tensor.numel(), block_tensor.numel()])
+    return _kept(_BLOCKS, (device, tuple(live), tuple(numels)), make)
+
+
+def _address_tables(device, live, *tensor_lists):
+    """One table of the live tensors' addresses per list, kept by addresses:
+    gradients set to None and made again each step may come back elsewhere."""
+    addresses = tuple(tuple(tensors[i].data_ptr() for i in live) for tensors in tensor_lists)
+    return _kept(_ADDRESSES, (device, addresses),
+                 lambda: _to_device(torch.tensor(addresses, dtype=torch.int64), device).unbind(0))
 
 
 _LOG2_BETAS = collections.OrderedDict()  # (device, beta1, beta2) -> float64 device tensor
@@ -143,15 +154,16 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
     if not live:
         return
     numels = [params[i].numel() for i in live]
-    p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, slots, block_tensor, block_start = _launch_tables(
-        params[0].device, live, numels, params, grads, exp_avgs, exp_avg_sqs,
-        max_exp_avg_sqs if amsgrad else exp_avgs)
+    device = params[0].device
+    numel_tab, slots, block_tensor, block_start = _block_tables(device, live, numels)
+    p_tab, g_tab, m_tab, v_tab, vmax_tab = _address_tables(
+        device, live, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else exp_avgs)
     with on_device(params[0]):
         _adamw_kernel[(block_tensor.numel(),)](
             p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, steps.index_select(0, slots),
             block_tensor, block_start,
             float(lr), *(t if t is not None else steps for t in (lr_tensor, grad_scale, found_inf)),  # steps: unread
-            beta1, beta2, _log2_betas(params[0].device, beta1, beta2), eps, weight_decay,
+            beta1, beta2, _log2_betas(device, beta1, beta2), eps, weight_decay,
             P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)
