@@ -209,9 +209,9 @@ def _make_rms_backward(bwd_op):
 
 
 _, _, LAYER_NORM = register_stages("layer_norm", _fake_ln_fwd, _fake_ln_bwd, _ln_setup_context,
-                                 _make_ln_backward)
+                                   _make_ln_backward)
 _, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_setup_context,
-                                   _make_rms_backward)
+                                 _make_rms_backward)
 
 
 # ------------------------------------------------------------ public API
