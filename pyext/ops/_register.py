@@ -49,15 +49,15 @@ def differentiable_forward(fwd_op, setup_context, backward):
     benchmarks/NOTES.md, "Host cost of a call"). Inside the Function grad
     mode is off, so the op's own wrapper passes straight through; the op
     keeps its autograd for direct callers."""
-    class Forward(torch.autograd.Function):
-        # forward takes ctx, rather than a separate setup_context staticmethod:
-        # with one, Function.apply binds the arguments through inspect.signature
-        # on every call (about 30 us).
-        @staticmethod
-        def forward(ctx, *args):
-            output = fwd_op(*args)
-            setup_context(ctx, args, output)
-            return output
+    # forward takes ctx, rather than a separate setup_context staticmethod: with
+    # one, Function.apply binds the arguments through inspect.signature on every
+    # call (about 30 us).
+    def forward(ctx, *args):
+        output = fwd_op(*args)
+        setup_context(ctx, args, output)
+        return output
 
-    Forward.backward = staticmethod(backward)
-    return Forward.apply
+    # named after the op, so a graph's grad_fn says which kernel ran (e.g. layer_norm_fwd_cudaBackward)
+    function = type(fwd_op.__name__, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return function.apply
