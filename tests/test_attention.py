@@ -140,6 +140,23 @@ def test_transposed_bshd_views_need_no_copy_to_be_right(backend, deterministic):
                 deterministic)
 
 
+@pytest.mark.parametrize("layout", ["qkv_split", "bshd", "contiguous"])
+def test_triton_output_keeps_the_query_memory_order_as_torch_flash_does(layout):
+    """As with torch's flash SDPA, out of a query in (B, S, H, D) memory is in
+    (B, S, H, D) memory too, so a model's out.transpose(1, 2).contiguous()
+    copies nothing; its gradient, in that order, goes to the backward
+    uncopied (check_flash's dout, randn_like(out), is in out's order)."""
+    b, h, s, d = 2, 3, 10, 16
+    if layout == "qkv_split":  # nanoGPT: one Linear's (B, S, 3 H D) output split and viewed per head
+        q, k, v = (t.view(b, s, h, d).transpose(1, 2)
+                   for t in make_tensor((b, s, 3 * h * d), torch.bfloat16, device_for("triton")).split(h * d, -1))
+    else:
+        q, k, v = qkv((b, h, h, s, s, d), torch.bfloat16, device_for("triton"), layout)
+    out = pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    bshd = out.transpose(1, 2).is_contiguous()
+    assert out.is_contiguous() != bshd and bshd == (layout != "contiguous")
+
+
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 def test_rows_that_see_no_key_are_zero(backend, deterministic):
     q, k, v = qkv((1, 2, 2, 20, 6, 32), torch.bfloat16, device_for(backend))
@@ -406,8 +423,10 @@ def test_sdpa_without_enable_gqa_refuses_fewer_key_heads_like_torch():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck(backend):
-    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for(backend))
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+def test_opcheck(backend, layout):
+    # (B, S, H, D) views: the fake implementation must give out the strides the kernel gives it
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for(backend), layout)
     fwd = getattr(torch.ops.pyext, f"flash_attn_fwd_{backend}")
     bwd = getattr(torch.ops.pyext, f"flash_attn_bwd_{backend}")
     torch.library.opcheck(fwd, (q, k, v, 0.25, True, 3))

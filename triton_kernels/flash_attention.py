@@ -2,8 +2,10 @@
 
 Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D), Hq a multiple of Hkv (query
 head h reads key head h // (Hq / Hkv): GQA/MQA with no copies). Any strides
-with a unit last stride. out (B, Hq, Sq, D) contiguous; lse (B, Hq, Sq) fp32,
-natural log. Causal: key j is visible to query i iff j <= i + causal_offset
+with a unit last stride, dout's too. out (B, Hq, Sq, D) in q's memory order
+(as torch's flash SDPA: for q a (B, S, H, D) view, out is one too, so the
+caller's out.transpose(1, 2).contiguous() copies nothing); lse (B, Hq, Sq)
+fp32, natural log. Causal: key j is visible to query i iff j <= i + causal_offset
 (0: top-left, as torch's SDPA; Sk - Sq: bottom-right, as FlashAttention).
 A row that sees no key gets out = 0, lse = -inf and zero gradients.
 
@@ -163,7 +165,7 @@ def _finish(m_i, l_i, acc):
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                seq_q, seq_k, heads_q, group, qk_scale, causal_offset,
+                seq_q, seq_k, heads_q, group, sob, soh, som, qk_scale, causal_offset,
                 SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -188,10 +190,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                                 causal_offset, CAUSAL)
 
     out, lse = _finish(m_i, l_i, acc)
-    row = bh * seq_q + offs_m
-    tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], round_to(out, out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(lse_ptr + row, lse, mask=offs_m < seq_q)
+    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+             round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
 @triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
@@ -232,16 +233,17 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
 
 
 @triton.jit
-def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, rows,
+def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm, seq_q, heads_q,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O), over contiguous (rows, HEAD_DIM) out and dout."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """delta = rowsum(dO * O) of one block of query rows of one (batch, head),
+    into a contiguous (B, Hq, Sq) delta."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // heads_q, bh % heads_q
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-    idx = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(out_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(dout_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
+    o = _load_tile(out_ptr + b * sob + h * soh, offs_m, som, offs_d, seq_q, HEAD_DIM).to(tl.float32)
+    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM).to(tl.float32)
+    tl.store(delta_ptr + bh * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -254,7 +256,7 @@ def _load_lse2(lse_ptr, row, mask):
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                   seq_q, seq_k, heads_q, group, qk_scale, scale, causal_offset,
+                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm, qk_scale, scale, causal_offset,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -282,7 +284,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = bh * seq_q + offs_m
-            do = _load_tile(dout_ptr + bh * seq_q * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_q, HEAD_DIM)
+            do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
             lse2 = _load_lse2(lse_ptr, row, offs_m < seq_q)
             delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
             # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
@@ -313,7 +315,7 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                   seq_q, seq_k, heads_q, group, qk_scale, scale, causal_offset,
+                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm, qk_scale, scale, causal_offset,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -328,7 +330,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     q_mask = (offs_m[:, None] < seq_q) & d_ok[None, :]
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     row = bh * seq_q + offs_m
-    do = _load_tile(dout_ptr + bh * seq_q * HEAD_DIM, offs_m, HEAD_DIM, offs_d, seq_q, HEAD_DIM)
+    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
     lse2 = _load_lse2(lse_ptr, row, offs_m < seq_q)
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
     k_base = k_ptr + b * skb + hk * skh
@@ -442,7 +444,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests)."""
     q, k, v, args, sizes, meta, buckets = _prepare(q, k, v, causal)
     batch, heads_q, seq_q, head_dim = q.shape
-    out = torch.empty((batch, heads_q, seq_q, head_dim), dtype=q.dtype, device=q.device) if out is None else out
+    out = torch.empty_like(q) if out is None else out  # q's memory order (see the module docstring)
     lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device) if lse is None else lse
     if out.numel() == 0:
         return out, lse
@@ -454,7 +456,8 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, *args, scale * LOG2E, causal_offset, *buckets, **meta)
+            _fwd_kernel[grid](q, k, v, out, lse, *args, *out.stride()[:3], scale * LOG2E, causal_offset,
+                              *buckets, **meta)
     return out, lse
 
 
@@ -468,20 +471,20 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     q, k, v, args, _, meta, buckets = _prepare(q, k, v, causal)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
-    dout, out = dout.contiguous(), out.contiguous()
+    dout, out = _unit_last_stride(dout), _unit_last_stride(out)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    rows = batch * heads_q * seq_q
-    delta = torch.empty(rows, dtype=torch.float32, device=q.device)
-    tail = (scale * LOG2E, scale, causal_offset, *buckets)
+    delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    tail = (*dout.stride()[:3], scale * LOG2E, scale, causal_offset, *buckets)
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * heads_k)  # noqa: E731
     with on_device(q):
         block = 16 if _INTERPRET else 64
-        _bwd_delta_kernel[(triton.cdiv(rows, block),)](out, dout, delta, rows, HEAD_DIM=head_dim,
-                                                       BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
+        _bwd_delta_kernel[(triton.cdiv(seq_q, block), batch * heads_q)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], seq_q, heads_q, HEAD_DIM=head_dim,
+            BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, *args, *tail,

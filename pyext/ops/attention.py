@@ -46,9 +46,16 @@ def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic)
 
 
-def _fake_fwd(q, k, v, scale, causal, causal_offset):
+def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
     b, h, s, d = q.shape
     return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _fake_fwd_triton(q, k, v, scale, causal, causal_offset):
+    """out in q's memory order, as the Triton launcher makes it."""
+    b, h, s, d = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
 
 def _fake_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
@@ -67,12 +74,13 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.args, ctx.deterministic)
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
         return dq, dk, dv, None, None, None
     return backward
 
 
-FWD, BWD, _ = register_stages("flash_attn", _fake_fwd, _fake_bwd, _setup_context, _make_backward)
+FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton}, _fake_bwd,
+                              _setup_context, _make_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
