@@ -126,7 +126,10 @@ def test_empty_inputs_give_torchs_empty_or_zero_results(backend, shape):
     q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
     for causal in (False, True):
         out = pyext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend=backend)
-        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        if shape[1] == 0 and torch.__version__ < "2.14":  # torch 2.11's SDPA dies of SIGFPE on no heads
+            theirs = torch.empty(q.shape, dtype=q.dtype)
+        else:
+            theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         assert out.shape == theirs.shape and torch.equal(out, torch.zeros_like(out))
         grads = torch.autograd.grad(out.float().sum(), (q, k, v), allow_unused=True)
         assert all(g is None or not g.any() for g in grads)

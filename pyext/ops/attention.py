@@ -255,6 +255,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     name = _backend.select("scaled_dot_product_attention", backend, query.device,
                            lambda b: _why_not(b, query, key, value, extra), AUTO_ORDER)
     if name == "torch":
+        if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
+            # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
+            # at least). The plain products give its empty result, in the graph.
+            return (query @ key.transpose(-2, -1)).softmax(-1) @ value
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
