@@ -160,6 +160,20 @@ def test_triton_output_keeps_the_query_memory_order_as_torch_flash_does(layout):
     assert out.is_contiguous() != bshd and bshd == (layout != "contiguous")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_batch_times_heads_may_pass_65535(deterministic):
+    """The Triton grids are (blocks, heads, batch): 33,000 x 2 (query heads and
+    key heads) passes a 2-D grid's y limit of 65535 and runs right."""
+    check_flash("triton", *qkv((33000, 2, 2, 5, 7, 64), torch.bfloat16, "cuda"), True, deterministic)
+
+
+def test_triton_names_its_grid_limit():
+    q = torch.zeros(65536, 1, 1, 8, dtype=torch.bfloat16, device=device_for("triton"))
+    with pytest.raises(pyext.BackendUnavailable, match="65535"):
+        pyext.flash_attention(q, q, q, backend="triton")
+
+
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 def test_rows_that_see_no_key_are_zero(backend, deterministic):
     q, k, v = qkv((1, 2, 2, 20, 6, 32), torch.bfloat16, device_for(backend))

@@ -170,8 +170,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // heads_q, bh % heads_q
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
+    bh = b * heads_q + h
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -210,8 +210,8 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
     no masks, and no address arithmetic per element. Box coordinates are int32
     (what TMA takes); only the lse pointer needs int64 offsets."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // heads_q, bh % heads_q
+    h, b = tl.program_id(1), tl.program_id(2)
+    bh = b * heads_q + h
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -238,8 +238,8 @@ def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm
     """delta = rowsum(dO * O) of one block of query rows of one (batch, head),
     into a contiguous (B, Hq, Sq) delta."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // heads_q, bh % heads_q
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
+    bh = b * heads_q + h
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(out_ptr + b * sob + h * soh, offs_m, som, offs_d, seq_q, HEAD_DIM).to(tl.float32)
     do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM).to(tl.float32)
@@ -264,9 +264,8 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
-    heads_k = heads_q // group
-    b, hk = bhk // heads_k, bhk % heads_k
+    hk, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (key blocks, key heads, batch)
+    bhk = b * (heads_q // group) + hk
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -321,8 +320,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // heads_q, bh % heads_q
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
+    bh = b * heads_q + h
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -450,7 +449,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         return out, lse
     if k.shape[2] == 0:  # no keys at all: every row sees none
         return out.zero_(), lse.fill_(float("-inf"))
-    grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), batch * heads_q)  # noqa: E731
+    grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
         if forward_loads(q, k, v, out) == "descriptor":
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
@@ -479,10 +478,10 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
     tail = (*dout.stride()[:3], scale * LOG2E, scale, causal_offset, *buckets)
-    grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * heads_k)  # noqa: E731
+    grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     with on_device(q):
         block = 16 if _INTERPRET else 64
-        _bwd_delta_kernel[(triton.cdiv(seq_q, block), batch * heads_q)](
+        _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], seq_q, heads_q, HEAD_DIM=head_dim,
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
@@ -491,6 +490,6 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
                                          ATOMIC_DQ=True, **meta)
             return torch.mul(dq_acc, scale, out=dq), dk, dv
         _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, *args, *tail, ATOMIC_DQ=False, **meta)
-        grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * heads_q)  # noqa: E731
+        grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
         _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, *args, *tail, **meta)
     return dq, dk, dv
