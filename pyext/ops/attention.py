@@ -199,7 +199,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     sees key j iff j <= i + Sk - Sq (rows that see no key give 0). k and v may
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
-    carries no gradient.
+    carries no gradient. The Triton backend gives out in q's memory order, as
+    torch's flash SDPA does (for q a (B, S, H, D) view, out is one too); the
+    CUDA backend gives it contiguous.
     deterministic=False: the Triton backward adds dQ up with fp32 atomics in
     one pass (faster; dQ's last bits vary run to run). deterministic=True: it
     computes dQ in a second pass instead, giving the same bits run to run.
