@@ -148,16 +148,20 @@ def test_triton_output_keeps_the_query_memory_order_as_torch_flash_does(layout):
     """As with torch's flash SDPA, out of a query in (B, S, H, D) memory is in
     (B, S, H, D) memory too, so a model's out.transpose(1, 2).contiguous()
     copies nothing; its gradient, in that order, goes to the backward
-    uncopied (check_flash's dout, randn_like(out), is in out's order)."""
+    uncopied (check_flash's dout, randn_like(out), is in out's order), and
+    dq, dk, dv come back in their inputs' order, so a model's reshape of them
+    to (B, S, H D) is a view."""
     b, h, s, d = 2, 3, 10, 16
     if layout == "qkv_split":  # nanoGPT: one Linear's (B, S, 3 H D) output split and viewed per head
-        q, k, v = (t.view(b, s, h, d).transpose(1, 2)
-                   for t in make_tensor((b, s, 3 * h * d), torch.bfloat16, device_for("triton")).split(h * d, -1))
+        qkv_out = make_tensor((b, s, 3 * h * d), torch.bfloat16, device_for("triton"))
+        q, k, v = (t.view(b, s, h, d).transpose(1, 2).requires_grad_() for t in qkv_out.split(h * d, -1))
     else:
         q, k, v = qkv((b, h, h, s, s, d), torch.bfloat16, device_for("triton"), layout)
     out = pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
     bshd = out.transpose(1, 2).is_contiguous()
     assert out.is_contiguous() != bshd and bshd == (layout != "contiguous")
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(g.transpose(1, 2).is_contiguous() == bshd for g in grads)
 
 
 @pytest.mark.gpu

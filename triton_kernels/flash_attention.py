@@ -256,7 +256,8 @@ def _load_lse2(lse_ptr, row, mask):
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm, qk_scale, scale, causal_offset,
+                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -265,7 +266,6 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
     hk, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (key blocks, key heads, batch)
-    bhk = b * (heads_q // group) + hk
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -298,9 +298,10 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                 tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dot(tl.trans(ds_t), k),
                               mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
     out_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
-    idx = (bhk * seq_k + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + idx, round_to(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + idx, round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dk_ptr + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+             round_to(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+             round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
 
 
 _BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]
@@ -314,7 +315,7 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm, qk_scale, scale, causal_offset,
+                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm, sdqb, sdqh, sdqm, qk_scale, scale, causal_offset,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -345,8 +346,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
         dp = dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += dot(round_to(ds, k.dtype), k)
-    tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], round_to(dq * scale, dq_ptr.dtype.element_ty),
-             mask=q_mask)
+    tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 LOADS_ENV = "PYEXT_TRITON_ATTN_LOADS"
@@ -471,13 +472,16 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     dout, out = _unit_last_stride(dout), _unit_last_stride(out)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    # each gradient in its input's memory order, as torch's flash SDPA gives them: for
+    # q, k, v viewed per head from one (B, S, 3 H D) projection, no copy before their sum
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    tail = (*dout.stride()[:3], scale * LOG2E, scale, causal_offset, *buckets)
+    tail = (scale * LOG2E, scale, causal_offset, *buckets)
+    dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     with on_device(q):
         block = 16 if _INTERPRET else 64
@@ -486,10 +490,11 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, *args, *tail,
-                                         ATOMIC_DQ=True, **meta)
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, *args, *dout_strides,
+                                         *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True, **meta)
             return torch.mul(dq_acc, scale, out=dq), dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, *args, *tail, ATOMIC_DQ=False, **meta)
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, *args, *dout_strides,
+                                  *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, *args, *tail, **meta)
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, *args, *dout_strides, *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv

@@ -28,15 +28,17 @@ def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
     """Fake implementations and autograd for `<op>_fwd_<backend>` and
     `<op>_bwd_<backend>` of every kernel backend here; returns the forward
     ops, the backward ops and the differentiable forwards for the public
-    functions (`differentiable_forward`), each by backend name. fake_fwd may
-    be a dict by backend name, for backends whose outputs differ in layout."""
+    functions (`differentiable_forward`), each by backend name. fake_fwd and
+    fake_bwd may be dicts by backend name, for backends whose outputs differ
+    in layout."""
     fwd, bwd, differentiable = {}, {}, {}
     for name in kernel_backends(f"{op}_fwd", f"{op}_bwd"):
         fwd[name] = getattr(torch.ops.pyext, f"{op}_fwd_{name}")
         bwd[name] = getattr(torch.ops.pyext, f"{op}_bwd_{name}")
         torch.library.register_fake(f"pyext::{op}_fwd_{name}")(
             fake_fwd[name] if isinstance(fake_fwd, dict) else fake_fwd)
-        torch.library.register_fake(f"pyext::{op}_bwd_{name}")(fake_bwd)
+        torch.library.register_fake(f"pyext::{op}_bwd_{name}")(
+            fake_bwd[name] if isinstance(fake_bwd, dict) else fake_bwd)
         backward = make_backward(bwd[name])
         torch.library.register_autograd(f"pyext::{op}_fwd_{name}", backward, setup_context=setup_context)
         differentiable[name] = differentiable_forward(fwd[name], setup_context, backward)

@@ -58,8 +58,13 @@ def _fake_fwd_triton(q, k, v, scale, causal, causal_offset):
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
 
-def _fake_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
+def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fake_bwd_triton(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
+    """Each gradient in its input's memory order, as the Triton launcher makes them."""
+    return tuple(torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,8 +84,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton}, _fake_bwd,
-                              _setup_context, _make_backward)
+FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
+                              {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
