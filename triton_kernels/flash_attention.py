@@ -486,7 +486,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     with on_device(q):
         block = 16 if _INTERPRET else 64
         _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], seq_q, heads_q, HEAD_DIM=head_dim,
+            out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, HEAD_DIM=head_dim,
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
