@@ -57,18 +57,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         from pyext.ops.attention import scaled_dot_product_attention
+        self_attention = query is key is value
         if not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
         batch, heads = query.shape[0], self.num_heads
 
-        def split_heads(t):  # (B, S, E) -> (B, H, S, E / H)
+        def split_heads(t):  # (B, S, E) -> (B, H, S, E / H), a view
             return t.view(batch, t.shape[1], heads, self.head_dim).transpose(1, 2)
 
-        q = split_heads(F.linear(query, w_q, b_q))
-        k = split_heads(F.linear(key, w_k, b_k))
-        v = split_heads(F.linear(value, w_v, b_v))
+        if self_attention:  # one packed projection, as torch's own forward does
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
         out = scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            backend=self.backend)
         out = F.linear(out.transpose(1, 2).reshape(batch, -1, self.embed_dim),

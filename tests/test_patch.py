@@ -183,14 +183,17 @@ def test_attention_routing_is_scoped_to_the_model(pyext_sdpa_calls):
 def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
     calls = pyext_sdpa_calls
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=False)
-    x = torch.randn(5, 3, 16)
-    expected, _ = mha(x, x, x, need_weights=False)
+    x, memory = torch.randn(5, 3, 16), torch.randn(7, 3, 16)
+    expected, _ = mha(x, x, x, need_weights=False)  # self-attention: one packed projection
+    expected_cross, _ = mha(x, memory, memory, need_weights=False)  # three projections
     pyext.patch(mha, backend="torch")
     got, weights = mha(x, x, x, need_weights=False)
     assert calls == [1] and weights is None
     torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(mha(x, memory, memory, need_weights=False)[0], expected_cross)
+    assert calls == [1, 1]
     mha(x, x, x, need_weights=True)  # weights asked for: torch's own path
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_the_gelu_function_of_a_transformer_layer_is_swapped_and_restored():
