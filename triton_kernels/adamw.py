@@ -137,7 +137,7 @@ def _log2_betas(device, beta1, beta2):
     """[log2 beta1, log2 beta2] in float64 on the device (Triton passes float
     arguments as float32)."""
     return _kept(_LOG2_BETAS, (device, beta1, beta2),
-                 lambda: torch.tensor([_log2(beta1), _log2(beta2)], dtype=torch.float64, device=device))
+                 lambda: _to_device(torch.tensor([_log2(beta1), _log2(beta2)], dtype=torch.float64), device))
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
