@@ -9,6 +9,10 @@ pointer loads forced, the Ampere path, so that one run compares the two.
 pyext-triton's backward adds dQ up with atomics (flash_attention's default);
 pyext-triton-det times the deterministic=True backward (dK/dV, then dQ in a
 second kernel) beside it.
+Model-layout cases (causal, "bshd" in the label and dtype key) time what a
+transformer block pays: q, k, v are (B, H, S, D) views of one packed
+(B, S, 3, H, D) projection, and the output goes on as (B, S, H * D), so each
+provider's layout copies, in and out and in the backward, are in its time.
 """
 import torch
 import torch.nn.functional as F
@@ -65,35 +69,60 @@ def _triton_deterministic(causal, why_not_triton):
 
 
 def _grid(quick: bool, dtypes):
-    """(seqlen, head dim) pairs; each gives four cases (causal or not, fwd and bwd)."""
+    """(seqlen, head dim, model layout?, causal flags); each flag gives a
+    forward and a backward case."""
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32)]
-    return [(s, d) for s in (SEQLENS_QUICK if quick else SEQLENS) for d in ((128,) if quick else (64, 128))]
+        return [(64, 32, False, (False, True)), (64, 32, True, (True,))]
+    seqlens = SEQLENS_QUICK if quick else SEQLENS
+    head_dims = (128,) if quick else (64, 128)
+    standard = [(s, d, False, (False, True)) for s in seqlens for d in head_dims]
+    return standard + [(s, d, True, (True,)) for s in seqlens[:1 if quick else None] for d in head_dims]
 
 
 def count(quick: bool, dtypes) -> int:
-    return 4 * len(_grid(quick, dtypes))
+    return sum(2 * len(causals) for *_, causals in _grid(quick, dtypes))
+
+
+def _in_model_layout(fn):
+    """fn as a GPT block calls it: q, k, v split from one packed (B, S, 3, H, D)
+    projection, the output reshaped to (B, S, H * D) for the next linear."""
+    def run(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return fn(q, k, v).transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+    return run
+
+
+def _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype):
+    """The inputs to time over, the output gradient, and how a provider's
+    (q, k, v) function is called on those inputs."""
+    if not model_layout:
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        return [q, k, v], torch.randn_like(q), lambda fn: fn
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn(batch, seqlen, heads * head_dim, device=device, dtype=dtype)
+    return [qkv], dout, _in_model_layout
 
 
 def cases(quick: bool, dtypes):
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
     device = "cuda" if HAS_GPU else "cpu"
     ours = our_backends()
-    for seqlen, head_dim in _grid(quick, dtypes):
+    for seqlen, head_dim, model_layout, causals in _grid(quick, dtypes):
         heads = HIDDEN // head_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
-        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        dout = torch.randn_like(q)
-        for causal in (False, True):
+        inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype)
+        for causal in causals:
             fns = {f"pyext-{b}": (lambda b_: lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal,
                                                                                     backend=b_))(b)
                    for b in ("cuda", "triton")}
             fns.update({name: _sdpa(backend, causal) for name, backend in SDPA.items()})
             fns["flash-attn"] = _flash_attn_package(causal)
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+            options = ("-causal" if causal else "") + ("-bshd" if model_layout else "")
+            label = f"S={seqlen} D={head_dim}{options.replace('-', ' ')}"
             for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
                 providers = {}
                 for name, fn in fns.items():
@@ -104,13 +133,14 @@ def cases(quick: bool, dtypes):
                     elif name == "sdpa-math" and seqlen > MATH_MAX_SEQLEN:
                         providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
                     else:
-                        providers[name] = autograd_callable(fn, [q, k, v], direction, dout)
+                        providers[name] = autograd_callable(wrap(fn), inputs, direction, dout)
                 # each variant of ours only where it differs from pyext-triton: the
                 # pointer loads in the forward, the deterministic dQ in the backward
                 variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
                                ("pyext-triton-det", _triton_deterministic))
                 fn = fn(causal, ours["pyext-triton"])
-                providers[variant] = fn if isinstance(fn, str) else autograd_callable(fn, [q, k, v], direction, dout)
-                yield Case(op="attention", label=f"S={seqlen} D={head_dim}{' causal' if causal else ''}",
-                           size=seqlen, dtype=f"{str(dtype).split('.')[1]}-d{head_dim}{'-causal' if causal else ''}",
+                providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
+                                                                                       dout)
+                yield Case(op="attention", label=label, size=seqlen,
+                           dtype=f"{str(dtype).split('.')[1]}-d{head_dim}{options}",
                            direction=direction, bytes=0, flops=factor * flops, providers=providers)

@@ -206,17 +206,17 @@ def _minutes(seconds: float) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    head = f"{'op':<12}{'case':<28}{'dtype':<20}{'dir':<8}{'provider':<16}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}"
+    head = f"{'op':<12}{'case':<28}{'dtype':<26}{'dir':<8}{'provider':<16}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<20}{r['direction']:<8}{r['provider']:<16}"
+            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
                          f"  skipped: {r['skipped'][:60]}")
             continue
         def fmt(key, spec):
             return format(r[key], spec) if key in r else "-"
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
-        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<20}{r['direction']:<8}{r['provider']:<16}"
+        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
                      f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
                      f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}")
     return "\n".join(lines)
@@ -255,7 +255,7 @@ def compare(old_rows: List[dict], rows: List[dict], threshold: float = 0.05) -> 
             continue
         change = r["ms"] / before - 1
         flag = "  REGRESSION" if change > threshold else ""
-        lines.append(f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<20}{r['direction']:<8}{r['provider']:<16}"
+        lines.append(f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
                      f"{before:9.4f} -> {r['ms']:9.4f} ms {100 * change:+6.1f}%{flag}")
     return lines
 
