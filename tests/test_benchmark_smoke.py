@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import pyext
 from conftest import HAS_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,7 @@ def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
     (path,) = glob.glob(str(tmp_path / "train_gpt-*.json"))
     assert glob.glob(str(tmp_path / "train_gpt-*.png"))
     runs = json.load(open(path))["runs"]
-    assert set(runs) == {"eager", "pyext", "compile", "pyext+compile"}
+    assert set(runs) == {"eager", "pyext", "compile", "pyext+compile", "pyext-attn+compile"}
     assert all(len(r["losses"]) == 3 and r["tokens_per_s"] > 0 for r in runs.values())
 
 
@@ -79,6 +80,18 @@ def test_train_gpt_fails_when_a_loss_curve_leaves_bf16_noise(tmp_path, monkeypat
     monkeypatch.setattr(train_gpt, "train", patched_run_drifts)
     assert train_gpt.main(["--steps", "3", "--no-compile", "--out", str(tmp_path)]) == 1
     assert "FAIL: loss curves of ['pyext']" in capsys.readouterr().err
+
+
+def test_train_gpt_attention_only_run_leaves_norms_and_gelu_to_torch():
+    # "pyext-attn+compile" asks whether Inductor's own fusions of LayerNorm and
+    # GELU beat our kernels in a compiled model: only attention and AdamW swapped.
+    from benchmarks import train_gpt
+    model, opt = train_gpt.build(train_gpt.TINY, torch.device("cpu"), patched=True, norms=False)
+    report = pyext.patch_report(model)
+    assert not report.swapped and report.attention != "not routed"
+    assert all(type(m) in (torch.nn.LayerNorm, torch.nn.GELU) for m in model.modules()
+               if isinstance(m, (torch.nn.LayerNorm, torch.nn.GELU)))
+    assert isinstance(opt, pyext.optim.AdamW)
 
 
 def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
