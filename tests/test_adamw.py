@@ -235,6 +235,53 @@ def test_triton_steps_each_dtype_group_in_one_launch(monkeypatch):
     assert len(launches) == 2
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "under-a-dispatch-mode"])
+def test_triton_step_bumps_the_version_of_what_it_writes(traced):
+    """Eager, the optimizer calls the Triton op's body without the op's
+    dispatch (its cost per tensor); it must still tell autograd what changed,
+    and under a dispatch mode (a tracer, a FLOP counter) go through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenOps(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+    device = device_for("triton")
+    params = [torch.nn.Parameter(torch.randn(5, device=device)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = pyext.optim.AdamW(params, amsgrad=True, backend="triton")
+    opt.step()
+    written = params + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+    versions = [t._version for t in written]
+    grad_versions = [p.grad._version for p in params]
+    if traced:
+        with SeenOps():
+            opt.step()
+        assert torch.ops.pyext.adamw_step_triton.default in SeenOps.ops
+    else:
+        opt.step()
+    assert all(t._version > v for t, v in zip(written, versions))
+    assert [p.grad._version for p in params] == grad_versions
+
+
+@pytest.mark.parametrize("wrong", ["moment dtype", "moment size", "grad dtype"])
+def test_triton_op_names_the_tensor_it_refuses(wrong):
+    device = device_for("triton")
+    p, g, m, v = (torch.zeros(4, 6, device=device) for _ in range(4))
+    if wrong == "moment dtype":
+        v, match = v.half(), r"exp_avg_sqs\[0\] must be torch.float32"
+    elif wrong == "moment size":
+        m, match = torch.zeros(25, device=device), r"exp_avgs\[0\] must be contiguous with params\[0\]'s 24"
+    else:
+        g, match = g.bfloat16(), r"grads\[0\] must be torch.float32 on .*, got torch.bfloat16"
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.pyext.adamw_step_triton([p], [g], [m], [v], [], torch.ones(1, device=device), 1e-3, None,
+                                          0.9, 0.999, 1e-8, 0.0, False, False, None, None)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1.0), "learning rate"), (dict(eps=-1e-8), "epsilon"), (dict(betas=(1.0, 0.9)), "index 0"),
     (dict(betas=(0.9, -0.1)), "index 1"), (dict(weight_decay=-0.1), "weight_decay"),
