@@ -1,10 +1,11 @@
 """AdamW step cases: a GPT-2-medium-like parameter list (~355M fp32 parameters
 in ~290 tensors) and a ~1B one. Bytes: 28 per fp32 parameter (read p, g, m, v;
-write p, m, v). Peers: torch.optim.AdamW for-loop, foreach and fused."""
+write p, m, v). Peers: torch.optim.AdamW for-loop, foreach and fused, and
+Apex's FusedAdam in AdamW mode when Apex is installed."""
 import torch
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, our_backends
+from benchmarks.harness import HAS_GPU, Case, optional_peer, our_backends
 
 
 def gpt_shapes(layers, dim, vocab=50257, seq=1024):
@@ -44,17 +45,28 @@ def cases(quick: bool, dtypes):
             "torch-forloop": lambda: torch.optim.AdamW(params, foreach=False),
             "torch-foreach": lambda: torch.optim.AdamW(params, foreach=True),
             "torch-fused": lambda: torch.optim.AdamW(params, fused=True),
+            "apex": _apex_adamw(params),
         }
         providers = {}
         for name, make in makers.items():
             if ours.get(name):
                 providers[name] = ours[name]
+            elif isinstance(make, str):
+                providers[name] = make
             elif name == "torch-fused" and not HAS_GPU and not _fused_on_cpu():
                 providers[name] = "fused AdamW needs a GPU in this torch"
             else:
                 providers[name] = _stepper(make)
         yield Case(op="adamw", label=f"{label} {len(params)} tensors {n / 1e6:.0f}M", size=n, dtype="float32",
                    direction="step", bytes=28 * n, flops=0, providers=providers)
+
+
+def _apex_adamw(params):
+    """A maker of Apex's FusedAdam with torch.optim.AdamW's defaults, or why it is skipped."""
+    optimizers = optional_peer("apex.optimizers")
+    if isinstance(optimizers, str):
+        return optimizers
+    return lambda: optimizers.FusedAdam(params, lr=1e-3, weight_decay=1e-2, adam_w_mode=True)
 
 
 def _stepper(make):

@@ -9,6 +9,8 @@ the weight, statistics fp32):
   fwd+bwd   the sum of the two.
 Floor = bytes / measured copy bandwidth. The partial sums of dw/db that our
 two-stage reduction writes and reads back are not counted: they are overhead.
+Peers: torch eager, torch.compile, and Liger-Kernel's and Apex's fused norms
+when those are installed.
 """
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,7 @@ def _cases(rms: bool, quick: bool, dtypes):
         "torch": torch_fn,
         "torch.compile": compiled,
         "liger": _liger(rms),
+        "apex": _apex(rms),
     }
     for dtype in dtypes:
         for rows, hidden in shapes:
@@ -108,6 +111,16 @@ def _liger(rms: bool):
     if rms:
         return lambda x, w, b: ops.LigerRMSNormFunction.apply(x, w, torch.finfo(torch.float32).eps)
     return lambda x, w, b: ops.LigerLayerNormFunction.apply(x, w, b, 1e-5)
+
+
+def _apex(rms: bool):
+    """Apex's fused CUDA norm, when installed, or why it is skipped."""
+    apex = optional_peer("apex.normalization.fused_layer_norm")
+    if isinstance(apex, str):
+        return apex
+    if rms:
+        return lambda x, w, b: apex.fused_rms_norm_affine(x, w, x.shape[-1:], torch.finfo(torch.float32).eps)
+    return lambda x, w, b: apex.fused_layer_norm_affine(x, w, b, x.shape[-1:], 1e-5)
 
 
 def layer_norm_cases(quick: bool, dtypes):
