@@ -78,7 +78,7 @@ def _eager_step(name: str, staged: List[List[Tensor]]):
 
     def step(*args):
         _adamw_step_triton(*args)
-        torch.autograd.graph.increment_version([t for k in (0, 2, 3, 4) for t in staged[k]])
+        torch.autograd.graph.increment_version([t for k in (0, 2, 3, 4) for t in args[k]])  # not the grads
     return step
 
 
@@ -201,7 +201,7 @@ class AdamW(torch.optim.Optimizer):
         lr_arg = lr_tensor.to(device=device, dtype=torch.float32) if lr_tensor is not None else None
         scale_arg = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else None
         _eager_step(name, staged)(*staged, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"], kw["eps"],
-                   kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg, found_arg)
+                                  kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg, found_arg)
         for k in (0, 2, 3, 4):  # params and moments written back; grads are only read
             for t, c in zip(args[k], staged[k]):
                 if c is not t:
