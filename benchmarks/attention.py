@@ -24,6 +24,9 @@ from benchmarks.harness import HAS_GPU, Case, autograd_callable, optional_peer, 
 TOKENS, HIDDEN = 16384, 2048
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 SEQLENS_QUICK = [1024, 4096]
+# Model-layout cases where a layout copy weighs most beside the kernel (its
+# bytes grow with S, the FLOPs with S^2): GPT-2-like contexts.
+SEQLENS_MODEL, SEQLENS_MODEL_QUICK = [512, 1024, 2048], [1024]
 MATH_MAX_SEQLEN = 2048  # the math backend materialises B*H*S*S scores
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
@@ -78,7 +81,8 @@ def _grid(quick: bool, dtypes):
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
     standard = [(s, d, False, (False, True)) for s in seqlens for d in head_dims]
-    return standard + [(s, d, True, (True,)) for s in seqlens[:1 if quick else None] for d in head_dims]
+    model = [(s, d, True, (True,)) for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
+    return standard + model
 
 
 def count(quick: bool, dtypes) -> int:

@@ -7,11 +7,12 @@ Trains the same model from the same initial weights on the same batches
 torch.optim.AdamW(fused=True); patched with pyext.patch and pyext.optim.AdamW;
 torch.compile of each; and, compiled, patched for attention and AdamW only,
 leaving LayerNorm and GELU to Inductor's fusions ("pyext-attn+compile"),
-which says whether our norm kernels help or hinder a compiled model. Reports tokens/s (after warm-up steps), peak
-memory, and the loss curves (JSON and a plot), and fails loudly when the
-patched curve leaves bf16 noise: its gap to the plain bf16 curve must stay
-within twice the gap between plain bf16 and plain fp32 training, plus a small
-floor (the tolerance rule of the tests, applied to a training run).
+which says whether our norm kernels help or hinder a compiled model. Reports
+tokens/s (after warm-up steps), peak memory, and the loss curves (JSON and a
+plot), and fails loudly when a patched curve leaves bf16 noise: its gap to
+the plain bf16 curve must stay within twice the gap between plain bf16 and
+plain fp32 training, plus a small floor (the tolerance rule of the tests,
+applied to a training run).
 Without a GPU it trains a tiny model for a few steps and says its timings
 mean nothing.
 """
