@@ -15,8 +15,9 @@
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" (with the SDPA mask function, so causal
   masking is kept) and selected on the model; GPT-2's, BERT's and Llama's own
-  activation and RMSNorm modules are replaced by pyext modules sharing their
-  parameters.
+  activation and RMSNorm modules (and the RMSNorm of any model whose forward
+  is Llama's: Mistral, Qwen2/3, Phi-3, ...) are replaced by pyext modules
+  sharing their parameters.
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply: an attention mask (an HF
   model given a padding attention_mask), dropout, float32 outside autocast.
@@ -96,6 +97,29 @@ def _hf_module_swaps():
     return swaps
 
 
+def _hf_swap(cls, swaps):
+    """The (flag, factory) of an HF module class, or None. Besides the classes
+    named in `swaps`, any RMSNorm class whose forward is LlamaRMSNorm's, the
+    same bytecode reading the same attributes (weight, variance_epsilon):
+    the many models whose code copies it (Mistral, Qwen2 and 3, Phi-3, ...)."""
+    if cls in swaps:
+        return swaps[cls]
+    if cls.__name__.endswith("RMSNorm"):
+        try:
+            from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        except ImportError:
+            return None
+        if _same_code(cls.forward, LlamaRMSNorm.forward):
+            return swaps[LlamaRMSNorm]
+    return None
+
+
+def _same_code(f, g) -> bool:
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
+            and a.co_names == b.co_names and a.co_varnames == b.co_varnames)
+
+
 def _gelu_module(approximate, old, backend):
     if approximate == "none" and getattr(old, "act", F.gelu) is not F.gelu:
         return None  # a GELUActivation built on another function: not ours to change
@@ -169,8 +193,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             module.backend = backend
             module._pyext_original_class = cls
             report.swapped.append((path, cls.__name__, f"pyext.nn.{new_cls.__name__}"))
-        elif cls in hf_swaps:
-            flag, make = hf_swaps[cls]
+        elif (hf_swap := _hf_swap(cls, hf_swaps)) is not None:
+            flag, make = hf_swap
             new = make(module, backend) if enabled[flag] else None
             if new is None:
                 why = f"{flag}=False" if not enabled[flag] else "not a function pyext implements"

@@ -31,6 +31,10 @@ def hf_model(kind):
         cfg = tf.LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
         return tf.LlamaForCausalLM(cfg)
+    if kind == "qwen2":  # its own RMSNorm class, a copy of Llama's; biases on q, k, v
+        cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                             hidden_size=32, intermediate_size=64, vocab_size=64)
+        return tf.Qwen2ForCausalLM(cfg)
     cfg = tf.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=32, intermediate_size=64,
                         vocab_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return tf.BertForMaskedLM(cfg)
@@ -49,7 +53,7 @@ def loss_of(model, kind, device, dtype):
     return model(input_ids=ids, labels=ids).loss
 
 
-KINDS = ["nanogpt", "encoder", "gpt2", "llama", "bert"]
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert"]
 
 
 def build(kind):
@@ -118,7 +122,7 @@ def test_state_dict_and_parameters_are_untouched(kind):
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
-ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "bert": 1}
+ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1}
 
 
 @pytest.fixture
@@ -140,7 +144,7 @@ def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
     expected = loss_of(model, kind, "cpu", torch.float32)
     assert pyext_sdpa_calls == []
     pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
-    if kind in ("gpt2", "llama", "bert"):
+    if kind in ("gpt2", "llama", "qwen2", "bert"):
         assert model.config._attn_implementation == "pyext"
     loss_of(model, kind, "cpu", torch.float32)
     assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]
@@ -221,3 +225,16 @@ def test_a_model_with_nothing_to_swap_says_so(capsys):
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     pyext.patch(model, attention=False, verbose=True)
     assert "nothing to swap" in capsys.readouterr().out
+
+
+def test_hf_rms_norms_are_swapped_where_they_compute_as_llamas_only():
+    pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # x / rms * (1 + weight)
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # a copy of LlamaRMSNorm
+    model = torch.nn.ModuleDict({"qwen2": Qwen2RMSNorm(8, eps=1e-5), "gemma": GemmaRMSNorm(8)})
+    weight = model["qwen2"].weight
+    pyext.patch(model, attention=False)
+    report = pyext.patch_report(model)
+    assert [(path, new) for path, _, new in report.swapped] == [("qwen2", "pyext.nn.RMSNorm")]
+    assert [(path, why) for path, _, why in report.left] == [("gemma", "no pyext equivalent")]
+    assert model["qwen2"].weight is weight and model["qwen2"].eps == 1e-5
