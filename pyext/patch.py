@@ -84,7 +84,9 @@ def _hf_module_swaps():
     except ImportError:
         return {}
     swaps = {}
-    for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUActivation"):
+    # the tanh approximation, however each class writes it, and the exact (erf) GELU
+    for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation",
+                 "AccurateGELUActivation", "GELUActivation"):
         cls = getattr(activations, name, None)
         if cls is not None:
             approx = "none" if name == "GELUActivation" else "tanh"

@@ -238,3 +238,15 @@ def test_hf_rms_norms_are_swapped_where_they_compute_as_llamas_only():
     assert [(path, new) for path, _, new in report.swapped] == [("qwen2", "pyext.nn.RMSNorm")]
     assert [(path, why) for path, _, why in report.left] == [("gemma", "no pyext equivalent")]
     assert model["qwen2"].weight is weight and model["qwen2"].eps == 1e-5
+
+
+@pytest.mark.parametrize("name", ["FastGELUActivation", "AccurateGELUActivation", "NewGELUActivation"])
+def test_hf_tanh_gelu_classes_become_pyext_tanh_gelu(name):
+    pytest.importorskip("transformers")
+    from transformers import activations
+    model = torch.nn.ModuleDict({"act": getattr(activations, name)()})
+    x = torch.randn(4, 33, dtype=torch.float64)
+    expected = model["act"](x)
+    pyext.patch(model, attention=False, backend="torch")
+    assert type(model["act"]) is pyext.nn.GELU and model["act"].approximate == "tanh"
+    torch.testing.assert_close(model["act"](x), expected, rtol=1e-10, atol=1e-12)
