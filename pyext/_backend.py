@@ -121,6 +121,9 @@ def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
     """
     if backend == "torch":
         return None
+    odd = next((t for t in tensors if t.is_nested or t.layout != torch.strided), None)
+    if odd is not None:  # the kernels index dense strided memory
+        return f"it takes dense strided tensors, got a {'nested' if odd.is_nested else str(odd.layout)} tensor"
     if backend == "cuda":
         if not CUDA_BUILT:
             return _CUDA_BUILD_NOTE

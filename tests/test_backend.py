@@ -54,3 +54,44 @@ def test_environment_variable_sets_the_default():
     env["PYEXT_BACKEND"] = "bogus"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "backend" in out.stderr
+
+
+def _jagged(*tail, dtype=torch.float32):
+    """A (2, j, *tail) nested tensor with rows of 3 and 5."""
+    device = "cuda" if HAS_GPU else "cpu"
+    return torch.nested.nested_tensor([torch.randn(n, *tail, dtype=dtype, device=device) for n in (3, 5)],
+                                      layout=torch.jagged)
+
+
+# op -> (pyext call, torch's call, input); attention as (B, H, j, D)
+NESTED = {
+    "gelu": (pyext.gelu, torch.nn.functional.gelu, lambda: _jagged(8)),
+    "layer_norm": (lambda x, **kw: pyext.layer_norm(x, (8,), **kw),
+                   lambda x: torch.nn.functional.layer_norm(x, (8,)), lambda: _jagged(8)),
+    "rms_norm": (lambda x, **kw: pyext.rms_norm(x, (8,), **kw),
+                 lambda x: torch.nn.functional.rms_norm(x, (8,)), lambda: _jagged(8)),
+    "scaled_dot_product_attention": (
+        lambda x, **kw: pyext.scaled_dot_product_attention(x, x, x, **kw),
+        lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x),
+        lambda: _jagged(2, 16, dtype=torch.bfloat16).transpose(1, 2)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NESTED))
+def test_nested_tensors_go_to_torch_and_named_kernel_backends_refuse_them(op):
+    """The kernels index dense strided memory: a nested (ragged) input is
+    torch's work under auto, and a clear refusal from a named kernel backend,
+    not a dispatch error from inside an op."""
+    ours, theirs, make = NESTED[op]
+    x = make()
+    for got, want in zip(ours(x).unbind(), theirs(x).unbind()):
+        torch.testing.assert_close(got, want)
+    for backend in ("cuda", "triton"):
+        with pytest.raises(pyext.BackendUnavailable, match="dense strided tensors, got a nested tensor"):
+            ours(x, backend=backend)
+
+
+def test_flash_attention_refuses_nested_tensors_by_name():
+    x = _jagged(2, 16, dtype=torch.bfloat16).transpose(1, 2)
+    with pytest.raises(RuntimeError, match=r"nested .*scaled_dot_product_attention takes them"):
+        pyext.flash_attention(x, x, x)

@@ -220,6 +220,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     region's dtype).
     """
     q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
+    if any(isinstance(t, Tensor) and t.is_nested for t in (q, k, v)):
+        raise RuntimeError("flash_attention: nested (ragged) tensors are not supported; "
+                           "pyext.scaled_dot_product_attention takes them (through torch's SDPA)")
     _check_qkv("flash_attention", q, k, v, gqa=True)
     if not q.dim() == k.dim() == v.dim() == 4:
         raise RuntimeError(f"flash_attention: expected 4-D (B, H, S, D) query, key and value, got "
