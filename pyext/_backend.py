@@ -114,6 +114,29 @@ def available_backends() -> dict:
     }
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _tensor_kind_reason(tensors) -> Optional[str]:
+    """Why the kernels, which index dense strided memory, cannot take one of
+    these tensors, or None. A DTensor (tensor parallelism's activations) has
+    no sharding rule for our ops; torch's own op has one."""
+    for t in tensors:
+        if t.is_nested or t.layout != torch.strided:
+            return f"it takes dense strided tensors, got a {'nested' if t.is_nested else str(t.layout)} tensor"
+        if type(t) not in _PLAIN and _is_dtensor(t):
+            return "it takes local tensors, got a DTensor (torch's own op knows its sharding)"
+    return None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
     """Why `backend` cannot take these tensors at all, or None.
 
@@ -121,9 +144,9 @@ def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
     """
     if backend == "torch":
         return None
-    odd = next((t for t in tensors if t.is_nested or t.layout != torch.strided), None)
-    if odd is not None:  # the kernels index dense strided memory
-        return f"it takes dense strided tensors, got a {'nested' if odd.is_nested else str(odd.layout)} tensor"
+    reason = _tensor_kind_reason(tensors)
+    if reason is not None:
+        return reason
     if backend == "cuda":
         if not CUDA_BUILT:
             return _CUDA_BUILD_NOTE

@@ -95,3 +95,24 @@ def test_flash_attention_refuses_nested_tensors_by_name():
     x = _jagged(2, 16, dtype=torch.bfloat16).transpose(1, 2)
     with pytest.raises(RuntimeError, match=r"nested .*scaled_dot_product_attention takes them"):
         pyext.flash_attention(x, x, x)
+
+
+def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
+    """Tensor parallelism's activations: torch's op has a sharding rule, ours
+    have none, so auto leaves a DTensor to torch and a named backend says so.
+    On CPU (one gloo process): the DTensor reason comes before any device
+    check, which is what makes auto pass CUDA DTensors over too."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        x = distribute_tensor(torch.randn(4, 8), init_device_mesh("cpu", (1,)), [Shard(0)])
+        y = pyext.layer_norm(x, (8,))
+        assert isinstance(y, DTensor)
+        torch.testing.assert_close(y.full_tensor(), torch.nn.functional.layer_norm(x.full_tensor(), (8,)))
+        for backend in ("cuda", "triton"):
+            with pytest.raises(pyext.BackendUnavailable, match="got a DTensor"):
+                pyext.gelu(x, backend=backend)
+    finally:
+        dist.destroy_process_group()
