@@ -174,6 +174,12 @@ def select(op: str, backend: Optional[str], device: torch.device,
     auto_order: the kernel backends "auto" tries, in order, before torch.
     """
     name = _check_name(backend) if backend is not None else _default
+    if name != "torch" and torch._C._are_functorch_transforms_active():
+        # the kernels' autograd.Functions have no functorch rules (setup_context, vmap)
+        if name == "auto":
+            return "torch"
+        raise BackendUnavailable(f"pyext.{op}: backend '{name}' cannot run this call: torch.func transforms "
+                                 "(vmap, grad, jacrev, ...) are active, and the kernels do not support them")
     if name == "auto":
         if device.type != "cuda":
             return "torch"

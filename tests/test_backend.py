@@ -116,3 +116,33 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
                 pyext.gelu(x, backend=backend)
     finally:
         dist.destroy_process_group()
+
+
+TRANSFORMED = {
+    "gelu": (lambda t, **kw: pyext.gelu(t, **kw), lambda t: torch.nn.functional.gelu(t)),
+    "layer_norm": (lambda t, **kw: pyext.layer_norm(t, (8,), **kw),
+                   lambda t: torch.nn.functional.layer_norm(t, (8,))),
+    "scaled_dot_product_attention": (
+        lambda t, **kw: pyext.scaled_dot_product_attention(t, t, t, is_causal=True, **kw),
+        lambda t: torch.nn.functional.scaled_dot_product_attention(t, t, t, is_causal=True)),
+}
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+@pytest.mark.parametrize("op", sorted(TRANSFORMED))
+def test_torch_func_transforms_go_to_torch_and_named_kernel_backends_refuse_them(op, transform):
+    """torch.func.vmap / grad over a pyext call: auto computes it with torch
+    (the kernels' autograd has no functorch rules); a named kernel backend
+    says why it cannot."""
+    ours, theirs = TRANSFORMED[op]
+    device = "cuda" if HAS_GPU else "cpu"
+    x = torch.randn(3, 2, 4, 8, device=device)
+
+    def run(fn):
+        if transform == "vmap":
+            return torch.vmap(fn)(x)
+        return torch.func.grad(lambda t: fn(t).square().sum())(x)
+    torch.testing.assert_close(run(ours), run(theirs))
+    for backend in ("cuda", "triton"):
+        with pytest.raises(pyext.BackendUnavailable, match="torch.func transforms"):
+            run(lambda t: ours(t, backend=backend))
