@@ -13,8 +13,9 @@
   to pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
   the model's forward only: other code, and other models, are untouched.
 - HuggingFace transformers models: pyext's attention is registered as the
-  attention implementation "pyext" (with the SDPA mask function, so causal
-  masking is kept) and selected on the model; GPT-2's, BERT's and Llama's own
+  attention implementation "pyext" ("pyext-<backend>" for a named backend;
+  with the SDPA mask function, so causal masking is kept) and selected on
+  the model; GPT-2's, BERT's and Llama's own
   activation and RMSNorm modules (and the RMSNorm of any model whose forward
   is Llama's: Mistral, Qwen2/3, Phi-3, ...) are replaced by pyext modules
   sharing their parameters.
@@ -25,6 +26,7 @@
   named backend does everywhere in pyext.
 """
 import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -134,8 +136,36 @@ def _rms_norm_module(old, backend):
     return new
 
 
+def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, **kwargs):
+    """transformers' own SDPA integration (GQA, causal flag, masks), with its
+    F.scaled_dot_product_attention call routed to pyext."""
+    with _RouteSDPA(backend):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class _RoutedForward:
+    """A patched model's forward: the forward it had, run inside _RouteSDPA.
+    An object holding the model rather than a closure over its bound forward,
+    so that copy.deepcopy and pickling of the model carry it along, bound to
+    the copy (a closure would keep calling the original model)."""
+
+    def __init__(self, model, backend, previous=None):
+        self.model, self.backend, self.previous = model, backend, previous
+
+    def __call__(self, *args, **kwargs):
+        with _RouteSDPA(self.backend):
+            if self.previous is not None:  # an instance forward set before the patch
+                return self.previous(*args, **kwargs)
+            return type(self.model).forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self):  # what inspect.signature(model.forward) gives, as before the patch
+        return inspect.signature(self.previous or type(self.model).forward.__get__(self.model))
+
+
 def _use_pyext_attention_in_hf(model, report) -> bool:
-    """Register and select the "pyext" attention implementation on an HF model."""
+    """Register and select the "pyext" attention implementation on an HF
+    model ("pyext-<backend>" for a named backend)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
@@ -146,17 +176,14 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     except ImportError:
         return False
 
-    def pyext_attention(module, query, key, value, attention_mask, **kwargs):
-        # transformers' own SDPA integration (GQA, causal flag, masks), with its
-        # F.scaled_dot_product_attention call routed to pyext.
-        with _RouteSDPA(model._pyext_backend):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("pyext", pyext_attention)
-    AttentionMaskInterface.register("pyext", sdpa_mask)
+    # one implementation name per backend, each function holding only its
+    # backend: the registry is global, shared by every patched model (and copy)
+    impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
+    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
+    AttentionMaskInterface.register(impl, sdpa_mask)
     model._pyext_hf_attn = config._attn_implementation
-    model.set_attn_implementation("pyext")
-    report.attention = f"transformers attention implementation 'pyext' (was '{model._pyext_hf_attn}')"
+    model.set_attn_implementation(impl)
+    report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
     return True
 
 
@@ -216,14 +243,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     if attention and not _use_pyext_attention_in_hf(model, report):
-        original_forward = model.forward  # bound method of the class's forward
-
-        @functools.wraps(original_forward)
-        def forward(*args, **kwargs):
-            with _RouteSDPA(backend):
-                return original_forward(*args, **kwargs)
-
-        model.forward = forward
+        model.forward = _RoutedForward(model, backend, model.__dict__.get("forward"))
         report.attention = "F.scaled_dot_product_attention calls in forward go to pyext"
     model._pyext_patched = True
     model._pyext_report = report
@@ -242,8 +262,12 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             module.__dict__.pop("backend", None)
     for parent, name, old in model._pyext_replaced:
         setattr(parent, name, old)
-    if "forward" in model.__dict__:
-        del model.forward
+    routed = model.__dict__.get("forward")
+    if isinstance(routed, _RoutedForward):
+        if routed.previous is not None:
+            model.forward = routed.previous
+        else:
+            del model.forward
     if hasattr(model, "_pyext_hf_attn"):
         model.set_attn_implementation(model._pyext_hf_attn)
         del model._pyext_hf_attn

@@ -138,14 +138,14 @@ def pyext_sdpa_calls(monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
     """Every attention layer of a patched model calls pyext's SDPA once per
-    forward (HF models through the "pyext" attention implementation), patched
+    forward (HF models through the "pyext-torch" attention implementation), patched
     twice as well; unpatched, none does and the loss is the original's."""
     model = build(kind).train()
     expected = loss_of(model, kind, "cpu", torch.float32)
     assert pyext_sdpa_calls == []
     pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
     if kind in ("gpt2", "llama", "qwen2", "bert"):
-        assert model.config._attn_implementation == "pyext"
+        assert model.config._attn_implementation == "pyext-torch"
     loss_of(model, kind, "cpu", torch.float32)
     assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]
     pyext.unpatch(model)
@@ -164,6 +164,61 @@ def test_unpatch_restores_classes_and_forward(kind):
     pyext.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("kind", ["nanogpt", "gpt2"])
+def test_a_copy_of_a_patched_model_computes_with_its_own_weights(kind, pyext_sdpa_calls):
+    """copy.deepcopy and torch.save / torch.load of a whole patched model: the
+    copy runs its own parameters, still through pyext (EMA models, evaluation
+    copies and checkpoints of whole models are made this way)."""
+    import io
+    model = pyext.patch(build(kind), backend="torch")
+    for copied in (copy.deepcopy(model), _saved_and_loaded(model, io.BytesIO())):
+        with torch.no_grad():
+            for p in copied.parameters():
+                p.mul_(0.5)
+        pyext_sdpa_calls.clear()
+        assert not torch.equal(loss_of(copied, kind, "cpu", torch.float32), loss_of(model, kind, "cpu", torch.float32))
+        assert len(pyext_sdpa_calls) == 2 * ATTENTION_LAYERS[kind]
+        halved = pyext.unpatch(copy.deepcopy(copied))
+        assert torch.equal(loss_of(copied, kind, "cpu", torch.float32), loss_of(halved, kind, "cpu", torch.float32))
+
+
+def _saved_and_loaded(model, buffer):
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_models_patched_with_different_backends_keep_their_own(monkeypatch):
+    """The attention routing of each patched model uses that model's backend,
+    HF models (one global registry of attention implementations) included."""
+    import pyext.ops.attention as attention
+    seen, real = [], attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *a, backend=None, **k: seen.append(backend) or real(*a, backend=backend, **k))
+    for kind in ("nanogpt", "gpt2"):
+        first, second = pyext.patch(build(kind), backend="torch"), pyext.patch(build(kind), backend="auto")
+        seen.clear()
+        loss_of(first, kind, "cpu", torch.float32)
+        loss_of(second, kind, "cpu", torch.float32)
+        assert seen == ["torch"] * ATTENTION_LAYERS[kind] + ["auto"] * ATTENTION_LAYERS[kind], kind
+
+
+def test_unpatch_keeps_an_instance_forward_set_before_the_patch(pyext_sdpa_calls):
+    model = nano_gpt()
+    outer = []
+    wrapped = model.forward
+
+    def forward(*args, **kwargs):  # as a wrapper library sets one on the instance
+        outer.append(1)
+        return wrapped(*args, **kwargs)
+    model.forward = forward
+    pyext.patch(model, backend="torch")
+    loss_of(model, "nanogpt", "cpu", torch.float32)
+    assert outer == [1] and len(pyext_sdpa_calls) == 1
+    pyext.unpatch(model)
+    assert model.forward is forward
 
 
 def test_flags_leave_modules_alone():
@@ -250,3 +305,21 @@ def test_hf_tanh_gelu_classes_become_pyext_tanh_gelu(name):
     pyext.patch(model, attention=False, backend="torch")
     assert type(model["act"]) is pyext.nn.GELU and model["act"].approximate == "tanh"
     torch.testing.assert_close(model["act"](x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_patched_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of a patched model: the routing of its
+    attention and the swapped modules trace into one graph (aot_eager: the
+    same kernels as eager, so the same loss and gradients)."""
+    device = device_for("triton")
+    model = pyext.patch(nano_gpt().to(device), backend="triton")
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def loss_and_grads(run):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = run(idx, idx)
+        return [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+    torch._dynamo.reset()
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, loss_and_grads(model)):
+        torch.testing.assert_close(got, want)
