@@ -87,7 +87,9 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 
 
 class AdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW with fused steps. `backend` (keyword only): "auto"
+    """torch.optim.AdamW with fused steps: its arguments, `foreach` and `fused`
+    accepted and kept in the param groups as torch keeps them (the step here
+    is fused either way), `differentiable=True` refused. `backend` (keyword only): "auto"
     (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
     "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
     skipped, as torch's fused AdamW skips it: the kernels read found_inf on the device (no host
@@ -99,7 +101,7 @@ class AdamW(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, capturable=False, backend=None):
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -112,12 +114,17 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if differentiable:
+            raise RuntimeError("pyext.optim.AdamW does not support `differentiable`: its kernels step the "
+                               "parameters in place, outside autograd")
         if backend is not None and backend not in _backend.BACKENDS:
             raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=None, capturable=capturable, differentiable=False,
-                        fused=None, decoupled_weight_decay=True)
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=False,
+                        fused=fused, decoupled_weight_decay=True)
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, group: dict) -> dict:

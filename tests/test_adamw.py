@@ -321,6 +321,24 @@ def test_param_groups_hold_torchs_keys():
     assert set(pyext.optim.AdamW(p).param_groups[0]) == set(torch.optim.AdamW(p).param_groups[0])
 
 
+@pytest.mark.parametrize("kwargs", [dict(fused=True), dict(foreach=True), dict(fused=False, foreach=False)])
+def test_torchs_implementation_flags_are_accepted_and_kept(kwargs):
+    """A drop-in for torch.optim.AdamW(..., fused=True) and the like: the
+    flags are kept in the param groups as torch keeps them."""
+    p = [torch.nn.Parameter(torch.randn(3))]
+    ours, theirs = pyext.optim.AdamW(p, **kwargs), torch.optim.AdamW(p, **kwargs)
+    assert {k: ours.param_groups[0][k] for k in ("fused", "foreach")} == \
+        {k: theirs.param_groups[0][k] for k in ("fused", "foreach")}
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(fused=True, foreach=True), "cannot be `True` together"),
+                                          (dict(differentiable=True), "differentiable")])
+def test_flags_that_cannot_be_honoured_raise(kwargs, match):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(RuntimeError, match=match):
+        pyext.optim.AdamW(p, **kwargs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_without_parameters_or_gradients_step_as_nothing(backend):
     """A param group with no parameters, and one whose parameters have no
