@@ -9,9 +9,12 @@
   state_dict, so an optimizer built before the patch keeps working. The
   F.gelu function that nn.TransformerEncoderLayer / DecoderLayer hold with
   activation="gelu" becomes pyext.gelu.
-- Calls to F.scaled_dot_product_attention made inside the model's forward go
-  to pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
-  the model's forward only: other code, and other models, are untouched.
+- Calls to F.scaled_dot_product_attention made by the model go to
+  pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
+  the forward of each module whose code names that function (so that a
+  block recomputed by torch.utils.checkpoint routes it too; the model's own
+  forward when no module's code does): other code, and other models, are
+  untouched, and only those forwards pay the mode's cost per torch call.
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
@@ -28,6 +31,7 @@
 import functools
 import inspect
 import logging
+import types
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -143,6 +147,27 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _calls_sdpa(cls) -> bool:
+    """Whether a method of `cls` (below torch.nn.Module) names
+    scaled_dot_product_attention: the modules whose forward gets routed, so
+    that a checkpointed block recomputed in the backward
+    (torch.utils.checkpoint) routes it too; the model's own forward when
+    none does (the call is made from some helper function)."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith(("torch.", "pyext.")):
+            break
+        for member in vars(klass).values():
+            code = getattr(getattr(member, "__func__", member), "__code__", None)
+            if code is not None and _names_sdpa(code):
+                return True
+    return False
+
+
+def _names_sdpa(code) -> bool:
+    return "scaled_dot_product_attention" in code.co_names or any(
+        _names_sdpa(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
 class _RoutedForward:
     """A patched model's forward: the forward it had, run inside _RouteSDPA.
     An object holding the model rather than a closure over its bound forward,
@@ -243,8 +268,11 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     if attention and not _use_pyext_attention_in_hf(model, report):
-        model.forward = _RoutedForward(model, backend, model.__dict__.get("forward"))
-        report.attention = "F.scaled_dot_product_attention calls in forward go to pyext"
+        callers = [(path, m) for path, m in model.named_modules() if _calls_sdpa(type(m))]
+        for _, module in callers or [("", model)]:
+            module.forward = _RoutedForward(module, backend, module.__dict__.get("forward"))
+        report.attention = ("F.scaled_dot_product_attention calls go to pyext, in the forward of "
+                            + (", ".join(path or "<root>" for path, _ in callers) if callers else "the model"))
     model._pyext_patched = True
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
@@ -262,12 +290,13 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             module.__dict__.pop("backend", None)
     for parent, name, old in model._pyext_replaced:
         setattr(parent, name, old)
-    routed = model.__dict__.get("forward")
-    if isinstance(routed, _RoutedForward):
-        if routed.previous is not None:
-            model.forward = routed.previous
-        else:
-            del model.forward
+    for module in model.modules():
+        routed = module.__dict__.get("forward")
+        if isinstance(routed, _RoutedForward):
+            if routed.previous is not None:
+                module.forward = routed.previous
+            else:
+                del module.forward
     if hasattr(model, "_pyext_hf_attn"):
         model.set_attn_implementation(model._pyext_hf_attn)
         del model._pyext_hf_attn

@@ -207,18 +207,56 @@ def test_models_patched_with_different_backends_keep_their_own(monkeypatch):
 
 def test_unpatch_keeps_an_instance_forward_set_before_the_patch(pyext_sdpa_calls):
     model = nano_gpt()
-    outer = []
-    wrapped = model.forward
+    block, outer = model.blocks[0], []
+    wrapped = block.forward
 
     def forward(*args, **kwargs):  # as a wrapper library sets one on the instance
         outer.append(1)
         return wrapped(*args, **kwargs)
-    model.forward = forward
+    block.forward = forward
     pyext.patch(model, backend="torch")
     loss_of(model, "nanogpt", "cpu", torch.float32)
     assert outer == [1] and len(pyext_sdpa_calls) == 1
     pyext.unpatch(model)
-    assert model.forward is forward
+    assert block.forward is forward
+
+
+def test_checkpointed_blocks_recompute_through_pyext(pyext_sdpa_calls):
+    """torch.utils.checkpoint recomputes a block in the backward, outside the
+    model's forward: the routing is on the modules that call SDPA, so the
+    recomputation takes the same kernel (torch's would save other tensors,
+    which checkpoint refuses) and gives the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx, targets):
+            m = self.model
+            x = m.tok(idx) + m.pos(torch.arange(idx.shape[1], device=idx.device))
+            for block in m.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return F.cross_entropy(m.head(m.ln_f(x)).float().flatten(0, 1), targets.flatten())
+    device = device_for("triton")
+    model = nano_gpt().to(device)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    grads = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the attention backward's dQ without atomics
+    try:
+        for run in (model, Checkpointed(model)):
+            pyext.patch(run, backend="triton")
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = run(idx, idx)
+            grads.append(torch.autograd.grad(loss, list(model.parameters())))
+            pyext.unpatch(run)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(pyext_sdpa_calls) == 3  # the forward twice, and the recomputation
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)
 
 
 def test_flags_leave_modules_alone():
