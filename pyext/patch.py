@@ -148,14 +148,15 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
 
 
 def _calls_sdpa(cls) -> bool:
-    """Whether a method of `cls` (below torch.nn.Module) names
+    """Whether a method of `cls` or of its bases (torch's and pyext's own
+    classes aside, e.g. FSDP2's wrapper class) names
     scaled_dot_product_attention: the modules whose forward gets routed, so
     that a checkpointed block recomputed in the backward
     (torch.utils.checkpoint) routes it too; the model's own forward when
     none does (the call is made from some helper function)."""
     for klass in cls.__mro__:
-        if klass.__module__.startswith(("torch.", "pyext.")):
-            break
+        if klass.__module__.startswith(("torch.", "pyext.", "builtins")):
+            continue
         for member in vars(klass).values():
             code = getattr(getattr(member, "__func__", member), "__code__", None)
             if code is not None and _names_sdpa(code):

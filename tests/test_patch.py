@@ -361,3 +361,13 @@ def test_patched_model_compiles_without_graph_breaks():
     compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     for got, want in zip(compiled, loss_and_grads(model)):
         torch.testing.assert_close(got, want)
+
+
+def test_blocks_in_a_wrapper_class_are_routed_too():
+    """FSDP2's fully_shard gives each sharded module a subclass of its own,
+    defined in torch: the block's own forward under it still gets routed."""
+    from benchmarks.train_gpt import Block
+    model = torch.nn.Sequential(Block(32, 2))
+    model[0].__class__ = type("FSDPBlock", (Block,), {"__module__": "torch.distributed.fsdp"})
+    pyext.patch(model, backend="torch")
+    assert pyext.patch_report(model).attention.endswith("in the forward of 0")
