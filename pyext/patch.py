@@ -78,7 +78,7 @@ class _RouteSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         from pyext.ops import attention
-        if func is F.scaled_dot_product_attention and not attention.calling_torch_sdpa:
+        if func is F.scaled_dot_product_attention and not getattr(attention.calling_torch_sdpa, "active", False):
             return attention.scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
         return func(*args, **kwargs)
 

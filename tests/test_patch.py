@@ -371,3 +371,35 @@ def test_blocks_in_a_wrapper_class_are_routed_too():
     model[0].__class__ = type("FSDPBlock", (Block,), {"__module__": "torch.distributed.fsdp"})
     pyext.patch(model, backend="torch")
     assert pyext.patch_report(model).attention.endswith("in the forward of 0")
+
+
+def test_a_threads_call_of_torchs_sdpa_does_not_unroute_another_threads_model(pyext_sdpa_calls):
+    """While one thread is inside torch's SDPA on pyext's behalf, a patched
+    model running in another thread still routes its own calls."""
+    import threading
+
+    import pyext.ops.attention as attention
+    from torch.overrides import TorchFunctionMode
+    inside, release = threading.Event(), threading.Event()
+
+    class HoldInsideSDPA(TorchFunctionMode):  # torch's modes are per thread: this one is the holder's
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                inside.set()
+                release.wait(10)
+            return func(*args, **(kwargs or {}))
+
+    def hold():
+        with HoldInsideSDPA():
+            q = torch.randn(1, 2, 4, 8)
+            attention.torch_sdpa(q, q, q)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    try:
+        model = pyext.patch(nano_gpt(), backend="torch")
+        loss_of(model, "nanogpt", "cpu", torch.float32)
+    finally:
+        release.set()
+        holder.join()
+    assert len(pyext_sdpa_calls) == 1

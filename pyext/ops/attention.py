@@ -17,6 +17,7 @@ backward in _FlashAttention's context; a forward op called directly gets the
 deterministic backward.
 """
 import math
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -110,17 +111,19 @@ class _FlashAttention(torch.autograd.Function):
 AUTO_ORDER = ("triton",)
 
 
-calling_torch_sdpa = False  # read by pyext.patch's routing mode, which lets such calls through
+# .active: this thread is calling torch's SDPA on pyext's behalf; pyext.patch's
+# routing mode lets such calls through. Per thread, as torch's mode stacks are:
+# another thread's patched model must not see it.
+calling_torch_sdpa = threading.local()
 
 
 def torch_sdpa(*args, **kwargs):
     """torch's own SDPA, not re-routed to pyext by a patched model's forward."""
-    global calling_torch_sdpa
-    calling_torch_sdpa = True
+    calling_torch_sdpa.active = True
     try:
         return F.scaled_dot_product_attention(*args, **kwargs)
     finally:
-        calling_torch_sdpa = False
+        calling_torch_sdpa.active = False
 
 
 def _heads_fit(q: Tensor, k: Tensor, v: Tensor) -> bool:
