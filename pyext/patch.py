@@ -11,10 +11,9 @@
   activation="gelu" becomes pyext.gelu.
 - Calls to F.scaled_dot_product_attention made by the model go to
   pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
-  the forward of each module whose code names that function (so that a
-  block recomputed by torch.utils.checkpoint routes it too; the model's own
-  forward when no module's code does): other code, and other models, are
-  untouched, and only those forwards pay the mode's cost per torch call.
+  the model's forward, and by the forward of each module whose code names
+  that function when it runs on its own (a block that torch.utils.checkpoint
+  recomputes in the backward): other code, and other models, are untouched.
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
@@ -31,6 +30,7 @@
 import functools
 import inspect
 import logging
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -150,10 +150,9 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
 def _calls_sdpa(cls) -> bool:
     """Whether a method of `cls` or of its bases (torch's and pyext's own
     classes aside, e.g. FSDP2's wrapper class) names
-    scaled_dot_product_attention: the modules whose forward gets routed, so
-    that a checkpointed block recomputed in the backward
-    (torch.utils.checkpoint) routes it too; the model's own forward when
-    none does (the call is made from some helper function)."""
+    scaled_dot_product_attention: the modules whose forward gets routed
+    besides the model's, so that a block recomputed in the backward by
+    torch.utils.checkpoint, outside the model's forward, routes it too."""
     for klass in cls.__mro__:
         if klass.__module__.startswith(("torch.", "pyext.", "builtins")):
             continue
@@ -169,20 +168,35 @@ def _names_sdpa(code) -> bool:
         _names_sdpa(c) for c in code.co_consts if isinstance(c, types.CodeType))
 
 
+_routing = threading.local()  # .backends: those of the routed forwards this thread is inside
+
+
 class _RoutedForward:
-    """A patched model's forward: the forward it had, run inside _RouteSDPA.
-    An object holding the model rather than a closure over its bound forward,
-    so that copy.deepcopy and pickling of the model carry it along, bound to
-    the copy (a closure would keep calling the original model)."""
+    """A patched module's forward: the forward it had, run inside _RouteSDPA,
+    unless this thread is inside a routed forward of the same backend already
+    (one mode however the routed modules nest: the mode costs per torch call).
+    An object holding the module rather than a closure over its bound
+    forward, so that copy.deepcopy and pickling of the model carry it along,
+    bound to the copy (a closure would keep calling the original model)."""
 
     def __init__(self, model, backend, previous=None):
         self.model, self.backend, self.previous = model, backend, previous
 
     def __call__(self, *args, **kwargs):
-        with _RouteSDPA(self.backend):
-            if self.previous is not None:  # an instance forward set before the patch
-                return self.previous(*args, **kwargs)
-            return type(self.model).forward(self.model, *args, **kwargs)
+        if self.previous is not None:  # an instance forward set before the patch
+            forward = self.previous
+        else:
+            forward = functools.partial(type(self.model).forward, self.model)
+        if not hasattr(_routing, "backends"):
+            _routing.backends = []
+        if _routing.backends and _routing.backends[-1] == self.backend:
+            return forward(*args, **kwargs)
+        _routing.backends.append(self.backend)
+        try:
+            with _RouteSDPA(self.backend):
+                return forward(*args, **kwargs)
+        finally:
+            _routing.backends.pop()
 
     @property
     def __signature__(self):  # what inspect.signature(model.forward) gives, as before the patch
@@ -269,11 +283,13 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     if attention and not _use_pyext_attention_in_hf(model, report):
-        callers = [(path, m) for path, m in model.named_modules() if _calls_sdpa(type(m))]
-        for _, module in callers or [("", model)]:
+        callers = [(path, m) for path, m in model.named_modules() if path and _calls_sdpa(type(m))]
+        for module in [model] + [m for _, m in callers]:
             module.forward = _RoutedForward(module, backend, module.__dict__.get("forward"))
-        report.attention = ("F.scaled_dot_product_attention calls go to pyext, in the forward of "
-                            + (", ".join(path or "<root>" for path, _ in callers) if callers else "the model"))
+        report.attention = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
+        if callers:
+            report.attention += (", and in the forward of the modules that make them, run on their own as "
+                                 "torch.utils.checkpoint recomputes them: " + ", ".join(p for p, _ in callers))
     model._pyext_patched = True
     model._pyext_report = report
     (print if verbose else log.info)(str(report))

@@ -370,7 +370,7 @@ def test_blocks_in_a_wrapper_class_are_routed_too():
     model = torch.nn.Sequential(Block(32, 2))
     model[0].__class__ = type("FSDPBlock", (Block,), {"__module__": "torch.distributed.fsdp"})
     pyext.patch(model, backend="torch")
-    assert pyext.patch_report(model).attention.endswith("in the forward of 0")
+    assert pyext.patch_report(model).attention.endswith("recomputes them: 0")
 
 
 def test_a_threads_call_of_torchs_sdpa_does_not_unroute_another_threads_model(pyext_sdpa_calls):
@@ -402,4 +402,23 @@ def test_a_threads_call_of_torchs_sdpa_does_not_unroute_another_threads_model(py
     finally:
         release.set()
         holder.join()
+    assert len(pyext_sdpa_calls) == 1
+
+
+def test_attention_called_outside_its_modules_forward_is_routed(pyext_sdpa_calls):
+    """A module whose SDPA call is made from another method, called by its
+    parent: routed by the model's forward."""
+    class Attention(torch.nn.Module):
+        def attend(self, q):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+
+        def forward(self, q):
+            return self.attention.attend(q)
+    model = pyext.patch(Model(), backend="torch")
+    model(torch.randn(1, 2, 4, 8))
     assert len(pyext_sdpa_calls) == 1
