@@ -17,10 +17,9 @@
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
-  the model; GPT-2's, BERT's and Llama's own
-  activation and RMSNorm modules (and the RMSNorm of any model whose forward
-  is Llama's: Mistral, Qwen2/3, Phi-3, ...) are replaced by pyext modules
-  sharing their parameters.
+  the model; GPT-2's, BERT's and Llama's own activation and RMSNorm modules
+  (and the RMSNorm of any model whose forward is Llama's: Mistral, Qwen2/3,
+  Phi-3, ...) are replaced by pyext modules sharing their parameters.
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply: an attention mask (an HF
   model given a padding attention_mask), dropout, float32 outside autocast.
@@ -31,8 +30,8 @@ import functools
 import inspect
 import logging
 import threading
-import types
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import List, Tuple
 
 import torch
@@ -165,7 +164,7 @@ def _calls_sdpa(cls) -> bool:
 
 def _names_sdpa(code) -> bool:
     return "scaled_dot_product_attention" in code.co_names or any(
-        _names_sdpa(c) for c in code.co_consts if isinstance(c, types.CodeType))
+        _names_sdpa(c) for c in code.co_consts if isinstance(c, CodeType))
 
 
 _routing = threading.local()  # .backends: those of the routed forwards this thread is inside
