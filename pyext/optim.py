@@ -199,8 +199,10 @@ class AdamW(torch.optim.Optimizer):
             return
         device = local[0].device
         torch._foreach_add_(steps, 1)
-        found_arg = found_inf.to(device=device, dtype=torch.float32).reshape(()) if found_inf is not None else None
-        if found_arg is not None:  # a skipped step does not count, as in torch's fused AdamW
+        found_arg = None
+        if found_inf is not None:  # a skipped step does not count, as in torch's fused AdamW
+            # GradScaler sums found_inf over the devices' gradients: 0, 1, 2, ...
+            found_arg = found_inf.to(device=device, dtype=torch.float32).reshape(()).clamp(max=1.0)
             torch._foreach_sub_(steps, [found_arg] * len(steps))
         staged = [[t.contiguous() for t in tensors] for tensors in args]
         step_values = torch.stack(steps)

@@ -403,6 +403,24 @@ def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
     assert_close(ours, ref, pt, "params")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_step_is_not_counted_whatever_found_inf_sums_to(backend):
+    """GradScaler hands the optimizer found_inf summed over the devices that
+    hold gradients: 2.0 when two saw an inf. The step is skipped and its count
+    stays where it was."""
+    device = device_for(backend)
+    p = torch.nn.Parameter(torch.randn(5, device=device))
+    p.grad = torch.randn_like(p)
+    opt = pyext.optim.AdamW([p], backend=backend)
+    opt.step()
+    before = p.detach().clone()
+    opt.found_inf = torch.tensor([2.0], device=device)
+    opt.step()
+    del opt.found_inf
+    assert torch.equal(p.detach(), before)
+    assert float(opt.state[p]["step"]) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_grad_scaler_step_does_not_wait_for_the_gpu(backend):
