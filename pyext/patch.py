@@ -167,7 +167,12 @@ def _names_sdpa(code) -> bool:
         _names_sdpa(c) for c in code.co_consts if isinstance(c, CodeType))
 
 
-_routing = threading.local()  # .backends: those of the routed forwards this thread is inside
+class _Routing(threading.local):
+    def __init__(self):
+        self.backends = []  # those of the routed forwards this thread is inside
+
+
+_routing = _Routing()
 
 
 class _RoutedForward:
@@ -182,20 +187,19 @@ class _RoutedForward:
         self.model, self.backend, self.previous = model, backend, previous
 
     def __call__(self, *args, **kwargs):
-        if self.previous is not None:  # an instance forward set before the patch
-            forward = self.previous
-        else:
-            forward = functools.partial(type(self.model).forward, self.model)
-        if not hasattr(_routing, "backends"):
-            _routing.backends = []
         if _routing.backends and _routing.backends[-1] == self.backend:
-            return forward(*args, **kwargs)
+            return self._forward(*args, **kwargs)
         _routing.backends.append(self.backend)
         try:
             with _RouteSDPA(self.backend):
-                return forward(*args, **kwargs)
+                return self._forward(*args, **kwargs)
         finally:
             _routing.backends.pop()
+
+    def _forward(self, *args, **kwargs):
+        if self.previous is not None:  # an instance forward set before the patch
+            return self.previous(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
 
     @property
     def __signature__(self):  # what inspect.signature(model.forward) gives, as before the patch
