@@ -114,7 +114,7 @@ def available_backends() -> dict:
     }
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # no __torch_dispatch__ of their own
 
 
 def _tensor_kind_reason(tensors) -> Optional[str]:
@@ -124,7 +124,7 @@ def _tensor_kind_reason(tensors) -> Optional[str]:
     for t in tensors:
         if t.is_nested or t.layout != torch.strided:
             return f"it takes dense strided tensors, got a {'nested' if t.is_nested else str(t.layout)} tensor"
-        if type(t) not in _PLAIN and _is_dtensor(t):
+        if type(t) not in PLAIN_TENSOR_TYPES and _is_dtensor(t):
             return "it takes local tensors, got a DTensor (torch's own op knows its sharding)"
     return None
 

@@ -73,7 +73,7 @@ def _eager_step(name: str, staged: List[List[Tensor]]):
     host, more than the kernel of a 124M-parameter model takes on an H100.
     The direct call bumps the version counters of what it writes itself."""
     if (name != "triton" or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or any(type(t) not in (Tensor, torch.nn.Parameter) for tensors in staged for t in tensors)):
+            or any(type(t) not in _backend.PLAIN_TENSOR_TYPES for tensors in staged for t in tensors)):
         return STEP[name]
 
     def step(*args):
