@@ -165,6 +165,11 @@ def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def is_auto(backend: Optional[str]) -> bool:
+    """Whether a call passing `backend=` asks for "auto" (itself or by default)."""
+    return (backend if backend is not None else _default) == "auto"
+
+
 def select(op: str, backend: Optional[str], device: torch.device,
            why_not: Callable[[str], Optional[str]], auto_order=("cuda", "triton")) -> str:
     """The backend that serves one call of `op`.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyext
-from conftest import HAS_GPU
+from conftest import HAS_GPU, assert_close
 
 
 def test_available_backends_lists_every_backend_with_a_reason():
@@ -146,3 +146,78 @@ def test_torch_func_transforms_go_to_torch_and_named_kernel_backends_refuse_them
     for backend in ("cuda", "triton"):
         with pytest.raises(pyext.BackendUnavailable, match="torch.func transforms"):
             run(lambda t: ours(t, backend=backend))
+
+
+def _math_sdpa(q, k, v):
+    """torch's SDPA by its math backend, the one whose backward is differentiable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# op -> (pyext call, torch's call, input shapes, dtype): second derivatives
+SECOND_ORDER = {
+    "gelu": (lambda x, **kw: pyext.gelu(x, "tanh", **kw),
+             lambda x: torch.nn.functional.gelu(x, approximate="tanh"), [(6, 40)], torch.float32),
+    "layer_norm": (lambda x, w, b, **kw: pyext.layer_norm(x, (40,), w, b, **kw),
+                   lambda x, w, b: torch.nn.functional.layer_norm(x, (40,), w, b), [(6, 40), (40,), (40,)],
+                   torch.float32),
+    "rms_norm": (lambda x, w, **kw: pyext.rms_norm(x, (40,), w, **kw),
+                 lambda x, w: torch.nn.functional.rms_norm(x, (40,), w), [(6, 40), (40,)], torch.float32),
+    "scaled_dot_product_attention": (
+        lambda q, k, v, **kw: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, **kw),
+        _math_sdpa, [(1, 2, 24, 16)] * 3, torch.float16),
+}
+
+
+def _hessian_vector_product(fn, inputs, c, r):
+    """The gradient of <dL/d(inputs), r>, L = <fn(inputs), c> + mean(fn^2)/2: a
+    backward run with create_graph=True, then one through its graph (the
+    square makes the second one pass through fn's own backward too). The
+    cotangents c and r are random, so the values stay of order one."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    loss = (y * c.to(y.dtype)).sum() + y.float().square().mean() / 2
+    first = torch.autograd.grad(loss, inputs, create_graph=True)
+    return torch.autograd.grad(sum((g * d.to(g.dtype)).sum() for g, d in zip(first, r)), inputs)
+
+
+@pytest.fixture
+def auto_runs_the_triton_kernels(monkeypatch):
+    """Without a GPU, "auto" would give CPU tensors to the reference: here it
+    runs the Triton kernels (interpreter) instead, as it does on a GPU."""
+    if not HAS_GPU:
+        select = pyext._backend.select
+        monkeypatch.setattr(pyext._backend, "select", lambda op, backend, device, why_not, *rest: (
+            "triton" if pyext._backend.is_auto(backend) and why_not("triton") is None
+            else select(op, backend, device, why_not, *rest)))
+
+
+@pytest.mark.parametrize("op", sorted(SECOND_ORDER))
+def test_double_backward_under_auto_differentiates_the_gradients(op, auto_runs_the_triton_kernels):
+    """Gradient penalties, Hessian-vector products and physics-informed losses
+    differentiate a backward run with create_graph=True. The kernels' backward
+    is not differentiable, so under auto that backward is torch's, on the
+    kernel's saved inputs: second derivatives within the DESIGN.md rule."""
+    ours, theirs, shapes, dtype = SECOND_ORDER[op]
+    device = "cuda" if HAS_GPU else "cpu"
+    inputs = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    c, r = torch.randn_like(ours(*inputs), dtype=torch.float32), [torch.randn_like(t, dtype=torch.float32)
+                                                                 for t in inputs]
+    ran = type(ours(*[t.clone().requires_grad_() for t in inputs]).grad_fn).__name__
+    assert any(kernel in ran for kernel in ("triton", "cuda", "FlashAttention")), f"auto ran {ran}, not a kernel"
+    got = _hessian_vector_product(ours, inputs, c, r)
+    want = _hessian_vector_product(theirs, [t.double() for t in inputs], c, r)
+    same_dtype = _hessian_vector_product(theirs, inputs, c, r)
+    for i, (g, w, pt) in enumerate(zip(got, want, same_dtype)):
+        assert_close(g, w, pt, name=f"Hessian-vector product, input {i}")
+
+
+@pytest.mark.parametrize("op", sorted(SECOND_ORDER))
+def test_double_backward_with_a_named_kernel_backend_raises(op):
+    ours, _, shapes, dtype = SECOND_ORDER[op]
+    backend = "cuda" if HAS_GPU and op != "scaled_dot_product_attention" else "triton"
+    inputs = [torch.randn(s, device="cuda" if HAS_GPU else "cpu").to(dtype) for s in shapes]
+    c, r = torch.ones(ours(*inputs).shape), [torch.ones(t.shape) for t in inputs]
+    with pytest.raises(pyext.BackendUnavailable, match="create_graph=True"):
+        _hessian_vector_product(lambda *t: ours(*t, backend=backend), inputs, c, r)

@@ -27,11 +27,12 @@ def missing_reason(backend: str, table: dict, op: str):
 def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
     """Fake implementations and autograd for `<op>_fwd_<backend>` and
     `<op>_bwd_<backend>` of every kernel backend here; returns the forward
-    ops, the backward ops and the differentiable forwards for the public
-    functions (`differentiable_forward`), each by backend name. fake_fwd and
+    ops, the backward ops, each by backend name, and the differentiable
+    forwards for the public functions (`differentiable_forward`), by whether
+    the call asked for "auto", then by backend name. fake_fwd and
     fake_bwd may be dicts by backend name, for backends whose outputs differ
     in layout."""
-    fwd, bwd, differentiable = {}, {}, {}
+    fwd, bwd, differentiable = {}, {}, {False: {}, True: {}}
     for name in kernel_backends(f"{op}_fwd", f"{op}_bwd"):
         fwd[name] = getattr(torch.ops.pyext, f"{op}_fwd_{name}")
         bwd[name] = getattr(torch.ops.pyext, f"{op}_bwd_{name}")
@@ -41,13 +42,16 @@ def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
             fake_bwd[name] if isinstance(fake_bwd, dict) else fake_bwd)
         backward = make_backward(bwd[name])
         torch.library.register_autograd(f"pyext::{op}_fwd_{name}", backward, setup_context=setup_context)
-        differentiable[name] = differentiable_forward(fwd[name], setup_context, backward)
+        for auto in (False, True):
+            differentiable[auto][name] = differentiable_forward(fwd[name], setup_context, backward, auto)
     return fwd, bwd, differentiable
 
 
-def differentiable_forward(fwd_op, setup_context, backward):
+def differentiable_forward(fwd_op, setup_context, backward, auto: bool):
     """fwd_op with the autograd registered on it (the same setup_context and
-    backward), as an autograd.Function: what the public functions call, since
+    backward), as an autograd.Function whose context records `auto` (the
+    call asked for backend "auto": see `create_graph_grads`). It is what the
+    public functions call, since
     torch.library's generic autograd wrapper costs more host time per call
     (it fills in the schema's defaults, walks the arguments, redispatches;
     benchmarks/NOTES.md, "Host cost of a call"). Inside the Function grad
@@ -59,9 +63,33 @@ def differentiable_forward(fwd_op, setup_context, backward):
     def forward(ctx, *args):
         output = fwd_op(*args)
         setup_context(ctx, args, output)
+        ctx.auto = auto
         return output
 
     # named after the op, so a graph's grad_fn says which kernel ran (e.g. layer_norm_fwd_cudaBackward)
     function = type(fwd_op.__name__, (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
     return function.apply
+
+
+def create_graph_grads(op: str, ctx, reference_fn, inputs, grads):
+    """The input gradients of a backward run with create_graph=True (double
+    backward: gradient penalties, Hessian-vector products, physics-informed
+    losses), which must themselves be differentiable. The kernels' backward
+    computes values, not a graph; so under backend "auto" the forward is
+    recomputed by the reference, reference_fn(*inputs), and torch
+    differentiates it (torch's own cost for such a backward). A kernel
+    backend named explicitly raises instead, as it does for any case its
+    kernels do not cover. inputs: the forward's arguments (the saved tensors
+    among them); returns one gradient (or None) per argument."""
+    if not getattr(ctx, "auto", False):
+        raise _backend.BackendUnavailable(
+            f"pyext.{op}: a backward with create_graph=True (double backward) needs differentiable "
+            "gradients, and the kernels' backward is not differentiable; backend 'auto' or 'torch' serves it")
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    outputs = reference_fn(*inputs)  # grad mode is on: create_graph=True
+    found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, found):
+        result[i] = g
+    return tuple(result)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
-from pyext.ops._register import missing_reason, register_stages
+from pyext.ops._register import create_graph_grads, missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -77,9 +77,15 @@ def _setup_context(ctx, inputs, output):
     ctx.deterministic = True  # a forward op called directly; _FlashAttention sets the caller's choice
 
 
+def _reference_out(q, k, v, scale, causal, causal_offset):
+    return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset)[0]
+
+
 def _make_backward(bwd_op):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return create_graph_grads("flash_attention", ctx, _reference_out, (q, k, v, *ctx.args), (dout,))
         dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
         return dq, dk, dv, None, None, None
     return backward
@@ -90,19 +96,20 @@ FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _
 
 
 class _FlashAttention(torch.autograd.Function):
-    """The forward op of `backend` with a backward that honours `deterministic`:
-    the op's schema has no place for the flag, so it lives in this context."""
+    """The forward op of `backend` with a backward that honours `deterministic`
+    and `auto` (see create_graph_grads): the op's schema has no place for
+    them, so they live in this context."""
 
     @staticmethod
-    def forward(ctx, backend: str, deterministic: bool, q, k, v, scale, causal, causal_offset):
+    def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset):
         output = FWD[backend](q, k, v, scale, causal, causal_offset)
         _setup_context(ctx, (q, k, v, scale, causal, causal_offset), output)
-        ctx.backend, ctx.deterministic = backend, deterministic
+        ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return (None, None) + _make_backward(BWD[ctx.backend])(ctx, dout, dlse)
+        return (None, None, None) + _make_backward(BWD[ctx.backend])(ctx, dout, dlse)
 
 
 # The kernel backends "auto" tries. The CUDA kernels (issue 5) join when a GPU
@@ -216,7 +223,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     None (the default) means torch.are_deterministic_algorithms_enabled() at
     the call: False unless torch.use_deterministic_algorithms(True) was set.
     The CUDA backward is always deterministic and ignores the flag; so does
-    the reference. Kernels: float16/bfloat16,
+    the reference. A backward with create_graph=True (double backward) is the
+    reference's, from the saved inputs (an S x S matrix), under "auto"; a named
+    kernel backend raises. Kernels: float16/bfloat16,
     head dims multiple of 8 up to 256; other inputs go to the reference
     (backend "auto") or raise (a kernel backend named). Under torch.autocast,
     q, k and v are cast as torch casts them for its SDPA (float32 to the
@@ -244,7 +253,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        out, lse = _FlashAttention.apply(name, deterministic, q, k, v, scale, causal, causal_offset)
+        out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, q, k, v, scale, causal,
+                                         causal_offset)
     return (out, lse) if return_lse else out
 
 
@@ -277,6 +287,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    out, _ = _FlashAttention.apply(name, torch.are_deterministic_algorithms_enabled(), query, key, value,
-                                   scale, is_causal, 0)
+    out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
+                                   query, key, value, scale, is_causal, 0)
     return out

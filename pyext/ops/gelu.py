@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import missing_reason, register_stages
+from pyext.ops._register import create_graph_grads, missing_reason, register_stages
 
 _APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -38,6 +38,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return create_graph_grads("gelu", ctx, reference.gelu, (x, ctx.approximate), (grad,))
         return bwd_op(grad, x, ctx.approximate), None
     return backward
 
@@ -57,7 +59,8 @@ def gelu(x: Tensor, approximate: str = "none", *, backend=None) -> Tensor:
 
     approximate: "none" (exact, erf) or "tanh". Differentiable. Kernels take
     float32/float16/bfloat16/float64 of any shape; non-contiguous input is
-    copied once. The output is contiguous.
+    copied once. The output is contiguous. A backward with create_graph=True
+    (double backward) is torch's under "auto"; a named kernel backend raises.
     """
     if approximate not in _APPROXIMATE:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -68,4 +71,4 @@ def gelu(x: Tensor, approximate: str = "none", *, backend=None) -> Tensor:
     name = _backend.select("gelu", backend, x.device, lambda b: _why_not(b, x))
     if name == "torch":
         return reference.gelu(x, approximate)
-    return DIFFERENTIABLE[name](x, approximate)
+    return DIFFERENTIABLE[_backend.is_auto(backend)][name](x, approximate)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
-from pyext.ops._register import missing_reason, register_stages
+from pyext.ops._register import create_graph_grads, missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -170,17 +170,19 @@ def _fake_rms_bwd(grad, x, rstd, weight, need_dweight):
 
 
 def _ln_setup_context(ctx, inputs, output):
-    x, _, weight, bias, _ = inputs
+    x, normalized_shape, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, weight, bias)
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
 
 
 def _rms_setup_context(ctx, inputs, output):
-    x, _, weight, _ = inputs
+    x, normalized_shape, weight, eps = inputs
     _, rstd = output
     ctx.save_for_backward(x, rstd, weight)
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
     ctx.mark_non_differentiable(rstd)
     ctx.set_materialize_grads(False)
 
@@ -190,6 +192,9 @@ def _make_ln_backward(bwd_op):
         if grad is None:
             return None, None, None, None, None
         x, mean, rstd, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return create_graph_grads("layer_norm", ctx, reference.layer_norm,
+                                      (x, ctx.normalized_shape, weight, bias, ctx.eps), (grad,))
         need_dx, _, need_dweight, need_dbias, _ = ctx.needs_input_grad
         dx, dweight, dbias = bwd_op(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias)
         return (dx if need_dx else None, None, dweight if need_dweight else None,
@@ -202,14 +207,17 @@ def _make_rms_backward(bwd_op):
         if grad is None:
             return None, None, None, None
         x, rstd, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return create_graph_grads("rms_norm", ctx, reference.rms_norm,
+                                      (x, ctx.normalized_shape, weight, ctx.eps), (grad,))
         need_dx, _, need_dweight, _ = ctx.needs_input_grad
         dx, dweight = bwd_op(grad, x, rstd, weight, need_dweight)
         return dx if need_dx else None, None, dweight if need_dweight else None, None
     return backward
 
 
-_, _, LAYER_NORM = register_stages("layer_norm", _fake_ln_fwd, _fake_ln_bwd, _ln_setup_context,
-                                   _make_ln_backward)
+LAYER_NORM_FWD, _, LAYER_NORM = register_stages("layer_norm", _fake_ln_fwd, _fake_ln_bwd, _ln_setup_context,
+                                                _make_ln_backward)
 _, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_setup_context,
                                  _make_rms_backward)
 
@@ -218,7 +226,7 @@ _, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_
 
 def _why_not(backend: str, x: Tensor, *params):
     reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None))
-              or missing_reason(backend, LAYER_NORM, "layer_norm"))
+              or missing_reason(backend, LAYER_NORM_FWD, "layer_norm"))
     if reason is not None or backend == "torch":
         return reason
     if x.dtype not in _KERNEL_DTYPES:
@@ -246,6 +254,8 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     in the backward (half that for fp64 in the CUDA kernels). Beyond it, a
     chunked path loops over the row (re-reading it, from L2 when it fits).
     dweight and dbias are reduced in two deterministic stages, no atomics.
+    A backward with create_graph=True (double backward) is torch's, from the
+    saved inputs, under "auto"; a kernel backend named explicitly raises.
 
     Under torch.autocast, x, weight and bias are cast as torch casts them for
     F.layer_norm: to float32 on CUDA (float32 output), not on CPU.
@@ -255,7 +265,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
     if name == "torch":
         return reference.layer_norm(x, shape, weight, bias, eps)
-    return LAYER_NORM[name](x, list(shape), weight, bias, float(eps))[0]
+    return LAYER_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, bias, float(eps))[0]
 
 
 def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
@@ -267,8 +277,9 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     (float32 for float16/bfloat16/float32 x, float64 for float64; see
     `default_rms_eps`). Kernels take float32/float16/bfloat16/float64 x with
     weight of x's dtype or float32; other weight dtypes go to the reference
-    under "auto". Fast path and chunked path as in `layer_norm`. Under
-    torch.autocast, x and weight are cast as torch casts them for F.rms_norm.
+    under "auto". Fast path, chunked path and double backward as in
+    `layer_norm`. Under torch.autocast, x and weight are cast as torch casts
+    them for F.rms_norm.
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
     shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True)
@@ -276,4 +287,4 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     if name == "torch":
         return reference.rms_norm(x, shape, weight, eps)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
-    return RMS_NORM[name](x, list(shape), weight, eps)[0]
+    return RMS_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, eps)[0]
