@@ -87,7 +87,8 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 
 
 class AdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW with fused steps: its arguments, `foreach` and `fused`
+    """torch.optim.AdamW with fused steps: its arguments (lr and betas floats or
+    1-element tensors, validated as torch validates them), `foreach` and `fused`
     accepted and kept in the param groups as torch keeps them (the step here
     is fused either way), `differentiable=True` refused. `backend` (keyword only): "auto"
     (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
@@ -102,8 +103,11 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        if isinstance(lr, Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -114,6 +118,12 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):  # (the range checks above refused Tensors of several elements)
+            if isinstance(beta, Tensor) and foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+        betas = tuple(b.reshape(()) if isinstance(b, Tensor) else b for b in betas)  # as torch keeps them
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if differentiable:
@@ -184,7 +194,7 @@ class AdamW(torch.optim.Optimizer):
             return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
 
         steps = [s["step"] for s in states]
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(b) for b in group["betas"])  # Tensor betas too, as torch's fused step reads them
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
         kw = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],

@@ -307,6 +307,9 @@ def test_triton_op_names_the_tensor_it_refuses(wrong):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1.0), "learning rate"), (dict(eps=-1e-8), "epsilon"), (dict(betas=(1.0, 0.9)), "index 0"),
     (dict(betas=(0.9, -0.1)), "index 1"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(betas=(0.9, torch.tensor(0.99))), "both floats or both Tensors"),
+    (dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), "capturable=False and foreach=True"),
+    (dict(lr=torch.tensor(1e-3), foreach=True), "capturable=False and foreach=True"),
 ])
 def test_constructor_validation_matches_torch(kwargs, match):
     p = [torch.nn.Parameter(torch.randn(3))]
@@ -314,6 +317,27 @@ def test_constructor_validation_matches_torch(kwargs, match):
         torch.optim.AdamW(p, **kwargs)
     with pytest.raises(ValueError, match=match):
         pyext.optim.AdamW(p, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lr_and_betas_step_as_their_values(backend):
+    """torch's AdamW takes lr and betas as 1-element tensors (schedulers that
+    keep them on a device); the steps are those of the same floats."""
+    device = device_for(backend)
+    start = make_params(torch.float32, device)
+    grads = [[torch.randn(p.shape, device=device) for p in start] for _ in range(3)]
+    lrs = [1e-2, 5e-3, 1e-3]
+
+    def stepped(lr, betas):
+        params = [p.clone() for p in start]
+        run(lambda g, **kw: pyext.optim.AdamW(g, backend=backend, betas=betas, **kw), params, grads,
+            [lr * x for x in lrs] if isinstance(lr, float) else [lr.new_tensor(x) for x in lrs])
+        return params
+    floats = stepped(1.0, (0.8, 0.95))
+    f64 = dict(dtype=torch.float64)  # holding the floats' exact values
+    tensors = stepped(torch.tensor(1.0, device=device, **f64), (torch.tensor([0.8], **f64), torch.tensor(0.95, **f64)))
+    for a, b in zip(floats, tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_param_groups_hold_torchs_keys():
