@@ -205,6 +205,10 @@ class _RoutedForward:
     def __signature__(self):  # what inspect.signature(model.forward) gives, as before the patch
         return inspect.signature(self.previous or type(self.model).forward.__get__(self.model))
 
+    @property
+    def __code__(self):  # the code it runs, which torch.export reads off model.forward to name the graph
+        return getattr(self.previous or type(self.model).forward, "__code__", None)
+
 
 def _use_pyext_attention_in_hf(model, report) -> bool:
     """Register and select the "pyext" attention implementation on an HF

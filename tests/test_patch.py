@@ -363,6 +363,21 @@ def test_patched_model_compiles_without_graph_breaks():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_a_patched_model_exports_with_the_kernels_in_its_graph(strict):
+    """torch.export of a patched model (the deployment path): the graph holds
+    the kernels' ops and the exported program computes as the model does."""
+    device = device_for("triton")
+    model = pyext.patch(nano_gpt().to(device, torch.bfloat16).eval(), backend="triton")
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    program = torch.export.export(model, (idx, idx), strict=strict)
+    ops = {str(node.target) for graph in program.graph_module.modules() if isinstance(graph, torch.fx.GraphModule)
+           for node in graph.graph.nodes}  # strict export nests grad-mode regions in submodules
+    for op in ("flash_attn_fwd_triton", "layer_norm_fwd_triton", "gelu_fwd_triton"):
+        assert f"pyext.{op}.default" in ops, f"{op} is not in the exported graph"
+    torch.testing.assert_close(program.module()(idx, idx), model(idx, idx), rtol=0, atol=0)
+
+
 def test_blocks_in_a_wrapper_class_are_routed_too():
     """FSDP2's fully_shard gives each sharded module a subclass of its own,
     defined in torch: the block's own forward under it still gets routed."""
