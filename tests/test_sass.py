@@ -60,13 +60,22 @@ def _sass(arch):
     return dict(zip(parts[1::2], parts[2::2]))
 
 
+def _listed_as(arch):
+    """The name --list-elf gives `arch` code. A CUDA 12 cuobjdump (Triton 3.6
+    ships 12.8's, used where the toolkit's is missing) names sm_90a code
+    "sm_90"; that it is sm_90a code (wgmma, TMA) the tests below check."""
+    version = subprocess.run([CUOBJDUMP, "--version"], capture_output=True, text=True, check=True).stdout
+    release = re.search(r"release (\d+)\.", version)
+    return "sm_90" if arch == "sm_90a" and release and int(release.group(1)) < 13 else arch
+
+
 def test_every_op_is_built_for_ampere_and_hopper():
     listing = subprocess.run([CUOBJDUMP, "--list-elf", _extension()], capture_output=True, text=True,
                              check=True).stdout
     ops = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu"))}
     for op in ops:
         for arch in ARCHS:
-            assert f"{op}.{arch}.cubin" in listing, f"{op} has no {arch} code:\n{listing}"
+            assert f"{op}.{_listed_as(arch)}.cubin" in listing, f"{op} has no {arch} code:\n{listing}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
