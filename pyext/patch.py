@@ -1,7 +1,7 @@
 """Swap pyext's kernels into a model that already exists.
 
     model = pyext.patch(model)            # in place; returns the model
-    pyext.patch_report(model)             # what was swapped, what was left and why
+    pyext.patch_report(model)             # what was swapped, what was left and why, notes
     pyext.unpatch(model)                  # back to the original classes and forward
 
 - torch.nn.LayerNorm / RMSNorm / GELU / MultiheadAttention modules get pyext's
@@ -57,11 +57,13 @@ class PatchReport:
     swapped: List[Tuple[str, str, str]] = field(default_factory=list)  # (module path, from, to)
     left: List[Tuple[str, str, str]] = field(default_factory=list)     # (module path, class, why)
     attention: str = "not routed"
+    notes: List[str] = field(default_factory=list)  # calls that will still run torch's op, and why
 
     def __str__(self):
         lines = [f"pyext.patch: {len(self.swapped)} modules swapped; attention: {self.attention}"]
         lines += [f"  swapped {path or '<root>'}: {old} -> {new}" for path, old, new in self.swapped]
         lines += [f"  left    {path or '<root>'}: {cls} ({why})" for path, cls, why in self.left]
+        lines += [f"  note    {note}" for note in self.notes]
         if not self.swapped and self.attention == "not routed":
             lines.append("  nothing to swap in this model")
         return "\n".join(lines)
@@ -289,6 +291,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
+    if attention:
+        report.notes += _attention_dropout_notes(model, backend)
     if attention and not _use_pyext_attention_in_hf(model, report):
         callers = [(path, m) for path, m in model.named_modules() if path and _calls_sdpa(type(m))]
         for module in [model] + [m for _, m in callers]:
@@ -301,6 +305,26 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
     return model
+
+
+# the attention dropout probability in HF configs, by the names models give it
+_HF_ATTENTION_DROPOUT = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
+
+
+def _attention_dropout_notes(model, backend) -> List[str]:
+    """Attention with dropout, which the kernels do not have: in training those
+    calls run torch's SDPA under auto (and raise under a named backend). GPT-2's
+    and BERT's HF configs default to 0.1, so their fine-tuning is such a case."""
+    from pyext import _backend
+    outcome = "run torch's SDPA" if _backend.is_auto(backend) else f"raise (backend '{backend}')"
+    config = getattr(model, "config", None)
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    notes = [f"attention dropout {settings[k]} ({k} in the config): in training its calls {outcome}, "
+             "the kernels have no dropout" for k in _HF_ATTENTION_DROPOUT if (settings.get(k) or 0) > 0]
+    notes += [f"{path or '<root>'}: dropout {m.dropout}: in training its calls {outcome}, the kernels have no "
+              "dropout" for path, m in model.named_modules()
+              if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0]
+    return notes
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
