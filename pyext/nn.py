@@ -41,9 +41,12 @@ class RMSNorm(torch.nn.RMSNorm):
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through
     pyext.scaled_dot_product_attention when `need_weights=False` and no mask
-    is given (packed in-projection, batched input). Every other call — weights
-    asked for, masks, bias_k/bias_v, add_zero_attn, separate q/k/v projection
-    weights — is torch's own forward, unchanged."""
+    is given, or an attn_mask with is_causal=True (torch's own forward takes
+    that as the hint that the mask is causal and attends causally without it,
+    as nn.TransformerEncoder does with a causal mask); packed in-projection,
+    batched input. Every other call — weights asked for, other masks,
+    bias_k/bias_v, add_zero_attn, separate q/k/v projection weights — is
+    torch's own forward, unchanged."""
 
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -51,9 +54,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if (need_weights or key_padding_mask is not None or attn_mask is not None or is_causal
-                or self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim
-                or query.dim() != 3):
+        causal = is_causal and attn_mask is not None and key_padding_mask is None and not need_weights
+        if (need_weights or key_padding_mask is not None or is_causal != causal
+                or (attn_mask is not None and not causal) or self.bias_k is not None or self.add_zero_attn
+                or not self._qkv_same_embed_dim or query.dim() != 3):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         from pyext.ops.attention import scaled_dot_product_attention
@@ -73,7 +77,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         out = scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           backend=self.backend)
+                                           is_causal=causal, backend=self.backend)
         out = F.linear(out.transpose(1, 2).reshape(batch, -1, self.embed_dim),
                        self.out_proj.weight, self.out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None

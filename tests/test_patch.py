@@ -293,6 +293,27 @@ def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
     assert calls == [1, 1]
 
 
+def test_a_causal_transformer_encoder_goes_through_pyext(pyext_sdpa_calls):
+    """nn.TransformerEncoder given the causal mask (GPT-style models built from
+    torch's layers) passes it with is_causal=True, which torch's attention
+    takes as a hint to attend causally without the mask: so does pyext's,
+    with the same outputs and gradients, one kernel call per layer."""
+    model = encoder()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(9)
+
+    def out_and_grads():
+        out = model(x, mask=mask, is_causal=True)
+        return [out] + list(torch.autograd.grad(out.square().sum(), [x] + list(model.parameters())))
+    expected = out_and_grads()
+    pyext.patch(model, backend="torch")
+    for got, want in zip(out_and_grads(), expected):
+        torch.testing.assert_close(got, want)
+    assert len(pyext_sdpa_calls) == 2
+    model(x, src_key_padding_mask=torch.zeros(2, 9, dtype=torch.bool), mask=mask, is_causal=True)  # torch's path
+    assert len(pyext_sdpa_calls) == 2
+
+
 def test_the_gelu_function_of_a_transformer_layer_is_swapped_and_restored():
     """nn.TransformerEncoderLayer(activation="gelu") holds F.gelu itself, not a module."""
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, activation="gelu",
