@@ -334,13 +334,13 @@ def test_sdpa_drop_in_matches_torch(backend, dtype, is_causal, scale, shape):
         assert_close(o, r, p, name)
 
 
-@pytest.mark.parametrize("case", ["mask", "dropout", "float32", "head_dim_320", "3d"])
+@pytest.mark.parametrize("case", ["mask", "dropout", "float32", "head_dim_320", "broadcast_batch"])
 def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case):
     device = device_for("triton")
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     d = 320 if case == "head_dim_320" else 16
-    shape = (3, 7, d) if case == "3d" else (1, 2, 7, d)
-    q, k, v = (make_tensor(shape, dtype, device) for _ in range(3))
+    q_batch = 2 if case == "broadcast_batch" else 1
+    q, k, v = (make_tensor((b, 2, 7, d), dtype, device) for b in (q_batch, 1, 1))
     kwargs = {"mask": dict(attn_mask=torch.rand(7, 7, device=device) > 0.3),
               "dropout": dict(dropout_p=0.5)}.get(case, {})
     torch.manual_seed(7)
@@ -348,7 +348,7 @@ def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case
     torch.manual_seed(7)
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
     reason = {"mask": "attn_mask", "dropout": "dropout", "float32": "float32", "head_dim_320": "head dim",
-              "3d": "4-D"}[case]
+              "broadcast_batch": "batch"}[case]
     with pytest.raises(pyext.BackendUnavailable, match=reason):
         pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
 
@@ -413,24 +413,37 @@ def test_bad_inputs_raise_torchs_error_type_with_a_clear_message(bad, error):
 
 # (query, key, value shapes): leading dims that broadcast, as torch's SDPA allows
 BROADCAST = [((1, 4, 6, 16), (4, 6, 16), (4, 6, 16)), ((2, 4, 6, 16), (1, 4, 6, 16), (1, 4, 6, 16)),
-             ((1, 4, 6, 16), (1, 1, 6, 16), (1, 1, 6, 16)), ((2, 3, 2, 5, 16), (2, 3, 2, 7, 16), (2, 3, 2, 7, 16))]
+             ((1, 4, 6, 16), (1, 1, 6, 16), (1, 1, 6, 16)), ((2, 3, 2, 5, 16), (2, 3, 2, 7, 16), (2, 3, 2, 7, 16)),
+             ((3, 5, 16), (3, 7, 16), (3, 7, 16)), ((3, 5, 16), (1, 7, 16), (1, 7, 16)),
+             ((2, 3, 2, 5, 16), (1, 3, 2, 7, 16), (1, 3, 2, 7, 16)), ((5, 16), (7, 16), (7, 16))]
 
 
 @pytest.mark.parametrize("shapes", BROADCAST, ids=str)
 def test_sdpa_broadcasts_leading_dims_like_torch(shapes):
     """Broadcast batch and head dims are torch's SDPA semantics: "auto" gives
-    its result; a kernel backend runs the case it covers (one key/value head
-    broadcast is MQA) and names why not for the others."""
+    its result; a kernel backend runs the cases it covers (one key/value head
+    broadcast is MQA; ranks 2, 3 and 5 whose leading dims agree) and names
+    why not for the others."""
     device = device_for("triton")
     q, k, v = (make_tensor(s, torch.bfloat16, device) for s in shapes)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     pt = F.scaled_dot_product_attention(q, k, v)
     assert_close(pyext.scaled_dot_product_attention(q, k, v), ref, pt, "sdpa out")
-    kernel_runs = len(shapes[0]) == len(shapes[1]) == 4 and shapes[0][0] == shapes[1][0]
+    kernel_runs = len(shapes[0]) == len(shapes[1]) and shapes[0][:-3] == shapes[1][:-3]
     if kernel_runs:
-        assert_close(pyext.scaled_dot_product_attention(q, k, v, backend="triton"), ref, pt, "triton out")
+        dout = make_tensor(pt.shape, torch.bfloat16, device)
+
+        def out_and_grads(sdpa, dtype):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+            out = sdpa(*leaves)
+            return [out] + list(torch.autograd.grad(out, leaves, dout.to(dtype)))
+        ours = out_and_grads(lambda *t: pyext.scaled_dot_product_attention(*t, backend="triton"), q.dtype)
+        refs = out_and_grads(F.scaled_dot_product_attention, torch.float64)
+        pts = out_and_grads(F.scaled_dot_product_attention, q.dtype)
+        for name, o, r, p in zip(("triton out", "dq", "dk", "dv"), ours, refs, pts):
+            assert_close(o, r, p, name)
     else:
-        with pytest.raises(pyext.BackendUnavailable, match="4-D|batch"):
+        with pytest.raises(pyext.BackendUnavailable, match="leading dims|batch"):
             pyext.scaled_dot_product_attention(q, k, v, backend="triton")
 
 

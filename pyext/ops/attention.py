@@ -152,7 +152,8 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
     if extra is not None:
         return extra
     if not q.dim() == k.dim() == v.dim() == 4:
-        return f"it needs 4-D (B, H, S, D) inputs, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+        return (f"it needs query, key and value of one rank with the same leading dims (no broadcasting), got "
+                f"shapes {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         return "it needs the same batch size for query, key and value (no broadcasting)"
     if not _heads_fit(q, k, v):
@@ -168,6 +169,17 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return (f"head dim {d} (value head dim {v.shape[-1]}) is not supported: "
                 f"equal q/k/v head dims, a multiple of 8 up to {MAX_HEAD_DIM}")
     return None
+
+
+def _as_4d(q: Tensor, k: Tensor, v: Tensor):
+    """SDPA inputs of another rank as (B, H, S, D), when their leading dims
+    agree: (S, D) as one head, (H, S, D) as one batch, (..., H, S, D) with
+    the leading dims as the batch (reshaped: a view where the strides allow).
+    Inputs that broadcast their leading dims are returned as they are."""
+    if q.dim() == 4 or not q.dim() == k.dim() == v.dim() or not q.shape[:-3] == k.shape[:-3] == v.shape[:-3]:
+        return q, k, v
+    batch = math.prod(q.shape[:-3])
+    return tuple(t.reshape(batch, t.shape[-3] if t.dim() > 2 else 1, *t.shape[-2:]) for t in (q, k, v))
 
 
 def _check_qkv(op: str, q, k, v, gqa: bool):
@@ -268,7 +280,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast
     the inputs are cast as torch casts them (float32 to the region's dtype),
-    so such calls run the kernels too."""
+    so such calls run the kernels too. Inputs of rank 2, 3 or above 4 run the
+    kernels when their leading dims agree (no broadcasting)."""
     query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
@@ -277,8 +290,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         extra = "an attn_mask is not supported by the kernels"
     elif dropout_p > 0.0:
         extra = f"dropout_p={dropout_p} is not supported by the kernels"
+    q, k, v = _as_4d(query, key, value)
     name = _backend.select("scaled_dot_product_attention", backend, query.device,
-                           lambda b: _why_not(b, query, key, value, extra), AUTO_ORDER)
+                           lambda b: _why_not(b, q, k, v, extra), AUTO_ORDER)
     if name == "torch":
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
@@ -288,5 +302,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   query, key, value, scale, is_causal, 0)
-    return out
+                                   q, k, v, scale, is_causal, 0)
+    return out.reshape(query.shape) if q is not query else out
