@@ -22,7 +22,7 @@
   Phi-3, ...) are replaced by pyext modules sharing their parameters.
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply: an attention mask (an HF
-  model given a padding attention_mask), dropout, float32 outside autocast.
+  model given a padding attention_mask), float32 outside autocast.
   A backend named here raises BackendUnavailable on such calls instead, as a
   named backend does everywhere in pyext.
 """
@@ -312,18 +312,22 @@ _HF_ATTENTION_DROPOUT = ("attn_pdrop", "attention_probs_dropout_prob", "attentio
 
 
 def _attention_dropout_notes(model, backend) -> List[str]:
-    """Attention with dropout, which the kernels do not have: in training those
-    calls run torch's SDPA under auto (and raise under a named backend). GPT-2's
-    and BERT's HF configs default to 0.1, so their fine-tuning is such a case."""
+    """Attention with dropout, which the Triton kernels have and the CUDA ones
+    do not: in training those calls run the Triton kernels under auto, and
+    raise under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
     from pyext import _backend
-    outcome = "run torch's SDPA" if _backend.is_auto(backend) else f"raise (backend '{backend}')"
+    if _backend.is_auto(backend):
+        outcome = "run the Triton kernels (the CUDA ones have no dropout)"
+    elif backend == "cuda":
+        outcome = "raise (the CUDA kernels have no dropout)"
+    else:
+        return []
     config = getattr(model, "config", None)
     settings = config.to_dict() if hasattr(config, "to_dict") else {}
-    notes = [f"attention dropout {settings[k]} ({k} in the config): in training its calls {outcome}, "
-             "the kernels have no dropout" for k in _HF_ATTENTION_DROPOUT if (settings.get(k) or 0) > 0]
-    notes += [f"{path or '<root>'}: dropout {m.dropout}: in training its calls {outcome}, the kernels have no "
-              "dropout" for path, m in model.named_modules()
-              if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0]
+    notes = [f"attention dropout {settings[k]} ({k} in the config): in training its calls {outcome}"
+             for k in _HF_ATTENTION_DROPOUT if (settings.get(k) or 0) > 0]
+    notes += [f"{path or '<root>'}: dropout {m.dropout}: in training its calls {outcome}"
+              for path, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0]
     return notes
 
 

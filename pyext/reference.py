@@ -25,14 +25,17 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
     return F.rms_norm(x, normalized_shape, weight, eps)
 
 
-def attention(q, k, v, *, scale=None, causal=False, causal_offset=0):
+def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None):
     """Attention by its definition, returning (out, lse).
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
     Causal: key j visible to query i iff j <= i + causal_offset. Rows that see
-    no key: out 0, lse -inf. Computed in float32 for float16/bfloat16 inputs
-    (as torch's fused SDPA kernels accumulate), float64 for float64; out in
-    the inputs' dtype, lse in the computing one.
+    no key: out 0, lse -inf. Dropout: P is multiplied by keep / (1 - dropout_p),
+    keep the (B, Hq, Sq, Sk) bool mask of kept elements (drawn here from
+    torch's generator when not given); lse is that of the undropped P.
+    Computed in float32 for float16/bfloat16 inputs (as torch's fused SDPA
+    kernels accumulate), float64 for float64; out in the inputs' dtype, lse
+    in the computing one.
     """
     dtype = q.dtype
     with torch.autocast(q.device.type, enabled=False):  # its precision is its own, as a fused kernel's
@@ -48,6 +51,10 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0):
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse[..., None])
         p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+        if dropout_p > 0:
+            if keep is None:
+                keep = torch.rand(p.shape, device=p.device) >= dropout_p
+            p = p * keep / (1 - dropout_p)
         return (p @ v).to(dtype), lse
 
 

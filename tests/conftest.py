@@ -199,6 +199,29 @@ def _fresh_worker_after_a_broken_cuda_context():
         os._exit(1)
 
 
+def hessian_vector_product(fn, inputs, c, r):
+    """The gradient of <dL/d(inputs), r>, L = <fn(inputs), c> + mean(fn^2)/2: a
+    backward run with create_graph=True, then one through its graph (the
+    square makes the second one pass through fn's own backward too). The
+    cotangents c and r are random, so the values stay of order one."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    loss = (y * c.to(y.dtype)).sum() + y.float().square().mean() / 2
+    first = torch.autograd.grad(loss, inputs, create_graph=True)
+    return torch.autograd.grad(sum((g * d.to(g.dtype)).sum() for g, d in zip(first, r)), inputs)
+
+
+@pytest.fixture
+def auto_runs_the_triton_kernels(monkeypatch):
+    """Without a GPU, "auto" would give CPU tensors to the reference: here it
+    runs the Triton kernels (interpreter) instead, as it does on a GPU."""
+    if not HAS_GPU:
+        select = _backend.select
+        monkeypatch.setattr(_backend, "select", lambda op, backend, device, why_not, *rest: (
+            "triton" if _backend.is_auto(backend) and why_not("triton") is None
+            else select(op, backend, device, why_not, *rest)))
+
+
 @pytest.fixture
 def restore_backend():
     previous = _backend.get_backend()

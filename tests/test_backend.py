@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyext
-from conftest import HAS_GPU, assert_close
+from conftest import HAS_GPU, assert_close, hessian_vector_product
 
 
 def test_available_backends_lists_every_backend_with_a_reason():
@@ -170,29 +170,6 @@ SECOND_ORDER = {
 }
 
 
-def _hessian_vector_product(fn, inputs, c, r):
-    """The gradient of <dL/d(inputs), r>, L = <fn(inputs), c> + mean(fn^2)/2: a
-    backward run with create_graph=True, then one through its graph (the
-    square makes the second one pass through fn's own backward too). The
-    cotangents c and r are random, so the values stay of order one."""
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    y = fn(*inputs)
-    loss = (y * c.to(y.dtype)).sum() + y.float().square().mean() / 2
-    first = torch.autograd.grad(loss, inputs, create_graph=True)
-    return torch.autograd.grad(sum((g * d.to(g.dtype)).sum() for g, d in zip(first, r)), inputs)
-
-
-@pytest.fixture
-def auto_runs_the_triton_kernels(monkeypatch):
-    """Without a GPU, "auto" would give CPU tensors to the reference: here it
-    runs the Triton kernels (interpreter) instead, as it does on a GPU."""
-    if not HAS_GPU:
-        select = pyext._backend.select
-        monkeypatch.setattr(pyext._backend, "select", lambda op, backend, device, why_not, *rest: (
-            "triton" if pyext._backend.is_auto(backend) and why_not("triton") is None
-            else select(op, backend, device, why_not, *rest)))
-
-
 @pytest.mark.parametrize("op", sorted(SECOND_ORDER))
 def test_double_backward_under_auto_differentiates_the_gradients(op, auto_runs_the_triton_kernels):
     """Gradient penalties, Hessian-vector products and physics-informed losses
@@ -206,9 +183,9 @@ def test_double_backward_under_auto_differentiates_the_gradients(op, auto_runs_t
                                                                  for t in inputs]
     ran = type(ours(*[t.clone().requires_grad_() for t in inputs]).grad_fn).__name__
     assert any(kernel in ran for kernel in ("triton", "cuda", "FlashAttention")), f"auto ran {ran}, not a kernel"
-    got = _hessian_vector_product(ours, inputs, c, r)
-    want = _hessian_vector_product(theirs, [t.double() for t in inputs], c, r)
-    same_dtype = _hessian_vector_product(theirs, inputs, c, r)
+    got = hessian_vector_product(ours, inputs, c, r)
+    want = hessian_vector_product(theirs, [t.double() for t in inputs], c, r)
+    same_dtype = hessian_vector_product(theirs, inputs, c, r)
     for i, (g, w, pt) in enumerate(zip(got, want, same_dtype)):
         assert_close(g, w, pt, name=f"Hessian-vector product, input {i}")
 
@@ -220,4 +197,4 @@ def test_double_backward_with_a_named_kernel_backend_raises(op):
     inputs = [torch.randn(s, device="cuda" if HAS_GPU else "cpu").to(dtype) for s in shapes]
     c, r = torch.ones(ours(*inputs).shape), [torch.ones(t.shape) for t in inputs]
     with pytest.raises(pyext.BackendUnavailable, match="create_graph=True"):
-        _hessian_vector_product(lambda *t: ours(*t, backend=backend), inputs, c, r)
+        hessian_vector_product(lambda *t: ours(*t, backend=backend), inputs, c, r)

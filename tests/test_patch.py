@@ -342,17 +342,18 @@ def test_a_model_with_nothing_to_swap_says_so(capsys):
 
 
 def test_attention_dropout_is_noted_in_the_report():
-    """The kernels have no dropout: the report says which attention will run
-    torch's SDPA in training (GPT-2's and BERT's HF defaults are 0.1)."""
+    """The CUDA attention kernels have no dropout: the report says which
+    attention will run the Triton kernels in training under auto, or raise
+    under backend "cuda" (GPT-2's and BERT's HF defaults are 0.1)."""
     tf = pytest.importorskip("transformers")
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
     notes = pyext.patch_report(pyext.patch(gpt2)).notes
-    assert len(notes) == 1 and notes[0].startswith("attention dropout 0.1 (attn_pdrop in the config)")
-    assert "run torch's SDPA" in notes[0]
+    assert notes == ["attention dropout 0.1 (attn_pdrop in the config): in training its calls run the Triton "
+                     "kernels (the CUDA ones have no dropout)"]
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)  # dropout=0.1
-    notes = pyext.patch_report(pyext.patch(layer, backend="triton")).notes
-    assert notes == ["self_attn: dropout 0.1: in training its calls raise (backend 'triton'), the kernels have "
-                     "no dropout"]
+    notes = pyext.patch_report(pyext.patch(layer, backend="cuda")).notes
+    assert notes == ["self_attn: dropout 0.1: in training its calls raise (the CUDA kernels have no dropout)"]
+    assert pyext.patch_report(pyext.patch(layer, backend="triton")).notes == []
     for kind in ("gpt2", "encoder"):  # built with dropout 0.0
         assert pyext.patch_report(pyext.patch(build(kind))).notes == []
 

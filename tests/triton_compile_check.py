@@ -31,7 +31,7 @@ TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 # Shared memory per block (opt-in) of an A100 and an H100, bytes.
 SHARED_MEMORY = {80: 166912, 90: 232448}
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+          torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 launches = []  # (JITFunction, bound arguments, options, configs, targets, pruned)
 all_configs = False  # compile every autotune config (pruned) of the launches recorded while True
 targets = TARGETS  # the targets of the launches recorded now
@@ -114,6 +114,16 @@ def exercise_launchers():
         forwards = {fn.__name__ for fn, *_, ts, _ in launches if ts == targets and "fwd" in fn.__name__}
         expected = "_fwd_tma_kernel" if target.arch >= 90 else "_fwd_kernel"
         assert forwards == {expected}, f"sm_{target.arch} launched {forwards}, expected {expected}"
+        # dropout: the pointer forward on every GPU, and the backward kernels with its mask
+        all_configs = False
+        seed = torch.tensor([1])
+        for d in (80, 128):
+            q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
+            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=0.1, seed=seed)
+            for deterministic in (False, True):
+                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
+                                               dropout_p=0.1, seed=seed)
+        flash_attention.dropout_keep_mask(seed, 1, 2, 33, 40, 0.1)
         if target.arch >= 90:
             with flash_attention.use_loads("pointer"):
                 for d in (80, 128):

@@ -8,6 +8,11 @@ caller's out.transpose(1, 2).contiguous() copies nothing); lse (B, Hq, Sq)
 fp32, natural log. Causal: key j is visible to query i iff j <= i + causal_offset
 (0: top-left, as torch's SDPA; Sk - Sq: bottom-right, as FlashAttention).
 A row that sees no key gets out = 0, lse = -inf and zero gradients.
+Dropout (dropout_p > 0): each P element is kept with probability
+keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
+Philox, counter m * Sk + n under the key seed + (b * Hq + h), the seed a
+device tensor (so torch's RNG, CUDA graphs and torch.compile handle it):
+the backward draws the same mask. lse is that of the undropped P.
 
 Forward, per block of queries, over blocks of keys (never an S x S tensor):
     s = q k^T * scale * log2(e)              (base-2 logits: exp2 is one instruction)
@@ -17,6 +22,8 @@ Forward, per block of queries, over blocks of keys (never an S x S tensor):
     out = acc / l;  lse = (m + log2 l) / log2(e)
 Backward, with P recomputed from lse: D_i = rowsum(dO * O) (a first pass), then
     dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dQ = scale dS K;  dK = scale dS^T Q
+With dropout, Z = mask / keep: O = (P Z) V, so dV = (P Z)^T dO and dP = (dO V^T) Z;
+D = rowsum(dO * O) is still rowsum(P * dP), and dS = P * (dP - D) as before.
 dK and dV are accumulated per key block over every query block and every
 query head of its group (GQA without atomics). dQ two ways (flash_attn_bwd's
 `deterministic`):
@@ -139,8 +146,18 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr):
-    """One key block of the online softmax: (m, l, acc) updated with keys offs_n."""
+def _dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep):
+    """[M, N] dropout mask, True where P is kept: Philox uniforms < keep, at
+    counter m * Sk + n (int32: the host keeps Sq * Sk below 2^31) under the
+    key seed + bh, one stream per (batch, head). The same in every kernel."""
+    return tl.rand(tl.load(seed_ptr) + bh, offs_m[:, None] * seq_k + offs_n[None, :]) < keep
+
+
+@triton.jit
+def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
+            DROPOUT: tl.constexpr, seed_ptr, bh, keep):
+    """One key block of the online softmax: (m, l, acc) updated with keys
+    offs_n; with DROPOUT, acc sums the kept P only (out divides by keep)."""
     s = dot(q, tl.trans(k)) * qk_scale
     s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -148,6 +165,8 @@ def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, caus
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep), p, 0.0)
     acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v)
     return m_new, l_i, acc
 
@@ -161,13 +180,13 @@ def _finish(m_i, l_i, acc):
     return out, lse
 
 
-@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"])
+@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                seq_q, seq_k, heads_q, group, sob, soh, som, qk_scale, causal_offset,
+                seq_q, seq_k, heads_q, group, sob, soh, som, qk_scale, causal_offset, keep,
                 SQ_BUCKET, SK_BUCKET,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
@@ -187,8 +206,10 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL)
+                                causal_offset, CAUSAL, DROPOUT, seed_ptr, bh, keep)
 
+    if DROPOUT:
+        acc = acc / keep
     out, lse = _finish(m_i, l_i, acc)
     tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
              round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
@@ -225,7 +246,7 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL)
+                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0)  # no dropout here
 
     out, lse = _finish(m_i, l_i, acc)
     out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
@@ -254,13 +275,13 @@ def _load_lse2(lse_ptr, row, mask):
 
 
 @triton.jit
-def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, sdb, sdh, sdm,
-                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
                    SQ_BUCKET, SK_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
@@ -290,8 +311,13 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             s_t = dot(k, tl.trans(q)) * qk_scale
             visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset))
             p_t = tl.where(visible_t, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += dot(round_to(p_t, do.dtype), do)
             dp_t = dot(v, tl.trans(do))
+            if DROPOUT:
+                kept_t = tl.trans(_dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep))
+                dv += dot(round_to(tl.where(kept_t, p_t / keep, 0.0), do.dtype), do)
+                dp_t = tl.where(kept_t, dp_t / keep, 0.0)
+            else:
+                dv += dot(round_to(p_t, do.dtype), do)
             ds_t = round_to(p_t * (dp_t - delta[None, :]), q.dtype)
             dk += dot(ds_t, q)
             if ATOMIC_DQ:
@@ -304,7 +330,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
              round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
 
 
-_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"]
+_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT"]
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
 # Timing a config adds into dq_acc: the autotuner zeroes it before each run.
 _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
@@ -313,11 +339,11 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, sdb, sdh, sdm, sdqb, sdqh, sdqm, qk_scale, scale, causal_offset,
-                   SQ_BUCKET, SK_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   keep, SQ_BUCKET, SK_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -344,6 +370,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
         p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset),
                      tl.exp2(s - lse2[:, None]), 0.0)
         dp = dot(do, tl.trans(v))
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep), dp / keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += dot(round_to(ds, k.dtype), k)
     tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
@@ -428,21 +456,30 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _prepare(q, k, v, causal):
+# Dropout's Philox counter m * Sk + n is an int32.
+MAX_DROPOUT_SCORES = 2 ** 31
+
+
+def _prepare(q, k, v, causal, dropout_p):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
+    if dropout_p > 0 and seq_q * seq_k >= MAX_DROPOUT_SCORES:
+        raise ValueError(f"dropout needs Sq * Sk below 2^31, got {seq_q} * {seq_k}")
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal), DROPOUT=dropout_p > 0)
     buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
     return q, k, v, strides + sizes, sizes, meta, buckets
 
 
-def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None):
-    """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests)."""
-    q, k, v, args, sizes, meta, buckets = _prepare(q, k, v, causal)
+def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
+                   dropout_p: float = 0.0, seed=None):
+    """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
+    dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device; it
+    runs the pointer forward."""
+    q, k, v, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p)
     batch, heads_q, seq_q, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out  # q's memory order (see the module docstring)
     lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device) if lse is None else lse
@@ -452,23 +489,24 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         return out.zero_(), lse.fill_(float("-inf"))
     grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
-        if forward_loads(q, k, v, out) == "descriptor":
+        if not meta["DROPOUT"] and forward_loads(q, k, v, out) == "descriptor":
+            meta.pop("DROPOUT")
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, *args, *out.stride()[:3], scale * LOG2E, causal_offset,
-                              *buckets, **meta)
+            _fwd_kernel[grid](q, k, v, out, lse, seed, *args, *out.stride()[:3], scale * LOG2E, causal_offset,
+                              1.0 - dropout_p, *buckets, **meta)
     return out, lse
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
-                   dq=None, dk=None, dv=None):
+                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None):
     """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
     block, each a sum in a fixed order (same bits run to run; S and P computed
     twice). False: one pass that also adds each tile's dS K into an fp32 dQ
     with atomics, in an order that varies run to run. Gradients may be passed
-    in (poisoned, by tests)."""
-    q, k, v, args, _, meta, buckets = _prepare(q, k, v, causal)
+    in (poisoned, by tests). dropout_p and seed: the forward's."""
+    q, k, v, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     dout, out = _unit_last_stride(dout), _unit_last_stride(out)
@@ -480,7 +518,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    tail = (scale * LOG2E, scale, causal_offset, *buckets)
+    tail = (scale * LOG2E, scale, causal_offset, 1.0 - dropout_p, *buckets)
     dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     with on_device(q):
@@ -490,11 +528,34 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, *args, *dout_strides,
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, *args, *dout_strides,
                                          *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True, **meta)
             return torch.mul(dq_acc, scale, out=dq), dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, *args, *dout_strides,
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, *args, *dout_strides,
                                   *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, *args, *dout_strides, *dq.stride()[:3], *tail, **meta)
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, *args, *dout_strides, *dq.stride()[:3], *tail,
+                               **meta)
     return dq, dk, dv
+
+
+@triton.jit
+def _dropout_keep_kernel(seed_ptr, keep_ptr, seq_q, seq_k, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2).to(tl.int64)
+    kept = _dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep)
+    tl.store(keep_ptr + (bh * seq_q + offs_m[:, None]) * seq_k + offs_n[None, :], kept.to(tl.int8),
+             mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k))
+
+
+def dropout_keep_mask(seed, batch: int, heads_q: int, seq_q: int, seq_k: int, dropout_p: float):
+    """The (B, Hq, Sq, Sk) bool mask of the P elements that the kernels keep
+    under `seed`: what the reference needs to compute the same dropout (the
+    tests, and the double backward)."""
+    kept = torch.empty((batch, heads_q, seq_q, seq_k), dtype=torch.int8, device=seed.device)
+    if kept.numel():
+        grid = (triton.cdiv(seq_q, 16), triton.cdiv(seq_k, 16), batch * heads_q)
+        with on_device(seed):
+            _dropout_keep_kernel[grid](seed, kept, seq_q, seq_k, 1.0 - dropout_p, BLOCK_M=16, BLOCK_N=16)
+    return kept.bool()

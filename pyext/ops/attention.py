@@ -15,6 +15,9 @@ last bits vary run to run); the CUDA backward is deterministic either way.
 The public functions carry the caller's choice from the forward to the
 backward in _FlashAttention's context; a forward op called directly gets the
 deterministic backward.
+Dropout (Triton only): flash_attn_dropout_{fwd,bwd}_triton take dropout_p
+and `seed`, a one-element int64 tensor drawn from torch's generator on the
+inputs' device per call; the backward draws the forward's mask from it.
 """
 import math
 import threading
@@ -47,12 +50,28 @@ def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic)
 
 
+@torch.library.custom_op("pyext::flash_attn_dropout_fwd_triton", mutates_args=())
+def flash_attn_dropout_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+                                  dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed)
+
+
+@torch.library.custom_op("pyext::flash_attn_dropout_bwd_triton", mutates_args=())
+def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  scale: float, causal: bool, causal_offset: int, dropout_p: float, seed: Tensor,
+                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
+                                  dropout_p=dropout_p, seed=seed)
+
+
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
     b, h, s, d = q.shape
     return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
 
 
-def _fake_fwd_triton(q, k, v, scale, causal, causal_offset):
+def _fake_fwd_triton(q, k, v, *_):
     """out in q's memory order, as the Triton launcher makes it."""
     b, h, s, d = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -63,7 +82,7 @@ def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, determ
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fake_bwd_triton(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
+def _fake_bwd_triton(dout, q, k, v, *_):
     """Each gradient in its input's memory order, as the Triton launcher makes them."""
     return tuple(torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
 
@@ -77,8 +96,18 @@ def _setup_context(ctx, inputs, output):
     ctx.deterministic = True  # a forward op called directly; _FlashAttention sets the caller's choice
 
 
-def _reference_out(q, k, v, scale, causal, causal_offset):
-    return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset)[0]
+def _dropout_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.args, ctx.dropout_p = (scale, causal, causal_offset), dropout_p
+    ctx.deterministic = True
+
+
+def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None):
+    return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
+                               dropout_p=dropout_p, keep=keep)[0]
 
 
 def _make_backward(bwd_op):
@@ -91,8 +120,23 @@ def _make_backward(bwd_op):
     return backward
 
 
+def _make_dropout_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' mask
+            from pyext.triton_kernels import flash_attention as kernels
+            keep = kernels.dropout_keep_mask(seed, *q.shape[:3], k.shape[2], ctx.dropout_p)
+            return create_graph_grads("flash_attention", ctx, _reference_out,
+                                      (q, k, v, *ctx.args, ctx.dropout_p, keep), (dout,))
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.dropout_p, seed, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
+    return backward
+
+
 FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
+DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
+                                              _dropout_setup_context, _make_dropout_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -101,15 +145,30 @@ class _FlashAttention(torch.autograd.Function):
     them, so they live in this context."""
 
     @staticmethod
-    def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset):
-        output = FWD[backend](q, k, v, scale, causal, causal_offset)
-        _setup_context(ctx, (q, k, v, scale, causal, causal_offset), output)
+    def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
+                dropout_p=0.0, seed=None):
+        if dropout_p > 0:
+            inputs = (q, k, v, scale, causal, causal_offset, dropout_p, seed)
+            output = DROPOUT_FWD[backend](*inputs)
+            _dropout_setup_context(ctx, inputs, output)
+        else:
+            output = FWD[backend](q, k, v, scale, causal, causal_offset)
+            _setup_context(ctx, (q, k, v, scale, causal, causal_offset), output)
+            ctx.dropout_p = 0.0
         ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return (None, None, None) + _make_backward(BWD[ctx.backend])(ctx, dout, dlse)
+        if ctx.dropout_p > 0:
+            return (None, None, None) + _make_dropout_backward(DROPOUT_BWD[ctx.backend])(ctx, dout, dlse)
+        return (None, None, None) + _make_backward(BWD[ctx.backend])(ctx, dout, dlse) + (None, None)
+
+
+def _dropout_seed(device: torch.device) -> Tensor:
+    """A fresh key for the kernels' dropout mask, from torch's generator on `device`
+    (so torch.manual_seed reproduces it, and a CUDA graph draws anew at each replay)."""
+    return torch.randint(2 ** 62, (1,), device=device)
 
 
 # The kernel backends "auto" tries. The CUDA kernels (issue 5) join when a GPU
@@ -140,7 +199,7 @@ def _heads_fit(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return hk == v.shape[1] and (hq % hk == 0 if hk else hq == 0)
 
 
-def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None):
+def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None, dropout_p: float = 0.0):
     """Why `backend` cannot run this attention call, or None."""
     if backend == "torch":
         return None
@@ -151,6 +210,14 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return missing_reason(backend, FWD, "attention")
     if extra is not None:
         return extra
+    if dropout_p != 0.0:
+        if backend not in DROPOUT_FWD:
+            return f"dropout_p={dropout_p}: the {backend} kernels have no dropout (the Triton ones do)"
+        if not 0.0 < dropout_p < 1.0:
+            return f"dropout_p={dropout_p} is not in (0, 1)"
+        from pyext.triton_kernels.flash_attention import MAX_DROPOUT_SCORES
+        if q.dim() == 4 and q.shape[2] * k.shape[2] >= MAX_DROPOUT_SCORES:
+            return f"dropout needs Sq * Sk below 2^31 (its random counter), got {q.shape[2]} * {k.shape[2]}"
     if not q.dim() == k.dim() == v.dim() == 4:
         return (f"it needs query, key and value of one rank with the same leading dims (no broadcasting), got "
                 f"shapes {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
@@ -219,14 +286,21 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                    return_lse: bool = False, deterministic: Optional[bool] = None, backend=None):
+                    dropout_p: float = 0.0, return_lse: bool = False, deterministic: Optional[bool] = None,
+                    backend=None):
     """Exact attention without an S x S matrix in memory, layout (B, H, S, D) like SDPA.
 
     causal=True aligns the mask bottom-right, as FlashAttention does: query i
     sees key j iff j <= i + Sk - Sq (rows that see no key give 0). k and v may
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
-    carries no gradient. The Triton backend gives out in q's memory order, as
+    carries no gradient. dropout_p in [0, 1): each attention weight is
+    dropped with that probability and the kept ones scaled by 1 / (1 - p), as
+    SDPA's dropout does; the mask comes from torch's generator on the inputs'
+    device (torch.manual_seed reproduces it) and is drawn again, not stored,
+    in the backward. The Triton kernels and the reference have dropout (up to
+    Sq * Sk < 2^31 in the kernels), the CUDA kernels not. The lse returned is
+    that of the undropped weights. The Triton backend gives out in q's memory order, as
     torch's flash SDPA does (for q a (B, S, H, D) view, out is one too); the
     CUDA backend gives it contiguous.
     deterministic=False: the Triton backward adds dQ up with fp32 atomics in
@@ -257,16 +331,21 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if not _heads_fit(q, k, v):
         raise RuntimeError(f"flash_attention: query heads {q.shape[1]} must be a multiple of key/value heads "
                            f"{k.shape[1]}/{v.shape[1]}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal_offset = k.shape[2] - q.shape[2]
-    name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(b, q, k, v), AUTO_ORDER)
+    name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(b, q, k, v, None, dropout_p),
+                           AUTO_ORDER)
     if name == "torch":
-        out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset)
+        out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
+                                       dropout_p=dropout_p)
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
+        seed = _dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, q, k, v, scale, causal,
-                                         causal_offset)
+                                         causal_offset, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
@@ -275,8 +354,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  enable_gqa: bool = False, *, backend=None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, with pyext's kernels
     where they apply (is_causal is top-left aligned, as in torch). An attn_mask,
-    dropout, float32/float64 inputs or head dims over 256 go to torch's own
-    SDPA under backend "auto"; a kernel backend named explicitly raises. The
+    float32/float64 inputs or head dims over 256 go to torch's own SDPA under
+    backend "auto"; a kernel backend named explicitly raises. Dropout runs in
+    the Triton kernels (see flash_attention), in torch's SDPA otherwise. The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast
     the inputs are cast as torch casts them (float32 to the region's dtype),
@@ -285,14 +365,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
-    extra = None
-    if attn_mask is not None:
-        extra = "an attn_mask is not supported by the kernels"
-    elif dropout_p > 0.0:
-        extra = f"dropout_p={dropout_p} is not supported by the kernels"
+    extra = "an attn_mask is not supported by the kernels" if attn_mask is not None else None
     q, k, v = _as_4d(query, key, value)
     name = _backend.select("scaled_dot_product_attention", backend, query.device,
-                           lambda b: _why_not(b, q, k, v, extra), AUTO_ORDER)
+                           lambda b: _why_not(b, q, k, v, extra, dropout_p), AUTO_ORDER)
     if name == "torch":
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
@@ -301,6 +377,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    seed = _dropout_seed(q.device) if dropout_p > 0 else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   q, k, v, scale, is_causal, 0)
+                                   q, k, v, scale, is_causal, 0, dropout_p, seed)
     return out.reshape(query.shape) if q is not query else out
