@@ -146,18 +146,27 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep):
-    """[M, N] dropout mask, True where P is kept: Philox uniforms < keep, at
-    counter m * Sk + n (int32: the host keeps Sq * Sk below 2^31) under the
-    key seed + bh, one stream per (batch, head). The same in every kernel."""
-    return tl.rand(tl.load(seed_ptr) + bh, offs_m[:, None] * seq_k + offs_n[None, :]) < keep
+def _dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] dropout mask of keys start_n.. (a multiple of 4),
+    True where P is kept: Philox uniforms < keep, under the key seed + bh
+    (a stream per (batch, head)). One Philox call (10 rounds of 32-bit
+    products) gives four uniforms, those of keys 4j..4j+3 of query m, at
+    counter m * ceil(Sk / 4) + j (int32: the host keeps Sq * Sk below 2^31):
+    a function of (m, n) alone, so every kernel and block size draws the
+    same mask."""
+    counter = offs_m[:, None] * ((seq_k + 3) // 4) + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr) + bh, counter)
+    # [M, N/4, 2, 2] indexed [m, j, a, b] = r_{2a+b}, so row-major key 4j + 2a + b
+    uniform = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return uniform < keep
 
 
 @triton.jit
-def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
-            DROPOUT: tl.constexpr, seed_ptr, bh, keep):
+def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
+            DROPOUT: tl.constexpr, seed_ptr, bh, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the online softmax: (m, l, acc) updated with keys
-    offs_n; with DROPOUT, acc sums the kept P only (out divides by keep)."""
+    start_n..; with DROPOUT, acc sums the kept P only (out divides by keep)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     s = dot(q, tl.trans(k)) * qk_scale
     s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -166,7 +175,7 @@ def _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale, caus
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep), p, 0.0)
+        p = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), p, 0.0)
     acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v)
     return m_new, l_i, acc
 
@@ -205,8 +214,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL, DROPOUT, seed_ptr, bh, keep)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
+                                causal_offset, CAUSAL, DROPOUT, seed_ptr, bh, keep, BLOCK_M, BLOCK_N)
 
     if DROPOUT:
         acc = acc / keep
@@ -242,11 +251,10 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
     for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, offs_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0)  # no dropout here
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
+                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0, BLOCK_M, BLOCK_N)  # no dropout
 
     out, lse = _finish(m_i, l_i, acc)
     out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
@@ -313,7 +321,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             p_t = tl.where(visible_t, tl.exp2(s_t - lse2[None, :]), 0.0)
             dp_t = dot(v, tl.trans(do))
             if DROPOUT:
-                kept_t = tl.trans(_dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep))
+                kept_t = tl.trans(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N))
                 dv += dot(round_to(tl.where(kept_t, p_t / keep, 0.0), do.dtype), do)
                 dp_t = tl.where(kept_t, dp_t / keep, 0.0)
             else:
@@ -371,7 +379,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
                      tl.exp2(s - lse2[:, None]), 0.0)
         dp = dot(do, tl.trans(v))
         if DROPOUT:
-            dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep), dp / keep, 0.0)
+            dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += dot(round_to(ds, k.dtype), k)
     tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
@@ -544,7 +552,7 @@ def _dropout_keep_kernel(seed_ptr, keep_ptr, seq_q, seq_k, keep, BLOCK_M: tl.con
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2).to(tl.int64)
-    kept = _dropout_keep(seed_ptr, bh, offs_m, offs_n, seq_k, keep)
+    kept = _dropout_keep(seed_ptr, bh, offs_m, tl.program_id(1) * BLOCK_N, seq_k, keep, BLOCK_M, BLOCK_N)
     tl.store(keep_ptr + (bh * seq_q + offs_m[:, None]) * seq_k + offs_n[None, :], kept.to(tl.int8),
              mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k))
 
