@@ -313,11 +313,13 @@ _HF_ATTENTION_DROPOUT = ("attn_pdrop", "attention_probs_dropout_prob", "attentio
 
 def _attention_dropout_notes(model, backend) -> List[str]:
     """Attention with dropout, which the Triton kernels have and the CUDA ones
-    do not: in training those calls run the Triton kernels under auto, and
-    raise under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
+    do not: in training those calls run torch's SDPA under auto (until the
+    Triton dropout is measured faster: SDPA_DROPOUT_AUTO_ORDER), and raise
+    under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
     from pyext import _backend
-    if _backend.is_auto(backend):
-        outcome = "run the Triton kernels (the CUDA ones have no dropout)"
+    from pyext.ops.attention import SDPA_DROPOUT_AUTO_ORDER
+    if _backend.is_auto(backend) and "triton" not in SDPA_DROPOUT_AUTO_ORDER:
+        outcome = "run torch's SDPA (pyext's dropout is the Triton kernels', backend='triton')"
     elif backend == "cuda":
         outcome = "raise (the CUDA kernels have no dropout)"
     else:

@@ -436,7 +436,7 @@ def test_dropout_double_backward_under_auto_uses_the_kernels_mask(dropout_seeds,
     from pyext.triton_kernels.flash_attention import dropout_keep_mask
     q, k, v = (t.detach() for t in qkv((1, 2, 2, 24, 24, 16), torch.float16, device_for("triton")))
     c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]
-    got = hessian_vector_product(lambda *t: pyext.scaled_dot_product_attention(*t, dropout_p=0.25), (q, k, v), c, r)
+    got = hessian_vector_product(lambda *t: pyext.flash_attention(*t, dropout_p=0.25), (q, k, v), c, r)
     keep = dropout_keep_mask(dropout_seeds[0], 1, 2, 24, 24, 0.25)
     assert len(dropout_seeds) == 1  # the kernels ran, once
 

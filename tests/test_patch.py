@@ -342,14 +342,14 @@ def test_a_model_with_nothing_to_swap_says_so(capsys):
 
 
 def test_attention_dropout_is_noted_in_the_report():
-    """The CUDA attention kernels have no dropout: the report says which
-    attention will run the Triton kernels in training under auto, or raise
+    """Attention dropout is the Triton kernels' only, named: the report says
+    which attention will run torch's SDPA in training under auto, or raise
     under backend "cuda" (GPT-2's and BERT's HF defaults are 0.1)."""
     tf = pytest.importorskip("transformers")
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
     notes = pyext.patch_report(pyext.patch(gpt2)).notes
-    assert notes == ["attention dropout 0.1 (attn_pdrop in the config): in training its calls run the Triton "
-                     "kernels (the CUDA ones have no dropout)"]
+    assert notes == ["attention dropout 0.1 (attn_pdrop in the config): in training its calls run torch's SDPA "
+                     "(pyext's dropout is the Triton kernels', backend='triton')"]
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)  # dropout=0.1
     notes = pyext.patch_report(pyext.patch(layer, backend="cuda")).notes
     assert notes == ["self_attn: dropout 0.1: in training its calls raise (the CUDA kernels have no dropout)"]

@@ -171,6 +171,14 @@ def _dropout_seed(device: torch.device) -> Tensor:
     return torch.randint(2 ** 62, (1,), device=device)
 
 
+# The kernel backends auto tries for scaled_dot_product_attention with dropout:
+# none yet, so torch's SDPA (its flash kernel draws four numbers per Philox
+# call, as ours now do, in CUDA) until a GPU run of the benchmark's dropout
+# cases shows the Triton kernels' dropout at least as fast (benchmarks/NOTES.md,
+# "Attention dropout"). flash_attention, whose fallback is the reference,
+# takes the Triton kernels under auto.
+SDPA_DROPOUT_AUTO_ORDER = ()
+
 # The kernel backends "auto" tries. The CUDA kernels (issue 5) join when a GPU
 # run of tests/test_attention.py has passed with them; until then only
 # backend="cuda", named, runs them.
@@ -355,8 +363,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """torch.nn.functional.scaled_dot_product_attention, with pyext's kernels
     where they apply (is_causal is top-left aligned, as in torch). An attn_mask,
     float32/float64 inputs or head dims over 256 go to torch's own SDPA under
-    backend "auto"; a kernel backend named explicitly raises. Dropout runs in
-    the Triton kernels (see flash_attention), in torch's SDPA otherwise. The
+    backend "auto"; a kernel backend named explicitly raises. Dropout: the
+    Triton kernels' when named (see flash_attention), torch's SDPA under auto
+    until measured faster (SDPA_DROPOUT_AUTO_ORDER). The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast
     the inputs are cast as torch casts them (float32 to the region's dtype),
@@ -368,7 +377,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     extra = "an attn_mask is not supported by the kernels" if attn_mask is not None else None
     q, k, v = _as_4d(query, key, value)
     name = _backend.select("scaled_dot_product_attention", backend, query.device,
-                           lambda b: _why_not(b, q, k, v, extra, dropout_p), AUTO_ORDER)
+                           lambda b: _why_not(b, q, k, v, extra, dropout_p),
+                           SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER)
     if name == "torch":
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
