@@ -13,6 +13,9 @@ Model-layout cases (causal, "bshd" in the label and dtype key) time what a
 transformer block pays: q, k, v are (B, H, S, D) views of one packed
 (B, S, 3, H, D) projection, and the output goes on as (B, S, H * D), so each
 provider's layout copies, in and out and in the backward, are in its time.
+They are also timed with attention dropout 0.1 ("dropout" in the dtype key), as
+HF GPT-2 and BERT train: pyext-triton's dropout against the SDPA backends'
+and FlashAttention's (the FLOPs counted are the matmuls' alone).
 """
 import torch
 import torch.nn.functional as F
@@ -32,23 +35,26 @@ SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.E
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 
 
-def _sdpa(backend, causal):
+DROPOUT = 0.1  # the model-layout cases' second run, as GPT-2 and BERT train
+
+
+def _sdpa(backend, causal, dropout_p):
     def run(q, k, v):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     return run
 
 
-def _flash_attn_package(causal):
+def _flash_attn_package(causal, dropout_p):
     """FlashAttention's own package (its (B, S, H, D) layout, from our views)."""
     flash_attn = optional_peer("flash_attn")
     if isinstance(flash_attn, str):
         return flash_attn
     return lambda q, k, v: flash_attn.flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal).transpose(1, 2)
 
 
-def _triton_pointer_forward(causal, why_not_triton):
+def _triton_pointer_forward(causal, dropout_p, why_not_triton):
     """pyext's Triton attention with the forward's pointer loads forced, or why
     it is not timed: where pyext-triton itself takes the pointer path it would
     time the same kernel again."""
@@ -56,6 +62,8 @@ def _triton_pointer_forward(causal, why_not_triton):
         return why_not_triton
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         return "same kernel as pyext-triton here: the descriptor forward needs compute capability 9.0+"
+    if dropout_p:
+        return "same kernel as pyext-triton: dropout runs the pointer forward"
     from pyext.triton_kernels import flash_attention
 
     def run(q, k, v):
@@ -64,29 +72,31 @@ def _triton_pointer_forward(causal, why_not_triton):
     return run
 
 
-def _triton_deterministic(causal, why_not_triton):
+def _triton_deterministic(causal, dropout_p, why_not_triton):
     """pyext's Triton attention with deterministic=True, or why it is not timed."""
     if why_not_triton is not None:
         return why_not_triton
-    return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend="triton")
+    return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, deterministic=True,
+                                                 backend="triton")
 
 
 def _grid(quick: bool, dtypes):
-    """(seqlen, head dim, model layout?, causal flags); each flag gives a
-    forward and a backward case."""
+    """(seqlen, head dim, model layout?, causal flags, dropout probabilities);
+    each (flag, probability) gives a forward and a backward case."""
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, False, (False, True)), (64, 32, True, (True,))]
+        return [(64, 32, False, (False, True), (0.0,)), (64, 32, True, (True,), (0.0, DROPOUT))]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
-    standard = [(s, d, False, (False, True)) for s in seqlens for d in head_dims]
-    model = [(s, d, True, (True,)) for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
+    standard = [(s, d, False, (False, True), (0.0,)) for s in seqlens for d in head_dims]
+    model = [(s, d, True, (True,), (0.0, DROPOUT))
+             for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
     return standard + model
 
 
 def count(quick: bool, dtypes) -> int:
-    return sum(2 * len(causals) for *_, causals in _grid(quick, dtypes))
+    return sum(2 * len(causals) * len(dropouts) for *_, causals, dropouts in _grid(quick, dtypes))
 
 
 def _in_model_layout(fn):
@@ -114,18 +124,19 @@ def cases(quick: bool, dtypes):
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
     device = "cuda" if HAS_GPU else "cpu"
     ours = our_backends()
-    for seqlen, head_dim, model_layout, causals in _grid(quick, dtypes):
+    for seqlen, head_dim, model_layout, causals, dropouts in _grid(quick, dtypes):
         heads = HIDDEN // head_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
         inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype)
-        for causal in causals:
-            fns = {f"pyext-{b}": (lambda b_: lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal,
-                                                                                    backend=b_))(b)
-                   for b in ("cuda", "triton")}
-            fns.update({name: _sdpa(backend, causal) for name, backend in SDPA.items()})
-            fns["flash-attn"] = _flash_attn_package(causal)
+        for causal, dropout_p in ((c, p) for c in causals for p in dropouts):
+            fns = {f"pyext-{b}": (lambda b_: lambda q, k, v: pyext.flash_attention(
+                q, k, v, causal=causal, dropout_p=dropout_p, backend=b_))(b) for b in ("cuda", "triton")}
+            if dropout_p:
+                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout"
+            fns.update({name: _sdpa(backend, causal, dropout_p) for name, backend in SDPA.items()})
+            fns["flash-attn"] = _flash_attn_package(causal, dropout_p)
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
-            options = ("-causal" if causal else "") + ("-bshd" if model_layout else "")
+            options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + ("-dropout" if dropout_p else "")
             label = f"S={seqlen} D={head_dim}{options.replace('-', ' ')}"
             for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
                 providers = {}
@@ -142,7 +153,7 @@ def cases(quick: bool, dtypes):
                 # pointer loads in the forward, the deterministic dQ in the backward
                 variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
                                ("pyext-triton-det", _triton_deterministic))
-                fn = fn(causal, ours["pyext-triton"])
+                fn = fn(causal, dropout_p, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
                 yield Case(op="attention", label=label, size=seqlen,
