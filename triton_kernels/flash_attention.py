@@ -10,9 +10,10 @@ fp32, natural log. Causal: key j is visible to query i iff j <= i + causal_offse
 A row that sees no key gets out = 0, lse = -inf and zero gradients.
 Dropout (dropout_p > 0): each P element is kept with probability
 keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
-Philox, counter m * Sk + n under the key seed + (b * Hq + h), the seed a
-device tensor (so torch's RNG, CUDA graphs and torch.compile handle it):
-the backward draws the same mask. lse is that of the undropped P.
+Philox (four uniforms per call, see _dropout_keep) under the key
+seed + (b * Hq + h), the seed a device tensor (so torch's RNG, CUDA graphs
+and torch.compile handle it): the backward draws the same mask, never
+stored. lse is that of the undropped P.
 
 Forward, per block of queries, over blocks of keys (never an S x S tensor):
     s = q k^T * scale * log2(e)              (base-2 logits: exp2 is one instruction)
@@ -283,6 +284,16 @@ def _load_lse2(lse_ptr, row, mask):
 
 
 @triton.jit
+def _low_part(x, hi):
+    """What rounding fp32 x to hi's dtype left out, in that dtype. With
+    dropout, dS's dropped terms (-P D) and kept ones (P (dP / keep - D))
+    cancel in dK and dQ, so one rounding of dS to 8 bits costs more of the
+    result than without: there dS goes to the tensor cores as hi + lo (about
+    16 significant bits, two products instead of one)."""
+    return round_to(x - hi.to(tl.float32), hi.dtype)
+
+
+@triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, sdb, sdh, sdm,
@@ -326,10 +337,17 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                 dp_t = tl.where(kept_t, dp_t / keep, 0.0)
             else:
                 dv += dot(round_to(p_t, do.dtype), do)
-            ds_t = round_to(p_t * (dp_t - delta[None, :]), q.dtype)
+            ds_exact = p_t * (dp_t - delta[None, :])
+            ds_t = round_to(ds_exact, q.dtype)
             dk += dot(ds_t, q)
+            if DROPOUT:
+                ds_lo_t = _low_part(ds_exact, ds_t)
+                dk += dot(ds_lo_t, q)
             if ATOMIC_DQ:
-                tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dot(tl.trans(ds_t), k),
+                dq_part = dot(tl.trans(ds_t), k)
+                if DROPOUT:
+                    dq_part += dot(tl.trans(ds_lo_t), k)
+                tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
                               mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
     out_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
     tl.store(dk_ptr + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
@@ -380,8 +398,11 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
         dp = dot(do, tl.trans(v))
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += dot(round_to(ds, k.dtype), k)
+        ds_exact = p * (dp - delta[:, None])
+        ds = round_to(ds_exact, k.dtype)
+        dq += dot(ds, k)
+        if DROPOUT:
+            dq += dot(_low_part(ds_exact, ds), k)
     tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -464,7 +485,7 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Dropout's Philox counter m * Sk + n is an int32.
+# Dropout's Philox counter, m * ceil(Sk / 4) + n / 4, is an int32: Sq * Sk below this keeps it so.
 MAX_DROPOUT_SCORES = 2 ** 31
 
 
