@@ -60,6 +60,7 @@ def _sass(arch):
     return dict(zip(parts[1::2], parts[2::2]))
 
 
+@functools.lru_cache(maxsize=None)
 def _listed_as(arch):
     """The name --list-elf gives `arch` code. A CUDA 12 cuobjdump (Triton 3.6
     ships 12.8's, used where the toolkit's is missing) names sm_90a code
