@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from pyext import _backend
 from pyext import nn as pnn
 from pyext.ops.gelu import gelu as pyext_gelu
 
@@ -316,7 +317,6 @@ def _attention_dropout_notes(model, backend) -> List[str]:
     do not: in training those calls run torch's SDPA under auto (until the
     Triton dropout is measured faster: SDPA_DROPOUT_AUTO_ORDER), and raise
     under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
-    from pyext import _backend
     from pyext.ops.attention import SDPA_DROPOUT_AUTO_ORDER
     if _backend.is_auto(backend) and "triton" not in SDPA_DROPOUT_AUTO_ORDER:
         outcome = "run torch's SDPA (pyext's dropout is the Triton kernels', backend='triton')"
