@@ -25,11 +25,13 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
     return F.rms_norm(x, normalized_shape, weight, eps)
 
 
-def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None):
+def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None):
     """Attention by its definition, returning (out, lse).
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
-    Causal: key j visible to query i iff j <= i + causal_offset. Rows that see
+    Causal: key j visible to query i iff j <= i + causal_offset. mask, as
+    SDPA's attn_mask (broadcastable to (B, Hq, Sq, Sk)): boolean (False: not
+    visible) or added to the scores. Rows that see
     no key: out 0, lse -inf. Dropout: P is multiplied by keep / (1 - dropout_p),
     keep the (B, Hq, Sq, Sk) bool mask of kept elements (drawn here from
     torch's generator when not given); lse is that of the undropped P.
@@ -48,9 +50,15 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
             i = torch.arange(q.shape[2], device=q.device)[:, None]
             j = torch.arange(k.shape[2], device=q.device)[None, :]
             s = s.masked_fill(j > i + causal_offset, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None])
-        p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+        # P = exp(s - m) / l with m the row max and l the row sum, not exp(s - lse):
+        # a row masked everywhere by finfo.min has m near -3.4e38, where m + log(l) is m
+        m = s.detach().amax(-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
+        e = torch.exp(s - torch.where(torch.isneginf(m), 0.0, m))
+        total = e.sum(-1, keepdim=True)
+        p = e / torch.where(total > 0, total, 1.0)  # rows that see no key: 0
+        lse = (m + total.log()).squeeze(-1)
         if dropout_p > 0:
             if keep is None:
                 keep = torch.rand(p.shape, device=p.device) >= dropout_p
