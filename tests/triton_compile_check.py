@@ -124,6 +124,15 @@ def exercise_launchers():
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
                                                dropout_p=0.1, seed=seed)
         flash_attention.dropout_keep_mask(seed, 1, 2, 33, 40, 0.1)
+        # masks, boolean and additive (float32 and the inputs' dtype), alone and with dropout
+        q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
+        masks = (torch.rand(1, 1, 33, 33) > 0.5, torch.randn(33, 33), torch.randn(1, 4, 33, 33, dtype=q.dtype))
+        for mask, p in zip(masks, (0.0, 0.1, 0.0)):
+            out, stats = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, False, 0, dropout_p=p,
+                                                        seed=seed, mask=mask)
+            for deterministic in (False, True):
+                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, stats, 0.1, False, 0, deterministic,
+                                               dropout_p=p, seed=seed, mask=mask)
         if target.arch >= 90:
             with flash_attention.use_loads("pointer"):
                 for d in (80, 128):

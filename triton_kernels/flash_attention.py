@@ -14,6 +14,12 @@ Philox (four uniforms per call, see _dropout_keep) under the key
 seed + (b * Hq + h), the seed a device tensor (so torch's RNG, CUDA graphs
 and torch.compile handle it): the backward draws the same mask, never
 stored. lse is that of the undropped P.
+Mask (SDPA's attn_mask, broadcast to (B, Hq, Sq, Sk), any strides): boolean
+(False: the key is not attended) or additive (added to the scores, in fp32).
+The masked kernels keep each row's max m and sum l apart, (B, Hq, Sq, 2) fp32
+in place of lse: a row masked everywhere with a huge finite value (finfo.min,
+as HF writes masks) has m near -3.4e38, where m + log2(l) would lose l, and
+the backward's P = exp2(s - m) / l needs it.
 
 Forward, per block of queries, over blocks of keys (never an S x S tensor):
     s = q k^T * scale * log2(e)              (base-2 logits: exp2 is one instruction)
@@ -162,13 +168,38 @@ def _dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M: tl.conste
     return uniform < keep
 
 
+BIAS_FLOOR = tl.constexpr(-2.35e38)  # times log2(e), just inside float32's range (-3.4e38)
+
+
+@triton.jit
+def _masked_scores(s, mask_ptr, mask_off, rows, row_stride, cols, col_stride, n_rows, n_cols, MASK: tl.constexpr):
+    """Base-2 logits s with the attention mask of these (rows, cols) applied.
+    MASK 1, boolean: -inf where False. MASK 2, additive: plus bias * log2(e),
+    a finite bias raised to BIAS_FLOOR first so that it stays finite (-3.4e38
+    rather than -inf; finfo(float32).min is past it): a row that finite bias
+    masks everywhere is then an even average, as in torch."""
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offsets = mask_off + rows.to(tl.int64)[:, None] * row_stride + cols.to(tl.int64)[None, :] * col_stride
+    if MASK == 1:
+        s = tl.where(tl.load(mask_ptr + offsets, mask=inside, other=0) != 0, s, float("-inf"))
+    else:
+        bias = tl.load(mask_ptr + offsets, mask=inside, other=float("-inf")).to(tl.float32)
+        floored = tl.maximum(bias, BIAS_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        s = s + tl.where(bias == float("-inf"), float("-inf"), floored * 1.4426950408889634)
+    return s
+
+
 @triton.jit
 def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
-            DROPOUT: tl.constexpr, seed_ptr, bh, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            DROPOUT: tl.constexpr, seed_ptr, bh, keep, MASK: tl.constexpr, mask_ptr, mask_off, smm, smn,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the online softmax: (m, l, acc) updated with keys
-    start_n..; with DROPOUT, acc sums the kept P only (out divides by keep)."""
+    start_n..; with DROPOUT, acc sums the kept P only (out divides by keep);
+    with MASK, the scores masked first (_masked_scores)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s = dot(q, tl.trans(k)) * qk_scale
+    if MASK:
+        s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
     s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
@@ -190,14 +221,16 @@ def _finish(m_i, l_i, acc):
     return out, lse
 
 
-@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT"])
+@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                seq_q, seq_k, heads_q, group, sob, soh, som, qk_scale, causal_offset, keep,
+                seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, keep,
                 SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward through pointers. With MASK, lse_ptr takes each row's
+    (m, l), the stats the masked backward reads (see the module docstring)."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
     bh = b * heads_q + h
@@ -207,6 +240,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
+    mask_off = b * smb + h * smh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -215,15 +249,20 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL, DROPOUT, seed_ptr, bh, keep, BLOCK_M, BLOCK_N)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset,
+                                CAUSAL, DROPOUT, seed_ptr, bh, keep, MASK, mask_ptr, mask_off, smm, smn, BLOCK_M,
+                                BLOCK_N)
 
     if DROPOUT:
         acc = acc / keep
     out, lse = _finish(m_i, l_i, acc)
     tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
              round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    if MASK:
+        tl.store(lse_ptr + (bh * seq_q + offs_m) * 2, m_i, mask=offs_m < seq_q)
+        tl.store(lse_ptr + (bh * seq_q + offs_m) * 2 + 1, l_i, mask=offs_m < seq_q)
+    else:
+        tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
 @triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
@@ -255,7 +294,8 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0, BLOCK_M, BLOCK_N)  # no dropout
+                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0, 0, lse_ptr, 0, 0, 0,
+                                BLOCK_M, BLOCK_N)  # no dropout, no mask
 
     out, lse = _finish(m_i, l_i, acc)
     out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
@@ -277,10 +317,27 @@ def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm
 
 
 @triton.jit
-def _load_lse2(lse_ptr, row, mask):
-    """lse in base 2; rows that saw no key get +inf so that their P is 0."""
-    lse = tl.load(lse_ptr + row, mask=mask, other=0.0)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def _row_stats(lse_ptr, row, valid, MASK: tl.constexpr):
+    """(shift, scale) of these rows for P = exp2(s - shift) * scale (_recomputed_p).
+    Without a mask: lse in base 2 (rows that saw no key get +inf, so P is 0),
+    and a scale of 1 that goes unused. With one: the forward's (m, 1 / l)
+    (rows that saw no key get (0, 0))."""
+    if MASK:
+        m = tl.load(lse_ptr + row * 2, mask=valid, other=0.0)
+        l_sum = tl.load(lse_ptr + row * 2 + 1, mask=valid, other=0.0)
+        seen = l_sum > 0.0
+        return tl.where(seen, m, 0.0), tl.where(seen, 1.0 / tl.where(seen, l_sum, 1.0), 0.0)
+    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), tl.full(row.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _recomputed_p(s, shift, scale, MASK: tl.constexpr):
+    """P of base-2 logits s, from _row_stats broadcast to s's shape."""
+    p = tl.exp2(s - shift)
+    if MASK:
+        p = p * scale
+    return p
 
 
 @triton.jit
@@ -294,13 +351,13 @@ def _low_part(x, hi):
 
 
 @triton.jit
-def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr,
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm,
+                   seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
@@ -324,12 +381,14 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = bh * seq_q + offs_m
             do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
-            lse2 = _load_lse2(lse_ptr, row, offs_m < seq_q)
+            shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
             delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
             # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
             s_t = dot(k, tl.trans(q)) * qk_scale
+            if MASK:
+                s_t = _masked_scores(s_t, mask_ptr, b * smb + h * smh, offs_n, smn, offs_m, smm, seq_k, seq_q, MASK)
             visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset))
-            p_t = tl.where(visible_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+            p_t = tl.where(visible_t, _recomputed_p(s_t, shift[None, :], p_scale[None, :], MASK), 0.0)
             dp_t = dot(v, tl.trans(do))
             if DROPOUT:
                 kept_t = tl.trans(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N))
@@ -356,7 +415,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
              round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
 
 
-_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT"]
+_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"]
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
 # Timing a config adds into dq_acc: the autotuner zeroes it before each run.
 _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
@@ -365,12 +424,12 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                   seq_q, seq_k, heads_q, group, sdb, sdh, sdm, sdqb, sdqh, sdqm, qk_scale, scale, causal_offset,
-                   keep, SQ_BUCKET, SK_BUCKET,
+                   seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+                   qk_scale, scale, causal_offset, keep, SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
@@ -383,18 +442,21 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     row = bh * seq_q + offs_m
     do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
-    lse2 = _load_lse2(lse_ptr, row, offs_m < seq_q)
+    shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
+    mask_off = b * smb + h * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
         s = dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
         p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset),
-                     tl.exp2(s - lse2[:, None]), 0.0)
+                     _recomputed_p(s, shift[:, None], p_scale[:, None], MASK), 0.0)
         dp = dot(do, tl.trans(v))
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
@@ -489,53 +551,76 @@ def _block_d(head_dim):
 MAX_DROPOUT_SCORES = 2 ** 31
 
 
-def _prepare(q, k, v, causal, dropout_p):
+def _mask_view(mask, shape):
+    """(tensor, its four strides, MASK) of an attention mask as the kernels
+    read it: broadcast to `shape` (B, Hq, Sq, Sk) without a copy (stride 0
+    along broadcast dims), booleans as bytes; MASK 0 none, 1 boolean, 2 additive."""
+    if mask is None:
+        return None, (0, 0, 0, 0), 0
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"attention mask: expected bool or floating dtype, got {mask.dtype}")
+    mask = torch.broadcast_to(mask, shape)
+    kind = 1 if mask.dtype == torch.bool else 2
+    return (mask.view(torch.int8) if kind == 1 else mask), tuple(mask.stride()), kind
+
+
+def _prepare(q, k, v, causal, dropout_p, mask):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     if dropout_p > 0 and seq_q * seq_k >= MAX_DROPOUT_SCORES:
         raise ValueError(f"dropout needs Sq * Sk below 2^31, got {seq_q} * {seq_k}")
+    mask, mask_strides, mask_kind = _mask_view(mask, (batch, heads_q, seq_q, seq_k))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal), DROPOUT=dropout_p > 0)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal), DROPOUT=dropout_p > 0,
+                MASK=mask_kind)
     buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
-    return q, k, v, strides + sizes, sizes, meta, buckets
+    return q, k, v, mask, strides + sizes + mask_strides, sizes, meta, buckets
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
-                   dropout_p: float = 0.0, seed=None):
+                   dropout_p: float = 0.0, seed=None, mask=None):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
-    dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device; it
-    runs the pointer forward."""
-    q, k, v, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p)
+    dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
+    `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
+    second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
+    Dropout and masks run the pointer forward."""
+    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
     batch, heads_q, seq_q, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out  # q's memory order (see the module docstring)
-    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device) if lse is None else lse
+    if lse is None:
+        stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
+        lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if k.shape[2] == 0:  # no keys at all: every row sees none
-        return out.zero_(), lse.fill_(float("-inf"))
+        lse.fill_(float("-inf"))
+        if meta["MASK"]:
+            lse[..., 1] = 0.0  # (m, l) = (-inf, 0)
+        return out.zero_(), lse
     grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
-        if not meta["DROPOUT"] and forward_loads(q, k, v, out) == "descriptor":
-            meta.pop("DROPOUT")
+        if not meta["DROPOUT"] and not meta["MASK"] and forward_loads(q, k, v, out) == "descriptor":
+            meta.pop("DROPOUT"), meta.pop("MASK")
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, *args, *out.stride()[:3], scale * LOG2E, causal_offset,
-                              1.0 - dropout_p, *buckets, **meta)
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, *args, *out.stride()[:3], scale * LOG2E,
+                              causal_offset, 1.0 - dropout_p, *buckets, **meta)
     return out, lse
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
-                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None):
+                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None):
     """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
     block, each a sum in a fixed order (same bits run to run; S and P computed
     twice). False: one pass that also adds each tile's dS K into an fp32 dQ
     with atomics, in an order that varies run to run. Gradients may be passed
-    in (poisoned, by tests). dropout_p and seed: the forward's."""
-    q, k, v, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p)
+    in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
+    mask, `lse` is the forward's (m, l) stats)."""
+    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     dout, out = _unit_last_stride(dout), _unit_last_stride(out)
@@ -557,14 +642,15 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, *args, *dout_strides,
-                                         *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True, **meta)
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, *args,
+                                         *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True,
+                                         **meta)
             return torch.mul(dq_acc, scale, out=dq), dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, *args, *dout_strides,
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, *args, *dout_strides,
                                   *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, *args, *dout_strides, *dq.stride()[:3], *tail,
-                               **meta)
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, *args, *dout_strides, *dq.stride()[:3],
+                               *tail, **meta)
     return dq, dk, dv
 
 
