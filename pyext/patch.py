@@ -21,8 +21,9 @@
   (and the RMSNorm of any model whose forward is Llama's: Mistral, Qwen2/3,
   Phi-3, ...) are replaced by pyext modules sharing their parameters.
 - `backend=None` (the process default, normally "auto") lets each call fall
-  back to torch where the kernels do not apply: an attention mask (an HF
-  model given a padding attention_mask), float32 outside autocast.
+  back to torch where the kernels do not apply (float32 outside autocast) or
+  are not yet measured faster: an attention mask (an HF model given a
+  padding attention_mask) and attention dropout, which backend="triton" runs.
   A backend named here raises BackendUnavailable on such calls instead, as a
   named backend does everywhere in pyext.
 """

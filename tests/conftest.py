@@ -223,6 +223,15 @@ def auto_runs_the_triton_kernels(monkeypatch):
 
 
 @pytest.fixture
+def dropout_seeds(monkeypatch):
+    """The attention dropout seeds the kernel calls draw, in order."""
+    from pyext.ops import attention
+    seeds, draw = [], attention._dropout_seed
+    monkeypatch.setattr(attention, "_dropout_seed", lambda device: seeds.append(draw(device)) or seeds[-1])
+    return seeds
+
+
+@pytest.fixture
 def restore_backend():
     previous = _backend.get_backend()
     yield

@@ -334,31 +334,24 @@ def test_sdpa_drop_in_matches_torch(backend, dtype, is_causal, scale, shape):
         assert_close(o, r, p, name)
 
 
-@pytest.mark.parametrize("case", ["mask", "dropout_1", "float32", "head_dim_320", "broadcast_batch"])
+@pytest.mark.parametrize("case", ["mask_requiring_grad", "dropout_1", "float32", "head_dim_320", "broadcast_batch"])
 def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case):
+    """(Masks the kernels do not take: tests/test_attention_mask.py.)"""
     device = device_for("triton")
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     d = 320 if case == "head_dim_320" else 16
     q_batch = 2 if case == "broadcast_batch" else 1
     q, k, v = (make_tensor((b, 2, 7, d), dtype, device) for b in (q_batch, 1, 1))
-    kwargs = {"mask": dict(attn_mask=torch.rand(7, 7, device=device) > 0.3),
+    kwargs = {"mask_requiring_grad": dict(attn_mask=torch.randn(7, 7, device=device, requires_grad=True)),
               "dropout_1": dict(dropout_p=1.0)}.get(case, {})
     torch.manual_seed(7)
     got = pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="auto")
     torch.manual_seed(7)
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
-    reason = {"mask": "attn_mask", "dropout_1": r"not in \(0, 1\)", "float32": "float32", "head_dim_320": "head dim",
-              "broadcast_batch": "batch"}[case]
+    reason = {"mask_requiring_grad": "requires grad", "dropout_1": r"not in \(0, 1\)", "float32": "float32",
+              "head_dim_320": "head dim", "broadcast_batch": "batch"}[case]
     with pytest.raises(pyext.BackendUnavailable, match=reason):
         pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
-
-
-@pytest.fixture
-def dropout_seeds(monkeypatch):
-    """The dropout seeds the kernel calls draw, in order."""
-    seeds, draw = [], attention._dropout_seed
-    monkeypatch.setattr(attention, "_dropout_seed", lambda device: seeds.append(draw(device)) or seeds[-1])
-    return seeds
 
 
 def attention_with_dropout(q, k, v, scale, causal, offset, keep, dropout_p):

@@ -18,6 +18,10 @@ deterministic backward.
 Dropout (Triton only): flash_attn_dropout_{fwd,bwd}_triton take dropout_p
 and `seed`, a one-element int64 tensor drawn from torch's generator on the
 inputs' device per call; the backward draws the forward's mask from it.
+An attention mask (Triton only; SDPA's attn_mask, never with causal):
+flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
+seed for none); their second output is each row's (max, sum), (B, H, S, 2)
+fp32, in place of lse (see triton_kernels/flash_attention.py).
 """
 import math
 import threading
@@ -66,6 +70,22 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                   dropout_p=dropout_p, seed=seed)
 
 
+@torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
+def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, dropout_p: float,
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, False, 0, dropout_p=dropout_p, seed=seed, mask=mask)
+
+
+@torch.library.custom_op("pyext::flash_attn_masked_bwd_triton", mutates_args=())
+def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
+                                 stats: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic, dropout_p=dropout_p,
+                                  seed=seed, mask=mask)
+
+
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
     b, h, s, d = q.shape
     return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
@@ -76,6 +96,12 @@ def _fake_fwd_triton(q, k, v, *_):
     b, h, s, d = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _fake_masked_fwd_triton(q, k, v, *_):
+    """out as the Triton launcher makes it; each row's (max, sum) in place of lse."""
+    out, lse = _fake_fwd_triton(q, k, v)
+    return out, lse.new_empty((*lse.shape, 2))
 
 
 def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
@@ -105,9 +131,24 @@ def _dropout_setup_context(ctx, inputs, output):
     ctx.deterministic = True
 
 
-def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None):
+def _masked_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, dropout_p, seed = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, mask, out, stats, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.deterministic = True
+
+
+def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None):
     return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                               dropout_p=dropout_p, keep=keep)[0]
+                               dropout_p=dropout_p, keep=keep, mask=mask)[0]
+
+
+def _kernels_keep_mask(seed, q, k, dropout_p):
+    """The dropout mask the kernels drew from `seed`, for the reference."""
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.dropout_keep_mask(seed, *q.shape[:3], k.shape[2], dropout_p)
 
 
 def _make_backward(bwd_op):
@@ -124,8 +165,7 @@ def _make_dropout_backward(bwd_op):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' mask
-            from pyext.triton_kernels import flash_attention as kernels
-            keep = kernels.dropout_keep_mask(seed, *q.shape[:3], k.shape[2], ctx.dropout_p)
+            keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p)
             return create_graph_grads("flash_attention", ctx, _reference_out,
                                       (q, k, v, *ctx.args, ctx.dropout_p, keep), (dout,))
         dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.dropout_p, seed, ctx.deterministic)
@@ -133,10 +173,25 @@ def _make_dropout_backward(bwd_op):
     return backward
 
 
+def _make_masked_backward(bwd_op):
+    def backward(ctx, dout, _dstats):
+        q, k, v, mask, out, stats, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
+            keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
+            grads = create_graph_grads("scaled_dot_product_attention", ctx, _reference_out,
+                                       (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask), (dout,))
+            return grads[:3] + (None,) * 4
+        dq, dk, dv = bwd_op(dout, q, k, v, mask, out, stats, ctx.scale, ctx.dropout_p, seed, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
+    return backward
+
+
 FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
 DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
                                               _dropout_setup_context, _make_dropout_backward)
+MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton, _fake_bwd_triton,
+                                            _masked_setup_context, _make_masked_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -146,23 +201,28 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
-                dropout_p=0.0, seed=None):
-        if dropout_p > 0:
-            inputs = (q, k, v, scale, causal, causal_offset, dropout_p, seed)
+                dropout_p=0.0, seed=None, mask=None):
+        if mask is not None:  # never causal: SDPA refuses both
+            ctx.kind, inputs = "masked", (q, k, v, mask, scale, dropout_p, seed)
+            output = MASKED_FWD[backend](*inputs)
+            _masked_setup_context(ctx, inputs, output)
+        elif dropout_p > 0:
+            ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
             output = DROPOUT_FWD[backend](*inputs)
             _dropout_setup_context(ctx, inputs, output)
         else:
-            output = FWD[backend](q, k, v, scale, causal, causal_offset)
-            _setup_context(ctx, (q, k, v, scale, causal, causal_offset), output)
-            ctx.dropout_p = 0.0
+            ctx.kind, inputs = "plain", (q, k, v, scale, causal, causal_offset)
+            output = FWD[backend](*inputs)
+            _setup_context(ctx, inputs, output)
         ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        if ctx.dropout_p > 0:
-            return (None, None, None) + _make_dropout_backward(DROPOUT_BWD[ctx.backend])(ctx, dout, dlse)
-        return (None, None, None) + _make_backward(BWD[ctx.backend])(ctx, dout, dlse) + (None, None)
+        make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
+                       "plain": (_make_backward, BWD)}[ctx.kind]
+        dq, dk, dv = make(table[ctx.backend])(ctx, dout, dlse)[:3]
+        return (None, None, None, dq, dk, dv) + (None,) * 6
 
 
 def _dropout_seed(device: torch.device) -> Tensor:
@@ -178,6 +238,12 @@ def _dropout_seed(device: torch.device) -> Tensor:
 # "Attention dropout"). flash_attention, whose fallback is the reference,
 # takes the Triton kernels under auto.
 SDPA_DROPOUT_AUTO_ORDER = ()
+
+# The same for scaled_dot_product_attention with an attn_mask: torch's SDPA
+# (its memory-efficient kernel reads the mask as we do, a tile per block)
+# until a GPU run of the benchmark's masked cases shows the Triton kernels at
+# least as fast (benchmarks/NOTES.md, "Attention masks").
+SDPA_MASK_AUTO_ORDER = ()
 
 # The kernel backends "auto" tries. The CUDA kernels (issue 5) join when a GPU
 # run of tests/test_attention.py has passed with them; until then only
@@ -207,7 +273,8 @@ def _heads_fit(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return hk == v.shape[1] and (hq % hk == 0 if hk else hq == 0)
 
 
-def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None, dropout_p: float = 0.0):
+def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str] = None, dropout_p: float = 0.0,
+             masked: bool = False):
     """Why `backend` cannot run this attention call, or None."""
     if backend == "torch":
         return None
@@ -218,6 +285,8 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return missing_reason(backend, FWD, "attention")
     if extra is not None:
         return extra
+    if masked and backend not in MASKED_FWD:
+        return f"an attn_mask: the {backend} kernels have no attention mask (the Triton ones do)"
     if dropout_p != 0.0:
         if backend not in DROPOUT_FWD:
             return f"dropout_p={dropout_p}: the {backend} kernels have no dropout (the Triton ones do)"
@@ -255,6 +324,25 @@ def _as_4d(q: Tensor, k: Tensor, v: Tensor):
         return q, k, v
     batch = math.prod(q.shape[:-3])
     return tuple(t.reshape(batch, t.shape[-3] if t.dim() > 2 else 1, *t.shape[-2:]) for t in (q, k, v))
+
+
+def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor, is_causal: bool):
+    """(mask, None): attn_mask as the kernels take it, broadcast to (B, Hq, Sq, Sk)
+    of the 4-D inputs q (a view; a copy only where a reshape of broadcast
+    leading dims needs one); or (None, why the kernels cannot take it)."""
+    if is_causal:
+        return None, "an attn_mask with is_causal=True (torch's SDPA refuses the pair)"
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype) or attn_mask.device != query.device:
+        return None, (f"an attn_mask of {attn_mask.dtype} on {attn_mask.device} (the kernels take a bool, "
+                      f"float32 or {query.dtype} mask on {query.device}, as torch's SDPA does)")
+    if attn_mask.requires_grad:
+        return None, "an attn_mask that requires grad (the kernels give the mask no gradient)"
+    try:
+        mask = torch.broadcast_to(attn_mask, (*query.shape[:-1], key.shape[-2]))
+    except RuntimeError:
+        return None, (f"an attn_mask of shape {list(attn_mask.shape)} that does not broadcast to "
+                      f"{[*query.shape[:-1], key.shape[-2]]}")
+    return mask.reshape(*q.shape[:-1], key.shape[-2]), None
 
 
 def _check_qkv(op: str, q, k, v, gqa: bool):
@@ -361,11 +449,15 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend=None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, with pyext's kernels
-    where they apply (is_causal is top-left aligned, as in torch). An attn_mask,
-    float32/float64 inputs or head dims over 256 go to torch's own SDPA under
+    where they apply (is_causal is top-left aligned, as in torch).
+    Float32/float64 inputs or head dims over 256 go to torch's own SDPA under
     backend "auto"; a kernel backend named explicitly raises. Dropout: the
     Triton kernels' when named (see flash_attention), torch's SDPA under auto
-    until measured faster (SDPA_DROPOUT_AUTO_ORDER). The
+    until measured faster (SDPA_DROPOUT_AUTO_ORDER). attn_mask, boolean
+    (False: not attended) or additive (bool, float32 or the inputs' dtype,
+    broadcastable to (..., Sq, Sk)): likewise, the Triton kernels' when named
+    (with dropout too; a mask that requires grad goes to torch),
+    torch's SDPA under auto (SDPA_MASK_AUTO_ORDER). The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast
     the inputs are cast as torch casts them (float32 to the region's dtype),
@@ -374,11 +466,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
-    extra = "an attn_mask is not supported by the kernels" if attn_mask is not None else None
     q, k, v = _as_4d(query, key, value)
+    mask, extra = None, None
+    order = SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER
+    if attn_mask is not None:
+        mask, extra = _kernel_mask(attn_mask, query, key, q, is_causal)
+        order = tuple(b for b in order if b in SDPA_MASK_AUTO_ORDER)
     name = _backend.select("scaled_dot_product_attention", backend, query.device,
-                           lambda b: _why_not(b, q, k, v, extra, dropout_p),
-                           SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER)
+                           lambda b: _why_not(b, q, k, v, extra, dropout_p, masked=attn_mask is not None), order)
     if name == "torch":
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
@@ -389,5 +484,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   q, k, v, scale, is_causal, 0, dropout_p, seed)
+                                   q, k, v, scale, is_causal, 0, dropout_p, seed, mask)
     return out.reshape(query.shape) if q is not query else out

@@ -1,0 +1,276 @@
+"""pyext.scaled_dot_product_attention with an attn_mask: the specification.
+
+The Triton kernels take SDPA's mask, boolean (False: not attended) or
+additive (bool, float32 or the inputs' dtype), broadcast to (B, Hq, Sq, Sk)
+from any shape and strides, with dropout too. "auto" leaves masked calls to
+torch's SDPA until a GPU run measures ours faster (SDPA_MASK_AUTO_ORDER);
+backend="triton" runs them.
+"""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyext
+from pyext import reference
+from pyext.ops import attention
+from conftest import assert_close, device_for, hessian_vector_product, make_tensor, poisoned_like
+from test_attention import attention_with_dropout, qkv
+
+SHAPE = (2, 4, 2, 19, 33, 40)  # (batch, query heads, key heads, Sq, Sk, head dim): GQA, ragged lengths
+# mask shapes for SHAPE, each broadcast to (B, Hq, Sq, Sk) its own way
+MASK_SHAPES = {"full": (2, 4, 19, 33), "square": (19, 33), "key_padding": (2, 1, 1, 33),
+               "per_head": (4, 19, 33), "transposed": (19, 33)}
+
+
+def make_mask(kind, shape_name, dtype, device, shape=None):
+    """A random mask: "bool" (70% attended), "additive" (float32 normal) or
+    "additive_qdtype" (in the inputs' dtype). "transposed" has its last two
+    dims swapped in memory."""
+    shape = shape or MASK_SHAPES[shape_name]
+    if shape_name == "transposed":
+        shape = (*shape[:-2], shape[-1], shape[-2])
+    if kind == "bool":
+        mask = torch.rand(shape, device=device) > 0.3
+    else:
+        mask = 2 * torch.randn(shape, device=device, dtype=torch.float32 if kind == "additive" else dtype)
+    return mask.transpose(-2, -1) if shape_name == "transposed" else mask
+
+
+def math_attention(q, k, v, mask, scale=None):
+    """torch's math SDPA spelled out in q's dtype: differentiable twice (the
+    backward of torch's CPU flash kernel is not), and exact enough where a
+    finite mask covers a whole row (see test_rows_masked_everywhere...)."""
+    groups = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    return s.softmax(-1) @ v
+
+
+def torch_sdpa(q, k, v, mask, **kwargs):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+
+
+def check_masked(q, k, v, mask, deterministic, yardstick=torch_sdpa, **kwargs):
+    """out, dq, dk, dv of backend="triton" against the float64 oracle, with
+    torch in the inputs' dtype (its SDPA, unless told) as the yardstick."""
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="triton", **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    dout = torch.randn_like(out)
+    ours = [out] + list(torch.autograd.grad(out, (q, k, v), dout))
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves)
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    scale = kwargs.get("scale")
+    ref = run(lambda *t: reference.attention(*(x.reshape(-1, *x.shape[-3:]) for x in t), scale=scale,
+                                             mask=mask)[0].reshape(q.shape), torch.float64)  # (H, S, D): one batch
+    pt = run(lambda *t: yardstick(*t, mask, **kwargs), q.dtype)
+    failures = []
+    for name, o, r, p in zip(["out", "dq", "dk", "dv"], ours, ref, pt):
+        try:
+            assert_close(o, r, p, name)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape_name", list(MASK_SHAPES))
+@pytest.mark.parametrize("kind", ["bool", "additive", "additive_qdtype"])
+def test_mask_matches_the_oracle(kind, shape_name, deterministic):
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    check_masked(q, k, v, make_mask(kind, shape_name, q.dtype, q.device), deterministic)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive_qdtype"])
+def test_mask_in_float16_with_a_custom_scale(kind):
+    q, k, v = qkv(SHAPE, torch.float16, device_for("triton"))
+    check_masked(q, k, v, make_mask(kind, "full", q.dtype, q.device), False, scale=0.37)
+
+
+@pytest.mark.parametrize("shape,mask_shape", [((1, 3, 3, 1, 23, 16), (1, 1, 1, 23)),
+                                              ((1, 2, 2, 40, 1, 32), (40, 1))], ids=str)
+def test_mask_with_one_query_or_one_key(shape, mask_shape):
+    q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
+    check_masked(q, k, v, make_mask("additive", None, q.dtype, q.device, mask_shape), True)
+
+
+def test_mask_on_inputs_of_rank_3_and_bshd_views():
+    """(H, S, D) inputs with an (Sq, Sk) mask; (B, S, H, D) memory viewed as (B, H, S, D)."""
+    q, k, v = (t.detach()[0].requires_grad_() for t in qkv((1, 2, 2, 19, 33, 40), torch.bfloat16,
+                                                           device_for("triton")))
+    check_masked(q, k, v, make_mask("bool", "square", q.dtype, q.device), False)
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"), layout="bshd")
+    check_masked(q, k, v, make_mask("additive", "key_padding", q.dtype, q.device), True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("fill", ["bool", "-inf", "finfo.min"])
+def test_rows_masked_everywhere_give_what_torch_gives(fill, deterministic):
+    """A padding mask as HF builds it: batch 1's last 12 keys masked, and
+    query rows 3 and 4 of batch 0 masked everywhere. With False or -inf such
+    rows are 0, with zero gradients (torch's SDPA); with finfo.min, a finite
+    value, they are an even average of V, as torch's softmax makes them.
+    There the yardstick is torch's math in the dtype: torch's fused CPU kernel
+    recomputes such a row's P from its lse, m + log(l) with m near -3.4e38,
+    which is m, and gets its gradients wrong by ~20 (the kernels keep m and
+    l apart for this); the rule would pass anything against that."""
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    masked = torch.zeros(2, 1, 19, 33, dtype=torch.bool, device=q.device)
+    masked[1, :, :, -12:] = True
+    masked[0, :, 3:5, :] = True
+    if fill == "bool":
+        mask = ~masked
+    else:
+        value = float("-inf") if fill == "-inf" else torch.finfo(q.dtype).min
+        mask = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(masked, value)
+    check_masked(q, k, v, mask, deterministic, yardstick=math_attention if fill == "finfo.min" else torch_sdpa)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_mask_with_dropout_matches_the_oracle_with_the_kernels_mask(deterministic, dropout_seeds):
+    from pyext.triton_kernels.flash_attention import dropout_keep_mask
+    p = 0.3
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    mask = make_mask("bool", "key_padding", q.dtype, q.device)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=True,
+                                                 backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    dout = torch.randn_like(out)
+    ours = [out] + list(torch.autograd.grad(out, (q, k, v), dout))
+    keep = dropout_keep_mask(dropout_seeds[-1], *q.shape[:3], k.shape[2], p)
+    scale = q.shape[-1] ** -0.5
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves)
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda *t: reference.attention(*t, dropout_p=p, keep=keep, mask=mask)[0], torch.float64)
+    pt = run(lambda *t: attention_with_dropout(*t, scale, False, 0, keep & mask, p), q.dtype)
+    for name, o, r, y in zip(["out", "dq", "dk", "dv"], ours, ref, pt):
+        assert_close(o, r, y, name)
+
+
+def test_mask_double_backward_under_auto_is_the_references(monkeypatch, auto_runs_the_triton_kernels):
+    """A backward with create_graph=True through masked attention, the
+    kernels chosen by auto: the reference differentiates the same mask."""
+    monkeypatch.setattr(attention, "SDPA_MASK_AUTO_ORDER", ("triton",))
+    calls, forward = [], attention.MASKED_FWD["triton"]
+    monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
+    q, k, v = (t.detach() for t in qkv((1, 2, 2, 17, 24, 16), torch.float16, device_for("triton")))
+    mask = make_mask("additive", None, q.dtype, q.device, (17, 24))
+    c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]
+    got = hessian_vector_product(lambda *t: pyext.scaled_dot_product_attention(*t, attn_mask=mask), (q, k, v), c, r)
+    assert calls == [1]
+    want = hessian_vector_product(lambda *t: reference.attention(*t, mask=mask)[0], [t.double() for t in (q, k, v)],
+                                  c, r)
+    same_dtype = hessian_vector_product(lambda *t: math_attention(*t, mask), (q, k, v), c, r)
+    for name, g, w, pt in zip(("q", "k", "v"), got, want, same_dtype):
+        assert_close(g, w, pt, f"Hessian-vector product, {name}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_masked_kernels_write_every_element(deterministic):
+    from pyext.triton_kernels import flash_attention as kernels
+    q, k, v = (t.detach() for t in qkv(SHAPE, torch.bfloat16, device_for("triton")))
+    mask = make_mask("additive", "key_padding", q.dtype, q.device)
+    stats = torch.full((*q.shape[:3], 2), float("nan"), device=q.device)
+    out, stats = kernels.flash_attn_fwd(q, k, v, 0.3, False, 0, out=poisoned_like(q), lse=stats, mask=mask)
+    assert not out.isnan().any() and not stats.isnan().any()
+    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, stats, 0.3, False, 0, deterministic,
+                                   dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v), mask=mask)
+    assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck_masked(layout, dropout_p):
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
+    mask = make_mask("bool", None, q.dtype, q.device, (1, 1, 9, 12))
+    seed = torch.tensor([7], device=q.device) if dropout_p else None
+    torch.library.opcheck(torch.ops.pyext.flash_attn_masked_fwd_triton, (q, k, v, mask, 0.25, dropout_p, seed))
+    out, stats = torch.ops.pyext.flash_attn_masked_fwd_triton(q.detach(), k.detach(), v.detach(), mask, 0.25,
+                                                              dropout_p, seed)
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.pyext.flash_attn_masked_bwd_triton,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, stats, 0.25,
+                               dropout_p, seed, deterministic))
+
+
+def test_compile_fullgraph_with_a_mask():
+    """torch.compile keeps the masked op in one graph and computes what eager does."""
+    q, k, v = qkv((1, 2, 2, 9, 11, 16), torch.bfloat16, device_for("triton"))
+    mask = make_mask("bool", None, q.dtype, q.device, (9, 11))
+
+    def f(q, k, v):
+        return pyext.scaled_dot_product_attention(q * 2, k, v, attn_mask=mask, backend="triton").float().sum()
+
+    def grads(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves)
+    torch._dynamo.reset()
+    torch.use_deterministic_algorithms(True)
+    try:
+        compiled, eager = grads(torch.compile(f, fullgraph=True, backend="aot_eager")), grads(f)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+
+
+BAD_MASKS = {  # name: (mask maker for bf16 inputs (1, 2, 7, 16), SDPA keyword arguments, the reason named)
+    "requires_grad": (lambda d: torch.randn(7, 7, device=d, requires_grad=True), {}, "requires grad"),
+    "integer": (lambda d: torch.ones(7, 7, dtype=torch.int32, device=d), {}, "int32"),
+    "float16_for_bfloat16": (lambda d: torch.zeros(7, 7, dtype=torch.float16, device=d), {}, "float16"),
+    "with_is_causal": (lambda d: torch.ones(7, 7, dtype=torch.bool, device=d), {"is_causal": True}, "is_causal"),
+    "not_broadcasting": (lambda d: torch.ones(3, 7, dtype=torch.bool, device=d), {}, "does not broadcast"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MASKS))
+def test_masks_the_kernels_do_not_take_go_to_torch_under_auto_and_are_named_otherwise(case):
+    """auto gives torch's SDPA result, or its error; backend="triton" raises
+    BackendUnavailable naming what the kernels do not take."""
+    make, kwargs, reason = BAD_MASKS[case]
+    device = device_for("triton")
+    q, k, v = (make_tensor((1, 2, 7, 16), torch.bfloat16, device) for _ in range(3))
+    mask = make(device)
+    try:
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=re.escape(str(e).splitlines()[0])):
+            pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs, backend="auto")
+    else:
+        assert torch.equal(pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs), theirs)
+    with pytest.raises(pyext.BackendUnavailable, match=reason):
+        pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs, backend="triton")
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_the_mask_as_what_they_lack():
+    q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(8, 8, dtype=torch.bool, device="cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="cuda kernels have no attention mask"):
+        pyext.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_large_padding_mask(deterministic, head_dim):
+    """An HF-style padded batch at training size: each sequence's own length, finfo.min past it."""
+    q, k, v = qkv((4, 8, 8, 1024, 1024, head_dim), torch.bfloat16, "cuda")
+    lengths = torch.tensor([1024, 1000, 517, 64], device="cuda")
+    padding = torch.arange(1024, device="cuda")[None, :] >= lengths[:, None]
+    mask = torch.zeros(4, 1, 1, 1024, dtype=q.dtype, device="cuda").masked_fill(
+        padding[:, None, None, :], torch.finfo(q.dtype).min)
+    check_masked(q, k, v, mask, deterministic)
