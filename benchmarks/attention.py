@@ -16,6 +16,10 @@ provider's layout copies, in and out and in the backward, are in its time.
 They are also timed with attention dropout 0.1 ("dropout" in the dtype key), as
 HF GPT-2 and BERT train: pyext-triton's dropout against the SDPA backends'
 and FlashAttention's (the FLOPs counted are the matmuls' alone).
+And, not causal, with a key-padding mask ("padded" in the dtype key): a
+(B, 1, 1, S) boolean attn_mask, each sequence attending to its first L keys,
+L drawn from [S/2, S], as an HF encoder (BERT) gets a padded batch; the
+FLOPs counted are those of every (query, key) pair, as the kernels compute them.
 """
 import torch
 import torch.nn.functional as F
@@ -38,23 +42,38 @@ SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.E
 DROPOUT = 0.1  # the model-layout cases' second run, as GPT-2 and BERT train
 
 
-def _sdpa(backend, causal, dropout_p):
+def _sdpa(backend, causal, dropout_p, mask):
     def run(q, k, v):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
     return run
 
 
-def _flash_attn_package(causal, dropout_p):
+def _ours(backend, causal, dropout_p, mask):
+    if mask is None:
+        return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=backend)
+    return lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                              backend=backend)
+
+
+def _padding_mask(batch, seqlen, device):
+    """(B, 1, 1, S) bool: sequence b attends to its first L_b keys, L_b in [S/2, S] (a fixed draw)."""
+    lengths = torch.randint(seqlen // 2, seqlen + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    return (torch.arange(seqlen)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
+
+
+def _flash_attn_package(causal, dropout_p, mask):
     """FlashAttention's own package (its (B, S, H, D) layout, from our views)."""
     flash_attn = optional_peer("flash_attn")
     if isinstance(flash_attn, str):
         return flash_attn
+    if mask is not None:
+        return "flash_attn_func takes no attention mask (its varlen API takes packed sequences instead)"
     return lambda q, k, v: flash_attn.flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal).transpose(1, 2)
 
 
-def _triton_pointer_forward(causal, dropout_p, why_not_triton):
+def _triton_pointer_forward(causal, dropout_p, mask, why_not_triton):
     """pyext's Triton attention with the forward's pointer loads forced, or why
     it is not timed: where pyext-triton itself takes the pointer path it would
     time the same kernel again."""
@@ -62,8 +81,8 @@ def _triton_pointer_forward(causal, dropout_p, why_not_triton):
         return why_not_triton
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         return "same kernel as pyext-triton here: the descriptor forward needs compute capability 9.0+"
-    if dropout_p:
-        return "same kernel as pyext-triton: dropout runs the pointer forward"
+    if dropout_p or mask is not None:
+        return "same kernel as pyext-triton: dropout and masks run the pointer forward"
     from pyext.triton_kernels import flash_attention
 
     def run(q, k, v):
@@ -72,31 +91,45 @@ def _triton_pointer_forward(causal, dropout_p, why_not_triton):
     return run
 
 
-def _triton_deterministic(causal, dropout_p, why_not_triton):
+def _triton_deterministic(causal, dropout_p, mask, why_not_triton):
     """pyext's Triton attention with deterministic=True, or why it is not timed."""
     if why_not_triton is not None:
         return why_not_triton
+    if mask is not None:  # scaled_dot_product_attention takes torch's flag for it
+        def run(q, k, v):
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                return pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                          backend="triton")
+            finally:
+                torch.use_deterministic_algorithms(previous)
+        return run
     return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, deterministic=True,
                                                  backend="triton")
 
 
+# (causal, dropout probability, padding mask?) of each case of a grid point
+STANDARD = ((False, 0.0, False), (True, 0.0, False))
+MODEL = ((True, 0.0, False), (True, DROPOUT, False), (False, 0.0, True))
+
+
 def _grid(quick: bool, dtypes):
-    """(seqlen, head dim, model layout?, causal flags, dropout probabilities);
-    each (flag, probability) gives a forward and a backward case."""
+    """(seqlen, head dim, model layout?, variants as STANDARD and MODEL); each
+    variant gives a forward and a backward case."""
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, False, (False, True), (0.0,)), (64, 32, True, (True,), (0.0, DROPOUT))]
+        return [(64, 32, False, STANDARD), (64, 32, True, MODEL)]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
-    standard = [(s, d, False, (False, True), (0.0,)) for s in seqlens for d in head_dims]
-    model = [(s, d, True, (True,), (0.0, DROPOUT))
-             for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
+    standard = [(s, d, False, STANDARD) for s in seqlens for d in head_dims]
+    model = [(s, d, True, MODEL) for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
     return standard + model
 
 
 def count(quick: bool, dtypes) -> int:
-    return sum(2 * len(causals) * len(dropouts) for *_, causals, dropouts in _grid(quick, dtypes))
+    return sum(2 * len(variants) for *_, variants in _grid(quick, dtypes))
 
 
 def _in_model_layout(fn):
@@ -124,19 +157,20 @@ def cases(quick: bool, dtypes):
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
     device = "cuda" if HAS_GPU else "cpu"
     ours = our_backends()
-    for seqlen, head_dim, model_layout, causals, dropouts in _grid(quick, dtypes):
+    for seqlen, head_dim, model_layout, variants in _grid(quick, dtypes):
         heads = HIDDEN // head_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
         inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype)
-        for causal, dropout_p in ((c, p) for c in causals for p in dropouts):
-            fns = {f"pyext-{b}": (lambda b_: lambda q, k, v: pyext.flash_attention(
-                q, k, v, causal=causal, dropout_p=dropout_p, backend=b_))(b) for b in ("cuda", "triton")}
-            if dropout_p:
-                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout"
-            fns.update({name: _sdpa(backend, causal, dropout_p) for name, backend in SDPA.items()})
-            fns["flash-attn"] = _flash_attn_package(causal, dropout_p)
+        for causal, dropout_p, padded in variants:
+            mask = _padding_mask(batch, seqlen, device) if padded else None
+            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask) for b in ("cuda", "triton")}
+            if dropout_p or padded:
+                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout and no mask"
+            fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
+            fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask)
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
-            options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + ("-dropout" if dropout_p else "")
+            options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + \
+                ("-dropout" if dropout_p else "") + ("-padded" if padded else "")
             label = f"S={seqlen} D={head_dim}{options.replace('-', ' ')}"
             for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
                 providers = {}
@@ -153,7 +187,7 @@ def cases(quick: bool, dtypes):
                 # pointer loads in the forward, the deterministic dQ in the backward
                 variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
                                ("pyext-triton-det", _triton_deterministic))
-                fn = fn(causal, dropout_p, ours["pyext-triton"])
+                fn = fn(causal, dropout_p, mask, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
                 yield Case(op="attention", label=label, size=seqlen,
