@@ -326,23 +326,30 @@ def _as_4d(q: Tensor, k: Tensor, v: Tensor):
     return tuple(t.reshape(batch, t.shape[-3] if t.dim() > 2 else 1, *t.shape[-2:]) for t in (q, k, v))
 
 
-def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor, is_causal: bool):
-    """(mask, None): attn_mask as the kernels take it, broadcast to (B, Hq, Sq, Sk)
-    of the 4-D inputs q (a view; a copy only where a reshape of broadcast
-    leading dims needs one); or (None, why the kernels cannot take it)."""
+def _mask_problem(attn_mask: Tensor, query: Tensor, key: Tensor, is_causal: bool) -> Optional[str]:
+    """Why the kernels cannot take this attn_mask, or None."""
     if is_causal:
-        return None, "an attn_mask with is_causal=True (torch's SDPA refuses the pair)"
+        return "an attn_mask with is_causal=True (torch's SDPA refuses the pair)"
     if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype) or attn_mask.device != query.device:
-        return None, (f"an attn_mask of {attn_mask.dtype} on {attn_mask.device} (the kernels take a bool, "
-                      f"float32 or {query.dtype} mask on {query.device}, as torch's SDPA does)")
+        return (f"an attn_mask of {attn_mask.dtype} on {attn_mask.device} (the kernels take a bool, "
+                f"float32 or {query.dtype} mask on {query.device}, as torch's SDPA does)")
     if attn_mask.requires_grad:
-        return None, "an attn_mask that requires grad (the kernels give the mask no gradient)"
+        return "an attn_mask that requires grad (the kernels give the mask no gradient)"
+    scores = (*query.shape[:-1], key.shape[-2])
     try:
-        mask = torch.broadcast_to(attn_mask, (*query.shape[:-1], key.shape[-2]))
+        if torch.broadcast_shapes(attn_mask.shape, scores) == scores:
+            return None
     except RuntimeError:
-        return None, (f"an attn_mask of shape {list(attn_mask.shape)} that does not broadcast to "
-                      f"{[*query.shape[:-1], key.shape[-2]]}")
-    return mask.reshape(*q.shape[:-1], key.shape[-2]), None
+        pass
+    return f"an attn_mask of shape {list(attn_mask.shape)} that does not broadcast to {list(scores)}"
+
+
+def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor) -> Tensor:
+    """attn_mask as the kernels take it: broadcast to (B, Hq, Sq, Sk) of the
+    4-D inputs q (a view; a copy only where a reshape of broadcast leading
+    dims needs one)."""
+    mask = torch.broadcast_to(attn_mask, (*query.shape[:-1], key.shape[-2]))
+    return mask.reshape(*q.shape[:-1], key.shape[-2])
 
 
 def _check_qkv(op: str, q, k, v, gqa: bool):
@@ -467,13 +474,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
     q, k, v = _as_4d(query, key, value)
-    mask, extra = None, None
+    masked = attn_mask is not None
     order = SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER
-    if attn_mask is not None:
-        mask, extra = _kernel_mask(attn_mask, query, key, q, is_causal)
+    if masked:
         order = tuple(b for b in order if b in SDPA_MASK_AUTO_ORDER)
-    name = _backend.select("scaled_dot_product_attention", backend, query.device,
-                           lambda b: _why_not(b, q, k, v, extra, dropout_p, masked=attn_mask is not None), order)
+    name = _backend.select("scaled_dot_product_attention", backend, query.device, lambda b: _why_not(
+        b, q, k, v, _mask_problem(attn_mask, query, key, is_causal) if masked else None, dropout_p, masked), order)
     if name == "torch":
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
@@ -483,6 +489,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
+    mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
                                    q, k, v, scale, is_causal, 0, dropout_p, seed, mask)
     return out.reshape(query.shape) if q is not query else out
