@@ -203,12 +203,13 @@ def hessian_vector_product(fn, inputs, c, r):
     """The gradient of <dL/d(inputs), r>, L = <fn(inputs), c> + mean(fn^2)/2: a
     backward run with create_graph=True, then one through its graph (the
     square makes the second one pass through fn's own backward too). The
-    cotangents c and r are random, so the values stay of order one."""
+    cotangents c and r are random, so the values stay of order one; made on
+    any device, they are moved to the inputs'."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     y = fn(*inputs)
-    loss = (y * c.to(y.dtype)).sum() + y.float().square().mean() / 2
+    loss = (y * c.to(y.device, y.dtype)).sum() + y.float().square().mean() / 2
     first = torch.autograd.grad(loss, inputs, create_graph=True)
-    return torch.autograd.grad(sum((g * d.to(g.dtype)).sum() for g, d in zip(first, r)), inputs)
+    return torch.autograd.grad(sum((g * d.to(g.device, g.dtype)).sum() for g, d in zip(first, r)), inputs)
 
 
 @pytest.fixture
