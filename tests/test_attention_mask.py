@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
 from pyext import reference
@@ -38,19 +39,16 @@ def make_mask(kind, shape_name, dtype, device, shape=None):
     return mask.transpose(-2, -1) if shape_name == "transposed" else mask
 
 
-def math_attention(q, k, v, mask, scale=None):
-    """torch's math SDPA spelled out in q's dtype: differentiable twice (the
-    backward of torch's CPU flash kernel is not), and exact enough where a
-    finite mask covers a whole row (see test_rows_masked_everywhere...)."""
-    groups = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-    return s.softmax(-1) @ v
-
-
 def torch_sdpa(q, k, v, mask, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+
+
+def torch_math_sdpa(q, k, v, mask, **kwargs):
+    """torch's SDPA on its math backend: differentiable twice (the backward
+    of torch's CPU flash kernel is not), rows that see no key 0, and its
+    backward from the softmax's output (see test_rows_masked_everywhere...)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch_sdpa(q, k, v, mask, **kwargs)
 
 
 def check_masked(q, k, v, mask, deterministic, yardstick=torch_sdpa, **kwargs):
@@ -118,10 +116,12 @@ def test_rows_masked_everywhere_give_what_torch_gives(fill, deterministic):
     query rows 3 and 4 of batch 0 masked everywhere. With False or -inf such
     rows are 0, with zero gradients (torch's SDPA); with finfo.min, a finite
     value, they are an even average of V, as torch's softmax makes them.
-    There the yardstick is torch's math in the dtype: torch's fused CPU kernel
-    recomputes such a row's P from its lse, m + log(l) with m near -3.4e38,
-    which is m, and gets its gradients wrong by ~20 (the kernels keep m and
-    l apart for this); the rule would pass anything against that."""
+    The yardstick is torch's math backend in the dtype: torch's fused CPU
+    kernel recomputes a finfo.min row's P from its lse, m + log(l) with m
+    near -3.4e38, which is m, and gets its gradients wrong by ~20 (the
+    kernels keep m and l apart for this), so the rule would pass anything
+    against it; and a fused GPU kernel need not give 0 for a row that sees
+    no key."""
     q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
     masked = torch.zeros(2, 1, 19, 33, dtype=torch.bool, device=q.device)
     masked[1, :, :, -12:] = True
@@ -131,7 +131,7 @@ def test_rows_masked_everywhere_give_what_torch_gives(fill, deterministic):
     else:
         value = float("-inf") if fill == "-inf" else torch.finfo(q.dtype).min
         mask = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(masked, value)
-    check_masked(q, k, v, mask, deterministic, yardstick=math_attention if fill == "finfo.min" else torch_sdpa)
+    check_masked(q, k, v, mask, deterministic, yardstick=torch_math_sdpa)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -174,7 +174,7 @@ def test_mask_double_backward_under_auto_is_the_references(monkeypatch, auto_run
     assert calls == [1]
     want = hessian_vector_product(lambda *t: reference.attention(*t, mask=mask)[0], [t.double() for t in (q, k, v)],
                                   c, r)
-    same_dtype = hessian_vector_product(lambda *t: math_attention(*t, mask), (q, k, v), c, r)
+    same_dtype = hessian_vector_product(lambda *t: torch_math_sdpa(*t, mask), (q, k, v), c, r)
     for name, g, w, pt in zip(("q", "k", "v"), got, want, same_dtype):
         assert_close(g, w, pt, f"Hessian-vector product, {name}")
 
