@@ -153,6 +153,18 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
+def _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """_keys_end, and with a boolean mask (MASK 1) no further than the
+    block's last attended key (row_end, see _mask_bounds)."""
+    end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
+    if MASK == 1:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        end = tl.minimum(end, tl.max(tl.load(row_end_ptr + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0)))
+    return end
+
+
+@triton.jit
 def _dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_N] dropout mask of keys start_n.. (a multiple of 4),
     True where P is kept: Philox uniforms < keep, under the key seed + bh
@@ -223,7 +235,7 @@ def _finish(m_i, l_i, acc):
 
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_end_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, keep,
                 SQ_BUCKET, SK_BUCKET,
@@ -245,7 +257,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
+    for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
+                                             BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
@@ -352,6 +365,7 @@ def _low_part(x, hi):
 
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
+                   col_start_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
@@ -376,7 +390,11 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     for g in range(group):
         h = hk * group + g
         bh = b * heads_q + h
-        for start_m in range(lo, seq_q, BLOCK_M):
+        first = lo
+        if MASK == 1:  # no query block before the keys' first attending row (col_start, see _mask_bounds)
+            attending = tl.load(col_start_ptr + bh * seq_k + offs_n, mask=offs_n < seq_k, other=seq_q)
+            first = tl.maximum(lo, tl.min(attending) // BLOCK_M * BLOCK_M)
+        for start_m in range(first, seq_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = bh * seq_q + offs_m
@@ -424,7 +442,7 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_end_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
                    qk_scale, scale, causal_offset, keep, SQ_BUCKET, SK_BUCKET,
@@ -448,7 +466,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     v_base = v_ptr + b * svb + hk * svh
     mask_off = b * smb + h * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
+    for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
+                                             BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
@@ -564,6 +583,28 @@ def _mask_view(mask, shape):
     return (mask.view(torch.int8) if kind == 1 else mask), tuple(mask.stride()), kind
 
 
+def _mask_bounds(mask):
+    """(row_end, col_start) of a boolean mask's (B, Hq, Sq, Sk) int8 view, or
+    (None, None) for no mask or an additive one: one past each query row's
+    last attended key, (B, Hq, Sq), and each key's first attending row,
+    (B, Hq, Sk), int32 contiguous. The kernels skip the key blocks past a
+    query block's last attended key and the query blocks before a key
+    block's first attending row, so a causal mask given as a mask (HF's
+    decoders with padding) costs a causal attention's work, and padding
+    keys none. Computed on the mask's own extent (broadcast dims taken once)."""
+    if mask is None or mask.dtype != torch.int8:
+        return None, None
+    batch, heads, seq_q, seq_k = mask.shape
+    attended = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())] != 0
+    rows = torch.arange(1, attended.shape[-1] + 1, device=mask.device, dtype=torch.int32)
+    row_end = (torch.where(attended, rows, 0).amax(-1) if attended.shape[-1] > 1 else attended[..., 0] * seq_k)
+    cols = torch.arange(attended.shape[-2], device=mask.device, dtype=torch.int32)[:, None]
+    col_start = (torch.where(attended, cols, seq_q).amin(-2) if attended.shape[-2] > 1
+                 else torch.where(attended[..., 0, :], 0, seq_q))
+    return (row_end.to(torch.int32).expand(batch, heads, seq_q).contiguous(),
+            col_start.to(torch.int32).expand(batch, heads, seq_k).contiguous())
+
+
 def _prepare(q, k, v, causal, dropout_p, mask):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
@@ -607,7 +648,8 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, *args, *out.stride()[:3], scale * LOG2E,
+            row_end, _ = _mask_bounds(mask)
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_end, *args, *out.stride()[:3], scale * LOG2E,
                               causal_offset, 1.0 - dropout_p, *buckets, **meta)
     return out, lse
 
@@ -635,6 +677,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     tail = (scale * LOG2E, scale, causal_offset, 1.0 - dropout_p, *buckets)
     dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
+    row_end, col_start = _mask_bounds(mask)
     with on_device(q):
         block = 16 if _INTERPRET else 64
         _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
@@ -642,15 +685,16 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, *args,
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_start, *args,
                                          *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True,
                                          **meta)
             return torch.mul(dq_acc, scale, out=dq), dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, *args, *dout_strides,
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_start, *args,
+                                  *dout_strides,
                                   *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, *args, *dout_strides, *dq.stride()[:3],
-                               *tail, **meta)
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_end, *args, *dout_strides,
+                               *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv
 
 
