@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
 from pyext import reference
@@ -224,6 +225,7 @@ def test_cuda_kernels_under_sanitizer(backend, tool):
     # slower) over the smallest and the largest tile shapes.
     dims = (8, 40, 64, 96, 128, 160, 200, 256) if tool == "memcheck" else (40, 256)
     code = ("import torch\n"
+            "import pyext\n"  # loads pyext._C, which defines the ops
             "fwd, bwd = torch.ops.pyext.flash_attn_fwd_cuda, torch.ops.pyext.flash_attn_bwd_cuda\n"
             f"for d in {dims}:\n"
             "  for sq, sk, causal, off in ((1, 70, True, 69), (70, 33, True, 0), (130, 65, False, 0)):\n"
@@ -336,18 +338,21 @@ def test_sdpa_drop_in_matches_torch(backend, dtype, is_causal, scale, shape):
 
 @pytest.mark.parametrize("case", ["mask_requiring_grad", "dropout_1", "float32", "head_dim_320", "broadcast_batch"])
 def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case):
-    """(Masks the kernels do not take: tests/test_attention_mask.py.)"""
+    """Both on torch's math backend, which takes every case (on a GPU its flash
+    kernel refuses dropout_p=1). (Masks the kernels do not take:
+    tests/test_attention_mask.py.)"""
     device = device_for("triton")
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     d = 320 if case == "head_dim_320" else 16
     q_batch = 2 if case == "broadcast_batch" else 1
     q, k, v = (make_tensor((b, 2, 7, d), dtype, device) for b in (q_batch, 1, 1))
-    kwargs = {"mask_requiring_grad": dict(attn_mask=torch.randn(7, 7, device=device, requires_grad=True)),
-              "dropout_1": dict(dropout_p=1.0)}.get(case, {})
-    torch.manual_seed(7)
-    got = pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="auto")
-    torch.manual_seed(7)
-    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
+    mask = torch.randn(7, 7, device=device, dtype=dtype, requires_grad=True)
+    kwargs = {"mask_requiring_grad": dict(attn_mask=mask), "dropout_1": dict(dropout_p=1.0)}.get(case, {})
+    with sdpa_kernel(SDPBackend.MATH):
+        torch.manual_seed(7)
+        got = pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="auto")
+        torch.manual_seed(7)
+        assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
     reason = {"mask_requiring_grad": "requires grad", "dropout_1": r"not in \(0, 1\)", "float32": "float32",
               "head_dim_320": "head dim", "broadcast_batch": "batch"}[case]
     with pytest.raises(pyext.BackendUnavailable, match=reason):
