@@ -16,10 +16,14 @@ provider's layout copies, in and out and in the backward, are in its time.
 They are also timed with attention dropout 0.1 ("dropout" in the dtype key), as
 HF GPT-2 and BERT train: pyext-triton's dropout against the SDPA backends'
 and FlashAttention's (the FLOPs counted are the matmuls' alone).
-And, not causal, with a key-padding mask ("padded" in the dtype key): a
-(B, 1, 1, S) boolean attn_mask, each sequence attending to its first L keys,
-L drawn from [S/2, S], as an HF encoder (BERT) gets a padded batch; the
-FLOPs counted are those of every (query, key) pair, as the kernels compute them.
+And with a key-padding mask ("padded" in the dtype key): a (B, 1, 1, S)
+boolean attn_mask, each sequence attending to its first L keys, L drawn
+from [S/2, S], as an HF encoder (BERT) gets a padded batch; and
+"causal-padded": that padding and a causal mask in one (B, 1, S, S) boolean
+attn_mask with is_causal=False, as HF hands SDPA a decoder's padded batch.
+FLOPs counted: every (query, key) pair for "padded", half for
+"causal-padded" (the pairs a causal attention computes), whatever the
+lengths; the kernels skip the masked blocks they can (see _mask_bounds).
 """
 import torch
 import torch.nn.functional as F
@@ -56,10 +60,14 @@ def _ours(backend, causal, dropout_p, mask):
                                                               backend=backend)
 
 
-def _padding_mask(batch, seqlen, device):
-    """(B, 1, 1, S) bool: sequence b attends to its first L_b keys, L_b in [S/2, S] (a fixed draw)."""
+def _padding_mask(batch, seqlen, device, causal):
+    """(B, 1, 1, S) bool: sequence b attends to its first L_b keys, L_b in [S/2, S]
+    (a fixed draw); causal: (B, 1, S, S), that and key j <= query i."""
     lengths = torch.randint(seqlen // 2, seqlen + 1, (batch,), generator=torch.Generator().manual_seed(0))
-    return (torch.arange(seqlen)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None])[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
+    return mask.to(device)
 
 
 def _flash_attn_package(causal, dropout_p, mask):
@@ -109,9 +117,9 @@ def _triton_deterministic(causal, dropout_p, mask, why_not_triton):
                                                  backend="triton")
 
 
-# (causal, dropout probability, padding mask?) of each case of a grid point
-STANDARD = ((False, 0.0, False), (True, 0.0, False))
-MODEL = ((True, 0.0, False), (True, DROPOUT, False), (False, 0.0, True))
+# (causal, dropout probability, padding mask: None, "padded" or "causal-padded") of each case of a grid point
+STANDARD = ((False, 0.0, None), (True, 0.0, None))
+MODEL = ((True, 0.0, None), (True, DROPOUT, None), (False, 0.0, "padded"), (False, 0.0, "causal-padded"))
 
 
 def _grid(quick: bool, dtypes):
@@ -162,15 +170,15 @@ def cases(quick: bool, dtypes):
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
         inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype)
         for causal, dropout_p, padded in variants:
-            mask = _padding_mask(batch, seqlen, device) if padded else None
+            mask = _padding_mask(batch, seqlen, device, padded == "causal-padded") if padded else None
             fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask) for b in ("cuda", "triton")}
             if dropout_p or padded:
                 fns["pyext-cuda"] = "the CUDA attention kernels have no dropout and no mask"
             fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
             fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask)
-            flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+            flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal or padded == "causal-padded" else 1)
             options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + \
-                ("-dropout" if dropout_p else "") + ("-padded" if padded else "")
+                ("-dropout" if dropout_p else "") + (f"-{padded}" if padded else "")
             label = f"S={seqlen} D={head_dim}{options.replace('-', ' ')}"
             for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
                 providers = {}
