@@ -102,8 +102,8 @@ def exercise_launchers():
             layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
     for target in TARGETS:  # the launchers as they run on an A100, then on an H100
         targets = [target]
-        flash_attention._has_tma = lambda t: target.arch >= 90
-        flash_attention._shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
+        flash_attention.forward._has_tma = lambda t: target.arch >= 90
+        flash_attention.forward._shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
         for d, causal in ((80, False), (128, True), (256, True)):
             all_configs = d >= 128
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)

@@ -21,7 +21,7 @@ inputs' device per call; the backward draws the forward's mask from it.
 An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
-fp32, in place of lse (see triton_kernels/flash_attention.py).
+fp32, in place of lse (see triton_kernels/flash_attention/).
 """
 import math
 import threading

@@ -1,0 +1,61 @@
+"""FlashAttention forward and backward in Triton (FlashAttention-2 scheme).
+
+Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D), Hq a multiple of Hkv (query
+head h reads key head h // (Hq / Hkv): GQA/MQA with no copies). Any strides
+with a unit last stride, dout's too. out (B, Hq, Sq, D) in q's memory order
+(as torch's flash SDPA: for q a (B, S, H, D) view, out is one too, so the
+caller's out.transpose(1, 2).contiguous() copies nothing); lse (B, Hq, Sq)
+fp32, natural log. Causal: key j is visible to query i iff j <= i + causal_offset
+(0: top-left, as torch's SDPA; Sk - Sq: bottom-right, as FlashAttention).
+A row that sees no key gets out = 0, lse = -inf and zero gradients.
+Dropout (dropout_p > 0): each P element is kept with probability
+keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
+Philox (four uniforms per call, see _dropout_keep) under the key
+seed + (b * Hq + h), the seed a device tensor (so torch's RNG, CUDA graphs
+and torch.compile handle it): the backward draws the same mask, never
+stored. lse is that of the undropped P.
+Mask (SDPA's attn_mask, broadcast to (B, Hq, Sq, Sk), any strides): boolean
+(False: the key is not attended) or additive (added to the scores, in fp32).
+The masked kernels keep each row's max m and sum l apart, (B, Hq, Sq, 2) fp32
+in place of lse: a row masked everywhere with a huge finite value (finfo.min,
+as HF writes masks) has m near -3.4e38, where m + log2(l) would lose l, and
+the backward's P = exp2(s - m) / l needs it.
+
+Forward, per block of queries, over blocks of keys (never an S x S tensor):
+    s = q k^T * scale * log2(e)              (base-2 logits: exp2 is one instruction)
+    m' = max(m, rowmax(s));  p = exp2(s - m')
+    l' = l * exp2(m - m') + rowsum(p)        (rescale what was summed so far)
+    acc' = acc * exp2(m - m') + p v
+    out = acc / l;  lse = (m + log2 l) / log2(e)
+Backward, with P recomputed from lse: D_i = rowsum(dO * O) (a first pass), then
+    dV = P^T dO;  dP = dO V^T;  dS = P * (dP - D);  dQ = scale dS K;  dK = scale dS^T Q
+With dropout, Z = mask / keep: O = (P Z) V, so dV = (P Z)^T dO and dP = (dO V^T) Z;
+D = rowsum(dO * O) is still rowsum(P * dP), and dS = P * (dP - D) as before.
+dK and dV are accumulated per key block over every query block and every
+query head of its group (GQA without atomics). dQ two ways (flash_attn_bwd's
+`deterministic`):
+  False: in the same pass, each tile's dS K added into an fp32 dQ buffer with
+    atomics (5 matmuls per tile), then scaled and converted to dq's dtype. The
+    order of the additions, so dQ's last bits, vary run to run.
+  True: a second kernel per query block over every key block, which computes
+    S, P and dP again (7 matmuls per tile); same bits run to run.
+
+Two forwards compute the same thing: _fwd_kernel loads tiles through pointers
+(masked loads; Ampere, and the fallback), _fwd_tma_kernel through tensor
+descriptors (TMA copies on sm_90 and up, pipelined and optionally warp
+specialised). forward_loads() picks one per call (use_loads() and
+$PYEXT_TRITON_ATTN_LOADS override it); the backward uses pointers.
+
+Files: tiles.py, the per-tile device helpers both passes share (causal
+bounds, masks, dropout); launch.py, the host side both share (autotune
+configs, a launch's arguments, a mask's view and block bounds); forward.py
+and backward.py, their kernels and launch functions; dropout.py, the
+dropout mask as a tensor for the reference.
+"""
+from .backward import flash_attn_bwd
+from .dropout import dropout_keep_mask
+from .forward import LOADS, LOADS_ENV, flash_attn_fwd, forward_loads, loads_mode, use_loads
+from .launch import MAX_DROPOUT_SCORES
+
+__all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "dropout_keep_mask", "flash_attn_bwd", "flash_attn_fwd",
+           "forward_loads", "loads_mode", "use_loads"]

@@ -1,0 +1,226 @@
+"""The attention backward (FlashAttention-2): delta = rowsum(dO * O), then
+dK and dV per key block (and dQ by atomics), or dQ in a second kernel."""
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import dot, on_device, round_to
+from .launch import _INTERPRET, LOG2E, _configs, _mask_bounds, _prepare, _unit_last_stride
+from .tiles import _dropout_keep, _keys_end_masked, _load_tile, _masked_scores, _visible
+
+
+@triton.jit
+def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm, seq_q, heads_q,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) of one block of query rows of one (batch, head),
+    into a contiguous (B, Hq, Sq) delta."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
+    bh = b * heads_q + h
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(out_ptr + b * sob + h * soh, offs_m, som, offs_d, seq_q, HEAD_DIM).to(tl.float32)
+    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM).to(tl.float32)
+    tl.store(delta_ptr + bh * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
+
+
+@triton.jit
+def _row_stats(lse_ptr, row, valid, MASK: tl.constexpr):
+    """(shift, scale) of these rows for P = exp2(s - shift) * scale (_recomputed_p).
+    Without a mask: lse in base 2 (rows that saw no key get +inf, so P is 0),
+    and a scale of 1 that goes unused. With one: the forward's (m, 1 / l)
+    (rows that saw no key get (0, 0))."""
+    if MASK:
+        m = tl.load(lse_ptr + row * 2, mask=valid, other=0.0)
+        l_sum = tl.load(lse_ptr + row * 2 + 1, mask=valid, other=0.0)
+        seen = l_sum > 0.0
+        return tl.where(seen, m, 0.0), tl.where(seen, 1.0 / tl.where(seen, l_sum, 1.0), 0.0)
+    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), tl.full(row.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _recomputed_p(s, shift, scale, MASK: tl.constexpr):
+    """P of base-2 logits s, from _row_stats broadcast to s's shape."""
+    p = tl.exp2(s - shift)
+    if MASK:
+        p = p * scale
+    return p
+
+
+@triton.jit
+def _low_part(x, hi):
+    """What rounding fp32 x to hi's dtype left out, in that dtype. With
+    dropout, dS's dropped terms (-P D) and kept ones (P (dP / keep - D))
+    cancel in dK and dQ, so one rounding of dS to 8 bits costs more of the
+    result than without: there dS goes to the tensor cores as hi + lo (about
+    16 significant bits, two products instead of one)."""
+    return round_to(x - hi.to(tl.float32), hi.dtype)
+
+
+@triton.jit
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
+                   col_start_ptr,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                   seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
+                   SQ_BUCKET, SK_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one key head, summed over its query heads.
+    With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
+    atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
+    start_n = tl.program_id(0) * BLOCK_N
+    hk, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (key blocks, key heads, batch)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_tile(k_ptr + b * skb + hk * skh, offs_n, skn, offs_d, seq_k, HEAD_DIM)
+    v = _load_tile(v_ptr + b * svb + hk * svh, offs_n, svn, offs_d, seq_k, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:  # queries before start_n - causal_offset see none of these keys
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(group):
+        h = hk * group + g
+        bh = b * heads_q + h
+        first = lo
+        if MASK == 1:  # no query block before the keys' first attending row (col_start, see _mask_bounds)
+            attending = tl.load(col_start_ptr + bh * seq_k + offs_n, mask=offs_n < seq_k, other=seq_q)
+            first = tl.maximum(lo, tl.min(attending) // BLOCK_M * BLOCK_M)
+        for start_m in range(first, seq_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
+            row = bh * seq_q + offs_m
+            do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
+            shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
+            delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
+            # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
+            s_t = dot(k, tl.trans(q)) * qk_scale
+            if MASK:
+                s_t = _masked_scores(s_t, mask_ptr, b * smb + h * smh, offs_n, smn, offs_m, smm, seq_k, seq_q, MASK)
+            visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset))
+            p_t = tl.where(visible_t, _recomputed_p(s_t, shift[None, :], p_scale[None, :], MASK), 0.0)
+            dp_t = dot(v, tl.trans(do))
+            if DROPOUT:
+                kept_t = tl.trans(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N))
+                dv += dot(round_to(tl.where(kept_t, p_t / keep, 0.0), do.dtype), do)
+                dp_t = tl.where(kept_t, dp_t / keep, 0.0)
+            else:
+                dv += dot(round_to(p_t, do.dtype), do)
+            ds_exact = p_t * (dp_t - delta[None, :])
+            ds_t = round_to(ds_exact, q.dtype)
+            dk += dot(ds_t, q)
+            if DROPOUT:
+                ds_lo_t = _low_part(ds_exact, ds_t)
+                dk += dot(ds_lo_t, q)
+            if ATOMIC_DQ:
+                dq_part = dot(tl.trans(ds_t), k)
+                if DROPOUT:
+                    dq_part += dot(tl.trans(ds_lo_t), k)
+                tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
+                              mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
+    out_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
+    tl.store(dk_ptr + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+             round_to(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+             round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
+
+
+_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"]
+_bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
+# Timing a config adds into dq_acc: the autotuner zeroes it before each run.
+_bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
+    _bwd_kv_kernel)
+
+
+@triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
+@triton.jit
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_end_ptr,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                   seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+                   qk_scale, scale, causal_offset, keep, SQ_BUCKET, SK_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block, over every key block it sees."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
+    bh = b * heads_q + h
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_mask = (offs_m[:, None] < seq_q) & d_ok[None, :]
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
+    row = bh * seq_q + offs_m
+    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
+    shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
+    delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    mask_off = b * smb + h * smh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
+                                             BLOCK_M), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
+        s = dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
+        p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset),
+                     _recomputed_p(s, shift[:, None], p_scale[:, None], MASK), 0.0)
+        dp = dot(do, tl.trans(v))
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
+        ds_exact = p * (dp - delta[:, None])
+        ds = round_to(ds_exact, k.dtype)
+        dq += dot(ds, k)
+        if DROPOUT:
+            dq += dot(_low_part(ds_exact, ds), k)
+    tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
+                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None):
+    """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
+    block, each a sum in a fixed order (same bits run to run; S and P computed
+    twice). False: one pass that also adds each tile's dS K into an fp32 dQ
+    with atomics, in an order that varies run to run. Gradients may be passed
+    in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
+    mask, `lse` is the forward's (m, l) stats)."""
+    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_k, seq_k = k.shape[1], k.shape[2]
+    dout, out = _unit_last_stride(dout), _unit_last_stride(out)
+    # each gradient in its input's memory order, as torch's flash SDPA gives them: for
+    # q, k, v viewed per head from one (B, S, 3 H D) projection, no copy before their sum
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    tail = (scale * LOG2E, scale, causal_offset, 1.0 - dropout_p, *buckets)
+    dout_strides = dout.stride()[:3]
+    grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
+    row_end, col_start = _mask_bounds(mask)
+    with on_device(q):
+        block = 16 if _INTERPRET else 64
+        _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
+            out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, HEAD_DIM=head_dim,
+            BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
+        if not deterministic:
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_start, *args,
+                                         *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True,
+                                         **meta)
+            return torch.mul(dq_acc, scale, out=dq), dk, dv
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_start, *args,
+                                  *dout_strides,
+                                  *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
+        grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_end, *args, *dout_strides,
+                               *dq.stride()[:3], *tail, **meta)
+    return dq, dk, dv

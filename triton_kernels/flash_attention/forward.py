@@ -1,0 +1,263 @@
+"""The attention forward: the online softmax over key blocks, through
+pointers (_fwd_kernel) or tensor descriptors (_fwd_tma_kernel, TMA on
+sm_90 and up), and the choice between the two."""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import dot, on_device, round_to
+from .launch import LOG2E, _configs, _mask_bounds, _prepare
+from .tiles import _dropout_keep, _keys_end, _keys_end_masked, _load_tile, _masked_scores, _visible
+
+try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+
+def _shared_memory_limit(t):
+    """Bytes of shared memory one program may use on t's GPU; None off a GPU."""
+    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin if t.is_cuda else None
+
+
+def _fitting_configs(configs, named_args, **kwargs):
+    """The descriptor forward's configs whose buffers fit in shared memory (at
+    least the smallest). Per program, in [rows, BLOCK_D] tiles of the input
+    dtype: Q, and num_stages buffers of K and of V (the TMA pipeline's ring;
+    O's store reuses Q's space); warp specialisation adds two more
+    [BLOCK_M, BLOCK_D] tiles for the hand-off between its warp groups; plus
+    1 KiB of barriers. Checked against the compiler's own figure for every
+    config (tests/triton_compile_check.py): exact to within that KiB for
+    Triton 3.6 and 3.8 at head dims 64, 128 and 256.
+    The pointer kernels have no such prune: their buffers depend on how the
+    compiler pipelines cp.async, and the autotuner skips a config that does
+    not launch for want of shared memory."""
+    limit = _shared_memory_limit(named_args["q_desc"].base)
+    if limit is None:
+        return configs
+
+    def need(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        rows = m * (3 if c.kwargs["WARP_SPECIALIZE"] else 1) + 2 * c.num_stages * n
+        return rows * kwargs["BLOCK_D"] * named_args["q_desc"].base.element_size() + 1024
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+
+
+@triton.jit
+def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
+            DROPOUT: tl.constexpr, seed_ptr, bh, keep, MASK: tl.constexpr, mask_ptr, mask_off, smm, smn,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax: (m, l, acc) updated with keys
+    start_n..; with DROPOUT, acc sums the kept P only (out divides by keep);
+    with MASK, the scores masked first (_masked_scores)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    s = dot(q, tl.trans(k)) * qk_scale
+    if MASK:
+        s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
+    s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    """(out, lse) of the rows once every key block is in; rows that saw no key get (0, -inf)."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    return out, lse
+
+
+@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_end_ptr,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, keep,
+                SQ_BUCKET, SK_BUCKET,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward through pointers. With MASK, lse_ptr takes each row's
+    (m, l), the stats the masked backward reads (see the module docstring)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
+    bh = b * heads_q + h
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    mask_off = b * smb + h * smh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
+                                             BLOCK_M), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset,
+                                CAUSAL, DROPOUT, seed_ptr, bh, keep, MASK, mask_ptr, mask_off, smm, smn, BLOCK_M,
+                                BLOCK_N)
+
+    if DROPOUT:
+        acc = acc / keep
+    out, lse = _finish(m_i, l_i, acc)
+    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+             round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
+    if MASK:
+        tl.store(lse_ptr + (bh * seq_q + offs_m) * 2, m_i, mask=offs_m < seq_q)
+        tl.store(lse_ptr + (bh * seq_q + offs_m) * 2 + 1, l_i, mask=offs_m < seq_q)
+    else:
+        tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _fitting_configs})
+@triton.jit
+def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
+                    seq_q, seq_k, heads_q, group, qk_scale, causal_offset,
+                    SQ_BUCKET, SK_BUCKET,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """The forward with Q, K, V read and O written through 4-D tensor descriptors
+    (B, H, S, D) with boxes [1, 1, rows, BLOCK_D]: TMA on sm_90. The hardware
+    bounds each box by the tensor's extents, per head: rows past S and columns
+    past D read as zeros (what the padded dot needs) and are not written, so
+    no masks, and no address arithmetic per element. Box coordinates are int32
+    (what TMA takes); only the lse pointer needs int64 offsets."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1), tl.program_id(2)
+    bh = b * heads_q + h
+    hk = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
+    for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
+                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0, 0, lse_ptr, 0, 0, 0,
+                                BLOCK_M, BLOCK_N)  # no dropout, no mask
+
+    out, lse = _finish(m_i, l_i, acc)
+    out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+LOADS_ENV = "PYEXT_TRITON_ATTN_LOADS"
+LOADS = ("auto", "pointer", "descriptor")
+_loads = None  # set inside use_loads()
+
+
+def loads_mode():
+    """How the forward reads its tiles: use_loads()'s mode, else $PYEXT_TRITON_ATTN_LOADS, else "auto"."""
+    mode = _loads or os.environ.get(LOADS_ENV) or "auto"
+    if mode not in LOADS:
+        raise ValueError(f"{LOADS_ENV}={mode!r}: expected one of {', '.join(LOADS)}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_loads(mode: str):
+    """Within the block the forward reads tiles `mode`'s way: "auto" (descriptors
+    on a GPU of compute capability 9 or more when Triton has them and the
+    layouts allow, else pointers), "pointer" (always; the Ampere path), or
+    "descriptor" (always; an error where the layouts do not allow; on CPU
+    tensors under TRITON_INTERPRET=1 too, which is how the tests run it)."""
+    global _loads
+    if mode not in LOADS:
+        raise ValueError(f"use_loads: mode {mode!r} is not one of {', '.join(LOADS)}")
+    previous, _loads = _loads, mode
+    try:
+        yield
+    finally:
+        _loads = previous
+
+
+def _has_tma(t):
+    """Whether t lives on a GPU with the Tensor Memory Accelerator (compute capability 9.0 and up)."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _descriptor_problem(t):
+    """Why TMA cannot address t as a (B, H, S, D) tensor, or None: it needs a
+    16-byte aligned base, a unit last stride and the other strides positive
+    multiples of 16 bytes (so no broadcast dimension)."""
+    size = t.element_size()
+    if t.stride(-1) != 1:
+        return f"last stride {t.stride(-1)} is not 1"
+    if t.data_ptr() % 16:
+        return "base address is not 16-byte aligned"
+    if any(s <= 0 or s * size % 16 for s in t.stride()[:-1]):
+        return f"strides {tuple(t.stride())} of {size}-byte elements are not positive multiples of 16 bytes"
+    return None
+
+
+def forward_loads(q, k, v, out):
+    """"descriptor" or "pointer": how flash_attn_fwd reads q, k, v and writes out (see use_loads)."""
+    mode = loads_mode()
+    if mode == "pointer":
+        return "pointer"
+    problems = [f"{name}: {why}" for name, t in (("q", q), ("k", k), ("v", v), ("out", out))
+                if (why := _descriptor_problem(t)) is not None]
+    if mode == "auto":
+        return "descriptor" if _has_tma(q) and TensorDescriptor is not None and not problems else "pointer"
+    if TensorDescriptor is None:
+        raise RuntimeError(f"{LOADS_ENV}=descriptor: Triton {triton.__version__} has no host tensor descriptors")
+    if problems:
+        raise ValueError(f"{LOADS_ENV}=descriptor: " + "; ".join(problems))
+    return "descriptor"
+
+
+def _descriptor(t):
+    """Host descriptor over a (B, H, S, D) tensor; its box is set per config (_set_boxes)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
+
+
+def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
+                   dropout_p: float = 0.0, seed=None, mask=None):
+    """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
+    dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
+    `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
+    second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
+    Dropout and masks run the pointer forward."""
+    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
+    batch, heads_q, seq_q, head_dim = q.shape
+    out = torch.empty_like(q) if out is None else out  # q's memory order (see the module docstring)
+    if lse is None:
+        stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
+        lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if k.shape[2] == 0:  # no keys at all: every row sees none
+        lse.fill_(float("-inf"))
+        if meta["MASK"]:
+            lse[..., 1] = 0.0  # (m, l) = (-inf, 0)
+        return out.zero_(), lse
+    grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
+    with on_device(q):
+        if not meta["DROPOUT"] and not meta["MASK"] and forward_loads(q, k, v, out) == "descriptor":
+            meta.pop("DROPOUT"), meta.pop("MASK")
+            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
+                                  scale * LOG2E, causal_offset, *buckets, **meta)
+        else:
+            row_end, _ = _mask_bounds(mask)
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_end, *args, *out.stride()[:3], scale * LOG2E,
+                              causal_offset, 1.0 - dropout_p, *buckets, **meta)
+    return out, lse

@@ -1,0 +1,108 @@
+"""Host side the attention passes share: autotune configs and keys, the
+arguments of a launch, and an attention mask's view and block bounds."""
+import os
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(kind):
+    """Block sizes to try on a GPU; one small fixed shape under the interpreter.
+    "fwd_tma" (the descriptor forward) also says whether its key loop is warp
+    specialised, and sets each config's descriptor boxes before a launch."""
+    if _INTERPRET:
+        shapes = [(16, 16, 1, 1, False)]
+    elif kind == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]
+    elif kind == "fwd_tma":  # (BLOCK_M, BLOCK_N, warps, stages, warp-specialised)
+        # Warp specialisation (the key loop split into a TMA producer partition
+        # and the consumer's math) only with 4 warps and 64 rows: with 8 warps
+        # Triton 3.6 and 3.8 leave the loop unspecialised, and with 128 rows on
+        # 4 warps their Hopper pass fails to compile (NVGPUWarpSpecialization).
+        shapes = [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), (128, 32, 4, 4, False),
+                  (64, 64, 4, 3, True), (64, 128, 4, 2, True), (64, 32, 4, 4, True)]
+    else:
+        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 1)]
+    if kind != "fwd_tma":
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s,
+                          pre_hook=_set_boxes) for m, n, w, s, ws in shapes]
+
+
+def _set_boxes(nargs):
+    """Descriptor boxes of the config about to run: [1, 1, rows, BLOCK_D]."""
+    q_box = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
+    kv_box = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    nargs["q_desc"].block_shape = nargs["out_desc"].block_shape = q_box
+    nargs["k_desc"].block_shape = nargs["v_desc"].block_shape = kv_box
+
+
+def _seq_bucket(n):
+    """Autotune key: sequence lengths rounded up to a power of two."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Dropout's Philox counter, m * ceil(Sk / 4) + n / 4, is an int32: Sq * Sk below this keeps it so.
+MAX_DROPOUT_SCORES = 2 ** 31
+
+
+def _mask_view(mask, shape):
+    """(tensor, its four strides, MASK) of an attention mask as the kernels
+    read it: broadcast to `shape` (B, Hq, Sq, Sk) without a copy (stride 0
+    along broadcast dims), booleans as bytes; MASK 0 none, 1 boolean, 2 additive."""
+    if mask is None:
+        return None, (0, 0, 0, 0), 0
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"attention mask: expected bool or floating dtype, got {mask.dtype}")
+    mask = torch.broadcast_to(mask, shape)
+    kind = 1 if mask.dtype == torch.bool else 2
+    return (mask.view(torch.int8) if kind == 1 else mask), tuple(mask.stride()), kind
+
+
+def _mask_bounds(mask):
+    """(row_end, col_start) of a boolean mask's (B, Hq, Sq, Sk) int8 view, or
+    (None, None) for no mask or an additive one: one past each query row's
+    last attended key, (B, Hq, Sq), and each key's first attending row,
+    (B, Hq, Sk), int32 contiguous. The kernels skip the key blocks past a
+    query block's last attended key and the query blocks before a key
+    block's first attending row, so a causal mask given as a mask (HF's
+    decoders with padding) costs a causal attention's work, and padding
+    keys none. Computed on the mask's own extent (broadcast dims taken once)."""
+    if mask is None or mask.dtype != torch.int8:
+        return None, None
+    batch, heads, seq_q, seq_k = mask.shape
+    attended = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())] != 0
+    rows = torch.arange(1, attended.shape[-1] + 1, device=mask.device, dtype=torch.int32)
+    row_end = (torch.where(attended, rows, 0).amax(-1) if attended.shape[-1] > 1 else attended[..., 0] * seq_k)
+    cols = torch.arange(attended.shape[-2], device=mask.device, dtype=torch.int32)[:, None]
+    col_start = (torch.where(attended, cols, seq_q).amin(-2) if attended.shape[-2] > 1
+                 else torch.where(attended[..., 0, :], 0, seq_q))
+    return (row_end.to(torch.int32).expand(batch, heads, seq_q).contiguous(),
+            col_start.to(torch.int32).expand(batch, heads, seq_k).contiguous())
+
+
+def _prepare(q, k, v, causal, dropout_p, mask):
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_k, seq_k = k.shape[1], k.shape[2]
+    if dropout_p > 0 and seq_q * seq_k >= MAX_DROPOUT_SCORES:
+        raise ValueError(f"dropout needs Sq * Sk below 2^31, got {seq_q} * {seq_k}")
+    mask, mask_strides, mask_kind = _mask_view(mask, (batch, heads_q, seq_q, seq_k))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal), DROPOUT=dropout_p > 0,
+                MASK=mask_kind)
+    buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
+    return q, k, v, mask, strides + sizes + mask_strides, sizes, meta, buckets

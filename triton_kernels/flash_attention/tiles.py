@@ -1,0 +1,78 @@
+"""Per-tile device helpers of the attention kernels, forward and backward:
+which (query, key) pairs exist and are visible, a tile's mask and dropout,
+the keys a query block reads."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset):
+    """[M, N] mask of (query, key) pairs that exist and that the mask lets through."""
+    ok = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    return ok
+
+
+@triton.jit
+def _load_tile(base, offs_rows, row_stride, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    """[rows, BLOCK_D] tile of a (rows, HEAD_DIM) matrix with unit column stride; zeros outside."""
+    mask = (offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs_rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key that a query block starting at start_m can see."""
+    if CAUSAL:
+        return tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + causal_offset), 0)
+    return seq_k
+
+
+@triton.jit
+def _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """_keys_end, and with a boolean mask (MASK 1) no further than the
+    block's last attended key (row_end, see _mask_bounds)."""
+    end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
+    if MASK == 1:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        end = tl.minimum(end, tl.max(tl.load(row_end_ptr + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0)))
+    return end
+
+
+@triton.jit
+def _dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] dropout mask of keys start_n.. (a multiple of 4),
+    True where P is kept: Philox uniforms < keep, under the key seed + bh
+    (a stream per (batch, head)). One Philox call (10 rounds of 32-bit
+    products) gives four uniforms, those of keys 4j..4j+3 of query m, at
+    counter m * ceil(Sk / 4) + j (int32: the host keeps Sq * Sk below 2^31):
+    a function of (m, n) alone, so every kernel and block size draws the
+    same mask."""
+    counter = offs_m[:, None] * ((seq_k + 3) // 4) + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr) + bh, counter)
+    # [M, N/4, 2, 2] indexed [m, j, a, b] = r_{2a+b}, so row-major key 4j + 2a + b
+    uniform = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return uniform < keep
+
+
+BIAS_FLOOR = tl.constexpr(-2.35e38)  # times log2(e), just inside float32's range (-3.4e38)
+
+
+@triton.jit
+def _masked_scores(s, mask_ptr, mask_off, rows, row_stride, cols, col_stride, n_rows, n_cols, MASK: tl.constexpr):
+    """Base-2 logits s with the attention mask of these (rows, cols) applied.
+    MASK 1, boolean: -inf where False. MASK 2, additive: plus bias * log2(e),
+    a finite bias raised to BIAS_FLOOR first so that it stays finite (-3.4e38
+    rather than -inf; finfo(float32).min is past it): a row that finite bias
+    masks everywhere is then an even average, as in torch."""
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offsets = mask_off + rows.to(tl.int64)[:, None] * row_stride + cols.to(tl.int64)[None, :] * col_stride
+    if MASK == 1:
+        s = tl.where(tl.load(mask_ptr + offsets, mask=inside, other=0) != 0, s, float("-inf"))
+    else:
+        bias = tl.load(mask_ptr + offsets, mask=inside, other=float("-inf")).to(tl.float32)
+        floored = tl.maximum(bias, BIAS_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        s = s + tl.where(bias == float("-inf"), float("-inf"), floored * 1.4426950408889634)
+    return s
