@@ -23,7 +23,8 @@ from [S/2, S], as an HF encoder (BERT) gets a padded batch; and
 attn_mask with is_causal=False, as HF hands SDPA a decoder's padded batch.
 FLOPs counted: every (query, key) pair for "padded", half for
 "causal-padded" (the pairs a causal attention computes), whatever the
-lengths; the kernels skip the masked blocks they can (see _mask_bounds).
+lengths; the kernels skip the masked blocks they can (_row_ends and
+_col_starts in triton_kernels/flash_attention/launch.py).
 """
 import torch
 import torch.nn.functional as F

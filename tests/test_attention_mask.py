@@ -139,9 +139,10 @@ def test_rows_masked_everywhere_give_what_torch_gives(fill, deterministic):
 
 
 def structured_mask(name, batch, seq_q, seq_k, device):
-    """Boolean masks with whole blocks to skip (see _mask_bounds): a causal
-    mask given as a mask, right and left padding of the keys, and HF's
-    decoder mask (causal and right padding), (B, 1, Sq, Sk) or (B, 1, 1, Sk)."""
+    """Boolean masks with whole blocks to skip (_row_ends and _col_starts in
+    triton_kernels/flash_attention/launch.py): a causal mask given as a mask,
+    right and left padding of the keys, and HF's decoder mask (causal and
+    right padding), (B, 1, Sq, Sk) or (B, 1, 1, Sk)."""
     rows, cols = torch.arange(seq_q, device=device)[:, None], torch.arange(seq_k, device=device)
     lengths = torch.tensor([seq_k, seq_k - 21][:batch], device=device)
     right = cols[None, :] < lengths[:, None]

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import _INTERPRET, LOG2E, _configs, _mask_bounds, _prepare, _unit_last_stride
+from .launch import _INTERPRET, LOG2E, _col_starts, _configs, _prepare, _row_ends, _unit_last_stride
 from .tiles import _dropout_keep, _keys_end_masked, _load_tile, _masked_scores, _visible
 
 
@@ -87,7 +87,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         h = hk * group + g
         bh = b * heads_q + h
         first = lo
-        if MASK == 1:  # no query block before the keys' first attending row (col_start, see _mask_bounds)
+        if MASK == 1:  # no query block before the keys' first attending row (see _col_starts)
             attending = tl.load(col_start_ptr + bh * seq_k + offs_n, mask=offs_n < seq_k, other=seq_q)
             first = tl.maximum(lo, tl.min(attending) // BLOCK_M * BLOCK_M)
         for start_m in range(first, seq_q, BLOCK_M):
@@ -207,7 +207,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     tail = (scale * LOG2E, scale, causal_offset, 1.0 - dropout_p, *buckets)
     dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
-    row_end, col_start = _mask_bounds(mask)
+    col_start = _col_starts(mask)
     with on_device(q):
         block = 16 if _INTERPRET else 64
         _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
@@ -223,6 +223,6 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
                                   *dout_strides,
                                   *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_end, *args, *dout_strides,
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_ends(mask), *args, *dout_strides,
                                *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv

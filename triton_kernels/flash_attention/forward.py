@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import LOG2E, _configs, _mask_bounds, _prepare
+from .launch import LOG2E, _configs, _prepare, _row_ends
 from .tiles import _dropout_keep, _keys_end, _keys_end_masked, _load_tile, _masked_scores, _visible
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
@@ -257,7 +257,6 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
-            row_end, _ = _mask_bounds(mask)
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_end, *args, *out.stride()[:3], scale * LOG2E,
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_ends(mask), *args, *out.stride()[:3], scale * LOG2E,
                               causal_offset, 1.0 - dropout_p, *buckets, **meta)
     return out, lse

@@ -70,26 +70,44 @@ def _mask_view(mask, shape):
     return (mask.view(torch.int8) if kind == 1 else mask), tuple(mask.stride()), kind
 
 
-def _mask_bounds(mask):
-    """(row_end, col_start) of a boolean mask's (B, Hq, Sq, Sk) int8 view, or
-    (None, None) for no mask or an additive one: one past each query row's
-    last attended key, (B, Hq, Sq), and each key's first attending row,
-    (B, Hq, Sk), int32 contiguous. The kernels skip the key blocks past a
-    query block's last attended key and the query blocks before a key
-    block's first attending row, so a causal mask given as a mask (HF's
-    decoders with padding) costs a causal attention's work, and padding
-    keys none. Computed on the mask's own extent (broadcast dims taken once)."""
+# Block bounds of a boolean mask, from its (B, Hq, Sq, Sk) int8 view (None for
+# no mask or an additive one): the kernels skip the key blocks past a query
+# block's last attended key and the query blocks before a key block's first
+# attending row, so a causal mask given as a mask (HF's decoders with
+# padding) costs a causal attention's work, and padding keys none. Each is
+# computed on the mask's own extent (broadcast dims taken once), int32
+# contiguous, and only by the launches that read it.
+
+def _attended(mask):
+    """The mask as bool over its own extent: broadcast (stride 0) dims of size 1."""
+    return mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())] != 0
+
+
+def _row_ends(mask):
+    """One past each query row's last attended key, (B, Hq, Sq); 0 where it attends none."""
     if mask is None or mask.dtype != torch.int8:
-        return None, None
+        return None
     batch, heads, seq_q, seq_k = mask.shape
-    attended = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())] != 0
-    rows = torch.arange(1, attended.shape[-1] + 1, device=mask.device, dtype=torch.int32)
-    row_end = (torch.where(attended, rows, 0).amax(-1) if attended.shape[-1] > 1 else attended[..., 0] * seq_k)
-    cols = torch.arange(attended.shape[-2], device=mask.device, dtype=torch.int32)[:, None]
-    col_start = (torch.where(attended, cols, seq_q).amin(-2) if attended.shape[-2] > 1
-                 else torch.where(attended[..., 0, :], 0, seq_q))
-    return (row_end.to(torch.int32).expand(batch, heads, seq_q).contiguous(),
-            col_start.to(torch.int32).expand(batch, heads, seq_k).contiguous())
+    attended = _attended(mask)
+    if attended.shape[-1] == 1:  # the same for every key
+        ends = attended[..., 0] * seq_k
+    else:
+        ends = torch.where(attended, torch.arange(1, seq_k + 1, device=mask.device, dtype=torch.int32), 0).amax(-1)
+    return ends.to(torch.int32).expand(batch, heads, seq_q).contiguous()
+
+
+def _col_starts(mask):
+    """Each key's first attending query row, (B, Hq, Sk); Sq where none attends it."""
+    if mask is None or mask.dtype != torch.int8:
+        return None
+    batch, heads, seq_q, seq_k = mask.shape
+    attended = _attended(mask)
+    if attended.shape[-2] == 1:  # the same for every query row
+        starts = torch.where(attended[..., 0, :], 0, seq_q)
+    else:
+        rows = torch.arange(seq_q, device=mask.device, dtype=torch.int32)[:, None]
+        starts = torch.where(attended, rows, seq_q).amin(-2)
+    return starts.to(torch.int32).expand(batch, heads, seq_k).contiguous()
 
 
 def _prepare(q, k, v, causal, dropout_p, mask):

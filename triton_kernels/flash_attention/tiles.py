@@ -33,7 +33,7 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 def _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                      BLOCK_M: tl.constexpr):
     """_keys_end, and with a boolean mask (MASK 1) no further than the
-    block's last attended key (row_end, see _mask_bounds)."""
+    block's last attended key (see launch._row_ends)."""
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
     if MASK == 1:
         offs_m = start_m + tl.arange(0, BLOCK_M)
