@@ -238,15 +238,16 @@ def test_opcheck_masked(layout, dropout_p):
 
 
 def test_compile_fullgraph_with_a_mask():
-    """torch.compile keeps the masked op in one graph and computes what eager does."""
+    """torch.compile keeps the masked op in one graph and computes what eager
+    does, its gradients within the rule."""
     q, k, v = qkv((1, 2, 2, 9, 11, 16), torch.bfloat16, device_for("triton"))
     mask = make_mask("bool", None, q.dtype, q.device, (9, 11))
 
-    def f(q, k, v):
-        return pyext.scaled_dot_product_attention(q * 2, k, v, attn_mask=mask, backend="triton").float().sum()
+    def f(q, k, v, backend="triton"):
+        return pyext.scaled_dot_product_attention(q * 2, k, v, attn_mask=mask, backend=backend).float().sum()
 
-    def grads(fn):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    def grads(fn, dtype=q.dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         return torch.autograd.grad(fn(*leaves), leaves)
     torch._dynamo.reset()
     torch.use_deterministic_algorithms(True)
@@ -255,6 +256,9 @@ def test_compile_fullgraph_with_a_mask():
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+    ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
+    for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
+        assert_close(g, r, p, name)
 
 
 BAD_MASKS = {  # name: (mask maker for bf16 inputs (1, 2, 7, 16), SDPA keyword arguments, the reason named)
