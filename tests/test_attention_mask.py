@@ -209,6 +209,24 @@ def test_mask_double_backward_under_auto_is_the_references(monkeypatch, auto_run
         assert_close(g, w, pt, f"Hessian-vector product, {name}")
 
 
+@pytest.mark.parametrize("bad,why", [("integer", "bool or floating"), ("other_device", "on meta")])
+def test_the_masked_ops_refuse_a_mask_they_cannot_read_before_any_launch(bad, why):
+    """Direct callers of the launch functions (what the ops run; no SDPA checks
+    in front): a clear error, never a wild read. (A meta tensor stands for a
+    mask on another device: through the op, torch would dispatch it to the
+    fake implementation.)"""
+    from pyext.triton_kernels import flash_attention as kernels
+    q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton")))
+    mask = (torch.ones(9, 12, dtype=torch.int32, device=q.device) if bad == "integer"
+            else torch.ones(9, 12, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=why):
+        kernels.flash_attn_fwd(q, k, v, 0.25, False, 0, mask=mask)
+    out, stats = kernels.flash_attn_fwd(q, k, v, 0.25, False, 0, mask=torch.ones(9, 12, dtype=torch.bool,
+                                                                                 device=q.device))
+    with pytest.raises(ValueError, match=why):
+        kernels.flash_attn_bwd(out, q, k, v, out, stats, 0.25, False, 0, True, mask=mask)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_masked_kernels_write_every_element(deterministic):
     from pyext.triton_kernels import flash_attention as kernels

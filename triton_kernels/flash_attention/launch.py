@@ -57,7 +57,7 @@ def _block_d(head_dim):
 MAX_DROPOUT_SCORES = 2 ** 31
 
 
-def _mask_view(mask, shape):
+def _mask_view(mask, shape, device):
     """(tensor, its four strides, MASK) of an attention mask as the kernels
     read it: broadcast to `shape` (B, Hq, Sq, Sk) without a copy (stride 0
     along broadcast dims), booleans as bytes; MASK 0 none, 1 boolean, 2 additive."""
@@ -65,6 +65,8 @@ def _mask_view(mask, shape):
         return None, (0, 0, 0, 0), 0
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"attention mask: expected bool or floating dtype, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"attention mask: on {mask.device}, the inputs on {device}")
     mask = torch.broadcast_to(mask, shape)
     kind = 1 if mask.dtype == torch.bool else 2
     return (mask.view(torch.int8) if kind == 1 else mask), tuple(mask.stride()), kind
@@ -116,7 +118,7 @@ def _prepare(q, k, v, causal, dropout_p, mask):
     heads_k, seq_k = k.shape[1], k.shape[2]
     if dropout_p > 0 and seq_q * seq_k >= MAX_DROPOUT_SCORES:
         raise ValueError(f"dropout needs Sq * Sk below 2^31, got {seq_q} * {seq_k}")
-    mask, mask_strides, mask_kind = _mask_view(mask, (batch, heads_q, seq_q, seq_k))
+    mask, mask_strides, mask_kind = _mask_view(mask, (batch, heads_q, seq_q, seq_k), q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
