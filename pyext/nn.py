@@ -1,5 +1,7 @@
 """Drop-in modules: subclasses of torch.nn's, same constructor and state_dict,
 whose forward runs pyext's kernels. `backend` (keyword only) pins a backend."""
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,13 +42,17 @@ class RMSNorm(torch.nn.RMSNorm):
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through
-    pyext.scaled_dot_product_attention when `need_weights=False` and no mask
-    is given, or an attn_mask with is_causal=True (torch's own forward takes
-    that as the hint that the mask is causal and attends causally without it,
-    as nn.TransformerEncoder does with a causal mask); packed in-projection,
-    batched input. Every other call — weights asked for, other masks,
-    bias_k/bias_v, add_zero_attn, separate q/k/v projection weights — is
-    torch's own forward, unchanged."""
+    pyext.scaled_dot_product_attention when `need_weights=False`: with no
+    mask, with an attn_mask ((L, S) or (B * num_heads, L, S)) and/or a
+    key_padding_mask ((B, S)), boolean (True: not attended) or additive, of
+    one dtype, and with is_causal=True and the causal attn_mask (torch's own
+    forward takes that as the hint that the mask is causal and attends
+    causally without it, as nn.TransformerEncoder does; given a
+    key_padding_mask too, it adds the two, and so does this one). Packed
+    in-projection, batched input. Every other call (weights asked for, masks
+    of other shapes or of two dtypes, bias_k/bias_v, add_zero_attn,
+    separate q/k/v projection weights) is torch's own forward, unchanged,
+    with its errors and warnings."""
 
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,12 +60,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        causal = is_causal and attn_mask is not None and key_padding_mask is None and not need_weights
-        if (need_weights or key_padding_mask is not None or is_causal != causal
-                or (attn_mask is not None and not causal) or self.bias_k is not None or self.add_zero_attn
-                or not self._qkv_same_embed_dim or query.dim() != 3):
+        sdpa_mask = None
+        if not (need_weights or self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim
+                or query.dim() != 3):
+            sdpa_mask = self._sdpa_mask(query, key, key_padding_mask, attn_mask, is_causal)
+        if sdpa_mask is None:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
+        mask, causal = sdpa_mask
         from pyext.ops.attention import scaled_dot_product_attention
         self_attention = query is key is value
         if not self.batch_first:  # (L, B, E) -> (B, L, E)
@@ -76,8 +84,43 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
             q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
-        out = scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=causal, backend=self.backend)
         out = F.linear(out.transpose(1, 2).reshape(batch, -1, self.embed_dim),
                        self.out_proj.weight, self.out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _sdpa_mask(self, query, key, key_padding_mask, attn_mask, is_causal):
+        """(attn_mask, is_causal) for SDPA on (B, H, L, S) heads, meaning what
+        torch's forward makes of the masks (F.multi_head_attention_forward),
+        or None where the call is left to torch's forward. Boolean masks stay
+        boolean, inverted (MHA's True is not attended, SDPA's attended): the
+        kernels skip blocks a boolean mask hides; additive ones are added."""
+        if is_causal and attn_mask is None:
+            return None  # torch's forward raises
+        if is_causal and key_padding_mask is None:
+            return None, True  # the hint: causal, the mask unread
+        if self.batch_first:
+            batch, tgt_len, src_len = query.shape[0], query.shape[1], key.shape[1]
+        else:
+            batch, tgt_len, src_len = query.shape[1], query.shape[0], key.shape[0]
+        masks = []
+        if attn_mask is not None:
+            if attn_mask.shape == (tgt_len, src_len):
+                masks.append(attn_mask)
+            elif attn_mask.shape == (batch * self.num_heads, tgt_len, src_len):
+                masks.append(attn_mask.unflatten(0, (batch, self.num_heads)))
+            else:
+                return None
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (batch, src_len):
+                return None
+            masks.append(key_padding_mask.view(batch, 1, 1, src_len))
+        if not masks:
+            return None, False
+        dtype = masks[0].dtype
+        if any(m.dtype != dtype for m in masks) or not (dtype == torch.bool or dtype.is_floating_point):
+            return None
+        if dtype == torch.bool:
+            return ~functools.reduce(torch.logical_or, masks), False
+        return functools.reduce(torch.add, masks), False

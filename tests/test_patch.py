@@ -331,24 +331,100 @@ def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
     assert calls == [1, 1]
 
 
-def test_a_causal_transformer_encoder_goes_through_pyext(pyext_sdpa_calls):
+MHA_MASKS = ["key_padding", "key_padding_additive", "attn_2d", "attn_3d_additive", "attn_2d_and_key_padding",
+             "causal_and_key_padding"]
+
+
+def mha_masks(kind, batch, heads, length, dtype):
+    """The mask arguments of a MultiheadAttention call of `kind`, torch's
+    conventions (boolean True: not attended). Keys padded to lengths
+    `length`, 4 and 0 (a batch element all padding); a random boolean 2-D
+    mask that leaves each row a key; a random additive 3-D one, its values
+    those of bfloat16 in every dtype, so that the float64 oracle sees the
+    bf16 runs' mask."""
+    padding = torch.arange(length) >= torch.tensor([length, 4, 0])[:batch, None]
+    hidden = (torch.rand(length, length) < 0.3).fill_diagonal_(False)
+    bias = torch.randn(batch * heads, length, length).bfloat16().to(dtype)
+
+    def additive(m):
+        return torch.zeros(m.shape, dtype=dtype).masked_fill(m, float("-inf"))
+    return {"key_padding": dict(key_padding_mask=padding),
+            "key_padding_additive": dict(key_padding_mask=additive(padding)),
+            "attn_2d": dict(attn_mask=hidden),
+            "attn_3d_additive": dict(attn_mask=bias),
+            "attn_2d_and_key_padding": dict(attn_mask=hidden, key_padding_mask=padding),
+            # as nn.TransformerEncoder passes them: the causal mask as the hint, both additive
+            "causal_and_key_padding": dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(
+                length, dtype=dtype), is_causal=True, key_padding_mask=additive(padding))}[kind]
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", MHA_MASKS)
+def test_multihead_attention_masks_go_through_pyext(kind, backend, batch_first, pyext_sdpa_calls):
+    """key_padding_mask and attn_mask, boolean or additive, alone or
+    together, go to pyext's SDPA as one mask (Triton's masked kernels with
+    backend="triton"): outputs and the gradients of input and parameters as
+    close to the float64 oracle as torch's own module in bfloat16, with the
+    padded keys and the all-padding batch element given as torch gives them."""
+    batch, heads, length, embed = 3, 4, 9, 32
+    original = torch.nn.MultiheadAttention(embed, heads, batch_first=batch_first)
+    patched = pyext.patch(copy.deepcopy(original), backend=backend)
+    x = torch.randn((batch, length, embed) if batch_first else (length, batch, embed))
+
+    def out_and_grads(mha, dtype):
+        mha = mha.to(device_for(backend), dtype)
+        xd = x.to(device_for(backend), dtype).requires_grad_()
+        masks = {n: m.to(xd.device) for n, m in mha_masks(kind, batch, heads, length, dtype).items()
+                 if isinstance(m, torch.Tensor)}
+        out, _ = mha(xd, xd, xd, need_weights=False, is_causal=kind.startswith("causal"), **masks)
+        c = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+        return [out] + list(torch.autograd.grad(out, [xd] + list(mha.parameters()), c))
+    ref = out_and_grads(copy.deepcopy(original), torch.float64)
+    pt = out_and_grads(original, torch.bfloat16)
+    got = out_and_grads(patched, torch.bfloat16)
+    assert len(pyext_sdpa_calls) == 1
+    names = ["out", "dx"] + [n for n, _ in original.named_parameters()]
+    for name, o, r, p in zip(names, got, ref, pt):
+        assert_close(o, r, p, name)
+
+
+def test_multihead_attention_masks_torch_forward_takes(pyext_sdpa_calls):
+    """Masks of two dtypes (torch's forward warns, and converts), of a shape
+    torch's forward refuses, and an integer mask are torch's forward's:
+    its results, warnings and errors."""
+    mha = pyext.patch(torch.nn.MultiheadAttention(16, 2, batch_first=True), backend="triton")
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
+        mha(x, x, x, need_weights=False, key_padding_mask=padding, attn_mask=torch.zeros(5, 5))
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        mha(x, x, x, need_weights=False, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
+    with pytest.raises(AssertionError, match="only bool and floating types of key_padding_mask"):
+        mha(x, x, x, need_weights=False, key_padding_mask=padding.int())
+    assert pyext_sdpa_calls == []
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_a_causal_transformer_encoder_goes_through_pyext(padded, pyext_sdpa_calls):
     """nn.TransformerEncoder given the causal mask (GPT-style models built from
     torch's layers) passes it with is_causal=True, which torch's attention
     takes as a hint to attend causally without the mask: so does pyext's,
-    with the same outputs and gradients, one kernel call per layer."""
+    with the same outputs and gradients, one kernel call per layer. With a
+    src_key_padding_mask too, both add up to one mask, in torch and in pyext."""
     model = encoder()
     x = torch.randn(2, 9, 32, requires_grad=True)
     mask = torch.nn.Transformer.generate_square_subsequent_mask(9)
+    padding = torch.zeros(2, 9).masked_fill(torch.arange(9) >= torch.tensor([[9], [5]]), float("-inf"))
+    padding = padding if padded else None  # additive, as the causal mask: torch warns of mixed types
 
     def out_and_grads():
-        out = model(x, mask=mask, is_causal=True)
+        out = model(x, mask=mask, is_causal=True, src_key_padding_mask=padding)
         return [out] + list(torch.autograd.grad(out.square().sum(), [x] + list(model.parameters())))
     expected = out_and_grads()
     pyext.patch(model, backend="torch")
     for got, want in zip(out_and_grads(), expected):
         torch.testing.assert_close(got, want)
-    assert len(pyext_sdpa_calls) == 2
-    model(x, src_key_padding_mask=torch.zeros(2, 9, dtype=torch.bool), mask=mask, is_causal=True)  # torch's path
     assert len(pyext_sdpa_calls) == 2
 
 
