@@ -43,13 +43,15 @@ def _cuda_kernels_built(request):
 
 
 def qkv(shape, dtype, device, layout="contiguous"):
-    b, hq, hk, sq, sk, d = shape
+    """q, k, v of shape (batch, query heads, key heads, Sq, Sk, head dim[, value head dim])."""
+    b, hq, hk, sq, sk, d, *dv = shape
+    dv = dv[0] if dv else d
     if layout == "bshd":  # (B, S, H, D) memory viewed as (B, H, S, D), as models produce
         q = make_tensor((b, sq, hq, d), dtype, device).transpose(1, 2)
-        k, v = (make_tensor((b, sk, hk, d), dtype, device).transpose(1, 2) for _ in range(2))
+        k, v = (make_tensor((b, sk, hk, e), dtype, device).transpose(1, 2) for e in (d, dv))
     else:
         q = make_tensor((b, hq, sq, d), dtype, device)
-        k, v = (make_tensor((b, hk, sk, d), dtype, device) for _ in range(2))
+        k, v = (make_tensor((b, hk, sk, e), dtype, device) for e in (d, dv))
     return [t.requires_grad_() for t in (q, k, v)]
 
 
@@ -136,6 +138,41 @@ def test_empty_inputs_give_torchs_empty_or_zero_results(backend, shape):
         assert all(g is None or not g.any() for g in grads)
         out = pyext.flash_attention(q, k, v, causal=causal, backend=backend)
         assert out.shape == q.shape and not out.any()
+
+
+# (as SHAPES, then the value head dim, below the query/key head dim), with
+# GQA and MQA; DeepSeek's MLA (192, 128), as (B, S, H, D) views.
+VALUE_HEAD_DIM_SHAPES = [
+    ((2, 2, 1, 19, 33, 40, 24), "contiguous"),
+    ((1, 4, 2, 17, 12, 64, 32), "contiguous"),
+    ((1, 2, 2, 21, 18, 192, 128), "bshd"),
+]
+
+
+@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
+                                                   pytest.param("triton", False, id="triton-atomic"),
+                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape,layout", VALUE_HEAD_DIM_SHAPES, ids=str)
+def test_value_head_dim_may_differ_from_the_query_head_dim(backend, deterministic, causal, shape, layout):
+    """As in torch's SDPA, v's head dim is its own (out has it): the Triton
+    kernels take any multiple of 8 below the query/key head dim."""
+    check_flash(backend, *qkv(shape, torch.bfloat16, device_for(backend), layout), causal, deterministic)
+
+
+def test_a_value_head_dim_above_the_query_head_dim_goes_to_torch_under_auto_and_is_named_otherwise():
+    """The kernels' dq and dk lose too much there (benchmarks/NOTES.md, "Value head dim")."""
+    q, k, v = (t.detach() for t in qkv((1, 2, 2, 9, 11, 16, 24), torch.bfloat16, device_for("triton")))
+    assert torch.equal(pyext.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(pyext.BackendUnavailable, match="value head dim 24"):
+        pyext.scaled_dot_product_attention(q, k, v, backend="triton")
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_a_value_head_dim_they_do_not_take():
+    q, k, v = qkv((1, 2, 2, 16, 16, 64, 32), torch.bfloat16, "cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="value head dim 32"):
+        pyext.flash_attention(q, k, v, backend="cuda")
 
 
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
@@ -374,7 +411,8 @@ def attention_with_dropout(q, k, v, scale, causal, offset, keep, dropout_p):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 2, 1, 19, 33, 40), (1, 4, 2, 33, 20, 16), (1, 2, 2, 1, 23, 16)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 1, 19, 33, 40), (1, 4, 2, 33, 20, 16), (1, 2, 2, 1, 23, 16),
+                                   (1, 4, 2, 21, 18, 32, 16)], ids=str)
 def test_dropout_matches_the_oracle_with_the_kernels_mask(deterministic, causal, shape, dropout_seeds):
     """Dropout in the Triton kernels: out, dq, dk, dv against the float64
     oracle given the mask the kernels drew (dropout_keep_mask draws it again
@@ -586,6 +624,16 @@ def test_opcheck(backend, layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+def test_opcheck_with_a_value_head_dim_of_its_own(layout):
+    q, k, v = qkv((1, 2, 1, 9, 12, 32, 16), torch.bfloat16, device_for("triton"), layout)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_fwd_triton, (q, k, v, 0.25, True, 3))
+    out, lse = torch.ops.pyext.flash_attn_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
+    assert out.shape == (1, 2, 9, 16) and out.transpose(1, 2).is_contiguous() == (layout == "bshd")
+    torch.library.opcheck(torch.ops.pyext.flash_attn_bwd_triton,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3, True))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
 def test_opcheck_dropout(layout):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     seed = torch.tensor([7], device=q.device)
@@ -650,6 +698,7 @@ DESCRIPTOR_CASES = [  # (shape as SHAPES, layout, causal): ragged S, D 40/80, GQ
     ((1, 4, 2, 33, 20, 80), "contiguous", True),
     ((1, 4, 2, 17, 17, 80), "bshd", False),
     ((2, 2, 1, 21, 18, 48), "bshd", True),
+    ((1, 4, 2, 19, 22, 40, 24), "bshd", False),  # a value head dim of its own
 ]
 
 
@@ -665,8 +714,7 @@ def triton_fa():
 def test_descriptor_forward_matches_oracle(triton_fa, shape, layout, causal):
     q, k, v = qkv(shape, torch.bfloat16, device_for("triton"), layout)
     with triton_fa.use_loads("descriptor"):
-        assert triton_fa.forward_loads(q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format)) \
-            == "descriptor"
+        assert triton_fa.forward_loads(q, k, v, triton_fa.empty_out(q, v.shape[-1])) == "descriptor"
         check_flash("triton", q, k, v, causal)
 
 

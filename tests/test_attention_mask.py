@@ -72,7 +72,7 @@ def check_masked(q, k, v, mask, deterministic, yardstick=torch_sdpa, **kwargs):
         return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
     scale = kwargs.get("scale")
     ref = run(lambda *t: reference.attention(*(x.reshape(-1, *x.shape[-3:]) for x in t), scale=scale,
-                                             mask=mask)[0].reshape(q.shape), torch.float64)  # (H, S, D): one batch
+                                             mask=mask)[0].reshape(out.shape), torch.float64)  # (H, S, D): one batch
     pt = run(lambda *t: yardstick(*t, mask, **kwargs), q.dtype)
     failures = []
     for name, o, r, p in zip(["out", "dq", "dk", "dv"], ours, ref, pt):
@@ -102,6 +102,12 @@ def test_mask_in_float16_with_a_custom_scale(kind):
 def test_mask_with_one_query_or_one_key(shape, mask_shape):
     q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
     check_masked(q, k, v, make_mask("additive", None, q.dtype, q.device, mask_shape), True)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_mask_with_a_value_head_dim_of_its_own(kind):
+    q, k, v = qkv((2, 4, 2, 19, 33, 40, 24), torch.bfloat16, device_for("triton"))
+    check_masked(q, k, v, make_mask(kind, "key_padding", q.dtype, q.device), kind == "bool")
 
 
 def test_mask_on_inputs_of_rank_3_and_bshd_views():

@@ -104,10 +104,12 @@ def exercise_launchers():
         targets = [target]
         flash_attention.forward._has_tma = lambda t: target.arch >= 90
         flash_attention.forward._shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
-        for d, causal in ((80, False), (128, True), (256, True)):
-            all_configs = d >= 128
+        # value head dim dv: the query/key one, or below it (DeepSeek's MLA, 192 and 128: on sm_90
+        # every config, as the descriptor forward's shared memory prune counts them)
+        for d, dv, causal in ((80, 80, False), (128, 128, True), (256, 256, True), (192, 128, True)):
+            all_configs = d >= 128 if d == dv else target.arch >= 90
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
-            k = v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16)
+            k, v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16), torch.randn(1, 2, 40, dv, dtype=torch.bfloat16)
             out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
             for deterministic in (False, True):  # atomic dQ, then the dK/dV and dQ kernels
                 flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7, deterministic)

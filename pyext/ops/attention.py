@@ -4,7 +4,8 @@ their ops flash_attn_{fwd,bwd}_{triton,cuda}.
     flash_attn_fwd(q, k, v, scale, causal, causal_offset) -> (out, lse)
     flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic) -> (dq, dk, dv)
 
-Kernels cover float16/bfloat16, head dims that are multiples of 8 up to 256,
+Kernels cover float16/bfloat16, head dims that are multiples of 8 up to 256
+(a value head dim of its own below the query/key one in the Triton kernels),
 any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
 The CUDA forward and backward run the sm_90a kernels (wgmma, TMA) on
 compute capability 9.x for head dims that pad to 64 or 128, the mma.sync
@@ -93,9 +94,10 @@ def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
 
 def _fake_fwd_triton(q, k, v, *_):
     """out in q's memory order, as the Triton launcher makes it."""
+    from pyext.triton_kernels.flash_attention import empty_out
     b, h, s, d = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
-    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
+    return empty_out(q, v.shape[-1]), q.new_empty((b, h, s), dtype=torch.float32)
 
 
 def _fake_masked_fwd_triton(q, k, v, *_):
@@ -308,10 +310,13 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return f"batch {q.shape[0]} or heads {q.shape[1]} past 65535, the Triton kernels' grid limit"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
-    d = q.shape[-1]
-    if d % 8 or d > MAX_HEAD_DIM or v.shape[-1] != d:
-        return (f"head dim {d} (value head dim {v.shape[-1]}) is not supported: "
-                f"equal q/k/v head dims, a multiple of 8 up to {MAX_HEAD_DIM}")
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % 8 or d > MAX_HEAD_DIM or dv % 8 or dv > MAX_HEAD_DIM:
+        return (f"head dim {d} (value head dim {dv}) is not supported: "
+                f"multiples of 8 up to {MAX_HEAD_DIM}")
+    if dv > d or (dv != d and backend != "triton"):
+        return (f"value head dim {dv} other than the query/key head dim {d} (the Triton kernels take one "
+                f"below it, as DeepSeek's MLA has: benchmarks/NOTES.md, \"Value head dim\")")
     return None
 
 
@@ -415,7 +420,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     the reference. A backward with create_graph=True (double backward) is the
     reference's, from the saved inputs (an S x S matrix), under "auto"; a named
     kernel backend raises. Kernels: float16/bfloat16,
-    head dims multiple of 8 up to 256; other inputs go to the reference
+    head dims multiple of 8 up to 256 (v's may be its own, below q's and k's,
+    as in DeepSeek's MLA: the Triton kernels); other inputs go to the reference
     (backend "auto") or raise (a kernel backend named). Under torch.autocast,
     q, k and v are cast as torch casts them for its SDPA (float32 to the
     region's dtype).
@@ -457,8 +463,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  enable_gqa: bool = False, *, backend=None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, with pyext's kernels
     where they apply (is_causal is top-left aligned, as in torch).
-    Float32/float64 inputs or head dims over 256 go to torch's own SDPA under
-    backend "auto"; a kernel backend named explicitly raises. Dropout: the
+    Float32/float64 inputs, head dims over 256 or a value head dim above the
+    query/key one go to torch's own SDPA under backend "auto"; a kernel
+    backend named explicitly raises (a value head dim below it runs the
+    Triton kernels). Dropout: the
     Triton kernels' when named (see flash_attention), torch's SDPA under auto
     until measured faster (SDPA_DROPOUT_AUTO_ORDER). attn_mask, boolean
     (False: not attended) or additive (bool, float32 or the inputs' dtype,
@@ -492,4 +500,4 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
                                    q, k, v, scale, is_causal, 0, dropout_p, seed, mask)
-    return out.reshape(query.shape) if q is not query else out
+    return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out

@@ -1,8 +1,10 @@
 """FlashAttention forward and backward in Triton (FlashAttention-2 scheme).
 
-Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D), Hq a multiple of Hkv (query
-head h reads key head h // (Hq / Hkv): GQA/MQA with no copies). Any strides
-with a unit last stride, dout's too. out (B, Hq, Sq, D) in q's memory order
+Shapes: q (B, Hq, Sq, D); k (B, Hkv, Sk, D); v (B, Hkv, Sk, Dv), Hq a multiple
+of Hkv (query head h reads key head h // (Hq / Hkv): GQA/MQA with no copies).
+Dv is D, or its own (DeepSeek's MLA: D 192, Dv 128; the host keeps it below
+D, see pyext/ops/attention.py). Any strides with a unit last stride, dout's
+too. out (B, Hq, Sq, Dv) in q's memory order
 (as torch's flash SDPA: for q a (B, S, H, D) view, out is one too, so the
 caller's out.transpose(1, 2).contiguous() copies nothing); lse (B, Hq, Sq)
 fp32, natural log. Causal: key j is visible to query i iff j <= i + causal_offset
@@ -55,7 +57,7 @@ dropout mask as a tensor for the reference.
 from .backward import flash_attn_bwd
 from .dropout import dropout_keep_mask
 from .forward import LOADS, LOADS_ENV, flash_attn_fwd, forward_loads, loads_mode, use_loads
-from .launch import MAX_DROPOUT_SCORES
+from .launch import MAX_DROPOUT_SCORES, empty_out
 
-__all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "dropout_keep_mask", "flash_attn_bwd", "flash_attn_fwd",
-           "forward_loads", "loads_mode", "use_loads"]
+__all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "dropout_keep_mask", "empty_out", "flash_attn_bwd",
+           "flash_attn_fwd", "forward_loads", "loads_mode", "use_loads"]

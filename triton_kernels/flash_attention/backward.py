@@ -11,15 +11,15 @@ from .tiles import _dropout_keep, _keys_end_masked, _load_tile, _masked_scores, 
 
 @triton.jit
 def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm, seq_q, heads_q,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                      V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) of one block of query rows of one (batch, head),
     into a contiguous (B, Hq, Sq) delta."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
     bh = b * heads_q + h
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(out_ptr + b * sob + h * soh, offs_m, som, offs_d, seq_q, HEAD_DIM).to(tl.float32)
-    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM).to(tl.float32)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = _load_tile(out_ptr + b * sob + h * soh, offs_m, som, offs_dv, seq_q, V_DIM).to(tl.float32)
+    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM).to(tl.float32)
     tl.store(delta_ptr + bh * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
 
 
@@ -66,8 +66,9 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
                    SQ_BUCKET, SK_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
@@ -75,11 +76,12 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     hk, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (key blocks, key heads, batch)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     k = _load_tile(k_ptr + b * skb + hk * skh, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-    v = _load_tile(v_ptr + b * svb + hk * svh, offs_n, svn, offs_d, seq_k, HEAD_DIM)
+    v = _load_tile(v_ptr + b * svb + hk * svh, offs_n, svn, offs_dv, seq_k, V_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo = 0
     if CAUSAL:  # queries before start_n - causal_offset see none of these keys
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
@@ -94,7 +96,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = bh * seq_q + offs_m
-            do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
+            do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM)
             shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
             delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
             # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
@@ -122,14 +124,13 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                     dq_part += dot(tl.trans(ds_lo_t), k)
                 tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
                               mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
-    out_mask = (offs_n[:, None] < seq_k) & d_ok[None, :]
     tl.store(dk_ptr + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
-             round_to(dk * scale, dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
-             round_to(dv, dv_ptr.dtype.element_ty), mask=out_mask)
+             round_to(dk * scale, dk_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & d_ok[None, :])
+    tl.store(dv_ptr + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :],
+             round_to(dv, dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < V_DIM))
 
 
-_BWD_KEY = ["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"]
+_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"]
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
 # Timing a config adds into dq_acc: the autotuner zeroes it before each run.
 _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
@@ -142,8 +143,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
                    qk_scale, scale, causal_offset, keep, SQ_BUCKET, SK_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
@@ -151,11 +153,11 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q_mask = (offs_m[:, None] < seq_q) & d_ok[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     row = bh * seq_q + offs_m
-    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_d, seq_q, HEAD_DIM)
+    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM)
     shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
     k_base = k_ptr + b * skb + hk * skh
@@ -166,7 +168,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
                                              BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
         s = dot(q, tl.trans(k)) * qk_scale
         if MASK:
             s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
@@ -211,8 +213,8 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     with on_device(q):
         block = 16 if _INTERPRET else 64
         _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
-            out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, HEAD_DIM=head_dim,
-            BLOCK_D=meta["BLOCK_D"], BLOCK_M=block)
+            out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"],
+            BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_start, *args,

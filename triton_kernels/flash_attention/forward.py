@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import LOG2E, _configs, _prepare, _row_ends
+from .launch import LOG2E, _configs, _prepare, _row_ends, empty_out
 from .tiles import _dropout_keep, _keys_end, _keys_end_masked, _load_tile, _masked_scores, _visible
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
@@ -25,13 +25,16 @@ def _shared_memory_limit(t):
 
 def _fitting_configs(configs, named_args, **kwargs):
     """The descriptor forward's configs whose buffers fit in shared memory (at
-    least the smallest). Per program, in [rows, BLOCK_D] tiles of the input
-    dtype: Q, and num_stages buffers of K and of V (the TMA pipeline's ring;
-    O's store reuses Q's space); warp specialisation adds two more
-    [BLOCK_M, BLOCK_D] tiles for the hand-off between its warp groups; plus
-    1 KiB of barriers. Checked against the compiler's own figure for every
-    config (tests/triton_compile_check.py): exact to within that KiB for
-    Triton 3.6 and 3.8 at head dims 64, 128 and 256.
+    least the smallest). Per program, in tiles of the input dtype: Q, and
+    num_stages buffers of K and of V (the TMA pipeline's ring; O's store
+    reuses Q's space); warp specialisation adds two more [BLOCK_M, BLOCK_D]
+    tiles for the hand-off between its warp groups; plus 1 KiB of barriers.
+    Checked against the compiler's own figure for every config
+    (tests/triton_compile_check.py): exact to within that KiB for Triton 3.6
+    and 3.8 at head dims 64, 128 and 256. With a value head dim BLOCK_DV
+    other than BLOCK_D, the Q, O and hand-off tiles are counted at the wider
+    of the two (an upper bound: the compile check holds every kept config to
+    the limit).
     The pointer kernels have no such prune: their buffers depend on how the
     compiler pipelines cp.async, and the autotuner skips a config that does
     not launch for want of shared memory."""
@@ -41,8 +44,9 @@ def _fitting_configs(configs, named_args, **kwargs):
 
     def need(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        rows = m * (3 if c.kwargs["WARP_SPECIALIZE"] else 1) + 2 * c.num_stages * n
-        return rows * kwargs["BLOCK_D"] * named_args["q_desc"].base.element_size() + 1024
+        d, dv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+        elements = m * (3 if c.kwargs["WARP_SPECIALIZE"] else 1) * max(d, dv) + c.num_stages * n * (d + dv)
+        return elements * named_args["q_desc"].base.element_size() + 1024
     return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
@@ -78,14 +82,16 @@ def _finish(m_i, l_i, acc):
     return out, lse
 
 
-@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
+@triton.autotune(configs=_configs("fwd"),
+                 key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_end_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, keep,
                 SQ_BUCKET, SK_BUCKET,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -94,6 +100,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_e
     hk = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
@@ -101,12 +108,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_e
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
                                              BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, svn, offs_d, seq_k, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset,
                                 CAUSAL, DROPOUT, seed_ptr, bh, keep, MASK, mask_ptr, mask_off, smm, smn, BLOCK_M,
                                 BLOCK_N)
@@ -114,8 +121,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_e
     if DROPOUT:
         acc = acc / keep
     out, lse = _finish(m_i, l_i, acc)
-    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
-             round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :],
+             round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM))
     if MASK:
         tl.store(lse_ptr + (bh * seq_q + offs_m) * 2, m_i, mask=offs_m < seq_q)
         tl.store(lse_ptr + (bh * seq_q + offs_m) * 2 + 1, l_i, mask=offs_m < seq_q)
@@ -123,16 +130,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_e
         tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
-@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
+@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
                     seq_q, seq_k, heads_q, group, qk_scale, causal_offset,
                     SQ_BUCKET, SK_BUCKET,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    WARP_SPECIALIZE: tl.constexpr):
     """The forward with Q, K, V read and O written through 4-D tensor descriptors
-    (B, H, S, D) with boxes [1, 1, rows, BLOCK_D]: TMA on sm_90. The hardware
+    (B, H, S, D) with boxes [1, 1, rows, BLOCK_D] (BLOCK_DV for V and O): TMA on sm_90. The hardware
     bounds each box by the tensor's extents, per head: rows past S and columns
     past D read as zeros (what the padded dot needs) and are not written, so
     no masks, and no address arithmetic per element. Box coordinates are int32
@@ -146,17 +154,17 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
     for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
                                 causal_offset, CAUSAL, False, lse_ptr, bh, 1.0, 0, lse_ptr, 0, 0, 0,
                                 BLOCK_M, BLOCK_N)  # no dropout, no mask
 
     out, lse = _finish(m_i, l_i, acc)
-    out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
@@ -239,7 +247,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     Dropout and masks run the pointer forward."""
     q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
     batch, heads_q, seq_q, head_dim = q.shape
-    out = torch.empty_like(q) if out is None else out  # q's memory order (see the module docstring)
+    out = empty_out(q, v.shape[3]) if out is None else out
     if lse is None:
         stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
         lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)

@@ -33,11 +33,11 @@ def _configs(kind):
 
 
 def _set_boxes(nargs):
-    """Descriptor boxes of the config about to run: [1, 1, rows, BLOCK_D]."""
-    q_box = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
-    kv_box = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
-    nargs["q_desc"].block_shape = nargs["out_desc"].block_shape = q_box
-    nargs["k_desc"].block_shape = nargs["v_desc"].block_shape = kv_box
+    """Descriptor boxes of the config about to run: [1, 1, rows, BLOCK_D] (BLOCK_DV for V and O)."""
+    nargs["q_desc"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
+    nargs["out_desc"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_DV"]]
+    nargs["k_desc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    nargs["v_desc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
 
 
 def _seq_bucket(n):
@@ -47,6 +47,16 @@ def _seq_bucket(n):
 
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def empty_out(q, v_dim):
+    """An empty out, (B, Hq, Sq, v_dim), in q's memory order (see the package
+    docstring): q's own layout when the head dims agree."""
+    if v_dim == q.shape[3]:
+        return torch.empty_like(q)
+    order = sorted(range(3), key=lambda i: q.stride(i), reverse=True)  # outermost dim first
+    out = q.new_empty([q.shape[i] for i in order] + [v_dim])
+    return out.permute(*sorted(range(3), key=order.index), 3)
 
 
 def _block_d(head_dim):
@@ -115,14 +125,14 @@ def _col_starts(mask):
 def _prepare(q, k, v, causal, dropout_p, mask):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
-    heads_k, seq_k = k.shape[1], k.shape[2]
+    heads_k, seq_k, v_dim = k.shape[1], k.shape[2], v.shape[3]
     if dropout_p > 0 and seq_q * seq_k >= MAX_DROPOUT_SCORES:
         raise ValueError(f"dropout needs Sq * Sk below 2^31, got {seq_q} * {seq_k}")
     mask, mask_strides, mask_kind = _mask_view(mask, (batch, heads_q, seq_q, seq_k), q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=bool(causal), DROPOUT=dropout_p > 0,
-                MASK=mask_kind)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), V_DIM=v_dim, BLOCK_DV=_block_d(v_dim),
+                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, MASK=mask_kind)
     buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
     return q, k, v, mask, strides + sizes + mask_strides, sizes, meta, buckets
