@@ -3,6 +3,10 @@
 
 FLOPs (DESIGN.md section 5): forward 4 * B * H * Sq * Sk * D, half when
 causal; backward 2.5x the forward. Peers: every SDPA backend torch has.
+With a value head dim Dv of its own ("dv" in the dtype key; DeepSeek's MLA,
+D 192 and Dv 128, 16 heads): forward 2 * B * H * Sq * Sk * (D + Dv) (Q K^T
+and P V), backward 2 * B * H * Sq * Sk * (3 D + 2 Dv) (S, dQ and dK over D;
+dP and dV over Dv), half of each when causal.
 On a GPU of compute capability 9.0 and up, pyext-triton's forward reads through
 tensor descriptors (TMA); pyext-triton-ptr times the same forward with
 pointer loads forced, the Ampere path, so that one run compares the two.
@@ -121,20 +125,23 @@ def _triton_deterministic(causal, dropout_p, mask, why_not_triton):
 # (causal, dropout probability, padding mask: None, "padded" or "causal-padded") of each case of a grid point
 STANDARD = ((False, 0.0, None), (True, 0.0, None))
 MODEL = ((True, 0.0, None), (True, DROPOUT, None), (False, 0.0, "padded"), (False, 0.0, "causal-padded"))
+MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
+SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
 
 
 def _grid(quick: bool, dtypes):
-    """(seqlen, head dim, model layout?, variants as STANDARD and MODEL); each
-    variant gives a forward and a backward case."""
+    """(seqlen, head dim, value head dim, model layout?, variants as STANDARD
+    and MODEL); each variant gives a forward and a backward case."""
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, False, STANDARD), (64, 32, True, MODEL)]
+        return [(64, 32, 32, False, STANDARD), (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:])]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
-    standard = [(s, d, False, STANDARD) for s in seqlens for d in head_dims]
-    model = [(s, d, True, MODEL) for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
-    return standard + model
+    standard = [(s, d, d, False, STANDARD) for s in seqlens for d in head_dims]
+    model = [(s, d, d, True, MODEL) for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
+    mla = [(s, *MLA, False, STANDARD[1:]) for s in (SEQLENS_MLA_QUICK if quick else SEQLENS_MLA)]
+    return standard + model + mla
 
 
 def count(quick: bool, dtypes) -> int:
@@ -150,13 +157,13 @@ def _in_model_layout(fn):
     return run
 
 
-def _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype):
+def _tensors(batch, heads, seqlen, head_dim, v_dim, model_layout, device, dtype):
     """The inputs to time over, the output gradient, and how a provider's
     (q, k, v) function is called on those inputs."""
     if not model_layout:
-        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        return [q, k, v], torch.randn_like(q), lambda fn: fn
+        q, k, v = (torch.randn(batch, heads, seqlen, d, device=device, dtype=dtype, requires_grad=True)
+                   for d in (head_dim, head_dim, v_dim))
+        return [q, k, v], torch.randn_like(v), lambda fn: fn
     qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
     dout = torch.randn(batch, seqlen, heads * head_dim, device=device, dtype=dtype)
     return [qkv], dout, _in_model_layout
@@ -166,10 +173,10 @@ def cases(quick: bool, dtypes):
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
     device = "cuda" if HAS_GPU else "cpu"
     ours = our_backends()
-    for seqlen, head_dim, model_layout, variants in _grid(quick, dtypes):
-        heads = HIDDEN // head_dim if HAS_GPU else 2
+    for seqlen, head_dim, v_dim, model_layout, variants in _grid(quick, dtypes):
+        heads = HIDDEN // v_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
-        inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, model_layout, device, dtype)
+        inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, v_dim, model_layout, device, dtype)
         for causal, dropout_p, padded in variants:
             mask = _padding_mask(batch, seqlen, device, padded == "causal-padded") if padded else None
             fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask) for b in ("cuda", "triton")}
@@ -177,11 +184,13 @@ def cases(quick: bool, dtypes):
                 fns["pyext-cuda"] = "the CUDA attention kernels have no dropout and no mask"
             fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
             fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask)
-            flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal or padded == "causal-padded" else 1)
+            pairs = batch * heads * seqlen * seqlen / (2 if causal or padded == "causal-padded" else 1)
             options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + \
                 ("-dropout" if dropout_p else "") + (f"-{padded}" if padded else "")
-            label = f"S={seqlen} D={head_dim}{options.replace('-', ' ')}"
-            for direction, factor in (("fwd", 1.0), ("bwd", 2.5)):
+            dims = f"d{head_dim}" + (f"-dv{v_dim}" if v_dim != head_dim else "")
+            label = f"S={seqlen} D={head_dim}{f' Dv={v_dim}' if v_dim != head_dim else ''}{options.replace('-', ' ')}"
+            for direction, flops in (("fwd", 2 * pairs * (head_dim + v_dim)),
+                                     ("bwd", 2 * pairs * (3 * head_dim + 2 * v_dim))):
                 providers = {}
                 for name, fn in fns.items():
                     if ours.get(name):
@@ -200,5 +209,5 @@ def cases(quick: bool, dtypes):
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
                 yield Case(op="attention", label=label, size=seqlen,
-                           dtype=f"{str(dtype).split('.')[1]}-d{head_dim}{options}",
-                           direction=direction, bytes=0, flops=factor * flops, providers=providers)
+                           dtype=f"{str(dtype).split('.')[1]}-{dims}{options}",
+                           direction=direction, bytes=0, flops=flops, providers=providers)
