@@ -31,6 +31,12 @@ def hf_model(kind):
         cfg = tf.LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
         return tf.LlamaForCausalLM(cfg)
+    if kind == "deepseek_v3":  # MLA: query/key heads of 24, value heads of 16; one layer, dense (no experts)
+        cfg = tf.DeepseekV3Config(num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=2,
+                                  num_key_value_heads=2, hidden_size=32, intermediate_size=64, vocab_size=64,
+                                  kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                  v_head_dim=16, n_group=1, topk_group=1)
+        return tf.DeepseekV3ForCausalLM(cfg)
     if kind == "qwen2":  # its own RMSNorm class, a copy of Llama's; biases on q, k, v
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
@@ -53,7 +59,7 @@ def loss_of(model, kind, device, dtype):
     return model(input_ids=ids, labels=ids).loss
 
 
-KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert"]
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3"]
 
 
 def build(kind):
@@ -160,7 +166,7 @@ def test_state_dict_and_parameters_are_untouched(kind):
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
-ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1}
+ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1, "deepseek_v3": 1}
 
 
 @pytest.fixture
@@ -182,7 +188,7 @@ def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
     expected = loss_of(model, kind, "cpu", torch.float32)
     assert pyext_sdpa_calls == []
     pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
-    if kind in ("gpt2", "llama", "qwen2", "bert"):
+    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3"):
         assert model.config._attn_implementation == "pyext-torch"
     loss_of(model, kind, "cpu", torch.float32)
     assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]
