@@ -145,29 +145,49 @@ def test_rows_masked_everywhere_give_what_torch_gives(fill, deterministic):
 
 
 def structured_mask(name, batch, seq_q, seq_k, device):
-    """Boolean masks with whole blocks to skip (_row_ends and _col_starts in
+    """Boolean masks with whole blocks to skip (_row_spans and _col_spans in
     triton_kernels/flash_attention/launch.py): a causal mask given as a mask,
-    right and left padding of the keys, and HF's decoder mask (causal and
-    right padding), (B, 1, Sq, Sk) or (B, 1, 1, Sk)."""
+    right and left padding of the keys, HF's decoder mask (causal and right
+    padding), and a causal sliding window of 20 keys (blocks to skip before
+    and after each row's keys), (B, 1, Sq, Sk) or (B, 1, 1, Sk)."""
     rows, cols = torch.arange(seq_q, device=device)[:, None], torch.arange(seq_k, device=device)
     lengths = torch.tensor([seq_k, seq_k - 21][:batch], device=device)
     right = cols[None, :] < lengths[:, None]
     left = cols[None, :] >= (seq_k - lengths)[:, None]
     causal = cols[None, :] <= rows + seq_k - seq_q
+    window = causal & (cols[None, :] > rows + seq_k - seq_q - 20)
     return {"causal": causal.expand(batch, 1, seq_q, seq_k), "right_padding": right[:, None, None, :],
             "left_padding": left[:, None, None, :],
-            "causal_and_padding": causal[None, None] & right[:, None, None, :]}[name]
+            "causal_and_padding": causal[None, None] & right[:, None, None, :],
+            "sliding_window": window.expand(batch, 1, seq_q, seq_k)}[name]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("name", ["causal", "right_padding", "left_padding", "causal_and_padding"])
+@pytest.mark.parametrize("name", ["causal", "right_padding", "left_padding", "causal_and_padding", "sliding_window"])
 def test_structured_masks_whose_blocks_the_kernels_skip(name, deterministic):
-    """The kernels skip key blocks past a query block's last attended key and
-    query blocks before a key block's first attending row: lengths spanning
+    """The kernels skip key blocks outside a query block's attended keys and
+    query blocks outside a key block's attending rows: lengths spanning
     several blocks (16 under the interpreter, 32-128 on a GPU), so a wrong
-    bound drops or keeps whole blocks."""
+    bound drops whole blocks."""
     q, k, v = qkv((2, 2, 1, 45, 70, 32), torch.bfloat16, device_for("triton"))
     check_masked(q, k, v, structured_mask(name, 2, 45, 70, q.device), deterministic)
+
+
+def test_the_block_bounds_of_a_boolean_mask():
+    """Per query row its first attended key and one past its last, per key its
+    first attending row and one past its last, (Sk, 0) and (Sq, 0) for none:
+    from the mask's own extent when broadcast."""
+    from pyext.triton_kernels.flash_attention.launch import _col_spans, _mask_view, _row_spans
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    cpu = torch.device("cpu")
+
+    def spans(m, shape):
+        view = _mask_view(m, shape, cpu)[0]
+        return _row_spans(view)[0, -1].tolist(), _col_spans(view)[0, -1].tolist()
+    assert spans(mask, (1, 1, 3, 4)) == ([[1, 3], [4, 0], [0, 4]], [[2, 3], [0, 1], [0, 1], [2, 3]])
+    assert spans(mask[:, :1], (1, 2, 3, 4)) == ([[4, 0], [4, 0], [0, 4]], [[2, 3]] * 4)  # the same for every key
+    assert spans(mask[:1], (1, 2, 3, 4)) == ([[1, 3]] * 3, [[3, 0], [0, 3], [0, 3], [3, 0]])  # every row
+    assert _row_spans(_mask_view(torch.randn(3, 4), (1, 1, 3, 4), cpu)[0]) is None  # additive: no bounds
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

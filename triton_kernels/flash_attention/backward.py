@@ -5,8 +5,8 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import _INTERPRET, LOG2E, _col_starts, _configs, _prepare, _row_ends, _unit_last_stride
-from .tiles import _dropout_keep, _keys_end_masked, _load_tile, _masked_scores, _visible
+from .launch import _INTERPRET, LOG2E, _col_spans, _configs, _prepare, _row_spans, _unit_last_stride
+from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _visible
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _low_part(x, hi):
 
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
-                   col_start_ptr,
+                   col_span_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
@@ -88,11 +88,12 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     for g in range(group):
         h = hk * group + g
         bh = b * heads_q + h
-        first = lo
-        if MASK == 1:  # no query block before the keys' first attending row (see _col_starts)
-            attending = tl.load(col_start_ptr + bh * seq_k + offs_n, mask=offs_n < seq_k, other=seq_q)
-            first = tl.maximum(lo, tl.min(attending) // BLOCK_M * BLOCK_M)
-        for start_m in range(first, seq_q, BLOCK_M):
+        first, end = lo, seq_q
+        if MASK == 1:  # only the query blocks between the keys' first and last attending rows (see _col_spans)
+            spans = col_span_ptr + (bh * seq_k + offs_n) * 2
+            first = tl.maximum(lo, tl.min(tl.load(spans, mask=offs_n < seq_k, other=seq_q)) // BLOCK_M * BLOCK_M)
+            end = tl.max(tl.load(spans + 1, mask=offs_n < seq_k, other=0))
+        for start_m in range(first, end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = bh * seq_q + offs_m
@@ -139,7 +140,7 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_end_ptr,
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
                    qk_scale, scale, causal_offset, keep, SQ_BUCKET, SK_BUCKET,
@@ -164,8 +165,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     v_base = v_ptr + b * svb + hk * svh
     mask_off = b * smb + h * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
-                                             BLOCK_M), BLOCK_N):
+    first, end = _key_range(start_m, seq_q, seq_k, causal_offset, row_span_ptr, bh, CAUSAL, MASK, BLOCK_M, BLOCK_N)
+    for start_n in range(first, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
@@ -209,7 +210,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     tail = (scale * LOG2E, scale, causal_offset, 1.0 - dropout_p, *buckets)
     dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
-    col_start = _col_starts(mask)
+    col_spans = _col_spans(mask)
     with on_device(q):
         block = 16 if _INTERPRET else 64
         _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
@@ -217,14 +218,14 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_start, *args,
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_spans, *args,
                                          *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True,
                                          **meta)
             return torch.mul(dq_acc, scale, out=dq), dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_start, *args,
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_spans, *args,
                                   *dout_strides,
                                   *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
         grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_ends(mask), *args, *dout_strides,
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_spans(mask), *args, *dout_strides,
                                *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import LOG2E, _configs, _prepare, _row_ends, empty_out
-from .tiles import _dropout_keep, _keys_end, _keys_end_masked, _load_tile, _masked_scores, _visible
+from .launch import LOG2E, _configs, _prepare, _row_spans, empty_out
+from .tiles import _dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _visible
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -85,7 +85,7 @@ def _finish(m_i, l_i, acc):
 @triton.autotune(configs=_configs("fwd"),
                  key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_end_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, keep,
                 SQ_BUCKET, SK_BUCKET,
@@ -109,8 +109,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_e
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(0, _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL, MASK,
-                                             BLOCK_M), BLOCK_N):
+    first, end = _key_range(start_m, seq_q, seq_k, causal_offset, row_span_ptr, bh, CAUSAL, MASK, BLOCK_M, BLOCK_N)
+    for start_n in range(first, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
@@ -265,6 +265,6 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_ends(mask), *args, *out.stride()[:3], scale * LOG2E,
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *args, *out.stride()[:3], scale * LOG2E,
                               causal_offset, 1.0 - dropout_p, *buckets, **meta)
     return out, lse

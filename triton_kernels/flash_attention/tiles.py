@@ -30,15 +30,20 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _keys_end_masked(start_m, seq_q, seq_k, causal_offset, row_end_ptr, bh, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
-    """_keys_end, and with a boolean mask (MASK 1) no further than the
-    block's last attended key (see launch._row_ends)."""
+def _key_range(start_m, seq_q, seq_k, causal_offset, row_span_ptr, bh, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first, end) of the keys a query block starting at start_m visits:
+    (0, _keys_end), and with a boolean mask (MASK 1) from the key block of its
+    rows' first attended key to their last (see launch._row_spans). first is
+    a multiple of BLOCK_N, as the dropout mask's counter needs."""
+    start = 0
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
     if MASK == 1:
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        end = tl.minimum(end, tl.max(tl.load(row_end_ptr + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0)))
-    return end
+        spans = row_span_ptr + (bh * seq_q + offs_m) * 2
+        start = tl.min(tl.load(spans, mask=offs_m < seq_q, other=seq_k)) // BLOCK_N * BLOCK_N
+        end = tl.minimum(end, tl.max(tl.load(spans + 1, mask=offs_m < seq_q, other=0)))
+    return start, end
 
 
 @triton.jit
