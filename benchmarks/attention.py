@@ -27,8 +27,12 @@ from [S/2, S], as an HF encoder (BERT) gets a padded batch; and
 attn_mask with is_causal=False, as HF hands SDPA a decoder's padded batch.
 FLOPs counted: every (query, key) pair for "padded", half for
 "causal-padded" (the pairs a causal attention computes), whatever the
-lengths; the kernels skip the masked blocks they can (_row_ends and
-_col_starts in triton_kernels/flash_attention/launch.py).
+lengths; the kernels skip the masked blocks they can (_row_spans and
+_col_spans in triton_kernels/flash_attention/launch.py).
+And "window": a causal sliding window of WINDOW keys (Gemma 3's local
+layers; Mistral's is 4096) as a (1, 1, S, S) boolean attn_mask, as HF hands
+SDPA a sliding-window layer, at long S; FlashAttention's package gets it as
+window_size=(WINDOW - 1, 0). FLOPs counted: the pairs in the window alone.
 """
 import torch
 import torch.nn.functional as F
@@ -75,15 +79,28 @@ def _padding_mask(batch, seqlen, device, causal):
     return mask.to(device)
 
 
-def _flash_attn_package(causal, dropout_p, mask):
-    """FlashAttention's own package (its (B, S, H, D) layout, from our views)."""
+def _window(seqlen):
+    """The sliding window's keys at this length (a quarter of S in the CPU smoke run)."""
+    return min(WINDOW, seqlen // 4)
+
+
+def _window_mask(seqlen, device):
+    """(1, 1, S, S) bool: query i attends keys i - window < j <= i."""
+    i = torch.arange(seqlen, device=device)
+    return ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - _window(seqlen)))[None, None]
+
+
+def _flash_attn_package(causal, dropout_p, mask, window=None):
+    """FlashAttention's own package (its (B, S, H, D) layout, from our views);
+    a sliding window of `window` keys as its window_size, in place of the mask."""
     flash_attn = optional_peer("flash_attn")
     if isinstance(flash_attn, str):
         return flash_attn
-    if mask is not None:
+    if mask is not None and window is None:
         return "flash_attn_func takes no attention mask (its varlen API takes packed sequences instead)"
+    extra = dict(causal=True, window_size=(window - 1, 0)) if window else dict(causal=causal)
     return lambda q, k, v: flash_attn.flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal).transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
 
 def _triton_pointer_forward(causal, dropout_p, mask, why_not_triton):
@@ -122,9 +139,11 @@ def _triton_deterministic(causal, dropout_p, mask, why_not_triton):
                                                  backend="triton")
 
 
-# (causal, dropout probability, padding mask: None, "padded" or "causal-padded") of each case of a grid point
+# (causal, dropout probability, mask: None, "padded", "causal-padded" or "window") of each case of a grid point
 STANDARD = ((False, 0.0, None), (True, 0.0, None))
 MODEL = ((True, 0.0, None), (True, DROPOUT, None), (False, 0.0, "padded"), (False, 0.0, "causal-padded"))
+WINDOW = 1024
+SEQLENS_WINDOW, SEQLENS_WINDOW_QUICK = [4096, 8192, 16384], [8192]
 MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
 SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
 
@@ -135,13 +154,16 @@ def _grid(quick: bool, dtypes):
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, 32, False, STANDARD), (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:])]
+        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"),)), (64, 32, 32, True, MODEL),
+                (64, 32, 16, False, STANDARD[1:])]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
     standard = [(s, d, d, False, STANDARD) for s in seqlens for d in head_dims]
     model = [(s, d, d, True, MODEL) for s in (SEQLENS_MODEL_QUICK if quick else SEQLENS_MODEL) for d in head_dims]
     mla = [(s, *MLA, False, STANDARD[1:]) for s in (SEQLENS_MLA_QUICK if quick else SEQLENS_MLA)]
-    return standard + model + mla
+    window = [(s, d, d, False, ((False, 0.0, "window"),))
+              for s in (SEQLENS_WINDOW_QUICK if quick else SEQLENS_WINDOW) for d in head_dims]
+    return standard + model + mla + window
 
 
 def count(quick: bool, dtypes) -> int:
@@ -178,13 +200,17 @@ def cases(quick: bool, dtypes):
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
         inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, v_dim, model_layout, device, dtype)
         for causal, dropout_p, padded in variants:
-            mask = _padding_mask(batch, seqlen, device, padded == "causal-padded") if padded else None
+            window = _window(seqlen) if padded == "window" else None
+            mask = _window_mask(seqlen, device) if window else \
+                _padding_mask(batch, seqlen, device, padded == "causal-padded") if padded else None
             fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask) for b in ("cuda", "triton")}
             if dropout_p or padded:
                 fns["pyext-cuda"] = "the CUDA attention kernels have no dropout and no mask"
             fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
-            fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask)
+            fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask, window)
             pairs = batch * heads * seqlen * seqlen / (2 if causal or padded == "causal-padded" else 1)
+            if window:  # rows before the window fills see i + 1 keys, the rest the window
+                pairs = batch * heads * (window * (window + 1) / 2 + (seqlen - window) * window)
             options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + \
                 ("-dropout" if dropout_p else "") + (f"-{padded}" if padded else "")
             dims = f"d{head_dim}" + (f"-dv{v_dim}" if v_dim != head_dim else "")
