@@ -37,6 +37,10 @@ def hf_model(kind):
                                   kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                   v_head_dim=16, n_group=1, topk_group=1)
         return tf.DeepseekV3ForCausalLM(cfg)
+    if kind == "mistral":  # a sliding window of 5 keys: SDPA gets the causal band as a boolean mask
+        cfg = tf.MistralConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                               intermediate_size=64, vocab_size=64, sliding_window=5)
+        return tf.MistralForCausalLM(cfg)
     if kind == "qwen2":  # its own RMSNorm class, a copy of Llama's; biases on q, k, v
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
@@ -112,12 +116,13 @@ def test_patched_model_matches_the_original_under_autocast(kind, backend):
     check_patched(kind, backend, torch.float32, autocast=True)
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "mistral"])
 def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     """A padded batch (attention_mask with lengths 12 and 7; labels -100 on
-    the padding) gives SDPA HF's mask: patched with backend="triton" the
-    masked kernels run it, the loss and gradients as close to the float64
-    oracle as the unpatched model's in bf16."""
+    the padding) gives SDPA HF's mask (for Mistral, padding and a sliding
+    window of 5 keys in one): patched with backend="triton" the masked
+    kernels run it, the loss and gradients as close to the float64 oracle as
+    the unpatched model's in bf16."""
     from pyext.ops import attention
     calls, forward = [], attention.MASKED_FWD["triton"]
     monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
