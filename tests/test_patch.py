@@ -346,19 +346,19 @@ MHA_MASKS = ["key_padding", "key_padding_additive", "attn_2d", "attn_3d_additive
              "causal_and_key_padding"]
 
 
-def mha_masks(kind, batch, heads, length, dtype):
+def mha_masks(kind, batch, heads, length):
     """The mask arguments of a MultiheadAttention call of `kind`, torch's
-    conventions (boolean True: not attended). Keys padded to lengths
+    conventions (boolean True: not attended), additive ones in float64 with
+    values that bfloat16 holds exactly (each run converts them to its dtype,
+    so that the oracle sees the bf16 runs' masks). Keys padded to lengths
     `length`, 4 and 0 (a batch element all padding); a random boolean 2-D
-    mask that leaves each row a key; a random additive 3-D one, its values
-    those of bfloat16 in every dtype, so that the float64 oracle sees the
-    bf16 runs' mask."""
+    mask that leaves each row a key; a random additive 3-D one."""
     padding = torch.arange(length) >= torch.tensor([length, 4, 0])[:batch, None]
     hidden = (torch.rand(length, length) < 0.3).fill_diagonal_(False)
-    bias = torch.randn(batch * heads, length, length).bfloat16().to(dtype)
+    bias = torch.randn(batch * heads, length, length).bfloat16().double()
 
     def additive(m):
-        return torch.zeros(m.shape, dtype=dtype).masked_fill(m, float("-inf"))
+        return torch.zeros(m.shape, dtype=torch.float64).masked_fill(m, float("-inf"))
     return {"key_padding": dict(key_padding_mask=padding),
             "key_padding_additive": dict(key_padding_mask=additive(padding)),
             "attn_2d": dict(attn_mask=hidden),
@@ -366,7 +366,7 @@ def mha_masks(kind, batch, heads, length, dtype):
             "attn_2d_and_key_padding": dict(attn_mask=hidden, key_padding_mask=padding),
             # as nn.TransformerEncoder passes them: the causal mask as the hint, both additive
             "causal_and_key_padding": dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(
-                length, dtype=dtype), is_causal=True, key_padding_mask=additive(padding))}[kind]
+                length, dtype=torch.float64), is_causal=True, key_padding_mask=additive(padding))}[kind]
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
@@ -382,13 +382,14 @@ def test_multihead_attention_masks_go_through_pyext(kind, backend, batch_first, 
     original = torch.nn.MultiheadAttention(embed, heads, batch_first=batch_first)
     patched = pyext.patch(copy.deepcopy(original), backend=backend)
     x = torch.randn((batch, length, embed) if batch_first else (length, batch, embed))
+    masks = mha_masks(kind, batch, heads, length)  # drawn once: every run sees the same
 
     def out_and_grads(mha, dtype):
         mha = mha.to(device_for(backend), dtype)
         xd = x.to(device_for(backend), dtype).requires_grad_()
-        masks = {n: m.to(xd.device) for n, m in mha_masks(kind, batch, heads, length, dtype).items()
+        given = {n: m.to(xd.device, dtype if m.is_floating_point() else m.dtype) for n, m in masks.items()
                  if isinstance(m, torch.Tensor)}
-        out, _ = mha(xd, xd, xd, need_weights=False, is_causal=kind.startswith("causal"), **masks)
+        out, _ = mha(xd, xd, xd, need_weights=False, is_causal=kind.startswith("causal"), **given)
         c = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
         return [out] + list(torch.autograd.grad(out, [xd] + list(mha.parameters()), c))
     ref = out_and_grads(copy.deepcopy(original), torch.float64)
