@@ -14,6 +14,9 @@
   the model's forward, and by the forward of each module whose code names
   that function when it runs on its own (a block that torch.utils.checkpoint
   recomputes in the backward): other code, and other models, are untouched.
+  So do calls to F.layer_norm, F.rms_norm and F.gelu that the model's own
+  code makes (nanoGPT's LayerNorm module, a block written with torch's
+  functions), each with its flag, in models outside transformers.
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
@@ -42,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from pyext import _backend
 from pyext import nn as pnn
 from pyext.ops.gelu import gelu as pyext_gelu
+from pyext.ops.layer_norm import layer_norm as pyext_layer_norm, rms_norm as pyext_rms_norm
 
 log = logging.getLogger("pyext.patch")
 
@@ -59,30 +63,59 @@ class PatchReport:
     swapped: List[Tuple[str, str, str]] = field(default_factory=list)  # (module path, from, to)
     left: List[Tuple[str, str, str]] = field(default_factory=list)     # (module path, class, why)
     attention: str = "not routed"
+    functions: List[str] = field(default_factory=list)  # F functions whose calls in the model go to pyext's
     notes: List[str] = field(default_factory=list)  # calls that will still run torch's op, and why
 
     def __str__(self):
         lines = [f"pyext.patch: {len(self.swapped)} modules swapped; attention: {self.attention}"]
+        if self.functions:
+            lines.append(f"  routed  {', '.join(self.functions)} calls in the model's forward go to pyext")
         lines += [f"  swapped {path or '<root>'}: {old} -> {new}" for path, old, new in self.swapped]
         lines += [f"  left    {path or '<root>'}: {cls} ({why})" for path, cls, why in self.left]
         lines += [f"  note    {note}" for note in self.notes]
-        if not self.swapped and self.attention == "not routed":
+        if not self.swapped and self.attention == "not routed" and not self.functions:
             lines.append("  nothing to swap in this model")
         return "\n".join(lines)
 
 
-class _RouteSDPA(TorchFunctionMode):
-    """Sends F.scaled_dot_product_attention to pyext's, with the patch's backend."""
+# The F functions whose calls patch() routes (the patch() flag of each, its
+# name in code), to pyext's, called with torch's own parameter names.
+def _layer_norm_call(backend, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return pyext_layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
 
-    def __init__(self, backend):
+
+def _rms_norm_call(backend, input, normalized_shape, weight=None, eps=None):
+    return pyext_rms_norm(input, normalized_shape, weight, eps, backend=backend)
+
+
+def _gelu_call(backend, input, approximate="none"):
+    return pyext_gelu(input, approximate, backend=backend)
+
+
+_ROUTED_FUNCTIONS = {"layer_norm": (F.layer_norm, _layer_norm_call), "rms_norm": (F.rms_norm, _rms_norm_call),
+                     "gelu": (F.gelu, _gelu_call)}
+
+
+class _RouteCalls(TorchFunctionMode):
+    """Sends F.scaled_dot_product_attention ("attention" in `flags`) and
+    F.layer_norm, F.rms_norm, F.gelu (their flags) to pyext's, with the
+    patch's backend. pyext's own fallbacks call torch's ops below these
+    functions (pyext.reference), so they are never sent back."""
+
+    def __init__(self, backend, flags):
         super().__init__()
-        self.backend = backend
+        self.backend, self.attention = backend, "attention" in flags
+        self.calls = {fn: call for flag, (fn, call) in _ROUTED_FUNCTIONS.items() if flag in flags}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         from pyext.ops import attention
-        if func is F.scaled_dot_product_attention and not getattr(attention.calling_torch_sdpa, "active", False):
+        if func is F.scaled_dot_product_attention and self.attention and \
+                not getattr(attention.calling_torch_sdpa, "active", False):
             return attention.scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
+        call = self.calls.get(func)
+        if call is not None:
+            return call(self.backend, *args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -146,56 +179,61 @@ def _rms_norm_module(old, backend):
 def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, **kwargs):
     """transformers' own SDPA integration (GQA, causal flag, masks), with its
     F.scaled_dot_product_attention call routed to pyext."""
-    with _RouteSDPA(backend):
+    with _RouteCalls(backend, {"attention"}):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _calls_sdpa(cls) -> bool:
-    """Whether a method of `cls` or of its bases (torch's and pyext's own
-    classes aside, e.g. FSDP2's wrapper class) names
-    scaled_dot_product_attention: the modules whose forward gets routed
-    besides the model's, so that a block recomputed in the backward by
-    torch.utils.checkpoint, outside the model's forward, routes it too."""
+def _named_in(cls, names) -> set:
+    """Which of `names` a method of `cls` or of its bases (torch's and
+    pyext's own classes aside, e.g. FSDP2's wrapper class) names: the
+    modules whose forward gets routed besides the model's, so that a block
+    recomputed in the backward by torch.utils.checkpoint, outside the
+    model's forward, routes its calls too."""
+    found = set()
     for klass in cls.__mro__:
         if klass.__module__.startswith(("torch.", "pyext.", "builtins")):
             continue
         for member in vars(klass).values():
             code = getattr(getattr(member, "__func__", member), "__code__", None)
-            if code is not None and _names_sdpa(code):
-                return True
-    return False
+            if code is not None:
+                found |= _names_in_code(code, names)
+    return found
 
 
-def _names_sdpa(code) -> bool:
-    return "scaled_dot_product_attention" in code.co_names or any(
-        _names_sdpa(c) for c in code.co_consts if isinstance(c, CodeType))
+def _names_in_code(code, names) -> set:
+    found = names & set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, CodeType):
+            found |= _names_in_code(c, names)
+    return found
 
 
 class _Routing(threading.local):
     def __init__(self):
-        self.backends = []  # those of the routed forwards this thread is inside
+        self.backends = []  # (backend, flags) of the routed forwards this thread is inside
 
 
 _routing = _Routing()
 
 
 class _RoutedForward:
-    """A patched module's forward: the forward it had, run inside _RouteSDPA,
-    unless this thread is inside a routed forward of the same backend already
-    (one mode however the routed modules nest: the mode costs per torch call).
+    """A patched module's forward: the forward it had, run inside _RouteCalls,
+    unless this thread is inside a routed forward of the same backend and
+    flags already (one mode however the routed modules nest: the mode costs
+    per torch call).
     An object holding the module rather than a closure over its bound
     forward, so that copy.deepcopy and pickling of the model carry it along,
     bound to the copy (a closure would keep calling the original model)."""
 
-    def __init__(self, model, backend, previous=None):
-        self.model, self.backend, self.previous = model, backend, previous
+    def __init__(self, model, backend, flags, previous=None):
+        self.model, self.backend, self.flags, self.previous = model, backend, flags, previous
 
     def __call__(self, *args, **kwargs):
-        if _routing.backends and _routing.backends[-1] == self.backend:
+        if _routing.backends and _routing.backends[-1] == (self.backend, self.flags):
             return self._forward(*args, **kwargs)
-        _routing.backends.append(self.backend)
+        _routing.backends.append((self.backend, self.flags))
         try:
-            with _RouteSDPA(self.backend):
+            with _RouteCalls(self.backend, self.flags):
                 return self._forward(*args, **kwargs)
         finally:
             _routing.backends.pop()
@@ -252,6 +290,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     enabled = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu, "attention": attention}
     report = PatchReport()
     replaced = []  # (parent, attribute name, original module) to put back on unpatch
+    unknown = []  # (path, class) of leaf modules named like a norm, a GELU or an attention
     hf_swaps = _hf_module_swaps()
 
     for path, module in list(model.named_modules()):
@@ -289,20 +328,35 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             continue
         elif any(k in cls.__name__.lower() for k in ("norm", "gelu", "attention")) and \
                 not list(module.children()):
-            report.left.append((path, cls.__name__, "no pyext equivalent"))
+            unknown.append((path, cls))
 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     if attention:
         report.notes += _attention_dropout_notes(model, backend)
-    if attention and not _use_pyext_attention_in_hf(model, report):
-        callers = [(path, m) for path, m in model.named_modules() if path and _calls_sdpa(type(m))]
-        for module in [model] + [m for _, m in callers]:
-            module.forward = _RoutedForward(module, backend, module.__dict__.get("forward"))
+    hf = attention and _use_pyext_attention_in_hf(model, report)
+    # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
+    # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
+    # pyext too, as do its SDPA calls; transformers' models have modules for these.
+    functions = set() if hf else {flag for flag in _ROUTED_FUNCTIONS if enabled[flag]}
+    named = {path: _named_in(type(m), functions | {"scaled_dot_product_attention"})
+             for path, m in model.named_modules()}
+    functions &= set().union(*named.values())  # those some module's code names
+    flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
+    report.functions = [f"F.{name}" for name in _ROUTED_FUNCTIONS if name in functions]
+    if flags:
+        routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
+        callers = [path for path, names in named.items() if path and names & routed]
+        for module in [model] + [model.get_submodule(path) for path in callers]:
+            module.forward = _RoutedForward(module, backend, flags, module.__dict__.get("forward"))
+    if attention and not hf:
         report.attention = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
-        if callers:
+        sdpa_callers = [path for path in callers if "scaled_dot_product_attention" in named[path]]
+        if sdpa_callers:
             report.attention += (", and in the forward of the modules that make them, run on their own as "
-                                 "torch.utils.checkpoint recomputes them: " + ", ".join(p for p, _ in callers))
+                                 "torch.utils.checkpoint recomputes them: " + ", ".join(sdpa_callers))
+    report.left += [(path, cls.__name__, "no pyext equivalent") for path, cls in unknown
+                    if not named[path] & functions]
     model._pyext_patched = True
     model._pyext_report = report
     (print if verbose else log.info)(str(report))

@@ -1,28 +1,30 @@
 """Pure PyTorch reference implementations.
 
 They are the "torch" backend and, run in float64, the test oracle. Each
-mirrors the torch function whose semantics pyext promises.
+mirrors the torch function whose semantics pyext promises. GELU and the
+norms call torch's ops below torch.nn.functional (the same ops F.gelu,
+F.layer_norm and F.rms_norm call), which pyext.patch's routing of a model's
+F calls to pyext leaves alone: pyext's fallbacks are never sent back to it.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    return F.gelu(x, approximate=approximate)
+    return torch.ops.aten.gelu(x, approximate=approximate)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     # float16/bfloat16 x with float32 weight and bias: fp32 math, output in x's
     # dtype. torch does this on CPU; its CUDA kernel refuses the mix, so spell it out.
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
-        return F.layer_norm(x.float(), normalized_shape, weight, bias, eps).to(x.dtype)
-    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+        return torch.layer_norm(x.float(), normalized_shape, weight, bias, eps).to(x.dtype)
+    return torch.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
 def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.Tensor:
-    return F.rms_norm(x, normalized_shape, weight, eps)
+    return torch.rms_norm(x, normalized_shape, weight, eps)
 
 
 def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None):

@@ -456,6 +456,103 @@ def test_the_gelu_function_of_a_transformer_layer_is_swapped_and_restored():
     assert ("activation", "F.gelu", "gelu=False") in pyext.patch_report(layer).left
 
 
+class FunctionalLayerNorm(torch.nn.Module):
+    """nanoGPT's own LayerNorm (a bias that may be off, which torch's once
+    lacked): a module that is not torch's, calling F.layer_norm."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(ndim))
+        self.bias = torch.nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class FunctionalBlock(torch.nn.Module):
+    """A transformer block written with torch's functions rather than its
+    modules: F.layer_norm (through FunctionalLayerNorm), F.rms_norm,
+    F.scaled_dot_product_attention and F.gelu, keyword arguments too."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln, self.qkv, self.proj = FunctionalLayerNorm(dim, bias=False), torch.nn.Linear(dim, 3 * dim), \
+            torch.nn.Linear(dim, dim)
+        self.rms_weight, self.up, self.down = torch.nn.Parameter(torch.ones(dim)), torch.nn.Linear(dim, 2 * dim), \
+            torch.nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, d))
+        h = F.rms_norm(x, normalized_shape=(d,), weight=self.rms_weight, eps=1e-6)
+        return x + self.down(F.gelu(self.up(h), approximate="tanh"))
+
+
+@pytest.fixture
+def pyext_function_calls(monkeypatch):
+    """The names of pyext.layer_norm, rms_norm and gelu as patch's routing calls them."""
+    import importlib
+    patch_module = importlib.import_module("pyext.patch")  # pyext.patch is also the function
+    calls = []
+    for flag, (fn, call) in list(patch_module._ROUTED_FUNCTIONS.items()):
+        monkeypatch.setitem(patch_module._ROUTED_FUNCTIONS, flag,
+                            (fn, lambda *a, _call=call, _flag=flag, **k: calls.append(_flag) or _call(*a, **k)))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_functions_a_model_calls_itself_go_to_pyext(backend, pyext_function_calls, pyext_sdpa_calls):
+    """F.layer_norm, F.rms_norm, F.gelu and SDPA called in the model's own code
+    (not torch's modules) go to pyext: loss and every gradient within the
+    rule; the report says so, and a flag turned off leaves its function to torch."""
+    torch.manual_seed(0)
+    original = FunctionalBlock().to(device_for(backend))
+    patched = pyext.patch(copy.deepcopy(original), backend=backend)
+    report = pyext.patch_report(patched)
+    assert report.functions == ["F.layer_norm", "F.rms_norm", "F.gelu"] and report.left == []
+    x = torch.randn(2, 9, 32, device=device_for(backend))
+
+    def loss_and_grads(model, dtype):
+        model = model.to(dtype)
+        xd = x.to(dtype).requires_grad_()
+        loss = model(xd).square().mean()
+        return [loss] + list(torch.autograd.grad(loss, [xd] + list(model.parameters())))
+    ref = loss_and_grads(copy.deepcopy(original), torch.float64)
+    pt = loss_and_grads(original, torch.bfloat16)
+    assert pyext_function_calls == [] and pyext_sdpa_calls == []
+    got = loss_and_grads(patched, torch.bfloat16)
+    assert sorted(pyext_function_calls) == ["gelu", "layer_norm", "rms_norm"] and pyext_sdpa_calls == [1]
+    for name, o, r, p in zip(["loss", "dx"] + [n for n, _ in original.named_parameters()], got, ref, pt):
+        assert_close(o, r, p, name)
+    pyext_function_calls.clear()
+    pyext.patch(patched, layer_norm=False, gelu=False, backend=backend)
+    assert pyext.patch_report(patched).functions == ["F.rms_norm"]
+    patched(x.bfloat16())
+    assert pyext_function_calls == ["rms_norm"]
+    pyext.unpatch(patched)
+    pyext_function_calls.clear()
+    patched(x.bfloat16())
+    assert pyext_function_calls == []
+
+
+def test_a_checkpointed_block_recomputes_its_functions_through_pyext(pyext_function_calls):
+    """The module calling F.layer_norm is routed on its own too, so a block
+    that torch.utils.checkpoint recomputes in the backward (outside the
+    model's forward) calls pyext again, as its forward did."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = FunctionalBlock()
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+    model = pyext.patch(Model(), backend="torch")
+    model(torch.randn(2, 9, 32, requires_grad=True)).sum().backward()
+    assert sorted(pyext_function_calls) == ["gelu", "gelu", "layer_norm", "layer_norm", "rms_norm", "rms_norm"]
+
+
 def test_patch_refuses_what_is_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         pyext.patch("a model")
