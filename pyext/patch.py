@@ -333,7 +333,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     if attention:
-        report.notes += _attention_dropout_notes(model, backend)
+        report.notes += _attention_dropout_notes(model, backend) + _attention_mask_notes(model, backend)
     hf = attention and _use_pyext_attention_in_hf(model, report)
     # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
     # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
@@ -385,6 +385,28 @@ def _attention_dropout_notes(model, backend) -> List[str]:
              for k in _HF_ATTENTION_DROPOUT if (settings.get(k) or 0) > 0]
     notes += [f"{path or '<root>'}: dropout {m.dropout}: in training its calls {outcome}"
               for path, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0]
+    return notes
+
+
+def _attention_mask_notes(model, backend) -> List[str]:
+    """Attention with a mask, which the Triton kernels have and the CUDA ones
+    do not: transformers' models give SDPA one for a padded batch (and for
+    sliding-window layers), MultiheadAttention for a key_padding_mask or an
+    attn_mask. Under auto those calls run torch's SDPA until the Triton masks
+    are measured faster (SDPA_MASK_AUTO_ORDER); under backend "cuda" they raise."""
+    from pyext.ops.attention import SDPA_MASK_AUTO_ORDER
+    if _backend.is_auto(backend) and "triton" not in SDPA_MASK_AUTO_ORDER:
+        outcome = "run torch's SDPA (pyext's masks are the Triton kernels', backend='triton')"
+    elif backend == "cuda":
+        outcome = "raise (the CUDA kernels have no mask)"
+    else:
+        return []
+    notes = []
+    if hasattr(getattr(model, "config", None), "_attn_implementation"):
+        notes.append(f"attention with a mask (a padded batch's attention_mask, a sliding window): its calls "
+                     f"{outcome}")
+    notes += [f"{path or '<root>'}: calls with a key_padding_mask or an attn_mask (not the causal hint) {outcome}"
+              for path, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     return notes
 
 

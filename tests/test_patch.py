@@ -564,21 +564,26 @@ def test_a_model_with_nothing_to_swap_says_so(capsys):
     assert "nothing to swap" in capsys.readouterr().out
 
 
-def test_attention_dropout_is_noted_in_the_report():
-    """Attention dropout is the Triton kernels' only, named: the report says
-    which attention will run torch's SDPA in training under auto, or raise
-    under backend "cuda" (GPT-2's and BERT's HF defaults are 0.1)."""
+def test_attention_dropout_and_masks_are_noted_in_the_report():
+    """Attention dropout and masks are the Triton kernels' only, named: the
+    report says which attention will run torch's SDPA under auto (in
+    training, for dropout; with a padded batch or a MultiheadAttention
+    mask, for masks), or raise under backend "cuda" (GPT-2's and BERT's HF
+    defaults are 0.1); with backend "triton", nothing to note."""
     tf = pytest.importorskip("transformers")
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
     notes = pyext.patch_report(pyext.patch(gpt2)).notes
     assert notes == ["attention dropout 0.1 (attn_pdrop in the config): in training its calls run torch's SDPA "
-                     "(pyext's dropout is the Triton kernels', backend='triton')"]
+                     "(pyext's dropout is the Triton kernels', backend='triton')",
+                     "attention with a mask (a padded batch's attention_mask, a sliding window): its calls run "
+                     "torch's SDPA (pyext's masks are the Triton kernels', backend='triton')"]
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)  # dropout=0.1
     notes = pyext.patch_report(pyext.patch(layer, backend="cuda")).notes
-    assert notes == ["self_attn: dropout 0.1: in training its calls raise (the CUDA kernels have no dropout)"]
+    assert notes == ["self_attn: dropout 0.1: in training its calls raise (the CUDA kernels have no dropout)",
+                     "self_attn: calls with a key_padding_mask or an attn_mask (not the causal hint) raise (the "
+                     "CUDA kernels have no mask)"]
     assert pyext.patch_report(pyext.patch(layer, backend="triton")).notes == []
-    for kind in ("gpt2", "encoder"):  # built with dropout 0.0
-        assert pyext.patch_report(pyext.patch(build(kind))).notes == []
+    assert pyext.patch_report(pyext.patch(build("nanogpt"))).notes == []  # no dropout, no mask
 
 
 def test_hf_rms_norms_are_swapped_where_they_compute_as_llamas_only():
