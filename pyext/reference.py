@@ -27,11 +27,14 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
     return torch.rms_norm(x, normalized_shape, weight, eps)
 
 
-def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None):
+def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None,
+              window=None):
     """Attention by its definition, returning (out, lse).
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
-    Causal: key j visible to query i iff j <= i + causal_offset. mask, as
+    Causal: key j visible to query i iff j <= i + causal_offset. window
+    (left, right), a local window: key j visible iff i + causal_offset - left
+    <= j <= i + causal_offset + right, -1 for no bound on that side. mask, as
     SDPA's attn_mask (broadcastable to (B, Hq, Sq, Sk)): boolean (False: not
     visible) or added to the scores. Rows that see
     no key: out 0, lse -inf. Dropout: P is multiplied by keep / (1 - dropout_p),
@@ -48,10 +51,14 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         s = (q @ k.transpose(-2, -1)) * scale
+        i = torch.arange(q.shape[2], device=q.device)[:, None] + causal_offset  # the diagonal's key
+        j = torch.arange(k.shape[2], device=q.device)[None, :]
         if causal:
-            i = torch.arange(q.shape[2], device=q.device)[:, None]
-            j = torch.arange(k.shape[2], device=q.device)[None, :]
-            s = s.masked_fill(j > i + causal_offset, float("-inf"))
+            s = s.masked_fill(j > i, float("-inf"))
+        if window is not None and window[0] >= 0:
+            s = s.masked_fill(j < i - window[0], float("-inf"))
+        if window is not None and window[1] >= 0:
+            s = s.masked_fill(j > i + window[1], float("-inf"))
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
         # P = exp(s - m) / l with m the row max and l the row sum, not exp(s - lse):

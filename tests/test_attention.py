@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import pyext
 from pyext import reference
 from pyext.ops import attention
-from conftest import (COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, hessian_vector_product,
+from conftest import (COMPILERS, FLOOR, HAS_GPU, assert_close, compute_sanitizer, device_for, hessian_vector_product,
                       make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -166,6 +166,94 @@ def test_a_value_head_dim_above_the_query_head_dim_goes_to_torch_under_auto_and_
     assert torch.equal(pyext.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     with pytest.raises(pyext.BackendUnavailable, match="value head dim 24"):
         pyext.scaled_dot_product_attention(q, k, v, backend="triton")
+
+
+def band(sq, sk, causal, window, device):
+    """The (Sq, Sk) boolean mask of causality and a local window (left, right), bottom-right aligned."""
+    i = torch.arange(sq, device=device)[:, None] + sk - sq
+    j = torch.arange(sk, device=device)[None, :]
+    visible = (j <= i) if causal else torch.ones(sq, sk, dtype=torch.bool, device=device)
+    left, right = window
+    return visible & ((j >= i - left) if left >= 0 else True) & ((j <= i + right) if right >= 0 else True)
+
+
+# (shape as SHAPES, causal, window_size): a causal sliding window over blocks
+# at both ends, a two-sided band with Sq > Sk (rows that see no key), the
+# diagonal alone, a window wider than the keys, a right bound alone
+WINDOW_CASES = [((2, 4, 2, 45, 70, 32), True, (20, -1)), ((1, 2, 1, 70, 45, 40), False, (10, 5)),
+                ((1, 2, 2, 33, 33, 16), False, (0, 0)), ((1, 2, 2, 40, 40, 64), True, (100, -1)),
+                ((1, 2, 2, 19, 50, 32), False, (-1, 3))]
+
+
+@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
+                                                   pytest.param("triton", False, id="triton-atomic"),
+                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("shape,causal,window", WINDOW_CASES, ids=str)
+def test_local_window_matches_oracle(backend, deterministic, shape, causal, window):
+    """flash_attention's window_size (FlashAttention's local attention): out,
+    lse, dq, dk, dv against the float64 oracle, with torch's SDPA given the
+    band as a boolean mask as the yardstick (rows that see no key set to 0)."""
+    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, return_lse=True,
+                                     deterministic=deterministic, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    visible = band(q.shape[2], k.shape[2], causal, window, q.device)
+
+    def yardstick(q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+        scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return o.masked_fill(~visible.any(-1)[:, None], 0), torch.logsumexp(scores.float().masked_fill(
+            ~visible, float("-inf")), -1)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, lse_ = fn(*leaves)
+        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda *t: reference.attention(*t, causal=causal, causal_offset=k.shape[2] - q.shape[2],
+                                             window=window), torch.float64)
+    pt = run(yardstick, q.dtype)
+    for name, o, r, p in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt):
+        assert_close(o, r, p, name)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, dropout_seeds):
+    """With dropout too: the window kernels give what the masked kernels give
+    for the band as a boolean mask (the same dropout mask, a function of the
+    seed and (query, key) alone), out and gradients."""
+    q, k, v = qkv((1, 4, 2, 45, 70, 32), torch.bfloat16, device_for("triton"))
+    visible = band(45, 70, True, (20, -1), q.device)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = []
+        for call in (lambda: pyext.flash_attention(q, k, v, causal=True, window_size=(20, -1), dropout_p=0.3,
+                                                   backend="triton"),
+                     lambda: pyext.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=0.3,
+                                                                enable_gqa=True, backend="triton")):
+            torch.manual_seed(5)  # the same dropout seed for both
+            out = call()
+            results.append([out] + list(torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, window_result, mask_result in zip(["out", "dq", "dk", "dv"], *results):
+        # the masked kernels recompute P from each row's (m, l), these from lse: last-bit differences
+        torch.testing.assert_close(window_result, mask_result, rtol=0, atol=FLOOR[torch.bfloat16],
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_window_size_is_checked():
+    q = make_tensor((1, 2, 8, 16), torch.bfloat16, "cpu")
+    for bad in [(1,), (-2, 0), "ab", (1.5, 2), None]:
+        with pytest.raises(ValueError, match="window_size must be two integers"):
+            pyext.flash_attention(q, q, q, window_size=bad)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_the_window_as_what_they_lack():
+    q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="window"):
+        pyext.flash_attention(q, k, v, causal=True, window_size=(4, -1), backend="cuda")
 
 
 @pytest.mark.gpu
@@ -631,6 +719,17 @@ def test_opcheck_with_a_value_head_dim_of_its_own(layout):
     assert out.shape == (1, 2, 9, 16) and out.transpose(1, 2).is_contiguous() == (layout == "bshd")
     torch.library.opcheck(torch.ops.pyext.flash_attn_bwd_triton,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3, True))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+def test_opcheck_window(layout):
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
+    seed = torch.tensor([7], device=q.device)
+    args = (0.25, True, 3, 4, -1, 0.2, seed)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_window_fwd_triton, (q, k, v, *args))
+    out, lse = torch.ops.pyext.flash_attn_window_fwd_triton(q.detach(), k.detach(), v.detach(), *args)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_window_bwd_triton,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args, True))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])

@@ -126,6 +126,14 @@ def exercise_launchers():
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
                                                dropout_p=0.1, seed=seed)
         flash_attention.dropout_keep_mask(seed, 1, 2, 33, 40, 0.1)
+        # a local window (flash_attention's window_size), with dropout and without: the pointer forward
+        q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
+        for p in (0.0, 0.1):
+            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=p, seed=seed,
+                                                      window=(16, -1))
+            for deterministic in (False, True):
+                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
+                                               dropout_p=p, seed=seed, window=(16, -1))
         # masks, boolean and additive (float32 and the inputs' dtype), alone and with dropout
         q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
         masks = (torch.rand(1, 1, 33, 33) > 0.5, torch.randn(33, 33), torch.randn(1, 4, 33, 33, dtype=q.dtype))

@@ -23,6 +23,8 @@ An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
 fp32, in place of lse (see triton_kernels/flash_attention/).
+A local window (Triton only; flash_attention's window_size):
+flash_attn_window_{fwd,bwd}_triton, with dropout too.
 """
 import math
 import threading
@@ -87,6 +89,25 @@ def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                                   seed=seed, mask=mask)
 
 
+@torch.library.custom_op("pyext::flash_attn_window_fwd_triton", mutates_args=())
+def flash_attn_window_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+                                 window_left: int, window_right: int, dropout_p: float,
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed,
+                                  window=(window_left, window_right))
+
+
+@torch.library.custom_op("pyext::flash_attn_window_bwd_triton", mutates_args=())
+def flash_attn_window_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 scale: float, causal: bool, causal_offset: int, window_left: int, window_right: int,
+                                 dropout_p: float, seed: Optional[Tensor],
+                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
+                                  dropout_p=dropout_p, seed=seed, window=(window_left, window_right))
+
+
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
     b, h, s, d = q.shape
     return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
@@ -142,9 +163,18 @@ def _masked_setup_context(ctx, inputs, output):
     ctx.deterministic = True
 
 
-def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None):
+def _window_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, window_left, window_right, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.args, ctx.window, ctx.dropout_p = (scale, causal, causal_offset), (window_left, window_right), dropout_p
+    ctx.deterministic = True
+
+
+def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None, window=None):
     return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                               dropout_p=dropout_p, keep=keep, mask=mask)[0]
+                               dropout_p=dropout_p, keep=keep, mask=mask, window=window)[0]
 
 
 def _kernels_keep_mask(seed, q, k, dropout_p):
@@ -188,12 +218,27 @@ def _make_masked_backward(bwd_op):
     return backward
 
 
+def _make_window_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
+            keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
+            grads = create_graph_grads("flash_attention", ctx, _reference_out,
+                                       (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window), (dout,))
+            return grads[:3] + (None,) * 7
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.dropout_p, seed, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None
+    return backward
+
+
 FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
 DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
                                               _dropout_setup_context, _make_dropout_backward)
 MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton, _fake_bwd_triton,
                                             _masked_setup_context, _make_masked_backward)
+WINDOW_FWD, WINDOW_BWD, _ = register_stages("flash_attn_window", _fake_fwd_triton, _fake_bwd_triton,
+                                            _window_setup_context, _make_window_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -203,8 +248,12 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
-                dropout_p=0.0, seed=None, mask=None):
-        if mask is not None:  # never causal: SDPA refuses both
+                dropout_p=0.0, seed=None, mask=None, window=None):
+        if window is not None:  # flash_attention's window_size: no mask
+            ctx.kind, inputs = "window", (q, k, v, scale, causal, causal_offset, *window, dropout_p, seed)
+            output = WINDOW_FWD[backend](*inputs)
+            _window_setup_context(ctx, inputs, output)
+        elif mask is not None:  # never causal: SDPA refuses both
             ctx.kind, inputs = "masked", (q, k, v, mask, scale, dropout_p, seed)
             output = MASKED_FWD[backend](*inputs)
             _masked_setup_context(ctx, inputs, output)
@@ -222,9 +271,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
-                       "plain": (_make_backward, BWD)}[ctx.kind]
+                       "window": (_make_window_backward, WINDOW_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
         dq, dk, dv = make(table[ctx.backend])(ctx, dout, dlse)[:3]
-        return (None, None, None, dq, dk, dv) + (None,) * 6
+        return (None, None, None, dq, dk, dv) + (None,) * 7
 
 
 def _dropout_seed(device: torch.device) -> Tensor:
@@ -357,6 +406,18 @@ def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor) -> Te
     return mask.reshape(*q.shape[:-1], key.shape[-2])
 
 
+def _window(window_size) -> Optional[Tuple[int, int]]:
+    """flash_attention's window_size as (left, right), or None for (-1, -1), no window."""
+    try:
+        left, right = (int(w) for w in window_size)
+        valid = left >= -1 and right >= -1 and all(int(w) == w for w in window_size)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"flash_attention: window_size must be two integers >= -1 (left, right), got {window_size!r}")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
 def _check_qkv(op: str, q, k, v, gqa: bool):
     """The errors torch's SDPA raises for the same inputs (type and meaning).
     As in torch, the leading (batch, head) dims broadcast; with gqa the query
@@ -394,12 +455,17 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                    dropout_p: float = 0.0, return_lse: bool = False, deterministic: Optional[bool] = None,
-                    backend=None):
+                    window_size: Tuple[int, int] = (-1, -1), dropout_p: float = 0.0, return_lse: bool = False,
+                    deterministic: Optional[bool] = None, backend=None):
     """Exact attention without an S x S matrix in memory, layout (B, H, S, D) like SDPA.
 
     causal=True aligns the mask bottom-right, as FlashAttention does: query i
-    sees key j iff j <= i + Sk - Sq (rows that see no key give 0). k and v may
+    sees key j iff j <= i + Sk - Sq (rows that see no key give 0).
+    window_size=(left, right), FlashAttention's local attention: query i sees
+    key j iff i + Sk - Sq - left <= j <= i + Sk - Sq + right, -1 for no bound
+    on that side (with causal=True, (W - 1, -1) is a sliding window of W keys,
+    Mistral's or Gemma's); the kernels visit only the key blocks in the
+    window. The Triton kernels and the reference have it, the CUDA ones not. k and v may
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
     carries no gradient. dropout_p in [0, 1): each attention weight is
@@ -442,19 +508,21 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
                            f"{k.shape[1]}/{v.shape[1]}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    window = _window(window_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal_offset = k.shape[2] - q.shape[2]
-    name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(b, q, k, v, None, dropout_p),
-                           AUTO_ORDER)
+    name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(
+        b, q, k, v, f"window_size={window}: the {b} kernels have no local window (the Triton ones do)"
+        if window is not None and b not in WINDOW_FWD else None, dropout_p), AUTO_ORDER)
     if name == "torch":
         out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                                       dropout_p=dropout_p)
+                                       dropout_p=dropout_p, window=window)
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, q, k, v, scale, causal,
-                                         causal_offset, dropout_p, seed)
+                                         causal_offset, dropout_p, seed, None, window)
     return (out, lse) if return_lse else out
 
 

@@ -9,6 +9,10 @@ too. out (B, Hq, Sq, Dv) in q's memory order
 caller's out.transpose(1, 2).contiguous() copies nothing); lse (B, Hq, Sq)
 fp32, natural log. Causal: key j is visible to query i iff j <= i + causal_offset
 (0: top-left, as torch's SDPA; Sk - Sq: bottom-right, as FlashAttention).
+Local window (flash_attention's window_size, WINDOW): key j is visible to query
+i iff i + causal_offset - left <= j <= i + causal_offset + right; the kernels
+visit only the key blocks of a query block's window and the query blocks of
+a key block's (no mask tensor; the pointer forward).
 A row that sees no key gets out = 0, lse = -inf and zero gradients.
 Dropout (dropout_p > 0): each P element is kept with probability
 keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import _INTERPRET, LOG2E, _col_spans, _configs, _prepare, _row_spans, _unit_last_stride
+from .launch import _INTERPRET, LOG2E, _col_spans, _configs, _prepare, _row_spans, _unit_last_stride, _window_bounds
 from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _visible
 
 
@@ -64,11 +64,11 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                    col_span_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
-                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, keep,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, left, right, keep,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
@@ -82,13 +82,16 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     v = _load_tile(v_ptr + b * svb + hk * svh, offs_n, svn, offs_dv, seq_k, V_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo = 0
+    lo, hi = 0, seq_q
     if CAUSAL:  # queries before start_n - causal_offset see none of these keys
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    if WINDOW:  # query i sees keys i + causal_offset - left .. i + causal_offset + right
+        lo = tl.maximum(lo, tl.maximum(start_n - causal_offset - right, 0) // BLOCK_M * BLOCK_M)
+        hi = tl.maximum(tl.minimum(hi, start_n + BLOCK_N - causal_offset + left), 0)
     for g in range(group):
         h = hk * group + g
         bh = b * heads_q + h
-        first, end = lo, seq_q
+        first, end = lo, hi
         if MASK == 1:  # only the query blocks between the keys' first and last attending rows (see _col_spans)
             spans = col_span_ptr + (bh * seq_k + offs_n) * 2
             first = tl.maximum(lo, tl.min(tl.load(spans, mask=offs_n < seq_k, other=seq_q)) // BLOCK_M * BLOCK_M)
@@ -104,7 +107,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             s_t = dot(k, tl.trans(q)) * qk_scale
             if MASK:
                 s_t = _masked_scores(s_t, mask_ptr, b * smb + h * smh, offs_n, smn, offs_m, smm, seq_k, seq_q, MASK)
-            visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset))
+            visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right))
             p_t = tl.where(visible_t, _recomputed_p(s_t, shift[None, :], p_scale[None, :], MASK), 0.0)
             dp_t = dot(v, tl.trans(do))
             if DROPOUT:
@@ -131,7 +134,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
              round_to(dv, dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < V_DIM))
 
 
-_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"]
+_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK"]
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
 # Timing a config adds into dq_acc: the autotuner zeroes it before each run.
 _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
@@ -143,10 +146,10 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
-                   qk_scale, scale, causal_offset, keep, SQ_BUCKET, SK_BUCKET,
+                   qk_scale, scale, causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
@@ -165,7 +168,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     v_base = v_ptr + b * svb + hk * svh
     mask_off = b * smb + h * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first, end = _key_range(start_m, seq_q, seq_k, causal_offset, row_span_ptr, bh, CAUSAL, MASK, BLOCK_M, BLOCK_N)
+    first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
+                            MASK, BLOCK_M, BLOCK_N)
     for start_n in range(first, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
@@ -173,7 +177,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
         s = dot(q, tl.trans(k)) * qk_scale
         if MASK:
             s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
-        p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset),
+        p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right),
                      _recomputed_p(s, shift[:, None], p_scale[:, None], MASK), 0.0)
         dp = dot(do, tl.trans(v))
         if DROPOUT:
@@ -188,14 +192,15 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
-                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None):
+                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None, window=None):
     """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
     block, each a sum in a fixed order (same bits run to run; S and P computed
     twice). False: one pass that also adds each tile's dS K into an fp32 dQ
     with atomics, in an order that varies run to run. Gradients may be passed
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
-    mask, `lse` is the forward's (m, l) stats)."""
+    mask, `lse` is the forward's (m, l) stats), window the forward's."""
     q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
+    meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     dout, out = _unit_last_stride(dout), _unit_last_stride(out)
@@ -207,7 +212,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    tail = (scale * LOG2E, scale, causal_offset, 1.0 - dropout_p, *buckets)
+    tail = (scale * LOG2E, scale, causal_offset, *_window_bounds(window, q, k), 1.0 - dropout_p, *buckets)
     dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     col_spans = _col_spans(mask)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import LOG2E, _configs, _prepare, _row_spans, empty_out
+from .launch import LOG2E, _configs, _prepare, _row_spans, _window_bounds, empty_out
 from .tiles import _dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _visible
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
@@ -52,8 +52,8 @@ def _fitting_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
-            DROPOUT: tl.constexpr, seed_ptr, bh, keep, MASK: tl.constexpr, mask_ptr, mask_off, smm, smn,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            WINDOW: tl.constexpr, left, right, DROPOUT: tl.constexpr, seed_ptr, bh, keep, MASK: tl.constexpr,
+            mask_ptr, mask_off, smm, smn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the online softmax: (m, l, acc) updated with keys
     start_n..; with DROPOUT, acc sums the kept P only (out divides by keep);
     with MASK, the scores masked first (_masked_scores)."""
@@ -61,7 +61,7 @@ def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, cau
     s = dot(q, tl.trans(k)) * qk_scale
     if MASK:
         s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
-    s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset), s, float("-inf"))
+    s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
     p = tl.exp2(s - m_safe[:, None])
@@ -83,15 +83,15 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.autotune(configs=_configs("fwd"),
-                 key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "DROPOUT", "MASK"])
+                 key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, keep,
-                SQ_BUCKET, SK_BUCKET,
+                seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, left,
+                right, keep, SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -109,14 +109,15 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    first, end = _key_range(start_m, seq_q, seq_k, causal_offset, row_span_ptr, bh, CAUSAL, MASK, BLOCK_M, BLOCK_N)
+    first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
+                            MASK, BLOCK_M, BLOCK_N)
     for start_n in range(first, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset,
-                                CAUSAL, DROPOUT, seed_ptr, bh, keep, MASK, mask_ptr, mask_off, smm, smn, BLOCK_M,
-                                BLOCK_N)
+                                CAUSAL, WINDOW, left, right, DROPOUT, seed_ptr, bh, keep, MASK, mask_ptr, mask_off,
+                                smm, smn, BLOCK_M, BLOCK_N)
 
     if DROPOUT:
         acc = acc / keep
@@ -160,8 +161,8 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL, False, lse_ptr, bh, 1.0, 0, lse_ptr, 0, 0, 0,
-                                BLOCK_M, BLOCK_N)  # no dropout, no mask
+                                causal_offset, CAUSAL, False, 0, 0, False, lse_ptr, bh, 1.0, 0, lse_ptr, 0, 0, 0,
+                                BLOCK_M, BLOCK_N)  # no window, no dropout, no mask
 
     out, lse = _finish(m_i, l_i, acc)
     out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
@@ -239,13 +240,15 @@ def _descriptor(t):
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
-                   dropout_p: float = 0.0, seed=None, mask=None):
+                   dropout_p: float = 0.0, seed=None, mask=None, window=None):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
     second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
-    Dropout and masks run the pointer forward."""
+    `window` (left, right): a local window (see the package docstring).
+    Dropout, masks and windows run the pointer forward."""
     q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
+    left, right = _window_bounds(window, q, k)
     batch, heads_q, seq_q, head_dim = q.shape
     out = empty_out(q, v.shape[3]) if out is None else out
     if lse is None:
@@ -260,11 +263,13 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         return out.zero_(), lse
     grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
-        if not meta["DROPOUT"] and not meta["MASK"] and forward_loads(q, k, v, out) == "descriptor":
+        if not meta["DROPOUT"] and not meta["MASK"] and window is None and \
+                forward_loads(q, k, v, out) == "descriptor":
             meta.pop("DROPOUT"), meta.pop("MASK")
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   scale * LOG2E, causal_offset, *buckets, **meta)
         else:
             _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *args, *out.stride()[:3], scale * LOG2E,
-                              causal_offset, 1.0 - dropout_p, *buckets, **meta)
+                              causal_offset, left, right, 1.0 - dropout_p, *buckets, WINDOW=window is not None,
+                              **meta)
     return out, lse

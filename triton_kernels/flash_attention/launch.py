@@ -127,6 +127,15 @@ def _col_spans(mask):
     return _spans(_own_extent(mask), -2, seq_q).to(torch.int32).expand(batch, heads, seq_k, 2).contiguous()
 
 
+def _window_bounds(window, q, k):
+    """(left, right) of a local window (None: none), keys the kernels compare
+    with i + causal_offset; -1 (unbounded) as Sq + Sk, past every key."""
+    if window is None:
+        return 0, 0
+    unbounded = q.shape[2] + k.shape[2]
+    return tuple(unbounded if w < 0 else w for w in window)
+
+
 def _prepare(q, k, v, causal, dropout_p, mask):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape

@@ -6,11 +6,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset):
-    """[M, N] mask of (query, key) pairs that exist and that the mask lets through."""
+def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset, WINDOW: tl.constexpr, left, right):
+    """[M, N] mask of (query, key) pairs that exist and that causality (key
+    j <= i + causal_offset) and a local window (i + causal_offset - left
+    <= j <= i + causal_offset + right) let through."""
     ok = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    if WINDOW:
+        diagonal = offs_m[:, None] + causal_offset
+        ok = ok & (offs_n[None, :] >= diagonal - left) & (offs_n[None, :] <= diagonal + right)
     return ok
 
 
@@ -30,18 +35,22 @@ def _keys_end(start_m, seq_k, causal_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _key_range(start_m, seq_q, seq_k, causal_offset, row_span_ptr, bh, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW: tl.constexpr, left, right, row_span_ptr, bh,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(first, end) of the keys a query block starting at start_m visits:
-    (0, _keys_end), and with a boolean mask (MASK 1) from the key block of its
-    rows' first attended key to their last (see launch._row_spans). first is
-    a multiple of BLOCK_N, as the dropout mask's counter needs."""
+    (0, _keys_end), within its rows' local window (WINDOW), and with a
+    boolean mask (MASK 1) from the key block of its rows' first attended key
+    to their last (see launch._row_spans). first is a multiple of BLOCK_N,
+    as the dropout mask's counter needs."""
     start = 0
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
+    if WINDOW:
+        start = tl.maximum(start_m + causal_offset - left, 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(end, start_m + BLOCK_M + causal_offset + right), 0)
     if MASK == 1:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         spans = row_span_ptr + (bh * seq_q + offs_m) * 2
-        start = tl.min(tl.load(spans, mask=offs_m < seq_q, other=seq_k)) // BLOCK_N * BLOCK_N
+        start = tl.maximum(start, tl.min(tl.load(spans, mask=offs_m < seq_q, other=seq_k)) // BLOCK_N * BLOCK_N)
         end = tl.minimum(end, tl.max(tl.load(spans + 1, mask=offs_m < seq_q, other=0)))
     return start, end
 
