@@ -30,9 +30,10 @@ FLOPs counted: every (query, key) pair for "padded", half for
 lengths; the kernels skip the masked blocks they can (_row_spans and
 _col_spans in triton_kernels/flash_attention/launch.py).
 And "window": a causal sliding window of WINDOW keys (Gemma 3's local
-layers; Mistral's is 4096) as a (1, 1, S, S) boolean attn_mask, as HF hands
-SDPA a sliding-window layer, at long S; FlashAttention's package gets it as
-window_size=(WINDOW - 1, 0). FLOPs counted: the pairs in the window alone.
+layers; Mistral's is 4096) at long S: pyext-triton and FlashAttention's
+package as window_size=(WINDOW - 1, -1), no mask; pyext-triton-mask and the
+SDPA backends as the (1, 1, S, S) boolean attn_mask that HF hands SDPA for a
+sliding-window layer. FLOPs counted: the pairs in the window alone.
 """
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,10 @@ def _sdpa(backend, causal, dropout_p, mask):
     return run
 
 
-def _ours(backend, causal, dropout_p, mask):
+def _ours(backend, causal, dropout_p, mask, window=None):
+    if window:
+        return lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, window_size=(window - 1, -1),
+                                                     dropout_p=dropout_p, backend=backend)
     if mask is None:
         return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=backend)
     return lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
@@ -103,7 +107,7 @@ def _flash_attn_package(causal, dropout_p, mask, window=None):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
 
-def _triton_pointer_forward(causal, dropout_p, mask, why_not_triton):
+def _triton_pointer_forward(causal, dropout_p, mask, window, why_not_triton):
     """pyext's Triton attention with the forward's pointer loads forced, or why
     it is not timed: where pyext-triton itself takes the pointer path it would
     time the same kernel again."""
@@ -112,7 +116,7 @@ def _triton_pointer_forward(causal, dropout_p, mask, why_not_triton):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         return "same kernel as pyext-triton here: the descriptor forward needs compute capability 9.0+"
     if dropout_p or mask is not None:
-        return "same kernel as pyext-triton: dropout and masks run the pointer forward"
+        return "same kernel as pyext-triton: dropout, masks and windows run the pointer forward"
     from pyext.triton_kernels import flash_attention
 
     def run(q, k, v):
@@ -121,10 +125,13 @@ def _triton_pointer_forward(causal, dropout_p, mask, why_not_triton):
     return run
 
 
-def _triton_deterministic(causal, dropout_p, mask, why_not_triton):
+def _triton_deterministic(causal, dropout_p, mask, window, why_not_triton):
     """pyext's Triton attention with deterministic=True, or why it is not timed."""
     if why_not_triton is not None:
         return why_not_triton
+    if window:
+        return lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, window_size=(window - 1, -1),
+                                                     dropout_p=dropout_p, deterministic=True, backend="triton")
     if mask is not None:  # scaled_dot_product_attention takes torch's flag for it
         def run(q, k, v):
             previous = torch.are_deterministic_algorithms_enabled()
@@ -203,9 +210,12 @@ def cases(quick: bool, dtypes):
             window = _window(seqlen) if padded == "window" else None
             mask = _window_mask(seqlen, device) if window else \
                 _padding_mask(batch, seqlen, device, padded == "causal-padded") if padded else None
-            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask) for b in ("cuda", "triton")}
+            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window) for b in ("cuda", "triton")}
             if dropout_p or padded:
-                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout and no mask"
+                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, no mask and no window"
+            if window:  # what an HF sliding-window layer runs: the band as a mask
+                fns["pyext-triton-mask"] = _ours("triton", causal, dropout_p, mask) \
+                    if ours["pyext-triton"] is None else ours["pyext-triton"]
             fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
             fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask, window)
             pairs = batch * heads * seqlen * seqlen / (2 if causal or padded == "causal-padded" else 1)
@@ -231,7 +241,7 @@ def cases(quick: bool, dtypes):
                 # pointer loads in the forward, the deterministic dQ in the backward
                 variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
                                ("pyext-triton-det", _triton_deterministic))
-                fn = fn(causal, dropout_p, mask, ours["pyext-triton"])
+                fn = fn(causal, dropout_p, mask, window, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
                 yield Case(op="attention", label=label, size=seqlen,
