@@ -367,17 +367,26 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 _HF_ATTENTION_DROPOUT = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
 
 
+def _triton_only_outcome(backend, auto_order, theirs: str, feature: str):
+    """What attention calls with a feature that the Triton kernels have and
+    the CUDA ones do not will do: run torch's SDPA under auto while the
+    Triton kernels are not in its `auto_order` (until measured faster), raise
+    under backend "cuda"; None (nothing to note) otherwise."""
+    if _backend.is_auto(backend) and "triton" not in auto_order:
+        return f"run torch's SDPA (pyext's {theirs} the Triton kernels', backend='triton')"
+    if backend == "cuda":
+        return f"raise (the CUDA kernels have no {feature})"
+    return None
+
+
 def _attention_dropout_notes(model, backend) -> List[str]:
     """Attention with dropout, which the Triton kernels have and the CUDA ones
     do not: in training those calls run torch's SDPA under auto (until the
     Triton dropout is measured faster: SDPA_DROPOUT_AUTO_ORDER), and raise
     under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
     from pyext.ops.attention import SDPA_DROPOUT_AUTO_ORDER
-    if _backend.is_auto(backend) and "triton" not in SDPA_DROPOUT_AUTO_ORDER:
-        outcome = "run torch's SDPA (pyext's dropout is the Triton kernels', backend='triton')"
-    elif backend == "cuda":
-        outcome = "raise (the CUDA kernels have no dropout)"
-    else:
+    outcome = _triton_only_outcome(backend, SDPA_DROPOUT_AUTO_ORDER, "dropout is", "dropout")
+    if outcome is None:
         return []
     config = getattr(model, "config", None)
     settings = config.to_dict() if hasattr(config, "to_dict") else {}
@@ -395,11 +404,8 @@ def _attention_mask_notes(model, backend) -> List[str]:
     attn_mask. Under auto those calls run torch's SDPA until the Triton masks
     are measured faster (SDPA_MASK_AUTO_ORDER); under backend "cuda" they raise."""
     from pyext.ops.attention import SDPA_MASK_AUTO_ORDER
-    if _backend.is_auto(backend) and "triton" not in SDPA_MASK_AUTO_ORDER:
-        outcome = "run torch's SDPA (pyext's masks are the Triton kernels', backend='triton')"
-    elif backend == "cuda":
-        outcome = "raise (the CUDA kernels have no mask)"
-    else:
+    outcome = _triton_only_outcome(backend, SDPA_MASK_AUTO_ORDER, "masks are", "mask")
+    if outcome is None:
         return []
     notes = []
     if hasattr(getattr(model, "config", None), "_attn_implementation"):
