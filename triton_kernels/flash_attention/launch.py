@@ -129,11 +129,12 @@ def _col_spans(mask):
 
 def _window_bounds(window, q, k):
     """(left, right) of a local window (None: none), keys the kernels compare
-    with i + causal_offset; -1 (unbounded) as Sq + Sk, past every key."""
+    with i + causal_offset; -1 (unbounded), or a bound past every key, as
+    Sq + Sk (int32 arithmetic in the kernels)."""
     if window is None:
         return 0, 0
     unbounded = q.shape[2] + k.shape[2]
-    return tuple(unbounded if w < 0 else w for w in window)
+    return tuple(unbounded if w < 0 else min(w, unbounded) for w in window)
 
 
 def _prepare(q, k, v, causal, dropout_p, mask):
