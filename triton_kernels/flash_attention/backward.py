@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .._utils import dot, on_device, round_to
 from .launch import _INTERPRET, LOG2E, _col_spans, _configs, _prepare, _row_spans, _unit_last_stride, _window_bounds
-from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _visible
+from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _visible
 
 
 @triton.jit
@@ -151,11 +151,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
-    start_m = tl.program_id(0) * BLOCK_M
-    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
-    bh = b * heads_q + h
-    hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)

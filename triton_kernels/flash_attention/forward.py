@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .._utils import dot, on_device, round_to
 from .launch import LOG2E, _configs, _prepare, _row_spans, _window_bounds, empty_out
-from .tiles import _dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _visible
+from .tiles import _dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _visible
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -94,11 +94,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
-    bh = b * heads_q + h
-    hk = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)

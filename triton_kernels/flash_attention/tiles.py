@@ -20,6 +20,15 @@ def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset, 
 
 
 @triton.jit
+def _query_block(heads_q, group, BLOCK_M: tl.constexpr):
+    """This program's query block, of grid (query blocks, query heads, batch):
+    (start_m, h, b, bh = b * Hq + h, its key head hk, offs_m), ids int64."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    return start_m, h, b, b * heads_q + h, h // group, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _load_tile(base, offs_rows, row_stride, offs_d, n_rows, HEAD_DIM: tl.constexpr):
     """[rows, BLOCK_D] tile of a (rows, HEAD_DIM) matrix with unit column stride; zeros outside."""
     mask = (offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
