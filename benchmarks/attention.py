@@ -102,7 +102,7 @@ def _flash_attn_package(causal, dropout_p, mask, window=None):
         return flash_attn
     if mask is not None and window is None:
         return "flash_attn_func takes no attention mask (its varlen API takes packed sequences instead)"
-    extra = dict(causal=True, window_size=(window - 1, 0)) if window else dict(causal=causal)
+    extra = dict(causal=True, window_size=(window - 1, -1)) if window else dict(causal=causal)
     return lambda q, k, v: flash_attn.flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
