@@ -58,6 +58,14 @@ def dot(a, b):
 
 
 @triton.jit
+def tanh(u):
+    """tanh(u) = 1 - 2 / (exp(2u) + 1), float32: exact limits +-1 as exp
+    over/underflows, an absolute error of about 1e-7 (libdevice's tanh is
+    not in the interpreter)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
 def mul_rn(a, b):
     """a * b rounded to the compute type, never fused into a following add.
     A product used twice (summed, then subtracted from its own mean) must be

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, poisonable_out, round_to, to_compute
+from ._utils import on_device, poisonable_out, round_to, tanh, to_compute
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
@@ -23,15 +23,9 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _tanh(u):
-    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 as exp over/underflows.
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-
-@triton.jit
 def _gelu(x, TANH: tl.constexpr):
     if TANH:
-        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
@@ -39,7 +33,7 @@ def _gelu(x, TANH: tl.constexpr):
 def _gelu_grad(x, TANH: tl.constexpr):
     if TANH:
         x2 = x * x
-        t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+        t = tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
     cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
