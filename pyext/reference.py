@@ -28,13 +28,14 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
 
 
 def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None,
-              window=None):
+              window=None, softcap=0.0):
     """Attention by its definition, returning (out, lse).
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
     Causal: key j visible to query i iff j <= i + causal_offset. window
     (left, right), a local window: key j visible iff i + causal_offset - left
-    <= j <= i + causal_offset + right, -1 for no bound on that side. mask, as
+    <= j <= i + causal_offset + right, -1 for no bound on that side. softcap
+    c > 0: the scores s become c tanh(s / c) before any mask. mask, as
     SDPA's attn_mask (broadcastable to (B, Hq, Sq, Sk)): boolean (False: not
     visible) or added to the scores. Rows that see
     no key: out 0, lse -inf. Dropout: P is multiplied by keep / (1 - dropout_p),
@@ -51,6 +52,8 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         s = (q @ k.transpose(-2, -1)) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
         i = torch.arange(q.shape[2], device=q.device)[:, None] + causal_offset  # the diagonal's key
         j = torch.arange(k.shape[2], device=q.device)[None, :]
         if causal:

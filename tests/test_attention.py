@@ -217,6 +217,111 @@ def test_local_window_matches_oracle(backend, deterministic, shape, causal, wind
         assert_close(o, r, p, name)
 
 
+def softcapped_eager(q, k, v, scale, visible, softcap):
+    """PyTorch's own way to run a soft cap, the yardstick: attention written
+    out in the inputs' dtype as HF's Gemma 2 eager attention computes it
+    (products in the dtype, the softmax in float32; torch's SDPA has no cap),
+    rows that see no key set to 0; with lse from its capped scores."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    lse = torch.logsumexp(s.float().masked_fill(~visible, float("-inf")), -1)
+    p = torch.softmax(s.masked_fill(~visible, torch.finfo(s.dtype).min), -1, dtype=torch.float32).to(q.dtype)
+    return (p @ v).masked_fill(~visible.any(-1)[:, None], 0), lse
+
+
+def check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype=torch.bfloat16):
+    """out, lse, dq, dk, dv of flash_attention with a soft cap (and a window)
+    against the float64 oracle, softcapped_eager the yardstick."""
+    q, k, v = qkv(shape, dtype, device_for(backend))
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, softcap=softcap, scale=scale,
+                                     return_lse=True, deterministic=deterministic, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    visible = band(q.shape[2], k.shape[2], causal, window, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, lse_ = fn(*leaves)
+        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda *t: reference.attention(*t, scale=scale, causal=causal, causal_offset=k.shape[2] - q.shape[2],
+                                             window=window, softcap=softcap), torch.float64)
+    pt = run(lambda *t: softcapped_eager(*t, scale, visible, softcap), q.dtype)
+    failures = []
+    for name, o, r, p in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt):
+        try:
+            assert_close(o, r, p, name)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
+# (shape as SHAPES, causal, window_size, softcap, scale, dtype): Gemma 2's cap
+# 50 on a causal GQA block with Sq < Sk; a cap that saturates (scores of
+# spread ~5.7 against 1.0) with Sq > Sk in fp16; a causal sliding window
+# (Gemma 2's local layers); one query row
+SOFTCAP_CASES = [((2, 4, 2, 45, 70, 32), True, (-1, -1), 50.0, None, torch.bfloat16),
+                 ((1, 2, 1, 70, 45, 32), False, (-1, -1), 1.0, 1.0, torch.float16),
+                 ((2, 4, 2, 45, 70, 32), True, (20, -1), 5.0, 1.0, torch.bfloat16),
+                 ((1, 2, 2, 1, 33, 64), False, (-1, -1), 3.0, 0.5, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
+                                                   pytest.param("triton", False, id="triton-atomic"),
+                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("shape,causal,window,softcap,scale,dtype", SOFTCAP_CASES, ids=str)
+def test_softcap_matches_oracle(backend, deterministic, shape, causal, window, softcap, scale, dtype):
+    check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_softcap_under_a_mask_is_the_softcap_under_its_band(deterministic, dropout_seeds):
+    """With dropout too: the masked kernels with a soft cap (SDPA's path, HF's
+    Gemma 2 with a padded batch) give what the window kernels give for the
+    same band, out and gradients."""
+    q, k, v = qkv((1, 4, 2, 45, 70, 32), torch.bfloat16, device_for("triton"))
+    visible = band(45, 70, True, (20, -1), q.device)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = []
+        for call in (lambda: pyext.flash_attention(q, k, v, causal=True, window_size=(20, -1), softcap=2.0,
+                                                   dropout_p=0.3, scale=1.0, backend="triton"),
+                     lambda: attention._scaled_dot_product_attention(
+                         q, k, v, visible, 0.3, False, 1.0, True, backend="triton", softcap=2.0)):
+            torch.manual_seed(5)  # the same dropout seed for both
+            out = call()
+            results.append([out] + list(torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, window_result, mask_result in zip(["out", "dq", "dk", "dv"], *results):
+        torch.testing.assert_close(window_result, mask_result, rtol=0, atol=FLOOR[torch.bfloat16],
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_with_a_softcap_matches_the_reference(backend, masked):
+    """The SDPA path pyext.patch gives HF's Gemma 2: under auto the kernels
+    even with a mask (torch's SDPA has no cap; its fallback is the reference)."""
+    q, k, v = (t.detach() for t in qkv((2, 4, 2, 21, 21, 32), torch.bfloat16, device_for("triton")))
+    mask = torch.rand(2, 1, 21, 21, device=q.device) > 0.3 if masked else None
+    out = attention._scaled_dot_product_attention(q, k, v, mask, 0.0, not masked, 0.5, True, backend=backend,
+                                                  softcap=2.0)
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), scale=0.5, causal=not masked, mask=mask,
+                                 softcap=2.0)
+    lower, _ = reference.attention(q, k, v, scale=0.5, causal=not masked, mask=mask, softcap=2.0)
+    assert_close(out, ref, lower, "out")
+
+
+def test_softcap_is_checked():
+    q = make_tensor((1, 2, 8, 16), torch.bfloat16, "cpu")
+    for bad in [-1.0, float("inf"), float("nan"), "a", None, True]:
+        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+            pyext.flash_attention(q, q, q, softcap=bad)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, dropout_seeds):
     """With dropout too: the window kernels give what the masked kernels give
@@ -254,6 +359,13 @@ def test_cuda_kernels_name_the_window_as_what_they_lack():
     q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
     with pytest.raises(pyext.BackendUnavailable, match="window"):
         pyext.flash_attention(q, k, v, causal=True, window_size=(4, -1), backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_the_softcap_as_what_they_lack():
+    q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="softcap"):
+        pyext.flash_attention(q, k, v, causal=True, softcap=30.0, backend="cuda")
 
 
 @pytest.mark.gpu
@@ -722,13 +834,14 @@ def test_opcheck_with_a_value_head_dim_of_its_own(layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-def test_opcheck_window(layout):
+@pytest.mark.parametrize("window,softcap", [((4, -1), 0.0), ((-1, -1), 2.5), ((4, 1), 2.5)], ids=str)
+def test_opcheck_window_softcap(layout, window, softcap):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     seed = torch.tensor([7], device=q.device)
-    args = (0.25, True, 3, 4, -1, 0.2, seed)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_window_fwd_triton, (q, k, v, *args))
-    out, lse = torch.ops.pyext.flash_attn_window_fwd_triton(q.detach(), k.detach(), v.detach(), *args)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_window_bwd_triton,
+    args = (0.25, True, 3, *window, softcap, 0.2, seed)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_window_softcap_fwd_triton, (q, k, v, *args))
+    out, lse = torch.ops.pyext.flash_attn_window_softcap_fwd_triton(q.detach(), k.detach(), v.detach(), *args)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_window_softcap_bwd_triton,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args, True))
 
 
@@ -815,6 +928,13 @@ def test_descriptor_forward_matches_oracle(triton_fa, shape, layout, causal):
     with triton_fa.use_loads("descriptor"):
         assert triton_fa.forward_loads(q, k, v, triton_fa.empty_out(q, v.shape[-1])) == "descriptor"
         check_flash("triton", q, k, v, causal)
+
+
+@pytest.mark.parametrize("case", [0, 3], ids=lambda i: str(SOFTCAP_CASES[i][0]))
+def test_descriptor_forward_with_a_softcap_matches_oracle(triton_fa, case):
+    shape, causal, window, softcap, scale, dtype = SOFTCAP_CASES[case]
+    with triton_fa.use_loads("descriptor"):
+        check_softcap("triton", False, shape, causal, window, softcap, scale, dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 40), (2, 4, 2, 21, 13, 64)], ids=str)

@@ -272,13 +272,13 @@ def test_opcheck_masked(layout, dropout_p):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     mask = make_mask("bool", None, q.dtype, q.device, (1, 1, 9, 12))
     seed = torch.tensor([7], device=q.device) if dropout_p else None
-    torch.library.opcheck(torch.ops.pyext.flash_attn_masked_fwd_triton, (q, k, v, mask, 0.25, dropout_p, seed))
-    out, stats = torch.ops.pyext.flash_attn_masked_fwd_triton(q.detach(), k.detach(), v.detach(), mask, 0.25,
-                                                              dropout_p, seed)
+    args = (0.25, 2.5 if dropout_p else 0.0, dropout_p, seed)  # scale, softcap, dropout_p, seed
+    torch.library.opcheck(torch.ops.pyext.flash_attn_masked_fwd_triton, (q, k, v, mask, *args))
+    out, stats = torch.ops.pyext.flash_attn_masked_fwd_triton(q.detach(), k.detach(), v.detach(), mask, *args)
     for deterministic in (False, True):
         torch.library.opcheck(torch.ops.pyext.flash_attn_masked_bwd_triton,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, stats, 0.25,
-                               dropout_p, seed, deterministic))
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, stats, *args,
+                               deterministic))
 
 
 def test_compile_fullgraph_with_a_mask():

@@ -143,6 +143,13 @@ def exercise_launchers():
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, stats, 0.1, False, 0, deterministic,
                                                dropout_p=p, seed=seed, mask=mask)
+        # a logit soft cap (Gemma 2's): alone (the descriptor forward on sm_90), with a window, with a mask
+        for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
+            causal = "mask" not in extra
+            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, softcap=30.0, **extra)
+            for deterministic in (False, True):
+                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
+                                               softcap=30.0, **extra)
         if target.arch >= 90:
             with flash_attention.use_loads("pointer"):
                 for d in (80, 128):

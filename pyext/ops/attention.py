@@ -23,8 +23,11 @@ An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
 fp32, in place of lse (see triton_kernels/flash_attention/).
-A local window (Triton only; flash_attention's window_size):
-flash_attn_window_{fwd,bwd}_triton, with dropout too.
+A local window and a logit soft cap (Triton only; flash_attention's
+window_size and softcap, (-1, -1) and 0 for none):
+flash_attn_window_softcap_{fwd,bwd}_triton, with dropout too. The masked
+ops take a soft cap as well (HF's Gemma 2 with a padded batch or its
+sliding-window mask, through pyext.patch).
 """
 import math
 import threading
@@ -74,38 +77,44 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
-def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, dropout_p: float,
-                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float,
+                                 dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_fwd(q, k, v, scale, False, 0, dropout_p=dropout_p, seed=seed, mask=mask)
+    return kernels.flash_attn_fwd(q, k, v, scale, False, 0, dropout_p=dropout_p, seed=seed, mask=mask,
+                                  softcap=softcap)
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_bwd_triton", mutates_args=())
 def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
-                                 stats: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+                                 stats: Tensor, scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic, dropout_p=dropout_p,
-                                  seed=seed, mask=mask)
+                                  seed=seed, mask=mask, softcap=softcap)
 
 
-@torch.library.custom_op("pyext::flash_attn_window_fwd_triton", mutates_args=())
-def flash_attn_window_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-                                 window_left: int, window_right: int, dropout_p: float,
-                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _kernel_window(window_left: int, window_right: int):
+    return None if (window_left, window_right) == (-1, -1) else (window_left, window_right)
+
+
+@torch.library.custom_op("pyext::flash_attn_window_softcap_fwd_triton", mutates_args=())
+def flash_attn_window_softcap_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                                         causal_offset: int, window_left: int, window_right: int, softcap: float,
+                                         dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed,
-                                  window=(window_left, window_right))
+                                  window=_kernel_window(window_left, window_right), softcap=softcap)
 
 
-@torch.library.custom_op("pyext::flash_attn_window_bwd_triton", mutates_args=())
-def flash_attn_window_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 scale: float, causal: bool, causal_offset: int, window_left: int, window_right: int,
-                                 dropout_p: float, seed: Optional[Tensor],
-                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("pyext::flash_attn_window_softcap_bwd_triton", mutates_args=())
+def flash_attn_window_softcap_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                         scale: float, causal: bool, causal_offset: int, window_left: int,
+                                         window_right: int, softcap: float, dropout_p: float, seed: Optional[Tensor],
+                                         deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
-                                  dropout_p=dropout_p, seed=seed, window=(window_left, window_right))
+                                  dropout_p=dropout_p, seed=seed, window=_kernel_window(window_left, window_right),
+                                  softcap=softcap)
 
 
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
@@ -155,26 +164,28 @@ def _dropout_setup_context(ctx, inputs, output):
 
 
 def _masked_setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, dropout_p, seed = inputs
+    q, k, v, mask, scale, softcap, dropout_p, seed = inputs
     out, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(q, k, v, mask, out, stats, seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
     ctx.deterministic = True
 
 
-def _window_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, causal_offset, window_left, window_right, dropout_p, seed = inputs
+def _window_softcap_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, window_left, window_right, softcap, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.args, ctx.window, ctx.dropout_p = (scale, causal, causal_offset), (window_left, window_right), dropout_p
+    ctx.args, ctx.window = (scale, causal, causal_offset), (window_left, window_right)
+    ctx.softcap, ctx.dropout_p = softcap, dropout_p
     ctx.deterministic = True
 
 
-def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None, window=None):
+def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None, window=None,
+                   softcap=0.0):
     return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                               dropout_p=dropout_p, keep=keep, mask=mask, window=window)[0]
+                               dropout_p=dropout_p, keep=keep, mask=mask, window=window, softcap=softcap)[0]
 
 
 def _kernels_keep_mask(seed, q, k, dropout_p):
@@ -211,23 +222,27 @@ def _make_masked_backward(bwd_op):
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
             grads = create_graph_grads("scaled_dot_product_attention", ctx, _reference_out,
-                                       (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask), (dout,))
-            return grads[:3] + (None,) * 4
-        dq, dk, dv = bwd_op(dout, q, k, v, mask, out, stats, ctx.scale, ctx.dropout_p, seed, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+                                       (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap),
+                                       (dout,))
+            return grads[:3] + (None,) * 5
+        dq, dk, dv = bwd_op(dout, q, k, v, mask, out, stats, ctx.scale, ctx.softcap, ctx.dropout_p, seed,
+                            ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
     return backward
 
 
-def _make_window_backward(bwd_op):
+def _make_window_softcap_backward(bwd_op):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
             grads = create_graph_grads("flash_attention", ctx, _reference_out,
-                                       (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window), (dout,))
-            return grads[:3] + (None,) * 7
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.dropout_p, seed, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                       (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window, ctx.softcap),
+                                       (dout,))
+            return grads[:3] + (None,) * 8
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.softcap, ctx.dropout_p, seed,
+                            ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 8
     return backward
 
 
@@ -237,8 +252,9 @@ DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_tr
                                               _dropout_setup_context, _make_dropout_backward)
 MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton, _fake_bwd_triton,
                                             _masked_setup_context, _make_masked_backward)
-WINDOW_FWD, WINDOW_BWD, _ = register_stages("flash_attn_window", _fake_fwd_triton, _fake_bwd_triton,
-                                            _window_setup_context, _make_window_backward)
+WINDOW_SOFTCAP_FWD, WINDOW_SOFTCAP_BWD, _ = register_stages(
+    "flash_attn_window_softcap", _fake_fwd_triton, _fake_bwd_triton, _window_softcap_setup_context,
+    _make_window_softcap_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -248,15 +264,16 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
-                dropout_p=0.0, seed=None, mask=None, window=None):
-        if window is not None:  # flash_attention's window_size: no mask
-            ctx.kind, inputs = "window", (q, k, v, scale, causal, causal_offset, *window, dropout_p, seed)
-            output = WINDOW_FWD[backend](*inputs)
-            _window_setup_context(ctx, inputs, output)
-        elif mask is not None:  # never causal: SDPA refuses both
-            ctx.kind, inputs = "masked", (q, k, v, mask, scale, dropout_p, seed)
+                dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0):
+        if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
+            ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, dropout_p, seed)
             output = MASKED_FWD[backend](*inputs)
             _masked_setup_context(ctx, inputs, output)
+        elif window is not None or softcap > 0:
+            ctx.kind, inputs = "window_softcap", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)),
+                                                  softcap, dropout_p, seed)
+            output = WINDOW_SOFTCAP_FWD[backend](*inputs)
+            _window_softcap_setup_context(ctx, inputs, output)
         elif dropout_p > 0:
             ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
             output = DROPOUT_FWD[backend](*inputs)
@@ -271,9 +288,10 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
-                       "window": (_make_window_backward, WINDOW_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
+                       "window_softcap": (_make_window_softcap_backward, WINDOW_SOFTCAP_BWD),
+                       "plain": (_make_backward, BWD)}[ctx.kind]
         dq, dk, dv = make(table[ctx.backend])(ctx, dout, dlse)[:3]
-        return (None, None, None, dq, dk, dv) + (None,) * 7
+        return (None, None, None, dq, dk, dv) + (None,) * 8
 
 
 def _dropout_seed(device: torch.device) -> Tensor:
@@ -454,9 +472,32 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
                                                    else " (fewer key/value heads need enable_gqa=True)")) from None
 
 
+def _softcap(op: str, softcap) -> float:
+    """A logit soft cap as a float, 0.0 for none."""
+    try:
+        value = float(softcap)
+        valid = not isinstance(softcap, bool) and math.isfinite(value) and value >= 0
+    except (TypeError, ValueError, RuntimeError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{op}: softcap must be a finite number >= 0 (0 for none), got {softcap!r}")
+    return value
+
+
+def _extras_problem(backend: str, window, softcap: float) -> Optional[str]:
+    """Why `backend` cannot run a local window or a soft cap asked for, or None."""
+    if backend in WINDOW_SOFTCAP_FWD:
+        return None
+    if window is not None:
+        return f"window_size={window}: the {backend} kernels have no local window (the Triton ones do)"
+    if softcap > 0:
+        return f"softcap={softcap}: the {backend} kernels have no logit soft cap (the Triton ones do)"
+    return None
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                    window_size: Tuple[int, int] = (-1, -1), dropout_p: float = 0.0, return_lse: bool = False,
-                    deterministic: Optional[bool] = None, backend=None):
+                    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, dropout_p: float = 0.0,
+                    return_lse: bool = False, deterministic: Optional[bool] = None, backend=None):
     """Exact attention without an S x S matrix in memory, layout (B, H, S, D) like SDPA.
 
     causal=True aligns the mask bottom-right, as FlashAttention does: query i
@@ -465,7 +506,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     key j iff i + Sk - Sq - left <= j <= i + Sk - Sq + right, -1 for no bound
     on that side (with causal=True, (W - 1, -1) is a sliding window of W keys,
     Mistral's or Gemma's); the kernels visit only the key blocks in the
-    window. The Triton kernels and the reference have it, the CUDA ones not. k and v may
+    window. The Triton kernels and the reference have it, the CUDA ones not.
+    softcap=c > 0, FlashAttention's soft cap (Gemma 2's logit capping): the
+    scores s = q k^T * scale become c * tanh(s / c) before the softmax and
+    any mask, so every logit stays within (-c, c); 0 (the default) for none.
+    The Triton kernels and the reference have it, the CUDA ones not. k and v may
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
     carries no gradient. dropout_p in [0, 1): each attention weight is
@@ -508,21 +553,20 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
                            f"{k.shape[1]}/{v.shape[1]}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    window = _window(window_size)
+    window, softcap = _window(window_size), _softcap("flash_attention", softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal_offset = k.shape[2] - q.shape[2]
     name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(
-        b, q, k, v, f"window_size={window}: the {b} kernels have no local window (the Triton ones do)"
-        if window is not None and b not in WINDOW_FWD else None, dropout_p), AUTO_ORDER)
+        b, q, k, v, _extras_problem(b, window, softcap), dropout_p), AUTO_ORDER)
     if name == "torch":
         out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                                       dropout_p=dropout_p, window=window)
+                                       dropout_p=dropout_p, window=window, softcap=softcap)
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, q, k, v, scale, causal,
-                                         causal_offset, dropout_p, seed, None, window)
+                                         causal_offset, dropout_p, seed, None, window, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -546,6 +590,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     the inputs are cast as torch casts them (float32 to the region's dtype),
     so such calls run the kernels too. Inputs of rank 2, 3 or above 4 run the
     kernels when their leading dims agree (no broadcasting)."""
+    return _scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                         backend=backend)
+
+
+def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                  enable_gqa=False, *, backend=None, softcap: float = 0.0) -> Tensor:
+    """scaled_dot_product_attention, with a logit soft cap (softcap > 0, see
+    flash_attention) for pyext.patch's HF attention (Gemma 2 passes one).
+    torch's SDPA has none, so with a cap the kernels come first under auto,
+    masks and dropout too, and the fallback is the reference (S x S, as HF's
+    eager attention computes it)."""
     query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
@@ -554,8 +609,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     order = SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER
     if masked:
         order = tuple(b for b in order if b in SDPA_MASK_AUTO_ORDER)
+    if softcap > 0:
+        order = AUTO_ORDER
     name = _backend.select("scaled_dot_product_attention", backend, query.device, lambda b: _why_not(
-        b, q, k, v, _mask_problem(attn_mask, query, key, is_causal) if masked else None, dropout_p, masked), order)
+        b, q, k, v, (_mask_problem(attn_mask, query, key, is_causal) if masked else None) or
+        _extras_problem(b, None, softcap), dropout_p, masked), order)
+    if name == "torch" and softcap > 0:
+        return _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap)
     if name == "torch":
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
@@ -567,5 +627,22 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   q, k, v, scale, is_causal, 0, dropout_p, seed, mask)
+                                   q, k, v, scale, is_causal, 0, dropout_p, seed, mask, None, softcap)
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
+
+
+def _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap) -> Tensor:
+    """SDPA with a soft cap where the kernels do not run: the reference, in
+    float32 for half inputs, with torch's SDPA's errors for a causal mask."""
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("scaled_dot_product_attention: an attn_mask must not be set with is_causal=True "
+                           "(torch's SDPA refuses the pair)")
+    q, k, v = _as_4d(query, key, value)
+    if not (q.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0] and _heads_fit(q, k, v)):
+        raise ValueError(f"scaled_dot_product_attention with softcap={softcap}: query, key and value must have "
+                         f"the same leading dims (query heads a multiple of key/value heads), got "
+                         f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
+    mask = _kernel_mask(attn_mask, query, key, q) if attn_mask is not None else None
+    out, _ = reference.attention(q, k, v, scale=scale, causal=is_causal, dropout_p=dropout_p, mask=mask,
+                                 softcap=softcap)
+    return out.reshape(*query.shape[:-1], value.shape[-1])

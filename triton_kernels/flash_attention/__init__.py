@@ -14,6 +14,10 @@ i iff i + causal_offset - left <= j <= i + causal_offset + right; the kernels
 visit only the key blocks of a query block's window and the query blocks of
 a key block's (no mask tensor; the pointer forward).
 A row that sees no key gets out = 0, lse = -inf and zero gradients.
+Soft cap (softcap = c > 0, Gemma 2's and Grok's logit capping, SOFTCAP): the
+scores s = q k^T * scale become c tanh(s / c) before any mask and the
+softmax, so |logit| < c; the backward multiplies dS by the cap's derivative,
+1 - tanh^2(s / c), before dQ and dK (the tanh recomputed with the scores).
 Dropout (dropout_p > 0): each P element is kept with probability
 keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
 Philox (four uniforms per call, see _dropout_keep) under the key

@@ -5,8 +5,9 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import _INTERPRET, LOG2E, _col_spans, _configs, _prepare, _row_spans, _unit_last_stride, _window_bounds
-from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _visible
+from .launch import (_INTERPRET, _col_spans, _configs, _logit_scales, _prepare, _row_spans, _unit_last_stride,
+                     _window_bounds)
+from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _soft_capped, _visible
 
 
 @triton.jit
@@ -64,11 +65,11 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                    col_span_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
-                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, scale, causal_offset, left, right, keep,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, cap_log2e, scale, causal_offset, left, right, keep,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
     atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
@@ -104,7 +105,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
             delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
             # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
-            s_t = dot(k, tl.trans(q)) * qk_scale
+            s_t, t_t = _soft_capped(dot(k, tl.trans(q)) * qk_scale, SOFTCAP, cap_log2e)
             if MASK:
                 s_t = _masked_scores(s_t, mask_ptr, b * smb + h * smh, offs_n, smn, offs_m, smm, seq_k, seq_q, MASK)
             visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right))
@@ -117,6 +118,8 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             else:
                 dv += dot(round_to(p_t, do.dtype), do)
             ds_exact = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_exact = ds_exact * (1.0 - t_t * t_t)
             ds_t = round_to(ds_exact, q.dtype)
             dk += dot(ds_t, q)
             if DROPOUT or MASK:
@@ -134,7 +137,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
              round_to(dv, dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < V_DIM))
 
 
-_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK"]
+_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP"]
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
 # Timing a config adds into dq_acc: the autotuner zeroes it before each run.
 _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
@@ -146,10 +149,10 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
-                   qk_scale, scale, causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
+                   qk_scale, cap_log2e, scale, causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,7 +173,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
-        s = dot(q, tl.trans(k)) * qk_scale
+        s, t = _soft_capped(dot(q, tl.trans(k)) * qk_scale, SOFTCAP, cap_log2e)
         if MASK:
             s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
         p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right),
@@ -179,6 +182,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
         if DROPOUT:
             dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
         ds_exact = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds_exact = ds_exact * (1.0 - t * t)
         ds = round_to(ds_exact, k.dtype)
         dq += dot(ds, k)
         if DROPOUT or MASK:
@@ -188,14 +193,15 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
-                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None, window=None):
+                   dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None, window=None,
+                   softcap: float = 0.0):
     """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
     block, each a sum in a fixed order (same bits run to run; S and P computed
     twice). False: one pass that also adds each tile's dS K into an fp32 dQ
     with atomics, in an order that varies run to run. Gradients may be passed
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
-    mask, `lse` is the forward's (m, l) stats), window the forward's."""
-    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
+    mask, `lse` is the forward's (m, l) stats), window and softcap the forward's."""
+    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -208,7 +214,8 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    tail = (scale * LOG2E, scale, causal_offset, *_window_bounds(window, q, k), 1.0 - dropout_p, *buckets)
+    tail = (*_logit_scales(scale, softcap), scale, causal_offset, *_window_bounds(window, q, k), 1.0 - dropout_p,
+            *buckets)
     dout_strides = dout.stride()[:3]
     grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     col_spans = _col_spans(mask)

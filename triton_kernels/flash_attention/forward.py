@@ -9,8 +9,9 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import LOG2E, _configs, _prepare, _row_spans, _window_bounds, empty_out
-from .tiles import _dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _visible
+from .launch import _configs, _logit_scales, _prepare, _row_spans, _window_bounds, empty_out
+from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _soft_capped,
+                    _visible)
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -51,14 +52,16 @@ def _fitting_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset, CAUSAL: tl.constexpr,
-            WINDOW: tl.constexpr, left, right, DROPOUT: tl.constexpr, seed_ptr, bh, keep, MASK: tl.constexpr,
-            mask_ptr, mask_off, smm, smn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, SOFTCAP: tl.constexpr, cap_log2e,
+            causal_offset, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, left, right, DROPOUT: tl.constexpr, seed_ptr,
+            bh, keep, MASK: tl.constexpr, mask_ptr, mask_off, smm, smn, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
     """One key block of the online softmax: (m, l, acc) updated with keys
-    start_n..; with DROPOUT, acc sums the kept P only (out divides by keep);
-    with MASK, the scores masked first (_masked_scores)."""
+    start_n..; with SOFTCAP, the logits soft-capped (_soft_capped); with
+    DROPOUT, acc sums the kept P only (out divides by keep); with MASK, the
+    scores masked after the cap (_masked_scores), as Gemma 2 applies them."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    s = dot(q, tl.trans(k)) * qk_scale
+    s, _ = _soft_capped(dot(q, tl.trans(k)) * qk_scale, SOFTCAP, cap_log2e)
     if MASK:
         s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
     s = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right), s, float("-inf"))
@@ -83,15 +86,15 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.autotune(configs=_configs("fwd"),
-                 key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK"])
+                 key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, causal_offset, left,
-                right, keep, SQ_BUCKET, SK_BUCKET,
+                seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, cap_log2e,
+                causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
@@ -111,9 +114,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, causal_offset,
-                                CAUSAL, WINDOW, left, right, DROPOUT, seed_ptr, bh, keep, MASK, mask_ptr, mask_off,
-                                smm, smn, BLOCK_M, BLOCK_N)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, SOFTCAP, cap_log2e,
+                                causal_offset, CAUSAL, WINDOW, left, right, DROPOUT, seed_ptr, bh, keep, MASK,
+                                mask_ptr, mask_off, smm, smn, BLOCK_M, BLOCK_N)
 
     if DROPOUT:
         acc = acc / keep
@@ -127,14 +130,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
         tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
-@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL"],
+@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
-                    seq_q, seq_k, heads_q, group, qk_scale, causal_offset,
+                    seq_q, seq_k, heads_q, group, qk_scale, cap_log2e, causal_offset,
                     SQ_BUCKET, SK_BUCKET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     WARP_SPECIALIZE: tl.constexpr):
     """The forward with Q, K, V read and O written through 4-D tensor descriptors
     (B, H, S, D) with boxes [1, 1, rows, BLOCK_D] (BLOCK_DV for V and O): TMA on sm_90. The hardware
@@ -156,9 +159,9 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
     for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale,
-                                causal_offset, CAUSAL, False, 0, 0, False, lse_ptr, bh, 1.0, 0, lse_ptr, 0, 0, 0,
-                                BLOCK_M, BLOCK_N)  # no window, no dropout, no mask
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, SOFTCAP,
+                                cap_log2e, causal_offset, CAUSAL, False, 0, 0, False, lse_ptr, bh, 1.0, 0, lse_ptr,
+                                0, 0, 0, BLOCK_M, BLOCK_N)  # no window, no dropout, no mask
 
     out, lse = _finish(m_i, l_i, acc)
     out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
@@ -236,14 +239,15 @@ def _descriptor(t):
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
-                   dropout_p: float = 0.0, seed=None, mask=None, window=None):
+                   dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
     second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
-    `window` (left, right): a local window (see the package docstring).
-    Dropout, masks and windows run the pointer forward."""
-    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask)
+    `window` (left, right): a local window; softcap > 0, a logit soft cap
+    (see the package docstring). Dropout, masks and windows run the pointer
+    forward."""
+    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap)
     left, right = _window_bounds(window, q, k)
     batch, heads_q, seq_q, head_dim = q.shape
     out = empty_out(q, v.shape[3]) if out is None else out
@@ -263,9 +267,9 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
                 forward_loads(q, k, v, out) == "descriptor":
             meta.pop("DROPOUT"), meta.pop("MASK")
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
-                                  scale * LOG2E, causal_offset, *buckets, **meta)
+                                  *_logit_scales(scale, softcap), causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *args, *out.stride()[:3], scale * LOG2E,
-                              causal_offset, left, right, 1.0 - dropout_p, *buckets, WINDOW=window is not None,
-                              **meta)
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *args, *out.stride()[:3],
+                              *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
+                              WINDOW=window is not None, **meta)
     return out, lse

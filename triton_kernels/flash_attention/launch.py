@@ -137,7 +137,16 @@ def _window_bounds(window, q, k):
     return tuple(unbounded if w < 0 else min(w, unbounded) for w in window)
 
 
-def _prepare(q, k, v, causal, dropout_p, mask):
+def _logit_scales(scale, softcap):
+    """(qk_scale, cap_log2e) of the kernels' logits (tiles._soft_capped):
+    (scale * log2(e), unused) without a soft cap, (scale / c, c * log2(e))
+    with one, c = softcap > 0."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
+def _prepare(q, k, v, causal, dropout_p, mask, softcap):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k, v_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -148,6 +157,6 @@ def _prepare(q, k, v, causal, dropout_p, mask):
                v.stride(0), v.stride(1), v.stride(2))
     sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), V_DIM=v_dim, BLOCK_DV=_block_d(v_dim),
-                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, MASK=mask_kind)
+                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, MASK=mask_kind, SOFTCAP=softcap > 0)
     buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
     return q, k, v, mask, strides + sizes + mask_strides, sizes, meta, buckets

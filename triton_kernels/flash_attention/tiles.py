@@ -4,6 +4,8 @@ the keys a query block reads."""
 import triton
 import triton.language as tl
 
+from .._utils import tanh
+
 
 @triton.jit
 def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset, WINDOW: tl.constexpr, left, right):
@@ -17,6 +19,19 @@ def _visible(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr, causal_offset, 
         diagonal = offs_m[:, None] + causal_offset
         ok = ok & (offs_n[None, :] >= diagonal - left) & (offs_n[None, :] <= diagonal + right)
     return ok
+
+
+@triton.jit
+def _soft_capped(x, SOFTCAP: tl.constexpr, cap_log2e):
+    """(s, t) of a tile's x = q k^T * qk_scale. Without SOFTCAP, s = x, the
+    base-2 logits (qk_scale = scale * log2(e)), and t is unused. With a soft
+    cap c (Gemma 2's; qk_scale = scale / c, cap_log2e = c * log2(e)):
+    t = tanh(x), s = t * cap_log2e, the base-2 logits of c tanh(q k^T scale / c);
+    the backward multiplies dS by their derivative in q k^T scale, 1 - t^2."""
+    if SOFTCAP:
+        t = tanh(x)
+        return t * cap_log2e, t
+    return x, x
 
 
 @triton.jit
