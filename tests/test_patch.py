@@ -50,17 +50,25 @@ def hf_model(kind):
     return tf.BertForMaskedLM(cfg)
 
 
-def loss_of(model, kind, device, dtype):
-    """A scalar loss of `model` on fixed random input of the model's kind."""
+def outputs_of(model, kind, device, dtype):
+    """(output, scalar loss) of `model` on fixed random input of the model's
+    kind: an HF model's logits, the encoder's output, nanoGPT's loss (all its
+    forward returns)."""
     g = torch.Generator().manual_seed(1)
     if kind == "nanogpt":
         idx = torch.randint(0, 256, (2, 16), generator=g).to(device)
-        return model(idx, idx)
+        loss = model(idx, idx)
+        return loss, loss
     if kind == "encoder":
-        x = torch.randn(2, 9, 32, generator=g).to(device, dtype)
-        return model(x).square().mean()
+        out = model(torch.randn(2, 9, 32, generator=g).to(device, dtype))
+        return out, out.square().mean()
     ids = torch.randint(0, 64, (2, 12), generator=g).to(device)
-    return model(input_ids=ids, labels=ids).loss
+    out = model(input_ids=ids, labels=ids)
+    return out.logits, out.loss
+
+
+def loss_of(model, kind, device, dtype):
+    return outputs_of(model, kind, device, dtype)[1]
 
 
 KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3"]
@@ -71,14 +79,17 @@ def build(kind):
     return {"nanogpt": nano_gpt, "encoder": encoder}.get(kind, lambda: hf_model(kind))()
 
 
-def loss_and_grads(model, kind, device, dtype, autocast):
-    """The loss and every parameter's gradient (None where unused), with the
-    model in `dtype`, inside a bf16 autocast region or not."""
+def output_and_grads(model, kind, device, dtype, autocast):
+    """The output (outputs_of) and every parameter's gradient of the loss
+    (None where unused), with the model in `dtype`, inside a bf16 autocast
+    region or not. The rule judges the output element by element, not the
+    mean loss: one scalar is one sample of rounding noise (benchmarks/NOTES.md,
+    "Logit soft cap")."""
     model = model.to(dtype).train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = loss_of(model, kind, device, dtype)
+        output, loss = outputs_of(model, kind, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    return [loss] + list(torch.autograd.grad(loss, params, allow_unused=True))
+    return [output] + list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
 def check_patched(kind, backend, dtype, autocast):
@@ -90,10 +101,10 @@ def check_patched(kind, backend, dtype, autocast):
     attention = backend != "cuda" or "cuda" in pyext.ops.attention.FWD
     patched = pyext.patch(copy.deepcopy(original), attention=attention, backend=backend)
     assert pyext.patch_report(patched).swapped, str(pyext.patch_report(patched))
-    ref = loss_and_grads(copy.deepcopy(original), kind, device, torch.float64, autocast=False)
-    pt = loss_and_grads(original, kind, device, dtype, autocast)
-    out = loss_and_grads(patched, kind, device, dtype, autocast)
-    names = ["loss"] + [n for n, p in original.named_parameters() if p.requires_grad]
+    ref = output_and_grads(copy.deepcopy(original), kind, device, torch.float64, autocast=False)
+    pt = output_and_grads(original, kind, device, dtype, autocast)
+    out = output_and_grads(patched, kind, device, dtype, autocast)
+    names = ["output"] + [n for n, p in original.named_parameters() if p.requires_grad]
     for name, o, r, p in zip(names, out, ref, pt):
         if r is None:
             assert o is None, name
