@@ -22,7 +22,9 @@
   with the SDPA mask function, so causal masking is kept) and selected on
   the model; GPT-2's, BERT's and Llama's own activation and RMSNorm modules
   (and the RMSNorm of any model whose forward is Llama's: Mistral, Qwen2/3,
-  Phi-3, ...) are replaced by pyext modules sharing their parameters.
+  Phi-3, ...) are replaced by pyext modules sharing their parameters. A
+  logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
+  integration refuses) goes to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply (float32 outside autocast) or
   are not yet measured faster: an attention mask (an HF model given a
@@ -97,14 +99,15 @@ _ROUTED_FUNCTIONS = {"layer_norm": (F.layer_norm, _layer_norm_call), "rms_norm":
 
 
 class _RouteCalls(TorchFunctionMode):
-    """Sends F.scaled_dot_product_attention ("attention" in `flags`) and
-    F.layer_norm, F.rms_norm, F.gelu (their flags) to pyext's, with the
-    patch's backend. pyext's own fallbacks call torch's ops below these
-    functions (pyext.reference), so they are never sent back."""
+    """Sends F.scaled_dot_product_attention ("attention" in `flags`; with a
+    logit soft cap when softcap > 0) and F.layer_norm, F.rms_norm, F.gelu
+    (their flags) to pyext's, with the patch's backend. pyext's own
+    fallbacks call torch's ops below these functions (pyext.reference), so
+    they are never sent back."""
 
-    def __init__(self, backend, flags):
+    def __init__(self, backend, flags, softcap=0.0):
         super().__init__()
-        self.backend, self.attention = backend, "attention" in flags
+        self.backend, self.attention, self.softcap = backend, "attention" in flags, softcap
         self.calls = {fn: call for flag, (fn, call) in _ROUTED_FUNCTIONS.items() if flag in flags}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -112,7 +115,7 @@ class _RouteCalls(TorchFunctionMode):
         from pyext.ops import attention
         if func is F.scaled_dot_product_attention and self.attention and \
                 not getattr(attention.calling_torch_sdpa, "active", False):
-            return attention.scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
+            return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend, softcap=self.softcap)
         call = self.calls.get(func)
         if call is not None:
             return call(self.backend, *args, **kwargs)
@@ -176,10 +179,13 @@ def _rms_norm_module(old, backend):
     return new
 
 
-def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, **kwargs):
+def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,
+                  **kwargs):
     """transformers' own SDPA integration (GQA, causal flag, masks), with its
-    F.scaled_dot_product_attention call routed to pyext."""
-    with _RouteCalls(backend, {"attention"}):
+    F.scaled_dot_product_attention call routed to pyext; a logit soft cap
+    (Gemma 2's attn_logit_softcapping, which torch's SDPA and so transformers'
+    integration refuse) goes to pyext's kernels with it."""
+    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -332,7 +338,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
-    if attention:
+    if attention and _hf_softcap(model):
+        report.notes += _attention_softcap_notes(_hf_softcap(model), backend)
+    elif attention:
         report.notes += _attention_dropout_notes(model, backend) + _attention_mask_notes(model, backend)
     hf = attention and _use_pyext_attention_in_hf(model, report)
     # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
@@ -414,6 +422,25 @@ def _attention_mask_notes(model, backend) -> List[str]:
     notes += [f"{path or '<root>'}: calls with a key_padding_mask or an attn_mask (not the causal hint) {outcome}"
               for path, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     return notes
+
+
+def _hf_softcap(model) -> float:
+    """An HF model's attention logit soft cap (Gemma 2's attn_logit_softcapping), 0 for none."""
+    return getattr(getattr(model, "config", None), "attn_logit_softcapping", None) or 0.0
+
+
+def _attention_softcap_notes(softcap, backend) -> List[str]:
+    """Attention with a logit soft cap, which torch's SDPA does not have: under
+    auto its calls run the Triton kernels, with a mask or dropout too (the
+    fallback is the reference, S x S); under backend "cuda" they raise."""
+    where = f"attention logit soft cap {softcap} (attn_logit_softcapping in the config): its calls"
+    if _backend.is_auto(backend):
+        return [f"{where} run pyext's Triton kernels, with a mask or dropout too (torch's SDPA has no soft cap)"]
+    if backend == "cuda":
+        return [f"{where} raise (the CUDA kernels have no soft cap)"]
+    if backend == "torch":
+        return [f"{where} run pyext's reference, the S x S scores in float32 (torch's SDPA has no soft cap)"]
+    return []
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:

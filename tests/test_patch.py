@@ -41,6 +41,11 @@ def hf_model(kind):
         cfg = tf.MistralConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                                intermediate_size=64, vocab_size=64, sliding_window=5)
         return tf.MistralForCausalLM(cfg)
+    if kind == "gemma2":  # a logit soft cap, which weights of 0.3 make bite (scores of spread ~3); local, global layers
+        cfg = tf.Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                              head_dim=8, intermediate_size=64, vocab_size=64, sliding_window=5,
+                              attn_logit_softcapping=2.0, query_pre_attn_scalar=8, initializer_range=0.3)
+        return tf.Gemma2ForCausalLM(cfg)
     if kind == "qwen2":  # its own RMSNorm class, a copy of Llama's; biases on q, k, v
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
@@ -71,7 +76,7 @@ def loss_of(model, kind, device, dtype):
     return outputs_of(model, kind, device, dtype)[1]
 
 
-KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3"]
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2"]
 
 
 def build(kind):
@@ -127,11 +132,12 @@ def test_patched_model_matches_the_original_under_autocast(kind, backend):
     check_patched(kind, backend, torch.float32, autocast=True)
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "mistral"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "mistral", "gemma2"])
 def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
-    """A padded batch (attention_mask with lengths 12 and 7; labels -100 on
-    the padding) gives SDPA HF's mask (for Mistral, padding and a sliding
-    window of 5 keys in one): patched with backend="triton" the masked
+    """A padded batch (attention_mask with lengths 12 and 7, or 9; labels -100 on
+    the padding) gives SDPA HF's mask (for Mistral and Gemma 2's local layer,
+    padding and a sliding window of 5 keys in one; Gemma 2's with its soft
+    cap): patched with backend="triton" the masked
     kernels run it, the loss and gradients as close to the float64 oracle as
     the unpatched model's in bf16."""
     from pyext.ops import attention
@@ -147,7 +153,10 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, 12), generator=g).to(device)
     mask = torch.ones(2, 12, dtype=torch.long, device=device)
-    mask[1, 7:] = 0
+    # Gemma 2 runs transformers' eager attention only, which in float64 (the
+    # oracle) turns a row its mask covers entirely into NaN (finfo(float64).min
+    # is -inf in its float32 softmax): padding shorter than its window of 5
+    mask[1, 9 if kind == "gemma2" else 7:] = 0
     labels = ids.masked_fill(mask == 0, -100)
 
     def loss_and_grads(model, dtype):
@@ -182,15 +191,17 @@ def test_state_dict_and_parameters_are_untouched(kind):
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
-ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1, "deepseek_v3": 1}
+ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1, "deepseek_v3": 1,
+                    "gemma2": 2}
 
 
 @pytest.fixture
 def pyext_sdpa_calls(monkeypatch):
-    """One entry per call of pyext.scaled_dot_product_attention."""
+    """One entry per call of pyext.scaled_dot_product_attention (or of what it
+    calls, with a soft cap, as pyext.patch's routing does)."""
     import pyext.ops.attention as attention
-    calls, real = [], attention.scaled_dot_product_attention
-    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+    calls, real = [], attention._scaled_dot_product_attention
+    monkeypatch.setattr(attention, "_scaled_dot_product_attention",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
@@ -204,7 +215,7 @@ def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
     expected = loss_of(model, kind, "cpu", torch.float32)
     assert pyext_sdpa_calls == []
     pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
-    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3"):
+    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2"):
         assert model.config._attn_implementation == "pyext-torch"
     loss_of(model, kind, "cpu", torch.float32)
     assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]
@@ -254,8 +265,8 @@ def test_models_patched_with_different_backends_keep_their_own(monkeypatch):
     """The attention routing of each patched model uses that model's backend,
     HF models (one global registry of attention implementations) included."""
     import pyext.ops.attention as attention
-    seen, real = [], attention.scaled_dot_product_attention
-    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+    seen, real = [], attention._scaled_dot_product_attention
+    monkeypatch.setattr(attention, "_scaled_dot_product_attention",
                         lambda *a, backend=None, **k: seen.append(backend) or real(*a, backend=backend, **k))
     for kind in ("nanogpt", "gpt2"):
         first, second = pyext.patch(build(kind), backend="torch"), pyext.patch(build(kind), backend="auto")
@@ -595,6 +606,21 @@ def test_attention_dropout_and_masks_are_noted_in_the_report():
                      "CUDA kernels have no mask)"]
     assert pyext.patch_report(pyext.patch(layer, backend="triton")).notes == []
     assert pyext.patch_report(pyext.patch(build("nanogpt"))).notes == []  # no dropout, no mask
+
+
+def test_a_soft_cap_is_noted_in_the_report_with_where_its_calls_go():
+    """Gemma 2's attention soft cap, which torch's SDPA lacks: under auto its
+    calls run the Triton kernels, masked and dropped out too, so the report
+    names that in place of the mask and dropout notes."""
+    gemma2 = build("gemma2")
+    where = "attention logit soft cap 2.0 (attn_logit_softcapping in the config): its calls "
+    assert pyext.patch_report(pyext.patch(gemma2)).notes == [
+        where + "run pyext's Triton kernels, with a mask or dropout too (torch's SDPA has no soft cap)"]
+    assert pyext.patch_report(pyext.patch(gemma2, backend="cuda")).notes == [
+        where + "raise (the CUDA kernels have no soft cap)"]
+    assert pyext.patch_report(pyext.patch(gemma2, backend="torch")).notes == [
+        where + "run pyext's reference, the S x S scores in float32 (torch's SDPA has no soft cap)"]
+    assert pyext.patch_report(pyext.patch(gemma2, backend="triton")).notes == []
 
 
 def test_hf_rms_norms_are_swapped_where_they_compute_as_llamas_only():
