@@ -34,6 +34,13 @@ layers; Mistral's is 4096) at long S: pyext-triton and FlashAttention's
 package as window_size=(WINDOW - 1, -1), no mask; pyext-triton-mask and the
 SDPA backends as the (1, 1, S, S) boolean attn_mask that HF hands SDPA for a
 sliding-window layer. FLOPs counted: the pairs in the window alone.
+And "softcap": causal attention with Gemma 2's logit soft cap (50) and head
+dim (256). torch's SDPA has no cap, so the peers are what a Gemma 2 user
+runs: "eager", HF's eager attention (transformers runs Gemma 2 through it
+alone: bf16 products, S x S scores, the softmax in fp32), "flex-attention"
+(torch.compile of flex_attention with the cap as its score_mod and a
+causal block mask; GPU only) and FlashAttention's package (softcap=).
+FLOPs counted: the causal matmuls' alone (the tanh per score is extra work).
 """
 import torch
 import torch.nn.functional as F
@@ -49,6 +56,7 @@ SEQLENS_QUICK = [1024, 4096]
 # bytes grow with S, the FLOPs with S^2): GPT-2-like contexts.
 SEQLENS_MODEL, SEQLENS_MODEL_QUICK = [512, 1024, 2048], [1024]
 MATH_MAX_SEQLEN = 2048  # the math backend materialises B*H*S*S scores
+EAGER_MAX_SEQLEN = 4096  # the soft cap's eager peer too, in bf16 and fp32, once per case
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 
@@ -63,12 +71,13 @@ def _sdpa(backend, causal, dropout_p, mask):
     return run
 
 
-def _ours(backend, causal, dropout_p, mask, window=None):
+def _ours(backend, causal, dropout_p, mask, window=None, softcap=0.0):
     if window:
         return lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, window_size=(window - 1, -1),
                                                      dropout_p=dropout_p, backend=backend)
     if mask is None:
-        return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=backend)
+        return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, softcap=softcap,
+                                                     backend=backend)
     return lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                               backend=backend)
 
@@ -94,7 +103,37 @@ def _window_mask(seqlen, device):
     return ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - _window(seqlen)))[None, None]
 
 
-def _flash_attn_package(causal, dropout_p, mask, window=None):
+def _eager_softcap(seqlen, device, dtype, softcap):
+    """HF Gemma 2's eager attention, causal: products in the inputs' dtype,
+    the cap, the causal mask added (HF's finfo.min above the diagonal, built
+    once per forward and shared by its layers, so here once per case), the
+    softmax in fp32, P in the inputs' dtype. S x S scores in memory."""
+    if seqlen > EAGER_MAX_SEQLEN:
+        return f"skipped above seqlen {EAGER_MAX_SEQLEN}: S x S scores in memory"
+    bias = torch.full((seqlen, seqlen), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
+
+    def run(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        s = softcap * torch.tanh(s / softcap) + bias
+        return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+    return run
+
+
+def _flex_softcap(seqlen, device, softcap):
+    """torch.compile of flex_attention with the cap as its score_mod and a
+    causal block mask (so it skips the blocks above the diagonal)."""
+    if not HAS_GPU:
+        return "skipped without a GPU (flex_attention's backward runs on GPUs only)"
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, seqlen, seqlen, device=device)
+    compiled = torch.compile(flex_attention)
+
+    def capped(score, b, h, i, j):
+        return softcap * torch.tanh(score / softcap)
+    return lambda q, k, v: compiled(q, k, v, score_mod=capped, block_mask=block_mask)
+
+
+def _flash_attn_package(causal, dropout_p, mask, window=None, softcap=0.0):
     """FlashAttention's own package (its (B, S, H, D) layout, from our views);
     a sliding window of `window` keys as its window_size, in place of the mask."""
     flash_attn = optional_peer("flash_attn")
@@ -103,11 +142,13 @@ def _flash_attn_package(causal, dropout_p, mask, window=None):
     if mask is not None and window is None:
         return "flash_attn_func takes no attention mask (its varlen API takes packed sequences instead)"
     extra = dict(causal=True, window_size=(window - 1, -1)) if window else dict(causal=causal)
+    if softcap:
+        extra["softcap"] = softcap
     return lambda q, k, v: flash_attn.flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
 
-def _triton_pointer_forward(causal, dropout_p, mask, window, why_not_triton):
+def _triton_pointer_forward(causal, dropout_p, mask, window, softcap, why_not_triton):
     """pyext's Triton attention with the forward's pointer loads forced, or why
     it is not timed: where pyext-triton itself takes the pointer path it would
     time the same kernel again."""
@@ -121,11 +162,11 @@ def _triton_pointer_forward(causal, dropout_p, mask, window, why_not_triton):
 
     def run(q, k, v):
         with flash_attention.use_loads("pointer"):
-            return pyext.flash_attention(q, k, v, causal=causal, backend="triton")
+            return pyext.flash_attention(q, k, v, causal=causal, softcap=softcap, backend="triton")
     return run
 
 
-def _triton_deterministic(causal, dropout_p, mask, window, why_not_triton):
+def _triton_deterministic(causal, dropout_p, mask, window, softcap, why_not_triton):
     """pyext's Triton attention with deterministic=True, or why it is not timed."""
     if why_not_triton is not None:
         return why_not_triton
@@ -142,15 +183,18 @@ def _triton_deterministic(causal, dropout_p, mask, window, why_not_triton):
             finally:
                 torch.use_deterministic_algorithms(previous)
         return run
-    return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, deterministic=True,
-                                                 backend="triton")
+    return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, softcap=softcap,
+                                                 deterministic=True, backend="triton")
 
 
-# (causal, dropout probability, mask: None, "padded", "causal-padded" or "window") of each case of a grid point
+# (causal, dropout probability, None or what else: "padded", "causal-padded", "window" or "softcap") of each case
 STANDARD = ((False, 0.0, None), (True, 0.0, None))
 MODEL = ((True, 0.0, None), (True, DROPOUT, None), (False, 0.0, "padded"), (False, 0.0, "causal-padded"))
+PADDED = ("padded", "causal-padded")
 WINDOW = 1024
 SEQLENS_WINDOW, SEQLENS_WINDOW_QUICK = [4096, 8192, 16384], [8192]
+SOFTCAP, SOFTCAP_HEAD_DIM = 50.0, 256  # Gemma 2's attention logit cap and head dim
+SEQLENS_SOFTCAP, SEQLENS_SOFTCAP_QUICK = [2048, 4096], [4096]
 MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
 SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
 
@@ -161,8 +205,8 @@ def _grid(quick: bool, dtypes):
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"),)), (64, 32, 32, True, MODEL),
-                (64, 32, 16, False, STANDARD[1:])]
+        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"), (True, 0.0, "softcap"))),
+                (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:])]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
     standard = [(s, d, d, False, STANDARD) for s in seqlens for d in head_dims]
@@ -170,7 +214,9 @@ def _grid(quick: bool, dtypes):
     mla = [(s, *MLA, False, STANDARD[1:]) for s in (SEQLENS_MLA_QUICK if quick else SEQLENS_MLA)]
     window = [(s, d, d, False, ((False, 0.0, "window"),))
               for s in (SEQLENS_WINDOW_QUICK if quick else SEQLENS_WINDOW) for d in head_dims]
-    return standard + model + mla + window
+    softcap = [(s, SOFTCAP_HEAD_DIM, SOFTCAP_HEAD_DIM, False, ((True, 0.0, "softcap"),))
+               for s in (SEQLENS_SOFTCAP_QUICK if quick else SEQLENS_SOFTCAP)]
+    return standard + model + mla + window + softcap
 
 
 def count(quick: bool, dtypes) -> int:
@@ -206,23 +252,29 @@ def cases(quick: bool, dtypes):
         heads = HIDDEN // v_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
         inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, v_dim, model_layout, device, dtype)
-        for causal, dropout_p, padded in variants:
-            window = _window(seqlen) if padded == "window" else None
+        for causal, dropout_p, extra in variants:
+            window = _window(seqlen) if extra == "window" else None
+            softcap = SOFTCAP if extra == "softcap" else 0.0
             mask = _window_mask(seqlen, device) if window else \
-                _padding_mask(batch, seqlen, device, padded == "causal-padded") if padded else None
-            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window) for b in ("cuda", "triton")}
-            if dropout_p or padded:
-                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, no mask and no window"
+                _padding_mask(batch, seqlen, device, extra == "causal-padded") if extra in PADDED else None
+            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window, softcap) for b in ("cuda", "triton")}
+            if dropout_p or extra:
+                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, mask, window or soft cap"
             if window:  # what an HF sliding-window layer runs: the band as a mask
                 fns["pyext-triton-mask"] = _ours("triton", causal, dropout_p, mask) \
                     if ours["pyext-triton"] is None else ours["pyext-triton"]
-            fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
-            fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask, window)
-            pairs = batch * heads * seqlen * seqlen / (2 if causal or padded == "causal-padded" else 1)
+            if softcap:
+                fns.update({name: "torch's SDPA has no soft cap" for name in SDPA})
+                fns["eager"] = _eager_softcap(seqlen, device, dtype, softcap)
+                fns["flex-attention"] = _flex_softcap(seqlen, device, softcap)
+            else:
+                fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
+            fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask, window, softcap)
+            pairs = batch * heads * seqlen * seqlen / (2 if causal or extra == "causal-padded" else 1)
             if window:  # rows before the window fills see i + 1 keys, the rest the window
                 pairs = batch * heads * (window * (window + 1) / 2 + (seqlen - window) * window)
             options = ("-causal" if causal else "") + ("-bshd" if model_layout else "") + \
-                ("-dropout" if dropout_p else "") + (f"-{padded}" if padded else "")
+                ("-dropout" if dropout_p else "") + (f"-{extra}" if extra else "")
             dims = f"d{head_dim}" + (f"-dv{v_dim}" if v_dim != head_dim else "")
             label = f"S={seqlen} D={head_dim}{f' Dv={v_dim}' if v_dim != head_dim else ''}{options.replace('-', ' ')}"
             for direction, flops in (("fwd", 2 * pairs * (head_dim + v_dim)),
@@ -241,7 +293,7 @@ def cases(quick: bool, dtypes):
                 # pointer loads in the forward, the deterministic dQ in the backward
                 variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
                                ("pyext-triton-det", _triton_deterministic))
-                fn = fn(causal, dropout_p, mask, window, ours["pyext-triton"])
+                fn = fn(causal, dropout_p, mask, window, softcap, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
                 yield Case(op="attention", label=label, size=seqlen,

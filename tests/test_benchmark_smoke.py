@@ -131,6 +131,22 @@ def test_attention_times_the_deterministic_backward_beside_the_atomic_one():
             assert deterministic == why_not_triton
 
 
+def test_the_softcap_cases_time_gemma_2s_peers_on_what_ours_computes():
+    """The soft-cap cases: torch's SDPA says why not; the eager peer (HF
+    Gemma 2's attention) computes what pyext's does, up to bf16 rounding."""
+    import torch
+    import pyext
+    from benchmarks import attention
+    cases = [c for c in attention.cases(True, [torch.bfloat16]) if c.dtype.endswith("-softcap")]
+    assert {c.direction for c in cases} == {"fwd", "bwd"}
+    for case in cases:
+        assert case.providers["sdpa-flash"] == "torch's SDPA has no soft cap" and "eager" in case.providers
+    q, k, v = (torch.randn(1, 2, 64, 32, dtype=torch.bfloat16) for _ in range(3))
+    eager = attention._eager_softcap(64, "cpu", torch.bfloat16, 5.0)(q, k, v)
+    ours = pyext.flash_attention(q, k, v, causal=True, softcap=5.0, backend="torch")
+    torch.testing.assert_close(eager, ours, atol=2e-2, rtol=2e-2)
+
+
 def _case(provider_fns):
     from benchmarks.harness import Case
     return Case(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", bytes=64, flops=0,
