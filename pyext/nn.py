@@ -40,6 +40,26 @@ class RMSNorm(torch.nn.RMSNorm):
         return rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
 
+class GemmaRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm (transformers' GemmaRMSNorm, and Gemma 2's and 3's):
+    y = x / rms(x) * (1 + weight), computed in float32 and rounded once to
+    x's dtype, the weight stored as an offset from one (zeros at init). The
+    same parameter and state_dict as transformers' module; pyext.rms_norm
+    with the float32 weight 1 + weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None, *, backend=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight.shape, 1.0 + self.weight.float(), self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through
     pyext.scaled_dot_product_attention when `need_weights=False`: with no

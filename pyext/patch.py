@@ -22,7 +22,8 @@
   with the SDPA mask function, so causal masking is kept) and selected on
   the model; GPT-2's, BERT's and Llama's own activation and RMSNorm modules
   (and the RMSNorm of any model whose forward is Llama's: Mistral, Qwen2/3,
-  Phi-3, ...) are replaced by pyext modules sharing their parameters. A
+  Phi-3, ...; or Gemma's, x / rms * (1 + weight): Gemma 1, 2 and 3) are
+  replaced by pyext modules sharing their parameters. A
   logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
   integration refuses) goes to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall
@@ -136,28 +137,36 @@ def _hf_module_swaps():
         if cls is not None:
             approx = "none" if name == "GELUActivation" else "tanh"
             swaps[cls] = ("gelu", functools.partial(_gelu_module, approx))
+    for norm in _hf_rms_norms():
+        swaps[norm] = ("rms_norm", _RMS_NORM_FACTORIES[norm.__name__])
+    return swaps
+
+
+def _hf_rms_norms():
+    """transformers' two RMSNorm computations, as classes: Llama's and Gemma's."""
+    norms = []
     try:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        swaps[LlamaRMSNorm] = ("rms_norm", _rms_norm_module)
+        norms.append(LlamaRMSNorm)
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+        norms.append(GemmaRMSNorm)
     except ImportError:
         pass
-    return swaps
+    return norms
 
 
 def _hf_swap(cls, swaps):
     """The (flag, factory) of an HF module class, or None. Besides the classes
-    named in `swaps`, any RMSNorm class whose forward is LlamaRMSNorm's, the
-    same bytecode reading the same attributes (weight, variance_epsilon):
-    the many models whose code copies it (Mistral, Qwen2 and 3, Phi-3, ...)."""
+    named in `swaps`, any RMSNorm class whose forward is LlamaRMSNorm's or
+    GemmaRMSNorm's, the same bytecode reading the same attributes: the many
+    models whose code copies one (Mistral, Qwen2 and 3, Phi-3, ...; Gemma 2
+    and 3)."""
     if cls in swaps:
         return swaps[cls]
     if cls.__name__.endswith("RMSNorm"):
-        try:
-            from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        except ImportError:
-            return None
-        if _same_code(cls.forward, LlamaRMSNorm.forward):
-            return swaps[LlamaRMSNorm]
+        for norm in _hf_rms_norms():
+            if _same_code(cls.forward, norm.forward):
+                return swaps[norm]
     return None
 
 
@@ -177,6 +186,15 @@ def _rms_norm_module(old, backend):
     new = pnn.RMSNorm(old.weight.shape, eps=old.variance_epsilon, device="meta", backend=backend)
     new.weight = old.weight  # the same Parameter: optimizers and state_dict see no change
     return new
+
+
+def _gemma_rms_norm_module(old, backend):
+    new = pnn.GemmaRMSNorm(old.weight.shape[0], eps=old.eps, device="meta", backend=backend)
+    new.weight = old.weight  # as above
+    return new
+
+
+_RMS_NORM_FACTORIES = {"LlamaRMSNorm": _rms_norm_module, "GemmaRMSNorm": _gemma_rms_norm_module}
 
 
 def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,

@@ -623,17 +623,62 @@ def test_a_soft_cap_is_noted_in_the_report_with_where_its_calls_go():
     assert pyext.patch_report(pyext.patch(gemma2, backend="triton")).notes == []
 
 
-def test_hf_rms_norms_are_swapped_where_they_compute_as_llamas_only():
+def test_hf_rms_norms_are_swapped_by_what_they_compute():
+    """Llama's RMSNorm (x / rms, rounded, times weight) and its copies become
+    pyext.nn.RMSNorm; Gemma's (x / rms * (1 + weight) in float32, rounded
+    once) and its copies pyext.nn.GemmaRMSNorm; an RMSNorm computing
+    something else is left."""
     pytest.importorskip("transformers")
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # x / rms * (1 + weight)
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm  # a copy of GemmaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # a copy of LlamaRMSNorm
-    model = torch.nn.ModuleDict({"qwen2": Qwen2RMSNorm(8, eps=1e-5), "gemma": GemmaRMSNorm(8)})
-    weight = model["qwen2"].weight
+
+    class OtherRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * self.weight
+    model = torch.nn.ModuleDict({"qwen2": Qwen2RMSNorm(8, eps=1e-5), "gemma": GemmaRMSNorm(8, eps=1e-5),
+                                 "gemma2": Gemma2RMSNorm(8), "other": OtherRMSNorm()})
+    weights = {name: m.weight for name, m in model.items()}
     pyext.patch(model, attention=False)
     report = pyext.patch_report(model)
-    assert [(path, new) for path, _, new in report.swapped] == [("qwen2", "pyext.nn.RMSNorm")]
-    assert [(path, why) for path, _, why in report.left] == [("gemma", "no pyext equivalent")]
-    assert model["qwen2"].weight is weight and model["qwen2"].eps == 1e-5
+    assert [(path, new) for path, _, new in report.swapped] == [
+        ("qwen2", "pyext.nn.RMSNorm"), ("gemma", "pyext.nn.GemmaRMSNorm"), ("gemma2", "pyext.nn.GemmaRMSNorm")]
+    assert [(path, why) for path, _, why in report.left] == [("other", "no pyext equivalent")]
+    assert all(model[name].weight is w for name, w in weights.items())
+    assert model["qwen2"].eps == 1e-5 and model["gemma"].eps == 1e-5 and model["gemma2"].eps == 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gemma_rms_norm_matches_transformers_own(backend, dtype):
+    """pyext.nn.GemmaRMSNorm against transformers' GemmaRMSNorm: y, dx and
+    dweight within the rule against the float64 oracle (the module in
+    float64), transformers' module in `dtype` the yardstick; state_dict
+    loads both ways."""
+    pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    device = device_for(backend)
+    theirs = GemmaRMSNorm(96).to(device)
+    with torch.no_grad():
+        theirs.weight.normal_(0, 0.5)
+    ours = pyext.nn.GemmaRMSNorm(96, backend=backend).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 96, device=device) * 3
+    dy = torch.randn(7, 96, device=device)
+
+    def run(module, dt):
+        module = copy.deepcopy(module).to(dt)
+        leaf = x.to(dt).requires_grad_()
+        y = module(leaf)
+        return [y] + list(torch.autograd.grad(y, (leaf, module.weight), dy.to(dt)))
+    for name, o, r, p in zip(["y", "dx", "dweight"], run(ours, dtype), run(theirs, torch.float64),
+                             run(theirs, dtype)):
+        assert_close(o, r, p, name)
 
 
 @pytest.mark.parametrize("name", ["FastGELUActivation", "AccurateGELUActivation", "NewGELUActivation"])
