@@ -42,9 +42,11 @@ def hf_model(kind):
                                intermediate_size=64, vocab_size=64, sliding_window=5)
         return tf.MistralForCausalLM(cfg)
     if kind == "gemma2":  # a logit soft cap, which weights of 0.3 make bite (scores of spread ~3); local, global layers
+        # eager attention, Gemma 2's own: transformers 5.17 defaults it to SDPA, which drops the cap unsaid
         cfg = tf.Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                               head_dim=8, intermediate_size=64, vocab_size=64, sliding_window=5,
-                              attn_logit_softcapping=2.0, query_pre_attn_scalar=8, initializer_range=0.3)
+                              attn_logit_softcapping=2.0, query_pre_attn_scalar=8, initializer_range=0.3,
+                              attn_implementation="eager")
         return tf.Gemma2ForCausalLM(cfg)
     if kind == "qwen2":  # its own RMSNorm class, a copy of Llama's; biases on q, k, v
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
