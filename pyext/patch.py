@@ -37,6 +37,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import List, Tuple
@@ -101,14 +102,15 @@ _ROUTED_FUNCTIONS = {"layer_norm": (F.layer_norm, _layer_norm_call), "rms_norm":
 
 class _RouteCalls(TorchFunctionMode):
     """Sends F.scaled_dot_product_attention ("attention" in `flags`; with a
-    logit soft cap when softcap > 0) and F.layer_norm, F.rms_norm, F.gelu
+    logit soft cap when softcap > 0, a local window (left, right) in place of
+    a mask when given) and F.layer_norm, F.rms_norm, F.gelu
     (their flags) to pyext's, with the patch's backend. pyext's own
     fallbacks call torch's ops below these functions (pyext.reference), so
     they are never sent back."""
 
-    def __init__(self, backend, flags, softcap=0.0):
+    def __init__(self, backend, flags, softcap=0.0, window=None):
         super().__init__()
-        self.backend, self.attention, self.softcap = backend, "attention" in flags, softcap
+        self.backend, self.attention, self.softcap, self.window = backend, "attention" in flags, softcap, window
         self.calls = {fn: call for flag, (fn, call) in _ROUTED_FUNCTIONS.items() if flag in flags}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -116,7 +118,8 @@ class _RouteCalls(TorchFunctionMode):
         from pyext.ops import attention
         if func is F.scaled_dot_product_attention and self.attention and \
                 not getattr(attention.calling_torch_sdpa, "active", False):
-            return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend, softcap=self.softcap)
+            return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend, softcap=self.softcap,
+                                                           window=self.window)
         call = self.calls.get(func)
         if call is not None:
             return call(self.backend, *args, **kwargs)
@@ -198,13 +201,49 @@ _RMS_NORM_FACTORIES = {"LlamaRMSNorm": _rms_norm_module, "GemmaRMSNorm": _gemma_
 
 
 def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,
-                  **kwargs):
+                  sliding_window=None, **kwargs):
     """transformers' own SDPA integration (GQA, causal flag, masks), with its
     F.scaled_dot_product_attention call routed to pyext; a logit soft cap
     (Gemma 2's attn_logit_softcapping, which torch's SDPA and so transformers'
-    integration refuse) goes to pyext's kernels with it."""
-    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    integration refuse) goes to pyext's kernels with it, and so does the
+    layer's sliding window where _hf_mask gave no mask for it."""
+    window = None
+    if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
+            _windows_trusted(getattr(module, "config", None)):
+        window = (sliding_window - 1, -1)  # key j seen by query i iff i - W < j (<= i, causal): the mask's band
+    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
+                                      **kwargs)
+
+
+# Patched HF models whose sliding-window layers pyext runs with no mask over
+# an unpadded batch: those transformers can run with FlashAttention, whose
+# integration takes each layer's window from its `sliding_window` argument
+# alone (FlashAttention has no mask), so that argument is the layer's window.
+# id(config) -> a weak reference to it (configs are not hashable).
+_native_windows = {}
+
+
+def _windows_trusted(config) -> bool:
+    ref = _native_windows.get(id(config))
+    return ref is not None and ref() is config
+
+
+def _hf_mask(sdpa_mask, *args, **kwargs):
+    """transformers' SDPA mask, except none for a sliding-window layer (it
+    passes local_size) of a model in _native_windows, over an unpadded batch
+    with no cache offset and no other pattern (packed sequences, custom masks:
+    allow_is_causal_skip False): its attention then applies the window itself
+    (_hf_attention), rather than read a (B, 1, S, S) band built per forward."""
+    padding = kwargs.get("attention_mask")
+    if args or kwargs.get("local_size") is None or not kwargs.get("allow_is_causal_skip", True) or \
+            not _windows_trusted(kwargs.get("config")) or kwargs.get("q_offset", 0) or \
+            kwargs.get("kv_offset", 0) or kwargs.get("q_length") != kwargs.get("kv_length"):
+        return sdpa_mask(*args, **kwargs)
+    if padding is not None and (torch.compiler.is_compiling() or padding.shape[-1] != kwargs["kv_length"]
+                                or not bool(padding.all())):
+        return sdpa_mask(*args, **kwargs)
+    return None
 
 
 def _named_in(cls, names) -> set:
@@ -293,10 +332,14 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     # backend: the registry is global, shared by every patched model (and copy)
     impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
     AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
-    AttentionMaskInterface.register(impl, sdpa_mask)
+    AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
     model._pyext_hf_attn = config._attn_implementation
     model.set_attn_implementation(impl)
     report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
+    if getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None):
+        _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
+        report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
+                             "mask")
     return True
 
 
@@ -482,6 +525,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, "_pyext_hf_attn"):
         model.set_attn_implementation(model._pyext_hf_attn)
         del model._pyext_hf_attn
+        _native_windows.pop(id(model.config), None)
     for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_backend"):
         delattr(model, attr)
     return model

@@ -177,6 +177,47 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
         assert_close(o, r, p, name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, backend, monkeypatch):
+    """No padding, 12 tokens, a window of 5: the sliding layers get no band
+    mask (transformers' FlashAttention contract: the layer's sliding_window
+    argument is its window); with backend="triton" the window kernels run
+    them, with "torch" torch's SDPA gets the band as before. Logits and every
+    gradient within the rule against the float64 original (its band mask);
+    unpatched, the model is no longer trusted to pass its window."""
+    from pyext.ops import attention
+    calls = {"masked": [], "window": []}
+    for table, key in ((attention.MASKED_FWD, "masked"), (attention.WINDOW_SOFTCAP_FWD, "window")):
+        monkeypatch.setitem(table, "triton", lambda *a, run=table["triton"], key=key: calls[key].append(1) or run(*a))
+    device = device_for(backend)
+    original = build(kind).to(device)
+    with torch.no_grad():  # as in the padded test: attention far from uniform
+        for p in original.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    patched = pyext.patch(copy.deepcopy(original), backend=backend)
+    assert "no mask" in pyext.patch_report(patched).attention
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def logits_and_grads(model, dtype):
+        model = model.to(dtype).train()
+        out = model(input_ids=ids, labels=ids)
+        return [out.logits] + list(torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True))
+    ref = logits_and_grads(copy.deepcopy(original), torch.float64)
+    pt = logits_and_grads(original, torch.bfloat16)
+    out = logits_and_grads(patched, torch.bfloat16)
+    assert not calls["masked"] and bool(calls["window"]) == (backend == "triton")
+    names = ["logits"] + [n for n, _ in original.named_parameters()]
+    for name, o, r, p in zip(names, out, ref, pt):
+        if r is None:
+            assert o is None, name
+            continue
+        assert_close(o, r, p, name)
+    from pyext.patch import _windows_trusted
+    assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_and_parameters_are_untouched(kind):
     model = build(kind)

@@ -595,28 +595,36 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 
 def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                  enable_gqa=False, *, backend=None, softcap: float = 0.0) -> Tensor:
-    """scaled_dot_product_attention, with a logit soft cap (softcap > 0, see
-    flash_attention) for pyext.patch's HF attention (Gemma 2 passes one).
-    torch's SDPA has none, so with a cap the kernels come first under auto,
-    masks and dropout too, and the fallback is the reference (S x S, as HF's
-    eager attention computes it)."""
+                                  enable_gqa=False, *, backend=None, softcap: float = 0.0,
+                                  window: Optional[Tuple[int, int]] = None) -> Tensor:
+    """scaled_dot_product_attention with what pyext.patch's HF attention adds:
+    a logit soft cap (softcap > 0, Gemma 2's; see flash_attention) and a local
+    window (left, right) in place of a mask (a sliding-window layer over an
+    unpadded batch), keys i - left .. i + right of query i (top-left, as
+    is_causal). torch's SDPA has neither, so with either the kernels come
+    first under auto, masks and dropout too. Fallbacks: torch's SDPA with the
+    window as a boolean mask (what transformers gives it), or with a cap the
+    reference (S x S, as HF's eager attention computes it)."""
     query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
     q, k, v = _as_4d(query, key, value)
     masked = attn_mask is not None
+    if masked and window is not None:
+        raise ValueError("scaled_dot_product_attention: a window in place of a mask, not with one")
     order = SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER
     if masked:
         order = tuple(b for b in order if b in SDPA_MASK_AUTO_ORDER)
-    if softcap > 0:
+    if softcap > 0 or window is not None:
         order = AUTO_ORDER
     name = _backend.select("scaled_dot_product_attention", backend, query.device, lambda b: _why_not(
         b, q, k, v, (_mask_problem(attn_mask, query, key, is_causal) if masked else None) or
-        _extras_problem(b, None, softcap), dropout_p, masked), order)
+        _extras_problem(b, window, softcap), dropout_p, masked), order)
     if name == "torch" and softcap > 0:
-        return _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap)
+        return _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap, window)
     if name == "torch":
+        if window is not None:
+            attn_mask, is_causal = _band(query.shape[-2], key.shape[-2], is_causal, window, query.device), False
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
             # at least). The plain products give its empty result, in the graph.
@@ -627,11 +635,24 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   q, k, v, scale, is_causal, 0, dropout_p, seed, mask, None, softcap)
+                                   q, k, v, scale, is_causal, 0, dropout_p, seed, mask, window, softcap)
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
 
 
-def _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap) -> Tensor:
+def _band(seq_q: int, seq_k: int, causal: bool, window: Tuple[int, int], device) -> Tensor:
+    """The (Sq, Sk) boolean mask of top-left causality and a window (left, right), -1 for no bound."""
+    i = torch.arange(seq_q, device=device)[:, None]
+    j = torch.arange(seq_k, device=device)[None, :]
+    left, right = window
+    visible = (j <= i) if causal else torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible = visible & (j >= i - left)
+    if right >= 0:
+        visible = visible & (j <= i + right)
+    return visible
+
+
+def _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap, window) -> Tensor:
     """SDPA with a soft cap where the kernels do not run: the reference, in
     float32 for half inputs, with torch's SDPA's errors for a causal mask."""
     if is_causal and attn_mask is not None:
@@ -644,5 +665,5 @@ def _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, sc
                          f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
     mask = _kernel_mask(attn_mask, query, key, q) if attn_mask is not None else None
     out, _ = reference.attention(q, k, v, scale=scale, causal=is_causal, dropout_p=dropout_p, mask=mask,
-                                 softcap=softcap)
+                                 softcap=softcap, window=window)
     return out.reshape(*query.shape[:-1], value.shape[-1])
