@@ -224,6 +224,11 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
 _native_windows = {}
 
 
+def _native_windows_apply(model) -> bool:
+    """Whether `model` is one whose sliding windows pyext takes from its layers (see _native_windows)."""
+    return bool(getattr(model, "_supports_flash_attn", False) and getattr(model.config, "sliding_window", None))
+
+
 def _windows_trusted(config) -> bool:
     ref = _native_windows.get(id(config))
     return ref is not None and ref() is config
@@ -336,7 +341,7 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     model._pyext_hf_attn = config._attn_implementation
     model.set_attn_implementation(impl)
     report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
-    if getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None):
+    if _native_windows_apply(model):
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
         report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
                              "mask")
@@ -478,8 +483,9 @@ def _attention_mask_notes(model, backend) -> List[str]:
         return []
     notes = []
     if hasattr(getattr(model, "config", None), "_attn_implementation"):
-        notes.append(f"attention with a mask (a padded batch's attention_mask, a sliding window): its calls "
-                     f"{outcome}")
+        windows = "; sliding windows over an unpadded batch need none" if _native_windows_apply(model) else \
+            ", a sliding window"
+        notes.append(f"attention with a mask (a padded batch's attention_mask{windows}): its calls {outcome}")
     notes += [f"{path or '<root>'}: calls with a key_padding_mask or an attn_mask (not the causal hint) {outcome}"
               for path, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     return notes

@@ -649,6 +649,9 @@ def test_attention_dropout_and_masks_are_noted_in_the_report():
                      "CUDA kernels have no mask)"]
     assert pyext.patch_report(pyext.patch(layer, backend="triton")).notes == []
     assert pyext.patch_report(pyext.patch(build("nanogpt"))).notes == []  # no dropout, no mask
+    assert pyext.patch_report(pyext.patch(build("mistral"))).notes == [  # its windows need no mask unpadded
+        "attention with a mask (a padded batch's attention_mask; sliding windows over an unpadded batch need "
+        "none): its calls run torch's SDPA (pyext's masks are the Triton kernels', backend='triton')"]
 
 
 def test_a_soft_cap_is_noted_in_the_report_with_where_its_calls_go():
