@@ -48,6 +48,11 @@ def hf_model(kind):
                               attn_logit_softcapping=2.0, query_pre_attn_scalar=8, initializer_range=0.3,
                               attn_implementation="eager")
         return tf.Gemma2ForCausalLM(cfg)
+    if kind == "gemma3":  # Gemma's RMSNorm on the hidden states and on q and k (QK-norm); local, global layers
+        cfg = tf.Gemma3TextConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                                  head_dim=8, intermediate_size=64, vocab_size=64, sliding_window=5,
+                                  query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"])
+        return tf.Gemma3ForCausalLM(cfg)
     if kind == "qwen2":  # its own RMSNorm class, a copy of Llama's; biases on q, k, v
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
@@ -78,7 +83,7 @@ def loss_of(model, kind, device, dtype):
     return outputs_of(model, kind, device, dtype)[1]
 
 
-KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2"]
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3"]
 
 
 def build(kind):
@@ -178,7 +183,7 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3"])
 def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, backend, monkeypatch):
     """No padding, 12 tokens, a window of 5: the sliding layers get no band
     mask (transformers' FlashAttention contract: the layer's sliding_window
@@ -235,7 +240,7 @@ def test_state_dict_and_parameters_are_untouched(kind):
 
 
 ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1, "deepseek_v3": 1,
-                    "gemma2": 2}
+                    "gemma2": 2, "gemma3": 2}
 
 
 @pytest.fixture
@@ -258,7 +263,7 @@ def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
     expected = loss_of(model, kind, "cpu", torch.float32)
     assert pyext_sdpa_calls == []
     pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
-    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2"):
+    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3"):
         assert model.config._attn_implementation == "pyext-torch"
     loss_of(model, kind, "cpu", torch.float32)
     assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]
