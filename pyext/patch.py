@@ -103,14 +103,15 @@ _ROUTED_FUNCTIONS = {"layer_norm": (F.layer_norm, _layer_norm_call), "rms_norm":
 class _RouteCalls(TorchFunctionMode):
     """Sends F.scaled_dot_product_attention ("attention" in `flags`; with a
     logit soft cap when softcap > 0, a local window (left, right) in place of
-    a mask when given) and F.layer_norm, F.rms_norm, F.gelu
+    a mask when given, enable_gqa with gqa) and F.layer_norm, F.rms_norm, F.gelu
     (their flags) to pyext's, with the patch's backend. pyext's own
     fallbacks call torch's ops below these functions (pyext.reference), so
     they are never sent back."""
 
-    def __init__(self, backend, flags, softcap=0.0, window=None):
+    def __init__(self, backend, flags, softcap=0.0, window=None, gqa=False):
         super().__init__()
         self.backend, self.attention, self.softcap, self.window = backend, "attention" in flags, softcap, window
+        self.gqa = gqa
         self.calls = {fn: call for flag, (fn, call) in _ROUTED_FUNCTIONS.items() if flag in flags}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -118,6 +119,8 @@ class _RouteCalls(TorchFunctionMode):
         from pyext.ops import attention
         if func is F.scaled_dot_product_attention and self.attention and \
                 not getattr(attention.calling_torch_sdpa, "active", False):
+            if self.gqa:
+                kwargs["enable_gqa"] = True
             return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend, softcap=self.softcap,
                                                            window=self.window)
         call = self.calls.get(func)
@@ -211,9 +214,27 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
             _windows_trusted(getattr(module, "config", None)):
         window = (sliding_window - 1, -1)  # key j seen by query i iff i - W < j (<= i, causal): the mask's band
-    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
-                                      **kwargs)
+    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True):
+        return sdpa_attention_forward(_KeyHeadsUnrepeated(module), query, key, value, attention_mask,
+                                      sliding_window=sliding_window, **kwargs)
+
+
+class _KeyHeadsUnrepeated:
+    """An attention module as transformers' SDPA integration reads it
+    (num_key_value_groups, is_causal, layer_idx), with one query head per key
+    head: so it never copies K and V once per query head (repeat_kv, which
+    it does for a masked GQA call, as torch's fused SDPA kernels take no mask
+    with enable_gqa) nor folds query heads into rows (pack_gqa, one query
+    token). pyext's SDPA takes the heads as they are (enable_gqa), the
+    kernels reading key head h // group for query head h; its fallback to
+    torch's SDPA repeats them itself where a mask is given."""
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
 # Patched HF models whose sliding-window layers pyext runs with no mask over

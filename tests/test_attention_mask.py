@@ -334,6 +334,16 @@ def test_masks_the_kernels_do_not_take_go_to_torch_under_auto_and_are_named_othe
         pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs, backend="triton")
 
 
+def test_a_masked_gqa_call_torch_runs_gets_its_key_heads_repeated_as_transformers_repeats_them():
+    """Under backend "torch", a mask with enable_gqa goes to torch's SDPA with
+    K and V repeated per query head (its fused kernels take no mask with
+    enable_gqa): what torch's SDPA gives for the same call."""
+    q, k, v = (t.detach() for t in qkv((2, 4, 2, 13, 21, 32), torch.bfloat16, "cpu"))
+    mask = torch.rand(2, 1, 13, 21) > 0.3
+    out = pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="torch")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+
+
 @pytest.mark.gpu
 def test_cuda_kernels_name_the_mask_as_what_they_lack():
     q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)

@@ -144,12 +144,13 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     """A padded batch (attention_mask with lengths 12 and 7, or 9; labels -100 on
     the padding) gives SDPA HF's mask (for Mistral and Gemma 2's local layer,
     padding and a sliding window of 5 keys in one; Gemma 2's with its soft
-    cap): patched with backend="triton" the masked
-    kernels run it, the loss and gradients as close to the float64 oracle as
-    the unpatched model's in bf16."""
+    cap): patched with backend="triton" the masked kernels run it, given
+    the key/value heads as they are (GQA: not repeated per query head, as
+    transformers does for torch's SDPA with a mask), the loss and gradients
+    as close to the float64 oracle as the unpatched model's in bf16."""
     from pyext.ops import attention
-    calls, forward = [], attention.MASKED_FWD["triton"]
-    monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
+    key_heads, forward = [], attention.MASKED_FWD["triton"]
+    monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: key_heads.append(a[1].shape[1]) or forward(*a))
     device = device_for("triton")
     original = build(kind).to(device)
     with torch.no_grad():  # HF's init (std 0.02) leaves attention near uniform: the mask's effect within bf16 noise
@@ -173,7 +174,9 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     ref = loss_and_grads(copy.deepcopy(original), torch.float64)
     pt = loss_and_grads(original, torch.bfloat16)
     out = loss_and_grads(patched, torch.bfloat16)
-    assert calls, "the masked kernels did not run"
+    config = original.config
+    assert key_heads and set(key_heads) == {getattr(config, "num_key_value_heads", None) or
+                                            config.num_attention_heads}, key_heads
     names = ["loss"] + [n for n, _ in original.named_parameters()]
     for name, o, r, p in zip(names, out, ref, pt):
         if r is None:

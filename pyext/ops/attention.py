@@ -625,6 +625,11 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     if name == "torch":
         if window is not None:
             attn_mask, is_causal = _band(query.shape[-2], key.shape[-2], is_causal, window, query.device), False
+        if attn_mask is not None and enable_gqa and query.dim() >= 3 and 0 < key.shape[-3] != query.shape[-3]:
+            # what transformers does before torch's SDPA: its fused kernels take no mask with enable_gqa
+            group = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
+            enable_gqa = False
         if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
             # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
             # at least). The plain products give its empty result, in the graph.
