@@ -894,6 +894,15 @@ def test_large(backend, deterministic, head_dim, seqlen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (1023, -1)], ids=str)
+def test_large_softcap(deterministic, window):
+    """Gemma 2's attention at a training length: cap 50, head dim 256, causal,
+    its global and local (a window of 1024) layers, GQA."""
+    check_softcap("triton", deterministic, (1, 4, 2, 2048, 2048, 256), True, window, 50.0, None)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [8, 24, 96, 160, 192, 256])
 def test_every_head_dim_on_gpu(backend, deterministic, head_dim):
