@@ -104,6 +104,16 @@ def output_and_grads(model, kind, device, dtype, autocast):
     return [output] + list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
+def check_all(names, out, ref, pt):
+    """The rule for each named output or gradient; None (a parameter the loss
+    does not reach) where the reference has None."""
+    for name, o, r, p in zip(names, out, ref, pt, strict=True):
+        if r is None:
+            assert o is None, name
+            continue
+        assert_close(o, r, p, name)
+
+
 def check_patched(kind, backend, dtype, autocast):
     """The patched model's loss and gradients against the float64 oracle, with
     the unpatched model run the same way as torch's own error."""
@@ -117,11 +127,7 @@ def check_patched(kind, backend, dtype, autocast):
     pt = output_and_grads(original, kind, device, dtype, autocast)
     out = output_and_grads(patched, kind, device, dtype, autocast)
     names = ["output"] + [n for n, p in original.named_parameters() if p.requires_grad]
-    for name, o, r, p in zip(names, out, ref, pt):
-        if r is None:
-            assert o is None, name
-            continue
-        assert_close(o, r, p, name)
+    check_all(names, out, ref, pt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,11 +184,7 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     assert key_heads and set(key_heads) == {getattr(config, "num_key_value_heads", None) or
                                             config.num_attention_heads}, key_heads
     names = ["loss"] + [n for n, _ in original.named_parameters()]
-    for name, o, r, p in zip(names, out, ref, pt):
-        if r is None:
-            assert o is None, name
-            continue
-        assert_close(o, r, p, name)
+    check_all(names, out, ref, pt)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -217,11 +219,7 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     out = logits_and_grads(patched, torch.bfloat16)
     assert not calls["masked"] and bool(calls["window"]) == (backend == "triton")
     names = ["logits"] + [n for n, _ in original.named_parameters()]
-    for name, o, r, p in zip(names, out, ref, pt):
-        if r is None:
-            assert o is None, name
-            continue
-        assert_close(o, r, p, name)
+    check_all(names, out, ref, pt)
     from pyext.patch import _windows_trusted
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
 
