@@ -763,6 +763,19 @@ def test_patched_model_compiles_without_graph_breaks():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_a_patched_hf_model_compiles_without_graph_breaks(kind):
+    """The same for HF models: the attention function and its routing (the
+    GQA view, Mistral's window with no mask, Gemma 2's cap) and the mask
+    function trace into one graph, computing what eager computes."""
+    device = device_for("triton")
+    model = pyext.patch(build(kind).to(device, torch.bfloat16), backend="triton")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(compiled, model(input_ids=ids, labels=ids).loss)
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_a_patched_model_exports_with_the_kernels_in_its_graph(strict):
     """torch.export of a patched model (the deployment path): the graph holds
