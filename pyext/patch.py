@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from pyext import _backend
 from pyext import nn as pnn
+from pyext.ops import attention as attention_ops
 from pyext.ops.gelu import gelu as pyext_gelu
 from pyext.ops.layer_norm import layer_norm as pyext_layer_norm, rms_norm as pyext_rms_norm
 
@@ -116,13 +117,12 @@ class _RouteCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        from pyext.ops import attention
         if func is F.scaled_dot_product_attention and self.attention and \
-                not getattr(attention.calling_torch_sdpa, "active", False):
+                not getattr(attention_ops.calling_torch_sdpa, "active", False):
             if self.gqa:
                 kwargs["enable_gqa"] = True
-            return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend, softcap=self.softcap,
-                                                           window=self.window)
+            return attention_ops._scaled_dot_product_attention(*args, **kwargs, backend=self.backend,
+                                                               softcap=self.softcap, window=self.window)
         call = self.calls.get(func)
         if call is not None:
             return call(self.backend, *args, **kwargs)
@@ -479,8 +479,7 @@ def _attention_dropout_notes(model, backend) -> List[str]:
     do not: in training those calls run torch's SDPA under auto (until the
     Triton dropout is measured faster: SDPA_DROPOUT_AUTO_ORDER), and raise
     under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
-    from pyext.ops.attention import SDPA_DROPOUT_AUTO_ORDER
-    outcome = _triton_only_outcome(backend, SDPA_DROPOUT_AUTO_ORDER, "dropout is", "dropout")
+    outcome = _triton_only_outcome(backend, attention_ops.SDPA_DROPOUT_AUTO_ORDER, "dropout is", "dropout")
     if outcome is None:
         return []
     config = getattr(model, "config", None)
@@ -498,8 +497,7 @@ def _attention_mask_notes(model, backend) -> List[str]:
     sliding-window layers), MultiheadAttention for a key_padding_mask or an
     attn_mask. Under auto those calls run torch's SDPA until the Triton masks
     are measured faster (SDPA_MASK_AUTO_ORDER); under backend "cuda" they raise."""
-    from pyext.ops.attention import SDPA_MASK_AUTO_ORDER
-    outcome = _triton_only_outcome(backend, SDPA_MASK_AUTO_ORDER, "masks are", "mask")
+    outcome = _triton_only_outcome(backend, attention_ops.SDPA_MASK_AUTO_ORDER, "masks are", "mask")
     if outcome is None:
         return []
     notes = []
