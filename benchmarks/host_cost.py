@@ -61,6 +61,23 @@ def best_us(f, calls: int, rounds: int = 7) -> float:
     return best
 
 
+def _hf_layer_calls(q, k, v):
+    """An HF GQA attention layer's call: transformers' own SDPA integration
+    beside it as pyext.patch runs it (backend "cuda"), when transformers is
+    installed."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:
+        return {}
+    from pyext.patch import _hf_attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups, is_causal, layer_idx = q.shape[1] // k.shape[1], True, 0
+    layer = Layer()
+    return {"HF layer (gqa)": (lambda: sdpa_attention_forward(layer, q, k, v, None)[0],
+                               lambda: _hf_attention(sdpa_attention_forward, "cuda", layer, q, k, v, None)[0])}
+
+
 def main():
     if not _backend.CUDA_BUILT:
         raise SystemExit(f"needs the CUDA extension's ops: {_backend._CUDA_BUILD_NOTE}")
@@ -71,12 +88,19 @@ def main():
 
     x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((4, 8), (8,), (8,)))
     q, k, v = (torch.randn(1, 2, 4, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    calls = {  # name -> (torch's, ours)
+    q4 = torch.randn(1, 4, 4, 16, dtype=torch.bfloat16, requires_grad=True)  # GQA: 4 query heads, 2 key heads
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    calls = {  # name -> (torch's, ours); the CUDA kernels take no mask: that call's pyext runs torch's SDPA
         "layer_norm": (lambda: F.layer_norm(x, (8,), w, b), lambda: pyext.layer_norm(x, (8,), w, b, backend="cuda")),
         "gelu": (lambda: F.gelu(x), lambda: pyext.gelu(x, backend="cuda")),
         "sdpa (causal)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                           lambda: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")),
+        "sdpa (gqa)": (lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+                       lambda: pyext.scaled_dot_product_attention(q4, k, v, enable_gqa=True, backend="cuda")),
+        "sdpa (mask)": (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                        lambda: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="torch")),
     }
+    calls.update(_hf_layer_calls(q4, k, v))
     print("host time per call, us (tiny CPU tensors; the CUDA ops run CPU bodies)")
     print(f"{'op':15s} {'fwd torch':>10s} {'fwd pyext':>10s} {'fwd+bwd torch':>14s} {'fwd+bwd pyext':>14s}")
     for name, (theirs, ours) in calls.items():
