@@ -143,19 +143,19 @@ def _hf_module_swaps():
         if cls is not None:
             approx = "none" if name == "GELUActivation" else "tanh"
             swaps[cls] = ("gelu", functools.partial(_gelu_module, approx))
-    for norm in _hf_rms_norms():
-        swaps[norm] = ("rms_norm", _RMS_NORM_FACTORIES[norm.__name__])
+    for norm, factory in _hf_rms_norms():
+        swaps[norm] = ("rms_norm", factory)
     return swaps
 
 
 def _hf_rms_norms():
-    """transformers' two RMSNorm computations, as classes: Llama's and Gemma's."""
+    """transformers' two RMSNorm computations, Llama's and Gemma's: (class, factory of the pyext module)."""
     norms = []
     try:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        norms.append(LlamaRMSNorm)
+        norms.append((LlamaRMSNorm, _rms_norm_module))
         from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-        norms.append(GemmaRMSNorm)
+        norms.append((GemmaRMSNorm, _gemma_rms_norm_module))
     except ImportError:
         pass
     return norms
@@ -170,7 +170,7 @@ def _hf_swap(cls, swaps):
     if cls in swaps:
         return swaps[cls]
     if cls.__name__.endswith("RMSNorm"):
-        for norm in _hf_rms_norms():
+        for norm, _ in _hf_rms_norms():
             if _same_code(cls.forward, norm.forward):
                 return swaps[norm]
     return None
@@ -198,9 +198,6 @@ def _gemma_rms_norm_module(old, backend):
     new = pnn.GemmaRMSNorm(old.weight.shape[0], eps=old.eps, device="meta", backend=backend)
     new.weight = old.weight  # as above
     return new
-
-
-_RMS_NORM_FACTORIES = {"LlamaRMSNorm": _rms_norm_module, "GemmaRMSNorm": _gemma_rms_norm_module}
 
 
 def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,
@@ -425,8 +422,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
-    if attention and _hf_softcap(model):
-        report.notes += _attention_softcap_notes(_hf_softcap(model), backend)
+    softcap = _hf_softcap(model)
+    if attention and softcap:
+        report.notes += _attention_softcap_notes(softcap, backend)
     elif attention:
         report.notes += _attention_dropout_notes(model, backend) + _attention_mask_notes(model, backend)
     hf = attention and _use_pyext_attention_in_hf(model, report)
