@@ -150,6 +150,16 @@ def exercise_launchers():
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
                                                softcap=30.0, **extra)
+        # a packed batch (varlen): every config at head dim 128; with dropout, a window and a soft cap
+        cu = torch.tensor([0, 20, 21, 40], dtype=torch.int32)
+        q = torch.randn(40, 4, 128, dtype=torch.bfloat16)
+        for extra in ({}, {"dropout_p": 0.1, "seed": seed, "window": (16, -1), "softcap": 30.0}):
+            all_configs = not extra
+            out, lse = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, 0.1, True, **extra)
+            for deterministic in (False, True):
+                flash_attention.flash_attn_varlen_bwd(out, q, q[:, :2], q[:, :2], out, lse, cu, cu, 20, 20, 0.1,
+                                                      True, deterministic, **extra)
+        all_configs = False
         if target.arch >= 90:
             with flash_attention.use_loads("pointer"):
                 for d in (80, 128):

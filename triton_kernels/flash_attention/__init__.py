@@ -56,16 +56,21 @@ descriptors (TMA copies on sm_90 and up, pipelined and optionally warp
 specialised). forward_loads() picks one per call (use_loads() and
 $PYEXT_TRITON_ATTN_LOADS override it); the backward uses pointers.
 
+A packed batch (FlashAttention's varlen: sequences of different lengths end
+to end, no padding) runs the same kernels with VARLEN; see varlen.py.
+
 Files: tiles.py, the per-tile device helpers both passes share (causal
 bounds, masks, dropout); launch.py, the host side both share (autotune
 configs, a launch's arguments, a mask's view and block bounds); forward.py
-and backward.py, their kernels and launch functions; dropout.py, the
-dropout mask as a tensor for the reference.
+and backward.py, their kernels and launch functions; varlen.py, the packed
+batch's launches; dropout.py, the dropout mask as a tensor for the reference.
 """
 from .backward import flash_attn_bwd
 from .dropout import dropout_keep_mask
 from .forward import LOADS, LOADS_ENV, flash_attn_fwd, forward_loads, loads_mode, use_loads
 from .launch import MAX_DROPOUT_SCORES, empty_out
+from .varlen import flash_attn_varlen_bwd, flash_attn_varlen_fwd
 
 __all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "dropout_keep_mask", "empty_out", "flash_attn_bwd",
-           "flash_attn_fwd", "forward_loads", "loads_mode", "use_loads"]
+           "flash_attn_fwd", "flash_attn_varlen_bwd", "flash_attn_varlen_fwd", "forward_loads", "loads_mode",
+           "use_loads"]

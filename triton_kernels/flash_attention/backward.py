@@ -5,9 +5,10 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import (_INTERPRET, _col_spans, _configs, _logit_scales, _prepare, _row_spans, _unit_last_stride,
-                     _window_bounds)
-from .tiles import _dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _soft_capped, _visible
+from .launch import (_INTERPRET, _col_spans, _configs, _cu_seqlens, _logit_scales, _prepare, _row_spans,
+                     _unit_last_stride, _window_bounds)
+from .tiles import (_dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _sequence, _soft_capped,
+                    _stats_start, _visible)
 
 
 @triton.jit
@@ -62,28 +63,32 @@ def _low_part(x, hi):
 
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
-                   col_span_ptr,
+                   col_span_ptr, cu_seqlens_q, cu_seqlens_k,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, cap_log2e, scale, causal_offset, left, right, keep,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                   SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
-    atomically added into dq_acc, fp32 (B, Hq, Sq, HEAD_DIM) contiguous."""
+    atomically added into dq_acc, fp32, rows as lse's, HEAD_DIM contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
     hk, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (key blocks, key heads, batch)
+    rows_q = seq_q
+    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
+                                                              causal_offset, VARLEN)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
-    k = _load_tile(k_ptr + b * skb + hk * skh, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-    v = _load_tile(v_ptr + b * svb + hk * svh, offs_n, svn, offs_dv, seq_k, V_DIM)
+    k = _load_tile(k_ptr + b * skb + hk * skh + first_k * skn, offs_n, skn, offs_d, seq_k, HEAD_DIM)
+    v = _load_tile(v_ptr + b * svb + hk * svh + first_k * svn, offs_n, svn, offs_dv, seq_k, V_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, hi = 0, seq_q
+    lo, hi = 0, tl.where(start_n < seq_k, seq_q, 0)  # no queries for a block past the keys (a packed batch's)
     if CAUSAL:  # queries before start_n - causal_offset see none of these keys
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
     if WINDOW:  # query i sees keys i + causal_offset - left .. i + causal_offset + right
@@ -99,9 +104,9 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             end = tl.max(tl.load(spans + 1, mask=offs_n < seq_k, other=0))
         for start_m in range(first, end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
-            row = bh * seq_q + offs_m
-            do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM)
+            q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
+            row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
+            do = _load_tile(dout_ptr + b * sdb + h * sdh + first_q * sdm, offs_m, sdm, offs_dv, seq_q, V_DIM)
             shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
             delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
             # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
@@ -131,13 +136,13 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                     dq_part += dot(tl.trans(ds_lo_t), k)
                 tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
                               mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
-    tl.store(dk_ptr + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+    tl.store(dk_ptr + b * sdkb + hk * sdkh + (first_k + offs_n[:, None]) * sdkn + offs_d[None, :],
              round_to(dk * scale, dk_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & d_ok[None, :])
-    tl.store(dv_ptr + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :],
+    tl.store(dv_ptr + b * sdvb + hk * sdvh + (first_k + offs_n[:, None]) * sdvn + offs_dv[None, :],
              round_to(dv, dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < V_DIM))
 
 
-_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP"]
+_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP", "VARLEN"]
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
 # Timing a config adds into dq_acc: the autotuner zeroes it before each run.
 _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
@@ -147,24 +152,28 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, res
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
+                   cu_seqlens_q, cu_seqlens_k,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
                    qk_scale, cap_log2e, scale, causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                   SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
+    rows_q = seq_q
+    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
+                                                              causal_offset, VARLEN)
+    row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
-    row = bh * seq_q + offs_m
-    do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM)
+    q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
+    do = _load_tile(dout_ptr + b * sdb + h * sdh + first_q * sdm, offs_m, sdm, offs_dv, seq_q, V_DIM)
     shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
-    k_base = k_ptr + b * skb + hk * skh
-    v_base = v_ptr + b * svb + hk * svh
+    k_base = k_ptr + b * skb + hk * skh + first_k * skn
+    v_base = v_ptr + b * svb + hk * svh + first_k * svn
     mask_off = b * smb + h * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
@@ -188,20 +197,21 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
         dq += dot(ds, k)
         if DROPOUT or MASK:
             dq += dot(_low_part(ds_exact, ds), k)
-    tl.store(dq_ptr + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+    tl.store(dq_ptr + b * sdqb + h * sdqh + (first_q + offs_m[:, None]) * sdqm + offs_d[None, :],
              round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
                    dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None, window=None,
-                   softcap: float = 0.0):
+                   softcap: float = 0.0, packed=None):
     """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
     block, each a sum in a fixed order (same bits run to run; S and P computed
     twice). False: one pass that also adds each tile's dS K into an fp32 dQ
     with atomics, in an order that varies run to run. Gradients may be passed
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
-    mask, `lse` is the forward's (m, l) stats), window and softcap the forward's."""
-    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap)
+    mask, `lse` is the forward's (m, l) stats), window, softcap and packed
+    the forward's (packed: the gradients given, views as q, k, v are)."""
+    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -213,27 +223,31 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     dv = torch.empty_like(v) if dv is None else dv
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    stats_batch = 1 if packed else batch  # a packed batch's stats: (Hq, total) for every sequence
+    delta = torch.empty((stats_batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
     tail = (*_logit_scales(scale, softcap), scale, causal_offset, *_window_bounds(window, q, k), 1.0 - dropout_p,
             *buckets)
     dout_strides = dout.stride()[:3]
-    grid_kv = lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
-    col_spans = _col_spans(mask)
+    rows_q, rows_k = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
+    grid_kv = lambda m: (triton.cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
+    col_spans, cu_seqlens = _col_spans(mask), _cu_seqlens(packed)
     with on_device(q):
         block = 16 if _INTERPRET else 64
-        _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, batch)](
+        # delta is per row: a packed batch's rows are those of one long sequence
+        _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, stats_batch)](
             out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"],
             BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
         if not deterministic:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_spans, *args,
-                                         *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=True,
-                                         **meta)
-            return torch.mul(dq_acc, scale, out=dq), dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_spans, *args,
-                                  *dout_strides,
-                                  *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
-        grid_q = lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_spans(mask), *args, *dout_strides,
-                               *dq.stride()[:3], *tail, **meta)
+            dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_spans,
+                                         *cu_seqlens, *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail,
+                                         ATOMIC_DQ=True, **meta)
+            torch.mul(dq_acc, scale, out=dq[:stats_batch])
+            return dq, dk, dv
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_spans, *cu_seqlens,
+                                  *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False,
+                                  **meta)
+        grid_q = lambda m: (triton.cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_spans(mask), *cu_seqlens, *args,
+                               *dout_strides, *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv

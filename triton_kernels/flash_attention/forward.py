@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from .._utils import dot, on_device, round_to
-from .launch import _configs, _logit_scales, _prepare, _row_spans, _window_bounds, empty_out
-from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _soft_capped,
-                    _visible)
+from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _row_spans, _window_bounds, empty_out
+from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _sequence,
+                    _soft_capped, _stats_start, _visible)
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -85,24 +85,29 @@ def _finish(m_i, l_i, acc):
     return out, lse
 
 
-@triton.autotune(configs=_configs("fwd"),
-                 key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP"])
+@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
+                                               "DROPOUT", "MASK", "SOFTCAP", "VARLEN"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, cu_seqlens_q, cu_seqlens_k,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, cap_log2e,
                 causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
-    (m, l), the stats the masked backward reads (see the module docstring)."""
+    (m, l), the stats the masked backward reads (see the module docstring).
+    With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
+    rows_q = seq_q
+    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
+                                                              causal_offset, VARLEN)
+    stats = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
-    k_base = k_ptr + b * skb + hk * skh
-    v_base = v_ptr + b * svb + hk * svh
+    q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
+    k_base = k_ptr + b * skb + hk * skh + first_k * skn
+    v_base = v_ptr + b * svb + hk * svh + first_k * svn
     mask_off = b * smb + h * smh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -121,13 +126,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
     if DROPOUT:
         acc = acc / keep
     out, lse = _finish(m_i, l_i, acc)
-    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :],
+    tl.store(out_ptr + b * sob + h * soh + (first_q + offs_m[:, None]) * som + offs_dv[None, :],
              round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM))
     if MASK:
-        tl.store(lse_ptr + (bh * seq_q + offs_m) * 2, m_i, mask=offs_m < seq_q)
-        tl.store(lse_ptr + (bh * seq_q + offs_m) * 2 + 1, l_i, mask=offs_m < seq_q)
+        tl.store(lse_ptr + stats * 2, m_i, mask=offs_m < seq_q)
+        tl.store(lse_ptr + stats * 2 + 1, l_i, mask=offs_m < seq_q)
     else:
-        tl.store(lse_ptr + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+        tl.store(lse_ptr + stats, lse, mask=offs_m < seq_q)
 
 
 @triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP"],
@@ -239,15 +244,16 @@ def _descriptor(t):
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
-                   dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0):
+                   dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0, packed=None):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
     second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
     `window` (left, right): a local window; softcap > 0, a logit soft cap
-    (see the package docstring). Dropout, masks and windows run the pointer
-    forward."""
-    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap)
+    (see the package docstring). `packed` (a launch.Packed): q, k, v are
+    a packed batch's views, out and lse given (varlen.py). Dropout, masks,
+    windows and packed batches run the pointer forward."""
+    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     left, right = _window_bounds(window, q, k)
     batch, heads_q, seq_q, head_dim = q.shape
     out = empty_out(q, v.shape[3]) if out is None else out
@@ -261,15 +267,17 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         if meta["MASK"]:
             lse[..., 1] = 0.0  # (m, l) = (-inf, 0)
         return out.zero_(), lse
-    grid = lambda meta_: (triton.cdiv(seq_q, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
+    rows = packed.max_seqlen_q if packed else seq_q
+    grid = lambda meta_: (triton.cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
-        if not meta["DROPOUT"] and not meta["MASK"] and window is None and \
+        if not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
                 forward_loads(q, k, v, out) == "descriptor":
-            meta.pop("DROPOUT"), meta.pop("MASK")
+            meta.pop("DROPOUT"), meta.pop("MASK"), meta.pop("VARLEN")
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   *_logit_scales(scale, softcap), causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *args, *out.stride()[:3],
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *_cu_seqlens(packed), *args,
+                              *out.stride()[:3],
                               *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
                               WINDOW=window is not None, **meta)
     return out, lse

@@ -1,6 +1,7 @@
 """Host side the attention passes share: autotune configs and keys, the
 arguments of a launch, and an attention mask's view and block bounds."""
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -146,17 +147,36 @@ def _logit_scales(scale, softcap):
     return scale * LOG2E, 0.0
 
 
-def _prepare(q, k, v, causal, dropout_p, mask, softcap):
+class Packed(NamedTuple):
+    """A packed batch (varlen.py): sequence b is rows cu_seqlens_q[b] ..
+    cu_seqlens_q[b + 1] - 1 of the queries (of the keys: cu_seqlens_k), none
+    longer than max_seqlen_q (max_seqlen_k). The kernels take its q, k, v as
+    (B, H, total, D) views whose batch stride is 0: each batch entry starts at
+    its sequence's first row."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _cu_seqlens(packed):
+    """The kernels' cu_seqlens_q, cu_seqlens_k arguments: None for a dense batch."""
+    return (None, None) if packed is None else (packed.cu_seqlens_q, packed.cu_seqlens_k)
+
+
+def _prepare(q, k, v, causal, dropout_p, mask, softcap, packed=None):
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k, v_dim = k.shape[1], k.shape[2], v.shape[3]
-    if dropout_p > 0 and seq_q * seq_k >= MAX_DROPOUT_SCORES:
-        raise ValueError(f"dropout needs Sq * Sk below 2^31, got {seq_q} * {seq_k}")
+    longest = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
+    if dropout_p > 0 and longest[0] * longest[1] >= MAX_DROPOUT_SCORES:
+        raise ValueError(f"dropout needs Sq * Sk below 2^31, got {longest[0]} * {longest[1]}")
     mask, mask_strides, mask_kind = _mask_view(mask, (batch, heads_q, seq_q, seq_k), q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     sizes = (seq_q, seq_k, heads_q, heads_q // heads_k if heads_k else 1)  # no heads: nothing launches
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), V_DIM=v_dim, BLOCK_DV=_block_d(v_dim),
-                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, MASK=mask_kind, SOFTCAP=softcap > 0)
-    buckets = (_seq_bucket(seq_q), _seq_bucket(seq_k))
+                CAUSAL=bool(causal), DROPOUT=dropout_p > 0, MASK=mask_kind, SOFTCAP=softcap > 0,
+                VARLEN=packed is not None)
+    buckets = tuple(_seq_bucket(n) for n in longest)
     return q, k, v, mask, strides + sizes + mask_strides, sizes, meta, buckets

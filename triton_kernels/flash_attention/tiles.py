@@ -44,6 +44,30 @@ def _query_block(heads_q, group, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k, causal_offset, VARLEN: tl.constexpr):
+    """(first query row, Sq, first key row, Sk, causal_offset) of batch entry
+    b. With VARLEN (a packed batch, varlen.py): sequence b's, query rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the tensor all sequences
+    share (keys by cu_seqlens_k), causal bottom-right within it, as
+    FlashAttention's varlen; else all rows from 0, and the caller's offset."""
+    if VARLEN:
+        first_q, first_k = tl.load(cu_seqlens_q + b).to(tl.int64), tl.load(cu_seqlens_k + b).to(tl.int64)
+        seq_q = (tl.load(cu_seqlens_q + b + 1) - first_q).to(tl.int32)
+        seq_k = (tl.load(cu_seqlens_k + b + 1) - first_k).to(tl.int32)
+        return first_q, seq_q, first_k, seq_k, seq_k - seq_q
+    return 0, seq_q, 0, seq_k, causal_offset
+
+
+@triton.jit
+def _stats_start(b, h, heads_q, rows, first, VARLEN: tl.constexpr):
+    """Index in lse (and delta, dq's fp32 buffer by rows) of query `first`
+    of (batch b, head h): (B, Hq, rows) dense; (Hq, total rows) packed."""
+    if VARLEN:
+        return h * rows + first
+    return (b * heads_q + h) * rows
+
+
+@triton.jit
 def _load_tile(base, offs_rows, row_stride, offs_d, n_rows, HEAD_DIM: tl.constexpr):
     """[rows, BLOCK_D] tile of a (rows, HEAD_DIM) matrix with unit column stride; zeros outside."""
     mask = (offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
@@ -64,8 +88,9 @@ def _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW: tl.constexpr, left,
     """(first, end) of the keys a query block starting at start_m visits:
     (0, _keys_end), within its rows' local window (WINDOW), and with a
     boolean mask (MASK 1) from the key block of its rows' first attended key
-    to their last (see launch._row_spans). first is a multiple of BLOCK_N,
-    as the dropout mask's counter needs."""
+    to their last (see launch._row_spans); none for a block past the
+    queries. first is a multiple of BLOCK_N, as the dropout mask's counter
+    needs."""
     start = 0
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
     if WINDOW:
@@ -76,7 +101,7 @@ def _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW: tl.constexpr, left,
         spans = row_span_ptr + (bh * seq_q + offs_m) * 2
         start = tl.maximum(start, tl.min(tl.load(spans, mask=offs_m < seq_q, other=seq_k)) // BLOCK_N * BLOCK_N)
         end = tl.minimum(end, tl.max(tl.load(spans + 1, mask=offs_m < seq_q, other=0)))
-    return start, end
+    return start, tl.where(start_m < seq_q, end, start)  # none past the queries (a packed batch's short ones)
 
 
 @triton.jit
