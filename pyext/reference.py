@@ -78,6 +78,29 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
         return (p @ v).to(dtype), lse
 
 
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False, dropout_p=0.0, keeps=None,
+                     window=None, softcap=0.0):
+    """attention() of each sequence of a packed batch, returning (out, lse):
+    q (total_q, Hq, D), k and v (total_k, Hkv, D), sequence b being rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q (of k and v: cu_seqlens_k);
+    causal bottom-right in each sequence. out (total_q, Hq, Dv), lse
+    (Hq, total_q). keeps: sequence b's dropout mask (1, Hq, Sq_b, Sk_b) per
+    sequence, or None to draw them."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    empty = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))  # no sequences at all
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64
+                     else torch.float32, device=q.device)
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for b, (q0, q1, k0, k1) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])):
+        o, row_lse = attention(*(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), scale=scale,
+                         causal=causal, causal_offset=(k1 - k0) - (q1 - q0), dropout_p=dropout_p,
+                         keep=None if keeps is None else keeps[b], window=window, softcap=softcap)
+        outs.append(o[0].transpose(0, 1))
+        lse[:, q0:q1] = row_lse[0]
+    return (torch.cat(outs) if outs else empty), lse
+
+
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
                weight_decay, amsgrad, maximize, grad_scale=None):
     """One AdamW step per tensor, in place, in the moments' dtype (float32 for

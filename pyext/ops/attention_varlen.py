@@ -1,0 +1,233 @@
+"""pyext.flash_attention_varlen: attention over a packed batch (FlashAttention's
+flash_attn_varlen_func), and its ops flash_attn_varlen_{fwd,bwd}_triton.
+
+    flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                          window_left, window_right, softcap, dropout_p, seed) -> (out, lse)
+    flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          scale, causal, window_left, window_right, softcap, dropout_p, seed,
+                          deterministic) -> (dq, dk, dv)
+
+q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), out
+(total_q, Hq, Dv), lse (Hq, total_q); see triton_kernels/flash_attention/varlen.py.
+The kernels are the Triton ones (the CUDA kernels have no packed batches);
+elsewhere the reference runs each sequence on its own.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pyext import _backend, reference
+from pyext._autocast import autocast_inputs
+from pyext.ops import attention
+from pyext.ops._register import create_graph_grads, register_stages
+
+
+@torch.library.custom_op("pyext::flash_attn_varlen_fwd_triton", mutates_args=())
+def flash_attn_varlen_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                 max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, window_left: int,
+                                 window_right: int, softcap: float, dropout_p: float,
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                         causal, dropout_p=dropout_p, seed=seed,
+                                         window=attention._kernel_window(window_left, window_right), softcap=softcap)
+
+
+@torch.library.custom_op("pyext::flash_attn_varlen_bwd_triton", mutates_args=())
+def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                 scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                                 dropout_p: float, seed: Optional[Tensor],
+                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, scale, causal, deterministic, dropout_p=dropout_p, seed=seed,
+                                         window=attention._kernel_window(window_left, window_right), softcap=softcap)
+
+
+def _fake_fwd(q, k, v, *_):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2])), q.new_empty((q.shape[1], q.shape[0]),
+                                                                           dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *extras = inputs
+    window_left, window_right, softcap, dropout_p, seed = extras
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.args = (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
+    ctx.deterministic = True  # a forward op called directly; _FlashAttentionVarlen sets the caller's choice
+
+
+def kernels_keep_masks(seed: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, heads_q: int, dropout_p: float):
+    """The dropout mask the kernels drew for each sequence, (1, Hq, Sq_b, Sk_b):
+    sequence b's stream is that of batch entry b, the key seed + b * Hq."""
+    from pyext.triton_kernels import flash_attention as kernels
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [kernels.dropout_keep_mask(seed + b * heads_q, 1, heads_q, q1 - q0, k1 - k0, dropout_p)
+            for b, (q0, q1, k0, k1) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:]))]
+
+
+def _reference_out(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, dropout_p, keeps):
+    return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
+                                      dropout_p=dropout_p, keeps=keeps, window=window, softcap=softcap)[0]
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout masks
+            keeps = kernels_keep_masks(seed, cu_seqlens_q, cu_seqlens_k, q.shape[1], dropout_p) if dropout_p else None
+            grads = create_graph_grads(
+                "flash_attention_varlen", ctx, _reference_out,
+                (q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                 attention._kernel_window(window_left, window_right), softcap, dropout_p, keeps), (dout,))
+            return grads[:3] + (None,) * 11
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed, ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 11
+    return backward
+
+
+VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", _fake_fwd, attention._fake_bwd_triton,
+                                            _setup_context, _make_backward)
+
+
+class _FlashAttentionVarlen(torch.autograd.Function):
+    """The forward op of `backend` with a backward that honours `deterministic`
+    and `auto` (see create_graph_grads), as attention._FlashAttention."""
+
+    @staticmethod
+    def forward(ctx, backend: str, auto: bool, deterministic: bool, *inputs):
+        output = VARLEN_FWD[backend](*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        dq, dk, dv = _make_backward(VARLEN_BWD[ctx.backend])(ctx, dout, dlse)[:3]
+        return (None, None, None, dq, dk, dv) + (None,) * 11
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """torch's error types, with messages naming the argument, before any launch."""
+    op = "flash_attention_varlen"
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise RuntimeError(f"{op}: expected q, k and v to have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise RuntimeError(f"{op}: expected floating-point q, k and v, got {q.dtype}")
+    if not q.dim() == k.dim() == v.dim() == 3:
+        raise RuntimeError(f"{op}: expected 3-D (total, H, D) q, k and v, got {q.dim()}-D, {k.dim()}-D, "
+                           f"{v.dim()}-D")
+    if q.shape[2] != k.shape[2]:
+        raise RuntimeError(f"{op}: q head dim {q.shape[2]} must equal k head dim {k.shape[2]}")
+    if k.shape[:2] != v.shape[:2]:
+        raise RuntimeError(f"{op}: k {list(k.shape)} and v {list(v.shape)} must have the same rows and heads")
+    if not (k.shape[1] and q.shape[1] % k.shape[1] == 0 or k.shape[1] == q.shape[1] == 0):
+        raise RuntimeError(f"{op}: query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    for name, cu, rows in (("cu_seqlens_q", cu_seqlens_q, q), ("cu_seqlens_k", cu_seqlens_k, k)):
+        if cu.dim() != 1 or cu.numel() == 0 or cu.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"{op}: {name} must be a non-empty 1-D int32 or int64 tensor of B + 1 offsets, got "
+                               f"{cu.dtype} of shape {list(cu.shape)}")
+        if not cu.device == rows.device == q.device:
+            raise RuntimeError(f"{op}: expected {name} on q's device {q.device}, got {cu.device} "
+                               f"({'k' if rows is k else 'q'} on {rows.device})")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise RuntimeError(f"{op}: cu_seqlens_q has {cu_seqlens_q.numel()} offsets, cu_seqlens_k "
+                           f"{cu_seqlens_k.numel()}: one more than the number of sequences, each")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{op}: {name} must be an int >= 0, got {n!r}")
+
+
+def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k):
+    """Offsets that start at 0, never decrease, end at the rows given, and
+    whose longest sequence is within max_seqlen: the kernels' grid is sized by
+    it, and a longer sequence would be left partly unwritten. One copy of the
+    offsets to the host (a sync on a GPU); skipped where none can be made:
+    while torch.compile traces and while a CUDA graph is captured."""
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    for name, cu, rows, longest, limit in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+                                           ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
+        offsets = cu.tolist()
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if offsets[0] != 0 or offsets[-1] != rows or min(lengths, default=0) < 0:
+            raise ValueError(f"flash_attention_varlen: {name} must rise from 0 to the {rows} rows given, never "
+                             f"falling; got {offsets if len(offsets) <= 8 else offsets[:4] + ['...'] + offsets[-2:]}")
+        if max(lengths, default=0) > limit:
+            b = max(range(len(lengths)), key=lengths.__getitem__)
+            raise ValueError(f"flash_attention_varlen: sequence {b} has {lengths[b]} rows, more than "
+                             f"{longest}={limit}")
+
+
+def _why_not(backend, q, k, v, sequences, max_seqlen_q, max_seqlen_k, dropout_p):
+    """Why `backend` cannot run this packed call, or None."""
+    if backend == "torch":
+        return None
+    reason = _backend.device_reason(backend, q, k, v)
+    if reason is None and backend not in VARLEN_FWD:
+        reason = f"a packed batch (cu_seqlens): the {backend} kernels have none (the Triton ones do)"
+    if reason is None:  # dtype, head dims, heads: as one batch entry of the dense kernels
+        reason = attention._why_not(backend, *(t.transpose(0, 1)[None] for t in (q, k, v)))
+    if reason is None and sequences > 65535:
+        reason = f"{sequences} sequences, past 65535, the Triton kernels' grid limit"
+    if reason is None and dropout_p:
+        from pyext.triton_kernels.flash_attention import MAX_DROPOUT_SCORES
+        if max_seqlen_q * max_seqlen_k >= MAX_DROPOUT_SCORES:
+            reason = f"dropout needs Sq * Sk below 2^31 (its random counter), got {max_seqlen_q} * {max_seqlen_k}"
+    return reason
+
+
+def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                           scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+                           softcap: float = 0.0, dropout_p: float = 0.0, return_lse: bool = False,
+                           deterministic: Optional[bool] = None, backend=None):
+    """Attention over a packed batch, FlashAttention's flash_attn_varlen_func:
+    sequences of different lengths laid end to end with no padding, q
+    (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b
+    being rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and rows
+    cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k and v (B + 1 offsets,
+    int32 or int64, from 0 to the total). Each sequence attends to its own
+    keys only, as flash_attention would on each alone; returns out
+    (total_q, Hq, Dv), and with return_lse=True also lse (Hq, total_q) fp32.
+    max_seqlen_q, max_seqlen_k: the longest sequence's lengths (the kernels'
+    grid). The offsets and lengths are checked before any launch, with one
+    copy of the offsets to the host, except while torch.compile traces or a
+    CUDA graph is captured, where the caller must get them right.
+    causal (bottom-right in each sequence), scale, window_size, softcap,
+    dropout_p (sequence b's stream is batch entry b's), deterministic and
+    backend: as flash_attention's. The Triton kernels run it (no padding
+    computed: the work is the sum over the sequences); "auto" goes to the
+    reference (each sequence on its own, S x S) for what they do not take,
+    float32 inputs among them; "cuda" raises: its kernels have no packed
+    batches."""
+    q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
+    window = attention._window(window_size)
+    softcap = attention._softcap("flash_attention_varlen", softcap)
+    _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = _backend.select("flash_attention_varlen", backend, q.device, lambda b: _why_not(
+        b, q, k, v, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, dropout_p), attention.AUTO_ORDER)
+    if name == "torch":
+        out, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
+                                              dropout_p=dropout_p, window=window, softcap=softcap)
+    else:
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        seed = attention._dropout_seed(q.device) if dropout_p > 0 else None
+        out, lse = _FlashAttentionVarlen.apply(name, _backend.is_auto(backend), deterministic, q, k, v,
+                                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                               causal, *(window or (-1, -1)), softcap, dropout_p, seed)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,288 @@
+"""pyext.flash_attention_varlen: attention over a packed batch (sequences end
+to end, no padding), the specification."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyext
+from pyext import reference
+from pyext.ops import attention_varlen
+from conftest import COMPILERS, device_for, make_tensor, poisoned_like
+from test_attention import assert_all_close, attention_with_dropout, band, softcapped_eager
+
+# (query lengths, key lengths, query heads, key heads, head dim[, value head dim]):
+# one sequence; odd lengths one past a block with an empty sequence, a one-row
+# one and Sq != Sk both ways, GQA; MQA at head dim 80; a sequence with
+# queries but no keys and a value head dim below the query one.
+CASES = [
+    ((17,), (17,), 2, 2, 64),
+    ((17, 1, 0, 33, 20), (17, 5, 3, 33, 9), 4, 2, 40),
+    ((5, 31, 12), (5, 31, 12), 3, 1, 80),
+    ((9, 4, 24), (30, 0, 2), 2, 2, 32, 16),
+]
+VARLEN_BACKENDS = [pytest.param("torch", False, id="torch"),
+                   pytest.param("triton", False, id="triton-atomic"),
+                   pytest.param("triton", True, id="triton-deterministic")]
+
+
+def offsets(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32,
+                        device=device)
+
+
+def packed(case, dtype, device):
+    """q, k, v (requiring grad), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k of a case."""
+    lens_q, lens_k, hq, hk, d, *dv = case
+    dv = dv[0] if dv else d
+    q = make_tensor((sum(lens_q), hq, d), dtype, device, requires_grad=True)
+    k = make_tensor((sum(lens_k), hk, d), dtype, device, requires_grad=True)
+    v = make_tensor((sum(lens_k), hk, dv), dtype, device, requires_grad=True)
+    return q, k, v, offsets(lens_q, device), offsets(lens_k, device), max(lens_q), max(lens_k)
+
+
+def per_sequence(attention, q, k, v, cu_q, cu_k):
+    """(out, lse) of a packed batch, attention(q, k, v, Sq, Sk) run on each
+    sequence as a (1, H, S, D) batch of its own."""
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
+        o, lse = attention(*(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), q1 - q0, k1 - k0)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(None if lse is None else lse[0])
+    return torch.cat(outs), None if lses[0] is None else torch.cat(lses, 1)
+
+
+def torch_dense(scale, causal, window, softcap):
+    """PyTorch's own attention of one sequence in its dtype, the yardstick:
+    SDPA with the visible band as a mask (rows that see no key set to 0, lse
+    from the scores), or with a soft cap HF Gemma 2's eager attention."""
+    def attention(q, k, v, sq, sk):
+        visible = band(sq, sk, causal, window, q.device)
+        if softcap:
+            return softcapped_eager(q, k, v, scale, visible, softcap)
+        if sk == 0:  # no keys: what pyext defines, zeros (torch's SDPA gives NaN)
+            return q.new_zeros((*q.shape[:3], v.shape[3])), torch.full(q.shape[:3], float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+        scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * scale
+        return (o.masked_fill(~visible.any(-1)[:, None], 0),
+                torch.logsumexp(scores.float().masked_fill(~visible, float("-inf")), -1))
+    return attention
+
+
+def check_varlen(backend, deterministic, case, causal, dtype=torch.bfloat16, window=(-1, -1), softcap=0.0,
+                 scale=None):
+    """out, lse, dq, dk, dv of flash_attention_varlen against the float64
+    oracle (the reference on each sequence), torch_dense the yardstick."""
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(case, dtype, device_for(backend))
+    out, lse = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
+                                            window_size=window, softcap=softcap, return_lse=True,
+                                            deterministic=deterministic, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kernel_window = None if window == (-1, -1) else window
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, lse_ = fn(*leaves)
+        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype), materialize_grads=True))
+    ref = run(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, scale=scale, causal=causal, window=kernel_window,
+                                                    softcap=softcap), torch.float64)
+    pt = run(lambda *t: per_sequence(torch_dense(scale, causal, window, softcap), *t, cu_q, cu_k), dtype)
+    assert_all_close(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt)
+
+
+@pytest.mark.parametrize("backend,deterministic", VARLEN_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_varlen_matches_oracle(backend, deterministic, case, causal):
+    check_varlen(backend, deterministic, case, causal)
+
+
+@pytest.mark.parametrize("backend,deterministic", VARLEN_BACKENDS)
+def test_varlen_in_float16_with_a_custom_scale(backend, deterministic):
+    check_varlen(backend, deterministic, CASES[1], True, torch.float16, scale=0.37)
+
+
+# (case, causal, window_size, softcap): a causal sliding window over a
+# sequence longer than it (Mistral's packed SFT), a two-sided band, Gemma 2's
+# cap alone and with its window
+WINDOW_SOFTCAP_CASES = [(((40, 7, 23), (40, 7, 23), 4, 2, 32), True, (15, -1), 0.0),
+                        (((19, 30), (33, 12), 2, 1, 16), False, (6, 4), 0.0),
+                        (((21, 2, 30), (21, 9, 30), 4, 2, 32), True, (-1, -1), 3.0),
+                        (((40, 7, 23), (40, 7, 23), 2, 2, 64), True, (15, -1), 2.0)]
+
+
+@pytest.mark.parametrize("backend,deterministic", VARLEN_BACKENDS)
+@pytest.mark.parametrize("case,causal,window,softcap", WINDOW_SOFTCAP_CASES, ids=str)
+def test_varlen_window_and_softcap_match_oracle(backend, deterministic, case, causal, window, softcap):
+    check_varlen(backend, deterministic, case, causal, window=window, softcap=softcap, scale=0.5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_dropout_matches_the_oracle_with_the_kernels_masks(deterministic, causal, dropout_seeds):
+    """Sequence b draws batch entry b's dropout stream (kernels_keep_masks
+    draws it again): out and gradients within the rule given those masks."""
+    p, case = 0.3, ((19, 1, 26), (33, 4, 20), 4, 2, 32)
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(case, torch.bfloat16, device_for("triton"))
+    out = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, dropout_p=p,
+                                       deterministic=deterministic, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    keeps = attention_varlen.kernels_keep_masks(dropout_seeds[-1], cu_q, cu_k, q.shape[1], p)
+    scale = q.shape[-1] ** -0.5
+    sequence = iter(keeps)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves)
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, scale=scale, causal=causal, dropout_p=p,
+                                                    keeps=keeps)[0], torch.float64)
+    pt = run(lambda *t: per_sequence(lambda q_, k_, v_, sq, sk: (attention_with_dropout(
+        q_, k_, v_, scale, causal, sk - sq, next(sequence), p), None), *t, cu_q, cu_k)[0], torch.bfloat16)
+    assert_all_close(["out", "dq", "dk", "dv"], [out, *grads], ref, pt)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kernels_write_every_element(deterministic):
+    """Outputs and gradients poisoned with NaN: every row is written, those
+    of a sequence with no keys (zeros) and those of the rows past the
+    longest sequence's blocks alike."""
+    from pyext.triton_kernels import flash_attention as kernels
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(((33, 5, 0, 18), (20, 0, 4, 18), 4, 2, 32), torch.bfloat16,
+                                               device_for("triton"))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, True,
+                                             out=poisoned_like(q), lse=poisoned_like(q[:, :, 0].T.float()))
+    grads = kernels.flash_attn_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.3,
+                                          True, deterministic, *(poisoned_like(t) for t in (q, k, v)))
+    for name, t in [("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])]:
+        assert not t.isnan().any(), f"{name}: an element was never written"
+    assert torch.equal(out[33:38], torch.zeros_like(out[33:38])) and lse[:, 33:38].isneginf().all()
+
+
+def test_deterministic_backward_gives_the_same_bits_every_run():
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
+    dout = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+
+    def grads():
+        out = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, deterministic=True,
+                                           backend="triton")
+        return torch.autograd.grad(out, (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
+
+
+def test_float32_goes_to_the_reference_under_auto_and_is_named_otherwise():
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[2], torch.float32, device_for("triton"))
+    out = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+    assert torch.equal(out, reference.attention_varlen(q, k, v, cu_q, cu_k, causal=True)[0])
+    with pytest.raises(pyext.BackendUnavailable, match="float32"):
+        pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend="triton")
+
+
+def test_auto_runs_the_kernels(auto_runs_the_triton_kernels, monkeypatch):
+    calls = []
+    monkeypatch.setitem(attention_varlen.VARLEN_FWD, "triton", lambda *a: calls.append(1) or
+                        torch.ops.pyext.flash_attn_varlen_fwd_triton(*a))
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
+    pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+def test_cuda_backend_names_packed_batches_as_what_it_lacks():
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, "cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="packed batch"):
+        pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend="cuda")
+
+
+def _bad(change):
+    """flash_attention_varlen's arguments for CASES[1], with `change` applied to them (a dict)."""
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, "cpu")
+    args = dict(q=q.detach(), k=k.detach(), v=v.detach(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                max_seqlen_k=max_k)
+    change(args)
+    return args
+
+
+BAD = [
+    ("k in another dtype", lambda a: a.update(k=a["k"].half()), RuntimeError, "same dtype"),
+    ("4-D q", lambda a: a.update(q=a["q"][None]), RuntimeError, "3-D"),
+    ("head dims differ", lambda a: a.update(k=a["k"][..., :32]), RuntimeError, "head dim"),
+    ("v rows differ", lambda a: a.update(v=a["v"][1:]), RuntimeError, "same rows"),
+    ("3 query heads over 2", lambda a: a.update(q=a["q"][:, :3]), RuntimeError, "multiple"),
+    ("float offsets", lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].float()), RuntimeError, "int32 or int64"),
+    ("2-D offsets", lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][None]), RuntimeError, "1-D"),
+    ("offset counts differ", lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:-1]), RuntimeError, "offsets"),
+    ("offsets not a tensor", lambda a: a.update(cu_seqlens_q=[0, 17]), TypeError, "cu_seqlens_q must be a Tensor"),
+    ("max_seqlen not an int", lambda a: a.update(max_seqlen_q=33.0), ValueError, "max_seqlen_q"),
+    ("first offset not 0", lambda a: a["cu_seqlens_q"].add_(1), ValueError, "rise from 0"),
+    ("last offset short", lambda a: a.update(q=a["q"][:-1]), ValueError, "rise from 0"),
+    ("offsets fall", lambda a: a["cu_seqlens_k"].copy_(torch.tensor([0, 20, 18, 25, 58, 67])), ValueError,
+     "never falling"),
+    ("a sequence past max_seqlen", lambda a: a.update(max_seqlen_q=32), ValueError,
+     "sequence 3 has 33 rows, more than max_seqlen_q=32"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("what,change,error,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_raise_before_any_launch(backend, what, change, error, match, monkeypatch):
+    def launched(*_):
+        raise AssertionError("a kernel was launched")
+    monkeypatch.setitem(attention_varlen.VARLEN_FWD, "triton", launched)
+    with pytest.raises(error, match=match):
+        pyext.flash_attention_varlen(**_bad(change), backend=backend)
+
+
+def test_opcheck():
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
+    args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.25, True, 4, -1, 2.0, 0.0, None)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_varlen_fwd_triton, args)
+    out, lse = torch.ops.pyext.flash_attn_varlen_fwd_triton(*(t.detach() for t in (q, k, v)), *args[3:])
+    torch.library.opcheck(torch.ops.pyext.flash_attn_varlen_bwd_triton,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args[3:], True))
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(compiler):
+    """No graph break (the offsets' host check is skipped while tracing);
+    the compiled gradients are eager's, bit for bit (deterministic backward)."""
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
+
+    def f(q, k, v):
+        return pyext.flash_attention_varlen(q * 2, k, v, cu_q, cu_k, max_q, max_k, causal=True, deterministic=True,
+                                            backend="triton").float().square().sum()
+
+    def grads(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(f, fullgraph=True, backend=compiler))
+    assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
+
+
+def test_double_backward_under_auto_is_the_references(auto_runs_the_triton_kernels):
+    """A backward with create_graph=True under auto: the reference's graph,
+    so the second derivatives are the reference's own."""
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[3], torch.bfloat16, device_for("triton"))
+    c = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+
+    def second(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        first = torch.autograd.grad((fn(*leaves) * c).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.float().square().sum() for g in first), leaves)
+    got = second(lambda *t: pyext.flash_attention_varlen(*t, cu_q, cu_k, max_q, max_k, causal=True))
+    expected = second(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, causal=True)[0])
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_large_packed_batch(deterministic):
+    """Documents of 1 to 4096 tokens packed to 16K, Llama's heads: the rule against the oracle."""
+    lengths = [4096, 1, 3000, 517, 2048, 4096, 1234, 1391]
+    check_varlen("triton", deterministic, (lengths, lengths, 8, 2, 128), True)
