@@ -49,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 from pyext import _backend
 from pyext import nn as pnn
 from pyext.ops import attention as attention_ops
+from pyext.ops.attention_varlen import flash_attention_varlen
 from pyext.ops.gelu import gelu as pyext_gelu
 from pyext.ops.layer_norm import layer_norm as pyext_layer_norm, rms_norm as pyext_rms_norm
 
@@ -206,7 +207,16 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     F.scaled_dot_product_attention call routed to pyext; a logit soft cap
     (Gemma 2's attn_logit_softcapping, which torch's SDPA and so transformers'
     integration refuse) goes to pyext's kernels with it, and so does the
-    layer's sliding window where _hf_mask gave no mask for it."""
+    layer's sliding window where _hf_mask gave no mask for it. A packed row
+    (_hf_packed_rows) goes to flash_attention_varlen instead, its mask unread."""
+    packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
+    if packed is not None:
+        cu_seqlens, longest = packed
+        out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), cu_seqlens, cu_seqlens,
+                                     longest, longest, causal=True, scale=kwargs.get("scaling"),
+                                     window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1),
+                                     softcap=softcap or 0.0, dropout_p=kwargs.get("dropout", 0.0), backend=backend)
+        return out[None], None  # (1, T, H, Dv), as transformers' integration returns it
     window = None
     if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
             _windows_trusted(getattr(module, "config", None)):
@@ -214,6 +224,46 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True):
         return sdpa_attention_forward(_KeyHeadsUnrepeated(module), query, key, value, attention_mask,
                                       sliding_window=sliding_window, **kwargs)
+
+
+# The masks _hf_packed_rows has read: mask -> (sliding window, (cu_seqlens,
+# longest) or None). transformers builds one per forward and layer type and
+# hands it to every layer of that type, so it is read once per forward.
+_packed_masks = weakref.WeakKeyDictionary()
+
+
+def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs):
+    """(cu_seqlens, longest) when this HF attention call is over one row of
+    documents packed end to end (padding-free training: position_ids that
+    restart, from which transformers builds a block-diagonal causal mask),
+    for the Triton kernels (backend "triton", or auto on a GPU); else None.
+    The documents are where position_ids do not rise by 1 (transformers'
+    rule), and the call's mask must be exactly theirs, causal (and the
+    layer's sliding window) within each: a mask with anything more (an
+    image's bidirectional block, padding) is left to the mask path."""
+    name = backend or _backend.get_backend()
+    positions = kwargs.get("position_ids")
+    if not (name == "triton" or name == "auto" and query.is_cuda) or torch.compiler.is_compiling() or \
+            not getattr(module, "is_causal", False) or not isinstance(positions, torch.Tensor) or \
+            not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or \
+            query.shape[0] != 1 or not query.shape[2] == key.shape[2] == positions.numel() > 1 or \
+            attention_mask.shape != (1, 1, query.shape[2], key.shape[2]):
+        return None
+    known = _packed_masks.get(attention_mask)
+    if known is not None and known[0] == sliding_window:
+        return known[1]
+    positions = positions.reshape(-1)
+    document = (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)
+    i = torch.arange(len(positions), device=positions.device)
+    expected = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
+    if sliding_window:
+        expected &= i[None, :] > i[:, None] - sliding_window
+    rows = None
+    if int(document[-1]) > 0 and torch.equal(attention_mask[0, 0], expected):
+        lengths = torch.bincount(document)
+        rows = (torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32), int(lengths.max()))
+    _packed_masks[attention_mask] = (sliding_window, rows)
+    return rows
 
 
 class _KeyHeadsUnrepeated:
@@ -363,6 +413,8 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
         report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
                              "mask")
+    report.attention += ("; a row of packed documents (position_ids restarting, no cache): flash_attention_varlen "
+                         "with the Triton kernels, its block-diagonal mask unread")
     return True
 
 

@@ -145,6 +145,42 @@ def test_patched_model_matches_the_original_under_autocast(kind, backend):
     check_patched(kind, backend, torch.float32, autocast=True)
 
 
+def sharp_hf_model(kind, device):
+    """build(kind) on `device` with its matrices drawn at std 0.3: HF's init
+    (0.02) leaves attention near uniform, where a key seen or missed is
+    within bf16 noise."""
+    model = build(kind).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def check_hf_training_step(original, patched, output, **batch):
+    """output(model(**batch)) (the loss or the logits) and every parameter's
+    gradient of the loss, patched in bf16, within the rule against the
+    original in float64, with the original in bf16 as the yardstick."""
+    def output_and_grads(model, dtype):
+        model = model.to(dtype).train()
+        result = model(**batch)
+        return [output(result)] + list(torch.autograd.grad(result.loss, list(model.parameters()),
+                                                            allow_unused=True))
+    ref = output_and_grads(copy.deepcopy(original), torch.float64)
+    pt = output_and_grads(original, torch.bfloat16)
+    out = output_and_grads(patched, torch.bfloat16)
+    check_all(["output"] + [n for n, _ in original.named_parameters()], out, ref, pt)
+
+
+def count_triton_calls(monkeypatch, **tables):
+    """{name: [1 per call]} of the Triton forward op in each named op table (e.g. masked=MASKED_FWD)."""
+    calls = {name: [] for name in tables}
+    for name, table in tables.items():
+        monkeypatch.setitem(table, "triton", lambda *a, run=table["triton"], name=name: calls[name].append(1) or
+                            run(*a))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama", "mistral", "gemma2"])
 def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     """A padded batch (attention_mask with lengths 12 and 7, or 9; labels -100 on
@@ -158,11 +194,7 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     key_heads, forward = [], attention.MASKED_FWD["triton"]
     monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: key_heads.append(a[1].shape[1]) or forward(*a))
     device = device_for("triton")
-    original = build(kind).to(device)
-    with torch.no_grad():  # HF's init (std 0.02) leaves attention near uniform: the mask's effect within bf16 noise
-        for p in original.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, 12), generator=g).to(device)
@@ -172,19 +204,11 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     # is -inf in its float32 softmax): padding shorter than its window of 5
     mask[1, 9 if kind == "gemma2" else 7:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-
-    def loss_and_grads(model, dtype):
-        model = model.to(dtype).train()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        return [loss] + list(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
-    ref = loss_and_grads(copy.deepcopy(original), torch.float64)
-    pt = loss_and_grads(original, torch.bfloat16)
-    out = loss_and_grads(patched, torch.bfloat16)
+    check_hf_training_step(original, patched, lambda result: result.loss, input_ids=ids, attention_mask=mask,
+                           labels=labels)
     config = original.config
     assert key_heads and set(key_heads) == {getattr(config, "num_key_value_heads", None) or
                                             config.num_attention_heads}, key_heads
-    names = ["loss"] + [n for n, _ in original.named_parameters()]
-    check_all(names, out, ref, pt)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -197,31 +221,38 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     gradient within the rule against the float64 original (its band mask);
     unpatched, the model is no longer trusted to pass its window."""
     from pyext.ops import attention
-    calls = {"masked": [], "window": []}
-    for table, key in ((attention.MASKED_FWD, "masked"), (attention.WINDOW_SOFTCAP_FWD, "window")):
-        monkeypatch.setitem(table, "triton", lambda *a, run=table["triton"], key=key: calls[key].append(1) or run(*a))
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, window=attention.WINDOW_SOFTCAP_FWD)
     device = device_for(backend)
-    original = build(kind).to(device)
-    with torch.no_grad():  # as in the padded test: attention far from uniform
-        for p in original.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend=backend)
     assert "no mask" in pyext.patch_report(patched).attention
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
-
-    def logits_and_grads(model, dtype):
-        model = model.to(dtype).train()
-        out = model(input_ids=ids, labels=ids)
-        return [out.logits] + list(torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True))
-    ref = logits_and_grads(copy.deepcopy(original), torch.float64)
-    pt = logits_and_grads(original, torch.bfloat16)
-    out = logits_and_grads(patched, torch.bfloat16)
+    check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, labels=ids)
     assert not calls["masked"] and bool(calls["window"]) == (backend == "triton")
-    names = ["logits"] + [n for n, _ in original.named_parameters()]
-    check_all(names, out, ref, pt)
     from pyext.patch import _windows_trusted
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_an_hf_row_of_packed_documents_runs_the_varlen_kernels(kind, backend, monkeypatch):
+    """Padding-free training: three documents (5, 4 and 7 tokens) in one row,
+    position_ids restarting at each, no cache; transformers builds the
+    block-diagonal causal mask (with the window on sliding layers). With
+    backend="triton" pyext runs flash_attention_varlen and no masked kernel;
+    with "torch" the mask goes to torch's SDPA. Logits and every gradient
+    within the rule against the float64 original."""
+    from pyext.ops import attention, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    device = device_for(backend)
+    original = sharp_hf_model(kind, device)
+    patched = pyext.patch(copy.deepcopy(original), backend=backend)
+    assert "packed documents" in pyext.patch_report(patched).attention
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    positions = torch.tensor([[*range(5), *range(4), *range(7)]], device=device)
+    check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, position_ids=positions,
+                           labels=ids, use_cache=False)
+    assert not calls["masked"] and bool(calls["varlen"]) == (backend == "triton")
 
 
 @pytest.mark.parametrize("kind", KINDS)
