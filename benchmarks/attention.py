@@ -41,7 +41,17 @@ alone: bf16 products, S x S scores, the softmax in fp32), "flex-attention"
 (torch.compile of flex_attention with the cap as its score_mod and a
 causal block mask; GPU only) and FlashAttention's package (softcap=).
 FLOPs counted: the causal matmuls' alone (the tanh per score is extra work).
+And "packed": documents of random lengths (uniform in [S/8, S], S the
+longest; a fixed draw) laid end to end in TOKENS tokens, causal, as
+padding-free fine-tuning trains (TRL's padding_free, HF's
+DataCollatorWithFlattening): pyext-triton (flash_attention_varlen) and
+FlashAttention's package (flash_attn_varlen_func) take the offsets
+(cu_seqlens) and no mask; pyext-triton-mask and the SDPA backends the
+(1, 1, T, T) block-diagonal causal mask HF builds for SDPA from packed
+position_ids. FLOPs counted: each document's causal pairs, L^2 / 2.
 """
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -195,6 +205,7 @@ WINDOW = 1024
 SEQLENS_WINDOW, SEQLENS_WINDOW_QUICK = [4096, 8192, 16384], [8192]
 SOFTCAP, SOFTCAP_HEAD_DIM = 50.0, 256  # Gemma 2's attention logit cap and head dim
 SEQLENS_SOFTCAP, SEQLENS_SOFTCAP_QUICK = [2048, 4096], [4096]
+SEQLENS_PACKED, SEQLENS_PACKED_QUICK = [2048, 8192], [8192]
 MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
 SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
 
@@ -219,8 +230,17 @@ def _grid(quick: bool, dtypes):
     return standard + model + mla + window + softcap
 
 
+def _packed_grid(quick: bool, dtypes):
+    """(longest document, head dim) of the "packed" cases."""
+    if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
+        return []
+    if not HAS_GPU:
+        return [(32, 32)]
+    return [(s, 128) for s in (SEQLENS_PACKED_QUICK if quick else SEQLENS_PACKED)]
+
+
 def count(quick: bool, dtypes) -> int:
-    return sum(2 * len(variants) for *_, variants in _grid(quick, dtypes))
+    return sum(2 * len(variants) for *_, variants in _grid(quick, dtypes)) + 2 * len(_packed_grid(quick, dtypes))
 
 
 def _in_model_layout(fn):
@@ -299,3 +319,72 @@ def cases(quick: bool, dtypes):
                 yield Case(op="attention", label=label, size=seqlen,
                            dtype=f"{str(dtype).split('.')[1]}-{dims}{options}",
                            direction=direction, bytes=0, flops=flops, providers=providers)
+    yield from _packed_cases(quick, dtypes, dtype, device, ours)
+
+
+def _document_lengths(total: int, longest: int):
+    """Lengths of documents filling `total` tokens, drawn uniformly from
+    [longest / 8, longest] (a fixed draw), the last one cut to fit."""
+    generator, lengths = torch.Generator().manual_seed(0), []
+    while sum(lengths) < total:
+        drawn = int(torch.randint(longest // 8, longest + 1, (1,), generator=generator))
+        lengths.append(min(drawn, total - sum(lengths)))
+    return lengths
+
+
+def _block_diagonal_mask(lengths, device):
+    """(1, 1, T, T) bool: token i attends token j of its own document, j <= i."""
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    i = torch.arange(len(document), device=device)
+    return ((document[:, None] == document[None, :]) & (i[None, :] <= i[:, None]))[None, None]
+
+
+def _varlen(run_packed):
+    """A (total, H, D) packed-batch function as a (1, H, T, D) one, the inputs' layout here."""
+    return lambda q, k, v: run_packed(*(t[0].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)[None]
+
+
+def _flash_attn_varlen_package(cu_seqlens, longest):
+    flash_attn = optional_peer("flash_attn")
+    if isinstance(flash_attn, str):
+        return flash_attn
+    return _varlen(lambda q, k, v: flash_attn.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest,
+                                                                     longest, causal=True))
+
+
+def _packed_cases(quick, dtypes, dtype, device, ours):
+    """The "packed" cases (module docstring)."""
+    total = TOKENS if HAS_GPU else 96
+    for longest, head_dim in _packed_grid(quick, dtypes):
+        heads = HIDDEN // head_dim if HAS_GPU else 2
+        lengths = _document_lengths(total, longest)
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        mask = _block_diagonal_mask(lengths, device)
+        inputs, dout, _ = _tensors(1, heads, total, head_dim, head_dim, False, device, dtype)
+
+        def ours_packed(deterministic, backend="triton"):
+            return _varlen(lambda q, k, v: pyext.flash_attention_varlen(
+                q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True, deterministic=deterministic,
+                backend=backend))
+        fns = {"pyext-cuda": "the CUDA attention kernels have no packed batches",
+               "pyext-triton": ours_packed(False), "pyext-triton-mask": _ours("triton", False, 0.0, mask),
+               **{name: _sdpa(backend, False, 0.0, mask) for name, backend in SDPA.items()},
+               "flash-attn": _flash_attn_varlen_package(cu_seqlens, longest)}
+        pairs = heads * sum(n * n for n in lengths) / 2
+        label = f"S<={longest} D={head_dim} causal packed"
+        for direction, flops in (("fwd", 4 * pairs * head_dim), ("bwd", 10 * pairs * head_dim)):
+            providers = {}
+            for name, fn in fns.items():
+                why_not = ours.get(name.replace("-mask", ""))
+                if why_not or isinstance(fn, str):
+                    providers[name] = why_not or fn
+                elif name == "sdpa-math" and total > MATH_MAX_SEQLEN:
+                    providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
+                else:
+                    providers[name] = autograd_callable(fn, inputs, direction, dout)
+            providers["pyext-triton-ptr" if direction == "fwd" else "pyext-triton-det"] = (
+                "same kernel as pyext-triton: packed batches run the pointer forward" if direction == "fwd"
+                else ours["pyext-triton"] or autograd_callable(ours_packed(True), inputs, direction, dout))
+            yield Case(op="attention", label=label, size=longest,
+                       dtype=f"{str(dtype).split('.')[1]}-d{head_dim}-causal-packed",
+                       direction=direction, bytes=0, flops=flops, providers=providers)

@@ -147,6 +147,25 @@ def test_the_softcap_cases_time_gemma_2s_peers_on_what_ours_computes():
     torch.testing.assert_close(eager, ours, atol=2e-2, rtol=2e-2)
 
 
+def test_the_packed_cases_give_every_provider_the_same_documents():
+    """The "packed" cases: the offsets pyext's and FlashAttention's varlen
+    calls take and the block-diagonal mask the SDPA backends take are one
+    attention; the CUDA kernels say why they are not timed."""
+    from benchmarks import attention
+    lengths = attention._document_lengths(96, 32)
+    assert sum(lengths) == 96 and max(lengths) <= 32 and len(lengths) > 3
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 96, 32, dtype=torch.bfloat16) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attention._block_diagonal_mask(lengths, "cpu"))
+    ours = attention._varlen(lambda *t: pyext.flash_attention_varlen(*t, cu_seqlens, cu_seqlens, 32, 32, causal=True,
+                                                                     backend="torch"))(q, k, v)
+    torch.testing.assert_close(sdpa, ours, atol=2e-2, rtol=2e-2)
+    cases = [c for c in attention.cases(True, [torch.bfloat16]) if c.dtype.endswith("-packed")]
+    assert {c.direction for c in cases} == {"fwd", "bwd"}
+    assert all(c.providers["pyext-cuda"] == "the CUDA attention kernels have no packed batches" for c in cases)
+
+
 def _case(provider_fns):
     from benchmarks.harness import Case
     return Case(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", bytes=64, flops=0,
