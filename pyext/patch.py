@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from pyext import _backend
 from pyext import nn as pnn
+from pyext._weak import WeakTensorCache
 from pyext.ops import attention as attention_ops
 from pyext.ops.attention_varlen import flash_attention_varlen
 from pyext.ops.gelu import gelu as pyext_gelu
@@ -229,7 +230,7 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
 # The masks _hf_packed_rows has read: mask -> (sliding window, (cu_seqlens,
 # longest) or None). transformers builds one per forward and layer type and
 # hands it to every layer of that type, so it is read once per forward.
-_packed_masks = weakref.WeakKeyDictionary()
+_packed_masks = WeakTensorCache()
 
 
 def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs):

@@ -238,6 +238,26 @@ def test_bad_inputs_raise_before_any_launch(backend, what, change, error, match,
         pyext.flash_attention_varlen(**_bad(change), backend=backend)
 
 
+def test_offsets_are_checked_once_per_tensor_until_written(monkeypatch):
+    """The layers of a model share one batch's offsets: copied to the host
+    once, and again after an in-place write (which must be checked again)."""
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
+    copies, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: copies.append(t) or tolist(t))
+
+    def call():
+        return pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend="triton")
+    for _ in range(3):
+        call()
+    assert len(copies) == 2 and copies[0] is cu_q and copies[1] is cu_k
+    cu_q[1] += 1  # sequence 0 one row longer, sequence 1 one shorter: still valid, checked again
+    call()
+    assert len(copies) == 3 and copies[2] is cu_q
+    cu_q[4] = 52  # sequence 3 one past max_seqlen_q
+    with pytest.raises(ValueError, match="sequence 3 has 34 rows"):
+        call()
+
+
 def test_opcheck():
     q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
     args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.25, True, 4, -1, 2.0, 0.0, None)

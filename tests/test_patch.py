@@ -145,11 +145,16 @@ def test_patched_model_matches_the_original_under_autocast(kind, backend):
     check_patched(kind, backend, torch.float32, autocast=True)
 
 
-def sharp_hf_model(kind, device):
-    """build(kind) on `device` with its matrices drawn at std 0.3: HF's init
-    (0.02) leaves attention near uniform, where a key seen or missed is
-    within bf16 noise."""
-    model = build(kind).to(device)
+def sharp_hf_model(kind, device, layers=None):
+    """build(kind) (with `layers` decoder layers) on `device`, its matrices
+    drawn at std 0.3: HF's init (0.02) leaves attention near uniform, where
+    a key seen or missed is within bf16 noise."""
+    model = build(kind)
+    if layers:
+        config = copy.deepcopy(model.config)
+        config.num_hidden_layers = layers
+        model = type(model)(config)
+    model = model.to(device)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -238,14 +243,15 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
 def test_an_hf_row_of_packed_documents_runs_the_varlen_kernels(kind, backend, monkeypatch):
     """Padding-free training: three documents (5, 4 and 7 tokens) in one row,
     position_ids restarting at each, no cache; transformers builds the
-    block-diagonal causal mask (with the window on sliding layers). With
+    block-diagonal causal mask (with the window on sliding layers), one per
+    layer type, shared by the layers of a type (two here). With
     backend="triton" pyext runs flash_attention_varlen and no masked kernel;
     with "torch" the mask goes to torch's SDPA. Logits and every gradient
     within the rule against the float64 original."""
     from pyext.ops import attention, attention_varlen
     calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for(backend)
-    original = sharp_hf_model(kind, device)
+    original = sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2)  # Gemma 2: local, global
     patched = pyext.patch(copy.deepcopy(original), backend=backend)
     assert "packed documents" in pyext.patch_report(patched).attention
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)

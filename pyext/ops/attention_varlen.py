@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
+from pyext._weak import WeakTensorCache
 from pyext._autocast import autocast_inputs
 from pyext.ops import attention
 from pyext.ops._register import create_graph_grads, register_stages
@@ -147,16 +148,25 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             raise ValueError(f"{op}: {name} must be an int >= 0, got {n!r}")
 
 
+# Offsets _check_offsets has passed: tensor -> (its version, rows, max_seqlen).
+# A model's layers share one batch's offsets: checked (and copied to the host)
+# once, not once per layer, until the tensor is written again.
+_checked = WeakTensorCache()
+
+
 def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k):
     """Offsets that start at 0, never decrease, end at the rows given, and
     whose longest sequence is within max_seqlen: the kernels' grid is sized by
     it, and a longer sequence would be left partly unwritten. One copy of the
-    offsets to the host (a sync on a GPU); skipped where none can be made:
-    while torch.compile traces and while a CUDA graph is captured."""
+    offsets to the host (a sync on a GPU) per offsets tensor and version;
+    skipped where none can be made: while torch.compile traces and while a
+    CUDA graph is captured."""
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     for name, cu, rows, longest, limit in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
                                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
+        if _checked.get(cu) == (cu._version, rows, limit):
+            continue
         offsets = cu.tolist()
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
         if offsets[0] != 0 or offsets[-1] != rows or min(lengths, default=0) < 0:
@@ -166,6 +176,7 @@ def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
             b = max(range(len(lengths)), key=lengths.__getitem__)
             raise ValueError(f"flash_attention_varlen: sequence {b} has {lengths[b]} rows, more than "
                              f"{longest}={limit}")
+        _checked[cu] = (cu._version, rows, limit)
 
 
 def _why_not(backend, q, k, v, sequences, max_seqlen_q, max_seqlen_k, dropout_p):
