@@ -164,6 +164,29 @@ def test_kernels_write_every_element(deterministic):
     assert torch.equal(out[33:38], torch.zeros_like(out[33:38])) and lse[:, 33:38].isneginf().all()
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_views_of_one_qkv_projection_need_no_copy_to_be_right(deterministic):
+    """q, k, v as views of one (total, 3, H, D) projection (FlashAttention's
+    qkvpacked layout; strides of 3 H D per row) give what contiguous copies
+    give, bit for bit, gradients too."""
+    lens = (17, 1, 33, 20)
+    cu, longest = offsets(lens, device_for("triton")), max(lens)
+    qkv = make_tensor((sum(lens), 3, 2, 32), torch.bfloat16, device_for("triton"), requires_grad=True)
+    views = qkv.unbind(1)
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    dout = torch.randn_like(copies[0])
+
+    def run(q, k, v, leaves):
+        out = pyext.flash_attention_varlen(q, k, v, cu, cu, longest, longest, causal=True,
+                                           deterministic=deterministic, backend="triton")
+        return [out, *torch.autograd.grad(out, leaves, dout)]
+    strided = run(*views, [qkv])
+    contiguous = run(*copies, copies)
+    assert torch.equal(strided[0], contiguous[0])
+    if deterministic:  # atomic dQ: the order of the additions, so the last bits, vary run to run
+        assert torch.equal(strided[1], torch.stack(contiguous[1:], 1))
+
+
 def test_deterministic_backward_gives_the_same_bits_every_run():
     q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
     dout = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
