@@ -49,13 +49,17 @@ def _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k, causal_offset, VARLEN
     b. With VARLEN (a packed batch, varlen.py): sequence b's, query rows
     cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the tensor all sequences
     share (keys by cu_seqlens_k), causal bottom-right within it, as
-    FlashAttention's varlen; else all rows from 0, and the caller's offset."""
+    FlashAttention's varlen; else all rows from 0, and the caller's offset.
+    (One return: the compiler types every return of a function, even one in
+    a branch a constexpr rules out.)"""
     if VARLEN:
         first_q, first_k = tl.load(cu_seqlens_q + b).to(tl.int64), tl.load(cu_seqlens_k + b).to(tl.int64)
         seq_q = (tl.load(cu_seqlens_q + b + 1) - first_q).to(tl.int32)
         seq_k = (tl.load(cu_seqlens_k + b + 1) - first_k).to(tl.int32)
-        return first_q, seq_q, first_k, seq_k, seq_k - seq_q
-    return 0, seq_q, 0, seq_k, causal_offset
+        causal_offset = seq_k - seq_q
+    else:
+        first_q, first_k = 0, 0
+    return first_q, seq_q, first_k, seq_k, causal_offset
 
 
 @triton.jit
