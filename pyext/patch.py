@@ -209,7 +209,8 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     (Gemma 2's attn_logit_softcapping, which torch's SDPA and so transformers'
     integration refuse) goes to pyext's kernels with it, and so does the
     layer's sliding window where _hf_mask gave no mask for it. A packed row
-    (_hf_packed_rows) goes to flash_attention_varlen instead, its mask unread."""
+    (_hf_packed_rows) goes to flash_attention_varlen instead: its mask is
+    checked once per forward, and not read by the kernels."""
     packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
     if packed is not None:
         cu_seqlens, longest = packed
@@ -414,8 +415,9 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
         report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
                              "mask")
-    report.attention += ("; a row of packed documents (position_ids restarting, no cache): flash_attention_varlen "
-                         "with the Triton kernels, its block-diagonal mask unread")
+    if model._pyext_backend not in ("torch", "cuda"):
+        report.attention += ("; a row of packed documents (position_ids restarting, no cache): "
+                             "flash_attention_varlen (the Triton kernels, when they run), no mask read")
     return True
 
 

@@ -253,7 +253,7 @@ def test_an_hf_row_of_packed_documents_runs_the_varlen_kernels(kind, backend, mo
     device = device_for(backend)
     original = sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2)  # Gemma 2: local, global
     patched = pyext.patch(copy.deepcopy(original), backend=backend)
-    assert "packed documents" in pyext.patch_report(patched).attention
+    assert ("packed documents" in pyext.patch_report(patched).attention) == (backend == "triton")
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
     positions = torch.tensor([[*range(5), *range(4), *range(7)]], device=device)
     check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, position_ids=positions,
