@@ -382,9 +382,13 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
                     providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
                 else:
                     providers[name] = autograd_callable(fn, inputs, direction, dout)
-            providers["pyext-triton-ptr" if direction == "fwd" else "pyext-triton-det"] = (
-                "same kernel as pyext-triton: packed batches run the pointer forward" if direction == "fwd"
-                else ours["pyext-triton"] or autograd_callable(ours_packed(True), inputs, direction, dout))
+            if direction == "fwd":  # why not, as for the dense cases; on sm_90 because there is nothing else
+                why_not = _triton_pointer_forward(True, 0.0, None, None, 0.0, ours["pyext-triton"])
+                providers["pyext-triton-ptr"] = why_not if isinstance(why_not, str) else \
+                    "same kernel as pyext-triton: packed batches run the pointer forward"
+            else:
+                providers["pyext-triton-det"] = ours["pyext-triton"] or autograd_callable(ours_packed(True), inputs,
+                                                                                         direction, dout)
             yield Case(op="attention", label=label, size=longest,
                        dtype=f"{str(dtype).split('.')[1]}-d{head_dim}-causal-packed",
                        direction=direction, bytes=0, flops=flops, providers=providers)

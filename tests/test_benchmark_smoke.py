@@ -106,8 +106,8 @@ def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
         pointer = case.providers.get("pyext-triton-ptr")
         if case.direction != "fwd":
             assert pointer is None
-        elif hopper:
-            assert callable(pointer)
+        elif hopper:  # where the forward has no descriptor path (dropout, masks, packed) it says so
+            assert callable(pointer) or pointer.startswith("same kernel as pyext-triton:")
         else:
             assert isinstance(pointer, str) and "9.0" in pointer
 
@@ -152,6 +152,7 @@ def test_the_packed_cases_give_every_provider_the_same_documents():
     calls take and the block-diagonal mask the SDPA backends take are one
     attention; the CUDA kernels say why they are not timed."""
     from benchmarks import attention
+    from benchmarks.harness import our_backends
     lengths = attention._document_lengths(96, 32)
     assert sum(lengths) == 96 and max(lengths) <= 32 and len(lengths) > 3
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -163,7 +164,8 @@ def test_the_packed_cases_give_every_provider_the_same_documents():
     torch.testing.assert_close(sdpa, ours, atol=2e-2, rtol=2e-2)
     cases = [c for c in attention.cases(True, [torch.bfloat16]) if c.dtype.endswith("-packed")]
     assert {c.direction for c in cases} == {"fwd", "bwd"}
-    assert all(c.providers["pyext-cuda"] == "the CUDA attention kernels have no packed batches" for c in cases)
+    why_not_cuda = our_backends()["pyext-cuda"] or "the CUDA attention kernels have no packed batches"
+    assert all(c.providers["pyext-cuda"] == why_not_cuda for c in cases)
 
 
 def _case(provider_fns):
