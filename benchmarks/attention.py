@@ -44,9 +44,10 @@ FLOPs counted: the causal matmuls' alone (the tanh per score is extra work).
 And "packed": documents of random lengths (uniform in [S/8, S], S the
 longest; a fixed draw) laid end to end in TOKENS tokens, causal, as
 padding-free fine-tuning trains (TRL's padding_free, HF's
-DataCollatorWithFlattening): pyext-triton (flash_attention_varlen) and
-FlashAttention's package (flash_attn_varlen_func) take the offsets
-(cu_seqlens) and no mask; pyext-triton-mask and the SDPA backends the
+DataCollatorWithFlattening): pyext-triton (flash_attention_varlen),
+"torch-varlen" (torch.nn.attention.varlen.varlen_attn, PyTorch's own, its
+CUDA flash kernel; GPU only) and FlashAttention's package
+(flash_attn_varlen_func) take the offsets (cu_seqlens) and no mask; pyext-triton-mask and the SDPA backends the
 (1, 1, T, T) block-diagonal causal mask HF builds for SDPA from packed
 position_ids. FLOPs counted: each document's causal pairs, L^2 / 2.
 """
@@ -352,6 +353,18 @@ def _flash_attn_varlen_package(cu_seqlens, longest):
                                                                      longest, causal=True))
 
 
+def _torch_varlen(cu_seqlens, longest):
+    """PyTorch's own packed attention (torch 2.10 on), causal as window_size (-1, 0)."""
+    if not HAS_GPU:
+        return "skipped without a GPU (torch's varlen_attn runs its CUDA flash kernel only)"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return _varlen(lambda q, k, v: varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest,
+                                               window_size=(-1, 0)))
+
+
 def _packed_cases(quick, dtypes, dtype, device, ours):
     """The "packed" cases (module docstring)."""
     total = TOKENS if HAS_GPU else 96
@@ -369,6 +382,7 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
         fns = {"pyext-cuda": "the CUDA attention kernels have no packed batches",
                "pyext-triton": ours_packed(False), "pyext-triton-mask": _ours("triton", False, 0.0, mask),
                **{name: _sdpa(backend, False, 0.0, mask) for name, backend in SDPA.items()},
+               "torch-varlen": _torch_varlen(cu_seqlens, longest),
                "flash-attn": _flash_attn_varlen_package(cu_seqlens, longest)}
         pairs = heads * sum(n * n for n in lengths) / 2
         label = f"S<={longest} D={head_dim} causal packed"
