@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext._weak import WeakTensorCache
 from pyext._autocast import autocast_inputs
+from pyext._weak import WeakTensorCache
 from pyext.ops import attention
 from pyext.ops._register import create_graph_grads, register_stages
 
@@ -49,13 +49,14 @@ def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
 
 
 def _fake_fwd(q, k, v, *_):
+    """out (total_q, Hq, Dv) contiguous and lse (Hq, total_q), as the launcher makes them."""
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2])), q.new_empty((q.shape[1], q.shape[0]),
                                                                            dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *extras = inputs
-    window_left, window_right, softcap, dropout_p, seed = extras
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
+     softcap, dropout_p, seed) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
