@@ -213,8 +213,10 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     (total_q, Hq, Dv), and with return_lse=True also lse (Hq, total_q) fp32.
     max_seqlen_q, max_seqlen_k: the longest sequence's lengths (the kernels'
     grid). The offsets and lengths are checked before any launch, with one
-    copy of the offsets to the host, except while torch.compile traces or a
-    CUDA graph is captured, where the caller must get them right.
+    copy of the offsets to the host per offsets tensor (again after it is
+    written: a model's layers sharing a batch's offsets pay it once), except
+    while torch.compile traces or a CUDA graph is captured, where the caller
+    must get them right.
     causal (bottom-right in each sequence), scale, window_size, softcap,
     dropout_p (sequence b's stream is batch entry b's), deterministic and
     backend: as flash_attention's. The Triton kernels run it (no padding
