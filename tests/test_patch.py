@@ -238,6 +238,44 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
 
 
+def _packed_call(positions, mask, backend="triton", sliding_window=None, batch=1):
+    """What _hf_packed_rows makes of an HF attention call over these positions with this (T, T) mask."""
+    from pyext.patch import _hf_packed_rows
+
+    class Layer:
+        is_causal = True
+    t = len(positions)
+    query = torch.zeros(batch, 2, t, 8)
+    mask = mask.expand(batch, 1, t, t)
+    return _hf_packed_rows(backend, Layer(), query, query, mask, sliding_window,
+                           {"position_ids": torch.tensor([positions] * batch)})
+
+
+def _block_causal(lengths, window=None):
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    i = torch.arange(len(document))
+    mask = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
+    return mask & (i[None, :] > i[:, None] - window) if window else mask
+
+
+def test_a_packed_row_is_taken_only_with_exactly_its_block_diagonal_causal_mask():
+    """The documents are where position_ids do not rise by 1; the call is
+    taken (cu_seqlens, longest) only when its mask is exactly theirs (with
+    the layer's window), for the Triton kernels, over one row."""
+    positions, lengths = [*range(5), *range(4), *range(7)], [5, 4, 7]
+    cu_seqlens, longest = _packed_call(positions, _block_causal(lengths))
+    assert cu_seqlens.tolist() == [0, 5, 9, 16] and cu_seqlens.dtype == torch.int32 and longest == 7
+    assert _packed_call(positions, _block_causal(lengths, 3), sliding_window=3)[1] == 7
+    more = _block_causal(lengths).clone()
+    more[1, 2] = True  # one bidirectional pair (an image's block, say): not a packed row's mask
+    assert _packed_call(positions, more) is None
+    assert _packed_call(positions, _block_causal(lengths, 3)) is None  # a window the layer does not have
+    assert _packed_call(positions, _block_causal(lengths), sliding_window=3) is None  # the reverse
+    assert _packed_call(list(range(16)), _block_causal([16])) is None  # one document: not packed
+    assert _packed_call(positions, _block_causal(lengths), backend="torch") is None
+    assert _packed_call(positions, _block_causal(lengths), batch=2) is None
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
 def test_an_hf_row_of_packed_documents_runs_the_varlen_kernels(kind, backend, monkeypatch):
