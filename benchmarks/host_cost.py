@@ -6,6 +6,9 @@ the kernel, sets the speed. This measures it without a GPU: the CUDA ops
 get CPU bodies that only allocate their outputs (or, for the forwards, call
 torch's own function on tiny tensors), and pyext's functions are timed with
 backend="cuda" beside torch's on the same tiny tensors (best of 7 rounds).
+Packed batches (flash_attention_varlen, which only the Triton kernels run)
+are timed with backend="triton" and the Triton launches made no-ops, beside
+torch's SDPA with the block-diagonal mask that HF gives it for such a row.
 Needs the CUDA extension built (its ops registered), not a GPU. The figures
 are this machine's host times, not kernel times; benchmarks/NOTES.md
 ("Host cost of a call") keeps them.
@@ -78,6 +81,38 @@ def _hf_layer_calls(q, k, v):
                                lambda: _hf_attention(sdpa_attention_forward, "cuda", layer, q, k, v, None)[0])}
 
 
+def _packed_calls():
+    """A packed row of three documents of 4 tokens: flash_attention_varlen
+    (Triton launches no-ops) beside torch's SDPA with the block-diagonal
+    causal mask; and an HF GQA layer on it through pyext.patch beside
+    transformers' own SDPA integration (when transformers is installed)."""
+    from pyext.triton_kernels.flash_attention import backward, forward
+    for module, kernel in ((forward, "_fwd_kernel"), (backward, "_bwd_delta_kernel"), (backward, "_bwd_dq_kernel"),
+                           (backward, "_bwd_dkdv_kernel"), (backward, "_bwd_dkdv_dq_kernel")):
+        setattr(module, kernel, _NoLaunch())
+    q, k, v = (torch.randn(12, heads, 16, dtype=torch.bfloat16, requires_grad=True) for heads in (4, 2, 2))
+    cu_seqlens = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    document, i = torch.arange(12) // 4, torch.arange(12)
+    mask = ((document[:, None] == document[None, :]) & (i[None, :] <= i[:, None]))[None, None]
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    calls = {"varlen (packed)": (
+        lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, enable_gqa=True),
+        lambda: pyext.flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, 4, 4, causal=True, backend="triton"))}
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:
+        return calls
+    from pyext.patch import _hf_attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups, is_causal, layer_idx = 2, True, 0
+    layer, positions = Layer(), (torch.arange(12) % 4)[None]
+    calls["HF layer (packed)"] = (
+        lambda: sdpa_attention_forward(layer, q4, k4, v4, mask, position_ids=positions)[0],
+        lambda: _hf_attention(sdpa_attention_forward, "triton", layer, q4, k4, v4, mask, position_ids=positions)[0])
+    return calls
+
+
 def main():
     if not _backend.CUDA_BUILT:
         raise SystemExit(f"needs the CUDA extension's ops: {_backend._CUDA_BUILD_NOTE}")
@@ -101,12 +136,13 @@ def main():
                         lambda: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="torch")),
     }
     calls.update(_hf_layer_calls(q4, k, v))
+    calls.update(_packed_calls())
     print("host time per call, us (tiny CPU tensors; the CUDA ops run CPU bodies)")
-    print(f"{'op':15s} {'fwd torch':>10s} {'fwd pyext':>10s} {'fwd+bwd torch':>14s} {'fwd+bwd pyext':>14s}")
+    print(f"{'op':18s} {'fwd torch':>10s} {'fwd pyext':>10s} {'fwd+bwd torch':>14s} {'fwd+bwd pyext':>14s}")
     for name, (theirs, ours) in calls.items():
         row = [best_us(f, 2000) for f in (theirs, ours)]
         row += [best_us(lambda f=f: f().sum().backward(), 1000) for f in (theirs, ours)]
-        print(f"{name:15s} {row[0]:10.1f} {row[1]:10.1f} {row[2]:14.1f} {row[3]:14.1f}")
+        print(f"{name:18s} {row[0]:10.1f} {row[1]:10.1f} {row[2]:14.1f} {row[3]:14.1f}")
 
     def params():
         ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(148)]  # GPT-2 small's tensor count
