@@ -13,6 +13,18 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Host-side integer helpers for grids and block sizes: Triton 3.8 makes its
+# own (triton.cdiv, triton.next_power_of_2) constexpr functions, about 2 us a
+# call on the host, several per launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def poisonable_out(out, like: torch.Tensor) -> torch.Tensor:
     """`out` if given (tests pass a NaN-filled one), else a new contiguous tensor."""
     if out is None:

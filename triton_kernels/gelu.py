@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, poisonable_out, round_to, tanh, to_compute
+from ._utils import cdiv, on_device, poisonable_out, round_to, tanh, to_compute
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
@@ -63,7 +63,7 @@ def gelu_fwd(x: torch.Tensor, approximate: str, out=None) -> torch.Tensor:
     n = x.numel()
     if n:
         with on_device(x):
-            gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+            gelu_fwd_kernel[(cdiv(n, BLOCK),)](
                 x, y, n, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
@@ -74,6 +74,6 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, approximate: str, out=None) -> t
     n = x.numel()
     if n:
         with on_device(x):
-            gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+            gelu_bwd_kernel[(cdiv(n, BLOCK),)](
                 dy, x, dx, n, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dx

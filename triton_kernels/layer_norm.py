@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import mul_rn, on_device, round_to, to_compute
+from ._utils import cdiv, mul_rn, next_power_of_2, on_device, round_to, to_compute
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
@@ -249,7 +249,7 @@ def _split_eps(eps: float):
 
 def _fused_tile(cols: int, limit: int):
     """(BLOCK_M, BLOCK_N, num_warps) holding whole rows, or None past `limit`."""
-    block_n = triton.next_power_of_2(max(cols, 1))
+    block_n = next_power_of_2(max(cols, 1))
     if block_n > limit:
         return None
     block_m = max(1, min(MAX_ROWS_PER_TILE, TILE // block_n))
@@ -285,7 +285,7 @@ def _backward_programs(x: torch.Tensor, work: int) -> int:
 def _sum_tile(x: torch.Tensor, cols: int):
     """(BLOCK_P, BLOCK_N) of stage two: columns split over enough programs to
     fill the GPU, at least 32 and at most PARTIALS_TILE columns each."""
-    block_n = min(PARTIALS_TILE, max(32, triton.next_power_of_2(triton.cdiv(cols, _programs_to_fill(x)))))
+    block_n = min(PARTIALS_TILE, max(32, next_power_of_2(cdiv(cols, _programs_to_fill(x)))))
     return PARTIALS_TILE // block_n, block_n
 
 
@@ -317,7 +317,7 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out):
     with on_device(x):
         if tile is not None:
             block_m, block_n, num_warps = tile
-            _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+            _norm_fwd_kernel[(cdiv(rows, block_m),)](
                 x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, eps_high, eps_low,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
@@ -349,14 +349,14 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
     tile = _fused_tile(cols, BWD_FUSED_COLS)
     if tile is not None:
         block_m, block_n, num_warps = tile
-        programs = _backward_programs(x, triton.cdiv(rows, block_m))
-        rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
+        programs = _backward_programs(x, cdiv(rows, block_m))
+        rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
         new_partials = torch.empty
     else:
         programs = _backward_programs(x, rows)
-        rows_per_program = triton.cdiv(rows, programs)
+        rows_per_program = cdiv(rows, programs)
         new_partials = torch.zeros  # the chunked kernel adds into them
-    programs = triton.cdiv(rows, rows_per_program)
+    programs = cdiv(rows, rows_per_program)
     stat = _stat_dtype(x)
     dw_part = new_partials((programs, cols), dtype=stat, device=x.device) if need_dweight else rstd
     db_part = new_partials((programs, cols), dtype=stat, device=x.device) if need_dbias else rstd
@@ -375,7 +375,7 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
         block_p, block_n = _sum_tile(x, cols)
         for need, part, grad in ((need_dweight, dw_part, dweight), (need_dbias, db_part, dbias)):
             if need:
-                _sum_partials_kernel[(triton.cdiv(cols, block_n),)](
+                _sum_partials_kernel[(cdiv(cols, block_n),)](
                     part, grad, programs, cols, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return dx, dweight, dbias
 

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import dot, on_device, round_to
+from .._utils import cdiv, dot, on_device, round_to
 from .launch import (_INTERPRET, _col_spans, _configs, _cu_seqlens, _logit_scales, _prepare, _row_spans,
                      _unit_last_stride, _window_bounds)
 from .tiles import (_dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _sequence, _soft_capped,
@@ -229,12 +229,12 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             *buckets)
     dout_strides = dout.stride()[:3]
     rows_q, rows_k = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
-    grid_kv = lambda m: (triton.cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
+    grid_kv = lambda m: (cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     col_spans, cu_seqlens = _col_spans(mask), _cu_seqlens(packed)
     with on_device(q):
         block = 16 if _INTERPRET else 64
         # delta is per row: a packed batch's rows are those of one long sequence
-        _bwd_delta_kernel[(triton.cdiv(seq_q, block), heads_q, stats_batch)](
+        _bwd_delta_kernel[(cdiv(seq_q, block), heads_q, stats_batch)](
             out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"],
             BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
         if not deterministic:
@@ -247,7 +247,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
         _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_spans, *cu_seqlens,
                                   *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False,
                                   **meta)
-        grid_q = lambda m: (triton.cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
+        grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
         _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_spans(mask), *cu_seqlens, *args,
                                *dout_strides, *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import dot, on_device, round_to
+from .._utils import cdiv, dot, on_device, round_to
 from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _row_spans, _window_bounds, empty_out
 from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _sequence,
                     _soft_capped, _stats_start, _visible)
@@ -268,7 +268,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             lse[..., 1] = 0.0  # (m, l) = (-inf, 0)
         return out.zero_(), lse
     rows = packed.max_seqlen_q if packed else seq_q
-    grid = lambda meta_: (triton.cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
+    grid = lambda meta_: (cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
         if not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
                 forward_loads(q, k, v, out) == "descriptor":

@@ -6,6 +6,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .._utils import next_power_of_2
+
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,7 +45,7 @@ def _set_boxes(nargs):
 
 def _seq_bucket(n):
     """Autotune key: sequence lengths rounded up to a power of two."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def _unit_last_stride(t):
@@ -61,7 +63,7 @@ def empty_out(q, v_dim):
 
 
 def _block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # Dropout's Philox counter, m * ceil(Sk / 4) + n / 4, is an int32: Sq * Sk below this keeps it so.
