@@ -20,16 +20,12 @@ import torch
 
 from .backward import flash_attn_bwd
 from .forward import flash_attn_fwd
-from .launch import Packed
+from .launch import Packed, _unit_last_stride
 
 
 def _batched(t, batch: int):
     """A (total, H, D) tensor as the kernels' (B, H, total, D) view, batch stride 0."""
     return t.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
-
-
-def _unit_last_stride(*tensors):
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
@@ -39,7 +35,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     passed in (poisoned, by tests). dropout_p, seed, window and softcap as
     flash_attn_fwd's, per sequence (sequence b's dropout stream is batch
     entry b's)."""
-    q, k, v = _unit_last_stride(q, k, v)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch = cu_seqlens_q.numel() - 1
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2])) if out is None else out
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if lse is None else lse
@@ -58,7 +54,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                           dv=None, dropout_p: float = 0.0, seed=None, window=None, softcap: float = 0.0):
     """(dq, dk, dv) of a packed batch, each in its input's memory order;
     the rest as flash_attn_bwd's (gradients may be passed in, poisoned)."""
-    dout, q, k, v, out = _unit_last_stride(dout, q, k, v, out)
+    dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
