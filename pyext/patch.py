@@ -256,14 +256,15 @@ def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window,
         return known[1]
     positions = positions.reshape(-1)
     document = (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)
-    i = torch.arange(len(positions), device=positions.device)
-    expected = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
-    if sliding_window:
-        expected &= i[None, :] > i[:, None] - sliding_window
     rows = None
-    if int(document[-1]) > 0 and torch.equal(attention_mask[0, 0], expected):
-        lengths = torch.bincount(document)
-        rows = (torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32), int(lengths.max()))
+    if int(document[-1]) > 0:  # more than one document: build their mask (T x T) only then
+        i = torch.arange(len(positions), device=positions.device)
+        expected = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
+        if sliding_window:
+            expected &= i[None, :] > i[:, None] - sliding_window
+        if torch.equal(attention_mask[0, 0], expected):
+            lengths = torch.bincount(document)
+            rows = (torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32), int(lengths.max()))
     _packed_masks[attention_mask] = (sliding_window, rows)
     return rows
 
