@@ -242,6 +242,8 @@ BAD = [
     ("offset counts differ", lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:-1]), RuntimeError, "offsets"),
     ("offsets not a tensor", lambda a: a.update(cu_seqlens_q=[0, 17]), TypeError, "cu_seqlens_q must be a Tensor"),
     ("max_seqlen not an int", lambda a: a.update(max_seqlen_q=33.0), ValueError, "max_seqlen_q"),
+    ("window below -1", lambda a: a.update(window_size=(-2, 0)), ValueError, "flash_attention_varlen: window_size"),
+    ("negative softcap", lambda a: a.update(softcap=-1.0), ValueError, "flash_attention_varlen: softcap"),
     ("first offset not 0", lambda a: a["cu_seqlens_q"].add_(1), ValueError, "rise from 0"),
     ("last offset short", lambda a: a.update(q=a["q"][:-1]), ValueError, "rise from 0"),
     ("offsets fall", lambda a: a["cu_seqlens_k"].copy_(torch.tensor([0, 20, 18, 25, 58, 67])), ValueError,

@@ -422,7 +422,7 @@ def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor) -> Te
     return mask.reshape(*q.shape[:-1], key.shape[-2])
 
 
-def _window(window_size) -> Optional[Tuple[int, int]]:
+def _window(op: str, window_size) -> Optional[Tuple[int, int]]:
     """flash_attention's window_size as (left, right), or None for (-1, -1), no window."""
     try:
         left, right = (int(w) for w in window_size)
@@ -430,7 +430,7 @@ def _window(window_size) -> Optional[Tuple[int, int]]:
     except (TypeError, ValueError):
         valid = False
     if not valid:
-        raise ValueError(f"flash_attention: window_size must be two integers >= -1 (left, right), got {window_size!r}")
+        raise ValueError(f"{op}: window_size must be two integers >= -1 (left, right), got {window_size!r}")
     return None if (left, right) == (-1, -1) else (left, right)
 
 
@@ -554,7 +554,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
                            f"{k.shape[1]}/{v.shape[1]}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    window, softcap = _window(window_size), _softcap("flash_attention", softcap)
+    window, softcap = _window("flash_attention", window_size), _softcap("flash_attention", softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal_offset = k.shape[2] - q.shape[2]
     name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(

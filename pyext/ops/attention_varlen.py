@@ -228,7 +228,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
-    window = attention._window(window_size)
+    window = attention._window("flash_attention_varlen", window_size)
     softcap = attention._softcap("flash_attention_varlen", softcap)
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
