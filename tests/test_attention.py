@@ -863,6 +863,27 @@ def test_compile_fullgraph(backend, use_deterministic_algorithms, compiler, dete
         assert_close(g, r, p, name)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["flash_attention", "scaled_dot_product_attention"])
+def test_compile_fullgraph_self_attention_on_one_tensor(backend, op, deterministic_algorithms):
+    """q, k and v one tensor (attention(x, x, x)) compile with no graph
+    break (an autograd.Function given one tensor twice does not trace), and
+    the compiled gradient of x is eager's, bit for bit (deterministic)."""
+    x = make_tensor((1, 2, 9, 16), torch.bfloat16, device_for(backend))
+    causal = {"causal": True} if op == "flash_attention" else {"is_causal": True}
+
+    def f(x):
+        return getattr(pyext, op)(x, x, x, **causal, backend=backend).float().square().sum()
+
+    def grad(fn):
+        leaf = x.detach().requires_grad_()
+        return torch.autograd.grad(fn(leaf), leaf)[0]
+    deterministic_algorithms(True)
+    torch._dynamo.reset()
+    compiled = grad(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    assert torch.equal(compiled, grad(f))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -310,6 +310,24 @@ def test_compile_fullgraph(compiler):
     assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
 
 
+def test_compile_fullgraph_self_attention_with_one_offsets_tensor():
+    """attention_varlen(x, x, x, cu, cu, ...), one tensor for q, k and v and
+    one for both offsets, as packed self-attention calls it: no graph break
+    (an autograd.Function given one tensor twice does not trace), the
+    compiled gradient of x eager's, bit for bit."""
+    x, _, _, cu, _, longest, _ = packed(CASES[2], torch.bfloat16, device_for("triton"))
+
+    def f(x):
+        return pyext.flash_attention_varlen(x, x, x, cu, cu, longest, longest, causal=True, deterministic=True,
+                                            backend="triton").float().square().sum()
+
+    def grad(fn):
+        leaf = x.detach().requires_grad_()
+        return torch.autograd.grad(fn(leaf), leaf)[0]
+    torch._dynamo.reset()
+    assert torch.equal(grad(torch.compile(f, fullgraph=True, backend="aot_eager")), grad(f))
+
+
 def test_double_backward_under_auto_is_the_references(auto_runs_the_triton_kernels):
     """A backward with create_graph=True under auto: the reference's graph,
     so the second derivatives are the reference's own."""

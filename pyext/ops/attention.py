@@ -31,7 +31,7 @@ sliding-window mask, through pyext.patch).
 """
 import math
 import threading
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -292,6 +292,18 @@ class _FlashAttention(torch.autograd.Function):
                        "plain": (_make_backward, BWD)}[ctx.kind]
         dq, dk, dv = make(table[ctx.backend])(ctx, dout, dlse)[:3]
         return (None, None, None, dq, dk, dv) + (None,) * 8
+
+
+def _distinct(*tensors: Tensor) -> List[Tensor]:
+    """The tensors, each given again after its first place (q is k is v for
+    self-attention on one x; a packed batch's cu_seqlens_q is cu_seqlens_k)
+    as a view of itself there: torch.compile cannot trace an
+    autograd.Function given one tensor for two inputs. A view copies nothing
+    and passes gradients back to the tensor."""
+    out = []
+    for t in tensors:
+        out.append(t.view_as(t) if any(t is s for s in out) else t)
+    return out
 
 
 def _dropout_seed(device: torch.device) -> Tensor:
@@ -566,8 +578,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
-        out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, q, k, v, scale, causal,
-                                         causal_offset, dropout_p, seed, None, window, softcap)
+        out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, *_distinct(q, k, v), scale,
+                                         causal, causal_offset, dropout_p, seed, None, window, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -641,7 +653,7 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   q, k, v, scale, is_causal, 0, dropout_p, seed, mask, window, softcap)
+                                   *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap)
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
 
 
