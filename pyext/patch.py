@@ -209,13 +209,12 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     (Gemma 2's attn_logit_softcapping, which torch's SDPA and so transformers'
     integration refuse) goes to pyext's kernels with it, and so does the
     layer's sliding window where _hf_mask gave no mask for it. A packed row
-    (_hf_packed_rows) goes to flash_attention_varlen instead: its mask is
-    checked once per forward, and not read by the kernels."""
+    (_hf_packed_rows) goes to flash_attention_varlen instead, its mask not
+    read by the kernels."""
     packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
     if packed is not None:
-        cu_seqlens, longest = packed
-        out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), cu_seqlens, cu_seqlens,
-                                     longest, longest, causal=True, scale=kwargs.get("scaling"),
+        out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), *packed, causal=True,
+                                     scale=kwargs.get("scaling"),
                                      window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1),
                                      softcap=softcap or 0.0, dropout_p=kwargs.get("dropout", 0.0), backend=backend)
         return out[None], None  # (1, T, H, Dv), as transformers' integration returns it
@@ -228,45 +227,90 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
                                       sliding_window=sliding_window, **kwargs)
 
 
-# The masks _hf_packed_rows has read: mask -> (sliding window, (cu_seqlens,
-# longest) or None). transformers builds one per forward and layer type and
-# hands it to every layer of that type, so it is read once per forward.
+# The masks _hf_packed_rows has read: mask -> (sliding window, the packed
+# kwargs' offsets or None, what it made of them). transformers builds one
+# mask per forward and layer type and hands it to every layer of that type,
+# so it is read once per forward.
 _packed_masks = WeakTensorCache()
 
 
 def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs):
-    """(cu_seqlens, longest) when this HF attention call is over one row of
-    documents packed end to end (padding-free training: position_ids that
-    restart, from which transformers builds a block-diagonal causal mask),
-    for the Triton kernels (backend "triton", or auto on a GPU); else None.
-    The documents are where position_ids do not rise by 1 (transformers'
-    rule), and the call's mask must be exactly theirs, causal (and the
-    layer's sliding window) within each: a mask with anything more (an
-    image's bidirectional block, padding) is left to the mask path."""
+    """flash_attention_varlen's (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) when this HF attention call is over one row of documents
+    packed end to end (padding-free training), for the Triton kernels
+    (backend "triton", or auto on a GPU); else None.
+
+    The documents are those of FlashAttention's packed kwargs where the call
+    has them (cu_seq_lens_q/k and max_length_q/k, as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them),
+    else where position_ids do not rise by 1 (transformers' rule, from which
+    it builds a block-diagonal causal mask). In eager mode the call's mask
+    must be exactly theirs, causal (and the layer's sliding window) within
+    each: a mask with anything more (an image's bidirectional block, padding)
+    is left to the mask path. While torch.compile traces, no mask can be read
+    without a graph break: the packed kwargs are then taken at their word, as
+    transformers' FlashAttention integration takes them (they are its
+    "kwargs for Flash Attention with Compile"), and a call without them
+    goes to the mask path."""
     name = backend or _backend.get_backend()
-    positions = kwargs.get("position_ids")
-    if not (name == "triton" or name == "auto" and query.is_cuda) or torch.compiler.is_compiling() or \
-            not getattr(module, "is_causal", False) or not isinstance(positions, torch.Tensor) or \
-            not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or \
-            query.shape[0] != 1 or not query.shape[2] == key.shape[2] == positions.numel() > 1 or \
+    if not (name == "triton" or name == "auto" and query.is_cuda) or not getattr(module, "is_causal", False) or \
+            query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    declared = _flash_packed_kwargs(kwargs)
+    if torch.compiler.is_compiling():
+        window_known = not sliding_window or _windows_trusted(getattr(module, "config", None))
+        return declared if window_known else None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or \
             attention_mask.shape != (1, 1, query.shape[2], key.shape[2]):
         return None
+    offsets = declared[0] if declared is not None else None
     known = _packed_masks.get(attention_mask)
-    if known is not None and known[0] == sliding_window:
-        return known[1]
-    positions = positions.reshape(-1)
-    document = (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)
-    rows = None
-    if int(document[-1]) > 0:  # more than one document: build their mask (T x T) only then
-        i = torch.arange(len(positions), device=positions.device)
+    if known is not None and known[0] == sliding_window and known[1] is offsets:
+        return known[2]
+    document = _documents(offsets, kwargs.get("position_ids"), query.shape[2], attention_mask.device)
+    if declared is not None and not (declared[1] is offsets or torch.equal(declared[1], offsets)):
+        document = None  # keys split otherwise than queries: not what the (square, causal) mask says
+    packed = None
+    if document is not None and int(document[-1]) > 0:  # more than one document: build their mask (T x T) only then
+        i = torch.arange(len(document), device=document.device)
         expected = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
         if sliding_window:
             expected &= i[None, :] > i[:, None] - sliding_window
         if torch.equal(attention_mask[0, 0], expected):
             lengths = torch.bincount(document)
-            rows = (torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32), int(lengths.max()))
-    _packed_masks[attention_mask] = (sliding_window, rows)
-    return rows
+            cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            packed = declared or (cu_seqlens, cu_seqlens, int(lengths.max()), int(lengths.max()))
+    _packed_masks[attention_mask] = (sliding_window, offsets, packed)
+    return packed
+
+
+def _flash_packed_kwargs(kwargs):
+    """(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k) where an HF
+    call has all four (FlashAttention's packed-batch kwargs), else None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and max_q is not None and max_k is not None:
+        return cu_q, cu_k, max_q, max_k
+    return None
+
+
+def _documents(offsets, positions, tokens, device):
+    """Each of a row's `tokens` tokens' document number (0, 1, ...) on
+    `device`: from the packed kwargs' offsets when given (None unless they
+    split exactly these tokens), else from position_ids (None without them)."""
+    if tokens < 2:
+        return None
+    if offsets is not None:
+        bounds = offsets.tolist() if offsets.dim() == 1 else []
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        if not bounds or bounds[0] != 0 or bounds[-1] != tokens or min(lengths, default=0) < 0:
+            return None
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                       torch.tensor(lengths, device=device))
+    if not isinstance(positions, torch.Tensor) or positions.numel() != tokens:
+        return None
+    positions = positions.reshape(-1).to(device)
+    return (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)
 
 
 class _KeyHeadsUnrepeated:
@@ -418,7 +462,8 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
                              "mask")
     if model._pyext_backend not in ("torch", "cuda"):
         report.attention += ("; a row of packed documents (position_ids restarting, no cache): "
-                             "flash_attention_varlen (the Triton kernels, when they run), no mask read")
+                             "flash_attention_varlen (the Triton kernels, when they run), no mask read; under "
+                             "torch.compile, where the call has FlashAttention's packed kwargs (cu_seq_lens_q, ...)")
     return True
 
 

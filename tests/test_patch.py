@@ -1,5 +1,6 @@
 """pyext.patch / pyext.unpatch on models users already have."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -238,17 +239,21 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
 
 
-def _packed_call(positions, mask, backend="triton", sliding_window=None, batch=1):
-    """What _hf_packed_rows makes of an HF attention call over these positions with this (T, T) mask."""
+def _packed_call(positions, mask, backend="triton", sliding_window=None, batch=1, **kwargs):
+    """What _hf_packed_rows makes of an HF attention call over these positions
+    (None: no position_ids) with this (T, T) mask (None: no mask) and kwargs."""
     from pyext.patch import _hf_packed_rows
 
     class Layer:
         is_causal = True
-    t = len(positions)
+        config = None
+    t = len(positions) if positions is not None else mask.shape[-1] if mask is not None else \
+        int(kwargs["cu_seq_lens_q"][-1])
     query = torch.zeros(batch, 2, t, 8)
-    mask = mask.expand(batch, 1, t, t)
-    return _hf_packed_rows(backend, Layer(), query, query, mask, sliding_window,
-                           {"position_ids": torch.tensor([positions] * batch)})
+    mask = mask.expand(batch, 1, t, t) if mask is not None else None
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor([positions] * batch)
+    return _hf_packed_rows(backend, Layer(), query, query, mask, sliding_window, kwargs)
 
 
 def _block_causal(lengths, window=None):
@@ -258,14 +263,24 @@ def _block_causal(lengths, window=None):
     return mask & (i[None, :] > i[:, None] - window) if window else mask
 
 
+def _flash_kwargs(lengths, longest=None):
+    """FlashAttention's packed kwargs for documents of these lengths, as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them."""
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    longest = longest or max(lengths)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def test_a_packed_row_is_taken_only_with_exactly_its_block_diagonal_causal_mask():
     """The documents are where position_ids do not rise by 1; the call is
-    taken (cu_seqlens, longest) only when its mask is exactly theirs (with
-    the layer's window), for the Triton kernels, over one row."""
+    taken (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) only when
+    its mask is exactly theirs (with the layer's window), for the Triton
+    kernels, over one row."""
     positions, lengths = [*range(5), *range(4), *range(7)], [5, 4, 7]
-    cu_seqlens, longest = _packed_call(positions, _block_causal(lengths))
-    assert cu_seqlens.tolist() == [0, 5, 9, 16] and cu_seqlens.dtype == torch.int32 and longest == 7
-    assert _packed_call(positions, _block_causal(lengths, 3), sliding_window=3)[1] == 7
+    cu_q, cu_k, longest_q, longest_k = _packed_call(positions, _block_causal(lengths))
+    assert cu_q.tolist() == cu_k.tolist() == [0, 5, 9, 16] and cu_q.dtype == torch.int32
+    assert longest_q == longest_k == 7
+    assert _packed_call(positions, _block_causal(lengths, 3), sliding_window=3)[2] == 7
     more = _block_causal(lengths).clone()
     more[1, 2] = True  # one bidirectional pair (an image's block, say): not a packed row's mask
     assert _packed_call(positions, more) is None
@@ -274,6 +289,29 @@ def test_a_packed_row_is_taken_only_with_exactly_its_block_diagonal_causal_mask(
     assert _packed_call(list(range(16)), _block_causal([16])) is None  # one document: not packed
     assert _packed_call(positions, _block_causal(lengths), backend="torch") is None
     assert _packed_call(positions, _block_causal(lengths), batch=2) is None
+
+
+def test_flash_attentions_packed_kwargs_must_match_the_mask_in_eager_and_are_taken_as_given_under_compile(
+        monkeypatch):
+    """FlashAttention's packed kwargs (cu_seq_lens_q, ...) name the documents
+    where a call has them: in eager mode taken only when the mask is exactly
+    theirs (whatever position_ids say), the offsets and longest lengths as
+    given; while torch.compile traces, taken without a mask (none can be read
+    there), but not with a sliding window the layer's config does not vouch
+    for; a call without them then goes to the mask path."""
+    positions, lengths = [*range(5), *range(4), *range(7)], [5, 4, 7]
+    given = _flash_kwargs(lengths, longest=8)
+    taken = _packed_call(None, _block_causal(lengths), **given)
+    assert taken[0] is given["cu_seq_lens_q"] and taken[1] is given["cu_seq_lens_k"] and taken[2:] == (8, 8)
+    assert _packed_call(positions, _block_causal(lengths), **given)[0] is given["cu_seq_lens_q"]
+    assert _packed_call(positions, _block_causal(lengths), **_flash_kwargs([9, 7])) is None  # not the mask's
+    assert _packed_call(positions, _block_causal(lengths), **_flash_kwargs([5, 4, 6])) is None  # 15 of 16 tokens
+    split_keys = dict(given, cu_seq_lens_k=torch.tensor([0, 9, 16], dtype=torch.int32))
+    assert _packed_call(positions, _block_causal(lengths), **split_keys) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _packed_call(None, None, **given)[0] is given["cu_seq_lens_q"]
+    assert _packed_call(positions, _block_causal(lengths)) is None
+    assert _packed_call(None, None, sliding_window=3, **given) is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -297,6 +335,56 @@ def test_an_hf_row_of_packed_documents_runs_the_varlen_kernels(kind, backend, mo
     check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, position_ids=positions,
                            labels=ids, use_cache=False)
     assert not calls["masked"] and bool(calls["varlen"]) == (backend == "triton")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_an_hf_row_of_packed_documents_with_flash_attentions_kwargs_runs_the_varlen_kernels(kind, monkeypatch):
+    """The same row with FlashAttention's packed kwargs too (cu_seq_lens_q,
+    ...: DataCollatorWithFlattening(return_flash_attn_kwargs=True)), which
+    transformers' SDPA integration ignores: the offsets given go to the
+    varlen kernels, the result within the rule against the float64 original."""
+    from pyext.ops import attention, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    device = device_for("triton")
+    original = sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2)
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    positions = torch.tensor([[*range(5), *range(4), *range(7)]], device=device)
+    given = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _flash_kwargs([5, 4, 7]).items()}
+    check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, position_ids=positions,
+                           labels=ids, use_cache=False, **given)
+    assert not calls["masked"] and calls["varlen"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_a_compiled_hf_model_runs_packed_rows_given_flash_attentions_kwargs(kind, monkeypatch):
+    """torch.compile(fullgraph=True) of a patched model over rows of packed
+    documents with FlashAttention's packed kwargs: the varlen kernels run
+    them (no mask read, no masked kernel), the loss and gradients as in
+    eager mode; three batches whose longest documents differ (max_length, an
+    int, traced as a SymInt once it has changed)."""
+    from pyext.ops import attention, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    device = device_for("triton")
+    model = pyext.patch(sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2).to(torch.bfloat16),
+                        backend="triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    for lengths in ([5, 4, 7], [3, 8, 2, 3], [6, 6, 4]):
+        ids = torch.randint(0, 64, (1, 16), generator=g).to(device)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+        given = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _flash_kwargs(lengths).items()}
+        batch = dict(input_ids=ids, position_ids=positions, labels=ids, use_cache=False, **given)
+
+        def loss_and_grads(run):
+            loss = run(**batch).loss
+            return [loss] + list(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+        calls["varlen"].clear()
+        got = loss_and_grads(compiled)
+        assert calls["varlen"] and not calls["masked"], lengths
+        for a, b in zip(got, loss_and_grads(model)):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("kind", KINDS)
