@@ -437,7 +437,8 @@ class _RoutedForward:
 
 def _use_pyext_attention_in_hf(model, report) -> bool:
     """Register and select the "pyext" attention implementation on an HF
-    model ("pyext-<backend>" for a named backend)."""
+    model ("pyext-<backend>" for a named backend); False where the model
+    has no AttentionInterface to select it through."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
@@ -453,8 +454,14 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
     AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
     AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
-    model._pyext_hf_attn = config._attn_implementation
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        return False  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
+    previous = config._attn_implementation
     model.set_attn_implementation(impl)
+    if config._attn_implementation != impl:
+        return False
+    model._pyext_hf_attn = previous
     report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
     if _native_windows_apply(model):
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))

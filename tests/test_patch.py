@@ -58,6 +58,9 @@ def hf_model(kind):
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
         return tf.Qwen2ForCausalLM(cfg)
+    if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
+        cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
+        return tf.FalconForCausalLM(cfg)
     cfg = tf.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=32, intermediate_size=64,
                         vocab_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return tf.BertForMaskedLM(cfg)
@@ -84,7 +87,7 @@ def loss_of(model, kind, device, dtype):
     return outputs_of(model, kind, device, dtype)[1]
 
 
-KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3"]
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3", "falcon"]
 
 
 def build(kind):
@@ -404,7 +407,7 @@ def test_state_dict_and_parameters_are_untouched(kind):
 
 
 ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1, "deepseek_v3": 1,
-                    "gemma2": 2, "gemma3": 2}
+                    "gemma2": 2, "gemma3": 2, "falcon": 1}
 
 
 @pytest.fixture
