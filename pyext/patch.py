@@ -20,10 +20,11 @@
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
-  the model; GPT-2's, BERT's and Llama's own activation and RMSNorm modules
-  (and the RMSNorm of any model whose forward is Llama's: Mistral, Qwen2/3,
-  Phi-3, ...; or Gemma's, x / rms * (1 + weight): Gemma 1, 2 and 3) are
-  replaced by pyext modules sharing their parameters. A
+  the model; the models' own GELU modules and RMSNorm modules (any whose
+  code is one of _HF_RMS_NORMS: Llama's and its copies in Mistral, Qwen2/3,
+  Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's, x / rms * (1 +
+  weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4) are replaced by
+  pyext modules sharing their parameters. A
   logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
   integration refuses) goes to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall
@@ -34,6 +35,7 @@
   named backend does everywhere in pyext.
 """
 import functools
+import importlib
 import inspect
 import logging
 import threading
@@ -150,55 +152,74 @@ def _hf_module_swaps():
     return swaps
 
 
+# transformers' RMSNorm computations that pyext's modules compute: (module,
+# class holding the code, the attribute holding eps, pyext's module). The
+# statistics in float32 in each; pyext's one rounding at the end is within
+# the rule of all (Llama's rounds x / rms before the weight product too).
+_HF_RMS_NORMS = (
+    ("llama", "LlamaRMSNorm", "variance_epsilon", "RMSNorm"),  # Mistral, Qwen2 and 3, Phi-3, ...
+    ("olmo2", "Olmo2RMSNorm", "variance_epsilon", "RMSNorm"),  # weight * x / rms in fp32: OLMo 2 and 3, GPT-OSS, ...
+    ("helium", "HeliumRMSNorm", "variance_epsilon", "RMSNorm"),  # the same, weight cast first: Nemotron-H, ...
+    ("llama4", "Llama4TextRMSNorm", "eps", "RMSNorm"),  # Llama's, through its _norm
+    ("gemma3n", "Gemma3nRMSNorm", "eps", "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
+    ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
+)
+
+
+@functools.lru_cache(maxsize=1)
 def _hf_rms_norms():
-    """transformers' two RMSNorm computations, Llama's and Gemma's: (class, factory of the pyext module)."""
+    """(transformers' class, factory of the pyext module replacing one) for
+    each of _HF_RMS_NORMS this transformers has."""
     norms = []
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        norms.append((LlamaRMSNorm, _rms_norm_module))
-        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-        norms.append((GemmaRMSNorm, _gemma_rms_norm_module))
-    except ImportError:
-        pass
+    for model, name, eps, pyext_class in _HF_RMS_NORMS:
+        try:
+            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            factory = functools.partial(_rms_norm_module, getattr(pnn, pyext_class), eps)
+            norms.append((getattr(module, name), factory))
     return norms
 
 
 def _hf_swap(cls, swaps):
     """The (flag, factory) of an HF module class, or None. Besides the classes
-    named in `swaps`, any RMSNorm class whose forward is LlamaRMSNorm's or
-    GemmaRMSNorm's, the same bytecode reading the same attributes: the many
-    models whose code copies one (Mistral, Qwen2 and 3, Phi-3, ...; Gemma 2
-    and 3)."""
+    named in `swaps`, any RMSNorm class that computes as one of
+    _HF_RMS_NORMS, the same bytecode reading the same attributes: the many
+    models whose code copies one."""
     if cls in swaps:
         return swaps[cls]
     if cls.__name__.endswith("RMSNorm"):
         for norm, _ in _hf_rms_norms():
-            if _same_code(cls.forward, norm.forward):
+            if all(_same_code(getattr(cls, f, None), getattr(norm, f, None)) for f in ("forward", "_norm")):
                 return swaps[norm]
     return None
 
 
 def _same_code(f, g) -> bool:
+    """Whether f and g run the same code, or are both absent."""
+    if f is None or g is None:
+        return f is g
     a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
     return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
             and a.co_names == b.co_names and a.co_varnames == b.co_varnames)
 
 
 def _gelu_module(approximate, old, backend):
+    """pyext.nn.GELU, or why not."""
     if approximate == "none" and getattr(old, "act", F.gelu) is not F.gelu:
-        return None  # a GELUActivation built on another function: not ours to change
+        return "not a function pyext implements"  # a GELUActivation built on another function
     return pnn.GELU(approximate, backend=backend)
 
 
-def _rms_norm_module(old, backend):
-    new = pnn.RMSNorm(old.weight.shape, eps=old.variance_epsilon, device="meta", backend=backend)
-    new.weight = old.weight  # the same Parameter: optimizers and state_dict see no change
-    return new
-
-
-def _gemma_rms_norm_module(old, backend):
-    new = pnn.GemmaRMSNorm(old.weight.shape[0], eps=old.eps, device="meta", backend=backend)
-    new.weight = old.weight  # as above
+def _rms_norm_module(pyext_class, eps, old, backend):
+    """pyext_class (pyext.nn.RMSNorm or GemmaRMSNorm) holding `old`'s weight
+    Parameter itself (optimizers and state_dict see no change), or why not."""
+    weight = old._parameters.get("weight")
+    if weight is None:  # Gemma 3n's value norm, say: pyext's modules are built for one size
+        return "no weight: its size is the input's, pyext.nn.RMSNorm's fixed"
+    new = pyext_class(weight.shape[0], eps=getattr(old, eps), device="meta", backend=backend)
+    new.weight = weight
     return new
 
 
@@ -512,10 +533,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             report.swapped.append((path, cls.__name__, f"pyext.nn.{new_cls.__name__}"))
         elif (hf_swap := _hf_swap(cls, hf_swaps)) is not None:
             flag, make = hf_swap
-            new = make(module, backend) if enabled[flag] else None
-            if new is None:
-                why = f"{flag}=False" if not enabled[flag] else "not a function pyext implements"
-                report.left.append((path, cls.__name__, why))
+            new = make(module, backend) if enabled[flag] else f"{flag}=False"
+            if isinstance(new, str):  # why not
+                report.left.append((path, cls.__name__, new))
                 continue
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path)

@@ -1,5 +1,6 @@
 """pyext.patch / pyext.unpatch on models users already have."""
 import copy
+import importlib
 import itertools
 
 import pytest
@@ -841,16 +842,20 @@ def test_a_soft_cap_is_noted_in_the_report_with_where_its_calls_go():
     assert pyext.patch_report(pyext.patch(gemma2, backend="triton")).notes == []
 
 
-def test_hf_rms_norms_are_swapped_by_what_they_compute():
-    """Llama's RMSNorm (x / rms, rounded, times weight) and its copies become
-    pyext.nn.RMSNorm; Gemma's (x / rms * (1 + weight) in float32, rounded
-    once) and its copies pyext.nn.GemmaRMSNorm; an RMSNorm computing
-    something else is left."""
+def hf_class(model, name):
+    """transformers.models.<model>.modeling_<model>.<name>."""
     pytest.importorskip("transformers")
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm  # a copy of GemmaRMSNorm
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # a copy of LlamaRMSNorm
+    return getattr(importlib.import_module(f"transformers.models.{model}.modeling_{model}"), name)
 
+
+def test_hf_rms_norms_are_swapped_by_what_they_compute():
+    """transformers' RMSNorm computations that pyext computes, and their
+    copies in other models, become pyext.nn.RMSNorm (Llama's: x / rms,
+    rounded, times weight; OLMo 2's and Helium's: weight * x / rms in
+    float32, rounded once; Llama 4's; Gemma 3n's, weight optional) or
+    pyext.nn.GemmaRMSNorm (Gemma's: x / rms * (1 + weight)), holding the
+    same Parameter and eps; an RMSNorm computing something else, or with no
+    weight (whose size pyext's modules cannot know), is left, saying why."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -858,34 +863,54 @@ def test_hf_rms_norms_are_swapped_by_what_they_compute():
 
         def forward(self, x):
             return x * self.weight
-    model = torch.nn.ModuleDict({"qwen2": Qwen2RMSNorm(8, eps=1e-5), "gemma": GemmaRMSNorm(8, eps=1e-5),
-                                 "gemma2": Gemma2RMSNorm(8), "other": OtherRMSNorm()})
-    weights = {name: m.weight for name, m in model.items()}
+
+    class OtherNormRMSNorm(hf_class("gemma3n", "Gemma3nRMSNorm")):  # Gemma 3n's forward, another _norm
+        def _norm(self, x):
+            return x
+    norms = {"qwen2": hf_class("qwen2", "Qwen2RMSNorm")(8, eps=1e-5),  # a copy of Llama's
+             "olmo2": hf_class("olmo2", "Olmo2RMSNorm")(8),
+             "gpt_oss": hf_class("gpt_oss", "GptOssRMSNorm")(8, eps=1e-5),  # a copy of OLMo 2's
+             "nemotron_h": hf_class("nemotron_h", "NemotronHRMSNorm")(8),  # a copy of Helium's
+             "llama4": hf_class("llama4", "Llama4TextRMSNorm")(8),
+             "gemma4": hf_class("gemma4", "Gemma4RMSNorm")(8),  # a copy of Gemma 3n's
+             "gemma": hf_class("gemma", "GemmaRMSNorm")(8, eps=1e-5),
+             "gemma2": hf_class("gemma2", "Gemma2RMSNorm")(8),  # a copy of Gemma's
+             "unscaled": hf_class("gemma4", "Gemma4RMSNorm")(8, with_scale=False),
+             "other": OtherRMSNorm(), "other_norm": OtherNormRMSNorm(8)}
+    model = torch.nn.ModuleDict(norms)
     pyext.patch(model, attention=False)
     report = pyext.patch_report(model)
+    gemma, left = {"gemma", "gemma2"}, {"unscaled", "other", "other_norm"}
     assert [(path, new) for path, _, new in report.swapped] == [
-        ("qwen2", "pyext.nn.RMSNorm"), ("gemma", "pyext.nn.GemmaRMSNorm"), ("gemma2", "pyext.nn.GemmaRMSNorm")]
-    assert [(path, why) for path, _, why in report.left] == [("other", "no pyext equivalent")]
-    assert all(model[name].weight is w for name, w in weights.items())
-    assert model["qwen2"].eps == 1e-5 and model["gemma"].eps == 1e-5 and model["gemma2"].eps == 1e-6
+        (name, "pyext.nn.GemmaRMSNorm" if name in gemma else "pyext.nn.RMSNorm") for name in norms
+        if name not in left]
+    assert [(path, why) for path, _, why in report.left] == [
+        ("unscaled", "no weight: its size is the input's, pyext.nn.RMSNorm's fixed"),
+        ("other", "no pyext equivalent"), ("other_norm", "no pyext equivalent")]
+    for name, old in norms.items():
+        if name not in left:
+            eps = old.variance_epsilon if hasattr(old, "variance_epsilon") else old.eps
+            assert model[name].weight is old.weight and model[name].eps == eps, name
+
+
+HF_RMS_NORMS = [("llama", "LlamaRMSNorm"), ("olmo2", "Olmo2RMSNorm"), ("helium", "HeliumRMSNorm"),
+                ("llama4", "Llama4TextRMSNorm"), ("gemma3n", "Gemma3nRMSNorm"), ("gemma", "GemmaRMSNorm")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gemma_rms_norm_matches_transformers_own(backend, dtype):
-    """pyext.nn.GemmaRMSNorm against transformers' GemmaRMSNorm: y, dx and
-    dweight within the rule against the float64 oracle (the module in
-    float64), transformers' module in `dtype` the yardstick; state_dict
-    loads both ways."""
-    pytest.importorskip("transformers")
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+@pytest.mark.parametrize("model,norm", HF_RMS_NORMS, ids=[name for name, _ in HF_RMS_NORMS])
+def test_a_swapped_hf_rms_norm_matches_transformers_own(model, norm, backend, dtype):
+    """What pyext.patch makes of each of transformers' RMSNorm computations
+    against transformers' module: y, dx and dweight within the rule against
+    the float64 oracle (the module in float64), transformers' module in
+    `dtype` the yardstick."""
     device = device_for(backend)
-    theirs = GemmaRMSNorm(96).to(device)
+    theirs = hf_class(model, norm)(96).to(device)
     with torch.no_grad():
         theirs.weight.normal_(0, 0.5)
-    ours = pyext.nn.GemmaRMSNorm(96, backend=backend).to(device)
-    ours.load_state_dict(theirs.state_dict())
-    theirs.load_state_dict(ours.state_dict())
+    ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
+    assert type(ours).__module__ == "pyext.nn"
     x = torch.randn(7, 96, device=device) * 3
     dy = torch.randn(7, 96, device=device)
 
@@ -897,6 +922,20 @@ def test_gemma_rms_norm_matches_transformers_own(backend, dtype):
     for name, o, r, p in zip(["y", "dx", "dweight"], run(ours, dtype), run(theirs, torch.float64),
                              run(theirs, dtype)):
         assert_close(o, r, p, name)
+
+
+def test_gemma_rms_norm_state_dict_loads_both_ways():
+    """pyext.nn.GemmaRMSNorm, built on its own, and transformers' GemmaRMSNorm: one state_dict."""
+    theirs = hf_class("gemma", "GemmaRMSNorm")(96)
+    ours = pyext.nn.GemmaRMSNorm(96)
+    with torch.no_grad():
+        theirs.weight.normal_(0, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.weight, theirs.weight)
+    with torch.no_grad():
+        ours.weight.normal_(0, 0.5)
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(ours.weight, theirs.weight)
 
 
 @pytest.mark.parametrize("name", ["FastGELUActivation", "AccurateGELUActivation", "NewGELUActivation"])
