@@ -242,7 +242,10 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     window = None
     if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
             _windows_trusted(getattr(module, "config", None)):
-        window = (sliding_window - 1, -1)  # key j seen by query i iff i - W < j (<= i, causal): the mask's band
+        # key j seen by query i iff i - W < j (<= i, causal): the mask's band;
+        # |i - j| < W in a bidirectional layer (ModernBERT's local attention),
+        # FlashAttention's window (W - 1, W - 1) in transformers' integration
+        window = (sliding_window - 1, -1 if getattr(module, "is_causal", True) else sliding_window - 1)
     with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True):
         return sdpa_attention_forward(_KeyHeadsUnrepeated(module), query, key, value, attention_mask,
                                       sliding_window=sliding_window, **kwargs)

@@ -59,6 +59,11 @@ def hf_model(kind):
         cfg = tf.Qwen2Config(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              hidden_size=32, intermediate_size=64, vocab_size=64)
         return tf.Qwen2ForCausalLM(cfg)
+    if kind == "modernbert":  # bidirectional; layer 1 a local one, keys within 2 tokens either side
+        cfg = tf.ModernBertConfig(num_hidden_layers=2, global_attn_every_n_layers=2, local_attention=4,
+                                  num_attention_heads=2, hidden_size=32, intermediate_size=64, vocab_size=64,
+                                  pad_token_id=0, embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0)
+        return tf.ModernBertForMaskedLM(cfg)
     if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
         cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
         return tf.FalconForCausalLM(cfg)
@@ -241,6 +246,48 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     assert not calls["masked"] and bool(calls["window"]) == (backend == "triton")
     from pyext.patch import _windows_trusted
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal):
+    """An HF attention call with no mask and a sliding window W, on a model
+    whose windows pyext applies itself: key j seen by query i iff
+    i - W < j <= i in a causal layer, |i - j| < W in a bidirectional one
+    (ModernBERT's local attention; FlashAttention's window (W - 1, W - 1) in
+    transformers' integration): within the rule against the band mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from pyext.patch import _hf_attention
+    model = pyext.patch(build("mistral"), backend="triton")  # a model whose windows pyext applies
+
+    class Layer:
+        num_key_value_groups, layer_idx, config, is_causal = 1, 0, model.config, causal
+    device = device_for("triton")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=g).to(device) for _ in range(3))
+    i = torch.arange(12, device=device)
+    band = (i[None, :] > i[:, None] - 3) & ((i[None, :] <= i[:, None]) if causal else (i[None, :] < i[:, None] + 3))
+    out = _hf_attention(sdpa_attention_forward, "triton", Layer(), *(t.bfloat16() for t in (q, k, v)), None,
+                        sliding_window=3, scaling=0.25)[0]
+    ref, pt = (F.scaled_dot_product_attention(*(t.to(dtype) for t in (q, k, v)), attn_mask=band,
+                                              scale=0.25).transpose(1, 2) for dtype in (torch.float64, torch.bfloat16))
+    assert_close(out, ref, pt, "out")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_an_hf_bidirectional_sliding_window_model_matches_the_original(padded):
+    """ModernBERT, a global layer and a local one (keys within 2 tokens
+    either side), patched with the Triton kernels, over 12 tokens with and
+    without padding: logits and every gradient within the rule against the
+    float64 original."""
+    device = device_for("triton")
+    original = sharp_hf_model("modernbert", device)
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
+    if padded:
+        mask[1, 8:] = 0
+    check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, attention_mask=mask,
+                           labels=ids.masked_fill(mask == 0, -100))
 
 
 def _packed_call(positions, mask, backend="triton", sliding_window=None, batch=1, **kwargs):
