@@ -290,6 +290,23 @@ def test_an_hf_bidirectional_sliding_window_model_matches_the_original(padded):
                            labels=ids.masked_fill(mask == 0, -100))
 
 
+def test_an_hf_model_without_sdpa_support_keeps_its_attention():
+    """BigBird-Pegasus's decoder supports only transformers' eager attention
+    (its self-attention layers are not marked causal: the mask alone makes
+    them so, and the SDPA integration would drop it): pyext leaves its
+    attention alone, says so, and the patched model computes as before."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BigBirdPegasusConfig(d_model=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                                  vocab_size=64, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)
+    original = tf.BigBirdPegasusForCausalLM(cfg).double()
+    patched = pyext.patch(copy.deepcopy(original), backend="torch")
+    assert pyext.patch_report(patched).attention == ("left: BigBirdPegasusForCausalLM does not support "
+                                                     "transformers' SDPA attention, on which pyext's is built")
+    assert patched.config._attn_implementation == "eager"
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(patched(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
 def _packed_call(positions, mask, backend="triton", sliding_window=None, batch=1, **kwargs):
     """What _hf_packed_rows makes of an HF attention call over these positions
     (None: no position_ids) with this (T, T) mask (None: no mask) and kwargs."""
