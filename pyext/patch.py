@@ -463,7 +463,8 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     """Register and select the "pyext" attention implementation on an HF
     model ("pyext-<backend>" for a named backend); False where the model
     has no AttentionInterface to select it through. A model that does not
-    support transformers' SDPA integration keeps its attention."""
+    support transformers' SDPA integration, on which pyext's is built, keeps
+    its attention (unless a logit soft cap is why)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
@@ -482,7 +483,10 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if callable(can_set) and not can_set():
         return False  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
-    if not getattr(model, "_supports_sdpa", False):  # its masks or causality may hold only for its eager attention
+    # transformers refuses its SDPA integration to a model whose attention
+    # holds only eagerly (causal by its mask alone, say), and to one with a
+    # logit soft cap (Gemma 2), which torch's SDPA lacks and pyext's kernels apply
+    if not (getattr(model, "_supports_sdpa", False) or _hf_softcap(model)):
         report.attention = (f"left: {type(model).__name__} does not support transformers' SDPA attention, on which "
                             "pyext's is built")
         return True
