@@ -27,8 +27,8 @@ from [S/2, S], as an HF encoder (BERT) gets a padded batch; and
 attn_mask with is_causal=False, as HF hands SDPA a decoder's padded batch.
 FLOPs counted: every (query, key) pair for "padded", half for
 "causal-padded" (the pairs a causal attention computes), whatever the
-lengths; the kernels skip the masked blocks they can (_row_spans and
-_col_spans in triton_kernels/flash_attention/launch.py).
+lengths; the kernels skip the masked blocks they can (row_spans and
+col_spans in triton_kernels/flash_attention/mask_spans.py).
 And "window": a causal sliding window of WINDOW keys (Gemma 3's local
 layers; Mistral's is 4096) at long S: pyext-triton and FlashAttention's
 package as window_size=(WINDOW - 1, -1), no mask; pyext-triton-mask and the

@@ -6,6 +6,7 @@ from any shape and strides, with dropout too. "auto" leaves masked calls to
 torch's SDPA until a GPU run measures ours faster (SDPA_MASK_AUTO_ORDER);
 backend="triton" runs them.
 """
+import math
 import re
 
 import pytest
@@ -145,8 +146,8 @@ def test_rows_masked_everywhere_give_what_torch_gives(fill, deterministic):
 
 
 def structured_mask(name, batch, seq_q, seq_k, device):
-    """Boolean masks with whole blocks to skip (_row_spans and _col_spans in
-    triton_kernels/flash_attention/launch.py): a causal mask given as a mask,
+    """Boolean masks with whole blocks to skip (row_spans and col_spans in
+    triton_kernels/flash_attention/mask_spans.py): a causal mask given as a mask,
     right and left padding of the keys, HF's decoder mask (causal and right
     padding), and a causal sliding window of 20 keys (blocks to skip before
     and after each row's keys), (B, 1, Sq, Sk) or (B, 1, 1, Sk)."""
@@ -177,17 +178,44 @@ def test_the_block_bounds_of_a_boolean_mask():
     """Per query row its first attended key and one past its last, per key its
     first attending row and one past its last, (Sk, 0) and (Sq, 0) for none:
     from the mask's own extent when broadcast."""
-    from pyext.triton_kernels.flash_attention.launch import _col_spans, _mask_view, _row_spans
+    from pyext.triton_kernels.flash_attention.launch import _mask_view
+    from pyext.triton_kernels.flash_attention.mask_spans import col_spans, row_spans
     mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
     cpu = torch.device("cpu")
 
     def spans(m, shape):
         view = _mask_view(m, shape, cpu)[0]
-        return _row_spans(view)[0, -1].tolist(), _col_spans(view)[0, -1].tolist()
+        return row_spans(view)[0, -1].tolist(), col_spans(view)[0, -1].tolist()
     assert spans(mask, (1, 1, 3, 4)) == ([[1, 3], [4, 0], [0, 4]], [[2, 3], [0, 1], [0, 1], [2, 3]])
     assert spans(mask[:, :1], (1, 2, 3, 4)) == ([[4, 0], [4, 0], [0, 4]], [[2, 3]] * 4)  # the same for every key
     assert spans(mask[:1], (1, 2, 3, 4)) == ([[1, 3]] * 3, [[3, 0], [0, 3], [0, 3], [3, 0]])  # every row
-    assert _row_spans(_mask_view(torch.randn(3, 4), (1, 1, 3, 4), cpu)[0]) is None  # additive: no bounds
+    assert row_spans(_mask_view(torch.randn(3, 4), (1, 1, 3, 4), cpu)[0]) is None  # additive: no bounds
+
+
+def reference_spans(mask, dim):
+    """(first nonzero index, one past the last) along dim, (n, 0) where none: by the definition."""
+    n = mask.shape[dim]
+    index = torch.arange(n).view(-1, *([1] * (-dim - 1)))
+    first = torch.where(mask, index, n).amin(dim)
+    end = torch.where(mask, index + 1, 0).amax(dim)
+    return torch.stack([first, end], -1)
+
+
+@pytest.mark.parametrize("extent", [(2, 3, 37, 53), (2, 1, 37, 53), (2, 1, 1, 53), (1, 1, 37, 1), (2, 3, 1, 1)],
+                         ids=str)
+def test_the_block_bounds_of_random_masks(extent):
+    """row_spans and col_spans of sparse random masks (a row or key with no
+    hit among them) over several of the kernel's blocks, broadcast from the
+    mask's own extent to (2, 3, 37, 53), against the definition."""
+    from pyext.triton_kernels.flash_attention.launch import _mask_view
+    from pyext.triton_kernels.flash_attention.mask_spans import col_spans, row_spans
+    g = torch.Generator().manual_seed(sum(extent))
+    mask = torch.rand(extent, generator=g) < (0.05 if math.prod(extent) > 100 else 0.5)
+    shape = (2, 3, 37, 53)
+    view = _mask_view(mask, shape, torch.device("cpu"))[0]
+    full = mask.expand(shape)
+    assert torch.equal(row_spans(view), reference_spans(full, -1).int())
+    assert torch.equal(col_spans(view), reference_spans(full, -2).int())
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -5,8 +5,8 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv, dot, on_device, round_to
-from .launch import (_INTERPRET, _col_spans, _configs, _cu_seqlens, _logit_scales, _prepare, _row_spans,
-                     _unit_last_stride, _window_bounds)
+from .launch import _INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare, _unit_last_stride, _window_bounds
+from .mask_spans import col_spans, row_spans
 from .tiles import (_dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _sequence, _soft_capped,
                     _stats_start, _visible)
 
@@ -98,7 +98,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         h = hk * group + g
         bh = b * heads_q + h
         first, end = lo, hi
-        if MASK == 1:  # only the query blocks between the keys' first and last attending rows (see _col_spans)
+        if MASK == 1:  # only the query blocks between the keys' first and last attending rows (mask_spans.col_spans)
             spans = col_span_ptr + (bh * seq_k + offs_n) * 2
             first = tl.maximum(lo, tl.min(tl.load(spans, mask=offs_n < seq_k, other=seq_q)) // BLOCK_M * BLOCK_M)
             end = tl.max(tl.load(spans + 1, mask=offs_n < seq_k, other=0))
@@ -230,7 +230,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     dout_strides = dout.stride()[:3]
     rows_q, rows_k = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
     grid_kv = lambda m: (cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
-    col_spans, cu_seqlens = _col_spans(mask), _cu_seqlens(packed)
+    spans, cu_seqlens = col_spans(mask), _cu_seqlens(packed)
     with on_device(q):
         block = 16 if _INTERPRET else 64
         # delta is per row: a packed batch's rows are those of one long sequence
@@ -239,15 +239,15 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, col_spans,
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans,
                                          *cu_seqlens, *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail,
                                          ATOMIC_DQ=True, **meta)
             torch.mul(dq_acc, scale, out=dq[:stats_batch])
             return dq, dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, col_spans, *cu_seqlens,
+        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, spans, *cu_seqlens,
                                   *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False,
                                   **meta)
         grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, _row_spans(mask), *cu_seqlens, *args,
+        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask), *cu_seqlens, *args,
                                *dout_strides, *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv

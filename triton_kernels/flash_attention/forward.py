@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv, dot, on_device, round_to
-from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _row_spans, _window_bounds, empty_out
+from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _window_bounds, empty_out
+from .mask_spans import row_spans
 from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _sequence,
                     _soft_capped, _stats_start, _visible)
 
@@ -276,7 +277,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
                                   *_logit_scales(scale, softcap), causal_offset, *buckets, **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, _row_spans(mask), *_cu_seqlens(packed), *args,
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_spans(mask), *_cu_seqlens(packed), *args,
                               *out.stride()[:3],
                               *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
                               WINDOW=window is not None, **meta)

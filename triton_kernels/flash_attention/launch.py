@@ -85,51 +85,6 @@ def _mask_view(mask, shape, device):
     return (mask.view(torch.int8) if kind == 1 else mask), tuple(mask.stride()), kind
 
 
-# Block bounds of a boolean mask, from its (B, Hq, Sq, Sk) int8 view (None for
-# no mask or an additive one): the kernels visit only the key blocks between a
-# query block's first and last attended keys, and the query blocks between a
-# key block's first and last attending rows. So a causal mask given as a mask
-# (HF's decoders with padding) costs a causal attention's work, a sliding
-# window (Mistral's, Gemma's local layers, gpt-oss's) S x W rather than
-# S^2 / 2, and padding keys, left or right, none. Each is computed on the
-# mask's own extent (broadcast dims taken once), int32 contiguous, the pair
-# interleaved (start, end), and only by the launches that read it.
-
-def _own_extent(mask):
-    """The (B, Hq, Sq, Sk) int8 view over its own extent: broadcast (stride 0) dims of size 1."""
-    return mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
-
-
-def _spans(hits, dim, length):
-    """(first index, one past the last) of the nonzero entries (0 or 1) along
-    `dim` (-1 or -2) of `hits`, on a last axis of 2; (length, 0) where there
-    are none. argmax gives the first of equal maxima: the first 1, and on the
-    reversed axis the last. Reads the mask three times and copies it once
-    (the reversal), with no int32 S x S temporaries."""
-    any_hit = hits.amax(dim) > 0
-    if hits.shape[dim] == 1:  # the same for every index along dim
-        first, end = torch.zeros_like(any_hit, dtype=torch.int64), torch.full_like(any_hit, length, dtype=torch.int64)
-    else:
-        first, end = hits.argmax(dim), length - hits.flip(dim).argmax(dim)
-    return torch.stack([torch.where(any_hit, first, length), torch.where(any_hit, end, 0)], -1)
-
-
-def _row_spans(mask):
-    """Each query row's first attended key and one past its last, (B, Hq, Sq, 2); (Sk, 0) where none."""
-    if mask is None or mask.dtype != torch.int8:
-        return None
-    batch, heads, seq_q, seq_k = mask.shape
-    return _spans(_own_extent(mask), -1, seq_k).to(torch.int32).expand(batch, heads, seq_q, 2).contiguous()
-
-
-def _col_spans(mask):
-    """Each key's first attending query row and one past its last, (B, Hq, Sk, 2); (Sq, 0) where none."""
-    if mask is None or mask.dtype != torch.int8:
-        return None
-    batch, heads, seq_q, seq_k = mask.shape
-    return _spans(_own_extent(mask), -2, seq_q).to(torch.int32).expand(batch, heads, seq_k, 2).contiguous()
-
-
 def _window_bounds(window, q, k):
     """(left, right) of a local window (None: none), keys the kernels compare
     with i + causal_offset; -1 (unbounded), or a bound past every key, as

@@ -92,7 +92,7 @@ def _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW: tl.constexpr, left,
     """(first, end) of the keys a query block starting at start_m visits:
     (0, _keys_end), within its rows' local window (WINDOW), and with a
     boolean mask (MASK 1) from the key block of its rows' first attended key
-    to their last (see launch._row_spans); none for a block past the
+    to their last (see mask_spans.row_spans); none for a block past the
     queries. first is a multiple of BLOCK_N, as the dropout mask's counter
     needs."""
     start = 0
