@@ -475,11 +475,6 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     except ImportError:
         return False
 
-    # one implementation name per backend, each function holding only its
-    # backend: the registry is global, shared by every patched model (and copy)
-    impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
-    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
-    AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if callable(can_set) and not can_set():
         return False  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
@@ -490,6 +485,11 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         report.attention = (f"left: {type(model).__name__} does not support transformers' SDPA attention, on which "
                             "pyext's is built")
         return True
+    # one implementation name per backend, each function holding only its
+    # backend: the registry is global, shared by every patched model (and copy)
+    impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
+    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
+    AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
     previous = config._attn_implementation
     model.set_attn_implementation(impl)
     if config._attn_implementation != impl:
