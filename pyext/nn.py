@@ -40,6 +40,41 @@ class RMSNorm(torch.nn.RMSNorm):
         return rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
 
+class T5RMSNorm(RMSNorm):
+    """transformers' T5LayerNorm (T5, mT5, LongT5, Pix2Struct, IDEFICS, ...):
+    RMSNorm whose result has the weight's dtype where that is float16 or
+    bfloat16, torch's promotion of x's and the weight's otherwise. The mix
+    is no corner case: T5 run in half precision keeps its `wo` projections,
+    and so its residual stream, in float32. A mixed call is computed in the
+    wider dtype and rounded once (T5 rounds x / rms, then the product)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        wide = torch.promote_types(x.dtype, weight.dtype)
+        out = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else wide
+        if x.dtype == out == weight.dtype:
+            return rms_norm(x, self.normalized_shape, weight, self.eps, backend=self.backend)
+        y = rms_norm(x.to(wide), self.normalized_shape, weight.to(wide), self.eps, backend=self.backend)
+        return y.to(out)
+
+
+class UnweightedRMSNorm(torch.nn.Module):
+    """x / rms(x) over the last dim, whatever its size, with no weight:
+    transformers' weightless RMSNorms (nanochat's; Gemma 3n's and 4's built
+    with with_scale=False), statistics in float32, rounded once to x's dtype."""
+
+    def __init__(self, eps: float = 1e-6, *, backend=None):
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, x.shape[-1:], None, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class GemmaRMSNorm(torch.nn.Module):
     """Gemma's RMSNorm (transformers' GemmaRMSNorm, and Gemma 2's and 3's):
     y = x / rms(x) * (1 + weight), computed in float32 and rounded once to

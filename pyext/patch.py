@@ -20,11 +20,12 @@
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
-  the model; the models' own GELU modules and RMSNorm modules (any whose
-  code is one of _HF_RMS_NORMS: Llama's and its copies in Mistral, Qwen2/3,
-  Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's, x / rms * (1 +
-  weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4) are replaced by
-  pyext modules sharing their parameters. A
+  the model; the models' own GELU modules (BLOOM's too) and norm modules
+  (any whose code is one of _HF_NORMS: Llama's RMSNorm and its copies in
+  Mistral, Qwen2/3, Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's,
+  x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
+  in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's LayerNorm; OLMo's) are
+  replaced by pyext modules sharing their parameters. A
   logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
   integration refuses) goes to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall
@@ -147,50 +148,62 @@ def _hf_module_swaps():
         if cls is not None:
             approx = "none" if name == "GELUActivation" else "tanh"
             swaps[cls] = ("gelu", functools.partial(_gelu_module, approx))
-    for norm, factory in _hf_rms_norms():
-        swaps[norm] = ("rms_norm", factory)
+    try:  # BLOOM's: the tanh approximation, its derivative written out in a torch.autograd.Function
+        from transformers.models.bloom.modeling_bloom import BloomGelu
+        swaps[BloomGelu] = ("gelu", functools.partial(_gelu_module, "tanh"))
+    except ImportError:
+        pass
+    for norm, flag, factory in _hf_norms():
+        swaps[norm] = (flag, factory)
     return swaps
 
 
-# transformers' RMSNorm computations that pyext's modules compute: (module,
-# class holding the code, the attribute holding eps, pyext's module). The
-# statistics in float32 in each; pyext's one rounding at the end is within
-# the rule of all (Llama's rounds x / rms before the weight product too).
-_HF_RMS_NORMS = (
+# transformers' norm computations that pyext's modules compute: (module,
+# class holding the code, eps: the attribute holding it or the value its code
+# fixes, pyext's module). The statistics in float32 in each; pyext's one
+# rounding at the end is within the rule of all (Llama's rounds x / rms
+# before the weight product too, T5's and Cohere's cast before returning).
+_HF_NORMS = (
     ("llama", "LlamaRMSNorm", "variance_epsilon", "RMSNorm"),  # Mistral, Qwen2 and 3, Phi-3, ...
     ("olmo2", "Olmo2RMSNorm", "variance_epsilon", "RMSNorm"),  # weight * x / rms in fp32: OLMo 2 and 3, GPT-OSS, ...
     ("helium", "HeliumRMSNorm", "variance_epsilon", "RMSNorm"),  # the same, weight cast first: Nemotron-H, ...
     ("llama4", "Llama4TextRMSNorm", "eps", "RMSNorm"),  # Llama's, through its _norm
     ("gemma3n", "Gemma3nRMSNorm", "eps", "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
+    ("moshi", "MoshiRMSNorm", "eps", "RMSNorm"),  # all in fp32: Moshi, Kyutai speech-to-text
+    ("nanochat", "NanoChatRMSNorm", "eps", "RMSNorm"),  # no weight
     ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
+    ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
+    ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias: Command R, Command A
+    ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
 )
 
 
 @functools.lru_cache(maxsize=1)
-def _hf_rms_norms():
-    """(transformers' class, factory of the pyext module replacing one) for
-    each of _HF_RMS_NORMS this transformers has."""
+def _hf_norms():
+    """(transformers' class, the patch() flag, factory of the pyext module
+    replacing one) for each of _HF_NORMS this transformers has."""
     norms = []
-    for model, name, eps, pyext_class in _HF_RMS_NORMS:
+    for model, name, eps, pyext_class in _HF_NORMS:
         try:
             module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
         except ImportError:
             continue
         if hasattr(module, name):
-            factory = functools.partial(_rms_norm_module, getattr(pnn, pyext_class), eps)
-            norms.append((getattr(module, name), factory))
+            flag = "layer_norm" if pyext_class == "LayerNorm" else "rms_norm"
+            factory = functools.partial(_norm_module, getattr(pnn, pyext_class), eps)
+            norms.append((getattr(module, name), flag, factory))
     return norms
 
 
 def _hf_swap(cls, swaps):
     """The (flag, factory) of an HF module class, or None. Besides the classes
-    named in `swaps`, any RMSNorm class that computes as one of
-    _HF_RMS_NORMS, the same bytecode reading the same attributes: the many
-    models whose code copies one."""
+    named in `swaps`, any norm class that computes as one of _HF_NORMS, the
+    same bytecode reading the same attributes: the many models whose code
+    copies one."""
     if cls in swaps:
         return swaps[cls]
-    if cls.__name__.endswith("RMSNorm"):
-        for norm, _ in _hf_rms_norms():
+    if cls.__name__.endswith("Norm"):
+        for norm, _, _ in _hf_norms():
             if all(_same_code(getattr(cls, f, None), getattr(norm, f, None)) for f in ("forward", "_norm")):
                 return swaps[norm]
     return None
@@ -212,14 +225,32 @@ def _gelu_module(approximate, old, backend):
     return pnn.GELU(approximate, backend=backend)
 
 
-def _rms_norm_module(pyext_class, eps, old, backend):
-    """pyext_class (pyext.nn.RMSNorm or GemmaRMSNorm) holding `old`'s weight
-    Parameter itself (optimizers and state_dict see no change), or why not."""
-    weight = old._parameters.get("weight")
-    if weight is None:  # Gemma 3n's value norm, say: pyext's modules are built for one size
-        return "no weight: its size is the input's, pyext.nn.RMSNorm's fixed"
-    new = pyext_class(weight.shape[0], eps=getattr(old, eps), device="meta", backend=backend)
-    new.weight = weight
+def _norm_module(pyext_class, eps, old, backend):
+    """pyext_class (a pyext.nn norm) holding `old`'s weight and bias
+    Parameters themselves (optimizers and state_dict see no change), or why not."""
+    weight, bias = old._parameters.get("weight"), old._parameters.get("bias")
+    eps = getattr(old, eps) if isinstance(eps, str) else eps
+    if weight is None and hasattr(old, "weight"):  # Falcon Mamba's: a buffer its fused kernels read
+        return "a weight that is not a Parameter"
+    if weight is not None and weight.dim() != 1:  # Cohere's QK-norm: (heads, head_dim), over head_dim alone
+        return f"a weight of shape {tuple(weight.shape)}: pyext's modules normalize over the weight's dims"
+    if pyext_class is pnn.LayerNorm:
+        shape = weight.shape if weight is not None else getattr(old, "normalized_shape", None)
+        if shape is None:
+            return "no weight and no normalized_shape: pyext.nn.LayerNorm's is fixed"
+        new = pnn.LayerNorm(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
+                            device="meta", backend=backend)
+    elif weight is None:  # nanochat's, or Gemma 3n's value norm: over the input's last dim
+        new = pnn.UnweightedRMSNorm(eps, backend=backend)
+    else:
+        new = pyext_class(weight.shape[0], eps=eps, device="meta", backend=backend)
+    if weight is not None:
+        new.weight = weight
+    if bias is not None:
+        new.bias = bias
+    if old.state_dict().keys() != new.state_dict().keys():
+        missing = sorted(old.state_dict().keys() - new.state_dict().keys())
+        return f"state pyext's module would not hold: {', '.join(missing)}"
     return new
 
 
