@@ -395,8 +395,22 @@ _native_windows = {}
 
 
 def _native_windows_apply(model) -> bool:
-    """Whether `model` is one whose sliding windows pyext takes from its layers (see _native_windows)."""
-    return bool(getattr(model, "_supports_flash_attn", False) and getattr(model.config, "sliding_window", None))
+    """Whether `model` is one whose sliding windows pyext takes from its layers
+    (see _native_windows): one transformers runs with FlashAttention, each
+    layer holding a window where config.layer_types gives it a window mask.
+    SmolLM3's layers hold none unless config.use_sliding_window, while its
+    masks follow config.layer_types alone: a model whose layers disagree
+    with their masks so keeps the masks."""
+    config = model.config
+    if not (getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None)):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    for module in model.modules():
+        if layer_types is not None and isinstance(getattr(module, "layer_idx", None), int) and \
+                "sliding_window" in module.__dict__ and module.layer_idx < len(layer_types):
+            if bool(module.sliding_window) != (layer_types[module.layer_idx] == "sliding_attention"):
+                return False
+    return True
 
 
 def _windows_trusted(config) -> bool:

@@ -248,6 +248,32 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
 
 
+def test_an_hf_model_whose_layers_hold_no_window_where_their_masks_have_one_keeps_the_masks(monkeypatch):
+    """SmolLM3 given layer_types with a sliding layer but use_sliding_window
+    False: that layer's mask is a band of 5 keys, while the layer holds no
+    window (so FlashAttention would run it full). pyext keeps the masks and
+    computes what the model did, the band (the masked kernels run it)."""
+    tf = pytest.importorskip("transformers")
+    from pyext.ops import attention
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD)
+    cfg = tf.SmolLM3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                           intermediate_size=64, vocab_size=64, pad_token_id=0, sliding_window=5,
+                           use_sliding_window=False, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    device = device_for("triton")
+    original = tf.SmolLM3ForCausalLM(cfg).to(device)
+    with torch.no_grad():
+        for p in original.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    assert original.model.layers[0].self_attn.sliding_window is None
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    assert "sliding-window layers" not in pyext.patch_report(patched).attention
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, labels=ids)
+    assert calls["masked"]
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal):
     """An HF attention call with no mask and a sliding window W, on a model
