@@ -1,0 +1,167 @@
+"""pyext.patch over every transformers architecture with a causal, masked or
+seq2seq LM head, each built tiny: the patched model's logits and every
+gradient in bfloat16 against the original in float64, by the rule
+(conftest.assert_close), the original in bfloat16 the yardstick.
+
+    python tests/hf_sweep.py                      # all of them
+    python tests/hf_sweep.py llama t5 --timeout 300
+
+Not a pytest module: some 250 architectures, up to minutes each under
+Triton's interpreter (TRITON_INTERPRET=1 where there is no GPU). Each runs
+in its own process and prints one line:
+
+    OK       within the rule
+    FAIL     the outputs off the rule (the first three)
+    ERROR    the stage and the exception: at "build" or "reference" the
+             tiny config or the model in float64, not pyext; "patch" or
+             "patched run" is pyext's (or a named backend refusing a call)
+    TIMEOUT  past --timeout seconds
+
+A FAIL can be the model amplifying rounding rather than a kernel error:
+benchmarks/NOTES.md, "pyext.patch over transformers' architectures", says
+how to tell.
+"""
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+
+# every dimension a config may name, small; the dropouts off
+TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd=32, d_model=32,
+            intermediate_size=64, ffn_dim=64, d_ff=64, n_inner=64, num_attention_heads=4, n_head=4, num_heads=4,
+            num_key_value_heads=2, vocab_size=64, head_dim=8, max_position_embeddings=64, n_positions=64,
+            moe_intermediate_size=16, num_experts=4, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attention_dropout=0.0, dropout=0.0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, kv_channels=8,
+            shared_expert_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=2,
+            kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
+            topk_group=1)
+
+
+def head_mappings():
+    from transformers.models.auto import modeling_auto as auto
+    return (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+            auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+
+def build(name):
+    """The architecture's LM class on its default config made TINY, two
+    layers (a local one and a global one where it has sliding windows), its
+    matrices drawn at std 0.3 (HF's 0.02 leaves attention near uniform)."""
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config = CONFIG_MAPPING[name]()
+    for key, value in TINY.items():
+        if hasattr(config, key):
+            try:
+                setattr(config, key, value)
+            except (AttributeError, TypeError, ValueError):
+                pass
+    if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
+        config.decoder_start_token_id = TINY["decoder_start_token_id"]
+    if hasattr(config, "layer_types"):
+        try:
+            config.layer_types = ["sliding_attention", "full_attention"] if getattr(config, "sliding_window", None) \
+                else None
+        except (AttributeError, TypeError, ValueError):
+            pass
+    cls = next(m[name] for m in head_mappings() if name in m)
+    cls = getattr(transformers, cls[0] if isinstance(cls, (tuple, list)) else cls)
+    torch.manual_seed(0)
+    model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def output_and_grads(model, dtype):
+    import torch
+    model = model.to(dtype).train()
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    result = model(input_ids=ids, labels=ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [result.logits] + list(torch.autograd.grad(result.loss, params, allow_unused=True))
+
+
+def check(name, backend) -> str:
+    """One architecture's line."""
+    import torch
+    import pyext
+    from conftest import assert_close
+    stage, refused = "build", ""
+    try:
+        original = build(name)
+        stage = "reference"
+        ref = output_and_grads(copy.deepcopy(original), torch.float64)
+        pt = output_and_grads(copy.deepcopy(original), torch.bfloat16)
+        stage = "patch"
+        patched = pyext.patch(copy.deepcopy(original), backend=backend)
+        report = pyext.patch_report(patched)
+        stage = "patched run"
+        try:
+            out = output_and_grads(patched, torch.bfloat16)
+        except pyext.BackendUnavailable as e:  # the named backend refuses its attention: the rest, unrouted
+            refused = f"attention unpatched, {backend} refused it ({str(e).split(': ')[-1][:90]}); "
+            patched = pyext.patch(copy.deepcopy(original), backend=backend, attention=False)
+            report = pyext.patch_report(patched)
+            out = output_and_grads(patched, torch.bfloat16)
+    except Exception as e:
+        where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)
+                 if "pyext" in f.filename]
+        return f"ERROR at {stage}: {type(e).__name__}: {str(e).splitlines()[0][:150]} {where[-2:]}"
+    names = ["logits"] + [n for n, p in original.named_parameters() if p.requires_grad]
+    off = []
+    for n, o, r, p in zip(names, out, ref, pt):
+        if r is None or p is None:
+            continue
+        try:
+            assert o is not None, f"{n}: no gradient where the original has one"
+            assert_close(o, r, p, n)
+        except AssertionError as e:
+            off.append(str(e).splitlines()[0][:160])
+    left = sorted({f"{cls} ({why})" for _, cls, why in report.left})
+    summary = f"swapped {len(report.swapped)}, left {left or 'none'}; attention: {report.attention[:70]}"
+    return (f"FAIL {len(off)}: {off[:3]}; " if off else "OK; ") + refused + summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="config names (model_type); default: every one with an LM head")
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds per architecture")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process's own run
+    args = parser.parse_args()
+    if args.one:
+        warnings.filterwarnings("ignore")
+        import transformers
+        transformers.logging.set_verbosity_error()
+        print(check(args.names[0], args.backend), flush=True)
+        return
+    names = args.names or sorted(set().union(*head_mappings()))
+    env = dict(os.environ)
+    import torch
+    if not torch.cuda.is_available():
+        env.setdefault("TRITON_INTERPRET", "1")
+    for name in names:
+        try:
+            child = subprocess.run([sys.executable, __file__, name, "--one", "--backend", args.backend],
+                                   capture_output=True, text=True, timeout=args.timeout, env=env)
+            lines = child.stdout.strip().splitlines()
+            line = lines[-1] if child.returncode == 0 and lines else \
+                f"ERROR: exit {child.returncode}: {(child.stderr.strip().splitlines() or [''])[-1][:150]}"
+        except subprocess.TimeoutExpired:
+            line = f"TIMEOUT after {args.timeout:.0f} s"
+        print(f"{name}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
