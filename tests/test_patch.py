@@ -1012,7 +1012,8 @@ def test_hf_norms_are_swapped_by_what_they_compute():
                            "a weight of shape (2, 4): pyext's modules normalize over the weight's dims"),
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
                               "a weight that is not a Parameter"),
-             "other": (OtherRMSNorm(), "no pyext equivalent"), "other_norm": (OtherNormRMSNorm(8), "no pyext equivalent")}
+             "other": (OtherRMSNorm(), "no pyext equivalent"),
+             "other_norm": (OtherNormRMSNorm(8), "no pyext equivalent")}
     model = torch.nn.ModuleDict({name: old for name, (old, _) in norms.items()})
     pyext.patch(model, attention=False)
     report = pyext.patch_report(model)
@@ -1124,7 +1125,8 @@ def test_gemma_rms_norm_state_dict_loads_both_ways():
 
 # BLOOM's writes its constants to 8 and 10 digits (sqrt(2 / pi) as 0.79788456, 1e-10 off, and its
 # backward's 3 * 0.044715 * sqrt(2 / pi) as 0.1070322243): float64 results up to 1e-7 apart, 3e-10 absolute
-@pytest.mark.parametrize("name,rtol,atol", [("FastGELUActivation", 1e-10, 1e-12), ("AccurateGELUActivation", 1e-10, 1e-12),
+@pytest.mark.parametrize("name,rtol,atol", [("FastGELUActivation", 1e-10, 1e-12),
+                                            ("AccurateGELUActivation", 1e-10, 1e-12),
                                             ("NewGELUActivation", 1e-10, 1e-12), ("BloomGelu", 1e-7, 1e-9)])
 def test_hf_tanh_gelu_classes_become_pyext_tanh_gelu(name, rtol, atol):
     pytest.importorskip("transformers")
