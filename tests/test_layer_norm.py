@@ -474,16 +474,38 @@ def test_ops_called_directly_refuse_inconsistent_arguments(backend):
         bwd(x, x, mean, rstd, w, None, True, True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_weight_dtype_the_kernels_lack(kind):
-    """float32 x with bfloat16 weight: torch's rms_norm promotes (auto runs
-    the reference); layer_norm refuses it as torch does."""
-    device = device_for("triton")
-    x, w = torch.randn(2, 3, device=device), torch.randn(3, device=device).bfloat16()
-    if kind == "layer_norm":
-        with pytest.raises(RuntimeError, match="weight"):
-            pyext.layer_norm(x, (3,), w)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                             (torch.float64, torch.float32)], ids=str)
+def test_rms_norm_weight_narrower_than_x(backend, x_dtype, w_dtype):
+    """A weight narrower than x (Mamba's float32 residual stream through its
+    bfloat16 RMSNorms): y in x's dtype and dweight in the weight's, as torch
+    promotes; the Triton kernels run it, the CUDA ones refuse it by name."""
+    device = device_for(backend)
+    x = inputs(5, 96, x_dtype, device)
+    w, _ = params("rms_norm", (96,), w_dtype, device)
+    if backend == "cuda":
+        with pytest.raises(pyext.BackendUnavailable, match="weight dtype"):
+            pyext.rms_norm(x, (96,), w, backend=backend)
         return
+    y, _, dw, _ = check("rms_norm", backend, x, (96,), w)
+    assert y.dtype == x_dtype and dw.dtype == w_dtype
+
+
+def test_layer_norm_refuses_a_weight_of_another_dtype_as_torch_does():
+    """float32 x with bfloat16 weight: F.layer_norm refuses the mix (rms_norm promotes: above)."""
+    x, w = torch.randn(2, 3, device=device_for("triton")), torch.randn(3, device=device_for("triton")).bfloat16()
+    with pytest.raises(RuntimeError, match="weight"):
+        pyext.layer_norm(x, (3,), w)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_rms_norm_weight_dtype_the_kernels_lack(w_dtype):
+    """float16 x with bfloat16 weight, or with a wider float64 one: torch
+    promotes to float32 / float64, a dtype other than x's; auto runs the
+    reference, a named kernel backend refuses it saying why."""
+    device = device_for("triton")
+    x, w = torch.randn(2, 3, device=device).half(), torch.randn(3, device=device).to(w_dtype)
     torch.testing.assert_close(pyext.rms_norm(x, (3,), w), F.rms_norm(x, (3,), w))
     with pytest.raises(pyext.BackendUnavailable, match="weight dtype"):
         pyext.rms_norm(x, (3,), w, backend="triton")

@@ -100,6 +100,11 @@ def exercise_launchers():
             layer_norm.layer_norm_bwd(xc, xc, mean, rstd, wc, wc, True, True)
             layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
             layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
+    for cols in (40, 20000):  # an RMSNorm weight narrower than x: bfloat16 on float32 (Mamba's)
+        xc, wc = torch.randn(2, cols), torch.randn(cols, dtype=torch.bfloat16)
+        rstd = torch.rand(2)
+        layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
+        layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
     for target in TARGETS:  # the launchers as they run on an A100, then on an H100
         targets = [target]
         flash_attention.forward._has_tma = lambda t: target.arch >= 90

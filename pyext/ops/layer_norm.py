@@ -35,6 +35,15 @@ def _param_dtype_ok(x_dtype, p_dtype) -> bool:
     return p_dtype == x_dtype or (x_dtype in _REDUCED and p_dtype == torch.float32)
 
 
+def _narrower_rms_weight(x_dtype, w_dtype) -> bool:
+    """An RMSNorm weight of a narrower dtype than x's (float16/bfloat16 on
+    float32 x, say: Mamba's float32 residual stream through its bfloat16
+    norms). F.rms_norm's result is then in x's dtype, computed as the
+    Triton kernels compute any call (in float32, float64 for float64 x);
+    dweight in the weight's. The Triton kernels take it; the CUDA ones do not."""
+    return w_dtype in _KERNEL_DTYPES and w_dtype != x_dtype and torch.promote_types(x_dtype, w_dtype) == x_dtype
+
+
 def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool) -> Tuple[int, ...]:
     """The errors F.layer_norm / F.rms_norm raise for the same call (type and
     meaning; our messages name the argument). Returns normalized_shape as a tuple."""
@@ -84,9 +93,9 @@ def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, ne
                                f"got {s.dtype} {list(s.shape)} on {s.device}")
     if mean is not None and mean.shape != rstd.shape:
         raise RuntimeError(f"{op}: mean shape {list(mean.shape)} differs from rstd shape {list(rstd.shape)}")
-    _check_inputs(op, x, x.shape[rstd.dim():], weight, bias, rms=False)
-    if x.dtype not in _KERNEL_DTYPES:
-        raise RuntimeError(f"{op}: x dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)")
+    rms = mean is None  # RMSNorm saves no mean
+    _check_inputs(op, x, x.shape[rstd.dim():], weight, bias, rms=rms)
+    _kernel_dtypes_or_raise(op, x, weight, bias, rms=rms)
     if need_dweight and weight is None:
         raise RuntimeError(f"{op}: need_dweight without a weight")
     if need_dbias and bias is None:
@@ -95,11 +104,11 @@ def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, ne
 
 # ------------------------------------------------------- Triton stages (ops)
 
-def _kernel_dtypes_or_raise(op, x, *params):
+def _kernel_dtypes_or_raise(op, x, *params, rms=False):
     if x.dtype not in _KERNEL_DTYPES:
         raise RuntimeError(f"{op}: x dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)")
     for p in params:
-        if p is not None and not _param_dtype_ok(x.dtype, p.dtype):
+        if p is not None and not (_param_dtype_ok(x.dtype, p.dtype) or rms and _narrower_rms_weight(x.dtype, p.dtype)):
             raise RuntimeError(f"{op}: weight dtype {p.dtype} is not supported with x dtype {x.dtype}")
 
 
@@ -126,7 +135,7 @@ def rms_norm_fwd_triton(x: Tensor, normalized_shape: List[int], weight: Optional
                         eps: float) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import layer_norm as kernels
     shape = _check_inputs("rms_norm_fwd_triton", x, normalized_shape, weight, None, rms=True)
-    _kernel_dtypes_or_raise("rms_norm_fwd_triton", x, weight)
+    _kernel_dtypes_or_raise("rms_norm_fwd_triton", x, weight, rms=True)
     return kernels.rms_norm_fwd(x, shape, weight, eps)
 
 
@@ -224,17 +233,20 @@ _, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_
 
 # ------------------------------------------------------------ public API
 
-def _why_not(backend: str, x: Tensor, *params):
+def _why_not(backend: str, x: Tensor, *params, rms=False):
     reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None))
               or missing_reason(backend, LAYER_NORM_FWD, "layer_norm"))
     if reason is not None or backend == "torch":
         return reason
     if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
+    narrower = rms and backend == "triton"
     for p in params:
-        if p is not None and not _param_dtype_ok(x.dtype, p.dtype):
-            return (f"weight dtype {p.dtype} with x dtype {x.dtype} is not supported "
-                    "(the kernels take x's dtype, or float32 for float16/bfloat16 x)")
+        if p is not None and not (_param_dtype_ok(x.dtype, p.dtype) or narrower and
+                                  _narrower_rms_weight(x.dtype, p.dtype)):
+            return (f"weight dtype {p.dtype} with x dtype {x.dtype} is not supported (the {backend} kernels take "
+                    "x's dtype, or float32 for float16/bfloat16 x" + (
+                        "; the Triton ones also a narrower RMSNorm weight)" if rms else ")"))
     return None
 
 
@@ -276,14 +288,15 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     eps=None means what it means in torch: the machine epsilon of the math type
     (float32 for float16/bfloat16/float32 x, float64 for float64; see
     `default_rms_eps`). Kernels take float32/float16/bfloat16/float64 x with
-    weight of x's dtype or float32; other weight dtypes go to the reference
-    under "auto". Fast path, chunked path and double backward as in
+    weight of x's dtype or float32, the Triton ones also a weight of a
+    narrower dtype (y in x's dtype, as torch promotes); other weight dtypes
+    go to the reference under "auto". Fast path, chunked path and double backward as in
     `layer_norm`. Under torch.autocast, x and weight are cast as torch casts
     them for F.rms_norm.
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
     shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True)
-    name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight))
+    name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight, rms=True))
     if name == "torch":
         return reference.rms_norm(x, shape, weight, eps)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
