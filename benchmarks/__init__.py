@@ -27,7 +27,7 @@ OPS = {
 COUNTS = {
     "gelu": gelu.count,
     "layer_norm": layer_norm.count,
-    "rms_norm": layer_norm.count,
+    "rms_norm": layer_norm.rms_norm_count,
     "attention": attention.count,
     "adamw": adamw.count,
     "train_step": train_step.count,

@@ -48,9 +48,30 @@ def _grid(quick: bool):
     return shapes, DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
 
 
+# Mamba's norms (HF's residual_in_fp32): float32 x through a bfloat16 weight,
+# y in float32 as F.rms_norm promotes. The Triton kernels take the mix, the
+# CUDA ones refuse it, and torch's CUDA rms_norm leaves its fused kernel for it.
+NARROW_WEIGHT_SHAPES_GPU = [(16384, 4096), (16384, 8192)]
+
+
+def _narrow_weight_grid(quick: bool, dtypes):
+    """(shapes, directions) of the bf16-weight RMSNorm cases: with float32 x, so in a run that has float32."""
+    if torch.float32 not in dtypes:
+        return [], ()
+    shapes, directions = _grid(quick)
+    if HAS_GPU:
+        shapes = NARROW_WEIGHT_SHAPES_GPU[:1] if quick else NARROW_WEIGHT_SHAPES_GPU
+    return shapes, directions
+
+
 def count(quick: bool, dtypes) -> int:
     shapes, directions = _grid(quick)
     return len(dtypes) * len(shapes) * len(directions)
+
+
+def rms_norm_count(quick: bool, dtypes) -> int:
+    shapes, directions = _narrow_weight_grid(quick, dtypes)
+    return count(quick, dtypes) + len(shapes) * len(directions)
 
 
 def _cases(rms: bool, quick: bool, dtypes):
@@ -72,9 +93,6 @@ def _cases(rms: bool, quick: bool, dtypes):
         def pyext_fn(backend):
             return lambda x, w, b: pyext.layer_norm(x, x.shape[-1:], w, b, backend=backend)
 
-    # Static shapes, as a training run has: one graph per shape and dtype.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                               2 * len(shapes) * len(dtypes))
     compiled = torch.compile(torch_fn, dynamic=False)
     fns = {
         "pyext-cuda": pyext_fn("cuda"),
@@ -84,22 +102,28 @@ def _cases(rms: bool, quick: bool, dtypes):
         "liger": _liger(rms),
         "apex": _apex(rms),
     }
-    for dtype in dtypes:
-        for rows, hidden in shapes:
-            x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
-            b = None if rms else torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
-            inputs = [x, w, b]
-            dy = torch.randn_like(x)
-            for direction in directions:
-                providers = {name: ours.get(name) or (fn if isinstance(fn, str) else
-                                                      autograd_callable(fn, inputs, direction, dy))
-                             for name, fn in fns.items()}
-                yield Case(op=_plot_group(op, rows), label=_label(rows, hidden), size=hidden,
-                           dtype=str(dtype).split(".")[1],
-                           direction=direction,
-                           bytes=_bytes(rms, rows, hidden, x.element_size(), w.element_size(), direction),
-                           flops=0, providers=providers)
+    grid = [(dtype, dtype, op, rows, hidden, fns) for dtype in dtypes for rows, hidden in shapes]
+    if rms:
+        narrow = dict(fns, **{"pyext-cuda": "the CUDA kernels take no weight narrower than x"})
+        grid += [(torch.float32, torch.bfloat16, "rms_norm[bf16 weight]", rows, hidden, narrow)
+                 for rows, hidden in _narrow_weight_grid(quick, dtypes)[0]]
+    # Static shapes, as a training run has: one graph per shape and dtypes (compiled at the first call).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(grid))
+    for dtype, w_dtype, group, rows, hidden, case_fns in grid:
+        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(hidden, device=device, dtype=w_dtype, requires_grad=True)
+        b = None if rms else torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
+        inputs = [x, w, b]
+        dy = torch.randn_like(x)
+        for direction in directions:
+            providers = {name: ours.get(name) or (fn if isinstance(fn, str) else
+                                                  autograd_callable(fn, inputs, direction, dy))
+                         for name, fn in case_fns.items()}
+            yield Case(op=_plot_group(group, rows), label=_label(rows, hidden), size=hidden,
+                       dtype=str(dtype).split(".")[1],
+                       direction=direction,
+                       bytes=_bytes(rms, rows, hidden, x.element_size(), w.element_size(), direction),
+                       flops=0, providers=providers)
 
 
 def _liger(rms: bool):
