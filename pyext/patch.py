@@ -16,7 +16,10 @@
   recomputes in the backward): other code, and other models, are untouched.
   So do calls to F.layer_norm, F.rms_norm and F.gelu that the model's own
   code makes (nanoGPT's LayerNorm module, a block written with torch's
-  functions), each with its flag, in models outside transformers.
+  functions), each with its flag, in models outside transformers. An
+  nn.TransformerEncoder in eval mode runs with that routing set aside, so
+  torch's inference fast path stays torch's (a torch-function mode would
+  turn it off); its swapped modules run pyext's kernels on the slow path.
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
@@ -468,27 +471,14 @@ class _Routing(threading.local):
 _routing = _Routing()
 
 
-class _RoutedForward:
-    """A patched module's forward: the forward it had, run inside _RouteCalls,
-    unless this thread is inside a routed forward of the same backend and
-    flags already (one mode however the routed modules nest: the mode costs
-    per torch call).
-    An object holding the module rather than a closure over its bound
-    forward, so that copy.deepcopy and pickling of the model carry it along,
-    bound to the copy (a closure would keep calling the original model)."""
+class _ForwardWrapper:
+    """A patched module's forward wrapping the forward it had. An object
+    holding the module rather than a closure over its bound forward, so that
+    copy.deepcopy and pickling of the model carry it along, bound to the copy
+    (a closure would keep calling the original model)."""
 
-    def __init__(self, model, backend, flags, previous=None):
-        self.model, self.backend, self.flags, self.previous = model, backend, flags, previous
-
-    def __call__(self, *args, **kwargs):
-        if _routing.backends and _routing.backends[-1] == (self.backend, self.flags):
-            return self._forward(*args, **kwargs)
-        _routing.backends.append((self.backend, self.flags))
-        try:
-            with _RouteCalls(self.backend, self.flags):
-                return self._forward(*args, **kwargs)
-        finally:
-            _routing.backends.pop()
+    def __init__(self, model, previous=None):
+        self.model, self.previous = model, previous
 
     def _forward(self, *args, **kwargs):
         if self.previous is not None:  # an instance forward set before the patch
@@ -502,6 +492,47 @@ class _RoutedForward:
     @property
     def __code__(self):  # the code it runs, which torch.export reads off model.forward to name the graph
         return getattr(self.previous or type(self.model).forward, "__code__", None)
+
+
+class _RoutedForward(_ForwardWrapper):
+    """The forward it had, run inside _RouteCalls, unless this thread is
+    inside a routed forward of the same backend and flags already (one mode
+    however the routed modules nest: the mode costs per torch call)."""
+
+    def __init__(self, model, backend, flags, previous=None):
+        super().__init__(model, previous)
+        self.backend, self.flags = backend, flags
+
+    def __call__(self, *args, **kwargs):
+        if _routing.backends and _routing.backends[-1] == (self.backend, self.flags):
+            return self._forward(*args, **kwargs)
+        _routing.backends.append((self.backend, self.flags))
+        try:
+            with _RouteCalls(self.backend, self.flags):
+                return self._forward(*args, **kwargs)
+        finally:
+            _routing.backends.pop()
+
+
+class _TorchFastPathForward(_ForwardWrapper):
+    """nn.TransformerEncoder's forward in eval mode with the routing mode set
+    aside. torch takes its inference fast path (nested tensors: the padded
+    rows of a src_key_padding_mask batch skipped, zeros in the output) only
+    where no torch-function mode is active; inside _RouteCalls it took the
+    slow path and gave the padded rows values. Where torch takes its slow
+    path all the same, the layers' swapped modules (pyext.nn's attention
+    and norms, pyext's GELU) still run pyext's kernels: the mode only routes
+    F calls, and the encoder's code makes none."""
+
+    def __call__(self, *args, **kwargs):
+        if self.model.training or not isinstance(torch.overrides._get_current_function_mode(), _RouteCalls):
+            return self._forward(*args, **kwargs)
+        _routing.backends.append(None)  # a routed forward inside enters its own mode
+        try:
+            with torch.overrides._pop_mode_temporarily():
+                return self._forward(*args, **kwargs)
+        finally:
+            _routing.backends.pop()
 
 
 def _use_pyext_attention_in_hf(model, report) -> bool:
@@ -623,6 +654,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
     report.functions = [f"F.{name}" for name in _ROUTED_FUNCTIONS if name in functions]
     if flags:
+        for module in model.modules():
+            if isinstance(module, torch.nn.TransformerEncoder):
+                module.forward = _TorchFastPathForward(module, module.__dict__.get("forward"))
         routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
         callers = [path for path, names in named.items() if path and names & routed]
         for module in [model] + [model.get_submodule(path) for path in callers]:
@@ -724,10 +758,12 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for parent, name, old in model._pyext_replaced:
         setattr(parent, name, old)
     for module in model.modules():
-        routed = module.__dict__.get("forward")
-        if isinstance(routed, _RoutedForward):
-            if routed.previous is not None:
-                module.forward = routed.previous
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, _ForwardWrapper):
+            while isinstance(forward, _ForwardWrapper):
+                forward = forward.previous
+            if forward is not None:
+                module.forward = forward
             else:
                 del module.forward
     if hasattr(model, "_pyext_hf_attn"):

@@ -802,6 +802,35 @@ def test_a_causal_transformer_encoder_goes_through_pyext(padded, pyext_sdpa_call
     assert len(pyext_sdpa_calls) == 2
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["encoder", "inside-a-model"])
+def test_a_transformer_encoder_in_eval_keeps_torchs_fast_path(wrapped, pyext_sdpa_calls):
+    """nn.TransformerEncoder in eval mode under no_grad, given a padded
+    batch: torch's inference fast path (nested tensors, zeros in the padded
+    rows) runs as before the patch, the same output bit for bit, whether the
+    encoder is the patched model or inside it. With grad enabled torch takes
+    its slow path, and pyext's kernels run it, within the rule."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
+                32, 4, dim_feedforward=64, dropout=0.0, batch_first=True), num_layers=2)
+
+        def forward(self, x, src_key_padding_mask):
+            return self.encoder(x, src_key_padding_mask=src_key_padding_mask)
+    torch.manual_seed(0)
+    original = (Model() if wrapped else Model().encoder).eval()
+    patched = pyext.patch(copy.deepcopy(original), backend="torch")
+    x = torch.randn(2, 9, 32)
+    padding = torch.arange(9) >= torch.tensor([[9], [5]])
+    with torch.no_grad():
+        expected, got = (m(x, src_key_padding_mask=padding) for m in (original, patched))
+    assert torch.equal(got, expected) and not got[1, 5:].any() and pyext_sdpa_calls == []
+    expected, got = (m(x, src_key_padding_mask=padding) for m in (original, patched))
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1, :5], expected[1, :5])
+    assert len(pyext_sdpa_calls) == 2
+
+
 def test_the_gelu_function_of_a_transformer_layer_is_swapped_and_restored():
     """nn.TransformerEncoderLayer(activation="gelu") holds F.gelu itself, not a module."""
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, activation="gelu",
