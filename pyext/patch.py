@@ -174,6 +174,7 @@ _HF_NORMS = (
     ("gemma3n", "Gemma3nRMSNorm", "eps", "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
     ("moshi", "MoshiRMSNorm", "eps", "RMSNorm"),  # all in fp32: Moshi, Kyutai speech-to-text
     ("nanochat", "NanoChatRMSNorm", "eps", "RMSNorm"),  # no weight
+    ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "eps", "RMSNorm"),  # no weight, x * rsqrt rounded: GLM-5-Next, ...
     ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
     ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
     ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias: Command R, Command A
