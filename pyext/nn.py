@@ -29,6 +29,29 @@ class LayerNorm(torch.nn.LayerNorm):
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
 
 
+class NemotronLayerNorm1P(LayerNorm):
+    """Nemotron's LayerNorm (transformers' NemotronLayerNorm1P), its weight
+    stored as an offset from one: y = (x - mean) / std * (1 + weight) + bias.
+    The same parameters and state_dict as torch.nn.LayerNorm's. 1 + weight
+    is taken in float32 (Nemotron rounds it to the weight's dtype first).
+    As Nemotron does, it normalizes with autocast off, x first cast to
+    autocast's dtype where CUDA autocast is on (torch.is_autocast_enabled(),
+    which Nemotron checks, is CUDA's): y in that dtype there."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        device = input.device.type
+        if torch.is_autocast_enabled():
+            input = input.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            return self._norm(input)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        weight = None if self.weight is None else 1.0 + self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return layer_norm(x, self.normalized_shape, weight, bias, self.eps, backend=self.backend)
+
+
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, normalized_shape, eps=None, elementwise_affine: bool = True, device=None, dtype=None, *,
                  backend=None):

@@ -27,7 +27,8 @@
   (any whose code is one of _HF_NORMS: Llama's RMSNorm and its copies in
   Mistral, Qwen2/3, Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's,
   x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
-  in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's LayerNorm; OLMo's) are
+  in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
+  Nemotron's LayerNorms) are
   replaced by pyext modules sharing their parameters. A
   logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
   integration refuses) goes to pyext's kernels with each call.
@@ -179,6 +180,7 @@ _HF_NORMS = (
     ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
     ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias: Command R, Command A
     ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
+    ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
 )
 
 
@@ -193,8 +195,9 @@ def _hf_norms():
         except ImportError:
             continue
         if hasattr(module, name):
-            flag = "layer_norm" if pyext_class == "LayerNorm" else "rms_norm"
-            factory = functools.partial(_norm_module, getattr(pnn, pyext_class), eps)
+            pyext_class = getattr(pnn, pyext_class)
+            flag = "layer_norm" if issubclass(pyext_class, torch.nn.LayerNorm) else "rms_norm"
+            factory = functools.partial(_norm_module, pyext_class, eps)
             norms.append((getattr(module, name), flag, factory))
     return norms
 
@@ -238,12 +241,12 @@ def _norm_module(pyext_class, eps, old, backend):
         return "a weight that is not a Parameter"
     if weight is not None and weight.dim() != 1:  # Cohere's QK-norm: (heads, head_dim), over head_dim alone
         return f"a weight of shape {tuple(weight.shape)}: pyext's modules normalize over the weight's dims"
-    if pyext_class is pnn.LayerNorm:
+    if issubclass(pyext_class, pnn.LayerNorm):
         shape = weight.shape if weight is not None else getattr(old, "normalized_shape", None)
         if shape is None:
             return "no weight and no normalized_shape: pyext.nn.LayerNorm's is fixed"
-        new = pnn.LayerNorm(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
-                            device="meta", backend=backend)
+        new = pyext_class(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
+                          device="meta", backend=backend)
     elif weight is None:  # nanochat's, or Gemma 3n's value norm: over the input's last dim
         new = pnn.UnweightedRMSNorm(eps, backend=backend)
     else:

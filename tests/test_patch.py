@@ -884,7 +884,6 @@ class FunctionalBlock(torch.nn.Module):
 @pytest.fixture
 def pyext_function_calls(monkeypatch):
     """The names of pyext.layer_norm, rms_norm and gelu as patch's routing calls them."""
-    import importlib
     patch_module = importlib.import_module("pyext.patch")  # pyext.patch is also the function
     calls = []
     for flag, (fn, call) in list(patch_module._ROUTED_FUNCTIONS.items()):
@@ -1062,7 +1061,8 @@ HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), 
             ("llama4", "Llama4TextRMSNorm", (96,)), ("gemma3n", "Gemma3nRMSNorm", (96,)),
             ("moshi", "MoshiRMSNorm", (96,)), ("nanochat", "NanoChatRMSNorm", ()),
             ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", ()), ("gemma", "GemmaRMSNorm", (96,)),
-            ("t5", "T5LayerNorm", (96,)), ("cohere", "CohereLayerNorm", (96,)), ("olmo", "OlmoLayerNorm", (96,))]
+            ("t5", "T5LayerNorm", (96,)), ("cohere", "CohereLayerNorm", (96,)), ("olmo", "OlmoLayerNorm", (96,)),
+            ("nemotron", "NemotronLayerNorm1P", (96,))]
 
 
 def check_swapped_hf_norm(model, norm, args, backend, x_dtype, weight_dtype):
@@ -1105,6 +1105,26 @@ def test_a_swapped_t5_norm_matches_t5s_own_on_mixed_dtypes(x_dtype, weight_dtype
     dtype where that is a half one (T5 in half precision, its residual
     stream in float32), in float32 where the weight is."""
     check_swapped_hf_norm("t5", "T5LayerNorm", (96,), backend, x_dtype, weight_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_swapped_nemotron_norm_under_autocast_normalizes_in_autocasts_dtype(backend):
+    """Nemotron's LayerNorm under bf16 autocast normalizes with autocast
+    off, x and its parameters cast to bf16 first where CUDA autocast is on
+    (not CPU autocast: it checks CUDA's): pyext's gives y in the same dtype,
+    within the rule against the float64 oracle on the x it normalized."""
+    device = device_for(backend)
+    theirs = hf_class("nemotron", "NemotronLayerNorm1P")(96).to(device)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.5)
+    ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
+    assert type(ours) is pyext.nn.NemotronLayerNorm1P
+    x = torch.randn(7, 96, device=device) * 3 + 1
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got, pt = ours(x), theirs(x)
+    assert pt.dtype == (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    assert_close(got, copy.deepcopy(theirs).double()(x.to(pt.dtype).double()), pt, "y")
 
 
 # the model's dtypes flow through T5RMSNorm alike on each backend; float16 under Triton's interpreter takes minutes
