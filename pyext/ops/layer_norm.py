@@ -290,8 +290,8 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     `default_rms_eps`). Kernels take float32/float16/bfloat16/float64 x with
     weight of x's dtype or float32, the Triton ones also a weight of a
     narrower dtype (y in x's dtype, as torch promotes); other weight dtypes
-    go to the reference under "auto". Fast path, chunked path and double backward as in
-    `layer_norm`. Under torch.autocast, x and weight are cast as torch casts
+    go to the reference under "auto". Fast path, chunked path and double
+    backward as in `layer_norm`. Under torch.autocast, x and weight are cast as torch casts
     them for F.rms_norm.
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
