@@ -28,9 +28,8 @@
   Mistral, Qwen2/3, Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's,
   x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
   in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
-  Nemotron's LayerNorms) are
-  replaced by pyext modules sharing their parameters. A
-  logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
+  Nemotron's LayerNorms) are replaced by pyext modules sharing their
+  parameters. A logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
   integration refuses) goes to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply (float32 outside autocast) or
