@@ -29,8 +29,9 @@
   x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
   in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
   Nemotron's LayerNorms) are replaced by pyext modules sharing their
-  parameters. A logit soft cap (Gemma 2's attn_logit_softcapping, which transformers' SDPA
-  integration refuses) goes to pyext's kernels with each call.
+  parameters. A logit soft cap (Gemma 2's attn_logit_softcapping, which
+  transformers' SDPA integration refuses) goes to pyext's kernels with each
+  call.
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply (float32 outside autocast) or
   are not yet measured faster: an attention mask (an HF model given a
