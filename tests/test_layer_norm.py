@@ -238,15 +238,20 @@ def test_rms_norm_default_eps_is_torchs(backend, dtype):
     torch.testing.assert_close(y.cpu(), expected)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_chunked_path_on_short_rows(kind, monkeypatch):
-    """The Triton chunked kernels (long rows) on rows made 'long' by lowering
-    the fast-path limits: several chunks with a ragged tail, several rows per
-    program, cheap under the interpreter."""
+def take_the_chunked_path(monkeypatch):
+    """Rows of more than 64 elements take the Triton chunked kernels (long
+    rows), in chunks of 128: several chunks with a ragged tail, several rows
+    per program, cheap under the interpreter."""
     from pyext.triton_kernels import layer_norm as kernels
     monkeypatch.setattr(kernels, "FWD_FUSED_COLS", 64)
     monkeypatch.setattr(kernels, "BWD_FUSED_COLS", 64)
     monkeypatch.setattr(kernels, "CHUNK", 128)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_path_on_short_rows(kind, monkeypatch):
+    """The Triton chunked kernels on rows made 'long' by lowering the fast-path limits."""
+    take_the_chunked_path(monkeypatch)
     device = device_for("triton")
     for dtype in DTYPES:
         x = inputs(11, 300, dtype, device)
@@ -477,18 +482,22 @@ def test_ops_called_directly_refuse_inconsistent_arguments(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                              (torch.float64, torch.float32)], ids=str)
-def test_rms_norm_weight_narrower_than_x(backend, x_dtype, w_dtype):
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_rms_norm_weight_narrower_than_x(backend, x_dtype, w_dtype, path, monkeypatch):
     """A weight narrower than x (Mamba's float32 residual stream through its
     bfloat16 RMSNorms): y in x's dtype and dweight in the weight's, as torch
-    promotes; the Triton kernels run it, the CUDA ones refuse it by name."""
+    promotes; the Triton kernels run it, fused or chunked, the CUDA ones
+    refuse it by name."""
+    if path == "chunked":
+        take_the_chunked_path(monkeypatch)
     device = device_for(backend)
-    x = inputs(5, 96, x_dtype, device)
-    w, _ = params("rms_norm", (96,), w_dtype, device)
+    x = inputs(5, 300, x_dtype, device)
+    w, _ = params("rms_norm", (300,), w_dtype, device)
     if backend == "cuda":
         with pytest.raises(pyext.BackendUnavailable, match="weight dtype"):
-            pyext.rms_norm(x, (96,), w, backend=backend)
+            pyext.rms_norm(x, (300,), w, backend=backend)
         return
-    y, _, dw, _ = check("rms_norm", backend, x, (96,), w)
+    y, _, dw, _ = check("rms_norm", backend, x, (300,), w)
     assert y.dtype == x_dtype and dw.dtype == w_dtype
 
 
