@@ -64,6 +64,11 @@ def hf_model(kind):
                                   num_attention_heads=2, hidden_size=32, intermediate_size=64, vocab_size=64,
                                   pad_token_id=0, embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0)
         return tf.ModernBertForMaskedLM(cfg)
+    if kind == "smollm3":  # a sliding layer type without use_sliding_window: a band mask of 5, no window in the layer
+        cfg = tf.SmolLM3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                               intermediate_size=64, vocab_size=64, pad_token_id=0, sliding_window=5,
+                               use_sliding_window=False, layer_types=["sliding_attention", "full_attention"])
+        return tf.SmolLM3ForCausalLM(cfg)
     if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
         cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
         return tf.FalconForCausalLM(cfg)
@@ -253,19 +258,10 @@ def test_an_hf_model_whose_layers_hold_no_window_where_their_masks_have_one_keep
     False: that layer's mask is a band of 5 keys, while the layer holds no
     window (so FlashAttention would run it full). pyext keeps the masks and
     computes what the model did, the band (the masked kernels run it)."""
-    tf = pytest.importorskip("transformers")
     from pyext.ops import attention
     calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD)
-    cfg = tf.SmolLM3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                           intermediate_size=64, vocab_size=64, pad_token_id=0, sliding_window=5,
-                           use_sliding_window=False, layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(0)
     device = device_for("triton")
-    original = tf.SmolLM3ForCausalLM(cfg).to(device)
-    with torch.no_grad():
-        for p in original.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    original = sharp_hf_model("smollm3", device)
     assert original.model.layers[0].self_attn.sliding_window is None
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
     assert "sliding-window layers" not in pyext.patch_report(patched).attention
@@ -808,7 +804,7 @@ def test_a_transformer_encoder_in_eval_keeps_torchs_fast_path(wrapped, pyext_sdp
     batch: torch's inference fast path (nested tensors, zeros in the padded
     rows) runs as before the patch, the same output bit for bit, whether the
     encoder is the patched model or inside it. With grad enabled torch takes
-    its slow path, and pyext's kernels run it, within the rule."""
+    its slow path, and its attention goes through pyext's, as before."""
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
