@@ -411,13 +411,10 @@ def _native_windows_apply(model) -> bool:
     config = model.config
     if not (getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None)):
         return False
-    layer_types = getattr(config, "layer_types", None)
-    for module in model.modules():
-        if layer_types is not None and isinstance(getattr(module, "layer_idx", None), int) and \
-                "sliding_window" in module.__dict__ and module.layer_idx < len(layer_types):
-            if bool(module.sliding_window) != (layer_types[module.layer_idx] == "sliding_attention"):
-                return False
-    return True
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(bool(m.sliding_window) == (layer_types[m.layer_idx] == "sliding_attention")
+               for m in model.modules() if "sliding_window" in m.__dict__
+               and isinstance(getattr(m, "layer_idx", None), int) and m.layer_idx < len(layer_types))
 
 
 def _windows_trusted(config) -> bool:

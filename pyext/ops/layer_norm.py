@@ -291,8 +291,8 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     weight of x's dtype or float32, the Triton ones also a weight of a
     narrower dtype (y in x's dtype, as torch promotes); other weight dtypes
     go to the reference under "auto". Fast path, chunked path and double
-    backward as in `layer_norm`. Under torch.autocast, x and weight are cast as torch casts
-    them for F.rms_norm.
+    backward as in `layer_norm`. Under torch.autocast, x and weight are cast
+    as torch casts them for F.rms_norm.
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
     shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True)
