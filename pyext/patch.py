@@ -407,14 +407,26 @@ def _native_windows_apply(model) -> bool:
     layer holding a window where config.layer_types gives it a window mask.
     SmolLM3's layers hold none unless config.use_sliding_window, while its
     masks follow config.layer_types alone: a model whose layers disagree
-    with their masks so keeps the masks."""
+    with their masks so keeps the masks. So does one whose attention
+    modules (those reading config._attn_implementation) do not all hand
+    their interface a `sliding_window` (Qwen2-MoE's, PhiMoE's): where the
+    argument is missing, so is the window."""
     config = model.config
     if not (getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None)):
         return False
     layer_types = getattr(config, "layer_types", None) or []
-    return all(bool(m.sliding_window) == (layer_types[m.layer_idx] == "sliding_attention")
-               for m in model.modules() if "sliding_window" in m.__dict__
-               and isinstance(getattr(m, "layer_idx", None), int) and m.layer_idx < len(layer_types))
+    forwards = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
+    attention = [code for code in forwards if code is not None and "_attn_implementation" in code.co_names]
+    return all(_names_sliding_window(code) for code in attention) and \
+        all(bool(m.sliding_window) == (layer_types[m.layer_idx] == "sliding_attention")
+            for m in model.modules() if "sliding_window" in m.__dict__
+            and isinstance(getattr(m, "layer_idx", None), int) and m.layer_idx < len(layer_types))
+
+
+def _names_sliding_window(code) -> bool:
+    """Whether `code` names a `sliding_window` keyword or key (a string
+    constant, alone or in a call's tuple of keyword names)."""
+    return any(c == "sliding_window" or isinstance(c, tuple) and "sliding_window" in c for c in code.co_consts)
 
 
 def _windows_trusted(config) -> bool:

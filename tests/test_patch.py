@@ -69,6 +69,11 @@ def hf_model(kind):
                                intermediate_size=64, vocab_size=64, pad_token_id=0, sliding_window=5,
                                use_sliding_window=False, layer_types=["sliding_attention", "full_attention"])
         return tf.SmolLM3ForCausalLM(cfg)
+    if kind == "qwen2_moe":  # a band mask of 5 and the window held by the layer, not handed to the interface
+        cfg = tf.Qwen2MoeConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                                intermediate_size=64, vocab_size=64, use_sliding_window=True, sliding_window=5,
+                                layer_types=["sliding_attention", "full_attention"], mlp_only_layers=[0, 1])
+        return tf.Qwen2MoeForCausalLM(cfg)
     if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
         cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
         return tf.FalconForCausalLM(cfg)
@@ -253,16 +258,18 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
 
 
-def test_an_hf_model_whose_layers_hold_no_window_where_their_masks_have_one_keeps_the_masks(monkeypatch):
-    """SmolLM3 given layer_types with a sliding layer but use_sliding_window
-    False: that layer's mask is a band of 5 keys, while the layer holds no
-    window (so FlashAttention would run it full). pyext keeps the masks and
-    computes what the model did, the band (the masked kernels run it)."""
+@pytest.mark.parametrize("kind", ["smollm3", "qwen2_moe"])
+def test_an_hf_model_whose_layers_do_not_pass_their_window_keeps_the_masks(kind, monkeypatch):
+    """A sliding layer's mask a band of 5 keys, while its attention call
+    carries no window (so FlashAttention would run it full): SmolLM3 given
+    layer_types with a sliding layer but use_sliding_window False, whose
+    layer holds no window; Qwen2-MoE, whose layer holds one but does not
+    hand it to the attention interface. pyext keeps the masks and computes
+    what the model did, the band (the masked kernels run it)."""
     from pyext.ops import attention
     calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD)
     device = device_for("triton")
-    original = sharp_hf_model("smollm3", device)
-    assert original.model.layers[0].self_attn.sliding_window is None
+    original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
     assert "sliding-window layers" not in pyext.patch_report(patched).attention
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
