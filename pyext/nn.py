@@ -52,6 +52,20 @@ class NemotronLayerNorm1P(LayerNorm):
         return layer_norm(x, self.normalized_shape, weight, bias, self.eps, backend=self.backend)
 
 
+class DebertaLayerNorm(LayerNorm):
+    """transformers' DebertaLayerNorm (DeBERTa v1): LayerNorm whose result
+    has torch's promotion of x's dtype and its parameters' (x in bfloat16,
+    the parameters in float32: y in float32). The same parameters and
+    state_dict as torch.nn.LayerNorm's. A mixed call is computed in the
+    wider dtype and rounded once (DeBERTa rounds x_hat to x's dtype first)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        wide = functools.reduce(torch.promote_types, [p.dtype for p in params], input.dtype)
+        weight, bias = (None if p is None else p.to(wide) for p in (self.weight, self.bias))
+        return layer_norm(input.to(wide), self.normalized_shape, weight, bias, self.eps, backend=self.backend)
+
+
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, normalized_shape, eps=None, elementwise_affine: bool = True, device=None, dtype=None, *,
                  backend=None):

@@ -177,8 +177,10 @@ _HF_NORMS = (
     ("nanochat", "NanoChatRMSNorm", "eps", "RMSNorm"),  # no weight
     ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "eps", "RMSNorm"),  # no weight, x * rsqrt rounded: GLM-5-Next, ...
     ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", "eps", "GemmaRMSNorm"),  # Gemma's, or over groups of the features
     ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
     ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias: Command R, Command A
+    ("deberta", "DebertaLayerNorm", "variance_epsilon", "DebertaLayerNorm"),  # y in the promoted dtype: DeBERTa v1
     ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
     ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
 )
@@ -241,6 +243,9 @@ def _norm_module(pyext_class, eps, old, backend):
         return "a weight that is not a Parameter"
     if weight is not None and weight.dim() != 1:  # Cohere's QK-norm: (heads, head_dim), over head_dim alone
         return f"a weight of shape {tuple(weight.shape)}: pyext's modules normalize over the weight's dims"
+    group = getattr(old, "group_size", None)
+    if weight is not None and group not in (None, weight.shape[0]):  # Qwen4-Exp's hyper-connection norms
+        return f"statistics over groups of {group} of its {weight.shape[0]} features"
     if issubclass(pyext_class, pnn.LayerNorm):
         shape = weight.shape if weight is not None else getattr(old, "normalized_shape", None)
         if shape is None:

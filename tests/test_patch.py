@@ -1008,10 +1008,12 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     eps: pyext.nn.RMSNorm (Llama's: x / rms, rounded, times weight; OLMo 2's
     and Helium's: weight * x / rms in float32, rounded once; Llama 4's;
     Gemma 3n's; Moshi's), UnweightedRMSNorm (nanochat's; Gemma 3n's with no
-    weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight)), T5RMSNorm
-    (T5's) or LayerNorm (Cohere's, no bias; OLMo's, no parameters). A norm
-    computing something else, or over other dims than its weight's, or with
-    a weight that is not a Parameter, is left, saying why."""
+    weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight); Qwen4-Exp's),
+    T5RMSNorm (T5's), LayerNorm (Cohere's, no bias; OLMo's, no parameters)
+    or DebertaLayerNorm (DeBERTa's). A norm computing something else, or
+    over other dims than its weight's (Cohere's per-head one, Qwen4-Exp's
+    over groups of features), or with a weight that is not a Parameter, is
+    left, saying why."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1034,12 +1036,16 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "nanochat": (hf_class("nanochat", "NanoChatRMSNorm")(eps=1e-5), "UnweightedRMSNorm"),
              "gemma": (hf_class("gemma", "GemmaRMSNorm")(8, eps=1e-5), "GemmaRMSNorm"),
              "gemma2": (hf_class("gemma2", "Gemma2RMSNorm")(8), "GemmaRMSNorm"),  # a copy of Gemma's
+             "qwen4_exp": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8), "GemmaRMSNorm"),  # Gemma's, no groups
              "umt5": (hf_class("umt5", "UMT5LayerNorm")(8, eps=1e-5), "T5RMSNorm"),  # a copy of T5's
              "idefics": (hf_class("idefics", "IdeficsRMSNorm")(8), "T5RMSNorm"),  # a copy of T5's
              "cohere2": (hf_class("cohere2", "Cohere2LayerNorm")(8, eps=1e-4), "LayerNorm"),  # a copy of Cohere's
              "olmo": (hf_class("olmo", "OlmoLayerNorm")(8), "LayerNorm"),
+             "deberta": (hf_class("deberta", "DebertaLayerNorm")(8), "DebertaLayerNorm"),
              "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)),
                            "a weight of shape (2, 4): pyext's modules normalize over the weight's dims"),
+             "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4),
+                                  "statistics over groups of 4 of its 8 features"),
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
                               "a weight that is not a Parameter"),
              "other": (OtherRMSNorm(), "no pyext equivalent"),
@@ -1064,8 +1070,9 @@ HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), 
             ("llama4", "Llama4TextRMSNorm", (96,)), ("gemma3n", "Gemma3nRMSNorm", (96,)),
             ("moshi", "MoshiRMSNorm", (96,)), ("nanochat", "NanoChatRMSNorm", ()),
             ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", ()), ("gemma", "GemmaRMSNorm", (96,)),
-            ("t5", "T5LayerNorm", (96,)), ("cohere", "CohereLayerNorm", (96,)), ("olmo", "OlmoLayerNorm", (96,)),
-            ("nemotron", "NemotronLayerNorm1P", (96,))]
+            ("qwen4_exp", "Qwen4ExpTextRMSNorm", (96,)), ("t5", "T5LayerNorm", (96,)),
+            ("cohere", "CohereLayerNorm", (96,)), ("olmo", "OlmoLayerNorm", (96,)),
+            ("deberta", "DebertaLayerNorm", (96,)), ("nemotron", "NemotronLayerNorm1P", (96,))]
 
 
 def check_swapped_hf_norm(model, norm, args, backend, x_dtype, weight_dtype):
@@ -1109,11 +1116,13 @@ def test_a_swapped_hf_norm_matches_transformers_own(model, norm, args, backend, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("x_dtype,weight_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                                   (torch.bfloat16, torch.float32)], ids=str)
-def test_a_swapped_t5_norm_matches_t5s_own_on_mixed_dtypes(x_dtype, weight_dtype, backend):
-    """T5's norm, x and weight of two dtypes: its result in the weight's
-    dtype where that is a half one (T5 in half precision, its residual
-    stream in float32), in float32 where the weight is."""
-    check_swapped_hf_norm("t5", "T5LayerNorm", (96,), backend, x_dtype, weight_dtype)
+@pytest.mark.parametrize("model,norm", [("t5", "T5LayerNorm"), ("deberta", "DebertaLayerNorm")], ids=["t5", "deberta"])
+def test_a_swapped_norm_matches_its_own_on_mixed_dtypes(model, norm, x_dtype, weight_dtype, backend):
+    """x and the parameters of two dtypes. T5's norm: its result in the
+    weight's dtype where that is a half one (T5 in half precision, its
+    residual stream in float32), in float32 where the weight is. DeBERTa's:
+    in float32 either way (torch's promotion)."""
+    check_swapped_hf_norm(model, norm, (96,), backend, x_dtype, weight_dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
