@@ -40,7 +40,8 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, kv_channels=8,
             shared_expert_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=2,
             kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
-            topk_group=1)
+            topk_group=1, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+            indexer_compress_ratio=2, hc_lowrank=8)
 
 
 def head_mappings():
@@ -51,7 +52,9 @@ def head_mappings():
 
 def build(name):
     """The architecture's LM class on its default config made TINY, two
-    layers (a local one and a global one where it has sliding windows), its
+    layers (a local one and a global one where it has sliding windows; one
+    of each kind its config.layer_types names, linear attention say), its
+    experts run by a loop (transformers' "eager", which float64 runs), its
     matrices drawn at std 0.3 (HF's 0.02 leaves attention near uniform)."""
     import torch
     import transformers
@@ -66,11 +69,16 @@ def build(name):
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
         config.decoder_start_token_id = TINY["decoder_start_token_id"]
     if hasattr(config, "layer_types"):
+        kinds = list(dict.fromkeys(config.layer_types or []))  # each kind of layer the model has, once
+        if getattr(config, "sliding_window", None) and set(kinds) <= {"sliding_attention", "full_attention"}:
+            kinds = ["sliding_attention", "full_attention"]
         try:
-            config.layer_types = ["sliding_attention", "full_attention"] if getattr(config, "sliding_window", None) \
-                else None
+            if kinds:  # two layers at least, linear attention ones among them where the model has them
+                config.layer_types = kinds + kinds[-1:] * (2 - len(kinds))
+                config.num_hidden_layers = len(config.layer_types)
         except (AttributeError, TypeError, ValueError):
             pass
+    config._experts_implementation = "eager"  # grouped_mm, the default, has no float64
     cls = next(m[name] for m in head_mappings() if name in m)
     cls = getattr(transformers, cls[0] if isinstance(cls, (tuple, list)) else cls)
     torch.manual_seed(0)
