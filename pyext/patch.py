@@ -420,18 +420,23 @@ def _native_windows_apply(model) -> bool:
     if not (getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None)):
         return False
     layer_types = getattr(config, "layer_types", None) or []
-    forwards = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
-    attention = [code for code in forwards if code is not None and "_attn_implementation" in code.co_names]
-    return all(_names_sliding_window(code) for code in attention) and \
+    return all(_names_keyword(code, "sliding_window") for code in _hf_attention_forwards(model)) and \
         all(bool(m.sliding_window) == (layer_types[m.layer_idx] == "sliding_attention")
             for m in model.modules() if "sliding_window" in m.__dict__
             and isinstance(getattr(m, "layer_idx", None), int) and m.layer_idx < len(layer_types))
 
 
-def _names_sliding_window(code) -> bool:
-    """Whether `code` names a `sliding_window` keyword or key (a string
-    constant, alone or in a call's tuple of keyword names)."""
-    return any(c == "sliding_window" or isinstance(c, tuple) and "sliding_window" in c for c in code.co_consts)
+def _hf_attention_forwards(model) -> list:
+    """The code of an HF model's attention modules' forwards: those that read
+    config._attn_implementation to pick the attention interface."""
+    forwards = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
+    return [code for code in forwards if code is not None and "_attn_implementation" in code.co_names]
+
+
+def _names_keyword(code, name: str) -> bool:
+    """Whether `code` names a keyword or key `name` (a string constant, alone
+    or in a call's tuple of keyword names)."""
+    return any(c == name or isinstance(c, tuple) and name in c for c in code.co_consts)
 
 
 def _windows_trusted(config) -> bool:
@@ -575,6 +580,10 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     # transformers refuses its SDPA integration to a model whose attention
     # holds only eagerly (causal by its mask alone, say), and to one with a
     # logit soft cap (Gemma 2), which torch's SDPA lacks and pyext's kernels apply
+    if any(_names_keyword(code, "s_aux") for code in _hf_attention_forwards(model)):
+        report.attention = ("left: attention sinks (transformers' s_aux, GPT-OSS's), which pyext's kernels do "
+                            "not apply")
+        return True
     if not (getattr(model, "_supports_sdpa", False) or _hf_softcap(model)):
         report.attention = (f"left: {type(model).__name__} does not support transformers' SDPA attention, on which "
                             "pyext's is built")

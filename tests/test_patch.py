@@ -74,6 +74,11 @@ def hf_model(kind):
                                 intermediate_size=64, vocab_size=64, use_sliding_window=True, sliding_window=5,
                                 layer_types=["sliding_attention", "full_attention"], mlp_only_layers=[0, 1])
         return tf.Qwen2MoeForCausalLM(cfg)
+    if kind == "gpt_oss":  # attention sinks: a learned logit per head in each softmax's denominator
+        cfg = tf.GptOssConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                              head_dim=8, intermediate_size=64, vocab_size=64, num_local_experts=2,
+                              num_experts_per_tok=1, sliding_window=5)
+        return tf.GptOssForCausalLM(cfg)
     if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
         cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
         return tf.FalconForCausalLM(cfg)
@@ -995,6 +1000,26 @@ def test_a_soft_cap_is_noted_in_the_report_with_where_its_calls_go():
     assert pyext.patch_report(pyext.patch(gemma2, backend="torch")).notes == [
         where + "run pyext's reference, the S x S scores in float32 (torch's SDPA has no soft cap)"]
     assert pyext.patch_report(pyext.patch(gemma2, backend="triton")).notes == []
+
+
+def test_an_hf_model_whose_attention_pyext_cannot_compute_keeps_it():
+    """GPT-OSS adds a learned logit per head to each softmax's denominator
+    (attention sinks, transformers' s_aux), which pyext's kernels do not
+    apply; a model transformers gives no SDPA integration for another reason
+    is left too. pyext.patch keeps their attention implementation, says why,
+    and swaps the rest (GPT-OSS's RMSNorms)."""
+    gpt_oss = pyext.patch(build("gpt_oss"))
+    report = pyext.patch_report(gpt_oss)
+    assert report.attention == "left: attention sinks (transformers' s_aux, GPT-OSS's), which pyext's kernels do " \
+                               "not apply"
+    assert gpt_oss.config._attn_implementation == "eager"
+    assert {new for _, _, new in report.swapped} == {"pyext.nn.RMSNorm"}
+    llama = build("llama")
+    config = copy.deepcopy(llama.config)
+    config._attn_implementation = "eager"
+    eager_only = type("EagerOnlyLlama", (type(llama),), {"_supports_sdpa": False})(config)
+    assert pyext.patch_report(pyext.patch(eager_only)).attention == (
+        "left: EagerOnlyLlama does not support transformers' SDPA attention, on which pyext's is built")
 
 
 def hf_class(model, name):
