@@ -41,6 +41,14 @@ alone: bf16 products, S x S scores, the softmax in fp32), "flex-attention"
 (torch.compile of flex_attention with the cap as its score_mod and a
 causal block mask; GPU only) and FlashAttention's package (softcap=).
 FLOPs counted: the causal matmuls' alone (the tanh per score is extra work).
+And "sinks": causal attention with attention sinks (one learned logit per
+head in each row's softmax, GPT-OSS's) at GPT-OSS's head dim (64). torch's
+SDPA has none, so the peers are "eager", HF's GPT-OSS eager attention (what
+transformers runs it with: S x S scores, the sink a last column), and
+"flex-attention" (compiled, causal block mask) with its lse turned into the
+sinks' rescale, out * sigmoid(lse - sink); "pyext-triton-nosinks" times our
+kernels on the same case without sinks, the sinks' own cost. FLOPs counted:
+the causal matmuls'.
 And "packed": documents of random lengths (uniform in [S/8, S], S the
 longest; a fixed draw) laid end to end in TOKENS tokens, causal, as
 padding-free fine-tuning trains (TRL's padding_free, HF's
@@ -82,13 +90,13 @@ def _sdpa(backend, causal, dropout_p, mask):
     return run
 
 
-def _ours(backend, causal, dropout_p, mask, window=None, softcap=0.0):
+def _ours(backend, causal, dropout_p, mask, window=None, softcap=0.0, sinks=None):
     if window:
         return lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, window_size=(window - 1, -1),
                                                      dropout_p=dropout_p, backend=backend)
     if mask is None:
         return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, softcap=softcap,
-                                                     backend=backend)
+                                                     sinks=sinks, backend=backend)
     return lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                               backend=backend)
 
@@ -144,6 +152,39 @@ def _flex_softcap(seqlen, device, softcap):
     return lambda q, k, v: compiled(q, k, v, score_mod=capped, block_mask=block_mask)
 
 
+def _eager_sinks(seqlen, device, dtype, sinks):
+    """HF GPT-OSS's eager attention, causal: products in the inputs' dtype, the
+    causal mask added (finfo.min above the diagonal, built once per case), the
+    sink a last column of the scores, the row max taken out, the softmax in
+    the inputs' dtype, the sink's column dropped. S x S scores in memory."""
+    if seqlen > EAGER_MAX_SEQLEN:
+        return f"skipped above seqlen {EAGER_MAX_SEQLEN}: S x S scores in memory"
+    bias = torch.full((seqlen, seqlen), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
+
+    def run(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias
+        s = torch.cat([s, sinks.to(dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
+        s = s - s.amax(-1, keepdim=True)
+        return torch.softmax(s, -1, dtype=s.dtype)[..., :-1] @ v
+    return run
+
+
+def _flex_sinks(seqlen, device, sinks):
+    """torch.compile of flex_attention with a causal block mask, its lse
+    turned into the sinks: with L = exp(lse), the sinks' output is
+    out * L / (L + exp(sink)) = out * sigmoid(lse - sink)."""
+    if not HAS_GPU:
+        return "skipped without a GPU (flex_attention's backward runs on GPUs only)"
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, seqlen, seqlen, device=device)
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v):
+        out, lse = compiled(q, k, v, block_mask=block_mask, return_lse=True)
+        return out * torch.sigmoid(lse - sinks.view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+    return run
+
+
 def _flash_attn_package(causal, dropout_p, mask, window=None, softcap=0.0):
     """FlashAttention's own package (its (B, S, H, D) layout, from our views);
     a sliding window of `window` keys as its window_size, in place of the mask."""
@@ -159,7 +200,7 @@ def _flash_attn_package(causal, dropout_p, mask, window=None, softcap=0.0):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
 
-def _triton_pointer_forward(causal, dropout_p, mask, window, softcap, why_not_triton):
+def _triton_pointer_forward(causal, dropout_p, mask, window, softcap, sinks, why_not_triton):
     """pyext's Triton attention with the forward's pointer loads forced, or why
     it is not timed: where pyext-triton itself takes the pointer path it would
     time the same kernel again."""
@@ -173,11 +214,11 @@ def _triton_pointer_forward(causal, dropout_p, mask, window, softcap, why_not_tr
 
     def run(q, k, v):
         with flash_attention.use_loads("pointer"):
-            return pyext.flash_attention(q, k, v, causal=causal, softcap=softcap, backend="triton")
+            return pyext.flash_attention(q, k, v, causal=causal, softcap=softcap, sinks=sinks, backend="triton")
     return run
 
 
-def _triton_deterministic(causal, dropout_p, mask, window, softcap, why_not_triton):
+def _triton_deterministic(causal, dropout_p, mask, window, softcap, sinks, why_not_triton):
     """pyext's Triton attention with deterministic=True, or why it is not timed."""
     if why_not_triton is not None:
         return why_not_triton
@@ -195,10 +236,11 @@ def _triton_deterministic(causal, dropout_p, mask, window, softcap, why_not_trit
                 torch.use_deterministic_algorithms(previous)
         return run
     return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, softcap=softcap,
-                                                 deterministic=True, backend="triton")
+                                                 sinks=sinks, deterministic=True, backend="triton")
 
 
-# (causal, dropout probability, None or what else: "padded", "causal-padded", "window" or "softcap") of each case
+# (causal, dropout probability, None or what else: "padded", "causal-padded", "window", "softcap" or "sinks")
+# of each case
 STANDARD = ((False, 0.0, None), (True, 0.0, None))
 MODEL = ((True, 0.0, None), (True, DROPOUT, None), (False, 0.0, "padded"), (False, 0.0, "causal-padded"))
 PADDED = ("padded", "causal-padded")
@@ -206,6 +248,8 @@ WINDOW = 1024
 SEQLENS_WINDOW, SEQLENS_WINDOW_QUICK = [4096, 8192, 16384], [8192]
 SOFTCAP, SOFTCAP_HEAD_DIM = 50.0, 256  # Gemma 2's attention logit cap and head dim
 SEQLENS_SOFTCAP, SEQLENS_SOFTCAP_QUICK = [2048, 4096], [4096]
+SINKS_HEAD_DIM = 64  # GPT-OSS's
+SEQLENS_SINKS, SEQLENS_SINKS_QUICK = [2048, 4096], [4096]
 SEQLENS_PACKED, SEQLENS_PACKED_QUICK = [2048, 8192], [8192]
 MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
 SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
@@ -217,7 +261,7 @@ def _grid(quick: bool, dtypes):
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"), (True, 0.0, "softcap"))),
+        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"), (True, 0.0, "softcap"), (True, 0.0, "sinks"))),
                 (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:])]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
@@ -228,7 +272,9 @@ def _grid(quick: bool, dtypes):
               for s in (SEQLENS_WINDOW_QUICK if quick else SEQLENS_WINDOW) for d in head_dims]
     softcap = [(s, SOFTCAP_HEAD_DIM, SOFTCAP_HEAD_DIM, False, ((True, 0.0, "softcap"),))
                for s in (SEQLENS_SOFTCAP_QUICK if quick else SEQLENS_SOFTCAP)]
-    return standard + model + mla + window + softcap
+    sinks = [(s, SINKS_HEAD_DIM, SINKS_HEAD_DIM, False, ((True, 0.0, "sinks"),))
+             for s in (SEQLENS_SINKS_QUICK if quick else SEQLENS_SINKS)]
+    return standard + model + mla + window + softcap + sinks
 
 
 def _packed_grid(quick: bool, dtypes):
@@ -276,11 +322,13 @@ def cases(quick: bool, dtypes):
         for causal, dropout_p, extra in variants:
             window = _window(seqlen) if extra == "window" else None
             softcap = SOFTCAP if extra == "softcap" else 0.0
+            sinks = torch.randn(heads, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_() \
+                if extra == "sinks" else None
             mask = _window_mask(seqlen, device) if window else \
                 _padding_mask(batch, seqlen, device, extra == "causal-padded") if extra in PADDED else None
-            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window, softcap) for b in ("cuda", "triton")}
+            fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window, softcap, sinks) for b in ("cuda", "triton")}
             if dropout_p or extra:
-                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, mask, window or soft cap"
+                fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, mask, window, soft cap or sinks"
             if window:  # what an HF sliding-window layer runs: the band as a mask
                 fns["pyext-triton-mask"] = _ours("triton", causal, dropout_p, mask) \
                     if ours["pyext-triton"] is None else ours["pyext-triton"]
@@ -288,9 +336,16 @@ def cases(quick: bool, dtypes):
                 fns.update({name: "torch's SDPA has no soft cap" for name in SDPA})
                 fns["eager"] = _eager_softcap(seqlen, device, dtype, softcap)
                 fns["flex-attention"] = _flex_softcap(seqlen, device, softcap)
+            elif sinks is not None:
+                fns.update({name: "torch's SDPA has no sinks" for name in SDPA})
+                fns["pyext-triton-nosinks"] = _ours("triton", causal, dropout_p, mask) \
+                    if ours["pyext-triton"] is None else ours["pyext-triton"]
+                fns["eager"] = _eager_sinks(seqlen, device, dtype, sinks)
+                fns["flex-attention"] = _flex_sinks(seqlen, device, sinks)
             else:
                 fns.update({name: _sdpa(backend, causal, dropout_p, mask) for name, backend in SDPA.items()})
-            fns["flash-attn"] = _flash_attn_package(causal, dropout_p, mask, window, softcap)
+            fns["flash-attn"] = "flash_attn_func has no sinks" if sinks is not None else \
+                _flash_attn_package(causal, dropout_p, mask, window, softcap)
             pairs = batch * heads * seqlen * seqlen / (2 if causal or extra == "causal-padded" else 1)
             if window:  # rows before the window fills see i + 1 keys, the rest the window
                 pairs = batch * heads * (window * (window + 1) / 2 + (seqlen - window) * window)
@@ -314,7 +369,7 @@ def cases(quick: bool, dtypes):
                 # pointer loads in the forward, the deterministic dQ in the backward
                 variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
                                ("pyext-triton-det", _triton_deterministic))
-                fn = fn(causal, dropout_p, mask, window, softcap, ours["pyext-triton"])
+                fn = fn(causal, dropout_p, mask, window, softcap, sinks, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
                 yield Case(op="attention", label=label, size=seqlen,
@@ -397,7 +452,7 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
                 else:
                     providers[name] = autograd_callable(fn, inputs, direction, dout)
             if direction == "fwd":  # why not, as for the dense cases; on sm_90 because there is nothing else
-                why_not = _triton_pointer_forward(True, 0.0, None, None, 0.0, ours["pyext-triton"])
+                why_not = _triton_pointer_forward(True, 0.0, None, None, 0.0, None, ours["pyext-triton"])
                 providers["pyext-triton-ptr"] = why_not if isinstance(why_not, str) else \
                     "same kernel as pyext-triton: packed batches run the pointer forward"
             else:

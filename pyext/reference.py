@@ -28,7 +28,7 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
 
 
 def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None,
-              window=None, softcap=0.0):
+              window=None, softcap=0.0, sinks=None):
     """Attention by its definition, returning (out, lse).
 
     q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv (GQA).
@@ -37,8 +37,10 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
     <= j <= i + causal_offset + right, -1 for no bound on that side. softcap
     c > 0: the scores s become c tanh(s / c) before any mask. mask, as
     SDPA's attn_mask (broadcastable to (B, Hq, Sq, Sk)): boolean (False: not
-    visible) or added to the scores. Rows that see
-    no key: out 0, lse -inf. Dropout: P is multiplied by keep / (1 - dropout_p),
+    visible) or added to the scores. sinks (Hq,), attention sinks (GPT-OSS's):
+    one more logit per head in each row's softmax, with no value (P over the
+    keys sums to below 1), and in lse. Rows that see
+    no key: out 0, lse -inf (with sinks, the sink's logit). Dropout: P is multiplied by keep / (1 - dropout_p),
     keep the (B, Hq, Sq, Sk) bool mask of kept elements (drawn here from
     torch's generator when not given); lse is that of the undropped P.
     Computed in float32 for float16/bfloat16 inputs (as torch's fused SDPA
@@ -67,8 +69,13 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
         # P = exp(s - m) / l with m the row max and l the row sum, not exp(s - lse):
         # a row masked everywhere by finfo.min has m near -3.4e38, where m + log(l) is m
         m = s.detach().amax(-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
+        if sinks is not None:
+            sink = sinks.to(s.dtype).view(1, -1, 1, 1)
+            m = torch.maximum(m, sink.detach())
         e = torch.exp(s - torch.where(torch.isneginf(m), 0.0, m))
         total = e.sum(-1, keepdim=True)
+        if sinks is not None:
+            total = total + torch.exp(sink - m)
         p = e / torch.where(total > 0, total, 1.0)  # rows that see no key: 0
         lse = (m + total.log()).squeeze(-1)
         if dropout_p > 0:

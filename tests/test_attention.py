@@ -275,6 +275,67 @@ def test_softcap_matches_oracle(backend, deterministic, shape, causal, window, s
     check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype)
 
 
+def sinks_eager(q, k, v, sinks, scale, visible):
+    """PyTorch's own way to run attention sinks, the yardstick: HF's GPT-OSS
+    eager attention (the sink a last column of the scores, dropped after
+    the softmax), products in the inputs' dtype, the softmax in float32
+    (torch's SDPA has no sinks); with lse over the scores and the sink."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = ((q @ k.transpose(-2, -1)) * scale).float().masked_fill(~visible, float("-inf"))
+    s = torch.cat([s, sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
+    p = torch.softmax(s, -1)[..., :-1].to(q.dtype)
+    return p @ v, torch.logsumexp(s, -1)
+
+
+def check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype):
+    """out, lse, dq, dk, dv and dsinks of flash_attention with sinks (and a
+    window) against the float64 oracle, sinks_eager the yardstick."""
+    q, k, v = qkv(shape, dtype, device_for(backend))
+    sinks = (torch.randn(shape[1], device=q.device) * sink_scale).to(sinks_dtype).requires_grad_()
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, sinks=sinks, return_lse=True,
+                                     deterministic=deterministic, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), dout)
+    visible = band(q.shape[2], k.shape[2], causal, window, q.device)
+    scale = q.shape[-1] ** -0.5
+
+    def run(fn, dtype, sinks_dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        leaves.append(sinks.detach().to(sinks_dtype).requires_grad_())
+        o, lse_ = fn(*leaves)
+        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda q, k, v, s: reference.attention(q, k, v, causal=causal, causal_offset=k.shape[2] - q.shape[2],
+                                                     window=window, sinks=s), torch.float64, torch.float64)
+    pt = run(lambda *t: sinks_eager(*t, scale, visible), q.dtype, sinks_dtype)
+    assert_all_close(["out", "lse", "dq", "dk", "dv", "dsinks"], [out, lse, *grads], ref, pt)
+
+
+# (shape as SHAPES, causal, window_size, the sinks' spread, their dtype, dtype): GPT-OSS's full
+# and sliding (W = 20) layers, causal GQA with Sq < Sk; Sq > Sk causal, whose first rows see no key
+# but the sink; sinks that outweigh the scores (spread 6) in bf16; one query row in fp16
+SINKS_CASES = [((2, 4, 2, 45, 70, 32), True, (-1, -1), 1.0, torch.float32, torch.bfloat16),
+               ((2, 4, 2, 45, 70, 32), True, (19, -1), 1.0, torch.float32, torch.bfloat16),
+               ((1, 2, 1, 70, 45, 32), True, (-1, -1), 1.0, torch.float32, torch.float16),
+               ((1, 2, 2, 33, 33, 64), False, (-1, -1), 6.0, torch.bfloat16, torch.bfloat16),
+               ((1, 2, 2, 1, 33, 64), False, (-1, -1), 1.0, torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
+                                                   pytest.param("triton", False, id="triton-atomic"),
+                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("shape,causal,window,sink_scale,sinks_dtype,dtype", SINKS_CASES, ids=str)
+def test_sinks_match_oracle(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype):
+    check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype)
+
+
+def test_sinks_are_checked():
+    q = make_tensor((1, 2, 8, 16), torch.bfloat16, "cpu")
+    for bad in [torch.zeros(3), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int64), [0.0, 0.0]]:
+        with pytest.raises(ValueError, match=r"sinks must be a floating-point tensor of one logit per query head"):
+            pyext.flash_attention(q, q, q, sinks=bad)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_sdpa_with_a_softcap_matches_the_reference(backend, masked):
@@ -288,6 +349,29 @@ def test_sdpa_with_a_softcap_matches_the_reference(backend, masked):
                                  softcap=2.0)
     lower, _ = reference.attention(q, k, v, scale=0.5, causal=not masked, mask=mask, softcap=2.0)
     assert_close(out, ref, lower, "out")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_with_sinks_matches_the_reference(backend, masked):
+    """The SDPA path pyext.patch gives HF's GPT-OSS: under auto the kernels
+    even with a mask (torch's SDPA has no sinks; its fallback is the
+    reference), the sinks' gradient too, against the reference in the
+    inputs' dtype (float32 inside)."""
+    q, k, v = (t.detach() for t in qkv((2, 4, 2, 21, 21, 32), torch.bfloat16, device_for("triton")))
+    mask = torch.rand(2, 1, 21, 21, device=q.device) > 0.3 if masked else None
+    sinks = torch.randn(4, device=q.device, requires_grad=True)
+    out = attention._scaled_dot_product_attention(q, k, v, mask, 0.0, not masked, 0.5, True, backend=backend,
+                                                  sinks=sinks)
+    dout = torch.randn_like(out)
+    (dsinks,) = torch.autograd.grad(out, sinks, dout)
+    sinks64 = sinks.detach().double().requires_grad_()
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), scale=0.5, causal=not masked, mask=mask,
+                                 sinks=sinks64)
+    lower, _ = reference.attention(q, k, v, scale=0.5, causal=not masked, mask=mask, sinks=sinks)
+    assert_close(out, ref, lower, "out")
+    assert_close(dsinks, torch.autograd.grad(ref, sinks64, dout.double())[0],
+                 torch.autograd.grad(lower, sinks, dout)[0], "dsinks")
 
 
 def test_softcap_is_checked():
@@ -337,6 +421,13 @@ def test_cuda_kernels_name_the_window_as_what_they_lack():
     q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
     with pytest.raises(pyext.BackendUnavailable, match="window"):
         pyext.flash_attention(q, k, v, causal=True, window_size=(4, -1), backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_the_sinks_as_what_they_lack():
+    q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="sinks"):
+        pyext.flash_attention(q, k, v, causal=True, sinks=torch.zeros(2, device="cuda"), backend="cuda")
 
 
 @pytest.mark.gpu
@@ -812,15 +903,20 @@ def test_opcheck_with_a_value_head_dim_of_its_own(layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-@pytest.mark.parametrize("window,softcap", [((4, -1), 0.0), ((-1, -1), 2.5), ((4, 1), 2.5)], ids=str)
-def test_opcheck_window_softcap(layout, window, softcap):
+@pytest.mark.parametrize("window,softcap,sinks", [((4, -1), 0.0, False), ((-1, -1), 2.5, False),
+                                                  ((4, 1), 2.5, False), ((-1, -1), 0.0, True)], ids=str)
+def test_opcheck_extras(layout, window, softcap, sinks):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     seed = torch.tensor([7], device=q.device)
-    args = (0.25, True, 3, *window, softcap, 0.2, seed)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_window_softcap_fwd_triton, (q, k, v, *args))
-    out, lse = torch.ops.pyext.flash_attn_window_softcap_fwd_triton(q.detach(), k.detach(), v.detach(), *args)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_window_softcap_bwd_triton,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args, True))
+    sink = torch.randn(2, device=q.device, requires_grad=True) if sinks else None
+    args = (0.25, True, 3, *window, softcap)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_extras_fwd_triton, (q, k, v, *args, sink, 0.2, seed))
+    with torch.no_grad():
+        out, lse = torch.ops.pyext.flash_attn_extras_fwd_triton(q, k, v, *args, sink, 0.2, seed)
+    sink = None if sink is None else sink.detach()
+    torch.library.opcheck(torch.ops.pyext.flash_attn_extras_bwd_triton,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args, sink, 0.2,
+                           seed, True))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
@@ -834,6 +930,23 @@ def test_opcheck_dropout(layout):
         torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_bwd_triton,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3,
                                0.2, seed, deterministic))
+
+
+def test_compile_fullgraph_with_sinks():
+    """flash_attention with sinks, a parameter given its gradient, under
+    torch.compile(fullgraph=True): the gradients, the sinks' included, are
+    eager's bit for bit (the deterministic backward)."""
+    q, k, v = qkv((1, 2, 2, 9, 9, 16), torch.bfloat16, device_for("triton"))
+    sinks = torch.randn(2, device=q.device, requires_grad=True)
+
+    def f(q, k, v, sinks):
+        return pyext.flash_attention(q, k, v, causal=True, sinks=sinks, deterministic=True,
+                                     backend="triton").float().sum()
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, sinks),
+                                   (q, k, v, sinks))
+    eager = torch.autograd.grad(f(q, k, v, sinks), (q, k, v, sinks))
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -943,6 +1056,13 @@ def test_descriptor_forward_with_a_softcap_matches_oracle(triton_fa, case):
     shape, causal, window, softcap, scale, dtype = SOFTCAP_CASES[case]
     with triton_fa.use_loads("descriptor"):
         check_softcap("triton", False, shape, causal, window, softcap, scale, dtype)
+
+
+@pytest.mark.parametrize("case", [0, 2, 3], ids=lambda i: str(SINKS_CASES[i][0]))
+def test_descriptor_forward_with_sinks_matches_oracle(triton_fa, case):
+    shape, causal, window, sink_scale, sinks_dtype, dtype = SINKS_CASES[case]
+    with triton_fa.use_loads("descriptor"):
+        check_sinks("triton", False, shape, causal, window, sink_scale, sinks_dtype, dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 40), (2, 4, 2, 21, 13, 64)], ids=str)

@@ -295,18 +295,21 @@ def test_masked_kernels_write_every_element(deterministic):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_opcheck_masked(layout, dropout_p):
+@pytest.mark.parametrize("dropout_p,sinks", [(0.0, False), (0.2, False), (0.0, True)], ids=str)
+def test_opcheck_masked(layout, dropout_p, sinks):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     mask = make_mask("bool", None, q.dtype, q.device, (1, 1, 9, 12))
     seed = torch.tensor([7], device=q.device) if dropout_p else None
-    args = (0.25, 2.5 if dropout_p else 0.0, dropout_p, seed)  # scale, softcap, dropout_p, seed
-    torch.library.opcheck(torch.ops.pyext.flash_attn_masked_fwd_triton, (q, k, v, mask, *args))
-    out, stats = torch.ops.pyext.flash_attn_masked_fwd_triton(q.detach(), k.detach(), v.detach(), mask, *args)
+    sink = torch.randn(2, device=q.device, requires_grad=True) if sinks else None
+    args = (0.25, 2.5 if dropout_p else 0.0)  # scale, softcap
+    torch.library.opcheck(torch.ops.pyext.flash_attn_masked_fwd_triton, (q, k, v, mask, *args, sink, dropout_p, seed))
+    with torch.no_grad():
+        out, stats = torch.ops.pyext.flash_attn_masked_fwd_triton(q, k, v, mask, *args, sink, dropout_p, seed)
+    sink = None if sink is None else sink.detach()
     for deterministic in (False, True):
         torch.library.opcheck(torch.ops.pyext.flash_attn_masked_bwd_triton,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, stats, *args,
-                               deterministic))
+                               sink, dropout_p, seed, deterministic))
 
 
 def test_compile_fullgraph_with_a_mask():

@@ -147,6 +147,29 @@ def test_the_softcap_cases_time_gemma_2s_peers_on_what_ours_computes():
     torch.testing.assert_close(eager, ours, atol=2e-2, rtol=2e-2)
 
 
+def test_the_sinks_cases_time_gpt_oss_peers_on_what_ours_computes():
+    """The sinks cases: torch's SDPA and FlashAttention's package say why
+    not; the eager peer (HF GPT-OSS's attention) computes what pyext's
+    does, up to bf16 rounding; so does the rescale the flex-attention peer
+    applies to an attention without sinks, out * sigmoid(lse - sink)."""
+    import torch
+    import pyext
+    from benchmarks import attention
+    cases = [c for c in attention.cases(True, [torch.bfloat16]) if c.dtype.endswith("-sinks")]
+    assert {c.direction for c in cases} == {"fwd", "bwd"}
+    for case in cases:
+        assert case.providers["sdpa-flash"] == "torch's SDPA has no sinks" and "eager" in case.providers
+        assert case.providers["flash-attn"] == "flash_attn_func has no sinks"
+    q, k, v = (torch.randn(1, 2, 64, 32, dtype=torch.bfloat16) for _ in range(3))
+    sinks = torch.randn(2) * 2
+    ours = pyext.flash_attention(q, k, v, causal=True, sinks=sinks, backend="torch")
+    eager = attention._eager_sinks(64, "cpu", torch.bfloat16, sinks)(q, k, v)
+    torch.testing.assert_close(eager, ours, atol=2e-2, rtol=2e-2)
+    plain, lse = pyext.flash_attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    rescaled = plain * torch.sigmoid(lse - sinks.view(1, -1, 1)).unsqueeze(-1).to(plain.dtype)
+    torch.testing.assert_close(rescaled, ours, atol=2e-2, rtol=2e-2)
+
+
 def test_the_packed_cases_give_every_provider_the_same_documents():
     """The "packed" cases: the offsets pyext's and FlashAttention's varlen
     calls take and the block-diagonal mask the SDPA backends take are one

@@ -251,7 +251,7 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     gradient within the rule against the float64 original (its band mask);
     unpatched, the model is no longer trusted to pass its window."""
     from pyext.ops import attention
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, window=attention.WINDOW_SOFTCAP_FWD)
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, window=attention.EXTRAS_FWD)
     device = device_for(backend)
     original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend=backend)

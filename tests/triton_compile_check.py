@@ -155,6 +155,15 @@ def exercise_launchers():
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
                                                softcap=30.0, **extra)
+        # attention sinks (GPT-OSS's): alone (the descriptor forward on sm_90), with a window, with a
+        # mask; the dK/dV kernels with the sinks' shares
+        sinks = torch.randn(4)
+        for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
+            causal = "mask" not in extra
+            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, sinks=sinks, **extra)
+            for deterministic in (False, True):
+                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
+                                               sinks=sinks, **extra)
         # a packed batch (varlen): every config at head dim 128; with dropout, a window and a soft cap
         cu = torch.tensor([0, 20, 21, 40], dtype=torch.int32)
         q = torch.randn(40, 4, 128, dtype=torch.bfloat16)

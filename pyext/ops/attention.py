@@ -23,11 +23,13 @@ An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
 fp32, in place of lse (see triton_kernels/flash_attention/).
-A local window and a logit soft cap (Triton only; flash_attention's
-window_size and softcap, (-1, -1) and 0 for none):
-flash_attn_window_softcap_{fwd,bwd}_triton, with dropout too. The masked
-ops take a soft cap as well (HF's Gemma 2 with a padded batch or its
-sliding-window mask, through pyext.patch).
+The extras (Triton only): a local window, a logit soft cap and attention
+sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
+None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too. The
+masked ops take a soft cap and sinks as well (HF's Gemma 2 with a padded
+batch or its sliding-window mask, GPT-OSS's, through pyext.patch). The
+backward ops take the sinks too, for their gradient (their fourth output,
+empty without sinks); lse includes them, so dQ, dK and dV need nothing more.
 """
 import math
 import threading
@@ -78,43 +80,53 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
 def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float,
-                                 dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                                 sinks: Optional[Tensor], dropout_p: float,
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_fwd(q, k, v, scale, False, 0, dropout_p=dropout_p, seed=seed, mask=mask,
-                                  softcap=softcap)
+                                  softcap=softcap, sinks=sinks)
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_bwd_triton", mutates_args=())
 def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
-                                 stats: Tensor, scale: float, softcap: float, dropout_p: float, seed: Optional[Tensor],
-                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                                 stats: Tensor, scale: float, softcap: float, sinks: Optional[Tensor],
+                                 dropout_p: float, seed: Optional[Tensor],
+                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic, dropout_p=dropout_p,
-                                  seed=seed, mask=mask, softcap=softcap)
+    return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic,
+                                               dropout_p=dropout_p, seed=seed, mask=mask, softcap=softcap,
+                                               sinks=sinks), q)
 
 
 def _kernel_window(window_left: int, window_right: int):
     return None if (window_left, window_right) == (-1, -1) else (window_left, window_right)
 
 
-@torch.library.custom_op("pyext::flash_attn_window_softcap_fwd_triton", mutates_args=())
-def flash_attn_window_softcap_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
-                                         causal_offset: int, window_left: int, window_right: int, softcap: float,
-                                         dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+@torch.library.custom_op("pyext::flash_attn_extras_fwd_triton", mutates_args=())
+def flash_attn_extras_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+                                 window_left: int, window_right: int, softcap: float, sinks: Optional[Tensor],
+                                 dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed,
-                                  window=_kernel_window(window_left, window_right), softcap=softcap)
+                                  window=_kernel_window(window_left, window_right), softcap=softcap, sinks=sinks)
 
 
-@torch.library.custom_op("pyext::flash_attn_window_softcap_bwd_triton", mutates_args=())
-def flash_attn_window_softcap_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                         scale: float, causal: bool, causal_offset: int, window_left: int,
-                                         window_right: int, softcap: float, dropout_p: float, seed: Optional[Tensor],
-                                         deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("pyext::flash_attn_extras_bwd_triton", mutates_args=())
+def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 scale: float, causal: bool, causal_offset: int, window_left: int,
+                                 window_right: int, softcap: float, sinks: Optional[Tensor], dropout_p: float,
+                                 seed: Optional[Tensor], deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
-                                  dropout_p=dropout_p, seed=seed, window=_kernel_window(window_left, window_right),
-                                  softcap=softcap)
+    return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
+                                               dropout_p=dropout_p, seed=seed,
+                                               window=_kernel_window(window_left, window_right), softcap=softcap,
+                                               sinks=sinks), q)
+
+
+def _with_dsinks(grads, q: Tensor):
+    """(dq, dk, dv, dsinks) of a backward that may have had no sinks: dsinks
+    then an empty float32 tensor (an op's outputs cannot be None)."""
+    return grads if len(grads) == 4 else (*grads, q.new_empty(0, dtype=torch.float32))
 
 
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
@@ -145,6 +157,15 @@ def _fake_bwd_triton(dout, q, k, v, *_):
     return tuple(torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
 
 
+def _fake_bwd_with_sinks_triton(sinks_at: int):
+    """_fake_bwd_triton and dsinks, the op's argument at `sinks_at` being the sinks."""
+    def fake(dout, q, k, v, *rest):
+        sinks = rest[sinks_at - 4]
+        dsinks = q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32)
+        return (*_fake_bwd_triton(dout, q, k, v), dsinks)
+    return fake
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset = inputs
     out, lse = output
@@ -164,28 +185,37 @@ def _dropout_setup_context(ctx, inputs, output):
 
 
 def _masked_setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, softcap, dropout_p, seed = inputs
+    q, k, v, mask, scale, softcap, sinks, dropout_p, seed = inputs
     out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(q, k, v, mask, out, stats, seed)
+    ctx.save_for_backward(q, k, v, mask, out, stats, sinks, seed)
     ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
     ctx.deterministic = True
 
 
-def _window_softcap_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, causal_offset, window_left, window_right, softcap, dropout_p, seed = inputs
+def _extras_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, window_left, window_right, softcap, sinks, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.save_for_backward(q, k, v, out, lse, sinks, seed)
     ctx.args, ctx.window = (scale, causal, causal_offset), (window_left, window_right)
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
     ctx.deterministic = True
 
 
 def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None, window=None,
-                   softcap=0.0):
+                   softcap=0.0, sinks=None):
     return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                               dropout_p=dropout_p, keep=keep, mask=mask, window=window, softcap=softcap)[0]
+                               dropout_p=dropout_p, keep=keep, mask=mask, window=window, softcap=softcap,
+                               sinks=sinks)[0]
+
+
+def _sinks_grad(sinks, dsinks):
+    """The sinks' gradient as the autograd wants it: the kernels' float32
+    dsinks in the sinks' dtype, None where they need none. (The sink is one
+    more logit of each row's softmax whose value is 0: its dP is 0, so its
+    dS = P_sink * (0 - D), D = sum over keys of P dP; see _bwd_kv_kernel.)"""
+    return None if sinks is None or not sinks.requires_grad else dsinks.to(sinks.dtype)
 
 
 def _kernels_keep_mask(seed, q, k, dropout_p):
@@ -218,31 +248,31 @@ def _make_dropout_backward(bwd_op):
 
 def _make_masked_backward(bwd_op):
     def backward(ctx, dout, _dstats):
-        q, k, v, mask, out, stats, seed = ctx.saved_tensors
+        q, k, v, mask, out, stats, sinks, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
             grads = create_graph_grads("scaled_dot_product_attention", ctx, _reference_out,
-                                       (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap),
-                                       (dout,))
-            return grads[:3] + (None,) * 5
-        dq, dk, dv = bwd_op(dout, q, k, v, mask, out, stats, ctx.scale, ctx.softcap, ctx.dropout_p, seed,
-                            ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None
+                                       (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap,
+                                        sinks), (dout,))
+            return grads[:3] + (None, None, None, grads[-1], None, None)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, mask, out, stats, ctx.scale, ctx.softcap, sinks, ctx.dropout_p,
+                                    seed, ctx.deterministic)
+        return dq, dk, dv, None, None, None, _sinks_grad(sinks, dsinks), None, None
     return backward
 
 
-def _make_window_softcap_backward(bwd_op):
+def _make_extras_backward(bwd_op):
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, seed = ctx.saved_tensors
+        q, k, v, out, lse, sinks, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
             grads = create_graph_grads("flash_attention", ctx, _reference_out,
-                                       (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window, ctx.softcap),
-                                       (dout,))
-            return grads[:3] + (None,) * 8
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.softcap, ctx.dropout_p, seed,
-                            ctx.deterministic)
-        return (dq, dk, dv) + (None,) * 8
+                                       (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window, ctx.softcap,
+                                        sinks), (dout,))
+            return grads[:3] + (None,) * 6 + (grads[-1], None, None)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.softcap, sinks,
+                                    ctx.dropout_p, seed, ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 6 + (_sinks_grad(sinks, dsinks), None, None)
     return backward
 
 
@@ -250,11 +280,11 @@ FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
 DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
                                               _dropout_setup_context, _make_dropout_backward)
-MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton, _fake_bwd_triton,
-                                            _masked_setup_context, _make_masked_backward)
-WINDOW_SOFTCAP_FWD, WINDOW_SOFTCAP_BWD, _ = register_stages(
-    "flash_attn_window_softcap", _fake_fwd_triton, _fake_bwd_triton, _window_softcap_setup_context,
-    _make_window_softcap_backward)
+MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
+                                            _fake_bwd_with_sinks_triton(9), _masked_setup_context,
+                                            _make_masked_backward)
+EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_triton, _fake_bwd_with_sinks_triton(12),
+                                            _extras_setup_context, _make_extras_backward)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -264,16 +294,16 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
-                dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0):
+                dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
         if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
-            ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, dropout_p, seed)
+            ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
             output = MASKED_FWD[backend](*inputs)
             _masked_setup_context(ctx, inputs, output)
-        elif window is not None or softcap > 0:
-            ctx.kind, inputs = "window_softcap", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)),
-                                                  softcap, dropout_p, seed)
-            output = WINDOW_SOFTCAP_FWD[backend](*inputs)
-            _window_softcap_setup_context(ctx, inputs, output)
+        elif window is not None or softcap > 0 or sinks is not None:
+            ctx.kind, inputs = "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap,
+                                          sinks, dropout_p, seed)
+            output = EXTRAS_FWD[backend](*inputs)
+            _extras_setup_context(ctx, inputs, output)
         elif dropout_p > 0:
             ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
             output = DROPOUT_FWD[backend](*inputs)
@@ -288,10 +318,11 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
-                       "window_softcap": (_make_window_softcap_backward, WINDOW_SOFTCAP_BWD),
-                       "plain": (_make_backward, BWD)}[ctx.kind]
-        dq, dk, dv = make(table[ctx.backend])(ctx, dout, dlse)[:3]
-        return (None, None, None, dq, dk, dv) + (None,) * 8
+                       "extras": (_make_extras_backward, EXTRAS_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
+        grads = make(table[ctx.backend])(ctx, dout, dlse)
+        sinks_at = {"masked": 6, "extras": 9}.get(ctx.kind)  # the sinks' place in the op's inputs
+        dsinks = None if sinks_at is None else grads[sinks_at]
+        return (None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)
 
 
 def _distinct(*tensors: Tensor) -> List[Tensor]:
@@ -497,20 +528,37 @@ def _softcap(op: str, softcap) -> float:
     return value
 
 
-def _extras_problem(backend: str, window, softcap: float) -> Optional[str]:
-    """Why `backend` cannot run a local window or a soft cap asked for, or None."""
-    if backend in WINDOW_SOFTCAP_FWD:
+def _sinks(op: str, sinks, q: Tensor) -> Optional[Tensor]:
+    """Attention sinks as given, checked: None, or a floating-point (Hq,) tensor on q's device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point() or sinks.dim() != 1 or \
+            q.dim() < 3 or sinks.shape[0] != q.shape[-3]:
+        shape = list(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__
+        raise ValueError(f"{op}: sinks must be a floating-point tensor of one logit per query head, shape "
+                         f"[{q.shape[-3] if q.dim() >= 3 else 'H'}], got {shape}")
+    if sinks.device != q.device:
+        raise RuntimeError(f"{op}: expected sinks on the query's device {q.device}, got {sinks.device}")
+    return sinks
+
+
+def _extras_problem(backend: str, window, softcap: float, sinks=None) -> Optional[str]:
+    """Why `backend` cannot run a local window, a soft cap or sinks asked for, or None."""
+    if backend in EXTRAS_FWD:
         return None
     if window is not None:
         return f"window_size={window}: the {backend} kernels have no local window (the Triton ones do)"
     if softcap > 0:
         return f"softcap={softcap}: the {backend} kernels have no logit soft cap (the Triton ones do)"
+    if sinks is not None:
+        return f"sinks: the {backend} kernels have no attention sinks (the Triton ones do)"
     return None
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, dropout_p: float = 0.0,
-                    return_lse: bool = False, deterministic: Optional[bool] = None, backend=None):
+                    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                    dropout_p: float = 0.0, return_lse: bool = False, deterministic: Optional[bool] = None,
+                    backend=None):
     """Exact attention without an S x S matrix in memory, layout (B, H, S, D) like SDPA.
 
     causal=True aligns the mask bottom-right, as FlashAttention does: query i
@@ -523,10 +571,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     softcap=c > 0, FlashAttention's soft cap (Gemma 2's logit capping): the
     scores s = q k^T * scale become c * tanh(s / c) before the softmax and
     any mask, so every logit stays within (-c, c); 0 (the default) for none.
-    The Triton kernels and the reference have it, the CUDA ones not. k and v may
+    The Triton kernels and the reference have it, the CUDA ones not.
+    sinks, a floating-point (Hq,) tensor, attention sinks (GPT-OSS's): one
+    more logit per query head in each row's softmax, sinks[h] compared with
+    the scaled scores (not capped, not masked), with no value, so the
+    weights over the keys sum to below 1 and a row that sees no key gives 0;
+    it gets its gradient. The Triton kernels and the reference have them,
+    the CUDA ones not. k and v may
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
-    carries no gradient. dropout_p in [0, 1): each attention weight is
+    carries no gradient (it includes the sinks). dropout_p in [0, 1): each attention weight is
     dropped with that probability and the kept ones scaled by 1 / (1 - p), as
     SDPA's dropout does; the mask comes from torch's generator on the inputs'
     device (torch.manual_seed reproduces it) and is drawn again, not stored,
@@ -567,19 +621,20 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
     window, softcap = _window("flash_attention", window_size), _softcap("flash_attention", softcap)
+    sinks = _sinks("flash_attention", sinks, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal_offset = k.shape[2] - q.shape[2]
     name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(
-        b, q, k, v, _extras_problem(b, window, softcap), dropout_p), AUTO_ORDER)
+        b, q, k, v, _extras_problem(b, window, softcap, sinks), dropout_p), AUTO_ORDER)
     if name == "torch":
         out, lse = reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
-                                       dropout_p=dropout_p, window=window, softcap=softcap)
+                                       dropout_p=dropout_p, window=window, softcap=softcap, sinks=sinks)
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, *_distinct(q, k, v), scale,
-                                         causal, causal_offset, dropout_p, seed, None, window, softcap)
+                                         causal, causal_offset, dropout_p, seed, None, window, softcap, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -609,18 +664,20 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                   enable_gqa=False, *, backend=None, softcap: float = 0.0,
-                                  window: Optional[Tuple[int, int]] = None) -> Tensor:
+                                  window: Optional[Tuple[int, int]] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """scaled_dot_product_attention with what pyext.patch's HF attention adds:
-    a logit soft cap (softcap > 0, Gemma 2's; see flash_attention) and a local
-    window (left, right) in place of a mask (a sliding-window layer over an
-    unpadded batch), keys i - left .. i + right of query i (top-left, as
-    is_causal). torch's SDPA has neither, so with either the kernels come
-    first under auto, masks and dropout too. Fallbacks: torch's SDPA with the
-    window as a boolean mask (what transformers gives it), or with a cap the
+    a logit soft cap (softcap > 0, Gemma 2's; see flash_attention), attention
+    sinks ((H,), GPT-OSS's; see flash_attention) and a local window (left,
+    right) in place of a mask (a sliding-window layer over an unpadded
+    batch), keys i - left .. i + right of query i (top-left, as is_causal).
+    torch's SDPA has none of them, so with any the kernels come first under
+    auto, masks and dropout too. Fallbacks: torch's SDPA with the window as a
+    boolean mask (what transformers gives it), or with a cap or sinks the
     reference (S x S, as HF's eager attention computes it)."""
     query, key, value, attn_mask = autocast_inputs("aten::scaled_dot_product_attention", query, key, value,
                                                    attn_mask)
     _check_qkv("scaled_dot_product_attention", query, key, value, gqa=enable_gqa)
+    sinks = _sinks("scaled_dot_product_attention", sinks, query)
     q, k, v = _as_4d(query, key, value)
     masked = attn_mask is not None
     if masked and window is not None:
@@ -628,13 +685,13 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     order = SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER
     if masked:
         order = tuple(b for b in order if b in SDPA_MASK_AUTO_ORDER)
-    if softcap > 0 or window is not None:
+    if softcap > 0 or window is not None or sinks is not None:
         order = AUTO_ORDER
     name = _backend.select("scaled_dot_product_attention", backend, query.device, lambda b: _why_not(
         b, q, k, v, (_mask_problem(attn_mask, query, key, is_causal) if masked else None) or
-        _extras_problem(b, window, softcap), dropout_p, masked), order)
-    if name == "torch" and softcap > 0:
-        return _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap, window)
+        _extras_problem(b, window, softcap, sinks), dropout_p, masked), order)
+    if name == "torch" and (softcap > 0 or sinks is not None):
+        return _extras_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap, window, sinks)
     if name == "torch":
         if window is not None:
             attn_mask, is_causal = _band(query.shape[-2], key.shape[-2], is_causal, window, query.device), False
@@ -653,7 +710,8 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap)
+                                   *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap,
+                                   sinks)
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
 
 
@@ -670,18 +728,19 @@ def _band(seq_q: int, seq_k: int, causal: bool, window: Tuple[int, int], device)
     return visible
 
 
-def _softcapped_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap, window) -> Tensor:
-    """SDPA with a soft cap where the kernels do not run: the reference, in
-    float32 for half inputs, with torch's SDPA's errors for a causal mask."""
+def _extras_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap, window, sinks) -> Tensor:
+    """SDPA with a soft cap or sinks where the kernels do not run: the
+    reference, in float32 for half inputs, with torch's SDPA's errors for a
+    causal mask."""
     if is_causal and attn_mask is not None:
         raise RuntimeError("scaled_dot_product_attention: an attn_mask must not be set with is_causal=True "
                            "(torch's SDPA refuses the pair)")
     q, k, v = _as_4d(query, key, value)
     if not (q.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0] and _heads_fit(q, k, v)):
-        raise ValueError(f"scaled_dot_product_attention with softcap={softcap}: query, key and value must have "
+        raise ValueError(f"scaled_dot_product_attention with a soft cap or sinks: query, key and value must have "
                          f"the same leading dims (query heads a multiple of key/value heads), got "
                          f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
     mask = _kernel_mask(attn_mask, query, key, q) if attn_mask is not None else None
     out, _ = reference.attention(q, k, v, scale=scale, causal=is_causal, dropout_p=dropout_p, mask=mask,
-                                 softcap=softcap, window=window)
+                                 softcap=softcap, window=window, sinks=sinks)
     return out.reshape(*query.shape[:-1], value.shape[-1])

@@ -18,6 +18,14 @@ Soft cap (softcap = c > 0, Gemma 2's and Grok's logit capping, SOFTCAP): the
 scores s = q k^T * scale become c tanh(s / c) before any mask and the
 softmax, so |logit| < c; the backward multiplies dS by the cap's derivative,
 1 - tanh^2(s / c), before dQ and dK (the tanh recomputed with the scores).
+Sinks (sinks, (Hq,), GPT-OSS's attention sinks, SINK): one more logit per
+head in every row's softmax, with no value: the forward starts each row at
+(m, l) = (sink * log2(e), 1), so out is divided by a sum that includes it
+and lse includes it. P over the keys, recomputed from that lse, is then
+right as it is: dQ, dK and dV need no change. The sink's own gradient is
+-sum over rows of P_sink * D with P_sink = exp(sink - lse) and D (below)
+summed from the dK/dV kernel's fp32 tiles as sum_j P_ij dP_ij, not from
+the rounded O (flash_attn_bwd's `sinks`).
 Dropout (dropout_p > 0): each P element is kept with probability
 keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
 Philox (four uniforms per call, see _dropout_keep) under the key

@@ -63,18 +63,22 @@ def _low_part(x, hi):
 
 @triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
-                   col_span_ptr, cu_seqlens_q, cu_seqlens_k,
+                   col_span_ptr, sink_ptr, dsink_ptr, sink_slots, cu_seqlens_q, cu_seqlens_k,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                    seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, qk_scale, cap_log2e, scale, causal_offset, left, right, keep,
                    SQ_BUCKET, SK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                   SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, SINK: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one key head, summed over its query heads.
     With ATOMIC_DQ, also each query block's share of dQ, dS K (unscaled),
-    atomically added into dq_acc, fp32, rows as lse's, HEAD_DIM contiguous."""
+    atomically added into dq_acc, fp32, rows as lse's, HEAD_DIM contiguous.
+    With SINK, each query head's share of its sink's gradient (before the
+    sign): sum over rows i of P_sink_i * sum over these keys j of P_ij dP_ij
+    (D_i, summed in fp32 from the tiles, exact where rowsum(dO * O) sees O
+    rounded), into dsink_ptr[b, h, key block] (sink_slots per head)."""
     start_n = tl.program_id(0) * BLOCK_N
     hk, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (key blocks, key heads, batch)
     rows_q = seq_q
@@ -97,6 +101,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     for g in range(group):
         h = hk * group + g
         bh = b * heads_q + h
+        sink_share = tl.zeros([BLOCK_M], tl.float32)
         first, end = lo, hi
         if MASK == 1:  # only the query blocks between the keys' first and last attending rows (mask_spans.col_spans)
             spans = col_span_ptr + (bh * seq_k + offs_n) * 2
@@ -122,6 +127,10 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                 dp_t = tl.where(kept_t, dp_t / keep, 0.0)
             else:
                 dv += dot(round_to(p_t, do.dtype), do)
+            if SINK:  # the sink's P of each row, from its base-2 logit as the keys' are
+                sink2 = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+                p_sink = _recomputed_p(sink2 + tl.zeros([BLOCK_M], tl.float32), shift, p_scale, MASK)
+                sink_share += tl.sum(p_t * dp_t, 0) * p_sink
             ds_exact = p_t * (dp_t - delta[None, :])
             if SOFTCAP:
                 ds_exact = ds_exact * (1.0 - t_t * t_t)
@@ -136,17 +145,24 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                     dq_part += dot(tl.trans(ds_lo_t), k)
                 tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
                               mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
+        if SINK:
+            tl.store(dsink_ptr + bh * sink_slots + tl.program_id(0), tl.sum(sink_share, 0))
     tl.store(dk_ptr + b * sdkb + hk * sdkh + (first_k + offs_n[:, None]) * sdkn + offs_d[None, :],
              round_to(dk * scale, dk_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & d_ok[None, :])
     tl.store(dv_ptr + b * sdvb + hk * sdvh + (first_k + offs_n[:, None]) * sdvn + offs_dv[None, :],
              round_to(dv, dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < V_DIM))
 
 
-_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP", "VARLEN"]
-_bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)(_bwd_kv_kernel)
-# Timing a config adds into dq_acc: the autotuner zeroes it before each run.
-_bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr"])(
+_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP", "SINK",
+            "VARLEN"]
+# Timing a config adds into dq_acc, and leaves sink shares in the slots of its key blocks, which a
+# config of wider blocks does not overwrite: the autotuner zeroes both before each run (and the last).
+_bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"])(
     _bwd_kv_kernel)
+_bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY,
+                                      reset_to_zero=["dq_acc_ptr", "dsink_ptr"])(_bwd_kv_kernel)
+# the narrowest key block of any config: the most key blocks, so sink slots, a head can have
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs("bwd"))
 
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
@@ -203,8 +219,11 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
                    dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None, window=None,
-                   softcap: float = 0.0, packed=None):
-    """(dq, dk, dv). deterministic=True: dK/dV per key block, then dQ per query
+                   softcap: float = 0.0, sinks=None, packed=None):
+    """(dq, dk, dv), and dsinks (Hq,) fp32 after them with `sinks` (the
+    forward's): d sink_h = -sum over batch and rows of P_sink * D, D
+    summed from the tiles (_bwd_kv_kernel), in a fixed order.
+    deterministic=True: dK/dV per key block, then dQ per query
     block, each a sum in a fixed order (same bits run to run; S and P computed
     twice). False: one pass that also adds each tile's dS K into an fp32 dQ
     with atomics, in an order that varies run to run. Gradients may be passed
@@ -222,7 +241,8 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     if seq_q == 0 or seq_k == 0 or batch * heads_q == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        return grads if sinks is None else (*grads, torch.zeros(heads_q, dtype=torch.float32, device=q.device))
     stats_batch = 1 if packed else batch  # a packed batch's stats: (Hq, total) for every sequence
     delta = torch.empty((stats_batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
     tail = (*_logit_scales(scale, softcap), scale, causal_offset, *_window_bounds(window, q, k), 1.0 - dropout_p,
@@ -231,6 +251,13 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     rows_q, rows_k = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
     grid_kv = lambda m: (cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     spans, cu_seqlens = col_spans(mask), _cu_seqlens(packed)
+    # each (batch, head)'s sink shares, one slot per key block: a tensor even with no sinks (the
+    # autotuner zeroes it, and Triton 3.6 cannot zero None)
+    slots = cdiv(rows_k, _MIN_BLOCK_N) if sinks is not None else 1
+    dsink = torch.zeros((batch if sinks is not None else 1, heads_q if sinks is not None else 1, slots),
+                        dtype=torch.float32, device=q.device)
+    sink_args = (None if sinks is None else sinks.contiguous(), dsink, slots)
+    meta["SINK"] = sinks is not None
     with on_device(q):
         block = 16 if _INTERPRET else 64
         # delta is per row: a packed batch's rows are those of one long sequence
@@ -239,15 +266,16 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
         if not deterministic:
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans,
+            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans, *sink_args,
                                          *cu_seqlens, *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail,
                                          ATOMIC_DQ=True, **meta)
             torch.mul(dq_acc, scale, out=dq[:stats_batch])
-            return dq, dk, dv
-        _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, spans, *cu_seqlens,
-                                  *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail, ATOMIC_DQ=False,
-                                  **meta)
-        grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-        _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask), *cu_seqlens, *args,
-                               *dout_strides, *dq.stride()[:3], *tail, **meta)
-    return dq, dk, dv
+        else:
+            _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, spans, *sink_args,
+                                      *cu_seqlens, *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail,
+                                      ATOMIC_DQ=False, **meta)
+            meta.pop("SINK")
+            grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
+            _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask), *cu_seqlens, *args,
+                                   *dout_strides, *dq.stride()[:3], *tail, **meta)
+    return (dq, dk, dv) if sinks is None else (dq, dk, dv, -dsink.sum((0, 2)))

@@ -78,6 +78,20 @@ def _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, SOF
 
 
 @triton.jit
+def _softmax_start(sink_ptr, h, SINK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(m, l) of each row before any key: (-inf, 0); with SINK, head h's sink
+    counted as a key of its own with value 0, seen first: m its base-2
+    logit, l = exp2(m - m) = 1 (so out and lse include it)."""
+    if SINK:
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    return m_i, l_i
+
+
+@triton.jit
 def _finish(m_i, l_i, acc):
     """(out, lse) of the rows once every key block is in; rows that saw no key get (0, -inf)."""
     seen = l_i > 0.0
@@ -87,17 +101,20 @@ def _finish(m_i, l_i, acc):
 
 
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
-                                               "DROPOUT", "MASK", "SOFTCAP", "VARLEN"])
+                                               "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, cu_seqlens_q, cu_seqlens_k,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, sink_ptr, cu_seqlens_q,
+                cu_seqlens_k,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, cap_log2e,
                 causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SOFTCAP: tl.constexpr, SINK: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring).
+    With SINK, head h's sink logit sink_ptr[h] starts each row's softmax.
     With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
     rows_q = seq_q
@@ -111,8 +128,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
     v_base = v_ptr + b * svb + hk * svh + first_k * svn
     mask_off = b * smb + h * smh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = _softmax_start(sink_ptr, h, SINK, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
                             MASK, BLOCK_M, BLOCK_N)
@@ -136,15 +152,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
         tl.store(lse_ptr + stats, lse, mask=offs_m < seq_q)
 
 
-@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP"],
+@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP",
+                                                   "SINK"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
-def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
+def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr,
                     seq_q, seq_k, heads_q, group, qk_scale, cap_log2e, causal_offset,
                     SQ_BUCKET, SK_BUCKET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    WARP_SPECIALIZE: tl.constexpr):
+                    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, SINK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """The forward with Q, K, V read and O written through 4-D tensor descriptors
     (B, H, S, D) with boxes [1, 1, rows, BLOCK_D] (BLOCK_DV for V and O): TMA on sm_90. The hardware
     bounds each box by the tensor's extents, per head: rows past S and columns
@@ -158,8 +175,7 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = _softmax_start(sink_ptr, h, SINK, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     end = _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M)
     for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
@@ -245,15 +261,17 @@ def _descriptor(t):
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
-                   dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0, packed=None):
+                   dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0, sinks=None,
+                   packed=None):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
     second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
-    `window` (left, right): a local window; softcap > 0, a logit soft cap
-    (see the package docstring). `packed` (a launch.Packed): q, k, v are
-    a packed batch's views, out and lse given (varlen.py). Dropout, masks,
-    windows and packed batches run the pointer forward."""
+    `window` (left, right): a local window; softcap > 0, a logit soft cap;
+    `sinks` (Hq,), attention sinks (see the package docstring). `packed`
+    (a launch.Packed): q, k, v are a packed batch's views, out and lse
+    given (varlen.py). Dropout, masks, windows and packed batches run the
+    pointer forward."""
     q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     left, right = _window_bounds(window, q, k)
     batch, heads_q, seq_q, head_dim = q.shape
@@ -263,22 +281,26 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    if k.shape[2] == 0:  # no keys at all: every row sees none
-        lse.fill_(float("-inf"))
-        if meta["MASK"]:
-            lse[..., 1] = 0.0  # (m, l) = (-inf, 0)
+    if k.shape[2] == 0:  # no keys at all: every row sees none (but its sink)
+        start = float("-inf") if sinks is None else sinks.float().view(1, -1, 1)
+        if meta["MASK"]:  # (m, l) = (-inf, 0), or (sink * log2(e), 1)
+            lse[..., 0], lse[..., 1] = start * 1.4426950408889634, 0.0 if sinks is None else 1.0
+        else:
+            lse.copy_(torch.broadcast_to(torch.as_tensor(start, device=lse.device), lse.shape))
         return out.zero_(), lse
     rows = packed.max_seqlen_q if packed else seq_q
     grid = lambda meta_: (cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
+        sink = None if sinks is None else sinks.contiguous()
         if not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
                 forward_loads(q, k, v, out) == "descriptor":
             meta.pop("DROPOUT"), meta.pop("MASK"), meta.pop("VARLEN")
-            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, *sizes,
-                                  *_logit_scales(scale, softcap), causal_offset, *buckets, **meta)
+            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, sink, *sizes,
+                                  *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
+                                  **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_spans(mask), *_cu_seqlens(packed), *args,
+            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_spans(mask), sink, *_cu_seqlens(packed), *args,
                               *out.stride()[:3],
                               *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
-                              WINDOW=window is not None, **meta)
+                              WINDOW=window is not None, SINK=sinks is not None, **meta)
     return out, lse
