@@ -112,16 +112,17 @@ _ROUTED_FUNCTIONS = {"layer_norm": (F.layer_norm, _layer_norm_call), "rms_norm":
 
 class _RouteCalls(TorchFunctionMode):
     """Sends F.scaled_dot_product_attention ("attention" in `flags`; with a
-    logit soft cap when softcap > 0, a local window (left, right) in place of
-    a mask when given, enable_gqa with gqa) and F.layer_norm, F.rms_norm, F.gelu
+    logit soft cap when softcap > 0, attention sinks when given, a local
+    window (left, right) in place of a mask when given, enable_gqa with gqa)
+    and F.layer_norm, F.rms_norm, F.gelu
     (their flags) to pyext's, with the patch's backend. pyext's own
     fallbacks call torch's ops below these functions (pyext.reference), so
     they are never sent back."""
 
-    def __init__(self, backend, flags, softcap=0.0, window=None, gqa=False):
+    def __init__(self, backend, flags, softcap=0.0, window=None, gqa=False, sinks=None):
         super().__init__()
         self.backend, self.attention, self.softcap, self.window = backend, "attention" in flags, softcap, window
-        self.gqa = gqa
+        self.gqa, self.sinks = gqa, sinks
         self.calls = {fn: call for flag, (fn, call) in _ROUTED_FUNCTIONS.items() if flag in flags}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -131,7 +132,8 @@ class _RouteCalls(TorchFunctionMode):
             if self.gqa:
                 kwargs["enable_gqa"] = True
             return attention_ops._scaled_dot_product_attention(*args, **kwargs, backend=self.backend,
-                                                               softcap=self.softcap, window=self.window)
+                                                               softcap=self.softcap, window=self.window,
+                                                               sinks=self.sinks)
         call = self.calls.get(func)
         if call is not None:
             return call(self.backend, *args, **kwargs)
@@ -267,15 +269,17 @@ def _norm_module(pyext_class, eps, old, backend):
 
 
 def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,
-                  sliding_window=None, **kwargs):
+                  sliding_window=None, s_aux=None, **kwargs):
     """transformers' own SDPA integration (GQA, causal flag, masks), with its
     F.scaled_dot_product_attention call routed to pyext; a logit soft cap
-    (Gemma 2's attn_logit_softcapping, which torch's SDPA and so transformers'
-    integration refuse) goes to pyext's kernels with it, and so does the
-    layer's sliding window where _hf_mask gave no mask for it. A packed row
-    (_hf_packed_rows) goes to flash_attention_varlen instead, its mask not
-    read by the kernels."""
-    packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
+    (Gemma 2's attn_logit_softcapping) and attention sinks (s_aux, GPT-OSS's),
+    which torch's SDPA and so transformers' integration lack, go to pyext's
+    kernels with it, and so does the layer's sliding window where _hf_mask
+    gave no mask for it. A packed row (_hf_packed_rows) goes to
+    flash_attention_varlen instead, its mask not read by the kernels (not
+    with sinks: the varlen kernels have none)."""
+    packed = None if s_aux is not None else \
+        _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
     if packed is not None:
         out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), *packed, causal=True,
                                      scale=kwargs.get("scaling"),
@@ -289,7 +293,7 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
         # |i - j| < W in a bidirectional layer (ModernBERT's local attention),
         # FlashAttention's window (W - 1, W - 1) in transformers' integration
         window = (sliding_window - 1, -1 if getattr(module, "is_causal", True) else sliding_window - 1)
-    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True):
+    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True, sinks=s_aux):
         return sdpa_attention_forward(_KeyHeadsUnrepeated(module), query, key, value, attention_mask,
                                       sliding_window=sliding_window, **kwargs)
 
@@ -563,7 +567,7 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     model ("pyext-<backend>" for a named backend); False where the model
     has no AttentionInterface to select it through. A model that does not
     support transformers' SDPA integration, on which pyext's is built, keeps
-    its attention (unless a logit soft cap is why)."""
+    its attention (unless a logit soft cap or attention sinks are why)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
@@ -579,12 +583,9 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         return False  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
     # transformers refuses its SDPA integration to a model whose attention
     # holds only eagerly (causal by its mask alone, say), and to one with a
-    # logit soft cap (Gemma 2), which torch's SDPA lacks and pyext's kernels apply
-    if any(_names_keyword(code, "s_aux") for code in _hf_attention_forwards(model)):
-        report.attention = ("left: attention sinks (transformers' s_aux, GPT-OSS's), which pyext's kernels do "
-                            "not apply")
-        return True
-    if not (getattr(model, "_supports_sdpa", False) or _hf_softcap(model)):
+    # logit soft cap (Gemma 2) or sinks (GPT-OSS), which torch's SDPA lacks
+    # and pyext's kernels apply
+    if not (getattr(model, "_supports_sdpa", False) or _hf_softcap(model) or _hf_sinks(model)):
         report.attention = (f"left: {type(model).__name__} does not support transformers' SDPA attention, on which "
                             "pyext's is built")
         return True
@@ -667,7 +668,10 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_replaced = replaced
     softcap = _hf_softcap(model)
     if attention and softcap:
-        report.notes += _attention_softcap_notes(softcap, backend)
+        report.notes += _attention_extras_notes(
+            f"attention logit soft cap {softcap} (attn_logit_softcapping in the config)", "soft cap", backend)
+    elif attention and _hf_sinks(model):
+        report.notes += _attention_extras_notes("attention sinks (the modules' s_aux)", "sinks", backend)
     elif attention:
         report.notes += _attention_dropout_notes(model, backend) + _attention_mask_notes(model, backend)
     hf = attention and _use_pyext_attention_in_hf(model, report)
@@ -759,17 +763,24 @@ def _hf_softcap(model) -> float:
     return getattr(getattr(model, "config", None), "attn_logit_softcapping", None) or 0.0
 
 
-def _attention_softcap_notes(softcap, backend) -> List[str]:
-    """Attention with a logit soft cap, which torch's SDPA does not have: under
-    auto its calls run the Triton kernels, with a mask or dropout too (the
-    fallback is the reference, S x S); under backend "cuda" they raise."""
-    where = f"attention logit soft cap {softcap} (attn_logit_softcapping in the config): its calls"
+def _hf_sinks(model) -> bool:
+    """Whether an HF model's attention has sinks (GPT-OSS's): an attention
+    forward hands its interface `s_aux`."""
+    return any(_names_keyword(code, "s_aux") for code in _hf_attention_forwards(model))
+
+
+def _attention_extras_notes(what: str, feature: str, backend) -> List[str]:
+    """Attention with a logit soft cap or sinks (`what`), which torch's SDPA
+    does not have: under auto its calls run the Triton kernels, with a mask
+    or dropout too (the fallback is the reference, S x S); under backend
+    "cuda" they raise."""
+    where = f"{what}: its calls"
     if _backend.is_auto(backend):
-        return [f"{where} run pyext's Triton kernels, with a mask or dropout too (torch's SDPA has no soft cap)"]
+        return [f"{where} run pyext's Triton kernels, with a mask or dropout too (torch's SDPA has no {feature})"]
     if backend == "cuda":
-        return [f"{where} raise (the CUDA kernels have no soft cap)"]
+        return [f"{where} raise (the CUDA kernels have no {feature})"]
     if backend == "torch":
-        return [f"{where} run pyext's reference, the S x S scores in float32 (torch's SDPA has no soft cap)"]
+        return [f"{where} run pyext's reference, the S x S scores in float32 (torch's SDPA has no {feature})"]
     return []
 
 

@@ -74,11 +74,15 @@ def hf_model(kind):
                                 intermediate_size=64, vocab_size=64, use_sliding_window=True, sliding_window=5,
                                 layer_types=["sliding_attention", "full_attention"], mlp_only_layers=[0, 1])
         return tf.Qwen2MoeForCausalLM(cfg)
-    if kind == "gpt_oss":  # attention sinks: a learned logit per head in each softmax's denominator
+    if kind == "gpt_oss":  # attention sinks; a sliding (5) and a full layer; one expert (no routing to flip)
         cfg = tf.GptOssConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                              head_dim=8, intermediate_size=64, vocab_size=64, num_local_experts=2,
-                              num_experts_per_tok=1, sliding_window=5)
-        return tf.GptOssForCausalLM(cfg)
+                              head_dim=8, intermediate_size=64, vocab_size=64, num_local_experts=1,
+                              num_experts_per_tok=1, sliding_window=5, experts_implementation="eager")
+        model = tf.GptOssForCausalLM(cfg)
+        with torch.no_grad():  # sinks that weigh: at HF's init (std 0.02) they are all near 0
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0, 2)
+        return model
     if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
         cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
         return tf.FalconForCausalLM(cfg)
@@ -1002,24 +1006,47 @@ def test_a_soft_cap_is_noted_in_the_report_with_where_its_calls_go():
     assert pyext.patch_report(pyext.patch(gemma2, backend="triton")).notes == []
 
 
-def test_an_hf_model_whose_attention_pyext_cannot_compute_keeps_it():
-    """GPT-OSS adds a learned logit per head to each softmax's denominator
-    (attention sinks, transformers' s_aux), which pyext's kernels do not
-    apply; a model transformers gives no SDPA integration for another reason
-    is left too. pyext.patch keeps their attention implementation, says why,
-    and swaps the rest (GPT-OSS's RMSNorms)."""
-    gpt_oss = pyext.patch(build("gpt_oss"))
-    report = pyext.patch_report(gpt_oss)
-    assert report.attention == "left: attention sinks (transformers' s_aux, GPT-OSS's), which pyext's kernels do " \
-                               "not apply"
-    assert gpt_oss.config._attn_implementation == "eager"
-    assert {new for _, _, new in report.swapped} == {"pyext.nn.RMSNorm"}
+def test_an_hf_model_transformers_gives_no_sdpa_integration_keeps_its_attention():
+    """A model whose attention transformers will not run through its SDPA
+    integration, for a reason other than a soft cap or sinks: pyext.patch
+    keeps its attention implementation, and says why."""
     llama = build("llama")
     config = copy.deepcopy(llama.config)
     config._attn_implementation = "eager"
     eager_only = type("EagerOnlyLlama", (type(llama),), {"_supports_sdpa": False})(config)
-    assert pyext.patch_report(pyext.patch(eager_only)).attention == (
+    patched = pyext.patch(eager_only)
+    assert pyext.patch_report(patched).attention == (
         "left: EagerOnlyLlama does not support transformers' SDPA attention, on which pyext's is built")
+    assert patched.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_an_hf_model_with_attention_sinks_runs_them_in_the_kernels(padded, monkeypatch):
+    """GPT-OSS adds a learned logit per head to each softmax's denominator
+    (attention sinks, transformers' s_aux), which torch's SDPA lacks, so
+    transformers runs it eagerly (S x S scores). Patched with
+    backend="triton", its attention runs the kernels with the sinks: the
+    window kernels for its sliding layer over an unpadded batch, the masked
+    ones for a padded batch (lengths 12 and 7, labels -100 on the padding).
+    Its loss and every gradient (the sinks' too) are the eager model's in
+    bf16 against the float64 oracle, within the rule."""
+    from pyext.ops import attention
+    calls = count_triton_calls(monkeypatch, extras=attention.EXTRAS_FWD, masked=attention.MASKED_FWD)
+    device = device_for("triton")
+    original = sharp_hf_model("gpt_oss", device)
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    report = pyext.patch_report(patched)
+    assert report.attention.startswith("transformers attention implementation 'pyext-triton' (was 'eager')")
+    assert "attention sinks (the modules' s_aux)" not in " ".join(report.notes)  # triton named: nothing to note
+    assert pyext.patch_report(pyext.patch(copy.deepcopy(original))).notes == [
+        "attention sinks (the modules' s_aux): its calls run pyext's Triton kernels, with a mask or dropout too "
+        "(torch's SDPA has no sinks)"]
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
+    mask[1, 7:] = 0 if padded else 1
+    check_hf_training_step(original, patched, lambda result: result.loss, input_ids=ids, attention_mask=mask,
+                           labels=ids.masked_fill(mask == 0, -100))
+    assert calls["masked" if padded else "extras"]
 
 
 def hf_class(model, name):
