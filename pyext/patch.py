@@ -39,6 +39,7 @@
   A backend named here raises BackendUnavailable on such calls instead, as a
   named backend does everywhere in pyext.
 """
+import dis
 import functools
 import importlib
 import inspect
@@ -437,6 +438,11 @@ def _hf_attention_forwards(model) -> list:
     return [code for code in forwards if code is not None and "_attn_implementation" in code.co_names]
 
 
+def _rebinds(code, name: str) -> bool:
+    """Whether `code` assigns to its variable `name`."""
+    return any(i.opname.startswith("STORE") and i.argval == name for i in dis.get_instructions(code))
+
+
 def _names_keyword(code, name: str) -> bool:
     """Whether `code` names a keyword or key `name` (a string constant, alone
     or in a call's tuple of keyword names)."""
@@ -584,11 +590,18 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
     # transformers refuses its SDPA integration to a model whose attention
     # holds only eagerly (causal by its mask alone, say), and to one with a
     # logit soft cap (Gemma 2) or sinks (GPT-OSS), which torch's SDPA lacks
-    # and pyext's kernels apply
-    if not (getattr(model, "_supports_sdpa", False) or _hf_softcap(model) or _hf_sinks(model)):
-        report.attention = (f"left: {type(model).__name__} does not support transformers' SDPA attention, on which "
-                            "pyext's is built")
-        return True
+    # and pyext's kernels apply: those take pyext's, unless their attention
+    # rewrites the (eager, additive) mask it is given (DeepSeek-V4 appends its
+    # compressed keys' bias), which pyext's SDPA masks would not survive
+    if not getattr(model, "_supports_sdpa", False):
+        why = None
+        if not (_hf_softcap(model) or _hf_sinks(model)):
+            why = "does not support transformers' SDPA attention, on which pyext's is built"
+        elif any(_rebinds(code, "attention_mask") for code in _hf_attention_forwards(model)):
+            why = "runs its attention eagerly only, and rewrites the attention mask it is given"
+        if why is not None:
+            report.attention = f"left: {type(model).__name__} {why}"
+            return True
     # one implementation name per backend, each function holding only its
     # backend: the registry is global, shared by every patched model (and copy)
     impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
@@ -604,7 +617,7 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
         report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
                              "mask")
-    if model._pyext_backend not in ("torch", "cuda"):
+    if model._pyext_backend not in ("torch", "cuda") and not _hf_sinks(model):  # the varlen kernels have none
         report.attention += ("; a row of packed documents (position_ids restarting, no cache): "
                              "flash_attention_varlen (the Triton kernels, when they run), no mask read; under "
                              "torch.compile, where the call has FlashAttention's packed kwargs (cu_seq_lens_q, ...)")
@@ -666,15 +679,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
-    softcap = _hf_softcap(model)
-    if attention and softcap:
-        report.notes += _attention_extras_notes(
-            f"attention logit soft cap {softcap} (attn_logit_softcapping in the config)", "soft cap", backend)
-    elif attention and _hf_sinks(model):
-        report.notes += _attention_extras_notes("attention sinks (the modules' s_aux)", "sinks", backend)
-    elif attention:
-        report.notes += _attention_dropout_notes(model, backend) + _attention_mask_notes(model, backend)
     hf = attention and _use_pyext_attention_in_hf(model, report)
+    if attention and not report.attention.startswith("left:"):
+        report.notes += _attention_notes(model, backend)
     # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
     # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
     # pyext too, as do its SDPA calls; transformers' models have modules for these.
@@ -761,6 +768,18 @@ def _attention_mask_notes(model, backend) -> List[str]:
 def _hf_softcap(model) -> float:
     """An HF model's attention logit soft cap (Gemma 2's attn_logit_softcapping), 0 for none."""
     return getattr(getattr(model, "config", None), "attn_logit_softcapping", None) or 0.0
+
+
+def _attention_notes(model, backend) -> List[str]:
+    """What the attention calls pyext takes will do, where it is not plain:
+    a soft cap's or sinks' (torch's SDPA has neither), else dropout's and masks'."""
+    softcap = _hf_softcap(model)
+    if softcap:
+        return _attention_extras_notes(f"attention logit soft cap {softcap} (attn_logit_softcapping in the config)",
+                                       "soft cap", backend)
+    if _hf_sinks(model):
+        return _attention_extras_notes("attention sinks (the modules' s_aux)", "sinks", backend)
+    return _attention_dropout_notes(model, backend) + _attention_mask_notes(model, backend)
 
 
 def _hf_sinks(model) -> bool:

@@ -1020,6 +1020,22 @@ def test_an_hf_model_transformers_gives_no_sdpa_integration_keeps_its_attention(
     assert patched.config._attn_implementation == "eager"
 
 
+def test_an_hf_model_with_sinks_whose_attention_rewrites_its_mask_keeps_its_attention():
+    """DeepSeek-V4 has sinks, but its attention appends its compressed keys'
+    bias to the eager (additive) mask it is given, which pyext's SDPA masks
+    (boolean, or none for a plain causal batch) would not survive: pyext.patch
+    keeps its attention, says why, and notes nothing about calls it does not take."""
+    tf = pytest.importorskip("transformers")
+    if not hasattr(tf, "DeepseekV4ForCausalLM"):
+        pytest.skip("this transformers has no DeepSeek-V4")
+    from hf_sweep import build as build_tiny  # every architecture's tiny build
+    model = pyext.patch(build_tiny("deepseek_v4"))
+    report = pyext.patch_report(model)
+    assert report.attention == ("left: DeepseekV4ForCausalLM runs its attention eagerly only, and rewrites the "
+                                "attention mask it is given")
+    assert model.config._attn_implementation == "eager" and report.notes == []
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_an_hf_model_with_attention_sinks_runs_them_in_the_kernels(padded, monkeypatch):
     """GPT-OSS adds a learned logit per head to each softmax's denominator
