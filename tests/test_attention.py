@@ -31,6 +31,8 @@ FLASH_KERNELS = [
     pytest.param("cuda", False, id="cuda", marks=pytest.mark.gpu),
 ]
 FLASH_BACKENDS = [pytest.param("torch", False, id="torch")] + FLASH_KERNELS
+# the same without CUDA: for what only the Triton kernels and the reference have (windows, caps, sinks)
+TRITON_AND_REFERENCE = FLASH_BACKENDS[:3]
 
 
 @pytest.fixture(autouse=True)
@@ -154,9 +156,7 @@ VALUE_HEAD_DIM_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
-                                                   pytest.param("triton", False, id="triton-atomic"),
-                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape,layout", VALUE_HEAD_DIM_SHAPES, ids=str)
 def test_value_head_dim_may_differ_from_the_query_head_dim(backend, deterministic, causal, shape, layout):
@@ -190,9 +190,7 @@ WINDOW_CASES = [((2, 4, 2, 45, 70, 32), True, (20, -1)), ((1, 2, 1, 70, 45, 40),
                 ((1, 2, 2, 19, 50, 32), False, (-1, 3))]
 
 
-@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
-                                                   pytest.param("triton", False, id="triton-atomic"),
-                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
 @pytest.mark.parametrize("shape,causal,window", WINDOW_CASES, ids=str)
 def test_local_window_matches_oracle(backend, deterministic, shape, causal, window):
     """flash_attention's window_size (FlashAttention's local attention): out,
@@ -267,9 +265,7 @@ SOFTCAP_CASES = [((2, 4, 2, 45, 70, 32), True, (-1, -1), 50.0, None, torch.bfloa
                  ((1, 2, 2, 1, 33, 64), False, (-1, -1), 3.0, 0.5, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
-                                                   pytest.param("triton", False, id="triton-atomic"),
-                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
 @pytest.mark.parametrize("shape,causal,window,softcap,scale,dtype", SOFTCAP_CASES, ids=str)
 def test_softcap_matches_oracle(backend, deterministic, shape, causal, window, softcap, scale, dtype):
     check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype)
@@ -321,9 +317,7 @@ SINKS_CASES = [((2, 4, 2, 45, 70, 32), True, (-1, -1), 1.0, torch.float32, torch
                ((1, 2, 2, 1, 33, 64), False, (-1, -1), 1.0, torch.float32, torch.float16)]
 
 
-@pytest.mark.parametrize("backend,deterministic", [pytest.param("torch", False, id="torch"),
-                                                   pytest.param("triton", False, id="triton-atomic"),
-                                                   pytest.param("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
 @pytest.mark.parametrize("shape,causal,window,sink_scale,sinks_dtype,dtype", SINKS_CASES, ids=str)
 def test_sinks_match_oracle(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype):
     check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype)
