@@ -1,5 +1,7 @@
 """The attention backward (FlashAttention-2): delta = rowsum(dO * O), then
 dK and dV per key block (and dQ by atomics), or dQ in a second kernel."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -251,12 +253,14 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     rows_q, rows_k = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
     grid_kv = lambda m: (cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     spans, cu_seqlens = col_spans(mask), _cu_seqlens(packed)
-    # each (batch, head)'s sink shares, one slot per key block: a tensor even with no sinks (the
-    # autotuner zeroes it, and Triton 3.6 cannot zero None)
-    slots = cdiv(rows_k, _MIN_BLOCK_N) if sinks is not None else 1
-    dsink = torch.zeros((batch if sinks is not None else 1, heads_q if sinks is not None else 1, slots),
-                        dtype=torch.float32, device=q.device)
-    sink_args = (None if sinks is None else sinks.contiguous(), dsink, slots)
+    # each (batch, head)'s sink shares, one slot per key block; with no sinks a zero the kernels
+    # never write (the autotuner zeroes the argument, and Triton 3.6 cannot zero None)
+    if sinks is None:
+        sink_args = (None, _no_sink_shares(q.device), 1)
+    else:
+        slots = cdiv(rows_k, _MIN_BLOCK_N)
+        sink_args = (sinks.contiguous(), torch.zeros((batch, heads_q, slots), dtype=torch.float32, device=q.device),
+                     slots)
     meta["SINK"] = sinks is not None
     with on_device(q):
         block = 16 if _INTERPRET else 64
@@ -278,4 +282,10 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
             _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask), *cu_seqlens, *args,
                                    *dout_strides, *dq.stride()[:3], *tail, **meta)
-    return (dq, dk, dv) if sinks is None else (dq, dk, dv, -dsink.sum((0, 2)))
+    return (dq, dk, dv) if sinks is None else (dq, dk, dv, -sink_args[1].sum((0, 2)))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_sink_shares(device):
+    """The sink-shares argument of a backward with no sinks: one zero per device, allocated once."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
