@@ -14,6 +14,8 @@ pointer forward too, forced, as its fallback there). Autotune configs are
 pruned with that GPU's shared memory, as on the device; where a kernel has
 such a prune, each config it keeps must compile to a kernel that fits.
 """
+import concurrent.futures
+import multiprocessing
 import os
 import sys
 
@@ -189,30 +191,42 @@ def exercise_launchers():
                          0.9, 0.999, 1e-8, 0.01, amsgrad, False, scaler, scaler)
 
 
+jobs = []  # (fn, signature, constexprs, options, target, pruned): each variant to compile, once
+
+
+def _compile(index: int):
+    """Compile jobs[index]; why it failed, or None."""
+    fn, signature, constexprs, options, target, pruned = jobs[index]
+    what = f"{fn.__name__} sm_{target.arch} {constexprs} {options}"
+    try:
+        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+    except Exception as e:  # report all, fail at the end
+        return f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
+        return (f"{what}: {kernel.metadata.shared} bytes of shared memory, more than "
+                f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}")
+    return None
+
+
 def main():
     JITFunction.run = _record_jit
     Autotuner.run = _record_autotuned
     exercise_launchers()
-    seen, failures = set(), []
+    seen = set()
     for fn, args, kwargs, configs, launch_targets, pruned in launches:
         for config in configs:
             signature, constexprs, options = _signature(fn, args, kwargs, config)
             for target in launch_targets:
                 key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
                        repr(sorted(options.items())), target.arch)
-                if key in seen:
-                    continue
-                seen.add(key)
-                what = f"{fn.__name__} sm_{target.arch} {constexprs} {options}"
-                try:
-                    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
-                except Exception as e:  # report all, fail at the end
-                    failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                    continue
-                if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
-                    failures.append(f"{what}: {kernel.metadata.shared} bytes of shared memory, more than "
-                                    f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}")
-    print(f"compiled {len(seen) - len(failures)} of {len(seen)} kernel variants (Triton {triton.__version__})")
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((fn, signature, constexprs, options, target, pruned))
+    # one compiling process per core (ptxas is most of the time); forked, so they inherit `jobs`
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1,
+                                                mp_context=multiprocessing.get_context("fork")) as pool:
+        failures = [why for why in pool.map(_compile, range(len(jobs)), chunksize=4) if why is not None]
+    print(f"compiled {len(jobs) - len(failures)} of {len(jobs)} kernel variants (Triton {triton.__version__})")
     for line in failures:
         print("FAILED", line)
     return 1 if failures else 0
