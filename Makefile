@@ -6,6 +6,8 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.14.1
 MAX_JOBS    ?= $(shell nproc)
+# pytest workers for `make test` (pytest-xdist): one per core, at most 8
+TEST_JOBS   ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
 PY          := $(VENV)/bin/python
 HAVE_NVCC   := $(if $(shell command -v nvcc 2>/dev/null),1,0)
 OUT         ?= benchmarks/results
@@ -16,9 +18,9 @@ SHELL       := /bin/bash
 
 .PHONY: test bench gpu-check gpu-test gpu-bench peer-wheels ext clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest pytest-benchmark hypothesis \
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest pytest-benchmark pytest-xdist hypothesis \
 		ninja pybind11 matplotlib setuptools wheel transformers==5.23.0
 	PYEXT_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -28,7 +30,7 @@ ext: $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
 
 test: ext
-	PYEXT_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest -q tests benchmarks
+	PYEXT_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest -q -n $(TEST_JOBS) tests benchmarks
 
 bench: ext
 	$(PY) -m benchmarks --out $(OUT)
