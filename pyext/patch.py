@@ -277,15 +277,14 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     which torch's SDPA and so transformers' integration lack, go to pyext's
     kernels with it, and so does the layer's sliding window where _hf_mask
     gave no mask for it. A packed row (_hf_packed_rows) goes to
-    flash_attention_varlen instead, its mask not read by the kernels (not
-    with sinks: the varlen kernels have none)."""
-    packed = None if s_aux is not None else \
-        _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
+    flash_attention_varlen instead, its mask not read by the kernels."""
+    packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
     if packed is not None:
         out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), *packed, causal=True,
                                      scale=kwargs.get("scaling"),
                                      window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1),
-                                     softcap=softcap or 0.0, dropout_p=kwargs.get("dropout", 0.0), backend=backend)
+                                     softcap=softcap or 0.0, sinks=s_aux, dropout_p=kwargs.get("dropout", 0.0),
+                                     backend=backend)
         return out[None], None  # (1, T, H, Dv), as transformers' integration returns it
     window = None
     if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
@@ -617,7 +616,7 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
         report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
                              "mask")
-    if model._pyext_backend not in ("torch", "cuda") and not _hf_sinks(model):  # the varlen kernels have none
+    if model._pyext_backend not in ("torch", "cuda"):
         report.attention += ("; a row of packed documents (position_ids restarting, no cache): "
                              "flash_attention_varlen (the Triton kernels, when they run), no mask read; under "
                              "torch.compile, where the call has FlashAttention's packed kwargs (cu_seq_lens_q, ...)")

@@ -86,13 +86,13 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False, dropout_p=0.0, keeps=None,
-                     window=None, softcap=0.0):
+                     window=None, softcap=0.0, sinks=None):
     """attention() of each sequence of a packed batch, returning (out, lse):
     q (total_q, Hq, D), k and v (total_k, Hkv, D), sequence b being rows
     cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q (of k and v: cu_seqlens_k);
     causal bottom-right in each sequence. out (total_q, Hq, Dv), lse
     (Hq, total_q). keeps: sequence b's dropout mask (1, Hq, Sq_b, Sk_b) per
-    sequence, or None to draw them."""
+    sequence, or None to draw them. sinks (Hq,): every sequence's, as attention()'s."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     empty = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))  # no sequences at all
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64
@@ -102,7 +102,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     for b, (q0, q1, k0, k1) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])):
         o, row_lse = attention(*(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), scale=scale,
                          causal=causal, causal_offset=(k1 - k0) - (q1 - q0), dropout_p=dropout_p,
-                         keep=None if keeps is None else keeps[b], window=window, softcap=softcap)
+                         keep=None if keeps is None else keeps[b], window=window, softcap=softcap, sinks=sinks)
         outs.append(o[0].transpose(0, 1))
         lse[:, q0:q1] = row_lse[0]
     return (torch.cat(outs) if outs else empty), lse

@@ -9,7 +9,7 @@ import pyext
 from pyext import reference
 from pyext.ops import attention_varlen
 from conftest import COMPILERS, device_for, make_tensor, poisoned_like
-from test_attention import assert_all_close, attention_with_dropout, band, softcapped_eager
+from test_attention import assert_all_close, attention_with_dropout, band, sinks_eager, softcapped_eager
 
 # (query lengths, key lengths, query heads, key heads, head dim[, value head dim]):
 # one sequence; odd lengths one past a block with an empty sequence, a one-row
@@ -53,14 +53,17 @@ def per_sequence(attention, q, k, v, cu_q, cu_k):
     return torch.cat(outs), None if lses[0] is None else torch.cat(lses, 1)
 
 
-def torch_dense(scale, causal, window, softcap):
+def torch_dense(scale, causal, window, softcap, sinks=None):
     """PyTorch's own attention of one sequence in its dtype, the yardstick:
     SDPA with the visible band as a mask (rows that see no key set to 0, lse
-    from the scores), or with a soft cap HF Gemma 2's eager attention."""
+    from the scores), with a soft cap HF Gemma 2's eager attention, with
+    sinks HF GPT-OSS's."""
     def attention(q, k, v, sq, sk):
         visible = band(sq, sk, causal, window, q.device)
         if softcap:
             return softcapped_eager(q, k, v, scale, visible, softcap)
+        if sinks is not None:
+            return sinks_eager(q, k, v, sinks, scale, visible)
         if sk == 0:  # no keys: what pyext defines, zeros (torch's SDPA gives NaN)
             return q.new_zeros((*q.shape[:3], v.shape[3])), torch.full(q.shape[:3], float("-inf"))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
@@ -71,26 +74,34 @@ def torch_dense(scale, causal, window, softcap):
 
 
 def check_varlen(backend, deterministic, case, causal, dtype=torch.bfloat16, window=(-1, -1), softcap=0.0,
-                 scale=None):
+                 scale=None, sinks=None):
     """out, lse, dq, dk, dv of flash_attention_varlen against the float64
-    oracle (the reference on each sequence), torch_dense the yardstick."""
+    oracle (the reference on each sequence), torch_dense the yardstick.
+    sinks: (their spread, their dtype) for random sinks, and dsinks too."""
     q, k, v, cu_q, cu_k, max_q, max_k = packed(case, dtype, device_for(backend))
+    leaves = [q, k, v]
+    if sinks is not None:
+        spread, sinks_dtype = sinks
+        sinks = (torch.randn(q.shape[1], device=q.device) * spread).to(sinks_dtype).requires_grad_()
+        leaves.append(sinks)
     out, lse = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale,
-                                            window_size=window, softcap=softcap, return_lse=True,
+                                            window_size=window, softcap=softcap, sinks=sinks, return_lse=True,
                                             deterministic=deterministic, backend=backend)
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
+    grads = torch.autograd.grad(out, leaves, dout)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kernel_window = None if window == (-1, -1) else window
 
-    def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, lse_ = fn(*leaves)
-        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype), materialize_grads=True))
-    ref = run(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, scale=scale, causal=causal, window=kernel_window,
-                                                    softcap=softcap), torch.float64)
-    pt = run(lambda *t: per_sequence(torch_dense(scale, causal, window, softcap), *t, cu_q, cu_k), dtype)
-    assert_all_close(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt)
+    def run(fn, dtype, sinks_dtype=None):
+        copies = [t.detach().to(dtype if i < 3 else sinks_dtype).requires_grad_() for i, t in enumerate(leaves)]
+        o, lse_ = fn(*copies)
+        return [o, lse_] + list(torch.autograd.grad(o, copies, dout.to(dtype), materialize_grads=True))
+    ref = run(lambda q, k, v, s=None: reference.attention_varlen(q, k, v, cu_q, cu_k, scale=scale, causal=causal,
+                                                                 window=kernel_window, softcap=softcap, sinks=s),
+              torch.float64, torch.float64)
+    pt = run(lambda q, k, v, s=None: per_sequence(torch_dense(scale, causal, window, softcap, s), q, k, v, cu_q, cu_k),
+             dtype, None if sinks is None else sinks.dtype)
+    assert_all_close(["out", "lse", "dq", "dk", "dv", "dsinks"][:len(leaves) + 2], [out, lse, *grads], ref, pt)
 
 
 @pytest.mark.parametrize("backend,deterministic", VARLEN_BACKENDS)
@@ -120,6 +131,22 @@ def test_varlen_window_and_softcap_match_oracle(backend, deterministic, case, ca
     check_varlen(backend, deterministic, case, causal, window=window, softcap=softcap, scale=0.5)
 
 
+# (case, causal, window_size, the sinks' spread, their dtype, dtype): GPT-OSS's
+# packed SFT, its full and sliding (W = 16) layers, over documents with an
+# empty one, one with keys but no queries, and one whose first causal rows
+# see no key but the sink; sinks that outweigh the scores (spread 6) in bf16
+# over a sequence with queries and no keys, a value head dim of its own
+SINKS_CASES = [(CASES[1], True, (-1, -1), 1.0, torch.float32, torch.bfloat16),
+               (WINDOW_SOFTCAP_CASES[0][0], True, (15, -1), 1.0, torch.float32, torch.bfloat16),
+               (CASES[3], False, (-1, -1), 6.0, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("backend,deterministic", VARLEN_BACKENDS)
+@pytest.mark.parametrize("case,causal,window,spread,sinks_dtype,dtype", SINKS_CASES, ids=str)
+def test_varlen_sinks_match_oracle(backend, deterministic, case, causal, window, spread, sinks_dtype, dtype):
+    check_varlen(backend, deterministic, case, causal, dtype, window, sinks=(spread, sinks_dtype))
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_dropout_matches_the_oracle_with_the_kernels_masks(deterministic, causal, dropout_seeds):
@@ -146,22 +173,26 @@ def test_varlen_dropout_matches_the_oracle_with_the_kernels_masks(deterministic,
     assert_all_close(["out", "dq", "dk", "dv"], [out, *grads], ref, pt)
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_kernels_write_every_element(deterministic):
+def test_kernels_write_every_element(deterministic, sinks):
     """Outputs and gradients poisoned with NaN: every row is written, those
-    of a sequence with no keys (zeros) and those of the rows past the
-    longest sequence's blocks alike."""
+    of a sequence with no keys (zeros; lse -inf, or the sink's) and those of
+    the rows past the longest sequence's blocks alike."""
     from pyext.triton_kernels import flash_attention as kernels
     q, k, v, cu_q, cu_k, max_q, max_k = packed(((33, 5, 0, 18), (20, 0, 4, 18), 4, 2, 32), torch.bfloat16,
                                                device_for("triton"))
     q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, True,
+    sinks = torch.randn(q.shape[1], device=q.device) if sinks else None
+    out, lse = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, True, sinks=sinks,
                                              out=poisoned_like(q), lse=poisoned_like(q[:, :, 0].T.float()))
     grads = kernels.flash_attn_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.3,
-                                          True, deterministic, *(poisoned_like(t) for t in (q, k, v)))
-    for name, t in [("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])]:
+                                          True, deterministic, *(poisoned_like(t) for t in (q, k, v)), sinks=sinks)
+    for name, t in zip(["out", "lse", "dq", "dk", "dv", "dsinks"], [out, lse, *grads]):
         assert not t.isnan().any(), f"{name}: an element was never written"
-    assert torch.equal(out[33:38], torch.zeros_like(out[33:38])) and lse[:, 33:38].isneginf().all()
+    no_keys = torch.full_like(lse[:, 33:38], float("-inf")) if sinks is None else sinks[:, None].expand(-1, 5)
+    assert torch.equal(out[33:38], torch.zeros_like(out[33:38]))
+    torch.testing.assert_close(lse[:, 33:38], no_keys)  # the sink's, through log2(e) and back
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -244,6 +275,8 @@ BAD = [
     ("max_seqlen not an int", lambda a: a.update(max_seqlen_q=33.0), ValueError, "max_seqlen_q"),
     ("window below -1", lambda a: a.update(window_size=(-2, 0)), ValueError, "flash_attention_varlen: window_size"),
     ("negative softcap", lambda a: a.update(softcap=-1.0), ValueError, "flash_attention_varlen: softcap"),
+    ("one sink per key head", lambda a: a.update(sinks=torch.zeros(2)), ValueError,
+     r"one logit per query head, shape \[4\], got \[2\]"),
     ("first offset not 0", lambda a: a["cu_seqlens_q"].add_(1), ValueError, "rise from 0"),
     ("last offset short", lambda a: a.update(q=a["q"][:-1]), ValueError, "rise from 0"),
     ("offsets fall", lambda a: a["cu_seqlens_k"].copy_(torch.tensor([0, 20, 18, 25, 58, 67])), ValueError,
@@ -285,11 +318,14 @@ def test_offsets_are_checked_once_per_tensor_until_written(monkeypatch):
 
 def test_opcheck():
     q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
-    args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.25, True, 4, -1, 2.0, 0.0, None)
+    sinks = torch.randn(q.shape[1], device=q.device, requires_grad=True)
+    args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.25, True, 4, -1, 2.0, sinks, 0.0, None)
     torch.library.opcheck(torch.ops.pyext.flash_attn_varlen_fwd_triton, args)
-    out, lse = torch.ops.pyext.flash_attn_varlen_fwd_triton(*(t.detach() for t in (q, k, v)), *args[3:])
+    with torch.no_grad():
+        out, lse = torch.ops.pyext.flash_attn_varlen_fwd_triton(*args)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
     torch.library.opcheck(torch.ops.pyext.flash_attn_varlen_bwd_triton,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args[3:], True))
+                          (torch.randn_like(out), *detached[:3], out, lse, *detached[3:], True))
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)

@@ -1065,6 +1065,38 @@ def test_an_hf_model_with_attention_sinks_runs_them_in_the_kernels(padded, monke
     assert calls["masked" if padded else "extras"]
 
 
+@pytest.mark.parametrize("kind", ["granite_swa", "mimo_v2_flash"])
+def test_an_hf_row_of_packed_documents_with_attention_sinks_runs_the_varlen_kernels_with_them(kind, monkeypatch):
+    """Padding-free training of a model with sinks that hands position_ids to
+    its masks (Granite-SWA, sinks in every layer; MiMo-V2-Flash, in its
+    sliding layers only): three documents (5, 4, 7 tokens) in one row go to
+    flash_attention_varlen with each layer's sinks (no masked kernel), the
+    logits and every gradient (the sinks' too) within the rule against the
+    float64 original."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from hf_sweep import build as build_tiny  # every architecture's tiny build
+    if kind not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {kind}")
+    from pyext.ops import attention, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD)
+    sinks_given = []
+    run = attention_varlen.VARLEN_FWD["triton"]
+    monkeypatch.setitem(attention_varlen.VARLEN_FWD, "triton",
+                        lambda *a: sinks_given.append(a[12] is not None) or run(*a))
+    original = build_tiny(kind)
+    with torch.no_grad():  # sinks that weigh: at HF's init they are all near 0
+        for layer in original.model.layers:
+            if layer.self_attn.sinks is not None:
+                layer.self_attn.sinks.normal_(0, 2)
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[*range(5), *range(4), *range(7)]])
+    check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, position_ids=positions,
+                           labels=ids, use_cache=False)
+    layers_with_sinks = [layer.self_attn.sinks is not None for layer in original.model.layers]
+    assert not calls["masked"] and sinks_given == layers_with_sinks and any(layers_with_sinks)
+
+
 def hf_class(model, name):
     """transformers.models.<model>.modeling_<model>.<name> (skipping where this transformers lacks the model)."""
     return getattr(pytest.importorskip(f"transformers.models.{model}.modeling_{model}"), name)

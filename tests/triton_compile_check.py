@@ -166,10 +166,12 @@ def exercise_launchers():
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
                                                sinks=sinks, **extra)
-        # a packed batch (varlen): every config at head dim 128; with dropout, a window and a soft cap
+        # a packed batch (varlen): every config at head dim 128; with dropout, a window and a soft cap;
+        # with a window and sinks (GPT-OSS's packed SFT)
         cu = torch.tensor([0, 20, 21, 40], dtype=torch.int32)
         q = torch.randn(40, 4, 128, dtype=torch.bfloat16)
-        for extra in ({}, {"dropout_p": 0.1, "seed": seed, "window": (16, -1), "softcap": 30.0}):
+        for extra in ({}, {"dropout_p": 0.1, "seed": seed, "window": (16, -1), "softcap": 30.0},
+                      {"window": (16, -1), "sinks": sinks}):
             all_configs = not extra
             out, lse = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, 0.1, True, **extra)
             for deterministic in (False, True):

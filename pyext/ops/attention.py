@@ -528,15 +528,16 @@ def _softcap(op: str, softcap) -> float:
     return value
 
 
-def _sinks(op: str, sinks, q: Tensor) -> Optional[Tensor]:
-    """Attention sinks as given, checked: None, or a floating-point (Hq,) tensor on q's device."""
+def _sinks(op: str, sinks, q: Tensor, heads_dim: int = -3) -> Optional[Tensor]:
+    """Attention sinks as given, checked: None, or a floating-point (Hq,)
+    tensor on q's device, Hq being q's size in `heads_dim`."""
     if sinks is None:
         return None
     if not isinstance(sinks, Tensor) or not sinks.is_floating_point() or sinks.dim() != 1 or \
-            q.dim() < 3 or sinks.shape[0] != q.shape[-3]:
+            q.dim() < 3 or sinks.shape[0] != q.shape[heads_dim]:
         shape = list(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__
         raise ValueError(f"{op}: sinks must be a floating-point tensor of one logit per query head, shape "
-                         f"[{q.shape[-3] if q.dim() >= 3 else 'H'}], got {shape}")
+                         f"[{q.shape[heads_dim] if q.dim() >= 3 else 'H'}], got {shape}")
     if sinks.device != q.device:
         raise RuntimeError(f"{op}: expected sinks on the query's device {q.device}, got {sinks.device}")
     return sinks

@@ -2,13 +2,15 @@
 flash_attn_varlen_func), and its ops flash_attn_varlen_{fwd,bwd}_triton.
 
     flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                          window_left, window_right, softcap, dropout_p, seed) -> (out, lse)
+                          window_left, window_right, softcap, sinks, dropout_p, seed) -> (out, lse)
     flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          scale, causal, window_left, window_right, softcap, dropout_p, seed,
-                          deterministic) -> (dq, dk, dv)
+                          scale, causal, window_left, window_right, softcap, sinks, dropout_p, seed,
+                          deterministic) -> (dq, dk, dv, dsinks)
 
 q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), out
 (total_q, Hq, Dv), lse (Hq, total_q); see triton_kernels/flash_attention/varlen.py.
+sinks (Hq,) or None, every sequence's; dsinks, their gradient, empty
+without them (as the dense extras ops').
 The kernels are the Triton ones (the CUDA kernels have no packed batches);
 elsewhere the reference runs each sequence on its own.
 """
@@ -28,24 +30,26 @@ from pyext.ops._register import create_graph_grads, register_stages
 @torch.library.custom_op("pyext::flash_attn_varlen_fwd_triton", mutates_args=())
 def flash_attn_varlen_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, window_left: int,
-                                 window_right: int, softcap: float, dropout_p: float,
+                                 window_right: int, softcap: float, sinks: Optional[Tensor], dropout_p: float,
                                  seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                          causal, dropout_p=dropout_p, seed=seed,
-                                         window=attention._kernel_window(window_left, window_right), softcap=softcap)
+                                         window=attention._kernel_window(window_left, window_right), softcap=softcap,
+                                         sinks=sinks)
 
 
 @torch.library.custom_op("pyext::flash_attn_varlen_bwd_triton", mutates_args=())
 def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                  scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-                                 dropout_p: float, seed: Optional[Tensor],
-                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                                 sinks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, scale, causal, deterministic, dropout_p=dropout_p, seed=seed,
-                                         window=attention._kernel_window(window_left, window_right), softcap=softcap)
+    return attention._with_dsinks(kernels.flash_attn_varlen_bwd(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+        deterministic, dropout_p=dropout_p, seed=seed, window=attention._kernel_window(window_left, window_right),
+        softcap=softcap, sinks=sinks), q)
 
 
 def _fake_fwd(q, k, v, *_):
@@ -56,11 +60,12 @@ def _fake_fwd(q, k, v, *_):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
-     softcap, dropout_p, seed) = inputs
+     softcap, sinks, dropout_p, seed) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
-    ctx.args = (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed)
+    ctx.args = (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap)
+    ctx.dropout_p = dropout_p
     ctx.deterministic = True  # a forward op called directly; _FlashAttentionVarlen sets the caller's choice
 
 
@@ -73,29 +78,33 @@ def kernels_keep_masks(seed: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
             for b, (q0, q1, k0, k1) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:]))]
 
 
-def _reference_out(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, dropout_p, keeps):
+def _reference_out(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, sinks, dropout_p, keeps):
     return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
-                                      dropout_p=dropout_p, keeps=keeps, window=window, softcap=softcap)[0]
+                                      dropout_p=dropout_p, keeps=keeps, window=window, softcap=softcap,
+                                      sinks=sinks)[0]
 
 
 def _make_backward(bwd_op):
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p = ctx.args
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap = ctx.args
+        dropout_p = ctx.dropout_p
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout masks
             keeps = kernels_keep_masks(seed, cu_seqlens_q, cu_seqlens_k, q.shape[1], dropout_p) if dropout_p else None
             grads = create_graph_grads(
                 "flash_attention_varlen", ctx, _reference_out,
                 (q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                 attention._kernel_window(window_left, window_right), softcap, dropout_p, keeps), (dout,))
-            return grads[:3] + (None,) * 11
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed, ctx.deterministic)
-        return (dq, dk, dv) + (None,) * 11
+                 attention._kernel_window(window_left, window_right), softcap, sinks, dropout_p, keeps), (dout,))
+            return grads[:3] + (None,) * 9 + (grads[9], None, None)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, sinks, dropout_p,
+                                    seed, ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 9 + (attention._sinks_grad(sinks, dsinks), None, None)
     return backward
 
 
-VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", _fake_fwd, attention._fake_bwd_triton,
-                                            _setup_context, _make_backward)
+VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", _fake_fwd,
+                                            attention._fake_bwd_with_sinks_triton(15), _setup_context,
+                                            _make_backward)
 
 
 class _FlashAttentionVarlen(torch.autograd.Function):
@@ -111,8 +120,8 @@ class _FlashAttentionVarlen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        dq, dk, dv = _make_backward(VARLEN_BWD[ctx.backend])(ctx, dout, dlse)[:3]
-        return (None, None, None, dq, dk, dv) + (None,) * 11
+        grads = _make_backward(VARLEN_BWD[ctx.backend])(ctx, dout, dlse)
+        return (None, None, None) + grads
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -201,8 +210,8 @@ def _why_not(backend, q, k, v, sequences, max_seqlen_q, max_seqlen_k, dropout_p)
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                            scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
-                           softcap: float = 0.0, dropout_p: float = 0.0, return_lse: bool = False,
-                           deterministic: Optional[bool] = None, backend=None):
+                           softcap: float = 0.0, sinks: Optional[Tensor] = None, dropout_p: float = 0.0,
+                           return_lse: bool = False, deterministic: Optional[bool] = None, backend=None):
     """Attention over a packed batch, FlashAttention's flash_attn_varlen_func:
     sequences of different lengths laid end to end with no padding, q
     (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b
@@ -218,8 +227,9 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     while torch.compile traces or a CUDA graph is captured, where the caller
     must get them right.
     causal (bottom-right in each sequence), scale, window_size, softcap,
-    dropout_p (sequence b's stream is batch entry b's), deterministic and
-    backend: as flash_attention's. The Triton kernels run it (no padding
+    sinks (Hq,) (every sequence's), dropout_p (sequence b's stream is batch
+    entry b's), deterministic and backend: as flash_attention's. The
+    Triton kernels run it (no padding
     computed: the work is the sum over the sequences); "auto" goes to the
     reference (each sequence on its own, S x S) for what they do not take,
     float32 inputs among them; "cuda" raises: its kernels have no packed
@@ -230,13 +240,14 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         raise ValueError(f"flash_attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
     window = attention._window("flash_attention_varlen", window_size)
     softcap = attention._softcap("flash_attention_varlen", softcap)
+    sinks = attention._sinks("flash_attention_varlen", sinks, q, heads_dim=-2)
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = _backend.select("flash_attention_varlen", backend, q.device, lambda b: _why_not(
         b, q, k, v, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, dropout_p), attention.AUTO_ORDER)
     if name == "torch":
         out, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
-                                              dropout_p=dropout_p, window=window, softcap=softcap)
+                                              dropout_p=dropout_p, window=window, softcap=softcap, sinks=sinks)
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
@@ -244,5 +255,5 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         out, lse = _FlashAttentionVarlen.apply(name, _backend.is_auto(backend), deterministic,
                                                *attention._distinct(q, k, v, cu_seqlens_q, cu_seqlens_k),
                                                max_seqlen_q, max_seqlen_k, scale, causal, *(window or (-1, -1)),
-                                               softcap, dropout_p, seed)
+                                               softcap, sinks, dropout_p, seed)
     return (out, lse) if return_lse else out

@@ -14,7 +14,10 @@ whose batch stride is 0, and each program adds its sequence's first row
 (max_seqlen_q, max_seqlen_k, which the caller guarantees: pyext's op
 checks them), and a program past its sequence's end visits no keys and
 writes nothing. The per-row stats (lse, delta, the fp32 dQ buffer) are
-those of one long sequence of all rows (tiles._stats_start).
+those of one long sequence of all rows (tiles._stats_start). Sinks
+(Hq,) start every sequence's rows as the dense kernels' (package
+docstring); their gradient's shares go to one slot per (sequence, head,
+key block).
 """
 import torch
 
@@ -30,39 +33,44 @@ def _batched(t, batch: int):
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                           causal: bool, out=None, lse=None, dropout_p: float = 0.0, seed=None, window=None,
-                          softcap: float = 0.0):
+                          softcap: float = 0.0, sinks=None):
     """(out, lse) of a packed batch (module docstring); `out`/`lse` may be
-    passed in (poisoned, by tests). dropout_p, seed, window and softcap as
-    flash_attn_fwd's, per sequence (sequence b's dropout stream is batch
-    entry b's)."""
+    passed in (poisoned, by tests). dropout_p, seed, window, softcap and
+    sinks as flash_attn_fwd's, per sequence (sequence b's dropout stream is
+    batch entry b's)."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch = cu_seqlens_q.numel() - 1
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2])) if out is None else out
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if lse is None else lse
     if out.numel() == 0:
         return out, lse
-    if k.shape[0] == 0 or batch == 0:  # no keys: every row sees none
-        return out.zero_(), lse.fill_(float("-inf"))
+    if k.shape[0] == 0 or batch == 0:  # no keys: every row sees none (but its sink)
+        lse.copy_(torch.full_like(lse, float("-inf")) if sinks is None else sinks.float()[:, None].expand_as(lse))
+        return out.zero_(), lse
     flash_attn_fwd(_batched(q, batch), _batched(k, batch), _batched(v, batch), scale, causal, 0,
                    out=_batched(out, batch), lse=lse, dropout_p=dropout_p, seed=seed, window=window,
-                   softcap=softcap, packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                   softcap=softcap, sinks=sinks,
+                   packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return out, lse
 
 
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                           max_seqlen_k: int, scale: float, causal: bool, deterministic: bool, dq=None, dk=None,
-                          dv=None, dropout_p: float = 0.0, seed=None, window=None, softcap: float = 0.0):
-    """(dq, dk, dv) of a packed batch, each in its input's memory order;
-    the rest as flash_attn_bwd's (gradients may be passed in, poisoned)."""
+                          dv=None, dropout_p: float = 0.0, seed=None, window=None, softcap: float = 0.0,
+                          sinks=None):
+    """(dq, dk, dv) of a packed batch, each in its input's memory order, and
+    with `sinks` dsinks (Hq,) fp32 after them; the rest as flash_attn_bwd's
+    (gradients may be passed in, poisoned)."""
     dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     batch = cu_seqlens_q.numel() - 1
     if batch == 0 or q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    flash_attn_bwd(*(_batched(t, batch) for t in (dout, q, k, v, out)), lse, scale, causal, 0, deterministic,
-                   dq=_batched(dq, batch), dk=_batched(dk, batch), dv=_batched(dv, batch), dropout_p=dropout_p,
-                   seed=seed, window=window, softcap=softcap,
-                   packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return dq, dk, dv
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        return grads if sinks is None else (*grads, torch.zeros(q.shape[1], dtype=torch.float32, device=q.device))
+    dsinks = flash_attn_bwd(*(_batched(t, batch) for t in (dout, q, k, v, out)), lse, scale, causal, 0,
+                            deterministic, dq=_batched(dq, batch), dk=_batched(dk, batch), dv=_batched(dv, batch),
+                            dropout_p=dropout_p, seed=seed, window=window, softcap=softcap, sinks=sinks,
+                            packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))[3:]
+    return (dq, dk, dv, *dsinks)
