@@ -331,15 +331,17 @@ def test_opcheck():
 @pytest.mark.parametrize("compiler", COMPILERS)
 def test_compile_fullgraph(compiler):
     """No graph break (the offsets' host check is skipped while tracing);
-    the compiled gradients are eager's, bit for bit (deterministic backward)."""
+    the compiled gradients, the sinks' included, are eager's, bit for bit
+    (deterministic backward)."""
     q, k, v, cu_q, cu_k, max_q, max_k = packed(CASES[1], torch.bfloat16, device_for("triton"))
+    sinks = torch.randn(q.shape[1], device=q.device)
 
-    def f(q, k, v):
-        return pyext.flash_attention_varlen(q * 2, k, v, cu_q, cu_k, max_q, max_k, causal=True, deterministic=True,
-                                            backend="triton").float().square().sum()
+    def f(q, k, v, sinks):
+        return pyext.flash_attention_varlen(q * 2, k, v, cu_q, cu_k, max_q, max_k, causal=True, sinks=sinks,
+                                            deterministic=True, backend="triton").float().square().sum()
 
     def grads(fn):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
         return torch.autograd.grad(fn(*leaves), leaves)
     torch._dynamo.reset()
     compiled = grads(torch.compile(f, fullgraph=True, backend=compiler))
