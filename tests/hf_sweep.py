@@ -43,6 +43,15 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
             topk_group=1, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
             indexer_compress_ratio=2, hc_lowrank=8)
 
+# Where TINY alone builds a model its own code cannot run: the MLA
+# attentions whose keys have every query head (a kv_b_proj per head), and
+# hybrids whose default layer_types have no attention layer (or none at all),
+# Granite 4's Mamba sizes (set for its default width)
+OVERRIDES = {"kimi_linear": dict(num_key_value_heads=4), "bailing_hybrid": dict(num_key_value_heads=4),
+             "hy_v4": dict(num_key_value_heads=4), "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+             "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4,
+                                      mamba_d_head=16, mamba_d_state=16)}
+
 
 def head_mappings():
     from transformers.models.auto import modeling_auto as auto
@@ -66,6 +75,8 @@ def build(name):
                 setattr(config, key, value)
             except (AttributeError, TypeError, ValueError):
                 pass
+    for key, value in OVERRIDES.get(name, {}).items():
+        setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
         config.decoder_start_token_id = TINY["decoder_start_token_id"]
     if hasattr(config, "layer_types"):
