@@ -322,7 +322,10 @@ def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window,
     without a graph break: the packed kwargs are then taken at their word, as
     transformers' FlashAttention integration takes them (they are its
     "kwargs for Flash Attention with Compile"), and a call without them
-    goes to the mask path."""
+    goes to the mask path; so does a call with no mask at all, which eager
+    mode runs as one causal row (GPT-OSS builds its masks without
+    position_ids: transformers' SDPA and eager attention and pyext's in
+    eager mode run its packed rows so, and a compiled model must agree)."""
     name = backend or _backend.get_backend()
     if not (name == "triton" or name == "auto" and query.is_cuda) or not getattr(module, "is_causal", False) or \
             query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -330,7 +333,7 @@ def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window,
     declared = _flash_packed_kwargs(kwargs)
     if torch.compiler.is_compiling():
         window_known = not sliding_window or _windows_trusted(getattr(module, "config", None))
-        return declared if window_known else None
+        return declared if window_known and attention_mask is not None else None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or \
             attention_mask.shape != (1, 1, query.shape[2], key.shape[2]):
         return None

@@ -436,9 +436,10 @@ def test_flash_attentions_packed_kwargs_must_match_the_mask_in_eager_and_are_tak
     """FlashAttention's packed kwargs (cu_seq_lens_q, ...) name the documents
     where a call has them: in eager mode taken only when the mask is exactly
     theirs (whatever position_ids say), the offsets and longest lengths as
-    given; while torch.compile traces, taken without a mask (none can be read
-    there), but not with a sliding window the layer's config does not vouch
-    for; a call without them then goes to the mask path."""
+    given; while torch.compile traces, taken without reading the mask (none
+    can be read there), but not with a sliding window the layer's config does
+    not vouch for, nor with no mask at all (eager mode's one causal row); a
+    call without them then goes to the mask path."""
     positions, lengths = [*range(5), *range(4), *range(7)], [5, 4, 7]
     given = _flash_kwargs(lengths, longest=8)
     taken = _packed_call(None, _block_causal(lengths), **given)
@@ -449,9 +450,12 @@ def test_flash_attentions_packed_kwargs_must_match_the_mask_in_eager_and_are_tak
     split_keys = dict(given, cu_seq_lens_k=torch.tensor([0, 9, 16], dtype=torch.int32))
     assert _packed_call(positions, _block_causal(lengths), **split_keys) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _packed_call(None, None, **given)[0] is given["cu_seq_lens_q"]
+    assert _packed_call(None, _block_causal(lengths), **given)[0] is given["cu_seq_lens_q"]
+    assert _packed_call(None, torch.ones(16, 16, dtype=torch.bool), **given)[0] is given["cu_seq_lens_q"]  # unread
     assert _packed_call(positions, _block_causal(lengths)) is None
-    assert _packed_call(None, None, sliding_window=3, **given) is None
+    assert _packed_call(None, _block_causal(lengths, 3), sliding_window=3, **given) is None
+    # no mask: a model that builds none from position_ids (GPT-OSS), run by eager mode as one causal row
+    assert _packed_call(None, None, **given) is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
