@@ -109,7 +109,7 @@ if ext is not None:
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
-    packages=["pyext", "pyext.ops", "pyext.triton_kernels", "pyext.triton_kernels.flash_attention"],
+    packages=["pyext", "pyext.ops", "pyext.patch", "pyext.triton_kernels", "pyext.triton_kernels.flash_attention"],
     package_dir={"pyext.triton_kernels": "triton_kernels"},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,

@@ -72,7 +72,7 @@ def _hf_layer_calls(q, k, v):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
     except ImportError:
         return {}
-    from pyext.patch import _hf_attention
+    from pyext.patch.hf_attention import _hf_attention
 
     class Layer(torch.nn.Module):
         num_key_value_groups, is_causal, layer_idx = q.shape[1] // k.shape[1], True, 0
@@ -102,7 +102,7 @@ def _packed_calls():
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
     except ImportError:
         return calls
-    from pyext.patch import _hf_attention
+    from pyext.patch.hf_attention import _hf_attention
 
     class Layer(torch.nn.Module):
         num_key_value_groups, is_causal, layer_idx = 2, True, 0

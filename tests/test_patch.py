@@ -1,6 +1,5 @@
 """pyext.patch / pyext.unpatch on models users already have."""
 import copy
-import importlib
 import itertools
 
 import pytest
@@ -263,7 +262,7 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, labels=ids)
     assert not calls["masked"] and bool(calls["window"]) == (backend == "triton")
-    from pyext.patch import _windows_trusted
+    from pyext.patch.hf_attention import _windows_trusted
     assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
 
 
@@ -294,7 +293,7 @@ def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal):
     (ModernBERT's local attention; FlashAttention's window (W - 1, W - 1) in
     transformers' integration): within the rule against the band mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from pyext.patch import _hf_attention
+    from pyext.patch.hf_attention import _hf_attention
     model = pyext.patch(build("mistral"), backend="triton")  # a model whose windows pyext applies
 
     class Layer:
@@ -382,7 +381,7 @@ def test_a_patched_hf_model_generates_as_the_original(kind, padded):
 def _packed_call(positions, mask, backend="triton", sliding_window=None, batch=1, **kwargs):
     """What _hf_packed_rows makes of an HF attention call over these positions
     (None: no position_ids) with this (T, T) mask (None: no mask) and kwargs."""
-    from pyext.patch import _hf_packed_rows
+    from pyext.patch.hf_attention import _hf_packed_rows
 
     class Layer:
         is_causal = True
@@ -900,10 +899,10 @@ class FunctionalBlock(torch.nn.Module):
 @pytest.fixture
 def pyext_function_calls(monkeypatch):
     """The names of pyext.layer_norm, rms_norm and gelu as patch's routing calls them."""
-    patch_module = importlib.import_module("pyext.patch")  # pyext.patch is also the function
+    from pyext.patch import routing
     calls = []
-    for flag, (fn, call) in list(patch_module._ROUTED_FUNCTIONS.items()):
-        monkeypatch.setitem(patch_module._ROUTED_FUNCTIONS, flag,
+    for flag, (fn, call) in list(routing._ROUTED_FUNCTIONS.items()):
+        monkeypatch.setitem(routing._ROUTED_FUNCTIONS, flag,
                             (fn, lambda *a, _call=call, _flag=flag, **k: calls.append(_flag) or _call(*a, **k)))
     return calls
 

@@ -1,0 +1,213 @@
+"""Swap pyext's kernels into a model that already exists.
+
+    model = pyext.patch(model)            # in place; returns the model
+    pyext.patch_report(model)             # what was swapped, what was left and why, notes
+    pyext.unpatch(model)                  # back to the original classes and forward
+
+- torch.nn.LayerNorm / RMSNorm / GELU / MultiheadAttention modules get pyext's
+  subclass as their class: same object, same Parameter objects, same
+  state_dict, so an optimizer built before the patch keeps working. The
+  F.gelu function that nn.TransformerEncoderLayer / DecoderLayer hold with
+  activation="gelu" becomes pyext.gelu.
+- Calls to F.scaled_dot_product_attention made by the model go to
+  pyext.scaled_dot_product_attention through a TorchFunctionMode entered by
+  the model's forward, and by the forward of each module whose code names
+  that function when it runs on its own (a block that torch.utils.checkpoint
+  recomputes in the backward): other code, and other models, are untouched.
+  So do calls to F.layer_norm, F.rms_norm and F.gelu that the model's own
+  code makes (nanoGPT's LayerNorm module, a block written with torch's
+  functions), each with its flag, in models outside transformers. An
+  nn.TransformerEncoder in eval mode runs with that routing set aside, so
+  torch's inference fast path stays torch's (a torch-function mode would
+  turn it off); its swapped modules run pyext's kernels on the slow path.
+- HuggingFace transformers models: pyext's attention is registered as the
+  attention implementation "pyext" ("pyext-<backend>" for a named backend;
+  with the SDPA mask function, so causal masking is kept) and selected on
+  the model; the models' own GELU modules (BLOOM's too) and norm modules
+  (any whose code is one of hf_modules._HF_NORMS: Llama's RMSNorm and its copies in
+  Mistral, Qwen2/3, Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's,
+  x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
+  in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
+  Nemotron's LayerNorms) are replaced by pyext modules sharing their
+  parameters. A logit soft cap (Gemma 2's attn_logit_softcapping) and
+  attention sinks (GPT-OSS's), which transformers' SDPA integration
+  refuses, go to pyext's kernels with each call.
+- `backend=None` (the process default, normally "auto") lets each call fall
+  back to torch where the kernels do not apply (float32 outside autocast) or
+  are not yet measured faster: an attention mask (an HF model given a
+  padding attention_mask) and attention dropout, which backend="triton" runs.
+  A backend named here raises BackendUnavailable on such calls instead, as a
+  named backend does everywhere in pyext.
+
+This module holds patch, unpatch and the report; routing.py the routing of F
+calls, hf_modules.py transformers' modules pyext replaces, hf_attention.py
+pyext's attention in transformers' models, notes.py the report's notes.
+"""
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from pyext import nn as pnn
+from pyext.ops.gelu import gelu as pyext_gelu
+from pyext.patch.hf_attention import _native_windows, _use_pyext_attention_in_hf
+from pyext.patch.hf_modules import _hf_module_swaps, _hf_swap
+from pyext.patch.notes import _attention_notes
+from pyext.patch.routing import (_ROUTED_FUNCTIONS, _ForwardWrapper, _named_in, _RoutedForward,
+                                 _TorchFastPathForward)
+
+log = logging.getLogger("pyext.patch")
+
+# torch class -> (pyext subclass, the patch() flag that enables it)
+_CLASS_SWAPS = {
+    torch.nn.LayerNorm: (pnn.LayerNorm, "layer_norm"),
+    torch.nn.RMSNorm: (pnn.RMSNorm, "rms_norm"),
+    torch.nn.GELU: (pnn.GELU, "gelu"),
+    torch.nn.MultiheadAttention: (pnn.MultiheadAttention, "attention"),
+}
+
+
+@dataclass
+class PatchReport:
+    swapped: List[Tuple[str, str, str]] = field(default_factory=list)  # (module path, from, to)
+    left: List[Tuple[str, str, str]] = field(default_factory=list)     # (module path, class, why)
+    attention: str = "not routed"
+    functions: List[str] = field(default_factory=list)  # F functions whose calls in the model go to pyext's
+    notes: List[str] = field(default_factory=list)  # calls that will still run torch's op, and why
+
+    def __str__(self):
+        lines = [f"pyext.patch: {len(self.swapped)} modules swapped; attention: {self.attention}"]
+        if self.functions:
+            lines.append(f"  routed  {', '.join(self.functions)} calls in the model's forward go to pyext")
+        lines += [f"  swapped {path or '<root>'}: {old} -> {new}" for path, old, new in self.swapped]
+        lines += [f"  left    {path or '<root>'}: {cls} ({why})" for path, cls, why in self.left]
+        lines += [f"  note    {note}" for note in self.notes]
+        if not self.swapped and self.attention == "not routed" and not self.functions:
+            lines.append("  nothing to swap in this model")
+        return "\n".join(lines)
+
+
+def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, attention=True,
+          backend=None, verbose=False) -> torch.nn.Module:
+    """Swap pyext's kernels into `model` in place and return it (see the module doc).
+
+    Patching twice is harmless; `backend` pins one backend for every swapped
+    module (None: the process default, normally "auto").
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pyext.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "_pyext_patched", False):
+        unpatch(model)
+    enabled = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu, "attention": attention}
+    report = PatchReport()
+    replaced = []  # (parent, attribute name, original module) to put back on unpatch
+    unknown = []  # (path, class) of leaf modules named like a norm, a GELU or an attention
+    hf_swaps = _hf_module_swaps()
+
+    for path, module in list(model.named_modules()):
+        cls = type(module)
+        if module.__dict__.get("activation") is F.gelu:  # nn.Transformer*Layer(activation="gelu")
+            where = f"{path}.activation" if path else "activation"
+            if enabled["gelu"]:
+                module.activation = functools.partial(pyext_gelu, backend=backend)
+                replaced.append((module, "activation", F.gelu))
+                report.swapped.append((where, "F.gelu", "pyext.gelu"))
+            else:
+                report.left.append((where, "F.gelu", "gelu=False"))
+        if cls in _CLASS_SWAPS:
+            new_cls, flag = _CLASS_SWAPS[cls]
+            if not enabled[flag]:
+                report.left.append((path, cls.__name__, f"{flag}=False"))
+                continue
+            module.__class__ = new_cls
+            module.backend = backend
+            module._pyext_original_class = cls
+            report.swapped.append((path, cls.__name__, f"pyext.nn.{new_cls.__name__}"))
+        elif (hf_swap := _hf_swap(cls, hf_swaps)) is not None:
+            flag, make = hf_swap
+            new = make(module, backend) if enabled[flag] else f"{flag}=False"
+            if isinstance(new, str):  # why not
+                report.left.append((path, cls.__name__, new))
+                continue
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            setattr(parent, name, new)
+            replaced.append((parent, name, module))
+            report.swapped.append((path, cls.__name__, f"pyext.nn.{type(new).__name__}"))
+        elif cls.__module__.startswith("pyext."):
+            continue
+        elif any(k in cls.__name__.lower() for k in ("norm", "gelu", "attention")) and \
+                not list(module.children()):
+            unknown.append((path, cls))
+
+    model._pyext_backend = backend
+    model._pyext_replaced = replaced
+    hf = attention and _use_pyext_attention_in_hf(model, report)
+    if attention and not report.attention.startswith("left:"):
+        report.notes += _attention_notes(model, backend)
+    # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
+    # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
+    # pyext too, as do its SDPA calls; transformers' models have modules for these.
+    functions = set() if hf else {flag for flag in _ROUTED_FUNCTIONS if enabled[flag]}
+    named = {path: _named_in(type(m), functions | {"scaled_dot_product_attention"})
+             for path, m in model.named_modules()}
+    functions &= set().union(*named.values())  # those some module's code names
+    flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
+    report.functions = [f"F.{name}" for name in _ROUTED_FUNCTIONS if name in functions]
+    if flags:
+        for module in model.modules():
+            if isinstance(module, torch.nn.TransformerEncoder):
+                module.forward = _TorchFastPathForward(module, module.__dict__.get("forward"))
+        routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
+        callers = [path for path, names in named.items() if path and names & routed]
+        for module in [model] + [model.get_submodule(path) for path in callers]:
+            module.forward = _RoutedForward(module, backend, flags, module.__dict__.get("forward"))
+    if attention and not hf:
+        report.attention = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
+        sdpa_callers = [path for path in callers if "scaled_dot_product_attention" in named[path]]
+        if sdpa_callers:
+            report.attention += (", and in the forward of the modules that make them, run on their own as "
+                                 "torch.utils.checkpoint recomputes them: " + ", ".join(sdpa_callers))
+    report.left += [(path, cls.__name__, "no pyext equivalent") for path, cls in unknown
+                    if not named[path] & functions]
+    model._pyext_patched = True
+    model._pyext_report = report
+    (print if verbose else log.info)(str(report))
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `patch`: original classes, modules, attention and forward."""
+    if not getattr(model, "_pyext_patched", False):
+        return model
+    for module in model.modules():
+        original = module.__dict__.pop("_pyext_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            module.__dict__.pop("backend", None)
+    for parent, name, old in model._pyext_replaced:
+        setattr(parent, name, old)
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, _ForwardWrapper):
+            while isinstance(forward, _ForwardWrapper):
+                forward = forward.previous
+            if forward is not None:
+                module.forward = forward
+            else:
+                del module.forward
+    if hasattr(model, "_pyext_hf_attn"):
+        model.set_attn_implementation(model._pyext_hf_attn)
+        del model._pyext_hf_attn
+        _native_windows.pop(id(model.config), None)
+    for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_backend"):
+        delattr(model, attr)
+    return model
+
+
+def patch_report(model: torch.nn.Module) -> PatchReport:
+    """What the last `patch(model)` swapped and left."""
+    return model._pyext_report

@@ -1,0 +1,285 @@
+"""pyext's attention in transformers' models: the attention implementation
+"pyext" ("pyext-<backend>") registered and selected on a model, its calls
+sent to pyext's SDPA (masks, windows, soft caps, sinks) or, for a row of
+packed documents, to flash_attention_varlen."""
+import dis
+import functools
+import weakref
+
+import torch
+
+from pyext import _backend
+from pyext._weak import WeakTensorCache
+from pyext.ops.attention_varlen import flash_attention_varlen
+from pyext.patch.routing import _RouteCalls
+
+
+def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,
+                  sliding_window=None, s_aux=None, **kwargs):
+    """transformers' own SDPA integration (GQA, causal flag, masks), with its
+    F.scaled_dot_product_attention call routed to pyext; a logit soft cap
+    (Gemma 2's attn_logit_softcapping) and attention sinks (s_aux, GPT-OSS's),
+    which torch's SDPA and so transformers' integration lack, go to pyext's
+    kernels with it, and so does the layer's sliding window where _hf_mask
+    gave no mask for it. A packed row (_hf_packed_rows) goes to
+    flash_attention_varlen instead, its mask not read by the kernels."""
+    packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
+    if packed is not None:
+        out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), *packed, causal=True,
+                                     scale=kwargs.get("scaling"),
+                                     window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1),
+                                     softcap=softcap or 0.0, sinks=s_aux, dropout_p=kwargs.get("dropout", 0.0),
+                                     backend=backend)
+        return out[None], None  # (1, T, H, Dv), as transformers' integration returns it
+    window = None
+    if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
+            _windows_trusted(getattr(module, "config", None)):
+        # key j seen by query i iff i - W < j (<= i, causal): the mask's band;
+        # |i - j| < W in a bidirectional layer (ModernBERT's local attention),
+        # FlashAttention's window (W - 1, W - 1) in transformers' integration
+        window = (sliding_window - 1, -1 if getattr(module, "is_causal", True) else sliding_window - 1)
+    with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True, sinks=s_aux):
+        return sdpa_attention_forward(_KeyHeadsUnrepeated(module), query, key, value, attention_mask,
+                                      sliding_window=sliding_window, **kwargs)
+
+
+# The masks _hf_packed_rows has read: mask -> (sliding window, the packed
+# kwargs' offsets or None, what it made of them). transformers builds one
+# mask per forward and layer type and hands it to every layer of that type,
+# so it is read once per forward.
+_packed_masks = WeakTensorCache()
+
+
+def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs):
+    """flash_attention_varlen's (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) when this HF attention call is over one row of documents
+    packed end to end (padding-free training), for the Triton kernels
+    (backend "triton", or auto on a GPU); else None.
+
+    The documents are those of FlashAttention's packed kwargs where the call
+    has them (cu_seq_lens_q/k and max_length_q/k, as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them),
+    else where position_ids do not rise by 1 (transformers' rule, from which
+    it builds a block-diagonal causal mask). In eager mode the call's mask
+    must be exactly theirs, causal (and the layer's sliding window) within
+    each: a mask with anything more (an image's bidirectional block, padding)
+    is left to the mask path. While torch.compile traces, no mask can be read
+    without a graph break: the packed kwargs are then taken at their word, as
+    transformers' FlashAttention integration takes them (they are its
+    "kwargs for Flash Attention with Compile"), and a call without them
+    goes to the mask path; so does a call with no mask at all, which eager
+    mode runs as one causal row (GPT-OSS builds its masks without
+    position_ids: transformers' SDPA and eager attention and pyext's in
+    eager mode run its packed rows so, and a compiled model must agree)."""
+    name = backend or _backend.get_backend()
+    if not (name == "triton" or name == "auto" and query.is_cuda) or not getattr(module, "is_causal", False) or \
+            query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    declared = _flash_packed_kwargs(kwargs)
+    if torch.compiler.is_compiling():
+        window_known = not sliding_window or _windows_trusted(getattr(module, "config", None))
+        return declared if window_known and attention_mask is not None else None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or \
+            attention_mask.shape != (1, 1, query.shape[2], key.shape[2]):
+        return None
+    offsets = declared[0] if declared is not None else None
+    known = _packed_masks.get(attention_mask)
+    if known is not None and known[0] == sliding_window and known[1] is offsets:
+        return known[2]
+    document = _documents(offsets, kwargs.get("position_ids"), query.shape[2], attention_mask.device)
+    if declared is not None and not (declared[1] is offsets or torch.equal(declared[1], offsets)):
+        document = None  # keys split otherwise than queries: not what the (square, causal) mask says
+    packed = None
+    if document is not None and int(document[-1]) > 0:  # more than one document: build their mask (T x T) only then
+        i = torch.arange(len(document), device=document.device)
+        expected = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
+        if sliding_window:
+            expected &= i[None, :] > i[:, None] - sliding_window
+        if torch.equal(attention_mask[0, 0], expected):
+            lengths = torch.bincount(document)
+            cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            packed = declared or (cu_seqlens, cu_seqlens, int(lengths.max()), int(lengths.max()))
+    _packed_masks[attention_mask] = (sliding_window, offsets, packed)
+    return packed
+
+
+def _flash_packed_kwargs(kwargs):
+    """(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k) where an HF
+    call has all four (FlashAttention's packed-batch kwargs), else None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor) and max_q is not None and max_k is not None:
+        return cu_q, cu_k, max_q, max_k
+    return None
+
+
+def _documents(offsets, positions, tokens, device):
+    """Each of a row's `tokens` tokens' document number (0, 1, ...) on
+    `device`: from the packed kwargs' offsets when given (None unless they
+    split exactly these tokens), else from position_ids (None without them)."""
+    if tokens < 2:
+        return None
+    if offsets is not None:
+        bounds = offsets.tolist() if offsets.dim() == 1 else []
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        if not bounds or bounds[0] != 0 or bounds[-1] != tokens or min(lengths, default=0) < 0:
+            return None
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                       torch.tensor(lengths, device=device))
+    if not isinstance(positions, torch.Tensor) or positions.numel() != tokens:
+        return None
+    positions = positions.reshape(-1).to(device)
+    return (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)
+
+
+class _KeyHeadsUnrepeated:
+    """An attention module as transformers' SDPA integration reads it
+    (num_key_value_groups, is_causal, layer_idx), with one query head per key
+    head: so it never copies K and V once per query head (repeat_kv, which
+    it does for a masked GQA call, as torch's fused SDPA kernels take no mask
+    with enable_gqa) nor folds query heads into rows (pack_gqa, one query
+    token). pyext's SDPA takes the heads as they are (enable_gqa), the
+    kernels reading key head h // group for query head h; its fallback to
+    torch's SDPA repeats them itself where a mask is given."""
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+# Patched HF models whose sliding-window layers pyext runs with no mask over
+# an unpadded batch: those transformers can run with FlashAttention, whose
+# integration takes each layer's window from its `sliding_window` argument
+# alone (FlashAttention has no mask), so that argument is the layer's window.
+# id(config) -> a weak reference to it (configs are not hashable).
+_native_windows = {}
+
+
+def _native_windows_apply(model) -> bool:
+    """Whether `model` is one whose sliding windows pyext takes from its layers
+    (see _native_windows): one transformers runs with FlashAttention, each
+    layer holding a window where config.layer_types gives it a window mask.
+    SmolLM3's layers hold none unless config.use_sliding_window, while its
+    masks follow config.layer_types alone: a model whose layers disagree
+    with their masks so keeps the masks. So does one whose attention
+    modules (those reading config._attn_implementation) do not all hand
+    their interface a `sliding_window` (Qwen2-MoE's, PhiMoE's): where the
+    argument is missing, so is the window."""
+    config = model.config
+    if not (getattr(model, "_supports_flash_attn", False) and getattr(config, "sliding_window", None)):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(_names_keyword(code, "sliding_window") for code in _hf_attention_forwards(model)) and \
+        all(bool(m.sliding_window) == (layer_types[m.layer_idx] == "sliding_attention")
+            for m in model.modules() if "sliding_window" in m.__dict__
+            and isinstance(getattr(m, "layer_idx", None), int) and m.layer_idx < len(layer_types))
+
+
+def _hf_attention_forwards(model) -> list:
+    """The code of an HF model's attention modules' forwards: those that read
+    config._attn_implementation to pick the attention interface."""
+    forwards = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
+    return [code for code in forwards if code is not None and "_attn_implementation" in code.co_names]
+
+
+def _rebinds(code, name: str) -> bool:
+    """Whether `code` assigns to its variable `name`."""
+    return any(i.opname.startswith("STORE") and i.argval == name for i in dis.get_instructions(code))
+
+
+def _names_keyword(code, name: str) -> bool:
+    """Whether `code` names a keyword or key `name` (a string constant, alone
+    or in a call's tuple of keyword names)."""
+    return any(c == name or isinstance(c, tuple) and name in c for c in code.co_consts)
+
+
+def _windows_trusted(config) -> bool:
+    ref = _native_windows.get(id(config))
+    return ref is not None and ref() is config
+
+
+def _hf_mask(sdpa_mask, *args, **kwargs):
+    """transformers' SDPA mask, except none for a sliding-window layer (it
+    passes local_size) of a model in _native_windows, over an unpadded batch
+    with no cache offset and no other pattern (packed sequences, custom masks:
+    allow_is_causal_skip False): its attention then applies the window itself
+    (_hf_attention), rather than read a (B, 1, S, S) band built per forward."""
+    padding = kwargs.get("attention_mask")
+    if args or kwargs.get("local_size") is None or not kwargs.get("allow_is_causal_skip", True) or \
+            not _windows_trusted(kwargs.get("config")) or kwargs.get("q_offset", 0) or \
+            kwargs.get("kv_offset", 0) or kwargs.get("q_length") != kwargs.get("kv_length"):
+        return sdpa_mask(*args, **kwargs)
+    if padding is not None and (torch.compiler.is_compiling() or padding.shape[-1] != kwargs["kv_length"]
+                                or not bool(padding.all())):
+        return sdpa_mask(*args, **kwargs)
+    return None
+
+
+def _use_pyext_attention_in_hf(model, report) -> bool:
+    """Register and select the "pyext" attention implementation on an HF
+    model ("pyext-<backend>" for a named backend); False where the model
+    has no AttentionInterface to select it through. A model that does not
+    support transformers' SDPA integration, on which pyext's is built, keeps
+    its attention (unless a logit soft cap or attention sinks are why)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        return False  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
+    # transformers refuses its SDPA integration to a model whose attention
+    # holds only eagerly (causal by its mask alone, say), and to one with a
+    # logit soft cap (Gemma 2) or sinks (GPT-OSS), which torch's SDPA lacks
+    # and pyext's kernels apply: those take pyext's, unless their attention
+    # rewrites the (eager, additive) mask it is given (DeepSeek-V4 appends its
+    # compressed keys' bias), which pyext's SDPA masks would not survive
+    if not getattr(model, "_supports_sdpa", False):
+        why = None
+        if not (_hf_softcap(model) or _hf_sinks(model)):
+            why = "does not support transformers' SDPA attention, on which pyext's is built"
+        elif any(_rebinds(code, "attention_mask") for code in _hf_attention_forwards(model)):
+            why = "runs its attention eagerly only, and rewrites the attention mask it is given"
+        if why is not None:
+            report.attention = f"left: {type(model).__name__} {why}"
+            return True
+    # one implementation name per backend, each function holding only its
+    # backend: the registry is global, shared by every patched model (and copy)
+    impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
+    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
+    AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
+    previous = config._attn_implementation
+    model.set_attn_implementation(impl)
+    if config._attn_implementation != impl:
+        return False
+    model._pyext_hf_attn = previous
+    report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
+    if _native_windows_apply(model):
+        _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
+        report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
+                             "mask")
+    if model._pyext_backend not in ("torch", "cuda"):
+        report.attention += ("; a row of packed documents (position_ids restarting, no cache): "
+                             "flash_attention_varlen (the Triton kernels, when they run), no mask read; under "
+                             "torch.compile, where the call has FlashAttention's packed kwargs (cu_seq_lens_q, ...)")
+    return True
+
+
+def _hf_softcap(model) -> float:
+    """An HF model's attention logit soft cap (Gemma 2's attn_logit_softcapping), 0 for none."""
+    return getattr(getattr(model, "config", None), "attn_logit_softcapping", None) or 0.0
+
+
+def _hf_sinks(model) -> bool:
+    """Whether an HF model's attention has sinks (GPT-OSS's): an attention
+    forward hands its interface `s_aux`."""
+    return any(_names_keyword(code, "s_aux") for code in _hf_attention_forwards(model))

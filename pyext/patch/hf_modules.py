@@ -1,0 +1,137 @@
+"""transformers' own modules that pyext replaces: their GELU activations and
+the norms whose code computes what one of pyext.nn's modules computes."""
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from pyext import nn as pnn
+
+
+def _hf_module_swaps():
+    """HuggingFace module classes -> a factory of the pyext module replacing one."""
+    try:
+        from transformers import activations
+    except ImportError:
+        return {}
+    swaps = {}
+    # the tanh approximation, however each class writes it, and the exact (erf) GELU
+    for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation",
+                 "AccurateGELUActivation", "GELUActivation"):
+        cls = getattr(activations, name, None)
+        if cls is not None:
+            approx = "none" if name == "GELUActivation" else "tanh"
+            swaps[cls] = ("gelu", functools.partial(_gelu_module, approx))
+    try:  # BLOOM's: the tanh approximation, its derivative written out in a torch.autograd.Function
+        from transformers.models.bloom.modeling_bloom import BloomGelu
+        swaps[BloomGelu] = ("gelu", functools.partial(_gelu_module, "tanh"))
+    except ImportError:
+        pass
+    for norm, flag, factory in _hf_norms():
+        swaps[norm] = (flag, factory)
+    return swaps
+
+
+# transformers' norm computations that pyext's modules compute: (module,
+# class holding the code, eps: the attribute holding it or the value its code
+# fixes, pyext's module). The statistics in float32 in each; pyext's one
+# rounding at the end is within the rule of all (Llama's rounds x / rms
+# before the weight product too, T5's and Cohere's cast before returning).
+_HF_NORMS = (
+    ("llama", "LlamaRMSNorm", "variance_epsilon", "RMSNorm"),  # Mistral, Qwen2 and 3, Phi-3, ...
+    ("olmo2", "Olmo2RMSNorm", "variance_epsilon", "RMSNorm"),  # weight * x / rms in fp32: OLMo 2 and 3, GPT-OSS, ...
+    ("helium", "HeliumRMSNorm", "variance_epsilon", "RMSNorm"),  # the same, weight cast first: Nemotron-H, ...
+    ("llama4", "Llama4TextRMSNorm", "eps", "RMSNorm"),  # Llama's, through its _norm
+    ("gemma3n", "Gemma3nRMSNorm", "eps", "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
+    ("moshi", "MoshiRMSNorm", "eps", "RMSNorm"),  # all in fp32: Moshi, Kyutai speech-to-text
+    ("nanochat", "NanoChatRMSNorm", "eps", "RMSNorm"),  # no weight
+    ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "eps", "RMSNorm"),  # no weight, x * rsqrt rounded: GLM-5-Next, ...
+    ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", "eps", "GemmaRMSNorm"),  # Gemma's, or over groups of the features
+    ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
+    ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias: Command R, Command A
+    ("deberta", "DebertaLayerNorm", "variance_epsilon", "DebertaLayerNorm"),  # y in the promoted dtype: DeBERTa v1
+    ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
+    ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_norms():
+    """(transformers' class, the patch() flag, factory of the pyext module
+    replacing one) for each of _HF_NORMS this transformers has."""
+    norms = []
+    for model, name, eps, pyext_class in _HF_NORMS:
+        try:
+            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            pyext_class = getattr(pnn, pyext_class)
+            flag = "layer_norm" if issubclass(pyext_class, torch.nn.LayerNorm) else "rms_norm"
+            factory = functools.partial(_norm_module, pyext_class, eps)
+            norms.append((getattr(module, name), flag, factory))
+    return norms
+
+
+def _hf_swap(cls, swaps):
+    """The (flag, factory) of an HF module class, or None. Besides the classes
+    named in `swaps`, any norm class that computes as one of _HF_NORMS, the
+    same bytecode reading the same attributes: the many models whose code
+    copies one."""
+    if cls in swaps:
+        return swaps[cls]
+    if cls.__name__.endswith("Norm"):
+        for norm, _, _ in _hf_norms():
+            if all(_same_code(getattr(cls, f, None), getattr(norm, f, None)) for f in ("forward", "_norm")):
+                return swaps[norm]
+    return None
+
+
+def _same_code(f, g) -> bool:
+    """Whether f and g run the same code, or are both absent."""
+    if f is None or g is None:
+        return f is g
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
+            and a.co_names == b.co_names and a.co_varnames == b.co_varnames)
+
+
+def _gelu_module(approximate, old, backend):
+    """pyext.nn.GELU, or why not."""
+    if approximate == "none" and getattr(old, "act", F.gelu) is not F.gelu:
+        return "not a function pyext implements"  # a GELUActivation built on another function
+    return pnn.GELU(approximate, backend=backend)
+
+
+def _norm_module(pyext_class, eps, old, backend):
+    """pyext_class (a pyext.nn norm) holding `old`'s weight and bias
+    Parameters themselves (optimizers and state_dict see no change), or why not."""
+    weight, bias = old._parameters.get("weight"), old._parameters.get("bias")
+    eps = getattr(old, eps) if isinstance(eps, str) else eps
+    if weight is None and hasattr(old, "weight"):  # Falcon Mamba's: a buffer its fused kernels read
+        return "a weight that is not a Parameter"
+    if weight is not None and weight.dim() != 1:  # Cohere's QK-norm: (heads, head_dim), over head_dim alone
+        return f"a weight of shape {tuple(weight.shape)}: pyext's modules normalize over the weight's dims"
+    group = getattr(old, "group_size", None)
+    if weight is not None and group not in (None, weight.shape[0]):  # Qwen4-Exp's hyper-connection norms
+        return f"statistics over groups of {group} of its {weight.shape[0]} features"
+    if issubclass(pyext_class, pnn.LayerNorm):
+        shape = weight.shape if weight is not None else getattr(old, "normalized_shape", None)
+        if shape is None:
+            return "no weight and no normalized_shape: pyext.nn.LayerNorm's is fixed"
+        new = pyext_class(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
+                          device="meta", backend=backend)
+    elif weight is None:  # nanochat's, or Gemma 3n's value norm: over the input's last dim
+        new = pnn.UnweightedRMSNorm(eps, backend=backend)
+    else:
+        new = pyext_class(weight.shape[0], eps=eps, device="meta", backend=backend)
+    if weight is not None:
+        new.weight = weight
+    if bias is not None:
+        new.bias = bias
+    if old.state_dict().keys() != new.state_dict().keys():
+        missing = sorted(old.state_dict().keys() - new.state_dict().keys())
+        return f"state pyext's module would not hold: {', '.join(missing)}"
+    return new
