@@ -499,6 +499,75 @@ def test_an_hf_row_of_packed_documents_with_flash_attentions_kwargs_runs_the_var
     assert not calls["masked"] and calls["varlen"]
 
 
+def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
+    """_flash_documents_mask: the block-diagonal causal mask (the window within
+    each document) from position_ids in eager mode, from FlashAttention's
+    packed kwargs in eager mode and while tracing (position_ids cannot be
+    read there); none for one document, a batch of rows, or a model that did
+    not run FlashAttention before."""
+    import weakref
+    from pyext.patch import hf_attention
+
+    class Config:
+        pass
+
+    class Layer:
+        is_causal, config = True, Config()
+    layer, lengths = Layer(), [5, 4, 7]
+    monkeypatch.setitem(hf_attention._flash_before, id(layer.config), weakref.ref(layer.config))
+    positions = torch.tensor([[*range(5), *range(4), *range(7)]])
+    query = torch.zeros(1, 2, 16, 8)
+
+    def mask(sliding_window=None, q=query, **kwargs):
+        return hf_attention._flash_documents_mask(layer, q, q, sliding_window, kwargs)
+    assert torch.equal(mask(position_ids=positions)[0, 0], _block_causal(lengths))
+    assert torch.equal(mask(3, position_ids=positions)[0, 0], _block_causal(lengths, 3))
+    assert torch.equal(mask(**_flash_kwargs(lengths))[0, 0], _block_causal(lengths))
+    assert mask(position_ids=torch.arange(16)[None]) is None  # one document
+    assert mask(q=torch.zeros(2, 2, 16, 8), position_ids=positions.expand(2, -1)) is None  # two rows
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(mask(3, **_flash_kwargs(lengths))[0, 0], _block_causal(lengths, 3))
+    assert mask(position_ids=positions) is None
+    monkeypatch.delitem(hf_attention._flash_before, id(layer.config))
+    assert mask(**_flash_kwargs(lengths)) is None
+
+
+@pytest.mark.parametrize("given", ["position_ids", "flash_kwargs"])
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama"])
+def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, given, monkeypatch):
+    """FlashAttention's integration runs a row of packed documents per
+    document whatever the masks say; GPT-OSS's masks ignore position_ids
+    (eager and SDPA run the row as one causal sequence), so for a model that
+    ran FlashAttention before the patch pyext builds the documents' mask
+    itself (Llama's masks have them already). Three documents (5, 4, 7) in
+    one row, by position_ids or by FlashAttention's packed kwargs, patched
+    with backend="triton": the varlen kernels run, and the logits are within
+    the rule of each document run on its own by the float64 original."""
+    from pyext.ops import attention_varlen
+    calls = count_triton_calls(monkeypatch, varlen=attention_varlen.VARLEN_FWD)
+    device = device_for("triton")
+    original = sharp_hf_model(kind, device, layers=None if kind == "gpt_oss" else 2)
+    ran = copy.deepcopy(original)
+    ran.config._attn_implementation = "flash_attention_2"  # what it ran before (flash-attn is not installed here)
+    patched = pyext.patch(ran, backend="triton")
+    assert "packed documents kept apart as FlashAttention kept them" in pyext.patch_report(patched).attention
+    lengths = [5, 4, 7]
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    batch = dict(position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(device))
+    if given == "flash_kwargs":
+        batch.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _flash_kwargs(lengths).items()})
+
+    def each_document_alone(model, dtype):
+        model = model.to(dtype)
+        bounds = [0, *itertools.accumulate(lengths)]
+        return torch.cat([model(input_ids=ids[:, a:b], use_cache=False).logits for a, b in zip(bounds, bounds[1:])], 1)
+    with torch.no_grad():
+        out = patched.to(torch.bfloat16)(input_ids=ids, use_cache=False, **batch).logits
+        check_all(["logits"], [out], [each_document_alone(copy.deepcopy(original), torch.float64)],
+                  [each_document_alone(original, torch.bfloat16)])
+    assert calls["varlen"]
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 def test_a_compiled_hf_model_runs_packed_rows_given_flash_attentions_kwargs(kind, monkeypatch):
     """torch.compile(fullgraph=True) of a patched model over rows of packed

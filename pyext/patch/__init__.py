@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from pyext import nn as pnn
 from pyext.ops.gelu import gelu as pyext_gelu
-from pyext.patch.hf_attention import _native_windows, _use_pyext_attention_in_hf
+from pyext.patch.hf_attention import _flash_before, _native_windows, _use_pyext_attention_in_hf
 from pyext.patch.hf_modules import _hf_module_swaps, _hf_swap
 from pyext.patch.notes import _attention_notes
 from pyext.patch.routing import (_ROUTED_FUNCTIONS, _ForwardWrapper, _named_in, _RoutedForward,
@@ -203,6 +203,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         model.set_attn_implementation(model._pyext_hf_attn)
         del model._pyext_hf_attn
         _native_windows.pop(id(model.config), None)
+        _flash_before.pop(id(model.config), None)
     for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_backend"):
         delattr(model, attr)
     return model

@@ -22,7 +22,11 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     which torch's SDPA and so transformers' integration lack, go to pyext's
     kernels with it, and so does the layer's sliding window where _hf_mask
     gave no mask for it. A packed row (_hf_packed_rows) goes to
-    flash_attention_varlen instead, its mask not read by the kernels."""
+    flash_attention_varlen instead, its mask not read by the kernels; given
+    no mask, one is built for it where the model ran FlashAttention before
+    (_flash_documents_mask)."""
+    if attention_mask is None:
+        attention_mask = _flash_documents_mask(module, query, key, sliding_window, kwargs)
     packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
     if packed is not None:
         out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), *packed, causal=True,
@@ -41,6 +45,58 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     with _RouteCalls(backend, {"attention"}, softcap=softcap or 0.0, window=window, gqa=True, sinks=s_aux):
         return sdpa_attention_forward(_KeyHeadsUnrepeated(module), query, key, value, attention_mask,
                                       sliding_window=sliding_window, **kwargs)
+
+
+# Patched HF models that ran a FlashAttention implementation before the patch:
+# id(config) -> a weak reference to it. FlashAttention's integration runs a row
+# of packed documents (position_ids restarting, or its packed kwargs) per
+# document whatever the masks say, while transformers' SDPA masks follow the
+# documents only in models whose mask functions read position_ids. GPT-OSS's
+# and Granite 4 hybrid's (among others) do not: given no mask, pyext would
+# run such a row as one causal sequence, which the model did not compute before.
+_flash_before = {}
+
+# The masks _flash_documents_mask has built: position_ids or offsets ->
+# (sliding window, mask or None), once per forward rather than per layer.
+_documents_masks = WeakTensorCache()
+
+
+def _flash_documents_mask(module, query, key, sliding_window, kwargs):
+    """The (1, 1, T, T) boolean causal mask of the packed documents of a call
+    given no mask, for a model that ran FlashAttention before the patch
+    (_flash_before), the layer's sliding window within each: the documents
+    of FlashAttention's packed kwargs where the call has them, else where
+    position_ids do not rise by 1 (in eager mode: reading them is a host
+    sync). None elsewhere: one document, a batch of rows, a cache."""
+    config = getattr(module, "config", None)
+    ref = _flash_before.get(id(config))
+    tokens = query.shape[2]
+    if ref is None or ref() is not config or not getattr(module, "is_causal", False) or query.shape[0] != 1 or \
+            key.shape[2] != tokens or tokens < 2:
+        return None
+    declared = _flash_packed_kwargs(kwargs)
+    source = declared[0] if declared is not None else kwargs.get("position_ids")
+    compiling = torch.compiler.is_compiling()
+    if not isinstance(source, torch.Tensor) or (declared is None and (compiling or source.shape != (1, tokens))):
+        return None
+    known = None if compiling else _documents_masks.get(source)
+    if known is not None and known[0] == sliding_window:
+        return known[1]
+    i = torch.arange(tokens, device=query.device)
+    if declared is not None:  # token t's document: the number of offsets past 0 at or below t
+        document = torch.searchsorted(source[1:].to(query.device), i.to(source.dtype), right=True)
+    else:
+        positions = source[0].to(query.device)
+        document = torch.cat([i.new_zeros(1), (positions[1:] != positions[:-1] + 1).cumsum(0)])
+    mask = None
+    if compiling or bool(document[-1]):  # more than one document (in eager mode; traced, taken as given)
+        mask = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
+        if sliding_window:
+            mask &= i[None, :] > i[:, None] - sliding_window
+        mask = mask[None, None]
+    if not compiling:
+        _documents_masks[source] = (sliding_window, mask)
+    return mask
 
 
 # The masks _hf_packed_rows has read: mask -> (sliding window, the packed
@@ -263,6 +319,9 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         return False
     model._pyext_hf_attn = previous
     report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
+    if "flash" in str(previous):  # flash_attention_2/3, kernels-community's FlashAttention builds
+        _flash_before[id(config)] = weakref.ref(config, lambda _, key=id(config): _flash_before.pop(key, None))
+        report.attention += "; rows of packed documents kept apart as FlashAttention kept them"
     if _native_windows_apply(model):
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
         report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
