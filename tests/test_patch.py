@@ -501,7 +501,8 @@ def test_an_hf_row_of_packed_documents_with_flash_attentions_kwargs_runs_the_var
 
 def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     """_flash_documents_mask: the block-diagonal causal mask (the window within
-    each document) from position_ids in eager mode, from FlashAttention's
+    each document; built once per position_ids tensor and window) from
+    position_ids in eager mode, from FlashAttention's
     packed kwargs in eager mode and while tracing (position_ids cannot be
     read there); none for one document, a batch of rows, or a model that did
     not run FlashAttention before."""
@@ -522,6 +523,8 @@ def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
         return hf_attention._flash_documents_mask(layer, q, q, sliding_window, kwargs)
     assert torch.equal(mask(position_ids=positions)[0, 0], _block_causal(lengths))
     assert torch.equal(mask(3, position_ids=positions)[0, 0], _block_causal(lengths, 3))
+    # built once per position_ids tensor and window, however the layers alternate them
+    assert mask(position_ids=positions) is mask(position_ids=positions) is not mask(3, position_ids=positions)
     assert torch.equal(mask(**_flash_kwargs(lengths))[0, 0], _block_causal(lengths))
     assert mask(position_ids=torch.arange(16)[None]) is None  # one document
     assert mask(q=torch.zeros(2, 2, 16, 8), position_ids=positions.expand(2, -1)) is None  # two rows

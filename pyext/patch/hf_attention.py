@@ -57,7 +57,8 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
 _flash_before = {}
 
 # The masks _flash_documents_mask has built: position_ids or offsets ->
-# (sliding window, mask or None), once per forward rather than per layer.
+# {sliding window: mask or None}, once per forward and window rather than
+# per layer (GPT-OSS's layers alternate a window and none).
 _documents_masks = WeakTensorCache()
 
 
@@ -79,9 +80,12 @@ def _flash_documents_mask(module, query, key, sliding_window, kwargs):
     compiling = torch.compiler.is_compiling()
     if not isinstance(source, torch.Tensor) or (declared is None and (compiling or source.shape != (1, tokens))):
         return None
-    known = None if compiling else _documents_masks.get(source)
-    if known is not None and known[0] == sliding_window:
-        return known[1]
+    known = {} if compiling else _documents_masks.get(source)
+    if known is None:
+        known = {}
+        _documents_masks[source] = known
+    if sliding_window in known:
+        return known[sliding_window]
     i = torch.arange(tokens, device=query.device)
     if declared is not None:  # token t's document: the number of offsets past 0 at or below t
         document = torch.searchsorted(source[1:].to(query.device), i.to(source.dtype), right=True)
@@ -94,8 +98,7 @@ def _flash_documents_mask(module, query, key, sliding_window, kwargs):
         if sliding_window:
             mask &= i[None, :] > i[:, None] - sliding_window
         mask = mask[None, None]
-    if not compiling:
-        _documents_masks[source] = (sliding_window, mask)
+    known[sliding_window] = mask
     return mask
 
 
