@@ -78,28 +78,30 @@ def _flash_documents_mask(module, query, key, sliding_window, kwargs):
     declared = _flash_packed_kwargs(kwargs)
     source = declared[0] if declared is not None else kwargs.get("position_ids")
     compiling = torch.compiler.is_compiling()
-    if not isinstance(source, torch.Tensor) or (declared is None and (compiling or source.shape != (1, tokens))):
+    if not isinstance(source, torch.Tensor) or (declared is None and compiling):
         return None
-    known = {} if compiling else _documents_masks.get(source)
+    if compiling:  # the offsets taken as given, read on the device: token t's document, the offsets past 0 up to t
+        i = torch.arange(tokens, device=query.device, dtype=source.dtype)
+        return _block_causal(torch.searchsorted(source[1:].to(query.device), i, right=True), sliding_window)
+    known = _documents_masks.get(source)
     if known is None:
         known = {}
         _documents_masks[source] = known
-    if sliding_window in known:
-        return known[sliding_window]
-    i = torch.arange(tokens, device=query.device)
-    if declared is not None:  # token t's document: the number of offsets past 0 at or below t
-        document = torch.searchsorted(source[1:].to(query.device), i.to(source.dtype), right=True)
-    else:
-        positions = source[0].to(query.device)
-        document = torch.cat([i.new_zeros(1), (positions[1:] != positions[:-1] + 1).cumsum(0)])
-    mask = None
-    if compiling or bool(document[-1]):  # more than one document (in eager mode; traced, taken as given)
-        mask = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
-        if sliding_window:
-            mask &= i[None, :] > i[:, None] - sliding_window
-        mask = mask[None, None]
-    known[sliding_window] = mask
-    return mask
+    if sliding_window not in known:
+        document = _documents(declared and declared[0], kwargs.get("position_ids"), tokens, query.device)
+        several = document is not None and bool(document[-1])  # one document: the plain causal row it is
+        known[sliding_window] = _block_causal(document, sliding_window) if several else None
+    return known[sliding_window]
+
+
+def _block_causal(document, sliding_window):
+    """(1, 1, T, T) boolean: token i sees token j in its own document
+    (document[t], each token's) at or before it, within the sliding window."""
+    i = torch.arange(len(document), device=document.device)
+    mask = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
+    if sliding_window:
+        mask &= i[None, :] > i[:, None] - sliding_window
+    return mask[None, None]
 
 
 # The masks _hf_packed_rows has read: mask -> (sliding window, the packed
@@ -150,11 +152,7 @@ def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window,
         document = None  # keys split otherwise than queries: not what the (square, causal) mask says
     packed = None
     if document is not None and int(document[-1]) > 0:  # more than one document: build their mask (T x T) only then
-        i = torch.arange(len(document), device=document.device)
-        expected = (document[:, None] == document[None, :]) & (i[None, :] <= i[:, None])
-        if sliding_window:
-            expected &= i[None, :] > i[:, None] - sliding_window
-        if torch.equal(attention_mask[0, 0], expected):
+        if torch.equal(attention_mask, _block_causal(document, sliding_window)):
             lengths = torch.bincount(document)
             cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
             packed = declared or (cu_seqlens, cu_seqlens, int(lengths.max()), int(lengths.max()))
