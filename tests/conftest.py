@@ -176,11 +176,20 @@ def run_under_sanitizer(tool: str, code: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """A different seed per test (fresh data), printed on failure to reproduce."""
-    seed = int.from_bytes(os.urandom(4), "little") % 2 ** 31
+    """A different seed per test (fresh data), printed with a failure; the
+    failure comes back with PYEXT_TEST_SEED set to it."""
+    seed = int(os.environ.get("PYEXT_TEST_SEED") or int.from_bytes(os.urandom(4), "little") % 2 ** 31)
     torch.manual_seed(seed)
-    yield
     request.node.user_properties.append(("seed", seed))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seeds = [value for name, value in item.user_properties if name == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("fresh seed", f"PYEXT_TEST_SEED={seeds[0]} reruns this test on the same data"))
 
 
 @pytest.fixture(autouse=True)
