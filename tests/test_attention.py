@@ -57,6 +57,21 @@ def qkv(shape, dtype, device, layout="contiguous"):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
+def sdpa(q, k, v, **kwargs):
+    """torch's SDPA, run where it can be by its fused kernel, the yardstick's
+    core. Its CPU flash kernel takes v only at q's head dim; for a narrower
+    v (MLA's) it would fall to its math backend, fp32 inside, whose error is
+    one final rounding: a yardstick no fused kernel meets (the kernels'
+    delta = rowsum(dO * O) sees O in the dtype, as torch's fused kernels'
+    do). So v is zero-padded to q's head dim, as HF runs MLA on
+    FlashAttention-2, and out cut back: the zero columns add nothing to any
+    product (benchmarks/NOTES.md, "The yardstick of a narrower V")."""
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)[..., :dv]
+
+
 def torch_attention(q, k, v, scale, causal, offset):
     """PyTorch's own attention in q's dtype, the yardstick of the rule: out
     from its SDPA (bottom-right causal as a mask; is_causal when Sq == Sk, so
@@ -66,11 +81,11 @@ def torch_attention(q, k, v, scale, causal, offset):
     visible = (torch.arange(sk, device=q.device)[None, :]
                <= torch.arange(sq, device=q.device)[:, None] + offset)
     if not causal:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        out = sdpa(q, k, v, scale=scale, enable_gqa=True)
     elif sq == sk:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+        out = sdpa(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
         out = out.masked_fill(~visible.any(-1)[:, None], 0)
     scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-2, -1)) * scale
     if causal:
@@ -204,7 +219,7 @@ def test_local_window_matches_oracle(backend, deterministic, shape, causal, wind
     visible = band(q.shape[2], k.shape[2], causal, window, q.device)
 
     def yardstick(q, k, v):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+        o = sdpa(q, k, v, attn_mask=visible, enable_gqa=True)
         scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * q.shape[-1] ** -0.5
         return o.masked_fill(~visible.any(-1)[:, None], 0), torch.logsumexp(scores.float().masked_fill(
             ~visible, float("-inf")), -1)

@@ -18,7 +18,7 @@ import pyext
 from pyext import reference
 from pyext.ops import attention
 from conftest import assert_close, device_for, hessian_vector_product, make_tensor, poisoned_like
-from test_attention import attention_with_dropout, qkv
+from test_attention import attention_with_dropout, qkv, sdpa
 
 SHAPE = (2, 4, 2, 19, 33, 40)  # (batch, query heads, key heads, Sq, Sk, head dim): GQA, ragged lengths
 # mask shapes for SHAPE, each broadcast to (B, Hq, Sq, Sk) its own way
@@ -41,7 +41,7 @@ def make_mask(kind, shape_name, dtype, device, shape=None):
 
 
 def torch_sdpa(q, k, v, mask, **kwargs):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+    return sdpa(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
 
 
 def torch_math_sdpa(q, k, v, mask, **kwargs):

@@ -3,13 +3,12 @@ to end, no padding), the specification."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pyext
 from pyext import reference
 from pyext.ops import attention_varlen
 from conftest import COMPILERS, device_for, make_tensor, poisoned_like
-from test_attention import assert_all_close, attention_with_dropout, band, sinks_eager, softcapped_eager
+from test_attention import assert_all_close, attention_with_dropout, band, sdpa, sinks_eager, softcapped_eager
 
 # (query lengths, key lengths, query heads, key heads, head dim[, value head dim]):
 # one sequence; odd lengths one past a block with an empty sequence, a one-row
@@ -66,7 +65,7 @@ def torch_dense(scale, causal, window, softcap, sinks=None):
             return sinks_eager(q, k, v, sinks, scale, visible)
         if sk == 0:  # no keys: what pyext defines, zeros (torch's SDPA gives NaN)
             return q.new_zeros((*q.shape[:3], v.shape[3])), torch.full(q.shape[:3], float("-inf"))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+        o = sdpa(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
         scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * scale
         return (o.masked_fill(~visible.any(-1)[:, None], 0),
                 torch.logsumexp(scores.float().masked_fill(~visible, float("-inf")), -1))

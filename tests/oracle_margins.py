@@ -1,0 +1,68 @@
+"""How close an attention case comes to the tolerance rule over many seeds.
+
+    TRITON_INTERPRET=1 python tests/oracle_margins.py varlen "((9, 4, 24), (30, 0, 2), 2, 2, 32, 16)" --seeds 100
+    TRITON_INTERPRET=1 python tests/oracle_margins.py dense "(2, 2, 1, 19, 33, 40, 24)" --seeds 60 --math-yardstick
+
+Runs the test's own check (check_flash for "dense", check_varlen for
+"varlen") on seeds 0..N-1 with the Triton backend, recording for each output
+and gradient error / bound (the rule of conftest.py: above 1 fails), and
+prints the worst, the seed it came from and how many seeds were past the
+rule. Dense cases alternate causal and the backward path by seed.
+--math-yardstick judges by torch's SDPA without test_attention.sdpa's
+padding (its math backend, fp32 inside, where v is narrower than q).
+"""
+import argparse
+import ast
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import conftest  # noqa: E402
+import test_attention  # noqa: E402
+import test_attention_varlen  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["dense", "varlen"])
+    parser.add_argument("case", help="a case as the test writes it: a dense shape or a varlen case")
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--causal", action="store_true", help="varlen: causal (dense alternates)")
+    parser.add_argument("--deterministic", action="store_true", help="varlen: the two-kernel backward")
+    parser.add_argument("--math-yardstick", action="store_true")
+    args = parser.parse_args()
+    case = ast.literal_eval(args.case)
+    if args.math_yardstick:
+        test_attention.sdpa = F.scaled_dot_product_attention
+        test_attention_varlen.sdpa = F.scaled_dot_product_attention
+
+    margins, seed = {}, 0
+
+    def record(out, ref, pt, name="output"):
+        ref = ref.double()
+        finite = ref.isfinite()
+        err = (out.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+        pt_err = (pt.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+        margins.setdefault(name, []).append((err / (2 * pt_err + conftest.FLOOR[out.dtype]), seed))
+    test_attention.assert_close = record
+
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        if args.kind == "dense":
+            q, k, v = test_attention.qkv(case, torch.bfloat16, "cpu")
+            test_attention.check_flash("triton", q, k, v, seed % 2 == 1, seed % 4 >= 2)
+        else:
+            test_attention_varlen.check_varlen("triton", args.deterministic, case, args.causal)
+    for name, values in margins.items():
+        worst, worst_seed = max(values)
+        past = sum(m > 1 for m, _ in values)
+        print(f"{name:4s} worst {worst:.3f}x the bound (seed {worst_seed}), past the rule in {past}/{len(values)}")
+
+
+if __name__ == "__main__":
+    main()
