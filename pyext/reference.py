@@ -27,6 +27,29 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
     return torch.rms_norm(x, normalized_shape, weight, eps)
 
 
+
+def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor, weight=None, eps=None, activation: str = "silu",
+                   norm_before_gate: bool = True, group_size=None) -> torch.Tensor:
+    """RMSNorm over x's last dim fused with a gate of x's shape, act(gate)
+    with act silu or sigmoid: norm(x) * weight * act(gate) (norm before
+    gate, Qwen3-Next's) or norm(x * act(gate)) * weight (Mamba 2's); the
+    norm over groups of group_size features (None: the whole row). eps None
+    as in F.rms_norm. Computed in float32 (float64 for float64 x) and
+    rounded once to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(compute).eps if eps is None else eps
+    h, z = x.to(compute), gate.to(compute)
+    act = z * torch.sigmoid(z) if activation == "silu" else torch.sigmoid(z)
+    if not norm_before_gate:
+        h = h * act
+    groups = h.unflatten(-1, (-1, group_size or h.shape[-1])) if h.shape[-1] else h.unsqueeze(-1)
+    y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    if weight is not None:
+        y = y * weight.to(compute)
+    if norm_before_gate:
+        y = y * act
+    return y.to(x.dtype)
+
 def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0.0, keep=None, mask=None,
               window=None, softcap=0.0, sinks=None):
     """Attention by its definition, returning (out, lse).

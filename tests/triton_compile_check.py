@@ -88,7 +88,7 @@ def exercise_launchers():
     """One call of every launch function on small CPU tensors: each kernel and
     constexpr branch once, every autotune config for one attention shape."""
     global all_configs, targets
-    from pyext.triton_kernels import adamw, flash_attention, gelu, layer_norm
+    from pyext.triton_kernels import adamw, flash_attention, gelu, layer_norm, rms_norm_gated
     for dtype in (torch.bfloat16, torch.float64):  # float64 computes in float64
         x = torch.randn(3, 40, dtype=dtype)
         for approx in ("none", "tanh"):
@@ -102,6 +102,14 @@ def exercise_launchers():
             layer_norm.layer_norm_bwd(xc, xc, mean, rstd, wc, wc, True, True)
             layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
             layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
+        for activation in ("silu", "sigmoid"):  # the gated RMSNorm's two activations and two orders
+            for gate_first in (False, True):
+                rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, activation, gate_first)
+                rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, dtype=stat), x[0], activation, gate_first,
+                                                  True)
+    x, w = torch.randn(3, 40, dtype=torch.bfloat16), torch.randn(40)  # a float32 weight on bfloat16 x
+    rms_norm_gated.rms_norm_gated_fwd(x, x, w, 1e-6, "silu", False)
+    rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3), w, "silu", False, True)
     for cols in (40, 20000):  # an RMSNorm weight narrower than x: bfloat16 on float32 (Mamba's)
         xc, wc = torch.randn(2, cols), torch.randn(cols, dtype=torch.bfloat16)
         rstd = torch.rand(2)

@@ -1,0 +1,250 @@
+"""pyext.rms_norm_gated: the gated RMSNorm of linear attention and Mamba
+layers, the specification. Each check covers y, dx, dgate and dweight."""
+import pytest
+import torch
+
+import pyext
+from pyext import reference
+from pyext.ops.layer_norm import default_rms_eps
+from conftest import COMPILERS, assert_close, device_for, make_tensor, poisoned_like
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = ["silu", "sigmoid"]
+ORDERS = [pytest.param(True, id="norm_before_gate"), pytest.param(False, id="gate_before_norm")]
+# one, odd, a head's worth (Qwen3-Next's 128), one past a 1024 block, the
+# end of the kernels' rows (8192)
+HIDDEN = [1, 37, 128, 1025, 8192]
+
+
+def models_code(x, gate, weight, eps, activation, norm_before_gate, group_size):
+    """The yardstick: the models' own gated norm in x's dtype (torch has
+    none). Norm before gate as Qwen3-Next's Qwen3NextRMSNormGated (the
+    normalized x rounded to the dtype, times the weight, times act(gate) in
+    float32, rounded again); gate before norm as Mamba 2's MambaRMSNormGated
+    (x * silu(gate) in float32, normalized, rounded, times the weight)."""
+    dtype = x.dtype
+    z = gate.float()
+    act = z * torch.sigmoid(z) if activation == "silu" else torch.sigmoid(z)
+    h = x.float() if norm_before_gate else x.float() * act
+    groups = h.unflatten(-1, (-1, group_size or h.shape[-1]))
+    h = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2).to(dtype)
+    if weight is not None:
+        h = weight * h
+    if norm_before_gate:
+        h = h * act
+    return h.to(dtype)  # Mamba 2's is in the promoted dtype (float32 with a float32 weight); pyext's in x's
+
+
+def run(fn, x, gate, weight, dy):
+    """y and the gradients of x, gate and weight (None without a weight)."""
+    leaves = [t.detach().requires_grad_() for t in (x, gate)]
+    weight = weight.detach().requires_grad_() if weight is not None else None
+    y = fn(*leaves, weight)
+    grads = torch.autograd.grad(y, leaves + ([weight] if weight is not None else []), dy)
+    return [y, *grads] + ([None] if weight is None else [])
+
+
+def check(backend, x, gate, weight=None, eps=1e-6, activation="silu", norm_before_gate=True, group_size=None):
+    """pyext's y, dx, dgate, dweight against the float64 oracle (conftest
+    rule), the models' code in x's dtype the yardstick."""
+    options = dict(activation=activation, norm_before_gate=norm_before_gate, group_size=group_size)
+    dy = torch.randn(x.shape, device=x.device).to(x.dtype)
+    out = run(lambda x, g, w: pyext.rms_norm_gated(x, g, w, eps, backend=backend, **options), x, gate, weight, dy)
+    eps64 = default_rms_eps(x.dtype) if eps is None else eps  # eps=None: x's dtype's meaning, in float64 too
+    ref = run(lambda x, g, w: reference.rms_norm_gated(x, g, w, eps64, **options),
+              *(t.double() if t is not None else None for t in (x, gate, weight, dy)))
+    pt = run(lambda x, g, w: models_code(x, g, w, eps64, **options), x, gate, weight, dy)
+    for name, o, r, p in zip(("y", "dx", "dgate", "dweight"), out, ref, pt):
+        if o is not None:
+            assert_close(o, r, p, name)
+    return out
+
+
+def inputs(rows, hidden, dtype, device, layout="contiguous"):
+    """x with a nonzero mean, a gate across silu's bend, a weight near 1."""
+    x = make_tensor((rows, hidden), dtype, device, layout=layout, scale=2.0) + 0.5
+    gate = make_tensor((rows, hidden), dtype, device, layout=layout, scale=3.0)
+    weight = (1 + 0.3 * make_tensor((hidden,), torch.float32, device)).to(dtype)
+    return x, gate, weight
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # no CUDA kernels (a named "cuda" raises, below)
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_matches_oracle(backend, norm_before_gate, activation, dtype, hidden):
+    check(backend, *inputs(3, hidden, dtype, device_for(backend)), activation=activation,
+          norm_before_gate=norm_before_gate)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+@pytest.mark.parametrize("case", ["no_weight", "float32_weight", "eps_none", "leading_dims", "transposed"])
+def test_options_and_layouts(backend, norm_before_gate, case):
+    """Without a weight; a float32 weight on bfloat16 x (y in x's dtype);
+    eps=None (F.rms_norm's default); (B, S, H, D) rows; transposed x and gate."""
+    device = device_for(backend)
+    x, gate, weight = inputs(6, 40, torch.bfloat16, device, "transposed" if case == "transposed" else "contiguous")
+    eps = None if case == "eps_none" else 1e-6
+    if case == "no_weight":
+        weight = None
+    if case == "float32_weight":
+        weight = weight.float()
+    if case == "leading_dims":
+        x, gate = x.view(2, 3, 1, 40), gate.view(2, 3, 1, 40)
+    y = check(backend, x, gate, weight, eps, norm_before_gate=norm_before_gate)[0]
+    assert y.dtype == x.dtype and y.shape == x.shape
+
+
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+def test_groups_are_torchs_under_auto_and_named_by_the_kernels(norm_before_gate):
+    """Mamba 2's norm over groups of the features (Nemotron-H's 8): torch
+    computes it; the kernels normalize whole rows and say so."""
+    x, gate, weight = inputs(3, 48, torch.bfloat16, device_for("triton"))
+    for backend in ("auto", "torch"):
+        check(backend, x, gate, weight, norm_before_gate=norm_before_gate, group_size=12)
+    with pytest.raises(pyext.BackendUnavailable, match="group_size 12"):
+        pyext.rms_norm_gated(x, gate, weight, group_size=12, norm_before_gate=norm_before_gate, backend="triton")
+    check("triton", x, gate, weight, norm_before_gate=norm_before_gate, group_size=48)  # one group: a row
+
+
+def test_rows_past_the_kernels_go_to_torch_under_auto_and_are_named_otherwise():
+    x, gate, weight = inputs(2, 8193, torch.bfloat16, device_for("triton"))
+    torch.testing.assert_close(pyext.rms_norm_gated(x, gate, weight, backend="auto"),
+                               reference.rms_norm_gated(x, gate, weight), rtol=0, atol=0)
+    with pytest.raises(pyext.BackendUnavailable, match="up to 8192 elements"):
+        pyext.rms_norm_gated(x, gate, weight, backend="triton")
+
+
+def test_no_cuda_kernels_and_a_named_cuda_backend_says_so():
+    x, gate, weight = inputs(2, 8, torch.float32, "cpu")
+    with pytest.raises(pyext.BackendUnavailable, match="backend 'cuda'"):
+        pyext.rms_norm_gated(x, gate, weight, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0, 7), (3, 0)], ids=str)
+def test_zero_size(backend, shape):
+    device = device_for(backend)
+    x, gate = (make_tensor(shape, torch.float32, device, requires_grad=True) for _ in range(2))
+    weight = make_tensor(shape[-1:], torch.float32, device, requires_grad=True)
+    y = pyext.rms_norm_gated(x, gate, weight, backend=backend)
+    grads = torch.autograd.grad(y.sum(), (x, gate, weight))
+    assert y.shape == x.shape and [g.shape for g in grads] == [x.shape, x.shape, weight.shape]
+    assert not grads[2].isnan().any() and not grads[2].any()  # a sum over no rows
+
+
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+def test_nan_stays_in_its_row(norm_before_gate):
+    x, gate, weight = inputs(3, 33, torch.float32, device_for("triton"))
+    x[1, 5] = float("nan")
+    y = pyext.rms_norm_gated(x, gate, weight, norm_before_gate=norm_before_gate, backend="triton")
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+@pytest.mark.parametrize("hidden", [37, 1025])
+def test_triton_kernels_write_every_element(norm_before_gate, hidden):
+    from pyext.triton_kernels import rms_norm_gated as kernels
+    x, gate, weight = inputs(7, hidden, torch.bfloat16, device_for("triton"))
+    dy = torch.randn_like(x)
+    options = ("silu", not norm_before_gate)
+    clean = kernels.rms_norm_gated_fwd(x, gate, weight, 1e-6, *options)
+    out = kernels.rms_norm_gated_fwd(x, gate, weight, 1e-6, *options, out=tuple(poisoned_like(t) for t in clean))
+    grads = kernels.rms_norm_gated_bwd(dy, x, gate, clean[1], weight, *options, True)
+    out += kernels.rms_norm_gated_bwd(dy, x, gate, clean[1], weight, *options, True,
+                                      out=tuple(poisoned_like(t) for t in grads))
+    for got, want in zip(out, clean + grads):
+        assert not got.isnan().any()
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+def test_gradcheck_float64(activation, norm_before_gate):
+    x, gate, weight = (make_tensor(s, torch.float64, device_for("triton"), requires_grad=True)
+                       for s in ((5, 7), (5, 7), (7,)))
+    assert torch.autograd.gradcheck(
+        lambda *t: pyext.rms_norm_gated(*t, activation=activation, norm_before_gate=norm_before_gate,
+                                        backend="triton"), (x, gate, weight))
+
+
+def test_double_backward_is_torchs_under_auto_and_named_by_the_kernels():
+    x, gate, weight = (make_tensor(s, torch.float64, device_for("triton"), requires_grad=True)
+                       for s in ((3, 5), (3, 5), (5,)))
+    with pyext.use_backend("auto"):
+        assert torch.autograd.gradgradcheck(lambda *t: pyext.rms_norm_gated(*t), (x, gate, weight))
+    y = pyext.rms_norm_gated(x, gate, weight, backend="triton")
+    with pytest.raises(pyext.BackendUnavailable, match="create_graph=True"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(affine, dtype):
+    """The ops' registrations (schema, fake, autograd); rstd in float32."""
+    device = device_for("triton")
+    x, gate = (make_tensor((3, 5, 9), dtype, device, requires_grad=True) for _ in range(2))
+    weight = make_tensor((9,), torch.float32, device, requires_grad=True) if affine else None
+    fwd, bwd = torch.ops.pyext.rms_norm_gated_fwd_triton, torch.ops.pyext.rms_norm_gated_bwd_triton
+    torch.library.opcheck(fwd, (x, gate, weight, 1e-6, "silu", True))
+    _, rstd = fwd(x.detach(), gate.detach(), weight, 1e-6, "silu", True)
+    assert rstd.dtype == torch.float32 and rstd.shape == (3, 5)
+    grad = torch.randn(3, 5, 9, device=device).to(dtype)
+    plain = weight.detach() if affine else None
+    torch.library.opcheck(bwd, (grad, x.detach(), gate.detach(), rstd, plain, "sigmoid", False, affine))
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(compiler):
+    device = device_for("triton")
+    x, gate = (make_tensor((4, 33), torch.float32, device, requires_grad=True) for _ in range(2))
+    weight = make_tensor((33,), torch.float32, device, requires_grad=True)
+
+    def f(x, gate, weight):
+        return (pyext.rms_norm_gated(x * 2, gate, weight, backend="triton") ** 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    for got, want in zip(torch.autograd.grad(compiled(x, gate, weight), (x, gate, weight)),
+                         torch.autograd.grad(f(x, gate, weight), (x, gate, weight))):
+        torch.testing.assert_close(got, want)
+
+
+BAD = {  # case: (exception, what the message names)
+    "gate_shape": (RuntimeError, "gate must have x's shape"),
+    "gate_dtype": (RuntimeError, "gate must have x's dtype"),
+    "weight_shape": (RuntimeError, "weight must have shape"),
+    "weight_device": (RuntimeError, "weight is on meta"),
+    "integer_input": (NotImplementedError, "x must be a floating-point"),
+    "activation": (ValueError, "activation must be one of"),
+    "group_size": (ValueError, "group_size must be a positive divisor"),
+    "scalar": (RuntimeError, "x must have at least one dimension"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_naming_the_argument(backend, case):
+    """Raised before any backend is chosen, whichever was asked for."""
+    x, gate, weight, kwargs = torch.randn(2, 6), torch.randn(2, 6), torch.randn(6), {}
+    if case == "gate_shape":
+        gate = gate[:, :5]
+    elif case == "gate_dtype":
+        gate = gate.double()
+    elif case == "weight_shape":
+        weight = weight[:5]
+    elif case == "weight_device":
+        weight = weight.to("meta")
+    elif case == "integer_input":
+        x, gate = x.long(), gate.long()
+    elif case == "activation":
+        kwargs["activation"] = "gelu"
+    elif case == "group_size":
+        kwargs["group_size"] = 4
+    elif case == "scalar":
+        x, gate, weight = x[0, 0], gate[0, 0], None
+    error, message = BAD[case]
+    with pytest.raises(error, match=message):
+        pyext.rms_norm_gated(x, gate, weight, backend=backend, **kwargs)

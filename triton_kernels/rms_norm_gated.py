@@ -1,0 +1,167 @@
+"""Gated RMSNorm, forward and backward, in Triton: the norm of the linear
+attention and Mamba layers (Qwen3-Next, Qwen3.5, OLMo hybrid, GLM-5 Next,
+Kimi Linear, Mamba 2, Bamba, Granite 4), fused with its gate.
+
+Rows of n elements, gate z of x's shape, act silu or sigmoid, all math in
+fp32 (fp64 for fp64 input), y rounded once:
+  norm before gate   y = x * rstd(x) * w * act(z)           (Qwen3-Next's order)
+  gate before norm   h = x * act(z),  y = h * rstd(h) * w   (Mamba 2's)
+  with rstd(v) = 1 / sqrt(sum(v^2) / n + eps). Bytes: read x and z, write y.
+
+Backward, with u = dy * w, a = act(z), a' = act'(z) (silu' = s (1 + z (1 - s)),
+sigmoid' = s (1 - s), s = sigmoid(z)), and the RMSNorm rule
+d(v * rstd(v)) = rstd * (g - vhat * mean(g * vhat)) for an incoming g:
+  norm before gate   xhat = x rstd:  dx = rstd (u a - xhat mean(u a xhat)),
+                     dz = u xhat a',  dweight = sum over rows of dy xhat a
+  gate before norm   hhat = h rstd:  dh = rstd (u - hhat mean(u hhat)),
+                     dx = dh a,  dz = dh x a',  dweight = sum over rows of dy hhat
+  Bytes: read x, z and dy, write dx and dz.
+
+Rows up to FUSED_COLS elements, loaded whole, once; dweight reduced in two
+deterministic stages as in layer_norm.py.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cdiv, on_device, round_to, to_compute
+from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _rsqrt, _split_eps, _stat_dtype,
+                         _sum_partials_kernel, _sum_tile, _take)
+
+FUSED_COLS = 8192  # the backward holds x, z and dy of a row in registers
+ACTIVATIONS = {"silu": 0, "sigmoid": 1}
+
+
+@triton.jit
+def _gate(z, ACT: tl.constexpr):
+    """(act(z), act'(z)) for ACT 0 (silu) or 1 (sigmoid)."""
+    s = 1.0 / (1.0 + tl.exp(-z))
+    if ACT == 0:
+        return z * s, s * (1.0 + z * (1.0 - s))
+    return s, s * (1.0 - s)
+
+
+@triton.jit
+def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
+                               ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.arange(0, BLOCK_N)
+    row_mask = row < rows
+    mask = row_mask[:, None] & (col < cols)[None, :]
+    offs = row[:, None] * cols + col[None, :]
+    x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    a, _ = _gate(to_compute(tl.load(z_ptr + offs, mask=mask, other=0.0)), ACT)
+    h = x
+    if GATE_FIRST:
+        h = x * a
+    rstd = _rsqrt(tl.sum(h * h, axis=1) / cols + eps_high + eps_low)
+    tl.store(rstd_ptr + row, rstd, mask=row_mask)
+    y = h * rstd[:, None]
+    if HAS_W:
+        y = y * to_compute(tl.load(w_ptr + col, mask=col < cols, other=0.0))[None, :]
+    if not GATE_FIRST:
+        y = y * a
+    tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+                               rows, cols, rows_per_program,
+                               ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
+                               NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    col = tl.arange(0, BLOCK_N)
+    col_mask = col < cols
+    if HAS_W:
+        w = to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+    dw = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, rows)
+    for start in range(first, last, BLOCK_M):
+        row = start + tl.arange(0, BLOCK_M)
+        row_mask = row < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = row[:, None] * cols + col[None, :]
+        x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
+        z = to_compute(tl.load(z_ptr + offs, mask=mask, other=0.0))
+        dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
+        rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)[:, None]
+        a, da = _gate(z, ACT)
+        u = dy
+        if HAS_W:
+            u = dy * w[None, :]
+        if GATE_FIRST:
+            vhat = x * a * rstd
+            g = u
+        else:
+            vhat = x * rstd
+            g = u * a
+        dv = rstd * (g - vhat * (tl.sum(g * vhat, axis=1) / cols)[:, None])
+        if GATE_FIRST:
+            dx = dv * a
+            dz = dv * x * da
+        else:
+            dx = dv
+            dz = u * vhat * da
+        tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + offs, round_to(dz, dz_ptr.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            if GATE_FIRST:
+                dw += tl.sum(dy * vhat, axis=0)
+            else:
+                dw += tl.sum(dy * vhat * a, axis=0)
+    if NEED_DW:
+        tl.store(dw_part_ptr + pid * cols + col, dw, mask=col_mask)
+
+
+def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, out=None):
+    """(y, rstd) over x's last dim (at most FUSED_COLS); `out` optionally gives them."""
+    x, z = x.contiguous(), z.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    cols = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    y = _take(out, 0, x.shape, x.dtype, x.device)
+    rstd = _take(out, 1, x.shape[:-1], _stat_dtype(x), x.device)
+    if rows == 0:
+        return y, rstd
+    if cols == 0:  # an empty row: mean square 0 by convention, nothing to write in y
+        rstd.fill_(1.0 / math.sqrt(eps))
+        return y, rstd
+    block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+    eps_high, eps_low = _split_eps(eps)
+    with on_device(x):
+        _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m),)](
+            x, z, weight if weight is not None else x, y, rstd, rows, cols, eps_high, eps_low,
+            ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y, rstd
+
+
+def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dweight, out=None):
+    """(dx, dz, dweight); dweight an empty tensor unless asked for."""
+    dy, x, z, rstd = dy.contiguous(), x.contiguous(), z.contiguous(), rstd.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    rows, cols = rstd.numel(), x.shape[-1]
+    dx = _take(out, 0, x.shape, x.dtype, x.device)
+    dz = _take(out, 1, z.shape, z.dtype, z.device)
+    dweight = _grad_for(need_dweight, weight, rows, out, 2, x)
+    if rows == 0 or cols == 0:
+        return dx, dz, dweight
+    block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+    programs = _backward_programs(x, cdiv(rows, block_m))
+    rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
+    programs = cdiv(rows, rows_per_program)
+    dw_part = torch.empty((programs, cols), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
+    with on_device(x):
+        _rms_norm_gated_bwd_kernel[(programs,)](
+            dy, x, z, weight if weight is not None else x, rstd, dx, dz, dw_part, rows, cols, rows_per_program,
+            ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
+            NEED_DW=need_dweight, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        if need_dweight:
+            block_p, block_n = _sum_tile(x, cols)
+            _sum_partials_kernel[(cdiv(cols, block_n),)](
+                dw_part, dweight, programs, cols, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+    return dx, dz, dweight
