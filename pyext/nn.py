@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pyext.ops.gelu import gelu
 from pyext.ops.layer_norm import layer_norm, rms_norm
+from pyext.ops.rms_norm_gated import rms_norm_gated
 
 
 class GELU(torch.nn.GELU):
@@ -131,6 +132,37 @@ class GemmaRMSNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
+
+
+class RMSNormGated(torch.nn.Module):
+    """The gated RMSNorm of linear attention and Mamba layers, as
+    transformers' modules hold it (a weight of the features, ones at init)
+    and call it, forward(hidden_states, gate=None); see pyext.rms_norm_gated.
+    norm_before_gate: norm(x) * weight * act(gate), Qwen3-Next's (y in x's
+    dtype); otherwise norm(x * act(gate)) * weight, Mamba 2's, whose y is in
+    the promoted dtype of x and the weight, as is its ungated norm (gate
+    None: norm(x) * weight)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, activation: str = "silu", norm_before_gate: bool = True,
+                 group_size=None, device=None, dtype=None, *, backend=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps, self.activation, self.norm_before_gate = eps, activation, norm_before_gate
+        self.group_size = group_size
+        self.backend = backend
+
+    def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
+        x, weight = hidden_states, self.weight
+        if gate is None:
+            groups = x.unflatten(-1, (-1, self.group_size or x.shape[-1]))
+            return weight * rms_norm(groups, groups.shape[-1:], None, self.eps, backend=self.backend).flatten(-2)
+        y = rms_norm_gated(x, gate, weight, self.eps, activation=self.activation,
+                           norm_before_gate=self.norm_before_gate, group_size=self.group_size, backend=self.backend)
+        return y if self.norm_before_gate else y.to(torch.promote_types(x.dtype, weight.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"{tuple(self.weight.shape)}, eps={self.eps}, activation={self.activation}, "
+                f"norm_before_gate={self.norm_before_gate}, group_size={self.group_size}")
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through

@@ -1184,11 +1184,12 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     and Helium's: weight * x / rms in float32, rounded once; Llama 4's;
     Gemma 3n's; Moshi's), UnweightedRMSNorm (nanochat's; Gemma 3n's with no
     weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight); Qwen4-Exp's),
-    T5RMSNorm (T5's), LayerNorm (Cohere's, no bias; OLMo's, no parameters)
-    or DebertaLayerNorm (DeBERTa's). A norm computing something else, or
+    T5RMSNorm (T5's), LayerNorm (Cohere's, no bias; OLMo's, no parameters),
+    DebertaLayerNorm (DeBERTa's) or RMSNormGated (Qwen3-Next's, GLM-5
+    Next's and Mamba 2's gated norms). A norm computing something else, or
     over other dims than its weight's (Cohere's per-head one, Qwen4-Exp's
-    over groups of features), or with a weight that is not a Parameter, is
-    left, saying why."""
+    and Nemotron-H's over groups of features), or with a weight that is not
+    a Parameter, is left, saying why."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1217,10 +1218,15 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "cohere2": (hf_class("cohere2", "Cohere2LayerNorm")(8, eps=1e-4), "LayerNorm"),  # a copy of Cohere's
              "olmo": (hf_class("olmo", "OlmoLayerNorm")(8), "LayerNorm"),
              "deberta": (hf_class("deberta", "DebertaLayerNorm")(8), "DebertaLayerNorm"),
+             "qwen3_5": (hf_class("qwen3_5", "Qwen3_5RMSNormGated")(8, eps=1e-5), "RMSNormGated"),  # Qwen3-Next's
+             "kimi_linear": (hf_class("kimi_linear", "KimiLinearRMSNormGated")(8), "RMSNormGated"),  # GLM-5 Next's
+             "bamba": (hf_class("bamba", "BambaRMSNormGated")(8, group_size=8), "RMSNormGated"),  # Mamba 2's
              "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)),
                            "a weight of shape (2, 4): pyext's modules normalize over the weight's dims"),
              "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4),
                                   "statistics over groups of 4 of its 8 features"),
+             "nemotron_h_groups": (hf_class("nemotron_h", "NemotronHRMSNormGated")(8, group_size=4),
+                                   "statistics over groups of 4 of its 8 features"),
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
                               "a weight that is not a Parameter"),
              "other": (OtherRMSNorm(), "no pyext equivalent"),
@@ -1286,6 +1292,39 @@ NORM_BACKEND_DTYPES = [pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.v
 @pytest.mark.parametrize("model,norm,args", HF_NORMS, ids=[name for name, _, _ in HF_NORMS])
 def test_a_swapped_hf_norm_matches_transformers_own(model, norm, args, backend, dtype):
     check_swapped_hf_norm(model, norm, args, backend, dtype, dtype)
+
+
+# (model, class, its constructor's arguments) of each gated norm in pyext.patch's _HF_GATED_NORMS, and a copy
+HF_GATED_NORMS = [("qwen3_next", "Qwen3NextRMSNormGated", (96,)), ("glm5_next", "Glm5NextTextRMSNormGated", (96,)),
+                  ("mamba2", "MambaRMSNormGated", (96, 96)), ("nemotron_h", "NemotronHRMSNormGated", (96, 96))]
+
+
+@pytest.mark.parametrize("backend,dtype", NORM_BACKEND_DTYPES + [pytest.param("triton", "mixed", id="triton-mixed")])
+@pytest.mark.parametrize("model,norm,args", HF_GATED_NORMS, ids=[name for name, _, _ in HF_GATED_NORMS])
+def test_a_swapped_hf_gated_norm_matches_transformers_own(model, norm, args, backend, dtype):
+    """transformers' gated RMSNorms become pyext.nn.RMSNormGated: y, dx,
+    dgate and dweight within the rule against the float64 oracle (the module
+    in float64), transformers' module in the same dtypes the yardstick, y in
+    its dtype; "mixed": bfloat16 x and gate, a float32 weight (Mamba 2's y
+    then float32). Mamba 2's called without a gate too."""
+    x_dtype, weight_dtype = (torch.bfloat16, torch.float32) if dtype == "mixed" else (dtype, dtype)
+    device = device_for(backend)
+    theirs = hf_class(model, norm)(*args).to(device)
+    with torch.no_grad():
+        theirs.weight.normal_(1, 0.3)
+    ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
+    assert type(ours) is pyext.nn.RMSNormGated
+    x, gate = torch.randn(7, 96, device=device) * 3 + 1, torch.randn(7, 96, device=device) * 3
+    for gated in (True, False) if model in ("mamba2", "nemotron_h") else (True,):
+        def run(module, x_dt, weight_dt):
+            module = copy.deepcopy(module).to(weight_dt)
+            leaves = [x.to(x_dt).requires_grad_()] + ([gate.to(x_dt).requires_grad_()] if gated else [])
+            y = module(*leaves)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device, y.dtype)
+            return [y] + list(torch.autograd.grad(y, leaves + [module.weight], dy))
+        names = ["y", "dx"] + (["dgate"] if gated else []) + ["dweight"]
+        check_all(names, run(ours, x_dtype, weight_dtype), run(theirs, torch.float64, torch.float64),
+                  run(theirs, x_dtype, weight_dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -56,6 +56,16 @@ _HF_NORMS = (
     ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
 )
 
+# transformers' gated RMSNorms (pyext.nn.RMSNormGated): (module, class,
+# norm_before_gate). Their eps is variance_epsilon, the activation their
+# `activation` (silu where they hold none); one holding groups of features
+# (group_size below its weight's) is left.
+_HF_GATED_NORMS = (
+    ("qwen3_next", "Qwen3NextRMSNormGated", True),  # the normalized x rounded first: Qwen3.5, OLMo hybrid, ...
+    ("glm5_next", "Glm5NextTextRMSNormGated", True),  # all in fp32, sigmoid: Kimi Linear, Bailing hybrid, ...
+    ("mamba2", "MambaRMSNormGated", False),  # one group, y promoted: Bamba, Nemotron-H, Granite 4, ...
+)
+
 
 @functools.lru_cache(maxsize=1)
 def _hf_norms():
@@ -72,6 +82,13 @@ def _hf_norms():
             flag = "layer_norm" if issubclass(pyext_class, torch.nn.LayerNorm) else "rms_norm"
             factory = functools.partial(_norm_module, pyext_class, eps)
             norms.append((getattr(module, name), flag, factory))
+    for model, name, norm_before_gate in _HF_GATED_NORMS:
+        try:
+            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            norms.append((getattr(module, name), "rms_norm", functools.partial(_gated_norm_module, norm_before_gate)))
     return norms
 
 
@@ -82,7 +99,7 @@ def _hf_swap(cls, swaps):
     copies one."""
     if cls in swaps:
         return swaps[cls]
-    if cls.__name__.endswith("Norm"):
+    if cls.__name__.endswith(("Norm", "NormGated")):
         for norm, _, _ in _hf_norms():
             if all(_same_code(getattr(cls, f, None), getattr(norm, f, None)) for f in ("forward", "_norm")):
                 return swaps[norm]
@@ -131,6 +148,26 @@ def _norm_module(pyext_class, eps, old, backend):
         new.weight = weight
     if bias is not None:
         new.bias = bias
+    if old.state_dict().keys() != new.state_dict().keys():
+        missing = sorted(old.state_dict().keys() - new.state_dict().keys())
+        return f"state pyext's module would not hold: {', '.join(missing)}"
+    return new
+
+
+def _gated_norm_module(norm_before_gate, old, backend):
+    """pyext.nn.RMSNormGated holding `old`'s weight Parameter, or why not."""
+    weight = old._parameters.get("weight")
+    if weight is None or weight.dim() != 1:
+        return "no weight Parameter of the features"
+    activation = getattr(old, "activation", "silu")
+    if activation not in ("silu", "sigmoid"):
+        return f"a gate activation {activation!r} (pyext's are silu and sigmoid)"
+    group = getattr(old, "group_size", None)
+    if group not in (None, weight.shape[0]):  # Nemotron-H's 8 groups: torch's (the kernels take whole rows)
+        return f"statistics over groups of {group} of its {weight.shape[0]} features"
+    new = pnn.RMSNormGated(weight.shape[0], old.variance_epsilon, activation, norm_before_gate, device="meta",
+                           backend=backend)
+    new.weight = weight
     if old.state_dict().keys() != new.state_dict().keys():
         missing = sorted(old.state_dict().keys() - new.state_dict().keys())
         return f"state pyext's module would not hold: {', '.join(missing)}"
