@@ -135,7 +135,7 @@ def check(name, backend) -> str:
     except Exception as e:
         where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)
                  if "pyext" in f.filename]
-        return f"ERROR at {stage}: {type(e).__name__}: {str(e).splitlines()[0][:150]} {where[-2:]}"
+        return f"ERROR at {stage}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]} {where[-2:]}"
     names = ["logits"] + [n for n, p in original.named_parameters() if p.requires_grad]
     off = []
     for n, o, r, p in zip(names, out, ref, pt):

@@ -80,12 +80,17 @@ def test_matches_oracle(backend, norm_before_gate, activation, dtype, hidden):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
-@pytest.mark.parametrize("case", ["no_weight", "float32_weight", "eps_none", "leading_dims", "transposed"])
+@pytest.mark.parametrize("case", ["no_weight", "float32_weight", "bfloat16_gate_and_weight", "eps_none",
+                                  "leading_dims", "transposed"])
 def test_options_and_layouts(backend, norm_before_gate, case):
-    """Without a weight; a float32 weight on bfloat16 x (y in x's dtype);
-    eps=None (F.rms_norm's default); (B, S, H, D) rows; transposed x and gate."""
+    """Without a weight; a float32 weight on bfloat16 x (y in x's dtype); a
+    bfloat16 gate and weight on float32 x (Granite 4's Mamba layers; dgate
+    and dweight in bf16); eps=None (F.rms_norm's default); (B, S, H, D)
+    rows; transposed x and gate."""
     device = device_for(backend)
     x, gate, weight = inputs(6, 40, torch.bfloat16, device, "transposed" if case == "transposed" else "contiguous")
+    if case == "bfloat16_gate_and_weight":
+        x = x.float()
     eps = None if case == "eps_none" else 1e-6
     if case == "no_weight":
         weight = None
@@ -214,7 +219,7 @@ def test_compile_fullgraph(compiler):
 
 BAD = {  # case: (exception, what the message names)
     "gate_shape": (RuntimeError, "gate must have x's shape"),
-    "gate_dtype": (RuntimeError, "gate must have x's dtype"),
+    "integer_gate": (NotImplementedError, "gate must be a floating-point"),
     "weight_shape": (RuntimeError, "weight must have shape"),
     "weight_device": (RuntimeError, "weight is on meta"),
     "integer_input": (NotImplementedError, "x must be a floating-point"),
@@ -231,8 +236,8 @@ def test_bad_input_raises_naming_the_argument(backend, case):
     x, gate, weight, kwargs = torch.randn(2, 6), torch.randn(2, 6), torch.randn(6), {}
     if case == "gate_shape":
         gate = gate[:, :5]
-    elif case == "gate_dtype":
-        gate = gate.double()
+    elif case == "integer_gate":
+        gate = gate.long()
     elif case == "weight_shape":
         weight = weight[:5]
     elif case == "weight_device":

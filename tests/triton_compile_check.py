@@ -107,9 +107,12 @@ def exercise_launchers():
                 rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, activation, gate_first)
                 rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, dtype=stat), x[0], activation, gate_first,
                                                   True)
-    x, w = torch.randn(3, 40, dtype=torch.bfloat16), torch.randn(40)  # a float32 weight on bfloat16 x
+    x, w = torch.randn(3, 40, dtype=torch.bfloat16), torch.randn(40)  # a float32 weight on bfloat16 x,
     rms_norm_gated.rms_norm_gated_fwd(x, x, w, 1e-6, "silu", False)
     rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3), w, "silu", False, True)
+    x32 = w.expand(3, 40)  # and a bfloat16 gate and weight on float32 x
+    rms_norm_gated.rms_norm_gated_fwd(x32, x, x[0], 1e-6, "silu", False)
+    rms_norm_gated.rms_norm_gated_bwd(x32, x32, x, torch.rand(3), x[0], "silu", False, True)
     for cols in (40, 20000):  # an RMSNorm weight narrower than x: bfloat16 on float32 (Mamba's)
         xc, wc = torch.randn(2, cols), torch.randn(cols, dtype=torch.bfloat16)
         rstd = torch.rand(2)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext.ops._register import create_graph_grads, missing_reason, register_stages
-from pyext.ops.layer_norm import _KERNEL_DTYPES, _param_dtype_ok, _stat_dtype, default_rms_eps
+from pyext.ops.layer_norm import (_KERNEL_DTYPES, _narrower_rms_weight, _param_dtype_ok, _stat_dtype,
+                                  default_rms_eps)
 
 ACTIVATIONS = ("silu", "sigmoid")
 
@@ -24,8 +25,6 @@ def _check_inputs(op: str, x, gate, weight, activation, group_size):
         raise RuntimeError(f"{op}: x must have at least one dimension (the normalized one), got a scalar")
     if gate.shape != x.shape:
         raise RuntimeError(f"{op}: gate must have x's shape {list(x.shape)}, got gate of shape {list(gate.shape)}")
-    if gate.dtype != x.dtype:
-        raise RuntimeError(f"{op}: gate must have x's dtype {x.dtype}, got gate of dtype {gate.dtype}")
     n = x.shape[-1]
     if weight is not None and tuple(weight.shape) != (n,):
         raise RuntimeError(f"{op}: weight must have shape [{n}] (x's last dim), got weight of shape "
@@ -37,19 +36,20 @@ def _check_inputs(op: str, x, gate, weight, activation, group_size):
         raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or n % group_size):
         raise ValueError(f"{op}: group_size must be a positive divisor of x's last dim {n}, got {group_size!r}")
-    if not x.is_floating_point():
-        raise NotImplementedError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
-    if weight is not None and not weight.is_floating_point():
-        raise NotImplementedError(f"{op}: weight must be a floating-point tensor, got dtype {weight.dtype}")
+    for name, t in (("x", x), ("gate", gate), ("weight", weight)):
+        if t is not None and not t.is_floating_point():
+            raise NotImplementedError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _kernel_reason(x, weight, group_size) -> Optional[str]:
+def _kernel_reason(x, gate, weight, group_size) -> Optional[str]:
     """Why the Triton kernels cannot take this call (beyond the device), or None."""
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
-    if weight is not None and not _param_dtype_ok(x.dtype, weight.dtype):
-        return (f"weight dtype {weight.dtype} with x dtype {x.dtype} is not supported (x's dtype, or float32 "
-                "for float16/bfloat16 x)")
+    for name, t in (("x", x), ("gate", gate)):
+        if t.dtype not in _KERNEL_DTYPES:
+            return f"{name} dtype {t.dtype} is not supported (float32, float16, bfloat16, float64 are)"
+    if weight is not None and not (_param_dtype_ok(x.dtype, weight.dtype) or
+                                   _narrower_rms_weight(x.dtype, weight.dtype)):
+        return (f"weight dtype {weight.dtype} with x dtype {x.dtype} is not supported (x's dtype, float32 for "
+                "float16/bfloat16 x, or a narrower one)")
     if group_size is not None and group_size != x.shape[-1]:
         return f"they normalize whole rows; group_size {group_size} is below the row's {x.shape[-1]}"
     from pyext.triton_kernels.rms_norm_gated import FUSED_COLS
@@ -65,7 +65,7 @@ def rms_norm_gated_fwd_triton(x: Tensor, gate: Tensor, weight: Optional[Tensor],
                               norm_before_gate: bool) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import rms_norm_gated as kernels
     _check_inputs("rms_norm_gated_fwd_triton", x, gate, weight, activation, None)
-    reason = _kernel_reason(x, weight, None)
+    reason = _kernel_reason(x, gate, weight, None)
     if reason is not None:
         raise RuntimeError(f"rms_norm_gated_fwd_triton: {reason}")
     return kernels.rms_norm_gated_fwd(x, gate, weight, eps, activation, not norm_before_gate)
@@ -78,7 +78,7 @@ def rms_norm_gated_bwd_triton(grad: Tensor, x: Tensor, gate: Tensor, rstd: Tenso
     from pyext.triton_kernels import rms_norm_gated as kernels
     op = "rms_norm_gated_bwd_triton"
     _check_inputs(op, x, gate, weight, activation, None)
-    reason = _kernel_reason(x, weight, None)
+    reason = _kernel_reason(x, gate, weight, None)
     if reason is not None:
         raise RuntimeError(f"{op}: {reason}")
     if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
@@ -149,15 +149,17 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
         norm_before_gate=False (Mamba 2, Bamba, Nemotron-H, Granite 4)
             h = x * act(gate);  y = h / sqrt(mean(h^2) + eps) * weight
 
-    act is silu or sigmoid; gate has x's shape and dtype; weight (x's last
-    dim,) is optional; group_size normalizes groups of that many features
+    act is silu or sigmoid; gate has x's shape, in any floating dtype
+    (Granite 4's Mamba layers gate float32 x with a bfloat16 gate; dgate
+    comes in the gate's dtype); weight (x's last dim,) is optional; group_size normalizes groups of that many features
     separately (None: the whole row). eps None means what it means in
     F.rms_norm. Differentiable in x, gate and weight; computed in float32
     (float64 for float64 x) and rounded once to x's dtype, where the models'
     own code rounds the normalized x before the weight.
 
     The Triton kernels take float32/float16/bfloat16/float64 x with weight
-    of x's dtype or float32, rows of up to 8192 features held whole (one
+    of x's dtype, float32, or a narrower one (Mamba's float32 residual
+    stream through bfloat16 norms; dweight in the weight's dtype), rows of up to 8192 features held whole (one
     read of x and gate forward; x, gate and dy backward), no groups; "auto"
     sends other calls to torch (the reference), a named backend raises.
     There are no CUDA kernels for it.
@@ -167,7 +169,7 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     def why_not(name):
         return (_backend.device_reason(name, *(t for t in (x, gate, weight) if t is not None))
                 or missing_reason(name, RMS_NORM_GATED_FWD, "rms_norm_gated")
-                or (None if name == "torch" else _kernel_reason(x, weight, group_size)))
+                or (None if name == "torch" else _kernel_reason(x, gate, weight, group_size)))
     name = _backend.select("rms_norm_gated", backend, x.device, why_not)
     if name == "torch":
         return reference.rms_norm_gated(x, gate, weight, eps, activation, norm_before_gate, group_size)
