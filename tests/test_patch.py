@@ -1,5 +1,6 @@
 """pyext.patch / pyext.unpatch on models users already have."""
 import copy
+import inspect
 import itertools
 
 import pytest
@@ -1173,8 +1174,13 @@ def test_an_hf_row_of_packed_documents_with_attention_sinks_runs_the_varlen_kern
 
 
 def hf_class(model, name):
-    """transformers.models.<model>.modeling_<model>.<name> (skipping where this transformers lacks the model)."""
-    return getattr(pytest.importorskip(f"transformers.models.{model}.modeling_{model}"), name)
+    """transformers.models.<model>.modeling_<model>.<name> (skipping where
+    this transformers lacks the model or the class: transformers 5.17's
+    Nemotron-H has no gated norm class of its own)."""
+    module = pytest.importorskip(f"transformers.models.{model}.modeling_{model}")
+    if not hasattr(module, name):
+        pytest.skip(f"this transformers' {model} has no {name}")
+    return getattr(module, name)
 
 
 def test_hf_norms_are_swapped_by_what_they_compute():
@@ -1184,12 +1190,11 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     and Helium's: weight * x / rms in float32, rounded once; Llama 4's;
     Gemma 3n's; Moshi's), UnweightedRMSNorm (nanochat's; Gemma 3n's with no
     weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight); Qwen4-Exp's),
-    T5RMSNorm (T5's), LayerNorm (Cohere's, no bias; OLMo's, no parameters),
-    DebertaLayerNorm (DeBERTa's) or RMSNormGated (Qwen3-Next's, GLM-5
-    Next's and Mamba 2's gated norms). A norm computing something else, or
+    T5RMSNorm (T5's), LayerNorm (Cohere's, no bias; OLMo's, no parameters)
+    or DebertaLayerNorm (DeBERTa's). A norm computing something else, or
     over other dims than its weight's (Cohere's per-head one, Qwen4-Exp's
-    and Nemotron-H's over groups of features), or with a weight that is not
-    a Parameter, is left, saying why."""
+    over groups of features), or with a weight that is not a Parameter, is
+    left, saying why."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1218,15 +1223,10 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "cohere2": (hf_class("cohere2", "Cohere2LayerNorm")(8, eps=1e-4), "LayerNorm"),  # a copy of Cohere's
              "olmo": (hf_class("olmo", "OlmoLayerNorm")(8), "LayerNorm"),
              "deberta": (hf_class("deberta", "DebertaLayerNorm")(8), "DebertaLayerNorm"),
-             "qwen3_5": (hf_class("qwen3_5", "Qwen3_5RMSNormGated")(8, eps=1e-5), "RMSNormGated"),  # Qwen3-Next's
-             "kimi_linear": (hf_class("kimi_linear", "KimiLinearRMSNormGated")(8), "RMSNormGated"),  # GLM-5 Next's
-             "bamba": (hf_class("bamba", "BambaRMSNormGated")(8, group_size=8), "RMSNormGated"),  # Mamba 2's
              "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)),
                            "a weight of shape (2, 4): pyext's modules normalize over the weight's dims"),
              "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4),
                                   "statistics over groups of 4 of its 8 features"),
-             "nemotron_h_groups": (hf_class("nemotron_h", "NemotronHRMSNormGated")(8, group_size=4),
-                                   "statistics over groups of 4 of its 8 features"),
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
                               "a weight that is not a Parameter"),
              "other": (OtherRMSNorm(), "no pyext equivalent"),
@@ -1245,6 +1245,29 @@ def test_hf_norms_are_swapped_by_what_they_compute():
         assert new.state_dict().keys() == old.state_dict().keys(), name
         assert all(new.get_parameter(key) is old.get_parameter(key) for key in old.state_dict()), name
 
+
+@pytest.mark.parametrize("model,norm,groups,swapped", [
+    ("qwen3_5", "Qwen3_5RMSNormGated", None, True),  # a copy of Qwen3-Next's
+    ("kimi_linear", "KimiLinearRMSNormGated", None, True),  # of GLM-5 Next's
+    ("bamba", "BambaRMSNormGated", 8, True),  # of Mamba 2's, one group
+    ("nemotron_h", "NemotronHRMSNormGated", 4, False)], ids=lambda v: v if isinstance(v, str) else None)
+def test_hf_gated_norms_are_swapped_by_what_they_compute(model, norm, groups, swapped):
+    """Copies of transformers' gated RMSNorms in other models become
+    pyext.nn.RMSNormGated holding the same weight and eps; one normalizing
+    groups of its features (Nemotron-H's) is left, saying why. The group
+    size is passed where the class takes one (transformers 5.17's Bamba
+    norm has none)."""
+    cls = hf_class(model, norm)
+    old = cls(8, group_size=groups) if "group_size" in inspect.signature(cls).parameters else cls(8)
+    model_dict = pyext.patch(torch.nn.ModuleDict({"norm": old}), attention=False)
+    report = pyext.patch_report(model_dict)
+    if not swapped:
+        assert report.left == [("norm", norm, f"statistics over groups of {groups} of its 8 features")]
+        return
+    new = model_dict["norm"]
+    assert type(new) is pyext.nn.RMSNormGated and report.left == []
+    assert new.eps == old.variance_epsilon and new.weight is old.weight
+    assert new.activation == getattr(old, "activation", "silu")
 
 # (model, class, its constructor's arguments) of each computation in pyext.patch's _HF_NORMS
 HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), ("helium", "HeliumRMSNorm", (96,)),
