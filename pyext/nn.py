@@ -156,9 +156,11 @@ class RMSNormGated(torch.nn.Module):
         if gate is None:
             groups = x.unflatten(-1, (-1, self.group_size or x.shape[-1]))
             return weight * rms_norm(groups, groups.shape[-1:], None, self.eps, backend=self.backend).flatten(-2)
-        y = rms_norm_gated(x, gate, weight, self.eps, activation=self.activation,
-                           norm_before_gate=self.norm_before_gate, group_size=self.group_size, backend=self.backend)
-        return y if self.norm_before_gate else y.to(torch.promote_types(x.dtype, weight.dtype))
+        if not self.norm_before_gate:  # computed in the promoted dtype, so y's gradient comes back in it too
+            x = x.to(torch.promote_types(x.dtype, weight.dtype))
+        return rms_norm_gated(x, gate, weight, self.eps, activation=self.activation,
+                              norm_before_gate=self.norm_before_gate, group_size=self.group_size,
+                              backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{tuple(self.weight.shape)}, eps={self.eps}, activation={self.activation}, "

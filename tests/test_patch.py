@@ -1246,28 +1246,25 @@ def test_hf_norms_are_swapped_by_what_they_compute():
         assert all(new.get_parameter(key) is old.get_parameter(key) for key in old.state_dict()), name
 
 
-@pytest.mark.parametrize("model,norm,groups,swapped", [
-    ("qwen3_5", "Qwen3_5RMSNormGated", None, True),  # a copy of Qwen3-Next's
-    ("kimi_linear", "KimiLinearRMSNormGated", None, True),  # of GLM-5 Next's
-    ("bamba", "BambaRMSNormGated", 8, True),  # of Mamba 2's, one group
-    ("nemotron_h", "NemotronHRMSNormGated", 4, False)], ids=lambda v: v if isinstance(v, str) else None)
-def test_hf_gated_norms_are_swapped_by_what_they_compute(model, norm, groups, swapped):
+@pytest.mark.parametrize("model,norm,groups", [
+    ("qwen3_5", "Qwen3_5RMSNormGated", None),  # a copy of Qwen3-Next's
+    ("kimi_linear", "KimiLinearRMSNormGated", None),  # of GLM-5 Next's
+    ("bamba", "BambaRMSNormGated", 8),  # of Mamba 2's, one group
+    ("nemotron_h", "NemotronHRMSNormGated", 4)], ids=lambda v: v if isinstance(v, str) else None)
+def test_hf_gated_norms_are_swapped_by_what_they_compute(model, norm, groups):
     """Copies of transformers' gated RMSNorms in other models become
-    pyext.nn.RMSNormGated holding the same weight and eps; one normalizing
-    groups of its features (Nemotron-H's) is left, saying why. The group
-    size is passed where the class takes one (transformers 5.17's Bamba
-    norm has none)."""
+    pyext.nn.RMSNormGated holding the same weight, eps, activation and
+    groups (Nemotron-H's). The group size is passed where the class takes
+    one (transformers 5.17's Bamba norm has none)."""
     cls = hf_class(model, norm)
-    old = cls(8, group_size=groups) if "group_size" in inspect.signature(cls).parameters else cls(8)
+    takes_groups = "group_size" in inspect.signature(cls).parameters
+    old = cls(8, group_size=groups) if takes_groups else cls(8)
     model_dict = pyext.patch(torch.nn.ModuleDict({"norm": old}), attention=False)
-    report = pyext.patch_report(model_dict)
-    if not swapped:
-        assert report.left == [("norm", norm, f"statistics over groups of {groups} of its 8 features")]
-        return
     new = model_dict["norm"]
-    assert type(new) is pyext.nn.RMSNormGated and report.left == []
+    assert type(new) is pyext.nn.RMSNormGated and pyext.patch_report(model_dict).left == []
     assert new.eps == old.variance_epsilon and new.weight is old.weight
     assert new.activation == getattr(old, "activation", "silu")
+    assert new.group_size == (groups if takes_groups else None)
 
 # (model, class, its constructor's arguments) of each computation in pyext.patch's _HF_NORMS
 HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), ("helium", "HeliumRMSNorm", (96,)),
@@ -1279,11 +1276,34 @@ HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), 
             ("deberta", "DebertaLayerNorm", (96,)), ("nemotron", "NemotronLayerNorm1P", (96,))]
 
 
+def check_swapped_module(ours, theirs, inputs, x_dtype, weight_dtype, names):
+    """ours (what pyext.patch made of transformers' module `theirs`) against
+    it: the output and the gradients of the inputs and parameters within the
+    rule against the float64 oracle (theirs in float64), theirs in the same
+    dtypes (inputs in x_dtype, parameters in weight_dtype) the yardstick.
+    Every run sees the same values: the inputs, parameters and output
+    gradient rounded to the test's dtypes first, so the oracle computes on
+    what the kernels were given, not on values they never saw."""
+    with torch.no_grad():
+        for module in (ours, theirs):
+            for p in module.parameters():
+                p.copy_(p.to(weight_dtype))
+    inputs = [t.to(x_dtype) for t in inputs]
+
+    def run(module, x_dt, weight_dt, dy=None):
+        module = copy.deepcopy(module).to(weight_dt)
+        leaves = [t.to(x_dt).requires_grad_() for t in inputs]
+        y = module(*leaves)
+        if dy is None:
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device, y.dtype)
+        return [y] + list(torch.autograd.grad(y, leaves + list(module.parameters()), dy.to(y.dtype))), dy
+    out, dy = run(ours, x_dtype, weight_dtype)
+    check_all(names, out, run(theirs, torch.float64, torch.float64, dy)[0], run(theirs, x_dtype, weight_dtype, dy)[0])
+
+
 def check_swapped_hf_norm(model, norm, args, backend, x_dtype, weight_dtype):
-    """What pyext.patch makes of transformers' norm `norm` against it: y, dx
-    and each parameter's gradient within the rule against the float64 oracle
-    (the module in float64), transformers' module in the same dtypes (x in
-    x_dtype, its parameters in weight_dtype) the yardstick; y in its dtype."""
+    """What pyext.patch makes of transformers' norm `norm` against it
+    (check_swapped_module): y, dx and each parameter's gradient; y in its dtype."""
     device = device_for(backend)
     theirs = hf_class(model, norm)(*args).to(device)
     with torch.no_grad():
@@ -1292,16 +1312,8 @@ def check_swapped_hf_norm(model, norm, args, backend, x_dtype, weight_dtype):
     ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
     assert type(ours).__module__ == "pyext.nn"
     x = torch.randn(7, 96, device=device) * 3 + 1
-
-    def run(module, x_dt, weight_dt):
-        module = copy.deepcopy(module).to(weight_dt)
-        leaf = x.to(x_dt).requires_grad_()
-        y = module(leaf)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device, y.dtype)
-        return [y] + list(torch.autograd.grad(y, [leaf] + list(module.parameters()), dy))
     names = ["y", "dx"] + [name for name, _ in theirs.named_parameters()]
-    check_all(names, run(ours, x_dtype, weight_dtype), run(theirs, torch.float64, torch.float64),
-              run(theirs, x_dtype, weight_dtype))
+    check_swapped_module(ours, theirs, [x], x_dtype, weight_dtype, names)
 
 
 # bfloat16 with backend "torch" runs torch's own bf16 ops, looser than these modules' float32 math (torch's
@@ -1318,8 +1330,9 @@ def test_a_swapped_hf_norm_matches_transformers_own(model, norm, args, backend, 
 
 
 # (model, class, its constructor's arguments) of each gated norm in pyext.patch's _HF_GATED_NORMS, and a copy
+# (Nemotron-H's in 8 groups, as its config has them)
 HF_GATED_NORMS = [("qwen3_next", "Qwen3NextRMSNormGated", (96,)), ("glm5_next", "Glm5NextTextRMSNormGated", (96,)),
-                  ("mamba2", "MambaRMSNormGated", (96, 96)), ("nemotron_h", "NemotronHRMSNormGated", (96, 96))]
+                  ("mamba2", "MambaRMSNormGated", (96, 96)), ("nemotron_h", "NemotronHRMSNormGated", (96, 12))]
 
 
 @pytest.mark.parametrize("backend,dtype", NORM_BACKEND_DTYPES + [pytest.param("triton", "mixed", id="triton-mixed")])
@@ -1338,16 +1351,9 @@ def test_a_swapped_hf_gated_norm_matches_transformers_own(model, norm, args, bac
     ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
     assert type(ours) is pyext.nn.RMSNormGated
     x, gate = torch.randn(7, 96, device=device) * 3 + 1, torch.randn(7, 96, device=device) * 3
-    for gated in (True, False) if model in ("mamba2", "nemotron_h") else (True,):
-        def run(module, x_dt, weight_dt):
-            module = copy.deepcopy(module).to(weight_dt)
-            leaves = [x.to(x_dt).requires_grad_()] + ([gate.to(x_dt).requires_grad_()] if gated else [])
-            y = module(*leaves)
-            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device, y.dtype)
-            return [y] + list(torch.autograd.grad(y, leaves + [module.weight], dy))
-        names = ["y", "dx"] + (["dgate"] if gated else []) + ["dweight"]
-        check_all(names, run(ours, x_dtype, weight_dtype), run(theirs, torch.float64, torch.float64),
-                  run(theirs, x_dtype, weight_dtype))
+    for inputs in ([x, gate], [x]) if model in ("mamba2", "nemotron_h") else ([x, gate],):
+        names = ["y", "dx"] + (["dgate"] if len(inputs) == 2 else []) + ["dweight"]
+        check_swapped_module(ours, theirs, inputs, x_dtype, weight_dtype, names)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

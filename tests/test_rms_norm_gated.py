@@ -102,16 +102,25 @@ def test_options_and_layouts(backend, norm_before_gate, case):
     assert y.dtype == x.dtype and y.shape == x.shape
 
 
+# (hidden, group size): Mamba 2's groups of the features, a power-of-two
+# number of them in the kernels: 2 of 3, 8 of 16 (Nemotron-H's 8), 4 of a
+# block and one (1025 in a 2048 block, 4 rows a tile)
+GROUPS = [(6, 3), (128, 16), (4100, 1025)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
-def test_groups_are_torchs_under_auto_and_named_by_the_kernels(norm_before_gate):
-    """Mamba 2's norm over groups of the features (Nemotron-H's 8): torch
-    computes it; the kernels normalize whole rows and say so."""
+@pytest.mark.parametrize("hidden,group_size", GROUPS, ids=str)
+def test_groups_match_oracle(backend, norm_before_gate, hidden, group_size):
+    check(backend, *inputs(5, hidden, torch.bfloat16, device_for(backend)), norm_before_gate=norm_before_gate,
+          group_size=group_size)
+
+
+def test_groups_not_a_power_of_two_are_torchs_under_auto_and_named_by_the_kernels():
     x, gate, weight = inputs(3, 48, torch.bfloat16, device_for("triton"))
-    for backend in ("auto", "torch"):
-        check(backend, x, gate, weight, norm_before_gate=norm_before_gate, group_size=12)
-    with pytest.raises(pyext.BackendUnavailable, match="group_size 12"):
-        pyext.rms_norm_gated(x, gate, weight, group_size=12, norm_before_gate=norm_before_gate, backend="triton")
-    check("triton", x, gate, weight, norm_before_gate=norm_before_gate, group_size=48)  # one group: a row
+    check("auto", x, gate, weight, group_size=16)
+    with pytest.raises(pyext.BackendUnavailable, match="power-of-two number of groups; group_size 16 makes 3"):
+        pyext.rms_norm_gated(x, gate, weight, group_size=16, backend="triton")
 
 
 def test_rows_past_the_kernels_go_to_torch_under_auto_and_are_named_otherwise():
@@ -149,16 +158,17 @@ def test_nan_stays_in_its_row(norm_before_gate):
 
 
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
-@pytest.mark.parametrize("hidden", [37, 1025])
-def test_triton_kernels_write_every_element(norm_before_gate, hidden):
+@pytest.mark.parametrize("hidden,group_size", [(37, None), (1025, None), (128, 16)], ids=str)
+def test_triton_kernels_write_every_element(norm_before_gate, hidden, group_size):
     from pyext.triton_kernels import rms_norm_gated as kernels
     x, gate, weight = inputs(7, hidden, torch.bfloat16, device_for("triton"))
     dy = torch.randn_like(x)
     options = ("silu", not norm_before_gate)
-    clean = kernels.rms_norm_gated_fwd(x, gate, weight, 1e-6, *options)
-    out = kernels.rms_norm_gated_fwd(x, gate, weight, 1e-6, *options, out=tuple(poisoned_like(t) for t in clean))
-    grads = kernels.rms_norm_gated_bwd(dy, x, gate, clean[1], weight, *options, True)
-    out += kernels.rms_norm_gated_bwd(dy, x, gate, clean[1], weight, *options, True,
+    clean = kernels.rms_norm_gated_fwd(x, gate, weight, 1e-6, *options, group_size)
+    out = kernels.rms_norm_gated_fwd(x, gate, weight, 1e-6, *options, group_size,
+                                     out=tuple(poisoned_like(t) for t in clean))
+    grads = kernels.rms_norm_gated_bwd(dy, x, gate, clean[1], weight, *options, True, group_size)
+    out += kernels.rms_norm_gated_bwd(dy, x, gate, clean[1], weight, *options, True, group_size,
                                       out=tuple(poisoned_like(t) for t in grads))
     for got, want in zip(out, clean + grads):
         assert not got.isnan().any()
@@ -167,12 +177,13 @@ def test_triton_kernels_write_every_element(norm_before_gate, hidden):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
-def test_gradcheck_float64(activation, norm_before_gate):
+@pytest.mark.parametrize("hidden,group_size", [(7, None), (8, 4)], ids=str)
+def test_gradcheck_float64(activation, norm_before_gate, hidden, group_size):
     x, gate, weight = (make_tensor(s, torch.float64, device_for("triton"), requires_grad=True)
-                       for s in ((5, 7), (5, 7), (7,)))
+                       for s in ((5, hidden), (5, hidden), (hidden,)))
     assert torch.autograd.gradcheck(
         lambda *t: pyext.rms_norm_gated(*t, activation=activation, norm_before_gate=norm_before_gate,
-                                        backend="triton"), (x, gate, weight))
+                                        group_size=group_size, backend="triton"), (x, gate, weight))
 
 
 def test_double_backward_is_torchs_under_auto_and_named_by_the_kernels():
@@ -187,18 +198,20 @@ def test_double_backward_is_torchs_under_auto_and_named_by_the_kernels():
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(affine, dtype):
-    """The ops' registrations (schema, fake, autograd); rstd in float32."""
+@pytest.mark.parametrize("group_size", [None, 3])
+def test_opcheck(affine, dtype, group_size):
+    """The ops' registrations (schema, fake, autograd); rstd in float32,
+    of x's leading shape, with the groups last where there are groups."""
     device = device_for("triton")
-    x, gate = (make_tensor((3, 5, 9), dtype, device, requires_grad=True) for _ in range(2))
-    weight = make_tensor((9,), torch.float32, device, requires_grad=True) if affine else None
+    x, gate = (make_tensor((3, 5, 12), dtype, device, requires_grad=True) for _ in range(2))
+    weight = make_tensor((12,), torch.float32, device, requires_grad=True) if affine else None
     fwd, bwd = torch.ops.pyext.rms_norm_gated_fwd_triton, torch.ops.pyext.rms_norm_gated_bwd_triton
-    torch.library.opcheck(fwd, (x, gate, weight, 1e-6, "silu", True))
-    _, rstd = fwd(x.detach(), gate.detach(), weight, 1e-6, "silu", True)
-    assert rstd.dtype == torch.float32 and rstd.shape == (3, 5)
-    grad = torch.randn(3, 5, 9, device=device).to(dtype)
+    torch.library.opcheck(fwd, (x, gate, weight, 1e-6, "silu", True, group_size))
+    _, rstd = fwd(x.detach(), gate.detach(), weight, 1e-6, "silu", True, group_size)
+    assert rstd.dtype == torch.float32 and rstd.shape == ((3, 5) if group_size is None else (3, 5, 4))
+    grad = torch.randn(3, 5, 12, device=device).to(dtype)
     plain = weight.detach() if affine else None
-    torch.library.opcheck(bwd, (grad, x.detach(), gate.detach(), rstd, plain, "sigmoid", False, affine))
+    torch.library.opcheck(bwd, (grad, x.detach(), gate.detach(), rstd, plain, "sigmoid", False, affine, group_size))
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)

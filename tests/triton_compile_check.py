@@ -107,6 +107,8 @@ def exercise_launchers():
                 rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, activation, gate_first)
                 rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, dtype=stat), x[0], activation, gate_first,
                                                   True)
+        rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, "silu", True, 10)  # in 4 groups (Mamba 2's)
+        rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, 4, dtype=stat), x[0], "silu", True, True, 10)
     x, w = torch.randn(3, 40, dtype=torch.bfloat16), torch.randn(40)  # a float32 weight on bfloat16 x,
     rms_norm_gated.rms_norm_gated_fwd(x, x, w, 1e-6, "silu", False)
     rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3), w, "silu", False, True)

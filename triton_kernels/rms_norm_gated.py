@@ -19,6 +19,14 @@ d(v * rstd(v)) = rstd * (g - vhat * mean(g * vhat)) for an incoming g:
 
 Rows up to FUSED_COLS elements, loaded whole, once; dweight reduced in two
 deterministic stages as in layer_norm.py.
+
+Groups (Mamba 2's norm over n / G groups of G features, Nemotron-H's 8):
+the kernels see rows of G, row r's weight at (r % groups) * G. A tile holds
+a multiple of `groups` rows and every program starts at such a row, so tile
+row m is always group m % groups: the backward keeps dweight's partial sums
+per tile row, and its (programs * BLOCK_M, G) partials read as
+(programs * BLOCK_M / groups, n) rows for stage two. Hence groups a power of
+two (BLOCK_M is one).
 """
 import math
 
@@ -44,9 +52,16 @@ def _gate(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
+def _group_weight(w_ptr, row, col, cols, groups, mask):
+    """The weight of each element of a [rows, cols] tile of groups: row r's
+    group's columns, (r % groups) * cols onwards."""
+    return to_compute(tl.load(w_ptr + (row % groups)[:, None] * cols + col[None, :], mask=mask, other=0.0))
+
+
+@triton.jit
+def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, groups, eps_high, eps_low,
                                ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
     row_mask = row < rows
@@ -60,7 +75,9 @@ def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols,
     rstd = _rsqrt(tl.sum(h * h, axis=1) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = h * rstd[:, None]
-    if HAS_W:
+    if HAS_W and GROUPED:
+        y = y * _group_weight(w_ptr, row, col, cols, groups, mask)
+    elif HAS_W:
         y = y * to_compute(tl.load(w_ptr + col, mask=col < cols, other=0.0))[None, :]
     if not GATE_FIRST:
         y = y * a
@@ -69,15 +86,19 @@ def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols,
 
 @triton.jit
 def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
-                               rows, cols, rows_per_program,
+                               rows, cols, groups, rows_per_program,
                                ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
-                               NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               NEED_DW: tl.constexpr, GROUPED: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     col = tl.arange(0, BLOCK_N)
     col_mask = col < cols
-    if HAS_W:
-        w = to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
-    dw = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
+    if GROUPED:  # dweight's partial sums per tile row, each its group's (see above)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], rstd_ptr.dtype.element_ty)
+    else:
+        dw = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
+        if HAS_W:
+            w = to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
     for start in range(first, last, BLOCK_M):
@@ -91,8 +112,10 @@ def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz
         rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)[:, None]
         a, da = _gate(z, ACT)
         u = dy
-        if HAS_W:
-            u = dy * w[None, :]
+        if HAS_W and GROUPED:
+            u = dy * _group_weight(w_ptr, row, col, cols, groups, mask)
+        elif HAS_W:
+            u = dy * w
         if GATE_FIRST:
             vhat = x * a * rstd
             g = u
@@ -110,58 +133,81 @@ def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz
         tl.store(dz_ptr + offs, round_to(dz, dz_ptr.dtype.element_ty), mask=mask)
         if NEED_DW:
             if GATE_FIRST:
-                dw += tl.sum(dy * vhat, axis=0)
+                contribution = dy * vhat
             else:
-                dw += tl.sum(dy * vhat * a, axis=0)
-    if NEED_DW:
+                contribution = dy * vhat * a
+            if GROUPED:
+                dw += contribution
+            else:
+                dw += tl.sum(contribution, axis=0)
+    if NEED_DW and GROUPED:
+        part = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(dw_part_ptr + part[:, None] * cols + col[None, :], dw, mask=col_mask[None, :])
+    elif NEED_DW:
         tl.store(dw_part_ptr + pid * cols + col, dw, mask=col_mask)
 
 
-def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, out=None):
-    """(y, rstd) over x's last dim (at most FUSED_COLS); `out` optionally gives them."""
+def _tile(group_size, groups):
+    """(BLOCK_M, BLOCK_N, num_warps): whole groups of group_size, a multiple of `groups` rows a tile."""
+    block_m, block_n, num_warps = _fused_tile(group_size, FUSED_COLS)
+    block_m = max(block_m, groups)
+    return block_m, block_n, min(16, max(num_warps, block_m * block_n // 512))
+
+
+def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=None, out=None):
+    """(y, rstd) over x's last dim n (at most FUSED_COLS), or over groups of
+    group_size features (n / group_size a power of two; rstd then has one
+    more dim, the groups); `out` optionally gives them."""
     x, z = x.contiguous(), z.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    cols = x.shape[-1]
-    rows = math.prod(x.shape[:-1])
+    n = x.shape[-1]
+    cols = group_size or n
+    groups = n // cols if cols else 1
+    rows = math.prod(x.shape[:-1]) * groups
     y = _take(out, 0, x.shape, x.dtype, x.device)
-    rstd = _take(out, 1, x.shape[:-1], _stat_dtype(x), x.device)
+    rstd = _take(out, 1, x.shape[:-1] + ((groups,) if group_size else ()), _stat_dtype(x), x.device)
     if rows == 0:
         return y, rstd
     if cols == 0:  # an empty row: mean square 0 by convention, nothing to write in y
         rstd.fill_(1.0 / math.sqrt(eps))
         return y, rstd
-    block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+    block_m, block_n, num_warps = _tile(cols, groups)
     eps_high, eps_low = _split_eps(eps)
     with on_device(x):
         _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m),)](
-            x, z, weight if weight is not None else x, y, rstd, rows, cols, eps_high, eps_low,
-            ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
+            x, z, weight if weight is not None else x, y, rstd, rows, cols, groups, eps_high, eps_low,
+            ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None, GROUPED=groups > 1,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y, rstd
 
 
-def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dweight, out=None):
+def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dweight, group_size=None, out=None):
     """(dx, dz, dweight); dweight an empty tensor unless asked for."""
     dy, x, z, rstd = dy.contiguous(), x.contiguous(), z.contiguous(), rstd.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    rows, cols = rstd.numel(), x.shape[-1]
+    n = x.shape[-1]
+    cols = group_size or n
+    groups = n // cols if cols else 1
+    rows = rstd.numel()
     dx = _take(out, 0, x.shape, x.dtype, x.device)
     dz = _take(out, 1, z.shape, z.dtype, z.device)
     dweight = _grad_for(need_dweight, weight, rows, out, 2, x)
     if rows == 0 or cols == 0:
         return dx, dz, dweight
-    block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+    block_m, block_n, num_warps = _tile(cols, groups)
     programs = _backward_programs(x, cdiv(rows, block_m))
     rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
     programs = cdiv(rows, rows_per_program)
-    dw_part = torch.empty((programs, cols), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
+    grouped = groups > 1
+    part_rows = programs * block_m // groups if grouped else programs  # rows of n partial sums
+    dw_part = torch.empty((part_rows, n), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
     with on_device(x):
         _rms_norm_gated_bwd_kernel[(programs,)](
-            dy, x, z, weight if weight is not None else x, rstd, dx, dz, dw_part, rows, cols, rows_per_program,
-            ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
-            NEED_DW=need_dweight, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            dy, x, z, weight if weight is not None else x, rstd, dx, dz, dw_part, rows, cols, groups,
+            rows_per_program, ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
+            NEED_DW=need_dweight, GROUPED=grouped, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         if need_dweight:
-            block_p, block_n = _sum_tile(x, cols)
-            _sum_partials_kernel[(cdiv(cols, block_n),)](
-                dw_part, dweight, programs, cols, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+            block_p, block_n = _sum_tile(x, n)
+            _sum_partials_kernel[(cdiv(n, block_n),)](
+                dw_part, dweight, part_rows, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return dx, dz, dweight

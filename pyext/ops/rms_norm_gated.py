@@ -50,8 +50,9 @@ def _kernel_reason(x, gate, weight, group_size) -> Optional[str]:
                                    _narrower_rms_weight(x.dtype, weight.dtype)):
         return (f"weight dtype {weight.dtype} with x dtype {x.dtype} is not supported (x's dtype, float32 for "
                 "float16/bfloat16 x, or a narrower one)")
-    if group_size is not None and group_size != x.shape[-1]:
-        return f"they normalize whole rows; group_size {group_size} is below the row's {x.shape[-1]}"
+    groups = x.shape[-1] // group_size if group_size else 1
+    if groups & (groups - 1):
+        return f"they take a power-of-two number of groups; group_size {group_size} makes {groups}"
     from pyext.triton_kernels.rms_norm_gated import FUSED_COLS
     if x.shape[-1] > FUSED_COLS:
         return f"they hold a row whole, up to {FUSED_COLS} elements; x's last dim is {x.shape[-1]}"
@@ -62,54 +63,60 @@ def _kernel_reason(x, gate, weight, group_size) -> Optional[str]:
 
 @torch.library.custom_op("pyext::rms_norm_gated_fwd_triton", mutates_args=())
 def rms_norm_gated_fwd_triton(x: Tensor, gate: Tensor, weight: Optional[Tensor], eps: float, activation: str,
-                              norm_before_gate: bool) -> Tuple[Tensor, Tensor]:
+                              norm_before_gate: bool, group_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import rms_norm_gated as kernels
-    _check_inputs("rms_norm_gated_fwd_triton", x, gate, weight, activation, None)
-    reason = _kernel_reason(x, gate, weight, None)
+    _check_inputs("rms_norm_gated_fwd_triton", x, gate, weight, activation, group_size)
+    reason = _kernel_reason(x, gate, weight, group_size)
     if reason is not None:
         raise RuntimeError(f"rms_norm_gated_fwd_triton: {reason}")
-    return kernels.rms_norm_gated_fwd(x, gate, weight, eps, activation, not norm_before_gate)
+    return kernels.rms_norm_gated_fwd(x, gate, weight, eps, activation, not norm_before_gate, group_size)
 
 
 @torch.library.custom_op("pyext::rms_norm_gated_bwd_triton", mutates_args=())
 def rms_norm_gated_bwd_triton(grad: Tensor, x: Tensor, gate: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                              activation: str, norm_before_gate: bool,
-                              need_dweight: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                              activation: str, norm_before_gate: bool, need_dweight: bool,
+                              group_size: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import rms_norm_gated as kernels
     op = "rms_norm_gated_bwd_triton"
-    _check_inputs(op, x, gate, weight, activation, None)
-    reason = _kernel_reason(x, gate, weight, None)
+    _check_inputs(op, x, gate, weight, activation, group_size)
+    reason = _kernel_reason(x, gate, weight, group_size)
     if reason is not None:
         raise RuntimeError(f"{op}: {reason}")
     if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
         raise RuntimeError(f"{op}: grad must match x ({x.dtype} {list(x.shape)} on {x.device}), "
                            f"got {grad.dtype} {list(grad.shape)} on {grad.device}")
-    stat = _stat_dtype(x.dtype)
-    if rstd.shape != x.shape[:-1] or rstd.dtype != stat or rstd.device != x.device:
-        raise RuntimeError(f"{op}: rstd must be {stat} of x's leading shape {list(x.shape[:-1])} on {x.device}, "
+    stat, shape = _stat_dtype(x.dtype), _rstd_shape(x, group_size)
+    if rstd.shape != shape or rstd.dtype != stat or rstd.device != x.device:
+        raise RuntimeError(f"{op}: rstd must be {stat} of shape {list(shape)} on {x.device}, "
                            f"got {rstd.dtype} {list(rstd.shape)} on {rstd.device}")
     if need_dweight and weight is None:
         raise RuntimeError(f"{op}: need_dweight without a weight")
-    return kernels.rms_norm_gated_bwd(grad, x, gate, rstd, weight, activation, not norm_before_gate, need_dweight)
+    return kernels.rms_norm_gated_bwd(grad, x, gate, rstd, weight, activation, not norm_before_gate, need_dweight,
+                                      group_size)
 
 
 # ------------------------------------------- fake implementations, autograd
 
-def _fake_fwd(x, gate, weight, eps, activation, norm_before_gate):
+def _rstd_shape(x, group_size):
+    """rstd's shape: x's leading shape, then the groups where there are groups."""
+    return x.shape[:-1] + ((x.shape[-1] // group_size,) if group_size else ())
+
+
+def _fake_fwd(x, gate, weight, eps, activation, norm_before_gate, group_size):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape[:-1], dtype=_stat_dtype(x.dtype)))
+            x.new_empty(_rstd_shape(x, group_size), dtype=_stat_dtype(x.dtype)))
 
 
-def _fake_bwd(grad, x, gate, rstd, weight, activation, norm_before_gate, need_dweight):
+def _fake_bwd(grad, x, gate, rstd, weight, activation, norm_before_gate, need_dweight, group_size):
     dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dweight else x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(gate, memory_format=torch.contiguous_format), dweight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, weight, eps, activation, norm_before_gate = inputs
+    x, gate, weight, eps, activation, norm_before_gate, group_size = inputs
     ctx.save_for_backward(x, gate, output[1], weight)
-    ctx.eps, ctx.activation, ctx.norm_before_gate = eps, activation, norm_before_gate
+    ctx.options = (eps, activation, norm_before_gate, group_size)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
@@ -117,18 +124,17 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, grad, _rstd_grad):
         if grad is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, gate, rstd, weight = ctx.saved_tensors
+        eps, activation, norm_before_gate, group_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True
-            return create_graph_grads(
-                "rms_norm_gated", ctx,
-                lambda x, gate, weight, *options: reference.rms_norm_gated(x, gate, weight, *options),
-                (x, gate, weight, ctx.eps, ctx.activation, ctx.norm_before_gate), (grad,))
+            return create_graph_grads("rms_norm_gated", ctx, reference.rms_norm_gated,
+                                      (x, gate, weight, *ctx.options), (grad,))
         need_dx, need_dgate, need_dweight = ctx.needs_input_grad[:3]
-        dx, dgate, dweight = bwd_op(grad, x, gate, rstd, weight, ctx.activation, ctx.norm_before_gate,
-                                    need_dweight)
+        dx, dgate, dweight = bwd_op(grad, x, gate, rstd, weight, activation, norm_before_gate, need_dweight,
+                                    group_size)
         return (dx if need_dx else None, dgate if need_dgate else None, dweight if need_dweight else None,
-                None, None, None)
+                None, None, None, None)
     return backward
 
 
@@ -160,8 +166,9 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     The Triton kernels take float32/float16/bfloat16/float64 x with weight
     of x's dtype, float32, or a narrower one (Mamba's float32 residual
     stream through bfloat16 norms; dweight in the weight's dtype), rows of up to 8192 features held whole (one
-    read of x and gate forward; x, gate and dy backward), no groups; "auto"
-    sends other calls to torch (the reference), a named backend raises.
+    read of x and gate forward; x, gate and dy backward), in a power-of-two
+    number of groups; "auto" sends other calls to torch (the reference), a
+    named backend raises.
     There are no CUDA kernels for it.
     """
     _check_inputs("rms_norm_gated", x, gate, weight, activation, group_size)
@@ -174,4 +181,6 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     if name == "torch":
         return reference.rms_norm_gated(x, gate, weight, eps, activation, norm_before_gate, group_size)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
-    return RMS_NORM_GATED[_backend.is_auto(backend)][name](x, gate, weight, eps, activation, norm_before_gate)[0]
+    groups = None if group_size in (None, x.shape[-1]) else group_size
+    return RMS_NORM_GATED[_backend.is_auto(backend)][name](x, gate, weight, eps, activation, norm_before_gate,
+                                                           groups)[0]

@@ -58,12 +58,12 @@ _HF_NORMS = (
 
 # transformers' gated RMSNorms (pyext.nn.RMSNormGated): (module, class,
 # norm_before_gate). Their eps is variance_epsilon, the activation their
-# `activation` (silu where they hold none); one holding groups of features
-# (group_size below its weight's) is left.
+# `activation` (silu where they hold none), the groups of features their
+# group_size (Mamba 2's; Nemotron-H's 8).
 _HF_GATED_NORMS = (
     ("qwen3_next", "Qwen3NextRMSNormGated", True),  # the normalized x rounded first: Qwen3.5, OLMo hybrid, ...
     ("glm5_next", "Glm5NextTextRMSNormGated", True),  # all in fp32, sigmoid: Kimi Linear, Bailing hybrid, ...
-    ("mamba2", "MambaRMSNormGated", False),  # one group, y promoted: Bamba, Nemotron-H, Granite 4, ...
+    ("mamba2", "MambaRMSNormGated", False),  # over groups, y promoted: Bamba, Nemotron-H, Granite 4, ...
 )
 
 
@@ -162,11 +162,8 @@ def _gated_norm_module(norm_before_gate, old, backend):
     activation = getattr(old, "activation", "silu")
     if activation not in ("silu", "sigmoid"):
         return f"a gate activation {activation!r} (pyext's are silu and sigmoid)"
-    group = getattr(old, "group_size", None)
-    if group not in (None, weight.shape[0]):  # Nemotron-H's 8 groups: torch's (the kernels take whole rows)
-        return f"statistics over groups of {group} of its {weight.shape[0]} features"
-    new = pnn.RMSNormGated(weight.shape[0], old.variance_epsilon, activation, norm_before_gate, device="meta",
-                           backend=backend)
+    new = pnn.RMSNormGated(weight.shape[0], old.variance_epsilon, activation, norm_before_gate,
+                           getattr(old, "group_size", None), device="meta", backend=backend)
     new.weight = weight
     if old.state_dict().keys() != new.state_dict().keys():
         missing = sorted(old.state_dict().keys() - new.state_dict().keys())
