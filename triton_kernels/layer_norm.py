@@ -55,6 +55,17 @@ def _rsqrt(v):
 
 
 @triton.jit
+def _row_tile(start, last, col, cols, BLOCK_M: tl.constexpr):
+    """Rows start .. start + BLOCK_M of a [rows, cols] matrix, those before
+    `last`: (row, row_mask, mask, offs), offs the elements' offsets. The
+    backward programs walk their rows a tile at a time with it."""
+    row = start + tl.arange(0, BLOCK_M)
+    row_mask = row < last
+    mask = row_mask[:, None] & (col < cols)[None, :]
+    return row, row_mask, mask, row[:, None] * cols + col[None, :]
+
+
+@triton.jit
 def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -133,10 +144,7 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
     for start in range(first, last, BLOCK_M):
-        row = start + tl.arange(0, BLOCK_M)
-        row_mask = row < last
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row[:, None] * cols + col[None, :]
+        row, row_mask, mask, offs = _row_tile(start, last, col, cols, BLOCK_M)
         x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
         dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
         rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)

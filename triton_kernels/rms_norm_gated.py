@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._utils import cdiv, on_device, round_to, to_compute
-from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _rsqrt, _split_eps, _stat_dtype,
+from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _row_tile, _rsqrt, _split_eps, _stat_dtype,
                          _sum_partials_kernel, _sum_tile, _take)
 
 FUSED_COLS = 8192  # the backward holds x, z and dy of a row in registers
@@ -102,10 +102,7 @@ def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
     for start in range(first, last, BLOCK_M):
-        row = start + tl.arange(0, BLOCK_M)
-        row_mask = row < last
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row[:, None] * cols + col[None, :]
+        row, row_mask, mask, offs = _row_tile(start, last, col, cols, BLOCK_M)
         x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
         z = to_compute(tl.load(z_ptr + offs, mask=mask, other=0.0))
         dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
