@@ -83,6 +83,14 @@ def hf_model(kind):
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0, 2)
         return model
+    if kind == "qwen3_next":  # a linear-attention layer (its gated RMSNorm over each value head), then a full one
+        cfg = tf.Qwen3NextConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                                 head_dim=8, intermediate_size=64, vocab_size=64, moe_intermediate_size=16,
+                                 shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                 linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
+                                 experts_implementation="eager")  # float64 (the oracle): no grouped_mm
+        return tf.Qwen3NextForCausalLM(cfg)
     if kind == "falcon":  # no AttentionInterface: its own F.scaled_dot_product_attention call; one key head (MQA)
         cfg = tf.FalconConfig(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, vocab_size=64)
         return tf.FalconForCausalLM(cfg)
@@ -112,7 +120,8 @@ def loss_of(model, kind, device, dtype):
     return outputs_of(model, kind, device, dtype)[1]
 
 
-KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3", "falcon"]
+KINDS = ["nanogpt", "encoder", "gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3", "qwen3_next",
+         "falcon"]
 
 
 def build(kind):
@@ -620,7 +629,7 @@ def test_state_dict_and_parameters_are_untouched(kind):
 
 
 ATTENTION_LAYERS = {"nanogpt": 1, "encoder": 2, "gpt2": 1, "llama": 1, "qwen2": 1, "bert": 1, "deepseek_v3": 1,
-                    "gemma2": 2, "gemma3": 2, "falcon": 1}
+                    "gemma2": 2, "gemma3": 2, "qwen3_next": 1, "falcon": 1}
 
 
 @pytest.fixture
@@ -643,7 +652,7 @@ def test_attention_goes_through_pyext_until_unpatched(kind, pyext_sdpa_calls):
     expected = loss_of(model, kind, "cpu", torch.float32)
     assert pyext_sdpa_calls == []
     pyext.patch(pyext.patch(model, backend="torch"), backend="torch")
-    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3"):
+    if kind in ("gpt2", "llama", "qwen2", "bert", "deepseek_v3", "gemma2", "gemma3", "qwen3_next"):
         assert model.config._attn_implementation == "pyext-torch"
     loss_of(model, kind, "cpu", torch.float32)
     assert len(pyext_sdpa_calls) == ATTENTION_LAYERS[kind]

@@ -1,8 +1,9 @@
 """Gated RMSNorm: pyext.rms_norm_gated and its ops rms_norm_gated_{fwd,bwd}_triton.
 
-The forward op returns (y, rstd), rstd of x's leading shape in fp32 (fp64
-for fp64 x), saved for the backward; the backward op returns (dx, dgate,
-dweight), dweight an empty tensor unless asked for.
+The forward op returns (y, rstd), rstd of x's leading shape (then the
+groups, where group_size makes them) in fp32 (fp64 for fp64 x), saved for
+the backward; the backward op returns (dx, dgate, dweight), dweight an
+empty tensor unless asked for. The ops take group_size None for whole rows.
 """
 from typing import Optional, Tuple
 
@@ -126,7 +127,7 @@ def _make_backward(bwd_op):
         if grad is None:
             return None, None, None, None, None, None, None
         x, gate, rstd, weight = ctx.saved_tensors
-        eps, activation, norm_before_gate, group_size = ctx.options
+        _, activation, norm_before_gate, group_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True
             return create_graph_grads("rms_norm_gated", ctx, reference.rms_norm_gated,
                                       (x, gate, weight, *ctx.options), (grad,))
