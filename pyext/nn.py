@@ -138,25 +138,29 @@ class RMSNormGated(torch.nn.Module):
     """The gated RMSNorm of linear attention and Mamba layers, as
     transformers' modules hold it (a weight of the features, ones at init)
     and call it, forward(hidden_states, gate=None); see pyext.rms_norm_gated.
-    norm_before_gate: norm(x) * weight * act(gate), Qwen3-Next's (y in x's
-    dtype); otherwise norm(x * act(gate)) * weight, Mamba 2's, whose y is in
-    the promoted dtype of x and the weight, as is its ungated norm (gate
-    None: norm(x) * weight)."""
+    norm_before_gate: norm(x) * weight * act(gate) (Qwen3-Next's); otherwise
+    norm(x * act(gate)) * weight (Mamba 2's), over groups of group_size
+    features. y is in x's dtype, or with promote in the promoted dtype of x
+    and the weight (Mamba 2's, whose ungated norm, gate None, rounds
+    norm(x) to x's dtype before the weight); gate None: norm(x) * weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6, activation: str = "silu", norm_before_gate: bool = True,
-                 group_size=None, device=None, dtype=None, *, backend=None):
+                 group_size=None, promote: bool = False, device=None, dtype=None, *, backend=None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.eps, self.activation, self.norm_before_gate = eps, activation, norm_before_gate
-        self.group_size = group_size
+        self.group_size, self.promote = group_size, promote
         self.backend = backend
 
     def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
         x, weight = hidden_states, self.weight
         if gate is None:
             groups = x.unflatten(-1, (-1, self.group_size or x.shape[-1]))
-            return weight * rms_norm(groups, groups.shape[-1:], None, self.eps, backend=self.backend).flatten(-2)
-        if not self.norm_before_gate:  # computed in the promoted dtype, so y's gradient comes back in it too
+            if self.promote:
+                return weight * rms_norm(groups, groups.shape[-1:], None, self.eps, backend=self.backend).flatten(-2)
+            y = rms_norm(groups.float(), groups.shape[-1:], None, self.eps, backend=self.backend).flatten(-2)
+            return (weight.float() * y).to(x.dtype)
+        if self.promote:  # computed in the promoted dtype, so y's gradient comes back in it too
             x = x.to(torch.promote_types(x.dtype, weight.dtype))
         return rms_norm_gated(x, gate, weight, self.eps, activation=self.activation,
                               norm_before_gate=self.norm_before_gate, group_size=self.group_size,
@@ -164,7 +168,8 @@ class RMSNormGated(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{tuple(self.weight.shape)}, eps={self.eps}, activation={self.activation}, "
-                f"norm_before_gate={self.norm_before_gate}, group_size={self.group_size}")
+                f"norm_before_gate={self.norm_before_gate}, group_size={self.group_size}, promote={self.promote}")
+
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through

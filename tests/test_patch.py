@@ -1339,9 +1339,11 @@ def test_a_swapped_hf_norm_matches_transformers_own(model, norm, args, backend, 
 
 
 # (model, class, its constructor's arguments) of each gated norm in pyext.patch's _HF_GATED_NORMS, and a copy
-# (Nemotron-H's in 8 groups, as its config has them)
+# (Nemotron-H's in 8 groups, as its config has them; Falcon-H1's in 4, gate before norm, and its default)
 HF_GATED_NORMS = [("qwen3_next", "Qwen3NextRMSNormGated", (96,)), ("glm5_next", "Glm5NextTextRMSNormGated", (96,)),
-                  ("mamba2", "MambaRMSNormGated", (96, 96)), ("nemotron_h", "NemotronHRMSNormGated", (96, 12))]
+                  ("mamba2", "MambaRMSNormGated", (96, 96)), ("nemotron_h", "NemotronHRMSNormGated", (96, 12)),
+                  ("falcon_h1", "FalconH1RMSNormGated", (96, 1e-6, 4, False)),
+                  ("falcon_h1_default", "FalconH1RMSNormGated", (96,))]
 
 
 @pytest.mark.parametrize("backend,dtype", NORM_BACKEND_DTYPES + [pytest.param("triton", "mixed", id="triton-mixed")])
@@ -1354,13 +1356,13 @@ def test_a_swapped_hf_gated_norm_matches_transformers_own(model, norm, args, bac
     then float32). Mamba 2's called without a gate too."""
     x_dtype, weight_dtype = (torch.bfloat16, torch.float32) if dtype == "mixed" else (dtype, dtype)
     device = device_for(backend)
-    theirs = hf_class(model, norm)(*args).to(device)
+    theirs = hf_class(model.removesuffix("_default"), norm)(*args).to(device)
     with torch.no_grad():
         theirs.weight.normal_(1, 0.3)
     ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
     assert type(ours) is pyext.nn.RMSNormGated
     x, gate = torch.randn(7, 96, device=device) * 3 + 1, torch.randn(7, 96, device=device) * 3
-    for inputs in ([x, gate], [x]) if model in ("mamba2", "nemotron_h") else ([x, gate],):
+    for inputs in ([x, gate], [x]) if model in ("mamba2", "nemotron_h", "falcon_h1") else ([x, gate],):
         names = ["y", "dx"] + (["dgate"] if len(inputs) == 2 else []) + ["dweight"]
         check_swapped_module(ours, theirs, inputs, x_dtype, weight_dtype, names)
 

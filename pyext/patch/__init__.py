@@ -28,9 +28,9 @@
   Mistral, Qwen2/3, Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's,
   x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
   in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
-  Nemotron's LayerNorms; the gated RMSNorms of Qwen3-Next, GLM-5 Next
-  and Mamba 2 and their copies) are replaced by pyext modules sharing their
-  parameters. A logit soft cap (Gemma 2's attn_logit_softcapping) and
+  Nemotron's LayerNorms; the gated RMSNorms of Qwen3-Next, GLM-5 Next,
+  Mamba 2 and Falcon-H1 and their copies) are replaced by pyext modules
+  sharing their parameters. A logit soft cap (Gemma 2's attn_logit_softcapping) and
   attention sinks (GPT-OSS's), which transformers' SDPA integration
   refuses, go to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall

@@ -57,13 +57,15 @@ _HF_NORMS = (
 )
 
 # transformers' gated RMSNorms (pyext.nn.RMSNormGated): (module, class,
-# norm_before_gate). Their eps is variance_epsilon, the activation their
-# `activation` (silu where they hold none), the groups of features their
-# group_size (Mamba 2's; Nemotron-H's 8).
+# norm_before_gate or None where each module holds its own, y in the
+# promoted dtype of x and the weight). Their eps is variance_epsilon, the
+# activation their `activation` (silu where they hold none), the groups of
+# features their group_size or n_groups.
 _HF_GATED_NORMS = (
-    ("qwen3_next", "Qwen3NextRMSNormGated", True),  # the normalized x rounded first: Qwen3.5, OLMo hybrid, ...
-    ("glm5_next", "Glm5NextTextRMSNormGated", True),  # all in fp32, sigmoid: Kimi Linear, Bailing hybrid, ...
-    ("mamba2", "MambaRMSNormGated", False),  # over groups, y promoted: Bamba, Nemotron-H, Granite 4, ...
+    ("qwen3_next", "Qwen3NextRMSNormGated", True, False),  # normalized x rounded first: Qwen3.5, OLMo hybrid, ...
+    ("glm5_next", "Glm5NextTextRMSNormGated", True, False),  # all in fp32, sigmoid: Kimi Linear, Bailing hybrid, ...
+    ("mamba2", "MambaRMSNormGated", False, True),  # over groups, y promoted: Bamba, Nemotron-H, Granite 4, ...
+    ("falcon_h1", "FalconH1RMSNormGated", None, False),  # its own order and n_groups, all in fp32
 )
 
 
@@ -82,13 +84,14 @@ def _hf_norms():
             flag = "layer_norm" if issubclass(pyext_class, torch.nn.LayerNorm) else "rms_norm"
             factory = functools.partial(_norm_module, pyext_class, eps)
             norms.append((getattr(module, name), flag, factory))
-    for model, name, norm_before_gate in _HF_GATED_NORMS:
+    for model, name, norm_before_gate, promote in _HF_GATED_NORMS:
         try:
             module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
         except ImportError:
             continue
         if hasattr(module, name):
-            norms.append((getattr(module, name), "rms_norm", functools.partial(_gated_norm_module, norm_before_gate)))
+            factory = functools.partial(_gated_norm_module, norm_before_gate, promote)
+            norms.append((getattr(module, name), "rms_norm", factory))
     return norms
 
 
@@ -154,7 +157,7 @@ def _norm_module(pyext_class, eps, old, backend):
     return new
 
 
-def _gated_norm_module(norm_before_gate, old, backend):
+def _gated_norm_module(norm_before_gate, promote, old, backend):
     """pyext.nn.RMSNormGated holding `old`'s weight Parameter, or why not."""
     weight = old._parameters.get("weight")
     if weight is None or weight.dim() != 1:
@@ -162,8 +165,12 @@ def _gated_norm_module(norm_before_gate, old, backend):
     activation = getattr(old, "activation", "silu")
     if activation not in ("silu", "sigmoid"):
         return f"a gate activation {activation!r} (pyext's are silu and sigmoid)"
-    new = pnn.RMSNormGated(weight.shape[0], old.variance_epsilon, activation, norm_before_gate,
-                           getattr(old, "group_size", None), device="meta", backend=backend)
+    if norm_before_gate is None:  # Falcon-H1's: the order, and groups as a count
+        norm_before_gate = old.norm_before_gate
+    groups = getattr(old, "n_groups", None)
+    group = weight.shape[0] // groups if groups else getattr(old, "group_size", None)
+    new = pnn.RMSNormGated(weight.shape[0], old.variance_epsilon, activation, norm_before_gate, group, promote,
+                           device="meta", backend=backend)
     new.weight = weight
     if old.state_dict().keys() != new.state_dict().keys():
         missing = sorted(old.state_dict().keys() - new.state_dict().keys())
