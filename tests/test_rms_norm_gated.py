@@ -78,6 +78,18 @@ def test_matches_oracle(backend, norm_before_gate, activation, dtype, hidden):
           norm_before_gate=norm_before_gate)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows,hidden,group_size", [(16384 * 4, 128, None), (4097, 4096, None), (1025, 8192, None),
+                                                    (2049, 8192, 1024)], ids=str)
+def test_matches_oracle_gpu_sizes(norm_before_gate, dtype, rows, hidden, group_size):
+    """Qwen3-Next's rows of a head (many short rows: the batched tiles and
+    the persistent backward's long walks), Mamba 2's widths, Nemotron-H's 8
+    groups of 1024."""
+    check("triton", *inputs(rows, hidden, dtype, "cuda"), norm_before_gate=norm_before_gate, group_size=group_size)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
 @pytest.mark.parametrize("case", ["no_weight", "float32_weight", "bfloat16_gate_and_weight", "eps_none",
