@@ -170,6 +170,21 @@ def test_the_sinks_cases_time_gpt_oss_peers_on_what_ours_computes():
     torch.testing.assert_close(rescaled, ours, atol=2e-2, rtol=2e-2)
 
 
+def test_the_gated_norm_cases_time_qwen3_nexts_code_on_what_ours_computes():
+    """The rms_norm_gated cases: the peer (Qwen3-Next's gated norm as
+    transformers writes it) computes what pyext's does, up to bf16 rounding,
+    and every case times it, eager and compiled; pyext-cuda says why not."""
+    import torch
+    import pyext
+    from benchmarks import rms_norm_gated
+    cases = list(rms_norm_gated.cases(True, [torch.bfloat16]))
+    assert cases and all({"torch", "torch.compile", "pyext-triton"} <= set(c.providers) for c in cases)
+    assert all(c.providers["pyext-cuda"] == "pyext has no CUDA kernels for rms_norm_gated" for c in cases)
+    x, gate = torch.randn(5, 128, dtype=torch.bfloat16) * 2, torch.randn(5, 128, dtype=torch.bfloat16) * 3
+    weight = torch.rand(128, dtype=torch.bfloat16) + 0.5
+    torch.testing.assert_close(rms_norm_gated.models_code(x, gate, weight),
+                               pyext.rms_norm_gated(x, gate, weight, 1e-6, backend="torch"), atol=3e-2, rtol=2e-2)
+
 def test_the_packed_cases_give_every_provider_the_same_documents():
     """The "packed" cases: the offsets pyext's and FlashAttention's varlen
     calls take and the block-diagonal mask the SDPA backends take are one
