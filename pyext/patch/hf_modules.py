@@ -75,24 +75,23 @@ def _hf_norms():
     replacing one) for each of _HF_NORMS this transformers has."""
     norms = []
     for model, name, eps, pyext_class in _HF_NORMS:
-        try:
-            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
-        except ImportError:
-            continue
-        if hasattr(module, name):
+        if (cls := _transformers_class(model, name)) is not None:
             pyext_class = getattr(pnn, pyext_class)
             flag = "layer_norm" if issubclass(pyext_class, torch.nn.LayerNorm) else "rms_norm"
-            factory = functools.partial(_norm_module, pyext_class, eps)
-            norms.append((getattr(module, name), flag, factory))
+            norms.append((cls, flag, functools.partial(_norm_module, pyext_class, eps)))
     for model, name, norm_before_gate, promote in _HF_GATED_NORMS:
-        try:
-            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
-        except ImportError:
-            continue
-        if hasattr(module, name):
-            factory = functools.partial(_gated_norm_module, norm_before_gate, promote)
-            norms.append((getattr(module, name), "rms_norm", factory))
+        if (cls := _transformers_class(model, name)) is not None:
+            norms.append((cls, "rms_norm", functools.partial(_gated_norm_module, norm_before_gate, promote)))
     return norms
+
+
+def _transformers_class(model, name):
+    """transformers.models.<model>.modeling_<model>.<name>, or None where this transformers lacks it."""
+    try:
+        module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
 
 
 def _hf_swap(cls, swaps):
