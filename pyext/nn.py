@@ -133,7 +133,6 @@ class GemmaRMSNorm(torch.nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
-
 class RMSNormGated(torch.nn.Module):
     """The gated RMSNorm of linear attention and Mamba layers, as
     transformers' modules hold it (a weight of the features, ones at init)

@@ -251,6 +251,7 @@ BAD = {  # case: (exception, what the message names)
     "activation": (ValueError, "activation must be one of"),
     "group_size": (ValueError, "group_size must be a positive divisor"),
     "scalar": (RuntimeError, "x must have at least one dimension"),
+    "list_weight": (TypeError, "weight must be a Tensor, got list"),
 }
 
 
@@ -273,6 +274,8 @@ def test_bad_input_raises_naming_the_argument(backend, case):
         kwargs["activation"] = "gelu"
     elif case == "group_size":
         kwargs["group_size"] = 4
+    elif case == "list_weight":
+        weight = weight.tolist()
     elif case == "scalar":
         x, gate, weight = x[0, 0], gate[0, 0], None
     error, message = BAD[case]

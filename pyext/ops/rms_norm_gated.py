@@ -20,8 +20,9 @@ ACTIVATIONS = ("silu", "sigmoid")
 
 def _check_inputs(op: str, x, gate, weight, activation, group_size):
     """Errors for a call no backend can serve, each naming its argument."""
-    if not isinstance(x, Tensor) or not isinstance(gate, Tensor):
-        raise TypeError(f"{op}: x and gate must be Tensors, got {type(x).__name__} and {type(gate).__name__}")
+    for name, t in (("x", x), ("gate", gate), ("weight", weight)):
+        if not isinstance(t, Tensor) and (t is not None or name != "weight"):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
     if x.dim() == 0:
         raise RuntimeError(f"{op}: x must have at least one dimension (the normalized one), got a scalar")
     if gate.shape != x.shape:
