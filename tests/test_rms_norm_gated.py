@@ -12,7 +12,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = ["silu", "sigmoid"]
 ORDERS = [pytest.param(True, id="norm_before_gate"), pytest.param(False, id="gate_before_norm")]
 # one, odd, a head's worth (Qwen3-Next's 128), one past a 1024 block, the
-# end of the kernels' rows (8192)
+# end of the rows held whole (8192)
 HIDDEN = [1, 37, 128, 1025, 8192]
 
 
@@ -82,11 +82,13 @@ def test_matches_oracle(backend, norm_before_gate, activation, dtype, hidden):
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows,hidden,group_size", [(16384 * 4, 128, None), (4097, 4096, None), (1025, 8192, None),
-                                                    (2049, 8192, 1024)], ids=str)
+                                                    (2049, 8192, 1024), (1025, 16384, 2048), (513, 20480, None)],
+                         ids=str)
 def test_matches_oracle_gpu_sizes(norm_before_gate, dtype, rows, hidden, group_size):
     """Qwen3-Next's rows of a head (many short rows: the batched tiles and
     the persistent backward's long walks), Mamba 2's widths, Nemotron-H's 8
-    groups of 1024."""
+    groups of 1024 (8B) and of 2048 (56B, the chunked kernels), a row of
+    20480 (chunked, ragged)."""
     check("triton", *inputs(rows, hidden, dtype, "cuda"), norm_before_gate=norm_before_gate, group_size=group_size)
 
 
@@ -135,12 +137,31 @@ def test_groups_not_a_power_of_two_are_torchs_under_auto_and_named_by_the_kernel
         pyext.rms_norm_gated(x, gate, weight, group_size=16, backend="triton")
 
 
-def test_rows_past_the_kernels_go_to_torch_under_auto_and_are_named_otherwise():
+@pytest.fixture
+def chunked_path(monkeypatch):
+    """Rows of more than 64 features take the chunked kernels, 32 at a
+    time: several chunks with a ragged tail, cheap under the interpreter."""
+    from pyext.triton_kernels import rms_norm_gated as kernels
+    monkeypatch.setattr(kernels, "FUSED_COLS", 64)
+    monkeypatch.setattr(kernels, "CHUNK", 32)
+
+
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden,group_size", [(100, None), (300, 100), (256, 64), (72, 3)], ids=str)
+def test_chunked_path_matches_oracle(chunked_path, norm_before_gate, activation, dtype, hidden, group_size):
+    """Long rows (made long by lowering the limits): whole rows, 3 groups
+    (any number, unlike the fast path), 4 groups of a chunk each, 24 groups
+    shorter than a chunk; 11 rows over the backward's 4 programs."""
+    check("triton", *inputs(11, hidden, dtype, device_for("triton")), activation=activation,
+          norm_before_gate=norm_before_gate, group_size=group_size)
+
+
+@pytest.mark.parametrize("norm_before_gate", ORDERS)
+def test_rows_past_8192_take_the_chunked_kernels(norm_before_gate):
     x, gate, weight = inputs(2, 8193, torch.bfloat16, device_for("triton"))
-    torch.testing.assert_close(pyext.rms_norm_gated(x, gate, weight, backend="auto"),
-                               reference.rms_norm_gated(x, gate, weight), rtol=0, atol=0)
-    with pytest.raises(pyext.BackendUnavailable, match="up to 8192 elements"):
-        pyext.rms_norm_gated(x, gate, weight, backend="triton")
+    check("triton", x, gate, weight, norm_before_gate=norm_before_gate)
 
 
 def test_no_cuda_kernels_and_a_named_cuda_backend_says_so():
@@ -170,7 +191,8 @@ def test_nan_stays_in_its_row(norm_before_gate):
 
 
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
-@pytest.mark.parametrize("hidden,group_size", [(37, None), (1025, None), (128, 16)], ids=str)
+@pytest.mark.parametrize("hidden,group_size", [(37, None), (1025, None), (128, 16), (8193, None), (9000, 3000)],
+                         ids=str)
 def test_triton_kernels_write_every_element(norm_before_gate, hidden, group_size):
     from pyext.triton_kernels import rms_norm_gated as kernels
     x, gate, weight = inputs(7, hidden, torch.bfloat16, device_for("triton"))

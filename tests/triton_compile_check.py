@@ -109,6 +109,11 @@ def exercise_launchers():
                                                   True)
         rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, "silu", True, 10)  # in 4 groups (Mamba 2's)
         rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, 4, dtype=stat), x[0], "silu", True, True, 10)
+        xc = torch.randn(2, 9000, dtype=dtype)  # the chunked kernels, in 3 groups
+        for gate_first in (False, True):
+            rms_norm_gated.rms_norm_gated_fwd(xc, xc, xc[0], 1e-6, "silu", gate_first, 3000)
+            rms_norm_gated.rms_norm_gated_bwd(xc, xc, xc, torch.rand(2, 3, dtype=stat), xc[0], "silu", gate_first,
+                                              True, 3000)
     x, w = torch.randn(3, 40, dtype=torch.bfloat16), torch.randn(40)  # a float32 weight on bfloat16 x,
     rms_norm_gated.rms_norm_gated_fwd(x, x, w, 1e-6, "silu", False)
     rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3), w, "silu", False, True)

@@ -18,7 +18,10 @@ d(v * rstd(v)) = rstd * (g - vhat * mean(g * vhat)) for an incoming g:
   Bytes: read x, z and dy, write dx and dz.
 
 Rows up to FUSED_COLS elements, loaded whole, once; dweight reduced in two
-deterministic stages as in layer_norm.py.
+deterministic stages as in layer_norm.py. Longer rows go through the chunked
+kernels: one row (or group) a program, CHUNK elements at a time, reading x
+(and z, gate first) twice forward and x, z, dy twice backward, each backward
+program adding its rows' dweight terms into its own row of partials.
 
 Groups (Mamba 2's norm over n / G groups of G features, Nemotron-H's 8):
 the kernels see rows of G, row r's weight at (r % groups) * G. A tile holds
@@ -26,7 +29,8 @@ a multiple of `groups` rows and every program starts at such a row, so tile
 row m is always group m % groups: the backward keeps dweight's partial sums
 per tile row, and its (programs * BLOCK_M, G) partials read as
 (programs * BLOCK_M / groups, n) rows for stage two. Hence groups a power of
-two (BLOCK_M is one).
+two (BLOCK_M is one). The chunked kernels take any number of groups: a row's
+weight and partials start at its group's columns.
 """
 import math
 
@@ -34,11 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, on_device, round_to, to_compute
+from ._utils import cdiv, next_power_of_2, on_device, round_to, to_compute
 from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _row_tile, _rsqrt, _split_eps, _stat_dtype,
                          _sum_partials_kernel, _sum_tile, _take)
 
 FUSED_COLS = 8192  # the backward holds x, z and dy of a row in registers
+CHUNK = 4096  # elements of a row a chunked kernel holds at a time
 ACTIVATIONS = {"silu": 0, "sigmoid": 1}
 
 
@@ -56,6 +61,24 @@ def _group_weight(w_ptr, row, col, cols, groups, mask):
     """The weight of each element of a [rows, cols] tile of groups: row r's
     group's columns, (r % groups) * cols onwards."""
     return to_compute(tl.load(w_ptr + (row % groups)[:, None] * cols + col[None, :], mask=mask, other=0.0))
+
+
+@triton.jit
+def _normalized_and_incoming(x, z, u, rstd, ACT: tl.constexpr, GATE_FIRST: tl.constexpr):
+    """(vhat, g, a, a'): the normalized vector v * rstd (v = x * act(z) gate
+    first, x otherwise) and the gradient g reaching it, from u = dy * w."""
+    a, da = _gate(z, ACT)
+    if GATE_FIRST:
+        return x * a * rstd, u, a, da
+    return x * rstd, u * a, a, da
+
+
+@triton.jit
+def _input_grads(dv, x, dy, u, vhat, a, da, GATE_FIRST: tl.constexpr):
+    """(dx, dz, dweight's term) from dv, the gradient of v."""
+    if GATE_FIRST:
+        return dv * a, dv * x * da, dy * vhat
+    return dv, u * vhat * da, dy * vhat * a
 
 
 @triton.jit
@@ -107,41 +130,107 @@ def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz
         z = to_compute(tl.load(z_ptr + offs, mask=mask, other=0.0))
         dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
         rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)[:, None]
-        a, da = _gate(z, ACT)
         u = dy
         if HAS_W and GROUPED:
             u = dy * _group_weight(w_ptr, row, col, cols, groups, mask)
         elif HAS_W:
             u = dy * w
-        if GATE_FIRST:
-            vhat = x * a * rstd
-            g = u
-        else:
-            vhat = x * rstd
-            g = u * a
+        vhat, g, a, da = _normalized_and_incoming(x, z, u, rstd, ACT, GATE_FIRST)
         dv = rstd * (g - vhat * (tl.sum(g * vhat, axis=1) / cols)[:, None])
-        if GATE_FIRST:
-            dx = dv * a
-            dz = dv * x * da
-        else:
-            dx = dv
-            dz = u * vhat * da
+        dx, dz, dw_term = _input_grads(dv, x, dy, u, vhat, a, da, GATE_FIRST)
         tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptr + offs, round_to(dz, dz_ptr.dtype.element_ty), mask=mask)
-        if NEED_DW:
-            if GATE_FIRST:
-                contribution = dy * vhat
-            else:
-                contribution = dy * vhat * a
-            if GROUPED:
-                dw += contribution
-            else:
-                dw += tl.sum(contribution, axis=0)
+        if NEED_DW and GROUPED:
+            dw += dw_term
+        elif NEED_DW:
+            dw += tl.sum(dw_term, axis=0)
     if NEED_DW and GROUPED:
         part = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(dw_part_ptr + part[:, None] * cols + col[None, :], dw, mask=col_mask[None, :])
     elif NEED_DW:
         tl.store(dw_part_ptr + pid * cols + col, dw, mask=col_mask)
+
+
+@triton.jit
+def _rms_norm_gated_fwd_chunked_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, cols, groups, eps_high, eps_low,
+                                       ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
+                                       BLOCK_N: tl.constexpr):
+    """One row of `cols` (a group's) a program, BLOCK_N at a time: the sum of
+    squares, then y."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row, z_row, y_row = x_ptr + row * cols, z_ptr + row * cols, y_ptr + row * cols
+    w_row = w_ptr + (row % groups) * cols
+    squares = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
+    for start in range(0, cols, BLOCK_N):
+        col = start + tl.arange(0, BLOCK_N)
+        h = to_compute(tl.load(x_row + col, mask=col < cols, other=0.0))
+        if GATE_FIRST:  # norm first needs no z for rstd
+            a, _ = _gate(to_compute(tl.load(z_row + col, mask=col < cols, other=0.0)), ACT)
+            h = h * a
+        squares += h * h
+    rstd = _rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
+    tl.store(rstd_ptr + row, rstd)
+    for start in range(0, cols, BLOCK_N):
+        col = start + tl.arange(0, BLOCK_N)
+        col_mask = col < cols
+        x = to_compute(tl.load(x_row + col, mask=col_mask, other=0.0))
+        a, _ = _gate(to_compute(tl.load(z_row + col, mask=col_mask, other=0.0)), ACT)
+        if GATE_FIRST:
+            y = x * a * rstd
+        else:
+            y = x * rstd
+        if HAS_W:
+            y = y * to_compute(tl.load(w_row + col, mask=col_mask, other=0.0))
+        if not GATE_FIRST:
+            y = y * a
+        tl.store(y_row + col, round_to(y, y_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _chunk_of_row(x_ptr, z_ptr, dy_ptr, w_row, offs_row, col, cols, HAS_W: tl.constexpr):
+    """(x, z, dy, u = dy * w) of columns `col` of a row starting at offs_row."""
+    col_mask = col < cols
+    x = to_compute(tl.load(x_ptr + offs_row + col, mask=col_mask, other=0.0))
+    z = to_compute(tl.load(z_ptr + offs_row + col, mask=col_mask, other=0.0))
+    dy = to_compute(tl.load(dy_ptr + offs_row + col, mask=col_mask, other=0.0))
+    u = dy
+    if HAS_W:
+        u = dy * to_compute(tl.load(w_row + col, mask=col_mask, other=0.0))
+    return x, z, dy, u
+
+
+@triton.jit
+def _rms_norm_gated_bwd_chunked_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+                                       rows, cols, groups, rows_per_program,
+                                       ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
+                                       NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A run of rows a program, each BLOCK_N at a time: mean(g * vhat), then
+    dx, dz and the dweight terms, added into the program's row of partials
+    (zeroed by the host) at the row's group's columns."""
+    pid = tl.program_id(0).to(tl.int64)
+    first = pid * rows_per_program
+    for row in range(first, tl.minimum(first + rows_per_program, rows)):
+        offs_row = row * cols
+        w_row = w_ptr + (row % groups) * cols
+        dw_row = dw_part_ptr + (pid * groups + row % groups) * cols
+        rstd = tl.load(rstd_ptr + row)
+        g_vhat = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
+        for start in range(0, cols, BLOCK_N):
+            col = start + tl.arange(0, BLOCK_N)
+            x, z, dy, u = _chunk_of_row(x_ptr, z_ptr, dy_ptr, w_row, offs_row, col, cols, HAS_W)
+            vhat, g, _, _ = _normalized_and_incoming(x, z, u, rstd, ACT, GATE_FIRST)
+            g_vhat += g * vhat
+        mean_g_vhat = tl.sum(g_vhat, axis=0) / cols
+        for start in range(0, cols, BLOCK_N):
+            col = start + tl.arange(0, BLOCK_N)
+            col_mask = col < cols
+            x, z, dy, u = _chunk_of_row(x_ptr, z_ptr, dy_ptr, w_row, offs_row, col, cols, HAS_W)
+            vhat, g, a, da = _normalized_and_incoming(x, z, u, rstd, ACT, GATE_FIRST)
+            dx, dz, dw_term = _input_grads(rstd * (g - vhat * mean_g_vhat), x, dy, u, vhat, a, da, GATE_FIRST)
+            tl.store(dx_ptr + offs_row + col, round_to(dx, dx_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(dz_ptr + offs_row + col, round_to(dz, dz_ptr.dtype.element_ty), mask=col_mask)
+            if NEED_DW:
+                tl.store(dw_row + col, tl.load(dw_row + col, mask=col_mask) + dw_term, mask=col_mask)
 
 
 def _tile(group_size, groups):
@@ -151,15 +240,27 @@ def _tile(group_size, groups):
     return block_m, block_n, min(16, max(num_warps, block_m * block_n // 512))
 
 
-def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=None, out=None):
-    """(y, rstd) over x's last dim n (at most FUSED_COLS), or over groups of
-    group_size features (n / group_size a power of two; rstd then has one
-    more dim, the groups); `out` optionally gives them."""
-    x, z = x.contiguous(), z.contiguous()
-    weight = weight.contiguous() if weight is not None else None
+def _chunk(cols):
+    """(BLOCK_N, num_warps) of the chunked kernels: CHUNK, or the row's power of two below it."""
+    block_n = min(CHUNK, next_power_of_2(cols))
+    return block_n, max(1, min(8, block_n // 256))
+
+
+def _shape(x, group_size):
+    """(n, cols, groups, chunked): x's last dim, the normalized length, the
+    groups of a row, and whether rows go through the chunked kernels."""
     n = x.shape[-1]
     cols = group_size or n
-    groups = n // cols if cols else 1
+    return n, cols, n // cols if cols else 1, n > FUSED_COLS
+
+
+def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=None, out=None):
+    """(y, rstd) over x's last dim n, or over groups of group_size features
+    (a power-of-two number of them up to FUSED_COLS; rstd then has one more
+    dim, the groups); `out` optionally gives them."""
+    x, z = x.contiguous(), z.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    n, cols, groups, chunked = _shape(x, group_size)
     rows = math.prod(x.shape[:-1]) * groups
     y = _take(out, 0, x.shape, x.dtype, x.device)
     rstd = _take(out, 1, x.shape[:-1] + ((groups,) if group_size else ()), _stat_dtype(x), x.device)
@@ -168,13 +269,18 @@ def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=Non
     if cols == 0:  # an empty row: mean square 0 by convention, nothing to write in y
         rstd.fill_(1.0 / math.sqrt(eps))
         return y, rstd
-    block_m, block_n, num_warps = _tile(cols, groups)
-    eps_high, eps_low = _split_eps(eps)
+    args = (x, z, weight if weight is not None else x, y, rstd)
+    flags = dict(ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None)
     with on_device(x):
-        _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m),)](
-            x, z, weight if weight is not None else x, y, rstd, rows, cols, groups, eps_high, eps_low,
-            ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None, GROUPED=groups > 1,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        if chunked:
+            block_n, num_warps = _chunk(cols)
+            _rms_norm_gated_fwd_chunked_kernel[(rows,)](*args, cols, groups, *_split_eps(eps), BLOCK_N=block_n,
+                                                        num_warps=num_warps, **flags)
+        else:
+            block_m, block_n, num_warps = _tile(cols, groups)
+            _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m),)](
+                *args, rows, cols, groups, *_split_eps(eps), GROUPED=groups > 1, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=num_warps, **flags)
     return y, rstd
 
 
@@ -182,27 +288,37 @@ def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dwei
     """(dx, dz, dweight); dweight an empty tensor unless asked for."""
     dy, x, z, rstd = dy.contiguous(), x.contiguous(), z.contiguous(), rstd.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    n = x.shape[-1]
-    cols = group_size or n
-    groups = n // cols if cols else 1
+    n, cols, groups, chunked = _shape(x, group_size)
     rows = rstd.numel()
     dx = _take(out, 0, x.shape, x.dtype, x.device)
     dz = _take(out, 1, z.shape, z.dtype, z.device)
     dweight = _grad_for(need_dweight, weight, rows, out, 2, x)
     if rows == 0 or cols == 0:
         return dx, dz, dweight
-    block_m, block_n, num_warps = _tile(cols, groups)
-    programs = _backward_programs(x, cdiv(rows, block_m))
-    rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
-    programs = cdiv(rows, rows_per_program)
-    grouped = groups > 1
-    part_rows = programs * block_m // groups if grouped else programs  # rows of n partial sums
-    dw_part = torch.empty((part_rows, n), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
+    if chunked:  # a run of rows a program, each adding into the program's row of n partial sums
+        block_n, num_warps = _chunk(cols)
+        programs = _backward_programs(x, rows)
+        rows_per_program = cdiv(rows, programs)
+        programs = cdiv(rows, rows_per_program)
+        part_rows = programs
+    else:
+        block_m, block_n, num_warps = _tile(cols, groups)
+        programs = _backward_programs(x, cdiv(rows, block_m))
+        rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
+        programs = cdiv(rows, rows_per_program)
+        part_rows = programs * block_m // groups if groups > 1 else programs
+    new_partials = torch.zeros if chunked else torch.empty
+    dw_part = new_partials((part_rows, n), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
+    args = (dy, x, z, weight if weight is not None else x, rstd, dx, dz, dw_part, rows, cols, groups,
+            rows_per_program)
+    flags = dict(ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
+                 NEED_DW=need_dweight)
     with on_device(x):
-        _rms_norm_gated_bwd_kernel[(programs,)](
-            dy, x, z, weight if weight is not None else x, rstd, dx, dz, dw_part, rows, cols, groups,
-            rows_per_program, ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
-            NEED_DW=need_dweight, GROUPED=grouped, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        if chunked:
+            _rms_norm_gated_bwd_chunked_kernel[(programs,)](*args, BLOCK_N=block_n, num_warps=num_warps, **flags)
+        else:
+            _rms_norm_gated_bwd_kernel[(programs,)](*args, GROUPED=groups > 1, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                    num_warps=num_warps, **flags)
         if need_dweight:
             block_p, block_n = _sum_tile(x, n)
             _sum_partials_kernel[(cdiv(n, block_n),)](
