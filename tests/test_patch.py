@@ -512,10 +512,10 @@ def test_an_hf_row_of_packed_documents_with_flash_attentions_kwargs_runs_the_var
 def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     """_flash_documents_mask: the block-diagonal causal mask (the window within
     each document; built once per position_ids tensor and window) from
-    position_ids in eager mode, from FlashAttention's
-    packed kwargs in eager mode and while tracing (position_ids cannot be
-    read there); none for one document, a batch of rows, or a model that did
-    not run FlashAttention before."""
+    position_ids, read on the host (while tracing, at a graph break), or
+    from FlashAttention's packed kwargs (while tracing, on the device);
+    none for one document, a batch of rows, or a model that did not run
+    FlashAttention before."""
     import weakref
     from pyext.patch import hf_attention
 
@@ -540,24 +540,26 @@ def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     assert mask(q=torch.zeros(2, 2, 16, 8), position_ids=positions.expand(2, -1)) is None  # two rows
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.equal(mask(3, **_flash_kwargs(lengths))[0, 0], _block_causal(lengths, 3))
-    assert mask(position_ids=positions) is None
+    assert torch.equal(mask(position_ids=positions.clone())[0, 0], _block_causal(lengths))
     monkeypatch.delitem(hf_attention._flash_before, id(layer.config))
     assert mask(**_flash_kwargs(lengths)) is None
 
 
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("given", ["position_ids", "flash_kwargs"])
 @pytest.mark.parametrize("kind", ["gpt_oss", "llama"])
-def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, given, monkeypatch):
+def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, given, mode, monkeypatch):
     """FlashAttention's integration runs a row of packed documents per
     document whatever the masks say; GPT-OSS's masks ignore position_ids
     (eager and SDPA run the row as one causal sequence), so for a model that
     ran FlashAttention before the patch pyext builds the documents' mask
     itself (Llama's masks have them already). Three documents (5, 4, 7) in
     one row, by position_ids or by FlashAttention's packed kwargs, patched
-    with backend="triton": the varlen kernels run, and the logits are within
-    the rule of each document run on its own by the float64 original."""
-    from pyext.ops import attention_varlen
-    calls = count_triton_calls(monkeypatch, varlen=attention_varlen.VARLEN_FWD)
+    with backend="triton", eager or compiled (position_ids alone read at a
+    graph break): the varlen or the masked kernels run, and the logits are
+    within the rule of each document run on its own by the float64 original."""
+    from pyext.ops import attention, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for("triton")
     original = sharp_hf_model(kind, device, layers=None if kind == "gpt_oss" else 2)
     ran = copy.deepcopy(original)
@@ -574,11 +576,16 @@ def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, 
         model = model.to(dtype)
         bounds = [0, *itertools.accumulate(lengths)]
         return torch.cat([model(input_ids=ids[:, a:b], use_cache=False).logits for a, b in zip(bounds, bounds[1:])], 1)
+    run = patched.to(torch.bfloat16)
+    if mode == "compiled":
+        torch._dynamo.reset()
+        run = torch.compile(run, backend="eager")
     with torch.no_grad():
-        out = patched.to(torch.bfloat16)(input_ids=ids, use_cache=False, **batch).logits
+        out = run(input_ids=ids, use_cache=False, **batch).logits
         check_all(["logits"], [out], [each_document_alone(copy.deepcopy(original), torch.float64)],
                   [each_document_alone(original, torch.bfloat16)])
-    assert calls["varlen"]
+    assert calls["varlen"] or calls["masked"]
+    assert calls["varlen"] or mode == "compiled"  # eager: the documents read, so their varlen kernels
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])

@@ -77,21 +77,37 @@ def _flash_documents_mask(module, query, key, sliding_window, kwargs):
         return None
     declared = _flash_packed_kwargs(kwargs)
     source = declared[0] if declared is not None else kwargs.get("position_ids")
-    compiling = torch.compiler.is_compiling()
-    if not isinstance(source, torch.Tensor) or (declared is None and compiling):
+    if not isinstance(source, torch.Tensor):
         return None
-    if compiling:  # the offsets taken as given, read on the device: token t's document, the offsets past 0 up to t
-        i = torch.arange(tokens, device=query.device, dtype=source.dtype)
-        return _block_causal(torch.searchsorted(source[1:].to(query.device), i, right=True), sliding_window)
+    if not torch.compiler.is_compiling():
+        return _read_documents_mask(declared, source, kwargs.get("position_ids"), sliding_window, tokens, query.device)
+    if declared is None:  # position_ids alone: read them at a graph break, as FlashAttention's integration does
+        return _read_documents_mask_at_a_graph_break(None, source, source, sliding_window, tokens, query.device)
+    # the offsets taken as given, read on the device: token t's document, the offsets past 0 up to t
+    i = torch.arange(tokens, device=query.device, dtype=source.dtype)
+    return _block_causal(torch.searchsorted(source[1:].to(query.device), i, right=True), sliding_window)
+
+
+def _read_documents_mask(declared, source, positions, sliding_window, tokens, device):
+    """_flash_documents_mask in eager mode: the documents read on the host
+    (one sync per forward), the mask cached on `source` per window; None for
+    one document (the plain causal row it is)."""
     known = _documents_masks.get(source)
     if known is None:
         known = {}
         _documents_masks[source] = known
     if sliding_window not in known:
-        document = _documents(declared and declared[0], kwargs.get("position_ids"), tokens, query.device)
-        several = document is not None and bool(document[-1])  # one document: the plain causal row it is
+        document = _documents(declared and declared[0], positions, tokens, device)
+        several = document is not None and bool(document[-1])
         known[sliding_window] = _block_causal(document, sliding_window) if several else None
     return known[sliding_window]
+
+
+# Traced, a model given position_ids alone cannot see its documents without
+# reading them: torch.compile breaks its graph here (fullgraph=True raises),
+# where FlashAttention's integration breaks it too (its packed-sequence test
+# branches on their values).
+_read_documents_mask_at_a_graph_break = torch.compiler.disable(_read_documents_mask)
 
 
 def _block_causal(document, sliding_window):
