@@ -2,6 +2,7 @@
 
     TRITON_INTERPRET=1 python tests/oracle_margins.py varlen "((9, 4, 24), (30, 0, 2), 2, 2, 32, 16)" --seeds 100
     TRITON_INTERPRET=1 python tests/oracle_margins.py dense "(2, 2, 1, 19, 33, 40, 24)" --seeds 60 --math-yardstick
+    TRITON_INTERPRET=1 python tests/oracle_margins.py dense "(2, 2, 1, 19, 33, 40)" --seeds 100 --scale 2.0
 
 Runs the test's own check (check_flash for "dense", check_varlen for
 "varlen") on seeds 0..N-1 with the Triton backend, recording for each output
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--causal", action="store_true", help="varlen: causal (dense alternates)")
     parser.add_argument("--deterministic", action="store_true", help="varlen: the two-kernel backward")
     parser.add_argument("--math-yardstick", action="store_true")
+    parser.add_argument("--scale", type=float, help="dense: a softmax scale other than 1/sqrt(D)")
     args = parser.parse_args()
     case = ast.literal_eval(args.case)
     if args.math_yardstick:
@@ -55,7 +57,7 @@ def main():
         torch.manual_seed(seed)
         if args.kind == "dense":
             q, k, v = test_attention.qkv(case, torch.bfloat16, "cpu")
-            test_attention.check_flash("triton", q, k, v, seed % 2 == 1, seed % 4 >= 2)
+            test_attention.check_flash("triton", q, k, v, seed % 2 == 1, seed % 4 >= 2, args.scale)
         else:
             test_attention_varlen.check_varlen("triton", args.deterministic, case, args.causal)
     for name, values in margins.items():
