@@ -13,11 +13,20 @@ get the pointer forward, sm_90 the tensor-descriptor (TMA) forward (and the
 pointer forward too, forced, as its fallback there). Autotune configs are
 pruned with that GPU's shared memory, as on the device; where a kernel has
 such a prune, each config it keeps must compile to a kernel that fits.
+
+--spills also lists the variants whose registers spill to local memory, as
+ptxas reports them when it builds the cubin (the same ptxas and options as
+on the device, so the same count), with a fresh Triton cache so that every
+variant goes through ptxas.
 """
 import concurrent.futures
+import contextlib
+import io
 import multiprocessing
 import os
+import re
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
@@ -214,21 +223,36 @@ def exercise_launchers():
 jobs = []  # (fn, signature, constexprs, options, target, pruned): each variant to compile, once
 
 
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
 def _compile(index: int):
-    """Compile jobs[index]; why it failed, or None."""
+    """Compile jobs[index]: (why it failed or None, the ptxas report of a
+    variant that spills or None)."""
     fn, signature, constexprs, options, target, pruned = jobs[index]
     what = f"{fn.__name__} sm_{target.arch} {constexprs} {options}"
+    log = io.StringIO()
     try:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+        with contextlib.redirect_stdout(log):  # ptxas -v's report, with knobs.nvidia.dump_ptxas_log
+            kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
     except Exception as e:  # report all, fail at the end
-        return f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        return f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", None
     if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
         return (f"{what}: {kernel.metadata.shared} bytes of shared memory, more than "
-                f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}")
-    return None
+                f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}"), None
+    spills = [int(n) for pair in _SPILLS.findall(log.getvalue()) for n in pair]
+    registers = _REGISTERS.findall(log.getvalue())
+    if any(spills):
+        return None, f"{what}: {registers[-1] if registers else '?'} registers, {spills[-2]} bytes spill stores, " \
+                     f"{spills[-1]} bytes spill loads"
+    return None, None
 
 
 def main():
+    if "--spills" in sys.argv:
+        triton.knobs.nvidia.dump_ptxas_log = True
+        triton.knobs.cache.dir = tempfile.mkdtemp(prefix="pyext_compile_check_")
     JITFunction.run = _record_jit
     Autotuner.run = _record_autotuned
     exercise_launchers()
@@ -245,10 +269,16 @@ def main():
     # one compiling process per core (ptxas is most of the time); forked, so they inherit `jobs`
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1,
                                                 mp_context=multiprocessing.get_context("fork")) as pool:
-        failures = [why for why in pool.map(_compile, range(len(jobs)), chunksize=4) if why is not None]
+        results = list(pool.map(_compile, range(len(jobs)), chunksize=4))
+    failures = [why for why, _ in results if why is not None]
     print(f"compiled {len(jobs) - len(failures)} of {len(jobs)} kernel variants (Triton {triton.__version__})")
     for line in failures:
         print("FAILED", line)
+    if "--spills" in sys.argv:
+        spills = sorted(report for _, report in results if report is not None)
+        print(f"{len(spills)} variants spill registers")
+        for line in spills:
+            print("SPILLS", line)
     return 1 if failures else 0
 
 
