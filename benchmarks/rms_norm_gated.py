@@ -1,8 +1,9 @@
 """Gated RMSNorm cases: rows x hidden, forward, backward, and both.
 
 Rows of a head's values (Qwen3-Next's linear attention: 32 value heads of
-128 per token), of Mamba 2's inner width (4096, one group), and rows of
-16384, past the rows held whole (the chunked kernels). Bytes, e the
+128 per token), of Mamba 2's inner widths (4096; 5120, whose 8192 tile
+the backward holds with registers spilled), and rows of 16384, past the
+rows held whole (the chunked kernels). Bytes, e the
 element size of x and gate, the weight e_w, rstd fp32:
   forward   read x, gate, w; write y, rstd:                  3*M*N*e +   N*e_w + 4*M
   backward  read x, gate, dy, w, rstd; write dx, dgate, dw:  5*M*N*e + 2*N*e_w + 4*M
@@ -18,7 +19,7 @@ import pyext
 from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
 
 HEADS_ROWS = (16384 * 32, 128)  # 16k tokens x 32 value heads of 128 (Qwen3-Next)
-SHAPES_GPU = [HEADS_ROWS, (4096 * 32, 128), (16384, 4096), (4096, 4096), (4096, 16384)]
+SHAPES_GPU = [HEADS_ROWS, (4096 * 32, 128), (16384, 4096), (4096, 4096), (8192, 5120), (4096, 16384)]
 SHAPES_QUICK = [HEADS_ROWS, (16384, 4096)]
 SHAPES_SMOKE = [(4, 128)]
 DIRECTIONS_GPU = ("fwd", "bwd", "fwd+bwd")
