@@ -545,10 +545,26 @@ def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     assert mask(**_flash_kwargs(lengths)) is None
 
 
+def test_a_mask_given_is_restricted_to_the_documents():
+    """_within_documents: a boolean mask and'ed with the documents' mask, an
+    additive one set to the dtype's minimum outside them; the same
+    restricted mask for the same given mask and documents (the layers of a
+    type share it), a new one for new documents."""
+    from pyext.patch import hf_attention
+    documents = _block_causal([2, 3])[None, None]
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    got = hf_attention._within_documents(causal, documents)
+    assert torch.equal(got, documents) and hf_attention._within_documents(causal, documents) is got
+    assert hf_attention._within_documents(causal, documents.clone()) is not got
+    additive = torch.zeros(1, 1, 5, 5, dtype=torch.bfloat16).masked_fill(~causal, -1e4)
+    restricted = hf_attention._within_documents(additive, documents)
+    assert torch.equal(restricted == 0, documents) and restricted.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("given", ["position_ids", "flash_kwargs"])
 @pytest.mark.parametrize("kind", ["gpt_oss", "llama"])
-def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, given, mode, monkeypatch, request):
+def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, given, mode, monkeypatch):
     """FlashAttention's integration runs a row of packed documents per
     document whatever the masks say; GPT-OSS's masks ignore position_ids
     (eager and SDPA run the row as one causal sequence), so for a model that
@@ -558,11 +574,9 @@ def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, 
     with backend="triton", eager or compiled (position_ids alone read at a
     graph break): the varlen or the masked kernels run, and the logits are
     within the rule of each document run on its own by the float64 original.
-    Known gap: under torch 2.11 the compiled GPT-OSS given position_ids
-    alone still runs one causal row (NOTES, "Packed batches")."""
+    (Compiled, torch 2.11's transformers hands the full-attention layers a
+    plain causal mask: the documents restrict it.)"""
     from pyext.ops import attention, attention_varlen
-    if (kind, given, mode) == ("gpt_oss", "position_ids", "compiled") and torch.__version__ < "2.14":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="torch 2.11: position_ids alone, compiled"))
     calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for("triton")
     original = sharp_hf_model(kind, device, layers=None if kind == "gpt_oss" else 2)

@@ -24,9 +24,10 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     gave no mask for it. A packed row (_hf_packed_rows) goes to
     flash_attention_varlen instead, its mask not read by the kernels; given
     no mask, one is built for it where the model ran FlashAttention before
-    (_flash_documents_mask)."""
-    if attention_mask is None:
-        attention_mask = _flash_documents_mask(module, query, key, sliding_window, kwargs)
+    (_flash_documents_mask), and a mask given is restricted to the documents."""
+    documents = _flash_documents_mask(module, query, key, sliding_window, kwargs)
+    if documents is not None:
+        attention_mask = documents if attention_mask is None else _within_documents(attention_mask, documents)
     packed = _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window, kwargs)
     if packed is not None:
         out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), *packed, causal=True,
@@ -63,8 +64,8 @@ _documents_masks = WeakTensorCache()
 
 
 def _flash_documents_mask(module, query, key, sliding_window, kwargs):
-    """The (1, 1, T, T) boolean causal mask of the packed documents of a call
-    given no mask, for a model that ran FlashAttention before the patch
+    """The (1, 1, T, T) boolean causal mask of the packed documents of a call,
+    for a model that ran FlashAttention before the patch
     (_flash_before), the layer's sliding window within each: the documents
     of FlashAttention's packed kwargs where the call has them, else where
     position_ids do not rise by 1 (in eager mode: reading them is a host
@@ -108,6 +109,31 @@ def _read_documents_mask(declared, source, positions, sliding_window, tokens, de
 # where FlashAttention's integration breaks it too (its packed-sequence test
 # branches on their values).
 _read_documents_mask_at_a_graph_break = torch.compiler.disable(_read_documents_mask)
+
+
+# Masks given to a call and restricted to its documents: the given mask ->
+# (the documents' mask, the restricted one), so that the layers sharing a
+# mask share the restricted one too (and _hf_packed_rows reads it once).
+_restricted_masks = WeakTensorCache()
+
+
+def _within_documents(mask, documents):
+    """`mask` (boolean, or additive) where it lets a query see a key of its
+    own document, else masked: transformers hands a compiled model (torch
+    2.11's) a plain causal mask where, in eager mode, it hands none."""
+    if torch.compiler.is_compiling():
+        return _restricted(mask, documents)
+    known = _restricted_masks.get(mask)
+    if known is None or known[0] is not documents:
+        known = (documents, _restricted(mask, documents))
+        _restricted_masks[mask] = known
+    return known[1]
+
+
+def _restricted(mask, documents):
+    if mask.dtype == torch.bool:
+        return mask & documents
+    return mask.masked_fill(~documents, torch.finfo(mask.dtype).min)
 
 
 def _block_causal(document, sliding_window):
