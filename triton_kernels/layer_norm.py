@@ -26,6 +26,17 @@ elements is loaded whole, once (short rows several per program). Longer rows go
 through the chunked kernels, which loop over the row in CHUNK-element pieces:
 the forward reads x three times (twice for RMSNorm), the backward reads x and
 dy twice, and the backward adds each row into its program's partials in memory.
+
+Groups (`group_size`: Cohere's per-head QK norms, a weight of (heads,
+head_dim); Qwen4-Exp's norms over its hyper-connection streams): a row of
+n = groups * cols elements is normalized over each of its groups of cols
+consecutive elements, the weight and bias still spanning all n. The
+statistics are (rows, groups); dweight's partial rows are n long. The fused
+kernels run on a grid (programs, groups): program (p, g) walks group g of
+its rows, groups * cols elements apart, so it loads one slice of the weight
+and sums into one slice of partials, columns g * cols of partial row p; any
+number of groups. The chunked kernels take one row of cols at a time, row r
+(of rows * groups) being group r % groups.
 """
 import math
 import struct
@@ -55,26 +66,28 @@ def _rsqrt(v):
 
 
 @triton.jit
-def _row_tile(start, last, col, cols, BLOCK_M: tl.constexpr):
-    """Rows start .. start + BLOCK_M of a [rows, cols] matrix, those before
-    `last`: (row, row_mask, mask, offs), offs the elements' offsets. The
-    backward programs walk their rows a tile at a time with it."""
+def _row_tile(start, last, group, groups, col, cols, BLOCK_M: tl.constexpr):
+    """Rows start .. start + BLOCK_M, those before `last`, of a matrix whose
+    rows are `groups` groups of `cols`, their group `group`: (row, row_mask,
+    mask, offs), row the index of each among all rows' groups (of their
+    statistics), offs the elements' offsets. The kernels walk their rows a
+    tile at a time with it."""
     row = start + tl.arange(0, BLOCK_M)
     row_mask = row < last
+    row = row * groups + group
     mask = row_mask[:, None] & (col < cols)[None, :]
     return row, row_mask, mask, row[:, None] * cols + col[None, :]
 
 
 @triton.jit
-def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps_high, eps_low,
+def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, groups, eps_high, eps_low,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = tl.program_id(1)
     col = tl.arange(0, BLOCK_N)
-    row_mask = row < rows
     col_mask = col < cols
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = row[:, None] * cols + col[None, :]
+    row, row_mask, mask, offs = _row_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, rows, group, groups, col, cols,
+                                          BLOCK_M)
     x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
     if RMS:
         xc = x
@@ -86,19 +99,21 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_W:
-        y = y * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
+        y = y * to_compute(tl.load(w_ptr + group * cols + col, mask=col_mask, other=0.0))[None, :]
     if HAS_B:
-        y = y + to_compute(tl.load(b_ptr + col, mask=col_mask, other=0.0))[None, :]
+        y = y + to_compute(tl.load(b_ptr + group * cols + col, mask=col_mask, other=0.0))[None, :]
     tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, cols, eps_high, eps_low,
+def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, cols, groups, eps_high, eps_low,
                              RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * cols
     y_row = y_ptr + row * cols
+    w_row = w_ptr + (row % groups) * cols
+    b_row = b_ptr + (row % groups) * cols
     acc_ty = rstd_ptr.dtype.element_ty
     if RMS:
         mean = 0.0
@@ -122,29 +137,30 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
         col_mask = col < cols
         y = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
         if HAS_W:
-            y = y * to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+            y = y * to_compute(tl.load(w_row + col, mask=col_mask, other=0.0))
         if HAS_B:
-            y = y + to_compute(tl.load(b_ptr + col, mask=col_mask, other=0.0))
+            y = y + to_compute(tl.load(b_row + col, mask=col_mask, other=0.0))
         tl.store(y_row + col, round_to(y, y_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
 def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                     rows, cols, rows_per_program,
+                     rows, cols, groups, rows_per_program,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
                      NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
     acc_ty = rstd_ptr.dtype.element_ty
     col = tl.arange(0, BLOCK_N)
     col_mask = col < cols
     if HAS_W:
-        w = to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))
+        w = to_compute(tl.load(w_ptr + group * cols + col, mask=col_mask, other=0.0))
     dw = tl.zeros([BLOCK_N], acc_ty)
     db = tl.zeros([BLOCK_N], acc_ty)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
     for start in range(first, last, BLOCK_M):
-        row, row_mask, mask, offs = _row_tile(start, last, col, cols, BLOCK_M)
+        row, row_mask, mask, offs = _row_tile(start, last, group, groups, col, cols, BLOCK_M)
         x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
         dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
         rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)
@@ -168,28 +184,30 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
             dw += tl.sum(dy * xhat, axis=0)
         if NEED_DB:
             db += tl.sum(dy, axis=0)
+    part = (pid * groups + group) * cols + col  # row pid of partials, its group's columns
     if NEED_DW:
-        tl.store(dw_part_ptr + pid * cols + col, dw, mask=col_mask)
+        tl.store(dw_part_ptr + part, dw, mask=col_mask)
     if NEED_DB:
-        tl.store(db_part_ptr + pid * cols + col, db, mask=col_mask)
+        tl.store(db_part_ptr + part, db, mask=col_mask)
 
 
 @triton.jit
 def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                             rows, cols, rows_per_program,
+                             rows, cols, groups, rows_per_program,
                              RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
                              NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr):
     # The partials start at zero (the host allocates them zeroed); each
-    # program adds its rows into its own row of partials.
+    # program adds its rows into its own row of partials, at their group's columns.
     pid = tl.program_id(0).to(tl.int64)
     acc_ty = rstd_ptr.dtype.element_ty
-    dw_row = dw_part_ptr + pid * cols
-    db_row = db_part_ptr + pid * cols
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
     for row in range(first, last):
         x_row = x_ptr + row * cols
         dy_row = dy_ptr + row * cols
+        w_row = w_ptr + (row % groups) * cols
+        dw_row = dw_part_ptr + (pid * groups + row % groups) * cols
+        db_row = db_part_ptr + (pid * groups + row % groups) * cols
         rstd = tl.load(rstd_ptr + row)
         if RMS:
             mean = 0.0
@@ -203,7 +221,7 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
             x = to_compute(tl.load(x_row + col, mask=col_mask, other=0.0))
             g = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
-                g = mul_rn(g, to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0)))
+                g = mul_rn(g, to_compute(tl.load(w_row + col, mask=col_mask, other=0.0)))
             sum_g += g
             sum_gx += g * tl.where(col_mask, (x - mean) * rstd, 0.0)
         mean_gx = tl.sum(sum_gx, axis=0) / cols
@@ -217,7 +235,7 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
             xhat = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
             dy = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
-                g = mul_rn(dy, to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0)))
+                g = mul_rn(dy, to_compute(tl.load(w_row + col, mask=col_mask, other=0.0)))
             else:
                 g = dy
             dx = rstd * (g - mean_g - xhat * mean_gx)
@@ -284,10 +302,11 @@ def _programs_to_fill(x: torch.Tensor) -> int:
     return 1
 
 
-def _backward_programs(x: torch.Tensor, work: int) -> int:
-    """Programs (rows of partials) for the backward: enough to fill the GPU,
-    no more than the work. Under the interpreter 4, to test the reduction."""
-    return max(1, min(work, _programs_to_fill(x) if x.is_cuda else 4))
+def _backward_programs(x: torch.Tensor, work: int, groups: int = 1) -> int:
+    """Programs (rows of partials) for the backward, each taking `groups`
+    programs' worth of rows: enough to fill the GPU, no more than the work.
+    Under the interpreter 4, to test the reduction."""
+    return max(1, min(work, cdiv(_programs_to_fill(x), groups) if x.is_cuda else 4))
 
 
 def _sum_tile(x: torch.Tensor, cols: int):
@@ -297,17 +316,24 @@ def _sum_tile(x: torch.Tensor, cols: int):
     return PARTIALS_TILE // block_n, block_n
 
 
-def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out):
+def _groups(n: int, group_size):
+    """(cols, groups): a row of n as groups of cols (one group without group_size)."""
+    cols = group_size or n
+    return cols, n // cols if cols else 1
+
+
+def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out, group_size):
     x = x.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     k = len(normalized_shape)
     batch = tuple(x.shape[:x.dim() - k])
-    cols = math.prod(normalized_shape)
+    cols, groups = _groups(math.prod(normalized_shape), group_size)
+    stats = batch + ((groups,) if group_size else ())
     rows = math.prod(batch)
     y = _take(out, 0, x.shape, x.dtype, x.device)
-    mean = None if rms else _take(out, 1, batch, _stat_dtype(x), x.device)
-    rstd = _take(out, 1 if rms else 2, batch, _stat_dtype(x), x.device)
+    mean = None if rms else _take(out, 1, stats, _stat_dtype(x), x.device)
+    rstd = _take(out, 1 if rms else 2, stats, _stat_dtype(x), x.device)
     if rows == 0:
         return y, mean, rstd
     if cols == 0:  # an empty row: variance 0 by convention, nothing to write in y
@@ -325,12 +351,13 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out):
     with on_device(x):
         if tile is not None:
             block_m, block_n, num_warps = tile
-            _norm_fwd_kernel[(cdiv(rows, block_m),)](
-                x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, eps_high, eps_low,
+            _norm_fwd_kernel[(cdiv(rows, block_m), groups)](
+                x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, groups, eps_high, eps_low,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
-            _norm_fwd_chunked_kernel[(rows,)](
-                x, w_arg, b_arg, y, mean_arg, rstd, cols, eps_high, eps_low, BLOCK_N=CHUNK, num_warps=8, **flags)
+            _norm_fwd_chunked_kernel[(rows * groups,)](
+                x, w_arg, b_arg, y, mean_arg, rstd, cols, groups, eps_high, eps_low, BLOCK_N=CHUNK, num_warps=8,
+                **flags)
     return y, mean, rstd
 
 
@@ -343,68 +370,73 @@ def _grad_for(need, param, rows, out, i, x):
     return g
 
 
-def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, out):
+def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, out, group_size):
     x, dy, rstd = x.contiguous(), dy.contiguous(), rstd.contiguous()
     mean = mean.contiguous() if mean is not None else None
     weight = weight.contiguous() if weight is not None else None
-    rows = rstd.numel()
-    cols = math.prod(x.shape[rstd.dim():])
+    batch = rstd.shape[:-1] if group_size else rstd.shape
+    rows = math.prod(batch)
+    n = math.prod(x.shape[len(batch):])
+    cols, groups = _groups(n, group_size)
     dx = _take(out, 0, x.shape, x.dtype, x.device)
     dweight = _grad_for(need_dweight, weight, rows, out, 1, x)
     dbias = _grad_for(need_dbias, bias, rows, out, 2, x)
     if rows == 0 or cols == 0:
         return dx, dweight, dbias
     tile = _fused_tile(cols, BWD_FUSED_COLS)
-    if tile is not None:
+    if tile is not None:  # a grid (programs, groups), each program walking one group of its rows
         block_m, block_n, num_warps = tile
-        programs = _backward_programs(x, cdiv(rows, block_m))
+        programs = _backward_programs(x, cdiv(rows, block_m), groups)
         rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
         new_partials = torch.empty
-    else:
+    else:  # each program a run of rows of cols, rows * groups of them
+        rows *= groups
         programs = _backward_programs(x, rows)
         rows_per_program = cdiv(rows, programs)
         new_partials = torch.zeros  # the chunked kernel adds into them
     programs = cdiv(rows, rows_per_program)
     stat = _stat_dtype(x)
-    dw_part = new_partials((programs, cols), dtype=stat, device=x.device) if need_dweight else rstd
-    db_part = new_partials((programs, cols), dtype=stat, device=x.device) if need_dbias else rstd
+    dw_part = new_partials((programs, n), dtype=stat, device=x.device) if need_dweight else rstd
+    db_part = new_partials((programs, n), dtype=stat, device=x.device) if need_dbias else rstd
     flags = dict(RMS=rms, HAS_W=weight is not None, NEED_DW=need_dweight, NEED_DB=need_dbias)
     w_arg = weight if weight is not None else x
     mean_arg = mean if mean is not None else rstd
     with on_device(x):
         if tile is not None:
-            _norm_bwd_kernel[(programs,)](
-                dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, rows_per_program,
+            _norm_bwd_kernel[(programs, groups)](
+                dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
             _norm_bwd_chunked_kernel[(programs,)](
-                dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, rows_per_program,
+                dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
                 BLOCK_N=CHUNK, num_warps=8, **flags)
-        block_p, block_n = _sum_tile(x, cols)
+        block_p, block_n = _sum_tile(x, n)
         for need, part, grad in ((need_dweight, dw_part, dweight), (need_dbias, db_part, dbias)):
             if need:
-                _sum_partials_kernel[(cdiv(cols, block_n),)](
-                    part, grad, programs, cols, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+                _sum_partials_kernel[(cdiv(n, block_n),)](
+                    part, grad, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return dx, dweight, dbias
 
 
-def layer_norm_fwd(x, normalized_shape, weight, bias, eps, out=None):
-    """(y, mean, rstd); `out` optionally gives them (contiguous, right shape)."""
-    return _norm_fwd(x, normalized_shape, weight, bias, eps, False, out)
+def layer_norm_fwd(x, normalized_shape, weight, bias, eps, out=None, group_size=None):
+    """(y, mean, rstd); `out` optionally gives them (contiguous, right shape).
+    With group_size (a divisor of n), the statistics are over each group of
+    group_size elements of a row, and have one more dim: the groups."""
+    return _norm_fwd(x, normalized_shape, weight, bias, eps, False, out, group_size)
 
 
-def layer_norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, out=None):
+def layer_norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, out=None, group_size=None):
     """(dx, dweight, dbias); a gradient not asked for is an empty tensor."""
-    return _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, False, out)
+    return _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, False, out, group_size)
 
 
-def rms_norm_fwd(x, normalized_shape, weight, eps, out=None):
+def rms_norm_fwd(x, normalized_shape, weight, eps, out=None, group_size=None):
     """(y, rstd)."""
-    y, _, rstd = _norm_fwd(x, normalized_shape, weight, None, eps, True, out)
+    y, _, rstd = _norm_fwd(x, normalized_shape, weight, None, eps, True, out, group_size)
     return y, rstd
 
 
-def rms_norm_bwd(dy, x, rstd, weight, need_dweight, out=None):
+def rms_norm_bwd(dy, x, rstd, weight, need_dweight, out=None, group_size=None):
     """(dx, dweight)."""
-    dx, dweight, _ = _norm_bwd(dy, x, None, rstd, weight, None, need_dweight, False, True, out)
+    dx, dweight, _ = _norm_bwd(dy, x, None, rstd, weight, None, need_dweight, False, True, out, group_size)
     return dx, dweight

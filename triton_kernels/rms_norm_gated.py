@@ -17,20 +17,17 @@ d(v * rstd(v)) = rstd * (g - vhat * mean(g * vhat)) for an incoming g:
                      dx = dh a,  dz = dh x a',  dweight = sum over rows of dy hhat
   Bytes: read x, z and dy, write dx and dz.
 
-Rows up to FUSED_COLS elements, loaded whole, once; dweight reduced in two
-deterministic stages as in layer_norm.py. Longer rows go through the chunked
+Rows (or groups) up to FUSED_COLS elements, loaded whole, once; dweight
+reduced in two deterministic stages as in layer_norm.py. Longer ones go through the chunked
 kernels: one row (or group) a program, CHUNK elements at a time, reading x
 (and z, gate first) twice forward and x, z, dy twice backward, each backward
 program adding its rows' dweight terms into its own row of partials.
 
-Groups (Mamba 2's norm over n / G groups of G features, Nemotron-H's 8):
-the kernels see rows of G, row r's weight at (r % groups) * G. A tile holds
-a multiple of `groups` rows and every program starts at such a row, so tile
-row m is always group m % groups: the backward keeps dweight's partial sums
-per tile row, and its (programs * BLOCK_M, G) partials read as
-(programs * BLOCK_M / groups, n) rows for stage two. Hence groups a power of
-two (BLOCK_M is one). The chunked kernels take any number of groups: a row's
-weight and partials start at its group's columns.
+Groups (Mamba 2's norm over n / G groups of G features, Nemotron-H's 8),
+any number of them, as in layer_norm.py: the fused kernels run on a grid
+(programs, groups), program (p, g) walking group g of its rows; the chunked
+kernels take one group of a row at a time, its weight and partials at its
+group's columns.
 """
 import math
 
@@ -39,10 +36,10 @@ import triton
 import triton.language as tl
 
 from ._utils import cdiv, next_power_of_2, on_device, round_to, to_compute
-from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _row_tile, _rsqrt, _split_eps, _stat_dtype,
-                         _sum_partials_kernel, _sum_tile, _take)
+from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _groups, _row_tile, _rsqrt, _split_eps,
+                         _stat_dtype, _sum_partials_kernel, _sum_tile, _take)
 
-FUSED_COLS = 8192  # the backward holds x, z and dy of a row in registers
+FUSED_COLS = 8192  # the backward holds x, z and dy of a row (a group) in registers
 CHUNK = 4096  # elements of a row a chunked kernel holds at a time
 ACTIVATIONS = {"silu": 0, "sigmoid": 1}
 
@@ -54,13 +51,6 @@ def _gate(z, ACT: tl.constexpr):
     if ACT == 0:
         return z * s, s * (1.0 + z * (1.0 - s))
     return s, s * (1.0 - s)
-
-
-@triton.jit
-def _group_weight(w_ptr, row, col, cols, groups, mask):
-    """The weight of each element of a [rows, cols] tile of groups: row r's
-    group's columns, (r % groups) * cols onwards."""
-    return to_compute(tl.load(w_ptr + (row % groups)[:, None] * cols + col[None, :], mask=mask, other=0.0))
 
 
 @triton.jit
@@ -84,12 +74,12 @@ def _input_grads(dv, x, dy, u, vhat, a, da, GATE_FIRST: tl.constexpr):
 @triton.jit
 def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, groups, eps_high, eps_low,
                                ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
-                               GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    group = tl.program_id(1)
     col = tl.arange(0, BLOCK_N)
-    row_mask = row < rows
-    mask = row_mask[:, None] & (col < cols)[None, :]
-    offs = row[:, None] * cols + col[None, :]
+    col_mask = col < cols
+    row, row_mask, mask, offs = _row_tile(tl.program_id(0).to(tl.int64) * BLOCK_M, rows, group, groups, col, cols,
+                                          BLOCK_M)
     x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
     a, _ = _gate(to_compute(tl.load(z_ptr + offs, mask=mask, other=0.0)), ACT)
     h = x
@@ -98,10 +88,8 @@ def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols,
     rstd = _rsqrt(tl.sum(h * h, axis=1) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = h * rstd[:, None]
-    if HAS_W and GROUPED:
-        y = y * _group_weight(w_ptr, row, col, cols, groups, mask)
-    elif HAS_W:
-        y = y * to_compute(tl.load(w_ptr + col, mask=col < cols, other=0.0))[None, :]
+    if HAS_W:
+        y = y * to_compute(tl.load(w_ptr + group * cols + col, mask=col_mask, other=0.0))[None, :]
     if not GATE_FIRST:
         y = y * a
     tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
@@ -111,44 +99,34 @@ def _rms_norm_gated_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols,
 def _rms_norm_gated_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
                                rows, cols, groups, rows_per_program,
                                ACT: tl.constexpr, GATE_FIRST: tl.constexpr, HAS_W: tl.constexpr,
-                               NEED_DW: tl.constexpr, GROUPED: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
     col = tl.arange(0, BLOCK_N)
     col_mask = col < cols
-    if GROUPED:  # dweight's partial sums per tile row, each its group's (see above)
-        dw = tl.zeros([BLOCK_M, BLOCK_N], rstd_ptr.dtype.element_ty)
-    else:
-        dw = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
-        if HAS_W:
-            w = to_compute(tl.load(w_ptr + col, mask=col_mask, other=0.0))[None, :]
+    dw = tl.zeros([BLOCK_N], rstd_ptr.dtype.element_ty)
+    if HAS_W:
+        w = to_compute(tl.load(w_ptr + group * cols + col, mask=col_mask, other=0.0))[None, :]
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
     for start in range(first, last, BLOCK_M):
-        row, row_mask, mask, offs = _row_tile(start, last, col, cols, BLOCK_M)
+        row, row_mask, mask, offs = _row_tile(start, last, group, groups, col, cols, BLOCK_M)
         x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
         z = to_compute(tl.load(z_ptr + offs, mask=mask, other=0.0))
         dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
         rstd = tl.load(rstd_ptr + row, mask=row_mask, other=0.0)[:, None]
         u = dy
-        if HAS_W and GROUPED:
-            u = dy * _group_weight(w_ptr, row, col, cols, groups, mask)
-        elif HAS_W:
+        if HAS_W:
             u = dy * w
         vhat, g, a, da = _normalized_and_incoming(x, z, u, rstd, ACT, GATE_FIRST)
         dv = rstd * (g - vhat * (tl.sum(g * vhat, axis=1) / cols)[:, None])
         dx, dz, dw_term = _input_grads(dv, x, dy, u, vhat, a, da, GATE_FIRST)
         tl.store(dx_ptr + offs, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dz_ptr + offs, round_to(dz, dz_ptr.dtype.element_ty), mask=mask)
-        if NEED_DW and GROUPED:
-            dw += dw_term
-        elif NEED_DW:
+        if NEED_DW:
             dw += tl.sum(dw_term, axis=0)
-    if NEED_DW and GROUPED:
-        part = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(dw_part_ptr + part[:, None] * cols + col[None, :], dw, mask=col_mask[None, :])
-    elif NEED_DW:
-        tl.store(dw_part_ptr + pid * cols + col, dw, mask=col_mask)
+    if NEED_DW:  # row pid of partials, its group's columns
+        tl.store(dw_part_ptr + (pid * groups + group) * cols + col, dw, mask=col_mask)
 
 
 @triton.jit
@@ -233,35 +211,20 @@ def _rms_norm_gated_bwd_chunked_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, rstd_ptr, dx
                 tl.store(dw_row + col, tl.load(dw_row + col, mask=col_mask) + dw_term, mask=col_mask)
 
 
-def _tile(group_size, groups):
-    """(BLOCK_M, BLOCK_N, num_warps): whole groups of group_size, a multiple of `groups` rows a tile."""
-    block_m, block_n, num_warps = _fused_tile(group_size, FUSED_COLS)
-    block_m = max(block_m, groups)
-    return block_m, block_n, min(16, max(num_warps, block_m * block_n // 512))
-
-
 def _chunk(cols):
     """(BLOCK_N, num_warps) of the chunked kernels: CHUNK, or the row's power of two below it."""
     block_n = min(CHUNK, next_power_of_2(cols))
     return block_n, max(1, min(8, block_n // 256))
 
 
-def _shape(x, group_size):
-    """(n, cols, groups, chunked): x's last dim, the normalized length, the
-    groups of a row, and whether rows go through the chunked kernels."""
-    n = x.shape[-1]
-    cols = group_size or n
-    return n, cols, n // cols if cols else 1, n > FUSED_COLS
-
-
 def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=None, out=None):
     """(y, rstd) over x's last dim n, or over groups of group_size features
-    (a power-of-two number of them up to FUSED_COLS; rstd then has one more
-    dim, the groups); `out` optionally gives them."""
+    (rstd then has one more dim, the groups); `out` optionally gives them."""
     x, z = x.contiguous(), z.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    n, cols, groups, chunked = _shape(x, group_size)
-    rows = math.prod(x.shape[:-1]) * groups
+    n = x.shape[-1]
+    cols, groups = _groups(n, group_size)
+    rows = math.prod(x.shape[:-1])
     y = _take(out, 0, x.shape, x.dtype, x.device)
     rstd = _take(out, 1, x.shape[:-1] + ((groups,) if group_size else ()), _stat_dtype(x), x.device)
     if rows == 0:
@@ -272,15 +235,15 @@ def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=Non
     args = (x, z, weight if weight is not None else x, y, rstd)
     flags = dict(ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None)
     with on_device(x):
-        if chunked:
+        if cols > FUSED_COLS:
             block_n, num_warps = _chunk(cols)
-            _rms_norm_gated_fwd_chunked_kernel[(rows,)](*args, cols, groups, *_split_eps(eps), BLOCK_N=block_n,
-                                                        num_warps=num_warps, **flags)
+            _rms_norm_gated_fwd_chunked_kernel[(rows * groups,)](*args, cols, groups, *_split_eps(eps),
+                                                                 BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
-            block_m, block_n, num_warps = _tile(cols, groups)
-            _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m),)](
-                *args, rows, cols, groups, *_split_eps(eps), GROUPED=groups > 1, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=num_warps, **flags)
+            block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+            _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m), groups)](
+                *args, rows, cols, groups, *_split_eps(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                **flags)
     return y, rstd
 
 
@@ -288,27 +251,27 @@ def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dwei
     """(dx, dz, dweight); dweight an empty tensor unless asked for."""
     dy, x, z, rstd = dy.contiguous(), x.contiguous(), z.contiguous(), rstd.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    n, cols, groups, chunked = _shape(x, group_size)
-    rows = rstd.numel()
+    n = x.shape[-1]
+    cols, groups = _groups(n, group_size)
+    rows = math.prod(x.shape[:-1])
+    chunked = cols > FUSED_COLS
     dx = _take(out, 0, x.shape, x.dtype, x.device)
     dz = _take(out, 1, z.shape, z.dtype, z.device)
     dweight = _grad_for(need_dweight, weight, rows, out, 2, x)
     if rows == 0 or cols == 0:
         return dx, dz, dweight
-    if chunked:  # a run of rows a program, each adding into the program's row of n partial sums
+    if chunked:  # a run of rows of cols a program, each adding into the program's row of n partial sums
         block_n, num_warps = _chunk(cols)
+        rows *= groups
         programs = _backward_programs(x, rows)
         rows_per_program = cdiv(rows, programs)
-        programs = cdiv(rows, rows_per_program)
-        part_rows = programs
-    else:
-        block_m, block_n, num_warps = _tile(cols, groups)
-        programs = _backward_programs(x, cdiv(rows, block_m))
+    else:  # a grid (programs, groups), each program walking one group of its rows
+        block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+        programs = _backward_programs(x, cdiv(rows, block_m), groups)
         rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
-        programs = cdiv(rows, rows_per_program)
-        part_rows = programs * block_m // groups if groups > 1 else programs
+    programs = cdiv(rows, rows_per_program)
     new_partials = torch.zeros if chunked else torch.empty
-    dw_part = new_partials((part_rows, n), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
+    dw_part = new_partials((programs, n), dtype=_stat_dtype(x), device=x.device) if need_dweight else rstd
     args = (dy, x, z, weight if weight is not None else x, rstd, dx, dz, dw_part, rows, cols, groups,
             rows_per_program)
     flags = dict(ACT=ACTIVATIONS[activation], GATE_FIRST=gate_first, HAS_W=weight is not None,
@@ -317,10 +280,10 @@ def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dwei
         if chunked:
             _rms_norm_gated_bwd_chunked_kernel[(programs,)](*args, BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
-            _rms_norm_gated_bwd_kernel[(programs,)](*args, GROUPED=groups > 1, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                    num_warps=num_warps, **flags)
+            _rms_norm_gated_bwd_kernel[(programs, groups)](*args, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                           num_warps=num_warps, **flags)
         if need_dweight:
             block_p, block_n = _sum_tile(x, n)
             _sum_partials_kernel[(cdiv(n, block_n),)](
-                dw_part, dweight, part_rows, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+                dw_part, dweight, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return dx, dz, dweight

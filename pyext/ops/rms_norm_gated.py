@@ -52,11 +52,6 @@ def _kernel_reason(x, gate, weight, group_size) -> Optional[str]:
                                    _narrower_rms_weight(x.dtype, weight.dtype)):
         return (f"weight dtype {weight.dtype} with x dtype {x.dtype} is not supported (x's dtype, float32 for "
                 "float16/bfloat16 x, or a narrower one)")
-    from pyext.triton_kernels.rms_norm_gated import FUSED_COLS
-    groups = x.shape[-1] // group_size if group_size else 1
-    if groups & (groups - 1) and x.shape[-1] <= FUSED_COLS:
-        return (f"rows held whole (up to {FUSED_COLS} features) take a power-of-two number of groups; "
-                f"group_size {group_size} makes {groups}")
     return None
 
 
@@ -167,10 +162,9 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     The Triton kernels take float32/float16/bfloat16/float64 x with weight
     of x's dtype, float32, or a narrower one (Mamba's float32 residual
     stream through bfloat16 norms; dweight in the weight's dtype). The fast
-    path holds rows of up to 8192 features whole (one read of x and gate
-    forward; x, gate and dy backward), in a power-of-two number of groups;
-    longer rows, in any number of groups, go through chunked kernels that
-    read each input twice. "auto" sends other calls to torch (the
+    path holds rows (or groups) of up to 8192 features whole (one read of x
+    and gate forward; x, gate and dy backward), in any number of groups;
+    longer ones go through chunked kernels that read each input twice. "auto" sends other calls to torch (the
     reference), a named backend raises.
     There are no CUDA kernels for it.
     """
