@@ -20,14 +20,25 @@ class GELU(torch.nn.GELU):
 
 
 class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm; group_size (keyword) normalizes each group of that
+    many consecutive elements of normalized_shape separately (see
+    pyext.layer_norm): LayerNorm((heads, head_dim), group_size=head_dim),
+    bias=False, is Cohere's per-head QK norm."""
+
+    group_size = None  # also on torch modules pyext.patch gives this class
+
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, *, backend=None):
+                 device=None, dtype=None, *, group_size=None, backend=None):
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
-        self.backend = backend
+        self.group_size, self.backend = group_size, backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                          group_size=self.group_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group_size={self.group_size}" if self.group_size else "")
 
 
 class NemotronLayerNorm1P(LayerNorm):
@@ -50,7 +61,8 @@ class NemotronLayerNorm1P(LayerNorm):
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         weight = None if self.weight is None else 1.0 + self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return layer_norm(x, self.normalized_shape, weight, bias, self.eps, backend=self.backend)
+        return layer_norm(x, self.normalized_shape, weight, bias, self.eps, group_size=self.group_size,
+                          backend=self.backend)
 
 
 class DebertaLayerNorm(LayerNorm):
@@ -64,18 +76,27 @@ class DebertaLayerNorm(LayerNorm):
         params = [p for p in (self.weight, self.bias) if p is not None]
         wide = functools.reduce(torch.promote_types, [p.dtype for p in params], input.dtype)
         weight, bias = (None if p is None else p.to(wide) for p in (self.weight, self.bias))
-        return layer_norm(input.to(wide), self.normalized_shape, weight, bias, self.eps, backend=self.backend)
+        return layer_norm(input.to(wide), self.normalized_shape, weight, bias, self.eps, group_size=self.group_size,
+                          backend=self.backend)
 
 
 class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm; group_size (keyword) as in pyext.nn.LayerNorm."""
+
+    group_size = None  # also on torch modules pyext.patch gives this class
+
     def __init__(self, normalized_shape, eps=None, elementwise_affine: bool = True, device=None, dtype=None, *,
-                 backend=None):
+                 group_size=None, backend=None):
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device,
                          dtype=dtype)
-        self.backend = backend
+        self.group_size, self.backend = group_size, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps, group_size=self.group_size,
+                        backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group_size={self.group_size}" if self.group_size else "")
 
 
 class T5RMSNorm(RMSNorm):
@@ -90,9 +111,10 @@ class T5RMSNorm(RMSNorm):
         weight = self.weight
         wide = torch.promote_types(x.dtype, weight.dtype)
         out = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else wide
+        options = dict(group_size=self.group_size, backend=self.backend)
         if x.dtype == out == weight.dtype:
-            return rms_norm(x, self.normalized_shape, weight, self.eps, backend=self.backend)
-        y = rms_norm(x.to(wide), self.normalized_shape, weight.to(wide), self.eps, backend=self.backend)
+            return rms_norm(x, self.normalized_shape, weight, self.eps, **options)
+        y = rms_norm(x.to(wide), self.normalized_shape, weight.to(wide), self.eps, **options)
         return y.to(out)
 
 
@@ -118,19 +140,22 @@ class GemmaRMSNorm(torch.nn.Module):
     y = x / rms(x) * (1 + weight), computed in float32 and rounded once to
     x's dtype, the weight stored as an offset from one (zeros at init). The
     same parameter and state_dict as transformers' module; pyext.rms_norm
-    with the float32 weight 1 + weight."""
+    with the float32 weight 1 + weight. group_size (keyword): over each
+    group of that many features (Qwen4-Exp's hyper-connection norms)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None, *, backend=None):
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None, *, group_size=None, backend=None):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
-        self.backend = backend
+        self.group_size, self.backend = group_size, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight.shape, 1.0 + self.weight.float(), self.eps, backend=self.backend)
+        return rms_norm(x, self.weight.shape, 1.0 + self.weight.float(), self.eps, group_size=self.group_size,
+                        backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+        groups = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{tuple(self.weight.shape)}, eps={self.eps}{groups}"
 
 
 class RMSNormGated(torch.nn.Module):

@@ -27,6 +27,34 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight=None, eps=None) -> torch.
     return torch.rms_norm(x, normalized_shape, weight, eps)
 
 
+def _grouped_norm(norm, x, normalized_shape, weight, bias, group_size):
+    """norm(groups) over each group of group_size consecutive elements of a
+    row of prod(normalized_shape), times weight plus bias, both of
+    normalized_shape: computed in float32 (float64 for float64 x), rounded
+    once to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lead = x.dim() - len(normalized_shape)
+    groups = x.to(compute).reshape(*x.shape[:lead], math.prod(normalized_shape) // group_size, group_size)
+    y = norm(groups).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
+
+
+def grouped_layer_norm(x, normalized_shape, weight, bias, eps, group_size) -> torch.Tensor:
+    """LayerNorm over each group of group_size elements of a row (see _grouped_norm)."""
+    return _grouped_norm(lambda g: torch.layer_norm(g, g.shape[-1:], None, None, eps), x, normalized_shape, weight,
+                         bias, group_size)
+
+
+def grouped_rms_norm(x, normalized_shape, weight, eps, group_size) -> torch.Tensor:
+    """RMSNorm over each group of group_size elements of a row; eps None as in F.rms_norm."""
+    return _grouped_norm(lambda g: torch.rms_norm(g, g.shape[-1:], None, eps), x, normalized_shape, weight, None,
+                         group_size)
+
+
 
 def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor, weight=None, eps=None, activation: str = "silu",
                    norm_before_gate: bool = True, group_size=None) -> torch.Tensor:

@@ -111,6 +111,13 @@ def exercise_launchers():
             layer_norm.layer_norm_bwd(xc, xc, mean, rstd, wc, wc, True, True)
             layer_norm.rms_norm_fwd(xc, (cols,), wc, 1e-6)
             layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
+            groups = 2  # over groups of a row (Cohere's per-head QK norm), fused and chunked
+            stats = torch.rand(2, groups, dtype=stat)
+            xg, wg = xc.repeat(1, groups), wc.repeat(groups)
+            layer_norm.layer_norm_fwd(xg, (groups * cols,), wg, wg, 1e-5, group_size=cols)
+            layer_norm.layer_norm_bwd(xg, xg, stats, stats, wg, wg, True, True, group_size=cols)
+            layer_norm.rms_norm_fwd(xg, (groups * cols,), wg, 1e-6, group_size=cols)
+            layer_norm.rms_norm_bwd(xg, xg, stats, wg, True, group_size=cols)
         for activation in ("silu", "sigmoid"):  # the gated RMSNorm's two activations and two orders
             for gate_first in (False, True):
                 rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, activation, gate_first)

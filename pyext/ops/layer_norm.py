@@ -6,6 +6,7 @@ mean and rstd have x's leading (batch) shape, in fp32 (fp64 for fp64 x), and
 are saved for the backward. Backward ops return (dx, dweight, dbias) and
 (dx, dweight); a gradient not asked for (need_* false) is an empty tensor.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -44,9 +45,10 @@ def _narrower_rms_weight(x_dtype, w_dtype) -> bool:
     return w_dtype in _KERNEL_DTYPES and w_dtype != x_dtype and torch.promote_types(x_dtype, w_dtype) == x_dtype
 
 
-def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool) -> Tuple[int, ...]:
+def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool, group_size=None) -> Tuple[int, ...]:
     """The errors F.layer_norm / F.rms_norm raise for the same call (type and
-    meaning; our messages name the argument). Returns normalized_shape as a tuple."""
+    meaning; our messages name the argument), and a group_size that is not a
+    positive divisor of prod(normalized_shape). Returns normalized_shape as a tuple."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
     if isinstance(normalized_shape, (int, Tensor)) or not all(
@@ -75,26 +77,34 @@ def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool) -> Tupl
             raise RuntimeError(f"{op}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     if not x.is_floating_point():
         raise NotImplementedError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                   or group_size <= 0 or math.prod(shape) % group_size):
+        raise ValueError(f"{op}: group_size must be a positive divisor of prod(normalized_shape) = "
+                         f"{math.prod(shape)}, got {group_size!r}")
     return shape
 
 
-def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, need_dbias):
-    """Checks of a backward op's arguments (they may come from anywhere)."""
+def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, need_dbias, group_size=None):
+    """Checks of a backward op's arguments (they may come from anywhere): the
+    statistics of x's leading shape, then the groups where there are groups."""
     if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
         raise RuntimeError(f"{op}: grad must match x ({x.dtype} {list(x.shape)} on {x.device}), "
                            f"got {grad.dtype} {list(grad.shape)} on {grad.device}")
+    lead = rstd.dim() - (group_size is not None)
+    shape = x.shape[lead:]
+    rms = mean is None  # RMSNorm saves no mean
+    if 0 <= lead < x.dim():  # else the statistics' shape is wrong, below
+        _check_inputs(op, x, shape, weight, bias, rms=rms, group_size=group_size)
+    groups = (shape.numel() // group_size,) if group_size else ()
     stat = _stat_dtype(x.dtype)
     for name, s in (("mean", mean), ("rstd", rstd)):
         if s is None:
             continue
-        if (s.dim() >= x.dim() or tuple(s.shape) != tuple(x.shape[:s.dim()]) or s.dtype != stat
+        if (not 0 <= lead < x.dim() or tuple(s.shape) != tuple(x.shape[:lead]) + groups or s.dtype != stat
                 or s.device != x.device):
-            raise RuntimeError(f"{op}: {name} must be {stat} of x's leading shape on {x.device}, "
+            of = "x's leading shape, then the groups," if groups else "x's leading shape"
+            raise RuntimeError(f"{op}: {name} must be {stat} of {of} on {x.device}, "
                                f"got {s.dtype} {list(s.shape)} on {s.device}")
-    if mean is not None and mean.shape != rstd.shape:
-        raise RuntimeError(f"{op}: mean shape {list(mean.shape)} differs from rstd shape {list(rstd.shape)}")
-    rms = mean is None  # RMSNorm saves no mean
-    _check_inputs(op, x, x.shape[rstd.dim():], weight, bias, rms=rms)
     _kernel_dtypes_or_raise(op, x, weight, bias, rms=rms)
     if need_dweight and weight is None:
         raise RuntimeError(f"{op}: need_dweight without a weight")
@@ -251,7 +261,7 @@ def _why_not(backend: str, x: Tensor, *params, rms=False):
 
 
 def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5, *, backend=None) -> Tensor:
+               eps: float = 1e-5, *, group_size: Optional[int] = None, backend=None) -> Tensor:
     """LayerNorm with `torch.nn.functional.layer_norm`'s semantics: normalizes
     over the trailing dims `normalized_shape`, then scales by weight and adds
     bias (each optional). Differentiable in x, weight and bias.
@@ -271,9 +281,18 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
 
     Under torch.autocast, x, weight and bias are cast as torch casts them for
     F.layer_norm: to float32 on CUDA (float32 output), not on CPU.
+
+    group_size (keyword, not in torch): normalize each group of group_size
+    consecutive elements of a row separately, the weight and bias still of
+    normalized_shape: a per-head QK norm with a weight per head is
+    layer_norm(q, (heads, head_dim), w, group_size=head_dim) (Cohere's).
+    Any number of groups; the Triton kernels hold groups of up to the sizes
+    above, the CUDA kernels take none (a named "cuda" raises).
     """
     x, weight, bias = autocast_inputs("aten::layer_norm", x, weight, bias)
-    shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False)
+    shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False, group_size=group_size)
+    if group_size not in (None, math.prod(shape)):
+        return grouped_norm.layer_norm(x, shape, weight, bias, eps, group_size, backend)
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
     if name == "torch":
         return reference.layer_norm(x, shape, weight, bias, eps)
@@ -281,7 +300,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
 
 
 def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
-             backend=None) -> Tensor:
+             group_size: Optional[int] = None, backend=None) -> Tensor:
     """RMSNorm with `torch.nn.functional.rms_norm`'s semantics:
     y = x / sqrt(mean(x^2 over normalized_shape) + eps) * weight.
 
@@ -292,12 +311,19 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     narrower dtype (y in x's dtype, as torch promotes); other weight dtypes
     go to the reference under "auto". Fast path, chunked path and double
     backward as in `layer_norm`. Under torch.autocast, x and weight are cast
-    as torch casts them for F.rms_norm.
+    as torch casts them for F.rms_norm. group_size as in `layer_norm`:
+    rms_norm(h, (streams * d,), w, group_size=d) normalizes each of a row's
+    streams (Qwen4-Exp's hyper-connection norm).
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
-    shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True)
+    shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True, group_size=group_size)
+    if group_size not in (None, math.prod(shape)):
+        return grouped_norm.rms_norm(x, shape, weight, eps, group_size, backend)
     name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight, rms=True))
     if name == "torch":
         return reference.rms_norm(x, shape, weight, eps)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
     return RMS_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, eps)[0]
+
+
+from pyext.ops import grouped_norm  # noqa: E402  (its ops build on this module's checks)
