@@ -46,9 +46,11 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
 # Where TINY alone builds a model its own code cannot run: the MLA
 # attentions whose keys have every query head (a kv_b_proj per head), and
 # hybrids whose default layer_types have no attention layer (or none at all),
-# Granite 4's Mamba sizes (set for its default width)
-OVERRIDES = {"kimi_linear": dict(num_key_value_heads=4), "bailing_hybrid": dict(num_key_value_heads=4),
-             "hy_v4": dict(num_key_value_heads=4), "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+# Granite 4's Mamba sizes (set for its default width); Cohere with the QK
+# norms of Command R+ (per head, a weight of (heads, head_dim))
+OVERRIDES = {"cohere": dict(use_qk_norm=True), "kimi_linear": dict(num_key_value_heads=4),
+             "bailing_hybrid": dict(num_key_value_heads=4), "hy_v4": dict(num_key_value_heads=4),
+             "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
              "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4,
                                       mamba_d_head=16, mamba_d_state=16)}
 

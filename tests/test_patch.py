@@ -1223,12 +1223,11 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     eps: pyext.nn.RMSNorm (Llama's: x / rms, rounded, times weight; OLMo 2's
     and Helium's: weight * x / rms in float32, rounded once; Llama 4's;
     Gemma 3n's; Moshi's), UnweightedRMSNorm (nanochat's; Gemma 3n's with no
-    weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight); Qwen4-Exp's),
-    T5RMSNorm (T5's), LayerNorm (Cohere's, no bias; OLMo's, no parameters)
-    or DebertaLayerNorm (DeBERTa's). A norm computing something else, or
-    over other dims than its weight's (Cohere's per-head one, Qwen4-Exp's
-    over groups of features), or with a weight that is not a Parameter, is
-    left, saying why."""
+    weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight); Qwen4-Exp's,
+    also over groups of the features), T5RMSNorm (T5's), LayerNorm (Cohere's,
+    no bias, also per head with a weight of (heads, head_dim); OLMo's, no
+    parameters) or DebertaLayerNorm (DeBERTa's). A norm computing something
+    else, or with a weight that is not a Parameter, is left, saying why."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1257,10 +1256,8 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "cohere2": (hf_class("cohere2", "Cohere2LayerNorm")(8, eps=1e-4), "LayerNorm"),  # a copy of Cohere's
              "olmo": (hf_class("olmo", "OlmoLayerNorm")(8), "LayerNorm"),
              "deberta": (hf_class("deberta", "DebertaLayerNorm")(8), "DebertaLayerNorm"),
-             "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)),
-                           "a weight of shape (2, 4): pyext's modules normalize over the weight's dims"),
-             "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4),
-                                  "statistics over groups of 4 of its 8 features"),
+             "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)), "LayerNorm"),  # over each head's 4
+             "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4), "GemmaRMSNorm"),
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
                               "a weight that is not a Parameter"),
              "other": (OtherRMSNorm(), "no pyext equivalent"),
@@ -1276,6 +1273,7 @@ def test_hf_norms_are_swapped_by_what_they_compute():
         old, new = norms[name][0], model[name]
         eps = old.variance_epsilon if hasattr(old, "variance_epsilon") else getattr(old, "eps", 1e-5)
         assert new.eps == eps, name
+        assert getattr(new, "group_size", None) == {"cohere_qk": 4, "qwen4_exp_groups": 4}.get(name), name
         assert new.state_dict().keys() == old.state_dict().keys(), name
         assert all(new.get_parameter(key) is old.get_parameter(key) for key in old.state_dict()), name
 
@@ -1345,7 +1343,8 @@ def check_swapped_hf_norm(model, norm, args, backend, x_dtype, weight_dtype):
             p.normal_(0, 0.5)
     ours = pyext.patch(torch.nn.ModuleDict({"norm": copy.deepcopy(theirs)}), attention=False, backend=backend)["norm"]
     assert type(ours).__module__ == "pyext.nn"
-    x = torch.randn(7, 96, device=device) * 3 + 1
+    weight = theirs._parameters.get("weight")
+    x = torch.randn(7, *(weight.shape if weight is not None else (96,)), device=device) * 3 + 1
     names = ["y", "dx"] + [name for name, _ in theirs.named_parameters()]
     check_swapped_module(ours, theirs, [x], x_dtype, weight_dtype, names)
 
@@ -1360,6 +1359,18 @@ NORM_BACKEND_DTYPES = [pytest.param(b.values[0], dtype, marks=b.marks, id=f"{b.v
 @pytest.mark.parametrize("backend,dtype", NORM_BACKEND_DTYPES)
 @pytest.mark.parametrize("model,norm,args", HF_NORMS, ids=[name for name, _, _ in HF_NORMS])
 def test_a_swapped_hf_norm_matches_transformers_own(model, norm, args, backend, dtype):
+    check_swapped_hf_norm(model, norm, args, backend, dtype, dtype)
+
+
+# the norms over groups of a row: Cohere's QK norm (3 heads of 32: a weight of (heads, head_dim)) and
+# Qwen4-Exp's hyper-connection norm (4 streams of 24)
+HF_GROUPED_NORMS = [pytest.param("cohere", "CohereLayerNorm", ((3, 32),), id="cohere_qk"),
+                    pytest.param("qwen4_exp", "Qwen4ExpTextRMSNorm", (96, 24), id="qwen4_exp_groups")]
+
+
+@pytest.mark.parametrize("backend,dtype", NORM_BACKEND_DTYPES)
+@pytest.mark.parametrize("model,norm,args", HF_GROUPED_NORMS)
+def test_a_swapped_hf_grouped_norm_matches_transformers_own(model, norm, args, backend, dtype):
     check_swapped_hf_norm(model, norm, args, backend, dtype, dtype)
 
 

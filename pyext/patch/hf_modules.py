@@ -50,7 +50,7 @@ _HF_NORMS = (
     ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
     ("qwen4_exp", "Qwen4ExpTextRMSNorm", "eps", "GemmaRMSNorm"),  # Gemma's, or over groups of the features
     ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
-    ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias: Command R, Command A
+    ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias, per head too: Command R, Command A
     ("deberta", "DebertaLayerNorm", "variance_epsilon", "DebertaLayerNorm"),  # y in the promoted dtype: DeBERTa v1
     ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
     ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
@@ -131,21 +131,21 @@ def _norm_module(pyext_class, eps, old, backend):
     eps = getattr(old, eps) if isinstance(eps, str) else eps
     if weight is None and hasattr(old, "weight"):  # Falcon Mamba's: a buffer its fused kernels read
         return "a weight that is not a Parameter"
+    group = getattr(old, "group_size", None)  # Qwen4-Exp's hyper-connection norms: groups of the features
     if weight is not None and weight.dim() != 1:  # Cohere's QK-norm: (heads, head_dim), over head_dim alone
-        return f"a weight of shape {tuple(weight.shape)}: pyext's modules normalize over the weight's dims"
-    group = getattr(old, "group_size", None)
-    if weight is not None and group not in (None, weight.shape[0]):  # Qwen4-Exp's hyper-connection norms
-        return f"statistics over groups of {group} of its {weight.shape[0]} features"
+        if not issubclass(pyext_class, pnn.LayerNorm):
+            return f"a weight of shape {tuple(weight.shape)}"
+        group = weight.shape[-1]
     if issubclass(pyext_class, pnn.LayerNorm):
         shape = weight.shape if weight is not None else getattr(old, "normalized_shape", None)
         if shape is None:
             return "no weight and no normalized_shape: pyext.nn.LayerNorm's is fixed"
         new = pyext_class(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
-                          device="meta", backend=backend)
+                          device="meta", group_size=group, backend=backend)
     elif weight is None:  # nanochat's, or Gemma 3n's value norm: over the input's last dim
         new = pnn.UnweightedRMSNorm(eps, backend=backend)
     else:
-        new = pyext_class(weight.shape[0], eps=eps, device="meta", backend=backend)
+        new = pyext_class(weight.shape[0], eps=eps, device="meta", group_size=group, backend=backend)
     if weight is not None:
         new.weight = weight
     if bias is not None:
