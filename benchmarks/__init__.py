@@ -14,13 +14,14 @@ if not torch.cuda.is_available():
     # must be chosen before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks import adamw, attention, gelu, layer_norm, rms_norm_gated, train_step  # noqa: E402
+from benchmarks import adamw, attention, gelu, grouped_norm, layer_norm, rms_norm_gated, train_step  # noqa: E402
 
 OPS = {
     "gelu": gelu.cases,
     "layer_norm": layer_norm.layer_norm_cases,
     "rms_norm": layer_norm.rms_norm_cases,
     "rms_norm_gated": rms_norm_gated.cases,
+    "grouped_norm": grouped_norm.cases,
     "attention": attention.cases,
     "adamw": adamw.cases,
     "train_step": train_step.cases,
@@ -30,6 +31,7 @@ COUNTS = {
     "layer_norm": layer_norm.count,
     "rms_norm": layer_norm.rms_norm_count,
     "rms_norm_gated": rms_norm_gated.count,
+    "grouped_norm": grouped_norm.count,
     "attention": attention.count,
     "adamw": adamw.count,
     "train_step": train_step.count,

@@ -185,7 +185,23 @@ def test_the_gated_norm_cases_time_qwen3_nexts_code_on_what_ours_computes():
     torch.testing.assert_close(rms_norm_gated.models_code(x, gate, weight),
                                pyext.rms_norm_gated(x, gate, weight, 1e-6, backend="torch"), atol=3e-2, rtol=2e-2)
 
-def test_the_packed_cases_give_every_provider_the_same_documents():
+
+def test_the_grouped_norm_cases_time_the_models_code_on_what_ours_computes():
+    """The grouped_norm cases: each peer (Cohere's QK norm, Qwen4-Exp's norm
+    over streams, as transformers writes them) computes what pyext's does
+    with group_size, up to bf16 rounding; pyext-cuda says why not."""
+    from benchmarks import grouped_norm
+    cases = list(grouped_norm.cases(True, [torch.bfloat16]))
+    assert {c.op for c in cases} == {"layer_norm[groups]", "rms_norm[groups]"}
+    assert all(c.providers["pyext-cuda"] == "pyext has no CUDA kernels for norms over groups" for c in cases)
+    x, weight = torch.randn(5, 3, 16, dtype=torch.bfloat16) * 2 + 1, torch.randn(3, 16, dtype=torch.bfloat16)
+    eps = grouped_norm.EPS
+    torch.testing.assert_close(grouped_norm.cohere_qk_norm(x, weight), pyext.layer_norm(
+        x, (3, 16), weight, eps=eps, group_size=16, backend="torch"), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(grouped_norm.streams_rms_norm(x, weight), pyext.rms_norm(
+        x, (3, 16), weight, eps=eps, group_size=16, backend="torch"), atol=3e-2, rtol=2e-2)
+
+
     """The "packed" cases: the offsets pyext's and FlashAttention's varlen
     calls take and the block-diagonal mask the SDPA backends take are one
     attention; the CUDA kernels say why they are not timed."""
