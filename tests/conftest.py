@@ -227,9 +227,9 @@ def auto_runs_the_triton_kernels(monkeypatch):
     runs the Triton kernels (interpreter) instead, as it does on a GPU."""
     if not HAS_GPU:
         select = _backend.select
-        monkeypatch.setattr(_backend, "select", lambda op, backend, device, why_not, *rest: (
+        monkeypatch.setattr(_backend, "select", lambda op, backend, device, why_not, *rest, **options: (
             "triton" if _backend.is_auto(backend) and why_not("triton") is None
-            else select(op, backend, device, why_not, *rest)))
+            else select(op, backend, device, why_not, *rest, **options)))
 
 
 @pytest.fixture

@@ -283,3 +283,25 @@ def test_ops_called_directly_refuse_inconsistent_statistics():
         bwd(x, x, mean, rstd[:, :1].contiguous(), w, b, True, True, 8)
     with pytest.raises(ValueError, match="group_size"):
         bwd(x, x, mean, rstd, w, b, True, True, 5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_auto_runs_the_kernels_and_double_backward_is_the_references(kind, auto_runs_the_triton_kernels):
+    """"auto" runs the Triton ops (as on a GPU); a backward with
+    create_graph=True is torch's from the saved inputs, as for the plain
+    norms; a named kernel backend raises there."""
+    x, w, b = (t.double().requires_grad_() for t in inputs(3, (2, 5), torch.float64, device_for("triton")))
+    args = (w, b) if kind == "layer_norm" else (w,)
+
+    def norm(backend):
+        return getattr(pyext, kind)(x, (2, 5), *args, group_size=5, backend=backend)
+    assert f"grouped_{kind}_fwd_triton" in type(norm("auto").grad_fn).__name__
+    leaves = (x, *args)
+    twice = []
+    for backend in ("auto", "torch"):
+        grads = torch.autograd.grad(norm(backend).pow(2).sum(), leaves, create_graph=True)
+        twice.append(torch.autograd.grad(sum(g.pow(2).sum() for g in grads), leaves))
+    for got, want in zip(*twice):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(pyext.BackendUnavailable, match="create_graph=True"):
+        torch.autograd.grad(norm("triton").pow(2).sum(), leaves, create_graph=True)

@@ -1225,8 +1225,8 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     Gemma 3n's; Moshi's), UnweightedRMSNorm (nanochat's; Gemma 3n's with no
     weight), GemmaRMSNorm (Gemma's: x / rms * (1 + weight); Qwen4-Exp's,
     also over groups of the features), T5RMSNorm (T5's), LayerNorm (Cohere's,
-    no bias, also per head with a weight of (heads, head_dim); OLMo's, no
-    parameters) or DebertaLayerNorm (DeBERTa's). A norm computing something
+    no bias, also per head with a weight of (heads, head_dim); Chameleon's
+    per head; OLMo's, no parameters) or DebertaLayerNorm (DeBERTa's). A norm computing something
     else, or with a weight that is not a Parameter, is left, saying why."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
@@ -1257,6 +1257,7 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "olmo": (hf_class("olmo", "OlmoLayerNorm")(8), "LayerNorm"),
              "deberta": (hf_class("deberta", "DebertaLayerNorm")(8), "DebertaLayerNorm"),
              "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)), "LayerNorm"),  # over each head's 4
+             "chameleon": (hf_class("chameleon", "ChameleonLayerNorm")((2, 4)), "LayerNorm"),  # the same, a bias
              "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4), "GemmaRMSNorm"),
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
                               "a weight that is not a Parameter"),
@@ -1273,7 +1274,8 @@ def test_hf_norms_are_swapped_by_what_they_compute():
         old, new = norms[name][0], model[name]
         eps = old.variance_epsilon if hasattr(old, "variance_epsilon") else getattr(old, "eps", 1e-5)
         assert new.eps == eps, name
-        assert getattr(new, "group_size", None) == {"cohere_qk": 4, "qwen4_exp_groups": 4}.get(name), name
+        groups = {"cohere_qk": 4, "chameleon": 4, "qwen4_exp_groups": 4}
+        assert getattr(new, "group_size", None) == groups.get(name), name
         assert new.state_dict().keys() == old.state_dict().keys(), name
         assert all(new.get_parameter(key) is old.get_parameter(key) for key in old.state_dict()), name
 
@@ -1362,9 +1364,10 @@ def test_a_swapped_hf_norm_matches_transformers_own(model, norm, args, backend, 
     check_swapped_hf_norm(model, norm, args, backend, dtype, dtype)
 
 
-# the norms over groups of a row: Cohere's QK norm (3 heads of 32: a weight of (heads, head_dim)) and
-# Qwen4-Exp's hyper-connection norm (4 streams of 24)
+# the norms over groups of a row: Cohere's and Chameleon's QK norms (3 heads of 32: a weight of
+# (heads, head_dim); Chameleon's a bias too) and Qwen4-Exp's hyper-connection norm (4 streams of 24)
 HF_GROUPED_NORMS = [pytest.param("cohere", "CohereLayerNorm", ((3, 32),), id="cohere_qk"),
+                    pytest.param("chameleon", "ChameleonLayerNorm", ((3, 32),), id="chameleon_qk"),
                     pytest.param("qwen4_exp", "Qwen4ExpTextRMSNorm", (96, 24), id="qwen4_exp_groups")]
 
 

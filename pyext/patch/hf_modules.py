@@ -51,6 +51,7 @@ _HF_NORMS = (
     ("qwen4_exp", "Qwen4ExpTextRMSNorm", "eps", "GemmaRMSNorm"),  # Gemma's, or over groups of the features
     ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
     ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias, per head too: Command R, Command A
+    ("chameleon", "ChameleonLayerNorm", 1e-5, "LayerNorm"),  # per head, a weight and bias of (heads, head_dim)
     ("deberta", "DebertaLayerNorm", "variance_epsilon", "DebertaLayerNorm"),  # y in the promoted dtype: DeBERTa v1
     ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
     ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
