@@ -305,3 +305,22 @@ def test_auto_runs_the_kernels_and_double_backward_is_the_references(kind, auto_
         torch.testing.assert_close(got, want)
     with pytest.raises(pyext.BackendUnavailable, match="create_graph=True"):
         torch.autograd.grad(norm("triton").pow(2).sum(), leaves, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_casts_as_for_the_plain_norm(backend, kind, monkeypatch):
+    """Under autocast the inputs are cast as torch casts them for
+    F.layer_norm / F.rms_norm: float32 where its policy says (CUDA's; here
+    made to say so for the tests' device), the groups unchanged."""
+    from pyext import _autocast
+    device = device_for(backend)
+    monkeypatch.setitem(_autocast.POLICY, f"aten::{kind}", (frozenset({device.type}), True))
+    x, w, b = inputs(3, (2, 8), torch.bfloat16, device)
+    args = (w, b) if kind == "layer_norm" else (w,)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = getattr(pyext, kind)(x, (2, 8), *args, group_size=8, backend=backend)
+    want = getattr(reference, f"grouped_{kind}")(x.float(), (2, 8), *(t.float() for t in args),
+                                                 *((1e-5,) if kind == "layer_norm" else (None,)), 8)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want)
