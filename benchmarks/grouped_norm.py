@@ -17,15 +17,13 @@ torch.compile of it. Liger's and Apex's norms take no weight per group.
 import torch
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, grid_count, norm_grid, our_backends
 
 # (kind, rows, groups, group size): Command R+'s query and key norms over
 # 8192 tokens, 4 streams of 4096
 SHAPES_GPU = [("layer_norm", 8192, 96, 128), ("layer_norm", 8192, 8, 128), ("rms_norm", 4096, 4, 4096)]
 SHAPES_QUICK = SHAPES_GPU[:1] + SHAPES_GPU[2:]
 SHAPES_SMOKE = [("layer_norm", 4, 2, 64), ("rms_norm", 4, 2, 64)]
-DIRECTIONS_GPU = ("fwd", "bwd", "fwd+bwd")
-DIRECTIONS_SMOKE = ("fwd", "fwd+bwd")
 EPS = 1e-5
 
 
@@ -37,13 +35,11 @@ def _bytes(rms: bool, rows: int, n: int, groups: int, e: int, e_w: int, directio
 
 
 def _grid(quick: bool):
-    shapes = (SHAPES_QUICK if quick else SHAPES_GPU) if HAS_GPU else SHAPES_SMOKE
-    return shapes, DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
+    return norm_grid(quick, SHAPES_GPU, SHAPES_QUICK, SHAPES_SMOKE)
 
 
 def count(quick: bool, dtypes) -> int:
-    shapes, directions = _grid(quick)
-    return len(dtypes) * len(shapes) * len(directions)
+    return grid_count(_grid(quick), dtypes)
 
 
 def cohere_qk_norm(x, weight):

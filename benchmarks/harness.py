@@ -316,6 +316,21 @@ def plot(base: str, rows: List[dict]) -> List[str]:
     return paths
 
 
+def norm_grid(quick: bool, shapes_gpu, shapes_quick, shapes_smoke):
+    """(shapes, directions) of a memory-bound op's cases: on a GPU its full
+    or quick shapes, forward, backward and both; without one the smoke
+    shapes, forward and both."""
+    if HAS_GPU:
+        return (shapes_quick if quick else shapes_gpu), ("fwd", "bwd", "fwd+bwd")
+    return shapes_smoke, ("fwd", "fwd+bwd")
+
+
+def grid_count(grid, dtypes) -> int:
+    """How many cases a (shapes, directions) grid makes over dtypes."""
+    shapes, directions = grid
+    return len(dtypes) * len(shapes) * len(directions)
+
+
 def our_backends() -> Dict[str, Optional[str]]:
     """pyext-cuda / pyext-triton -> None when it runs here, else why not."""
     import pyext

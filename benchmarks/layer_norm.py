@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, optional_peer, our_backends
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, grid_count, norm_grid, optional_peer, our_backends
 
 GPT2 = (8 * 1024, 768)  # batch 8 x 1024 tokens x hidden 768
 SHAPES_GPU = [GPT2] + [(rows, hidden) for rows in (4096, 16384) for hidden in (1024, 2048, 4096, 8192)]
 SHAPES_QUICK = [GPT2, (4096, 1024), (16384, 8192)]
 SHAPES_SMOKE = [(4, 256)]
-DIRECTIONS_GPU = ("fwd", "bwd", "fwd+bwd")
-DIRECTIONS_SMOKE = ("fwd", "fwd+bwd")
 
 
 def _bytes(rms: bool, rows: int, hidden: int, e: int, e_w: int, direction: str) -> int:
@@ -44,8 +42,7 @@ def _plot_group(op: str, rows: int) -> str:
 
 def _grid(quick: bool):
     """(shapes, directions) of one norm's cases."""
-    shapes = (SHAPES_QUICK if quick else SHAPES_GPU) if HAS_GPU else SHAPES_SMOKE
-    return shapes, DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
+    return norm_grid(quick, SHAPES_GPU, SHAPES_QUICK, SHAPES_SMOKE)
 
 
 # Mamba's norms (HF's residual_in_fp32): float32 x through a bfloat16 weight,
@@ -65,8 +62,7 @@ def _narrow_weight_grid(quick: bool, dtypes):
 
 
 def count(quick: bool, dtypes) -> int:
-    shapes, directions = _grid(quick)
-    return len(dtypes) * len(shapes) * len(directions)
+    return grid_count(_grid(quick), dtypes)
 
 
 def rms_norm_count(quick: bool, dtypes) -> int:

@@ -16,14 +16,12 @@ is not among the peer wheels the GPU machine has.)
 import torch
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+from benchmarks.harness import HAS_GPU, Case, autograd_callable, grid_count, norm_grid, our_backends
 
 HEADS_ROWS = (16384 * 32, 128)  # 16k tokens x 32 value heads of 128 (Qwen3-Next)
 SHAPES_GPU = [HEADS_ROWS, (4096 * 32, 128), (16384, 4096), (4096, 4096), (8192, 5120), (4096, 16384)]
 SHAPES_QUICK = [HEADS_ROWS, (16384, 4096)]
 SHAPES_SMOKE = [(4, 128)]
-DIRECTIONS_GPU = ("fwd", "bwd", "fwd+bwd")
-DIRECTIONS_SMOKE = ("fwd", "fwd+bwd")
 
 
 def _bytes(rows: int, hidden: int, e: int, e_w: int, direction: str) -> int:
@@ -33,13 +31,11 @@ def _bytes(rows: int, hidden: int, e: int, e_w: int, direction: str) -> int:
 
 
 def _grid(quick: bool):
-    shapes = (SHAPES_QUICK if quick else SHAPES_GPU) if HAS_GPU else SHAPES_SMOKE
-    return shapes, DIRECTIONS_GPU if HAS_GPU else DIRECTIONS_SMOKE
+    return norm_grid(quick, SHAPES_GPU, SHAPES_QUICK, SHAPES_SMOKE)
 
 
 def count(quick: bool, dtypes) -> int:
-    shapes, directions = _grid(quick)
-    return len(dtypes) * len(shapes) * len(directions)
+    return grid_count(_grid(quick), dtypes)
 
 
 def models_code(x, gate, weight, eps=1e-6):
