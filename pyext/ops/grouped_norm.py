@@ -18,8 +18,8 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext.ops._register import create_graph_grads, register_stages
-from pyext.ops.layer_norm import (_check_backward, _check_inputs, _kernel_dtypes_or_raise, _stat_dtype, _why_not,
-                                  default_rms_eps)
+from pyext.ops.layer_norm import (_check_backward, _check_inputs, _fake_grad, _kernel_dtypes_or_raise, _stat_dtype,
+                                  _why_not, default_rms_eps)
 
 
 # ------------------------------------------------------- Triton stages (ops)
@@ -68,12 +68,6 @@ def _fake_stats(x, normalized_shape, group_size):
     batch = x.shape[:x.dim() - len(normalized_shape)]
     n = x.shape[x.dim() - len(normalized_shape):].numel()
     return x.new_empty((*batch, n // group_size), dtype=_stat_dtype(x.dtype))
-
-
-def _fake_grad(need, param, x):
-    if need:
-        return torch.empty_like(param, memory_format=torch.contiguous_format)
-    return x.new_empty(0)
 
 
 def _fake_ln_fwd(x, normalized_shape, weight, bias, eps, group_size):
