@@ -1227,7 +1227,9 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     also over groups of the features), T5RMSNorm (T5's), LayerNorm (Cohere's,
     no bias, also per head with a weight of (heads, head_dim); Chameleon's
     per head; OLMo's, no parameters) or DebertaLayerNorm (DeBERTa's). A norm computing something
-    else, or with a weight that is not a Parameter, is left, saying why."""
+    else, or whose code reads a weight that is not a Parameter, is left,
+    saying why; Falcon Mamba's, whose weight is a buffer only its fused
+    kernels read, becomes UnweightedRMSNorm holding that buffer."""
     class OtherRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -1239,6 +1241,10 @@ def test_hf_norms_are_swapped_by_what_they_compute():
     class OtherNormRMSNorm(hf_class("gemma3n", "Gemma3nRMSNorm")):  # Gemma 3n's forward, another _norm
         def _norm(self, x):
             return x
+
+    buffer_weight = hf_class("llama", "LlamaRMSNorm")(8)  # Llama's code, its weight a buffer
+    del buffer_weight.weight
+    buffer_weight.register_buffer("weight", torch.ones(8))
     norms = {"qwen2": (hf_class("qwen2", "Qwen2RMSNorm")(8, eps=1e-5), "RMSNorm"),  # a copy of Llama's
              "olmo2": (hf_class("olmo2", "Olmo2RMSNorm")(8), "RMSNorm"),
              "gpt_oss": (hf_class("gpt_oss", "GptOssRMSNorm")(8, eps=1e-5), "RMSNorm"),  # a copy of OLMo 2's
@@ -1259,8 +1265,9 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "cohere_qk": (hf_class("cohere", "CohereLayerNorm")((2, 4)), "LayerNorm"),  # over each head's 4
              "chameleon": (hf_class("chameleon", "ChameleonLayerNorm")((2, 4)), "LayerNorm"),  # the same, a bias
              "qwen4_exp_groups": (hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(8, group_size=4), "GemmaRMSNorm"),
-             "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),
-                              "a weight that is not a Parameter"),
+             "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),  # a buffer it never
+                              "UnweightedRMSNorm"),  # reads, kept: its fused kernels read it
+             "buffer_weight": (buffer_weight, "a weight that is not a Parameter"),
              "other": (OtherRMSNorm(), "no pyext equivalent"),
              "other_norm": (OtherNormRMSNorm(8), "no pyext equivalent")}
     model = torch.nn.ModuleDict({name: old for name, (old, _) in norms.items()})
@@ -1278,7 +1285,7 @@ def test_hf_norms_are_swapped_by_what_they_compute():
         assert getattr(new, "group_size", None) == groups.get(name), name
         assert new.state_dict().keys() == old.state_dict().keys(), name
         assert all(new.get_parameter(key) is old.get_parameter(key) for key in old.state_dict()), name
-
+    assert model["falcon_mamba"].weight is norms["falcon_mamba"][0].weight
 
 @pytest.mark.parametrize("model,norm,groups", [
     ("qwen3_5", "Qwen3_5RMSNormGated", None),  # a copy of Qwen3-Next's
@@ -1300,14 +1307,16 @@ def test_hf_gated_norms_are_swapped_by_what_they_compute(model, norm, groups):
     assert new.activation == getattr(old, "activation", "silu")
     assert new.group_size == (groups if takes_groups else None)
 
-# (model, class, its constructor's arguments) of each computation in pyext.patch's _HF_NORMS
+# (model, class, its constructor's arguments) of each computation in pyext.patch's _HF_NORMS, and Falcon
+# Mamba's copy of nanochat's (a weight buffer its fused kernels read, kept)
 HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), ("helium", "HeliumRMSNorm", (96,)),
             ("llama4", "Llama4TextRMSNorm", (96,)), ("gemma3n", "Gemma3nRMSNorm", (96,)),
             ("moshi", "MoshiRMSNorm", (96,)), ("nanochat", "NanoChatRMSNorm", ()),
             ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", ()), ("gemma", "GemmaRMSNorm", (96,)),
             ("qwen4_exp", "Qwen4ExpTextRMSNorm", (96,)), ("t5", "T5LayerNorm", (96,)),
             ("cohere", "CohereLayerNorm", (96,)), ("olmo", "OlmoLayerNorm", (96,)),
-            ("deberta", "DebertaLayerNorm", (96,)), ("nemotron", "NemotronLayerNorm1P", (96,))]
+            ("deberta", "DebertaLayerNorm", (96,)), ("nemotron", "NemotronLayerNorm1P", (96,)),
+            ("falcon_mamba", "FalconMambaWeightlessRMSNorm", (96,))]
 
 
 def check_swapped_module(ours, theirs, inputs, x_dtype, weight_dtype, names):

@@ -130,7 +130,9 @@ def _norm_module(pyext_class, eps, old, backend):
     Parameters themselves (optimizers and state_dict see no change), or why not."""
     weight, bias = old._parameters.get("weight"), old._parameters.get("bias")
     eps = getattr(old, eps) if isinstance(eps, str) else eps
-    if weight is None and hasattr(old, "weight"):  # Falcon Mamba's: a buffer its fused kernels read
+    buffer = old._buffers.get("weight")  # Falcon Mamba's: ones its fused kernels read, its own code does not
+    if weight is None and hasattr(old, "weight") and (
+            buffer is None or issubclass(pyext_class, pnn.LayerNorm) or _reads(type(old), "weight")):
         return "a weight that is not a Parameter"
     group = getattr(old, "group_size", None)  # Qwen4-Exp's hyper-connection norms: groups of the features
     if weight is not None and weight.dim() != 1:  # Cohere's QK-norm: (heads, head_dim), over head_dim alone
@@ -143,8 +145,10 @@ def _norm_module(pyext_class, eps, old, backend):
             return "no weight and no normalized_shape: pyext.nn.LayerNorm's is fixed"
         new = pyext_class(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
                           device="meta", group_size=group, backend=backend)
-    elif weight is None:  # nanochat's, or Gemma 3n's value norm: over the input's last dim
+    elif weight is None:  # nanochat's, Gemma 3n's value norm, Falcon Mamba's: over the input's last dim
         new = pnn.UnweightedRMSNorm(eps, backend=backend)
+        if buffer is not None:  # kept where the model's fused path looks for it
+            new.register_buffer("weight", buffer, persistent="weight" not in old._non_persistent_buffers_set)
     else:
         new = pyext_class(weight.shape[0], eps=eps, device="meta", group_size=group, backend=backend)
     if weight is not None:
@@ -155,6 +159,12 @@ def _norm_module(pyext_class, eps, old, backend):
         missing = sorted(old.state_dict().keys() - new.state_dict().keys())
         return f"state pyext's module would not hold: {', '.join(missing)}"
     return new
+
+
+def _reads(cls, name: str) -> bool:
+    """Whether cls's forward (or _norm) reads an attribute `name`."""
+    return any(name in f.__code__.co_names for f in (cls.forward, getattr(cls, "_norm", None))
+               if hasattr(f, "__code__"))
 
 
 def _gated_norm_module(norm_before_gate, promote, old, backend):
