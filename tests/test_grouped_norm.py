@@ -324,3 +324,24 @@ def test_autocast_casts_as_for_the_plain_norm(backend, kind, monkeypatch):
                                                  *((1e-5,) if kind == "layer_norm" else (None,)), 8)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_more_groups_than_the_grid_takes_are_torchs_under_auto_and_named_by_the_kernels(kind, monkeypatch,
+                                                                                      auto_runs_the_triton_kernels):
+    """Groups beyond the fused kernels' grid axis (65535, lowered to 4
+    here): "auto" runs torch, a named "triton" raises saying why, and so
+    do the ops called directly."""
+    from pyext.triton_kernels import layer_norm as kernels
+    monkeypatch.setattr(kernels, "MAX_GROUPS", 4)
+    x, w, _ = inputs(2, (10,), torch.float32, device_for("triton"))
+    f = getattr(pyext, kind)
+    y = f(x.requires_grad_(), (10,), w, group_size=2)
+    assert "triton" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, f(x, (10,), w, group_size=2, backend="torch"))
+    with pytest.raises(pyext.BackendUnavailable, match="5 groups a row, more than the 4"):
+        f(x, (10,), w, group_size=2, backend="triton")
+    op = getattr(torch.ops.pyext, f"grouped_{kind}_fwd_triton")
+    with pytest.raises(RuntimeError, match="5 groups a row"):
+        op(x, [10], w, None, 1e-5, 2) if kind == "layer_norm" else op(x, [10], w, 1e-5, 2)
+    assert f(x, (10,), w, group_size=5, backend="triton").shape == x.shape  # 2 groups: the kernels'

@@ -130,6 +130,19 @@ def test_groups_match_oracle(backend, norm_before_gate, hidden, group_size):
           group_size=group_size)
 
 
+def test_more_groups_than_the_grid_takes_are_torchs_under_auto_and_named_by_the_kernels(monkeypatch,
+                                                                                      auto_runs_the_triton_kernels):
+    """Groups beyond the fused kernels' grid axis (65535, lowered to 4 here)."""
+    from pyext.triton_kernels import layer_norm as kernels
+    monkeypatch.setattr(kernels, "MAX_GROUPS", 4)
+    x, gate, weight = inputs(3, 10, torch.bfloat16, device_for("triton"))
+    y = check("auto", x, gate, weight, group_size=2)[0]
+    assert "triton" not in type(y.grad_fn).__name__
+    assert "triton" in type(check("auto", x, gate, weight, group_size=5)[0].grad_fn).__name__  # 2 groups
+    with pytest.raises(pyext.BackendUnavailable, match="5 groups a row, more than the 4"):
+        pyext.rms_norm_gated(x, gate, weight, group_size=2, backend="triton")
+
+
 @pytest.fixture
 def chunked_path(monkeypatch):
     """Rows of more than 64 features take the chunked kernels, 32 at a

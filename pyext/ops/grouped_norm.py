@@ -11,6 +11,7 @@ groups, in fp32 (fp64 for fp64 x); the backward ops return what
 layer_norm's do. Triton kernels only: "auto" takes them on a GPU, torch
 elsewhere; a named "cuda" raises.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -19,10 +20,16 @@ from torch import Tensor
 from pyext import _backend, reference
 from pyext.ops._register import create_graph_grads, register_stages
 from pyext.ops.layer_norm import (_check_backward, _check_inputs, _fake_grad, _kernel_dtypes_or_raise, _stat_dtype,
-                                  _why_not, default_rms_eps)
+                                  _why_not, default_rms_eps, groups_reason)
 
 
 # ------------------------------------------------------- Triton stages (ops)
+
+def _raise_for_groups(op, groups):
+    reason = groups_reason(groups)
+    if reason is not None:
+        raise RuntimeError(f"{op}: {reason}")
+
 
 @torch.library.custom_op("pyext::grouped_layer_norm_fwd_triton", mutates_args=())
 def grouped_layer_norm_fwd_triton(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
@@ -31,6 +38,7 @@ def grouped_layer_norm_fwd_triton(x: Tensor, normalized_shape: List[int], weight
     op = "grouped_layer_norm_fwd_triton"
     shape = _check_inputs(op, x, normalized_shape, weight, bias, rms=False, group_size=group_size)
     _kernel_dtypes_or_raise(op, x, weight, bias)
+    _raise_for_groups(op, math.prod(shape) // group_size)
     return kernels.layer_norm_fwd(x, shape, weight, bias, eps, group_size=group_size)
 
 
@@ -41,6 +49,7 @@ def grouped_layer_norm_bwd_triton(grad: Tensor, x: Tensor, mean: Tensor, rstd: T
     from pyext.triton_kernels import layer_norm as kernels
     _check_backward("grouped_layer_norm_bwd_triton", grad, x, mean, rstd, weight, bias, need_dweight, need_dbias,
                     group_size)
+    _raise_for_groups("grouped_layer_norm_bwd_triton", rstd.shape[-1])
     return kernels.layer_norm_bwd(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias, group_size=group_size)
 
 
@@ -51,6 +60,7 @@ def grouped_rms_norm_fwd_triton(x: Tensor, normalized_shape: List[int], weight: 
     op = "grouped_rms_norm_fwd_triton"
     shape = _check_inputs(op, x, normalized_shape, weight, None, rms=True, group_size=group_size)
     _kernel_dtypes_or_raise(op, x, weight, rms=True)
+    _raise_for_groups(op, math.prod(shape) // group_size)
     return kernels.rms_norm_fwd(x, shape, weight, eps, group_size=group_size)
 
 
@@ -59,6 +69,7 @@ def grouped_rms_norm_bwd_triton(grad: Tensor, x: Tensor, rstd: Tensor, weight: O
                                 group_size: int) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import layer_norm as kernels
     _check_backward("grouped_rms_norm_bwd_triton", grad, x, None, rstd, weight, None, need_dweight, False, group_size)
+    _raise_for_groups("grouped_rms_norm_bwd_triton", rstd.shape[-1])
     return kernels.rms_norm_bwd(grad, x, rstd, weight, need_dweight, group_size=group_size)
 
 
@@ -143,15 +154,16 @@ _, _, GROUPED_RMS_NORM = register_stages("grouped_rms_norm", _fake_rms_fwd, _fak
 
 # ------------------------------------------------- what the public API calls
 
-def _why_not_grouped(backend: str, x: Tensor, *params, rms=False):
+def _why_not_grouped(backend: str, x: Tensor, groups: int, *params, rms=False):
     if backend == "cuda":
         return "pyext has no CUDA kernels for norms over groups of a row (group_size); the Triton ones take them"
-    return _why_not(backend, x, *params, rms=rms)
+    return _why_not(backend, x, *params, rms=rms) or (None if backend == "torch" else groups_reason(groups))
 
 
 def layer_norm(x, shape, weight, bias, eps, group_size, backend):
     """pyext.layer_norm over groups of group_size, its arguments checked."""
-    name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not_grouped(b, x, weight, bias),
+    name = _backend.select("layer_norm", backend, x.device,
+                           lambda b: _why_not_grouped(b, x, math.prod(shape) // group_size, weight, bias),
                            auto_order=("triton",))
     if name == "torch":
         return reference.grouped_layer_norm(x, shape, weight, bias, eps, group_size)
@@ -161,7 +173,8 @@ def layer_norm(x, shape, weight, bias, eps, group_size, backend):
 
 def rms_norm(x, shape, weight, eps, group_size, backend):
     """pyext.rms_norm over groups of group_size, its arguments checked."""
-    name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not_grouped(b, x, weight, rms=True),
+    name = _backend.select("rms_norm", backend, x.device,
+                           lambda b: _why_not_grouped(b, x, math.prod(shape) // group_size, weight, rms=True),
                            auto_order=("triton",))
     if name == "torch":
         return reference.grouped_rms_norm(x, shape, weight, eps, group_size)

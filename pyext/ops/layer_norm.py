@@ -114,6 +114,14 @@ def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, ne
 
 # ------------------------------------------------------- Triton stages (ops)
 
+def groups_reason(groups: int) -> Optional[str]:
+    """Why the Triton kernels cannot take rows of this many groups, or None."""
+    from pyext.triton_kernels.layer_norm import MAX_GROUPS
+    if groups > MAX_GROUPS:
+        return f"{groups} groups a row, more than the {MAX_GROUPS} the Triton kernels' grid takes"
+    return None
+
+
 def _kernel_dtypes_or_raise(op, x, *params, rms=False):
     if x.dtype not in _KERNEL_DTYPES:
         raise RuntimeError(f"{op}: x dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)")

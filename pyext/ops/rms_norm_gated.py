@@ -13,7 +13,7 @@ from torch import Tensor
 from pyext import _backend, reference
 from pyext.ops._register import create_graph_grads, missing_reason, register_stages
 from pyext.ops.layer_norm import (_KERNEL_DTYPES, _narrower_rms_weight, _param_dtype_ok, _stat_dtype,
-                                  default_rms_eps)
+                                  default_rms_eps, groups_reason)
 
 ACTIVATIONS = ("silu", "sigmoid")
 
@@ -52,7 +52,7 @@ def _kernel_reason(x, gate, weight, group_size) -> Optional[str]:
                                    _narrower_rms_weight(x.dtype, weight.dtype)):
         return (f"weight dtype {weight.dtype} with x dtype {x.dtype} is not supported (x's dtype, float32 for "
                 "float16/bfloat16 x, or a narrower one)")
-    return None
+    return groups_reason(x.shape[-1] // group_size if group_size else 1)
 
 
 # ------------------------------------------------------- Triton stages (ops)
