@@ -3,6 +3,7 @@
     import pyext
     y = pyext.gelu(x)                      # like torch.nn.functional.gelu
     y = pyext.layer_norm(x, (d,), w, b)    # like F.layer_norm; pyext.rms_norm like F.rms_norm
+    y = pyext.layer_norm(q, (h, d), w, group_size=d)  # each head normalized alone, a weight per head
     y = pyext.rms_norm_gated(x, z, w)      # rms_norm(x) * w * silu(z), the norm of linear attention layers
     o = pyext.flash_attention(q, k, v, causal=True)  # (B, H, S, D); also scaled_dot_product_attention
     o = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)  # packed (total, H, D), no padding
