@@ -332,8 +332,8 @@ def test_more_groups_than_the_grid_takes_are_torchs_under_auto_and_named_by_the_
     """Groups beyond the fused kernels' grid axis (65535, lowered to 4
     here): "auto" runs torch, a named "triton" raises saying why, and so
     do the ops called directly."""
-    from pyext.triton_kernels import layer_norm as kernels
-    monkeypatch.setattr(kernels, "MAX_GROUPS", 4)
+    from pyext.ops import layer_norm
+    monkeypatch.setattr(layer_norm, "MAX_GROUPS", 4)
     x, w, _ = inputs(2, (10,), torch.float32, device_for("triton"))
     f = getattr(pyext, kind)
     y = f(x.requires_grad_(), (10,), w, group_size=2)

@@ -133,8 +133,8 @@ def test_groups_match_oracle(backend, norm_before_gate, hidden, group_size):
 def test_more_groups_than_the_grid_takes_are_torchs_under_auto_and_named_by_the_kernels(monkeypatch,
                                                                                       auto_runs_the_triton_kernels):
     """Groups beyond the fused kernels' grid axis (65535, lowered to 4 here)."""
-    from pyext.triton_kernels import layer_norm as kernels
-    monkeypatch.setattr(kernels, "MAX_GROUPS", 4)
+    from pyext.ops import layer_norm
+    monkeypatch.setattr(layer_norm, "MAX_GROUPS", 4)
     x, gate, weight = inputs(3, 10, torch.bfloat16, device_for("triton"))
     y = check("auto", x, gate, weight, group_size=2)[0]
     assert "triton" not in type(y.grad_fn).__name__

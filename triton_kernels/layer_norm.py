@@ -54,7 +54,6 @@ TILE = 4096            # elements per program on the fused path, short rows batc
 MAX_ROWS_PER_TILE = 64
 PARTIALS_TILE = 4096  # elements per step of stage two
 PROGRAMS_PER_SM = 2    # backward programs (rows of partials) per SM
-MAX_GROUPS = 65535     # the fused kernels' grid axis 1 (CUDA's limit)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from pyext.ops._register import create_graph_grads, missing_reason, register_sta
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
+MAX_GROUPS = 65535  # groups a row: the Triton kernels' grid axis 1 holds them (CUDA's limit)
 
 
 def default_rms_eps(dtype: torch.dtype) -> float:
@@ -116,7 +117,6 @@ def _check_backward(op: str, grad, x, mean, rstd, weight, bias, need_dweight, ne
 
 def groups_reason(groups: int) -> Optional[str]:
     """Why the Triton kernels cannot take rows of this many groups, or None."""
-    from pyext.triton_kernels.layer_norm import MAX_GROUPS
     if groups > MAX_GROUPS:
         return f"{groups} groups a row, more than the {MAX_GROUPS} the Triton kernels' grid takes"
     return None
@@ -299,7 +299,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     """
     x, weight, bias = autocast_inputs("aten::layer_norm", x, weight, bias)
     shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False, group_size=group_size)
-    if group_size not in (None, math.prod(shape)):
+    if group_size is not None and group_size != math.prod(shape):
         return grouped_norm.layer_norm(x, shape, weight, bias, eps, group_size, backend)
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
     if name == "torch":
@@ -325,7 +325,7 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
     shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True, group_size=group_size)
-    if group_size not in (None, math.prod(shape)):
+    if group_size is not None and group_size != math.prod(shape):
         return grouped_norm.rms_norm(x, shape, weight, eps, group_size, backend)
     name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight, rms=True))
     if name == "torch":
