@@ -392,11 +392,19 @@ def test_softcap_is_checked():
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("softcap", [0.0, 2.0])
-def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap, dropout_seeds):
+def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap, dropout_seeds, monkeypatch):
     """With dropout, and a soft cap, too: the window kernels give what the
     masked kernels give for the band as a boolean mask (the same dropout
     mask, a function of the seed and (query, key) alone), out and gradients.
-    (SDPA with a cap, as pyext.patch calls it for HF's Gemma 2.)"""
+    (SDPA with a cap, as pyext.patch calls it for HF's Gemma 2.) The masked
+    backward's D reads out + out_lo, the window one's out alone: out_lo is
+    zeroed here, so that both take the same D."""
+    forward = attention.MASKED_FWD["triton"]
+
+    def masked_forward_with_d_from_out(*args):
+        out, stats, out_lo = forward(*args)
+        return out, stats, torch.zeros_like(out_lo)
+    monkeypatch.setitem(attention.MASKED_FWD, "triton", masked_forward_with_d_from_out)
     q, k, v = qkv((1, 4, 2, 45, 70, 32), torch.bfloat16, device_for("triton"))
     visible = band(45, 70, True, (20, -1), q.device)
     torch.use_deterministic_algorithms(deterministic)

@@ -92,6 +92,19 @@ def test_mask_matches_the_oracle(kind, shape_name, deterministic):
     check_masked(q, k, v, make_mask(kind, shape_name, q.dtype, q.device), deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_mask_that_makes_one_key_a_sink(deterministic):
+    """A bias of +10 on key 0 for every row (a sink, as trained models make
+    of the first token): each row's P nearly one-hot there, so its dP - D is
+    a small difference and D = rowsum(dO * O) must see O to more than out's
+    8 bits. With D from the rounded out, dk failed the rule in 8 of 8 seeds
+    (up to 2.2x the bound); with out + out_lo, at most 0.39x."""
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    mask = make_mask("additive", "per_head", q.dtype, q.device)
+    mask[..., 0] += 10.0
+    check_masked(q, k, v, mask, deterministic)
+
+
 @pytest.mark.parametrize("kind", ["bool", "additive_qdtype"])
 def test_mask_in_float16_with_a_custom_scale(kind):
     q, k, v = qkv(SHAPE, torch.float16, device_for("triton"))
@@ -275,10 +288,10 @@ def test_the_masked_ops_refuse_a_mask_they_cannot_read_before_any_launch(bad, wh
             else torch.ones(9, 12, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match=why):
         kernels.flash_attn_fwd(q, k, v, 0.25, False, 0, mask=mask)
-    out, stats = kernels.flash_attn_fwd(q, k, v, 0.25, False, 0, mask=torch.ones(9, 12, dtype=torch.bool,
-                                                                                 device=q.device))
+    out, stats, out_lo = kernels.flash_attn_fwd(q, k, v, 0.25, False, 0, mask=torch.ones(9, 12, dtype=torch.bool,
+                                                                                         device=q.device))
     with pytest.raises(ValueError, match=why):
-        kernels.flash_attn_bwd(out, q, k, v, out, stats, 0.25, False, 0, True, mask=mask)
+        kernels.flash_attn_bwd(out, q, k, v, out, stats, 0.25, False, 0, True, mask=mask, out_lo=out_lo)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -287,10 +300,11 @@ def test_masked_kernels_write_every_element(deterministic):
     q, k, v = (t.detach() for t in qkv(SHAPE, torch.bfloat16, device_for("triton")))
     mask = make_mask("additive", "key_padding", q.dtype, q.device)
     stats = torch.full((*q.shape[:3], 2), float("nan"), device=q.device)
-    out, stats = kernels.flash_attn_fwd(q, k, v, 0.3, False, 0, out=poisoned_like(q), lse=stats, mask=mask)
+    out, stats, out_lo = kernels.flash_attn_fwd(q, k, v, 0.3, False, 0, out=poisoned_like(q), lse=stats, mask=mask)
     assert not out.isnan().any() and not stats.isnan().any()
     grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, stats, 0.3, False, 0, deterministic,
-                                   dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v), mask=mask)
+                                   dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v), mask=mask,
+                                   out_lo=out_lo)
     assert not any(g.isnan().any() for g in grads)
 
 
@@ -304,12 +318,12 @@ def test_opcheck_masked(layout, dropout_p, sinks):
     args = (0.25, 2.5 if dropout_p else 0.0)  # scale, softcap
     torch.library.opcheck(torch.ops.pyext.flash_attn_masked_fwd_triton, (q, k, v, mask, *args, sink, dropout_p, seed))
     with torch.no_grad():
-        out, stats = torch.ops.pyext.flash_attn_masked_fwd_triton(q, k, v, mask, *args, sink, dropout_p, seed)
+        out, stats, out_lo = torch.ops.pyext.flash_attn_masked_fwd_triton(q, k, v, mask, *args, sink, dropout_p, seed)
     sink = None if sink is None else sink.detach()
     for deterministic in (False, True):
         torch.library.opcheck(torch.ops.pyext.flash_attn_masked_bwd_triton,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, stats, *args,
-                               sink, dropout_p, seed, deterministic))
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, out_lo, stats,
+                               *args, sink, dropout_p, seed, deterministic))
 
 
 def test_compile_fullgraph_with_a_mask():

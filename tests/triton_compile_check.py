@@ -180,27 +180,29 @@ def exercise_launchers():
         q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
         masks = (torch.rand(1, 1, 33, 33) > 0.5, torch.randn(33, 33), torch.randn(1, 4, 33, 33, dtype=q.dtype))
         for mask, p in zip(masks, (0.0, 0.1, 0.0)):
-            out, stats = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, False, 0, dropout_p=p,
-                                                        seed=seed, mask=mask)
+            out, stats, out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, False, 0, dropout_p=p,
+                                                                seed=seed, mask=mask)
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, stats, 0.1, False, 0, deterministic,
-                                               dropout_p=p, seed=seed, mask=mask)
+                                               dropout_p=p, seed=seed, mask=mask, out_lo=out_lo)
         # a logit soft cap (Gemma 2's): alone (the descriptor forward on sm_90), with a window, with a mask
         for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
             causal = "mask" not in extra
-            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, softcap=30.0, **extra)
+            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, softcap=30.0,
+                                                               **extra)  # out_lo with a mask
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
-                                               softcap=30.0, **extra)
+                                               softcap=30.0, out_lo=out_lo[0] if out_lo else None, **extra)
         # attention sinks (GPT-OSS's): alone (the descriptor forward on sm_90), with a window, with a
         # mask; the dK/dV kernels with the sinks' shares
         sinks = torch.randn(4)
         for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
             causal = "mask" not in extra
-            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, sinks=sinks, **extra)
+            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, sinks=sinks,
+                                                               **extra)
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
-                                               sinks=sinks, **extra)
+                                               sinks=sinks, out_lo=out_lo[0] if out_lo else None, **extra)
         # a packed batch (varlen): every config at head dim 128 on sm_90; with dropout, a window and a soft cap;
         # with a window and sinks (GPT-OSS's packed SFT)
         cu = torch.tensor([0, 20, 21, 40], dtype=torch.int32)

@@ -22,7 +22,10 @@ inputs' device per call; the backward draws the forward's mask from it.
 An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
-fp32, in place of lse (see triton_kernels/flash_attention/).
+fp32, in place of lse, and a third, out_lo, what rounding out to its dtype
+left out, which the backward adds to out for D = rowsum(dO * O): a bias
+makes P peaky, and there D from the rounded out costs dq and dk the rule
+(see triton_kernels/flash_attention/tiles.py, _low_part).
 The extras (Triton only): a local window, a logit soft cap and attention
 sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
 None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too. The
@@ -81,7 +84,7 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
 def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float,
                                  sinks: Optional[Tensor], dropout_p: float,
-                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_fwd(q, k, v, scale, False, 0, dropout_p=dropout_p, seed=seed, mask=mask,
                                   softcap=softcap, sinks=sinks)
@@ -89,13 +92,13 @@ def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, 
 
 @torch.library.custom_op("pyext::flash_attn_masked_bwd_triton", mutates_args=())
 def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
-                                 stats: Tensor, scale: float, softcap: float, sinks: Optional[Tensor],
+                                 out_lo: Tensor, stats: Tensor, scale: float, softcap: float, sinks: Optional[Tensor],
                                  dropout_p: float, seed: Optional[Tensor],
                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic,
                                                dropout_p=dropout_p, seed=seed, mask=mask, softcap=softcap,
-                                               sinks=sinks), q)
+                                               sinks=sinks, out_lo=out_lo), q)
 
 
 def _kernel_window(window_left: int, window_right: int):
@@ -143,9 +146,10 @@ def _fake_fwd_triton(q, k, v, *_):
 
 
 def _fake_masked_fwd_triton(q, k, v, *_):
-    """out as the Triton launcher makes it; each row's (max, sum) in place of lse."""
+    """out as the Triton launcher makes it; each row's (max, sum) in place of
+    lse; out_lo, what rounding out left out, in out's strides."""
     out, lse = _fake_fwd_triton(q, k, v)
-    return out, lse.new_empty((*lse.shape, 2))
+    return out, lse.new_empty((*lse.shape, 2)), torch.empty_like(out)
 
 
 def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
@@ -186,9 +190,9 @@ def _dropout_setup_context(ctx, inputs, output):
 
 def _masked_setup_context(ctx, inputs, output):
     q, k, v, mask, scale, softcap, sinks, dropout_p, seed = inputs
-    out, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(q, k, v, mask, out, stats, sinks, seed)
+    out, stats, out_lo = output
+    ctx.mark_non_differentiable(stats, out_lo)
+    ctx.save_for_backward(q, k, v, mask, out, out_lo, stats, sinks, seed)
     ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
     ctx.deterministic = True
 
@@ -247,16 +251,16 @@ def _make_dropout_backward(bwd_op):
 
 
 def _make_masked_backward(bwd_op):
-    def backward(ctx, dout, _dstats):
-        q, k, v, mask, out, stats, sinks, seed = ctx.saved_tensors
+    def backward(ctx, dout, *_):
+        q, k, v, mask, out, out_lo, stats, sinks, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
             grads = create_graph_grads("scaled_dot_product_attention", ctx, _reference_out,
                                        (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap,
                                         sinks), (dout,))
             return grads[:3] + (None, None, None, grads[-1], None, None)
-        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, mask, out, stats, ctx.scale, ctx.softcap, sinks, ctx.dropout_p,
-                                    seed, ctx.deterministic)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.softcap, sinks,
+                                    ctx.dropout_p, seed, ctx.deterministic)
         return dq, dk, dv, None, None, None, _sinks_grad(sinks, dsinks), None, None
     return backward
 
@@ -281,7 +285,7 @@ FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _
 DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
                                               _dropout_setup_context, _make_dropout_backward)
 MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
-                                            _fake_bwd_with_sinks_triton(9), _masked_setup_context,
+                                            _fake_bwd_with_sinks_triton(10), _masked_setup_context,
                                             _make_masked_backward)
 EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_triton, _fake_bwd_with_sinks_triton(12),
                                             _extras_setup_context, _make_extras_backward)
@@ -316,7 +320,7 @@ class _FlashAttention(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, *_):
         make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
                        "extras": (_make_extras_backward, EXTRAS_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
         grads = make(table[ctx.backend])(ctx, dout, dlse)
@@ -710,9 +714,9 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
-    out, _ = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                   *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap,
-                                   sinks)
+    out = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
+                                *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap,
+                                sinks)[0]
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
 
 

@@ -37,7 +37,10 @@ Mask (SDPA's attn_mask, broadcast to (B, Hq, Sq, Sk), any strides): boolean
 The masked kernels keep each row's max m and sum l apart, (B, Hq, Sq, 2) fp32
 in place of lse: a row masked everywhere with a huge finite value (finfo.min,
 as HF writes masks) has m near -3.4e38, where m + log2(l) would lose l, and
-the backward's P = exp2(s - m) / l needs it.
+the backward's P = exp2(s - m) / l needs it. They also store out_lo, what
+rounding out left out, and the backward's D below is rowsum(dO * (out +
+out_lo)): a bias makes rows nearly one-hot, where dP - D is a small
+difference that out's 8 bits in D would swamp (tiles._low_part).
 
 Forward, per block of queries, over blocks of keys (never an S x S tensor):
     s = q k^T * scale * log2(e)              (base-2 logits: exp2 is one instruction)

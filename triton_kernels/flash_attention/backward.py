@@ -9,20 +9,24 @@ import triton.language as tl
 from .._utils import cdiv, dot, on_device, round_to
 from .launch import _INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare, _unit_last_stride, _window_bounds
 from .mask_spans import col_spans, row_spans
-from .tiles import (_dropout_keep, _key_range, _load_tile, _masked_scores, _query_block, _sequence, _soft_capped,
-                    _stats_start, _visible)
+from .tiles import (_dropout_keep, _key_range, _load_tile, _low_part, _masked_scores, _query_block, _sequence,
+                    _soft_capped, _stats_start, _visible)
 
 
 @triton.jit
-def _bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, sob, soh, som, sdb, sdh, sdm, seq_q, heads_q,
-                      V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_delta_kernel(out_ptr, out_lo_ptr, dout_ptr, delta_ptr, sob, soh, som, slb, slh, slm, sdb, sdh, sdm, seq_q,
+                      heads_q, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                      LOW_PART: tl.constexpr):
     """delta = rowsum(dO * O) of one block of query rows of one (batch, head),
-    into a contiguous (B, Hq, Sq) delta."""
+    into a contiguous (B, Hq, Sq) delta; with LOW_PART, O = out + out_lo
+    (the masked forward's, tiles._low_part)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
     bh = b * heads_q + h
     offs_dv = tl.arange(0, BLOCK_DV)
     o = _load_tile(out_ptr + b * sob + h * soh, offs_m, som, offs_dv, seq_q, V_DIM).to(tl.float32)
+    if LOW_PART:
+        o += _load_tile(out_lo_ptr + b * slb + h * slh, offs_m, slm, offs_dv, seq_q, V_DIM).to(tl.float32)
     do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM).to(tl.float32)
     tl.store(delta_ptr + bh * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
 
@@ -49,18 +53,6 @@ def _recomputed_p(s, shift, scale, MASK: tl.constexpr):
     if MASK:
         p = p * scale
     return p
-
-
-@triton.jit
-def _low_part(x, hi):
-    """What rounding fp32 x to hi's dtype left out, in that dtype. With
-    dropout, dS's dropped terms (-P D) and kept ones (P (dP / keep - D))
-    cancel in dK and dQ, so one rounding of dS to 8 bits costs more of the
-    result than without; with a mask (a bias makes P peakier: a few large
-    dS terms carry dQ and dK) it put dq or dk past the rule in about 1 of
-    250 random cases. There dS goes to the tensor cores as hi + lo (about
-    16 significant bits, two products instead of one)."""
-    return round_to(x - hi.to(tl.float32), hi.dtype)
 
 
 @triton.jit
@@ -138,7 +130,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                 ds_exact = ds_exact * (1.0 - t_t * t_t)
             ds_t = round_to(ds_exact, q.dtype)
             dk += dot(ds_t, q)
-            if DROPOUT or MASK:
+            if DROPOUT or MASK:  # dS as hi + lo (_low_part): with dropout its terms cancel, a bias makes P peaky
                 ds_lo_t = _low_part(ds_exact, ds_t)
                 dk += dot(ds_lo_t, q)
             if ATOMIC_DQ:
@@ -221,7 +213,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
 
 def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_offset: int, deterministic: bool,
                    dq=None, dk=None, dv=None, dropout_p: float = 0.0, seed=None, mask=None, window=None,
-                   softcap: float = 0.0, sinks=None, packed=None):
+                   softcap: float = 0.0, sinks=None, packed=None, out_lo=None):
     """(dq, dk, dv), and dsinks (Hq,) fp32 after them with `sinks` (the
     forward's): d sink_h = -sum over batch and rows of P_sink * D, D
     summed from the tiles (_bwd_kv_kernel), in a fixed order.
@@ -231,12 +223,14 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     with atomics, in an order that varies run to run. Gradients may be passed
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
     mask, `lse` is the forward's (m, l) stats), window, softcap and packed
-    the forward's (packed: the gradients given, views as q, k, v are)."""
+    the forward's (packed: the gradients given, views as q, k, v are).
+    out_lo, the masked forward's third output: D from out + out_lo."""
     q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     dout, out = _unit_last_stride(dout), _unit_last_stride(out)
+    out_lo = None if out_lo is None else _unit_last_stride(out_lo)
     # each gradient in its input's memory order, as torch's flash SDPA gives them: for
     # q, k, v viewed per head from one (B, S, 3 H D) projection, no copy before their sum
     dq = torch.empty_like(q) if dq is None else dq
@@ -266,8 +260,9 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
         block = 16 if _INTERPRET else 64
         # delta is per row: a packed batch's rows are those of one long sequence
         _bwd_delta_kernel[(cdiv(seq_q, block), heads_q, stats_batch)](
-            out, dout, delta, *out.stride()[:3], *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"],
-            BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block)
+            out, out_lo, dout, delta, *out.stride()[:3], *(out if out_lo is None else out_lo).stride()[:3],
+            *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block,
+            LOW_PART=out_lo is not None)
         if not deterministic:
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
             _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans, *sink_args,

@@ -11,8 +11,8 @@ import triton.language as tl
 from .._utils import cdiv, dot, on_device, round_to
 from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _window_bounds, empty_out
 from .mask_spans import row_spans
-from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _masked_scores, _query_block, _sequence,
-                    _soft_capped, _stats_start, _visible)
+from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _low_part, _masked_scores, _query_block,
+                    _sequence, _soft_capped, _stats_start, _visible)
 
 try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -103,8 +103,8 @@ def _finish(m_i, l_i, acc):
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
                                                "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN"])
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, sink_ptr, cu_seqlens_q,
-                cu_seqlens_k,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, sink_ptr,
+                cu_seqlens_q, cu_seqlens_k,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 seq_q, seq_k, heads_q, group, smb, smh, smm, smn, sob, soh, som, qk_scale, cap_log2e,
                 causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
@@ -113,7 +113,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
                 SOFTCAP: tl.constexpr, SINK: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
-    (m, l), the stats the masked backward reads (see the module docstring).
+    (m, l), the stats the masked backward reads (see the module docstring),
+    and out_lo_ptr (out's strides) what rounding out left out (_low_part).
     With SINK, head h's sink logit sink_ptr[h] starts each row's softmax.
     With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
@@ -143,9 +144,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr, mask_ptr, row_s
     if DROPOUT:
         acc = acc / keep
     out, lse = _finish(m_i, l_i, acc)
-    tl.store(out_ptr + b * sob + h * soh + (first_q + offs_m[:, None]) * som + offs_dv[None, :],
-             round_to(out, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM))
+    out_offs = b * sob + h * soh + (first_q + offs_m[:, None]) * som + offs_dv[None, :]
+    out_mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM)
+    out_hi = round_to(out, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, out_hi, mask=out_mask)
     if MASK:
+        tl.store(out_lo_ptr + out_offs, _low_part(out, out_hi), mask=out_mask)
         tl.store(lse_ptr + stats * 2, m_i, mask=offs_m < seq_q)
         tl.store(lse_ptr + stats * 2 + 1, l_i, mask=offs_m < seq_q)
     else:
@@ -266,7 +270,9 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
-    second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
+    second output each row's (m, l), (B, Hq, Sq, 2), in place of lse, and
+    adds a third, out_lo: what rounding out to its dtype left out, in that
+    dtype (tiles._low_part), for flash_attn_bwd's delta.
     `window` (left, right): a local window; softcap > 0, a logit soft cap;
     `sinks` (Hq,), attention sinks (see the package docstring). `packed`
     (a launch.Packed): q, k, v are a packed batch's views, out and lse
@@ -279,15 +285,18 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     if lse is None:
         stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
         lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
+    # in out's strides: the kernel writes both with them
+    out_lo = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device) if meta["MASK"] else None
+    outputs = (out, lse) if out_lo is None else (out, lse, out_lo)
     if out.numel() == 0:
-        return out, lse
+        return outputs
     if k.shape[2] == 0:  # no keys at all: every row sees none (but its sink)
         start = float("-inf") if sinks is None else sinks.float().view(1, -1, 1)
         if meta["MASK"]:  # (m, l) = (-inf, 0), or (sink * log2(e), 1)
             lse[..., 0], lse[..., 1] = start * 1.4426950408889634, 0.0 if sinks is None else 1.0
         else:
             lse.copy_(torch.broadcast_to(torch.as_tensor(start, device=lse.device), lse.shape))
-        return out.zero_(), lse
+        return tuple(t.zero_() if t is not lse else t for t in outputs)
     rows = packed.max_seqlen_q if packed else seq_q
     grid = lambda meta_: (cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):
@@ -299,8 +308,8 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
                                   *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
                                   **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, lse, seed, mask, row_spans(mask), sink, *_cu_seqlens(packed), *args,
-                              *out.stride()[:3],
+            _fwd_kernel[grid](q, k, v, out, out_lo, lse, seed, mask, row_spans(mask), sink, *_cu_seqlens(packed),
+                              *args, *out.stride()[:3],
                               *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
                               WINDOW=window is not None, SINK=sinks is not None, **meta)
-    return out, lse
+    return outputs

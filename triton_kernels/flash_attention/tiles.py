@@ -4,7 +4,7 @@ the keys a query block reads."""
 import triton
 import triton.language as tl
 
-from .._utils import tanh
+from .._utils import round_to, tanh
 
 
 @triton.jit
@@ -143,3 +143,23 @@ def _masked_scores(s, mask_ptr, mask_off, rows, row_stride, cols, col_stride, n_
         floored = tl.maximum(bias, BIAS_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         s = s + tl.where(bias == float("-inf"), float("-inf"), floored * 1.4426950408889634)
     return s
+
+
+@triton.jit
+def _low_part(x, hi):
+    """What rounding fp32 x to hi's dtype left out, in that dtype: hi + lo
+    holds x to about 16 significant bits. Two uses where 8 bits cost the
+    gradients the rule (DESIGN.md section 4), each where P can be peaky:
+    - dS of the dropout and masked backwards goes to the tensor cores as hi
+      + lo (two products instead of one). With dropout, dS's dropped terms
+      (-P D) and kept ones (P (dP / keep - D)) cancel in dK and dQ; with a
+      mask, a bias makes P peaky and a few large dS terms carry dQ and dK.
+      One rounding of dS put dq or dk past the rule in about 1 of 250
+      random cases.
+    - The masked forward stores out's lo beside out, and the backward's
+      D = rowsum(dO * O) reads hi + lo. For a nearly one-hot row the
+      dominant key's dP - D is a small difference of near-equal terms, so
+      O's rounding in D became a large relative error in that dS: in 80
+      random cases of a normal bias of spread 2, the worst dk went from
+      0.84 of the rule's bound to 0.33 (benchmarks/NOTES.md)."""
+    return round_to(x - hi.to(tl.float32), hi.dtype)
