@@ -296,7 +296,10 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             lse[..., 0], lse[..., 1] = start * 1.4426950408889634, 0.0 if sinks is None else 1.0
         else:
             lse.copy_(torch.broadcast_to(torch.as_tensor(start, device=lse.device), lse.shape))
-        return tuple(t.zero_() if t is not lse else t for t in outputs)
+        out.zero_()
+        if out_lo is not None:
+            out_lo.zero_()
+        return outputs
     rows = packed.max_seqlen_q if packed else seq_q
     grid = lambda meta_: (cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
     with on_device(q):

@@ -161,5 +161,5 @@ def _low_part(x, hi):
       dominant key's dP - D is a small difference of near-equal terms, so
       O's rounding in D became a large relative error in that dS: in 80
       random cases of a normal bias of spread 2, the worst dk went from
-      0.84 of the rule's bound to 0.33 (benchmarks/NOTES.md)."""
+      0.84 of the rule's bound to 0.49 (benchmarks/NOTES.md)."""
     return round_to(x - hi.to(tl.float32), hi.dtype)
