@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
 from pyext import reference
-from pyext.ops import attention
+from pyext.ops import attention, attention_ops
 from conftest import (COMPILERS, FLOOR, HAS_GPU, assert_close, compute_sanitizer, device_for, hessian_vector_product,
                       make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
@@ -40,7 +40,7 @@ def _cuda_kernels_built(request):
     """Cases of the cuda backend need the CUDA attention kernels (issue 5) in
     the built extension; where it has none they are skipped, saying so."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec and callspec.params.get("backend") == "cuda" and "cuda" not in attention.FWD:
+    if callspec and callspec.params.get("backend") == "cuda" and "cuda" not in attention_ops.FWD:
         pytest.skip("pyext._C has no CUDA attention kernels (issue 5)")
 
 
@@ -399,12 +399,12 @@ def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap,
     (SDPA with a cap, as pyext.patch calls it for HF's Gemma 2.) The masked
     backward's D reads out + out_lo, the window one's out alone: out_lo is
     zeroed here, so that both take the same D."""
-    forward = attention.MASKED_FWD["triton"]
+    forward = attention_ops.MASKED_FWD["triton"]
 
     def masked_forward_with_d_from_out(*args):
         out, stats, out_lo = forward(*args)
         return out, stats, torch.zeros_like(out_lo)
-    monkeypatch.setitem(attention.MASKED_FWD, "triton", masked_forward_with_d_from_out)
+    monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", masked_forward_with_d_from_out)
     q, k, v = qkv((1, 4, 2, 45, 70, 32), torch.bfloat16, device_for("triton"))
     visible = band(45, 70, True, (20, -1), q.device)
     torch.use_deterministic_algorithms(deterministic)

@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
 from pyext import reference
-from pyext.ops import attention
+from pyext.ops import attention, attention_ops
 from conftest import assert_close, device_for, hessian_vector_product, make_tensor, poisoned_like
 from test_attention import attention_with_dropout, qkv, sdpa
 
@@ -262,8 +262,8 @@ def test_mask_double_backward_under_auto_is_the_references(monkeypatch, auto_run
     """A backward with create_graph=True through masked attention, the
     kernels chosen by auto: the reference differentiates the same mask."""
     monkeypatch.setattr(attention, "SDPA_MASK_AUTO_ORDER", ("triton",))
-    calls, forward = [], attention.MASKED_FWD["triton"]
-    monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
+    calls, forward = [], attention_ops.MASKED_FWD["triton"]
+    monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
     q, k, v = (t.detach() for t in qkv((1, 2, 2, 17, 24, 16), torch.float16, device_for("triton")))
     mask = make_mask("additive", None, q.dtype, q.device, (17, 24))
     c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]

@@ -158,7 +158,7 @@ def check_patched(kind, backend, dtype, autocast):
     device = device_for(backend)
     original = build(kind).to(device)
     # the CUDA attention kernels are issue 5's: until they are built, cuda patches the rest
-    attention = backend != "cuda" or "cuda" in pyext.ops.attention.FWD
+    attention = backend != "cuda" or "cuda" in pyext.ops.attention_ops.FWD
     patched = pyext.patch(copy.deepcopy(original), attention=attention, backend=backend)
     assert pyext.patch_report(patched).swapped, str(pyext.patch_report(patched))
     ref = output_and_grads(copy.deepcopy(original), kind, device, torch.float64, autocast=False)
@@ -233,9 +233,9 @@ def test_an_hf_padded_batch_runs_the_masked_kernels(kind, monkeypatch):
     the key/value heads as they are (GQA: not repeated per query head, as
     transformers does for torch's SDPA with a mask), the loss and gradients
     as close to the float64 oracle as the unpatched model's in bf16."""
-    from pyext.ops import attention
-    key_heads, forward = [], attention.MASKED_FWD["triton"]
-    monkeypatch.setitem(attention.MASKED_FWD, "triton", lambda *a: key_heads.append(a[1].shape[1]) or forward(*a))
+    from pyext.ops import attention_ops
+    key_heads, forward = [], attention_ops.MASKED_FWD["triton"]
+    monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", lambda *a: key_heads.append(a[1].shape[1]) or forward(*a))
     device = device_for("triton")
     original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
@@ -263,8 +263,8 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     them, with "torch" torch's SDPA gets the band as before. Logits and every
     gradient within the rule against the float64 original (its band mask);
     unpatched, the model is no longer trusted to pass its window."""
-    from pyext.ops import attention
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, window=attention.EXTRAS_FWD)
+    from pyext.ops import attention_ops
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD, window=attention_ops.EXTRAS_FWD)
     device = device_for(backend)
     original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend=backend)
@@ -284,8 +284,8 @@ def test_an_hf_model_whose_layers_do_not_pass_their_window_keeps_the_masks(kind,
     layer holds no window; Qwen2-MoE, whose layer holds one but does not
     hand it to the attention interface. pyext keeps the masks and computes
     what the model did, the band (the masked kernels run it)."""
-    from pyext.ops import attention
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD)
+    from pyext.ops import attention_ops
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD)
     device = device_for("triton")
     original = sharp_hf_model(kind, device)
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
@@ -477,8 +477,8 @@ def test_an_hf_row_of_packed_documents_runs_the_varlen_kernels(kind, backend, mo
     backend="triton" pyext runs flash_attention_varlen and no masked kernel;
     with "torch" the mask goes to torch's SDPA. Logits and every gradient
     within the rule against the float64 original."""
-    from pyext.ops import attention, attention_varlen
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    from pyext.ops import attention_ops, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for(backend)
     original = sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2)  # Gemma 2: local, global
     patched = pyext.patch(copy.deepcopy(original), backend=backend)
@@ -496,8 +496,8 @@ def test_an_hf_row_of_packed_documents_with_flash_attentions_kwargs_runs_the_var
     ...: DataCollatorWithFlattening(return_flash_attn_kwargs=True)), which
     transformers' SDPA integration ignores: the offsets given go to the
     varlen kernels, the result within the rule against the float64 original."""
-    from pyext.ops import attention, attention_varlen
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    from pyext.ops import attention_ops, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for("triton")
     original = sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2)
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
@@ -576,8 +576,8 @@ def test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart(kind, 
     within the rule of each document run on its own by the float64 original.
     (Compiled, torch 2.11's transformers hands the full-attention layers a
     plain causal mask: the documents restrict it.)"""
-    from pyext.ops import attention, attention_varlen
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    from pyext.ops import attention_ops, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for("triton")
     original = sharp_hf_model(kind, device, layers=None if kind == "gpt_oss" else 2)
     ran = copy.deepcopy(original)
@@ -613,8 +613,8 @@ def test_a_compiled_hf_model_runs_packed_rows_given_flash_attentions_kwargs(kind
     them (no mask read, no masked kernel), the loss and gradients as in
     eager mode; three batches whose longest documents differ (max_length, an
     int, traced as a SymInt once it has changed)."""
-    from pyext.ops import attention, attention_varlen
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
+    from pyext.ops import attention_ops, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD, varlen=attention_varlen.VARLEN_FWD)
     device = device_for("triton")
     model = pyext.patch(sharp_hf_model(kind, device, layers=None if kind == "gemma2" else 2).to(torch.bfloat16),
                         backend="triton")
@@ -1156,8 +1156,8 @@ def test_an_hf_model_with_attention_sinks_runs_them_in_the_kernels(padded, monke
     ones for a padded batch (lengths 12 and 7, labels -100 on the padding).
     Its loss and every gradient (the sinks' too) are the eager model's in
     bf16 against the float64 oracle, within the rule."""
-    from pyext.ops import attention
-    calls = count_triton_calls(monkeypatch, extras=attention.EXTRAS_FWD, masked=attention.MASKED_FWD)
+    from pyext.ops import attention_ops
+    calls = count_triton_calls(monkeypatch, extras=attention_ops.EXTRAS_FWD, masked=attention_ops.MASKED_FWD)
     device = device_for("triton")
     original = sharp_hf_model("gpt_oss", device)
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
@@ -1187,8 +1187,8 @@ def test_an_hf_row_of_packed_documents_with_attention_sinks_runs_the_varlen_kern
     from hf_sweep import build as build_tiny  # every architecture's tiny build
     if kind not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {kind}")
-    from pyext.ops import attention, attention_varlen
-    calls = count_triton_calls(monkeypatch, masked=attention.MASKED_FWD)
+    from pyext.ops import attention_ops, attention_varlen
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD)
     sinks_given = []
     run = attention_varlen.VARLEN_FWD["triton"]
     monkeypatch.setitem(attention_varlen.VARLEN_FWD, "triton",

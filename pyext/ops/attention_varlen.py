@@ -23,7 +23,7 @@ from torch import Tensor
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext._weak import WeakTensorCache
-from pyext.ops import attention
+from pyext.ops import attention, attention_checks, attention_ops
 from pyext.ops._register import create_graph_grads, register_stages
 
 
@@ -35,8 +35,8 @@ def flash_attn_varlen_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: 
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                          causal, dropout_p=dropout_p, seed=seed,
-                                         window=attention._kernel_window(window_left, window_right), softcap=softcap,
-                                         sinks=sinks)
+                                         window=attention_ops._kernel_window(window_left, window_right),
+                                         softcap=softcap, sinks=sinks)
 
 
 @torch.library.custom_op("pyext::flash_attn_varlen_bwd_triton", mutates_args=())
@@ -46,9 +46,9 @@ def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                                  sinks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return attention._with_dsinks(kernels.flash_attn_varlen_bwd(
+    return attention_ops._with_dsinks(kernels.flash_attn_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-        deterministic, dropout_p=dropout_p, seed=seed, window=attention._kernel_window(window_left, window_right),
+        deterministic, dropout_p=dropout_p, seed=seed, window=attention_ops._kernel_window(window_left, window_right),
         softcap=softcap, sinks=sinks), q)
 
 
@@ -94,22 +94,22 @@ def _make_backward(bwd_op):
             grads = create_graph_grads(
                 "flash_attention_varlen", ctx, _reference_out,
                 (q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                 attention._kernel_window(window_left, window_right), softcap, sinks, dropout_p, keeps), (dout,))
+                 attention_ops._kernel_window(window_left, window_right), softcap, sinks, dropout_p, keeps), (dout,))
             return grads[:3] + (None,) * 9 + (grads[9], None, None)
         dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, sinks, dropout_p,
                                     seed, ctx.deterministic)
-        return (dq, dk, dv) + (None,) * 9 + (attention._sinks_grad(sinks, dsinks), None, None)
+        return (dq, dk, dv) + (None,) * 9 + (attention_ops._sinks_grad(sinks, dsinks), None, None)
     return backward
 
 
 VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", _fake_fwd,
-                                            attention._fake_bwd_with_sinks_triton(15), _setup_context,
+                                            attention_ops._fake_bwd_with_sinks_triton(15), _setup_context,
                                             _make_backward)
 
 
 class _FlashAttentionVarlen(torch.autograd.Function):
     """The forward op of `backend` with a backward that honours `deterministic`
-    and `auto` (see create_graph_grads), as attention._FlashAttention."""
+    and `auto` (see create_graph_grads), as attention_ops._FlashAttention."""
 
     @staticmethod
     def forward(ctx, backend: str, auto: bool, deterministic: bool, *inputs):
@@ -197,7 +197,7 @@ def _why_not(backend, q, k, v, sequences, max_seqlen_q, max_seqlen_k, dropout_p)
     if reason is None and backend not in VARLEN_FWD:
         reason = f"a packed batch (cu_seqlens): the {backend} kernels have none (the Triton ones do)"
     if reason is None:  # dtype, head dims, heads: as one batch entry of the dense kernels
-        reason = attention._why_not(backend, *(t.transpose(0, 1)[None] for t in (q, k, v)))
+        reason = attention_checks._why_not(backend, *(t.transpose(0, 1)[None] for t in (q, k, v)))
     if reason is None and sequences > 65535:
         reason = f"{sequences} sequences, past 65535, the Triton kernels' grid limit"
     if reason is None and dropout_p:
@@ -238,9 +238,9 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
-    window = attention._window("flash_attention_varlen", window_size)
-    softcap = attention._softcap("flash_attention_varlen", softcap)
-    sinks = attention._sinks("flash_attention_varlen", sinks, q, heads_dim=-2)
+    window = attention_checks._window("flash_attention_varlen", window_size)
+    softcap = attention_checks._softcap("flash_attention_varlen", softcap)
+    sinks = attention_checks._sinks("flash_attention_varlen", sinks, q, heads_dim=-2)
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = _backend.select("flash_attention_varlen", backend, q.device, lambda b: _why_not(

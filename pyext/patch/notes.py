@@ -5,7 +5,7 @@ from typing import List
 import torch
 
 from pyext import _backend
-from pyext.ops import attention as attention_ops
+from pyext.ops import attention
 from pyext.patch.hf_attention import _hf_sinks, _hf_softcap, _native_windows_apply
 
 
@@ -30,7 +30,7 @@ def _attention_dropout_notes(model, backend) -> List[str]:
     do not: in training those calls run torch's SDPA under auto (until the
     Triton dropout is measured faster: SDPA_DROPOUT_AUTO_ORDER), and raise
     under backend "cuda". GPT-2's and BERT's HF configs default to 0.1."""
-    outcome = _triton_only_outcome(backend, attention_ops.SDPA_DROPOUT_AUTO_ORDER, "dropout is", "dropout")
+    outcome = _triton_only_outcome(backend, attention.SDPA_DROPOUT_AUTO_ORDER, "dropout is", "dropout")
     if outcome is None:
         return []
     config = getattr(model, "config", None)
@@ -48,7 +48,7 @@ def _attention_mask_notes(model, backend) -> List[str]:
     sliding-window layers), MultiheadAttention for a key_padding_mask or an
     attn_mask. Under auto those calls run torch's SDPA until the Triton masks
     are measured faster (SDPA_MASK_AUTO_ORDER); under backend "cuda" they raise."""
-    outcome = _triton_only_outcome(backend, attention_ops.SDPA_MASK_AUTO_ORDER, "masks are", "mask")
+    outcome = _triton_only_outcome(backend, attention.SDPA_MASK_AUTO_ORDER, "masks are", "mask")
     if outcome is None:
         return []
     notes = []

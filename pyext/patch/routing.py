@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from pyext.ops import attention as attention_ops
+from pyext.ops import attention
 from pyext.ops.gelu import gelu as pyext_gelu
 from pyext.ops.layer_norm import layer_norm as pyext_layer_norm, rms_norm as pyext_rms_norm
 
@@ -51,10 +51,10 @@ class _RouteCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.attention and \
-                not getattr(attention_ops.calling_torch_sdpa, "active", False):
+                not getattr(attention.calling_torch_sdpa, "active", False):
             if self.gqa:
                 kwargs["enable_gqa"] = True
-            return attention_ops._scaled_dot_product_attention(*args, **kwargs, backend=self.backend,
+            return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend,
                                                                softcap=self.softcap, window=self.window,
                                                                sinks=self.sinks)
         call = self.calls.get(func)

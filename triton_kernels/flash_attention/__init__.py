@@ -3,7 +3,7 @@
 Shapes: q (B, Hq, Sq, D); k (B, Hkv, Sk, D); v (B, Hkv, Sk, Dv), Hq a multiple
 of Hkv (query head h reads key head h // (Hq / Hkv): GQA/MQA with no copies).
 Dv is D, or its own (DeepSeek's MLA: D 192, Dv 128; the host keeps it below
-D, see pyext/ops/attention.py). Any strides with a unit last stride, dout's
+D, see pyext/ops/attention_checks.py). Any strides with a unit last stride, dout's
 too. out (B, Hq, Sq, Dv) in q's memory order
 (as torch's flash SDPA: for q a (B, S, H, D) view, out is one too, so the
 caller's out.transpose(1, 2).contiguous() copies nothing); lse (B, Hq, Sq)

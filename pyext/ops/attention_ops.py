@@ -1,0 +1,324 @@
+"""The attention ops and their autograd: flash_attn_{fwd,bwd}_{triton,cuda},
+the Triton-only variants (dropout, masked, extras), their fake
+implementations, and _FlashAttention, which runs the op a call needs and
+carries the backward's choices.
+
+    flash_attn_fwd(q, k, v, scale, causal, causal_offset) -> (out, lse)
+    flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic) -> (dq, dk, dv)
+
+Kernels cover float16/bfloat16, head dims that are multiples of 8 up to 256
+(a value head dim of its own below the query/key one in the Triton kernels),
+any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
+The CUDA forward and backward run the sm_90a kernels (wgmma, TMA) on
+compute capability 9.x for head dims that pad to 64 or 128, the mma.sync
+kernels elsewhere; PYEXT_FLASH_SM90=0 in the environment (read per call)
+forces the latter.
+The Triton backward with deterministic=False sums dQ with atomics (faster,
+last bits vary run to run); the CUDA backward is deterministic either way.
+The public functions carry the caller's choice from the forward to the
+backward in _FlashAttention's context; a forward op called directly gets the
+deterministic backward.
+Dropout (Triton only): flash_attn_dropout_{fwd,bwd}_triton take dropout_p
+and `seed`, a one-element int64 tensor drawn from torch's generator on the
+inputs' device per call; the backward draws the forward's mask from it.
+An attention mask (Triton only; SDPA's attn_mask, never with causal):
+flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
+seed for none); their second output is each row's (max, sum), (B, H, S, 2)
+fp32, in place of lse, and a third, out_lo, what rounding out to its dtype
+left out, which the backward adds to out for D = rowsum(dO * O): a bias
+makes P peaky, and there D from the rounded out costs dq and dk the rule
+(see triton_kernels/flash_attention/tiles.py, _low_part).
+The extras (Triton only): a local window, a logit soft cap and attention
+sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
+None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too. The
+masked ops take a soft cap and sinks as well (HF's Gemma 2 with a padded
+batch or its sliding-window mask, GPT-OSS's, through pyext.patch). The
+backward ops take the sinks too, for their gradient (their fourth output,
+empty without sinks); lse includes them, so dQ, dK and dV need nothing more.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pyext import reference
+from pyext.ops._register import create_graph_grads, register_stages
+
+
+@torch.library.custom_op("pyext::flash_attn_fwd_triton", mutates_args=())
+def flash_attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                          causal_offset: int) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset)
+
+
+@torch.library.custom_op("pyext::flash_attn_bwd_triton", mutates_args=())
+def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          scale: float, causal: bool, causal_offset: int,
+                          deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic)
+
+
+@torch.library.custom_op("pyext::flash_attn_dropout_fwd_triton", mutates_args=())
+def flash_attn_dropout_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+                                  dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed)
+
+
+@torch.library.custom_op("pyext::flash_attn_dropout_bwd_triton", mutates_args=())
+def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  scale: float, causal: bool, causal_offset: int, dropout_p: float, seed: Tensor,
+                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
+                                  dropout_p=dropout_p, seed=seed)
+
+
+@torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
+def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float,
+                                 sinks: Optional[Tensor], dropout_p: float,
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, False, 0, dropout_p=dropout_p, seed=seed, mask=mask,
+                                  softcap=softcap, sinks=sinks)
+
+
+@torch.library.custom_op("pyext::flash_attn_masked_bwd_triton", mutates_args=())
+def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
+                                 out_lo: Tensor, stats: Tensor, scale: float, softcap: float, sinks: Optional[Tensor],
+                                 dropout_p: float, seed: Optional[Tensor],
+                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic,
+                                               dropout_p=dropout_p, seed=seed, mask=mask, softcap=softcap,
+                                               sinks=sinks, out_lo=out_lo), q)
+
+
+def _kernel_window(window_left: int, window_right: int):
+    return None if (window_left, window_right) == (-1, -1) else (window_left, window_right)
+
+
+@torch.library.custom_op("pyext::flash_attn_extras_fwd_triton", mutates_args=())
+def flash_attn_extras_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
+                                 window_left: int, window_right: int, softcap: float, sinks: Optional[Tensor],
+                                 dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed,
+                                  window=_kernel_window(window_left, window_right), softcap=softcap, sinks=sinks)
+
+
+@torch.library.custom_op("pyext::flash_attn_extras_bwd_triton", mutates_args=())
+def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 scale: float, causal: bool, causal_offset: int, window_left: int,
+                                 window_right: int, softcap: float, sinks: Optional[Tensor], dropout_p: float,
+                                 seed: Optional[Tensor], deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyext.triton_kernels import flash_attention as kernels
+    return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
+                                               dropout_p=dropout_p, seed=seed,
+                                               window=_kernel_window(window_left, window_right), softcap=softcap,
+                                               sinks=sinks), q)
+
+
+def _with_dsinks(grads, q: Tensor):
+    """(dq, dk, dv, dsinks) of a backward that may have had no sinks: dsinks
+    then an empty float32 tensor (an op's outputs cannot be None)."""
+    return grads if len(grads) == 4 else (*grads, q.new_empty(0, dtype=torch.float32))
+
+
+def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
+    b, h, s, d = q.shape
+    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _fake_fwd_triton(q, k, v, *_):
+    """out in q's memory order, as the Triton launcher makes it."""
+    from pyext.triton_kernels.flash_attention import empty_out
+    b, h, s, d = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return empty_out(q, v.shape[-1]), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _fake_masked_fwd_triton(q, k, v, *_):
+    """out as the Triton launcher makes it; each row's (max, sum) in place of
+    lse; out_lo, what rounding out left out, in out's strides."""
+    out, lse = _fake_fwd_triton(q, k, v)
+    return out, lse.new_empty((*lse.shape, 2)), torch.empty_like(out)
+
+
+def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fake_bwd_triton(dout, q, k, v, *_):
+    """Each gradient in its input's memory order, as the Triton launcher makes them."""
+    return tuple(torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
+
+
+def _fake_bwd_with_sinks_triton(sinks_at: int):
+    """_fake_bwd_triton and dsinks, the op's argument at `sinks_at` being the sinks."""
+    def fake(dout, q, k, v, *rest):
+        sinks = rest[sinks_at - 4]
+        dsinks = q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32)
+        return (*_fake_bwd_triton(dout, q, k, v), dsinks)
+    return fake
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # a statistic returned for inspection, as in FlashAttention
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (scale, causal, causal_offset)
+    ctx.deterministic = True  # a forward op called directly; _FlashAttention sets the caller's choice
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.args, ctx.dropout_p = (scale, causal, causal_offset), dropout_p
+    ctx.deterministic = True
+
+
+def _masked_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, softcap, sinks, dropout_p, seed = inputs
+    out, stats, out_lo = output
+    ctx.mark_non_differentiable(stats, out_lo)
+    ctx.save_for_backward(q, k, v, mask, out, out_lo, stats, sinks, seed)
+    ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
+    ctx.deterministic = True
+
+
+def _extras_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, causal_offset, window_left, window_right, softcap, sinks, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, sinks, seed)
+    ctx.args, ctx.window = (scale, causal, causal_offset), (window_left, window_right)
+    ctx.softcap, ctx.dropout_p = softcap, dropout_p
+    ctx.deterministic = True
+
+
+def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None, window=None,
+                   softcap=0.0, sinks=None):
+    return reference.attention(q, k, v, scale=scale, causal=causal, causal_offset=causal_offset,
+                               dropout_p=dropout_p, keep=keep, mask=mask, window=window, softcap=softcap,
+                               sinks=sinks)[0]
+
+
+def _sinks_grad(sinks, dsinks):
+    """The sinks' gradient as the autograd wants it: the kernels' float32
+    dsinks in the sinks' dtype, None where they need none. (The sink is one
+    more logit of each row's softmax whose value is 0: its dP is 0, so its
+    dS = P_sink * (0 - D), D = sum over keys of P dP; see _bwd_kv_kernel.)"""
+    return None if sinks is None or not sinks.requires_grad else dsinks.to(sinks.dtype)
+
+
+def _kernels_keep_mask(seed, q, k, dropout_p):
+    """The dropout mask the kernels drew from `seed`, for the reference."""
+    from pyext.triton_kernels import flash_attention as kernels
+    return kernels.dropout_keep_mask(seed, *q.shape[:3], k.shape[2], dropout_p)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return create_graph_grads("flash_attention", ctx, _reference_out, (q, k, v, *ctx.args), (dout,))
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
+        return dq, dk, dv, None, None, None
+    return backward
+
+
+def _make_dropout_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' mask
+            keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p)
+            return create_graph_grads("flash_attention", ctx, _reference_out,
+                                      (q, k, v, *ctx.args, ctx.dropout_p, keep), (dout,))
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.dropout_p, seed, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
+    return backward
+
+
+def _make_masked_backward(bwd_op):
+    def backward(ctx, dout, *_):
+        q, k, v, mask, out, out_lo, stats, sinks, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
+            keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
+            grads = create_graph_grads("scaled_dot_product_attention", ctx, _reference_out,
+                                       (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap,
+                                        sinks), (dout,))
+            return grads[:3] + (None, None, None, grads[-1], None, None)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.softcap, sinks,
+                                    ctx.dropout_p, seed, ctx.deterministic)
+        return dq, dk, dv, None, None, None, _sinks_grad(sinks, dsinks), None, None
+    return backward
+
+
+def _make_extras_backward(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, sinks, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
+            keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
+            grads = create_graph_grads("flash_attention", ctx, _reference_out,
+                                       (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window, ctx.softcap,
+                                        sinks), (dout,))
+            return grads[:3] + (None,) * 6 + (grads[-1], None, None)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.softcap, sinks,
+                                    ctx.dropout_p, seed, ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 6 + (_sinks_grad(sinks, dsinks), None, None)
+    return backward
+
+
+FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
+                              {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
+DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
+                                              _dropout_setup_context, _make_dropout_backward)
+MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
+                                            _fake_bwd_with_sinks_triton(10), _masked_setup_context,
+                                            _make_masked_backward)
+EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_triton, _fake_bwd_with_sinks_triton(12),
+                                            _extras_setup_context, _make_extras_backward)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """The forward op of `backend` with a backward that honours `deterministic`
+    and `auto` (see create_graph_grads): the op's schema has no place for
+    them, so they live in this context."""
+
+    @staticmethod
+    def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
+                dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
+        if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
+            ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
+            output = MASKED_FWD[backend](*inputs)
+            _masked_setup_context(ctx, inputs, output)
+        elif window is not None or softcap > 0 or sinks is not None:
+            ctx.kind, inputs = "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap,
+                                          sinks, dropout_p, seed)
+            output = EXTRAS_FWD[backend](*inputs)
+            _extras_setup_context(ctx, inputs, output)
+        elif dropout_p > 0:
+            ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
+            output = DROPOUT_FWD[backend](*inputs)
+            _dropout_setup_context(ctx, inputs, output)
+        else:
+            ctx.kind, inputs = "plain", (q, k, v, scale, causal, causal_offset)
+            output = FWD[backend](*inputs)
+            _setup_context(ctx, inputs, output)
+        ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse, *_):
+        make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
+                       "extras": (_make_extras_backward, EXTRAS_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
+        grads = make(table[ctx.backend])(ctx, dout, dlse)
+        sinks_at = {"masked": 6, "extras": 9}.get(ctx.kind)  # the sinks' place in the op's inputs
+        dsinks = None if sinks_at is None else grads[sinks_at]
+        return (None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)
