@@ -130,6 +130,9 @@ def exercise_launchers():
             rms_norm_gated.rms_norm_gated_fwd(xc, xc, xc[0], 1e-6, "silu", gate_first, 3000)
             rms_norm_gated.rms_norm_gated_bwd(xc, xc, xc, torch.rand(2, 3, dtype=stat), xc[0], "silu", gate_first,
                                               True, 3000)
+    xc = torch.randn(2, 8192, dtype=torch.bfloat16)  # the fused backwards' widest tile, on 32 warps
+    layer_norm.layer_norm_bwd(xc, xc, torch.randn(2), torch.rand(2), xc[0], xc[0], True, True)
+    rms_norm_gated.rms_norm_gated_bwd(xc, xc, xc, torch.rand(2), xc[0], "silu", False, True)
     x, w = torch.randn(3, 40, dtype=torch.bfloat16), torch.randn(40)  # a float32 weight on bfloat16 x,
     rms_norm_gated.rms_norm_gated_fwd(x, x, w, 1e-6, "silu", False)
     rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3), w, "silu", False, True)

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ._utils import cdiv, next_power_of_2, on_device, round_to, to_compute
-from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _groups, _row_tile, _rsqrt, _split_eps,
-                         _stat_dtype, _sum_partials_kernel, _sum_tile, _take)
+from .layer_norm import (_backward_programs, _fused_bwd_tile, _fused_tile, _grad_for, _groups, _row_tile, _rsqrt,
+                         _split_eps, _stat_dtype, _sum_partials_kernel, _sum_tile, _take)
 
 FUSED_COLS = 8192  # the backward holds x, z and dy of a row (a group) in registers
 CHUNK = 4096  # elements of a row a chunked kernel holds at a time
@@ -266,7 +266,7 @@ def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dwei
         programs = _backward_programs(x, rows)
         rows_per_program = cdiv(rows, programs)
     else:  # a grid (programs, groups), each program walking one group of its rows
-        block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
+        block_m, block_n, num_warps = _fused_bwd_tile(cols, FUSED_COLS)
         programs = _backward_programs(x, cdiv(rows, block_m), groups)
         rows_per_program = cdiv(cdiv(rows, programs), block_m) * block_m
     programs = cdiv(rows, rows_per_program)
