@@ -279,7 +279,7 @@ def _fused_tile(cols: int, limit: int):
     if block_n > limit:
         return None
     block_m = max(1, min(MAX_ROWS_PER_TILE, TILE // block_n))
-    num_warps = min(16, max(1, block_m * block_n // 512))  # ~16 elements per thread
+    num_warps = min(32, max(1, block_m * block_n // 512))  # ~16 elements per thread
     return block_m, block_n, num_warps
 
 
