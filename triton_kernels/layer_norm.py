@@ -273,23 +273,24 @@ def _split_eps(eps: float):
     return high, eps - high
 
 
-def _fused_tile(cols: int, limit: int):
-    """(BLOCK_M, BLOCK_N, num_warps) holding whole rows, or None past `limit`."""
+def _fused_tile(cols: int, limit: int, tile: int = TILE, per_thread: int = 16):
+    """(BLOCK_M, BLOCK_N, num_warps) holding whole rows, short rows batched to
+    `tile` elements, `per_thread` elements a thread; or None past `limit`."""
     block_n = next_power_of_2(max(cols, 1))
     if block_n > limit:
         return None
-    block_m = max(1, min(MAX_ROWS_PER_TILE, TILE // block_n))
-    num_warps = min(32, max(1, block_m * block_n // 512))  # ~16 elements per thread
+    block_m = max(1, min(MAX_ROWS_PER_TILE, tile // block_n))
+    num_warps = min(32, max(1, block_m * block_n // (32 * per_thread)))
     return block_m, block_n, num_warps
 
 
-def _fused_bwd_tile(cols: int, limit: int):
+def _fused_bwd_tile(cols: int, limit: int, tile: int = TILE, per_thread: int = 16):
     """_fused_tile for a backward, which holds more per element (x, dy, the
     weight, its partial sums): a row of 8192 on 16 warps caps a thread at 128
     registers (65536 an SM) and ptxas spills 60-416 B a thread; on 32 warps,
-    64 registers each, nothing (layer_norm, rms_norm) or 24 B (gated)."""
-    tile = _fused_tile(cols, limit)
-    return tile if tile is None or tile[1] < 8192 else (tile[0], tile[1], 32)
+    64 registers each, nothing (layer_norm, rms_norm) or 8-116 B (gated)."""
+    fused = _fused_tile(cols, limit, tile, per_thread)
+    return fused if fused is None or fused[1] < 8192 else (fused[0], fused[1], 32)
 
 
 def _take(out, i, shape, dtype, device):
