@@ -284,15 +284,6 @@ def _fused_tile(cols: int, limit: int, tile: int = TILE, per_thread: int = 16):
     return block_m, block_n, num_warps
 
 
-def _fused_bwd_tile(cols: int, limit: int, tile: int = TILE, per_thread: int = 16):
-    """_fused_tile for a backward, which holds more per element (x, dy, the
-    weight, its partial sums): a row of 8192 on 16 warps caps a thread at 128
-    registers (65536 an SM) and ptxas spills 60-416 B a thread; on 32 warps,
-    64 registers each, nothing (layer_norm, rms_norm) or 8-116 B (gated)."""
-    fused = _fused_tile(cols, limit, tile, per_thread)
-    return fused if fused is None or fused[1] < 8192 else (fused[0], fused[1], 32)
-
-
 def _take(out, i, shape, dtype, device):
     """out[i] when the caller passed one (tests pass NaN-filled ones), else new."""
     t = None if out is None else out[i]
@@ -393,7 +384,11 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
     dbias = _grad_for(need_dbias, bias, rows, out, 2, x)
     if rows == 0 or cols == 0:
         return dx, dweight, dbias
-    tile = _fused_bwd_tile(cols, BWD_FUSED_COLS)
+    # 16 elements a thread, as the forward, but 8 in the widest rows: there 16 warps cap a thread at 128
+    # registers and ptxas spilled 60-144 B; on 32 warps nothing. (8 everywhere spills 50-90 B at rows of
+    # 64-128 under Triton 3.6, where 16 spills none.)
+    per_thread = 8 if next_power_of_2(cols) == BWD_FUSED_COLS else 16
+    tile = _fused_tile(cols, BWD_FUSED_COLS, per_thread=per_thread)
     if tile is not None:  # a grid (programs, groups), each program walking one group of its rows
         block_m, block_n, num_warps = tile
         programs = _backward_programs(x, cdiv(rows, block_m), groups)
