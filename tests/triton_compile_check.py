@@ -4,7 +4,11 @@ no GPU: Triton builds PTX and cubins from a target description alone.
 Run as a script (the test runs it in a subprocess, without TRITON_INTERPRET,
 so the kernels are real @triton.jit functions). The launch functions are
 called on CPU tensors with Triton's launcher replaced by a recorder; each
-recorded launch (and every autotune config) is then compiled. This catches
+recorded launch (and every autotune config) is then compiled, each argument
+specialized as Triton's launcher specializes it (pointers and ints that 16
+divides, ints equal to 1), so each variant is the kernel such a launch gets
+on the device: a row width that 16 divides gets vector loads, another not,
+and the two are different kernels with different register needs. This catches
 what the interpreter cannot: Python globals the compiler refuses, illegal
 dot shapes, type errors in code paths the interpreter takes differently.
 
@@ -32,17 +36,15 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTER
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
-from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 # Shared memory per block (opt-in) of an A100 and an H100, bytes.
 SHARED_MEMORY = {80: 166912, 90: 232448}
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 launches = []  # (JITFunction, bound arguments, options, configs, targets, pruned)
 all_configs = False  # compile every autotune config (pruned) of the launches recorded while True
 targets = TARGETS  # the targets of the launches recorded now
@@ -59,6 +61,10 @@ def _record_autotuned(self, *args, **kwargs):
 
 
 def _signature(fn, args, kwargs, config):
+    """The signature, constexprs, attributes and options of this launch, as
+    Triton's launcher makes them: its own specialization of each argument, so
+    an int equal to 1 becomes a constexpr and a pointer or int that 16 divides
+    gets tt.divisibility (which lets loads and stores vectorize)."""
     names = fn.arg_names
     values = dict(zip(names, args))
     values.update({k: v for k, v in kwargs.items() if k in names})
@@ -68,29 +74,21 @@ def _signature(fn, args, kwargs, config):
         options.update(num_warps=config.num_warps, num_stages=config.num_stages)
         if config.pre_hook is not None:  # sets the descriptors' boxes
             config.pre_hook(values)
-    signature, constexprs = {}, {}
-    for param in fn.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
         value = values[param.name]
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, TensorDescriptor):
-            box = ",".join(str(n) for n in value.block_shape)
-            signature[param.name] = f"tensordesc<{_TYPES[value.base.dtype]}[{box}]>"
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i64" if abs(value) >= 2 ** 31 else "i32"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        elif value is None:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = None
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
-    return signature, constexprs, options
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = key
+        elif isinstance(key, str):
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    return signature, constexprs, attrs, options
 
 
 def exercise_launchers():
@@ -233,7 +231,7 @@ def exercise_launchers():
                          0.9, 0.999, 1e-8, 0.01, amsgrad, False, scaler, scaler)
 
 
-jobs = []  # (fn, signature, constexprs, options, target, pruned): each variant to compile, once
+jobs = []  # (fn, signature, constexprs, attrs, options, target, pruned): each variant to compile, once
 
 
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -243,12 +241,14 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 def _compile(index: int):
     """Compile jobs[index]: (why it failed or None, the ptxas report of a
     variant that spills or None)."""
-    fn, signature, constexprs, options, target, pruned = jobs[index]
-    what = f"{fn.__name__} sm_{target.arch} {constexprs} {options}"
+    fn, signature, constexprs, attrs, options, target, pruned = jobs[index]
+    names = fn.arg_names
+    divisible = [names[i] for (i,), attr in attrs.items() if attr and not signature[names[i]].startswith("*")]
+    what = f"{fn.__name__} sm_{target.arch} {constexprs} {options}, ints 16 divides: {divisible}"
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # ptxas -v's report, with knobs.nvidia.dump_ptxas_log
-            kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
     except Exception as e:  # report all, fail at the end
         return f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", None
     if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
@@ -272,13 +272,13 @@ def main():
     seen = set()
     for fn, args, kwargs, configs, launch_targets, pruned in launches:
         for config in configs:
-            signature, constexprs, options = _signature(fn, args, kwargs, config)
+            signature, constexprs, attrs, options = _signature(fn, args, kwargs, config)
             for target in launch_targets:
                 key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                       repr(sorted(options.items())), target.arch)
+                       repr(sorted(attrs.items())), repr(sorted(options.items())), target.arch)
                 if key not in seen:
                     seen.add(key)
-                    jobs.append((fn, signature, constexprs, options, target, pruned))
+                    jobs.append((fn, signature, constexprs, attrs, options, target, pruned))
     # one compiling process per core (ptxas is most of the time); forked, so they inherit `jobs`
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1,
                                                 mp_context=multiprocessing.get_context("fork")) as pool:
