@@ -384,9 +384,10 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
     dbias = _grad_for(need_dbias, bias, rows, out, 2, x)
     if rows == 0 or cols == 0:
         return dx, dweight, dbias
-    # 16 elements a thread, as the forward, but 8 in the widest rows: there 16 warps cap a thread at 128
-    # registers and ptxas spilled 60-144 B; on 32 warps nothing. (8 everywhere spills 50-90 B at rows of
-    # 64-128 under Triton 3.6, where 16 spills none.)
+    # 16 elements a thread, as the forward, but 8 in the widest rows (32 warps): there a row whose width 16
+    # does not divide (no vector loads: an address an element) spilled 60-200 B a thread on 16 warps (128
+    # registers each), 0-4 B on 32. Widths 16 divides spill on neither. (8 everywhere spills 4-60 B at
+    # such odd widths of 40-100 under Triton 3.6, where 16 spills none.)
     per_thread = 8 if next_power_of_2(cols) == BWD_FUSED_COLS else 16
     tile = _fused_tile(cols, BWD_FUSED_COLS, per_thread=per_thread)
     if tile is not None:  # a grid (programs, groups), each program walking one group of its rows

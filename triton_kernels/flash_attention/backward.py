@@ -258,7 +258,8 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     meta["SINK"] = sinks is not None
     with on_device(q):
         # 64 rows, fewer past a head dim of 128: a program's two [rows, BLOCK_DV] fp32 tiles in 128
-        # threads' registers (at d256, 64 rows spill 28-52 B a thread)
+        # threads' registers (at a head dim of 129-256 that 16 does not divide, 136 or 200, 64 rows spill
+        # 28 B a thread; d256 nothing either way)
         block = 16 if _INTERPRET else min(64, 8192 // meta["BLOCK_DV"])
         # delta is per row: a packed batch's rows are those of one long sequence
         _bwd_delta_kernel[(cdiv(seq_q, block), heads_q, stats_batch)](

@@ -27,8 +27,8 @@ def _configs(kind):
         # 4 warps their Hopper pass fails to compile (NVGPUWarpSpecialization).
         shapes = [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), (128, 32, 4, 4, False),
                   (64, 64, 4, 3, True), (64, 128, 4, 2, True), (64, 32, 4, 4, True)]
-    else:  # the 8-warp tiles: ptxas spills ~100 B a thread in 64 x 64 and 32 x 64 at d128 (KBs at 4 warps),
-        # and at d256 every tile spills 0.1-5 KB but 32 x 32 on 8 warps (0-40 B)
+    else:  # the 8-warp tiles: at d128 ptxas spills nothing in 64 x 64 and 32 x 64 on 8 warps, 40-1748 B a
+        # thread on 4 (sm_90); at d256 every tile spills 8 B-5 KB but 32 x 32 on 8 warps
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 1), (64, 64, 8, 2),
                   (32, 64, 8, 2), (32, 32, 8, 2)]
     if kind != "fwd_tma":
