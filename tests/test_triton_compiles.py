@@ -18,3 +18,34 @@ def test_every_launched_kernel_compiles_for_ampere_and_hopper():
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
     assert "compiled" in out.stdout
+
+
+SPECIALIZATION_PROBE = """
+import torch, triton, triton.language as tl
+import triton_compile_check as check
+
+@triton.jit
+def probe(ptr, aligned, odd, one, N: tl.constexpr):
+    pass
+
+signature, constexprs, attrs, _ = check._signature(probe, (torch.empty(64), 32, 17, 1), {"N": 4}, None)
+div = [["tt.divisibility", 16]]
+assert signature == {"ptr": "*fp32", "aligned": "i32", "odd": "i32", "one": "constexpr", "N": "constexpr"}, signature
+assert constexprs == {"N": 4, "one": 1}, constexprs
+assert attrs[(0,)] == div and attrs[(1,)] == div and attrs[(2,)] == [], attrs
+print("specialized as a launch")
+"""
+
+
+def test_the_check_compiles_the_variant_a_launch_gets(tmp_path):
+    """A pointer and an int that 16 divides carry tt.divisibility (what lets
+    a row's loads vectorize) and an int equal to 1 is a constexpr, as
+    Triton's launcher makes them; without that the check (and its --spills
+    counts) would be of kernels no aligned launch runs."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))
+    probe = tmp_path / "probe.py"  # a file: Triton reads a kernel's source from one
+    probe.write_text(SPECIALIZATION_PROBE)
+    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "specialized as a launch" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
