@@ -102,7 +102,7 @@ def exercise_launchers():
             gelu.gelu_fwd(x, approx)
             gelu.gelu_bwd(x, x, approx)
         stat = torch.float64 if dtype == torch.float64 else torch.float32
-        for cols in (40, 20000):  # the fused and the chunked paths
+        for cols in (40, 128, 20000):  # fused at a width 16 divides and at one it does not, and chunked
             xc, wc = torch.randn(2, cols, dtype=dtype), torch.randn(cols, dtype=dtype)
             mean, rstd = torch.randn(2, dtype=stat), torch.rand(2, dtype=stat)
             layer_norm.layer_norm_fwd(xc, (cols,), wc, wc, 1e-5)
@@ -121,6 +121,9 @@ def exercise_launchers():
                 rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, activation, gate_first)
                 rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, dtype=stat), x[0], activation, gate_first,
                                                   True)
+        xa = torch.randn(3, 128, dtype=dtype)  # a width 16 divides (vector loads)
+        rms_norm_gated.rms_norm_gated_fwd(xa, xa, xa[0], 1e-6, "silu", False)
+        rms_norm_gated.rms_norm_gated_bwd(xa, xa, xa, torch.rand(3, dtype=stat), xa[0], "silu", False, True)
         rms_norm_gated.rms_norm_gated_fwd(x, x, x[0], 1e-6, "silu", True, 10)  # in 4 groups (Mamba 2's)
         rms_norm_gated.rms_norm_gated_bwd(x, x, x, torch.rand(3, 4, dtype=stat), x[0], "silu", True, True, 10)
         xc = torch.randn(2, 9000, dtype=dtype)  # the chunked kernels, in 3 groups
