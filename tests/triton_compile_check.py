@@ -149,10 +149,11 @@ def exercise_launchers():
         targets = [target]
         flash_attention.forward._has_tma = lambda t: target.arch >= 90
         flash_attention.forward._shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
-        # value head dim dv: the query/key one, or below it (DeepSeek's MLA, 192 and 128). Every
-        # config on sm_90 from head dim 128 (the GPUs the tests run on; the descriptor forward's
-        # shared memory prune counts them), the first of each launch on sm_80 (CI's time)
-        for d, dv, causal in ((80, 80, False), (128, 128, True), (256, 256, True), (192, 128, True)):
+        # head dims 64 (a 64-wide block) to 256; value head dim dv: the query/key one, or below it
+        # (DeepSeek's MLA, 192 and 128). Every config on sm_90 from head dim 128 (the GPUs the tests
+        # run on; the descriptor forward's shared memory prune counts them), the first of each launch
+        # on sm_80 (CI's time)
+        for d, dv, causal in ((64, 64, False), (80, 80, False), (128, 128, True), (256, 256, True), (192, 128, True)):
             all_configs = target.arch >= 90 and d >= 128
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
             k, v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16), torch.randn(1, 2, 40, dv, dtype=torch.bfloat16)
