@@ -42,9 +42,9 @@ from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _groups, _r
 FUSED_COLS = 8192  # the backward holds x, z and dy of a row (a group) in registers
 # The fused backward's tiles: short rows batched to 2048 elements, 8 a thread (8 warps; a row of 8192 on
 # 32). Its gate keeps more live per element than the plain norms. Widths that 16 divides spill nothing up
-# to 2048 on either these or the forward's 4096-element tiles (16 a thread); other widths (no vector
-# loads) spilled up to 316 B a thread on those (ptxas, sm_90), up to 152 B on these, and a row of 8190
-# 336-436 B on 16 warps, 8-84 B on 32.
+# to 2048 on either these or the forward's 4096-element tiles (16 a thread), but 4 B at 2048 on these
+# (sm_80); other widths (no vector loads) spilled up to 316 B a thread on those (ptxas, sm_90), up to
+# 152 B on these, and a row of 8190 336-436 B on 16 warps, 8-84 B on 32.
 BWD_TILE, BWD_PER_THREAD = 2048, 8
 CHUNK = 4096  # elements of a row a chunked kernel holds at a time
 ACTIVATIONS = {"silu": 0, "sigmoid": 1}
