@@ -9,7 +9,7 @@ Runs the test's own check (check_flash for "dense", check_varlen for
 and gradient error / bound (the rule of conftest.py: above 1 fails), and
 prints the worst, the seed it came from and how many seeds were past the
 rule. Dense cases alternate causal and the backward path by seed.
---math-yardstick judges by torch's SDPA without test_attention.sdpa's
+--math-yardstick judges by torch's SDPA without attention_checks.sdpa's
 padding (its math backend, fp32 inside, where v is narrower than q).
 """
 import argparse
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import conftest  # noqa: E402
-import test_attention  # noqa: E402
+import attention_checks  # noqa: E402
 import test_attention_varlen  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main():
     args = parser.parse_args()
     case = ast.literal_eval(args.case)
     if args.math_yardstick:
-        test_attention.sdpa = F.scaled_dot_product_attention
+        attention_checks.sdpa = F.scaled_dot_product_attention
         test_attention_varlen.sdpa = F.scaled_dot_product_attention
 
     margins, seed = {}, 0
@@ -51,13 +51,13 @@ def main():
         err = (out.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
         pt_err = (pt.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
         margins.setdefault(name, []).append((err / (2 * pt_err + conftest.FLOOR[out.dtype]), seed))
-    test_attention.assert_close = record
+    attention_checks.assert_close = record
 
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         if args.kind == "dense":
-            q, k, v = test_attention.qkv(case, torch.bfloat16, "cpu")
-            test_attention.check_flash("triton", q, k, v, seed % 2 == 1, seed % 4 >= 2, args.scale)
+            q, k, v = attention_checks.qkv(case, torch.bfloat16, "cpu")
+            attention_checks.check_flash("triton", q, k, v, seed % 2 == 1, seed % 4 >= 2, args.scale)
         else:
             test_attention_varlen.check_varlen("triton", args.deterministic, case, args.causal)
     for name, values in margins.items():

@@ -1,4 +1,8 @@
-"""pyext.flash_attention and pyext.scaled_dot_product_attention: the specification."""
+"""pyext.flash_attention and pyext.scaled_dot_product_attention: the
+specification of the core op. Windows, caps and sinks: test_attention_extras.py;
+dropout: test_attention_dropout.py; masks: test_attention_mask.py; packed
+batches: test_attention_varlen.py; the Hopper Triton forward:
+test_attention_descriptor.py. The shared checks: attention_checks.py."""
 
 import pytest
 import torch
@@ -7,11 +11,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
 from pyext import reference
-from pyext.ops import attention, attention_ops
-from conftest import (COMPILERS, FLOOR, HAS_GPU, assert_close, compute_sanitizer, device_for, hessian_vector_product,
-                      make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+from pyext.ops import attention_ops
+from conftest import (COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+                      poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+from attention_checks import (DTYPES, FLASH_BACKENDS, FLASH_KERNELS, KERNEL_BACKENDS, TRITON_AND_REFERENCE,
+                              check_flash, qkv)
 
-DTYPES = [torch.bfloat16, torch.float16]
+
 # (batch, query heads, key heads, Sq, Sk, head dim): odd lengths one past a
 # block, Sq != Sk both ways, GQA and MQA, head dims 40 and 80, Sq = 1.
 SHAPES = [
@@ -21,18 +27,6 @@ SHAPES = [
     (1, 3, 3, 1, 23, 16),
     (1, 2, 2, 24, 9, 32),
 ]
-KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
-# (backend, deterministic): the Triton backward has two paths, dQ summed with
-# atomics (the default) and the deterministic two-kernel one; the CUDA
-# backward is deterministic either way.
-FLASH_KERNELS = [
-    pytest.param("triton", False, id="triton-atomic"),
-    pytest.param("triton", True, id="triton-deterministic"),
-    pytest.param("cuda", False, id="cuda", marks=pytest.mark.gpu),
-]
-FLASH_BACKENDS = [pytest.param("torch", False, id="torch")] + FLASH_KERNELS
-# the same without CUDA: for what only the Triton kernels and the reference have (windows, caps, sinks)
-TRITON_AND_REFERENCE = FLASH_BACKENDS[:3]
 
 
 @pytest.fixture(autouse=True)
@@ -42,88 +36,6 @@ def _cuda_kernels_built(request):
     callspec = getattr(request.node, "callspec", None)
     if callspec and callspec.params.get("backend") == "cuda" and "cuda" not in attention_ops.FWD:
         pytest.skip("pyext._C has no CUDA attention kernels (issue 5)")
-
-
-def qkv(shape, dtype, device, layout="contiguous"):
-    """q, k, v of shape (batch, query heads, key heads, Sq, Sk, head dim[, value head dim])."""
-    b, hq, hk, sq, sk, d, *dv = shape
-    dv = dv[0] if dv else d
-    if layout == "bshd":  # (B, S, H, D) memory viewed as (B, H, S, D), as models produce
-        q = make_tensor((b, sq, hq, d), dtype, device).transpose(1, 2)
-        k, v = (make_tensor((b, sk, hk, e), dtype, device).transpose(1, 2) for e in (d, dv))
-    else:
-        q = make_tensor((b, hq, sq, d), dtype, device)
-        k, v = (make_tensor((b, hk, sk, e), dtype, device) for e in (d, dv))
-    return [t.requires_grad_() for t in (q, k, v)]
-
-
-def sdpa(q, k, v, **kwargs):
-    """torch's SDPA, run where it can be by its fused kernel, the yardstick's
-    core. Its CPU flash kernel takes v only at q's head dim; for a narrower
-    v (MLA's) it would fall to its math backend, fp32 inside, whose error is
-    one final rounding: a yardstick no fused kernel meets (the kernels'
-    delta = rowsum(dO * O) sees O in the dtype, as torch's fused kernels'
-    do). So v is zero-padded to q's head dim, as HF runs MLA on
-    FlashAttention-2, and out cut back: the zero columns add nothing to any
-    product (benchmarks/NOTES.md, "The yardstick of a narrower V")."""
-    dv = v.shape[-1]
-    if dv < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)[..., :dv]
-
-
-def torch_attention(q, k, v, scale, causal, offset):
-    """PyTorch's own attention in q's dtype, the yardstick of the rule: out
-    from its SDPA (bottom-right causal as a mask; is_causal when Sq == Sk, so
-    that its fused kernels run), with rows that see no key set to 0 as pyext
-    defines them; lse from the scores computed in q's dtype."""
-    sq, sk = q.shape[2], k.shape[2]
-    visible = (torch.arange(sk, device=q.device)[None, :]
-               <= torch.arange(sq, device=q.device)[:, None] + offset)
-    if not causal:
-        out = sdpa(q, k, v, scale=scale, enable_gqa=True)
-    elif sq == sk:
-        out = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        out = sdpa(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
-        out = out.masked_fill(~visible.any(-1)[:, None], 0)
-    scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-2, -1)) * scale
-    if causal:
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return out, torch.logsumexp(scores.float(), dim=-1)
-
-
-def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
-    """out, lse, dq, dk, dv of `backend` against the float64 oracle, with
-    PyTorch's own attention in the inputs' dtype as the yardstick."""
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True,
-                                     deterministic=deterministic, backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    offset = k.shape[2] - q.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-
-    def run(attention, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, l = attention(*leaves, scale, causal, offset)
-        return [o, l] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
-
-    ref = run(lambda *a: reference.attention(*a[:3], scale=a[3], causal=a[4], causal_offset=a[5]), torch.float64)
-    pt = run(torch_attention, q.dtype)
-    assert_all_close(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt)
-
-
-def assert_all_close(names, outs, refs, pts):
-    """The rule for every tensor, every failure reported: which of them are
-    wrong (lse only: S = Q K^T or the softmax; dv only: P^T dO; ...) points
-    at the product."""
-    failures = []
-    for name, o, r, p in zip(names, outs, refs, pts, strict=True):
-        try:
-            assert_close(o, r, p, name)
-        except AssertionError as e:
-            failures.append(str(e).splitlines()[0])
-    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("backend,deterministic", FLASH_BACKENDS)
@@ -186,272 +98,6 @@ def test_a_value_head_dim_above_the_query_head_dim_goes_to_torch_under_auto_and_
     assert torch.equal(pyext.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     with pytest.raises(pyext.BackendUnavailable, match="value head dim 24"):
         pyext.scaled_dot_product_attention(q, k, v, backend="triton")
-
-
-def band(sq, sk, causal, window, device):
-    """The (Sq, Sk) boolean mask of causality and a local window (left, right), bottom-right aligned."""
-    i = torch.arange(sq, device=device)[:, None] + sk - sq
-    j = torch.arange(sk, device=device)[None, :]
-    visible = (j <= i) if causal else torch.ones(sq, sk, dtype=torch.bool, device=device)
-    left, right = window
-    return visible & ((j >= i - left) if left >= 0 else True) & ((j <= i + right) if right >= 0 else True)
-
-
-# (shape as SHAPES, causal, window_size): a causal sliding window over blocks
-# at both ends, a two-sided band with Sq > Sk (rows that see no key), the
-# diagonal alone, a window wider than the keys, a right bound alone
-WINDOW_CASES = [((2, 4, 2, 45, 70, 32), True, (20, -1)), ((1, 2, 1, 70, 45, 40), False, (10, 5)),
-                ((1, 2, 2, 33, 33, 16), False, (0, 0)), ((1, 2, 2, 40, 40, 64), True, (100, -1)),
-                ((1, 2, 2, 19, 50, 32), False, (-1, 3))]
-
-
-@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
-@pytest.mark.parametrize("shape,causal,window", WINDOW_CASES, ids=str)
-def test_local_window_matches_oracle(backend, deterministic, shape, causal, window):
-    """flash_attention's window_size (FlashAttention's local attention): out,
-    lse, dq, dk, dv against the float64 oracle, with torch's SDPA given the
-    band as a boolean mask as the yardstick (rows that see no key set to 0)."""
-    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, return_lse=True,
-                                     deterministic=deterministic, backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    visible = band(q.shape[2], k.shape[2], causal, window, q.device)
-
-    def yardstick(q, k, v):
-        o = sdpa(q, k, v, attn_mask=visible, enable_gqa=True)
-        scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * q.shape[-1] ** -0.5
-        return o.masked_fill(~visible.any(-1)[:, None], 0), torch.logsumexp(scores.float().masked_fill(
-            ~visible, float("-inf")), -1)
-
-    def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, lse_ = fn(*leaves)
-        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
-    ref = run(lambda *t: reference.attention(*t, causal=causal, causal_offset=k.shape[2] - q.shape[2],
-                                             window=window), torch.float64)
-    pt = run(yardstick, q.dtype)
-    for name, o, r, p in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt):
-        assert_close(o, r, p, name)
-
-
-def softcapped_eager(q, k, v, scale, visible, softcap):
-    """PyTorch's own way to run a soft cap, the yardstick: attention written
-    out in the inputs' dtype as HF's Gemma 2 eager attention computes it
-    (products in the dtype, the softmax in float32; torch's SDPA has no cap),
-    rows that see no key set to 0; with lse from its capped scores."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q @ k.transpose(-2, -1)) * scale
-    s = softcap * torch.tanh(s / softcap)
-    lse = torch.logsumexp(s.float().masked_fill(~visible, float("-inf")), -1)
-    p = torch.softmax(s.masked_fill(~visible, torch.finfo(s.dtype).min), -1, dtype=torch.float32).to(q.dtype)
-    return (p @ v).masked_fill(~visible.any(-1)[:, None], 0), lse
-
-
-def check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype=torch.bfloat16):
-    """out, lse, dq, dk, dv of flash_attention with a soft cap (and a window)
-    against the float64 oracle, softcapped_eager the yardstick."""
-    q, k, v = qkv(shape, dtype, device_for(backend))
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, softcap=softcap, scale=scale,
-                                     return_lse=True, deterministic=deterministic, backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    visible = band(q.shape[2], k.shape[2], causal, window, q.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-
-    def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, lse_ = fn(*leaves)
-        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
-    ref = run(lambda *t: reference.attention(*t, scale=scale, causal=causal, causal_offset=k.shape[2] - q.shape[2],
-                                             window=window, softcap=softcap), torch.float64)
-    pt = run(lambda *t: softcapped_eager(*t, scale, visible, softcap), q.dtype)
-    assert_all_close(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt)
-
-
-# (shape as SHAPES, causal, window_size, softcap, scale, dtype): Gemma 2's cap
-# 50 on a causal GQA block with Sq < Sk; a cap that saturates (scores of
-# spread ~5.7 against 1.0) with Sq > Sk in fp16; a causal sliding window
-# (Gemma 2's local layers); one query row
-SOFTCAP_CASES = [((2, 4, 2, 45, 70, 32), True, (-1, -1), 50.0, None, torch.bfloat16),
-                 ((1, 2, 1, 70, 45, 32), False, (-1, -1), 1.0, 1.0, torch.float16),
-                 ((2, 4, 2, 45, 70, 32), True, (20, -1), 5.0, 1.0, torch.bfloat16),
-                 ((1, 2, 2, 1, 33, 64), False, (-1, -1), 3.0, 0.5, torch.bfloat16)]
-
-
-@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
-@pytest.mark.parametrize("shape,causal,window,softcap,scale,dtype", SOFTCAP_CASES, ids=str)
-def test_softcap_matches_oracle(backend, deterministic, shape, causal, window, softcap, scale, dtype):
-    check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype)
-
-
-def sinks_eager(q, k, v, sinks, scale, visible):
-    """PyTorch's own way to run attention sinks, the yardstick: HF's GPT-OSS
-    eager attention (the sink a last column of the scores, dropped after
-    the softmax), products in the inputs' dtype, the softmax in float32
-    (torch's SDPA has no sinks); with lse over the scores and the sink."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = ((q @ k.transpose(-2, -1)) * scale).float().masked_fill(~visible, float("-inf"))
-    s = torch.cat([s, sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
-    p = torch.softmax(s, -1)[..., :-1].to(q.dtype)
-    return p @ v, torch.logsumexp(s, -1)
-
-
-def check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype):
-    """out, lse, dq, dk, dv and dsinks of flash_attention with sinks (and a
-    window) against the float64 oracle, sinks_eager the yardstick."""
-    q, k, v = qkv(shape, dtype, device_for(backend))
-    sinks = (torch.randn(shape[1], device=q.device) * sink_scale).to(sinks_dtype).requires_grad_()
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, sinks=sinks, return_lse=True,
-                                     deterministic=deterministic, backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, sinks), dout)
-    visible = band(q.shape[2], k.shape[2], causal, window, q.device)
-    scale = q.shape[-1] ** -0.5
-
-    def run(fn, dtype, sinks_dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        leaves.append(sinks.detach().to(sinks_dtype).requires_grad_())
-        o, lse_ = fn(*leaves)
-        return [o, lse_] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
-    ref = run(lambda q, k, v, s: reference.attention(q, k, v, causal=causal, causal_offset=k.shape[2] - q.shape[2],
-                                                     window=window, sinks=s), torch.float64, torch.float64)
-    pt = run(lambda *t: sinks_eager(*t, scale, visible), q.dtype, sinks_dtype)
-    assert_all_close(["out", "lse", "dq", "dk", "dv", "dsinks"], [out, lse, *grads], ref, pt)
-
-
-# (shape as SHAPES, causal, window_size, the sinks' spread, their dtype, dtype): GPT-OSS's full
-# and sliding (W = 20) layers, causal GQA with Sq < Sk; Sq > Sk causal, whose first rows see no key
-# but the sink; sinks that outweigh the scores (spread 6) in bf16; one query row in fp16
-SINKS_CASES = [((2, 4, 2, 45, 70, 32), True, (-1, -1), 1.0, torch.float32, torch.bfloat16),
-               ((2, 4, 2, 45, 70, 32), True, (19, -1), 1.0, torch.float32, torch.bfloat16),
-               ((1, 2, 1, 70, 45, 32), True, (-1, -1), 1.0, torch.float32, torch.float16),
-               ((1, 2, 2, 33, 33, 64), False, (-1, -1), 6.0, torch.bfloat16, torch.bfloat16),
-               ((1, 2, 2, 1, 33, 64), False, (-1, -1), 1.0, torch.float32, torch.float16)]
-
-
-@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
-@pytest.mark.parametrize("shape,causal,window,sink_scale,sinks_dtype,dtype", SINKS_CASES, ids=str)
-def test_sinks_match_oracle(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype):
-    check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype)
-
-
-def test_sinks_are_checked():
-    q = make_tensor((1, 2, 8, 16), torch.bfloat16, "cpu")
-    for bad in [torch.zeros(3), torch.zeros(1, 2), torch.zeros(2, dtype=torch.int64), [0.0, 0.0]]:
-        with pytest.raises(ValueError, match=r"sinks must be a floating-point tensor of one logit per query head"):
-            pyext.flash_attention(q, q, q, sinks=bad)
-
-
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-@pytest.mark.parametrize("masked", [False, True])
-def test_sdpa_with_a_softcap_matches_the_reference(backend, masked):
-    """The SDPA path pyext.patch gives HF's Gemma 2: under auto the kernels
-    even with a mask (torch's SDPA has no cap; its fallback is the reference)."""
-    q, k, v = (t.detach() for t in qkv((2, 4, 2, 21, 21, 32), torch.bfloat16, device_for("triton")))
-    mask = torch.rand(2, 1, 21, 21, device=q.device) > 0.3 if masked else None
-    out = attention._scaled_dot_product_attention(q, k, v, mask, 0.0, not masked, 0.5, True, backend=backend,
-                                                  softcap=2.0)
-    ref, _ = reference.attention(q.double(), k.double(), v.double(), scale=0.5, causal=not masked, mask=mask,
-                                 softcap=2.0)
-    lower, _ = reference.attention(q, k, v, scale=0.5, causal=not masked, mask=mask, softcap=2.0)
-    assert_close(out, ref, lower, "out")
-
-
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-@pytest.mark.parametrize("masked", [False, True])
-def test_sdpa_with_sinks_matches_the_reference(backend, masked):
-    """The SDPA path pyext.patch gives HF's GPT-OSS: under auto the kernels
-    even with a mask (torch's SDPA has no sinks; its fallback is the
-    reference), the sinks' gradient too, against the reference in the
-    inputs' dtype (float32 inside)."""
-    q, k, v = (t.detach() for t in qkv((2, 4, 2, 21, 21, 32), torch.bfloat16, device_for("triton")))
-    mask = torch.rand(2, 1, 21, 21, device=q.device) > 0.3 if masked else None
-    sinks = torch.randn(4, device=q.device, requires_grad=True)
-    out = attention._scaled_dot_product_attention(q, k, v, mask, 0.0, not masked, 0.5, True, backend=backend,
-                                                  sinks=sinks)
-    dout = torch.randn_like(out)
-    (dsinks,) = torch.autograd.grad(out, sinks, dout)
-    sinks64 = sinks.detach().double().requires_grad_()
-    ref, _ = reference.attention(q.double(), k.double(), v.double(), scale=0.5, causal=not masked, mask=mask,
-                                 sinks=sinks64)
-    lower, _ = reference.attention(q, k, v, scale=0.5, causal=not masked, mask=mask, sinks=sinks)
-    assert_close(out, ref, lower, "out")
-    assert_close(dsinks, torch.autograd.grad(ref, sinks64, dout.double())[0],
-                 torch.autograd.grad(lower, sinks, dout)[0], "dsinks")
-
-
-def test_softcap_is_checked():
-    q = make_tensor((1, 2, 8, 16), torch.bfloat16, "cpu")
-    for bad in [-1.0, float("inf"), float("nan"), "a", None, True]:
-        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
-            pyext.flash_attention(q, q, q, softcap=bad)
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("softcap", [0.0, 2.0])
-def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap, dropout_seeds, monkeypatch):
-    """With dropout, and a soft cap, too: the window kernels give what the
-    masked kernels give for the band as a boolean mask (the same dropout
-    mask, a function of the seed and (query, key) alone), out and gradients.
-    (SDPA with a cap, as pyext.patch calls it for HF's Gemma 2.) The masked
-    backward's D reads out + out_lo, the window one's out alone: out_lo is
-    zeroed here, so that both take the same D."""
-    forward = attention_ops.MASKED_FWD["triton"]
-
-    def masked_forward_with_d_from_out(*args):
-        out, stats, out_lo = forward(*args)
-        return out, stats, torch.zeros_like(out_lo)
-    monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", masked_forward_with_d_from_out)
-    q, k, v = qkv((1, 4, 2, 45, 70, 32), torch.bfloat16, device_for("triton"))
-    visible = band(45, 70, True, (20, -1), q.device)
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        results = []
-        for call in (lambda: pyext.flash_attention(q, k, v, causal=True, window_size=(20, -1), dropout_p=0.3,
-                                                   softcap=softcap, backend="triton"),
-                     lambda: attention._scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=0.3,
-                                                                     enable_gqa=True, backend="triton",
-                                                                     softcap=softcap)):
-            torch.manual_seed(5)  # the same dropout seed for both
-            out = call()
-            results.append([out] + list(torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for name, window_result, mask_result in zip(["out", "dq", "dk", "dv"], *results):
-        # the masked kernels recompute P from each row's (m, l), these from lse: last-bit differences
-        torch.testing.assert_close(window_result, mask_result, rtol=0, atol=FLOOR[torch.bfloat16],
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_window_size_is_checked():
-    q = make_tensor((1, 2, 8, 16), torch.bfloat16, "cpu")
-    for bad in [(1,), (-2, 0), "ab", (1.5, 2), None]:
-        with pytest.raises(ValueError, match="window_size must be two integers"):
-            pyext.flash_attention(q, q, q, window_size=bad)
-
-
-@pytest.mark.gpu
-def test_cuda_kernels_name_the_window_as_what_they_lack():
-    q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
-    with pytest.raises(pyext.BackendUnavailable, match="window"):
-        pyext.flash_attention(q, k, v, causal=True, window_size=(4, -1), backend="cuda")
-
-
-@pytest.mark.gpu
-def test_cuda_kernels_name_the_sinks_as_what_they_lack():
-    q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
-    with pytest.raises(pyext.BackendUnavailable, match="sinks"):
-        pyext.flash_attention(q, k, v, causal=True, sinks=torch.zeros(2, device="cuda"), backend="cuda")
-
-
-@pytest.mark.gpu
-def test_cuda_kernels_name_the_softcap_as_what_they_lack():
-    q, k, v = qkv((1, 2, 2, 16, 16, 64), torch.bfloat16, "cuda")
-    with pytest.raises(pyext.BackendUnavailable, match="softcap"):
-        pyext.flash_attention(q, k, v, causal=True, softcap=30.0, backend="cuda")
 
 
 @pytest.mark.gpu
@@ -682,116 +328,6 @@ def test_sdpa_falls_back_to_torch_under_auto_and_names_the_reason_otherwise(case
         pyext.scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
 
 
-def attention_with_dropout(q, k, v, scale, causal, offset, keep, dropout_p):
-    """Attention with this dropout mask in q's dtype, as torch's math SDPA
-    computes (the products and the softmax in that dtype): the rule's
-    yardstick for the kernels' dropout."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    visible = (torch.arange(k.shape[2], device=q.device)[None, :]
-               <= torch.arange(q.shape[2], device=q.device)[:, None] + (offset if causal else k.shape[2]))
-    p = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~visible, float("-inf")).softmax(-1)
-    p = p.masked_fill(~visible.any(-1)[:, None], 0)  # rows that see no key: 0, as pyext defines them
-    return (p * keep / (1 - dropout_p)).to(q.dtype) @ v
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 2, 1, 19, 33, 40), (1, 4, 2, 33, 20, 16), (1, 2, 2, 1, 23, 16),
-                                   (1, 4, 2, 21, 18, 32, 16)], ids=str)
-def test_dropout_matches_the_oracle_with_the_kernels_mask(deterministic, causal, shape, dropout_seeds):
-    """Dropout in the Triton kernels: out, dq, dk, dv against the float64
-    oracle given the mask the kernels drew (dropout_keep_mask draws it again
-    from the same seed), within the rule; lse is that of the undropped P."""
-    from pyext.triton_kernels.flash_attention import dropout_keep_mask
-    p = 0.3
-    q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, dropout_p=p, return_lse=True,
-                                     deterministic=deterministic, backend="triton")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    offset, scale = k.shape[2] - q.shape[2], q.shape[-1] ** -0.5
-    keep = dropout_keep_mask(dropout_seeds[-1], *q.shape[:3], k.shape[2], p)
-
-    def run(attention_fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o = attention_fn(*leaves)
-        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
-    ref = run(lambda *t: reference.attention(*t, scale=scale, causal=causal, causal_offset=offset, dropout_p=p,
-                                             keep=keep)[0], torch.float64)
-    pt = run(lambda *t: attention_with_dropout(*t, scale, causal, offset, keep, p), q.dtype)
-    for name, o, r, y in zip(["out", "dq", "dk", "dv"], [out, *grads], ref, pt):
-        assert_close(o, r, y, name)
-    undropped = reference.attention(q.double(), k.double(), v.double(), scale=scale, causal=causal,
-                                    causal_offset=offset)[1]
-    torch.testing.assert_close(lse.double(), undropped, rtol=0, atol=1e-2)
-
-
-def test_dropout_keeps_each_weight_with_probability_one_minus_p_in_streams_of_its_own():
-    """The mask: about 1 - p of it kept (5 standard deviations), another
-    stream per (batch, head), the same for the same seed, another for another."""
-    from pyext.triton_kernels.flash_attention import dropout_keep_mask
-    seed = torch.tensor([2026], device=device_for("triton"))
-    keep = dropout_keep_mask(seed, 2, 3, 40, 50, 0.25)
-    n = keep.numel()
-    assert abs(keep.float().mean().item() - 0.75) < 5 * (0.75 * 0.25 / n) ** 0.5
-    heads = keep.reshape(6, -1)
-    assert all(not torch.equal(heads[i], heads[j]) for i in range(6) for j in range(i))
-    assert torch.equal(keep, dropout_keep_mask(seed.clone(), 2, 3, 40, 50, 0.25))
-    assert not torch.equal(keep, dropout_keep_mask(seed + 6, 2, 3, 40, 50, 0.25))
-
-
-def test_dropout_follows_torch_manual_seed_and_draws_anew_each_call():
-    q, k, v = qkv((1, 2, 2, 13, 13, 16), torch.bfloat16, device_for("triton"))
-
-    def run():
-        return pyext.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True, backend="triton")
-    torch.manual_seed(5)
-    first, second = run(), run()
-    torch.manual_seed(5)
-    assert torch.equal(run(), first) and not torch.equal(first, second)
-
-
-def test_dropout_double_backward_under_auto_uses_the_kernels_mask(dropout_seeds, auto_runs_the_triton_kernels):
-    """A backward with create_graph=True through dropout attention (auto):
-    the reference differentiates the same mask the kernels drew."""
-    from pyext.triton_kernels.flash_attention import dropout_keep_mask
-    q, k, v = (t.detach() for t in qkv((1, 2, 2, 24, 24, 16), torch.float16, device_for("triton")))
-    c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]
-    got = hessian_vector_product(lambda *t: pyext.flash_attention(*t, dropout_p=0.25), (q, k, v), c, r)
-    keep = dropout_keep_mask(dropout_seeds[0], 1, 2, 24, 24, 0.25)
-    assert len(dropout_seeds) == 1  # the kernels ran, once
-
-    def theirs(*t):
-        return reference.attention(*t, dropout_p=0.25, keep=keep)[0]
-    want = hessian_vector_product(theirs, [t.double() for t in (q, k, v)], c, r)
-    same_dtype = hessian_vector_product(lambda *t: attention_with_dropout(*t, 16 ** -0.5, False, 0, keep, 0.25),
-                                        (q, k, v), c, r)
-    for name, g, w, pt in zip(("q", "k", "v"), got, want, same_dtype):
-        assert_close(g, w, pt, f"Hessian-vector product, {name}")
-
-
-@pytest.mark.gpu
-def test_dropout_draws_a_new_mask_at_each_cuda_graph_replay():
-    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    run = lambda: pyext.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="triton")  # noqa: E731
-    run()  # autotune outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    graph.replay()
-    first = out.clone()
-    graph.replay()
-    assert not torch.equal(out, first)
-
-
-@pytest.mark.gpu
-def test_cuda_kernels_name_dropout_as_what_they_lack():
-    q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(pyext.BackendUnavailable, match="cuda kernels have no dropout"):
-        pyext.scaled_dot_product_attention(q, q, q, dropout_p=0.1, backend="cuda")
-
-
 @pytest.mark.parametrize("backend", ["auto", "torch"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("fn", ["sdpa", "flash_attention"])
 def test_autocast_casts_inputs_as_torchs_sdpa_does(backend, fn):
@@ -919,53 +455,6 @@ def test_opcheck_with_a_value_head_dim_of_its_own(layout):
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3, True))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-@pytest.mark.parametrize("window,softcap,sinks", [((4, -1), 0.0, False), ((-1, -1), 2.5, False),
-                                                  ((4, 1), 2.5, False), ((-1, -1), 0.0, True)], ids=str)
-def test_opcheck_extras(layout, window, softcap, sinks):
-    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
-    seed = torch.tensor([7], device=q.device)
-    sink = torch.randn(2, device=q.device, requires_grad=True) if sinks else None
-    args = (0.25, True, 3, *window, softcap)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_extras_fwd_triton, (q, k, v, *args, sink, 0.2, seed))
-    with torch.no_grad():
-        out, lse = torch.ops.pyext.flash_attn_extras_fwd_triton(q, k, v, *args, sink, 0.2, seed)
-    sink = None if sink is None else sink.detach()
-    torch.library.opcheck(torch.ops.pyext.flash_attn_extras_bwd_triton,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args, sink, 0.2,
-                           seed, True))
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-def test_opcheck_dropout(layout):
-    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
-    seed = torch.tensor([7], device=q.device)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_fwd_triton, (q, k, v, 0.25, True, 3, 0.2, seed))
-    out, lse = torch.ops.pyext.flash_attn_dropout_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3,
-                                                             0.2, seed)
-    for deterministic in (False, True):
-        torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_bwd_triton,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3,
-                               0.2, seed, deterministic))
-
-
-def test_compile_fullgraph_with_sinks():
-    """flash_attention with sinks, a parameter given its gradient, under
-    torch.compile(fullgraph=True): the gradients, the sinks' included, are
-    eager's bit for bit (the deterministic backward)."""
-    q, k, v = qkv((1, 2, 2, 9, 9, 16), torch.bfloat16, device_for("triton"))
-    sinks = torch.randn(2, device=q.device, requires_grad=True)
-
-    def f(q, k, v, sinks):
-        return pyext.flash_attention(q, k, v, causal=True, sinks=sinks, deterministic=True,
-                                     backend="triton").float().sum()
-    torch._dynamo.reset()
-    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, sinks),
-                                   (q, k, v, sinks))
-    eager = torch.autograd.grad(f(q, k, v, sinks), (q, k, v, sinks))
-    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("use_deterministic_algorithms", [False, True])
 @pytest.mark.parametrize("compiler", COMPILERS)
@@ -1023,114 +512,10 @@ def test_large(backend, deterministic, head_dim, seqlen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("window", [(-1, -1), (1023, -1)], ids=str)
-def test_large_softcap(deterministic, window):
-    """Gemma 2's attention at a training length: cap 50, head dim 256, causal,
-    its global and local (a window of 1024) layers, GQA."""
-    check_softcap("triton", deterministic, (1, 4, 2, 2048, 2048, 256), True, window, 50.0, None)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
 @pytest.mark.parametrize("head_dim", [8, 24, 96, 160, 192, 256])
 def test_every_head_dim_on_gpu(backend, deterministic, head_dim):
     check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True, deterministic)
-
-
-# ---- Hopper forward: tensor descriptors (TMA on sm_90), forced on CPU under the interpreter ----
-# flash_attention.use_loads("descriptor") runs the descriptor forward wherever
-# Triton has host tensor descriptors, the interpreter included; "auto" takes it
-# on compute capability 9.0 and up only. The backward is the pointer kernels'.
-
-DESCRIPTOR_CASES = [  # (shape as SHAPES, layout, causal): ragged S, D 40/80, GQA/MQA, both Sq < Sk and Sq > Sk
-    ((2, 2, 1, 19, 33, 40), "contiguous", True),
-    ((1, 4, 2, 33, 20, 80), "contiguous", True),
-    ((1, 4, 2, 17, 17, 80), "bshd", False),
-    ((2, 2, 1, 21, 18, 48), "bshd", True),
-    ((1, 4, 2, 19, 22, 40, 24), "bshd", False),  # a value head dim of its own
-]
-
-
-@pytest.fixture
-def triton_fa():
-    from pyext.triton_kernels import flash_attention
-    if HAS_GPU and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the descriptor forward runs on compute capability 9.0 and up")
-    return flash_attention
-
-
-@pytest.mark.parametrize("shape,layout,causal", DESCRIPTOR_CASES, ids=str)
-def test_descriptor_forward_matches_oracle(triton_fa, shape, layout, causal):
-    q, k, v = qkv(shape, torch.bfloat16, device_for("triton"), layout)
-    with triton_fa.use_loads("descriptor"):
-        assert triton_fa.forward_loads(q, k, v, triton_fa.empty_out(q, v.shape[-1])) == "descriptor"
-        check_flash("triton", q, k, v, causal)
-
-
-@pytest.mark.parametrize("case", [0, 3], ids=lambda i: str(SOFTCAP_CASES[i][0]))
-def test_descriptor_forward_with_a_softcap_matches_oracle(triton_fa, case):
-    shape, causal, window, softcap, scale, dtype = SOFTCAP_CASES[case]
-    with triton_fa.use_loads("descriptor"):
-        check_softcap("triton", False, shape, causal, window, softcap, scale, dtype)
-
-
-@pytest.mark.parametrize("case", [0, 2, 3], ids=lambda i: str(SINKS_CASES[i][0]))
-def test_descriptor_forward_with_sinks_matches_oracle(triton_fa, case):
-    shape, causal, window, sink_scale, sinks_dtype, dtype = SINKS_CASES[case]
-    with triton_fa.use_loads("descriptor"):
-        check_sinks("triton", False, shape, causal, window, sink_scale, sinks_dtype, dtype)
-
-
-@pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 40), (2, 4, 2, 21, 13, 64)], ids=str)
-def test_descriptor_forward_top_left_causal_matches_torch(triton_fa, shape):
-    q, k, v = (t.detach() for t in qkv(shape, torch.bfloat16, device_for("triton")))
-    gqa = shape[1] != shape[2]
-    with triton_fa.use_loads("descriptor"):
-        out = pyext.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, backend="triton")
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=gqa)
-    assert_close(out, ref, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), "sdpa out")
-
-
-def test_descriptor_forward_writes_every_element(triton_fa):
-    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
-    with triton_fa.use_loads("descriptor"):
-        out, lse = triton_fa.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
-                                            lse=torch.full(q.shape[:3], float("nan"), device=q.device))
-    assert not out.isnan().any() and not lse.isnan().any()
-
-
-def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):
-    q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 12, 48), torch.bfloat16, device_for("triton")))
-    out = torch.empty_like(q)
-    expected_auto = "descriptor" if HAS_GPU else "pointer"  # the interpreter takes it only when forced
-    assert triton_fa.forward_loads(q, k, v, out) == expected_auto
-    with triton_fa.use_loads("pointer"):
-        assert triton_fa.forward_loads(q, k, v, out) == "pointer"
-    monkeypatch.setenv(triton_fa.LOADS_ENV, "pointer")
-    assert triton_fa.forward_loads(q, k, v, out) == "pointer"
-    with triton_fa.use_loads("descriptor"):  # the context manager wins over the environment
-        assert triton_fa.forward_loads(q, k, v, out) == "descriptor"
-    monkeypatch.setenv(triton_fa.LOADS_ENV, "tma")
-    with pytest.raises(ValueError, match=triton_fa.LOADS_ENV):
-        triton_fa.forward_loads(q, k, v, out)
-    monkeypatch.delenv(triton_fa.LOADS_ENV)
-    with pytest.raises(ValueError, match="use_loads"), triton_fa.use_loads("tma"):
-        pass
-    # Layouts TMA cannot address: a base one element off 16 bytes, a broadcast
-    # (stride 0) key head. "auto" falls back to pointers (and is right); forced, they raise.
-    wide = make_tensor((1, 2, 9, 56), torch.bfloat16, q.device)
-    shifted = wide[..., 1:49]
-    broadcast = k[:, :1].expand(1, 2, 12, 48)
-    for bad_q, bad_k, why in ((shifted, k, "16-byte aligned"), (q, broadcast, "positive multiples")):
-        assert triton_fa.forward_loads(bad_q, bad_k, v, out) == "pointer"
-        with triton_fa.use_loads("descriptor"), pytest.raises(ValueError, match=why):
-            triton_fa.flash_attn_fwd(bad_q, bad_k, v, 0.3, False, 0)
-    got, _ = triton_fa.flash_attn_fwd(shifted, k, v, 0.3, False, 0)
-    ref, _ = reference.attention(shifted.double(), k.double(), v.double(), scale=0.3, causal=False, causal_offset=0)
-    pt, _ = reference.attention(shifted, k, v, scale=0.3, causal=False, causal_offset=0)
-    assert_close(got, ref, pt, "out")
-# ---- end of the Hopper forward tests ----
 
 
 # ---- CUDA forward and backward, Stage 2 (sm_90a) and Stage 1 (mma.sync) ----
@@ -1219,4 +604,3 @@ def test_cuda_stages_backward_is_deterministic_and_writes_every_element(backend,
         if first is None:
             first = grads
         assert all(torch.equal(a, b) for a, b in zip(first, grads))
-# ---- end of the Stage 2 block -----------------------------------------------

@@ -18,7 +18,7 @@ import pyext
 from pyext import reference
 from pyext.ops import attention, attention_ops
 from conftest import assert_close, device_for, hessian_vector_product, make_tensor, poisoned_like
-from test_attention import attention_with_dropout, qkv, sdpa
+from attention_checks import attention_with_dropout, qkv, sdpa
 
 SHAPE = (2, 4, 2, 19, 33, 40)  # (batch, query heads, key heads, Sq, Sk, head dim): GQA, ragged lengths
 # mask shapes for SHAPE, each broadcast to (B, Hq, Sq, Sk) its own way

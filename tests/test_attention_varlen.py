@@ -8,7 +8,7 @@ import pyext
 from pyext import reference
 from pyext.ops import attention_varlen
 from conftest import COMPILERS, device_for, make_tensor, poisoned_like
-from test_attention import assert_all_close, attention_with_dropout, band, sdpa, sinks_eager, softcapped_eager
+from attention_checks import assert_all_close, attention_with_dropout, band, sdpa, sinks_eager, softcapped_eager
 
 # (query lengths, key lengths, query heads, key heads, head dim[, value head dim]):
 # one sequence; odd lengths one past a block with an empty sequence, a one-row

@@ -1,0 +1,120 @@
+"""Dropout in the Triton attention kernels: the mask they draw, from
+torch's seed, and out and gradients given that mask."""
+
+import pytest
+import torch
+
+import pyext
+from pyext import reference
+from conftest import assert_close, device_for, hessian_vector_product
+from attention_checks import attention_with_dropout, qkv
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 2, 1, 19, 33, 40), (1, 4, 2, 33, 20, 16), (1, 2, 2, 1, 23, 16),
+                                   (1, 4, 2, 21, 18, 32, 16)], ids=str)
+def test_dropout_matches_the_oracle_with_the_kernels_mask(deterministic, causal, shape, dropout_seeds):
+    """Dropout in the Triton kernels: out, dq, dk, dv against the float64
+    oracle given the mask the kernels drew (dropout_keep_mask draws it again
+    from the same seed), within the rule; lse is that of the undropped P."""
+    from pyext.triton_kernels.flash_attention import dropout_keep_mask
+    p = 0.3
+    q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, dropout_p=p, return_lse=True,
+                                     deterministic=deterministic, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    offset, scale = k.shape[2] - q.shape[2], q.shape[-1] ** -0.5
+    keep = dropout_keep_mask(dropout_seeds[-1], *q.shape[:3], k.shape[2], p)
+
+    def run(attention_fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = attention_fn(*leaves)
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda *t: reference.attention(*t, scale=scale, causal=causal, causal_offset=offset, dropout_p=p,
+                                             keep=keep)[0], torch.float64)
+    pt = run(lambda *t: attention_with_dropout(*t, scale, causal, offset, keep, p), q.dtype)
+    for name, o, r, y in zip(["out", "dq", "dk", "dv"], [out, *grads], ref, pt):
+        assert_close(o, r, y, name)
+    undropped = reference.attention(q.double(), k.double(), v.double(), scale=scale, causal=causal,
+                                    causal_offset=offset)[1]
+    torch.testing.assert_close(lse.double(), undropped, rtol=0, atol=1e-2)
+
+
+def test_dropout_keeps_each_weight_with_probability_one_minus_p_in_streams_of_its_own():
+    """The mask: about 1 - p of it kept (5 standard deviations), another
+    stream per (batch, head), the same for the same seed, another for another."""
+    from pyext.triton_kernels.flash_attention import dropout_keep_mask
+    seed = torch.tensor([2026], device=device_for("triton"))
+    keep = dropout_keep_mask(seed, 2, 3, 40, 50, 0.25)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - 0.75) < 5 * (0.75 * 0.25 / n) ** 0.5
+    heads = keep.reshape(6, -1)
+    assert all(not torch.equal(heads[i], heads[j]) for i in range(6) for j in range(i))
+    assert torch.equal(keep, dropout_keep_mask(seed.clone(), 2, 3, 40, 50, 0.25))
+    assert not torch.equal(keep, dropout_keep_mask(seed + 6, 2, 3, 40, 50, 0.25))
+
+
+def test_dropout_follows_torch_manual_seed_and_draws_anew_each_call():
+    q, k, v = qkv((1, 2, 2, 13, 13, 16), torch.bfloat16, device_for("triton"))
+
+    def run():
+        return pyext.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True, backend="triton")
+    torch.manual_seed(5)
+    first, second = run(), run()
+    torch.manual_seed(5)
+    assert torch.equal(run(), first) and not torch.equal(first, second)
+
+
+def test_dropout_double_backward_under_auto_uses_the_kernels_mask(dropout_seeds, auto_runs_the_triton_kernels):
+    """A backward with create_graph=True through dropout attention (auto):
+    the reference differentiates the same mask the kernels drew."""
+    from pyext.triton_kernels.flash_attention import dropout_keep_mask
+    q, k, v = (t.detach() for t in qkv((1, 2, 2, 24, 24, 16), torch.float16, device_for("triton")))
+    c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]
+    got = hessian_vector_product(lambda *t: pyext.flash_attention(*t, dropout_p=0.25), (q, k, v), c, r)
+    keep = dropout_keep_mask(dropout_seeds[0], 1, 2, 24, 24, 0.25)
+    assert len(dropout_seeds) == 1  # the kernels ran, once
+
+    def theirs(*t):
+        return reference.attention(*t, dropout_p=0.25, keep=keep)[0]
+    want = hessian_vector_product(theirs, [t.double() for t in (q, k, v)], c, r)
+    same_dtype = hessian_vector_product(lambda *t: attention_with_dropout(*t, 16 ** -0.5, False, 0, keep, 0.25),
+                                        (q, k, v), c, r)
+    for name, g, w, pt in zip(("q", "k", "v"), got, want, same_dtype):
+        assert_close(g, w, pt, f"Hessian-vector product, {name}")
+
+
+@pytest.mark.gpu
+def test_dropout_draws_a_new_mask_at_each_cuda_graph_replay():
+    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    run = lambda: pyext.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="triton")  # noqa: E731
+    run()  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(out, first)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_dropout_as_what_they_lack():
+    q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(pyext.BackendUnavailable, match="cuda kernels have no dropout"):
+        pyext.scaled_dot_product_attention(q, q, q, dropout_p=0.1, backend="cuda")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+def test_opcheck_dropout(layout):
+    q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
+    seed = torch.tensor([7], device=q.device)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_fwd_triton, (q, k, v, 0.25, True, 3, 0.2, seed))
+    out, lse = torch.ops.pyext.flash_attn_dropout_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3,
+                                                             0.2, seed)
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_bwd_triton,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3,
+                               0.2, seed, deterministic))
