@@ -87,8 +87,8 @@ def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
 
     def run(attention, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, l = attention(*leaves, scale, causal, offset)
-        return [o, l] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+        o, lse = attention(*leaves, scale, causal, offset)
+        return [o, lse] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
 
     ref = run(lambda *a: reference.attention(*a[:3], scale=a[3], causal=a[4], causal_offset=a[5]), torch.float64)
     pt = run(torch_attention, q.dtype)
