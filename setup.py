@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.sdist import sdist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0a"
@@ -102,8 +103,20 @@ def cuda_extension():
     )
 
 
+class SdistWithKernelSources(sdist):
+    """A source distribution that carries csrc/ whole, headers included, so
+    that a build from it (`pip install pyext-*.tar.gz`, `python -m build`)
+    compiles the extension as a checkout does. On its own setuptools adds
+    only the .cpp and .cu files of an extension it is building: no headers,
+    and nothing at all when the CUDA build is skipped."""
+
+    def make_distribution(self):
+        self.filelist.extend(sorted(glob.glob("csrc/**/*.*", recursive=True)))
+        super().make_distribution()
+
+
 ext = cuda_extension()
-cmdclass = {}
+cmdclass = {"sdist": SdistWithKernelSources}
 if ext is not None:
     from torch.utils.cpp_extension import BuildExtension
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
