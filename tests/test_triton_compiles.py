@@ -2,7 +2,9 @@
 
 The CPU tests run the kernels under Triton's interpreter, which accepts code
 that the compiler refuses; this compiles what the launchers launch."""
+import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -18,6 +20,23 @@ def test_every_launched_kernel_compiles_for_ampere_and_hopper():
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
     assert "compiled" in out.stdout
+
+
+def test_every_autotune_key_names_a_kernel_argument():
+    """Triton 3.9 refuses, at import, an autotuner whose key, reset_to_zero or restore_value names
+    something that is not an argument of its kernel; Triton 3.8 and older dropped the name silently."""
+    pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    import pyext.triton_kernels as package
+    tuners = {}
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(info.name)
+        tuners.update({f"{info.name}.{name}": v for name, v in vars(module).items() if isinstance(v, Autotuner)})
+    assert len(tuners) >= 5, sorted(tuners)
+    for name, tuner in tuners.items():
+        named = set(tuner.keys) | set(tuner.reset_to_zero) | set(tuner.restore_value)
+        assert named <= set(tuner.arg_names), f"{name}: {sorted(named - set(tuner.arg_names))} are not arguments"
 
 
 SPECIALIZATION_PROBE = """

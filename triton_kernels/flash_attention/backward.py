@@ -147,8 +147,8 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
              round_to(dv, dv_ptr.dtype.element_ty), mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < V_DIM))
 
 
-_BWD_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP", "SINK",
-            "VARLEN"]
+_DQ_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "DROPOUT", "MASK", "SOFTCAP", "VARLEN"]
+_BWD_KEY = _DQ_KEY + ["SINK"]  # the sink's gradient is summed in the dK/dV pass: the dQ kernel has no SINK
 # Timing a config adds into dq_acc, and leaves sink shares in the slots of its key blocks, which a
 # config of wider blocks does not overwrite: the autotuner zeroes both before each run (and the last).
 _bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"])(
@@ -159,7 +159,7 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY,
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs("bwd"))
 
 
-@triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
+@triton.autotune(configs=_configs("bwd"), key=_DQ_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
                    cu_seqlens_q, cu_seqlens_k,
