@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pyext
 from conftest import BACKENDS, assert_close, device_for
-from patch_models import KINDS, build, check_all, encoder, loss_of, nano_gpt, output_and_grads
+from patch_models import KINDS, build, check_all, decorate_forward, encoder, loss_of, nano_gpt, output_and_grads
 
 
 def check_patched(kind, backend, dtype, autocast):
@@ -456,10 +456,14 @@ def test_functions_a_model_calls_itself_go_to_pyext(backend, pyext_function_call
     assert pyext_function_calls == []
 
 
-def test_a_checkpointed_block_recomputes_its_functions_through_pyext(pyext_function_calls):
+@pytest.mark.parametrize("decorated", [False, True], ids=["plain", "decorated"])
+def test_a_checkpointed_block_recomputes_its_functions_through_pyext(decorated, pyext_function_calls, monkeypatch):
     """The module calling F.layer_norm is routed on its own too, so a block
     that torch.utils.checkpoint recomputes in the backward (outside the
-    model's forward) calls pyext again, as its forward did."""
+    model's forward) calls pyext again, as its forward did; also when the
+    block's forward is under a decorator (the code it wraps is read)."""
+    if decorated:
+        decorate_forward(FunctionalBlock, monkeypatch)
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()

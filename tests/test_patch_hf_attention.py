@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import pyext
 from conftest import assert_close, device_for
-from patch_models import build, check_all
+from patch_models import build, check_all, decorate_forward
 
 
 def sharp_hf_model(kind, device, layers=None):
@@ -122,6 +122,21 @@ def test_an_hf_model_whose_layers_do_not_pass_their_window_keeps_the_masks(kind,
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, labels=ids)
     assert calls["masked"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "gpt_oss"])
+def test_a_decorated_hf_attention_forward_is_read_through_its_decorator(kind, monkeypatch):
+    """pyext.patch reads the code an attention forward's decorator wraps:
+    Qwen2-MoE's layers, which do not hand the interface their window, keep
+    their masks (read from the wrapper, no forward would name the window and
+    the windows would be lost), while GPT-OSS's, which do, run theirs in the
+    kernels; and GPT-OSS's sinks take pyext's attention."""
+    model = build(kind)
+    for cls in {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}:
+        decorate_forward(cls, monkeypatch)
+    report = pyext.patch_report(pyext.patch(model, backend="triton")).attention
+    assert report.startswith("transformers attention implementation 'pyext-triton'"), report
+    assert ("sliding-window layers" in report) == (kind == "gpt_oss"), report
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -11,7 +11,7 @@ import torch
 from pyext import _backend
 from pyext._weak import WeakTensorCache
 from pyext.ops.attention_varlen import flash_attention_varlen
-from pyext.patch.routing import _RouteCalls
+from pyext.patch.routing import _code_of, _RouteCalls
 
 
 def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, attention_mask, softcap=None,
@@ -280,7 +280,7 @@ def _native_windows_apply(model) -> bool:
 def _hf_attention_forwards(model) -> list:
     """The code of an HF model's attention modules' forwards: those that read
     config._attn_implementation to pick the attention interface."""
-    forwards = {getattr(type(m).forward, "__code__", None) for m in model.modules()}
+    forwards = {_code_of(type(m).forward) for m in model.modules()}
     return [code for code in forwards if code is not None and "_attn_implementation" in code.co_names]
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pyext import nn as pnn
+from pyext.patch.routing import _code_of
 
 
 def _hf_module_swaps():
@@ -113,7 +114,7 @@ def _same_code(f, g) -> bool:
     """Whether f and g run the same code, or are both absent."""
     if f is None or g is None:
         return f is g
-    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    a, b = _code_of(f), _code_of(g)
     return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
             and a.co_names == b.co_names and a.co_varnames == b.co_varnames)
 
@@ -163,8 +164,8 @@ def _norm_module(pyext_class, eps, old, backend):
 
 def _reads(cls, name: str) -> bool:
     """Whether cls's forward (or _norm) reads an attribute `name`."""
-    return any(name in f.__code__.co_names for f in (cls.forward, getattr(cls, "_norm", None))
-               if hasattr(f, "__code__"))
+    codes = (_code_of(cls.forward), _code_of(getattr(cls, "_norm", None)))
+    return any(name in code.co_names for code in codes if code is not None)
 
 
 def _gated_norm_module(norm_before_gate, promote, old, backend):

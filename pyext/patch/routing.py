@@ -63,6 +63,13 @@ class _RouteCalls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _code_of(f):
+    """The code `f` runs: past decorators that keep the function they wrap as
+    __wrapped__ (functools.wraps; transformers 5.24 so wraps its attention
+    modules' forwards in deprecate_kwarg), else f's own; None for no code."""
+    return getattr(inspect.unwrap(f), "__code__", None) if callable(f) else None
+
+
 def _named_in(cls, names) -> set:
     """Which of `names` a method of `cls` or of its bases (torch's and
     pyext's own classes aside, e.g. FSDP2's wrapper class) names: the
@@ -74,7 +81,7 @@ def _named_in(cls, names) -> set:
         if klass.__module__.startswith(("torch.", "pyext.", "builtins")):
             continue
         for member in vars(klass).values():
-            code = getattr(getattr(member, "__func__", member), "__code__", None)
+            code = _code_of(getattr(member, "__func__", member))
             if code is not None:
                 found |= _names_in_code(code, names)
     return found
