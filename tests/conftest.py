@@ -82,7 +82,14 @@ def smoke_failure(item):
     return None
 
 
+# Run first: pytest-xdist hands each worker consecutive tests in this order, and
+# a worker busy with a test of minutes near the end keeps the whole run waiting
+# (the compile check takes about 5 minutes with an empty Triton cache).
+LONGEST_FIRST = ("test_triton_compiles.py", "test_packaging.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch")
     for item in items:
         if not HAS_GPU and "gpu" in item.keywords:
