@@ -42,6 +42,38 @@ def test_dropout_matches_the_oracle_with_the_kernels_mask(deterministic, causal,
     torch.testing.assert_close(lse.double(), undropped, rtol=0, atol=1e-2)
 
 
+def _one_sequence(t):
+    """A (1, H, S, D) tensor as a packed batch's (S, H, D)."""
+    return t[0].transpose(0, 1)
+
+
+DROPOUT_CALLS = {
+    "dropout": lambda q, k, v, **kw: pyext.flash_attention(q, k, v, **kw),
+    "window": lambda q, k, v, **kw: pyext.flash_attention(q, k, v, window_size=(2, 0), **kw),
+    "varlen": lambda q, k, v, **kw: _one_sequence(pyext.flash_attention_varlen(
+        *(_one_sequence(t) for t in (q, k, v)), *[torch.tensor([0, q.shape[2]], device=q.device)] * 2,
+        q.shape[2], q.shape[2], **kw)[None]),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("call", DROPOUT_CALLS)
+def test_a_row_that_sees_one_key_gets_no_dq_through_dropout(call, deterministic):
+    """Row 0 of causal attention sees key 0 alone: P = 1, so its dS = dP - D
+    is 0 and its dq is 0, whether the mask keeps the key or not (torch's
+    math SDPA gets that 0 exactly). Kept, out is v0 / (1 - p), which bf16
+    rounds where v0 it would not; D = rowsum(dO * O) from the rounded out
+    alone put this dq at several times the rule's floor. The forward's
+    out_lo (what rounding out left out) restores it, in every op that
+    takes dropout."""
+    q, k, v = qkv((1, 8, 2, 5, 5, 64), torch.bfloat16, device_for("triton"))
+    v = (v.detach() * 8).requires_grad_()  # a large out: a large rounding
+    out = DROPOUT_CALLS[call](q, k, v, causal=True, dropout_p=0.3, deterministic=deterministic, backend="triton")
+    dq, = torch.autograd.grad(out, q, torch.randn_like(out))
+    zero = torch.zeros_like(dq[:, :, 0])
+    assert_close(dq[:, :, 0], zero.double(), zero, "dq of the row that sees one key")
+
+
 def test_dropout_keeps_each_weight_with_probability_one_minus_p_in_streams_of_its_own():
     """The mask: about 1 - p of it kept (5 standard deviations), another
     stream per (batch, head), the same for the same seed, another for another."""
@@ -112,9 +144,9 @@ def test_opcheck_dropout(layout):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     seed = torch.tensor([7], device=q.device)
     torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_fwd_triton, (q, k, v, 0.25, True, 3, 0.2, seed))
-    out, lse = torch.ops.pyext.flash_attn_dropout_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3,
-                                                             0.2, seed)
+    out, lse, out_lo = torch.ops.pyext.flash_attn_dropout_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True,
+                                                                     3, 0.2, seed)
     for deterministic in (False, True):
         torch.library.opcheck(torch.ops.pyext.flash_attn_dropout_bwd_triton,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3,
-                               0.2, seed, deterministic))
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse, 0.25,
+                               True, 3, 0.2, seed, deterministic))

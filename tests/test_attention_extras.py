@@ -7,7 +7,7 @@ import torch
 
 import pyext
 from pyext import reference
-from pyext.ops import attention, attention_ops
+from pyext.ops import attention
 from conftest import FLOOR, assert_close, device_for, make_tensor
 from attention_checks import TRITON_AND_REFERENCE, band, check_sinks, check_softcap, qkv, sdpa
 
@@ -136,19 +136,12 @@ def test_softcap_is_checked():
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("softcap", [0.0, 2.0])
-def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap, dropout_seeds, monkeypatch):
+def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap, dropout_seeds):
     """With dropout, and a soft cap, too: the window kernels give what the
     masked kernels give for the band as a boolean mask (the same dropout
     mask, a function of the seed and (query, key) alone), out and gradients.
-    (SDPA with a cap, as pyext.patch calls it for HF's Gemma 2.) The masked
-    backward's D reads out + out_lo, the window one's out alone: out_lo is
-    zeroed here, so that both take the same D."""
-    forward = attention_ops.MASKED_FWD["triton"]
-
-    def masked_forward_with_d_from_out(*args):
-        out, stats, out_lo = forward(*args)
-        return out, stats, torch.zeros_like(out_lo)
-    monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", masked_forward_with_d_from_out)
+    (SDPA with a cap, as pyext.patch calls it for HF's Gemma 2.) Both
+    backwards' D read out + out_lo."""
     q, k, v = qkv((1, 4, 2, 45, 70, 32), torch.bfloat16, device_for("triton"))
     visible = band(45, 70, True, (20, -1), q.device)
     torch.use_deterministic_algorithms(deterministic)
@@ -208,11 +201,11 @@ def test_opcheck_extras(layout, window, softcap, sinks):
     args = (0.25, True, 3, *window, softcap)
     torch.library.opcheck(torch.ops.pyext.flash_attn_extras_fwd_triton, (q, k, v, *args, sink, 0.2, seed))
     with torch.no_grad():
-        out, lse = torch.ops.pyext.flash_attn_extras_fwd_triton(q, k, v, *args, sink, 0.2, seed)
+        out, lse, out_lo = torch.ops.pyext.flash_attn_extras_fwd_triton(q, k, v, *args, sink, 0.2, seed)
     sink = None if sink is None else sink.detach()
     torch.library.opcheck(torch.ops.pyext.flash_attn_extras_bwd_triton,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *args, sink, 0.2,
-                           seed, True))
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse, *args, sink,
+                           0.2, seed, True))
 
 
 def test_compile_fullgraph_with_sinks():

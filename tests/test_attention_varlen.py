@@ -321,10 +321,10 @@ def test_opcheck():
     args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.25, True, 4, -1, 2.0, sinks, 0.0, None)
     torch.library.opcheck(torch.ops.pyext.flash_attn_varlen_fwd_triton, args)
     with torch.no_grad():
-        out, lse = torch.ops.pyext.flash_attn_varlen_fwd_triton(*args)
+        out, lse, out_lo = torch.ops.pyext.flash_attn_varlen_fwd_triton(*args)
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
     torch.library.opcheck(torch.ops.pyext.flash_attn_varlen_bwd_triton,
-                          (torch.randn_like(out), *detached[:3], out, lse, *detached[3:], True))
+                          (torch.randn_like(out), *detached[:3], out, out_lo, lse, *detached[3:], True))
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)

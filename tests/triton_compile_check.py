@@ -168,19 +168,21 @@ def exercise_launchers():
         seed = torch.tensor([1])
         for d in (80, 128):
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
-            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=0.1, seed=seed)
+            out, lse, out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=0.1,
+                                                              seed=seed)
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
-                                               dropout_p=0.1, seed=seed)
+                                               dropout_p=0.1, seed=seed, out_lo=out_lo)
         flash_attention.dropout_keep_mask(seed, 1, 2, 33, 40, 0.1)
         # a local window (flash_attention's window_size), with dropout and without: the pointer forward
         q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
         for p in (0.0, 0.1):
-            out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=p, seed=seed,
-                                                      window=(16, -1))
+            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=p,
+                                                               seed=seed, window=(16, -1))  # out_lo with dropout
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
-                                               dropout_p=p, seed=seed, window=(16, -1))
+                                               dropout_p=p, seed=seed, window=(16, -1),
+                                               out_lo=out_lo[0] if out_lo else None)
         # masks, boolean and additive (float32 and the inputs' dtype), alone and with dropout
         q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
         masks = (torch.rand(1, 1, 33, 33) > 0.5, torch.randn(33, 33), torch.randn(1, 4, 33, 33, dtype=q.dtype))
@@ -215,10 +217,12 @@ def exercise_launchers():
         for extra in ({}, {"dropout_p": 0.1, "seed": seed, "window": (16, -1), "softcap": 30.0},
                       {"window": (16, -1), "sinks": sinks}):
             all_configs = target.arch >= 90 and not extra
-            out, lse = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, 0.1, True, **extra)
+            out, lse, *out_lo = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, 0.1,
+                                                                      True, **extra)  # out_lo with dropout
             for deterministic in (False, True):
                 flash_attention.flash_attn_varlen_bwd(out, q, q[:, :2], q[:, :2], out, lse, cu, cu, 20, 20, 0.1,
-                                                      True, deterministic, **extra)
+                                                      True, deterministic, out_lo=out_lo[0] if out_lo else None,
+                                                      **extra)
         all_configs = False
         if target.arch >= 90:
             with flash_attention.use_loads("pointer"):

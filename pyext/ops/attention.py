@@ -169,7 +169,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, *_distinct(q, k, v), scale,
-                                         causal, causal_offset, dropout_p, seed, None, window, softcap, sinks)
+                                         causal, causal_offset, dropout_p, seed, None, window, softcap, sinks)[:2]
     return (out, lse) if return_lse else out
 
 

@@ -21,20 +21,24 @@ deterministic backward.
 Dropout (Triton only): flash_attn_dropout_{fwd,bwd}_triton take dropout_p
 and `seed`, a one-element int64 tensor drawn from torch's generator on the
 inputs' device per call; the backward draws the forward's mask from it.
+Their forward has a third output, out_lo, what rounding out to its dtype
+left out, which the backward adds to out for D = rowsum(dO * O): a row that
+sees one key has O = v / (1 - dropout_p), which out rounds, and D from the
+rounded out costs that row's dq the rule (triton_kernels/flash_attention/
+tiles.py, _low_part). out_lo is empty where there is no dropout.
 An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
-fp32, in place of lse, and a third, out_lo, what rounding out to its dtype
-left out, which the backward adds to out for D = rowsum(dO * O): a bias
-makes P peaky, and there D from the rounded out costs dq and dk the rule
-(see triton_kernels/flash_attention/tiles.py, _low_part).
+fp32, in place of lse, and their third out_lo, with or without dropout: a
+bias makes P peaky, where D from the rounded out costs dq and dk the rule.
 The extras (Triton only): a local window, a logit soft cap and attention
 sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
-None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too. The
-masked ops take a soft cap and sinks as well (HF's Gemma 2 with a padded
-batch or its sliding-window mask, GPT-OSS's, through pyext.patch). The
-backward ops take the sinks too, for their gradient (their fourth output,
-empty without sinks); lse includes them, so dQ, dK and dV need nothing more.
+None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too (and
+out_lo as the dropout ops'). The masked ops take a soft cap and sinks as
+well (HF's Gemma 2 with a padded batch or its sliding-window mask,
+GPT-OSS's, through pyext.patch). The backward ops take the sinks too, for
+their gradient (their fourth output, empty without sinks); lse includes
+them, so dQ, dK and dV need nothing more.
 """
 from typing import Optional, Tuple
 
@@ -62,18 +66,18 @@ def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 
 @torch.library.custom_op("pyext::flash_attn_dropout_fwd_triton", mutates_args=())
 def flash_attn_dropout_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
-                                  dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+                                  dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed)
+    return _with_out_lo(kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed))
 
 
 @torch.library.custom_op("pyext::flash_attn_dropout_bwd_triton", mutates_args=())
-def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                  scale: float, causal: bool, causal_offset: int, dropout_p: float, seed: Tensor,
-                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out_lo: Tensor,
+                                  lse: Tensor, scale: float, causal: bool, causal_offset: int, dropout_p: float,
+                                  seed: Tensor, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
-                                  dropout_p=dropout_p, seed=seed)
+                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_dropout(out_lo, dropout_p))
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
@@ -103,28 +107,40 @@ def _kernel_window(window_left: int, window_right: int):
 @torch.library.custom_op("pyext::flash_attn_extras_fwd_triton", mutates_args=())
 def flash_attn_extras_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, causal_offset: int,
                                  window_left: int, window_right: int, softcap: float, sinks: Optional[Tensor],
-                                 dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                                 dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed,
-                                  window=_kernel_window(window_left, window_right), softcap=softcap, sinks=sinks)
+    return _with_out_lo(kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset, dropout_p=dropout_p, seed=seed,
+                                               window=_kernel_window(window_left, window_right), softcap=softcap,
+                                               sinks=sinks))
 
 
 @torch.library.custom_op("pyext::flash_attn_extras_bwd_triton", mutates_args=())
-def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 scale: float, causal: bool, causal_offset: int, window_left: int,
+def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out_lo: Tensor,
+                                 lse: Tensor, scale: float, causal: bool, causal_offset: int, window_left: int,
                                  window_right: int, softcap: float, sinks: Optional[Tensor], dropout_p: float,
                                  seed: Optional[Tensor], deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
                                                dropout_p=dropout_p, seed=seed,
                                                window=_kernel_window(window_left, window_right), softcap=softcap,
-                                               sinks=sinks), q)
+                                               sinks=sinks, out_lo=_out_lo_if_dropout(out_lo, dropout_p)), q)
 
 
 def _with_dsinks(grads, q: Tensor):
     """(dq, dk, dv, dsinks) of a backward that may have had no sinks: dsinks
     then an empty float32 tensor (an op's outputs cannot be None)."""
     return grads if len(grads) == 4 else (*grads, q.new_empty(0, dtype=torch.float32))
+
+
+def _with_out_lo(outputs):
+    """(out, lse, out_lo) of a forward that may have had no dropout: out_lo
+    then empty (flash_attn_fwd gives it only with dropout or a mask)."""
+    return outputs if len(outputs) == 3 else (*outputs, outputs[0].new_empty(0))
+
+
+def _out_lo_if_dropout(out_lo: Tensor, dropout_p: float) -> Optional[Tensor]:
+    """The backward's out_lo: the forward's, which only dropout fills."""
+    return out_lo if dropout_p > 0 else None
 
 
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
@@ -145,6 +161,15 @@ def _fake_masked_fwd_triton(q, k, v, *_):
     lse; out_lo, what rounding out left out, in out's strides."""
     out, lse = _fake_fwd_triton(q, k, v)
     return out, lse.new_empty((*lse.shape, 2)), torch.empty_like(out)
+
+
+def _fake_fwd_with_out_lo(fake_fwd, dropout_at: int):
+    """fake_fwd's (out, lse) and out_lo, in out's strides with dropout and
+    empty without, the op's argument at `dropout_at` being dropout_p."""
+    def fake(*args):
+        out, lse = fake_fwd(*args)
+        return out, lse, torch.empty_like(out) if args[dropout_at] > 0 else out.new_empty(0)
+    return fake
 
 
 def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
@@ -176,9 +201,9 @@ def _setup_context(ctx, inputs, output):
 
 def _dropout_setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset, dropout_p, seed = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, seed)
+    out, lse, out_lo = output
+    ctx.mark_non_differentiable(lse, out_lo)
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, seed)
     ctx.args, ctx.dropout_p = (scale, causal, causal_offset), dropout_p
     ctx.deterministic = True
 
@@ -194,9 +219,9 @@ def _masked_setup_context(ctx, inputs, output):
 
 def _extras_setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset, window_left, window_right, softcap, sinks, dropout_p, seed = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, sinks, seed)
+    out, lse, out_lo = output
+    ctx.mark_non_differentiable(lse, out_lo)
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, sinks, seed)
     ctx.args, ctx.window = (scale, causal, causal_offset), (window_left, window_right)
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
     ctx.deterministic = True
@@ -234,13 +259,13 @@ def _make_backward(bwd_op):
 
 
 def _make_dropout_backward(bwd_op):
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, seed = ctx.saved_tensors
+    def backward(ctx, dout, *_):
+        q, k, v, out, out_lo, lse, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p)
             return create_graph_grads("flash_attention", ctx, _reference_out,
                                       (q, k, v, *ctx.args, ctx.dropout_p, keep), (dout,))
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.dropout_p, seed, ctx.deterministic)
+        dq, dk, dv = bwd_op(dout, q, k, v, out, out_lo, lse, *ctx.args, ctx.dropout_p, seed, ctx.deterministic)
         return dq, dk, dv, None, None, None, None, None
     return backward
 
@@ -261,15 +286,15 @@ def _make_masked_backward(bwd_op):
 
 
 def _make_extras_backward(bwd_op):
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sinks, seed = ctx.saved_tensors
+    def backward(ctx, dout, *_):
+        q, k, v, out, out_lo, lse, sinks, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
             grads = create_graph_grads("flash_attention", ctx, _reference_out,
                                        (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window, ctx.softcap,
                                         sinks), (dout,))
             return grads[:3] + (None,) * 6 + (grads[-1], None, None)
-        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, lse, *ctx.args, *ctx.window, ctx.softcap, sinks,
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, out_lo, lse, *ctx.args, *ctx.window, ctx.softcap, sinks,
                                     ctx.dropout_p, seed, ctx.deterministic)
         return (dq, dk, dv) + (None,) * 6 + (_sinks_grad(sinks, dsinks), None, None)
     return backward
@@ -277,13 +302,14 @@ def _make_extras_backward(bwd_op):
 
 FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
-DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_triton, _fake_bwd_triton,
-                                              _dropout_setup_context, _make_dropout_backward)
+DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_with_out_lo(_fake_fwd_triton, 6),
+                                              _fake_bwd_triton, _dropout_setup_context, _make_dropout_backward)
 MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
                                             _fake_bwd_with_sinks_triton(10), _masked_setup_context,
                                             _make_masked_backward)
-EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_triton, _fake_bwd_with_sinks_triton(12),
-                                            _extras_setup_context, _make_extras_backward)
+EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_with_out_lo(_fake_fwd_triton, 10),
+                                            _fake_bwd_with_sinks_triton(13), _extras_setup_context,
+                                            _make_extras_backward)
 
 
 class _FlashAttention(torch.autograd.Function):

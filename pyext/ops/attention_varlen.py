@@ -2,15 +2,16 @@
 flash_attn_varlen_func), and its ops flash_attn_varlen_{fwd,bwd}_triton.
 
     flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                          window_left, window_right, softcap, sinks, dropout_p, seed) -> (out, lse)
-    flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          scale, causal, window_left, window_right, softcap, sinks, dropout_p, seed,
-                          deterministic) -> (dq, dk, dv, dsinks)
+                          window_left, window_right, softcap, sinks, dropout_p, seed) -> (out, lse, out_lo)
+    flash_attn_varlen_bwd(dout, q, k, v, out, out_lo, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, scale, causal, window_left, window_right, softcap, sinks, dropout_p,
+                          seed, deterministic) -> (dq, dk, dv, dsinks)
 
 q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), out
 (total_q, Hq, Dv), lse (Hq, total_q); see triton_kernels/flash_attention/varlen.py.
 sinks (Hq,) or None, every sequence's; dsinks, their gradient, empty
-without them (as the dense extras ops').
+without them; out_lo, what rounding out left out, empty without dropout
+(both as the dense extras ops').
 The kernels are the Triton ones (the CUDA kernels have no packed batches);
 elsewhere the reference runs each sequence on its own.
 """
@@ -31,25 +32,24 @@ from pyext.ops._register import create_graph_grads, register_stages
 def flash_attn_varlen_fwd_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, window_left: int,
                                  window_right: int, softcap: float, sinks: Optional[Tensor], dropout_p: float,
-                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                                 seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                         causal, dropout_p=dropout_p, seed=seed,
-                                         window=attention_ops._kernel_window(window_left, window_right),
-                                         softcap=softcap, sinks=sinks)
+    return attention_ops._with_out_lo(kernels.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, dropout_p=dropout_p,
+        seed=seed, window=attention_ops._kernel_window(window_left, window_right), softcap=softcap, sinks=sinks))
 
 
 @torch.library.custom_op("pyext::flash_attn_varlen_bwd_triton", mutates_args=())
-def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                                 scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-                                 sinks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out_lo: Tensor,
+                                 lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                                 max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
+                                 softcap: float, sinks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
                                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return attention_ops._with_dsinks(kernels.flash_attn_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
         deterministic, dropout_p=dropout_p, seed=seed, window=attention_ops._kernel_window(window_left, window_right),
-        softcap=softcap, sinks=sinks), q)
+        softcap=softcap, sinks=sinks, out_lo=attention_ops._out_lo_if_dropout(out_lo, dropout_p)), q)
 
 
 def _fake_fwd(q, k, v, *_):
@@ -61,9 +61,9 @@ def _fake_fwd(q, k, v, *_):
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
      softcap, sinks, dropout_p, seed) = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed)
+    out, lse, out_lo = output
+    ctx.mark_non_differentiable(lse, out_lo)
+    ctx.save_for_backward(q, k, v, out, out_lo, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap)
     ctx.dropout_p = dropout_p
     ctx.deterministic = True  # a forward op called directly; _FlashAttentionVarlen sets the caller's choice
@@ -85,8 +85,8 @@ def _reference_out(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, s
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed = ctx.saved_tensors
+    def backward(ctx, dout, *_):
+        q, k, v, out, out_lo, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap = ctx.args
         dropout_p = ctx.dropout_p
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout masks
@@ -96,14 +96,14 @@ def _make_backward(bwd_op):
                 (q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
                  attention_ops._kernel_window(window_left, window_right), softcap, sinks, dropout_p, keeps), (dout,))
             return grads[:3] + (None,) * 9 + (grads[9], None, None)
-        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, sinks, dropout_p,
-                                    seed, ctx.deterministic)
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, out, out_lo, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, sinks,
+                                    dropout_p, seed, ctx.deterministic)
         return (dq, dk, dv) + (None,) * 9 + (attention_ops._sinks_grad(sinks, dsinks), None, None)
     return backward
 
 
-VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", _fake_fwd,
-                                            attention_ops._fake_bwd_with_sinks_triton(15), _setup_context,
+VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", attention_ops._fake_fwd_with_out_lo(_fake_fwd, 13),
+                                            attention_ops._fake_bwd_with_sinks_triton(16), _setup_context,
                                             _make_backward)
 
 
@@ -119,8 +119,8 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        grads = _make_backward(VARLEN_BWD[ctx.backend])(ctx, dout, dlse)
+    def backward(ctx, dout, *_):
+        grads = _make_backward(VARLEN_BWD[ctx.backend])(ctx, dout)
         return (None, None, None) + grads
 
 
@@ -255,5 +255,5 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         out, lse = _FlashAttentionVarlen.apply(name, _backend.is_auto(backend), deterministic,
                                                *attention._distinct(q, k, v, cu_seqlens_q, cu_seqlens_k),
                                                max_seqlen_q, max_seqlen_k, scale, causal, *(window or (-1, -1)),
-                                               softcap, sinks, dropout_p, seed)
+                                               softcap, sinks, dropout_p, seed)[:2]
     return (out, lse) if return_lse else out

@@ -31,7 +31,9 @@ keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
 Philox (four uniforms per call, see _dropout_keep) under the key
 seed + (b * Hq + h), the seed a device tensor (so torch's RNG, CUDA graphs
 and torch.compile handle it): the backward draws the same mask, never
-stored. lse is that of the undropped P.
+stored. lse is that of the undropped P. The dropout forward stores out_lo
+too, as the masked one (below): a row that sees one key has O = v / keep,
+which out rounds where v alone it would not.
 Mask (SDPA's attn_mask, broadcast to (B, Hq, Sq, Sk), any strides): boolean
 (False: the key is not attended) or additive (added to the scores, in fp32).
 The masked kernels keep each row's max m and sum l apart, (B, Hq, Sq, 2) fp32

@@ -19,7 +19,7 @@ def _bwd_delta_kernel(out_ptr, out_lo_ptr, dout_ptr, delta_ptr, sob, soh, som, s
                       LOW_PART: tl.constexpr):
     """delta = rowsum(dO * O) of one block of query rows of one (batch, head),
     into a contiguous (B, Hq, Sq) delta; with LOW_PART, O = out + out_lo
-    (the masked forward's, tiles._low_part)."""
+    (the dropout or masked forward's, tiles._low_part)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # grid (query blocks, heads, batch)
     bh = b * heads_q + h
@@ -224,7 +224,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
     mask, `lse` is the forward's (m, l) stats), window, softcap and packed
     the forward's (packed: the gradients given, views as q, k, v are).
-    out_lo, the masked forward's third output: D from out + out_lo."""
+    out_lo, the dropout or masked forward's third output: D from out + out_lo."""
     q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape

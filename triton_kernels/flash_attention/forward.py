@@ -114,7 +114,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
                 BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring),
-    and out_lo_ptr (out's strides) what rounding out left out (_low_part).
+    and with MASK or DROPOUT out_lo_ptr (out's strides) what rounding out
+    left out (_low_part).
     With SINK, head h's sink logit sink_ptr[h] starts each row's softmax.
     With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
@@ -148,8 +149,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
     out_mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM)
     out_hi = round_to(out, out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, out_hi, mask=out_mask)
-    if MASK:
+    if MASK or DROPOUT:
         tl.store(out_lo_ptr + out_offs, _low_part(out, out_hi), mask=out_mask)
+    if MASK:
         tl.store(lse_ptr + stats * 2, m_i, mask=offs_m < seq_q)
         tl.store(lse_ptr + stats * 2 + 1, l_i, mask=offs_m < seq_q)
     else:
@@ -266,13 +268,14 @@ def _descriptor(t):
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
                    dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0, sinks=None,
-                   packed=None):
+                   packed=None, out_lo=None):
     """(out, lse) of attention; `out`/`lse` may be passed in (poisoned, by tests).
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
-    second output each row's (m, l), (B, Hq, Sq, 2), in place of lse, and
-    adds a third, out_lo: what rounding out to its dtype left out, in that
-    dtype (tiles._low_part), for flash_attn_bwd's delta.
+    second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
+    Dropout or a mask adds a third output, out_lo: what rounding out to its
+    dtype left out, in that dtype and out's strides (tiles._low_part), for
+    flash_attn_bwd's delta (may be passed in, as out).
     `window` (left, right): a local window; softcap > 0, a logit soft cap;
     `sinks` (Hq,), attention sinks (see the package docstring). `packed`
     (a launch.Packed): q, k, v are a packed batch's views, out and lse
@@ -285,9 +288,10 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     if lse is None:
         stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
         lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    # in out's strides: the kernel writes both with them
-    out_lo = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device) if meta["MASK"] else None
-    outputs = (out, lse) if out_lo is None else (out, lse, out_lo)
+    low_part = bool(meta["MASK"] or meta["DROPOUT"])
+    if low_part and out_lo is None:  # in out's strides: the kernel writes both with them
+        out_lo = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+    outputs = (out, lse, out_lo) if low_part else (out, lse)
     if out.numel() == 0:
         return outputs
     if k.shape[2] == 0:  # no keys at all: every row sees none (but its sink)
@@ -297,7 +301,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         else:
             lse.copy_(torch.broadcast_to(torch.as_tensor(start, device=lse.device), lse.shape))
         out.zero_()
-        if out_lo is not None:
+        if low_part:
             out_lo.zero_()
         return outputs
     rows = packed.max_seqlen_q if packed else seq_q

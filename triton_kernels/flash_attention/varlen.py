@@ -6,7 +6,7 @@ cu_seqlens_k (int32 or int64, B + 1 offsets from 0). Each sequence attends
 to its own keys only: what a batch padded to the longest sequence computes,
 without the padding's memory, reads or products (causal is bottom-right in
 each sequence, as FlashAttention's). out (total_q, Hq, Dv) contiguous, lse
-(Hq, total_q) fp32.
+(Hq, total_q) fp32, and with dropout out_lo as out (flash_attn_fwd's).
 
 The kernels are the dense ones with VARLEN: they see (B, H, total, D) views
 whose batch stride is 0, and each program adds its sequence's first row
@@ -34,33 +34,38 @@ def _batched(t, batch: int):
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                           causal: bool, out=None, lse=None, dropout_p: float = 0.0, seed=None, window=None,
                           softcap: float = 0.0, sinks=None):
-    """(out, lse) of a packed batch (module docstring); `out`/`lse` may be
-    passed in (poisoned, by tests). dropout_p, seed, window, softcap and
-    sinks as flash_attn_fwd's, per sequence (sequence b's dropout stream is
-    batch entry b's)."""
+    """(out, lse) of a packed batch (module docstring), and with dropout
+    out_lo (flash_attn_fwd's); `out`/`lse` may be passed in (poisoned, by
+    tests). dropout_p, seed, window, softcap and sinks as flash_attn_fwd's,
+    per sequence (sequence b's dropout stream is batch entry b's)."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch = cu_seqlens_q.numel() - 1
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2])) if out is None else out
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if lse is None else lse
+    out_lo = torch.empty_like(out) if dropout_p > 0 else None
+    outputs = (out, lse) if out_lo is None else (out, lse, out_lo)
     if out.numel() == 0:
-        return out, lse
+        return outputs
     if k.shape[0] == 0 or batch == 0:  # no keys: every row sees none (but its sink)
         lse.copy_(torch.full_like(lse, float("-inf")) if sinks is None else sinks.float()[:, None].expand_as(lse))
-        return out.zero_(), lse
+        out.zero_()
+        if out_lo is not None:
+            out_lo.zero_()
+        return outputs
     flash_attn_fwd(_batched(q, batch), _batched(k, batch), _batched(v, batch), scale, causal, 0,
                    out=_batched(out, batch), lse=lse, dropout_p=dropout_p, seed=seed, window=window,
-                   softcap=softcap, sinks=sinks,
-                   packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return out, lse
+                   softcap=softcap, sinks=sinks, packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                   out_lo=None if out_lo is None else _batched(out_lo, batch))
+    return outputs
 
 
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                           max_seqlen_k: int, scale: float, causal: bool, deterministic: bool, dq=None, dk=None,
                           dv=None, dropout_p: float = 0.0, seed=None, window=None, softcap: float = 0.0,
-                          sinks=None):
+                          sinks=None, out_lo=None):
     """(dq, dk, dv) of a packed batch, each in its input's memory order, and
     with `sinks` dsinks (Hq,) fp32 after them; the rest as flash_attn_bwd's
-    (gradients may be passed in, poisoned)."""
+    (gradients may be passed in, poisoned; out_lo the dropout forward's)."""
     dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
@@ -72,5 +77,6 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     dsinks = flash_attn_bwd(*(_batched(t, batch) for t in (dout, q, k, v, out)), lse, scale, causal, 0,
                             deterministic, dq=_batched(dq, batch), dk=_batched(dk, batch), dv=_batched(dv, batch),
                             dropout_p=dropout_p, seed=seed, window=window, softcap=softcap, sinks=sinks,
-                            packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))[3:]
+                            packed=Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                            out_lo=None if out_lo is None else _batched(out_lo, batch))[3:]
     return (dq, dk, dv, *dsinks)
