@@ -6,7 +6,7 @@ import torch
 
 import pyext
 from pyext import reference
-from conftest import assert_close, device_for, hessian_vector_product
+from conftest import assert_close, device_for, hessian_vector_product, poisoned_like
 from attention_checks import attention_with_dropout, qkv
 
 
@@ -72,6 +72,31 @@ def test_a_row_that_sees_one_key_gets_no_dq_through_dropout(call, deterministic)
     dq, = torch.autograd.grad(out, q, torch.randn_like(out))
     zero = torch.zeros_like(dq[:, :, 0])
     assert_close(dq[:, :, 0], zero.double(), zero, "dq of the row that sees one key")
+
+
+@pytest.mark.parametrize("seq_k", [20, 0], ids=["keys", "no-keys"])
+def test_dropout_forward_writes_out_and_out_lo_everywhere(seq_k):
+    """out, lse and out_lo poisoned with NaN: every element written, those of
+    the rows that see no key (causal, Sq > Sk; or no keys at all) as zeros;
+    out_lo is what rounding left out: at most half a unit in out's last
+    place, and out + out_lo nearer the exact result than out alone."""
+    from pyext.triton_kernels import flash_attention as kernels
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 33, seq_k, 16), torch.bfloat16, device_for("triton")))
+    seed = torch.tensor([11], device=q.device)
+    out, lse, out_lo = kernels.flash_attn_fwd(q, k, v, 0.25, True, seq_k - 33, out=poisoned_like(q),
+                                              lse=poisoned_like(q[..., 0].float()), out_lo=poisoned_like(q),
+                                              dropout_p=0.3, seed=seed)
+    for name, t in (("out", out), ("lse", lse), ("out_lo", out_lo)):
+        assert not t.isnan().any(), f"{name}: an element was never written"
+    blind = slice(0, 33 - seq_k if seq_k else 33)  # the rows that see no key
+    assert not out[:, :, blind].any() and not out_lo[:, :, blind].any()
+    if seq_k:
+        keep = kernels.dropout_keep_mask(seed, 1, 4, 33, seq_k, 0.3)
+        exact = reference.attention(q.double(), k.double(), v.double(), scale=0.25, causal=True,
+                                    causal_offset=seq_k - 33, dropout_p=0.3, keep=keep)[0]
+        assert out_lo.any() and (out_lo.double().abs() <= out.double().abs() * 2 ** -8).all()
+        two_part = out.double() + out_lo.double()
+        assert (two_part - exact).abs().max() < (out.double() - exact).abs().max() / 2
 
 
 def test_dropout_keeps_each_weight_with_probability_one_minus_p_in_streams_of_its_own():
