@@ -188,6 +188,31 @@ def check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks
     assert_all_close(["out", "lse", "dq", "dk", "dv", "dsinks"], [out, lse, *grads], ref, pt)
 
 
+def check_dropout(q, k, v, causal, deterministic, dropout_p, seeds):
+    """out, dq, dk, dv of the Triton kernels with dropout against the float64
+    oracle given the mask the kernels drew (dropout_keep_mask draws it again
+    from the last of `seeds`, the seeds the call drew: the dropout_seeds
+    fixture's list), attention_with_dropout in the inputs' dtype the
+    yardstick. Returns lse, that of the undropped P."""
+    from pyext.triton_kernels.flash_attention import dropout_keep_mask
+    out, lse = pyext.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_lse=True,
+                                     deterministic=deterministic, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    offset, scale = k.shape[2] - q.shape[2], q.shape[-1] ** -0.5
+    keep = dropout_keep_mask(seeds[-1], *q.shape[:3], k.shape[2], dropout_p)
+
+    def run(attention_fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = attention_fn(*leaves)
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    ref = run(lambda *t: reference.attention(*t, scale=scale, causal=causal, causal_offset=offset,
+                                             dropout_p=dropout_p, keep=keep)[0], torch.float64)
+    pt = run(lambda *t: attention_with_dropout(*t, scale, causal, offset, keep, dropout_p), q.dtype)
+    assert_all_close(["out", "dq", "dk", "dv"], [out, *grads], ref, pt)
+    return lse
+
+
 def attention_with_dropout(q, k, v, scale, causal, offset, keep, dropout_p):
     """Attention with this dropout mask in q's dtype, as torch's math SDPA
     computes (the products and the softmax in that dtype): the rule's

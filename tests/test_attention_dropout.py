@@ -7,7 +7,7 @@ import torch
 import pyext
 from pyext import reference
 from conftest import assert_close, device_for, hessian_vector_product, poisoned_like
-from attention_checks import attention_with_dropout, qkv
+from attention_checks import attention_with_dropout, check_dropout, qkv
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -16,27 +16,11 @@ from attention_checks import attention_with_dropout, qkv
                                    (1, 4, 2, 21, 18, 32, 16)], ids=str)
 def test_dropout_matches_the_oracle_with_the_kernels_mask(deterministic, causal, shape, dropout_seeds):
     """Dropout in the Triton kernels: out, dq, dk, dv against the float64
-    oracle given the mask the kernels drew (dropout_keep_mask draws it again
-    from the same seed), within the rule; lse is that of the undropped P."""
-    from pyext.triton_kernels.flash_attention import dropout_keep_mask
-    p = 0.3
+    oracle given the mask the kernels drew, within the rule
+    (attention_checks.check_dropout); lse is that of the undropped P."""
     q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
-    out, lse = pyext.flash_attention(q, k, v, causal=causal, dropout_p=p, return_lse=True,
-                                     deterministic=deterministic, backend="triton")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
+    lse = check_dropout(q, k, v, causal, deterministic, 0.3, dropout_seeds)
     offset, scale = k.shape[2] - q.shape[2], q.shape[-1] ** -0.5
-    keep = dropout_keep_mask(dropout_seeds[-1], *q.shape[:3], k.shape[2], p)
-
-    def run(attention_fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o = attention_fn(*leaves)
-        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
-    ref = run(lambda *t: reference.attention(*t, scale=scale, causal=causal, causal_offset=offset, dropout_p=p,
-                                             keep=keep)[0], torch.float64)
-    pt = run(lambda *t: attention_with_dropout(*t, scale, causal, offset, keep, p), q.dtype)
-    for name, o, r, y in zip(["out", "dq", "dk", "dv"], [out, *grads], ref, pt):
-        assert_close(o, r, y, name)
     undropped = reference.attention(q.double(), k.double(), v.double(), scale=scale, causal=causal,
                                     causal_offset=offset)[1]
     torch.testing.assert_close(lse.double(), undropped, rtol=0, atol=1e-2)
