@@ -38,7 +38,8 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             decoder_start_token_id=1, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, kv_channels=8,
-            shared_expert_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=2,
+            cross_attention_hidden_size=32, shared_expert_intermediate_size=16, n_routed_experts=4,
+            n_shared_experts=1, first_k_dense_replace=2,
             kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
             topk_group=1, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
             indexer_compress_ratio=2, hc_lowrank=8)
@@ -61,6 +62,22 @@ def head_mappings():
             auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _make_tiny(config):
+    """TINY's values on the config and on every config inside it (a
+    multimodal model's text, vision and audio towers: at their default
+    sizes in float64 they need more memory than a CPU machine has)."""
+    from transformers import PretrainedConfig
+    for key, value in TINY.items():
+        try:
+            if hasattr(config, key):
+                setattr(config, key, value)
+        except Exception:  # a read or write the config refuses (Gemma 4's per-layer head_dim): left as it is
+            pass
+    for value in list(vars(config).values()):
+        if isinstance(value, PretrainedConfig):
+            _make_tiny(value)
+
+
 def build(name):
     """The architecture's LM class on its default config made TINY, two
     layers (a local one and a global one where it has sliding windows; one
@@ -71,12 +88,7 @@ def build(name):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     config = CONFIG_MAPPING[name]()
-    for key, value in TINY.items():
-        if hasattr(config, key):
-            try:
-                setattr(config, key, value)
-            except (AttributeError, TypeError, ValueError):
-                pass
+    _make_tiny(config)
     for key, value in OVERRIDES.get(name, {}).items():
         setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
