@@ -127,6 +127,17 @@ def assert_close(out, ref, pt, name="output"):
                           + where_wrong(((out64 - ref).abs() > bound) & finite))
 
 
+def rule_margin(out, ref, pt) -> float:
+    """assert_close's judgement as a number: max error / the rule's bound over
+    the elements where `ref` is finite (above 1 fails). For the tools that
+    record how near the rule cases come (oracle_margins.py, dropout_fuzz.py)."""
+    ref = ref.double()
+    finite = ref.isfinite()
+    err = (out.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+    pt_err = (pt.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+    return err / (2 * pt_err + FLOOR[out.dtype])
+
+
 def where_wrong(bad: torch.Tensor) -> str:
     """Where the elements over the bound sit, to point at the kernel code that
     wrote them: how many, the first, the range of each index, and for 2-D and
