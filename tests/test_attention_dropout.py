@@ -63,9 +63,13 @@ def test_dropout_forward_writes_out_and_out_lo_everywhere(seq_k):
     """out, lse and out_lo poisoned with NaN: every element written, those of
     the rows that see no key (causal, Sq > Sk; or no keys at all) as zeros;
     out_lo is what rounding left out: at most half a unit in out's last
-    place, and out + out_lo nearer the exact result than out alone."""
+    place, and out + out_lo the exact result to 8 more bits than out alone.
+    q = 0 makes every score 0 and P exact in bf16, so the kernel's fp32
+    accumulator is exact to fp32 rounding (with random q, P's rounding to
+    bf16 for the PV product costs about as much as out's own rounding)."""
     from pyext.triton_kernels import flash_attention as kernels
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 33, seq_k, 16), torch.bfloat16, device_for("triton")))
+    q = torch.zeros_like(q)
     seed = torch.tensor([11], device=q.device)
     out, lse, out_lo = kernels.flash_attn_fwd(q, k, v, 0.25, True, seq_k - 33, out=poisoned_like(q),
                                               lse=poisoned_like(q[..., 0].float()), out_lo=poisoned_like(q),
@@ -80,7 +84,7 @@ def test_dropout_forward_writes_out_and_out_lo_everywhere(seq_k):
                                     causal_offset=seq_k - 33, dropout_p=0.3, keep=keep)[0]
         assert out_lo.any() and (out_lo.double().abs() <= out.double().abs() * 2 ** -8).all()
         two_part = out.double() + out_lo.double()
-        assert (two_part - exact).abs().max() < (out.double() - exact).abs().max() / 2
+        assert (two_part - exact).abs().max() < (out.double() - exact).abs().max() / 64
 
 
 def test_dropout_keeps_each_weight_with_probability_one_minus_p_in_streams_of_its_own():
