@@ -14,6 +14,7 @@ check, the test, the name and error / bound (above 1 fails) to FILE, so the
 cases whose fresh data now and then lands past the rule can be found before
 a CI run does (sort -t$'\t' -k3 -g FILE | tail).
 """
+import math
 import os
 import shutil
 import subprocess
@@ -129,13 +130,14 @@ def assert_close(out, ref, pt, name="output"):
 
 def rule_margin(out, ref, pt) -> float:
     """assert_close's judgement as a number: max error / the rule's bound over
-    the elements where `ref` is finite (above 1 fails). For the tools that
-    record how near the rule cases come (oracle_margins.py, dropout_fuzz.py)."""
+    the elements where `ref` is finite (above 1 fails; a NaN there is
+    infinitely far). For the tools that record how near the rule cases come
+    (oracle_margins.py, attention_fuzz.py)."""
     ref = ref.double()
     finite = ref.isfinite()
     err = (out.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
     pt_err = (pt.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
-    return err / (2 * pt_err + FLOOR[out.dtype])
+    return math.inf if math.isnan(err) else err / (2 * pt_err + FLOOR[out.dtype])
 
 
 def where_wrong(bad: torch.Tensor) -> str:
