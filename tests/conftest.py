@@ -14,11 +14,13 @@ check, the test, the name and error / bound (above 1 fails) to FILE, so the
 cases whose fresh data now and then lands past the rule can be found before
 a CI run does (sort -t$'\t' -k3 -g FILE | tail).
 """
+import atexit
 import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -28,6 +30,14 @@ if not HAS_GPU:
     # Triton kernels run on CPU tensors under the interpreter; it is read when
     # the kernels are defined, so before pyext is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's FX graph cache keys a compiled graph on the graph, not on the
+# custom ops' fake implementations: after an op's outputs change it hands
+# back graphs compiled for the old ones (a saved tensor of the wrong rank).
+# The compile tests judge the code as it is, with a cache of their own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pyext-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pyext  # noqa: E402
 from pyext import _backend  # noqa: E402
