@@ -131,10 +131,11 @@ def softcapped_eager(q, k, v, scale, visible, softcap):
     return (p @ v).masked_fill(~visible.any(-1)[:, None], 0), lse
 
 
-def check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype=torch.bfloat16):
+def check_softcap(backend, deterministic, shape, causal, window, softcap, scale, dtype=torch.bfloat16, inputs=None):
     """out, lse, dq, dk, dv of flash_attention with a soft cap (and a window)
-    against the float64 oracle, softcapped_eager the yardstick."""
-    q, k, v = qkv(shape, dtype, device_for(backend))
+    against the float64 oracle, softcapped_eager the yardstick; on random
+    q, k, v of `shape` and `dtype`, or on `inputs` (q, k, v)."""
+    q, k, v = inputs or qkv(shape, dtype, device_for(backend))
     out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, softcap=softcap, scale=scale,
                                      return_lse=True, deterministic=deterministic, backend=backend)
     dout = torch.randn_like(out)
@@ -165,11 +166,17 @@ def sinks_eager(q, k, v, sinks, scale, visible):
     return p @ v, torch.logsumexp(s, -1)
 
 
-def check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype):
+def check_sinks(backend, deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype, inputs=None):
     """out, lse, dq, dk, dv and dsinks of flash_attention with sinks (and a
-    window) against the float64 oracle, sinks_eager the yardstick."""
-    q, k, v = qkv(shape, dtype, device_for(backend))
-    sinks = (torch.randn(shape[1], device=q.device) * sink_scale).to(sinks_dtype).requires_grad_()
+    window) against the float64 oracle, sinks_eager the yardstick; on random
+    q, k, v of `shape` and `dtype` and sinks of spread `sink_scale`, or on
+    `inputs` (q, k, v, sinks)."""
+    if inputs is None:
+        q, k, v = qkv(shape, dtype, device_for(backend))
+        sinks = torch.randn(shape[1], device=q.device) * sink_scale
+    else:
+        q, k, v, sinks = inputs
+    sinks = sinks.to(sinks_dtype).requires_grad_()
     out, lse = pyext.flash_attention(q, k, v, causal=causal, window_size=window, sinks=sinks, return_lse=True,
                                      deterministic=deterministic, backend=backend)
     dout = torch.randn_like(out)

@@ -73,12 +73,22 @@ def test_descriptor_forward_top_left_causal_matches_torch(triton_fa, shape):
     assert_close(out, ref, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), "sdpa out")
 
 
-def test_descriptor_forward_writes_every_element(triton_fa):
+@pytest.mark.parametrize("extra", [{}, {"softcap": 5.0}, {"sinks": True}], ids=["plain", "softcap", "sinks"])
+def test_descriptor_forward_writes_every_element(triton_fa, extra):
+    """out and lse poisoned with NaN, and with a cap or sinks out_lo, which
+    the descriptor forward writes through pointers: at most half a unit in
+    out's last place, and not all zero."""
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
+    if "sinks" in extra:
+        extra = {"sinks": torch.randn(4, device=q.device)}
     with triton_fa.use_loads("descriptor"):
-        out, lse = triton_fa.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
-                                            lse=torch.full(q.shape[:3], float("nan"), device=q.device))
+        out, lse, *out_lo = triton_fa.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
+                                                     lse=torch.full(q.shape[:3], float("nan"), device=q.device),
+                                                     out_lo=poisoned_like(q), **extra)
     assert not out.isnan().any() and not lse.isnan().any()
+    assert len(out_lo) == bool(extra)
+    for lo in out_lo:
+        assert lo.any() and (lo.double().abs() <= out.double().abs() * 2 ** -8).all()
 
 
 def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):

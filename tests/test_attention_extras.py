@@ -135,6 +135,33 @@ def test_softcap_is_checked():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("feature", ["sinks", "softcap"])
+def test_rows_nearly_one_hot_get_their_small_dS(feature, deterministic):
+    """Rows whose P is about 0.98 on one key: each sees its own key and its
+    sink (window (0, 0), sinks 0, the key scored 4), or its own key and the
+    one before under a soft cap (window (1, 0), scored 4 and 0). dS = P (dP
+    - D) is then a small difference, and D = rowsum(dO * O) from out's 8
+    bits alone put dq and dk at 1.2 to 6 times the rule's bound (v spread 8,
+    so that the floor does not hide it); D from out + out_lo keeps them
+    under a quarter of it (triton_kernels/flash_attention/forward.py,
+    stores_low_part)."""
+    d = 32
+    k = make_tensor((1, 2, 64, d), torch.float32, device_for("triton"))
+    v = make_tensor((1, 2, 64, d), torch.float32, device_for("triton"), scale=8.0)
+    own = k
+    if feature == "softcap":  # orthogonal to the key before: that key scores 0
+        before = k.roll(1, 2)
+        own = k - before * ((k * before).sum(-1, keepdim=True) / (before * before).sum(-1, keepdim=True))
+    q = own * (4.0 / (d ** -0.5 * (own * k).sum(-1, keepdim=True)))
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    if feature == "sinks":
+        check_sinks("triton", deterministic, None, False, (0, 0), None, torch.float32, None,
+                    inputs=(q, k, v, torch.zeros(2, device=q.device)))
+    else:
+        check_softcap("triton", deterministic, None, False, (1, 0), 20.0, None, inputs=(q, k, v))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("softcap", [0.0, 2.0])
 def test_a_window_is_its_band_as_a_mask_without_the_mask(deterministic, softcap, dropout_seeds):
     """With dropout, and a soft cap, too: the window kernels give what the

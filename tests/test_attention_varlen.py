@@ -177,17 +177,20 @@ def test_varlen_dropout_matches_the_oracle_with_the_kernels_masks(deterministic,
 def test_kernels_write_every_element(deterministic, sinks):
     """Outputs and gradients poisoned with NaN: every row is written, those
     of a sequence with no keys (zeros; lse -inf, or the sink's) and those of
-    the rows past the longest sequence's blocks alike."""
+    the rows past the longest sequence's blocks alike; with sinks out_lo too."""
     from pyext.triton_kernels import flash_attention as kernels
     q, k, v, cu_q, cu_k, max_q, max_k = packed(((33, 5, 0, 18), (20, 0, 4, 18), 4, 2, 32), torch.bfloat16,
                                                device_for("triton"))
     q, k, v = (t.detach() for t in (q, k, v))
     sinks = torch.randn(q.shape[1], device=q.device) if sinks else None
-    out, lse = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, True, sinks=sinks,
-                                             out=poisoned_like(q), lse=poisoned_like(q[:, :, 0].T.float()))
+    out, lse, *out_lo = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, True, sinks=sinks,
+                                                      out=poisoned_like(q), lse=poisoned_like(q[:, :, 0].T.float()),
+                                                      out_lo=poisoned_like(q))
+    assert len(out_lo) == (sinks is not None)
     grads = kernels.flash_attn_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.3,
-                                          True, deterministic, *(poisoned_like(t) for t in (q, k, v)), sinks=sinks)
-    for name, t in zip(["out", "lse", "dq", "dk", "dv", "dsinks"], [out, lse, *grads]):
+                                          True, deterministic, *(poisoned_like(t) for t in (q, k, v)), sinks=sinks,
+                                          out_lo=out_lo[0] if out_lo else None)
+    for name, t in zip(["out", "lse", "dq", "dk", "dv", "dsinks", "out_lo"], [out, lse, *grads, *out_lo]):
         assert not t.isnan().any(), f"{name}: an element was never written"
     no_keys = torch.full_like(lse[:, 33:38], float("-inf")) if sinks is None else sinks[:, None].expand(-1, 5)
     assert torch.equal(out[33:38], torch.zeros_like(out[33:38]))

@@ -195,21 +195,21 @@ def exercise_launchers():
         # a logit soft cap (Gemma 2's): alone (the descriptor forward on sm_90), with a window, with a mask
         for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
             causal = "mask" not in extra
-            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, softcap=30.0,
-                                                               **extra)  # out_lo with a mask
+            out, lse, out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, softcap=30.0,
+                                                              **extra)
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
-                                               softcap=30.0, out_lo=out_lo[0] if out_lo else None, **extra)
+                                               softcap=30.0, out_lo=out_lo, **extra)
         # attention sinks (GPT-OSS's): alone (the descriptor forward on sm_90), with a window, with a
         # mask; the dK/dV kernels with the sinks' shares
         sinks = torch.randn(4)
         for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
             causal = "mask" not in extra
-            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, sinks=sinks,
-                                                               **extra)
+            out, lse, out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, causal, 0, sinks=sinks,
+                                                              **extra)
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
-                                               sinks=sinks, out_lo=out_lo[0] if out_lo else None, **extra)
+                                               sinks=sinks, out_lo=out_lo, **extra)
         # a packed batch (varlen): every config at head dim 128 on sm_90; with dropout, a window and a soft cap;
         # with a window and sinks (GPT-OSS's packed SFT)
         cu = torch.tensor([0, 20, 21, 40], dtype=torch.int32)
@@ -218,7 +218,7 @@ def exercise_launchers():
                       {"window": (16, -1), "sinks": sinks}):
             all_configs = target.arch >= 90 and not extra
             out, lse, *out_lo = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, 0.1,
-                                                                      True, **extra)  # out_lo with dropout
+                                                                      True, **extra)  # out_lo: not with {}
             for deterministic in (False, True):
                 flash_attention.flash_attn_varlen_bwd(out, q, q[:, :2], q[:, :2], out, lse, cu, cu, 20, 20, 0.1,
                                                       True, deterministic, out_lo=out_lo[0] if out_lo else None,

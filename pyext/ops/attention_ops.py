@@ -33,12 +33,14 @@ fp32, in place of lse, and their third out_lo, with or without dropout: a
 bias makes P peaky, where D from the rounded out costs dq and dk the rule.
 The extras (Triton only): a local window, a logit soft cap and attention
 sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
-None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too (and
-out_lo as the dropout ops'). The masked ops take a soft cap and sinks as
-well (HF's Gemma 2 with a padded batch or its sliding-window mask,
-GPT-OSS's, through pyext.patch). The backward ops take the sinks too, for
-their gradient (their fourth output, empty without sinks); lse includes
-them, so dQ, dK and dV need nothing more.
+None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too, and
+out_lo as the dropout ops' with dropout, a cap or sinks (a cap makes P
+peaky, and a row that sees one key and its sink has dS = P (1 - P) dP:
+small differences again), empty with a window alone. The masked ops take
+a soft cap and sinks as well (HF's Gemma 2 with a padded batch or its
+sliding-window mask, GPT-OSS's, through pyext.patch). The backward ops
+take the sinks too, for their gradient (their fourth output, empty
+without sinks); lse includes them, so dQ, dK and dV need nothing more.
 """
 from typing import Optional, Tuple
 
@@ -77,7 +79,7 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                   seed: Tensor, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
-                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_dropout(out_lo, dropout_p))
+                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_stored(out_lo, dropout_p))
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
@@ -123,7 +125,8 @@ def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
                                                dropout_p=dropout_p, seed=seed,
                                                window=_kernel_window(window_left, window_right), softcap=softcap,
-                                               sinks=sinks, out_lo=_out_lo_if_dropout(out_lo, dropout_p)), q)
+                                               sinks=sinks, out_lo=_out_lo_if_stored(out_lo, dropout_p, softcap,
+                                                                                     sinks)), q)
 
 
 def _with_dsinks(grads, q: Tensor):
@@ -133,14 +136,17 @@ def _with_dsinks(grads, q: Tensor):
 
 
 def _with_out_lo(outputs):
-    """(out, lse, out_lo) of a forward that may have had no dropout: out_lo
-    then empty (flash_attn_fwd gives it only with dropout or a mask)."""
+    """(out, lse, out_lo) of a forward that may have stored no out_lo: it is
+    then empty (an op's outputs cannot be None; stores_low_part says when
+    flash_attn_fwd stores it)."""
     return outputs if len(outputs) == 3 else (*outputs, outputs[0].new_empty(0))
 
 
-def _out_lo_if_dropout(out_lo: Tensor, dropout_p: float) -> Optional[Tensor]:
-    """The backward's out_lo: the forward's, which only dropout fills."""
-    return out_lo if dropout_p > 0 else None
+def _out_lo_if_stored(out_lo: Tensor, dropout_p: float, softcap: float = 0.0,
+                      sinks: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The backward's out_lo: the forward's where it stored one, else None."""
+    from pyext.triton_kernels.flash_attention import stores_low_part
+    return out_lo if stores_low_part(dropout_p, None, softcap, sinks) else None
 
 
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
@@ -163,12 +169,18 @@ def _fake_masked_fwd_triton(q, k, v, *_):
     return out, lse.new_empty((*lse.shape, 2)), torch.empty_like(out)
 
 
-def _fake_fwd_with_out_lo(fake_fwd, dropout_at: int):
-    """fake_fwd's (out, lse) and out_lo, in out's strides with dropout and
-    empty without, the op's argument at `dropout_at` being dropout_p."""
+def _fake_fwd_with_out_lo(fake_fwd, dropout_at: int, softcap_at: Optional[int] = None,
+                          sinks_at: Optional[int] = None):
+    """fake_fwd's (out, lse) and out_lo: in out's strides where the forward
+    stores one (stores_low_part), else empty; the op's arguments at
+    `dropout_at`, `softcap_at` and `sinks_at` being dropout_p, softcap and
+    sinks (an op without the last two has none)."""
     def fake(*args):
+        from pyext.triton_kernels.flash_attention import stores_low_part
         out, lse = fake_fwd(*args)
-        return out, lse, torch.empty_like(out) if args[dropout_at] > 0 else out.new_empty(0)
+        stored = stores_low_part(args[dropout_at], None, 0.0 if softcap_at is None else args[softcap_at],
+                                 None if sinks_at is None else args[sinks_at])
+        return out, lse, torch.empty_like(out) if stored else out.new_empty(0)
     return fake
 
 
@@ -307,7 +319,7 @@ DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_wi
 MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
                                             _fake_bwd_with_sinks_triton(10), _masked_setup_context,
                                             _make_masked_backward)
-EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_with_out_lo(_fake_fwd_triton, 10),
+EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_with_out_lo(_fake_fwd_triton, 10, 8, 9),
                                             _fake_bwd_with_sinks_triton(13), _extras_setup_context,
                                             _make_extras_backward)
 

@@ -10,8 +10,8 @@ flash_attn_varlen_func), and its ops flash_attn_varlen_{fwd,bwd}_triton.
 q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), out
 (total_q, Hq, Dv), lse (Hq, total_q); see triton_kernels/flash_attention/varlen.py.
 sinks (Hq,) or None, every sequence's; dsinks, their gradient, empty
-without them; out_lo, what rounding out left out, empty without dropout
-(both as the dense extras ops').
+without them; out_lo, what rounding out left out, empty without dropout,
+a cap or sinks (both as the dense extras ops').
 The kernels are the Triton ones (the CUDA kernels have no packed batches);
 elsewhere the reference runs each sequence on its own.
 """
@@ -49,7 +49,7 @@ def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     return attention_ops._with_dsinks(kernels.flash_attn_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
         deterministic, dropout_p=dropout_p, seed=seed, window=attention_ops._kernel_window(window_left, window_right),
-        softcap=softcap, sinks=sinks, out_lo=attention_ops._out_lo_if_dropout(out_lo, dropout_p)), q)
+        softcap=softcap, sinks=sinks, out_lo=attention_ops._out_lo_if_stored(out_lo, dropout_p, softcap, sinks)), q)
 
 
 def _fake_fwd(q, k, v, *_):
@@ -102,7 +102,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen", attention_ops._fake_fwd_with_out_lo(_fake_fwd, 13),
+VARLEN_FWD, VARLEN_BWD, _ = register_stages("flash_attn_varlen",
+                                            attention_ops._fake_fwd_with_out_lo(_fake_fwd, 13, 11, 12),
                                             attention_ops._fake_bwd_with_sinks_triton(16), _setup_context,
                                             _make_backward)
 

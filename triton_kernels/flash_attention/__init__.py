@@ -18,6 +18,8 @@ Soft cap (softcap = c > 0, Gemma 2's and Grok's logit capping, SOFTCAP): the
 scores s = q k^T * scale become c tanh(s / c) before any mask and the
 softmax, so |logit| < c; the backward multiplies dS by the cap's derivative,
 1 - tanh^2(s / c), before dQ and dK (the tanh recomputed with the scores).
+The forward stores out_lo too, as the masked one (below): a cap with large
+scores leaves rows nearly one-hot.
 Sinks (sinks, (Hq,), GPT-OSS's attention sinks, SINK): one more logit per
 head in every row's softmax, with no value: the forward starts each row at
 (m, l) = (sink * log2(e), 1), so out is divided by a sum that includes it
@@ -25,7 +27,9 @@ and lse includes it. P over the keys, recomputed from that lse, is then
 right as it is: dQ, dK and dV need no change. The sink's own gradient is
 -sum over rows of P_sink * D with P_sink = exp(sink - lse) and D (below)
 summed from the dK/dV kernel's fp32 tiles as sum_j P_ij dP_ij, not from
-the rounded O (flash_attn_bwd's `sinks`).
+the rounded O (flash_attn_bwd's `sinks`). The forward stores out_lo too, as
+the masked one (below): a row that sees one key and its sink has dS =
+P (1 - P) dP, a small difference where the sink is small.
 Dropout (dropout_p > 0): each P element is kept with probability
 keep = 1 - dropout_p and scaled by 1 / keep; the keep mask is drawn from
 Philox (four uniforms per call, see _dropout_keep) under the key
@@ -80,10 +84,10 @@ batch's launches; dropout.py, the dropout mask as a tensor for the reference.
 """
 from .backward import flash_attn_bwd
 from .dropout import dropout_keep_mask
-from .forward import LOADS, LOADS_ENV, flash_attn_fwd, forward_loads, loads_mode, use_loads
+from .forward import LOADS, LOADS_ENV, flash_attn_fwd, forward_loads, loads_mode, stores_low_part, use_loads
 from .launch import MAX_DROPOUT_SCORES, empty_out
 from .varlen import flash_attn_varlen_bwd, flash_attn_varlen_fwd
 
 __all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "dropout_keep_mask", "empty_out", "flash_attn_bwd",
            "flash_attn_fwd", "flash_attn_varlen_bwd", "flash_attn_varlen_fwd", "forward_loads", "loads_mode",
-           "use_loads"]
+           "stores_low_part", "use_loads"]

@@ -224,7 +224,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
     mask, `lse` is the forward's (m, l) stats), window, softcap and packed
     the forward's (packed: the gradients given, views as q, k, v are).
-    out_lo, the dropout or masked forward's third output: D from out + out_lo."""
+    out_lo, the forward's third output where it has one: D from out + out_lo."""
     q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape

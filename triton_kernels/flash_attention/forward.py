@@ -114,8 +114,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
                 BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring),
-    and with MASK or DROPOUT out_lo_ptr (out's strides) what rounding out
-    left out (_low_part).
+    and with MASK, DROPOUT, SOFTCAP or SINK out_lo_ptr (out's strides) what
+    rounding out left out (_low_part, stores_low_part).
     With SINK, head h's sink logit sink_ptr[h] starts each row's softmax.
     With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
@@ -149,7 +149,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
     out_mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM)
     out_hi = round_to(out, out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, out_hi, mask=out_mask)
-    if MASK or DROPOUT:
+    if MASK or DROPOUT or SOFTCAP or SINK:
         tl.store(out_lo_ptr + out_offs, _low_part(out, out_hi), mask=out_mask)
     if MASK:
         tl.store(lse_ptr + stats * 2, m_i, mask=offs_m < seq_q)
@@ -162,7 +162,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
                                                    "SINK"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
-def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr,
+def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr, out_lo_ptr, sob, soh, som,
                     seq_q, seq_k, heads_q, group, qk_scale, cap_log2e, causal_offset,
                     SQ_BUCKET, SK_BUCKET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -173,7 +173,10 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr,
     bounds each box by the tensor's extents, per head: rows past S and columns
     past D read as zeros (what the padded dot needs) and are not written, so
     no masks, and no address arithmetic per element. Box coordinates are int32
-    (what TMA takes); only the lse pointer needs int64 offsets."""
+    (what TMA takes); only the lse and out_lo pointers need int64 offsets.
+    With SOFTCAP or SINK, out_lo_ptr (out's strides sob, soh, som) takes
+    what rounding out left out (_low_part, stores_low_part), through
+    pointers."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1), tl.program_id(2)
     bh = b * heads_q + h
@@ -192,8 +195,14 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr,
                                 0, 0, 0, BLOCK_M, BLOCK_N)  # no window, no dropout, no mask
 
     out, lse = _finish(m_i, l_i, acc)
-    out_desc.store([b, h, start_m, 0], round_to(out, out_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
+    out_hi = round_to(out, out_desc.dtype)
+    out_desc.store([b, h, start_m, 0], out_hi.reshape(1, 1, BLOCK_M, BLOCK_DV))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    if SOFTCAP or SINK:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        out_offs = b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
+        tl.store(out_lo_ptr + out_offs, _low_part(out, out_hi),
+                 mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM))
 
 
 LOADS_ENV = "PYEXT_TRITON_ATTN_LOADS"
@@ -266,6 +275,15 @@ def _descriptor(t):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
 
 
+def stores_low_part(dropout_p: float, mask, softcap: float, sinks) -> bool:
+    """Whether flash_attn_fwd writes out_lo beside out, for the backward's
+    D = rowsum(dO * (out + out_lo)): with dropout, a mask, a soft cap or
+    sinks, each of which can leave a row with few keys or a peaky P, where
+    out's rounding in D costs dq and dk the rule (tiles._low_part). Not for
+    plain attention: out_lo costs a saved out-sized tensor per call."""
+    return dropout_p > 0 or mask is not None or softcap > 0 or sinks is not None
+
+
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
                    dropout_p: float = 0.0, seed=None, mask=None, window=None, softcap: float = 0.0, sinks=None,
                    packed=None, out_lo=None):
@@ -273,9 +291,10 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
     second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
-    Dropout or a mask adds a third output, out_lo: what rounding out to its
-    dtype left out, in that dtype and out's strides (tiles._low_part), for
-    flash_attn_bwd's delta (may be passed in, as out).
+    Dropout, a mask, a soft cap or sinks add a third output, out_lo: what
+    rounding out to its dtype left out, in that dtype and out's strides
+    (tiles._low_part, stores_low_part), for flash_attn_bwd's delta (may be
+    passed in, as out).
     `window` (left, right): a local window; softcap > 0, a logit soft cap;
     `sinks` (Hq,), attention sinks (see the package docstring). `packed`
     (a launch.Packed): q, k, v are a packed batch's views, out and lse
@@ -288,7 +307,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     if lse is None:
         stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
         lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    low_part = bool(meta["MASK"] or meta["DROPOUT"])
+    low_part = stores_low_part(dropout_p, mask, softcap, sinks)
     if low_part and out_lo is None:  # in out's strides: the kernel writes both with them
         out_lo = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
     outputs = (out, lse, out_lo) if low_part else (out, lse)
@@ -311,7 +330,8 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         if not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
                 forward_loads(q, k, v, out) == "descriptor":
             meta.pop("DROPOUT"), meta.pop("MASK"), meta.pop("VARLEN")
-            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, sink, *sizes,
+            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
+                                  *out.stride()[:3], *sizes,
                                   *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
                                   **meta)
         else:

@@ -156,13 +156,15 @@ def _low_part(x, hi):
       mask, a bias makes P peaky and a few large dS terms carry dQ and dK.
       One rounding of dS put dq or dk past the rule in about 1 of 250
       random cases.
-    - The dropout and masked forwards store out's lo beside out, and the
-      backward's D = rowsum(dO * O) reads hi + lo. For a nearly one-hot
-      row the dominant key's dP - D is a small difference of near-equal
-      terms, so O's rounding in D became a large relative error in that
-      dS: in 80 random cases of a normal bias of spread 2, the worst dk
-      went from 0.84 of the rule's bound to 0.49. With dropout a row that
+    - The dropout, masked, capped and sink forwards store out's lo beside
+      out (forward.stores_low_part), and the backward's D = rowsum(dO * O)
+      reads hi + lo. For a nearly one-hot row the dominant key's dP - D is
+      a small difference of near-equal terms, so O's rounding in D became
+      a large relative error in that dS: in 80 random cases of a normal
+      bias of spread 2, the worst dk went from 0.84 of the rule's bound to
+      0.49. With dropout a row that
       sees one key has O = v / keep exactly, which its dtype rounds, where
       v alone it would not: that row's dq, 0, came out at up to 1.5 times
-      the bound (benchmarks/NOTES.md)."""
+      the bound; with a cap or sinks, random small cases came out at up
+      to 2.4 times it (benchmarks/NOTES.md)."""
     return round_to(x - hi.to(tl.float32), hi.dtype)

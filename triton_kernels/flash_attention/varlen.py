@@ -6,7 +6,7 @@ cu_seqlens_k (int32 or int64, B + 1 offsets from 0). Each sequence attends
 to its own keys only: what a batch padded to the longest sequence computes,
 without the padding's memory, reads or products (causal is bottom-right in
 each sequence, as FlashAttention's). out (total_q, Hq, Dv) contiguous, lse
-(Hq, total_q) fp32, and with dropout out_lo as out (flash_attn_fwd's).
+(Hq, total_q) fp32, and out_lo as out where flash_attn_fwd stores one.
 
 The kernels are the dense ones with VARLEN: they see (B, H, total, D) views
 whose batch stride is 0, and each program adds its sequence's first row
@@ -22,7 +22,7 @@ key block).
 import torch
 
 from .backward import flash_attn_bwd
-from .forward import flash_attn_fwd
+from .forward import flash_attn_fwd, stores_low_part
 from .launch import Packed, _unit_last_stride
 
 
@@ -33,16 +33,19 @@ def _batched(t, batch: int):
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                           causal: bool, out=None, lse=None, dropout_p: float = 0.0, seed=None, window=None,
-                          softcap: float = 0.0, sinks=None):
-    """(out, lse) of a packed batch (module docstring), and with dropout
-    out_lo (flash_attn_fwd's); `out`/`lse` may be passed in (poisoned, by
-    tests). dropout_p, seed, window, softcap and sinks as flash_attn_fwd's,
+                          softcap: float = 0.0, sinks=None, out_lo=None):
+    """(out, lse) of a packed batch (module docstring), and out_lo where
+    flash_attn_fwd stores one (stores_low_part); `out`, `lse` and `out_lo`
+    may be passed in (poisoned, by tests). dropout_p, seed, window, softcap and sinks as flash_attn_fwd's,
     per sequence (sequence b's dropout stream is batch entry b's)."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch = cu_seqlens_q.numel() - 1
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2])) if out is None else out
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if lse is None else lse
-    out_lo = torch.empty_like(out) if dropout_p > 0 else None
+    if not stores_low_part(dropout_p, None, softcap, sinks):
+        out_lo = None
+    elif out_lo is None:
+        out_lo = torch.empty_like(out)
     outputs = (out, lse) if out_lo is None else (out, lse, out_lo)
     if out.numel() == 0:
         return outputs
@@ -65,7 +68,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                           sinks=None, out_lo=None):
     """(dq, dk, dv) of a packed batch, each in its input's memory order, and
     with `sinks` dsinks (Hq,) fp32 after them; the rest as flash_attn_bwd's
-    (gradients may be passed in, poisoned; out_lo the dropout forward's)."""
+    (gradients may be passed in, poisoned; out_lo the forward's)."""
     dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
