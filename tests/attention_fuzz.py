@@ -31,9 +31,6 @@ import attention_checks  # noqa: E402
 import test_attention_mask  # noqa: E402
 import test_attention_varlen  # noqa: E402
 
-FEATURES = ["plain", "softcap", "sinks", "dropout", "mask", "varlen"]
-
-
 def length(rng, zero=False):
     return rng.choice([0 if zero else 1, 1, 2, 3, rng.randint(1, 48)])
 
@@ -109,6 +106,11 @@ def run_varlen(case, dtype, causal, deterministic, window, softcap, scale):
     test_attention_varlen.check_varlen("triton", deterministic, case, causal, dtype, window, softcap, scale)
 
 
+RUNS = {"plain": run_plain, "softcap": run_softcap, "sinks": run_sinks, "dropout": run_dropout, "mask": run_mask,
+        "varlen": run_varlen}
+FEATURES = list(RUNS)
+
+
 def run(feature, case):
     """{output: error / bound} of one case; a case that raises counts as
     infinitely far."""
@@ -118,7 +120,7 @@ def run(feature, case):
         margins[name] = conftest.rule_margin(out, ref, pt)
     attention_checks.assert_close = test_attention_mask.assert_close = record
     try:
-        globals()[f"run_{feature}"](**case)
+        RUNS[feature](**case)
     except Exception as e:  # noqa: BLE001 - a case that raises is a finding, reported with the case
         margins["raised"] = math.inf
         print(f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
