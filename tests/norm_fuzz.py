@@ -1,0 +1,207 @@
+"""Random small norm cases against the tolerance rule, on the Triton (or CUDA) backend.
+
+    TRITON_INTERPRET=1 python tests/norm_fuzz.py --seed 1 --cases 200
+    TRITON_INTERPRET=1 python tests/norm_fuzz.py --seed 1 --features gated --case 17
+    python tests/norm_fuzz.py --seed 1 --cases 2000 --backend cuda   # on a GPU
+
+Draws each case from (--seed, its index): an op (LayerNorm and RMSNorm, the
+same over groups of the row, the gated RMSNorm), rows (0-70, often 1-3),
+normalized_shape (one to three dims, 1 to a few thousand elements, now and
+then past the fused path's 8192), the dtypes of x (float16, bfloat16,
+float32: a float64 call's yardstick is its oracle) and of the parameters,
+which parameters there are, eps, x's layout and, above all, the values:
+rows far from zero against their spread (LayerNorm's cancellation), rows of
+one value, rows of very different sizes, wide ranges. Runs that op's own
+test check (tests/test_layer_norm.py, test_grouped_norm.py,
+test_rms_norm_gated.py), recording each output's error / the rule's bound
+(conftest.rule_margin; above 1 fails) rather than asserting, and prints each
+case past the rule or raising, then the worst margin of each op's outputs
+and its case. --case N reruns one case. As tests/attention_fuzz.py does for
+attention.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import conftest  # noqa: E402
+import test_grouped_norm  # noqa: E402
+import test_layer_norm  # noqa: E402
+import test_rms_norm_gated  # noqa: E402
+
+HALVES = [torch.float16, torch.bfloat16]
+# (spread, offset) of x's values: a standard row off zero; rows far from
+# zero against their spread; tiny and huge rows; rows of one value (spread 0)
+VALUES = [(2.0, 1.5), (1.0, 0.0), (1e-2, 10.0), (1e-3, 1.0), (0.5, 300.0), (1e-3, 0.0), (100.0, 0.0), (0.0, 3.0)]
+
+
+def normalized_shape(rng):
+    """One to three dims whose product is n."""
+    n = rng.choice([1, 2, 3, 7, 16, 64, 100, rng.randint(1, 300), rng.randint(300, 5000), rng.randint(8193, 9000)])
+    shape = [n]
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        d = rng.choice([d for d in range(1, shape[0] + 1) if shape[0] % d == 0])
+        shape = [d, shape[0] // d] + shape[1:]
+    return tuple(shape)
+
+
+def draw(rng, features, backend):
+    """One case: (feature, the arguments of its run_* function)."""
+    feature = rng.choice(features)
+    shape = normalized_shape(rng)
+    rows = rng.choice([0, 1, 2, 3, rng.randint(1, 70)]) if math.prod(shape) < 8192 else rng.choice([1, 2])
+    dtype = rng.choice(HALVES + [torch.float32])
+    case = dict(rows=rows, shape=shape, dtype=dtype, values=rng.choice(VALUES),
+                row_sizes=rng.random() < 0.25,  # each row its own power of ten, 1e-3 to 1e3
+                layout=rng.choice(["contiguous", "contiguous", "transposed", "strided"]))
+    param_dtypes = [dtype] + ([torch.float32] if dtype in HALVES else [])
+    if feature in ("norm", "grouped"):
+        kind = rng.choice(["layer_norm", "rms_norm"])
+        if kind == "rms_norm" and dtype == torch.float32 and backend == "triton":
+            param_dtypes += HALVES  # a narrower RMSNorm weight (the CUDA kernels refuse it)
+        case.update(kind=kind, weight=rng.random() < 0.8, bias=rng.random() < 0.7,
+                    param_dtype=rng.choice(param_dtypes),
+                    eps=rng.choice([1e-5, 1e-6, 1e-2] + ([None] if kind == "rms_norm" else [])))
+        if feature == "grouped":
+            n = math.prod(shape)
+            case["group_size"] = rng.choice([d for d in range(1, n + 1) if n % d == 0 and d < n] or [n])
+    else:
+        n = math.prod(shape)
+        case.update(shape=(n,), activation=rng.choice(["silu", "sigmoid"]), norm_before_gate=rng.random() < 0.5,
+                    weight=rng.random() < 0.8, param_dtype=rng.choice(param_dtypes),
+                    eps=rng.choice([1e-6, 1e-5, None]),
+                    group_size=rng.choice([None, None] + [d for d in range(1, n) if n % d == 0][-3:]))
+    return feature, case
+
+
+def in_layout(x, dtype, layout, device):
+    """x in dtype, laid out "contiguous", "strided" (every other element of
+    a row twice as long) or "transposed" (the last two dims swapped in memory)."""
+    if layout == "strided":
+        out = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=dtype, device=device)[..., ::2]
+    elif layout == "transposed":
+        out = torch.empty(*x.shape[:-2], x.shape[-1], x.shape[-2], dtype=dtype, device=device).transpose(-1, -2)
+    else:
+        out = torch.empty(x.shape, dtype=dtype, device=device)
+    return out.copy_(x)
+
+
+def make_x(rows, shape, dtype, values, row_sizes, layout, device):
+    """x of (rows, *shape): spread * normal + offset, each row scaled by its
+    own power of ten with row_sizes (less where float16 would overflow); one
+    value a row where spread is 0."""
+    spread, offset = values
+    x = spread * torch.randn(rows, *shape) + offset
+    if spread == 0.0:
+        x = x + torch.randn(rows).view(-1, *[1] * len(shape))
+    if row_sizes:
+        powers = torch.randint(-3, 4, (rows,)).view(-1, *[1] * len(shape))
+        if dtype == torch.float16:  # float16 ends at 65504: the row's largest below 1e4
+            largest = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True).clamp(min=1e-30)
+            powers = powers.minimum((4 - largest.log10()).floor())
+        x = x * 10.0 ** powers
+    return in_layout(x, dtype, layout, device)
+
+
+def params(shape, dtype, weight, bias, device):
+    """A weight near 1 and a small bias, of normalized_shape."""
+    w = (1 + 0.3 * torch.randn(shape)).to(device, dtype) if weight else None
+    b = (0.3 * torch.randn(shape)).to(device, dtype) if bias else None
+    return w, b
+
+
+def run_norm(backend, device, rows, shape, dtype, values, row_sizes, layout, kind, weight, bias, param_dtype, eps):
+    x = make_x(rows, shape, dtype, values, row_sizes, layout, device)
+    w, b = params(shape, param_dtype, weight, bias and kind == "layer_norm", device)
+    test_layer_norm.check(kind, backend, x, shape, w, b, eps)
+
+
+def run_grouped(backend, device, rows, shape, dtype, values, row_sizes, layout, kind, weight, bias, param_dtype, eps,
+                group_size):
+    x = make_x(rows, shape, dtype, values, row_sizes, layout, device)
+    w, b = params(shape, param_dtype, weight, bias and kind == "layer_norm", device)
+    test_grouped_norm.check(kind, backend, x, w, b, shape, group_size, eps)
+
+
+def run_gated(backend, device, rows, shape, dtype, values, row_sizes, layout, activation, norm_before_gate, weight,
+              param_dtype, eps, group_size):
+    x = make_x(rows, shape, dtype, values, row_sizes, layout, device)
+    gate = in_layout(3.0 * torch.randn(rows, *shape), dtype, layout, device)
+    w, _ = params(shape, param_dtype, weight, False, device)
+    test_rms_norm_gated.check(backend, x, gate, w, eps, activation, norm_before_gate, group_size)
+
+
+RUNS = {"norm": run_norm, "grouped": run_grouped, "gated": run_gated}
+FEATURES = list(RUNS)
+CUDA_FEATURES = ["norm"]  # the groups and the gated norm have Triton kernels only
+
+
+def margin(out, ref, pt):
+    """rule_margin, infinite where the NaN or infinity pattern differs from
+    the reference's; NaN where torch's own result is not finite where the
+    reference is (the rule cannot judge the case)."""
+    ref64, out64 = ref.double(), out.double()
+    finite = ref64.isfinite()
+    if not (torch.equal(out64.isnan(), ref64.isnan()) and torch.equal(out64[~finite], ref64[~finite])):
+        return math.inf
+    if not pt.double()[finite].isfinite().all():
+        return math.nan
+    return conftest.rule_margin(out, ref, pt)
+
+
+def run(feature, case, backend):
+    """{output: error / bound} of one case; a case that raises counts as
+    infinitely far."""
+    margins = {}
+
+    def record(out, ref, pt, name):
+        margins[name] = margin(out, ref, pt)
+    test_layer_norm.assert_close = test_grouped_norm.assert_close = test_rms_norm_gated.assert_close = record
+    try:
+        device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+        RUNS[feature](backend, device, **case)
+    except Exception as e:  # noqa: BLE001 - a case that raises is a finding, reported with the case
+        margins["raised"] = math.inf
+        print(f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+    return margins
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", type=int, default=60)
+    parser.add_argument("--case", type=int, help="run only this case of the seed")
+    parser.add_argument("--features", nargs="+", choices=FEATURES)
+    parser.add_argument("--backend", choices=["triton", "cuda"], default="triton")
+    args = parser.parse_args()
+    features = args.features or (CUDA_FEATURES if args.backend == "cuda" else FEATURES)
+    worst, past, unjudged = {}, 0, 0
+    indices = [args.case] if args.case is not None else range(args.cases)
+    for i in indices:
+        rng = random.Random(f"{args.seed}-{i}")
+        feature, case = draw(rng, features, args.backend)
+        torch.manual_seed(rng.randint(0, 2 ** 31))
+        margins = run(feature, case, args.backend)
+        if any(math.isnan(m) for m in margins.values()):
+            unjudged += 1
+            print(f"torch's own result not finite: case {i} {feature} {case}", flush=True)
+        margins = {name: m for name, m in margins.items() if not math.isnan(m)}
+        if max(margins.values(), default=0.0) > 1:
+            past += 1
+            print(f"past the rule: case {i} {feature} {margins} {case}", flush=True)
+        for name, m in margins.items():
+            if m >= worst.get((feature, name), (-1.0,))[0]:
+                worst[(feature, name)] = (m, i, case)
+    print(f"{len(indices)} cases, {past} past the rule or raising, {unjudged} with outputs the rule cannot judge")
+    for (feature, name), (m, i, case) in sorted(worst.items()):
+        print(f"worst {feature} {name}: {m:.3f} case {i} {case}")
+
+
+if __name__ == "__main__":
+    main()
