@@ -8,16 +8,13 @@ cap, sinks, dropout, a mask, a packed batch), a small shape (B 1-2, GQA or
 not, Sq and Sk 1-48 and often 1-3, head dim 8-96), the dtype, causality, a
 window, a scale and the backward path. Runs that feature's own test check on
 the Triton backend, recording each output's error / the rule's bound
-(conftest.rule_margin; above 1 fails) rather than asserting, and prints each
+(fuzzing.margin; above 1 fails) rather than asserting, and prints each
 case past the rule or raising, then the worst margin of each feature's
 outputs and its case. --case N reruns one case. Small key counts and peaky
 softmaxes are where the rule's tails hide (benchmarks/NOTES.md, "A dropout
 tail where a row sees one key").
 """
-import argparse
-import math
 import os
-import random
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from pyext.ops import attention  # noqa: E402
-import conftest  # noqa: E402
+import fuzzing  # noqa: E402
 import attention_checks  # noqa: E402
 import test_attention_mask  # noqa: E402
 import test_attention_varlen  # noqa: E402
@@ -112,44 +109,12 @@ FEATURES = list(RUNS)
 
 
 def run(feature, case):
-    """{output: error / bound} of one case; a case that raises counts as
-    infinitely far."""
-    margins = {}
-
-    def record(out, ref, pt, name):
-        margins[name] = conftest.rule_margin(out, ref, pt)
-    attention_checks.assert_close = test_attention_mask.assert_close = record
-    try:
-        RUNS[feature](**case)
-    except Exception as e:  # noqa: BLE001 - a case that raises is a finding, reported with the case
-        margins["raised"] = math.inf
-        print(f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
-    return margins
+    return fuzzing.margins([attention_checks, test_attention_mask], lambda: RUNS[feature](**case))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", type=int, default=60)
-    parser.add_argument("--case", type=int, help="run only this case of the seed")
-    parser.add_argument("--features", nargs="+", choices=FEATURES, default=FEATURES)
-    args = parser.parse_args()
-    worst, past = {}, 0
-    indices = [args.case] if args.case is not None else range(args.cases)
-    for i in indices:
-        rng = random.Random(f"{args.seed}-{i}")
-        feature, case = draw(rng, args.features)
-        torch.manual_seed(rng.randint(0, 2 ** 31))
-        margins = run(feature, case)
-        if max(margins.values(), default=0.0) > 1:
-            past += 1
-            print(f"past the rule: case {i} {feature} {margins} {case}", flush=True)
-        for name, m in margins.items():
-            if m >= worst.get((feature, name), (-1.0,))[0]:
-                worst[(feature, name)] = (m, i, case)
-    print(f"{len(indices)} cases, {past} past the rule or raising")
-    for (feature, name), (m, i, case) in sorted(worst.items()):
-        print(f"worst {feature} {name}: {m:.3f} case {i} {case}")
+    args = fuzzing.arguments(__doc__, FEATURES).parse_args()
+    fuzzing.walk(args, args.features or FEATURES, draw, run)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ rows far from zero against their spread (LayerNorm's cancellation), rows of
 one value, rows of very different sizes, wide ranges. Runs that op's own
 test check (tests/test_layer_norm.py, test_grouped_norm.py,
 test_rms_norm_gated.py), recording each output's error / the rule's bound
-(conftest.rule_margin; above 1 fails) rather than asserting, and prints each
+(fuzzing.margin; above 1 fails) rather than asserting, and prints each
 case past the rule or raising, then the worst margin of each op's outputs
 and its case. --case N reruns one case. As tests/attention_fuzz.py does for
 attention.
 """
-import argparse
 import math
 import os
-import random
 import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import conftest  # noqa: E402
+import fuzzing  # noqa: E402
 import test_grouped_norm  # noqa: E402
 import test_layer_norm  # noqa: E402
 import test_rms_norm_gated  # noqa: E402
@@ -142,65 +140,18 @@ FEATURES = list(RUNS)
 CUDA_FEATURES = ["norm"]  # the groups and the gated norm have Triton kernels only
 
 
-def margin(out, ref, pt):
-    """rule_margin, infinite where the NaN or infinity pattern differs from
-    the reference's; NaN where torch's own result is not finite where the
-    reference is (the rule cannot judge the case)."""
-    ref64, out64 = ref.double(), out.double()
-    finite = ref64.isfinite()
-    if not (torch.equal(out64.isnan(), ref64.isnan()) and torch.equal(out64[~finite], ref64[~finite])):
-        return math.inf
-    if not pt.double()[finite].isfinite().all():
-        return math.nan
-    return conftest.rule_margin(out, ref, pt)
-
-
 def run(feature, case, backend):
-    """{output: error / bound} of one case; a case that raises counts as
-    infinitely far."""
-    margins = {}
-
-    def record(out, ref, pt, name):
-        margins[name] = margin(out, ref, pt)
-    test_layer_norm.assert_close = test_grouped_norm.assert_close = test_rms_norm_gated.assert_close = record
-    try:
-        device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
-        RUNS[feature](backend, device, **case)
-    except Exception as e:  # noqa: BLE001 - a case that raises is a finding, reported with the case
-        margins["raised"] = math.inf
-        print(f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
-    return margins
+    device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+    return fuzzing.margins([test_layer_norm, test_grouped_norm, test_rms_norm_gated],
+                           lambda: RUNS[feature](backend, device, **case))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", type=int, default=60)
-    parser.add_argument("--case", type=int, help="run only this case of the seed")
-    parser.add_argument("--features", nargs="+", choices=FEATURES)
+    parser = fuzzing.arguments(__doc__, FEATURES)
     parser.add_argument("--backend", choices=["triton", "cuda"], default="triton")
     args = parser.parse_args()
     features = args.features or (CUDA_FEATURES if args.backend == "cuda" else FEATURES)
-    worst, past, unjudged = {}, 0, 0
-    indices = [args.case] if args.case is not None else range(args.cases)
-    for i in indices:
-        rng = random.Random(f"{args.seed}-{i}")
-        feature, case = draw(rng, features, args.backend)
-        torch.manual_seed(rng.randint(0, 2 ** 31))
-        margins = run(feature, case, args.backend)
-        if any(math.isnan(m) for m in margins.values()):
-            unjudged += 1
-            print(f"torch's own result not finite: case {i} {feature} {case}", flush=True)
-        margins = {name: m for name, m in margins.items() if not math.isnan(m)}
-        if max(margins.values(), default=0.0) > 1:
-            past += 1
-            print(f"past the rule: case {i} {feature} {margins} {case}", flush=True)
-        for name, m in margins.items():
-            if m >= worst.get((feature, name), (-1.0,))[0]:
-                worst[(feature, name)] = (m, i, case)
-    print(f"{len(indices)} cases, {past} past the rule or raising, {unjudged} with outputs the rule cannot judge")
-    for (feature, name), (m, i, case) in sorted(worst.items()):
-        print(f"worst {feature} {name}: {m:.3f} case {i} {case}")
+    fuzzing.walk(args, features, lambda rng, f: draw(rng, f, args.backend), lambda f, c: run(f, c, args.backend))
 
 
 if __name__ == "__main__":
