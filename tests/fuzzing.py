@@ -10,16 +10,16 @@ import conftest
 
 
 def margin(out, ref, pt) -> float:
-    """conftest.rule_margin (error / the rule's bound, above 1 fails),
-    infinite where the NaN or infinity pattern differs from the reference's,
-    NaN where torch's own result is not finite where the reference is (the
-    rule cannot judge the case)."""
+    """conftest.rule_margin (error / the rule's bound, above 1 fails); NaN
+    where torch's own result is not finite where the reference is (the rule
+    cannot judge the case: float16 parameters that overflow, say), else
+    infinite where the NaN or infinity pattern differs from the reference's."""
     ref64, out64 = ref.double(), out.double()
     finite = ref64.isfinite()
-    if not (torch.equal(out64.isnan(), ref64.isnan()) and torch.equal(out64[~finite], ref64[~finite])):
-        return math.inf
     if not pt.double()[finite].isfinite().all():
         return math.nan
+    if not (torch.equal(out64.isnan(), ref64.isnan()) and torch.equal(out64[~finite], ref64[~finite])):
+        return math.inf
     return conftest.rule_margin(out, ref, pt)
 
 

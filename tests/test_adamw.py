@@ -42,7 +42,13 @@ def test_steps_match_the_oracle(backend, dtype, options):
     grads = [[torch.randn(p.shape, device=device).to(dtype) if (i + j) % 5 else None for j, p in enumerate(start)]
              for i in range(steps)]  # some params have no grad on some steps
     lrs = [1e-2 * (1 - i / (2 * steps)) for i in range(steps)]
+    check_steps(backend, dtype, options, start, grads, lrs)
 
+
+def check_steps(backend, dtype, options, start, grads, lrs):
+    """Steps from the parameters `start` with grads[i] (None: no grad) at
+    lrs[i]: the parameters and moments within the rule of the float64 run,
+    step counts torch's."""
     ours = [p.clone() for p in start]
     opt = run(lambda g, **kw: pyext.optim.AdamW(g, backend=backend, **kw), ours, grads, lrs, **options)
     ref = [p.double() for p in start]
