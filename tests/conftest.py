@@ -42,6 +42,30 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import pyext  # noqa: E402
 from pyext import _backend  # noqa: E402
 
+
+def _interpret_float_arguments_as_float32():
+    """A GPU launch passes a kernel's Python float argument as float32; the
+    interpreter hands the kernel the Python float, so arithmetic on it runs
+    in float64 and hides what float32 does there (1.0 - beta2 from 0.9999
+    is 1.7e-4 off in float32). Here the interpreter passes it as a float32
+    scalar, as the GPU does (every Triton from 3.6 to 3.9 converts its
+    arguments in interpreter._implicit_cvt)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._implicit_cvt
+
+    def implicit_cvt(arg):
+        if type(arg) is float:
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return convert(arg)
+    interpreter._implicit_cvt = implicit_cvt
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpret_float_arguments_as_float32()
+
 MARGIN_LOG = os.environ.get("PYEXT_MARGIN_LOG")
 
 FLOOR = {
