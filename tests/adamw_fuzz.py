@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import conftest  # noqa: E402
 import fuzzing  # noqa: E402
 import test_adamw  # noqa: E402
 
@@ -64,14 +65,12 @@ def run_adamw(backend, device, dtype, shapes, param_size, grad_size, missing, ze
 
 
 def run(case, backend):
-    device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+    device = conftest.device_for(backend)
     return fuzzing.margins([test_adamw], lambda: run_adamw(backend, device, **case))
 
 
 def main():
-    parser = fuzzing.arguments(__doc__, FEATURES)
-    parser.add_argument("--backend", choices=["triton", "cuda"], default="triton")
-    args = parser.parse_args()
+    args = fuzzing.arguments(__doc__, FEATURES, backends=["triton", "cuda"]).parse_args()
     fuzzing.walk(args, FEATURES, draw, lambda feature, case: run(case, args.backend))
 
 

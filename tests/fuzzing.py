@@ -41,12 +41,16 @@ def margins(checking_modules, call) -> dict:
     return found
 
 
-def arguments(doc, features) -> argparse.ArgumentParser:
+def arguments(doc, features, backends=None) -> argparse.ArgumentParser:
+    """The fuzzers' options; --backend (the first of `backends` by default)
+    where a fuzzer runs more than one."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=60)
     parser.add_argument("--case", type=int, help="run only this case of the seed")
     parser.add_argument("--features", nargs="+", choices=features)
+    if backends:
+        parser.add_argument("--backend", choices=backends, default=backends[0])
     return parser
 
 

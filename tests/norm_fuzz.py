@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import conftest  # noqa: E402
 import fuzzing  # noqa: E402
 import test_grouped_norm  # noqa: E402
 import test_layer_norm  # noqa: E402
@@ -141,15 +142,13 @@ CUDA_FEATURES = ["norm"]  # the groups and the gated norm have Triton kernels on
 
 
 def run(feature, case, backend):
-    device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+    device = conftest.device_for(backend)
     return fuzzing.margins([test_layer_norm, test_grouped_norm, test_rms_norm_gated],
                            lambda: RUNS[feature](backend, device, **case))
 
 
 def main():
-    parser = fuzzing.arguments(__doc__, FEATURES)
-    parser.add_argument("--backend", choices=["triton", "cuda"], default="triton")
-    args = parser.parse_args()
+    args = fuzzing.arguments(__doc__, FEATURES, backends=["triton", "cuda"]).parse_args()
     features = args.features or (CUDA_FEATURES if args.backend == "cuda" else FEATURES)
     fuzzing.walk(args, features, lambda rng, f: draw(rng, f, args.backend), lambda f, c: run(f, c, args.backend))
 
