@@ -1,43 +1,13 @@
-// FlashAttention backward, first pass: delta_i = rowsum(dO_i * O_i) in fp32,
-// one warp per row of the contiguous (B * Hq * Sq, D) out and dout, 16-byte
-// loads (D is a multiple of 8).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "common/float_math.cuh"
-#include "common/vec.cuh"
-#include "flash_attention/flash_attention.h"
+// Host launcher of the backward's first pass, delta = rowsum(dO * O)
+// (flash_bwd_delta_kernel.cuh), for fp16 and bf16.
+#include "flash_attention/flash_bwd_delta_kernel.cuh"
 
 namespace pyext {
-namespace {
-
-constexpr int kRowsPerBlock = 4;
-
-template <typename T>
-__global__ void __launch_bounds__(32 * kRowsPerBlock) flash_bwd_delta_kernel(const FlashAttnParams p, int64_t rows) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
-  const T* o = static_cast<const T*>(p.out) + row * p.head_dim;
-  const T* dout = static_cast<const T*>(p.dout) + row * p.head_dim;
-  float sum = 0.f;
-  for (int c = lane * 8; c < p.head_dim; c += 32 * 8) {
-    const Vec<T, 8> a = load_vec<T, 8>(o + c), g = load_vec<T, 8>(dout + c);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sum += to_acc(a.v[i]) * to_acc(g.v[i]);
-  }
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
-  if (lane == 0) p.delta[row] = sum;
-}
-
-}  // namespace
 
 template <typename T>
 void flash_bwd_delta(const FlashAttnParams& p, cudaStream_t stream) {
-  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seq_q;
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  flash_bwd_delta_kernel<T><<<static_cast<unsigned>(blocks), 32 * kRowsPerBlock, 0, stream>>>(p, rows);
+  using Tr = FlashBwdDeltaTraits;
+  flash_bwd_delta_kernel<T><<<Tr::grid(p), Tr::kThreads, 0, stream>>>(p, Tr::rows(p));
 }
 
 template void flash_bwd_delta<__half>(const FlashAttnParams&, cudaStream_t);

@@ -27,6 +27,7 @@ struct FlashBwdDkDvTraits {
   static constexpr int kThreads = 128 * kSplit;
   // k, v; 2 x (q, dO) in T; 2 x (lse2, delta) in fp32
   static constexpr int kSmemBytes = (2 * kBlockN + 4 * kBlockM) * kSmemStride<kD> * 2 + 4 * kBlockM * 4;
+  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN); }
 };
 
 template <typename T, int kD>

@@ -20,6 +20,7 @@ struct FlashBwdDqTraits {
   static constexpr int kBlockN = kD <= 128 ? 64 : kD <= 192 ? 32 : 16;  // dq, s, dp stay in registers
   static constexpr int kThreads = 128;
   static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kSmemStride<kD> * 2;  // q, dO, 2 x (k, v)
+  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM); }
 };
 
 template <typename T, int kD>

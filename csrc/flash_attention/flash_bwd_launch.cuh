@@ -16,10 +16,8 @@ bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream) {
   auto dkdv = flash_bwd_dkdv_kernel<T, kD>;
   auto dq = flash_bwd_dq_kernel<T, kD>;
   if (!opt_in_smem(dkdv, KV::kSmemBytes) || !opt_in_smem(dq, Q::kSmemBytes)) return false;
-  const dim3 grid_kv(p.batch * p.heads_kv, (p.seq_k + KV::kBlockN - 1) / KV::kBlockN);
-  dkdv<<<grid_kv, KV::kThreads, KV::kSmemBytes, stream>>>(p);
-  const dim3 grid_q(p.batch * p.heads_q, (p.seq_q + Q::kBlockM - 1) / Q::kBlockM);
-  dq<<<grid_q, Q::kThreads, Q::kSmemBytes, stream>>>(p);
+  dkdv<<<KV::grid(p), KV::kThreads, KV::kSmemBytes, stream>>>(p);
+  dq<<<Q::grid(p), Q::kThreads, Q::kSmemBytes, stream>>>(p);
   return true;
 }
 

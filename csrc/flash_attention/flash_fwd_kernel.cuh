@@ -9,7 +9,6 @@
 
 #include <cmath>
 
-#include "common/launch.h"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_softmax.cuh"
 #include "flash_attention/flash_tile.cuh"
@@ -22,6 +21,7 @@ struct FlashFwdTraits {
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keeps o, s in registers and smem under 100 KB
   static constexpr int kThreads = 128;
   static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kSmemStride<kD> * 2;  // q, 2 x (k, v)
+  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM); }
 };
 
 template <typename T, int kD>
@@ -81,16 +81,6 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
   const int64_t row_base = int64_t(bh) * p.seq_q;
   softmax_finish(m, l, inv, p.lse + row_base, row, p.seq_q, lane);
   store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * d, o, row, p.seq_q, 0, d, inv, lane);
-}
-
-template <typename T, int kD>
-bool flash_fwd(const FlashAttnParams& p, cudaStream_t stream) {
-  using Tr = FlashFwdTraits<kD>;
-  auto kernel = flash_fwd_kernel<T, kD>;
-  if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
-  const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return true;
 }
 
 }  // namespace pyext
