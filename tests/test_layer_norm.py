@@ -222,6 +222,22 @@ def test_nan_stays_in_its_row(backend, kind, hidden):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden", [131, 65537])
+def test_a_row_of_one_value_gives_the_bias(backend, hidden):
+    """float32 rows each of one value, 3 + N times 1e-2 ... 1e3: x - mean
+    must be 0 exactly, as torch's Welford mean makes it, so y is the bias
+    exactly. A mean taken as sum(x) / n is an ulp of the value off, and
+    rstd = 1 / sqrt(eps) magnifies that (y ~1 off at 1e3 with eps 1e-6).
+    65537: the chunked kernels."""
+    device = device_for(backend)
+    values = (3 + torch.randn(6, 1)) * 10.0 ** torch.arange(-2, 4).view(6, 1)
+    x = values.expand(6, hidden).to(device).contiguous()
+    w, b = params("layer_norm", (hidden,), torch.float32, device)
+    y, *_ = check("layer_norm", backend, x, (hidden,), w, b, eps=1e-6)
+    assert torch.equal(y, b.expand_as(y))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm_default_eps_is_torchs(backend, dtype):
     # Tiny values: there eps decides the output. torch's eps=None is the

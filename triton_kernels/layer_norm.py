@@ -4,8 +4,11 @@ Rows of n = cols elements (cols = the product of normalized_shape); all math
 in fp32 (fp64 for fp64 input); mean and rstd saved in that type.
 
 Forward:
-  LayerNorm  mean = sum(x) / n,  var = sum((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
+  LayerNorm  mean = x0 + sum(x - x0) / n,  var = sum((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
              y = (x - mean) * rstd * w + b
+             x0 is the row's first element: a row of one value gets its value
+             as mean exactly (y = b, as torch's Welford update gives it), and
+             the sum does not round at the row's offset from zero.
   RMSNorm    rstd = 1 / sqrt(sum(x^2) / n + eps),  y = x * rstd * w
   Bytes: read x, write y (plus w, b and the per-row statistics).
 
@@ -92,7 +95,8 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
     if RMS:
         xc = x
     else:
-        mean = tl.sum(x, axis=1) / cols
+        x0 = to_compute(tl.load(x_ptr + row * cols, mask=row_mask, other=0.0))
+        mean = x0 + tl.sum(tl.where(mask, x - x0[:, None], 0.0), axis=1) / cols
         xc = tl.where(mask, x - mean[:, None], 0.0)
         tl.store(mean_ptr + row, mean, mask=row_mask)
     rstd = _rsqrt(tl.sum(xc * xc, axis=1) / cols + eps_high + eps_low)
@@ -118,11 +122,12 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
     if RMS:
         mean = 0.0
     else:
+        x0 = to_compute(tl.load(x_row))
         total = tl.zeros([BLOCK_N], acc_ty)
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
-            total += to_compute(tl.load(x_row + col, mask=col < cols, other=0.0))
-        mean = tl.sum(total, axis=0) / cols
+            total += tl.where(col < cols, to_compute(tl.load(x_row + col, mask=col < cols, other=0.0)) - x0, 0.0)
+        mean = x0 + tl.sum(total, axis=0) / cols
         tl.store(mean_ptr + row, mean)
     squares = tl.zeros([BLOCK_N], acc_ty)
     for start in range(0, cols, BLOCK_N):
