@@ -54,6 +54,7 @@ struct Block {
 };
 
 inline Block* g_block = nullptr;
+inline dim3 g_grid;
 inline Mode g_mode = Mode::eager;
 inline unsigned char* g_smem = nullptr;  // the block's dynamic shared memory
 inline size_t g_smem_bytes = 0;
@@ -169,6 +170,7 @@ std::string launch(dim3 grid, int threads, size_t smem_bytes, unsigned char* sme
   g_error.clear();
   g_smem = smem;
   g_smem_bytes = smem_bytes;
+  g_grid = grid;
   Launch<Kernel>::kernel = &kernel;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -180,7 +182,7 @@ std::string launch(dim3 grid, int threads, size_t smem_bytes, unsigned char* sme
         b.fibers = std::vector<Fiber>(threads);
         g_block = &b;
         for (auto& f : b.fibers) {
-          f.stack.resize(256 * 1024);
+          f.stack.resize(64 * 1024);
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
           f.ctx.uc_stack.ss_size = f.stack.size();
@@ -202,6 +204,8 @@ std::string launch(dim3 grid, int threads, size_t smem_bytes, unsigned char* sme
 #endif
 #define threadIdx (uint3{unsigned(::emu::tid()), 0u, 0u})
 #define blockIdx (::emu::g_block->index)
+#define gridDim (::emu::g_grid)
+#define blockDim (dim3(unsigned(::emu::g_block->threads)))
 #define __syncthreads() ::emu::syncthreads()
 
 template <typename T>

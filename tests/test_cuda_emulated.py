@@ -1,12 +1,13 @@
-"""The Stage 1 CUDA FlashAttention kernels (mma.sync, sm_80+), run on the CPU.
+"""CUDA kernels run on the CPU: the Stage 1 FlashAttention kernels (mma.sync,
+sm_80+) and the LayerNorm / RMSNorm forward.
 
-tests/cuda_emulation compiles the kernels' own source as host C++ with a
-stand-in for the PTX wrappers written from the PTX ISA, runs each thread of a
-block as a fiber, and launches them with the real launchers' grids and shared
-memory (see simt.h and common/mma.cuh there for what it checks and what it
-cannot). Out, lse, dq, dk and dv meet the rule as check_flash's do on a GPU;
-every output sits between guards that must come back untouched, and every
-copy must read inside its input. No GPU needed: g++ and the CUDA toolkit's
+tests/cuda_emulation compiles the kernels' own source as host C++ (with a
+stand-in for the PTX wrappers written from the PTX ISA), runs each thread of a
+block as a fiber, and launches them with the real launchers' grids, threads
+and shared memory (see simt.h and common/mma.cuh there for what it checks and
+what it cannot). Outputs meet the rule as the GPU tests' do; every output
+sits between guards that must come back untouched, and every attention copy
+must read inside its input. No GPU needed: g++ and the CUDA toolkit's
 headers (nvcc's own; the nvidia wheels lack crt/)."""
 import ctypes
 import fcntl
@@ -21,8 +22,9 @@ import tempfile
 import pytest
 import torch
 
+import test_layer_norm
 from attention_checks import assert_all_close, torch_attention
-from conftest import make_tensor
+from conftest import assert_close, make_tensor
 from pyext import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,30 +47,34 @@ def cuda_include_dir():
 
 
 def sources():
-    """What the emulator is built from: its own files and the kernels' folders."""
-    folders = [EMULATION, os.path.join(ROOT, "csrc", "flash_attention"), os.path.join(ROOT, "csrc", "common")]
-    return [f for d in folders for f in sorted(glob.glob(os.path.join(d, "**", "*.*"), recursive=True))]
+    """What the emulators are built from: their own files and csrc/."""
+    return [f for d in (EMULATION, os.path.join(ROOT, "csrc"))
+            for f in sorted(glob.glob(os.path.join(d, "**", "*.*"), recursive=True))]
 
 
-@pytest.fixture(scope="module")
-def emulator():
-    """The compiled emulator (tests/cuda_emulation), built once per source version (~15 s)."""
+def build(name):
+    """tests/cuda_emulation/<name>.cpp compiled and loaded, once per source version (~20 s)."""
     include, compiler = cuda_include_dir(), shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA toolkit's headers to compile the kernels as host code")
     digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources()) + include.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"pyext-cuda-emulation-{digest}.so")
+    path = os.path.join(tempfile.gettempdir(), f"pyext-{name}-{digest}.so")
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one builds, the others wait for it
         if not os.path.exists(path):
             partial = path + f".{os.getpid()}"
             out = subprocess.run([compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-attributes",
                                   "-Wno-unknown-pragmas", "-I", EMULATION, "-I", os.path.join(ROOT, "csrc"),
-                                  "-I", include, os.path.join(EMULATION, "flash_attention_emulated.cpp"),
-                                  "-o", partial], capture_output=True, text=True, timeout=600)
+                                  "-I", include, os.path.join(EMULATION, f"{name}.cpp"), "-o", partial],
+                                 capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stderr[-5000:]
             os.replace(partial, path)
-    lib = ctypes.CDLL(path)
+    return ctypes.CDLL(path)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    lib = build("flash_attention_emulated")
     for name in ("emulate_flash_fwd", "emulate_flash_bwd"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_char_p
@@ -179,3 +185,73 @@ def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal, mode):
     ref = run(lambda *a: reference.attention(*a[:3], scale=a[3], causal=a[4], causal_offset=a[5]), torch.float64)
     pt = run(torch_attention, dtype)
     assert_all_close(["out", "lse", "dq", "dk", "dv"], outs, ref, pt)
+
+
+class NormFwdParams(ctypes.Structure):
+    """csrc/layer_norm/layer_norm.h's struct, field for field."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "weight", "bias", "y", "mean", "rstd")]
+                + [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("eps", ctypes.c_double),
+                   ("rms", ctypes.c_bool)])
+
+
+NORM_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def norm_emulator():
+    lib = build("layer_norm_emulated")
+    lib.emulate_norm_fwd.restype = ctypes.c_char_p
+    lib.emulate_norm_fwd.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    assert lib.norm_fwd_params_size() == ctypes.sizeof(NormFwdParams)
+    return lib
+
+
+def emulated_norm(lib, kind, x, weight, bias, eps, mode):
+    """y, mean (None for RMSNorm) and rstd as norm_fwd writes them, x (rows, cols) contiguous."""
+    rows, cols = x.shape
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y, mean, rstd = guarded(x.shape, x.dtype), guarded((rows,), stat), guarded((rows,), stat)
+    p = NormFwdParams(x=x.data_ptr(), y=y[1].data_ptr(), rstd=rstd[1].data_ptr(), rows=rows, cols=cols, eps=eps,
+                      rms=kind == "rms_norm")
+    p.weight = weight.data_ptr() if weight is not None else None
+    p.bias = bias.data_ptr() if bias is not None else None
+    p.mean = mean[1].data_ptr() if kind == "layer_norm" else None
+    params_dtype = (weight if weight is not None else x).dtype
+    fault = lib.emulate_norm_fwd(ctypes.byref(p), NORM_DTYPES.index(x.dtype), NORM_DTYPES.index(params_dtype),
+                                 MODES.index(mode)).decode()
+    assert not fault, fault
+    for name, (buffer, _) in {"y": y, "mean": mean, "rstd": rstd}.items():
+        assert (buffer[:GUARD] == SENTINEL).all() and (buffer[-GUARD:] == SENTINEL).all(), \
+            f"{name}: a kernel wrote outside it"
+    return y[1], (mean[1] if kind == "layer_norm" else None), rstd[1]
+
+
+# Row lengths that take each of the forward's launches: one warp a row with
+# one vector or several, 64 ... 1024 threads a row, and the chunked kernel
+# (past 1024 threads of 16 fp32 / 32 fp16 elements); odd lengths take the
+# unvectorized kernels.
+NORM_HIDDEN = [1, 7, 64, 256, 1000, 1023, 4096, 8200, 16384 + 8, 40000]
+
+
+@pytest.mark.parametrize("mode", ["eager", "serial"])
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16, torch.float32),
+                                    (torch.float64,) * 2], ids=str)
+@pytest.mark.parametrize("hidden", NORM_HIDDEN)
+def test_norm_forward_matches_oracle(norm_emulator, hidden, dtypes, kind, mode):
+    """y against the float64 oracle by the rule, on 5 rows with a nonzero
+    mean; and rows of one value at 1e3 give the bias exactly (LayerNorm)."""
+    dtype, param_dtype = dtypes
+    x = test_layer_norm.inputs(5, hidden, dtype, "cpu")
+    x[3] = 1000.0 * (3 + torch.randn(()))
+    w, b = test_layer_norm.params(kind, (hidden,), param_dtype, "cpu")
+    eps = 1e-6
+    y, mean, rstd = emulated_norm(norm_emulator, kind, x, w, b, eps, mode)
+    fn = getattr(reference, kind)
+    args = (w.double(), b.double(), eps) if kind == "layer_norm" else (w.double(), eps)
+    ref = fn(x.double(), (hidden,), *args)
+    pt = fn(x, (hidden,), *((w, b, eps) if kind == "layer_norm" else (w, eps)))
+    assert_close(y, ref, pt, "y")
+    if kind == "layer_norm":
+        assert mean[3] == x[3, 0].to(mean.dtype) and torch.equal(y[3], b.to(dtype))
+
