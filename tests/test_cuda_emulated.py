@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import test_layer_norm
-from attention_checks import assert_all_close, torch_attention
-from conftest import assert_close, make_tensor
+from attention_checks import assert_all_close, qkv, torch_attention
+from conftest import assert_close
 from pyext import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -168,11 +168,7 @@ def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal, mode):
     """flash_attention's semantics (bottom-right causal, offset Sk - Sq); the
     inputs as (B, S, H, D) views for two of the modes, so strides are read."""
     b, hq, hk, sq, sk, d = shape
-    layout = "bshd" if mode != "eager" else "contiguous"
-    q = make_tensor((b, sq, hq, d), dtype, "cpu").transpose(1, 2) if layout == "bshd" else \
-        make_tensor((b, hq, sq, d), dtype, "cpu")
-    k, v = ((make_tensor((b, sk, hk, d), dtype, "cpu").transpose(1, 2) if layout == "bshd" else
-             make_tensor((b, hk, sk, d), dtype, "cpu")) for _ in range(2))
+    q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", "bshd" if mode != "eager" else "contiguous"))
     dout = torch.randn(b, hq, sq, d).to(dtype)
     scale, offset = d ** -0.5, sk - sq
     outs = emulated(emulator, q, k, v, dout, scale, causal, offset, mode)
