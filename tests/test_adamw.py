@@ -45,12 +45,14 @@ def test_steps_match_the_oracle(backend, dtype, options):
     check_steps(backend, dtype, options, start, grads, lrs)
 
 
-def check_steps(backend, dtype, options, start, grads, lrs):
+def check_steps(backend, dtype, options, start, grads, lrs, optimizer=None):
     """Steps from the parameters `start` with grads[i] (None: no grad) at
     lrs[i]: the parameters and moments within the rule of the float64 run,
-    step counts torch's."""
+    step counts torch's. `optimizer` (param groups, **options) makes ours
+    in place of pyext.optim.AdamW with `backend`."""
     ours = [p.clone() for p in start]
-    opt = run(lambda g, **kw: pyext.optim.AdamW(g, backend=backend, **kw), ours, grads, lrs, **options)
+    make = optimizer or (lambda g, **kw: pyext.optim.AdamW(g, backend=backend, **kw))
+    opt = run(make, ours, grads, lrs, **options)
     ref = [p.double() for p in start]
     ref_opt = run(lambda g, **kw: pyext.optim.AdamW(g, backend="torch", **kw), ref, grads, lrs, **options)
     # The yardstick: torch.optim.AdamW in the test dtype; but for float16 it

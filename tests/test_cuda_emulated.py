@@ -1,5 +1,5 @@
 """CUDA kernels run on the CPU: the Stage 1 FlashAttention kernels (mma.sync,
-sm_80+) and the LayerNorm / RMSNorm forward.
+sm_80+), the LayerNorm / RMSNorm forward and the fused AdamW.
 
 tests/cuda_emulation compiles the kernels' own source as host C++ (with a
 stand-in for the PTX wrappers written from the PTX ISA), runs each thread of a
@@ -12,6 +12,7 @@ headers (nvcc's own; the nvidia wheels lack crt/)."""
 import ctypes
 import fcntl
 import glob
+import functools
 import hashlib
 import os
 import re
@@ -22,6 +23,8 @@ import tempfile
 import pytest
 import torch
 
+import pyext
+import test_adamw
 import test_layer_norm
 from attention_checks import assert_all_close, qkv, torch_attention
 from conftest import assert_close
@@ -251,3 +254,98 @@ def test_norm_forward_matches_oracle(norm_emulator, hidden, dtypes, kind, mode):
     if kind == "layer_norm":
         assert mean[3] == x[3, 0].to(mean.dtype) and torch.equal(y[3], b.to(dtype))
 
+
+class AdamWTensorList(ctypes.Structure):
+    """csrc/adamw/adamw.h's struct, field for field."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                                "numel")] + [("count", ctypes.c_int)])
+
+
+class AdamWHyper(ctypes.Structure):
+    """csrc/adamw/adamw.h's struct, field for field."""
+    _fields_ = ([("steps", ctypes.c_void_p), ("lr", ctypes.c_float)]
+                + [(n, ctypes.c_void_p) for n in ("lr_ptr", "grad_scale", "found_inf")]
+                + [("beta1", ctypes.c_double), ("beta2", ctypes.c_double), ("eps", ctypes.c_float),
+                   ("weight_decay", ctypes.c_float), ("amsgrad", ctypes.c_bool), ("maximize", ctypes.c_bool)])
+
+
+ADAMW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def adamw_emulator():
+    lib = build("adamw_emulated")
+    lib.emulate_adamw_step.restype = ctypes.c_char_p
+    lib.emulate_adamw_step.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    assert lib.adamw_struct_sizes(0) == ctypes.sizeof(AdamWTensorList)
+    assert lib.adamw_struct_sizes(1) == ctypes.sizeof(AdamWHyper)
+    return lib
+
+
+def emulated_adamw_step(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
+                        beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    """The op adamw_step_cuda, its arguments as pyext.optim stages them, on the emulated kernel."""
+    n = len(params)
+    if n == 0:
+        return
+
+    def pointers(tensors):
+        return (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors] if tensors else [None] * n)
+    arrays = [pointers(params), pointers(grads), pointers(exp_avgs), pointers(exp_avg_sqs),
+              pointers(max_exp_avg_sqs if amsgrad else None)]
+    numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+    tensor_list = AdamWTensorList(*[ctypes.cast(a, ctypes.c_void_p) for a in arrays],
+                                  ctypes.cast(numel, ctypes.c_void_p), n)
+
+    def address(t):
+        return t.data_ptr() if t is not None else None
+    hyper = AdamWHyper(steps.data_ptr(), lr, address(lr_tensor), address(grad_scale), address(found_inf),
+                       beta1, beta2, eps, weight_decay, amsgrad, maximize)
+    fault = lib.emulate_adamw_step(ADAMW_DTYPES.index(params[0].dtype), ctypes.byref(tensor_list),
+                                   ctypes.byref(hyper)).decode()
+    assert not fault, fault
+
+
+class EmulatedAdamW(pyext.optim.AdamW):
+    """pyext.optim.AdamW with its kernel backend's staging (steps, lr, GradScaler
+    arguments, contiguous copies), stepping through the emulated CUDA kernel."""
+
+    def __init__(self, params, lib, **options):
+        super().__init__(params, backend="triton", **options)
+        self.lib = lib
+
+    def step(self, closure=None):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(pyext.optim, "_eager_step", lambda name, staged: functools.partial(emulated_adamw_step, self.lib))
+            return super().step(closure)
+
+
+@pytest.mark.parametrize("dtype", ADAMW_DTYPES, ids=str)
+@pytest.mark.parametrize("options", test_adamw.OPTIONS, ids=lambda o: "-".join(map(str, o)) or "defaults")
+def test_adamw_steps_match_the_oracle(adamw_emulator, dtype, options):
+    """test_adamw's step test (shapes from a scalar to 1025 elements, a 0-size
+    one, two param groups, a changing lr, params without grads) on the kernel;
+    1 - beta2 at 0.9999 with gradients of 1e3 besides."""
+    start = test_adamw.make_params(dtype, "cpu")
+    steps = 8
+    grads = [[torch.randn(p.shape).to(dtype) if (i + j) % 5 else None for j, p in enumerate(start)]
+             for i in range(steps)]
+    lrs = [1e-2 * (1 - i / (2 * steps)) for i in range(steps)]
+    ours = functools.partial(EmulatedAdamW, lib=adamw_emulator)
+    test_adamw.check_steps("cuda", dtype, options, start, grads, lrs, optimizer=ours)
+    if dtype == torch.float32 and not options:
+        grads = [[1e3 * torch.randn(p.shape) for p in start] for _ in range(3)]
+        test_adamw.check_steps("cuda", dtype, dict(betas=(0.99, 0.9999)), start, grads, [1e-2] * 3, optimizer=ours)
+
+
+@pytest.mark.parametrize("sizes,launches", [(list(range(1, 41)), 2), ([5, 3, 65536 * 320 + 7], 2)],
+                         ids=["40-tensors", "321-chunks"])
+def test_adamw_launches_split_where_tensors_or_blocks_run_out(adamw_emulator, sizes, launches):
+    """40 tensors (36 a launch); a tensor of 321 chunks of 65536 after two
+    small ones (320 blocks a launch: its last chunk goes on in a launch of
+    its own slot). Every element steps within the rule."""
+    start = [torch.randn(n) for n in sizes]
+    grads = [[torch.randn(n) for n in sizes] for _ in range(2)]
+    ours = functools.partial(EmulatedAdamW, lib=adamw_emulator)
+    test_adamw.check_steps("cuda", torch.float32, dict(weight_decay=0.1), start, grads, [1e-2] * 2, optimizer=ours)
+    assert adamw_emulator.adamw_launch_count() == launches
