@@ -421,7 +421,11 @@ def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
     step with an inf gradient changes nothing and is not counted, the others
     equal torch's AdamW run on the unscaled gradients (reference: the same in
     float64)."""
-    device = device_for(backend)
+    check_grad_scaler(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend=backend), device_for(backend))
+
+
+def check_grad_scaler(make_ours, device):
+    """The GradScaler test's body; make_ours(params) gives our optimizer at lr 1e-2."""
     torch.manual_seed(0)
     start = torch.nn.Linear(8, 8).to(device)
     inputs = [torch.randn(4, 8, device=device) for _ in range(4)]
@@ -441,7 +445,7 @@ def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
         assert [float(opt.state[p]["step"]) for p in model.parameters()] == [len(inputs) - 1] * 2
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-    ours = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend=backend), torch.float32)
+    ours = train(make_ours, torch.float32)
     ref = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend="torch"), torch.float64)
     pt = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), torch.float32)
     assert_close(ours, ref, pt, "params")

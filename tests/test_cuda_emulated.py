@@ -349,3 +349,10 @@ def test_adamw_launches_split_where_tensors_or_blocks_run_out(adamw_emulator, si
     ours = functools.partial(EmulatedAdamW, lib=adamw_emulator)
     test_adamw.check_steps("cuda", torch.float32, dict(weight_decay=0.1), start, grads, [1e-2] * 2, optimizer=ours)
     assert adamw_emulator.adamw_launch_count() == launches
+
+
+def test_adamw_grad_scaler_skips_the_step_with_inf(adamw_emulator):
+    """GradScaler's scale and found_inf, read by the kernel from memory: the
+    step with an inf gradient writes nothing, the others unscale (test_adamw's
+    GradScaler check)."""
+    test_adamw.check_grad_scaler(lambda ps: EmulatedAdamW(ps, adamw_emulator, lr=1e-2), torch.device("cpu"))
