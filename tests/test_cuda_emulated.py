@@ -163,18 +163,14 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal, mode):
-    """flash_attention's semantics (bottom-right causal, offset Sk - Sq); the
-    inputs as (B, S, H, D) views for two of the modes, so strides are read."""
+def check_stage1(lib, shape, dtype, causal, mode, layout):
+    """flash_attention's semantics (bottom-right causal, offset Sk - Sq):
+    out, lse, dq, dk, dv of the emulated kernels by the rule."""
     b, hq, hk, sq, sk, d = shape
-    q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", "bshd" if mode != "eager" else "contiguous"))
+    q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
     dout = torch.randn(b, hq, sq, d).to(dtype)
     scale, offset = d ** -0.5, sk - sq
-    outs = emulated(emulator, q, k, v, dout, scale, causal, offset, mode)
+    outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode)
 
     def run(attention, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -184,6 +180,24 @@ def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal, mode):
     ref = run(lambda *a: reference.attention(*a[:3], scale=a[3], causal=a[4], causal_offset=a[5]), torch.float64)
     pt = run(torch_attention, dtype)
     assert_all_close(["out", "lse", "dq", "dk", "dv"], outs, ref, pt)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal):
+    check_stage1(emulator, shape, dtype, causal, "eager", "contiguous")
+
+
+@pytest.mark.parametrize("mode", ["lazy", "serial"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5]], ids=str)
+def test_stage1_kernels_under_other_schedules(emulator, shape, causal, mode):
+    """Copies landing only at their wait, or each warp run alone to its next
+    barrier (what shows a missing __syncthreads or cp.async wait), on the
+    shapes with the most key tiles and the 8-warp dK/dV; inputs as (B, S, H,
+    D) views, so strides are read."""
+    check_stage1(emulator, shape, torch.bfloat16, causal, mode, "bshd")
 
 
 class NormFwdParams(ctypes.Structure):
