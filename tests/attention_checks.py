@@ -82,9 +82,13 @@ def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
                                      deterministic=deterministic, backend=backend)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    offset = k.shape[2] - q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    assert_flash_close([out, lse, *grads], q, k, v, dout, scale, causal, k.shape[2] - q.shape[2])
 
+
+def assert_flash_close(outs, q, k, v, dout, scale, causal, offset):
+    """outs = out, lse, dq, dk, dv of flash attention (bottom-right causal at
+    `offset`) against the float64 oracle, PyTorch's own in q's dtype the yardstick."""
     def run(attention, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         o, lse = attention(*leaves, scale, causal, offset)
@@ -92,7 +96,7 @@ def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
 
     ref = run(lambda *a: reference.attention(*a[:3], scale=a[3], causal=a[4], causal_offset=a[5]), torch.float64)
     pt = run(torch_attention, q.dtype)
-    assert_all_close(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads], ref, pt)
+    assert_all_close(["out", "lse", "dq", "dk", "dv"], outs, ref, pt)
 
 
 def assert_all_close(names, outs, refs, pts):
