@@ -72,6 +72,9 @@ def build(name):
                                  capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stderr[-5000:]
             os.replace(partial, path)
+            for stale in glob.glob(os.path.join(tempfile.gettempdir(), f"pyext-{name}-*.so*")):
+                if not stale.startswith(path):  # builds of older sources
+                    os.remove(stale)
     return ctypes.CDLL(path)
 
 
