@@ -1,0 +1,271 @@
+// LayerNorm and RMSNorm backward kernels on rows of n = cols elements, and
+// bwd_launches, which picks and orders them (layer_norm_bwd.cu launches them;
+// host code can include this file: tests/cuda_emulation). Arithmetic in
+// A = fp32 (fp64 for fp64 input). Layout of a row over threads: layer_norm_rows.cuh.
+//
+// Backward, with xhat = (x - mean) * rstd and g = dy * w (g = dy without w):
+//   dbias   = sum over rows of dy,   dweight = sum over rows of dy * xhat
+//   LayerNorm  d xhat_i / d x_j = rstd * (delta_ij - 1/n - xhat_i * xhat_j / n), so
+//              dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+//   RMSNorm    xhat = x * rstd,  d xhat_i / d x_j = rstd * (delta_ij - xhat_i * xhat_j / n):
+//              dx = rstd * (g - xhat * mean(g * xhat))
+//   Bytes: read x and dy, write dx, once each, plus the per-row statistics and
+//   w; dweight/dbias cost one row of partial sums per block (written, then
+//   read once by stage two), small next to x, dy and dx once rows >> blocks.
+//
+// dweight and dbias are reduced in two stages without atomics: each block of
+// stage one keeps its columns' sums in registers over the rows it owns and
+// writes one row of partials; stage two adds the partial rows in a fixed order.
+// Same grid, same order, same bits on every run.
+#pragma once
+
+#include "layer_norm/layer_norm.h"
+
+#include "common/float_math.cuh"
+#include "common/grid.h"
+#include "common/group_reduce.cuh"
+#include "common/vec.cuh"
+#include "common/vec_acc.cuh"
+#include "layer_norm/layer_norm_rows.cuh"
+
+namespace pyext {
+namespace norm {
+
+// One block's partial column sums -> its row of `partial` (A, (grid, cols)).
+// Several row groups per block: summed through shared memory, groups in order.
+template <int TPR, int VEC, int VPT, int ROWS, typename A>
+__device__ __forceinline__ void write_partial(const A (&acc)[VPT][VEC], A* partial_row, A* combine,
+                                              int lane, int group, int64_t cols) {
+  if constexpr (ROWS == 1) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t col = (int64_t(i) * TPR + lane) * VEC;
+      if (col < cols) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) partial_row[col + j] = acc[i][j];
+      }
+    }
+  } else {
+    constexpr int kCap = TPR * VPT * VEC;  // the columns one group covers
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) combine[group * kCap + (i * TPR + lane) * VEC + j] = acc[i][j];
+    __syncthreads();
+    const int limit = cols < kCap ? int(cols) : kCap;
+    for (int c = threadIdx.x; c < limit; c += blockDim.x) {
+      A s = combine[c];
+      for (int r = 1; r < ROWS; ++r) s += combine[r * kCap + c];
+      partial_row[c] = s;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, typename W, int TPR, int VEC, int VPT>
+__global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBwdParams p) {
+  using A = acc_t<T>;
+  constexpr int kThreads = kBwdThreads<TPR>;
+  constexpr int kRows = kThreads / TPR;
+  __shared__ A scratch[kThreads / 32 * 2];
+  __shared__ A combine[kRows > 1 ? kThreads * VPT * VEC : 1];
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const W* w = static_cast<const W*>(p.weight);
+  T* dx = static_cast<T*>(p.dx);
+  const int lane = threadIdx.x % TPR;
+  const int group = threadIdx.x / TPR;
+  const int64_t cols = p.cols;
+  const A n = A(cols);
+
+  A dw[VPT][VEC], db[VPT][VEC];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    fill(dw[i], A(0));
+    fill(db[i], A(0));
+  }
+  for (int64_t base = int64_t(blockIdx.x) * kRows; base < p.rows; base += int64_t(gridDim.x) * kRows) {
+    const int64_t row = base + group;
+    const bool active = row < p.rows;
+    const int64_t offset = row * cols;
+    const A mean = active && !p.rms ? static_cast<const A*>(p.mean)[row] : A(0);
+    const A rstd = active ? static_cast<const A*>(p.rstd)[row] : A(0);
+    A xhat[VPT][VEC], g[VPT][VEC];
+    bool valid[VPT];
+    A sums[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t col = (int64_t(i) * TPR + lane) * VEC;
+      valid[i] = active && col < cols;
+      if (!valid[i]) {
+        fill(xhat[i], A(0));
+        fill(g[i], A(0));
+        continue;
+      }
+      A grad[VEC], param[VEC];
+      load_to_acc<T, VEC>(x + offset + col, xhat[i]);
+      load_to_acc<T, VEC>(dy + offset + col, grad);
+      if (w) load_to_acc<W, VEC>(w + col, param);
+      else fill(param, A(1));
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xhat[i][j] = (xhat[i][j] - mean) * rstd;
+        g[i][j] = grad[j] * param[j];
+        dw[i][j] += grad[j] * xhat[i][j];
+        db[i][j] += grad[j];
+        sums[0] += g[i][j];
+        sums[1] += g[i][j] * xhat[i][j];
+      }
+    }
+    group_sum<TPR>(sums, scratch);
+    const A mean_g = p.rms ? A(0) : sums[0] / n;
+    const A mean_gx = sums[1] / n;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if (!valid[i]) continue;
+      const int64_t col = (int64_t(i) * TPR + lane) * VEC;
+      A out[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = rstd * (g[i][j] - mean_g - xhat[i][j] * mean_gx);
+      store_from_acc<T, VEC>(dx + offset + col, out);
+    }
+  }
+  if (p.dweight_partial)
+    write_partial<TPR, VEC, VPT, kRows>(dw, static_cast<A*>(p.dweight_partial) + blockIdx.x * cols,
+                                        combine, lane, group, cols);
+  if (p.dbias_partial)
+    write_partial<TPR, VEC, VPT, kRows>(db, static_cast<A*>(p.dbias_partial) + blockIdx.x * cols,
+                                        combine, lane, group, cols);
+}
+
+// One row per block at a time, looping over it: x and dy read twice (the
+// sums, then dx). Each thread owns the same columns on every row, so it adds
+// into its block's row of partials in global memory with no race.
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const NormBwdParams p) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kChunkThreads / 32 * 2];
+  const W* w = static_cast<const W*>(p.weight);
+  const int64_t cols = p.cols;
+  const A n = A(cols);
+  const int64_t first = int64_t(threadIdx.x) * VEC;
+  constexpr int64_t kStep = int64_t(kChunkThreads) * VEC;
+  A* dw = p.dweight_partial ? static_cast<A*>(p.dweight_partial) + blockIdx.x * cols : nullptr;
+  A* db = p.dbias_partial ? static_cast<A*>(p.dbias_partial) + blockIdx.x * cols : nullptr;
+
+  bool first_row = true;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, first_row = false) {
+    const T* x = static_cast<const T*>(p.x) + row * cols;
+    const T* dy = static_cast<const T*>(p.dy) + row * cols;
+    T* dx = static_cast<T*>(p.dx) + row * cols;
+    const A mean = p.rms ? A(0) : static_cast<const A*>(p.mean)[row];
+    const A rstd = static_cast<const A*>(p.rstd)[row];
+    A xhat[VEC], grad[VEC], param[VEC];
+    A sums[2] = {A(0), A(0)};
+    for (int64_t col = first; col < cols; col += kStep) {
+      load_to_acc<T, VEC>(x + col, xhat);
+      load_to_acc<T, VEC>(dy + col, grad);
+      if (w) load_to_acc<W, VEC>(w + col, param);
+      else fill(param, A(1));
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A g = grad[j] * param[j];
+        sums[0] += g;
+        sums[1] += g * (xhat[j] - mean) * rstd;
+      }
+    }
+    group_sum<kChunkThreads>(sums, scratch);
+    const A mean_g = p.rms ? A(0) : sums[0] / n;
+    const A mean_gx = sums[1] / n;
+    for (int64_t col = first; col < cols; col += kStep) {
+      load_to_acc<T, VEC>(x + col, xhat);
+      load_to_acc<T, VEC>(dy + col, grad);
+      if (w) load_to_acc<W, VEC>(w + col, param);
+      else fill(param, A(1));
+      A out[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xhat[j] = (xhat[j] - mean) * rstd;
+        out[j] = rstd * (grad[j] * param[j] - mean_g - xhat[j] * mean_gx);
+        if (dw) dw[col + j] = (first_row ? A(0) : dw[col + j]) + grad[j] * xhat[j];
+        if (db) db[col + j] = (first_row ? A(0) : db[col + j]) + grad[j];
+      }
+      store_from_acc<T, VEC>(dx + col, out);
+    }
+  }
+}
+
+// Stage two: out[c] = sum over g of partial[g][c], g in a fixed order per
+// (column, slice), slices added in order. Blocks of 32 columns x 16 slices.
+constexpr int kSumCols = 32;
+constexpr int kSumSlices = 16;
+
+template <typename A, typename W>
+__global__ void __launch_bounds__(kSumCols * kSumSlices)
+    sum_partials_kernel(const A* partial, W* out, int parts, int64_t cols) {
+  __shared__ A slice_sums[kSumSlices][kSumCols + 1];
+  const int64_t col = int64_t(blockIdx.x) * kSumCols + threadIdx.x;
+  A s = A(0);
+  if (col < cols)
+    for (int g = threadIdx.y; g < parts; g += kSumSlices) s += partial[int64_t(g) * cols + col];
+  slice_sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    A total = slice_sums[0][threadIdx.x];
+    for (int y = 1; y < kSumSlices; ++y) total += slice_sums[y][threadIdx.x];
+    out[col] = from_acc<W>(total);
+  }
+}
+
+// Calls f(kernel, threads, blocks needed) for the backward that fits p.
+template <typename T, typename W, int VEC, typename F>
+void with_bwd_kernel(const NormBwdParams& p, F&& f) {
+  with_row_config<VEC, kElemsPerThread<acc_t<T>>, kBwdMaxTpr>(p.cols, [&](auto tpr, auto vpt) {
+    constexpr int TPR = decltype(tpr)::value;
+    constexpr int VPT = decltype(vpt)::value;
+    if constexpr (TPR == 0) {
+      f(norm_bwd_chunked_kernel<T, W, VEC>, kChunkThreads, p.rows);
+    } else {
+      constexpr int threads = kBwdThreads<TPR>;
+      f(norm_bwd_kernel<T, W, TPR, VEC, VPT>, threads, ceil_div(p.rows, threads / TPR));
+    }
+  });
+}
+
+template <typename T>
+bool bwd_vectorizable(const NormBwdParams& p) {
+  return vectorizable<T>(p.cols, p.x, p.dy, p.dx, p.weight);
+}
+
+// Rows of partial sums the backward needs: its stage-one grid, as many blocks
+// as are resident at once, at most the blocks its rows fill.
+template <typename T, typename W>
+int bwd_partial_rows(const NormBwdParams& p) {
+  int grid = 0;
+  auto plan = [&](auto kernel, int threads, int64_t blocks) { grid = resident_blocks(kernel, threads, blocks); };
+  if (bwd_vectorizable<T>(p)) with_bwd_kernel<T, W, kVec16<T>>(p, plan);
+  else with_bwd_kernel<T, W, 1>(p, plan);
+  return grid;
+}
+
+// Calls launch(kernel, grid, block, args...) for each launch of the backward,
+// in order: stage one on exactly p.partial_rows blocks (stage two reads every
+// partial row), then stage two for dweight and for dbias where wanted.
+template <typename T, typename W, typename F>
+void bwd_launches(const NormBwdParams& p, F&& launch) {
+  using A = acc_t<T>;
+  auto stage_one = [&](auto kernel, int threads, int64_t) { launch(kernel, dim3(p.partial_rows), dim3(threads), p); };
+  if (bwd_vectorizable<T>(p)) with_bwd_kernel<T, W, kVec16<T>>(p, stage_one);
+  else with_bwd_kernel<T, W, 1>(p, stage_one);
+  const dim3 grid(grid_limit(ceil_div(p.cols, kSumCols)));
+  const dim3 block(kSumCols, kSumSlices);
+  if (p.dweight)
+    launch(sum_partials_kernel<A, W>, grid, block, static_cast<const A*>(p.dweight_partial),
+           static_cast<W*>(p.dweight), p.partial_rows, p.cols);
+  if (p.dbias)
+    launch(sum_partials_kernel<A, W>, grid, block, static_cast<const A*>(p.dbias_partial),
+           static_cast<W*>(p.dbias), p.partial_rows, p.cols);
+}
+
+}  // namespace norm
+}  // namespace pyext
