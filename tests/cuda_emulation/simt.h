@@ -37,7 +37,6 @@ struct Copy {
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
   enum { running, at_block_barrier, at_warp_barrier, done } state = running;
   std::vector<std::vector<Copy>> committed_copies;  // oldest group first
   std::vector<Copy> open_copies;
@@ -45,6 +44,7 @@ struct Fiber {
 
 struct Block {
   uint3 index;
+  dim3 dims;  // threads: x fastest, warps of 32 consecutive threads as on a GPU
   int threads = 0;
   int current = -1;  // the fiber running now
   std::vector<Fiber> fibers;
@@ -58,12 +58,19 @@ inline Mode g_mode = Mode::eager;
 inline unsigned char* g_smem = nullptr;  // the block's dynamic shared memory
 inline size_t g_smem_bytes = 0;
 inline std::string g_error;  // the first fault found in the running launch
+inline std::vector<std::vector<char>> g_stacks;  // one a thread, kept from launch to launch
 
 inline void fault(const std::string& what) {
   if (g_error.empty()) g_error = what;
 }
 
 inline int tid() { return g_block->current; }
+
+inline uint3 thread_index() {
+  const dim3 d = g_block->dims;
+  const unsigned t = unsigned(tid());
+  return {t % d.x, t / d.x % d.y, t / (d.x * d.y)};
+}
 
 inline void wait_as(decltype(Fiber::state) state) {
   Fiber& f = g_block->fibers[tid()];
@@ -161,30 +168,34 @@ inline void run_block(Block& b) {
 }
 
 // Runs kernel() (a lambda calling the __global__ function) on a grid of
-// `grid` blocks of `threads` threads with `smem_bytes` of dynamic shared
+// `grid` blocks of `block` threads with `smem_bytes` of dynamic shared
 // memory at `smem` (what the kernel's `extern __shared__` array names); the
 // returned string names the first fault, empty if none.
 template <typename Kernel>
-std::string launch(dim3 grid, int threads, size_t smem_bytes, unsigned char* smem, const Kernel& kernel) {
+std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned char* smem, const Kernel& kernel) {
+  constexpr size_t kStack = 64 * 1024;
   g_error.clear();
   g_smem = smem;
   g_smem_bytes = smem_bytes;
   g_grid = grid;
   Launch<Kernel>::kernel = &kernel;
+  const int threads = int(block.x * block.y * block.z);
+  if (g_stacks.size() < size_t(threads)) g_stacks.resize(threads, std::vector<char>(kStack));
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x && g_error.empty(); ++x) {
         std::memset(g_smem, 0xff, smem_bytes);  // NaN in every float type
         Block b;
         b.index = {x, y, z};
+        b.dims = block;
         b.threads = threads;
         b.fibers = std::vector<Fiber>(threads);
         g_block = &b;
-        for (auto& f : b.fibers) {
-          f.stack.resize(64 * 1024);
+        for (int t = 0; t < threads; ++t) {
+          Fiber& f = b.fibers[t];
           getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_stack.ss_sp = g_stacks[t].data();
+          f.ctx.uc_stack.ss_size = kStack;
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, &Launch<Kernel>::start, 0);
         }
@@ -201,10 +212,10 @@ std::string launch(dim3 grid, int threads, size_t smem_bytes, unsigned char* sme
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
-#define threadIdx (uint3{unsigned(::emu::tid()), 0u, 0u})
+#define threadIdx (::emu::thread_index())
 #define blockIdx (::emu::g_block->index)
 #define gridDim (::emu::g_grid)
-#define blockDim (dim3(unsigned(::emu::g_block->threads)))
+#define blockDim (::emu::g_block->dims)
 #define __syncthreads() ::emu::syncthreads()
 
 template <typename T>
