@@ -1,5 +1,5 @@
 """CUDA kernels run on the CPU: the Stage 1 FlashAttention kernels (mma.sync,
-sm_80+), the LayerNorm / RMSNorm forward and the fused AdamW.
+sm_80+), the LayerNorm / RMSNorm forward and backward and the fused AdamW.
 
 tests/cuda_emulation compiles the kernels' own source as host C++ (with a
 stand-in for the PTX wrappers written from the PTX ISA), runs each thread of a
@@ -56,20 +56,21 @@ def sources():
 
 
 def build(name):
-    """tests/cuda_emulation/<name>.cpp compiled and loaded, once per source version (~20 s)."""
+    """tests/cuda_emulation/<name>.cpp compiled and loaded, once per version of the sources and command (~20 s)."""
     include, compiler = cuda_include_dir(), shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA toolkit's headers to compile the kernels as host code")
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources()) + include.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"pyext-{name}-{digest}.so")
+    # -Bsymbolic: the library's own stand-ins for CUDA runtime calls (runtime.h), not a libcudart torch loaded
+    command = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wl,-Bsymbolic", "-Wno-attributes",
+               "-Wno-unknown-pragmas", "-I", EMULATION, "-I", os.path.join(ROOT, "csrc"), "-I", include,
+               os.path.join(EMULATION, f"{name}.cpp")]
+    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources()) + " ".join(command).encode())
+    path = os.path.join(tempfile.gettempdir(), f"pyext-{name}-{digest.hexdigest()[:16]}.so")
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one builds, the others wait for it
         if not os.path.exists(path):
             partial = path + f".{os.getpid()}"
-            out = subprocess.run([compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-attributes",
-                                  "-Wno-unknown-pragmas", "-I", EMULATION, "-I", os.path.join(ROOT, "csrc"),
-                                  "-I", include, os.path.join(EMULATION, f"{name}.cpp"), "-o", partial],
-                                 capture_output=True, text=True, timeout=600)
+            out = subprocess.run(command + ["-o", partial], capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stderr[-5000:]
             os.replace(partial, path)
             for stale in glob.glob(os.path.join(tempfile.gettempdir(), f"pyext-{name}-*.so*")):
@@ -207,6 +208,14 @@ class NormFwdParams(ctypes.Structure):
                    ("rms", ctypes.c_bool)])
 
 
+class NormBwdParams(ctypes.Structure):
+    """csrc/layer_norm/layer_norm.h's struct, field for field."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("dy", "x", "mean", "rstd", "weight", "dx", "dweight_partial",
+                                                "dbias_partial", "dweight", "dbias")]
+                + [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("partial_rows", ctypes.c_int),
+                   ("rms", ctypes.c_bool)])
+
+
 NORM_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -215,8 +224,22 @@ def norm_emulator():
     lib = build("layer_norm_emulated")
     lib.emulate_norm_fwd.restype = ctypes.c_char_p
     lib.emulate_norm_fwd.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    assert lib.norm_fwd_params_size() == ctypes.sizeof(NormFwdParams)
+    lib.emulate_norm_bwd.restype = ctypes.c_char_p
+    lib.emulate_norm_bwd.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_bool,
+                                     ctypes.c_int]
+    assert lib.norm_params_size(0) == ctypes.sizeof(NormFwdParams)
+    assert lib.norm_params_size(1) == ctypes.sizeof(NormBwdParams)
     return lib
+
+
+def address(t):
+    return t.data_ptr() if t is not None else None
+
+
+def norm_dtypes(x, *params):
+    """The dtype codes of x and of its parameters (x's when it has none)."""
+    param_dtype = next((t.dtype for t in params if t is not None), x.dtype)
+    return NORM_DTYPES.index(x.dtype), NORM_DTYPES.index(param_dtype)
 
 
 def emulated_norm(lib, kind, x, weight, bias, eps, mode):
@@ -224,17 +247,62 @@ def emulated_norm(lib, kind, x, weight, bias, eps, mode):
     rows, cols = x.shape
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     y, mean, rstd = guarded(x.shape, x.dtype), guarded((rows,), stat), guarded((rows,), stat)
-    p = NormFwdParams(x=x.data_ptr(), y=y[1].data_ptr(), rstd=rstd[1].data_ptr(), rows=rows, cols=cols, eps=eps,
-                      rms=kind == "rms_norm")
-    p.weight = weight.data_ptr() if weight is not None else None
-    p.bias = bias.data_ptr() if bias is not None else None
+    p = NormFwdParams(x=x.data_ptr(), weight=address(weight), bias=address(bias), y=y[1].data_ptr(),
+                      rstd=rstd[1].data_ptr(), rows=rows, cols=cols, eps=eps, rms=kind == "rms_norm")
     p.mean = mean[1].data_ptr() if kind == "layer_norm" else None
-    params_dtype = (weight if weight is not None else x).dtype
-    fault = lib.emulate_norm_fwd(ctypes.byref(p), NORM_DTYPES.index(x.dtype), NORM_DTYPES.index(params_dtype),
-                                 MODES.index(mode)).decode()
+    fault = lib.emulate_norm_fwd(ctypes.byref(p), *norm_dtypes(x, weight, bias), MODES.index(mode)).decode()
     assert not fault, fault
     assert_guards_untouched({"y": y, "mean": mean, "rstd": rstd})
     return y[1], (mean[1] if kind == "layer_norm" else None), rstd[1]
+
+
+def emulated_norm_bwd(lib, dy, x, mean, rstd, weight, bias, mode, sms):
+    """dx, dweight, dbias (None where there is no parameter) as norm_bwd gives
+    them on a GPU of `sms` multiprocessors; the partial sums NaN-poisoned, so
+    stage two reading a row stage one did not write shows."""
+    rows, cols = x.shape
+    dtypes = norm_dtypes(x, weight, bias)
+    p = NormBwdParams(dy=dy.data_ptr(), x=x.data_ptr(), mean=address(mean), rstd=rstd.data_ptr(),
+                      weight=address(weight), rows=rows, cols=cols, rms=mean is None)
+    fault = lib.emulate_norm_bwd(ctypes.byref(p), *dtypes, MODES.index(mode), True, sms).decode()
+    assert not fault, fault
+    outputs = {"dx": guarded(x.shape, x.dtype)}
+    p.dx = outputs["dx"][1].data_ptr()
+    for name, param in (("dweight", weight), ("dbias", bias)):
+        if param is not None:
+            outputs[name] = guarded((cols,), param.dtype)
+            outputs[name + "_partial"] = guarded((p.partial_rows, cols), rstd.dtype)
+            setattr(p, name, outputs[name][1].data_ptr())
+            setattr(p, name + "_partial", outputs[name + "_partial"][1].data_ptr())
+    fault = lib.emulate_norm_bwd(ctypes.byref(p), *dtypes, MODES.index(mode), False, sms).decode()
+    assert not fault, fault
+    assert_guards_untouched(outputs)
+    return [outputs[n][1] if n in outputs else None for n in ("dx", "dweight", "dbias")]
+
+
+class EmulatedNorm(torch.autograd.Function):
+    """layer_norm (bias may be None) or rms_norm (mean is None) over the last
+    dim of a contiguous 2-D x, forward and backward on the emulated kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, kind, lib, mode, sms):
+        y, mean, rstd = emulated_norm(lib, kind, x, weight, bias, eps, mode)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.lib, ctx.mode, ctx.sms = lib, mode, sms
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grads = emulated_norm_bwd(ctx.lib, dy.contiguous(), x, mean, rstd, weight, bias, ctx.mode, ctx.sms)
+        return (*grads, None, None, None, None, None)
+
+
+def emulated_norm_fn(kind, lib, mode, sms):
+    """EmulatedNorm called as F.layer_norm / F.rms_norm are (for test_layer_norm.check)."""
+    if kind == "layer_norm":
+        return lambda x, shape, w, b, eps: EmulatedNorm.apply(x, w, b, eps, kind, lib, mode, sms)
+    return lambda x, shape, w, eps: EmulatedNorm.apply(x, w, None, eps, kind, lib, mode, sms)
 
 
 # Row lengths that take each of the forward's launches: one warp a row with
@@ -265,6 +333,42 @@ def test_norm_forward_matches_oracle(norm_emulator, hidden, dtypes, kind, mode):
     assert_close(y, ref, pt, "y")
     if kind == "layer_norm":
         assert mean[3] == x[3, 0].to(mean.dtype) and torch.equal(y[3], b.to(dtype))
+
+
+# Row lengths that take each of the backward's launches (16 fp32 or 8 fp64
+# elements a thread): 32 threads a row (16 rows a block, their partial sums
+# added in shared memory) with one vector or several, 64 ... 512 threads a
+# row (one row a block at 512, fp32 5000 and fp64 3000 not filling it), and
+# the chunked kernel past 8192 (fp32) or 4096 (fp64) elements.
+NORM_BWD_HIDDEN = [1, 7, 64, 1000, 1023, 2000, 3000, 5000, 8192, 8200, 12345]
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16, torch.float32),
+                                    (torch.float64,) * 2], ids=str)
+@pytest.mark.parametrize("hidden", NORM_BWD_HIDDEN)
+def test_norm_backward_matches_oracle(norm_emulator, hidden, dtypes, kind):
+    """y, dx, dweight, dbias by the rule (test_layer_norm.check) on 37 rows
+    and a GPU of 2 multiprocessors: stage one's blocks loop over the rows,
+    the last row group partly past the end."""
+    dtype, param_dtype = dtypes
+    x = test_layer_norm.inputs(37, hidden, dtype, "cpu")
+    w, b = test_layer_norm.params(kind, (hidden,), param_dtype, "cpu")
+    test_layer_norm.check(kind, None, x, (hidden,), w, b, eps=1e-6,
+                          fn=emulated_norm_fn(kind, norm_emulator, "eager", sms=2))
+
+
+@pytest.mark.parametrize("sms", [1, 3, 1000])
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("hidden", [96, 8200])
+def test_norm_backward_on_any_grid(norm_emulator, hidden, affine, sms):
+    """Stage-one grids from one block to one per row group (17 rows), each
+    warp run alone to its next barrier, with and without each parameter."""
+    x = test_layer_norm.inputs(17, hidden, torch.bfloat16, "cpu")
+    w, b = test_layer_norm.params("layer_norm", (hidden,), torch.float32, "cpu", weight=affine in ("weight", "both"),
+                                  bias=affine in ("bias", "both"))
+    test_layer_norm.check("layer_norm", None, x, (hidden,), w, b, fn=emulated_norm_fn("layer_norm", norm_emulator,
+                                                                                      "serial", sms))
 
 
 class AdamWTensorList(ctypes.Structure):

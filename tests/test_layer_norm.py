@@ -43,8 +43,9 @@ def pyext_fn(kind, backend):
     return lambda *args: f(*args, backend=backend)
 
 
-def check(kind, backend, x, normalized_shape, weight=None, bias=None, eps=None, grad=None):
-    """pyext's y, dx, dweight, dbias against the float64 oracle (conftest rule)."""
+def check(kind, backend, x, normalized_shape, weight=None, bias=None, eps=None, grad=None, fn=None):
+    """pyext's y, dx, dweight, dbias (or fn's, called as F.layer_norm / F.rms_norm)
+    against the float64 oracle (conftest rule)."""
     if kind == "rms_norm":
         bias = None
     if eps is None and kind == "layer_norm":
@@ -52,7 +53,7 @@ def check(kind, backend, x, normalized_shape, weight=None, bias=None, eps=None, 
     # eps=None (rms_norm) must mean the same in float64 as in x's dtype.
     eps64 = eps if eps is not None else default_rms_eps(x.dtype)
     grad = torch.randn(x.shape, device=x.device).to(x.dtype) if grad is None else grad
-    out = run(kind, x, normalized_shape, weight, bias, eps, grad, pyext_fn(kind, backend))
+    out = run(kind, x, normalized_shape, weight, bias, eps, grad, fn or pyext_fn(kind, backend))
     double = [t.double() if t is not None else None for t in (x, weight, bias, grad)]
     ref = run(kind, double[0], normalized_shape, double[1], double[2], eps64, double[3], getattr(reference, kind))
     pt = run(kind, x, normalized_shape, weight, bias, eps, grad, getattr(reference, kind))

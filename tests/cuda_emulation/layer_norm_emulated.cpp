@@ -1,9 +1,11 @@
-// The CUDA LayerNorm / RMSNorm forward (csrc/layer_norm/layer_norm_fwd_kernel.cuh)
-// compiled as host C++ and run block by block on the CPU (simt.h), with the
-// kernel and launch that norm_fwd picks. Loaded by tests/test_cuda_emulated.py.
+// The CUDA LayerNorm / RMSNorm forward and backward (csrc/layer_norm/
+// layer_norm_fwd_kernel.cuh, layer_norm_bwd_kernel.cuh) compiled as host C++
+// and run block by block on the CPU (simt.h), with the kernels, grids and
+// launch order that norm_fwd and norm_bwd pick. Loaded by tests/test_cuda_emulated.py.
 #include <cmath>
 
 #include "simt.h"
+#include "runtime.h"
 
 // A kernel's __shared__ array is one for every thread of its block: a static
 // local is that, blocks running one after another.
@@ -15,6 +17,7 @@ inline float rsqrt(float x) { return 1.f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 }  // namespace pyext
 
+#include "layer_norm/layer_norm_bwd_kernel.cuh"
 #include "layer_norm/layer_norm_fwd_kernel.cuh"
 
 namespace {
@@ -32,21 +35,53 @@ void forward(const pyext::NormFwdParams& p) {
     pyext::norm::with_fwd_kernel<T, W, 1>(p, launch);
 }
 
+template <typename T, typename W>
+void backward(pyext::NormBwdParams& p, bool plan) {
+  if (plan) {
+    p.partial_rows = pyext::norm::bwd_partial_rows<T, W>(p);
+    return;
+  }
+  g_result.clear();
+  pyext::norm::bwd_launches<T, W>(p, [&](auto kernel, dim3 grid, dim3 block, auto... args) {
+    if (g_result.empty()) g_result = emu::launch(grid, block, 0, nullptr, [&] { kernel(args...); });
+  });
+}
+
+// Calls f(T{}, W{}) for x's dtype and the parameters' (0 float32, 1 float64,
+// 2 float16, 3 bfloat16; the pairs the kernels are instantiated for).
+template <typename F>
+void dispatch(int x_dtype, int param_dtype, F&& f) {
+  g_result = "unsupported dtypes";
+  if (x_dtype == 0 && param_dtype == 0) f(float{}, float{});
+  if (x_dtype == 1 && param_dtype == 1) f(double{}, double{});
+  if (x_dtype == 2 && param_dtype == 2) f(__half{}, __half{});
+  if (x_dtype == 2 && param_dtype == 0) f(__half{}, float{});
+  if (x_dtype == 3 && param_dtype == 3) f(__nv_bfloat16{}, __nv_bfloat16{});
+  if (x_dtype == 3 && param_dtype == 0) f(__nv_bfloat16{}, float{});
+}
+
 }  // namespace
 
-// x's dtype and the parameters': 0 float32, 1 float64, 2 float16, 3 bfloat16
-// (the pairs norm_fwd is instantiated for); mode: emu::Mode. "" or the
-// first fault found.
+// mode: emu::Mode. Each returns "" or the first fault found.
 extern "C" const char* emulate_norm_fwd(const pyext::NormFwdParams* p, int x_dtype, int param_dtype, int mode) {
   emu::g_mode = static_cast<emu::Mode>(mode);
-  g_result = "unsupported dtypes";
-  if (x_dtype == 0 && param_dtype == 0) forward<float, float>(*p);
-  if (x_dtype == 1 && param_dtype == 1) forward<double, double>(*p);
-  if (x_dtype == 2 && param_dtype == 2) forward<__half, __half>(*p);
-  if (x_dtype == 2 && param_dtype == 0) forward<__half, float>(*p);
-  if (x_dtype == 3 && param_dtype == 3) forward<__nv_bfloat16, __nv_bfloat16>(*p);
-  if (x_dtype == 3 && param_dtype == 0) forward<__nv_bfloat16, float>(*p);
+  dispatch(x_dtype, param_dtype, [&](auto t, auto w) { forward<decltype(t), decltype(w)>(*p); });
   return g_result.c_str();
 }
 
-extern "C" int norm_fwd_params_size() { return sizeof(pyext::NormFwdParams); }
+// plan: set p->partial_rows as norm_bwd_partial_rows does on a device of
+// `sms` multiprocessors (one resident block each); else run the backward.
+extern "C" const char* emulate_norm_bwd(pyext::NormBwdParams* p, int x_dtype, int param_dtype, int mode, bool plan,
+                                        int sms) {
+  emu::g_mode = static_cast<emu::Mode>(mode);
+  emu::g_sms = sms;
+  dispatch(x_dtype, param_dtype, [&](auto t, auto w) {
+    g_result.clear();
+    backward<decltype(t), decltype(w)>(*p, plan);
+  });
+  return g_result.c_str();
+}
+
+extern "C" int norm_params_size(int backward) {
+  return backward ? sizeof(pyext::NormBwdParams) : sizeof(pyext::NormFwdParams);
+}
