@@ -1,5 +1,6 @@
 """CUDA kernels run on the CPU: the Stage 1 FlashAttention kernels (mma.sync,
-sm_80+), the LayerNorm / RMSNorm forward and backward and the fused AdamW.
+sm_80+), the LayerNorm / RMSNorm forward and backward, the fused AdamW and
+GELU.
 
 tests/cuda_emulation compiles the kernels' own source as host C++ (with a
 stand-in for the PTX wrappers written from the PTX ISA), runs each thread of a
@@ -25,9 +26,10 @@ import torch
 
 import pyext
 import test_adamw
+import test_gelu
 import test_layer_norm
 from attention_checks import assert_flash_close, qkv
-from conftest import assert_close
+from conftest import assert_close, make_tensor
 from pyext import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -413,8 +415,6 @@ def emulated_adamw_step(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
     tensor_list = AdamWTensorList(*[ctypes.cast(a, ctypes.c_void_p) for a in arrays],
                                   ctypes.cast(numel, ctypes.c_void_p), n)
 
-    def address(t):
-        return t.data_ptr() if t is not None else None
     hyper = AdamWHyper(steps.data_ptr(), lr, address(lr_tensor), address(grad_scale), address(found_inf),
                        beta1, beta2, eps, weight_decay, amsgrad, maximize)
     fault = lib.emulate_adamw_step(ADAMW_DTYPES.index(params[0].dtype), ctypes.byref(tensor_list),
@@ -472,3 +472,65 @@ def test_adamw_grad_scaler_skips_the_step_with_inf(adamw_emulator):
     step with an inf gradient writes nothing, the others unscale (test_adamw's
     GradScaler check)."""
     test_adamw.check_grad_scaler(lambda ps: EmulatedAdamW(ps, adamw_emulator, lr=1e-2), torch.device("cpu"))
+
+
+class GeluParams(ctypes.Structure):
+    """csrc/gelu/gelu.h's struct, field for field."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "dy", "out")]
+                + [("n", ctypes.c_int64), ("tanh_approx", ctypes.c_bool)])
+
+
+@pytest.fixture(scope="module")
+def gelu_emulator():
+    lib = build("gelu_emulated")
+    lib.emulate_gelu.restype = ctypes.c_char_p
+    lib.emulate_gelu.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_bool, ctypes.c_int]
+    assert lib.gelu_params_size() == ctypes.sizeof(GeluParams)
+    return lib
+
+
+def emulated_gelu(lib, x, dy, approximate, sms):
+    """y (dy None) or dx as gelu_fwd / gelu_bwd write them on a GPU of `sms` multiprocessors."""
+    assert x.is_contiguous() and (dy is None or dy.is_contiguous())
+    out = guarded(x.shape, x.dtype)
+    p = GeluParams(x=x.data_ptr(), dy=address(dy), out=out[1].data_ptr(), n=x.numel(),
+                   tanh_approx=approximate == "tanh")
+    fault = lib.emulate_gelu(ctypes.byref(p), NORM_DTYPES.index(x.dtype), dy is not None, sms).decode()
+    assert not fault, fault
+    assert_guards_untouched({"out": out})
+    return out[1]
+
+
+class EmulatedGelu(torch.autograd.Function):
+    """F.gelu, forward and backward on the emulated kernels."""
+
+    @staticmethod
+    def forward(ctx, x, approximate, lib, sms):
+        ctx.save_for_backward(x)
+        ctx.approximate, ctx.lib, ctx.sms = approximate, lib, sms
+        return emulated_gelu(lib, x, None, approximate, sms)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return emulated_gelu(ctx.lib, x, dy.contiguous(), ctx.approximate, ctx.sms), None, None, None
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", NORM_DTYPES, ids=str)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+@pytest.mark.parametrize("n", [1, 7, 4097, 40003])
+def test_gelu_matches_oracle(gelu_emulator, n, aligned, dtype, approximate):
+    """y and dx by the rule (test_gelu.check_gelu) on a GPU of one
+    multiprocessor, whose 8 blocks of 256 threads take several grid-stride
+    turns over 40003 elements; an x 16-byte aligned takes the vector kernel
+    and its scalar tail, one element past that the scalar kernel."""
+    sms = 1
+    x = make_tensor((n + 1,), dtype, "cpu", scale=3.0)[(1 - aligned):][:n]
+    test_gelu.check_gelu(None, x, approximate,
+                         fn=lambda x, approximate: EmulatedGelu.apply(x, approximate, gelu_emulator, sms))
+    per_item = 16 // x.element_size() if aligned else 1
+    work = n // per_item + 1 if aligned else n
+    for dy in (None, torch.ones_like(x)):
+        emulated_gelu(gelu_emulator, x, dy, approximate, sms)
+        assert gelu_emulator.gelu_last_blocks() == min(8 * sms, -(-work // 256)), "not the kernel expected"
