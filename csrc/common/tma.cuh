@@ -100,6 +100,14 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* tmap, 
       : "memory");
 }
 
+// The kernel's dynamic shared memory from its first 1024-byte boundary, the
+// alignment of the 128-byte swizzle atoms that TMA writes and wgmma reads
+// (a kernel asks for 1 KB more than its tiles).
+__device__ __forceinline__ unsigned char* dynamic_smem_1024() {
+  extern __shared__ unsigned char smem_raw[];
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+}
+
 // prefetch.tensormap [tmap]: brings the tensor map into the descriptor cache
 // ahead of its first use.
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* tmap) {

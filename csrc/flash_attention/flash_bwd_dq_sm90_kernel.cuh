@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
   uint64_t* qdo_full = bars;
   uint64_t* full = bars + 1;
   uint64_t* empty = bars + 1 + kStages;
-  extern __shared__ unsigned char smem_raw[];
-  T* sq = reinterpret_cast<T*>(smem_align_1024(smem_raw));  // [kD / 64][kM][64]
+  T* sq = reinterpret_cast<T*>(dynamic_smem_1024());  // [kD / 64][kM][64]
   T* sdo = sq + kM * kD;                                     // [kD / 64][kM][64]
   T* sk = sdo + kM * kD;                                     // [kStages][kD / 64][kN][64]
   T* sv = sk + kStages * kN * kD;                            // [kStages][kD / 64][kN][64]

@@ -31,7 +31,6 @@
 
 #include <cmath>
 
-#include "common/launch.h"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_sm90_tile.cuh"
@@ -66,6 +65,7 @@ struct FlashFwdSm90Traits {
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static_assert(kSmemBytes + 2048 <= 227 * 1024, "shared memory over the sm_90 per-block limit");
+  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM); }
 };
 
 template <typename T, int kD>
@@ -79,8 +79,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
   uint64_t* q_full = bars;
   uint64_t* full = bars + 1;
   uint64_t* empty = bars + 1 + kStages;
-  extern __shared__ unsigned char smem_raw[];
-  T* sq = reinterpret_cast<T*>(smem_align_1024(smem_raw));  // [kD / 64][kM][64]
+  T* sq = reinterpret_cast<T*>(dynamic_smem_1024());  // [kD / 64][kM][64]
   T* sk = sq + kM * kD;                                      // [kStages][kD / 64][kN][64]
   T* sv = sk + kStages * kN * kD;                            // [kStages][kD / 64][kN][64]
 
@@ -241,20 +240,6 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
   // checks for the static shared memory above first).
   __trap();
 #endif
-}
-
-template <typename T, int kD>
-bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
-  using Tr = FlashFwdSm90Traits<kD>;
-  auto kernel = flash_fwd_sm90_kernel<T, kD>;
-  if (!has_sm90a_body(kernel)) return false;
-  Sm90TensorMaps maps;
-  if (!make_sm90_tensor_maps<T>(p, Tr::kBlockM, Tr::kBlockN, maps)) return false;
-  // 113 / 225 KB of dynamic shared memory: should a device refuse it, Stage 1 runs.
-  if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
-  const dim3 grid(p.batch * p.heads_q, (p.seq_q + Tr::kBlockM - 1) / Tr::kBlockM);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, p);
-  return true;
 }
 
 }  // namespace pyext

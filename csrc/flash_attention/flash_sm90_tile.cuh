@@ -1,6 +1,5 @@
 // What the three Stage 2 (sm_90a) attention kernels and their launchers
-// share: the tensor maps over q, k, v and dout, the 1024-byte aligned base of
-// their shared tiles, a tile loaded as TMA boxes, the producer's K/V ring and
+// share: the tensor maps over q, k, v and dout, a tile loaded as TMA boxes, the producer's K/V ring and
 // the k stepping of a K-major wgmma operand. Plain CUDA: no torch header.
 //
 // A tile of kRows x kD 16-bit elements is kD / 64 boxes of kRows x 64 (128
@@ -40,12 +39,6 @@ bool make_sm90_tensor_maps(const FlashAttnParams& p, int q_rows, int kv_rows, Sm
          (p.dout == nullptr ||
           make_tensor_map_4d_16bit(&m.dout, kBf16, p.dout, {d, sq, hq, bs}, {do_row, do_head, do_batch}, kSm90BoxCols,
                                    q_rows));
-}
-
-// The dynamic shared memory rounded up to 1024 bytes, the alignment of the
-// 128-byte swizzle atoms (the kernels ask for 1 KB more than their tiles).
-__device__ __forceinline__ unsigned char* smem_align_1024(unsigned char* smem_raw) {
-  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 }
 
 // The barriers of a Stage 2 kernel, bars = [once, full[kStages],
