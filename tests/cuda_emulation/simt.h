@@ -1,12 +1,15 @@
 // A CUDA thread block run on the CPU, for testing the Stage 1 kernels' logic
 // without a GPU: each thread of a block is a fiber (ucontext) with its own
-// stack, run one at a time until it reaches a __syncthreads or a warp
-// collective (a shuffle, ldmatrix, mma), where it waits until every thread
-// that must take part has arrived. Blocks run one after another.
+// stack, run one at a time until it reaches a __syncthreads, a warp
+// collective (a shuffle, ldmatrix, mma) or a warpgroup one (wgmma's wait),
+// where it waits until every thread that must take part has arrived, or an
+// mbarrier wait whose phase has not completed, where it yields and polls
+// again when the others have moved. Blocks run one after another.
 //
 // What it checks besides the results: every thread of a block reaches the
 // same barriers (a block that finishes with threads still waiting, or a warp
-// collective met by a lane that has exited, is an error), and the shared
+// collective met by a lane that has exited, is an error), that no thread
+// waits for an mbarrier phase that never completes, and the shared
 // memory of each block starts as NaN bytes, so a read of what no copy wrote
 // shows. Its limits: one thread runs at a time, so a data race shows only
 // through the order (Mode::serial lets a warp run ahead of the others) and
@@ -37,7 +40,9 @@ struct Copy {
 
 struct Fiber {
   ucontext_t ctx;
-  enum { running, at_block_barrier, at_warp_barrier, done } state = running;
+  // at_group_barrier: in a collective of group_size threads (a warp, a warpgroup)
+  enum { running, polling, at_block_barrier, at_group_barrier, done } state = running;
+  int group_size = 0;
   std::vector<std::vector<Copy>> committed_copies;  // oldest group first
   std::vector<Copy> open_copies;
 };
@@ -49,7 +54,7 @@ struct Block {
   int current = -1;  // the fiber running now
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
-  unsigned char warp_slots[32][32 * 64];  // one warp collective's inputs, 64 bytes a lane
+  unsigned char slots[1024][64];  // each thread's input to the collective it is in
 };
 
 inline Block* g_block = nullptr;
@@ -59,6 +64,9 @@ inline unsigned char* g_smem = nullptr;  // the block's dynamic shared memory
 inline size_t g_smem_bytes = 0;
 inline std::string g_error;  // the first fault found in the running launch
 inline std::vector<std::vector<char>> g_stacks;  // one a thread, kept from launch to launch
+// An asynchronous unit's next step, taken when no thread can move (the TMA
+// copies of common/tma.cuh in Mode::lazy); true if it did something.
+inline bool (*g_on_stall)() = nullptr;
 
 inline void fault(const std::string& what) {
   if (g_error.empty()) g_error = what;
@@ -79,20 +87,38 @@ inline void wait_as(decltype(Fiber::state) state) {
 }
 
 inline void syncthreads() { wait_as(Fiber::at_block_barrier); }
-inline void warp_barrier() { wait_as(Fiber::at_warp_barrier); }
 
-// Every lane of this thread's warp gives `mine`; compute(all 32 inputs, lane)
-// gives this lane's result, after all have given theirs.
+// Waits until every thread of this thread's group of `size` (threads
+// size * i .. size * (i + 1) - 1) has arrived.
+inline void group_barrier(int size) {
+  g_block->fibers[tid()].group_size = size;
+  wait_as(Fiber::at_group_barrier);
+}
+
+inline void warp_barrier() { group_barrier(32); }
+
+// Gives way to the other threads until they have moved (an mbarrier wait).
+inline void poll() { wait_as(Fiber::polling); }
+
+// Every thread of this thread's group of kSize gives `mine`; compute(all
+// kSize inputs, index in the group) gives this thread's result, after all
+// have given theirs.
+template <int kSize, typename In, typename F>
+auto group_collective(const In& mine, const F& compute) {
+  static_assert(sizeof(In) <= 64, "a thread's input must fit its slot");
+  const int first = tid() / kSize * kSize;
+  std::memcpy(g_block->slots[tid()], &mine, sizeof(In));
+  group_barrier(kSize);
+  In all[kSize];
+  for (int i = 0; i < kSize; ++i) std::memcpy(&all[i], g_block->slots[first + i], sizeof(In));
+  auto result = compute(static_cast<const In*>(all), tid() - first);
+  group_barrier(kSize);  // no thread overwrites its slot before every one has read
+  return result;
+}
+
 template <typename In, typename F>
 auto warp_collective(const In& mine, const F& compute) {
-  static_assert(sizeof(In) <= 64, "a lane's input must fit its slot");
-  const int lane = tid() % 32, warp = tid() / 32;
-  In* slots = reinterpret_cast<In*>(g_block->warp_slots[warp]);
-  slots[lane] = mine;
-  warp_barrier();
-  auto result = compute(static_cast<const In*>(slots), lane);
-  warp_barrier();  // no lane overwrites its slot before every lane has read
-  return result;
+  return group_collective<32>(mine, compute);
 }
 
 template <typename Kernel>
@@ -105,19 +131,31 @@ struct Launch {
   }
 };
 
-// Releases warp w if all its live lanes wait at a warp barrier (a lane that
-// has exited cannot take part: a fault); false if it does not.
-inline bool release_warp(Block& b, int w) {
-  const int first = w * 32, end = std::min(b.threads, first + 32);
+// Releases the group of `size` threads from `first` if all its live threads
+// wait at a barrier of that group (one that has exited cannot take part: a
+// fault); false if they do not.
+inline bool release_group(Block& b, int first, int size) {
+  const int end = std::min(b.threads, first + size);
   int waiting = 0, live = 0;
   for (int t = first; t < end; ++t) {
-    live += b.fibers[t].state != Fiber::done;
-    waiting += b.fibers[t].state == Fiber::at_warp_barrier;
+    const Fiber& f = b.fibers[t];
+    live += f.state != Fiber::done;
+    waiting += f.state == Fiber::at_group_barrier && f.group_size == size;
   }
-  if (waiting == 0 || waiting != live) return false;  // none waits, or the rest are at a __syncthreads
-  if (waiting != end - first) fault("a warp collective met by a lane that has exited (warp " + std::to_string(w) + ")");
+  if (waiting == 0 || waiting != live) return false;  // none waits, or the rest wait elsewhere
+  if (waiting != end - first)
+    fault("a collective of " + std::to_string(size) + " threads met by one that has exited (thread " +
+          std::to_string(first) + " on)");
   for (int t = first; t < end; ++t) b.fibers[t].state = b.fibers[t].state == Fiber::done ? Fiber::done : Fiber::running;
   return true;
+}
+
+// Releases every warp and warpgroup whose threads have all arrived.
+inline bool release_groups(Block& b) {
+  bool any = false;
+  for (const int size : {32, 128})
+    for (int first = 0; first < b.threads; first += size) any |= release_group(b, first, size);
+  return any;
 }
 
 // Releases the block when every live thread waits at __syncthreads; false
@@ -131,7 +169,10 @@ inline bool release_block(Block& b) {
   }
   if (!any) return false;
   if (!all_at_barrier) {
-    fault("threads of a block wait at different barriers (a collective or __syncthreads not reached by all)");
+    const bool polling = std::any_of(b.fibers.begin(), b.fibers.end(),
+                                     [](const Fiber& f) { return f.state == Fiber::polling; });
+    fault(polling ? "threads wait for an mbarrier phase that never completes"
+                  : "threads of a block wait at different barriers (a collective or __syncthreads not reached by all)");
     return false;
   }
   for (auto& f : b.fibers)
@@ -139,32 +180,46 @@ inline bool release_block(Block& b) {
   return true;
 }
 
-inline void run_fiber(Block& b, int t) {
+// Runs thread t until it waits again; false if it only polled a phase
+// that has not completed (nothing moved).
+inline bool run_fiber(Block& b, int t) {
+  Fiber& f = b.fibers[t];
+  if (f.state != Fiber::running && f.state != Fiber::polling) return false;
+  const bool was_polling = f.state == Fiber::polling;
+  f.state = Fiber::running;
   b.current = t;
-  if (b.fibers[t].state == Fiber::running) swapcontext(&b.scheduler, &b.fibers[t].ctx);
+  swapcontext(&b.scheduler, &f.ctx);
+  return !was_polling || f.state != Fiber::polling;
 }
 
 // Runs a block to its end. Mode::serial: one warp at a time, the last
-// first, each to its next __syncthreads (the most one warp can run ahead of
-// another); otherwise all warps a collective at a time, in lockstep.
+// first, each as far as it can go alone (to a __syncthreads, a warpgroup
+// collective or a phase another warp completes); otherwise all warps a
+// collective at a time, in lockstep.
 inline void run_block(Block& b) {
   const int warps = (b.threads + 31) / 32;
   do {
-    if (g_mode == Mode::serial) {
-      for (int w = warps - 1; w >= 0; --w) {
-        do {
-          for (int t = w * 32; t < std::min(b.threads, w * 32 + 32); ++t) run_fiber(b, t);
-        } while (release_warp(b, w) && g_error.empty());
-      }
-      continue;
-    }
     bool moved;
     do {
-      for (int t = 0; t < b.threads; ++t) run_fiber(b, t);
       moved = false;
-      for (int w = 0; w < warps; ++w) moved |= release_warp(b, w);
+      if (g_mode == Mode::serial) {
+        for (int w = warps - 1; w >= 0 && g_error.empty(); --w) {
+          bool warp_moved;
+          do {
+            warp_moved = false;
+            for (int t = w * 32; t < std::min(b.threads, w * 32 + 32); ++t) warp_moved |= run_fiber(b, t);
+            warp_moved |= release_group(b, w * 32, 32);
+            moved |= warp_moved;
+          } while (warp_moved && g_error.empty());
+        }
+      } else {
+        for (int t = 0; t < b.threads; ++t) moved |= run_fiber(b, t);
+      }
+      moved |= release_groups(b);
+      if (!moved && g_on_stall) moved = g_on_stall();
     } while (moved && g_error.empty());
   } while (g_error.empty() && release_block(b));
+  if (g_error.empty() && g_on_stall && g_on_stall()) fault("an asynchronous copy still in flight when its block ended");
 }
 
 // Runs kernel() (a lambda calling the __global__ function) on a grid of
@@ -217,6 +272,10 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned char* smem
 #define gridDim (::emu::g_grid)
 #define blockDim (::emu::g_block->dims)
 #define __syncthreads() ::emu::syncthreads()
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::emu::fault("__syncwarp with a partial mask");
+  ::emu::warp_barrier();
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
