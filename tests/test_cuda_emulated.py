@@ -373,6 +373,58 @@ def test_norm_backward_on_any_grid(norm_emulator, hidden, affine, sms):
                                                                                       "serial", sms))
 
 
+@pytest.fixture(scope="module")
+def sm90_emulator():
+    lib = build("flash_attention_sm90_emulated")
+    lib.emulate_flash_fwd_sm90.restype = ctypes.c_char_p
+    lib.emulate_flash_fwd_sm90.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    assert lib.flash_attn_params_size() == ctypes.sizeof(FlashAttnParams)
+    return lib
+
+
+# Stage 2 forward (128 query rows a block, key tiles of 128 in a ring of 3
+# buffers): GQA with a partial second query block and 4 key tiles (the ring
+# wraps); D 128 (two TMA boxes a tile) with a last tile of one key; Sq = 1 at
+# D 40 (padded to 64, TMA zero-filling the columns past d); Sq > Sk (causal
+# rows that see no key) at D 120.
+SM90_SHAPES = [
+    (1, 2, 1, 200, 400, 64),
+    (1, 1, 1, 130, 257, 128),
+    (2, 1, 1, 1, 70, 40),
+    (1, 2, 2, 150, 100, 120),
+]
+
+
+def check_stage2_forward(lib, shape, dtype, causal, mode, layout):
+    """out and lse of the emulated Stage 2 forward by the rule (flash_attention's semantics, as check_stage1)."""
+    b, hq, hk, sq, sk, d = shape
+    q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
+    scale, offset = d ** -0.5, sk - sq
+    out, lse = guarded(q.shape, q.dtype), guarded((b, hq, sq), torch.float32)
+    p = params(q, k, v, scale, causal, offset)
+    p.out, p.lse = out[1].data_ptr(), lse[1].data_ptr()
+    call(lib.emulate_flash_fwd_sm90, p, dtype, mode, (q, k, v), {"out": out, "lse": lse})
+    assert_flash_close([out[1], lse[1]], q, k, v, None, scale, causal, offset)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
+def test_stage2_forward_matches_oracle(sm90_emulator, shape, dtype, causal):
+    check_stage2_forward(sm90_emulator, shape, dtype, causal, "eager", "contiguous")
+
+
+@pytest.mark.parametrize("mode", ["lazy", "serial"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[1]], ids=str)
+def test_stage2_forward_under_other_schedules(sm90_emulator, shape, causal, mode):
+    """TMA copies landing only when no thread can move, or each warp alone
+    as far as it can go, the producer last (a consumer that reads a buffer
+    before its bytes have landed sees NaN), on (B, S, H, D) views (the
+    tensor maps' strides)."""
+    check_stage2_forward(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd")
+
+
 class AdamWTensorList(ctypes.Structure):
     """csrc/adamw/adamw.h's struct, field for field."""
     _fields_ = ([(n, ctypes.c_void_p) for n in ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",

@@ -45,6 +45,9 @@ inline bool in_smem(const void* p, size_t bytes) {
   return a >= g_smem && a + bytes <= g_smem + g_smem_bytes && reinterpret_cast<uintptr_t>(a) % 16 == 0;
 }
 
+// The shared-memory address of p: its offset in the block's shared memory.
+inline uint32_t smem_offset(const void* p) { return uint32_t(static_cast<const unsigned char*>(p) - g_smem); }
+
 inline bool readable(const void* p, size_t bytes) {
   auto a = static_cast<const char*>(p);
   for (auto& [begin, end] : g_readable)
