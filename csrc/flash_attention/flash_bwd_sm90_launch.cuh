@@ -24,10 +24,8 @@ bool flash_bwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
     return false;
   // 65 / 129 KB of dynamic shared memory each: should a device refuse it, Stage 1 runs.
   if (!opt_in_smem(dkdv, KV::kSmemBytes) || !opt_in_smem(dq, Q::kSmemBytes)) return false;
-  const dim3 grid_kv(p.batch * p.heads_kv, (p.seq_k + KV::kBlockN - 1) / KV::kBlockN);
-  dkdv<<<grid_kv, KV::kThreads, KV::kSmemBytes, stream>>>(kv_maps.q, kv_maps.k, kv_maps.v, kv_maps.dout, p);
-  const dim3 grid_q(p.batch * p.heads_q, (p.seq_q + Q::kBlockM - 1) / Q::kBlockM);
-  dq<<<grid_q, Q::kThreads, Q::kSmemBytes, stream>>>(q_maps.q, q_maps.k, q_maps.v, q_maps.dout, p);
+  dkdv<<<KV::grid(p), KV::kThreads, KV::kSmemBytes, stream>>>(kv_maps.q, kv_maps.k, kv_maps.v, kv_maps.dout, p);
+  dq<<<Q::grid(p), Q::kThreads, Q::kSmemBytes, stream>>>(q_maps.q, q_maps.k, q_maps.v, q_maps.dout, p);
   return true;
 }
 
