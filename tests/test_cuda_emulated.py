@@ -143,19 +143,21 @@ def call(fn, p, dtype, mode, inputs, outputs):
     assert_guards_untouched(outputs)
 
 
-def emulated(lib, q, k, v, dout, scale, causal, offset, mode):
-    """out, lse, dq, dk, dv from the emulated kernels, as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them."""
+def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage=""):
+    """out, lse, dq, dk, dv from the emulated kernels (lib's emulate_flash_fwd{stage}
+    and emulate_flash_bwd{stage}), as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them."""
     b, hq, sq, d = q.shape
     out, lse = guarded(q.shape, q.dtype), guarded((b, hq, sq), torch.float32)
     p = params(q, k, v, scale, causal, offset)
     p.out, p.lse = out[1].data_ptr(), lse[1].data_ptr()
-    call(lib.emulate_flash_fwd, p, q.dtype, mode, (q, k, v), {"out": out, "lse": lse})
+    call(getattr(lib, "emulate_flash_fwd" + stage), p, q.dtype, mode, (q, k, v), {"out": out, "lse": lse})
 
     delta = guarded((b, hq, sq), torch.float32)
     grads = {"dq": guarded(q.shape, q.dtype), "dk": guarded(k.shape, k.dtype), "dv": guarded(v.shape, v.dtype)}
     p.dout, p.delta = dout.data_ptr(), delta[1].data_ptr()
     p.dq, p.dk, p.dv = (grads[n][1].data_ptr() for n in ("dq", "dk", "dv"))
-    call(lib.emulate_flash_bwd, p, q.dtype, mode, (q, k, v, dout, out[1]), {"delta": delta, **grads})
+    call(getattr(lib, "emulate_flash_bwd" + stage), p, q.dtype, mode, (q, k, v, dout, out[1]),
+         {"delta": delta, **grads})
     return [out[1], lse[1]] + [grads[n][1] for n in ("dq", "dk", "dv")]
 
 
@@ -174,14 +176,14 @@ SHAPES = [
 ]
 
 
-def check_stage1(lib, shape, dtype, causal, mode, layout):
+def check_stage(lib, shape, dtype, causal, mode, layout, stage=""):
     """flash_attention's semantics (bottom-right causal, offset Sk - Sq):
     out, lse, dq, dk, dv of the emulated kernels by the rule."""
     b, hq, hk, sq, sk, d = shape
     q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
     dout = torch.randn(b, hq, sq, d).to(dtype)
     scale, offset = d ** -0.5, sk - sq
-    outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode)
+    outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage)
     assert_flash_close(outs, q, k, v, dout, scale, causal, offset)
 
 
@@ -189,7 +191,7 @@ def check_stage1(lib, shape, dtype, causal, mode, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal):
-    check_stage1(emulator, shape, dtype, causal, "eager", "contiguous")
+    check_stage(emulator, shape, dtype, causal, "eager", "contiguous")
 
 
 @pytest.mark.parametrize("mode", ["lazy", "serial"])
@@ -200,7 +202,7 @@ def test_stage1_kernels_under_other_schedules(emulator, shape, causal, mode):
     barrier (what shows a missing __syncthreads or cp.async wait), on the
     shapes with the most key tiles and the 8-warp dK/dV; inputs as (B, S, H,
     D) views, so strides are read."""
-    check_stage1(emulator, shape, torch.bfloat16, causal, mode, "bshd")
+    check_stage(emulator, shape, torch.bfloat16, causal, mode, "bshd")
 
 
 class NormFwdParams(ctypes.Structure):
@@ -376,17 +378,21 @@ def test_norm_backward_on_any_grid(norm_emulator, hidden, affine, sms):
 @pytest.fixture(scope="module")
 def sm90_emulator():
     lib = build("flash_attention_sm90_emulated")
-    lib.emulate_flash_fwd_sm90.restype = ctypes.c_char_p
-    lib.emulate_flash_fwd_sm90.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    for name in ("emulate_flash_fwd_sm90", "emulate_flash_bwd_sm90"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_char_p
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     assert lib.flash_attn_params_size() == ctypes.sizeof(FlashAttnParams)
     return lib
 
 
-# Stage 2 forward (128 query rows a block, key tiles of 128 in a ring of 3
-# buffers): GQA with a partial second query block and 4 key tiles (the ring
-# wraps); D 128 (two TMA boxes a tile) with a last tile of one key; Sq = 1 at
-# D 40 (padded to 64, TMA zero-filling the columns past d); Sq > Sk (causal
-# rows that see no key) at D 120.
+# Stage 2 (forward: 128 query rows a block, key tiles of 128 in a ring of 3;
+# dK/dV: 128 keys a block, steps of 64 queries of each head of the group in a
+# ring of 2; dQ: 128 query rows, key tiles of 64 in a ring of 2): GQA with a
+# partial second query block and 4 key blocks (every ring wraps); D 128 (two
+# TMA boxes a tile) with a last tile of one key; Sq = 1 at D 40 (padded to
+# 64, TMA zero-filling the columns past d); Sq > Sk (causal rows that see no
+# key) at D 120.
 SM90_SHAPES = [
     (1, 2, 1, 200, 400, 64),
     (1, 1, 1, 130, 257, 128),
@@ -395,34 +401,22 @@ SM90_SHAPES = [
 ]
 
 
-def check_stage2_forward(lib, shape, dtype, causal, mode, layout):
-    """out and lse of the emulated Stage 2 forward by the rule (flash_attention's semantics, as check_stage1)."""
-    b, hq, hk, sq, sk, d = shape
-    q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
-    scale, offset = d ** -0.5, sk - sq
-    out, lse = guarded(q.shape, q.dtype), guarded((b, hq, sq), torch.float32)
-    p = params(q, k, v, scale, causal, offset)
-    p.out, p.lse = out[1].data_ptr(), lse[1].data_ptr()
-    call(lib.emulate_flash_fwd_sm90, p, dtype, mode, (q, k, v), {"out": out, "lse": lse})
-    assert_flash_close([out[1], lse[1]], q, k, v, None, scale, causal, offset)
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
-def test_stage2_forward_matches_oracle(sm90_emulator, shape, dtype, causal):
-    check_stage2_forward(sm90_emulator, shape, dtype, causal, "eager", "contiguous")
+def test_stage2_kernels_match_oracle(sm90_emulator, shape, dtype, causal):
+    check_stage(sm90_emulator, shape, dtype, causal, "eager", "contiguous", stage="_sm90")
 
 
 @pytest.mark.parametrize("mode", ["lazy", "serial"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[1]], ids=str)
-def test_stage2_forward_under_other_schedules(sm90_emulator, shape, causal, mode):
+def test_stage2_kernels_under_other_schedules(sm90_emulator, shape, causal, mode):
     """TMA copies landing only when no thread can move, or each warp alone
     as far as it can go, the producer last (a consumer that reads a buffer
     before its bytes have landed sees NaN), on (B, S, H, D) views (the
     tensor maps' strides)."""
-    check_stage2_forward(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd")
+    check_stage(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd", stage="_sm90")
 
 
 class AdamWTensorList(ctypes.Structure):

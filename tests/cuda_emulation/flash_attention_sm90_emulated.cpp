@@ -1,9 +1,11 @@
-// The Stage 2 (sm_90a) FlashAttention forward (csrc/flash_attention/
-// flash_fwd_sm90_kernel.cuh) compiled as host C++ and run block by block on
-// the CPU (simt.h), with the stand-ins for wgmma (common/wgmma.cuh) and for
-// TMA, mbarriers and the tensor-map encoder (common/tma.cuh); the tensor
-// maps come from the real make_sm90_tensor_maps, the grid, threads and
-// shared memory from the kernel's traits. Loaded by tests/test_cuda_emulated.py.
+// The Stage 2 (sm_90a) FlashAttention kernels (csrc/flash_attention/
+// flash_*_sm90_kernel.cuh: the forward; the backward's dK/dV and dQ after
+// Stage 1's delta, as flash_attn_bwd_cuda runs them) compiled as host C++ and
+// run block by block on the CPU (simt.h), with the stand-ins for wgmma
+// (common/wgmma.cuh) and for TMA, mbarriers and the tensor-map encoder
+// (common/tma.cuh); the tensor maps come from the real make_sm90_tensor_maps,
+// the grids, threads and shared memory from the kernels' traits. Loaded by
+// tests/test_cuda_emulated.py.
 #include <cmath>
 
 #include "simt.h"
@@ -21,6 +23,9 @@ using std::max;
 using std::min;
 }  // namespace pyext
 
+#include "flash_attention/flash_bwd_delta_kernel.cuh"
+#include "flash_attention/flash_bwd_dkdv_sm90_kernel.cuh"
+#include "flash_attention/flash_bwd_dq_sm90_kernel.cuh"
 #include "flash_attention/flash_fwd_sm90_kernel.cuh"
 
 namespace {
@@ -28,37 +33,59 @@ namespace {
 std::string g_result;
 alignas(1024) unsigned char g_smem[232448];  // the most an sm_90 block may have
 
+// Runs one kernel on every block of its grid; false (g_result says why) on a fault.
+template <typename Kernel>
+bool run(dim3 grid, int threads, int smem_bytes, const Kernel& kernel) {
+  if (size_t(smem_bytes) > sizeof(g_smem)) g_result = "more shared memory than an sm_90 block may have";
+  emu::g_wgmma.clear();
+  if (g_result.empty()) g_result = emu::launch(grid, threads, smem_bytes, g_smem, kernel);
+  for (const auto& q : emu::g_wgmma)
+    if (g_result.empty() && !(q.open.empty() && q.committed.empty())) g_result = "a thread ended with wgmmas in flight";
+  return g_result.empty();
+}
+
 template <typename T, int kD>
 void forward(const pyext::FlashAttnParams& p) {
   using Tr = pyext::FlashFwdSm90Traits<kD>;
-  static_assert(Tr::kSmemBytes <= sizeof(g_smem), "room for the kernel's shared memory");
   pyext::Sm90TensorMaps maps;
   if (!pyext::make_sm90_tensor_maps<T>(p, Tr::kBlockM, Tr::kBlockN, maps)) {
     g_result = "the tensor-map encoder refused q, k or v";
     return;
   }
-  emu::g_wgmma.clear();
-  g_result = emu::launch(Tr::grid(p), Tr::kThreads, Tr::kSmemBytes, g_smem,
-                         [&] { pyext::flash_fwd_sm90_kernel<T, kD>(maps.q, maps.k, maps.v, p); });
-  for (const auto& q : emu::g_wgmma)
-    if (g_result.empty() && !(q.open.empty() && q.committed.empty())) g_result = "a thread ended with wgmmas in flight";
+  run(Tr::grid(p), Tr::kThreads, Tr::kSmemBytes,
+      [&] { pyext::flash_fwd_sm90_kernel<T, kD>(maps.q, maps.k, maps.v, p); });
 }
 
-template <typename T>
-void run_forward(const pyext::FlashAttnParams& p) {
+template <typename T, int kD>
+void backward(const pyext::FlashAttnParams& p) {
+  using Delta = pyext::FlashBwdDeltaTraits;
+  using KV = pyext::FlashBwdDkDvSm90Traits<kD>;
+  using Q = pyext::FlashBwdDqSm90Traits<kD>;
+  pyext::Sm90TensorMaps kv, q;
+  if (!pyext::make_sm90_tensor_maps<T>(p, KV::kBlockM, KV::kBlockN, kv) ||
+      !pyext::make_sm90_tensor_maps<T>(p, Q::kBlockM, Q::kBlockN, q)) {
+    g_result = "the tensor-map encoder refused q, k, v or dout";
+    return;
+  }
+  run(Delta::grid(p), Delta::kThreads, 0, [&] { pyext::flash_bwd_delta_kernel<T>(p, Delta::rows(p)); }) &&
+      run(KV::grid(p), KV::kThreads, KV::kSmemBytes,
+          [&] { pyext::flash_bwd_dkdv_sm90_kernel<T, kD>(kv.q, kv.k, kv.v, kv.dout, p); }) &&
+      run(Q::grid(p), Q::kThreads, Q::kSmemBytes,
+          [&] { pyext::flash_bwd_dq_sm90_kernel<T, kD>(q.q, q.k, q.v, q.dout, p); });
+}
+
+// launch_fwd / launch_bwd's choice on an sm_90 device: the Stage 2 kernel of
+// the head dim padded to 64 or 128.
+template <void (*F64)(const pyext::FlashAttnParams&), void (*F128)(const pyext::FlashAttnParams&)>
+void dispatch(const pyext::FlashAttnParams& p) {
   const int padded = pyext::flash_padded_head_dim(p.head_dim);
-  if (padded == 64) forward<T, 64>(p);
-  else if (padded == 128) forward<T, 128>(p);
+  if (padded == 64) F64(p);
+  else if (padded == 128) F128(p);
   else g_result = "Stage 2 covers head dims that pad to 64 or 128";
 }
 
-}  // namespace
-
-// "" or the first fault found. bf16: 1 for bfloat16, 0 for float16; mode:
-// emu::Mode; readable: n_readable [begin, end) address pairs, the inputs
-// that copies may read.
-extern "C" const char* emulate_flash_fwd_sm90(const pyext::FlashAttnParams* p, int bf16, int mode,
-                                              const void* const* readable, int n_readable) {
+void set_up(int mode, const void* const* readable, int n_readable) {
+  g_result.clear();
   emu::g_mode = static_cast<emu::Mode>(mode);
   emu::g_on_stall = emu::land_oldest_tma;
   emu::g_tma_in_flight.clear();
@@ -66,8 +93,26 @@ extern "C" const char* emulate_flash_fwd_sm90(const pyext::FlashAttnParams* p, i
   for (int i = 0; i < n_readable; ++i)
     emu::g_readable.emplace_back(static_cast<const char*>(readable[2 * i]),
                                  static_cast<const char*>(readable[2 * i + 1]));
-  if (bf16) run_forward<__nv_bfloat16>(*p);
-  else run_forward<__half>(*p);
+}
+
+}  // namespace
+
+// Each returns "" or the first fault found. bf16: 1 for bfloat16, 0 for
+// float16; mode: emu::Mode; readable: n_readable [begin, end) address pairs,
+// the inputs that copies may read.
+extern "C" const char* emulate_flash_fwd_sm90(const pyext::FlashAttnParams* p, int bf16, int mode,
+                                              const void* const* readable, int n_readable) {
+  set_up(mode, readable, n_readable);
+  if (bf16) dispatch<forward<__nv_bfloat16, 64>, forward<__nv_bfloat16, 128>>(*p);
+  else dispatch<forward<__half, 64>, forward<__half, 128>>(*p);
+  return g_result.c_str();
+}
+
+extern "C" const char* emulate_flash_bwd_sm90(const pyext::FlashAttnParams* p, int bf16, int mode,
+                                              const void* const* readable, int n_readable) {
+  set_up(mode, readable, n_readable);
+  if (bf16) dispatch<backward<__nv_bfloat16, 64>, backward<__nv_bfloat16, 128>>(*p);
+  else dispatch<backward<__half, 64>, backward<__half, 128>>(*p);
   return g_result.c_str();
 }
 
