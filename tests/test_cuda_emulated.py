@@ -176,13 +176,13 @@ SHAPES = [
 ]
 
 
-def check_stage(lib, shape, dtype, causal, mode, layout, stage=""):
-    """flash_attention's semantics (bottom-right causal, offset Sk - Sq):
-    out, lse, dq, dk, dv of the emulated kernels by the rule."""
+def check_stage(lib, shape, dtype, causal, mode, layout, stage="", offset=None):
+    """flash_attention's semantics (bottom-right causal, offset Sk - Sq, unless
+    another offset is given): out, lse, dq, dk, dv of the emulated kernels by the rule."""
     b, hq, hk, sq, sk, d = shape
     q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
     dout = torch.randn(b, hq, sq, d).to(dtype)
-    scale, offset = d ** -0.5, sk - sq
+    scale, offset = d ** -0.5, sk - sq if offset is None else offset
     outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage)
     assert_flash_close(outs, q, k, v, dout, scale, causal, offset)
 
@@ -417,6 +417,17 @@ def test_stage2_kernels_under_other_schedules(sm90_emulator, shape, causal, mode
     before its bytes have landed sees NaN), on (B, S, H, D) views (the
     tensor maps' strides)."""
     check_stage(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd", stage="_sm90")
+
+
+@pytest.mark.parametrize("offset", [0, -30], ids=["top-left", "30-rows-see-nothing"])
+@pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[3]], ids=str)
+@pytest.mark.parametrize("stage", ["", "_sm90"], ids=["stage1", "stage2"])
+def test_causal_offsets(request, stage, shape, offset):
+    """Causal masks at other alignments than bottom-right: SDPA's top-left
+    (offset 0) and one where the first 30 query rows see no key (out 0,
+    lse -inf, no gradient), with Sq < Sk and Sq > Sk."""
+    lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
+    check_stage(lib, shape, torch.bfloat16, True, "eager", "contiguous", stage, offset)
 
 
 class AdamWTensorList(ctypes.Structure):
