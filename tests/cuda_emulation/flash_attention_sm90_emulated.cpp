@@ -89,10 +89,7 @@ void set_up(int mode, const void* const* readable, int n_readable) {
   emu::g_mode = static_cast<emu::Mode>(mode);
   emu::g_on_stall = emu::land_oldest_tma;
   emu::g_tma_in_flight.clear();
-  emu::g_readable.clear();
-  for (int i = 0; i < n_readable; ++i)
-    emu::g_readable.emplace_back(static_cast<const char*>(readable[2 * i]),
-                                 static_cast<const char*>(readable[2 * i + 1]));
+  emu::set_readable(readable, n_readable);
 }
 
 }  // namespace

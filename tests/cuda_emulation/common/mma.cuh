@@ -33,6 +33,13 @@ namespace emu {
 // The global buffers a copy may read from: [begin, end) pairs, set per launch.
 inline std::vector<std::pair<const char*, const char*>> g_readable;
 
+// g_readable from n [begin, end) address pairs, as the tests pass them.
+inline void set_readable(const void* const* pairs, int n) {
+  g_readable.clear();
+  for (int i = 0; i < n; ++i)
+    g_readable.emplace_back(static_cast<const char*>(pairs[2 * i]), static_cast<const char*>(pairs[2 * i + 1]));
+}
+
 inline Fiber& this_fiber() { return g_block->fibers[tid()]; }
 
 inline void do_copy(const Copy& c) {
