@@ -81,15 +81,25 @@ def build(name):
     return ctypes.CDLL(path)
 
 
-@pytest.fixture(scope="module")
-def emulator():
-    lib = build("flash_attention_emulated")
-    for name in ("emulate_flash_fwd", "emulate_flash_bwd"):
+def flash_library(stage):
+    """The attention emulator of a stage ("" Stage 1, "_sm90" Stage 2), built and loaded."""
+    lib = build("flash_attention_sm90_emulated" if stage else "flash_attention_emulated")
+    for name in ("emulate_flash_fwd" + stage, "emulate_flash_bwd" + stage):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_char_p
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     assert lib.flash_attn_params_size() == ctypes.sizeof(FlashAttnParams)
     return lib
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return flash_library("")
+
+
+@pytest.fixture(scope="module")
+def sm90_emulator():
+    return flash_library("_sm90")
 
 
 class FlashAttnParams(ctypes.Structure):
@@ -373,17 +383,6 @@ def test_norm_backward_on_any_grid(norm_emulator, hidden, affine, sms):
                                   bias=affine in ("bias", "both"))
     test_layer_norm.check("layer_norm", None, x, (hidden,), w, b, fn=emulated_norm_fn("layer_norm", norm_emulator,
                                                                                       "serial", sms))
-
-
-@pytest.fixture(scope="module")
-def sm90_emulator():
-    lib = build("flash_attention_sm90_emulated")
-    for name in ("emulate_flash_fwd_sm90", "emulate_flash_bwd_sm90"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_char_p
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    assert lib.flash_attn_params_size() == ctypes.sizeof(FlashAttnParams)
-    return lib
 
 
 # Stage 2 (forward: 128 query rows a block, key tiles of 128 in a ring of 3;
