@@ -104,4 +104,11 @@ extern "C" const char* emulate_flash_bwd(const pyext::FlashAttnParams* p, int bf
 }
 
 // For the caller's check that its copy of the struct has the same layout.
+// The ldmatrix passes past one since the last call (common/mma.cuh), then zero.
+extern "C" long take_ldmatrix_extra_passes() {
+  const long passes = emu::g_ldmatrix_extra_passes;
+  emu::g_ldmatrix_extra_passes = 0;
+  return passes;
+}
+
 extern "C" int flash_attn_params_size() { return sizeof(pyext::FlashAttnParams); }

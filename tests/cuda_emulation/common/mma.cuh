@@ -11,6 +11,11 @@
 //        columns (k) 2t, 2t + 1, plus 8 for regs 2 and 3;
 //     B: reg 0 rows (k) 2t, 2t + 1, reg 1 rows 2t + 8, 2t + 9, of column g;
 //     C, D: elements 0, 1 row g, columns 2t, 2t + 1; 2, 3 row g + 8.
+//   Bank conflicts: shared memory serves 32 banks of 4 bytes a cycle, so an
+//     ldmatrix matrix (8 rows of 16 bytes) takes one pass if its rows fall in
+//     8 different 16-byte bank groups ((address / 16) % 8), more if two rows
+//     at different addresses share a group; g_ldmatrix_extra_passes counts
+//     the passes past one (a performance check: the results are the same).
 //   cp.async: in Mode::eager the 16 bytes are copied when the copy is issued;
 //     in Mode::lazy only when a cp.async.wait_group lets it complete (the
 //     latest the hardware may), so a read before the wait sees NaN or the
@@ -20,6 +25,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -29,6 +35,8 @@
 #include "simt.h"
 
 namespace emu {
+
+inline long g_ldmatrix_extra_passes = 0;
 
 // The global buffers a copy may read from: [begin, end) pairs, set per launch.
 inline std::vector<std::pair<const char*, const char*>> g_readable;
@@ -101,12 +109,30 @@ inline uint16_t half_at(const void* row, int i) {
   return h;
 }
 
+// Passes past one that the 4 matrices of an ldmatrix .x4 take (see the top).
+inline int extra_passes(const void* const* rows) {
+  int extra = 0;
+  for (int i = 0; i < 4; ++i) {
+    uintptr_t seen[8][8];
+    int count[8] = {};
+    for (int r = 0; r < 8; ++r) {
+      const uintptr_t chunk = reinterpret_cast<uintptr_t>(rows[8 * i + r]) / 16;
+      uintptr_t* group = seen[chunk % 8];
+      int& n = count[chunk % 8];
+      if (std::find(group, group + n, chunk) == group + n) group[n++] = chunk;
+    }
+    extra += *std::max_element(count, count + 8) - 1;
+  }
+  return extra;
+}
+
 template <bool kTrans>
 inline void ldmatrix(uint32_t (&r)[4], const void* row_address) {
   if (!emu::in_smem(row_address, 16)) emu::fault("ldmatrix row outside the block's shared memory or unaligned");
   const auto words = emu::warp_collective(row_address, [](const void* const* rows, int lane) {
     std::array<uint32_t, 4> w{};
     if (!emu::g_error.empty()) return w;
+    if (lane == 0) emu::g_ldmatrix_extra_passes += extra_passes(rows);
     for (int i = 0; i < 4; ++i) {
       uint16_t lo, hi;
       if (!kTrans) {
