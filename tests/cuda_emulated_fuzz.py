@@ -9,7 +9,8 @@ not, Sq and Sk 1-300 and often 1-3; any head dim a multiple of 8 up to 256
 for Stage 1, one that pads to 64 or 128 for Stage 2), the dtype, causality
 with a causal offset (bottom-right, top-left or any from -Sq to Sk), the
 memory layout and the schedule (warps in lockstep; cp.async or TMA copies
-landing as late as they may; warps one at a time). Records each output's
+landing as late as they may; warps one at a time; threads in a random order
+and pace, with a seed of their own). Records each output's
 error / the rule's bound (above 1 fails) as the other fuzzers do. No GPU
 needed: g++ and the CUDA toolkit's headers.
 """
@@ -40,7 +41,8 @@ def draw(rng, features):
     shape = (rng.randint(1, 2), heads_k * rng.choice([1, 2, 3]), heads_k, sq, sk, rng.choice(HEAD_DIMS[stage]))
     offset = rng.choice([sk - sq, 0, rng.randint(-sq, sk)])
     return stage, dict(shape=shape, dtype=rng.choice([torch.bfloat16, torch.float16]), causal=rng.random() < 0.6,
-                       mode=rng.choice(emulated.MODES), layout=rng.choice(["contiguous", "bshd"]), offset=offset)
+                       mode=rng.choice(emulated.MODES), layout=rng.choice(["contiguous", "bshd"]), offset=offset,
+                       seed=rng.randint(0, 2 ** 31))
 
 
 LIBRARIES = {}
@@ -49,8 +51,10 @@ LIBRARIES = {}
 def run(stage, case):
     if stage not in LIBRARIES:
         LIBRARIES[stage] = emulated.flash_library(STAGES[stage])
-    return fuzzing.margins([attention_checks],
-                           lambda: emulated.check_stage(LIBRARIES[stage], stage=STAGES[stage], **case))
+    lib = LIBRARIES[stage]
+    lib.emulator_seed(case["seed"])
+    arguments = {name: value for name, value in case.items() if name != "seed"}
+    return fuzzing.margins([attention_checks], lambda: emulated.check_stage(lib, stage=STAGES[stage], **arguments))
 
 
 def main():

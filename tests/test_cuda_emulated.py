@@ -35,7 +35,9 @@ from pyext import reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EMULATION = os.path.join(HERE, "cuda_emulation")
-MODES = ["eager", "lazy", "serial"]  # emu::Mode: cp.async done at issue / at its wait; warps one at a time
+# emu::Mode: warps in lockstep, copies done at issue / cp.async at its wait, TMA when nothing else can move /
+# warps one at a time / threads in a random order and pace, TMA copies in any order (seeded by emulator_seed)
+MODES = ["eager", "lazy", "serial", "random"]
 GUARD = 64  # elements each side of every output
 SENTINEL = 1234.0
 
@@ -433,6 +435,18 @@ def test_causal_offsets(request, stage, shape, offset):
     lse -inf, no gradient), with Sq < Sk and Sq > Sk."""
     lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
     check_stage(lib, shape, torch.bfloat16, True, "eager", "contiguous", stage, offset)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("stage", ["", "_sm90"], ids=["stage1", "stage2"])
+def test_random_schedules(request, stage, causal, seed):
+    """Threads run in a seeded random order and pace, and (Stage 2) TMA
+    copies land in any order at random moments, on the shape where every
+    ring wraps, (B, S, H, D) views."""
+    lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
+    lib.emulator_seed(seed)
+    check_stage(lib, SM90_SHAPES[0], torch.bfloat16, causal, "random", "bshd", stage)
 
 
 class AdamWTensorList(ctypes.Structure):

@@ -87,7 +87,7 @@ void dispatch(const pyext::FlashAttnParams& p) {
 void set_up(int mode, const void* const* readable, int n_readable) {
   g_result.clear();
   emu::g_mode = static_cast<emu::Mode>(mode);
-  emu::g_on_stall = emu::land_oldest_tma;
+  emu::g_on_stall = emu::land_next_tma;
   emu::g_tma_in_flight.clear();
   emu::set_readable(readable, n_readable);
 }

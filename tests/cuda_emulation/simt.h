@@ -12,7 +12,8 @@
 // waits for an mbarrier phase that never completes, and the shared
 // memory of each block starts as NaN bytes, so a read of what no copy wrote
 // shows. Its limits: one thread runs at a time, so a data race shows only
-// through the order (Mode::serial lets a warp run ahead of the others) and
+// through the order (Mode::serial lets a warp run ahead of the others,
+// Mode::random runs threads in a seeded random order and pace) and
 // the cp.async timing (Mode::lazy, in mma.cuh); no global memory bounds but the
 // copies' (mma.cuh) and the guards the test puts around each output.
 #pragma once
@@ -22,6 +23,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -29,7 +32,7 @@
 
 namespace emu {
 
-enum class Mode { eager, lazy, serial };  // see run_block; mma.cuh for eager / lazy
+enum class Mode { eager, lazy, serial, random };  // see run_block; mma.cuh for eager / lazy
 
 // A cp.async issued and not yet complete (Mode::lazy, common/mma.cuh).
 struct Copy {
@@ -60,6 +63,8 @@ struct Block {
 inline Block* g_block = nullptr;
 inline dim3 g_grid;
 inline Mode g_mode = Mode::eager;
+inline unsigned g_seed = 0;  // Mode::random's, for every launch
+inline std::mt19937 g_rng;
 inline unsigned char* g_smem = nullptr;  // the block's dynamic shared memory
 inline size_t g_smem_bytes = 0;
 inline std::string g_error;  // the first fault found in the running launch
@@ -194,8 +199,11 @@ inline bool run_fiber(Block& b, int t) {
 
 // Runs a block to its end. Mode::serial: one warp at a time, the last
 // first, each as far as it can go alone (to a __syncthreads, a warpgroup
-// collective or a phase another warp completes); otherwise all warps a
-// collective at a time, in lockstep.
+// collective or a phase another warp completes). Mode::random: each sweep
+// runs each thread with probability 1/2, in a shuffled order (a sweep that
+// moves nothing is followed by one of all), and lets an asynchronous unit
+// move one time in four. Otherwise all warps a collective at a time, in
+// lockstep.
 inline void run_block(Block& b) {
   const int warps = (b.threads + 31) / 32;
   do {
@@ -212,6 +220,15 @@ inline void run_block(Block& b) {
             moved |= warp_moved;
           } while (warp_moved && g_error.empty());
         }
+      } else if (g_mode == Mode::random) {
+        std::vector<int> order(b.threads);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), g_rng);
+        for (const int t : order)
+          if (g_rng() % 2) moved |= run_fiber(b, t);
+        if (!moved)
+          for (const int t : order) moved |= run_fiber(b, t);
+        if (g_on_stall && g_rng() % 4 == 0) moved |= g_on_stall();
       } else {
         for (int t = 0; t < b.threads; ++t) moved |= run_fiber(b, t);
       }
@@ -230,6 +247,7 @@ template <typename Kernel>
 std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned char* smem, const Kernel& kernel) {
   constexpr size_t kStack = 64 * 1024;
   g_error.clear();
+  g_rng.seed(g_seed);
   g_smem = smem;
   g_smem_bytes = smem_bytes;
   g_grid = grid;
@@ -261,6 +279,9 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned char* smem
 }
 
 }  // namespace emu
+
+// Mode::random's seed. simt.h is included by one source of each library.
+extern "C" void emulator_seed(unsigned seed) { ::emu::g_seed = seed; }
 
 // What the kernels see of CUDA's device side (cuda_runtime.h, included by a
 // host compiler, leaves the attributes to it; launch bounds it leaves out).

@@ -14,7 +14,8 @@
 //     down on the barrier. It lands when issued, or in Mode::lazy only when
 //     no thread can move, one copy at a time, oldest first (so a barrier
 //     that completes before all its bytes have landed lets its waiters read
-//     a buffer not yet written).
+//     a buffer not yet written); in Mode::random, any copy in flight, when
+//     simt.h's scheduler lets the copy engine move.
 //   cuTensorMapEncodeTiled: the documented limits (16-byte aligned base,
 //     strides multiples of 16 below 2^40, dims 1 .. 2^32, boxes 1 .. 256,
 //     inner box a multiple of 16 bytes and at most the swizzle span) refused
@@ -129,13 +130,15 @@ inline void land(const TmaCopy& c) {
   mbarrier_update(*c.bar, 0, -int64_t(rows) * row_bytes);
 }
 
-inline std::deque<TmaCopy> g_tma_in_flight;  // Mode::lazy
+inline std::deque<TmaCopy> g_tma_in_flight;  // Mode::lazy, Mode::random
 
-// simt.h's g_on_stall for kernels that use TMA.
-inline bool land_oldest_tma() {
+// simt.h's g_on_stall for kernels that use TMA: lands the oldest copy in
+// flight (Mode::random: any).
+inline bool land_next_tma() {
   if (g_tma_in_flight.empty()) return false;
-  const TmaCopy c = g_tma_in_flight.front();
-  g_tma_in_flight.pop_front();
+  const size_t i = g_mode == Mode::random ? g_rng() % g_tma_in_flight.size() : 0;
+  const TmaCopy c = g_tma_in_flight[i];
+  g_tma_in_flight.erase(g_tma_in_flight.begin() + i);
   land(c);
   return true;
 }
@@ -192,7 +195,7 @@ inline void tma_load_4d(void* dst, const CUtensorMap* tmap, uint64_t* bar, int c
   if (!emu::in_smem(dst, bytes) || emu::smem_offset(dst) % (c.map.swizzle_bytes ? 1024 : 128) != 0)
     emu::fault("TMA destination outside shared memory or not aligned for its swizzle");
   if (!emu::g_error.empty() || c.bar == nullptr) return;
-  if (emu::g_mode == emu::Mode::lazy) emu::g_tma_in_flight.push_back(c);
+  if (emu::g_mode == emu::Mode::lazy || emu::g_mode == emu::Mode::random) emu::g_tma_in_flight.push_back(c);
   else emu::land(c);
 }
 
