@@ -69,8 +69,9 @@ inline unsigned char* g_smem = nullptr;  // the block's dynamic shared memory
 inline size_t g_smem_bytes = 0;
 inline std::string g_error;  // the first fault found in the running launch
 inline std::vector<std::vector<char>> g_stacks;  // one a thread, kept from launch to launch
-// An asynchronous unit's next step, taken when no thread can move (the TMA
-// copies of common/tma.cuh in Mode::lazy); true if it did something.
+// An asynchronous unit's next step, taken when no thread can move (and at
+// random in Mode::random; the TMA copies of common/tma.cuh); true if it did
+// something.
 inline bool (*g_on_stall)() = nullptr;
 
 inline void fault(const std::string& what) {

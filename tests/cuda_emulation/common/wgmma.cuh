@@ -83,7 +83,7 @@ inline uint32_t mnmajor(const SmemMatrix& m, int k, int mn) {
 // Wgmma i of group g for thread `me` of the warpgroup: its D fragment.
 inline void run_wgmma(WgmmaQueue* const* all, size_t g, size_t i, int me) {
   const WgmmaOp& op = all[me]->committed[g][i];
-  for (int t = 0; t < 128; ++t) {
+  for (int t = 0; t < 128 && me == 0; ++t) {  // checked once for the warpgroup
     const WgmmaOp& o = all[t]->committed[g][i];
     if (o.desc_a != op.desc_a || o.desc_b != op.desc_b || o.n != op.n || o.trans_b != op.trans_b ||
         o.scale_d != op.scale_d || o.bf16 != op.bf16 || (o.a == nullptr) != (op.a == nullptr))
