@@ -13,6 +13,10 @@ pointer loads forced, the Ampere path, so that one run compares the two.
 pyext-triton's backward adds dQ up with atomics (flash_attention's default);
 pyext-triton-det times the deterministic=True backward (dK/dV, then dQ in a
 second kernel) beside it.
+On compute capability 9.x pyext-cuda runs the sm_90a kernels (Stage 2: wgmma,
+TMA) for head dims 64 and 128; pyext-cuda-stage1 times the mma.sync kernels
+(Stage 1, what every other GPU runs) there too, through PYEXT_FLASH_SM90=0 set
+around each timed call, so that one run measures both stages against the peers.
 Model-layout cases (causal, "bshd" in the label and dtype key) time what a
 transformer block pays: q, k, v are (B, H, S, D) views of one packed
 (B, S, 3, H, D) projection, and the output goes on as (B, S, H * D), so each
@@ -60,6 +64,7 @@ CUDA flash kernel; GPU only) and FlashAttention's package
 position_ids. FLOPs counted: each document's causal pairs, L^2 / 2.
 """
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +244,34 @@ def _triton_deterministic(causal, dropout_p, mask, window, softcap, sinks, why_n
                                                  sinks=sinks, deterministic=True, backend="triton")
 
 
+def _cuda_stage1(head_dim, v_dim, why_not_cuda):
+    """A maker of pyext-cuda's timed call with Stage 1 forced (PYEXT_FLASH_SM90=0
+    while it runs, forward and backward alike), or why it is not timed: where
+    pyext-cuda itself runs Stage 1 it would time the same kernels again."""
+    if why_not_cuda is not None:
+        return why_not_cuda
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return "same kernels as pyext-cuda: Stage 2 (sm_90a) runs only on compute capability 9.x"
+    if os.environ.get("PYEXT_FLASH_SM90") == "0":
+        return "same kernels as pyext-cuda: PYEXT_FLASH_SM90=0 is set for this whole run"
+    if v_dim != head_dim or (head_dim + 31) // 32 * 32 not in (64, 128):
+        return "same kernels as pyext-cuda: Stage 2 covers head dims that pad to 64 or 128"
+
+    def stage1(timed):
+        def run():
+            previous = os.environ.get("PYEXT_FLASH_SM90")
+            os.environ["PYEXT_FLASH_SM90"] = "0"
+            try:
+                return timed()
+            finally:
+                if previous is None:
+                    del os.environ["PYEXT_FLASH_SM90"]
+                else:
+                    os.environ["PYEXT_FLASH_SM90"] = previous
+        return run
+    return stage1
+
+
 # (causal, dropout probability, None or what else: "padded", "causal-padded", "window", "softcap" or "sinks")
 # of each case
 STANDARD = ((False, 0.0, None), (True, 0.0, None))
@@ -372,6 +405,10 @@ def cases(quick: bool, dtypes):
                 fn = fn(causal, dropout_p, mask, window, softcap, sinks, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
+                stage1 = _cuda_stage1(head_dim, v_dim, ours["pyext-cuda"] or
+                                      (fns["pyext-cuda"] if isinstance(fns["pyext-cuda"], str) else None))
+                providers["pyext-cuda-stage1"] = stage1 if isinstance(stage1, str) else \
+                    stage1(autograd_callable(wrap(fns["pyext-cuda"]), inputs, direction, dout))
                 yield Case(op="attention", label=label, size=seqlen,
                            dtype=f"{str(dtype).split('.')[1]}-{dims}{options}",
                            direction=direction, bytes=0, flops=flops, providers=providers)
@@ -435,6 +472,7 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
                 q, k, v, cu_seqlens, cu_seqlens, longest, longest, causal=True, deterministic=deterministic,
                 backend=backend))
         fns = {"pyext-cuda": "the CUDA attention kernels have no packed batches",
+               "pyext-cuda-stage1": "the CUDA attention kernels have no packed batches",
                "pyext-triton": ours_packed(False), "pyext-triton-mask": _ours("triton", False, 0.0, mask),
                **{name: _sdpa(backend, False, 0.0, mask) for name, backend in SDPA.items()},
                "torch-varlen": _torch_varlen(cu_seqlens, longest),

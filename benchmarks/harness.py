@@ -26,8 +26,10 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # the Ampere path timed beside the descriptor path that pyext-triton takes there);
 # pyext-triton-det: the Triton attention backward with deterministic=True (the
 # two-kernel one, beside pyext-triton's atomic-dQ pass); pyext-triton-mask: a
-# sliding window given as a mask, as an HF model gives it (attention "window" cases)
-OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det", "pyext-triton-mask")
+# sliding window given as a mask, as an HF model gives it (attention "window" cases);
+# pyext-cuda-stage1: the CUDA attention's mma.sync kernels where pyext-cuda runs
+# the sm_90a ones (compute capability 9.x)
+OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det", "pyext-triton-mask", "pyext-cuda-stage1")
 
 
 @dataclasses.dataclass

@@ -112,6 +112,44 @@ def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
             assert isinstance(pointer, str) and "9.0" in pointer
 
 
+def test_attention_times_cuda_stage1_where_pyext_cuda_runs_stage2():
+    # pyext-cuda-stage1: the CUDA attention with PYEXT_FLASH_SM90=0, timed only
+    # where pyext-cuda runs the sm_90a kernels (compute capability 9.x, head
+    # dims padding to 64 or 128, no feature the CUDA kernels lack).
+    import torch
+    from benchmarks import attention
+    from benchmarks.harness import our_backends
+    sm90 = HAS_GPU and torch.cuda.get_device_capability()[0] == 9 and \
+        our_backends()["pyext-cuda"] is None and os.environ.get("PYEXT_FLASH_SM90") != "0"
+    cases = list(attention.cases(True, [torch.bfloat16]))
+    assert {case.direction for case in cases} == {"fwd", "bwd"}
+    for case in cases:
+        stage1 = case.providers["pyext-cuda-stage1"]
+        if callable(case.providers["pyext-cuda"]) and sm90 and "dv" not in case.dtype:
+            assert callable(stage1)
+        else:
+            assert isinstance(stage1, str)
+
+
+def test_cuda_stage1_sets_pyext_flash_sm90_only_while_it_runs(monkeypatch):
+    from benchmarks import attention
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    for before in (None, "1"):
+        if before is None:
+            monkeypatch.delenv("PYEXT_FLASH_SM90", raising=False)
+        else:
+            monkeypatch.setenv("PYEXT_FLASH_SM90", before)
+        stage1 = attention._cuda_stage1(128, 128, None)
+        assert stage1(lambda: os.environ.get("PYEXT_FLASH_SM90"))() == "0"
+        assert os.environ.get("PYEXT_FLASH_SM90") == before
+    assert "pad to 64 or 128" in attention._cuda_stage1(256, 256, None)
+    assert "compute capability 9.x" not in attention._cuda_stage1(192, 128, None)
+    assert attention._cuda_stage1(128, 128, "not built") == "not built"
+    monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "compute capability 9.x" in attention._cuda_stage1(128, 128, None)
+
+
 def test_attention_times_the_deterministic_backward_beside_the_atomic_one():
     # pyext-triton-det: the backward with deterministic=True, offered in the
     # backward cases only (the forward is the same), wherever pyext-triton runs.
