@@ -6,7 +6,9 @@
 // (common/tma.cuh); the tensor maps come from the real make_sm90_tensor_maps,
 // the grids, threads and shared memory from the kernels' traits. Loaded by
 // tests/test_cuda_emulated.py.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "simt.h"
 #include "common/mma.cuh"
@@ -31,6 +33,7 @@ using std::min;
 namespace {
 
 std::string g_result;
+std::vector<emu::WgmmaCommit> g_forward_commits;  // emu::g_wgmma_commits of the last forward
 alignas(1024) unsigned char g_smem[232448];  // the most an sm_90 block may have
 
 // Runs one kernel on every block of its grid; false (g_result says why) on a fault.
@@ -38,6 +41,7 @@ template <typename Kernel>
 bool run(dim3 grid, int threads, int smem_bytes, const Kernel& kernel) {
   if (size_t(smem_bytes) > sizeof(g_smem)) g_result = "more shared memory than an sm_90 block may have";
   emu::g_wgmma.clear();
+  emu::g_wgmma_commits.clear();
   if (g_result.empty()) g_result = emu::launch(grid, threads, smem_bytes, g_smem, kernel);
   for (const auto& q : emu::g_wgmma)
     if (g_result.empty() && !(q.open.empty() && q.committed.empty())) g_result = "a thread ended with wgmmas in flight";
@@ -54,6 +58,7 @@ void forward(const pyext::FlashAttnParams& p) {
   }
   run(Tr::grid(p), Tr::kThreads, Tr::kSmemBytes,
       [&] { pyext::flash_fwd_sm90_kernel<T, kD>(maps.q, maps.k, maps.v, p); });
+  g_forward_commits = emu::g_wgmma_commits;
 }
 
 template <typename T, int kD>
@@ -111,6 +116,17 @@ extern "C" const char* emulate_flash_bwd_sm90(const pyext::FlashAttnParams* p, i
   if (bf16) dispatch<backward<__nv_bfloat16, 64>, backward<__nv_bfloat16, 128>>(*p);
   else dispatch<backward<__half, 64>, backward<__half, 128>>(*p);
   return g_result.c_str();
+}
+
+// The last forward's wgmma commits (emu::g_wgmma_commits): their count, and
+// up to `capacity` of them into block[] and warpgroup[].
+extern "C" int forward_wgmma_commits(int* block, int* warpgroup, int capacity) {
+  const int n = int(g_forward_commits.size());
+  for (int i = 0; i < std::min(n, capacity); ++i) {
+    block[i] = g_forward_commits[i].block;
+    warpgroup[i] = g_forward_commits[i].warpgroup;
+  }
+  return n;
 }
 
 extern "C" int flash_attn_params_size() { return sizeof(pyext::FlashAttnParams); }

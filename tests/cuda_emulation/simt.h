@@ -2,14 +2,16 @@
 // without a GPU: each thread of a block is a fiber (ucontext) with its own
 // stack, run one at a time until it reaches a __syncthreads, a warp
 // collective (a shuffle, ldmatrix, mma) or a warpgroup one (wgmma's wait),
-// where it waits until every thread that must take part has arrived, or an
-// mbarrier wait whose phase has not completed, where it yields and polls
-// again when the others have moved. Blocks run one after another.
+// where it waits until every thread that must take part has arrived, or a
+// wait for an mbarrier's or a named barrier's phase that has not completed,
+// where it yields and polls again when the others have moved. Blocks run one
+// after another.
 //
 // What it checks besides the results: every thread of a block reaches the
 // same barriers (a block that finishes with threads still waiting, or a warp
 // collective met by a lane that has exited, is an error), that no thread
-// waits for an mbarrier phase that never completes, and the shared
+// waits for a barrier phase that never completes, that every named
+// barrier's phases are complete when its block ends, and the shared
 // memory of each block starts as NaN bytes, so a read of what no copy wrote
 // shows. Its limits: one thread runs at a time, so a data race shows only
 // through the order (Mode::serial lets a warp run ahead of the others,
@@ -50,6 +52,13 @@ struct Fiber {
   std::vector<Copy> open_copies;
 };
 
+// A named barrier (bar.sync / bar.arrive, common/named_barrier.cuh): the
+// thread count of its current phase, the threads arrived in it, the phases
+// completed.
+struct NamedBarrier {
+  uint32_t expected = 0, arrived = 0, completed = 0;
+};
+
 struct Block {
   uint3 index;
   dim3 dims;  // threads: x fastest, warps of 32 consecutive threads as on a GPU
@@ -58,6 +67,7 @@ struct Block {
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
   unsigned char slots[1024][64];  // each thread's input to the collective it is in
+  NamedBarrier named[16];
 };
 
 inline Block* g_block = nullptr;
@@ -105,6 +115,28 @@ inline void warp_barrier() { group_barrier(32); }
 
 // Gives way to the other threads until they have moved (an mbarrier wait).
 inline void poll() { wait_as(Fiber::polling); }
+
+// bar.sync (wait: arrive, then wait for the phase to complete) or bar.arrive
+// on named barrier `id` of `threads` threads. PTX's rules: id 1 .. 15 (0 is
+// __syncthreads'), a thread count that is a multiple of 32, the same count
+// from every thread of a phase.
+inline void named_barrier(uint32_t id, uint32_t threads, bool wait) {
+  if (id == 0 || id > 15 || threads == 0 || threads % 32 != 0 || threads > uint32_t(g_block->threads)) {
+    fault("a named barrier with id " + std::to_string(id) + " and " + std::to_string(threads) +
+          " threads, outside PTX's rules");
+    return;
+  }
+  NamedBarrier& b = g_block->named[id];
+  if (b.arrived > 0 && b.expected != threads)
+    fault("threads of one phase of named barrier " + std::to_string(id) + " give different thread counts");
+  b.expected = threads;
+  const uint32_t phase = b.completed;
+  if (++b.arrived == threads) {
+    b.arrived = 0;
+    ++b.completed;
+  }
+  while (wait && b.completed == phase && g_error.empty()) poll();
+}
 
 // Every thread of this thread's group of kSize gives `mine`; compute(all
 // kSize inputs, index in the group) gives this thread's result, after all
@@ -177,7 +209,7 @@ inline bool release_block(Block& b) {
   if (!all_at_barrier) {
     const bool polling = std::any_of(b.fibers.begin(), b.fibers.end(),
                                      [](const Fiber& f) { return f.state == Fiber::polling; });
-    fault(polling ? "threads wait for an mbarrier phase that never completes"
+    fault(polling ? "threads wait for a barrier phase (an mbarrier's or a named barrier's) that never completes"
                   : "threads of a block wait at different barriers (a collective or __syncthreads not reached by all)");
     return false;
   }
@@ -237,6 +269,10 @@ inline void run_block(Block& b) {
       if (!moved && g_on_stall) moved = g_on_stall();
     } while (moved && g_error.empty());
   } while (g_error.empty() && release_block(b));
+  for (uint32_t id = 1; id < 16 && g_error.empty(); ++id)
+    if (b.named[id].arrived)
+      fault("named barrier " + std::to_string(id) + " has " + std::to_string(b.named[id].arrived) + " of " +
+            std::to_string(b.named[id].expected) + " threads arrived when its block ends");
   if (g_error.empty() && g_on_stall && g_on_stall()) fault("an asynchronous copy still in flight when its block ended");
 }
 

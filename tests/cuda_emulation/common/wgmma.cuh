@@ -48,6 +48,14 @@ struct WgmmaQueue {
 
 inline std::vector<WgmmaQueue> g_wgmma;  // one a thread of the running block
 
+// The order in which warpgroups commit groups of wgmmas (as their thread 0
+// does), each with its block (x + gridDim.x * y): what a ping-pong schedule
+// sets. Cleared by the emulator before each launch.
+struct WgmmaCommit {
+  int block, warpgroup;
+};
+inline std::vector<WgmmaCommit> g_wgmma_commits;
+
 inline WgmmaQueue& wgmma_queue() {
   if (g_wgmma.size() < size_t(g_block->threads)) g_wgmma.resize(g_block->threads);
   return g_wgmma[tid()];
@@ -126,6 +134,8 @@ inline void wgmma_commit() {
   emu::WgmmaQueue& q = emu::wgmma_queue();
   q.committed.push_back(std::move(q.open));
   q.open.clear();
+  if (emu::tid() % 128 == 0)
+    emu::g_wgmma_commits.push_back({int(blockIdx.x + gridDim.x * blockIdx.y), emu::tid() / 128});
 }
 
 template <int N>
