@@ -15,6 +15,7 @@ import fcntl
 import glob
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -424,6 +425,27 @@ def test_stage2_kernels_under_other_schedules(sm90_emulator, shape, causal, mode
     before its bytes have landed sees NaN), on (B, S, H, D) views (the
     tensor maps' strides)."""
     check_stage(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd", stage="_sm90")
+
+
+@pytest.mark.parametrize("mode", ["eager", "serial", "random"])
+def test_stage2_forward_warpgroups_take_turns(sm90_emulator, mode):
+    """Ping-pong: in every block the two consumer warpgroups (1 and 2) issue
+    their wgmmas in turns, warpgroup 1 first, whatever the schedule (the
+    serial one runs the last warp first): n_blocks + 1 turns each, S(0), then
+    S(nb) with P V(nb - 1), then the last P V."""
+    shape = SM90_SHAPES[0]
+    sm90_emulator.emulator_seed(0)
+    check_stage(sm90_emulator, shape, torch.bfloat16, False, mode, "contiguous", stage="_sm90")
+    n = sm90_emulator.forward_wgmma_commits(None, None, 0)
+    blocks, warpgroups = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+    sm90_emulator.forward_wgmma_commits(blocks, warpgroups, n)
+    b, hq, _, sq, sk, _ = shape
+    n_blocks = -(-sk // 128)
+    assert sorted(set(blocks)) == list(range(b * hq * -(-sq // 128)))
+    for block in set(blocks):
+        order = [wg for blk, wg in zip(blocks, warpgroups) if blk == block]
+        turns = [wg for wg, _ in itertools.groupby(order)]
+        assert turns == [1, 2] * (n_blocks + 1), f"block {block}: warpgroups issue in the order {order}"
 
 
 @pytest.mark.parametrize("offset", [0, -30], ids=["top-left", "30-rows-see-nothing"])

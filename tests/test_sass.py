@@ -4,7 +4,8 @@ no local memory (register spills or run-time-indexed arrays) in any kernel,
 16-byte loads and stores in the vectorised elementwise kernels, tensor cores
 (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) in the attention kernels, and
 warpgroup tensor cores (HGMMA), the bulk tensor copy engine (UTMALDG) and
-mbarriers (SYNCS) in the sm_90a attention forward and backward."""
+mbarriers (SYNCS) in the sm_90a attention forward and backward, and the
+forward's named barriers (BAR.SYNC / BAR.ARV) for its warpgroups' turns."""
 import functools
 import glob
 import os
@@ -136,6 +137,9 @@ def test_sm90_flash_forward_uses_wgmma_tma_and_mbarriers():
         # S = Q K^T: 64x128 tiles, both operands from shared memory; O += P V:
         # A (P) from registers, B (V) transposed from shared memory.
         assert re.search(r"HGMMA\.64x128x16\.F32\S* R\d+, gdesc", code), f"no SS HGMMA in {name}"
+        # the consumer warpgroups' turns (ping-pong): named barriers of 256 threads
+        assert re.search(r"BAR\.SYNC\S* R\d+, 0x100", code) and re.search(r"BAR\.ARV \S+, 0x100", code), \
+            f"no ping-pong named barriers in {name}"
         assert_sm90_pipeline(name, code)
 
 

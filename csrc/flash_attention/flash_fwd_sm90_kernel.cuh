@@ -23,14 +23,28 @@
 // Overlap: the producer keeps the next K/V tiles in flight (3 buffers) while
 // a tile is used; within a consumer warpgroup, tile nb's S = Q K^T is issued
 // together with tile nb - 1's P V, and tile nb's softmax starts while that
-// P V runs (kIntraWgOverlap; see the loop for what ptxas keeps of it); the
-// two consumer warpgroups run independently, so the tensor cores can work
-// for one while the other does its softmax (left to the warp schedulers: no
-// ping-pong barrier yet, the next step, see benchmarks/NOTES.md).
+// P V runs (kIntraWgOverlap; see the loop for what ptxas keeps of it); and
+// the two consumer warpgroups take turns issuing their wgmmas (kPingPong),
+// so that the tensor cores work for one while the other does its softmax.
+//
+// Ping-pong: turn[wg] is named barrier kTurnBarrier + wg over both consumer
+// warpgroups' 256 threads. Before each group of wgmmas it issues, warpgroup
+// wg waits on its own (bar.sync: its 128 threads and the other's 128
+// arrivals), and once they are issued it arrives on the other's (bar.arrive),
+// so the two issue alternately: 0, 1, 0, 1, ... The issues are the points
+// of the loop below: n_blocks + 1 of them in each warpgroup (overlapped:
+// S(0); S(nb) with PV(nb - 1) for nb = 1 .. n_blocks - 1; PV(n_blocks - 1)),
+// 2 n_blocks one tile at a time (each S and each PV). Warpgroup 1 arrives
+// once on warpgroup 0's turn before its first issue, so 0 goes first, and
+// not after its last, so every barrier phase completes before the block
+// ends: 0 waits as often as 1 arrives, and 1 as often as 0 arrives.
+// Warpgroup 0 then does its softmax while 1's wgmmas, issued just after its
+// own, keep the tensor cores busy, and the other way round.
 #pragma once
 
 #include <cmath>
 
+#include "common/named_barrier.cuh"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_sm90_tile.cuh"
@@ -47,6 +61,9 @@ struct FlashFwdSm90Traits {
   // Tile nb - 1's P V overlaps tile nb's softmax (see the consumer loop);
   // false: one tile at a time, S, softmax, P V.
   static constexpr bool kIntraWgOverlap = true;
+  // The consumer warpgroups issue their wgmmas in turns (see the top).
+  static constexpr bool kPingPong = true;
+  static constexpr int kTurnBarrier = 1;  // named barriers 1, 2: the turns of warpgroups 0, 1
   // K/V ring depth. With the overlap, buffer nb - 1 is released only after
   // tile nb's softmax: a third buffer lets tile nb + 1 load meanwhile.
   static constexpr int kStages = kIntraWgOverlap ? 3 : 2;
@@ -163,6 +180,16 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
       if (lane == 0) mbarrier_arrive(&empty[s]);
     };
     auto wait_full = [&](int nb) { mbarrier_wait(&full[nb % kStages], (nb / kStages) & 1); };
+    // issue() in this warpgroup's turn (see the top), then the other's turn.
+    int issues_left = Tr::kIntraWgOverlap ? n_blocks + 1 : 2 * n_blocks;
+    auto in_turn = [&](auto&& issue) {
+      if constexpr (Tr::kPingPong) named_barrier_sync(Tr::kTurnBarrier + wg, 256);
+      issue();
+      if constexpr (Tr::kPingPong) {
+        if (--issues_left > 0 || wg == 0) named_barrier_arrive(Tr::kTurnBarrier + 1 - wg, 256);
+      }
+    };
+    if (Tr::kPingPong && wg == 1 && n_blocks > 0) named_barrier_arrive(Tr::kTurnBarrier, 256);
 
     if constexpr (Tr::kIntraWgOverlap) {
       // Tile nb's softmax runs while the tensor cores do tile nb - 1's P V:
@@ -181,7 +208,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
         float alpha[2];
         wait_full(0);
         wgmma_fence();
-        issue_s(0);
+        in_turn([&] { issue_s(0); });
         wgmma_wait<0>();
         wgmma_fence_operand(sacc);
         softmax(0, alpha);  // O is still zero: no rescale
@@ -189,8 +216,10 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
         for (int nb = 1; nb < n_blocks; ++nb) {
           wait_full(nb);
           wgmma_fence();
-          issue_s(nb % kStages);
-          issue_pv((nb - 1) % kStages);
+          in_turn([&] {
+            issue_s(nb % kStages);
+            issue_pv((nb - 1) % kStages);
+          });
           wgmma_wait<1>();
           wgmma_fence_operand(sacc);
           softmax(nb, alpha);
@@ -202,7 +231,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
           acc_to_a<T, kN>(sacc, pa);
         }
         wgmma_fence();
-        issue_pv((n_blocks - 1) % kStages);
+        in_turn([&] { issue_pv((n_blocks - 1) % kStages); });
         wgmma_wait<0>();
         wgmma_fence_operand(o);
         wgmma_fence_operand(pa);
@@ -215,14 +244,14 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
         float alpha[2];
         wait_full(nb);
         wgmma_fence();
-        issue_s(s);
+        in_turn([&] { issue_s(s); });
         wgmma_wait<0>();
         wgmma_fence_operand(sacc);
         softmax(nb, alpha);
         rescale_o(alpha);
         acc_to_a<T, kN>(sacc, pa);
         wgmma_fence();
-        issue_pv(s);
+        in_turn([&] { issue_pv(s); });
         wgmma_wait<0>();
         wgmma_fence_operand(o);
         wgmma_fence_operand(pa);
