@@ -48,6 +48,7 @@ struct Fiber {
   // at_group_barrier: in a collective of group_size threads (a warp, a warpgroup)
   enum { running, polling, at_block_barrier, at_group_barrier, done } state = running;
   int group_size = 0;
+  int waits_passed = 0;  // wait_until calls returned: a thread that passed one and polls at the next has moved
   std::vector<std::vector<Copy>> committed_copies;  // oldest group first
   std::vector<Copy> open_copies;
 };
@@ -113,8 +114,13 @@ inline void group_barrier(int size) {
 
 inline void warp_barrier() { group_barrier(32); }
 
-// Gives way to the other threads until they have moved (an mbarrier wait).
-inline void poll() { wait_as(Fiber::polling); }
+// Gives way to the other threads until done() holds (an mbarrier's or a
+// named barrier's phase complete), polling again each time it is run.
+template <typename Done>
+inline void wait_until(const Done& done) {
+  while (!done() && g_error.empty()) wait_as(Fiber::polling);
+  ++g_block->fibers[tid()].waits_passed;
+}
 
 // bar.sync (wait: arrive, then wait for the phase to complete) or bar.arrive
 // on named barrier `id` of `threads` threads. PTX's rules: id 1 .. 15 (0 is
@@ -135,7 +141,7 @@ inline void named_barrier(uint32_t id, uint32_t threads, bool wait) {
     b.arrived = 0;
     ++b.completed;
   }
-  while (wait && b.completed == phase && g_error.empty()) poll();
+  if (wait) wait_until([&] { return b.completed != phase; });
 }
 
 // Every thread of this thread's group of kSize gives `mine`; compute(all
@@ -224,10 +230,11 @@ inline bool run_fiber(Block& b, int t) {
   Fiber& f = b.fibers[t];
   if (f.state != Fiber::running && f.state != Fiber::polling) return false;
   const bool was_polling = f.state == Fiber::polling;
+  const int passed = f.waits_passed;
   f.state = Fiber::running;
   b.current = t;
   swapcontext(&b.scheduler, &f.ctx);
-  return !was_polling || f.state != Fiber::polling;
+  return !was_polling || f.state != Fiber::polling || f.waits_passed != passed;
 }
 
 // Runs a block to its end. Mode::serial: one warp at a time, the last

@@ -180,11 +180,10 @@ inline void mbarrier_arrive(uint64_t* bar) {
 }
 
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  for (;;) {
+  emu::wait_until([&] {
     const emu::Mbarrier* m = emu::mbarrier(bar);
-    if (m == nullptr || m->completed % 2 != parity % 2) return;
-    emu::poll();
-  }
+    return m == nullptr || m->completed % 2 != parity % 2;
+  });
 }
 
 inline void tma_load_4d(void* dst, const CUtensorMap* tmap, uint64_t* bar, int c0, int c1, int c2, int c3) {
