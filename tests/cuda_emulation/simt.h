@@ -125,8 +125,10 @@ inline void wait_until(const Done& done) {
 // bar.sync (wait: arrive, then wait for the phase to complete) or bar.arrive
 // on named barrier `id` of `threads` threads. PTX's rules: id 1 .. 15 (0 is
 // __syncthreads'), a thread count that is a multiple of 32, the same count
-// from every thread of a phase.
+// from every thread of a phase, and (both being .aligned) every thread of
+// the warp executing it together: a warp collective here.
 inline void named_barrier(uint32_t id, uint32_t threads, bool wait) {
+  warp_barrier();
   if (id == 0 || id > 15 || threads == 0 || threads % 32 != 0 || threads > uint32_t(g_block->threads)) {
     fault("a named barrier with id " + std::to_string(id) + " and " + std::to_string(threads) +
           " threads, outside PTX's rules");
