@@ -10,7 +10,8 @@
 // What it checks besides the results: every thread of a block reaches the
 // same barriers (a block that finishes with threads still waiting, or a warp
 // collective met by a lane that has exited, is an error), that no thread
-// waits for a barrier phase that never completes, that every named
+// waits for a barrier phase that never completes (or for registers a
+// setmaxnreg.inc never gets, common/tma.cuh), that every named
 // barrier's phases are complete when its block ends, and the shared
 // memory of each block starts as NaN bytes, so a read of what no copy wrote
 // shows. Its limits: one thread runs at a time, so a data race shows only
@@ -69,6 +70,10 @@ struct Block {
   ucontext_t scheduler;
   unsigned char slots[1024][64];  // each thread's input to the collective it is in
   NamedBarrier named[16];
+  // setmaxnreg (common/tma.cuh): each warpgroup's registers per thread, and
+  // the block's registers that no warpgroup holds.
+  int warpgroup_registers[8] = {};
+  int free_registers = 0;
 };
 
 inline Block* g_block = nullptr;
@@ -115,7 +120,8 @@ inline void group_barrier(int size) {
 inline void warp_barrier() { group_barrier(32); }
 
 // Gives way to the other threads until done() holds (an mbarrier's or a
-// named barrier's phase complete), polling again each time it is run.
+// named barrier's phase complete, registers free for setmaxnreg.inc),
+// polling again each time it is run.
 template <typename Done>
 inline void wait_until(const Done& done) {
   while (!done() && g_error.empty()) wait_as(Fiber::polling);
@@ -217,7 +223,8 @@ inline bool release_block(Block& b) {
   if (!all_at_barrier) {
     const bool polling = std::any_of(b.fibers.begin(), b.fibers.end(),
                                      [](const Fiber& f) { return f.state == Fiber::polling; });
-    fault(polling ? "threads wait for a barrier phase (an mbarrier's or a named barrier's) that never completes"
+    fault(polling ? "threads wait for what never comes (an mbarrier's or a named barrier's phase, or the registers "
+                    "of a setmaxnreg.inc)"
                   : "threads of a block wait at different barriers (a collective or __syncthreads not reached by all)");
     return false;
   }
@@ -309,6 +316,9 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned char* smem
         b.dims = block;
         b.threads = threads;
         b.fibers = std::vector<Fiber>(threads);
+        // What a thread holds at entry under __launch_bounds__(threads, 1): the
+        // SM's 64K registers over the block's threads, rounded down to 8.
+        for (int& r : b.warpgroup_registers) r = std::min(255, 65536 / threads) / 8 * 8;
         g_block = &b;
         for (int t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[t];

@@ -205,10 +205,40 @@ inline unsigned char* dynamic_smem_1024() {
   return reinterpret_cast<unsigned char*>((base + 1023) & ~uintptr_t(1023));
 }
 
+// setmaxnreg.{inc,dec}.sync.aligned: every thread of the warpgroup, with the
+// same count (24 .. 256, a multiple of 8); dec gives the registers above N
+// back to the block, inc waits until the block has those it asks for (a
+// wait that never ends is simt.h's deadlock fault; the block's registers are
+// what its threads held at entry).
 template <int N>
-inline void setmaxnreg_inc() {}
+inline void setmaxnreg(bool inc) {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg takes 24 .. 256, a multiple of 8");
+  emu::group_collective<128>(N, [](const int* all, int) {
+    for (int i = 0; i < 128; ++i)
+      if (all[i] != N) emu::fault("setmaxnreg with different counts in one warpgroup");
+    return 0;
+  });
+  emu::Block& b = *emu::g_block;
+  int& mine = b.warpgroup_registers[emu::tid() / 128];
+  if (emu::tid() % 128 == 0) {  // one thread moves the warpgroup's registers
+    if (inc ? N < mine : N > mine)
+      emu::fault(inc ? "setmaxnreg.inc below the warpgroup's count" : "setmaxnreg.dec above the warpgroup's count");
+    const int change = (N - mine) * 128;
+    emu::wait_until([&] { return b.free_registers >= change; });
+    b.free_registers -= change;
+    mine = N;
+  }
+  emu::wait_until([&] { return mine == N; });
+}
 
 template <int N>
-inline void setmaxnreg_dec() {}
+inline void setmaxnreg_inc() {
+  setmaxnreg<N>(true);
+}
+
+template <int N>
+inline void setmaxnreg_dec() {
+  setmaxnreg<N>(false);
+}
 
 }  // namespace pyext
