@@ -58,6 +58,7 @@ struct FlashBwdDkDvSm90Traits {
   // 240, as in the forward.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  static_assert(sm90_registers_fit<kThreads, kProducerRegs, kConsumerRegs>(), "setmaxnreg over the block's registers");
   static_assert(kSmemBytes + 2048 <= 227 * 1024, "shared memory over the sm_90 per-block limit");
   static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN); }
 };

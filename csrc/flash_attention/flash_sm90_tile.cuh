@@ -17,6 +17,16 @@ namespace pyext {
 
 constexpr int kSm90BoxCols = 64;  // head-dim elements per TMA box: 128 bytes
 
+// setmaxnreg's arithmetic for a block of kThreads, one producer warpgroup at
+// kProducer registers a thread and the rest at kConsumer: it must fit what
+// the block holds at entry under __launch_bounds__(kThreads, 1), the SM's 64K
+// registers over kThreads, rounded down to 8 a thread. Past that the
+// consumers' setmaxnreg.inc waits forever.
+template <int kThreads, int kProducer, int kConsumer>
+constexpr bool sm90_registers_fit() {
+  return 128 * kProducer + (kThreads - 128) * kConsumer <= kThreads * (65536 / kThreads / 8 * 8);
+}
+
 // Tensor maps over q, k, v (and dout) as (D, S, H, B), boxes of 64 head-dim
 // elements x q_rows (q, dout) or kv_rows (k, v). dout is contiguous (B, Hq,
 // Sq, D); the forward has none (p.dout null) and leaves m.dout unset. False
