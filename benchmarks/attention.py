@@ -254,7 +254,9 @@ def _cuda_stage1(head_dim, v_dim, why_not_cuda):
         return "same kernels as pyext-cuda: Stage 2 (sm_90a) runs only on compute capability 9.x"
     if os.environ.get("PYEXT_FLASH_SM90") == "0":
         return "same kernels as pyext-cuda: PYEXT_FLASH_SM90=0 is set for this whole run"
-    if v_dim != head_dim or (head_dim + 31) // 32 * 32 not in (64, 128):
+    if v_dim != head_dim:
+        return "the CUDA attention kernels take one head dim for q, k and v"
+    if (head_dim + 31) // 32 * 32 not in (64, 128):
         return "same kernels as pyext-cuda: Stage 2 covers head dims that pad to 64 or 128"
 
     def stage1(timed):
