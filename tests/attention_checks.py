@@ -14,12 +14,13 @@ from conftest import assert_close, device_for, make_tensor
 DTYPES = [torch.bfloat16, torch.float16]
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (backend, deterministic): the Triton backward has two paths, dQ summed with
-# atomics (the default) and the deterministic two-kernel one; the CUDA
-# backward is deterministic either way.
+# atomics (the default) and the deterministic two-kernel one; so has the CUDA
+# backward on Hopper (sm_90a), whose mma.sync kernels are deterministic either way.
 FLASH_KERNELS = [
     pytest.param("triton", False, id="triton-atomic"),
     pytest.param("triton", True, id="triton-deterministic"),
-    pytest.param("cuda", False, id="cuda", marks=pytest.mark.gpu),
+    pytest.param("cuda", False, id="cuda-atomic", marks=pytest.mark.gpu),
+    pytest.param("cuda", True, id="cuda-deterministic", marks=pytest.mark.gpu),
 ]
 FLASH_BACKENDS = [pytest.param("torch", False, id="torch")] + FLASH_KERNELS
 # the same without CUDA: for what only the Triton kernels and the reference have (windows, caps, sinks)

@@ -190,8 +190,8 @@ def test_cuda_kernels_write_every_element(backend):
 @pytest.mark.skipif(compute_sanitizer() is None, reason="compute-sanitizer is not on PATH")
 def test_cuda_kernels_under_sanitizer(backend, tool):
     # Ragged lengths, GQA, causal both ways, a (B, S, H, D) view, forward and
-    # backward: memcheck over every head-dim instantiation, racecheck (far
-    # slower) over the smallest and the largest tile shapes.
+    # backward (both modes): memcheck over every head-dim instantiation,
+    # racecheck (far slower) over the smallest and the largest tile shapes.
     dims = (8, 40, 64, 96, 128, 160, 200, 256) if tool == "memcheck" else (40, 256)
     code = ("import torch\n"
             "import pyext\n"  # loads pyext._C, which defines the ops
@@ -201,7 +201,8 @@ def test_cuda_kernels_under_sanitizer(backend, tool):
             "    q = torch.randn(1, sq, 4, d, device='cuda', dtype=torch.bfloat16).transpose(1, 2)\n"
             "    k, v = (torch.randn(1, 2, sk, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))\n"
             "    out, lse = fwd(q, k, v, 0.1, causal, off)\n"
-            "    bwd(torch.randn_like(out), q, k, v, out, lse, 0.1, causal, off, True)\n"
+            "    for deterministic in (True, False):\n"
+            "      bwd(torch.randn_like(out), q, k, v, out, lse, 0.1, causal, off, deterministic)\n"
             "torch.cuda.synchronize()\n")
     result = run_under_sanitizer(tool, code)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -545,17 +546,19 @@ def cuda_stage(request, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq-atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
-def test_cuda_stages_match_oracle(backend, cuda_stage, dtype, causal, shape):
-    check_flash(backend, *qkv(shape, dtype, "cuda"), causal)
+def test_cuda_stages_match_oracle(backend, cuda_stage, deterministic, dtype, causal, shape):
+    check_flash(backend, *qkv(shape, dtype, "cuda"), causal, deterministic)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
-def test_cuda_stages_on_bshd_views(backend, cuda_stage):
-    check_flash(backend, *qkv((2, 4, 2, 150, 140, 128), torch.bfloat16, "cuda", "bshd"), True)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq-atomic", "deterministic"])
+def test_cuda_stages_on_bshd_views(backend, cuda_stage, deterministic):
+    check_flash(backend, *qkv((2, 4, 2, 150, 140, 128), torch.bfloat16, "cuda", "bshd"), True, deterministic)
 
 
 @pytest.mark.gpu
@@ -575,19 +578,46 @@ def test_cuda_forward_runs_the_stage_asked_for(backend, cuda_stage, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq-atomic", "deterministic"])
 @pytest.mark.parametrize("head_dim", [40, 128])
-def test_cuda_backward_runs_the_stage_asked_for(backend, cuda_stage, head_dim):
-    """dK/dV and dQ: the sm_90a kernels exactly when asked, Stage 1's otherwise."""
+def test_cuda_backward_runs_the_stage_asked_for(backend, cuda_stage, deterministic, head_dim):
+    """The sm_90a kernels exactly when asked, Stage 1's otherwise: dK/dV,
+    then dQ (deterministic), or dK/dV adding dQ up (its template's last
+    argument true), then the pass that rounds it."""
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 200, 300, head_dim), torch.bfloat16, "cuda"))
     out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 100)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, 0.125, True, 100, True)
+        torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, 0.125, True, 100, deterministic)
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
-    sm90 = cuda_stage == "sm90"
-    for kernel in ("flash_bwd_dkdv", "flash_bwd_dq"):
-        assert any(f"{kernel}_sm90_kernel" in n for n in names) == sm90, names
-        assert any(f"{kernel}_kernel" in n for n in names) == (not sm90), names
+    ran = {kernel: any(kernel in n for n in names) for kernel in (
+        "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel", "flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel",
+        "flash_bwd_dq_convert_kernel")}
+    adds_dq = any("flash_bwd_dkdv_sm90_kernel" in n and "true>" in n for n in names)
+    if cuda_stage == "stage1":
+        expected = {"flash_bwd_dkdv_kernel": True, "flash_bwd_dq_kernel": True}
+    else:
+        expected = {"flash_bwd_dkdv_sm90_kernel": True, "flash_bwd_dq_sm90_kernel": deterministic,
+                    "flash_bwd_dq_convert_kernel": not deterministic}
+    assert ran == {kernel: expected.get(kernel, False) for kernel in ran}, names
+    assert adds_dq == (cuda_stage == "sm90" and not deterministic), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_cuda_dq_atomic_backward_writes_every_element_and_the_same_dk_dv(backend, cuda_stage):
+    """deterministic=False changes how dQ is summed, nothing else: dK and dV
+    are the deterministic backward's bit for bit, dQ within the rule (the
+    stage tests above); no element left unwritten in poisoned memory."""
+    q, k, v = (t.detach() for t in qkv((2, 4, 2, 77, 300, 120), torch.bfloat16, "cuda", "bshd"))
+    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
+    dout = torch.randn_like(out)
+    _, dk, dv = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, 0.3, True, 13, True)
+    for _ in range(3):
+        poison_cuda_allocator(8 * q.numel() * q.element_size())
+        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, 0.3, True, 13, False)
+        assert not any(g.isnan().any() for g in grads)
+        assert torch.equal(grads[1], dk) and torch.equal(grads[2], dv)
 
 
 @pytest.mark.gpu

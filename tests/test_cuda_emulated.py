@@ -111,7 +111,7 @@ class FlashAttnParams(ctypes.Structure):
     """csrc/flash_attention/flash_attention.h's struct, field for field."""
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v")]
                 + [(f"{t}_{s}_stride", ctypes.c_int64) for t in "qkv" for s in ("batch", "head", "row")]
-                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "delta", "dq", "dk", "dv")]
+                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "delta", "dq", "dk", "dv", "dq_accum")]
                 + [(n, ctypes.c_int) for n in ("batch", "heads_q", "heads_kv", "seq_q", "seq_k", "head_dim")]
                 + [("scale", ctypes.c_float), ("causal", ctypes.c_bool), ("causal_offset", ctypes.c_int)])
 
@@ -158,9 +158,10 @@ def call(fn, p, dtype, mode, inputs, outputs):
     assert_guards_untouched(outputs)
 
 
-def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage=""):
+def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage="", deterministic=True):
     """out, lse, dq, dk, dv from the emulated kernels (lib's emulate_flash_fwd{stage}
-    and emulate_flash_bwd{stage}), as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them."""
+    and emulate_flash_bwd{stage}), as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them;
+    deterministic=False: Stage 2's backward that adds dQ up in an fp32 buffer."""
     b, hq, sq, d = q.shape
     out, lse = guarded(q.shape, q.dtype), guarded((b, hq, sq), torch.float32)
     p = params(q, k, v, scale, causal, offset)
@@ -171,8 +172,12 @@ def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage=""):
     grads = {"dq": guarded(q.shape, q.dtype), "dk": guarded(k.shape, k.dtype), "dv": guarded(v.shape, v.dtype)}
     p.dout, p.delta = dout.data_ptr(), delta[1].data_ptr()
     p.dq, p.dk, p.dv = (grads[n][1].data_ptr() for n in ("dq", "dk", "dv"))
+    scratch = {"delta": delta}
+    if not deterministic:
+        scratch["dq_accum"] = guarded(q.shape, torch.float32)
+        p.dq_accum = scratch["dq_accum"][1].data_ptr()
     call(getattr(lib, "emulate_flash_bwd" + stage), p, q.dtype, mode, (q, k, v, dout, out[1]),
-         {"delta": delta, **grads})
+         {**scratch, **grads})
     return [out[1], lse[1]] + [grads[n][1] for n in ("dq", "dk", "dv")]
 
 
@@ -191,14 +196,14 @@ SHAPES = [
 ]
 
 
-def check_stage(lib, shape, dtype, causal, mode, layout, stage="", offset=None):
+def check_stage(lib, shape, dtype, causal, mode, layout, stage="", offset=None, deterministic=True):
     """flash_attention's semantics (bottom-right causal, offset Sk - Sq, unless
     another offset is given): out, lse, dq, dk, dv of the emulated kernels by the rule."""
     b, hq, hk, sq, sk, d = shape
     q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
     dout = torch.randn(b, hq, sq, d).to(dtype)
     scale, offset = d ** -0.5, sk - sq if offset is None else offset
-    outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage)
+    outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage, deterministic)
     assert_flash_close(outs, q, k, v, dout, scale, causal, offset)
 
 
@@ -409,22 +414,44 @@ SM90_SHAPES = [
 ]
 
 
+# Stage 2's backward in both modes: deterministic (dK/dV, then dQ in its own
+# kernel) and not (dK/dV adding dQ up in fp32 with atomics, then rounded).
+SM90_BACKWARDS = [pytest.param(True, id="deterministic"), pytest.param(False, id="dq-atomic")]
+
+
+@pytest.mark.parametrize("deterministic", SM90_BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
-def test_stage2_kernels_match_oracle(sm90_emulator, shape, dtype, causal):
-    check_stage(sm90_emulator, shape, dtype, causal, "eager", "contiguous", stage="_sm90")
+def test_stage2_kernels_match_oracle(sm90_emulator, shape, dtype, causal, deterministic):
+    check_stage(sm90_emulator, shape, dtype, causal, "eager", "contiguous", stage="_sm90", deterministic=deterministic)
 
 
+@pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[2]], ids=str)
+def test_stage2_dq_atomic_backward_changes_nothing_but_dq(sm90_emulator, shape):
+    """deterministic=False changes how dQ is summed and nothing else: dK and
+    dV are the deterministic backward's bit for bit (the same code, in the
+    same order); dQ meets the rule (the tests above)."""
+    b, hq, hk, sq, sk, d = shape
+    q, k, v = (t.detach() for t in qkv(shape, torch.bfloat16, "cpu"))
+    dout = torch.randn(b, hq, sq, d).to(torch.bfloat16)
+    runs = [emulated(sm90_emulator, q, k, v, dout, d ** -0.5, True, sk - sq, "eager", "_sm90", deterministic)
+            for deterministic in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][3:], runs[1][3:]))
+
+
+@pytest.mark.parametrize("deterministic", SM90_BACKWARDS)
 @pytest.mark.parametrize("mode", ["lazy", "serial"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[1]], ids=str)
-def test_stage2_kernels_under_other_schedules(sm90_emulator, shape, causal, mode):
+def test_stage2_kernels_under_other_schedules(sm90_emulator, shape, causal, mode, deterministic):
     """TMA copies landing only when no thread can move, or each warp alone
     as far as it can go, the producer last (a consumer that reads a buffer
-    before its bytes have landed sees NaN), on (B, S, H, D) views (the
-    tensor maps' strides)."""
-    check_stage(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd", stage="_sm90")
+    before its bytes have landed sees NaN; in the dq-atomic backward, a
+    warpgroup that reads the dS^T buffer before the other has written its
+    half), on (B, S, H, D) views (the tensor maps' strides)."""
+    check_stage(sm90_emulator, shape, torch.bfloat16, causal, mode, "bshd", stage="_sm90",
+                deterministic=deterministic)
 
 
 @pytest.mark.parametrize("mode", ["eager", "serial", "random"])
@@ -450,20 +477,22 @@ def test_stage2_forward_warpgroups_take_turns(sm90_emulator, mode):
 
 @pytest.mark.parametrize("offset", [0, -30], ids=["top-left", "30-rows-see-nothing"])
 @pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[3]], ids=str)
-@pytest.mark.parametrize("stage", ["", "_sm90"], ids=["stage1", "stage2"])
-def test_causal_offsets(request, stage, shape, offset):
+@pytest.mark.parametrize("stage, deterministic", [("", True), ("_sm90", True), ("_sm90", False)],
+                         ids=["stage1", "stage2", "stage2-dq-atomic"])
+def test_causal_offsets(request, stage, deterministic, shape, offset):
     """Causal masks at other alignments than bottom-right: SDPA's top-left
     (offset 0) and one where the first 30 query rows see no key (out 0,
     lse -inf, no gradient), with Sq < Sk and Sq > Sk."""
     lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
-    check_stage(lib, shape, torch.bfloat16, True, "eager", "contiguous", stage, offset)
+    check_stage(lib, shape, torch.bfloat16, True, "eager", "contiguous", stage, offset, deterministic)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape, seed", [(SM90_SHAPES[0], seed) for seed in range(3)] +
                          [((2, 2, 2, 43, 2, 128), seed) for seed in range(10)], ids=str)
-@pytest.mark.parametrize("stage", ["", "_sm90"], ids=["stage1", "stage2"])
-def test_random_schedules(request, stage, shape, seed, causal):
+@pytest.mark.parametrize("stage, deterministic", [("", True), ("_sm90", True), ("_sm90", False)],
+                         ids=["stage1", "stage2", "stage2-dq-atomic"])
+def test_random_schedules(request, stage, deterministic, shape, seed, causal):
     """Threads run in a seeded random order and pace, and (Stage 2) TMA
     copies land in any order at random moments, (B, S, H, D) views: on the
     shape where every ring wraps (3 seeds), and on one of a single key tile
@@ -472,7 +501,7 @@ def test_random_schedules(request, stage, shape, seed, causal):
     deadlock (seeds 3, 4 and 7 fail when it does not)."""
     lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
     lib.emulator_seed(seed)
-    check_stage(lib, shape, torch.bfloat16, causal, "random", "bshd", stage)
+    check_stage(lib, shape, torch.bfloat16, causal, "random", "bshd", stage, deterministic=deterministic)
 
 
 class AdamWTensorList(ctypes.Structure):

@@ -143,10 +143,12 @@ def test_sm90_flash_forward_uses_wgmma_tma_and_mbarriers():
         assert_sm90_pipeline(name, code)
 
 
-@pytest.mark.parametrize("kernel", ["flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel"])
-def test_sm90_flash_backward_uses_wgmma_tma_and_mbarriers(kernel):
+@pytest.mark.parametrize("kernel, count", [("flash_bwd_dkdv_sm90_kernel", 2 * 2 * 2),
+                                           ("flash_bwd_dq_sm90_kernel", 2 * 2)])
+def test_sm90_flash_backward_uses_wgmma_tma_and_mbarriers(kernel, count):
     kernels = {n: c for n, c in _sass("sm_90a").items() if kernel in n}
-    assert len(kernels) == 2 * 2, sorted(kernels)  # two dtypes; head dims 64 and 128
+    # two dtypes; head dims 64 and 128; dK/dV with and without the dQ atomics
+    assert len(kernels) == count, sorted(kernels)
     for name, code in kernels.items():
         # dK/dV: S^T = K Q^T, dP^T = V dO^T (dQ: S = Q K^T, dP = dO V^T), 64
         # x 64 tiles, both operands from shared memory; dV += P^T dO, dK +=
@@ -155,10 +157,32 @@ def test_sm90_flash_backward_uses_wgmma_tma_and_mbarriers(kernel):
         assert_sm90_pipeline(name, code)
 
 
-@pytest.mark.parametrize("kernel", ["flash_fwd_sm90_kernel", "flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel"])
-def test_sm90_flash_kernels_are_stubs_for_sm80(kernel):
+def test_sm90_flash_backward_adds_dq_with_vector_atomics():
+    """The non-deterministic dK/dV kernel (kAccumulateDq, the template's
+    last argument true): dQ = dS K with A and B read transposed from shared
+    memory, 8 per step (128 keys / 16); dS^T stored to shared memory, ordered
+    before the async proxy's reads, the warpgroups met on named barrier 1
+    (256 threads); 16 (D 128) or 8 (D 64) 8-byte atomic adds a thread a step;
+    then the pass that rounds the fp32 sum into dq."""
+    kernels = {n: c for n, c in _sass("sm_90a").items() if "flash_bwd_dkdv_sm90_kernel" in n and "Lb1E" in n}
+    assert len(kernels) == 2 * 2, sorted(kernels)
+    for name, code in kernels.items():
+        assert len(re.findall(r"HGMMA\.64x(32|64)x16\.F32\S* R\d+, gdesc\[UR\d+\]\.tnspA\.tnspB", code)) == 8, name
+        assert "FENCE.VIEW.ASYNC.S" in code and re.search(r"BAR\.SYNC\S* 0x1, 0x100", code), name
+        reds = len(re.findall(r"REDG\.E\.ADD\.F32x2", code))
+        assert reds == (16 if "Li128E" in name else 8), f"{reds} REDG in {name}"
+    # then dq = the fp32 sum rounded: 16-byte loads and stores
+    converts = {n: c for n, c in _sass("sm_90a").items() if "flash_bwd_dq_convert_kernel" in n}
+    assert len(converts) == 2, sorted(converts)
+    for name, code in converts.items():
+        assert "LDG.E.128" in code and "STG.E.128" in code, name
+
+
+@pytest.mark.parametrize("kernel, count", [("flash_fwd_sm90_kernel", 2 * 2), ("flash_bwd_dkdv_sm90_kernel", 2 * 2 * 2),
+                                           ("flash_bwd_dq_sm90_kernel", 2 * 2)])
+def test_sm90_flash_kernels_are_stubs_for_sm80(kernel, count):
     """The sm_80 pass compiles the sm_90a-only kernels to a trap: no tensor core code."""
     kernels = {n: c for n, c in _sass("sm_80").items() if kernel in n}
-    assert len(kernels) == 2 * 2, sorted(kernels)
+    assert len(kernels) == count, sorted(kernels)
     for name, code in kernels.items():
         assert "BPT.TRAP" in code and "HMMA" not in code, name

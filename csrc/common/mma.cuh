@@ -14,6 +14,12 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// st.shared.b32 [addr], v: a 4-byte store at shared address addr (4-byte
+// aligned), for addresses computed as 32-bit integers (a swizzle's XOR).
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
 // cp.async.cg.shared.global [dst], [src], 16, src_size: copies 16 bytes from
 // global to shared without going through registers. src_size 0 (fill false)
 // reads nothing and writes 16 zero bytes; src must still be a valid address.

@@ -99,7 +99,8 @@ __device__ __forceinline__ void wgmma_fence_operand(uint32_t (&a)[kN][4]) {
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}.{f16,bf16}:
 // D (64 x N, fp32) = A (64 x 16) B (16 x N) + (scale_d ? D : 0), issued by the
 // whole warpgroup, completing asynchronously (see wgmma_commit / wgmma_wait).
-//   ss: A from shared memory (descriptor desc_a, K-major: imm-trans-a 0).
+//   ss: A from shared memory (descriptor desc_a); kTransA 0 = K-major, 1 =
+//   MN-major (imm-trans-a).
 //   rs: A from registers, the 4 registers of the layout above.
 //   B from shared memory (descriptor desc_b); kTransB 0 = K-major, 1 =
 //   MN-major (imm-trans-b; the transpose is done by the hardware).
@@ -112,6 +113,8 @@ struct Wgmma;
 // the accumulator d[N / 8][4] is operands %0 .. %(N / 2 - 1), "+f" each;
 // the scalars follow it, so their numbers depend on N.
 #define PYEXT_WGMMA_ACC(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define PYEXT_WGMMA_N32_D_REGS "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define PYEXT_WGMMA_N32_D(d) PYEXT_WGMMA_ACC(d, 0), PYEXT_WGMMA_ACC(d, 1), PYEXT_WGMMA_ACC(d, 2), PYEXT_WGMMA_ACC(d, 3)
 #define PYEXT_WGMMA_N64_D_REGS \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
   ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -124,13 +127,17 @@ struct Wgmma;
 #define PYEXT_WGMMA_N128_D(d) \
   PYEXT_WGMMA_N64_D(d), PYEXT_WGMMA_ACC(d, 8), PYEXT_WGMMA_ACC(d, 9), PYEXT_WGMMA_ACC(d, 10), PYEXT_WGMMA_ACC(d, 11), \
       PYEXT_WGMMA_ACC(d, 12), PYEXT_WGMMA_ACC(d, 13), PYEXT_WGMMA_ACC(d, 14), PYEXT_WGMMA_ACC(d, 15)
-// ss: desc_a, desc_b, scale_d, kTransB; rs: a[0..3], desc_b, scale_d, kTransB.
+// ss: desc_a, desc_b, scale_d, kTransA, kTransB; rs: a[0..3], desc_b, scale_d, kTransB.
+#define PYEXT_WGMMA_N32_SS_PRED "%18"
+#define PYEXT_WGMMA_N32_SS_TAIL "%16, %17, p, 1, 1, %19, %20"
+#define PYEXT_WGMMA_N32_RS_PRED "%21"
+#define PYEXT_WGMMA_N32_RS_TAIL "{%16, %17, %18, %19}, %20, p, 1, 1, %22"
 #define PYEXT_WGMMA_N64_SS_PRED "%34"
-#define PYEXT_WGMMA_N64_SS_TAIL "%32, %33, p, 1, 1, 0, %35"
+#define PYEXT_WGMMA_N64_SS_TAIL "%32, %33, p, 1, 1, %35, %36"
 #define PYEXT_WGMMA_N64_RS_PRED "%37"
 #define PYEXT_WGMMA_N64_RS_TAIL "{%32, %33, %34, %35}, %36, p, 1, 1, %38"
 #define PYEXT_WGMMA_N128_SS_PRED "%66"
-#define PYEXT_WGMMA_N128_SS_TAIL "%64, %65, p, 1, 1, 0, %67"
+#define PYEXT_WGMMA_N128_SS_TAIL "%64, %65, p, 1, 1, %67, %68"
 #define PYEXT_WGMMA_N128_RS_PRED "%69"
 #define PYEXT_WGMMA_N128_RS_TAIL "{%64, %65, %66, %67}, %68, p, 1, 1, %70"
 
@@ -139,14 +146,14 @@ struct Wgmma;
 #define PYEXT_WGMMA_SPECIALIZATION(CTYPE, AB, N)                                                                \
   template <>                                                                                                   \
   struct Wgmma<CTYPE, N> {                                                                                      \
-    template <int kTransB>                                                                                      \
+    template <int kTransA, int kTransB>                                                                         \
     static __device__ __forceinline__ void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,           \
                                               int scale_d) {                                                    \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PYEXT_WGMMA_N##N##_SS_PRED ", 0;\n"                     \
                    "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." AB "." AB " {" PYEXT_WGMMA_N##N##_D_REGS    \
                    "}, " PYEXT_WGMMA_N##N##_SS_TAIL ";\n}\n"                                                   \
                    : PYEXT_WGMMA_N##N##_D(d)                                                                    \
-                   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransB)                                       \
+                   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB)                         \
                    : "memory");                                                                                 \
     }                                                                                                           \
     template <int kTransB>                                                                                      \
@@ -161,6 +168,8 @@ struct Wgmma;
     }                                                                                                           \
   };
 
+PYEXT_WGMMA_SPECIALIZATION(__half, "f16", 32)
+PYEXT_WGMMA_SPECIALIZATION(__nv_bfloat16, "bf16", 32)
 PYEXT_WGMMA_SPECIALIZATION(__half, "f16", 64)
 PYEXT_WGMMA_SPECIALIZATION(__nv_bfloat16, "bf16", 64)
 PYEXT_WGMMA_SPECIALIZATION(__half, "f16", 128)

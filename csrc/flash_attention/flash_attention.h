@@ -26,6 +26,10 @@ struct FlashAttnParams {
   void* dq;
   void* dk;
   void* dv;
+  // Backward scratch of the non-deterministic Stage 2 backward: dQ summed in
+  // fp32 (B, Hq, Sq, D) by atomic adds; null for the deterministic one (and
+  // ignored by Stage 1, which is always deterministic).
+  float* dq_accum;
   int batch, heads_q, heads_kv, seq_q, seq_k, head_dim;
   float scale;
   bool causal;
@@ -52,7 +56,9 @@ template <typename T, int kD> bool flash_fwd_sm90(const FlashAttnParams& p, cuda
 // dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
 template <typename T, int kD> bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
 // Stage 2 backward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or
-// 128: dk, dv, then dq, as flash_bwd (flash_bwd_sm90_hdim*.cu). Returns false,
+// 128 (flash_bwd_sm90_hdim*.cu): dk, dv, then dq in a kernel of its own, or,
+// when p.dq_accum is set, dq added up in p.dq_accum by the dK/dV kernel and
+// then rounded into dq (faster; dq's last bits vary run to run). Returns false,
 // having launched nothing, where either of its two kernels cannot run (as
 // flash_fwd_sm90: no sm_90a code, a tensor map or the shared memory refused);
 // the caller then runs flash_bwd.

@@ -184,7 +184,7 @@ at::Tensor contiguous_like(const char* op, const at::Tensor& t, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, bool causal, int64_t causal_offset,
-    bool /*deterministic: the kernels always are (no atomics)*/) {
+    bool deterministic) {
   constexpr const char* op = "flash_attn_bwd_cuda";
   check_qkv(op, q_in, k_in, v_in);
   const at::Tensor dout = contiguous_like(op, dout_in, q_in, "dout", q_in.sizes(), q_in.scalar_type());
@@ -208,6 +208,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = sm90_wanted(q.get_device());
+  // Stage 2's non-deterministic backward adds dQ up in fp32 (2x dq's bytes,
+  // freed on return); Stage 1 is deterministic either way and ignores it.
+  const int padded = flash_padded_head_dim(p.head_dim);
+  at::Tensor dq_accum;
+  if (sm90 && !deterministic && (padded == 64 || padded == 128)) {
+    dq_accum = at::empty(q_in.sizes(), q_in.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+  }
   bool launched = false;
   AT_DISPATCH_SWITCH(q.scalar_type(), op, AT_DISPATCH_CASE(at::kHalf, [&] {
                        flash_bwd_delta<cuda_t<scalar_t>>(p, stream);

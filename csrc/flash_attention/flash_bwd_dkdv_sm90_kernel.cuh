@@ -8,7 +8,8 @@
 // order (no atomics: bitwise deterministic):
 //   S^T = K Q^T;  P^T = exp2(S^T * scale * log2(e) - lse * log2(e))
 //   dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
-//   then dK * scale and dV are stored. dQ: flash_bwd_dq_sm90_kernel.cuh.
+//   then dK * scale and dV are stored. dQ: flash_bwd_dq_sm90_kernel.cuh, or,
+//   with kAccumulateDq, here (below): the non-deterministic backward.
 //
 // CTA = 128 keys of one (batch, key head), 384 threads:
 //   warpgroup 0, producer (setmaxnreg.dec to 24): thread 0 issues the TMA
@@ -24,12 +25,25 @@
 //     (B = dO, MN-major: the transpose bit, as V in the forward's O += P V),
 //     dS^T in fp32 then rounded as the A operand of dK += dS^T Q (B = Q,
 //     MN-major). Then the ring slot is released.
+//   kAccumulateDq (FlashAttention-2/3's dQ, one kernel instead of two): each
+//     consumer warpgroup also stores its dS^T (64 keys x 64 queries, 16-bit)
+//     into a shared buffer of the step's 128 keys; after a named barrier
+//     over both, warpgroup w computes dQ[:, w kD/2 .. (w + 1) kD/2) = dS K
+//     over all 128 keys (wgmma: A = the buffer read transposed, MN-major; B
+//     = K, MN-major, as V in the forward) and adds it, times scale, to
+//     p.dq_accum (fp32) with atomic adds (red_add_acc). Work per step: 5
+//     products of 128 x 64 x D instead of this kernel's 4 and the dQ
+//     kernel's 3 (which recomputes S and dP); the blocks' adds land in any
+//     order, so dQ's last bits vary run to run. Two dS^T buffers: a
+//     warpgroup writes step i + 1's while the other may still read step
+//     i's, and it cannot be two steps ahead (it passed step i's barrier).
 // Operand majorness: the transpose bits exist for 16-bit types only (PTX ISA,
 // wgmma.mma_async imm-trans-b), which is all this file instantiates.
 #pragma once
 
 #include <cmath>
 
+#include "common/named_barrier.cuh"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_sm90_tile.cuh"
@@ -37,7 +51,7 @@
 
 namespace pyext {
 
-template <int kD>
+template <int kD, bool kAccumulateDq = false>
 struct FlashBwdDkDvSm90Traits {
   static_assert(kD == 64 || kD == 128, "Stage 2 backward covers head dims 64 and 128");
   static constexpr int kBlockN = 128;  // keys per CTA: two consumer warpgroups x 64
@@ -47,15 +61,19 @@ struct FlashBwdDkDvSm90Traits {
   static constexpr int kConsumerWarps = 8;
   static constexpr int kKVBytes = kBlockN * kD * 2;  // one K (or V) tile
   static constexpr int kStepBytes = kBlockM * kD * 2;  // one Q (or dO) tile
-  // K + V + kStages x (Q + dO) + 1 KB to align the base to 1024 (128-byte
-  // swizzle atoms). D 64: 16 + 16 + 2 x 16 + 1 = 65 KB; D 128: 32 + 32 +
-  // 2 x 32 + 1 = 129 KB; lse, delta (1 KB) and the barriers are static.
-  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kStepBytes + 1024;
+  static constexpr int kDsBytes = kAccumulateDq ? kBlockN * kBlockM * 2 : 0;  // one dS^T buffer: 16 KB
+  // K + V + kStages x (Q + dO) [+ 2 dS^T buffers] + 1 KB to align the base
+  // to 1024 (128-byte swizzle atoms). D 64: 16 + 16 + 2 x 16 [+ 32] + 1 = 65
+  // [97] KB; D 128: 32 + 32 + 2 x 32 [+ 32] + 1 = 129 [161] KB; lse, delta
+  // (1 KB) and the barriers are static.
+  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kStepBytes + 2 * kDsBytes + 1024;
   // Registers per consumer thread at D = 128: dK and dV accumulators 64 x 128
   // fp32 per warpgroup = 2 x 64; S^T (then P^T) and dP^T (then dS^T), 64 x 64
   // fp32 = 2 x 32; the 16-bit A operand of 64 keys x 64 queries = 16: 208 +
-  // addresses, under 240 (D = 64: 144). 384 x 168 = 64512 = 128 x 24 + 256 x
-  // 240, as in the forward.
+  // addresses, under 240 (D = 64: 144). kAccumulateDq adds dQ's 64 x kD / 2
+  // fp32 per warpgroup (32 at D = 128), live once S^T and dP^T are dead: the
+  // peak stays 208. 384 x 168 = 64512 = 128 x 24 + 256 x 240, as in the
+  // forward.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static_assert(sm90_registers_fit<kThreads, kProducerRegs, kConsumerRegs>(), "setmaxnreg over the block's registers");
@@ -63,13 +81,13 @@ struct FlashBwdDkDvSm90Traits {
   static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN); }
 };
 
-template <typename T, int kD>
+template <typename T, int kD, bool kAccumulateDq>
 __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
     flash_bwd_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
                                const FlashAttnParams p) {
 #if PYEXT_SM90A
-  using Tr = FlashBwdDkDvSm90Traits<kD>;
+  using Tr = FlashBwdDkDvSm90Traits<kD, kAccumulateDq>;
   constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBox = kSm90BoxCols;
   __shared__ uint64_t bars[1 + 2 * kStages];  // see sm90_barriers_init; the stub below has none
   __shared__ float s_lse[kStages][kM];  // lse * log2(e) of the step's rows, +inf: no contribution
@@ -81,6 +99,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
   T* sv = sk + kN * kD;                                      // [kD / 64][kN][64]
   T* sq = sv + kN * kD;                                      // [kStages][kD / 64][kM][64]
   T* sdo = sq + kStages * kM * kD;                           // [kStages][kD / 64][kM][64]
+  T* sds = sdo + kStages * kM * kD;                          // kAccumulateDq: [2][kN][kM], dS^T
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const int bhk = blockIdx.x, b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
@@ -159,7 +178,16 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
     const uint64_t dq_k = smem_desc_sw128(sq, 16, 1024), ddo_k = smem_desc_sw128(sdo, 16, 1024);
     const uint64_t dq_mn = smem_desc_sw128(sq, kM * kBox * 2, 1024), ddo_mn = smem_desc_sw128(sdo, kM * kBox * 2, 1024);
     constexpr uint64_t kKVBox = kN * kBox * 2 >> 4, kStepBox = kM * kBox * 2 >> 4, kStage = kM * kD * 2 >> 4;
-    constexpr uint64_t kRows16 = 16 * kBox * 2 >> 4;  // 16 query rows of an MN-major operand
+    constexpr uint64_t kRows16 = 16 * kBox * 2 >> 4;  // 16 rows (k) of an MN-major operand
+    // kAccumulateDq: dS (A of dQ = dS K) is the dS^T buffer read MN-major,
+    // k step = 16 keys = 16 rows; its 64 queries are one 128-byte row (LBO
+    // unused). K as B (MN-major, as V in the forward): this warpgroup's kD /
+    // 2 columns, box w at D = 128, byte 64 w of the one box at D = 64.
+    constexpr int kDqCols = kD / 2;
+    const uint64_t dds_mn = smem_desc_sw128(sds, Tr::kDsBytes, 1024);
+    const uint64_t dk_mn = smem_desc_sw128(sk + (wg * kDqCols / kBox) * kN * kBox + wg * kDqCols % kBox,
+                                           kN * kBox * 2, 1024);
+    constexpr uint64_t kDsBuffer = Tr::kDsBytes >> 4;
 
     const float scale2 = p.scale * kLog2e;
     float dk[kD / 8][4], dv[kD / 8][4];
@@ -168,23 +196,24 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
     float st[kM / 8][4];   // S^T, then P^T in fp32 (rows keys, columns queries)
     float dpt[kM / 8][4];  // dP^T, then dS^T
     uint32_t pa[kM / 16][4];  // P^T, then dS^T, rounded to T: the A operand
+    float dq_part[kDqCols / 8][4];  // kAccumulateDq: this warpgroup's columns of the step's dQ
     if (steps > 0) mbarrier_wait(kv_full, 0);
 
     for (int i = 0; i < steps; ++i) {
-      const int s = i % kStages, m0 = m_lo + (i % m_blocks) * kM;
+      const int s = i % kStages, h = hk * group + i / m_blocks, m0 = m_lo + (i % m_blocks) * kM;
       mbarrier_wait(&full[s], (i / kStages) & 1);
       // S^T = K Q^T and dP^T = V dO^T, two groups.
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         const uint64_t a = kmajor_k_step(ks, kKVBox), bk = s * kStage + kmajor_k_step(ks, kStepBox);
-        Wgmma<T, kM>::template ss<0>(st, dk_a + a, dq_k + bk, ks > 0);
+        Wgmma<T, kM>::template ss<0, 0>(st, dk_a + a, dq_k + bk, ks > 0);
       }
       wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         const uint64_t a = kmajor_k_step(ks, kKVBox), bk = s * kStage + kmajor_k_step(ks, kStepBox);
-        Wgmma<T, kM>::template ss<0>(dpt, dv_a + a, ddo_k + bk, ks > 0);
+        Wgmma<T, kM>::template ss<0, 0>(dpt, dv_a + a, ddo_k + bk, ks > 0);
       }
       wgmma_commit();
       wgmma_wait<1>();
@@ -223,17 +252,41 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
       wgmma_fence_operand(dv);
       wgmma_fence_operand(pa);
       acc_to_a<T, kM>(dpt, pa);
-      // dK += dS^T Q.
+      if constexpr (kAccumulateDq) {
+        // This warpgroup's 64 rows of the step's dS^T, ordered before the
+        // wgmma that reads them (async proxy).
+        store_a_sw128(smem_u32(sds + (i % 2) * kN * kM + wg * 64 * kM), pa, warp, lane);
+        fence_proxy_async();
+      }
+      // dK += dS^T Q. (The fence also orders the last step's reads of dq_part.)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kM / 16; ++ks) Wgmma<T, kD>::template rs<1>(dk, pa[ks], dq_mn + s * kStage + ks * kRows16, 1);
       wgmma_commit();
-      wgmma_wait<0>();
+      if constexpr (kAccumulateDq) {
+        // dQ = dS K once both warpgroups' dS^T are in (named barrier 1).
+        named_barrier_sync(1, 2 * 128);
+#pragma unroll
+        for (int ks = 0; ks < kN / 16; ++ks)
+          Wgmma<T, kDqCols>::template ss<1, 1>(dq_part, dds_mn + (i % 2) * kDsBuffer + ks * kRows16, dk_mn + ks * kRows16,
+                                               ks > 0);
+        wgmma_commit();
+        wgmma_wait<1>();  // dK done (groups complete in order): slot s may go
+      } else {
+        wgmma_wait<0>();
+      }
       wgmma_fence_operand(dk);
       wgmma_fence_operand(pa);
       // This warp's reads of slot s are done: one arrival per warp.
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&empty[s]);
+      if constexpr (kAccumulateDq) {
+        wgmma_wait<0>();
+        wgmma_fence_operand(dq_part);
+        float* dq_rows = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seq_q + m0) * p.head_dim;
+        red_add_acc<kDqCols / 8>(dq_rows, dq_part, warp * 16 + lane / 4, p.seq_q - m0, wg * kDqCols, p.head_dim, p.scale,
+                                 lane);
+      }
     }
 
     const int64_t row_base = int64_t(bhk) * p.seq_k;

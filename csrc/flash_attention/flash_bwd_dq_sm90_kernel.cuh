@@ -136,13 +136,13 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         const uint64_t a = kmajor_k_step(ks, kQBox), bk = s * kStage + kmajor_k_step(ks, kTileBox);
-        Wgmma<T, kN>::template ss<0>(sacc, dq_a + a, dk_k + bk, ks > 0);
+        Wgmma<T, kN>::template ss<0, 0>(sacc, dq_a + a, dk_k + bk, ks > 0);
       }
       wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         const uint64_t a = kmajor_k_step(ks, kQBox), bk = s * kStage + kmajor_k_step(ks, kTileBox);
-        Wgmma<T, kN>::template ss<0>(dpacc, ddo_a + a, dv_k + bk, ks > 0);
+        Wgmma<T, kN>::template ss<0, 0>(dpacc, ddo_a + a, dv_k + bk, ks > 0);
       }
       wgmma_commit();
       wgmma_wait<1>();

@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
     auto issue_s = [&](int s) {
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        Wgmma<T, kN>::template ss<0>(sacc, dq + kmajor_k_step(ks, kQBox), dk + s * kStage + kmajor_k_step(ks, kTileBox),
+        Wgmma<T, kN>::template ss<0, 0>(sacc, dq + kmajor_k_step(ks, kQBox), dk + s * kStage + kmajor_k_step(ks, kTileBox),
                                      ks > 0);
       }
       wgmma_commit();

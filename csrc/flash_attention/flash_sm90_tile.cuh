@@ -9,6 +9,7 @@
 
 #include <type_traits>
 
+#include "common/red_add.cuh"
 #include "common/tma.cuh"
 #include "common/tma_host.h"
 #include "flash_attention/flash_attention.h"
@@ -97,5 +98,42 @@ __device__ __forceinline__ void produce_kv_ring(T* sk, T* sv, const CUtensorMap*
 // operand made of boxes `box16` units apart: box ks / 4, 32 bytes per step
 // within its 128-byte rows.
 __device__ __forceinline__ uint64_t kmajor_k_step(int ks, uint64_t box16) { return (ks / 4) * box16 + (ks % 4) * 2; }
+
+// A warp's A fragments of 16 rows x 64 columns, 16-bit (acc_to_a's layout:
+// warp w of the warpgroup holds rows 16w .. 16w + 15 of a[ks] for k step ks)
+// into the tile at shared address `tile`, 1024-byte aligned, as rows of 64
+// elements (128 bytes) with the 128-byte swizzle: the layout a TMA box of 64
+// columns has, so a wgmma descriptor reads it K-major or, transposed,
+// MN-major. The swizzle XORs an address's bits 4-6 (the 16-byte chunk of the
+// row) with bits 7-9 (the row % 8, here g). Each register is one 4-byte
+// store, and the 8 rows of a store land in 8 different chunks: no bank
+// conflict. (Addresses as 32-bit shared ones, XORed per store: with generic
+// pointers ptxas hoisted 16 64-bit addresses out of the step loop and
+// spilled them.)
+__device__ __forceinline__ void store_a_sw128(uint32_t tile, const uint32_t (&a)[4][4], int warp, int lane) {
+  const uint32_t row = tile + (16 * warp + lane / 4) * 128 + 4 * (lane % 4), swizzle = (lane / 4) << 4;
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) st_shared_b32((row + (r % 2) * 8 * 128 + (2 * ks + r / 2) * 16) ^ swizzle, a[ks][r]);
+}
+
+// store_acc's atomic sibling: adds rows `row` (C elements 0, 1) and `row` + 8
+// (elements 2, 3) of a 16 x 8 kN fp32 fragment tile, times `mul`, into a
+// contiguous (n_rows, d) fp32 matrix at columns col0 + 8j + 2t, that other
+// blocks add to as well; rows >= n_rows and columns >= d are skipped.
+template <int kN>
+__device__ __forceinline__ void red_add_acc(float* out, const float (&acc)[kN][4], int row, int n_rows, int col0,
+                                            int d, float mul, int lane) {
+  const int col = col0 + 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= n_rows) continue;
+    float* dst = out + int64_t(row + 8 * r) * d + col;
+#pragma unroll
+    for (int j = 0; j < kN; ++j)
+      if (col + 8 * j < d) red_add_f32x2(dst + 8 * j, acc[j][2 * r] * mul, acc[j][2 * r + 1] * mul);
+  }
+}
 
 }  // namespace pyext

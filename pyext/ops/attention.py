@@ -129,7 +129,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     computes dQ in a second pass instead, giving the same bits run to run.
     None (the default) means torch.are_deterministic_algorithms_enabled() at
     the call: False unless torch.use_deterministic_algorithms(True) was set.
-    The CUDA backward is always deterministic and ignores the flag; so does
+    The CUDA backward does the same on Hopper (its sm_90a kernels, head dims
+    that pad to 64 or 128); elsewhere it is deterministic either way, as is
     the reference. A backward with create_graph=True (double backward) is the
     reference's, from the saved inputs (an S x S matrix), under "auto"; a named
     kernel backend raises. Kernels: float16/bfloat16,

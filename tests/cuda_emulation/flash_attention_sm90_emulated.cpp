@@ -1,6 +1,7 @@
 // The Stage 2 (sm_90a) FlashAttention kernels (csrc/flash_attention/
-// flash_*_sm90_kernel.cuh: the forward; the backward's dK/dV and dQ after
-// Stage 1's delta, as flash_attn_bwd_cuda runs them) compiled as host C++ and
+// flash_*_sm90_kernel.cuh: the forward; the backward after Stage 1's delta,
+// as flash_bwd_sm90 runs it: dK/dV then dQ, or with p.dq_accum dK/dV adding
+// dQ up then flash_bwd_dq_convert) compiled as host C++ and
 // run block by block on the CPU (simt.h), with the stand-ins for wgmma
 // (common/wgmma.cuh) and for TMA, mbarriers and the tensor-map encoder
 // (common/tma.cuh); the tensor maps come from the real make_sm90_tensor_maps,
@@ -12,6 +13,7 @@
 
 #include "simt.h"
 #include "common/mma.cuh"
+#include "common/red_add.cuh"
 #include "common/tma.cuh"
 #include "common/wgmma.cuh"
 
@@ -26,6 +28,7 @@ using std::min;
 }  // namespace pyext
 
 #include "flash_attention/flash_bwd_delta_kernel.cuh"
+#include "flash_attention/flash_bwd_dq_convert_kernel.cuh"
 #include "flash_attention/flash_bwd_dkdv_sm90_kernel.cuh"
 #include "flash_attention/flash_bwd_dq_sm90_kernel.cuh"
 #include "flash_attention/flash_fwd_sm90_kernel.cuh"
@@ -66,17 +69,26 @@ void backward(const pyext::FlashAttnParams& p) {
   using Delta = pyext::FlashBwdDeltaTraits;
   using KV = pyext::FlashBwdDkDvSm90Traits<kD>;
   using Q = pyext::FlashBwdDqSm90Traits<kD>;
+  using C = pyext::FlashBwdDqConvertTraits;
   pyext::Sm90TensorMaps kv, q;
   if (!pyext::make_sm90_tensor_maps<T>(p, KV::kBlockM, KV::kBlockN, kv) ||
       !pyext::make_sm90_tensor_maps<T>(p, Q::kBlockM, Q::kBlockN, q)) {
     g_result = "the tensor-map encoder refused q, k, v or dout";
     return;
   }
-  run(Delta::grid(p), Delta::kThreads, 0, [&] { pyext::flash_bwd_delta_kernel<T>(p, Delta::rows(p)); }) &&
-      run(KV::grid(p), KV::kThreads, KV::kSmemBytes,
-          [&] { pyext::flash_bwd_dkdv_sm90_kernel<T, kD>(kv.q, kv.k, kv.v, kv.dout, p); }) &&
-      run(Q::grid(p), Q::kThreads, Q::kSmemBytes,
-          [&] { pyext::flash_bwd_dq_sm90_kernel<T, kD>(q.q, q.k, q.v, q.dout, p); });
+  if (!run(Delta::grid(p), Delta::kThreads, 0, [&] { pyext::flash_bwd_delta_kernel<T>(p, Delta::rows(p)); })) return;
+  if (p.dq_accum == nullptr) {
+    run(KV::grid(p), KV::kThreads, KV::kSmemBytes,
+        [&] { pyext::flash_bwd_dkdv_sm90_kernel<T, kD, false>(kv.q, kv.k, kv.v, kv.dout, p); }) &&
+        run(Q::grid(p), Q::kThreads, Q::kSmemBytes,
+            [&] { pyext::flash_bwd_dq_sm90_kernel<T, kD>(q.q, q.k, q.v, q.dout, p); });
+    return;
+  }
+  std::fill_n(p.dq_accum, C::groups(p) * 8, 0.f);  // the launcher's cudaMemsetAsync
+  emu::g_red_target = {p.dq_accum, p.dq_accum + C::groups(p) * 8};
+  run(KV::grid(p), KV::kThreads, pyext::FlashBwdDkDvSm90Traits<kD, true>::kSmemBytes,
+      [&] { pyext::flash_bwd_dkdv_sm90_kernel<T, kD, true>(kv.q, kv.k, kv.v, kv.dout, p); }) &&
+      run(C::grid(p), C::kThreads, 0, [&] { pyext::flash_bwd_dq_convert_kernel<T>(p, C::groups(p)); });
 }
 
 // launch_fwd / launch_bwd's choice on an sm_90 device: the Stage 2 kernel of
@@ -94,6 +106,7 @@ void set_up(int mode, const void* const* readable, int n_readable) {
   emu::g_mode = static_cast<emu::Mode>(mode);
   emu::g_on_stall = emu::land_next_tma;
   emu::g_tma_in_flight.clear();
+  emu::g_red_target = {};
   emu::set_readable(readable, n_readable);
 }
 

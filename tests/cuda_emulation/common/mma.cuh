@@ -74,6 +74,16 @@ inline bool readable(const void* p, size_t bytes) {
 
 namespace pyext {
 
+inline uint32_t smem_u32(const void* p) {
+  if (!emu::in_smem(p, 1)) emu::fault("a shared address of something outside the block's shared memory");
+  return emu::smem_offset(p);
+}
+
+inline void st_shared_b32(uint32_t addr, uint32_t v) {
+  if (addr % 4 != 0 || addr + 4 > emu::g_smem_bytes) emu::fault("st.shared.b32 unaligned or outside shared memory");
+  else std::memcpy(emu::g_smem + addr, &v, 4);
+}
+
 inline void cp_async_16(void* smem, const void* gmem, bool fill) {
   if (!emu::in_smem(smem, 16)) emu::fault("cp.async to an address outside the block's shared memory or unaligned");
   if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emu::fault("cp.async from an unaligned global address");

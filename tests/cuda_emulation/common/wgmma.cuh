@@ -9,6 +9,8 @@
 //       MN-major, element (k, mn): (mn / 64) LBO + (k / 8) SBO + (k % 8) 128
 //         + 2 (mn % 64);
 //     then the swizzle on the shared-memory address (bits 4-6 ^= bits 7-9).
+//     A from shared memory is K-major, or MN-major with imm-trans-a; B is
+//     K-major, or MN-major with imm-trans-b.
 //   m64nNk16 fragments, warp w = (thread % 128) / 32, g = lane / 4,
 //   t = lane % 4: D element e of d[j]: row 16w + g + 8 (e / 2), column
 //     8j + 2t + e % 2; A from registers: a[r] holds row 16w + g + 8 (r % 2),
@@ -37,7 +39,7 @@ struct WgmmaOp {
   int n;
   const uint32_t* a;  // this thread's 4 A registers (from registers), null when A is in shared memory
   uint64_t desc_a, desc_b;
-  int trans_b;
+  int trans_a, trans_b;
   bool scale_d, bf16;
 };
 
@@ -93,14 +95,15 @@ inline void run_wgmma(WgmmaQueue* const* all, size_t g, size_t i, int me) {
   const WgmmaOp& op = all[me]->committed[g][i];
   for (int t = 0; t < 128 && me == 0; ++t) {  // checked once for the warpgroup
     const WgmmaOp& o = all[t]->committed[g][i];
-    if (o.desc_a != op.desc_a || o.desc_b != op.desc_b || o.n != op.n || o.trans_b != op.trans_b ||
+    if (o.desc_a != op.desc_a || o.desc_b != op.desc_b || o.n != op.n || o.trans_a != op.trans_a ||
+        o.trans_b != op.trans_b ||
         o.scale_d != op.scale_d || o.bf16 != op.bf16 || (o.a == nullptr) != (op.a == nullptr))
       fault("threads of a warpgroup issued different wgmmas");
   }
   const SmemMatrix a = op.a ? SmemMatrix{} : decode(op.desc_a), b = decode(op.desc_b);
   if (!g_error.empty()) return;
   auto A = [&](int row, int k) {
-    if (op.a == nullptr) return element(a, kmajor(a, row, k), op.bf16);
+    if (op.a == nullptr) return element(a, op.trans_a ? mnmajor(a, k, row) : kmajor(a, row, k), op.bf16);
     const int r = row % 16, holder = (row / 16) * 32 + (r % 8) * 4 + (k % 8) / 2;
     const uint32_t reg = all[holder]->committed[g][i].a[(r >= 8) + 2 * (k >= 8)];
     const uint16_t bits = uint16_t(reg >> (16 * (k % 2)));
@@ -163,14 +166,14 @@ template <typename T, int N>
 struct Wgmma {
   static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
 
-  template <int kTransB>
+  template <int kTransA, int kTransB>
   static void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-    emu::wgmma_queue().open.push_back({&d[0][0], N, nullptr, desc_a, desc_b, kTransB, scale_d != 0, kBf16});
+    emu::wgmma_queue().open.push_back({&d[0][0], N, nullptr, desc_a, desc_b, kTransA, kTransB, scale_d != 0, kBf16});
   }
 
   template <int kTransB>
   static void rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
-    emu::wgmma_queue().open.push_back({&d[0][0], N, &a[0], 0, desc_b, kTransB, scale_d != 0, kBf16});
+    emu::wgmma_queue().open.push_back({&d[0][0], N, &a[0], 0, desc_b, 0, kTransB, scale_d != 0, kBf16});
   }
 };
 
