@@ -17,6 +17,9 @@ On compute capability 9.x pyext-cuda runs the sm_90a kernels (Stage 2: wgmma,
 TMA) for head dims 64 and 128; pyext-cuda-stage1 times the mma.sync kernels
 (Stage 1, what every other GPU runs) there too, through PYEXT_FLASH_SM90=0 set
 around each timed call, so that one run measures both stages against the peers.
+Stage 2's backward adds dQ up with atomics (pyext-cuda, the default);
+pyext-cuda-det times its deterministic=True backward (dK/dV, then dQ in a
+second kernel) beside it.
 Model-layout cases (causal, "bshd" in the label and dtype key) time what a
 transformer block pays: q, k, v are (B, H, S, D) views of one packed
 (B, S, 3, H, D) projection, and the output goes on as (B, S, H * D), so each
@@ -244,10 +247,9 @@ def _triton_deterministic(causal, dropout_p, mask, window, softcap, sinks, why_n
                                                  sinks=sinks, deterministic=True, backend="triton")
 
 
-def _cuda_stage1(head_dim, v_dim, why_not_cuda):
-    """A maker of pyext-cuda's timed call with Stage 1 forced (PYEXT_FLASH_SM90=0
-    while it runs, forward and backward alike), or why it is not timed: where
-    pyext-cuda itself runs Stage 1 it would time the same kernels again."""
+def _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda):
+    """Why pyext-cuda does not run the sm_90a kernels (Stage 2) here, or None
+    where it does: what pyext-cuda-stage1 and pyext-cuda-det compare it with."""
     if why_not_cuda is not None:
         return why_not_cuda
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
@@ -258,6 +260,26 @@ def _cuda_stage1(head_dim, v_dim, why_not_cuda):
         return "the CUDA attention kernels take one head dim for q, k and v"
     if (head_dim + 31) // 32 * 32 not in (64, 128):
         return "same kernels as pyext-cuda: Stage 2 covers head dims that pad to 64 or 128"
+    return None
+
+
+def _cuda_deterministic(causal, head_dim, v_dim, why_not_cuda):
+    """pyext's CUDA attention with deterministic=True, or why it is not timed:
+    only Stage 2's backward has the other mode (dQ added up with atomics,
+    pyext-cuda's), Stage 1's is deterministic either way."""
+    why = _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda)
+    if why is not None:
+        return why
+    return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend="cuda")
+
+
+def _cuda_stage1(head_dim, v_dim, why_not_cuda):
+    """A maker of pyext-cuda's timed call with Stage 1 forced (PYEXT_FLASH_SM90=0
+    while it runs, forward and backward alike), or why it is not timed: where
+    pyext-cuda itself runs Stage 1 it would time the same kernels again."""
+    why = _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda)
+    if why is not None:
+        return why
 
     def stage1(timed):
         def run():
@@ -407,8 +429,13 @@ def cases(quick: bool, dtypes):
                 fn = fn(causal, dropout_p, mask, window, softcap, sinks, ours["pyext-triton"])
                 providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
                                                                                        dout)
-                stage1 = _cuda_stage1(head_dim, v_dim, ours["pyext-cuda"] or
-                                      (fns["pyext-cuda"] if isinstance(fns["pyext-cuda"], str) else None))
+                why_not_cuda = ours["pyext-cuda"] or \
+                    (fns["pyext-cuda"] if isinstance(fns["pyext-cuda"], str) else None)
+                if direction == "bwd":
+                    fn = _cuda_deterministic(causal, head_dim, v_dim, why_not_cuda)
+                    providers["pyext-cuda-det"] = fn if isinstance(fn, str) else \
+                        autograd_callable(wrap(fn), inputs, direction, dout)
+                stage1 = _cuda_stage1(head_dim, v_dim, why_not_cuda)
                 providers["pyext-cuda-stage1"] = stage1 if isinstance(stage1, str) else \
                     stage1(autograd_callable(wrap(fns["pyext-cuda"]), inputs, direction, dout))
                 yield Case(op="attention", label=label, size=seqlen,
@@ -498,6 +525,7 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
             else:
                 providers["pyext-triton-det"] = ours["pyext-triton"] or autograd_callable(ours_packed(True), inputs,
                                                                                          direction, dout)
+                providers["pyext-cuda-det"] = fns["pyext-cuda"]
             yield Case(op="attention", label=label, size=longest,
                        dtype=f"{str(dtype).split('.')[1]}-d{head_dim}-causal-packed",
                        direction=direction, bytes=0, flops=flops, providers=providers)
