@@ -593,14 +593,12 @@ def test_cuda_backward_runs_the_stage_asked_for(backend, cuda_stage, determinist
     ran = {kernel: any(kernel in n for n in names) for kernel in (
         "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel", "flash_bwd_dkdv_sm90_kernel", "flash_bwd_dq_sm90_kernel",
         "flash_bwd_dq_convert_kernel")}
-    adds_dq = any("flash_bwd_dkdv_sm90_kernel" in n and "true>" in n for n in names)
-    if cuda_stage == "stage1":
-        expected = {"flash_bwd_dkdv_kernel": True, "flash_bwd_dq_kernel": True}
-    else:
-        expected = {"flash_bwd_dkdv_sm90_kernel": True, "flash_bwd_dq_sm90_kernel": deterministic,
-                    "flash_bwd_dq_convert_kernel": not deterministic}
+    adds_dq = any("flash_bwd_dkdv" in n and "true>" in n for n in names)
+    stage = "" if cuda_stage == "stage1" else "_sm90"
+    expected = {f"flash_bwd_dkdv{stage}_kernel": True, f"flash_bwd_dq{stage}_kernel": deterministic,
+                "flash_bwd_dq_convert_kernel": not deterministic}
     assert ran == {kernel: expected.get(kernel, False) for kernel in ran}, names
-    assert adds_dq == (cuda_stage == "sm90" and not deterministic), names
+    assert adds_dq == (not deterministic), names
 
 
 @pytest.mark.gpu

@@ -207,26 +207,33 @@ def check_stage(lib, shape, dtype, causal, mode, layout, stage="", offset=None, 
     assert_flash_close(outs, q, k, v, dout, scale, causal, offset)
 
 
+# The backward in both modes: deterministic (dK/dV, then dQ in its own
+# kernel) and not (dK/dV adding dQ up in fp32 with atomics, then rounded).
+BACKWARDS = [pytest.param(True, id="deterministic"), pytest.param(False, id="dq-atomic")]
+
+
+@pytest.mark.parametrize("deterministic", BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal):
+def test_stage1_kernels_match_oracle(emulator, shape, dtype, causal, deterministic):
     """By the rule, and every ldmatrix reading its matrices without a bank
     conflict (the padded tiles' purpose; unpadded ones give thousands)."""
     emulator.take_ldmatrix_extra_passes()
-    check_stage(emulator, shape, dtype, causal, "eager", "contiguous")
+    check_stage(emulator, shape, dtype, causal, "eager", "contiguous", deterministic=deterministic)
     assert emulator.take_ldmatrix_extra_passes() == 0, "ldmatrix bank conflicts"
 
 
+@pytest.mark.parametrize("deterministic", BACKWARDS)
 @pytest.mark.parametrize("mode", ["lazy", "serial"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5]], ids=str)
-def test_stage1_kernels_under_other_schedules(emulator, shape, causal, mode):
+def test_stage1_kernels_under_other_schedules(emulator, shape, causal, mode, deterministic):
     """Copies landing only at their wait, or each warp run alone to its next
     barrier (what shows a missing __syncthreads or cp.async wait), on the
     shapes with the most key tiles and the 8-warp dK/dV; inputs as (B, S, H,
     D) views, so strides are read."""
-    check_stage(emulator, shape, torch.bfloat16, causal, mode, "bshd")
+    check_stage(emulator, shape, torch.bfloat16, causal, mode, "bshd", deterministic=deterministic)
 
 
 class NormFwdParams(ctypes.Structure):
@@ -414,12 +421,7 @@ SM90_SHAPES = [
 ]
 
 
-# Stage 2's backward in both modes: deterministic (dK/dV, then dQ in its own
-# kernel) and not (dK/dV adding dQ up in fp32 with atomics, then rounded).
-SM90_BACKWARDS = [pytest.param(True, id="deterministic"), pytest.param(False, id="dq-atomic")]
-
-
-@pytest.mark.parametrize("deterministic", SM90_BACKWARDS)
+@pytest.mark.parametrize("deterministic", BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
@@ -427,20 +429,22 @@ def test_stage2_kernels_match_oracle(sm90_emulator, shape, dtype, causal, determ
     check_stage(sm90_emulator, shape, dtype, causal, "eager", "contiguous", stage="_sm90", deterministic=deterministic)
 
 
-@pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[2]], ids=str)
-def test_stage2_dq_atomic_backward_changes_nothing_but_dq(sm90_emulator, shape):
+@pytest.mark.parametrize("stage, shape", [("", SHAPES[0]), ("", SHAPES[4]), ("_sm90", SM90_SHAPES[0]),
+                                          ("_sm90", SM90_SHAPES[2])], ids=str)
+def test_dq_atomic_backward_changes_nothing_but_dq(request, stage, shape):
     """deterministic=False changes how dQ is summed and nothing else: dK and
     dV are the deterministic backward's bit for bit (the same code, in the
     same order); dQ meets the rule (the tests above)."""
+    lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
     b, hq, hk, sq, sk, d = shape
     q, k, v = (t.detach() for t in qkv(shape, torch.bfloat16, "cpu"))
     dout = torch.randn(b, hq, sq, d).to(torch.bfloat16)
-    runs = [emulated(sm90_emulator, q, k, v, dout, d ** -0.5, True, sk - sq, "eager", "_sm90", deterministic)
+    runs = [emulated(lib, q, k, v, dout, d ** -0.5, True, sk - sq, "eager", stage, deterministic)
             for deterministic in (True, False)]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][3:], runs[1][3:]))
 
 
-@pytest.mark.parametrize("deterministic", SM90_BACKWARDS)
+@pytest.mark.parametrize("deterministic", BACKWARDS)
 @pytest.mark.parametrize("mode", ["lazy", "serial"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[1]], ids=str)
@@ -477,8 +481,8 @@ def test_stage2_forward_warpgroups_take_turns(sm90_emulator, mode):
 
 @pytest.mark.parametrize("offset", [0, -30], ids=["top-left", "30-rows-see-nothing"])
 @pytest.mark.parametrize("shape", [SM90_SHAPES[0], SM90_SHAPES[3]], ids=str)
-@pytest.mark.parametrize("stage, deterministic", [("", True), ("_sm90", True), ("_sm90", False)],
-                         ids=["stage1", "stage2", "stage2-dq-atomic"])
+@pytest.mark.parametrize("stage, deterministic", [("", True), ("", False), ("_sm90", True), ("_sm90", False)],
+                         ids=["stage1", "stage1-dq-atomic", "stage2", "stage2-dq-atomic"])
 def test_causal_offsets(request, stage, deterministic, shape, offset):
     """Causal masks at other alignments than bottom-right: SDPA's top-left
     (offset 0) and one where the first 30 query rows see no key (out 0,
@@ -490,8 +494,8 @@ def test_causal_offsets(request, stage, deterministic, shape, offset):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape, seed", [(SM90_SHAPES[0], seed) for seed in range(3)] +
                          [((2, 2, 2, 43, 2, 128), seed) for seed in range(10)], ids=str)
-@pytest.mark.parametrize("stage, deterministic", [("", True), ("_sm90", True), ("_sm90", False)],
-                         ids=["stage1", "stage2", "stage2-dq-atomic"])
+@pytest.mark.parametrize("stage, deterministic", [("", True), ("", False), ("_sm90", True), ("_sm90", False)],
+                         ids=["stage1", "stage1-dq-atomic", "stage2", "stage2-dq-atomic"])
 def test_random_schedules(request, stage, deterministic, shape, seed, causal):
     """Threads run in a seeded random order and pace, and (Stage 2) TMA
     copies land in any order at random moments, (B, S, H, D) views: on the

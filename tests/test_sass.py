@@ -110,11 +110,30 @@ def test_adamw_kernels_move_the_moments_16_bytes_per_access(arch):
 def test_flash_attention_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
     kernels = {n: c for n, c in _sass(arch).items()
                if re.search(r"flash_(fwd|bwd_dkdv|bwd_dq)_kernel", n)}
-    assert len(kernels) == 3 * 2 * 8, sorted(kernels)  # fwd, dK/dV, dQ; two dtypes; eight head dims
+    # fwd, dK/dV (with and without the dQ atomics), dQ; two dtypes; eight head dims
+    assert len(kernels) == 4 * 2 * 8, sorted(kernels)
     for name, code in kernels.items():
         for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
             assert op in code, f"{op} missing from {name}"
         assert not re.search(r"\b(LDL|STL)\b", code), f"local memory in {name}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flash_backward_adds_dq_with_atomics(arch):
+    """Stage 1's non-deterministic dK/dV kernel (kAccumulateDq, the
+    template's last argument true) against its deterministic twin: a warp's
+    16 x 32 dQ tile over the step's 64 keys is 16 more mma.sync, added to
+    dq_accum with 8 two-float atomic adds a thread (sm_90a) or 16 one-float
+    ones (sm_80: no vector red), 2 rows x 4 column pairs."""
+    sass = {n: c for n, c in _sass(arch).items() if "flash_bwd_dkdv_kernel" in n}
+    atomic = {n: c for n, c in sass.items() if "Lb1E" in n}
+    assert len(atomic) == 2 * 8, sorted(sass)
+    red = r"REDG\.E\.ADD\.F32x2\S*" if arch == "sm_90a" else r"\bRED\.E\.ADD\.F32\S*"
+    for name, code in atomic.items():
+        twin = sass[name.replace("Lb1E", "Lb0E")]
+        assert code.count("HMMA.16816.F32") == twin.count("HMMA.16816.F32") + 16, name
+        reds = len(re.findall(red, code))
+        assert reds == (8 if arch == "sm_90a" else 16) and not re.search(red, twin), f"{reds} atomics in {name}"
 
 
 def assert_sm90_pipeline(name, code):

@@ -26,9 +26,9 @@ struct FlashAttnParams {
   void* dq;
   void* dk;
   void* dv;
-  // Backward scratch of the non-deterministic Stage 2 backward: dQ summed in
-  // fp32 (B, Hq, Sq, D) by atomic adds; null for the deterministic one (and
-  // ignored by Stage 1, which is always deterministic).
+  // Backward scratch of the non-deterministic backward: dQ summed in fp32
+  // (B, Hq, Sq, D) by the dK/dV kernel's atomic adds; null for the
+  // deterministic one (a dQ kernel of its own).
   float* dq_accum;
   int batch, heads_q, heads_kv, seq_q, seq_k, head_dim;
   float scale;
@@ -53,7 +53,9 @@ template <typename T, int kD> bool flash_fwd(const FlashAttnParams& p, cudaStrea
 // these strides (cuTensorMapEncodeTiled) or the dynamic shared memory size;
 // the caller then runs flash_fwd.
 template <typename T, int kD> bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
-// dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote.
+// dq, dk, dv from dout, q, k, v, lse and the delta that flash_bwd_delta wrote:
+// dk, dv, then dq in a kernel of its own, or, when p.dq_accum is set, dq added
+// up in p.dq_accum by the dK/dV kernel, then rounded into dq.
 template <typename T, int kD> bool flash_bwd(const FlashAttnParams& p, cudaStream_t stream);
 // Stage 2 backward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or
 // 128 (flash_bwd_sm90_hdim*.cu): dk, dv, then dq in a kernel of its own, or,

@@ -208,11 +208,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = sm90_wanted(q.get_device());
-  // Stage 2's non-deterministic backward adds dQ up in fp32 (2x dq's bytes,
-  // freed on return); Stage 1 is deterministic either way and ignores it.
-  const int padded = flash_padded_head_dim(p.head_dim);
+  // The non-deterministic backward adds dQ up in fp32 (2x dq's bytes, freed
+  // on return) with atomics, in place of the dQ kernel.
   at::Tensor dq_accum;
-  if (sm90 && !deterministic && (padded == 64 || padded == 128)) {
+  if (!deterministic) {
     dq_accum = at::empty(q_in.sizes(), q_in.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr<float>();
   }

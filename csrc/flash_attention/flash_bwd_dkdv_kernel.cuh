@@ -9,6 +9,13 @@
 // fragments of p^T and ds^T are A fragments of the next products.
 // kD > 128: 8 warps, two per 16 keys, each accumulating half of the head dim
 // of dK and dV (both compute s^T and dp^T in full) to stay in registers.
+// kAccumulateDq (the non-deterministic backward, FlashAttention-2's dQ; no
+// dQ kernel then): each step's ds^T (64 keys x kM queries, rounded to T, as
+// dK uses it) goes to shared memory; after a barrier the warps share the
+// step's dQ = scale ds k (kM x kD) in 16 x 32 tiles, A = ds read transposed
+// from that tile, B = k, and add each to p.dq_accum (fp32) with atomic adds.
+// 5 products a step instead of 4 here and the dQ kernel's 3; the blocks' adds
+// land in any order, so dQ's last bits vary run to run.
 #pragma once
 
 #include <cmath>
@@ -18,21 +25,64 @@
 
 namespace pyext {
 
-template <int kD>
+template <int kD, bool kAccumulateDq = false>
 struct FlashBwdDkDvTraits {
   static constexpr int kBlockN = 64;                    // keys per CTA
   static constexpr int kBlockM = kD <= 32 ? 64 : 32;   // queries per step (64 at kD = 64 spills on sm_90a)
   static constexpr int kSplit = kD <= 128 ? 1 : 2;     // warps per 16 keys
   static constexpr int kDw = kD / kSplit;              // head-dim columns of dK, dV per warp
   static constexpr int kThreads = 128 * kSplit;
-  // k, v; 2 x (q, dO) in T; 2 x (lse2, delta) in fp32
-  static constexpr int kSmemBytes = (2 * kBlockN + 4 * kBlockM) * kSmemStride<kD> * 2 + 4 * kBlockM * 4;
+  // kAccumulateDq: ds^T as [kBlockN][kBlockM + 8] in T, padded as the other
+  // tiles: its rows are 80 or 144 bytes apart, so neither the stores nor the
+  // transposing ldmatrix of 8 rows meets a bank twice.
+  static constexpr int kDsStride = kBlockM + 8;
+  static constexpr int kDsBytes = kAccumulateDq ? kBlockN * kDsStride * 2 : 0;
+  static constexpr int kDqTiles = kBlockM / 16 * (kD / 32);  // 16 x 32 tiles of a step's dQ
+  // k, v; 2 x (q, dO) in T; 2 x (lse2, delta) in fp32; [ds^T]
+  static constexpr int kSmemBytes =
+      (2 * kBlockN + 4 * kBlockM) * kSmemStride<kD> * 2 + 4 * kBlockM * 4 + kDsBytes;
   static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN); }
 };
 
+// kAccumulateDq's step: af holds this warp's 16 keys of ds^T (A fragments,
+// rows keys); the step is query head bh % Hq of batch bh / Hq, rows m0 ...
+// Stores them (one warp per 16 keys), waits for every warp's, then deals the
+// step's 16 x 32 dQ tiles to the warps: A (16 queries x 64 keys) by
+// ldmatrix .trans from the [key][query] tile (lane l: key 16 ks + 8 (l / 16)
+// + l % 8, queries + 8 ((l / 8) % 2)), B = k (keys x head dim, as v in the
+// forward's P V), then red_add_acc of the tile times scale.
 template <typename T, int kD>
+__device__ __forceinline__ void add_dq(const FlashAttnParams& p,
+                                       const uint32_t (&af)[FlashBwdDkDvTraits<kD>::kBlockM / 16][4], T* sds,
+                                       const T* sk, int bh, int m0, int warp, int lane) {
+  using Tr = FlashBwdDkDvTraits<kD, true>;
+  constexpr int kN = Tr::kBlockN, kM = Tr::kBlockM, kDs = Tr::kDsStride;
+  if (warp < 4) {  // at kD > 128 warps w and w + 4 hold the same ds^T
+    T* rows = sds + (warp % 4 * 16 + lane / 4) * kDs + 2 * (lane % 4);
+#pragma unroll
+    for (int ks = 0; ks < kM / 16; ++ks)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) *reinterpret_cast<uint32_t*>(rows + (r % 2) * 8 * kDs + 16 * ks + 8 * (r / 2)) = af[ks][r];
+  }
+  __syncthreads();
+  float* dq_rows = p.dq_accum + (int64_t(bh) * p.seq_q + m0) * p.head_dim;
+  for (int tile = warp; tile < Tr::kDqTiles; tile += Tr::kThreads / 32) {
+    const int r0 = tile % (kM / 16) * 16, c0 = tile / (kM / 16) * 32;
+    if (c0 >= p.head_dim) continue;  // k is zero there: nothing to add
+    uint32_t ds[kN / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < kN / 16; ++ks)
+      ldmatrix_x4_trans(ds[ks], sds + (16 * ks + 8 * (lane / 16) + lane % 8) * kDs + r0 + 8 * ((lane / 8) % 2));
+    float acc[4][4];
+    zero(acc);
+    warp_mma_rt<T, kN, 32, kD>(acc, ds, sk + c0, lane);
+    red_add_acc<4>(dq_rows, acc, r0 + lane / 4, p.seq_q - m0, c0, p.head_dim, p.scale, lane);
+  }
+}
+
+template <typename T, int kD, bool kAccumulateDq>
 __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dkdv_kernel(const FlashAttnParams p) {
-  using Tr = FlashBwdDkDvTraits<kD>;
+  using Tr = FlashBwdDkDvTraits<kD, kAccumulateDq>;
   constexpr int kN = Tr::kBlockN, kM = Tr::kBlockM, kS = kSmemStride<kD>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sk = reinterpret_cast<T*>(smem);
@@ -41,6 +91,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dk
   T* sdo = sq + 2 * kM * kS;  // [2][kM][kS]
   float* slse = reinterpret_cast<float*>(sdo + 2 * kM * kS);  // [2][kM], lse * log2(e), +inf for no key
   float* sdelta = slse + 2 * kM;                              // [2][kM]
+  T* sds = reinterpret_cast<T*>(sdelta + 2 * kM);             // kAccumulateDq: [kN][kM + 8], ds^T
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int kw = warp % 4, d0 = (warp / 4) * Tr::kDw;  // this warp's 16 keys and dK/dV columns
@@ -114,7 +165,9 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dk
     }
     acc_to_a<T, kM>(dst, af);
     warp_mma_rt<T, kM, Tr::kDw, kD>(dk, af, q_tile + d0, lane);
-    __syncthreads();  // every warp is done with this buffer before it is refilled
+    if constexpr (kAccumulateDq)
+      add_dq<T, kD>(p, af, sds, sk, b * p.heads_q + hk * group + i / m_blocks, m0, warp, lane);
+    __syncthreads();  // every warp is done with this buffer (and ds^T) before it is refilled
   }
   cp_async_wait<0>();
 

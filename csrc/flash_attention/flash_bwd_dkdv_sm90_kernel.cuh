@@ -266,10 +266,10 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
       if constexpr (kAccumulateDq) {
         // dQ = dS K once both warpgroups' dS^T are in (named barrier 1).
         named_barrier_sync(1, 2 * 128);
+        const uint64_t ds = dds_mn + (i % 2) * kDsBuffer;
 #pragma unroll
         for (int ks = 0; ks < kN / 16; ++ks)
-          Wgmma<T, kDqCols>::template ss<1, 1>(dq_part, dds_mn + (i % 2) * kDsBuffer + ks * kRows16, dk_mn + ks * kRows16,
-                                               ks > 0);
+          Wgmma<T, kDqCols>::template ss<1, 1>(dq_part, ds + ks * kRows16, dk_mn + ks * kRows16, ks > 0);
         wgmma_commit();
         wgmma_wait<1>();  // dK done (groups complete in order): slot s may go
       } else {
@@ -284,8 +284,8 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
         wgmma_wait<0>();
         wgmma_fence_operand(dq_part);
         float* dq_rows = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seq_q + m0) * p.head_dim;
-        red_add_acc<kDqCols / 8>(dq_rows, dq_part, warp * 16 + lane / 4, p.seq_q - m0, wg * kDqCols, p.head_dim, p.scale,
-                                 lane);
+        red_add_acc<kDqCols / 8>(dq_rows, dq_part, warp * 16 + lane / 4, p.seq_q - m0, wg * kDqCols, p.head_dim,
+                                 p.scale, lane);
       }
     }
 

@@ -1,9 +1,8 @@
-// FlashAttention backward, last pass of the non-deterministic Stage 2
-// backward: dq = dq_accum rounded to T, where the dK/dV kernel added dQ
-// (scale already applied) in fp32 (flash_bwd_dkdv_sm90_kernel.cuh,
-// kAccumulateDq). Both contiguous (B, Hq, Sq, D), D a multiple of 8: 8
-// elements a thread, 32 bytes read and 16 written; 6 bytes an element in all.
-// Launched by flash_bwd_sm90_launch.cuh.
+// FlashAttention backward, last pass of the non-deterministic backward: dq =
+// dq_accum rounded to T, where the dK/dV kernel (either stage's, with
+// kAccumulateDq) added dQ up in fp32, scale applied. Both contiguous (B, Hq,
+// Sq, D), D a multiple of 8: 8 elements a thread, 32 bytes read and 16
+// written; 6 bytes an element in all. Launched by flash_bwd_dq_accum_launch.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,8 +21,8 @@ struct FlashBwdDqConvertTraits {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(FlashBwdDqConvertTraits::kThreads) flash_bwd_dq_convert_kernel(const FlashAttnParams p,
-                                                                                                 int64_t groups) {
+__global__ void __launch_bounds__(FlashBwdDqConvertTraits::kThreads)
+    flash_bwd_dq_convert_kernel(const FlashAttnParams p, int64_t groups) {
   const int64_t i = int64_t(blockIdx.x) * FlashBwdDqConvertTraits::kThreads + threadIdx.x;
   if (i >= groups) return;
   const Vec<float, 4> lo = load_vec<float, 4>(p.dq_accum + 8 * i), hi = load_vec<float, 4>(p.dq_accum + 8 * i + 4);

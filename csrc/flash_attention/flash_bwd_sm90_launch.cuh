@@ -2,13 +2,13 @@
 // and head dim; delta is computed before, by flash_bwd_delta. Deterministic
 // (p.dq_accum null): dK/dV per 128 keys (flash_bwd_dkdv_sm90_kernel.cuh),
 // then dQ per 128 queries (flash_bwd_dq_sm90_kernel.cuh). Otherwise dK/dV
-// also adds dQ into p.dq_accum, zeroed first, and flash_bwd_dq_convert
-// rounds it into dq. Included by the flash_bwd_sm90_hdim*.cu files.
+// also adds dQ into p.dq_accum, zeroed first, then rounded into dq
+// (flash_bwd_dq_accum_launch.cuh). Included by the flash_bwd_sm90_hdim*.cu files.
 #pragma once
 
 #include "common/launch.h"
 #include "flash_attention/flash_bwd_dkdv_sm90_kernel.cuh"
-#include "flash_attention/flash_bwd_dq_convert_kernel.cuh"
+#include "flash_attention/flash_bwd_dq_accum_launch.cuh"
 #include "flash_attention/flash_bwd_dq_sm90_kernel.cuh"
 
 namespace pyext {
@@ -29,11 +29,10 @@ bool flash_bwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
     return false;
   // 65 to 161 KB of dynamic shared memory: should a device refuse it, Stage 1 runs.
   if (!opt_in_smem(dkdv, dkdv_smem) || (!accumulate && !opt_in_smem(dq, Q::kSmemBytes))) return false;
-  using C = FlashBwdDqConvertTraits;
-  if (accumulate) cudaMemsetAsync(p.dq_accum, 0, C::groups(p) * 8 * sizeof(float), stream);
+  if (accumulate) zero_dq_accum(p, stream);
   dkdv<<<KV::grid(p), KV::kThreads, dkdv_smem, stream>>>(kv_maps.q, kv_maps.k, kv_maps.v, kv_maps.dout, p);
   if (accumulate)
-    flash_bwd_dq_convert_kernel<T><<<C::grid(p), C::kThreads, 0, stream>>>(p, C::groups(p));
+    convert_dq_accum<T>(p, stream);
   else
     dq<<<Q::grid(p), Q::kThreads, Q::kSmemBytes, stream>>>(q_maps.q, q_maps.k, q_maps.v, q_maps.dout, p);
   return true;

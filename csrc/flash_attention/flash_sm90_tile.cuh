@@ -9,7 +9,6 @@
 
 #include <type_traits>
 
-#include "common/red_add.cuh"
 #include "common/tma.cuh"
 #include "common/tma_host.h"
 #include "flash_attention/flash_attention.h"
@@ -116,24 +115,6 @@ __device__ __forceinline__ void store_a_sw128(uint32_t tile, const uint32_t (&a)
   for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
     for (int r = 0; r < 4; ++r) st_shared_b32((row + (r % 2) * 8 * 128 + (2 * ks + r / 2) * 16) ^ swizzle, a[ks][r]);
-}
-
-// store_acc's atomic sibling: adds rows `row` (C elements 0, 1) and `row` + 8
-// (elements 2, 3) of a 16 x 8 kN fp32 fragment tile, times `mul`, into a
-// contiguous (n_rows, d) fp32 matrix at columns col0 + 8j + 2t, that other
-// blocks add to as well; rows >= n_rows and columns >= d are skipped.
-template <int kN>
-__device__ __forceinline__ void red_add_acc(float* out, const float (&acc)[kN][4], int row, int n_rows, int col0,
-                                            int d, float mul, int lane) {
-  const int col = col0 + 2 * (lane % 4);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row + 8 * r >= n_rows) continue;
-    float* dst = out + int64_t(row + 8 * r) * d + col;
-#pragma unroll
-    for (int j = 0; j < kN; ++j)
-      if (col + 8 * j < d) red_add_f32x2(dst + 8 * j, acc[j][2 * r] * mul, acc[j][2 * r + 1] * mul);
-  }
 }
 
 }  // namespace pyext

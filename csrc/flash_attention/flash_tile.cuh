@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/mma.cuh"
+#include "common/red_add.cuh"
 #include "flash_attention/flash_attention.h"
 
 namespace pyext {
@@ -153,6 +154,24 @@ __device__ __forceinline__ void store_acc(T* out, const float (&acc)[kN][4], int
       if (col + 8 * j < d)
         *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(acc[j][2 * r] * mul[r], acc[j][2 * r + 1] * mul[r]);
     }
+  }
+}
+
+// store_acc's atomic sibling: adds rows `row` (C elements 0, 1) and `row` + 8
+// (elements 2, 3) of a 16 x 8 kN fp32 fragment tile, times `mul`, into a
+// contiguous (n_rows, d) fp32 matrix at columns col0 + 8j + 2t, that other
+// blocks add to as well; rows >= n_rows and columns >= d are skipped.
+template <int kN>
+__device__ __forceinline__ void red_add_acc(float* out, const float (&acc)[kN][4], int row, int n_rows, int col0,
+                                            int d, float mul, int lane) {
+  const int col = col0 + 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= n_rows) continue;
+    float* dst = out + int64_t(row + 8 * r) * d + col;
+#pragma unroll
+    for (int j = 0; j < kN; ++j)
+      if (col + 8 * j < d) red_add_f32x2(dst + 8 * j, acc[j][2 * r] * mul, acc[j][2 * r + 1] * mul);
   }
 }
 

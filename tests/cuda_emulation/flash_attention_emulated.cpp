@@ -1,12 +1,15 @@
 // The Stage 1 FlashAttention kernels (csrc/flash_attention, mma.sync) compiled
 // as host C++ and run block by block on the CPU (simt.h, common/mma.cuh):
-// the forward, then the backward's three launches (delta, dK/dV, dQ), with
-// the grids, threads and shared memory of the real launchers. Loaded by
-// tests/test_cuda_attention_emulated.py through ctypes.
+// the forward, then the backward's launches as flash_bwd makes them (delta,
+// dK/dV, dQ; or with p.dq_accum delta, dK/dV adding dQ up, the rounding of
+// dQ), with the grids, threads and shared memory of the real launchers.
+// Loaded by tests/test_cuda_emulated.py through ctypes.
+#include <algorithm>
 #include <cmath>
 
 #include "simt.h"
 #include "common/mma.cuh"
+#include "common/red_add.cuh"
 
 namespace pyext {
 using std::max;
@@ -16,6 +19,7 @@ alignas(16) unsigned char smem[256 * 1024];  // what the kernels' `extern __shar
 
 #include "flash_attention/flash_bwd_delta_kernel.cuh"
 #include "flash_attention/flash_bwd_dkdv_kernel.cuh"
+#include "flash_attention/flash_bwd_dq_convert_kernel.cuh"
 #include "flash_attention/flash_bwd_dq_kernel.cuh"
 #include "flash_attention/flash_fwd_kernel.cuh"
 
@@ -42,9 +46,17 @@ void backward(const pyext::FlashAttnParams& p) {
   using Delta = pyext::FlashBwdDeltaTraits;
   using KV = pyext::FlashBwdDkDvTraits<kD>;
   using Q = pyext::FlashBwdDqTraits<kD>;
-  run<Delta>(p, 0, [&] { pyext::flash_bwd_delta_kernel<T>(p, Delta::rows(p)); }) &&
-      run<KV>(p, KV::kSmemBytes, [&] { pyext::flash_bwd_dkdv_kernel<T, kD>(p); }) &&
-      run<Q>(p, Q::kSmemBytes, [&] { pyext::flash_bwd_dq_kernel<T, kD>(p); });
+  using C = pyext::FlashBwdDqConvertTraits;
+  if (!run<Delta>(p, 0, [&] { pyext::flash_bwd_delta_kernel<T>(p, Delta::rows(p)); })) return;
+  if (p.dq_accum == nullptr) {
+    run<KV>(p, KV::kSmemBytes, [&] { pyext::flash_bwd_dkdv_kernel<T, kD, false>(p); }) &&
+        run<Q>(p, Q::kSmemBytes, [&] { pyext::flash_bwd_dq_kernel<T, kD>(p); });
+    return;
+  }
+  std::fill_n(p.dq_accum, C::groups(p) * 8, 0.f);  // the launcher's zero_dq_accum
+  emu::g_red_target = {p.dq_accum, p.dq_accum + C::groups(p) * 8};
+  run<KV>(p, pyext::FlashBwdDkDvTraits<kD, true>::kSmemBytes, [&] { pyext::flash_bwd_dkdv_kernel<T, kD, true>(p); }) &&
+      run<C>(p, 0, [&] { pyext::flash_bwd_dq_convert_kernel<T>(p, C::groups(p)); });
 }
 
 // The launchers' dispatch: the head dim rounded up to a multiple of 32.
@@ -79,6 +91,7 @@ void run_backward(const pyext::FlashAttnParams& p) {
 
 void set_up(int mode, const void* const* readable, int n_readable) {
   emu::g_mode = static_cast<emu::Mode>(mode);
+  emu::g_red_target = {};
   emu::set_readable(readable, n_readable);
 }
 

@@ -84,7 +84,7 @@ void backward(const pyext::FlashAttnParams& p) {
             [&] { pyext::flash_bwd_dq_sm90_kernel<T, kD>(q.q, q.k, q.v, q.dout, p); });
     return;
   }
-  std::fill_n(p.dq_accum, C::groups(p) * 8, 0.f);  // the launcher's cudaMemsetAsync
+  std::fill_n(p.dq_accum, C::groups(p) * 8, 0.f);  // the launcher's zero_dq_accum
   emu::g_red_target = {p.dq_accum, p.dq_accum + C::groups(p) * 8};
   run(KV::grid(p), KV::kThreads, pyext::FlashBwdDkDvSm90Traits<kD, true>::kSmemBytes,
       [&] { pyext::flash_bwd_dkdv_sm90_kernel<T, kD, true>(kv.q, kv.k, kv.v, kv.dout, p); }) &&
