@@ -17,9 +17,9 @@ On compute capability 9.x pyext-cuda runs the sm_90a kernels (Stage 2: wgmma,
 TMA) for head dims 64 and 128; pyext-cuda-stage1 times the mma.sync kernels
 (Stage 1, what every other GPU runs) there too, through PYEXT_FLASH_SM90=0 set
 around each timed call, so that one run measures both stages against the peers.
-Stage 2's backward adds dQ up with atomics (pyext-cuda, the default);
-pyext-cuda-det times its deterministic=True backward (dK/dV, then dQ in a
-second kernel) beside it.
+The CUDA backward adds dQ up with atomics (pyext-cuda, the default, either
+stage); pyext-cuda-det times its deterministic=True backward (dK/dV, then dQ
+in a second kernel) beside it.
 Model-layout cases (causal, "bshd" in the label and dtype key) time what a
 transformer block pays: q, k, v are (B, H, S, D) views of one packed
 (B, S, 3, H, D) projection, and the output goes on as (B, S, H * D), so each
@@ -249,7 +249,7 @@ def _triton_deterministic(causal, dropout_p, mask, window, softcap, sinks, why_n
 
 def _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda):
     """Why pyext-cuda does not run the sm_90a kernels (Stage 2) here, or None
-    where it does: what pyext-cuda-stage1 and pyext-cuda-det compare it with."""
+    where it does: what pyext-cuda-stage1 compares it with."""
     if why_not_cuda is not None:
         return why_not_cuda
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
@@ -265,11 +265,11 @@ def _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda):
 
 def _cuda_deterministic(causal, head_dim, v_dim, why_not_cuda):
     """pyext's CUDA attention with deterministic=True, or why it is not timed:
-    only Stage 2's backward has the other mode (dQ added up with atomics,
-    pyext-cuda's), Stage 1's is deterministic either way."""
-    why = _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda)
-    if why is not None:
-        return why
+    beside pyext-cuda, whose backward (either stage's) adds dQ up with atomics."""
+    if why_not_cuda is not None:
+        return why_not_cuda
+    if v_dim != head_dim:
+        return "the CUDA attention kernels take one head dim for q, k and v"
     return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend="cuda")
 
 

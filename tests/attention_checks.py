@@ -15,7 +15,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (backend, deterministic): the Triton backward has two paths, dQ summed with
 # atomics (the default) and the deterministic two-kernel one; so has the CUDA
-# backward on Hopper (sm_90a), whose mma.sync kernels are deterministic either way.
+# backward, on either stage (sm_90a and mma.sync kernels).
 FLASH_KERNELS = [
     pytest.param("triton", False, id="triton-atomic"),
     pytest.param("triton", True, id="triton-deterministic"),

@@ -131,39 +131,31 @@ def test_attention_times_cuda_stage1_where_pyext_cuda_runs_stage2():
             assert isinstance(stage1, str)
 
 
-def test_attention_times_the_cuda_deterministic_backward_where_stage2_has_two():
+def test_attention_times_the_cuda_deterministic_backward_beside_the_default():
     # pyext-cuda-det: the CUDA backward with deterministic=True, in the
-    # backward cases only, timed where pyext-cuda runs the sm_90a kernels
-    # (whose default adds dQ up with atomics); elsewhere it says why not.
+    # backward cases only, timed wherever pyext-cuda runs (whose default, on
+    # either stage, adds dQ up with atomics); elsewhere it says why not.
     import torch
     from benchmarks import attention
-    from benchmarks.harness import our_backends
-    sm90 = HAS_GPU and torch.cuda.get_device_capability()[0] == 9 and \
-        our_backends()["pyext-cuda"] is None and os.environ.get("PYEXT_FLASH_SM90") != "0"
     for case in attention.cases(True, [torch.bfloat16]):
         det = case.providers.get("pyext-cuda-det")
         if case.direction == "fwd":
             assert det is None
-        elif callable(case.providers["pyext-cuda"]) and sm90 and "dv" not in case.dtype:
+        elif callable(case.providers["pyext-cuda"]) and "dv" not in case.dtype:
             assert callable(det)
         else:
             assert isinstance(det, str)
 
 
-def test_cuda_deterministic_asks_for_it_only_where_stage2_runs(monkeypatch):
+def test_cuda_deterministic_asks_for_it_wherever_pyext_cuda_runs(monkeypatch):
     from benchmarks import attention
-    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.delenv("PYEXT_FLASH_SM90", raising=False)
     calls = []
     monkeypatch.setattr(attention.pyext, "flash_attention", lambda *args, **kwargs: calls.append(kwargs))
-    attention._cuda_deterministic(True, 64, 64, None)(None, None, None)
-    assert calls == [dict(causal=True, deterministic=True, backend="cuda")]
-    assert "pad to 64 or 128" in attention._cuda_deterministic(False, 256, 256, None)
-    monkeypatch.setenv("PYEXT_FLASH_SM90", "0")
-    assert "PYEXT_FLASH_SM90=0" in attention._cuda_deterministic(False, 128, 128, None)
-    monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert "compute capability 9.x" in attention._cuda_deterministic(False, 128, 128, None)
+    for head_dim in (64, 256):
+        attention._cuda_deterministic(True, head_dim, head_dim, None)(None, None, None)
+    assert calls == [dict(causal=True, deterministic=True, backend="cuda")] * 2
+    assert attention._cuda_deterministic(False, 128, 128, "no GPU") == "no GPU"
+    assert "one head dim" in attention._cuda_deterministic(False, 128, 64, None)
 
 
 def test_cuda_stage1_sets_pyext_flash_sm90_only_while_it_runs(monkeypatch):

@@ -129,16 +129,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     computes dQ in a second pass instead, giving the same bits run to run.
     None (the default) means torch.are_deterministic_algorithms_enabled() at
     the call: False unless torch.use_deterministic_algorithms(True) was set.
-    The CUDA backward does the same on Hopper (its sm_90a kernels, head dims
-    that pad to 64 or 128); elsewhere it is deterministic either way, as is
-    the reference. A backward with create_graph=True (double backward) is the
-    reference's, from the saved inputs (an S x S matrix), under "auto"; a named
-    kernel backend raises. Kernels: float16/bfloat16,
-    head dims multiple of 8 up to 256 (v's may be its own, below q's and k's,
-    as in DeepSeek's MLA: the Triton kernels); other inputs go to the reference
-    (backend "auto") or raise (a kernel backend named). Under torch.autocast,
-    q, k and v are cast as torch casts them for its SDPA (float32 to the
-    region's dtype).
+    The CUDA backward does the same (its sm_90a and mma.sync kernels alike);
+    the reference is deterministic either way. A backward with
+    create_graph=True (double backward) is the reference's, from the saved
+    inputs (an S x S matrix), under "auto"; a named kernel backend raises.
+    Kernels: float16/bfloat16, head dims multiple of 8 up to 256 (v's may be
+    its own, below q's and k's, as in DeepSeek's MLA: the Triton kernels);
+    other inputs go to the reference (backend "auto") or raise (a kernel
+    backend named). Under torch.autocast, q, k and v are cast as torch casts
+    them for its SDPA (float32 to the region's dtype).
     """
     q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
     if any(isinstance(t, Tensor) and t.is_nested for t in (q, k, v)):

@@ -13,9 +13,8 @@ The CUDA forward and backward run the sm_90a kernels (wgmma, TMA) on
 compute capability 9.x for head dims that pad to 64 or 128, the mma.sync
 kernels elsewhere; PYEXT_FLASH_SM90=0 in the environment (read per call)
 forces the latter.
-The Triton backward with deterministic=False sums dQ with atomics (faster,
-last bits vary run to run); so does the CUDA backward's sm_90a path, and its
-mma.sync kernels are deterministic either way.
+The Triton and CUDA backwards with deterministic=False sum dQ with atomics
+(faster, last bits vary run to run); with True, dQ has a kernel of its own.
 The public functions carry the caller's choice from the forward to the
 backward in _FlashAttention's context; a forward op called directly gets the
 deterministic backward.
