@@ -62,7 +62,8 @@ __device__ __forceinline__ void add_dq(const FlashAttnParams& p,
 #pragma unroll
     for (int ks = 0; ks < kM / 16; ++ks)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) *reinterpret_cast<uint32_t*>(rows + (r % 2) * 8 * kDs + 16 * ks + 8 * (r / 2)) = af[ks][r];
+      for (int r = 0; r < 4; ++r)
+        *reinterpret_cast<uint32_t*>(rows + (r % 2) * 8 * kDs + 16 * ks + 8 * (r / 2)) = af[ks][r];
   }
   __syncthreads();
   float* dq_rows = p.dq_accum + (int64_t(bh) * p.seq_q + m0) * p.head_dim;
