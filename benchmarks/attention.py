@@ -247,17 +247,25 @@ def _triton_deterministic(causal, dropout_p, mask, window, softcap, sinks, why_n
                                                  sinks=sinks, deterministic=True, backend="triton")
 
 
+def _why_not_cuda_kernels(head_dim, v_dim, why_not_cuda):
+    """Why pyext's CUDA attention cannot run this case at all, or None."""
+    if why_not_cuda is not None:
+        return why_not_cuda
+    if v_dim != head_dim:
+        return "the CUDA attention kernels take one head dim for q, k and v"
+    return None
+
+
 def _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda):
     """Why pyext-cuda does not run the sm_90a kernels (Stage 2) here, or None
     where it does: what pyext-cuda-stage1 compares it with."""
-    if why_not_cuda is not None:
-        return why_not_cuda
+    why = _why_not_cuda_kernels(head_dim, v_dim, why_not_cuda)
+    if why is not None:
+        return why
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return "same kernels as pyext-cuda: Stage 2 (sm_90a) runs only on compute capability 9.x"
     if os.environ.get("PYEXT_FLASH_SM90") == "0":
         return "same kernels as pyext-cuda: PYEXT_FLASH_SM90=0 is set for this whole run"
-    if v_dim != head_dim:
-        return "the CUDA attention kernels take one head dim for q, k and v"
     if (head_dim + 31) // 32 * 32 not in (64, 128):
         return "same kernels as pyext-cuda: Stage 2 covers head dims that pad to 64 or 128"
     return None
@@ -266,10 +274,9 @@ def _why_not_cuda_stage2(head_dim, v_dim, why_not_cuda):
 def _cuda_deterministic(causal, head_dim, v_dim, why_not_cuda):
     """pyext's CUDA attention with deterministic=True, or why it is not timed:
     beside pyext-cuda, whose backward (either stage's) adds dQ up with atomics."""
-    if why_not_cuda is not None:
-        return why_not_cuda
-    if v_dim != head_dim:
-        return "the CUDA attention kernels take one head dim for q, k and v"
+    why = _why_not_cuda_kernels(head_dim, v_dim, why_not_cuda)
+    if why is not None:
+        return why
     return lambda q, k, v: pyext.flash_attention(q, k, v, causal=causal, deterministic=True, backend="cuda")
 
 
