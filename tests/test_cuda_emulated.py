@@ -183,9 +183,9 @@ def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage="", determin
 
 # (batch, query heads, key heads, Sq, Sk, head dim): every head-dim kernel
 # (32 ... 256, and dims padded up to one), GQA, Sq != Sk, Sq = 1, blocks
-# of 64 queries and 16-64 keys with rows and keys past them.
+# of 64 or 128 queries and 16-64 keys with rows and keys past them.
 SHAPES = [
-    (1, 2, 1, 70, 200, 64),
+    (1, 2, 1, 140, 200, 64),
     (2, 2, 2, 1, 33, 40),
     (1, 1, 1, 65, 47, 128),
     (1, 3, 1, 19, 70, 96),

@@ -119,6 +119,23 @@ def test_flash_attention_kernels_use_tensor_cores_ldmatrix_and_cp_async(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_flash_forward_feeds_each_k_v_fragment_to_two_query_tiles(arch):
+    """Stage 1's forward per key tile, as flash_fwd_kernel.cuh counts it: a
+    warp owns kMT tiles of 16 query rows (2 up to head dim 128, 1 above) and
+    each ldmatrix of K or V feeds kMT mma.sync, so the loop body holds
+    kMT D N / 64 HMMA for D / 16 (kMT + N / 16) + N / 16 D / 16 LDSM
+    (N keys a tile: 64 up to 128, 32 above): 3.2 products per shared read
+    up to D 128, 1.6 above."""
+    kernels = {n: c for n, c in _sass(arch).items() if "flash_fwd_kernel" in n}
+    assert len(kernels) == 2 * 8, sorted(kernels)
+    for name, code in kernels.items():
+        d = int(re.search(r"Li(\d+)EE", name).group(1))
+        tiles, keys = (2, 64) if d <= 128 else (1, 32)
+        assert code.count("HMMA.16816.F32") == tiles * d * keys // 64, name
+        assert len(re.findall(r"\bLDSM\S*", code)) == d // 16 * (tiles + keys // 16) + keys // 16 * d // 16, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_flash_backward_adds_dq_with_atomics(arch):
     """Stage 1's non-deterministic dK/dV kernel (kAccumulateDq, the
     template's last argument true) against its deterministic twin: a warp's

@@ -70,40 +70,52 @@ __device__ __forceinline__ void cp_async_prefetch_next(int i, int steps, const L
   __syncthreads();
 }
 
-// acc (16 x kN) += A B^T for one warp, both operands in shared memory with
-// the reduction dim (kK) contiguous: A is 16 rows at `a` (row-major, stride
-// kSmemStride<kD>), B is kN rows at `b`. acc[j] is the C fragment of columns
-// 8j .. 8j + 7.
+// acc (16 kMT x kN) += A B^T for one warp, both operands in shared memory
+// with the reduction dim (kK) contiguous: A is kMT tiles of 16 rows, tile t
+// at `a` + 16 t rows (row-major, stride kSmemStride<kD>), B is kN rows at `b`.
+// acc[t][j] is the C fragment of tile t, columns 8j .. 8j + 7. Each B
+// fragment read from shared memory feeds kMT products.
 //   A, per 16-wide k step: ldmatrix_x4 with lane l on row l % 16, column
 //     8 (l / 16): matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) = a[0..3].
 //   B, per pair of 8-column tiles: lane l on row 8 (l / 16) + l % 8, column
 //     8 ((l / 8) % 2): r[0], r[1] = b0, b1 of tile 2p; r[2], r[3] of tile 2p+1.
-template <typename T, int kN, int kK, int kD>
-__device__ __forceinline__ void warp_mma_nt(float (&acc)[kN / 8][4], const T* a, const T* b, int lane) {
+template <typename T, int kMT, int kN, int kK, int kD>
+__device__ __forceinline__ void warp_mma_nt_tiles(float (&acc)[kMT][kN / 8][4], const T* a, const T* b, int lane) {
   constexpr int kS = kSmemStride<kD>;
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
-    uint32_t af[4];
-    ldmatrix_x4(af, a + (lane % 16) * kS + ks * 16 + (lane / 16) * 8);
+    uint32_t af[kMT][4];
+#pragma unroll
+    for (int t = 0; t < kMT; ++t) ldmatrix_x4(af[t], a + (16 * t + lane % 16) * kS + ks * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int p = 0; p < kN / 16; ++p) {
       uint32_t bf[4];
       ldmatrix_x4(bf, b + (p * 16 + (lane / 16) * 8 + lane % 8) * kS + ks * 16 + ((lane / 8) % 2) * 8);
-      mma_m16n8k16<T>(acc[2 * p], af, bf[0], bf[1]);
-      mma_m16n8k16<T>(acc[2 * p + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int t = 0; t < kMT; ++t) {
+        mma_m16n8k16<T>(acc[t][2 * p], af[t], bf[0], bf[1]);
+        mma_m16n8k16<T>(acc[t][2 * p + 1], af[t], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// acc (16 x kN) += A B for one warp: A (16 x kK) in registers as A fragments
-// (af[s] covers k = 16s .. 16s + 15), B (kK x kN) in shared memory with rows
-// along k and columns contiguous (stride kSmemStride<kD>), read transposed:
+// The same for one 16-row tile: acc[j] is the C fragment of columns 8j .. 8j + 7.
+template <typename T, int kN, int kK, int kD>
+__device__ __forceinline__ void warp_mma_nt(float (&acc)[kN / 8][4], const T* a, const T* b, int lane) {
+  warp_mma_nt_tiles<T, 1, kN, kK, kD>(reinterpret_cast<float(&)[1][kN / 8][4]>(acc), a, b, lane);
+}
+
+// acc (16 kMT x kN) += A B for one warp: A (16 kMT x kK) in registers as A
+// fragments (af[t][s]: tile t, k = 16s .. 16s + 15), B (kK x kN) in shared
+// memory with rows along k and columns contiguous (stride kSmemStride<kD>),
+// read transposed, each fragment feeding kMT products:
 //   ldmatrix_x4_trans with lane l on row 16s + l % 16, column 16p + 8 (l / 16):
 //   matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
 //   = b0, b1 of tile 2p and b0, b1 of tile 2p + 1.
-template <typename T, int kK, int kN, int kD>
-__device__ __forceinline__ void warp_mma_rt(float (&acc)[kN / 8][4], const uint32_t (&af)[kK / 16][4],
-                                            const T* b, int lane) {
+template <typename T, int kMT, int kK, int kN, int kD>
+__device__ __forceinline__ void warp_mma_rt_tiles(float (&acc)[kMT][kN / 8][4], const uint32_t (&af)[kMT][kK / 16][4],
+                                                  const T* b, int lane) {
   constexpr int kS = kSmemStride<kD>;
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
@@ -111,10 +123,21 @@ __device__ __forceinline__ void warp_mma_rt(float (&acc)[kN / 8][4], const uint3
     for (int p = 0; p < kN / 16; ++p) {
       uint32_t bf[4];
       ldmatrix_x4_trans(bf, b + (ks * 16 + lane % 16) * kS + p * 16 + (lane / 16) * 8);
-      mma_m16n8k16<T>(acc[2 * p], af[ks], bf[0], bf[1]);
-      mma_m16n8k16<T>(acc[2 * p + 1], af[ks], bf[2], bf[3]);
+#pragma unroll
+      for (int t = 0; t < kMT; ++t) {
+        mma_m16n8k16<T>(acc[t][2 * p], af[t][ks], bf[0], bf[1]);
+        mma_m16n8k16<T>(acc[t][2 * p + 1], af[t][ks], bf[2], bf[3]);
+      }
     }
   }
+}
+
+// The same for one 16-row tile of A fragments (af[s]: k = 16s .. 16s + 15).
+template <typename T, int kK, int kN, int kD>
+__device__ __forceinline__ void warp_mma_rt(float (&acc)[kN / 8][4], const uint32_t (&af)[kK / 16][4],
+                                            const T* b, int lane) {
+  warp_mma_rt_tiles<T, 1, kK, kN, kD>(reinterpret_cast<float(&)[1][kN / 8][4]>(acc),
+                                      reinterpret_cast<const uint32_t(&)[1][kK / 16][4]>(af), b, lane);
 }
 
 // C fragments of a 16 x kN fp32 tile -> A fragments of the same tile in T, in
