@@ -12,13 +12,15 @@ from patch_models import check_all
 
 
 def hf_class(model, name):
-    """transformers.models.<model>.modeling_<model>.<name> (skipping where
-    this transformers lacks the model or the class: transformers 5.17's
-    Nemotron-H has no gated norm class of its own)."""
+    """transformers.models.<model>.modeling_<model>.<name>, or the class
+    under any of the names `name` joins with "|" (a release renamed it),
+    skipping where this transformers lacks the model or the class
+    (transformers 5.17's Nemotron-H has no gated norm class of its own)."""
     module = pytest.importorskip(f"transformers.models.{model}.modeling_{model}")
-    if not hasattr(module, name):
+    found = [getattr(module, n) for n in name.split("|") if hasattr(module, n)]
+    if not found:
         pytest.skip(f"this transformers' {model} has no {name}")
-    return getattr(module, name)
+    return found[0]
 
 
 def test_hf_norms_are_swapped_by_what_they_compute():
@@ -90,6 +92,31 @@ def test_hf_norms_are_swapped_by_what_they_compute():
         assert new.state_dict().keys() == old.state_dict().keys(), name
         assert all(new.get_parameter(key) is old.get_parameter(key) for key in old.state_dict()), name
     assert model["falcon_mamba"].weight is norms["falcon_mamba"][0].weight
+
+
+def _norm_reading_eps(self, x):  # Llama 4's computation, its eps as transformers 5.24 names it
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def _norm_reading_variance_epsilon(self, x):  # as 5.25 names it
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+@pytest.mark.parametrize("name,norm", [("eps", _norm_reading_eps),
+                                       ("variance_epsilon", _norm_reading_variance_epsilon)], ids=["eps", "variance"])
+def test_an_hf_norm_keeps_its_eps_whatever_its_code_calls_it(monkeypatch, name, norm):
+    """transformers renames the attribute holding a norm's eps between
+    releases (5.25: Llama 4's, Gemma 3n's, nanochat's and DeepSeek-V4's eps
+    became variance_epsilon): pyext.patch takes the one the class's code
+    reads, under either name."""
+    cls = hf_class("llama4", "Llama4TextRMSNorm")
+    monkeypatch.setattr(cls, "_norm", norm)
+    old = cls(8)
+    for attribute in ("eps", "variance_epsilon"):
+        old.__dict__.pop(attribute, None)
+    setattr(old, name, 3e-4)
+    new = pyext.patch(torch.nn.ModuleDict({"norm": old}), attention=False)["norm"]
+    assert type(new) is pyext.nn.RMSNorm and new.eps == 3e-4 and new.weight is old.weight
 
 @pytest.mark.parametrize("model,norm,groups", [
     ("qwen3_5", "Qwen3_5RMSNormGated", None),  # a copy of Qwen3-Next's
@@ -193,7 +220,8 @@ def test_a_swapped_hf_grouped_norm_matches_transformers_own(model, norm, args, b
 # (model, class, its constructor's arguments) of each gated norm in pyext.patch's _HF_GATED_NORMS, and a copy
 # (Nemotron-H's in 8 groups, as its config has them; Falcon-H1's in 4, gate before norm, and its default)
 HF_GATED_NORMS = [("qwen3_next", "Qwen3NextRMSNormGated", (96,)), ("glm5_next", "Glm5NextTextRMSNormGated", (96,)),
-                  ("mamba2", "MambaRMSNormGated", (96, 96)), ("nemotron_h", "NemotronHRMSNormGated", (96, 12)),
+                  ("mamba2", "Mamba2RMSNormGated|MambaRMSNormGated", (96, 96)),  # renamed in transformers 5.25
+                  ("nemotron_h", "NemotronHRMSNormGated", (96, 12)),
                   ("falcon_h1", "FalconH1RMSNormGated", (96, 1e-6, 4, False)),
                   ("falcon_h1_default", "FalconH1RMSNormGated", (96,))]
 

@@ -35,38 +35,40 @@ def _hf_module_swaps():
 
 
 # transformers' norm computations that pyext's modules compute: (module,
-# class holding the code, eps: the attribute holding it or the value its code
-# fixes, pyext's module). The statistics in float32 in each; pyext's one
-# rounding at the end is within the rule of all (Llama's rounds x / rms
-# before the weight product too, T5's and Cohere's cast before returning).
+# class holding the code, eps: the value its code fixes or None where it reads
+# one (_eps_attribute), pyext's module). The statistics in float32 in each;
+# pyext's one rounding at the end is within the rule of all (Llama's rounds
+# x / rms before the weight product too, T5's and Cohere's cast before returning).
 _HF_NORMS = (
-    ("llama", "LlamaRMSNorm", "variance_epsilon", "RMSNorm"),  # Mistral, Qwen2 and 3, Phi-3, ...
-    ("olmo2", "Olmo2RMSNorm", "variance_epsilon", "RMSNorm"),  # weight * x / rms in fp32: OLMo 2 and 3, GPT-OSS, ...
-    ("helium", "HeliumRMSNorm", "variance_epsilon", "RMSNorm"),  # the same, weight cast first: Nemotron-H, ...
-    ("llama4", "Llama4TextRMSNorm", "eps", "RMSNorm"),  # Llama's, through its _norm
-    ("gemma3n", "Gemma3nRMSNorm", "eps", "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
-    ("moshi", "MoshiRMSNorm", "eps", "RMSNorm"),  # all in fp32: Moshi, Kyutai speech-to-text
-    ("nanochat", "NanoChatRMSNorm", "eps", "RMSNorm"),  # no weight
-    ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "eps", "RMSNorm"),  # no weight, x * rsqrt rounded: GLM-5-Next, ...
-    ("gemma", "GemmaRMSNorm", "eps", "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
-    ("qwen4_exp", "Qwen4ExpTextRMSNorm", "eps", "GemmaRMSNorm"),  # Gemma's, or over groups of the features
-    ("t5", "T5LayerNorm", "variance_epsilon", "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
-    ("cohere", "CohereLayerNorm", "variance_epsilon", "LayerNorm"),  # no bias, per head too: Command R, Command A
+    ("llama", "LlamaRMSNorm", None, "RMSNorm"),  # Mistral, Qwen2 and 3, Phi-3, ...
+    ("olmo2", "Olmo2RMSNorm", None, "RMSNorm"),  # weight * x / rms in fp32: OLMo 2 and 3, GPT-OSS, ...
+    ("helium", "HeliumRMSNorm", None, "RMSNorm"),  # the same, weight cast first: Nemotron-H, ...
+    ("llama4", "Llama4TextRMSNorm", None, "RMSNorm"),  # Llama's, through its _norm
+    ("gemma3n", "Gemma3nRMSNorm", None, "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
+    ("moshi", "MoshiRMSNorm", None, "RMSNorm"),  # all in fp32: Moshi, Kyutai speech-to-text
+    ("nanochat", "NanoChatRMSNorm", None, "RMSNorm"),  # no weight
+    ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", None, "RMSNorm"),  # no weight, x * rsqrt rounded: GLM-5-Next, ...
+    ("gemma", "GemmaRMSNorm", None, "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", None, "GemmaRMSNorm"),  # Gemma's, or over groups of the features
+    ("t5", "T5LayerNorm", None, "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
+    ("cohere", "CohereLayerNorm", None, "LayerNorm"),  # no bias, per head too: Command R, Command A
     ("chameleon", "ChameleonLayerNorm", 1e-5, "LayerNorm"),  # per head, a weight and bias of (heads, head_dim)
-    ("deberta", "DebertaLayerNorm", "variance_epsilon", "DebertaLayerNorm"),  # y in the promoted dtype: DeBERTa v1
+    ("deberta", "DebertaLayerNorm", None, "DebertaLayerNorm"),  # y in the promoted dtype: DeBERTa v1
     ("olmo", "OlmoLayerNorm", 1e-5, "LayerNorm"),  # no weight, no bias: OLMo 1
-    ("nemotron", "NemotronLayerNorm1P", "eps", "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
+    ("nemotron", "NemotronLayerNorm1P", None, "NemotronLayerNorm1P"),  # (1 + weight), its autocast casts: Nemotron
 )
 
 # transformers' gated RMSNorms (pyext.nn.RMSNormGated): (module, class,
 # norm_before_gate or None where each module holds its own, y in the
-# promoted dtype of x and the weight). Their eps is variance_epsilon, the
+# promoted dtype of x and the weight); a class renamed by a release under
+# each of its names. Their eps is the attribute their code reads, the
 # activation their `activation` (silu where they hold none), the groups of
 # features their group_size or n_groups.
 _HF_GATED_NORMS = (
     ("qwen3_next", "Qwen3NextRMSNormGated", True, False),  # normalized x rounded first: Qwen3.5, OLMo hybrid, ...
     ("glm5_next", "Glm5NextTextRMSNormGated", True, False),  # all in fp32, sigmoid: Kimi Linear, Bailing hybrid, ...
-    ("mamba2", "MambaRMSNormGated", False, True),  # over groups, y promoted: Bamba, Nemotron-H, Granite 4, ...
+    # over groups, y promoted: Bamba, Nemotron-H, Granite 4, ... (transformers 5.25 renamed it)
+    ("mamba2", ("Mamba2RMSNormGated", "MambaRMSNormGated"), False, True),
     ("falcon_h1", "FalconH1RMSNormGated", None, False),  # its own order and n_groups, all in fp32
 )
 
@@ -87,13 +89,15 @@ def _hf_norms():
     return norms
 
 
-def _transformers_class(model, name):
-    """transformers.models.<model>.modeling_<model>.<name>, or None where this transformers lacks it."""
+def _transformers_class(model, names):
+    """transformers.models.<model>.modeling_<model>.<name>, the first of
+    `names` (one name or a tuple) this transformers has, or None."""
     try:
         module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
     except ImportError:
         return None
-    return getattr(module, name, None)
+    names = (names,) if isinstance(names, str) else names
+    return next((getattr(module, name) for name in names if hasattr(module, name)), None)
 
 
 def _hf_swap(cls, swaps):
@@ -130,7 +134,10 @@ def _norm_module(pyext_class, eps, old, backend):
     """pyext_class (a pyext.nn norm) holding `old`'s weight and bias
     Parameters themselves (optimizers and state_dict see no change), or why not."""
     weight, bias = old._parameters.get("weight"), old._parameters.get("bias")
-    eps = getattr(old, eps) if isinstance(eps, str) else eps
+    if eps is None:
+        if (attribute := _eps_attribute(type(old))) is None:
+            return "no eps attribute its code reads"
+        eps = getattr(old, attribute)
     buffer = old._buffers.get("weight")  # Falcon Mamba's: ones its fused kernels read, its own code does not
     if weight is None and hasattr(old, "weight") and (
             buffer is None or issubclass(pyext_class, pnn.LayerNorm) or _reads(type(old), "weight")):
@@ -168,6 +175,13 @@ def _reads(cls, name: str) -> bool:
     return any(name in code.co_names for code in codes if code is not None)
 
 
+def _eps_attribute(cls):
+    """The attribute holding eps that cls's code reads, or None. Not fixed per
+    class: transformers renames them (5.25: Llama 4's, Gemma 3n's, nanochat's
+    and DeepSeek-V4's eps became variance_epsilon)."""
+    return next((name for name in ("variance_epsilon", "eps", "epsilon") if _reads(cls, name)), None)
+
+
 def _gated_norm_module(norm_before_gate, promote, old, backend):
     """pyext.nn.RMSNormGated holding `old`'s weight Parameter, or why not."""
     weight = old._parameters.get("weight")
@@ -178,9 +192,11 @@ def _gated_norm_module(norm_before_gate, promote, old, backend):
         return f"a gate activation {activation!r} (pyext's are silu and sigmoid)"
     if norm_before_gate is None:  # Falcon-H1's: the order, and groups as a count
         norm_before_gate = old.norm_before_gate
+    if (eps := _eps_attribute(type(old))) is None:
+        return "no eps attribute its code reads"
     groups = getattr(old, "n_groups", None)
     group = weight.shape[0] // groups if groups else getattr(old, "group_size", None)
-    new = pnn.RMSNormGated(weight.shape[0], old.variance_epsilon, activation, norm_before_gate, group, promote,
+    new = pnn.RMSNormGated(weight.shape[0], getattr(old, eps), activation, norm_before_gate, group, promote,
                            device="meta", backend=backend)
     new.weight = weight
     if old.state_dict().keys() != new.state_dict().keys():
