@@ -118,6 +118,53 @@ def test_an_hf_norm_keeps_its_eps_whatever_its_code_calls_it(monkeypatch, name, 
     new = pyext.patch(torch.nn.ModuleDict({"norm": old}), attention=False)["norm"]
     assert type(new) is pyext.nn.RMSNorm and new.eps == 3e-4 and new.weight is old.weight
 
+def _gemma_without_the_one(self, x):  # Gemma's norm, the weight as Llama's (not 1 + weight)
+    return self._norm(x.float()).type_as(x) * self.weight
+
+
+def _llama_with_eps_outside_the_root(self, x):  # Llama's norm, x / (rms + eps)
+    return self.weight * (x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon))
+
+
+def _gelu_as_relu(self, x):
+    return torch.relu(x)
+
+
+@pytest.mark.parametrize("model,name,forward,args,ours", [
+    ("gemma", "GemmaRMSNorm", _gemma_without_the_one, (8,), "GemmaRMSNorm"),
+    ("llama", "LlamaRMSNorm", _llama_with_eps_outside_the_root, (8,), "RMSNorm"),
+    (None, "GELUActivation", _gelu_as_relu, (), "GELU")], ids=["gemma", "llama", "gelu"])
+def test_an_hf_module_whose_code_changed_under_its_name_is_left(monkeypatch, model, name, forward, args, ours):
+    """pyext.patch takes transformers' classes by name (and their copies by
+    their code), and a release may change what a class computes under the
+    same name: a module computing something else than the pyext module that
+    would replace it, on a probe of float64 values, is left, saying so.
+    Llama's with eps outside the root differs only where the mean square is
+    near eps, which the probe has a row of."""
+    tf = pytest.importorskip("transformers")
+    cls = hf_class(model, name) if model else tf.activations.GELUActivation
+    monkeypatch.setattr(cls, "forward", forward)
+    old = cls(*args)
+    model_dict = pyext.patch(torch.nn.ModuleDict({"m": old}), attention=False)
+    assert model_dict["m"] is old
+    assert [why for _, _, why in pyext.patch_report(model_dict).left] == [
+        f"computes something else than pyext.nn.{ours} on a probe "
+        "(has this transformers changed its code?)"]
+
+
+def test_patching_an_hf_model_draws_nothing_from_torchs_generator():
+    """The probe of each swapped module draws its values from a generator of
+    its own: patching leaves torch's global random state as it was."""
+    tf = pytest.importorskip("transformers")
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64)
+    model = tf.LlamaForCausalLM(config)
+    state = torch.get_rng_state()
+    pyext.patch(model)
+    assert len(pyext.patch_report(model).swapped) == 5
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("model,norm,groups", [
     ("qwen3_5", "Qwen3_5RMSNormGated", None),  # a copy of Qwen3-Next's
     ("kimi_linear", "KimiLinearRMSNormGated", None),  # of GLM-5 Next's

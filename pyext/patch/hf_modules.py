@@ -11,7 +11,8 @@ from pyext.patch.routing import _code_of
 
 
 def _hf_module_swaps():
-    """HuggingFace module classes -> a factory of the pyext module replacing one."""
+    """HuggingFace module classes -> (the patch() flag, a factory of the pyext
+    module replacing one, checked by _probe)."""
     try:
         from transformers import activations
     except ImportError:
@@ -31,7 +32,61 @@ def _hf_module_swaps():
         pass
     for norm, flag, factory in _hf_norms():
         swaps[norm] = (flag, factory)
-    return swaps
+    return {cls: (flag, functools.partial(_probed, factory)) for cls, (flag, factory) in swaps.items()}
+
+
+def _probed(factory, old, backend):
+    """factory's pyext module for `old`, or why not: also where it computes
+    something else than `old` on a probe."""
+    new = factory(old, backend)
+    return new if isinstance(new, str) else (_probe(old, new) or new)
+
+
+def _probe(old, new):
+    """Why `new` cannot replace `old`, or None. The classes above are taken
+    by name, and a transformers release may change what one computes under
+    the same name: a module that computes something else is left, not
+    swapped. Both run, through their own forward (no hooks), on the same
+    float64 values on the CPU: parameters and buffers drawn for the probe,
+    rows of x at scales 1e-3 (a mean square near eps), 1, 30 and 0.3, and
+    torch's backend for `new`. Their outputs must agree to fp32 rounding
+    (the honest ones stay under 0.3 of the tolerance up to 32768 features)."""
+    generator = torch.Generator().manual_seed(0)  # the probe draws nothing from torch's global generator
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu")
+    values = {name: draw(*t.shape) * 0.5 + 1 for name, t in {**old._buffers, **old._parameters}.items()
+              if t is not None and t.is_floating_point()}
+    weight = old._parameters.get("weight")
+    features = tuple(weight.shape) if weight is not None else tuple(getattr(old, "normalized_shape", (24,)))
+    scale = torch.tensor([1e-3, 1.0, 30.0, 0.3], dtype=torch.float64, device="cpu").view(-1, *[1] * len(features))
+    inputs = [draw(4, *features) * scale + scale]
+    if isinstance(new, pnn.RMSNormGated):
+        inputs.append(draw(4, *features) * 2)
+    try:
+        with torch.no_grad():
+            theirs = _run_on(old, values, inputs, None)
+            ours = _run_on(new, values, inputs, "torch")
+    except Exception as e:  # noqa: BLE001 (whatever a model's code raises on the CPU)
+        return f"its computation could not be checked on the CPU ({type(e).__name__}: {str(e)[:80]})"
+    if not torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6):
+        return (f"computes something else than pyext.nn.{type(new).__name__} on a probe "
+                "(has this transformers changed its code?)")
+    return None
+
+
+def _run_on(module, values, inputs, backend):
+    """type(module).forward on a shallow copy of `module` holding `values`
+    (by name) as its parameters and floating buffers, in float64."""
+    probe = object.__new__(type(module))
+    probe.__dict__.update(module.__dict__, _parameters={}, _buffers={})
+    for name, t in module._parameters.items():
+        probe._parameters[name] = None if t is None else torch.nn.Parameter(values[name], requires_grad=False)
+    for name, t in module._buffers.items():
+        probe._buffers[name] = values.get(name, t)
+    if backend is not None:
+        probe.backend = backend
+    return type(module).forward(probe, *inputs).double()
 
 
 # transformers' norm computations that pyext's modules compute: (module,
