@@ -30,7 +30,9 @@
   in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
   Nemotron's LayerNorms; the gated RMSNorms of Qwen3-Next, GLM-5 Next,
   Mamba 2 and Falcon-H1 and their copies) are replaced by pyext modules
-  sharing their parameters. A logit soft cap (Gemma 2's attn_logit_softcapping) and
+  sharing their parameters, each where it computes what its replacement
+  does on a float64 probe (hf_modules._probe: a release may change a class's
+  code under the same name). A logit soft cap (Gemma 2's attn_logit_softcapping) and
   attention sinks (GPT-OSS's), which transformers' SDPA integration
   refuses, go to pyext's kernels with each call.
 - `backend=None` (the process default, normally "auto") lets each call fall
