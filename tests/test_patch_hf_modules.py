@@ -188,6 +188,7 @@ def test_hf_gated_norms_are_swapped_by_what_they_compute(model, norm, groups):
 # (model, class, its constructor's arguments) of each computation in pyext.patch's _HF_NORMS, and Falcon
 # Mamba's copy of nanochat's (a weight buffer its fused kernels read, kept)
 HF_NORMS = [("llama", "LlamaRMSNorm", (96,)), ("olmo2", "Olmo2RMSNorm", (96,)), ("helium", "HeliumRMSNorm", (96,)),
+            ("ergo", "ErgoRMSNorm", (96, 1e-6)),
             ("llama4", "Llama4TextRMSNorm", (96,)), ("gemma3n", "Gemma3nRMSNorm", (96,)),
             ("moshi", "MoshiRMSNorm", (96,)), ("nanochat", "NanoChatRMSNorm", ()),
             ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", ()), ("gemma", "GemmaRMSNorm", (96,)),
@@ -297,13 +298,15 @@ def test_a_swapped_hf_gated_norm_matches_transformers_own(model, norm, args, bac
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("x_dtype,weight_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                                   (torch.bfloat16, torch.float32)], ids=str)
-@pytest.mark.parametrize("model,norm", [("t5", "T5LayerNorm"), ("deberta", "DebertaLayerNorm")], ids=["t5", "deberta"])
-def test_a_swapped_norm_matches_its_own_on_mixed_dtypes(model, norm, x_dtype, weight_dtype, backend):
+@pytest.mark.parametrize("model,norm,args", [("t5", "T5LayerNorm", (96,)), ("deberta", "DebertaLayerNorm", (96,)),
+                                        ("ergo", "ErgoRMSNorm", (96, 1e-6))], ids=["t5", "deberta", "ergo"])
+def test_a_swapped_norm_matches_its_own_on_mixed_dtypes(model, norm, args, x_dtype, weight_dtype, backend):
     """x and the parameters of two dtypes. T5's norm: its result in the
     weight's dtype where that is a half one (T5 in half precision, its
     residual stream in float32), in float32 where the weight is. DeBERTa's:
-    in float32 either way (torch's promotion)."""
-    check_swapped_hf_norm(model, norm, (96,), backend, x_dtype, weight_dtype)
+    in float32 either way (torch's promotion). Ergo's (a float32 weight in a
+    bf16 model): in x's dtype."""
+    check_swapped_hf_norm(model, norm, args, backend, x_dtype, weight_dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
