@@ -44,16 +44,19 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
             topk_group=1, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
             indexer_compress_ratio=2, hc_lowrank=8)
 
-# Where TINY alone builds a model its own code cannot run: the MLA
-# attentions whose keys have every query head (a kv_b_proj per head), and
+# Where TINY alone builds a model its own code cannot run (besides the MLA
+# attentions, whose keys have every query head: build() sets those): the
 # hybrids whose default layer_types have no attention layer (or none at all),
 # Granite 4's Mamba sizes (set for its default width); Cohere with the QK
 # norms of Command R+ (per head, a weight of (heads, head_dim))
-OVERRIDES = {"cohere": dict(use_qk_norm=True), "kimi_linear": dict(num_key_value_heads=4),
-             "bailing_hybrid": dict(num_key_value_heads=4), "hy_v4": dict(num_key_value_heads=4),
+OVERRIDES = {"cohere": dict(use_qk_norm=True),
              "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
              "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4,
-                                      mamba_d_head=16, mamba_d_state=16)}
+                                      mamba_d_head=16, mamba_d_state=16),
+             "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16),
+             "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+             "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+             "mamba2": dict(num_heads=4, head_dim=16, n_groups=2, state_size=16)}
 
 
 def head_mappings():
@@ -89,6 +92,8 @@ def build(name):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     config = CONFIG_MAPPING[name]()
     _make_tiny(config)
+    if getattr(config, "kv_lora_rank", None):  # MLA (DeepSeek V2 and V3, Kimi Linear, ...) projects keys per head
+        config.num_key_value_heads = config.num_attention_heads
     for key, value in OVERRIDES.get(name, {}).items():
         setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
