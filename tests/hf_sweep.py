@@ -90,10 +90,18 @@ def build(name):
     import torch
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    cls = next(m[name] for m in head_mappings() if name in m)
+    cls = getattr(transformers, cls[0] if isinstance(cls, (tuple, list)) else cls)
     config = CONFIG_MAPPING[name]()
+    text = config.get_text_config(decoder=True)
+    if not isinstance(config, cls.config_class) and isinstance(text, cls.config_class):
+        config = text  # the text-only LM class of a multimodal model (Llama 4, Qwen3.5, MusicGen's decoder)
     _make_tiny(config)
-    if getattr(config, "kv_lora_rank", None):  # MLA (DeepSeek V2 and V3, Kimi Linear, ...) projects keys per head
-        config.num_key_value_heads = config.num_attention_heads
+    try:
+        if getattr(config, "kv_lora_rank", None):  # MLA (DeepSeek V2 and V3, Kimi Linear, ...): keys per head
+            config.num_key_value_heads = config.num_attention_heads
+    except Exception:  # a read the config refuses (Dots3's per-layer attributes): left as it is
+        pass
     for key, value in OVERRIDES.get(name, {}).items():
         setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
@@ -109,8 +117,6 @@ def build(name):
         except (AttributeError, TypeError, ValueError):
             pass
     config._experts_implementation = "eager"  # grouped_mm, the default, has no float64
-    cls = next(m[name] for m in head_mappings() if name in m)
-    cls = getattr(transformers, cls[0] if isinstance(cls, (tuple, list)) else cls)
     torch.manual_seed(0)
     model = cls(config)
     with torch.no_grad():
