@@ -130,17 +130,23 @@ def _gelu_as_relu(self, x):
     return torch.relu(x)
 
 
+def _llama_with_a_leading_dim(self, x):  # Llama's norm's values, in another shape
+    return (self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).unsqueeze(0)
+
+
 @pytest.mark.parametrize("model,name,forward,args,ours", [
     ("gemma", "GemmaRMSNorm", _gemma_without_the_one, (8,), "GemmaRMSNorm"),
     ("llama", "LlamaRMSNorm", _llama_with_eps_outside_the_root, (8,), "RMSNorm"),
-    (None, "GELUActivation", _gelu_as_relu, (), "GELU")], ids=["gemma", "llama", "gelu"])
+    ("llama", "LlamaRMSNorm", _llama_with_a_leading_dim, (8,), "RMSNorm"),
+    (None, "GELUActivation", _gelu_as_relu, (), "GELU")], ids=["gemma", "llama", "llama-shape", "gelu"])
 def test_an_hf_module_whose_code_changed_under_its_name_is_left(monkeypatch, model, name, forward, args, ours):
     """pyext.patch takes transformers' classes by name (and their copies by
     their code), and a release may change what a class computes under the
     same name: a module computing something else than the pyext module that
     would replace it, on a probe of float64 values, is left, saying so.
     Llama's with eps outside the root differs only where the mean square is
-    near eps, which the probe has a row of."""
+    near eps, which the probe has a row of; its values in another shape
+    would pass a comparison that broadcasts."""
     tf = pytest.importorskip("transformers")
     cls = hf_class(model, name) if model else tf.activations.GELUActivation
     monkeypatch.setattr(cls, "forward", forward)
