@@ -42,7 +42,7 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
             n_shared_experts=1, first_k_dense_replace=2,
             kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
             topk_group=1, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
-            indexer_compress_ratio=2, hc_lowrank=8)
+            indexer_compress_ratio=2, hc_lowrank=8, rotary_dim=4)
 
 # Where TINY alone builds a model its own code cannot run (besides the MLA
 # attentions, whose keys have every query head: build() sets those): the
