@@ -42,7 +42,7 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
             n_shared_experts=1, first_k_dense_replace=2,
             kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
             topk_group=1, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
-            indexer_compress_ratio=2, hc_lowrank=8, rotary_dim=4)
+            indexer_compress_ratio=2, hc_lowrank=8, rotary_dim=4, num_kv_shared_layers=0)
 
 # Where TINY alone builds a model its own code cannot run (besides the MLA
 # attentions, whose keys have every query head: build() sets those): the
@@ -81,6 +81,23 @@ def _make_tiny(config):
             _make_tiny(value)
 
 
+def _one_layer_of_each_kind(config):
+    """Two layers at least, one of each kind config.layer_types names (a
+    local one and a global one where it has sliding windows; linear attention
+    ones where the model has them)."""
+    if not hasattr(config, "layer_types"):
+        return
+    kinds = list(dict.fromkeys(config.layer_types or []))
+    if getattr(config, "sliding_window", None) and set(kinds) <= {"sliding_attention", "full_attention"}:
+        kinds = ["sliding_attention", "full_attention"]
+    try:
+        if kinds:
+            config.layer_types = kinds + kinds[-1:] * (2 - len(kinds))
+            config.num_hidden_layers = len(config.layer_types)
+    except (AttributeError, TypeError, ValueError):
+        pass
+
+
 def build(name):
     """The architecture's LM class on its default config made TINY, two
     layers (a local one and a global one where it has sliding windows; one
@@ -106,16 +123,9 @@ def build(name):
         setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
         config.decoder_start_token_id = TINY["decoder_start_token_id"]
-    if hasattr(config, "layer_types"):
-        kinds = list(dict.fromkeys(config.layer_types or []))  # each kind of layer the model has, once
-        if getattr(config, "sliding_window", None) and set(kinds) <= {"sliding_attention", "full_attention"}:
-            kinds = ["sliding_attention", "full_attention"]
-        try:
-            if kinds:  # two layers at least, linear attention ones among them where the model has them
-                config.layer_types = kinds + kinds[-1:] * (2 - len(kinds))
-                config.num_hidden_layers = len(config.layer_types)
-        except (AttributeError, TypeError, ValueError):
-            pass
+    text = config.get_text_config(decoder=True)
+    for layered in [config] + ([text] if text is not config else []):  # a multimodal model's text tower too
+        _one_layer_of_each_kind(layered)
     config._experts_implementation = "eager"  # grouped_mm, the default, has no float64
     torch.manual_seed(0)
     model = cls(config)
