@@ -46,9 +46,11 @@ TINY = dict(num_hidden_layers=2, n_layer=2, num_layers=2, hidden_size=32, n_embd
 
 # Where TINY alone builds a model its own code cannot run (besides the MLA
 # attentions, whose keys have every query head: build() sets those): the
-# hybrids whose default layer_types have no attention layer (or none at all),
-# Granite 4's Mamba sizes (set for its default width); Cohere with the QK
-# norms of Command R+ (per head, a weight of (heads, head_dim))
+# hybrids whose default layer kinds put no attention layer among two layers
+# (or name none at all: LFM2-MoE, Granite 4, Bamba, Jamba, RecurrentGemma),
+# Granite 4's, Bamba's and Mamba 2's Mamba sizes (set for their default
+# width); Cohere with the QK norms of Command R+ (per head, a weight of
+# (heads, head_dim))
 OVERRIDES = {"cohere": dict(use_qk_norm=True),
              "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
              "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4,
