@@ -125,7 +125,6 @@ def build(name):
         setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
         config.decoder_start_token_id = TINY["decoder_start_token_id"]
-    text = config.get_text_config(decoder=True)
     for layered in [config] + ([text] if text is not config else []):  # a multimodal model's text tower too
         _one_layer_of_each_kind(layered)
     config._experts_implementation = "eager"  # grouped_mm, the default, has no float64
