@@ -67,7 +67,7 @@ def _probe(old, new):
         with torch.no_grad():
             theirs = _run_on(old, values, inputs, None)
             ours = _run_on(new, values, inputs, "torch")
-    except Exception as e:  # noqa: BLE001 (whatever a model's code raises on the CPU)
+    except Exception as e:  # whatever a model's code raises on the CPU
         return f"its computation could not be checked on the CPU ({type(e).__name__}: {str(e)[:80]})"
     if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6):
         return (f"computes something else than pyext.nn.{type(new).__name__} on a probe "
