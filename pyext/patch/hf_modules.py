@@ -103,9 +103,11 @@ _HF_NORMS = (
     ("gemma3n", "Gemma3nRMSNorm", None, "RMSNorm"),  # all in fp32, the weight optional: Gemma 3n and 4
     ("moshi", "MoshiRMSNorm", None, "RMSNorm"),  # all in fp32: Moshi, Kyutai speech-to-text
     ("nanochat", "NanoChatRMSNorm", None, "RMSNorm"),  # no weight
+    ("inkling2", "Inkling2UnweightedRMSNorm", None, "RMSNorm"),  # nanochat's, written out: Inkling 2's query norm
     ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", None, "RMSNorm"),  # no weight, x * rsqrt rounded: GLM-5-Next, ...
     ("gemma", "GemmaRMSNorm", None, "GemmaRMSNorm"),  # x / rms * (1 + weight): Gemma 1, 2 and 3
     ("qwen4_exp", "Qwen4ExpTextRMSNorm", None, "GemmaRMSNorm"),  # Gemma's, or over groups of the features
+    ("muse_spark", "MuseSparkTextCenteredRMSNorm", None, "GemmaRMSNorm"),  # Gemma's, 1 + weight in its dtype
     ("t5", "T5LayerNorm", None, "T5RMSNorm"),  # an RMSNorm: T5, mT5, LongT5, Pix2Struct, IDEFICS, ...
     ("cohere", "CohereLayerNorm", None, "LayerNorm"),  # no bias, per head too: Command R, Command A
     ("chameleon", "ChameleonLayerNorm", 1e-5, "LayerNorm"),  # per head, a weight and bias of (heads, head_dim)
