@@ -94,6 +94,23 @@ def test_moments_take_one_minus_beta_as_exactly_as_float32_holds_it(backend):
     check_steps(backend, torch.float32, dict(betas=(0.99, 0.9999)), start, grads, [1e-2] * 3)
 
 
+def decay_alone(device):
+    """Parameters of 1e4 and 4 steps of zero gradients at lr 80, weight decay
+    0.01: each step is p * (1 - lr * weight_decay) alone, 1 - 80 * 0.01 = 0.2,
+    which in float32 (no fma) rounds to 0.20000005, 2.4e-7 off where float64
+    rounded once is 1.5e-8 off: past the rule after 4 steps."""
+    start = [1e4 * torch.randn(4096, device=device)]
+    return start, [[torch.zeros(4096, device=device)] for _ in range(4)], [80.0] * 4
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_weight_decay_factor_is_rounded_once(backend):
+    """1 - lr * weight_decay worked out in float64 and rounded once, as torch's
+    Python float is: every step multiplies the parameters by it (decay_alone)."""
+    start, grads, lrs = decay_alone(device_for(backend))
+    check_steps(backend, torch.float32, dict(weight_decay=0.01), start, grads, lrs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_corrections_keep_their_digits_in_the_first_steps(backend):
     """1 - 0.999^t is 0.001 at t = 1: worked out in float32 it keeps about four

@@ -28,7 +28,7 @@ BLOCK = 1024
 @triton.jit
 def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, block_tensor, block_start,
                   lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
-                  log2_betas, eps, weight_decay,
+                  float64_args, eps,
                   P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                   BLOCK: tl.constexpr):
@@ -55,14 +55,17 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
         g = g / tl.load(grad_scale_ptr)
     if MAXIMIZE:
         g = -g
-    p = p * (1.0 - lr * weight_decay)
+    # 1 - lr * weight_decay in float64, rounded once (float64_args[2] is the
+    # weight decay): in float32, 1 - 30 * 0.01 rounds to 0.70000005, one ulp
+    # off, unless the compiler fuses it into an fma; every step multiplies p by it.
+    p = p * (1.0 - tl.cast(lr, tl.float64) * tl.load(float64_args + 2)).to(tl.float32)
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     # 1 - beta^t in float64: in float32, 1 - 0.999^2 = 0.001999 keeps about
     # four correct digits, which the update then carries.
     step64 = step.to(tl.float64)
-    bias_correction1 = (1.0 - tl.exp2(step64 * tl.load(log2_betas))).to(tl.float32)
-    bias_correction2 = (1.0 - tl.exp2(step64 * tl.load(log2_betas + 1))).to(tl.float32)
+    bias_correction1 = (1.0 - tl.exp2(step64 * tl.load(float64_args))).to(tl.float32)
+    bias_correction2 = (1.0 - tl.exp2(step64 * tl.load(float64_args + 1))).to(tl.float32)
     if AMSGRAD:
         vmax_ptr = tl.load(vmax_tab + t).to(tl.pointer_type(tl.float32))
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
@@ -131,14 +134,15 @@ def _address_tables(device, live, *tensor_lists):
                  lambda: _to_device(torch.tensor(addresses, dtype=torch.int64), device).unbind(0))
 
 
-_LOG2_BETAS = collections.OrderedDict()  # (device, beta1, beta2) -> float64 device tensor
+_FLOAT64_ARGS = collections.OrderedDict()  # (device, beta1, beta2, weight_decay) -> float64 device tensor
 
 
-def _log2_betas(device, beta1, beta2):
-    """[log2 beta1, log2 beta2] in float64 on the device (Triton passes float
-    arguments as float32)."""
-    return _kept(_LOG2_BETAS, (device, beta1, beta2),
-                 lambda: _to_device(torch.tensor([_log2(beta1), _log2(beta2)], dtype=torch.float64), device))
+def _float64_args(device, beta1, beta2, weight_decay):
+    """[log2 beta1, log2 beta2, weight_decay] in float64 on the device
+    (Triton passes float arguments as float32)."""
+    return _kept(_FLOAT64_ARGS, (device, beta1, beta2, weight_decay),
+                 lambda: _to_device(torch.tensor([_log2(beta1), _log2(beta2), weight_decay], dtype=torch.float64),
+                                    device))
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
@@ -167,7 +171,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
             # 1 - beta from the host's float64: the float32 argument 0.999 is
             # 0.99900001, and 1 - it is 1.3e-5 off (0.9999: 1.7e-4), an error
             # of every new term of the second moment.
-            beta1, beta2, 1.0 - beta1, 1.0 - beta2, _log2_betas(device, beta1, beta2), eps, weight_decay,
+            beta1, beta2, 1.0 - beta1, 1.0 - beta2, _float64_args(device, beta1, beta2, weight_decay), eps,
             P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)

@@ -28,12 +28,13 @@ struct AdamWLaunch {
 
 struct AdamWHyper {
   const float* steps;       // t per tensor, already incremented, on the device
-  float lr;
+  double lr;                // as given: 1 - lr * weight_decay is worked out in double
   const float* lr_ptr;      // read instead of lr when not null (capturable)
   const float* grad_scale;  // grads are divided by *grad_scale when not null
   const float* found_inf;   // not null and not 0: GradScaler skips this step, nothing is written
   double beta1, beta2;      // as given: 1 - beta^t is worked out in double
-  float eps, weight_decay;
+  float eps;
+  double weight_decay;
   bool amsgrad, maximize;
 };
 

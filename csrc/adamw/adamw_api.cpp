@@ -74,11 +74,11 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                              reinterpret_cast<float**>(v.data()), reinterpret_cast<float**>(vmax.data()),
                              numel.data(), static_cast<int>(n)};
   const AdamWHyper hyper{steps.data_ptr<float>(),
-                         static_cast<float>(lr),
+                         lr,
                          lr_tensor ? lr_tensor->data_ptr<float>() : nullptr,
                          grad_scale ? grad_scale->data_ptr<float>() : nullptr,
                          found_inf ? found_inf->data_ptr<float>() : nullptr,
-                         beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
+                         beta1, beta2, static_cast<float>(eps), weight_decay,
                          amsgrad, maximize};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adamw_step_cuda", [&] {

@@ -31,13 +31,16 @@ struct AdamWUpdate {
   bool amsgrad, maximize;
 
   __device__ AdamWUpdate(const AdamWHyper& h, float t) {
-    const float lr = h.lr_ptr ? *h.lr_ptr : h.lr;
+    const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
     inv_scale = h.grad_scale ? 1.0f / *h.grad_scale : 1.0f;
     // 1 - beta^t in double: in float, 1 - 0.999^2 = 0.001999 keeps about four
     // correct digits, which the update would carry. Once per block.
-    step_size = lr / static_cast<float>(1.0 - pow(h.beta1, double(t)));
+    step_size = static_cast<float>(lr / (1.0 - pow(h.beta1, double(t))));
     inv_sqrt_bc2 = static_cast<float>(1.0 / sqrt(1.0 - pow(h.beta2, double(t))));
-    decay = 1.0f - lr * h.weight_decay;
+    // 1 - lr * weight_decay in double too: in float, 1 - 30 * 0.01 rounds to
+    // 0.70000005, one ulp off, unless the compiler fuses it into an fma; every
+    // step multiplies p by it.
+    decay = static_cast<float>(1.0 - lr * h.weight_decay);
     beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
     // 1 - beta in double too: 1.0f - float(0.999) is 0.000999987 (1 - 0.9999:
     // 1.7e-4 off), an error of the second moment's every new term.
