@@ -1,12 +1,14 @@
 """pyext.patch over every transformers architecture with a causal, masked or
-seq2seq LM head, each built tiny: the patched model's logits and every
-gradient in bfloat16 against the original in float64, by the rule
-(conftest.assert_close), the original in bfloat16 the yardstick.
+seq2seq LM head, or an image-text-to-text one (fed text alone: the vision
+tower is built and patched, the text path runs), each built tiny: the
+patched model's logits and every gradient in bfloat16 against the original
+in float64, by the rule (conftest.assert_close), the original in bfloat16
+the yardstick.
 
     python tests/hf_sweep.py                      # all of them
     python tests/hf_sweep.py llama t5 --timeout 300
 
-Not a pytest module: some 250 architectures, up to minutes each under
+Not a pytest module: some 350 architectures, up to minutes each under
 Triton's interpreter (TRITON_INTERPRET=1 where there is no GPU). Each runs
 in its own process and prints one line:
 
@@ -61,10 +63,16 @@ OVERRIDES = {"cohere": dict(use_qk_norm=True),
              "mamba2": dict(num_heads=4, head_dim=16, n_groups=2, state_size=16)}
 
 
+# Multimodal rotary embeddings (positions in time, height and width) whose
+# sections of head_dim / 2 the model's code fixes for its default head_dim
+MROPE = {"qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "paddleocr_vl", "glm4v", "glm46v", "glm4v_moe", "glm_ocr",
+         "glmga"}
+
+
 def head_mappings():
     from transformers.models.auto import modeling_auto as auto
     return (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-            auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+            auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 def _make_tiny(config):
@@ -100,6 +108,24 @@ def _one_layer_of_each_kind(config):
         pass
 
 
+def _mla_keys_per_head(config):
+    """MLA (DeepSeek V2 and V3, Kimi Linear, ...): keys for every query head."""
+    try:
+        if getattr(config, "kv_lora_rank", None):
+            config.num_key_value_heads = config.num_attention_heads
+    except Exception:  # a read the config refuses (Dots3's per-layer attributes): left as it is
+        pass
+
+
+def _mrope_sections(config):
+    """Sections of the rotary half of TINY's head_dim for MROPE's models."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = dict(config.rope_parameters or {})
+    rotary_half = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+    rope["mrope_section"] = [rotary_half - 2 * (rotary_half // 4), rotary_half // 4, rotary_half // 4]
+    config.rope_parameters = rope
+
+
 def build(name):
     """The architecture's LM class on its default config made TINY, two
     layers (a local one and a global one where it has sliding windows; one
@@ -116,17 +142,15 @@ def build(name):
     if not isinstance(config, cls.config_class) and isinstance(text, cls.config_class):
         config = text  # the text-only LM class of a multimodal model (Llama 4, Qwen3.5, MusicGen's decoder)
     _make_tiny(config)
-    try:
-        if getattr(config, "kv_lora_rank", None):  # MLA (DeepSeek V2 and V3, Kimi Linear, ...): keys per head
-            config.num_key_value_heads = config.num_attention_heads
-    except Exception:  # a read the config refuses (Dots3's per-layer attributes): left as it is
-        pass
     for key, value in OVERRIDES.get(name, {}).items():
         setattr(config, key, value)
     if getattr(config, "is_encoder_decoder", False):  # labels shift into the decoder's input after this token
         config.decoder_start_token_id = TINY["decoder_start_token_id"]
     for layered in [config] + ([text] if text is not config else []):  # a multimodal model's text tower too
+        _mla_keys_per_head(layered)
         _one_layer_of_each_kind(layered)
+    if name in MROPE:
+        _mrope_sections(text)
     config._experts_implementation = "eager"  # grouped_mm, the default, has no float64
     torch.manual_seed(0)
     model = cls(config)
