@@ -7,6 +7,7 @@ the yardstick.
 
     python tests/hf_sweep.py                      # all of them
     python tests/hf_sweep.py llama t5 --timeout 300
+    python tests/hf_sweep.py qwen2_5_vl glm4v --images   # an image through the vision tower too
 
 Not a pytest module: some 350 architectures, up to minutes each under
 Triton's interpreter (TRITON_INTERPRET=1 where there is no GPU). Each runs
@@ -25,6 +26,7 @@ how to tell.
 """
 import argparse
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +69,14 @@ OVERRIDES = {"cohere": dict(use_qk_norm=True),
 # sections of head_dim / 2 the model's code fixes for its default head_dim
 MROPE = {"qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "paddleocr_vl", "glm4v", "glm46v", "glm4v_moe", "glm_ocr",
          "glmga"}
+
+
+# --images: one image of 4 x 8 patches a row, for the models that take an
+# image as Qwen2-VL does (pixel_values of flattened patches, image_grid_thw:
+# the Qwen2-VL, Qwen3-VL and GLM-4V families); its tokens take the last ids
+# of TINY's vocabulary
+IMAGE_GRID = (1, 4, 8)
+IMAGE_TOKEN, VISION_START, VIDEO_TOKEN = 63, 62, 61
 
 
 def head_mappings():
@@ -126,7 +136,21 @@ def _mrope_sections(config):
     config.rope_parameters = rope
 
 
-def build(name):
+def _for_images(config, text):
+    """The vision tower's output as wide as the text's, a narrow tower
+    (Qwen2-VL's embed_dim), and the image tokens' ids inside TINY's vocabulary."""
+    vision = getattr(config, "vision_config", None)
+    for key, value in (("out_hidden_size", text.hidden_size), ("embed_dim", TINY["hidden_size"])):
+        if isinstance(getattr(vision, key, None), int):
+            setattr(vision, key, value)
+    for layered in (config, text):
+        for key, value in (("image_token_id", IMAGE_TOKEN), ("vision_start_token_id", VISION_START),
+                           ("video_token_id", VIDEO_TOKEN)):
+            if hasattr(layered, key):
+                setattr(layered, key, value)
+
+
+def build(name, images=False):
     """The architecture's LM class on its default config made TINY, two
     layers (a local one and a global one where it has sliding windows; one
     of each kind its config.layer_types names, linear attention say), its
@@ -151,6 +175,8 @@ def build(name):
         _one_layer_of_each_kind(layered)
     if name in MROPE:
         _mrope_sections(text)
+    if images:
+        _for_images(config, text)
     config._experts_implementation = "eager"  # grouped_mm, the default, has no float64
     torch.manual_seed(0)
     model = cls(config)
@@ -161,37 +187,63 @@ def build(name):
     return model
 
 
-def output_and_grads(model, dtype):
+def image_inputs(model, ids):
+    """ids with one image's tokens a row after its start token, and the
+    model's image inputs (IMAGE_GRID's patches, drawn)."""
+    import inspect
+    import torch
+    takes = inspect.signature(model.forward).parameters
+    vision = getattr(model.config, "vision_config", None)
+    if "image_grid_thw" not in takes or not all(
+            hasattr(vision, key) for key in ("in_channels", "temporal_patch_size", "patch_size", "spatial_merge_size")):
+        raise TypeError(f"{type(model).__name__} takes no image as Qwen2-VL does (--images feeds that kind)")
+    patches = math.prod(IMAGE_GRID)
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    ids = ids.clone()
+    ids[:, 3] = VISION_START
+    ids[:, 4:4 + patches // vision.spatial_merge_size ** 2] = IMAGE_TOKEN
+    inputs = dict(pixel_values=torch.randn(len(ids) * patches, width, generator=torch.Generator().manual_seed(3)),
+                  image_grid_thw=torch.tensor([IMAGE_GRID] * len(ids)))
+    if "mm_token_type_ids" in takes:  # 1 where the image's tokens are, for the positions of multimodal RoPE
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    return ids, inputs
+
+
+def output_and_grads(model, dtype, images=False):
     import torch
     model = model.to(dtype).train()
     ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    result = model(input_ids=ids, labels=ids)
+    inputs = {}
+    if images:
+        ids, inputs = image_inputs(model, ids)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    result = model(input_ids=ids, labels=ids, **inputs)
     params = [p for p in model.parameters() if p.requires_grad]
     return [result.logits] + list(torch.autograd.grad(result.loss, params, allow_unused=True))
 
 
-def check(name, backend) -> str:
+def check(name, backend, images=False) -> str:
     """One architecture's line."""
     import torch
     import pyext
     from conftest import assert_close
     stage, refused = "build", ""
     try:
-        original = build(name)
+        original = build(name, images)
         stage = "reference"
-        ref = output_and_grads(copy.deepcopy(original), torch.float64)
-        pt = output_and_grads(copy.deepcopy(original), torch.bfloat16)
+        ref = output_and_grads(copy.deepcopy(original), torch.float64, images)
+        pt = output_and_grads(copy.deepcopy(original), torch.bfloat16, images)
         stage = "patch"
         patched = pyext.patch(copy.deepcopy(original), backend=backend)
         report = pyext.patch_report(patched)
         stage = "patched run"
         try:
-            out = output_and_grads(patched, torch.bfloat16)
+            out = output_and_grads(patched, torch.bfloat16, images)
         except pyext.BackendUnavailable as e:  # the named backend refuses its attention: the rest, unrouted
             refused = f"attention unpatched, {backend} refused it ({str(e).split(': ')[-1][:90]}); "
             patched = pyext.patch(copy.deepcopy(original), backend=backend, attention=False)
             report = pyext.patch_report(patched)
-            out = output_and_grads(patched, torch.bfloat16)
+            out = output_and_grads(patched, torch.bfloat16, images)
     except Exception as e:
         where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)
                  if "pyext" in f.filename]
@@ -216,13 +268,14 @@ def main():
     parser.add_argument("names", nargs="*", help="config names (model_type); default: every one with an LM head")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--timeout", type=float, default=150, help="seconds per architecture")
+    parser.add_argument("--images", action="store_true", help="an image through the vision tower too (IMAGE_GRID)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process's own run
     args = parser.parse_args()
     if args.one:
         warnings.filterwarnings("ignore")
         import transformers
         transformers.logging.set_verbosity_error()
-        print(check(args.names[0], args.backend), flush=True)
+        print(check(args.names[0], args.backend, args.images), flush=True)
         return
     names = args.names or sorted(set().union(*head_mappings()))
     env = dict(os.environ)
@@ -231,7 +284,8 @@ def main():
         env.setdefault("TRITON_INTERPRET", "1")
     for name in names:
         try:
-            child = subprocess.run([sys.executable, __file__, name, "--one", "--backend", args.backend],
+            child = subprocess.run([sys.executable, __file__, name, "--one", "--backend", args.backend]
+                                   + ["--images"] * args.images,
                                    capture_output=True, text=True, timeout=args.timeout, env=env)
             lines = child.stdout.strip().splitlines()
             line = lines[-1] if child.returncode == 0 and lines else \
