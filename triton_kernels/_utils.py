@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels and their launch functions."""
 import contextlib
 import os
+import struct
 
 import torch
 import triton
@@ -23,6 +24,14 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def float32_pair(value: float):
+    """value as two fp32 values whose sum is value to double precision:
+    Triton passes Python floats as fp32. In fp32 math the low part of a sum
+    vanishes ((v + high) + low rounds to v + high); in fp64 the pair restores it."""
+    high = struct.unpack("f", struct.pack("f", value))[0]
+    return high, value - high
 
 
 def poisonable_out(out, like: torch.Tensor) -> torch.Tensor:

@@ -42,13 +42,12 @@ number of groups. The chunked kernels take one row of cols at a time, row r
 (of rows * groups) being group r % groups.
 """
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, mul_rn, next_power_of_2, on_device, round_to, to_compute
+from ._utils import cdiv, float32_pair, mul_rn, next_power_of_2, on_device, round_to, to_compute
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
@@ -270,14 +269,6 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _split_eps(eps: float):
-    """eps as two fp32 values whose sum is eps to double precision: Triton
-    passes Python floats as fp32, which would round eps for fp64 input. In
-    fp32 math the low part vanishes: (v + high) + low rounds to v + high."""
-    high = struct.unpack("f", struct.pack("f", eps))[0]
-    return high, eps - high
-
-
 def _fused_tile(cols: int, limit: int, tile: int = TILE, per_thread: int = 16):
     """(BLOCK_M, BLOCK_N, num_warps) holding whole rows, short rows batched to
     `tile` elements, `per_thread` elements a thread; or None past `limit`."""
@@ -347,7 +338,7 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out, group_size):
             mean.zero_()
         rstd.fill_(1.0 / math.sqrt(eps))
         return y, mean, rstd
-    eps_high, eps_low = _split_eps(eps)
+    eps_high, eps_low = float32_pair(eps)  # an fp32 eps would be rounded for fp64 input
     flags = dict(RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None)
     # Absent pointers: any tensor stands in; the kernels never read them.
     w_arg = weight if weight is not None else x

@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, next_power_of_2, on_device, round_to, to_compute
+from ._utils import cdiv, float32_pair, next_power_of_2, on_device, round_to, to_compute
 from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _groups, _row_tile, _rsqrt,
-                         _split_eps, _stat_dtype, _sum_partials_kernel, _sum_tile, _take)
+                         _stat_dtype, _sum_partials_kernel, _sum_tile, _take)
 
 FUSED_COLS = 8192  # the backward holds x, z and dy of a row (a group) in registers
 # The fused backward's tiles: short rows batched to 2048 elements, 8 a thread (8 warps; a row of 8192 on
@@ -243,12 +243,12 @@ def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=Non
     with on_device(x):
         if cols > FUSED_COLS:
             block_n, num_warps = _chunk(cols)
-            _rms_norm_gated_fwd_chunked_kernel[(rows * groups,)](*args, cols, groups, *_split_eps(eps),
+            _rms_norm_gated_fwd_chunked_kernel[(rows * groups,)](*args, cols, groups, *float32_pair(eps),
                                                                  BLOCK_N=block_n, num_warps=num_warps, **flags)
         else:
             block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
             _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m), groups)](
-                *args, rows, cols, groups, *_split_eps(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                *args, rows, cols, groups, *float32_pair(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
                 **flags)
     return y, rstd
 
