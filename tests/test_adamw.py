@@ -94,21 +94,27 @@ def test_moments_take_one_minus_beta_as_exactly_as_float32_holds_it(backend):
     check_steps(backend, torch.float32, dict(betas=(0.99, 0.9999)), start, grads, [1e-2] * 3)
 
 
-def decay_alone(device):
-    """Parameters of 1e4 and 4 steps of zero gradients at lr 80, weight decay
-    0.01: each step is p * (1 - lr * weight_decay) alone, 1 - 80 * 0.01 = 0.2,
-    which in float32 (no fma) rounds to 0.20000005, 2.4e-7 off where float64
-    rounded once is 1.5e-8 off: past the rule after 4 steps."""
+def decay_alone(device, lrs):
+    """Parameters of 1e4 and a step of zero gradients at each of lrs: each
+    step is p * (1 - lr * weight_decay) alone."""
     start = [1e4 * torch.randn(4096, device=device)]
-    return start, [[torch.zeros(4096, device=device)] for _ in range(4)], [80.0] * 4
+    return start, [[torch.zeros(4096, device=device)] for _ in lrs], lrs
 
 
+# (weight decay, lrs) whose factors 1 - lr * weight_decay float32 gets wrong: 1 - 80 * 0.01 rounds to
+# 0.20000005 (no fma), 2.4e-7 off where float64 rounded once is 1.5e-8 off; lr 10 decaying to 1.67, three
+# times, at weight decay 1 (factors -9 to -0.67), through lrs no float32 holds (8.333..., 4e-8 off as one)
+DECAYS = {"factor": (0.01, [80.0] * 4), "lr": (1.0, [10 * (1 - i / 6) for i in range(6)] * 3)}
+
+
+@pytest.mark.parametrize("case", DECAYS)
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_weight_decay_factor_is_rounded_once(backend):
-    """1 - lr * weight_decay worked out in float64 and rounded once, as torch's
-    Python float is: every step multiplies the parameters by it (decay_alone)."""
-    start, grads, lrs = decay_alone(device_for(backend))
-    check_steps(backend, torch.float32, dict(weight_decay=0.01), start, grads, lrs)
+def test_weight_decay_factor_is_rounded_once(backend, case):
+    """1 - lr * weight_decay worked out from lr and weight_decay in float64
+    and rounded once, as torch's Python floats are: every step multiplies the
+    parameters by it (decay_alone)."""
+    weight_decay, lrs = DECAYS[case]
+    check_steps(backend, torch.float32, dict(weight_decay=weight_decay), *decay_alone(device_for(backend), lrs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -576,7 +576,7 @@ class EmulatedAdamW(pyext.optim.AdamW):
 def test_adamw_steps_match_the_oracle(adamw_emulator, dtype, options):
     """test_adamw's step test (shapes from a scalar to 1025 elements, a 0-size
     one, two param groups, a changing lr, params without grads) on the kernel;
-    1 - beta2 at 0.9999 with gradients of 1e3, and test_adamw.decay_alone, besides."""
+    1 - beta2 at 0.9999 with gradients of 1e3, and test_adamw.DECAYS, besides."""
     start = test_adamw.make_params(dtype, "cpu")
     steps = 8
     grads = [[torch.randn(p.shape).to(dtype) if (i + j) % 5 else None for j, p in enumerate(start)]
@@ -587,7 +587,9 @@ def test_adamw_steps_match_the_oracle(adamw_emulator, dtype, options):
     if dtype == torch.float32 and not options:
         grads = [[1e3 * torch.randn(p.shape) for p in start] for _ in range(3)]
         test_adamw.check_steps("cuda", dtype, dict(betas=(0.99, 0.9999)), start, grads, [1e-2] * 3, optimizer=ours)
-        test_adamw.check_steps("cuda", dtype, dict(weight_decay=0.01), *test_adamw.decay_alone("cpu"), optimizer=ours)
+        for weight_decay, decay_lrs in test_adamw.DECAYS.values():
+            test_adamw.check_steps("cuda", dtype, dict(weight_decay=weight_decay),
+                                   *test_adamw.decay_alone("cpu", decay_lrs), optimizer=ours)
 
 
 @pytest.mark.parametrize("sizes,launches", [(list(range(1, 41)), 2), ([5, 3, 65536 * 320 + 7], 2)],

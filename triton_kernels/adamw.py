@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import on_device, round_to
+from ._utils import float32_pair, on_device, round_to
 
 BLOCK = 1024
 
 
 @triton.jit
 def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, block_tensor, block_start,
-                  lr, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                  lr, lr_low, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
                   float64_args, eps,
                   P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
@@ -46,6 +46,9 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
     step = tl.load(step_tab + t)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr)
+        lr64 = tl.cast(lr, tl.float64)
+    else:  # the host's lr to double precision: lr + lr_low (float32_pair)
+        lr64 = tl.cast(lr, tl.float64) + tl.cast(lr_low, tl.float64)
 
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -58,7 +61,7 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
     # 1 - lr * weight_decay in float64, rounded once (float64_args[2] is the
     # weight decay): in float32, 1 - 30 * 0.01 rounds to 0.70000005, one ulp
     # off, unless the compiler fuses it into an fma; every step multiplies p by it.
-    p = p * (1.0 - tl.cast(lr, tl.float64) * tl.load(float64_args + 2)).to(tl.float32)
+    p = p * (1.0 - lr64 * tl.load(float64_args + 2)).to(tl.float32)
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     # 1 - beta^t in float64: in float32, 1 - 0.999^2 = 0.001999 keeps about
@@ -167,7 +170,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
         _adamw_kernel[(block_tensor.numel(),)](
             p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, steps.index_select(0, slots),
             block_tensor, block_start,
-            float(lr), *(t if t is not None else steps for t in (lr_tensor, grad_scale, found_inf)),  # steps: unread
+            *float32_pair(float(lr)),  # lr and the rest of it: float64 in the kernel, where it matters
+            *(t if t is not None else steps for t in (lr_tensor, grad_scale, found_inf)),  # steps: unread
             # 1 - beta from the host's float64: the float32 argument 0.999 is
             # 0.99900001, and 1 - it is 1.3e-5 off (0.9999: 1.7e-4), an error
             # of every new term of the second moment.
