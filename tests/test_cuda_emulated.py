@@ -406,6 +406,15 @@ def test_norm_backward_on_any_grid(norm_emulator, hidden, affine, sms):
                                                                                       "serial", sms))
 
 
+@pytest.mark.parametrize("dtype,offset", test_layer_norm.FAR_FROM_ZERO, ids=str)
+@pytest.mark.parametrize("hidden", [131, 8200, 16392])
+def test_norm_rows_far_from_zero_are_centered_to_their_spread(norm_emulator, dtype, offset, hidden):
+    """test_layer_norm's check on 16 rows: 8200 takes the chunked backward,
+    16392 the chunked forward too (float32; float16 rows of it still fit)."""
+    test_layer_norm.check_far_from_zero(emulated_norm_fn("layer_norm", norm_emulator, "eager", sms=2), "cpu",
+                                        dtype, offset, 16, hidden)
+
+
 # Stage 2 (forward: 128 query rows a block, key tiles of 128 in a ring of 3;
 # dK/dV: 128 keys a block, steps of 64 queries of each head of the group in a
 # ring of 2; dQ: 128 query rows, key tiles of 64 in a ring of 2): GQA with a

@@ -238,6 +238,35 @@ def test_a_row_of_one_value_gives_the_bias(backend, hidden):
     assert torch.equal(y, b.expand_as(y))
 
 
+def check_far_from_zero(fn, device, dtype, offset, rows, hidden):
+    """LayerNorm does not move when x moves: rows of offset + s, s of spread
+    ~2, judged against torch's error on s itself. A kernel that takes
+    x - mean with the mean rounded at the offset is that far off in y, dx
+    and dweight, as torch's kernels are."""
+    x = (offset + torch.randn(rows, hidden) * 2).to(dtype).to(device)
+    s = x - offset  # exact: x and offset within a factor of two
+    w, b = params("layer_norm", (hidden,), torch.float32, device)
+    dy = torch.randn(x.shape, device=device).to(dtype)
+    out = run("layer_norm", x, (hidden,), w, b, 1e-5, dy, fn)
+    ref = run("layer_norm", x.double(), (hidden,), w.double(), b.double(), 1e-5, dy.double(), reference.layer_norm)
+    pt = run("layer_norm", s, (hidden,), w, b, 1e-5, dy, reference.layer_norm)
+    for name, o, r, p in zip(("y", "dx", "dweight", "dbias"), out, ref, pt):
+        assert_close(o, r, p, name)
+
+
+# float32 at 3000 (the mean's own rounding there is 1.2e-4); float16 at 1500
+# with a float32 weight (dweight, in float32, sees it).
+FAR_FROM_ZERO = [(torch.float32, 3000.0), (torch.float16, 1500.0)]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype,offset", FAR_FROM_ZERO, ids=str)
+@pytest.mark.parametrize("hidden", [131, 65537])
+def test_rows_far_from_zero_are_centered_to_their_spread(backend, dtype, offset, hidden):
+    """64 rows; 65537: the chunked kernels."""
+    check_far_from_zero(pyext_fn("layer_norm", backend), device_for(backend), dtype, offset, 64, hidden)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm_default_eps_is_torchs(backend, dtype):

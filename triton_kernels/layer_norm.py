@@ -4,15 +4,20 @@ Rows of n = cols elements (cols = the product of normalized_shape); all math
 in fp32 (fp64 for fp64 input); mean and rstd saved in that type.
 
 Forward:
-  LayerNorm  mean = x0 + sum(x - x0) / n,  var = sum((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
-             y = (x - mean) * rstd * w + b
-             x0 is the row's first element: a row of one value gets its value
-             as mean exactly (y = b, as torch's Welford update gives it), and
-             the sum does not round at the row's offset from zero.
+  LayerNorm  m = sum(x) / n,  d = x - m,  e = sum(d) / n,  mean = m + e
+             var = sum((d - e)^2) / n,  rstd = 1 / sqrt(var + eps)
+             y = (d - e) * rstd * w + b
+             e is what m's rounding left (0 in exact arithmetic): d is exact
+             where x is near m, so x - mean is (d - e), exact to the ulp of
+             the row's spread, not of its offset from zero (x = 3000 +- 1:
+             the float32 mean alone is 1.2e-4 off). A row of one value gets
+             d = e and y = b exactly, as torch's Welford update gives it.
   RMSNorm    rstd = 1 / sqrt(sum(x^2) / n + eps),  y = x * rstd * w
   Bytes: read x, write y (plus w, b and the per-row statistics).
 
-Backward, with xhat = (x - mean) * rstd (x * rstd for RMSNorm) and g = dy * w:
+Backward, with xhat = (x - mean) * rstd (x * rstd for RMSNorm) and g = dy * w,
+x - mean centered again as d - e, e = sum(d) / n (the saved mean is rounded
+at the row's offset, as in the forward):
   dbias = sum over rows of dy,  dweight = sum over rows of dy * xhat
   LayerNorm  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
              (d xhat_i / d x_j = rstd * (delta_ij - 1/n - xhat_i xhat_j / n))
@@ -29,6 +34,8 @@ elements is loaded whole, once (short rows several per program). Longer rows go
 through the chunked kernels, which loop over the row in CHUNK-element pieces:
 the forward reads x three times (twice for RMSNorm), the backward reads x and
 dy twice, and the backward adds each row into its program's partials in memory.
+They sum d on the same pass as what needs e: var = sum(d^2) / n - e^2 and
+sum(g (d - e)) = sum(g d) - e sum(g).
 
 Groups (`group_size`: Cohere's per-head QK norms, a weight of (heads,
 head_dim); Qwen4-Exp's norms over its hyper-connection streams): a row of
@@ -94,10 +101,11 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols,
     if RMS:
         xc = x
     else:
-        x0 = to_compute(tl.load(x_ptr + row * cols, mask=row_mask, other=0.0))
-        mean = x0 + tl.sum(tl.where(mask, x - x0[:, None], 0.0), axis=1) / cols
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        tl.store(mean_ptr + row, mean, mask=row_mask)
+        mean = tl.sum(x, axis=1) / cols
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        e = tl.sum(d, axis=1) / cols
+        xc = tl.where(mask, d - e[:, None], 0.0)
+        tl.store(mean_ptr + row, mean + e, mask=row_mask)
     rstd = _rsqrt(tl.sum(xc * xc, axis=1) / cols + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd, mask=row_mask)
     y = xc * rstd[:, None]
@@ -118,28 +126,32 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
     w_row = w_ptr + (row % groups) * cols
     b_row = b_ptr + (row % groups) * cols
     acc_ty = rstd_ptr.dtype.element_ty
-    if RMS:
-        mean = 0.0
-    else:
-        x0 = to_compute(tl.load(x_row))
+    mean = 0.0
+    if not RMS:
         total = tl.zeros([BLOCK_N], acc_ty)
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
-            total += tl.where(col < cols, to_compute(tl.load(x_row + col, mask=col < cols, other=0.0)) - x0, 0.0)
-        mean = x0 + tl.sum(total, axis=0) / cols
-        tl.store(mean_ptr + row, mean)
+            total += to_compute(tl.load(x_row + col, mask=col < cols, other=0.0))
+        mean = tl.sum(total, axis=0) / cols
+    sums = tl.zeros([BLOCK_N], acc_ty)  # of d (LayerNorm)
     squares = tl.zeros([BLOCK_N], acc_ty)
     for start in range(0, cols, BLOCK_N):
         col = start + tl.arange(0, BLOCK_N)
         x = to_compute(tl.load(x_row + col, mask=col < cols, other=0.0))
-        xc = tl.where(col < cols, x - mean, 0.0)
-        squares += xc * xc
-    rstd = _rsqrt(tl.sum(squares, axis=0) / cols + eps_high + eps_low)
+        d = tl.where(col < cols, x - mean, 0.0)
+        if not RMS:
+            sums += d
+        squares += d * d
+    e = 0.0
+    if not RMS:
+        e = tl.sum(sums, axis=0) / cols
+        tl.store(mean_ptr + row, mean + e)
+    rstd = _rsqrt(tl.maximum(tl.sum(squares, axis=0) / cols - e * e, 0.0) + eps_high + eps_low)
     tl.store(rstd_ptr + row, rstd)
     for start in range(0, cols, BLOCK_N):
         col = start + tl.arange(0, BLOCK_N)
         col_mask = col < cols
-        y = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
+        y = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean - e) * rstd
         if HAS_W:
             y = y * to_compute(tl.load(w_row + col, mask=col_mask, other=0.0))
         if HAS_B:
@@ -172,7 +184,9 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
             xhat = x * rstd[:, None]
         else:
             mean = tl.load(mean_ptr + row, mask=row_mask, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            e = tl.sum(d, axis=1) / cols
+            xhat = tl.where(mask, (d - e[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
             g = mul_rn(dy, w[None, :])
         else:
@@ -217,26 +231,30 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
             mean = 0.0
         else:
             mean = tl.load(mean_ptr + row)
+        sum_d = tl.zeros([BLOCK_N], acc_ty)
         sum_g = tl.zeros([BLOCK_N], acc_ty)
-        sum_gx = tl.zeros([BLOCK_N], acc_ty)
+        sum_gd = tl.zeros([BLOCK_N], acc_ty)
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
             col_mask = col < cols
-            x = to_compute(tl.load(x_row + col, mask=col_mask, other=0.0))
+            d = tl.where(col_mask, to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean, 0.0)
             g = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
                 g = mul_rn(g, to_compute(tl.load(w_row + col, mask=col_mask, other=0.0)))
-            sum_g += g
-            sum_gx += g * tl.where(col_mask, (x - mean) * rstd, 0.0)
-        mean_gx = tl.sum(sum_gx, axis=0) / cols
-        if RMS:
-            mean_g = 0.0
-        else:
+            if not RMS:
+                sum_d += d
+                sum_g += g
+            sum_gd += g * d
+        e = 0.0
+        mean_g = 0.0
+        if not RMS:
+            e = tl.sum(sum_d, axis=0) / cols
             mean_g = tl.sum(sum_g, axis=0) / cols
+        mean_gx = rstd * (tl.sum(sum_gd, axis=0) / cols - e * mean_g)
         for start in range(0, cols, BLOCK_N):
             col = start + tl.arange(0, BLOCK_N)
             col_mask = col < cols
-            xhat = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean) * rstd
+            xhat = (to_compute(tl.load(x_row + col, mask=col_mask, other=0.0)) - mean - e) * rstd
             dy = to_compute(tl.load(dy_row + col, mask=col_mask, other=0.0))
             if HAS_W:
                 g = mul_rn(dy, to_compute(tl.load(w_row + col, mask=col_mask, other=0.0)))

@@ -3,7 +3,10 @@
 // host code can include this file: tests/cuda_emulation). Arithmetic in
 // A = fp32 (fp64 for fp64 input). Layout of a row over threads: layer_norm_rows.cuh.
 //
-// Backward, with xhat = (x - mean) * rstd and g = dy * w (g = dy without w):
+// Backward, with xhat = (x - mean) * rstd and g = dy * w (g = dy without w),
+// x - mean taken as d - e, d = x - mean and e = sum(d) / n: the saved mean is
+// rounded at the row's offset (an ulp of 3000 is 2.4e-4 in fp32), e is that
+// rounding, and d - e is exact to the row's spread (the forward's correction):
 //   dbias   = sum over rows of dy,   dweight = sum over rows of dy * xhat
 //   LayerNorm  d xhat_i / d x_j = rstd * (delta_ij - 1/n - xhat_i * xhat_j / n), so
 //              dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
   using A = acc_t<T>;
   constexpr int kThreads = kBwdThreads<TPR>;
   constexpr int kRows = kThreads / TPR;
-  __shared__ A scratch[kThreads / 32 * 2];
+  __shared__ A scratch[kThreads / 32 * 3];
   __shared__ A combine[kRows > 1 ? kThreads * VPT * VEC : 1];
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
@@ -90,43 +93,51 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
     const int64_t offset = row * cols;
     const A mean = active && !p.rms ? static_cast<const A*>(p.mean)[row] : A(0);
     const A rstd = active ? static_cast<const A*>(p.rstd)[row] : A(0);
-    A xhat[VPT][VEC], g[VPT][VEC];
+    // One pass for the sums, which need only d and g; a second for dx,
+    // dweight and dbias, which need e. g is dy * w again there (w from cache).
+    A d[VPT][VEC], grad[VPT][VEC], param[VEC];
     bool valid[VPT];
-    A sums[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
+    A sums[3] = {A(0), A(0), A(0)};  // sum(d), sum(g), sum(g * d)
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t col = (int64_t(i) * TPR + lane) * VEC;
       valid[i] = active && col < cols;
       if (!valid[i]) {
-        fill(xhat[i], A(0));
-        fill(g[i], A(0));
+        fill(d[i], A(0));
+        fill(grad[i], A(0));
         continue;
       }
-      A grad[VEC], param[VEC];
-      load_to_acc<T, VEC>(x + offset + col, xhat[i]);
-      load_to_acc<T, VEC>(dy + offset + col, grad);
+      load_to_acc<T, VEC>(x + offset + col, d[i]);
+      load_to_acc<T, VEC>(dy + offset + col, grad[i]);
       if (w) load_to_acc<W, VEC>(w + col, param);
       else fill(param, A(1));
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        xhat[i][j] = (xhat[i][j] - mean) * rstd;
-        g[i][j] = grad[j] * param[j];
-        dw[i][j] += grad[j] * xhat[i][j];
-        db[i][j] += grad[j];
-        sums[0] += g[i][j];
-        sums[1] += g[i][j] * xhat[i][j];
+        d[i][j] -= mean;
+        const A g = grad[i][j] * param[j];
+        sums[0] += d[i][j];
+        sums[1] += g;
+        sums[2] += g * d[i][j];
       }
     }
     group_sum<TPR>(sums, scratch);
-    const A mean_g = p.rms ? A(0) : sums[0] / n;
-    const A mean_gx = sums[1] / n;
+    const A e = p.rms ? A(0) : sums[0] / n;
+    const A mean_g = p.rms ? A(0) : sums[1] / n;
+    const A mean_gx = rstd * (sums[2] / n - e * mean_g);  // mean(g * (d - e)) * rstd
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       if (!valid[i]) continue;
       const int64_t col = (int64_t(i) * TPR + lane) * VEC;
       A out[VEC];
+      if (w) load_to_acc<W, VEC>(w + col, param);
+      else fill(param, A(1));
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = rstd * (g[i][j] - mean_g - xhat[i][j] * mean_gx);
+      for (int j = 0; j < VEC; ++j) {
+        const A xhat = (d[i][j] - e) * rstd;
+        out[j] = rstd * (grad[i][j] * param[j] - mean_g - xhat * mean_gx);
+        dw[i][j] += grad[i][j] * xhat;
+        db[i][j] += grad[i][j];
+      }
       store_from_acc<T, VEC>(dx + offset + col, out);
     }
   }
@@ -144,7 +155,7 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const NormBwdParams p) {
   using A = acc_t<T>;
-  __shared__ A scratch[kChunkThreads / 32 * 2];
+  __shared__ A scratch[kChunkThreads / 32 * 3];
   const W* w = static_cast<const W*>(p.weight);
   const int64_t cols = p.cols;
   const A n = A(cols);
@@ -161,7 +172,7 @@ __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const N
     const A mean = p.rms ? A(0) : static_cast<const A*>(p.mean)[row];
     const A rstd = static_cast<const A*>(p.rstd)[row];
     A xhat[VEC], grad[VEC], param[VEC];
-    A sums[2] = {A(0), A(0)};
+    A sums[3] = {A(0), A(0), A(0)};  // sum(d), sum(g), sum(g * d), d = x - mean
     for (int64_t col = first; col < cols; col += kStep) {
       load_to_acc<T, VEC>(x + col, xhat);
       load_to_acc<T, VEC>(dy + col, grad);
@@ -169,14 +180,17 @@ __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const N
       else fill(param, A(1));
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
+        const A d = xhat[j] - mean;
         const A g = grad[j] * param[j];
-        sums[0] += g;
-        sums[1] += g * (xhat[j] - mean) * rstd;
+        sums[0] += d;
+        sums[1] += g;
+        sums[2] += g * d;
       }
     }
     group_sum<kChunkThreads>(sums, scratch);
-    const A mean_g = p.rms ? A(0) : sums[0] / n;
-    const A mean_gx = sums[1] / n;
+    const A e = p.rms ? A(0) : sums[0] / n;
+    const A mean_g = p.rms ? A(0) : sums[1] / n;
+    const A mean_gx = rstd * (sums[2] / n - e * mean_g);  // mean(g * (d - e)) * rstd
     for (int64_t col = first; col < cols; col += kStep) {
       load_to_acc<T, VEC>(x + col, xhat);
       load_to_acc<T, VEC>(dy + col, grad);
@@ -185,7 +199,7 @@ __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const N
       A out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        xhat[j] = (xhat[j] - mean) * rstd;
+        xhat[j] = (xhat[j] - mean - e) * rstd;
         out[j] = rstd * (grad[j] * param[j] - mean_g - xhat[j] * mean_gx);
         if (dw) dw[col + j] = (first_row ? A(0) : dw[col + j]) + grad[j] * xhat[j];
         if (db) db[col + j] = (first_row ? A(0) : db[col + j]) + grad[j];

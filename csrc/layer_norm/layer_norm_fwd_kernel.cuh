@@ -8,7 +8,9 @@
 //   LayerNorm  mean = sum(x) / n,  var = sum((x - mean)^2) / n  (two passes over
 //              the row while it sits in registers: no cancellation), both
 //              corrected for the first sum's rounding (corrected_variance below),
-//              rstd = 1 / sqrt(var + eps),  y = (x - mean) * rstd * w + b
+//              rstd = 1 / sqrt(var + eps),  y = (x - mean - c) * rstd * w + b,
+//              x - mean taken before the correction c: exact where x is near
+//              the mean, so y is exact to the row's spread, not its offset.
 //   RMSNorm    mean = 0,  rstd = 1 / sqrt(sum(x^2) / n + eps),  y = x * rstd * w
 //   Bytes: read x, write y, once each, plus w and b (cached: read by every
 //   block, from L2) and 8 (LayerNorm) or 4 bytes of statistics per row.
@@ -27,18 +29,17 @@ namespace norm {
 
 // The corrected two-pass statistics. With dev = (sum d, sum d^2) over the
 // row, d = x - mean, the first mean's rounding leaves c = sum(d) / n (0 in
-// exact arithmetic): the mean is mean + c, the variance sum(d^2) / n - c^2.
-// A row of one value ends with its value as mean, x - mean = 0 and variance
-// 0, exactly (y = b, as torch's Welford update gives). RMSNorm: mean 0 and
-// c = 0, var = sum(x^2) / n.
-// Returns the variance; adds c to mean and sets `correction` to it.
+// exact arithmetic): the mean is mean + c (saved so), x - mean is d - c, the
+// variance sum(d^2) / n - c^2. A row of one value has d = c, so x - mean = 0
+// and variance 0, exactly (y = b, as torch's Welford update gives). RMSNorm:
+// mean 0 and c = 0, var = sum(x^2) / n.
+// Returns the variance and sets `correction` to c.
 template <typename A>
-__device__ __forceinline__ A corrected_variance(const A (&dev)[2], A n, bool rms, A& mean, A& correction) {
+__device__ __forceinline__ A corrected_variance(const A (&dev)[2], A n, bool rms, A& correction) {
   correction = A(0);
   if (rms) return dev[1] / n;
   const A c = dev[0] / n;
   correction = c;
-  mean += c;
   const A var = dev[1] / n - c * c;
   return var > A(0) ? var : A(0);
 }
@@ -93,9 +94,9 @@ __global__ void __launch_bounds__(kFwdThreads<TPR>) norm_fwd_kernel(const NormFw
     }
     group_sum<TPR>(dev, scratch);
     A c;
-    const A rstd = rsqrt(corrected_variance(dev, n, p.rms, mean, c) + A(p.eps));
+    const A rstd = rsqrt(corrected_variance(dev, n, p.rms, c) + A(p.eps));
     if (active && lane == 0) {
-      if (!p.rms) static_cast<A*>(p.mean)[row] = mean;
+      if (!p.rms) static_cast<A*>(p.mean)[row] = mean + c;
       static_cast<A*>(p.rstd)[row] = rstd;
     }
 #pragma unroll
@@ -159,16 +160,16 @@ __global__ void __launch_bounds__(kChunkThreads) norm_fwd_chunked_kernel(const N
     }
     group_sum<kChunkThreads>(dev, scratch);
     A c;
-    const A rstd = rsqrt(corrected_variance(dev, n, p.rms, mean, c) + A(p.eps));
+    const A rstd = rsqrt(corrected_variance(dev, n, p.rms, c) + A(p.eps));
     if (threadIdx.x == 0) {
-      if (!p.rms) static_cast<A*>(p.mean)[row] = mean;
+      if (!p.rms) static_cast<A*>(p.mean)[row] = mean + c;
       static_cast<A*>(p.rstd)[row] = rstd;
     }
     for (int64_t col = first; col < cols; col += kStep) {
       A param[VEC];
       load_to_acc<T, VEC>(x + col, v);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd;
+      for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean - c) * rstd;
       if (w) {
         load_to_acc<W, VEC>(w + col, param);
 #pragma unroll

@@ -278,6 +278,10 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     and bias of x's dtype or float32 (float16/bfloat16 x; computed in fp32,
     output in x's dtype, as torch does on CPU). Non-contiguous x is copied
     once; the output is contiguous. Statistics are fp32 (fp64 for fp64 x).
+    x - mean is taken to the ulp of the row's spread, not of its offset from
+    zero (the mean is corrected by the mean of x - mean, forward and
+    backward): rows far from zero keep the accuracy of centered rows, where
+    torch's kernels lose the mean's rounding times rstd.
 
     Hidden size n = prod(normalized_shape): any n >= 0. The fast path holds a
     row in registers and reads it once: n <= 16384 in the forward and n <= 8192
