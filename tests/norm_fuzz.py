@@ -3,6 +3,7 @@
     TRITON_INTERPRET=1 python tests/norm_fuzz.py --seed 1 --cases 200
     TRITON_INTERPRET=1 python tests/norm_fuzz.py --seed 1 --features gated --case 17
     python tests/norm_fuzz.py --seed 1 --cases 2000 --backend cuda   # on a GPU
+    python tests/norm_fuzz.py --seed 1 --cases 200 --backend emulated  # the CUDA kernels, on the CPU
 
 Draws each case from (--seed, its index): an op (LayerNorm and RMSNorm, the
 same over groups of the row, the gated RMSNorm), rows (0-70, often 1-3),
@@ -19,6 +20,7 @@ case past the rule or raising, then the worst margin of each op's outputs
 and its case. --case N reruns one case. As tests/attention_fuzz.py does for
 attention.
 """
+import functools
 import math
 import os
 import sys
@@ -115,10 +117,40 @@ def params(shape, dtype, weight, bias, device):
     return w, b
 
 
+@functools.cache
+def norm_emulator():
+    import test_cuda_emulated
+    return test_cuda_emulated.load_norm_emulator()
+
+
+def emulated(kind):
+    """The CUDA kernels on the CPU emulator (tests/test_cuda_emulated.py),
+    called as F.layer_norm / F.rms_norm are: x as (rows, n) contiguous and
+    eps=None made the dtype's default, as the host layer
+    (csrc/layer_norm/layer_norm_api.cpp) hands them to the kernels. An
+    empty x, which the host layer answers without a launch, goes to torch."""
+    import test_cuda_emulated
+    from pyext import reference
+    from pyext.ops.layer_norm import default_rms_eps
+
+    def fn(x, shape, weight, *rest):
+        bias, eps = rest if kind == "layer_norm" else (None, rest[0])
+        if x.numel() == 0:
+            return getattr(reference, kind)(x, shape, weight, *rest)
+        n = math.prod(shape)
+        eps = default_rms_eps(x.dtype) if eps is None else eps
+        flat = [t.reshape(n) if t is not None else None for t in (weight, bias)]
+        y = test_cuda_emulated.EmulatedNorm.apply(x.reshape(-1, n).contiguous(), *flat, eps, kind, norm_emulator(),
+                                                  "eager", 3)
+        return y.view(x.shape)
+    return fn
+
+
 def run_norm(backend, device, rows, shape, dtype, values, row_sizes, layout, kind, weight, bias, param_dtype, eps):
     x = make_x(rows, shape, dtype, values, row_sizes, layout, device)
     w, b = params(shape, param_dtype, weight, bias and kind == "layer_norm", device)
-    test_layer_norm.check(kind, backend, x, shape, w, b, eps)
+    fn = emulated(kind) if backend == "emulated" else None
+    test_layer_norm.check(kind, backend, x, shape, w, b, eps, fn=fn)
 
 
 def run_grouped(backend, device, rows, shape, dtype, values, row_sizes, layout, kind, weight, bias, param_dtype, eps,
@@ -142,14 +174,14 @@ CUDA_FEATURES = ["norm"]  # the groups and the gated norm have Triton kernels on
 
 
 def run(feature, case, backend):
-    device = conftest.device_for(backend)
+    device = "cpu" if backend == "emulated" else conftest.device_for(backend)
     return fuzzing.margins([test_layer_norm, test_grouped_norm, test_rms_norm_gated],
                            lambda: RUNS[feature](backend, device, **case))
 
 
 def main():
-    args = fuzzing.arguments(__doc__, FEATURES, backends=["triton", "cuda"]).parse_args()
-    features = args.features or (CUDA_FEATURES if args.backend == "cuda" else FEATURES)
+    args = fuzzing.arguments(__doc__, FEATURES, backends=["triton", "cuda", "emulated"]).parse_args()
+    features = args.features or (CUDA_FEATURES if args.backend in ("cuda", "emulated") else FEATURES)
     fuzzing.walk(args, features, lambda rng, f: draw(rng, f, args.backend), lambda f, c: run(f, c, args.backend))
 
 

@@ -254,8 +254,8 @@ class NormBwdParams(ctypes.Structure):
 NORM_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def norm_emulator():
+def load_norm_emulator():
+    """The LayerNorm / RMSNorm kernels' emulator (also tests/norm_fuzz.py --backend emulated)."""
     lib = build("layer_norm_emulated")
     lib.emulate_norm_fwd.restype = ctypes.c_char_p
     lib.emulate_norm_fwd.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -265,6 +265,11 @@ def norm_emulator():
     assert lib.norm_params_size(0) == ctypes.sizeof(NormFwdParams)
     assert lib.norm_params_size(1) == ctypes.sizeof(NormBwdParams)
     return lib
+
+
+@pytest.fixture(scope="module")
+def norm_emulator():
+    return load_norm_emulator()
 
 
 def address(t):
