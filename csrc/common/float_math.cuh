@@ -1,4 +1,5 @@
-// Conversions between storage types and the fp32 (or fp64) used for math.
+// Conversions between storage types and the fp32 (or fp64) used for math,
+// and the math's unfused product.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,5 +19,10 @@ template <> __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __
 template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> x) { return static_cast<T>(x); }
 template <> __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
+
+// a * b rounded once and never fused into an fma with the sum that uses it,
+// so a product computed twice (on two passes over a row) is the same value.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 }  // namespace pyext

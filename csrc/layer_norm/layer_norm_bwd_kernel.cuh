@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
     const A mean = active && !p.rms ? static_cast<const A*>(p.mean)[row] : A(0);
     const A rstd = active ? static_cast<const A*>(p.rstd)[row] : A(0);
     // One pass for the sums, which need only d and g; a second for dx,
-    // dweight and dbias, which need e. g is dy * w again there (w from cache).
+    // dweight and dbias, which need e. g is dy * w again there (w from cache),
+    // the same product: mul_rn, so no fma makes g - mean(g) differ from it.
     A d[VPT][VEC], grad[VPT][VEC], param[VEC];
     bool valid[VPT];
     A sums[3] = {A(0), A(0), A(0)};  // sum(d), sum(g), sum(g * d)
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         d[i][j] -= mean;
-        const A g = grad[i][j] * param[j];
+        const A g = mul_rn(grad[i][j], param[j]);
         sums[0] += d[i][j];
         sums[1] += g;
         sums[2] += g * d[i][j];
@@ -134,7 +135,7 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A xhat = (d[i][j] - e) * rstd;
-        out[j] = rstd * (grad[i][j] * param[j] - mean_g - xhat * mean_gx);
+        out[j] = rstd * (mul_rn(grad[i][j], param[j]) - mean_g - xhat * mean_gx);
         dw[i][j] += grad[i][j] * xhat;
         db[i][j] += grad[i][j];
       }
@@ -181,7 +182,7 @@ __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const N
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A d = xhat[j] - mean;
-        const A g = grad[j] * param[j];
+        const A g = mul_rn(grad[j], param[j]);
         sums[0] += d;
         sums[1] += g;
         sums[2] += g * d;
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const N
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         xhat[j] = (xhat[j] - mean - e) * rstd;
-        out[j] = rstd * (grad[j] * param[j] - mean_g - xhat[j] * mean_gx);
+        out[j] = rstd * (mul_rn(grad[j], param[j]) - mean_g - xhat[j] * mean_gx);
         if (dw) dw[col + j] = (first_row ? A(0) : dw[col + j]) + grad[j] * xhat[j];
         if (db) db[col + j] = (first_row ? A(0) : db[col + j]) + grad[j];
       }

@@ -349,6 +349,10 @@ extern "C" void emulator_seed(unsigned seed) { ::emu::g_seed = seed; }
 #define gridDim (::emu::g_grid)
 #define blockDim (::emu::g_block->dims)
 #define __syncthreads() ::emu::syncthreads()
+// Products rounded once. g++ -std=c++17 (ISO mode, -ffp-contract=off, and no
+// -march with FMA) fuses no product into an add anywhere, so these are plain.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) ::emu::fault("__syncwarp with a partial mask");
   ::emu::warp_barrier();
