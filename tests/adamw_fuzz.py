@@ -2,6 +2,7 @@
 
     TRITON_INTERPRET=1 python tests/adamw_fuzz.py --seed 1 --cases 100
     python tests/adamw_fuzz.py --seed 1 --cases 1000 --backend cuda   # on a GPU
+    python tests/adamw_fuzz.py --seed 1 --cases 100 --backend emulated  # the CUDA kernel, on the CPU
 
 Draws each case from (--seed, its index): the dtype, 4-7 parameters of
 random shapes (a scalar, empty, odd sizes to a few thousand), their size
@@ -15,6 +16,7 @@ than asserting, and prints each case past the rule or raising, then the
 worst margin of each output. --case N reruns one case. As
 tests/attention_fuzz.py does for attention.
 """
+import functools
 import os
 import sys
 
@@ -61,16 +63,27 @@ def run_adamw(backend, device, dtype, shapes, param_size, grad_size, missing, ze
             g = None if chance < missing else grad_size * torch.randn(p.shape) * (chance >= missing + zero)
             step.append(None if g is None else g.to(device, dtype))
         grads.append(step)
-    test_adamw.check_steps(backend, dtype, options, start, grads, lrs)
+    if backend == "emulated":
+        test_adamw.check_steps("cuda", dtype, options, start, grads, lrs, optimizer=emulated())
+    else:
+        test_adamw.check_steps(backend, dtype, options, start, grads, lrs)
+
+
+@functools.cache
+def emulated():
+    """pyext.optim.AdamW stepping through the CUDA kernel on the CPU emulator
+    (tests/test_cuda_emulated.py), as check_steps' `optimizer`."""
+    import test_cuda_emulated
+    return functools.partial(test_cuda_emulated.EmulatedAdamW, lib=test_cuda_emulated.load_adamw_emulator())
 
 
 def run(case, backend):
-    device = conftest.device_for(backend)
+    device = "cpu" if backend == "emulated" else conftest.device_for(backend)
     return fuzzing.margins([test_adamw], lambda: run_adamw(backend, device, **case))
 
 
 def main():
-    args = fuzzing.arguments(__doc__, FEATURES, backends=["triton", "cuda"]).parse_args()
+    args = fuzzing.arguments(__doc__, FEATURES, backends=["triton", "cuda", "emulated"]).parse_args()
     fuzzing.walk(args, FEATURES, draw, lambda feature, case: run(case, args.backend))
 
 

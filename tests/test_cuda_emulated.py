@@ -539,14 +539,19 @@ class AdamWHyper(ctypes.Structure):
 ADAMW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def adamw_emulator():
+def load_adamw_emulator():
+    """The fused AdamW kernel's emulator (also tests/adamw_fuzz.py --backend emulated)."""
     lib = build("adamw_emulated")
     lib.emulate_adamw_step.restype = ctypes.c_char_p
     lib.emulate_adamw_step.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     assert lib.adamw_struct_sizes(0) == ctypes.sizeof(AdamWTensorList)
     assert lib.adamw_struct_sizes(1) == ctypes.sizeof(AdamWHyper)
     return lib
+
+
+@pytest.fixture(scope="module")
+def adamw_emulator():
+    return load_adamw_emulator()
 
 
 def emulated_adamw_step(lib, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
