@@ -3,8 +3,10 @@
 Same constructor, validation, param groups, defaults and state keys (`step`
 a tensor, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` with amsgrad) as
 torch.optim.AdamW, so a state_dict moves between the two both ways. Moments
-are kept in float32 for float16/bfloat16 parameters. One launch steps every
-tensor of a (device, dtype) group.
+are kept in float32 for float16/bfloat16 parameters, and the kernels form
+each new moment in float64 and round it once (torch's lerp_ and addcmul_
+round two or three times). One launch steps every tensor of a (device,
+dtype) group.
 """
 from typing import List, Optional
 

@@ -624,6 +624,13 @@ def test_adamw_launches_split_where_tensors_or_blocks_run_out(adamw_emulator, si
     assert adamw_emulator.adamw_launch_count() == launches
 
 
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.5)], ids=str)
+def test_adamw_moments_are_rounded_once(adamw_emulator, betas):
+    """test_adamw's check: the moments formed in double, rounded once to float."""
+    test_adamw.check_moments_rounded_once(functools.partial(EmulatedAdamW, lib=adamw_emulator),
+                                          torch.device("cpu"), betas)
+
+
 def test_adamw_grad_scaler_skips_the_step_with_inf(adamw_emulator):
     """GradScaler's scale and found_inf, read by the kernel from memory: the
     step with an inf gradient writes nothing, the others unscale (test_adamw's

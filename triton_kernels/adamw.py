@@ -2,7 +2,8 @@
 
 The tensors are reached through tables of their addresses: program i finds
 its tensor (block_tensor[i]) and its offset in it (block_start[i]), so tensors
-of any sizes share one launch. Per element, in fp32 (AdamW, Loshchilov & Hutter):
+of any sizes share one launch. Per element, in fp32 (the moments formed in
+fp64 and rounded once; AdamW, Loshchilov & Hutter):
 
     g = grad / grad_scale, negated when maximizing
     p = p * (1 - lr * weight_decay)                     (decoupled weight decay)
@@ -27,8 +28,7 @@ BLOCK = 1024
 
 @triton.jit
 def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, block_tensor, block_start,
-                  lr, lr_low, lr_ptr, grad_scale_ptr, found_inf_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
-                  float64_args, eps,
+                  lr, lr_low, lr_ptr, grad_scale_ptr, found_inf_ptr, float64_args, eps,
                   P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                   BLOCK: tl.constexpr):
@@ -62,8 +62,13 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
     # weight decay): in float32, 1 - 30 * 0.01 rounds to 0.70000005, one ulp
     # off, unless the compiler fuses it into an fma; every step multiplies p by it.
     p = p * (1.0 - lr64 * tl.load(float64_args + 2)).to(tl.float32)
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * g * g
+    # The moments in float64, rounded once to float32 (float64_args[3:7]:
+    # beta1, beta2, 1 - beta1, 1 - beta2): in float32 each is three or four
+    # roundings (two with an fma the compiler may or may not form), where
+    # torch's lerp_ and addcmul_ take two. g * g is exact in float64.
+    g64 = g.to(tl.float64)
+    m = (tl.load(float64_args + 3) * m.to(tl.float64) + tl.load(float64_args + 5) * g64).to(tl.float32)
+    v = (tl.load(float64_args + 4) * v.to(tl.float64) + tl.load(float64_args + 6) * (g64 * g64)).to(tl.float32)
     # 1 - beta^t in float64: in float32, 1 - 0.999^2 = 0.001999 keeps about
     # four correct digits, which the update then carries.
     step64 = step.to(tl.float64)
@@ -141,11 +146,13 @@ _FLOAT64_ARGS = collections.OrderedDict()  # (device, beta1, beta2, weight_decay
 
 
 def _float64_args(device, beta1, beta2, weight_decay):
-    """[log2 beta1, log2 beta2, weight_decay] in float64 on the device
-    (Triton passes float arguments as float32)."""
+    """[log2 beta1, log2 beta2, weight_decay, beta1, beta2, 1 - beta1,
+    1 - beta2] in float64 on the device (Triton passes float arguments as
+    float32: 0.999 would be 0.99900001, and 1 - it 1.3e-5 off; 1 - 0.9999,
+    1.7e-4 off, an error of the second moment's every new term)."""
+    values = [_log2(beta1), _log2(beta2), weight_decay, beta1, beta2, 1.0 - beta1, 1.0 - beta2]
     return _kept(_FLOAT64_ARGS, (device, beta1, beta2, weight_decay),
-                 lambda: _to_device(torch.tensor([_log2(beta1), _log2(beta2), weight_decay], dtype=torch.float64),
-                                    device))
+                 lambda: _to_device(torch.tensor(values, dtype=torch.float64), device))
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
@@ -172,10 +179,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
             block_tensor, block_start,
             *float32_pair(float(lr)),  # lr and the rest of it: float64 in the kernel, where it matters
             *(t if t is not None else steps for t in (lr_tensor, grad_scale, found_inf)),  # steps: unread
-            # 1 - beta from the host's float64: the float32 argument 0.999 is
-            # 0.99900001, and 1 - it is 1.3e-5 off (0.9999: 1.7e-4), an error
-            # of every new term of the second moment.
-            beta1, beta2, 1.0 - beta1, 1.0 - beta2, _float64_args(device, beta1, beta2, weight_decay), eps,
+            _float64_args(device, beta1, beta2, weight_decay), eps,
             P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)

@@ -1,6 +1,7 @@
-// Fused AdamW over lists of tensors: many tensors per launch, fp32 math. The
-// kernel and adamw_launches, which packs a list into launches; adamw.cu
-// launches them (host code can include this file: tests/cuda_emulation).
+// Fused AdamW over lists of tensors: many tensors per launch, fp32 math (the
+// moments formed in fp64 and rounded once). The kernel and adamw_launches,
+// which packs a list into launches; adamw.cu launches them (host code can
+// include this file: tests/cuda_emulation).
 //
 // Per element (AdamW, Loshchilov & Hutter; decoupled weight decay):
 //   g = grad / grad_scale, negated when maximizing
@@ -27,7 +28,8 @@ constexpr int kVec = 4;     // elements per access on the vector path: 16 bytes 
 
 // The update of one element, with the step's constants worked out once per block.
 struct AdamWUpdate {
-  float inv_scale, step_size, inv_sqrt_bc2, decay, beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+  float inv_scale, step_size, inv_sqrt_bc2, decay, eps;
+  double beta1, beta2, one_minus_beta1, one_minus_beta2;
   bool amsgrad, maximize;
 
   __device__ AdamWUpdate(const AdamWHyper& h, float t) {
@@ -41,10 +43,9 @@ struct AdamWUpdate {
     // 0.70000005, one ulp off, unless the compiler fuses it into an fma; every
     // step multiplies p by it.
     decay = static_cast<float>(1.0 - lr * h.weight_decay);
-    beta1 = static_cast<float>(h.beta1), beta2 = static_cast<float>(h.beta2);
-    // 1 - beta in double too: 1.0f - float(0.999) is 0.000999987 (1 - 0.9999:
-    // 1.7e-4 off), an error of the second moment's every new term.
-    one_minus_beta1 = static_cast<float>(1.0 - h.beta1), one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+    // The betas and 1 - beta as the host's doubles (1.0f - float(0.999) is
+    // 0.000999987; 1 - 0.9999: 1.7e-4 off), for the moments below.
+    beta1 = h.beta1, beta2 = h.beta2, one_minus_beta1 = 1.0 - h.beta1, one_minus_beta2 = 1.0 - h.beta2;
     eps = h.eps, amsgrad = h.amsgrad, maximize = h.maximize;
   }
 
@@ -52,8 +53,12 @@ struct AdamWUpdate {
   __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float& vmax) const {
     g *= inv_scale;
     if (maximize) g = -g;
-    m = beta1 * m + one_minus_beta1 * g;
-    v = beta2 * v + one_minus_beta2 * g * g;
+    // The moments in double, rounded once to float: in float each is three
+    // or four roundings (two with an fma the compiler may or may not form),
+    // where torch's lerp_ and addcmul_ take two. g * g is exact in double.
+    const double g64 = g;
+    m = static_cast<float>(beta1 * m + one_minus_beta1 * g64);
+    v = static_cast<float>(beta2 * v + one_minus_beta2 * (g64 * g64));
     float second = v;
     if (amsgrad) second = vmax = fmaxf(vmax, v);
     p = p * decay - step_size * m / (sqrtf(second) * inv_sqrt_bc2 + eps);
