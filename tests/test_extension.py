@@ -73,18 +73,19 @@ def test_norm_fake_implementations_give_shapes_without_a_gpu():
 # One bad call per op family, straight to the CUDA kernel's host code (on a
 # machine with no GPU the CPU tensors reach it through a redispatch and are
 # refused there). Each runs in its own process: a check that crashes instead
-# of raising fails its case alone.
+# of raising fails its case alone. The words expected carry the numbers of
+# the call: a message that lost them was formatted by a broken libstdc++.
 BAD_CALLS = {
     "gelu": ("gelu_fwd_cuda", "(x, 'nope')", "approximate"),
-    "layer_norm": ("layer_norm_fwd_cuda", "(x, [9], None, None, 1e-5)", "normalized_shape"),
-    "layer_norm weight": ("layer_norm_fwd_cuda", "(x, [8], x[0, :7], None, 1e-5)", "weight"),
+    "layer_norm": ("layer_norm_fwd_cuda", "(x, [9], None, None, 1e-5)", "normalized_shape [9]"),
+    "layer_norm weight": ("layer_norm_fwd_cuda", "(x, [8], x[0, :7], None, 1e-5)", "[8], got [7]"),
     "layer_norm_bwd": ("layer_norm_bwd_cuda", "(x, x, x[:, 0].contiguous(), x[:3, 0].contiguous(), None, None, "
-                       "False, False)", "rstd"),
-    "rms_norm": ("rms_norm_fwd_cuda", "(x, [8], x[0, :7], 1e-6)", "weight"),
+                       "False, False)", "rstd of shape [3]"),
+    "rms_norm": ("rms_norm_fwd_cuda", "(x, [8], x[0, :7], 1e-6)", "[8], got [7]"),
     "flash_attention": ("flash_attn_fwd_cuda", "(x[None, None].half(), x[None].half(), x[None].half(), "
                         "1.0, False, 0)", "4-D"),
     "adamw": ("adamw_step_cuda", "([x], [x[:, :3].contiguous()], [x], [x], [], x.new_ones(1), 1e-3, None, "
-              "0.9, 0.999, 1e-8, 0.0, False, False, None, None)", "elements"),
+              "0.9, 0.999, 1e-8, 0.0, False, False, None, None)", "grads[0] has 12 elements but params[0] has 32"),
 }
 
 
@@ -112,3 +113,24 @@ def test_host_checks_raise_rather_than_crash(family):
     assert "raised:" in result.stdout, result.stdout + result.stderr[-2000:]
     # without a GPU the device check may come first
     assert word in result.stdout or (not torch.cuda.is_available() and "CUDA tensor" in result.stdout), result.stdout
+
+
+# Defined by libstdc++ itself: the locale every stream formats with, and the
+# id by which a stream finds its number formatter among the locale's facets.
+LIBSTDCXX_OWN = ("_ZNSt6locale7classicEv", "_ZNSt7num_putIcSt19ostreambuf_iteratorIcSt11char_traitsIcEEE2idE")
+
+
+def test_extension_exports_no_libstdcxx_of_its_own():
+    """A libstdc++ linked in statically must stay private to the extension
+    (setup.py's --exclude-libs): exported, its facet ids are bound to the
+    process's libstdc++ while its code is the extension's, and every number
+    in a TORCH_CHECK message is lost or crashes the process."""
+    import shutil
+    import subprocess
+    from pyext import _C
+    if shutil.which("nm") is None:
+        pytest.skip("no nm (binutils) to read the extension's symbol table")
+    table = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True,
+                           check=True).stdout
+    exported = {line.split()[-1] for line in table.splitlines() if line.strip()}
+    assert not exported & set(LIBSTDCXX_OWN), f"{_C.__file__} exports libstdc++'s own symbols"
