@@ -59,7 +59,9 @@ def torch_attention(q, k, v, scale, causal, offset):
     """PyTorch's own attention in q's dtype, the yardstick of the rule: out
     from its SDPA (bottom-right causal as a mask; is_causal when Sq == Sk, so
     that its fused kernels run), with rows that see no key set to 0 as pyext
-    defines them; lse from the scores computed in q's dtype."""
+    defines them; lse from the scores computed in q's dtype. Those rows (the
+    first Sq - Sk when causal) are kept out of SDPA: torch 2.11's CUDA
+    kernels give a fully masked row non-finite gradients."""
     sq, sk = q.shape[2], k.shape[2]
     visible = (torch.arange(sk, device=q.device)[None, :]
                <= torch.arange(sq, device=q.device)[:, None] + offset)
@@ -68,8 +70,9 @@ def torch_attention(q, k, v, scale, causal, offset):
     elif sq == sk:
         out = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        out = sdpa(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
-        out = out.masked_fill(~visible.any(-1)[:, None], 0)
+        first = max(0, -offset)
+        out = sdpa(q[:, :, first:], k, v, attn_mask=visible[first:], scale=scale, enable_gqa=True)
+        out = F.pad(out, (0, 0, first, 0))
     scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-2, -1)) * scale
     if causal:
         scores = scores.masked_fill(~visible, float("-inf"))
