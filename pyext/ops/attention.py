@@ -230,14 +230,17 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     if name == "torch":
         if window is not None:
             attn_mask, is_causal = _band(query.shape[-2], key.shape[-2], is_causal, window, query.device), False
-        if attn_mask is not None and enable_gqa and query.dim() >= 3 and 0 < key.shape[-3] != query.shape[-3]:
+        # No batch or no heads: torch 2.11's SDPA divides by the heads (SIGFPE,
+        # on CPU at least) and gives an empty batch no tensor at all (None, on
+        # CUDA). The plain products give its empty result, in the graph.
+        empty = query.dim() >= 3 and 0 in query.shape[:-2]
+        if (attn_mask is not None or empty) and enable_gqa and query.dim() >= 3 and \
+                0 < key.shape[-3] != query.shape[-3]:
             # what transformers does before torch's SDPA: its fused kernels take no mask with enable_gqa
             group = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
             enable_gqa = False
-        if query.dim() >= 3 and query.shape[-3] == key.shape[-3] == 0:
-            # No heads: torch 2.11's SDPA divides by their count (SIGFPE, on CPU
-            # at least). The plain products give its empty result, in the graph.
+        if empty:
             return (query @ key.transpose(-2, -1)).softmax(-1) @ value
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
