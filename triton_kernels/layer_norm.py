@@ -362,7 +362,12 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out, group_size):
     w_arg = weight if weight is not None else x
     b_arg = bias if bias is not None else x
     mean_arg = mean if mean is not None else rstd
-    tile = _fused_tile(cols, FWD_FUSED_COLS)
+    # 64 bytes of x a thread (16 fp32, 32 fp16/bf16 elements) where 16 divides
+    # the width (16-byte loads): four loads in flight whatever the dtype, as the
+    # CUDA forward. Other widths load an element at a time, an address each: 16
+    # a thread, or 32 fp16/bf16 spill 8-72 B a thread (8-16 warps, Triton 3.8).
+    per_thread = 64 // x.element_size() if cols % 16 == 0 else 16
+    tile = _fused_tile(cols, FWD_FUSED_COLS, per_thread=per_thread)
     with on_device(x):
         if tile is not None:
             block_m, block_n, num_warps = tile

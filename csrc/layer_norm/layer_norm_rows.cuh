@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/float_math.cuh"
 #include "common/vec.cuh"
 
 namespace pyext {
@@ -24,6 +25,11 @@ namespace norm {
 // Elements of one row-sized array each thread keeps in registers on the fast
 // path: 16 fp32 or 8 fp64 values. The backward keeps four such arrays.
 template <typename A> constexpr int kElemsPerThread = int(64 / sizeof(A));
+// The forward keeps one, x: with 16-byte vectors, 64 bytes of it a thread
+// (16 fp32, 32 fp16/bf16, 8 fp64 values), four loads in flight whatever the
+// dtype; element by element (VEC 1), as many values as the backward.
+template <typename T, int VEC>
+constexpr int kFwdElemsPerThread = VEC > 1 ? int(64 / sizeof(T)) : kElemsPerThread<acc_t<T>>;
 
 // Block sizes. The forward packs rows shorter than 128 threads several to a
 // block. The backward uses blocks of at least 512 threads: fewer blocks fill
