@@ -163,7 +163,7 @@ def _norm_fwd_chunked_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, col
 def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
                      rows, cols, groups, rows_per_program,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
-                     NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     acc_ty = rstd_ptr.dtype.element_ty
@@ -175,7 +175,9 @@ def _norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_p
     db = tl.zeros([BLOCK_N], acc_ty)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, rows)
-    for start in range(first, last, BLOCK_M):
+    # STAGES 2: the next tile's x and dy stream into shared memory (cp.async)
+    # while this one is reduced, two tiles in flight a program where there was one.
+    for start in tl.range(first, last, BLOCK_M, num_stages=STAGES):
         row, row_mask, mask, offs = _row_tile(start, last, group, groups, col, cols, BLOCK_M)
         x = to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0))
         dy = to_compute(tl.load(dy_ptr + offs, mask=mask, other=0.0))
@@ -409,6 +411,8 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
     # such odd widths of 40-100 under Triton 3.6, where 16 spills none.)
     per_thread = 8 if next_power_of_2(cols) == BWD_FUSED_COLS else 16
     tile = _fused_tile(cols, BWD_FUSED_COLS, per_thread=per_thread)
+    # fp64 tiles in two stages spill (255 registers, 8-128 B a thread): one.
+    stages = 1 if x.dtype == torch.float64 else 2
     if tile is not None:  # a grid (programs, groups), each program walking one group of its rows
         block_m, block_n, num_warps = tile
         programs = _backward_programs(x, cdiv(rows, block_m), groups)
@@ -430,7 +434,7 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
         if tile is not None:
             _norm_bwd_kernel[(programs, groups)](
                 dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+                BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=num_warps, **flags)
         else:
             _norm_bwd_chunked_kernel[(programs,)](
                 dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
