@@ -39,6 +39,10 @@ constexpr int kFwdElemsPerThread = VEC > 1 ? int(64 / sizeof(T)) : kElemsPerThre
 template <int TPR> constexpr int kFwdThreads = TPR < 128 ? 128 : TPR;
 template <int TPR> constexpr int kBwdThreads = TPR < 512 ? 512 : TPR;
 constexpr int kFwdMaxTpr = 1024;
+// 32 values a thread do not fit the 64 registers of a 1024-thread block
+// (sm_80 spills): those rows stop at 512 threads, 16384 elements, as the rest.
+template <typename T, int VEC>
+constexpr int kFwdMaxTprFor = kFwdElemsPerThread<T, VEC> > 16 ? 512 : kFwdMaxTpr;
 constexpr int kBwdMaxTpr = 512;
 constexpr int kChunkThreads = 512;
 

@@ -285,9 +285,8 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
 
     Hidden size n = prod(normalized_shape): any n >= 0. The fast path holds a
     row in registers and reads it once: n <= 16384 in the forward and n <= 8192
-    in the backward (in the CUDA kernels half that for fp64, and a forward to
-    32768 for fp16/bf16 where 8 divides n). Beyond it, a chunked path loops
-    over the row (re-reading it, from L2 when it fits).
+    in the backward (half that for fp64 in the CUDA kernels). Beyond it, a
+    chunked path loops over the row (re-reading it, from L2 when it fits).
     dweight and dbias are reduced in two deterministic stages, no atomics.
     A backward with create_graph=True (double backward) is torch's, from the
     saved inputs, under "auto"; a kernel backend named explicitly raises.
