@@ -262,6 +262,7 @@ def load_norm_emulator():
     lib.emulate_norm_bwd.restype = ctypes.c_char_p
     lib.emulate_norm_bwd.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_bool,
                                      ctypes.c_int]
+    lib.set_smem_optin.argtypes = [ctypes.c_int]
     assert lib.norm_params_size(0) == ctypes.sizeof(NormFwdParams)
     assert lib.norm_params_size(1) == ctypes.sizeof(NormBwdParams)
     return lib
@@ -396,6 +397,31 @@ def test_norm_backward_matches_oracle(norm_emulator, hidden, dtypes, kind):
     w, b = test_layer_norm.params(kind, (hidden,), param_dtype, "cpu")
     test_layer_norm.check(kind, None, x, (hidden,), w, b, eps=1e-6,
                           fn=emulated_norm_fn(kind, norm_emulator, "eager", sms=2))
+
+
+# Shared memory a block may opt in to: an H100's (every 16-byte-vector row
+# prefetched) and an RTX 4090's (fp32 and fp64 rows of 512 threads not: 128 KB).
+SMEM_OPTIN = {"sm_90": 232448, "sm_89": 101376}
+
+
+@pytest.mark.parametrize("optin", sorted(SMEM_OPTIN))
+@pytest.mark.parametrize("mode", ["eager", "lazy", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [256, 4096, 8192])
+def test_norm_backward_prefetch(norm_emulator, hidden, dtype, mode, optin):
+    """The backward's prefetch of each next row (cp.async into two buffers
+    taking turns), where the device grants its shared memory, and the plain
+    loads where not: copies landing as soon as issued (eager), as late as
+    allowed (lazy), threads interleaved at random; 37 rows on 3 SMs, so
+    each block walks several rows and the last row group runs past the end."""
+    x = test_layer_norm.inputs(37, hidden, dtype, "cpu")
+    w, b = test_layer_norm.params("layer_norm", (hidden,), dtype, "cpu")
+    norm_emulator.set_smem_optin(SMEM_OPTIN[optin])
+    try:
+        test_layer_norm.check("layer_norm", None, x, (hidden,), w, b, eps=1e-6,
+                              fn=emulated_norm_fn("layer_norm", norm_emulator, mode, sms=3))
+    finally:
+        norm_emulator.set_smem_optin(SMEM_OPTIN["sm_90"])
 
 
 @pytest.mark.parametrize("sms", [1, 3, 1000])

@@ -20,6 +20,14 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
+// The block's dynamic shared memory (the launch's third <<<>>> argument sizes
+// it), 16-byte aligned: where cp.async copies go in kernels with no array of
+// their own for it.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];
+  return dynamic_smem_bytes;
+}
+
 // cp.async.cg.shared.global [dst], [src], 16, src_size: copies 16 bytes from
 // global to shared without going through registers. src_size 0 (fill false)
 // reads nothing and writes 16 zero bytes; src must still be a valid address.

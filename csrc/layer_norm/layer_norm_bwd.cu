@@ -12,8 +12,8 @@ int norm_bwd_partial_rows(const NormBwdParams& p) {
 
 template <typename T, typename W>
 void norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
-  norm::bwd_launches<T, W>(p, [&](auto kernel, dim3 grid, dim3 block, auto... args) {
-    kernel<<<grid, block, 0, stream>>>(args...);
+  norm::bwd_launches<T, W>(p, [&](auto kernel, dim3 grid, dim3 block, int smem, auto... args) {
+    kernel<<<grid, block, smem, stream>>>(args...);
   });
 }
 

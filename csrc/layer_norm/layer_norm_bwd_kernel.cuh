@@ -20,6 +20,13 @@
 // stage one keeps its columns' sums in registers over the rows it owns and
 // writes one row of partials; stage two adds the partial rows in a fixed order.
 // Same grid, same order, same bits on every run.
+//
+// Prefetch (16-byte vectors, where the device grants the shared memory): a
+// block of 512 threads holds four row-sized arrays in ~100 registers, so one
+// fits an SM, and its next row's loads would wait for this row's sums. So
+// each thread copies its own vectors of the next row's x and dy into shared
+// memory (cp.async) before this row's work, two buffers taking turns, and
+// waits only for its own copies: two rows in flight an SM.
 #pragma once
 
 #include "layer_norm/layer_norm.h"
@@ -27,6 +34,8 @@
 #include "common/float_math.cuh"
 #include "common/grid.h"
 #include "common/group_reduce.cuh"
+#include "common/launch.h"
+#include "common/mma.cuh"
 #include "common/vec.cuh"
 #include "common/vec_acc.cuh"
 #include "layer_norm/layer_norm_rows.cuh"
@@ -65,13 +74,42 @@ __device__ __forceinline__ void write_partial(const A (&acc)[VPT][VEC], A* parti
   }
 }
 
-template <typename T, typename W, int TPR, int VEC, int VPT>
+// Dynamic shared memory of the prefetching backward: two buffers of each
+// thread's vectors of x and dy.
+template <int TPR, int VPT>
+constexpr int kBwdPrefetchBytes = 2 * 2 * VPT * kBwdThreads<TPR> * 16;
+
+// Issues thread `tid`'s copies of its vectors of x and dy for rows base + group
+// into buffer `buf` of `staged` ([2 buffers][x, dy][VPT][threads] vectors),
+// and closes them as one group (empty past the last row).
+template <typename T, int TPR, int VEC, int VPT>
+__device__ __forceinline__ void prefetch_rows(Vec<T, VEC>* staged, int buf, const NormBwdParams& p, int64_t base,
+                                              int group, int lane, int tid) {
+  constexpr int kThreads = kBwdThreads<TPR>;
+  const int64_t row = base + group;
+  if (row < p.rows) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t col = (int64_t(i) * TPR + lane) * VEC;
+      if (col >= p.cols) continue;
+      cp_async_16(&staged[((buf * 2 + 0) * VPT + i) * kThreads + tid], static_cast<const T*>(p.x) + row * p.cols + col,
+                  true);
+      cp_async_16(&staged[((buf * 2 + 1) * VPT + i) * kThreads + tid],
+                  static_cast<const T*>(p.dy) + row * p.cols + col, true);
+    }
+  }
+  cp_async_commit();
+}
+
+template <typename T, typename W, int TPR, int VEC, int VPT, bool PREFETCH>
 __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBwdParams p) {
   using A = acc_t<T>;
   constexpr int kThreads = kBwdThreads<TPR>;
   constexpr int kRows = kThreads / TPR;
+  static_assert(!PREFETCH || VEC * sizeof(T) == 16, "the prefetch copies 16-byte vectors");
   __shared__ A scratch[kThreads / 32 * 3];
   __shared__ A combine[kRows > 1 ? kThreads * VPT * VEC : 1];
+  Vec<T, VEC>* staged = reinterpret_cast<Vec<T, VEC>*>(dynamic_smem());
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const W* w = static_cast<const W*>(p.weight);
@@ -80,6 +118,7 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
   const int group = threadIdx.x / TPR;
   const int64_t cols = p.cols;
   const A n = A(cols);
+  const int64_t stride = int64_t(gridDim.x) * kRows;
 
   A dw[VPT][VEC], db[VPT][VEC];
 #pragma unroll
@@ -87,12 +126,21 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
     fill(dw[i], A(0));
     fill(db[i], A(0));
   }
-  for (int64_t base = int64_t(blockIdx.x) * kRows; base < p.rows; base += int64_t(gridDim.x) * kRows) {
+  if constexpr (PREFETCH)
+    prefetch_rows<T, TPR, VEC, VPT>(staged, 0, p, int64_t(blockIdx.x) * kRows, group, lane, threadIdx.x);
+  int buf = 0;
+  for (int64_t base = int64_t(blockIdx.x) * kRows; base < p.rows; base += stride, buf ^= 1) {
     const int64_t row = base + group;
     const bool active = row < p.rows;
     const int64_t offset = row * cols;
     const A mean = active && !p.rms ? static_cast<const A*>(p.mean)[row] : A(0);
     const A rstd = active ? static_cast<const A*>(p.rstd)[row] : A(0);
+    if constexpr (PREFETCH) {
+      // The other buffer was last read on the row before, whose block
+      // reduction (a barrier) followed every read of it.
+      prefetch_rows<T, TPR, VEC, VPT>(staged, buf ^ 1, p, base + stride, group, lane, threadIdx.x);
+      cp_async_wait<1>();  // this row's copies, the group before, have landed
+    }
     // One pass for the sums, which need only d and g; a second for dx,
     // dweight and dbias, which need e. g is dy * w again there (w from cache),
     // the same product: mul_rn, so no fma makes g - mean(g) differ from it.
@@ -108,8 +156,18 @@ __global__ void __launch_bounds__(kBwdThreads<TPR>) norm_bwd_kernel(const NormBw
         fill(grad[i], A(0));
         continue;
       }
-      load_to_acc<T, VEC>(x + offset + col, d[i]);
-      load_to_acc<T, VEC>(dy + offset + col, grad[i]);
+      if constexpr (PREFETCH) {
+        const Vec<T, VEC> xv = staged[((buf * 2 + 0) * VPT + i) * kThreads + threadIdx.x];
+        const Vec<T, VEC> dyv = staged[((buf * 2 + 1) * VPT + i) * kThreads + threadIdx.x];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          d[i][j] = to_acc(xv.v[j]);
+          grad[i][j] = to_acc(dyv.v[j]);
+        }
+      } else {
+        load_to_acc<T, VEC>(x + offset + col, d[i]);
+        load_to_acc<T, VEC>(dy + offset + col, grad[i]);
+      }
       if (w) load_to_acc<W, VEC>(w + col, param);
       else fill(param, A(1));
 #pragma unroll
@@ -232,17 +290,27 @@ __global__ void __launch_bounds__(kSumCols * kSumSlices)
   }
 }
 
-// Calls f(kernel, threads, blocks needed) for the backward that fits p.
+// Calls f(kernel, threads, blocks needed, dynamic shared memory) for the
+// backward that fits p: with 16-byte vectors the prefetching kernel, where
+// the device lets it have its shared memory (not past 99 KB, sm_86/sm_89).
 template <typename T, typename W, int VEC, typename F>
 void with_bwd_kernel(const NormBwdParams& p, F&& f) {
   with_row_config<VEC, kElemsPerThread<acc_t<T>>, kBwdMaxTpr>(p.cols, [&](auto tpr, auto vpt) {
     constexpr int TPR = decltype(tpr)::value;
     constexpr int VPT = decltype(vpt)::value;
     if constexpr (TPR == 0) {
-      f(norm_bwd_chunked_kernel<T, W, VEC>, kChunkThreads, p.rows);
+      f(norm_bwd_chunked_kernel<T, W, VEC>, kChunkThreads, p.rows, 0);
     } else {
       constexpr int threads = kBwdThreads<TPR>;
-      f(norm_bwd_kernel<T, W, TPR, VEC, VPT>, threads, ceil_div(p.rows, threads / TPR));
+      const int64_t blocks = ceil_div(p.rows, threads / TPR);
+      constexpr int bytes = kBwdPrefetchBytes<TPR, VPT>;
+      if constexpr (VEC > 1) {
+        if (opt_in_smem(norm_bwd_kernel<T, W, TPR, VEC, VPT, true>, bytes)) {
+          f(norm_bwd_kernel<T, W, TPR, VEC, VPT, true>, threads, blocks, bytes);
+          return;
+        }
+      }
+      f(norm_bwd_kernel<T, W, TPR, VEC, VPT, false>, threads, blocks, 0);
     }
   });
 }
@@ -257,28 +325,33 @@ bool bwd_vectorizable(const NormBwdParams& p) {
 template <typename T, typename W>
 int bwd_partial_rows(const NormBwdParams& p) {
   int grid = 0;
-  auto plan = [&](auto kernel, int threads, int64_t blocks) { grid = resident_blocks(kernel, threads, blocks); };
+  auto plan = [&](auto kernel, int threads, int64_t blocks, int smem) {
+    grid = resident_blocks(kernel, threads, blocks, smem);
+  };
   if (bwd_vectorizable<T>(p)) with_bwd_kernel<T, W, kVec16<T>>(p, plan);
   else with_bwd_kernel<T, W, 1>(p, plan);
   return grid;
 }
 
-// Calls launch(kernel, grid, block, args...) for each launch of the backward,
-// in order: stage one on exactly p.partial_rows blocks (stage two reads every
-// partial row), then stage two for dweight and for dbias where wanted.
+// Calls launch(kernel, grid, block, dynamic shared memory, args...) for each
+// launch of the backward, in order: stage one on exactly p.partial_rows
+// blocks (stage two reads every partial row), then stage two for dweight and
+// for dbias where wanted.
 template <typename T, typename W, typename F>
 void bwd_launches(const NormBwdParams& p, F&& launch) {
   using A = acc_t<T>;
-  auto stage_one = [&](auto kernel, int threads, int64_t) { launch(kernel, dim3(p.partial_rows), dim3(threads), p); };
+  auto stage_one = [&](auto kernel, int threads, int64_t, int smem) {
+    launch(kernel, dim3(p.partial_rows), dim3(threads), smem, p);
+  };
   if (bwd_vectorizable<T>(p)) with_bwd_kernel<T, W, kVec16<T>>(p, stage_one);
   else with_bwd_kernel<T, W, 1>(p, stage_one);
   const dim3 grid(grid_limit(ceil_div(p.cols, kSumCols)));
   const dim3 block(kSumCols, kSumSlices);
   if (p.dweight)
-    launch(sum_partials_kernel<A, W>, grid, block, static_cast<const A*>(p.dweight_partial),
+    launch(sum_partials_kernel<A, W>, grid, block, 0, static_cast<const A*>(p.dweight_partial),
            static_cast<W*>(p.dweight), p.partial_rows, p.cols);
   if (p.dbias)
-    launch(sum_partials_kernel<A, W>, grid, block, static_cast<const A*>(p.dbias_partial),
+    launch(sum_partials_kernel<A, W>, grid, block, 0, static_cast<const A*>(p.dbias_partial),
            static_cast<W*>(p.dbias), p.partial_rows, p.cols);
 }
 

@@ -23,6 +23,9 @@ inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 namespace {
 
 std::string g_result;
+// The prefetching backward's dynamic shared memory (128 KB at most: fp32 and
+// fp64 rows of 512 threads, four vectors of x and dy each, two buffers).
+alignas(16) unsigned char g_dynamic_smem[128 * 1024];
 
 template <typename T, typename W>
 void forward(const pyext::NormFwdParams& p) {
@@ -42,8 +45,14 @@ void backward(pyext::NormBwdParams& p, bool plan) {
     return;
   }
   g_result.clear();
-  pyext::norm::bwd_launches<T, W>(p, [&](auto kernel, dim3 grid, dim3 block, auto... args) {
-    if (g_result.empty()) g_result = emu::launch(grid, block, 0, nullptr, [&] { kernel(args...); });
+  // What the prefetch's cp.async may read: x and dy.
+  const size_t bytes = size_t(p.rows) * size_t(p.cols) * sizeof(T);
+  const void* readable[] = {p.x, static_cast<const char*>(p.x) + bytes, p.dy, static_cast<const char*>(p.dy) + bytes};
+  emu::set_readable(readable, 2);
+  pyext::norm::bwd_launches<T, W>(p, [&](auto kernel, dim3 grid, dim3 block, int smem, auto... args) {
+    if (size_t(smem) > sizeof(g_dynamic_smem)) g_result = "more dynamic shared memory than the emulator has";
+    if (g_result.empty())
+      g_result = emu::launch(grid, block, smem, smem ? g_dynamic_smem : nullptr, [&] { kernel(args...); });
   });
 }
 
@@ -81,6 +90,10 @@ extern "C" const char* emulate_norm_bwd(pyext::NormBwdParams* p, int x_dtype, in
   });
   return g_result.c_str();
 }
+
+// The shared memory a block may opt in to (an H100's 227 KB by default; an
+// RTX 4090's 99 KB leaves fp32 and fp64 rows the backward without prefetch).
+extern "C" void set_smem_optin(int bytes) { emu::g_smem_optin = bytes; }
 
 extern "C" int norm_params_size(int backward) {
   return backward ? sizeof(pyext::NormBwdParams) : sizeof(pyext::NormFwdParams);

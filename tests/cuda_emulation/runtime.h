@@ -9,6 +9,7 @@
 namespace emu {
 inline int g_sms = 132;
 inline int g_blocks_per_sm = 1;
+inline int g_smem_optin = 232448;  // shared memory a block may opt in to: an H100's
 }  // namespace emu
 
 extern "C" {
@@ -18,10 +19,15 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = emu::g_sms;
+  if (attr == cudaDevAttrMultiProcessorCount) *value = emu::g_sms;
+  else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = emu::g_smem_optin;
+  else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
+
+cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+
+cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t,
                                                                    unsigned int) {

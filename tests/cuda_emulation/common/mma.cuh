@@ -84,6 +84,8 @@ inline void st_shared_b32(uint32_t addr, uint32_t v) {
   else std::memcpy(emu::g_smem + addr, &v, 4);
 }
 
+inline unsigned char* dynamic_smem() { return emu::g_smem; }
+
 inline void cp_async_16(void* smem, const void* gmem, bool fill) {
   if (!emu::in_smem(smem, 16)) emu::fault("cp.async to an address outside the block's shared memory or unaligned");
   if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emu::fault("cp.async from an unaligned global address");
