@@ -41,9 +41,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 
 // cp.async.wait_group N: waits until at most N of this thread's groups are
 // pending. Other threads' copies become visible only after a __syncthreads.
+// A compiler barrier too ("memory"): no read of the copies moves above it.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8x8 matrices of 16-bit
