@@ -73,12 +73,44 @@ torch.cuda.synchronize()
 print("two steps: ran", flush=True)
 """
 
+# The LayerNorm kernels changed without a GPU (the forward's 64 bytes a thread,
+# the backward's cp.async prefetch of its next row): rows of 16-byte vectors
+# on each backward configuration that prefetches, and a row length that does not.
+LAYER_NORM = """
+import torch, pyext
+
+def err(ours, ref, theirs):
+    return f"{(ours.float() - ref).abs().max().item():.1e} (torch's {(theirs.float() - ref).abs().max().item():.1e})"
+
+for dtype, rows, n in ((torch.bfloat16, 37, 8192), (torch.float32, 37, 8192), (torch.float32, 300, 1024),
+                       (torch.bfloat16, 300, 1000)):
+    x, w, b = (torch.randn(*shape, device="cuda", dtype=dtype) for shape in ((rows, n), (n,), (n,)))
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = pyext.layer_norm(ours[0], (n,), ours[1], ours[2], backend="cuda")
+    torch.cuda.synchronize()
+    print(f"forward {dtype} {rows}x{n}: ran", flush=True)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, ours, dy)
+    torch.cuda.synchronize()
+    print(f"backward {dtype} {rows}x{n}: ran", flush=True)
+    f64 = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = torch.nn.functional.layer_norm(f64[0], (n,), f64[1], f64[2])
+    ref_grads = torch.autograd.grad(ref, f64, dy.double())
+    same = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = torch.nn.functional.layer_norm(same[0], (n,), same[1], same[2])
+    their_grads = torch.autograd.grad(theirs, same, dy)
+    print(f"  error y {err(y, ref, theirs)}, " + ", ".join(
+        f"{name} {err(g, r, t)}" for name, g, r, t in zip(("dx", "dw", "db"), grads, ref_grads, their_grads)),
+        flush=True)
+"""
+
 
 def probes():
     yield "cuda-attention-sm80", ATTENTION.format(sm90=0)
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
         yield "cuda-attention-sm90", ATTENTION.format(sm90=1)
     yield "cuda-adamw", ADAMW
+    yield "cuda-layer-norm", LAYER_NORM
 
 
 def run(name, code):

@@ -104,6 +104,7 @@ SMOKE_SCOPE = {
     "cuda-attention-sm80": ("test_attention.py", {"backend": "cuda"}),
     "cuda-attention-sm90": ("test_attention.py", {"cuda_stage": "sm90"}),
     "cuda-adamw": ("test_adamw.py", {"backend": "cuda"}),
+    "cuda-layer-norm": ("test_layer_norm.py", {"backend": "cuda"}),
 }
 
 

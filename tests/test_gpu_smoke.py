@@ -45,6 +45,8 @@ def test_a_probe_that_returns_is_ok(gpu_smoke):
     ("test_adamw.py", {"backend": "cuda"}, {"cuda-attention-sm80"}, None),
     ("test_adamw.py", {"backend": "cuda"}, {"cuda-adamw"}, "cuda-adamw"),
     ("test_gelu.py", {"backend": "cuda"}, {"cuda-adamw", "cuda-attention-sm80"}, None),
+    ("test_layer_norm.py", {"backend": "cuda", "kind": "rms_norm"}, {"cuda-layer-norm"}, "cuda-layer-norm"),
+    ("test_layer_norm.py", {"backend": "triton"}, {"cuda-layer-norm"}, None),
     ("test_attention.py", {"backend": "cuda"}, set(), None),
 ])
 def test_a_failed_probe_covers_its_kernels_tests_and_no_others(monkeypatch, file, params, failed, probe):
