@@ -150,9 +150,10 @@ def _float64_args(device, beta1, beta2, weight_decay):
     1 - beta2] in float64 on the device (Triton passes float arguments as
     float32: 0.999 would be 0.99900001, and 1 - it 1.3e-5 off; 1 - 0.9999,
     1.7e-4 off, an error of the second moment's every new term)."""
-    values = [_log2(beta1), _log2(beta2), weight_decay, beta1, beta2, 1.0 - beta1, 1.0 - beta2]
-    return _kept(_FLOAT64_ARGS, (device, beta1, beta2, weight_decay),
-                 lambda: _to_device(torch.tensor(values, dtype=torch.float64), device))
+    def make():
+        values = [_log2(beta1), _log2(beta2), weight_decay, beta1, beta2, 1.0 - beta1, 1.0 - beta2]
+        return _to_device(torch.tensor(values, dtype=torch.float64), device)
+    return _kept(_FLOAT64_ARGS, (device, beta1, beta2, weight_decay), make)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
