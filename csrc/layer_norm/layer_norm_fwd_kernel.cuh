@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kChunkThreads) norm_fwd_chunked_kernel(const N
 // and its launch: one block per row (chunked), else rows of TPR threads.
 template <typename T, typename W, int VEC, typename F>
 void with_fwd_kernel(const NormFwdParams& p, F&& f) {
-  with_row_config<VEC, kFwdElemsPerThread<T, VEC>, kFwdMaxTprFor<T, VEC>>(p.cols, [&](auto tpr, auto vpt) {
+  with_row_config<VEC, kFwdElemsPerThread<T, VEC>, kFwdMaxTpr<T, VEC>>(p.cols, [&](auto tpr, auto vpt) {
     constexpr int TPR = decltype(tpr)::value;
     constexpr int VPT = decltype(vpt)::value;
     if constexpr (TPR == 0) {

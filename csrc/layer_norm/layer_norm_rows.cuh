@@ -38,11 +38,11 @@ constexpr int kFwdElemsPerThread = VEC > 1 ? int(64 / sizeof(T)) : kElemsPerThre
 // allows.
 template <int TPR> constexpr int kFwdThreads = TPR < 128 ? 128 : TPR;
 template <int TPR> constexpr int kBwdThreads = TPR < 512 ? 512 : TPR;
-constexpr int kFwdMaxTpr = 1024;
-// 32 values a thread do not fit the 64 registers of a 1024-thread block
-// (sm_80 spills): those rows stop at 512 threads, 16384 elements, as the rest.
+// The forward's widest rows: 1024 threads, but 512 (16384 elements, as the
+// rest) for 32 values a thread, which do not fit the 64 registers of a
+// 1024-thread block (sm_80 spills).
 template <typename T, int VEC>
-constexpr int kFwdMaxTprFor = kFwdElemsPerThread<T, VEC> > 16 ? 512 : kFwdMaxTpr;
+constexpr int kFwdMaxTpr = kFwdElemsPerThread<T, VEC> > 16 ? 512 : 1024;
 constexpr int kBwdMaxTpr = 512;
 constexpr int kChunkThreads = 512;
 
