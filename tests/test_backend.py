@@ -198,3 +198,46 @@ def test_double_backward_with_a_named_kernel_backend_raises(op):
     c, r = torch.ones(ours(*inputs).shape), [torch.ones(t.shape) for t in inputs]
     with pytest.raises(pyext.BackendUnavailable, match="create_graph=True"):
         hessian_vector_product(lambda *t: ours(*t, backend=backend), inputs, c, r)
+
+
+# op -> (pyext call, input shapes, dtype, the kernel ops' stem)
+DISPATCHED = {
+    "gelu": (lambda x, **kw: pyext.gelu(x, **kw), [(6, 40)], torch.float32, "gelu"),
+    "layer_norm": (lambda x, w, b, **kw: pyext.layer_norm(x, (40,), w, b, **kw), [(6, 40), (40,), (40,)],
+                   torch.float32, "layer_norm"),
+    "rms_norm": (lambda x, w, **kw: pyext.rms_norm(x, (40,), w, **kw), [(6, 40), (40,)], torch.float32, "rms_norm"),
+    "scaled_dot_product_attention": (
+        lambda q, k, v, **kw: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, **kw),
+        [(1, 2, 24, 16)] * 3, torch.float16, "flash_attn"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(DISPATCHED))
+def test_a_dispatch_mode_sees_the_kernel_ops_of_a_call_and_its_backward(op):
+    """The public functions call their kernel ops past the ops' own autograd
+    kernels (host time), not past the dispatcher: a TorchDispatchMode (a FLOP
+    counter, a memory tracker) still sees the forward and backward ops, and
+    what they compute is the same under it (up to the order of the attention
+    backward's atomic adds on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    ours, shapes, dtype, stem = DISPATCHED[op]
+    backend = "triton"
+    device = "cuda" if HAS_GPU else "cpu"
+    inputs = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in shapes]
+    grad = torch.randn_like(ours(*inputs, backend=backend))
+    plain = torch.autograd.grad(ours(*inputs, backend=backend), inputs, grad)
+    with SeenOps() as mode:
+        seen = torch.autograd.grad(ours(*inputs, backend=backend), inputs, grad)
+    assert f"pyext::{stem}_fwd_{backend}" in mode.names and f"pyext::{stem}_bwd_{backend}" in mode.names, mode.names
+    for got, want in zip(seen, plain):
+        torch.testing.assert_close(got, want)

@@ -4,6 +4,8 @@ CUDA stages are defined in C++ (csrc/<op>/<op>_api.cpp) and only get their
 fake implementation and autograd in Python; Triton stages are defined in
 Python with torch.library.custom_op. Both are reached as torch.ops.pyext.*.
 """
+import contextlib
+
 import torch
 
 from pyext import _backend
@@ -40,11 +42,31 @@ def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
             fake_fwd[name] if isinstance(fake_fwd, dict) else fake_fwd)
         torch.library.register_fake(f"pyext::{op}_bwd_{name}")(
             fake_bwd[name] if isinstance(fake_bwd, dict) else fake_bwd)
-        backward = make_backward(bwd[name])
+        backward = make_backward(called_past_autograd(bwd[name]))
         torch.library.register_autograd(f"pyext::{op}_fwd_{name}", backward, setup_context=setup_context)
         for auto in (False, True):
             differentiable[auto][name] = differentiable_forward(fwd[name], setup_context, backward, auto)
     return fwd, bwd, differentiable
+
+
+def past_autograd():
+    """A context in which ops go straight to their kernels, past the autograd
+    kernels torch.library registered for them: for op calls inside an
+    autograd.Function (grad mode off), where those Python kernels only
+    redispatch, at a few us a call (benchmarks/NOTES.md, "Host cost of a
+    call"). The Function records the graph; dispatch modes and tensor
+    subclasses still see the ops. Traced (torch.compile), nothing changes."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def called_past_autograd(op):
+    """op, each call of it in `past_autograd`."""
+    def call(*args):
+        with past_autograd():
+            return op(*args)
+    return call
 
 
 def differentiable_forward(fwd_op, setup_context, backward, auto: bool):
@@ -54,14 +76,15 @@ def differentiable_forward(fwd_op, setup_context, backward, auto: bool):
     public functions call, since
     torch.library's generic autograd wrapper costs more host time per call
     (it fills in the schema's defaults, walks the arguments, redispatches;
-    benchmarks/NOTES.md, "Host cost of a call"). Inside the Function grad
-    mode is off, so the op's own wrapper passes straight through; the op
-    keeps its autograd for direct callers."""
+    benchmarks/NOTES.md, "Host cost of a call"). Inside the Function the op
+    is called past its own autograd wrapper (`past_autograd`); the op keeps
+    its autograd for direct callers."""
     # forward takes ctx, rather than a separate setup_context staticmethod: with
     # one, Function.apply binds the arguments through inspect.signature on every
     # call (about 30 us).
     def forward(ctx, *args):
-        output = fwd_op(*args)
+        with past_autograd():
+            output = fwd_op(*args)
         setup_context(ctx, args, output)
         ctx.auto = auto
         return output

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from pyext import reference
-from pyext.ops._register import create_graph_grads, register_stages
+from pyext.ops._register import called_past_autograd, create_graph_grads, past_autograd, register_stages
 
 
 @torch.library.custom_op("pyext::flash_attn_fwd_triton", mutates_args=())
@@ -334,21 +334,20 @@ class _FlashAttention(torch.autograd.Function):
                 dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
         if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
             ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
-            output = MASKED_FWD[backend](*inputs)
-            _masked_setup_context(ctx, inputs, output)
         elif window is not None or softcap > 0 or sinks is not None:
             ctx.kind, inputs = "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap,
                                           sinks, dropout_p, seed)
-            output = EXTRAS_FWD[backend](*inputs)
-            _extras_setup_context(ctx, inputs, output)
         elif dropout_p > 0:
             ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
-            output = DROPOUT_FWD[backend](*inputs)
-            _dropout_setup_context(ctx, inputs, output)
         else:
             ctx.kind, inputs = "plain", (q, k, v, scale, causal, causal_offset)
-            output = FWD[backend](*inputs)
-            _setup_context(ctx, inputs, output)
+        table, setup_context = {"masked": (MASKED_FWD, _masked_setup_context),
+                                "extras": (EXTRAS_FWD, _extras_setup_context),
+                                "dropout": (DROPOUT_FWD, _dropout_setup_context),
+                                "plain": (FWD, _setup_context)}[ctx.kind]
+        with past_autograd():
+            output = table[backend](*inputs)
+        setup_context(ctx, inputs, output)
         ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
         return output
 
@@ -356,7 +355,7 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse, *_):
         make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
                        "extras": (_make_extras_backward, EXTRAS_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
-        grads = make(table[ctx.backend])(ctx, dout, dlse)
+        grads = make(called_past_autograd(table[ctx.backend]))(ctx, dout, dlse)
         sinks_at = {"masked": 6, "extras": 9}.get(ctx.kind)  # the sinks' place in the op's inputs
         dsinks = None if sinks_at is None else grads[sinks_at]
         return (None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)

@@ -25,7 +25,7 @@ from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext._weak import WeakTensorCache
 from pyext.ops import attention, attention_checks, attention_ops
-from pyext.ops._register import create_graph_grads, register_stages
+from pyext.ops._register import called_past_autograd, create_graph_grads, past_autograd, register_stages
 
 
 @torch.library.custom_op("pyext::flash_attn_varlen_fwd_triton", mutates_args=())
@@ -114,14 +114,15 @@ class _FlashAttentionVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, auto: bool, deterministic: bool, *inputs):
-        output = VARLEN_FWD[backend](*inputs)
+        with past_autograd():
+            output = VARLEN_FWD[backend](*inputs)
         _setup_context(ctx, inputs, output)
         ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
         return output
 
     @staticmethod
     def backward(ctx, dout, *_):
-        grads = _make_backward(VARLEN_BWD[ctx.backend])(ctx, dout)
+        grads = _make_backward(called_past_autograd(VARLEN_BWD[ctx.backend]))(ctx, dout)
         return (None, None, None) + grads
 
 
