@@ -15,7 +15,7 @@ import platform
 import statistics
 import sys
 import time
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -64,7 +64,8 @@ def timer(fn: Callable[[], object], quick: bool) -> List[float]:
 
 def host_and_memory(fn: Callable[[], object]) -> dict:
     """CPU time to issue one call (median of 5, no synchronisation: what the
-    host spends launching) and, on a GPU, the peak memory one call allocates
+    host spends launching); whether the call waits for the GPU (see
+    `waits_for_gpu`); and, on a GPU, the peak memory one call allocates
     beyond what was allocated before it. Not on the CPU smoke run."""
     if not HAS_GPU:
         return {}
@@ -73,13 +74,48 @@ def host_and_memory(fn: Callable[[], object]) -> dict:
         t0 = time.perf_counter()
         fn()
         issue.append((time.perf_counter() - t0) * 1e3)
+    waits = waits_for_gpu(fn, _spin_gpu, statistics.median(issue))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return {"host_ms": statistics.median(issue),
+    return {"host_ms": statistics.median(issue), "waits_for_gpu": waits,
             "peak_mem_MB": (torch.cuda.max_memory_allocated() - before) / 2 ** 20}
+
+
+def waits_for_gpu(fn: Callable[[], object], spin: Callable[[float], None], host_ms: float) -> bool:
+    """Whether a call waits for the GPU (a .item(), a copy to the host, a
+    cudaFree): such a call keeps the host from running ahead of the GPU in a
+    training step, and where the GPU is idle host_ms cannot tell its wait from
+    launch time. So the call is issued behind `spin(busy)`, busy ms of queued
+    GPU work (2 ms plus twice its host time, so that the spin outlasts the
+    call): a waiting call then takes more than a quarter of the spin on top
+    of its host time, an asynchronous one only its jitter."""
+    busy = 2.0 + 2 * host_ms
+    times = []
+    for _ in range(3):
+        spin(busy)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times) - host_ms > busy / 4
+
+
+@lru_cache(maxsize=None)
+def _spin_cycles_per_ms() -> float:
+    """The clock of torch's spin kernel on this GPU, measured once."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1 << 20)
+    end.record()
+    end.synchronize()
+    return (1 << 20) / start.elapsed_time(end)
+
+
+def _spin_gpu(ms: float) -> None:
+    """Queues about ms of GPU work (torch's spin kernel), returning at once."""
+    torch.cuda._sleep(int(ms * _spin_cycles_per_ms()))
 
 
 def optional_peer(module: str):
@@ -221,9 +257,10 @@ def table(rows: List[dict]) -> str:
         def fmt(key, spec):
             return format(r[key], spec) if key in r else "-"
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
+        waits = "  waits for the GPU" if r.get("waits_for_gpu") else ""
         lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
                      f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
-                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}")
+                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{waits}")
     return "\n".join(lines)
 
 

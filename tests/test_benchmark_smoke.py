@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,6 +33,29 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"against {path}:" in again.stdout and "ms" in again.stdout.split(f"against {path}:")[1]
+
+
+@pytest.mark.parametrize("host_ms", [0.01, 5.0])
+def test_a_call_that_waits_for_the_gpu_is_told_from_one_that_does_not(host_ms):
+    """The report flags a provider whose call synchronises (waits_for_gpu),
+    whether its own host time is short or long. Here a stand-in GPU: `spin`
+    queues work until a deadline, and a synchronising call waits for it at
+    its end."""
+    from benchmarks.harness import waits_for_gpu
+    busy_until = [0.0]
+
+    def spin(ms):
+        busy_until[0] = time.perf_counter() + ms / 1e3
+
+    def asynchronous():
+        time.sleep(host_ms / 1e3)
+
+    def synchronising():
+        asynchronous()
+        while time.perf_counter() < busy_until[0]:
+            pass
+    assert waits_for_gpu(synchronising, spin, host_ms)
+    assert not waits_for_gpu(asynchronous, spin, host_ms)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the GPU run is `make gpu-check`")
