@@ -241,3 +241,42 @@ def test_a_dispatch_mode_sees_the_kernel_ops_of_a_call_and_its_backward(op):
     assert f"pyext::{stem}_fwd_{backend}" in mode.names and f"pyext::{stem}_bwd_{backend}" in mode.names, mode.names
     for got, want in zip(seen, plain):
         torch.testing.assert_close(got, want)
+
+
+# op -> (pyext call, input shapes with n the dim that changes, dtype)
+DYNAMIC = {
+    "gelu": (lambda x: pyext.gelu(x, backend="triton"), [("n", 24)], torch.float32),
+    "layer_norm": (lambda x, w, b: pyext.layer_norm(x, (24,), w, b, backend="triton"), [("n", 24), (24,), (24,)],
+                   torch.float32),
+    "rms_norm": (lambda x, w: pyext.rms_norm(x, (24,), w, backend="triton"), [("n", 24), (24,)], torch.float32),
+    "scaled_dot_product_attention": (
+        lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton"),
+        [(1, 2, "n", 16)] * 3, torch.float16),
+    "flash_attention": (lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, backend="triton"),
+                        [(1, 2, "n", 16)] * 3, torch.float16),
+}
+
+
+@pytest.mark.parametrize("op", sorted(DYNAMIC))
+def test_compile_fullgraph_with_dynamic_shapes(op):
+    """torch.compile(dynamic=True), as a model of varying sequence length is
+    compiled: one graph, no break, for every length; forward and gradients
+    those of the eager call. (torch 2.14's dynamo could not trace the soft
+    cap check's math.isfinite there.)"""
+    ours, shapes, dtype = DYNAMIC[op]
+    device = "cuda" if HAS_GPU else "cpu"
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True, backend="aot_eager")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the attention backward without atomic adds: the same bits twice
+    try:
+        for n in (5, 11):
+            inputs = [torch.randn([n if d == "n" else d for d in s], device=device).to(dtype).requires_grad_()
+                      for s in shapes]
+            got, want = compiled(*inputs), ours(*inputs)
+            assert torch.equal(got, want)
+            grad = torch.randn_like(want)
+            for g, e in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+                assert torch.equal(g, e)
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -144,7 +144,8 @@ def _softcap(op: str, softcap) -> float:
     """A logit soft cap as a float, 0.0 for none."""
     try:
         value = float(softcap)
-        valid = not isinstance(softcap, bool) and math.isfinite(value) and value >= 0
+        # 0 <= value < inf, not math.isfinite: torch 2.14's dynamo cannot trace that under dynamic=True
+        valid = not isinstance(softcap, bool) and 0.0 <= value < math.inf
     except (TypeError, ValueError, RuntimeError):
         valid = False
     if not valid:
