@@ -15,6 +15,7 @@ import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
@@ -170,6 +171,17 @@ def is_auto(backend: Optional[str]) -> bool:
     return (backend if backend is not None else _default) == "auto"
 
 
+def _autograd_mode_reason() -> Optional[str]:
+    """Why no kernel can serve a call made now, whatever its inputs: an
+    autograd mode the kernels' autograd.Functions have no rules for, or None."""
+    if torch._C._are_functorch_transforms_active():  # no setup_context/vmap rules
+        return "torch.func transforms (vmap, grad, jacrev, ...) are active, and the kernels do not support them"
+    if forward_ad._current_level >= 0:  # no jvp rules
+        return ("forward-mode AD is active (torch.autograd.forward_ad.dual_level), and the kernels have no "
+                "forward-mode (jvp) rules")
+    return None
+
+
 def select(op: str, backend: Optional[str], device: torch.device,
            why_not: Callable[[str], Optional[str]], auto_order=("cuda", "triton")) -> str:
     """The backend that serves one call of `op`.
@@ -179,12 +191,11 @@ def select(op: str, backend: Optional[str], device: torch.device,
     auto_order: the kernel backends "auto" tries, in order, before torch.
     """
     name = _check_name(backend) if backend is not None else _default
-    if name != "torch" and torch._C._are_functorch_transforms_active():
-        # the kernels' autograd.Functions have no functorch rules (setup_context, vmap)
+    reason = _autograd_mode_reason() if name != "torch" else None
+    if reason is not None:
         if name == "auto":
             return "torch"
-        raise BackendUnavailable(f"pyext.{op}: backend '{name}' cannot run this call: torch.func transforms "
-                                 "(vmap, grad, jacrev, ...) are active, and the kernels do not support them")
+        raise BackendUnavailable(f"pyext.{op}: backend '{name}' cannot run this call: {reason}")
     if name == "auto":
         if device.type != "cuda":
             return "torch"

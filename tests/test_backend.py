@@ -128,12 +128,13 @@ TRANSFORMED = {
 }
 
 
-@pytest.mark.parametrize("transform", ["vmap", "grad"])
+@pytest.mark.parametrize("transform", ["vmap", "grad", "forward_ad"])
 @pytest.mark.parametrize("op", sorted(TRANSFORMED))
 def test_torch_func_transforms_go_to_torch_and_named_kernel_backends_refuse_them(op, transform):
-    """torch.func.vmap / grad over a pyext call: auto computes it with torch
-    (the kernels' autograd has no functorch rules); a named kernel backend
-    says why it cannot."""
+    """torch.func.vmap / grad over a pyext call, or forward-mode AD (dual
+    tensors): auto computes it with torch (the kernels' autograd has no
+    functorch or jvp rules); a named kernel backend says why it cannot."""
+    import torch.autograd.forward_ad as fwAD
     ours, theirs = TRANSFORMED[op]
     device = "cuda" if HAS_GPU else "cpu"
     x = torch.randn(3, 2, 4, 8, device=device)
@@ -141,10 +142,15 @@ def test_torch_func_transforms_go_to_torch_and_named_kernel_backends_refuse_them
     def run(fn):
         if transform == "vmap":
             return torch.vmap(fn)(x)
+        if transform == "forward_ad":
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(fn(fwAD.make_dual(x, torch.ones_like(x)))).tangent
         return torch.func.grad(lambda t: fn(t).square().sum())(x)
-    torch.testing.assert_close(run(ours), run(theirs))
+    if not (transform == "forward_ad" and op == "scaled_dot_product_attention"):  # torch's SDPA kernels have none
+        torch.testing.assert_close(run(ours), run(theirs))
     for backend in ("cuda", "triton"):
-        with pytest.raises(pyext.BackendUnavailable, match="torch.func transforms"):
+        with pytest.raises(pyext.BackendUnavailable, match="forward-mode AD" if transform == "forward_ad"
+                           else "torch.func transforms"):
             run(lambda t: ours(t, backend=backend))
 
 
