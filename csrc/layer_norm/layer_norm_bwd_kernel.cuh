@@ -303,8 +303,8 @@ void with_bwd_kernel(const NormBwdParams& p, F&& f) {
     } else {
       constexpr int threads = kBwdThreads<TPR>;
       const int64_t blocks = ceil_div(p.rows, threads / TPR);
-      constexpr int bytes = kBwdPrefetchBytes<TPR, VPT>;
       if constexpr (VEC > 1) {
+        constexpr int bytes = kBwdPrefetchBytes<TPR, VPT>;
         if (opt_in_smem(norm_bwd_kernel<T, W, TPR, VEC, VPT, true>, bytes)) {
           f(norm_bwd_kernel<T, W, TPR, VEC, VPT, true>, threads, blocks, bytes);
           return;
