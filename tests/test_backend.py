@@ -206,19 +206,29 @@ def test_double_backward_with_a_named_kernel_backend_raises(op):
         hessian_vector_product(lambda *t: ours(*t, backend=backend), inputs, c, r)
 
 
-# op -> (pyext call, input shapes, dtype, the kernel ops' stem)
-DISPATCHED = {
-    "gelu": (lambda x, **kw: pyext.gelu(x, **kw), [(6, 40)], torch.float32, "gelu"),
-    "layer_norm": (lambda x, w, b, **kw: pyext.layer_norm(x, (40,), w, b, **kw), [(6, 40), (40,), (40,)],
+# op -> (its call on the Triton kernels, input shapes with n a length of the
+# caller's choice, dtype, the kernel ops' stem)
+TRITON_CALLS = {
+    "gelu": (lambda x: pyext.gelu(x, backend="triton"), [("n", 24)], torch.float32, "gelu"),
+    "layer_norm": (lambda x, w, b: pyext.layer_norm(x, (24,), w, b, backend="triton"), [("n", 24), (24,), (24,)],
                    torch.float32, "layer_norm"),
-    "rms_norm": (lambda x, w, **kw: pyext.rms_norm(x, (40,), w, **kw), [(6, 40), (40,)], torch.float32, "rms_norm"),
+    "rms_norm": (lambda x, w: pyext.rms_norm(x, (24,), w, backend="triton"), [("n", 24), (24,)], torch.float32,
+                 "rms_norm"),
     "scaled_dot_product_attention": (
-        lambda q, k, v, **kw: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, **kw),
-        [(1, 2, 24, 16)] * 3, torch.float16, "flash_attn"),
+        lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton"),
+        [(1, 2, "n", 16)] * 3, torch.float16, "flash_attn"),
+    "flash_attention": (lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, backend="triton"),
+                        [(1, 2, "n", 16)] * 3, torch.float16, "flash_attn"),
 }
 
 
-@pytest.mark.parametrize("op", sorted(DISPATCHED))
+def _triton_call_inputs(op: str, n: int):
+    _, shapes, dtype, _ = TRITON_CALLS[op]
+    device = "cuda" if HAS_GPU else "cpu"
+    return [torch.randn([n if d == "n" else d for d in s], device=device).to(dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("op", sorted(TRITON_CALLS))
 def test_a_dispatch_mode_sees_the_kernel_ops_of_a_call_and_its_backward(op):
     """The public functions call their kernel ops past the ops' own autograd
     kernels (host time), not past the dispatcher: a TorchDispatchMode (a FLOP
@@ -236,49 +246,31 @@ def test_a_dispatch_mode_sees_the_kernel_ops_of_a_call_and_its_backward(op):
             self.names.append(func.name())
             return func(*args, **(kwargs or {}))
 
-    ours, shapes, dtype, stem = DISPATCHED[op]
-    backend = "triton"
-    device = "cuda" if HAS_GPU else "cpu"
-    inputs = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in shapes]
-    grad = torch.randn_like(ours(*inputs, backend=backend))
-    plain = torch.autograd.grad(ours(*inputs, backend=backend), inputs, grad)
+    ours, _, _, stem = TRITON_CALLS[op]
+    inputs = _triton_call_inputs(op, 24)
+    grad = torch.randn_like(ours(*inputs))
+    plain = torch.autograd.grad(ours(*inputs), inputs, grad)
     with SeenOps() as mode:
-        seen = torch.autograd.grad(ours(*inputs, backend=backend), inputs, grad)
-    assert f"pyext::{stem}_fwd_{backend}" in mode.names and f"pyext::{stem}_bwd_{backend}" in mode.names, mode.names
+        seen = torch.autograd.grad(ours(*inputs), inputs, grad)
+    assert f"pyext::{stem}_fwd_triton" in mode.names and f"pyext::{stem}_bwd_triton" in mode.names, mode.names
     for got, want in zip(seen, plain):
         torch.testing.assert_close(got, want)
 
 
-# op -> (pyext call, input shapes with n the dim that changes, dtype)
-DYNAMIC = {
-    "gelu": (lambda x: pyext.gelu(x, backend="triton"), [("n", 24)], torch.float32),
-    "layer_norm": (lambda x, w, b: pyext.layer_norm(x, (24,), w, b, backend="triton"), [("n", 24), (24,), (24,)],
-                   torch.float32),
-    "rms_norm": (lambda x, w: pyext.rms_norm(x, (24,), w, backend="triton"), [("n", 24), (24,)], torch.float32),
-    "scaled_dot_product_attention": (
-        lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton"),
-        [(1, 2, "n", 16)] * 3, torch.float16),
-    "flash_attention": (lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, backend="triton"),
-                        [(1, 2, "n", 16)] * 3, torch.float16),
-}
-
-
-@pytest.mark.parametrize("op", sorted(DYNAMIC))
+@pytest.mark.parametrize("op", sorted(TRITON_CALLS))
 def test_compile_fullgraph_with_dynamic_shapes(op):
     """torch.compile(dynamic=True), as a model of varying sequence length is
     compiled: one graph, no break, for every length; forward and gradients
     those of the eager call. (torch 2.14's dynamo could not trace the soft
     cap check's math.isfinite there.)"""
-    ours, shapes, dtype = DYNAMIC[op]
-    device = "cuda" if HAS_GPU else "cpu"
+    ours = TRITON_CALLS[op][0]
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True, dynamic=True, backend="aot_eager")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # the attention backward without atomic adds: the same bits twice
     try:
         for n in (5, 11):
-            inputs = [torch.randn([n if d == "n" else d for d in s], device=device).to(dtype).requires_grad_()
-                      for s in shapes]
+            inputs = _triton_call_inputs(op, n)
             got, want = compiled(*inputs), ours(*inputs)
             assert torch.equal(got, want)
             grad = torch.randn_like(want)
