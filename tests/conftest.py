@@ -276,14 +276,25 @@ def _fresh_worker_after_a_broken_cuda_context():
 def hessian_vector_product(fn, inputs, c, r):
     """The gradient of <dL/d(inputs), r>, L = <fn(inputs), c> + mean(fn^2)/2: a
     backward run with create_graph=True, then one through its graph (the
-    square makes the second one pass through fn's own backward too). The
-    cotangents c and r are random, so the values stay of order one; made on
-    any device, they are moved to the inputs'."""
+    square makes the second one pass through fn's own backward too). c and
+    r from hvp_directions; made on any device, they are moved to the inputs'."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     y = fn(*inputs)
     loss = (y * c.to(y.device, y.dtype)).sum() + y.float().square().mean() / 2
     first = torch.autograd.grad(loss, inputs, create_graph=True)
     return torch.autograd.grad(sum((g * d.to(g.device, g.dtype)).sum() for g, d in zip(first, r)), inputs)
+
+
+def hvp_directions(out_shape, inputs):
+    """Random cotangents for hessian_vector_product: c (out_shape) of order
+    one, r (one per input) a quarter of that, so that the products stay of
+    order one, where the rule's floor is a few ulp. With r of order one an
+    attention product (a sum over keys and head dims) reaches 4 to 8, where a
+    float16 ulp is four times the floor, and pyext's double backward rounds
+    once more than torch's math SDPA: the reference's part and the kernel's
+    part of an input's gradient meet in the input's dtype (see
+    pyext.ops._register.create_graph_grads), where torch's meet in float32."""
+    return torch.randn(out_shape), [torch.randn(t.shape) / 4 for t in inputs]
 
 
 @pytest.fixture

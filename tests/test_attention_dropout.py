@@ -6,7 +6,7 @@ import torch
 
 import pyext
 from pyext import reference
-from conftest import assert_close, device_for, hessian_vector_product, poisoned_like
+from conftest import assert_close, device_for, hessian_vector_product, hvp_directions, poisoned_like
 from attention_checks import attention_with_dropout, check_dropout, qkv
 
 
@@ -117,7 +117,7 @@ def test_dropout_double_backward_under_auto_uses_the_kernels_mask(dropout_seeds,
     the reference differentiates the same mask the kernels drew."""
     from pyext.triton_kernels.flash_attention import dropout_keep_mask
     q, k, v = (t.detach() for t in qkv((1, 2, 2, 24, 24, 16), torch.float16, device_for("triton")))
-    c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]
+    c, r = hvp_directions(q.shape, (q, k, v))
     got = hessian_vector_product(lambda *t: pyext.flash_attention(*t, dropout_p=0.25), (q, k, v), c, r)
     keep = dropout_keep_mask(dropout_seeds[0], 1, 2, 24, 24, 0.25)
     assert len(dropout_seeds) == 1  # the kernels ran, once

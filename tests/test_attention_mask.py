@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import pyext
 from pyext import reference
 from pyext.ops import attention, attention_ops
-from conftest import assert_close, device_for, hessian_vector_product, make_tensor, poisoned_like
+from conftest import assert_close, device_for, hessian_vector_product, hvp_directions, make_tensor, poisoned_like
 from attention_checks import attention_with_dropout, qkv, sdpa
 
 SHAPE = (2, 4, 2, 19, 33, 40)  # (batch, query heads, key heads, Sq, Sk, head dim): GQA, ragged lengths
@@ -266,7 +266,7 @@ def test_mask_double_backward_under_auto_is_the_references(monkeypatch, auto_run
     monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
     q, k, v = (t.detach() for t in qkv((1, 2, 2, 17, 24, 16), torch.float16, device_for("triton")))
     mask = make_mask("additive", None, q.dtype, q.device, (17, 24))
-    c, r = torch.randn(q.shape), [torch.randn(t.shape) for t in (q, k, v)]
+    c, r = hvp_directions(q.shape, (q, k, v))
     got = hessian_vector_product(lambda *t: pyext.scaled_dot_product_attention(*t, attn_mask=mask), (q, k, v), c, r)
     assert calls == [1]
     want = hessian_vector_product(lambda *t: reference.attention(*t, mask=mask)[0], [t.double() for t in (q, k, v)],

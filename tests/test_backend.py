@@ -5,9 +5,10 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
-from conftest import HAS_GPU, assert_close, hessian_vector_product
+from conftest import HAS_GPU, assert_close, hessian_vector_product, hvp_directions
 
 
 def test_available_backends_lists_every_backend_with_a_reason():
@@ -154,6 +155,17 @@ def test_torch_func_transforms_go_to_torch_and_named_kernel_backends_refuse_them
             run(lambda t: ours(t, backend=backend))
 
 
+class SeenOps(TorchDispatchMode):
+    """The names of the ops a block of code runs, as the dispatcher sees them."""
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
 def _math_sdpa(q, k, v):
     """torch's SDPA by its math backend, the one whose backward is differentiable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -181,15 +193,17 @@ def test_double_backward_under_auto_differentiates_the_gradients(op, auto_runs_t
     """Gradient penalties, Hessian-vector products and physics-informed losses
     differentiate a backward run with create_graph=True. The kernels' backward
     is not differentiable, so under auto that backward is torch's, on the
-    kernel's saved inputs: second derivatives within the DESIGN.md rule."""
+    kernel's saved inputs, and the second backward runs the kernel's backward
+    through the output: second derivatives within the DESIGN.md rule."""
     ours, theirs, shapes, dtype = SECOND_ORDER[op]
     device = "cuda" if HAS_GPU else "cpu"
     inputs = [torch.randn(s, device=device).to(dtype) for s in shapes]
-    c, r = torch.randn_like(ours(*inputs), dtype=torch.float32), [torch.randn_like(t, dtype=torch.float32)
-                                                                 for t in inputs]
+    c, r = hvp_directions(ours(*inputs).shape, inputs)
     ran = type(ours(*[t.clone().requires_grad_() for t in inputs]).grad_fn).__name__
     assert any(kernel in ran for kernel in ("triton", "cuda", "FlashAttention")), f"auto ran {ran}, not a kernel"
-    got = hessian_vector_product(ours, inputs, c, r)
+    with SeenOps() as mode:
+        got = hessian_vector_product(ours, inputs, c, r)
+    assert any(n.startswith("pyext::") and "_bwd_" in n for n in mode.names), "the second backward skipped the kernel's"
     want = hessian_vector_product(theirs, [t.double() for t in inputs], c, r)
     same_dtype = hessian_vector_product(theirs, inputs, c, r)
     for i, (g, w, pt) in enumerate(zip(got, want, same_dtype)):
@@ -235,17 +249,6 @@ def test_a_dispatch_mode_sees_the_kernel_ops_of_a_call_and_its_backward(op):
     counter, a memory tracker) still sees the forward and backward ops, and
     what they compute is the same under it (up to the order of the attention
     backward's atomic adds on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class SeenOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     ours, _, _, stem = TRITON_CALLS[op]
     inputs = _triton_call_inputs(op, 24)
     grad = torch.randn_like(ours(*inputs))

@@ -103,8 +103,12 @@ def create_graph_grads(op: str, ctx, reference_fn, inputs, grads):
     recomputed by the reference, reference_fn(*inputs), and torch
     differentiates it (torch's own cost for such a backward). A kernel
     backend named explicitly raises instead, as it does for any case its
-    kernels do not cover. inputs: the forward's arguments (the saved tensors
-    among them); returns one gradient (or None) per argument."""
+    kernels do not cover. A second backward through the op's output runs the
+    kernels' backward, and its part of an input's gradient is added to the
+    reference's in the input's dtype: in float16 and bfloat16, one rounding
+    more than torch's math SDPA, whose parts meet in float32. inputs: the
+    forward's arguments (the saved tensors among them); returns one gradient
+    (or None) per argument."""
     if not getattr(ctx, "auto", False):
         raise _backend.BackendUnavailable(
             f"pyext.{op}: a backward with create_graph=True (double backward) needs differentiable "
