@@ -90,10 +90,10 @@ def waits_for_gpu(fn: Callable[[], object], spin: Callable[[float], None], host_
     a for-loop optimizer over hundreds of tensors makes): such a call keeps
     the host from running ahead of the GPU in a training step, and where the
     GPU is idle host_ms cannot tell its wait from launch time. So the call
-    is issued behind `spin(busy)`, busy ms of queued
-    GPU work (2 ms plus twice its host time, so that the spin outlasts the
-    call): a waiting call then takes more than a quarter of the spin on top
-    of its host time, an asynchronous one only its jitter."""
+    is issued behind `spin(busy)`, busy ms of queued GPU work (2 ms plus
+    twice its host time, so that the spin outlasts the call): a waiting
+    call then takes more than a quarter of the spin on top of its host
+    time, an asynchronous one only its jitter."""
     busy = 2.0 + 2 * host_ms
     times = []
     for _ in range(3):
