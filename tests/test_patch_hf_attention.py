@@ -146,6 +146,7 @@ def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal):
     i - W < j <= i in a causal layer, |i - j| < W in a bidirectional one
     (ModernBERT's local attention; FlashAttention's window (W - 1, W - 1) in
     transformers' integration): within the rule against the band mask."""
+    pytest.importorskip("transformers")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from pyext.patch.hf_attention import _hf_attention
     model = pyext.patch(build("mistral"), backend="triton")  # a model whose windows pyext applies
@@ -548,6 +549,7 @@ def test_an_hf_row_of_packed_documents_with_attention_sinks_runs_the_varlen_kern
     flash_attention_varlen with each layer's sinks (no masked kernel), the
     logits and every gradient (the sinks' too) within the rule against the
     float64 original."""
+    pytest.importorskip("transformers")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from hf_sweep import build as build_tiny  # every architecture's tiny build
     if kind not in CONFIG_MAPPING:
