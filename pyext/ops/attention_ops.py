@@ -324,6 +324,14 @@ EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_with_
                                             _make_extras_backward)
 
 
+# the kinds of attention call: kind -> (forward ops, setup_context, backward
+# maker, backward ops), each op table by backend name
+_KINDS = {"plain": (FWD, _setup_context, _make_backward, BWD),
+          "dropout": (DROPOUT_FWD, _dropout_setup_context, _make_dropout_backward, DROPOUT_BWD),
+          "masked": (MASKED_FWD, _masked_setup_context, _make_masked_backward, MASKED_BWD),
+          "extras": (EXTRAS_FWD, _extras_setup_context, _make_extras_backward, EXTRAS_BWD)}
+
+
 class _FlashAttention(torch.autograd.Function):
     """The forward op of `backend` with a backward that honours `deterministic`
     and `auto` (see create_graph_grads): the op's schema has no place for
@@ -341,21 +349,17 @@ class _FlashAttention(torch.autograd.Function):
             ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
         else:
             ctx.kind, inputs = "plain", (q, k, v, scale, causal, causal_offset)
-        table, setup_context = {"masked": (MASKED_FWD, _masked_setup_context),
-                                "extras": (EXTRAS_FWD, _extras_setup_context),
-                                "dropout": (DROPOUT_FWD, _dropout_setup_context),
-                                "plain": (FWD, _setup_context)}[ctx.kind]
+        forward_ops, setup_context, _, _ = _KINDS[ctx.kind]
         with past_autograd():
-            output = table[backend](*inputs)
+            output = forward_ops[backend](*inputs)
         setup_context(ctx, inputs, output)
         ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse, *_):
-        make, table = {"masked": (_make_masked_backward, MASKED_BWD), "dropout": (_make_dropout_backward, DROPOUT_BWD),
-                       "extras": (_make_extras_backward, EXTRAS_BWD), "plain": (_make_backward, BWD)}[ctx.kind]
-        grads = make(called_past_autograd(table[ctx.backend]))(ctx, dout, dlse)
+        _, _, make_backward, backward_ops = _KINDS[ctx.kind]
+        grads = make_backward(called_past_autograd(backward_ops[ctx.backend]))(ctx, dout, dlse)
         sinks_at = {"masked": 6, "extras": 9}.get(ctx.kind)  # the sinks' place in the op's inputs
         dsinks = None if sinks_at is None else grads[sinks_at]
         return (None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)
