@@ -17,6 +17,14 @@ from setuptools.command.sdist import sdist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0a"
+# Some compilers link libstdc++ into a shared object statically (the GPU
+# machine's /opt/gcc does). Left exported, that private copy's data (the
+# locale's facet ids) is bound to the process's own libstdc++ while its
+# code stays ours: a TORCH_CHECK message then loses its numbers, or
+# crashes. Hiding every archive's symbols keeps such a copy whole; with
+# the usual shared libstdc++ there is nothing to hide.
+# tests/test_extension.py reads this list (it links a probe library with it).
+EXTENSION_LINK_ARGS = ["-Wl,--exclude-libs,ALL"]
 
 
 def say(msg):
@@ -91,13 +99,6 @@ def cuda_extension():
     # Only the torch-facing .cpp files need the library headers; search them
     # after the toolkit's own so that they can never shadow its headers.
     after = [f"-idirafter{d}" for d in wheel_cuda_include_dirs()]
-    # Some compilers link libstdc++ into a shared object statically (the GPU
-    # machine's /opt/gcc does). Left exported, that private copy's data (the
-    # locale's facet ids) is bound to the process's own libstdc++ while its
-    # code stays ours: a TORCH_CHECK message then loses its numbers, or
-    # crashes. Hiding every archive's symbols keeps such a copy whole; with
-    # the usual shared libstdc++ there is nothing to hide.
-    link = ["-Wl,--exclude-libs,ALL"]
     return CUDAExtension(
         name="pyext._C",
         sources=sources,
@@ -107,7 +108,7 @@ def cuda_extension():
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                      "-Xptxas=-warn-spills"],
         },
-        extra_link_args=link,
+        extra_link_args=EXTENSION_LINK_ARGS,
     )
 
 

@@ -134,3 +134,50 @@ def test_extension_exports_no_libstdcxx_of_its_own():
                            check=True).stdout
     exported = {line.split()[-1] for line in table.splitlines() if line.strip()}
     assert not exported & set(LIBSTDCXX_OWN), f"{_C.__file__} exports libstdc++'s own symbols"
+
+
+def setup_link_args():
+    """setup.py's EXTENSION_LINK_ARGS, read without running setup.py."""
+    import ast
+    import pathlib
+    tree = ast.parse((pathlib.Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["EXTENSION_LINK_ARGS"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no EXTENSION_LINK_ARGS")
+
+
+PROBE = """#include <sstream>
+extern "C" int formatted_length(unsigned long n) { std::ostringstream s; s << n; return int(s.str().size()); }
+"""
+
+
+def test_setup_link_args_keep_a_static_libstdcxx_private(tmp_path):
+    """Where g++ links libstdc++ as a shared library (CI's), the extension has
+    no copy of its own and the test above cannot fail. This links a probe
+    library that formats a number through a stream with -static-libstdc++, as
+    the GPU machine's /opt/gcc does: without setup.py's link arguments it
+    exports libstdc++'s own symbols, with them none."""
+    import shutil
+    import subprocess
+    if shutil.which("g++") is None or shutil.which("nm") is None:
+        pytest.skip("needs g++ and nm")
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive):
+        pytest.skip("g++ has no static libstdc++ (libstdc++.a) to link")
+    source = tmp_path / "probe.cpp"
+    source.write_text(PROBE)
+
+    def exported(name, link_args):
+        library = tmp_path / name
+        subprocess.run(["g++", "-shared", "-fPIC", "-static-libstdc++", str(source), "-o", str(library),
+                        *link_args], check=True, capture_output=True, timeout=120)
+        table = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
+                               check=True).stdout
+        return {line.split()[-1] for line in table.splitlines() if line.strip()}
+
+    assert set(LIBSTDCXX_OWN) <= exported("plain.so", []), "the probe does not show libstdc++'s symbols"
+    private = exported("private.so", setup_link_args())
+    assert "formatted_length" in private
+    # the probe's one function is extern "C": every C++ name exported is libstdc++'s
+    assert not {s for s in private if s.startswith("_Z")}, "setup.py's link arguments leave libstdc++ exported"
