@@ -31,6 +31,7 @@ def measure(args, meta, base):
     """Ceilings (into meta), then every case of args.ops: the rows, written to base as they come."""
     dtypes = [getattr(torch, d) for d in args.dtypes]
     print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
+    meta.update(ops=list(args.ops), dtypes=list(args.dtypes), quick=args.quick)  # the run's scope, for readers
     ceilings = harness.measure_ceilings(args.quick)
     meta["ceilings"] = ceilings
     if HAS_GPU:
@@ -74,6 +75,11 @@ def merge(paths):
         with open(path) as f:
             reports.append(json.load(f))
     meta = dict(reports[0]["meta"], merged_from=list(paths))
+    metas = [r["meta"] for r in reports]
+    if all("ops" in m for m in metas):
+        meta.update(ops=list(dict.fromkeys(op for m in metas for op in m["ops"])),
+                    dtypes=list(dict.fromkeys(d for m in metas for d in m["dtypes"])),
+                    quick=any(m["quick"] for m in metas))
     interrupted = [p for p, r in zip(paths, reports) if "interrupted_after_cases" in r["meta"]]
     if interrupted:
         meta["interrupted"] = interrupted

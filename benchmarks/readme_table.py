@@ -2,12 +2,13 @@
 
     python -m benchmarks.readme_table [RESULTS.json]
 
-Without an argument it takes the newest GPU JSON under benchmarks/results/
-(smoke and train_gpt files are skipped) and rewrites the README between
+Without an argument it takes the GPU JSON under benchmarks/results/ whose
+run started last (smoke and train_gpt files are skipped) and rewrites the README between
 <!-- results:start --> and <!-- results:end -->, so the README shows only
 measured figures, with their date, GPU and versions, and the plots written
 beside that JSON (`<its name>-<op>-<direction>-<dtype>.png`).
 """
+import datetime
 import glob
 import json
 import os
@@ -18,10 +19,29 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 OURS = ("pyext-cuda", "pyext-triton")
 
 
+def measured_at(path):
+    """When the run of this JSON started (its meta's time): a clone's file
+    times say only when it was checked out."""
+    with open(path) as f:
+        started = datetime.datetime.fromisoformat(json.load(f)["meta"]["time"])
+    return started if started.tzinfo else started.replace(tzinfo=datetime.timezone.utc)
+
+
 def latest_gpu_json(results_dir):
     paths = [p for p in glob.glob(os.path.join(results_dir, "*.json"))
              if not os.path.basename(p).startswith(("smoke", "train_gpt"))]
-    return max(paths, key=os.path.getmtime) if paths else None
+    return max(paths, key=lambda p: (measured_at(p), p)) if paths else None
+
+
+def scope(meta, rows):
+    """What the run covered, in a sentence: its ops, and whether it was quick or cut short."""
+    ops = meta.get("ops") or sorted({r["op"].split("[")[0] for r in rows})
+    text = f"The run's ops: {', '.join(ops)}"
+    if meta.get("quick"):
+        text += " (--quick: fewer sizes, shorter timing)"
+    if "interrupted_after_cases" in meta or "interrupted" in meta:
+        text += "; it was cut short, and the table holds only the cases it finished"
+    return text + ". Earlier runs are under `benchmarks/results/`."
 
 
 def plots_beside(source):
@@ -38,6 +58,7 @@ def markdown(report, source, readme_dir=ROOT):
     lines = [f"Measured {meta['time'][:10]} on {meta['gpu']} (torch {meta['torch']}, Triton {meta['triton']}, "
              f"CUDA {meta['cuda']}); ceilings: copy {ceiling('copy_GBps')} GB/s, bf16 matmul "
              f"{ceiling('bf16_matmul_TFLOPs')} TFLOP/s. Source: `{os.path.relpath(source, readme_dir)}`.", "",
+             scope(meta, rows), "",
              "| op | case | dtype | dir | ours (best) | time ms | throughput | % ceiling | vs best peer |",
              "|---|---|---|---|---|---|---|---|---|"]
     cases = {}

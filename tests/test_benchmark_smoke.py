@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyext
+from benchmarks import OPS
 from conftest import HAS_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +26,7 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     (path,) = glob.glob(str(tmp_path / "*.json"))
     report = json.load(open(path))
     assert report["meta"]["torch"] and report["results"]
+    assert report["meta"]["quick"] is True and report["meta"]["ops"] == list(OPS)
     timed = [r for r in report["results"] if "ms" in r]
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
     assert glob.glob(str(tmp_path / "*.csv")) and glob.glob(str(tmp_path / "*.png"))
@@ -75,6 +77,7 @@ def test_runs_of_one_op_each_merge_into_one_report(tmp_path):
     report = json.load(open(path))
     assert {r["op"] for r in report["results"]} == {"gelu", "adamw"}
     assert report["meta"]["merged_from"] == parts and report["meta"]["ceilings"]
+    assert report["meta"]["ops"] == ["gelu", "adamw"] and report["meta"]["quick"] is True
     assert glob.glob(str(tmp_path / "all" / "*.csv")) and glob.glob(str(tmp_path / "all" / "*.png"))
 
 

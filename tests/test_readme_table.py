@@ -39,3 +39,24 @@ def test_without_gpu_results_says_so(tmp_path):
     (tmp_path / "smoke-1.json").write_text("{}")
     readme_table.main([], readme=str(readme), results_dir=str(tmp_path))
     assert "No GPU results are committed yet" in readme.read_text()
+
+
+def report_at(time, ops):
+    return {"meta": {"time": time, "gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "cuda": "13.0",
+                     "ceilings": {}, "ops": ops, "quick": True},
+            "results": [dict(op=ops[0], label="n=1", dtype="float32", direction="fwd", provider="pyext-cuda", ms=1.0)]}
+
+
+def test_takes_the_run_that_started_last_not_the_file_written_last(tmp_path):
+    """A clone's file times say when it was checked out: the JSON's own time decides."""
+    import os
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{readme_table.START}\n{readme_table.END}\n")
+    later, earlier = tmp_path / "run-b.json", tmp_path / "run-a.json"
+    later.write_text(json.dumps(report_at("2026-12-04T14:54:53+0000", ["adamw"])))
+    earlier.write_text(json.dumps(report_at("2026-12-04T14:52:37+0000", ["attention"])))
+    os.utime(later, (1, 1))  # written "first"
+    readme_table.main([], readme=str(readme), results_dir=str(tmp_path))
+    text = readme.read_text()
+    assert "Source: `run-b.json`" in text
+    assert "The run's ops: adamw (--quick: fewer sizes, shorter timing)." in text
