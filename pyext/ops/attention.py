@@ -125,8 +125,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     torch's flash SDPA does (for q a (B, S, H, D) view, out is one too); the
     CUDA backend gives it contiguous.
     deterministic=False: the Triton backward adds dQ up with fp32 atomics in
-    one pass (faster; dQ's last bits vary run to run). deterministic=True: it
-    computes dQ in a second pass instead, giving the same bits run to run.
+    one pass (five products a tile where two passes take seven; dQ's last
+    bits vary run to run). deterministic=True: it computes dQ in a second
+    pass instead, giving the same bits run to run. Which is faster depends on
+    the GPU: benchmarks/NOTES.md has the measured figures.
     None (the default) means torch.are_deterministic_algorithms_enabled() at
     the call: False unless torch.use_deterministic_algorithms(True) was set.
     The CUDA backward does the same (its sm_90a and mma.sync kernels alike);
