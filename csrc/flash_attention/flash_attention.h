@@ -60,7 +60,7 @@ template <typename T, int kD> bool flash_bwd(const FlashAttnParams& p, cudaStrea
 // Stage 2 backward for sm_90a (wgmma, TMA, warp specialisation), kD 64 or
 // 128 (flash_bwd_sm90_hdim*.cu): dk, dv, then dq in a kernel of its own, or,
 // when p.dq_accum is set, dq added up in p.dq_accum by the dK/dV kernel and
-// then rounded into dq (faster; dq's last bits vary run to run). Returns false,
+// then rounded into dq (fewer products; dq's last bits vary run to run). Returns false,
 // having launched nothing, where either of its two kernels cannot run (as
 // flash_fwd_sm90: no sm_90a code, a tensor map or the shared memory refused);
 // the caller then runs flash_bwd.

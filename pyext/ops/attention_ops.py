@@ -14,7 +14,8 @@ compute capability 9.x for head dims that pad to 64 or 128, the mma.sync
 kernels elsewhere; PYEXT_FLASH_SM90=0 in the environment (read per call)
 forces the latter.
 The Triton and CUDA backwards with deterministic=False sum dQ with atomics
-(faster, last bits vary run to run); with True, dQ has a kernel of its own.
+(fewer products, last bits vary run to run); with True, dQ has a kernel of
+its own.
 The public functions carry the caller's choice from the forward to the
 backward in _FlashAttention's context; a forward op called directly gets the
 deterministic backward.
