@@ -27,7 +27,8 @@ at the row's offset, as in the forward):
 
 dweight and dbias are reduced in two stages without atomics: each program of
 the backward owns a contiguous run of rows and writes one row of partial sums;
-`_sum_partials_kernel` adds the partial rows in a fixed order. Deterministic.
+`_sum_partials_kernel` adds the partial rows in a fixed order (dweight and dbias
+in one launch). Deterministic.
 
 Fast path: a row of up to FWD_FUSED_COLS (forward) / BWD_FUSED_COLS (backward)
 elements is loaded whole, once (short rows several per program). Longer rows go
@@ -271,8 +272,13 @@ def _norm_bwd_chunked_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, d
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, parts, cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    # out[c] = sum over p of part[p, c]: same tree, same order, every run.
+def _sum_partials_kernel(part_ptr, out_ptr, part2_ptr, out2_ptr, parts, cols, BLOCK_P: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    # out[c] = sum over p of part[p, c]: same tree, same order, every run. Grid axis 1 picks
+    # the pair, (part, out) then (part2, out2): dweight and dbias in one launch.
+    if tl.program_id(1) == 1:
+        part_ptr = part2_ptr
+        out_ptr = out2_ptr
     col = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = col < cols
     acc = tl.zeros([BLOCK_P, BLOCK_N], part_ptr.dtype.element_ty)
@@ -439,11 +445,12 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
             _norm_bwd_chunked_kernel[(programs,)](
                 dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
                 BLOCK_N=CHUNK, num_warps=8, **flags)
-        block_p, block_n = _sum_tile(x, n)
-        for need, part, grad in ((need_dweight, dw_part, dweight), (need_dbias, db_part, dbias)):
-            if need:
-                _sum_partials_kernel[(cdiv(n, block_n),)](
-                    part, grad, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+        sums = [(part, grad) for need, part, grad in ((need_dweight, dw_part, dweight), (need_dbias, db_part, dbias))
+                if need]
+        if sums:
+            block_p, block_n = _sum_tile(x, n)
+            _sum_partials_kernel[(cdiv(n, block_n), len(sums))](
+                *sums[0], *sums[-1], programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return dx, dweight, dbias
 
 

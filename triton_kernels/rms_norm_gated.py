@@ -290,6 +290,6 @@ def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dwei
                                                            num_warps=num_warps, **flags)
         if need_dweight:
             block_p, block_n = _sum_tile(x, n)
-            _sum_partials_kernel[(cdiv(n, block_n),)](
-                dw_part, dweight, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+            _sum_partials_kernel[(cdiv(n, block_n), 1)](
+                dw_part, dweight, dw_part, dweight, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return dx, dz, dweight

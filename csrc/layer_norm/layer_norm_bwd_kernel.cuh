@@ -269,13 +269,19 @@ __global__ void __launch_bounds__(kChunkThreads) norm_bwd_chunked_kernel(const N
 }
 
 // Stage two: out[c] = sum over g of partial[g][c], g in a fixed order per
-// (column, slice), slices added in order. Blocks of 32 columns x 16 slices.
+// (column, slice), slices added in order. Blocks of 32 columns x 16 slices;
+// blockIdx.y picks the pair, (partial, out) then (partial2, out2): dweight
+// and dbias in one launch.
 constexpr int kSumCols = 32;
 constexpr int kSumSlices = 16;
 
 template <typename A, typename W>
 __global__ void __launch_bounds__(kSumCols * kSumSlices)
-    sum_partials_kernel(const A* partial, W* out, int parts, int64_t cols) {
+    sum_partials_kernel(const A* partial, W* out, const A* partial2, W* out2, int parts, int64_t cols) {
+  if (blockIdx.y == 1) {
+    partial = partial2;
+    out = out2;
+  }
   __shared__ A slice_sums[kSumSlices][kSumCols + 1];
   const int64_t col = int64_t(blockIdx.x) * kSumCols + threadIdx.x;
   A s = A(0);
@@ -335,8 +341,8 @@ int bwd_partial_rows(const NormBwdParams& p) {
 
 // Calls launch(kernel, grid, block, dynamic shared memory, args...) for each
 // launch of the backward, in order: stage one on exactly p.partial_rows
-// blocks (stage two reads every partial row), then stage two for dweight and
-// for dbias where wanted.
+// blocks (stage two reads every partial row), then stage two, one launch for
+// dweight and dbias, where either is wanted.
 template <typename T, typename W, typename F>
 void bwd_launches(const NormBwdParams& p, F&& launch) {
   using A = acc_t<T>;
@@ -345,14 +351,21 @@ void bwd_launches(const NormBwdParams& p, F&& launch) {
   };
   if (bwd_vectorizable<T>(p)) with_bwd_kernel<T, W, kVec16<T>>(p, stage_one);
   else with_bwd_kernel<T, W, 1>(p, stage_one);
-  const dim3 grid(grid_limit(ceil_div(p.cols, kSumCols)));
-  const dim3 block(kSumCols, kSumSlices);
-  if (p.dweight)
-    launch(sum_partials_kernel<A, W>, grid, block, 0, static_cast<const A*>(p.dweight_partial),
-           static_cast<W*>(p.dweight), p.partial_rows, p.cols);
-  if (p.dbias)
-    launch(sum_partials_kernel<A, W>, grid, block, 0, static_cast<const A*>(p.dbias_partial),
-           static_cast<W*>(p.dbias), p.partial_rows, p.cols);
+  const A* partials[2];
+  W* sums[2];
+  int wanted = 0;
+  if (p.dweight) {
+    partials[wanted] = static_cast<const A*>(p.dweight_partial);
+    sums[wanted++] = static_cast<W*>(p.dweight);
+  }
+  if (p.dbias) {
+    partials[wanted] = static_cast<const A*>(p.dbias_partial);
+    sums[wanted++] = static_cast<W*>(p.dbias);
+  }
+  if (wanted == 0) return;
+  const dim3 grid(grid_limit(ceil_div(p.cols, kSumCols)), wanted);
+  launch(sum_partials_kernel<A, W>, grid, dim3(kSumCols, kSumSlices), 0, partials[0], sums[0],
+         partials[wanted - 1], sums[wanted - 1], p.partial_rows, p.cols);
 }
 
 }  // namespace norm
