@@ -3,10 +3,11 @@
     python -m benchmarks.readme_table [RESULTS.json]
 
 Without an argument it takes the GPU JSON under benchmarks/results/ whose
-run started last (smoke and train_gpt files are skipped) and rewrites the README between
-<!-- results:start --> and <!-- results:end -->, so the README shows only
-measured figures, with their date, GPU and versions, and the plots written
-beside that JSON (`<its name>-<op>-<direction>-<dtype>.png`).
+run started last (smoke and train_gpt files are skipped) and rewrites the
+README between <!-- results:start --> and <!-- results:end -->, so the
+README shows only measured figures, with their date, GPU, versions and the
+ops the run covered, and the plots written beside that JSON
+(`<its name>-<op>-<direction>-<dtype>.png`).
 """
 import datetime
 import glob
