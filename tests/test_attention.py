@@ -136,17 +136,22 @@ def test_triton_output_keeps_the_query_memory_order_as_torch_flash_does(layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_triton_batch_times_heads_may_pass_65535(deterministic):
-    """The Triton grids are (blocks, heads, batch): 33,000 x 2 (query heads and
-    key heads) passes a 2-D grid's y limit of 65535 and runs right."""
-    check_flash("triton", *qkv((33000, 2, 2, 5, 7, 64), torch.bfloat16, "cuda"), True, deterministic)
+@pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)
+def test_batch_times_heads_may_pass_65535(backend, deterministic):
+    """The grids are (blocks, heads, batch) in both backends (the Stage 2
+    forward's is one CTA an SM): 33,000 x 2 (query heads and key heads) passes
+    a 2-D grid's y limit of 65535 and runs right."""
+    check_flash(backend, *qkv((33000, 2, 2, 5, 7, 64), torch.bfloat16, "cuda"), True, deterministic)
 
 
-def test_triton_names_its_grid_limit():
-    q = torch.zeros(65536, 1, 1, 8, dtype=torch.bfloat16, device=device_for("triton"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(65536, 1, 1, 8), (1, 65536, 1, 8)], ids=["batch", "heads"])
+def test_kernels_name_their_grid_limit(backend, shape):
+    """The grids are (blocks, heads, batch) in both backends: a batch or
+    head count past 65535 is refused before any launch, naming the limit."""
+    q = torch.zeros(shape, dtype=torch.bfloat16, device=device_for(backend))
     with pytest.raises(pyext.BackendUnavailable, match="65535"):
-        pyext.flash_attention(q, q, q, backend="triton")
+        pyext.flash_attention(q, q, q, backend=backend)
 
 
 @pytest.mark.parametrize("backend,deterministic", FLASH_KERNELS)

@@ -43,6 +43,10 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               ") must be a multiple of key/value heads (", k.size(1), ")");
   TORCH_CHECK(q.size(2) < std::numeric_limits<int>::max() && k.size(2) < std::numeric_limits<int>::max(),
               op, ": sequence lengths must fit in int32");
+  // The grids are (blocks along the sequence, heads, batch) (flash_tile.cuh,
+  // head_block_grid), as the Triton kernels' are.
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, op, ": batch ", q.size(0), " or heads ", q.size(1),
+              " past 65535, the CUDA kernels' grid limit");
 }
 
 // The kernels read rows of 16-byte chunks (cp.async): a tensor with a
@@ -75,12 +79,6 @@ FlashAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   // Offsets beyond [-Sq, Sk] mask the same as the bound: clamped, it fits int32.
   p.causal_offset = static_cast<int>(std::clamp<int64_t>(causal_offset, -int64_t(p.seq_q), p.seq_k));
   return p;
-}
-
-void check_grid(const char* op, const FlashAttnParams& p) {
-  TORCH_CHECK(int64_t(p.batch) * p.heads_q < std::numeric_limits<int>::max(), op, ": batch * heads too large");
-  TORCH_CHECK((int64_t(p.seq_q) + 63) / 64 <= 65535 && (int64_t(p.seq_k) + 63) / 64 <= 65535, op,
-              ": sequence too long for the grid (at most 65535 blocks of 64)");
 }
 
 void check_shared_memory(const char* op, bool launched, int head_dim, int device) {
@@ -139,7 +137,6 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
   if (k_in.size(2) == 0) return {out.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};
   const at::Tensor q = aligned_for_copies(q_in), k = aligned_for_copies(k_in), v = aligned_for_copies(v_in);
   FlashAttnParams p = make_params(q, k, v, scale, causal, causal_offset);
-  check_grid("flash_attn_fwd_cuda", p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -198,7 +195,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const at::Tensor q = aligned_for_copies(q_in), k = aligned_for_copies(k_in), v = aligned_for_copies(v_in);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   FlashAttnParams p = make_params(q, k, v, scale, causal, causal_offset);
-  check_grid(op, p);
   p.out = const_cast<void*>(out.data_ptr());
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.dout = dout.data_ptr();

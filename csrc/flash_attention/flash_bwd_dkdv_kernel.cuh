@@ -32,6 +32,11 @@ struct FlashBwdDkDvTraits {
   static constexpr int kSplit = kD <= 128 ? 1 : 2;     // warps per 16 keys
   static constexpr int kDw = kD / kSplit;              // head-dim columns of dK, dV per warp
   static constexpr int kThreads = 128 * kSplit;
+  // CTAs an SM for __launch_bounds__: at D 64 (sm_80) ptxas 13.0, left to
+  // itself, squeezes the kernel into 128 registers (4 CTAs) with a spill; 3
+  // is what it runs at with its registers (133 before the grid of session
+  // 46, 155 with this bound).
+  static constexpr int kMinBlocks = kD == 64 ? 3 : 1;
   // kAccumulateDq: ds^T as [kBlockN][kBlockM + 8] in T, padded as the other
   // tiles: its rows are 80 or 144 bytes apart, so neither the stores nor the
   // transposing ldmatrix of 8 rows meets a bank twice.
@@ -41,7 +46,9 @@ struct FlashBwdDkDvTraits {
   // k, v; 2 x (q, dO) in T; 2 x (lse2, delta) in fp32; [ds^T]
   static constexpr int kSmemBytes =
       (2 * kBlockN + 4 * kBlockM) * kSmemStride<kD> * 2 + 4 * kBlockM * 4 + kDsBytes;
-  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN); }
+  static dim3 grid(const FlashAttnParams& p) {
+    return head_block_grid(p.batch, p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN);
+  }
 };
 
 // kAccumulateDq's step: af holds this warp's 16 keys of ds^T (A fragments,
@@ -82,7 +89,8 @@ __device__ __forceinline__ void add_dq(const FlashAttnParams& p,
 }
 
 template <typename T, int kD, bool kAccumulateDq>
-__global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dkdv_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads, FlashBwdDkDvTraits<kD>::kMinBlocks)
+    flash_bwd_dkdv_kernel(const FlashAttnParams p) {
   using Tr = FlashBwdDkDvTraits<kD, kAccumulateDq>;
   constexpr int kN = Tr::kBlockN, kM = Tr::kBlockM, kS = kSmemStride<kD>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -96,9 +104,9 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dk
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int kw = warp % 4, d0 = (warp / 4) * Tr::kDw;  // this warp's 16 keys and dK/dV columns
-  const int bhk = blockIdx.x, b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
+  const int b = blockIdx.z, hk = blockIdx.y;
   const int group = p.heads_q / p.heads_kv;
-  const int n0 = blockIdx.y * kN;
+  const int n0 = blockIdx.x * kN;  // causal: a head's first keys, seen by the most queries, start first
   const int d = p.head_dim;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
@@ -172,7 +180,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads) flash_bwd_dk
   }
   cp_async_wait<0>();
 
-  const int64_t row_base = int64_t(bhk) * p.seq_k;
+  const int64_t row_base = (int64_t(blockIdx.z) * p.heads_kv + blockIdx.y) * p.seq_k;
   const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
   store_acc<T, Tr::kDw / 8>(static_cast<T*>(p.dv) + row_base * d, dv, key, p.seq_k, d0, d, one, lane);
   store_acc<T, Tr::kDw / 8>(static_cast<T*>(p.dk) + row_base * d, dk, key, p.seq_k, d0, d, scale, lane);

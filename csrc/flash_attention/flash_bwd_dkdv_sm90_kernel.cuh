@@ -78,7 +78,9 @@ struct FlashBwdDkDvSm90Traits {
   static constexpr int kConsumerRegs = 240;
   static_assert(sm90_registers_fit<kThreads, kProducerRegs, kConsumerRegs>(), "setmaxnreg over the block's registers");
   static_assert(kSmemBytes + 2048 <= 227 * 1024, "shared memory over the sm_90 per-block limit");
-  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN); }
+  static dim3 grid(const FlashAttnParams& p) {
+    return head_block_grid(p.batch, p.heads_kv, (p.seq_k + kBlockN - 1) / kBlockN);
+  }
 };
 
 template <typename T, int kD, bool kAccumulateDq>
@@ -102,9 +104,9 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
   T* sds = sdo + kStages * kM * kD;                          // kAccumulateDq: [2][kN][kM], dS^T
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
-  const int bhk = blockIdx.x, b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
+  const int b = blockIdx.z, hk = blockIdx.y, bhk = b * p.heads_kv + hk;
   const int group = p.heads_q / p.heads_kv;
-  const int n0 = blockIdx.y * kN;
+  const int n0 = blockIdx.x * kN;  // causal: a head's first keys, seen by the most queries, start first
   // The steps: queries before n0 - causal_offset see none of these keys (as
   // Stage 1); step i is query head hk * group + i / m_blocks, block i %
   // m_blocks. Computed by each role after its setmaxnreg: ptxas spills values

@@ -20,7 +20,9 @@ struct FlashBwdDqTraits {
   static constexpr int kBlockN = kD <= 128 ? 64 : kD <= 192 ? 32 : 16;  // dq, s, dp stay in registers
   static constexpr int kThreads = 128;
   static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kSmemStride<kD> * 2;  // q, dO, 2 x (k, v)
-  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM); }
+  static dim3 grid(const FlashAttnParams& p) {
+    return head_block_grid(p.batch, p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM);
+  }
 };
 
 template <typename T, int kD>
@@ -34,9 +36,9 @@ __global__ void __launch_bounds__(FlashBwdDqTraits<kD>::kThreads) flash_bwd_dq_k
   T* sv = sk + 2 * kN * kS;  // [2][kN][kS]
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.heads_q + h;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int m0 = blockIdx.y * kM;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kM;  // a head's longest causal rows start first
   const int d = p.head_dim;
   const int64_t row_base = int64_t(bh) * p.seq_q;
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -102,7 +104,10 @@ __global__ void __launch_bounds__(FlashBwdDqTraits<kD>::kThreads) flash_bwd_dq_k
   cp_async_wait<0>();
 
   const float scale[2] = {p.scale, p.scale};
-  store_acc<T, kD / 8>(static_cast<T*>(p.dq) + row_base * d, dq, row, p.seq_q, 0, d, scale, lane);
+  // From the block's index again rather than row_base kept over the loop,
+  // which ptxas spilled (at D 64, sm_80).
+  const int64_t dq_base = (int64_t(blockIdx.z) * p.heads_q + blockIdx.y) * p.seq_q * d;
+  store_acc<T, kD / 8>(static_cast<T*>(p.dq) + dq_base, dq, row, p.seq_q, 0, d, scale, lane);
 }
 
 }  // namespace pyext

@@ -49,7 +49,9 @@ struct FlashBwdDqSm90Traits {
   static constexpr int kConsumerRegs = 240;
   static_assert(sm90_registers_fit<kThreads, kProducerRegs, kConsumerRegs>(), "setmaxnreg over the block's registers");
   static_assert(kSmemBytes + 2048 <= 227 * 1024, "shared memory over the sm_90 per-block limit");
-  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM); }
+  static dim3 grid(const FlashAttnParams& p) {
+    return head_block_grid(p.batch, p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM);
+  }
 };
 
 template <typename T, int kD>
@@ -70,9 +72,9 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
   T* sv = sk + kStages * kN * kD;                            // [kStages][kD / 64][kN][64]
 
   const int tid = threadIdx.x, warpgroup = tid / 128;
-  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.heads_q + h;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * kM;  // the longest causal rows start first
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kM;  // a head's longest causal rows start first
   const int n_end = keys_end(p, m0, kM);
   const int n_blocks = (n_end + kN - 1) / kN;
 

@@ -34,7 +34,9 @@ struct FlashFwdTraits {
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keeps o, s in registers
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kSmemStride<kD> * 2;  // q, k, v
-  static dim3 grid(const FlashAttnParams& p) { return dim3(p.batch * p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM); }
+  static dim3 grid(const FlashAttnParams& p) {
+    return head_block_grid(p.batch, p.heads_q, (p.seq_q + kBlockM - 1) / kBlockM);
+  }
 };
 
 template <typename T, int kD>
@@ -47,9 +49,9 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
   T* sv = sk + kN * kS;  // [kN][kS]
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.heads_q + h;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int m0 = blockIdx.y * kM;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kM;  // a head's longest causal rows start first
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;

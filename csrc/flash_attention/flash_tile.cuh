@@ -20,6 +20,15 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <int kD> constexpr int kSmemStride = kD + 8;
 
+// The grids of the kernels that take one block each are (blocks along the
+// sequence, heads, batch), as the Triton kernels' are: the block fastest.
+// The CTAs running at once are then the blocks of a few heads, which read
+// those heads' K and V (or Q and dO) from HBM once and from L2 after; with
+// the head fastest, as these grids had it until session 46, they were as
+// many heads, each reading its own from HBM (benchmarks/NOTES.md, "A head's
+// blocks together"). Batch and heads: at most 65535 each (check_grid).
+inline dim3 head_block_grid(int batch, int heads, int blocks) { return dim3(blocks, heads, batch); }
+
 // Causal ranges of a block, from "query i sees key j iff j <= i + causal_offset":
 // one past the last key any query row in [m0, m0 + rows) sees (keys from there
 // on are masked for the whole block; Sk when not causal) ...

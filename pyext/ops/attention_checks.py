@@ -55,8 +55,8 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
         return "it needs as many key as value heads, and query heads a multiple of them (no broadcasting)"
     if backend == "cuda" and k.shape[1] == 0:
         return "the CUDA kernels need at least one key/value head"
-    if backend == "triton" and max(q.shape[0], q.shape[1]) > 65535:
-        return f"batch {q.shape[0]} or heads {q.shape[1]} past 65535, the Triton kernels' grid limit"
+    if backend in ("triton", "cuda") and max(q.shape[0], q.shape[1]) > 65535:
+        return f"batch {q.shape[0]} or heads {q.shape[1]} past 65535, the {backend} kernels' grid limit"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
     d, dv = q.shape[-1], v.shape[-1]
