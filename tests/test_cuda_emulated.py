@@ -102,9 +102,16 @@ def emulator():
     return flash_library("")
 
 
+# The multiprocessors of the emulated sm_90 device: the persistent forward
+# runs one CTA each, so on most test shapes a CTA takes two or more tiles.
+SM90_SMS = 2
+
+
 @pytest.fixture(scope="module")
 def sm90_emulator():
-    return flash_library("_sm90")
+    lib = flash_library("_sm90")
+    lib.emulator_sms(SM90_SMS)
+    return lib
 
 
 class FlashAttnParams(ctypes.Structure):
@@ -446,7 +453,8 @@ def test_norm_rows_far_from_zero_are_centered_to_their_spread(norm_emulator, dty
                                         dtype, offset, 16, hidden)
 
 
-# Stage 2 (forward: 128 query rows a block, key tiles of 128 in a ring of 3;
+# Stage 2 (forward: tiles of 128 query rows, CTAs looping over them, key
+# tiles of 128 in a ring of 3 that goes on from tile to tile;
 # dK/dV: 128 keys a block, steps of 64 queries of each head of the group in a
 # ring of 2; dQ: 128 query rows, key tiles of 64 in a ring of 2): GQA with a
 # partial second query block and 4 key blocks (every ring wraps); D 128 (two
@@ -500,10 +508,10 @@ def test_stage2_kernels_under_other_schedules(sm90_emulator, shape, causal, mode
 
 @pytest.mark.parametrize("mode", ["eager", "serial", "random"])
 def test_stage2_forward_warpgroups_take_turns(sm90_emulator, mode):
-    """Ping-pong: in every block the two consumer warpgroups (1 and 2) issue
+    """Ping-pong: in every CTA the two consumer warpgroups (1 and 2) issue
     their wgmmas in turns, warpgroup 1 first, whatever the schedule (the
-    serial one runs the last warp first): n_blocks + 1 turns each, S(0), then
-    S(nb) with P V(nb - 1), then the last P V."""
+    serial one runs the last warp first), tile after tile: n_blocks + 1 turns
+    each a tile, S(0), then S(nb) with P V(nb - 1), then the last P V."""
     shape = SM90_SHAPES[0]
     sm90_emulator.emulator_seed(0)
     check_stage(sm90_emulator, shape, torch.bfloat16, False, mode, "contiguous", stage="_sm90")
@@ -511,12 +519,41 @@ def test_stage2_forward_warpgroups_take_turns(sm90_emulator, mode):
     blocks, warpgroups = (ctypes.c_int * n)(), (ctypes.c_int * n)()
     sm90_emulator.forward_wgmma_commits(blocks, warpgroups, n)
     b, hq, _, sq, sk, _ = shape
-    n_blocks = -(-sk // 128)
-    assert sorted(set(blocks)) == list(range(b * hq * -(-sq // 128)))
+    tiles, n_blocks = b * hq * -(-sq // 128), -(-sk // 128)
+    assert sorted(set(blocks)) == list(range(SM90_SMS)) and tiles > SM90_SMS
+    turns_per_cta = []
     for block in set(blocks):
         order = [wg for blk, wg in zip(blocks, warpgroups) if blk == block]
         turns = [wg for wg, _ in itertools.groupby(order)]
-        assert turns == [1, 2] * (n_blocks + 1), f"block {block}: warpgroups issue in the order {order}"
+        assert turns == [1, 2] * (len(turns) // 2), f"CTA {block}: warpgroups issue in the order {order}"
+        turns_per_cta.append(len(turns) // 2)
+    assert sum(turns_per_cta) == tiles * (n_blocks + 1) and all(t % (n_blocks + 1) == 0 for t in turns_per_cta)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sms", [1, 4, 7, "one-a-tile"])
+def test_stage2_forward_on_any_grid(sm90_emulator, monkeypatch, sms, causal):
+    """The persistent forward gives every query tile to one CTA whatever the
+    number of CTAs: all in one; 4 and 7, taking 2 or 3 tiles each in the
+    forward and backward rounds of the schedule; one a tile
+    (PYEXT_FLASH_SM90_PERSISTENT=0). Two shapes of 9 tiles: 3 key tiles
+    each, and (causal) 100 keys for 300 queries, so that the first tile
+    sees no key (out 0, lse -inf) and loads nothing; the ring and Q's
+    barriers go on across the tiles of a CTA."""
+    if sms == "one-a-tile":
+        monkeypatch.setenv("PYEXT_FLASH_SM90_PERSISTENT", "0")
+    else:
+        sm90_emulator.emulator_sms(sms)
+    try:
+        shape = (1, 3, 1, 300, 100 if causal else 260, 64)
+        check_stage(sm90_emulator, shape, torch.bfloat16, causal, "random", "contiguous", stage="_sm90")
+        n = sm90_emulator.forward_wgmma_commits(None, None, 0)
+        blocks, warpgroups = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+        sm90_emulator.forward_wgmma_commits(blocks, warpgroups, n)
+        ctas = 9 if sms == "one-a-tile" else sms
+        assert set(blocks) <= set(range(ctas)) and (causal or set(blocks) == set(range(ctas)))
+    finally:
+        sm90_emulator.emulator_sms(SM90_SMS)
 
 
 @pytest.mark.parametrize("offset", [0, -30], ids=["top-left", "30-rows-see-nothing"])

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(FlashBwdDqSm90Traits<kD>::kThreads, 1)
       mbarrier_arrive_expect_tx(qdo_full, 2 * Tr::kQBytes);
       tma_load_tile<kD, kM>(sq, &tm_q, qdo_full, m0, h, b);
       tma_load_tile<kD, kM>(sdo, &tm_do, qdo_full, m0, h, b);
-      produce_kv_ring<kD, kN, kStages>(sk, sv, &tm_k, &tm_v, full, empty, n_blocks, hk, b);
+      produce_kv_ring<kD, kN, kStages>(sk, sv, &tm_k, &tm_v, full, empty, n_blocks, 0, hk, b);
     }
   } else {
     // ---- consumers ----

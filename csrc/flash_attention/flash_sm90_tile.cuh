@@ -76,17 +76,19 @@ __device__ __forceinline__ void tma_load_tile(T* dst, const CUtensorMap* tm, uin
 
 // The producer of the query-block kernels (forward, dQ): K and V tiles nb =
 // 0 .. n_blocks - 1 of kN keys of (batch, head_kv) into a ring of kStages
-// buffers (sk, sv: [kStages][kD / 64][kN][64]). full[s]: one arrival with the
-// tile's bytes; empty[s]: released by the consumers.
+// buffers (sk, sv: [kStages][kD / 64][kN][64]), as ring slots ring0 ..
+// ring0 + n_blocks - 1 (ring0: the tiles loaded into the ring before, by
+// this block's earlier query tiles); slot g is buffer g % kStages. full[s]:
+// one arrival with the tile's bytes; empty[s]: released by the consumers.
 template <int kD, int kN, int kStages, typename T>
 __device__ __forceinline__ void produce_kv_ring(T* sk, T* sv, const CUtensorMap* tm_k, const CUtensorMap* tm_v,
-                                                uint64_t* full, uint64_t* empty, int n_blocks, int head_kv,
-                                                int batch) {
+                                                uint64_t* full, uint64_t* empty, int n_blocks, int ring0,
+                                                int head_kv, int batch) {
   for (int nb = 0; nb < n_blocks; ++nb) {
-    const int s = nb % kStages;
-    // Buffer s last held tile nb - kStages: its release is the
-    // (nb / kStages - 1)-th completion of empty[s].
-    if (nb >= kStages) mbarrier_wait(&empty[s], (nb / kStages - 1) & 1);
+    const int g = ring0 + nb, s = g % kStages;
+    // Buffer s last held slot g - kStages: its release is the
+    // (g / kStages - 1)-th completion of empty[s].
+    if (g >= kStages) mbarrier_wait(&empty[s], (g / kStages - 1) & 1);
     mbarrier_arrive_expect_tx(&full[s], 2 * kN * kD * 2);
     tma_load_tile<kD, kN>(sk + s * kN * kD, tm_k, &full[s], nb * kN, head_kv, batch);
     tma_load_tile<kD, kN>(sv + s * kN * kD, tm_v, &full[s], nb * kN, head_kv, batch);

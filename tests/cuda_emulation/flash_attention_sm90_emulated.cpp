@@ -5,12 +5,14 @@
 // run block by block on the CPU (simt.h), with the stand-ins for wgmma
 // (common/wgmma.cuh) and for TMA, mbarriers and the tensor-map encoder
 // (common/tma.cuh); the tensor maps come from the real make_sm90_tensor_maps,
-// the grids, threads and shared memory from the kernels' traits. Loaded by
-// tests/test_cuda_emulated.py.
+// the grids, threads and shared memory from the kernels' traits (the
+// forward's persistent grid from the multiprocessors runtime.h says the
+// device has: emulator_sms). Loaded by tests/test_cuda_emulated.py.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "runtime.h"
 #include "simt.h"
 #include "common/mma.cuh"
 #include "common/red_add.cuh"
@@ -59,7 +61,7 @@ void forward(const pyext::FlashAttnParams& p) {
     g_result = "the tensor-map encoder refused q, k or v";
     return;
   }
-  run(Tr::grid(p), Tr::kThreads, Tr::kSmemBytes,
+  run(Tr::ctas(p), Tr::kThreads, Tr::kSmemBytes,
       [&] { pyext::flash_fwd_sm90_kernel<T, kD>(maps.q, maps.k, maps.v, p); });
   g_forward_commits = emu::g_wgmma_commits;
 }
@@ -141,5 +143,9 @@ extern "C" int forward_wgmma_commits(int* block, int* warpgroup, int capacity) {
   }
   return n;
 }
+
+// The multiprocessors of the emulated device, which the persistent forward
+// takes one CTA each of.
+extern "C" void emulator_sms(int sms) { emu::g_sms = sms; }
 
 extern "C" int flash_attn_params_size() { return sizeof(pyext::FlashAttnParams); }
