@@ -32,11 +32,11 @@ struct FlashBwdDkDvTraits {
   static constexpr int kSplit = kD <= 128 ? 1 : 2;     // warps per 16 keys
   static constexpr int kDw = kD / kSplit;              // head-dim columns of dK, dV per warp
   static constexpr int kThreads = 128 * kSplit;
-  // CTAs an SM for __launch_bounds__: at D 64 (sm_80) ptxas 13.0, left to
-  // itself, squeezes the kernel into 128 registers (4 CTAs) with a spill; 3
-  // is what it runs at with its registers (133 before the grid of session
-  // 46, 155 with this bound).
-  static constexpr int kMinBlocks = kD == 64 ? 3 : 1;
+  // CTAs an SM for __launch_bounds__, the deterministic kernel at D 32 and
+  // 64: 4 and 3, what they ran at (128 and 133 registers, sm_80) before the
+  // grid of session 46. Left to itself, ptxas 13.0 now gives D 32 149
+  // registers (3 CTAs) and squeezes D 64 into 128 with a spill.
+  static constexpr int kMinBlocks = kAccumulateDq ? 1 : kD == 32 ? 4 : kD == 64 ? 3 : 1;
   // kAccumulateDq: ds^T as [kBlockN][kBlockM + 8] in T, padded as the other
   // tiles: its rows are 80 or 144 bytes apart, so neither the stores nor the
   // transposing ldmatrix of 8 rows meets a bank twice.
@@ -89,7 +89,7 @@ __device__ __forceinline__ void add_dq(const FlashAttnParams& p,
 }
 
 template <typename T, int kD, bool kAccumulateDq>
-__global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads, FlashBwdDkDvTraits<kD>::kMinBlocks)
+__global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads, FlashBwdDkDvTraits<kD, kAccumulateDq>::kMinBlocks)
     flash_bwd_dkdv_kernel(const FlashAttnParams p) {
   using Tr = FlashBwdDkDvTraits<kD, kAccumulateDq>;
   constexpr int kN = Tr::kBlockN, kM = Tr::kBlockM, kS = kSmemStride<kD>;
