@@ -56,6 +56,18 @@ def _recomputed_p(s, shift, scale, MASK: tl.constexpr):
 
 
 @triton.jit
+def _query_step(i, first, steps, key_block, ROTATE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The first query row of step i of a key block's walk over query blocks
+    first, first + BLOCK_M, ... (steps of them). ROTATE (the atomic-dQ
+    backward): each key block starts at its own query block and wraps round.
+    The grid runs a head's key blocks at once, and walking from one start
+    they would add into the same dQ rows at the same moments."""
+    if ROTATE:
+        i = (i + key_block) % steps
+    return first + i * BLOCK_M
+
+
+@triton.jit
 def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, seed_ptr, mask_ptr,
                    col_span_ptr, sink_ptr, dsink_ptr, sink_slots, cu_seqlens_q, cu_seqlens_k,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -101,7 +113,9 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             spans = col_span_ptr + (bh * seq_k + offs_n) * 2
             first = tl.maximum(lo, tl.min(tl.load(spans, mask=offs_n < seq_k, other=seq_q)) // BLOCK_M * BLOCK_M)
             end = tl.max(tl.load(spans + 1, mask=offs_n < seq_k, other=0))
-        for start_m in range(first, end, BLOCK_M):
+        steps = tl.cdiv(end - first, BLOCK_M)
+        for i in range(0, steps):
+            start_m = _query_step(i, first, steps, tl.program_id(0), ATOMIC_DQ, BLOCK_M)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
             row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
