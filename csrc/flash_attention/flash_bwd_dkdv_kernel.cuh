@@ -115,9 +115,10 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads, FlashBwdDkDv
 
   const int m_lo = queries_begin(p, n0, kM);
   const int m_blocks = m_lo < p.seq_q ? (p.seq_q - m_lo + kM - 1) / kM : 0;
-  const int steps = group * m_blocks;  // step i: query head hk * group + i / m_blocks, block i % m_blocks
+  // step i: query head hk * group + i / m_blocks, block dkdv_step_block(i, m_blocks)
+  const int steps = group * m_blocks;
   auto load_step = [&](int i, int buf) {
-    const int h = hk * group + i / m_blocks, m0 = m_lo + (i % m_blocks) * kM;
+    const int h = hk * group + i / m_blocks, m0 = m_lo + dkdv_step_block(i, m_blocks) * kM;
     const int64_t bh = int64_t(b) * p.heads_q + h;
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* dout = static_cast<const T*>(p.dout) + bh * p.seq_q * d;
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(FlashBwdDkDvTraits<kD>::kThreads, FlashBwdDkDv
     cp_async_prefetch_next(i, steps, load_step);
     const T* q_tile = sq + buf * kM * kS;
     const T* do_tile = sdo + buf * kM * kS;
-    const int m0 = m_lo + (i % m_blocks) * kM;
+    const int m0 = m_lo + dkdv_step_block(i, m_blocks) * kM;
 
     float pt[kM / 8][4];  // p^T: rows keys, columns queries
     zero(pt);

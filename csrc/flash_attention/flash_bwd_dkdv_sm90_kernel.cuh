@@ -108,9 +108,9 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
   const int group = p.heads_q / p.heads_kv;
   const int n0 = blockIdx.x * kN;  // causal: a head's first keys, seen by the most queries, start first
   // The steps: queries before n0 - causal_offset see none of these keys (as
-  // Stage 1); step i is query head hk * group + i / m_blocks, block i %
-  // m_blocks. Computed by each role after its setmaxnreg: ptxas spills values
-  // that live across it.
+  // Stage 1); step i is query head hk * group + i / m_blocks, block
+  // dkdv_step_block(i, m_blocks). Computed by each role after its
+  // setmaxnreg: ptxas spills values that live across it.
   auto schedule = [&](int& m_lo, int& m_blocks) {
     m_lo = queries_begin(p, n0, kM);
     m_blocks = m_lo < p.seq_q ? (p.seq_q - m_lo + kM - 1) / kM : 0;
@@ -135,7 +135,8 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
       tma_load_tile<kD, kN>(sk, &tm_k, kv_full, n0, hk, b);
       tma_load_tile<kD, kN>(sv, &tm_v, kv_full, n0, hk, b);
       for (int i = 0; i < steps; ++i) {
-        const int s = i % kStages, h = hk * group + i / m_blocks, m0 = m_lo + (i % m_blocks) * kM;
+        const int s = i % kStages, h = hk * group + i / m_blocks;
+        const int m0 = m_lo + dkdv_step_block(i, m_blocks) * kM;
         // Slot s last held step i - kStages: its release is the
         // (i / kStages - 1)-th completion of empty[s].
         if (i >= kStages) mbarrier_wait(&empty[s], (i / kStages - 1) & 1);
@@ -147,7 +148,8 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
       // lse and delta rows of each step, two per lane; the arrival (release)
       // publishes this lane's stores to the consumers' wait (acquire).
       for (int i = 0; i < steps; ++i) {
-        const int s = i % kStages, h = hk * group + i / m_blocks, m0 = m_lo + (i % m_blocks) * kM;
+        const int s = i % kStages, h = hk * group + i / m_blocks;
+        const int m0 = m_lo + dkdv_step_block(i, m_blocks) * kM;
         const int64_t row0 = (int64_t(b) * p.heads_q + h) * p.seq_q + m0;
         if (i >= kStages) mbarrier_wait(&empty[s], (i / kStages - 1) & 1);
 #pragma unroll
@@ -202,7 +204,8 @@ __global__ void __launch_bounds__(FlashBwdDkDvSm90Traits<kD>::kThreads, 1)
     if (steps > 0) mbarrier_wait(kv_full, 0);
 
     for (int i = 0; i < steps; ++i) {
-      const int s = i % kStages, h = hk * group + i / m_blocks, m0 = m_lo + (i % m_blocks) * kM;
+      const int s = i % kStages, h = hk * group + i / m_blocks;
+      const int m0 = m_lo + dkdv_step_block(i, m_blocks) * kM;
       mbarrier_wait(&full[s], (i / kStages) & 1);
       // S^T = K Q^T and dP^T = V dO^T, two groups.
       wgmma_fence();

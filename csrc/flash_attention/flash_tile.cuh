@@ -29,6 +29,14 @@ template <int kD> constexpr int kSmemStride = kD + 8;
 // blocks together"). Batch and heads: at most 65535 each (check_grid).
 inline dim3 head_block_grid(int batch, int heads, int blocks) { return dim3(blocks, heads, batch); }
 
+// The query block of step i of a dK/dV CTA, whose steps walk m_blocks query
+// blocks for each query head of its group: each key block (blockIdx.x) starts
+// at its own and wraps round. The key blocks of a head run at once (the
+// grid's order), and walking from one start they would add into the same dQ
+// rows at the same moments (the dQ-atomic backward). Both modes walk alike,
+// so dK and dV come out the same bits in either.
+__device__ __forceinline__ int dkdv_step_block(int i, int m_blocks) { return (i + blockIdx.x) % m_blocks; }
+
 // Causal ranges of a block, from "query i sees key j iff j <= i + causal_offset":
 // one past the last key any query row in [m0, m0 + rows) sees (keys from there
 // on are masked for the whole block; Sk when not causal) ...
