@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
   using Tr = FlashFwdSm90Traits<kD>;
   constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kStages = Tr::kStages, kBox = kSm90BoxCols;
   __shared__ uint64_t bars[1 + 2 * kStages];  // see sm90_barriers_init; the stub below has none
-  __shared__ uint64_t q_free;
+  __shared__ uint64_t q_free;  // both consumer warpgroups are done reading Q: 8 warp arrivals
   uint64_t* q_full = bars;
   uint64_t* full = bars + 1;
   uint64_t* empty = bars + 1 + kStages;
