@@ -10,8 +10,9 @@ for Stage 1, one that pads to 64 or 128 for Stage 2), the dtype, causality
 with a causal offset (bottom-right, top-left or any from -Sq to Sk), the
 memory layout, the schedule (warps in lockstep; cp.async or TMA copies
 landing as late as they may; warps one at a time; threads in a random order
-and pace, with a seed of their own) and the backward's mode (deterministic,
-or dQ added up with atomics). Records each output's
+and pace, with a seed of their own), the backward's mode (deterministic,
+or dQ added up with atomics) and, for Stage 2, the multiprocessors of the
+emulated device (its forward runs one CTA each, looping over the tiles). Records each output's
 error / the rule's bound (above 1 fails) as the other fuzzers do. No GPU
 needed: g++ and the CUDA toolkit's headers.
 """
@@ -43,7 +44,8 @@ def draw(rng, features):
     offset = rng.choice([sk - sq, 0, rng.randint(-sq, sk)])
     return stage, dict(shape=shape, dtype=rng.choice([torch.bfloat16, torch.float16]), causal=rng.random() < 0.6,
                        mode=rng.choice(emulated.MODES), layout=rng.choice(["contiguous", "bshd"]), offset=offset,
-                       seed=rng.randint(0, 2 ** 31), deterministic=rng.random() < 0.5)
+                       seed=rng.randint(0, 2 ** 31), deterministic=rng.random() < 0.5,
+                       sms=rng.choice([1, 2, 3, 132]))
 
 
 LIBRARIES = {}
@@ -54,7 +56,9 @@ def run(stage, case):
         LIBRARIES[stage] = emulated.flash_library(STAGES[stage])
     lib = LIBRARIES[stage]
     lib.emulator_seed(case["seed"])
-    arguments = {name: value for name, value in case.items() if name != "seed"}
+    if stage == "stage2":
+        lib.emulator_sms(case["sms"])
+    arguments = {name: value for name, value in case.items() if name not in ("seed", "sms")}
     return fuzzing.margins([attention_checks], lambda: emulated.check_stage(lib, stage=STAGES[stage], **arguments))
 
 
