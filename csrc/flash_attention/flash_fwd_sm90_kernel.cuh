@@ -56,11 +56,11 @@
 // own, keep the tensor cores busy, and the other way round.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
+#include "common/grid.h"
 #include "common/named_barrier.cuh"
 #include "common/wgmma.cuh"
 #include "flash_attention/flash_attention.h"
@@ -89,17 +89,16 @@ struct FlashFwdSm90Traits {
   __host__ __device__ static int tiles(const FlashAttnParams& p) {
     return p.batch * p.heads_q * ((p.seq_q + kBlockM - 1) / kBlockM);
   }
-  // CTAs: one an SM (its registers and shared memory leave room for no
-  // second), no more than there are tiles. With PYEXT_FLASH_SM90_PERSISTENT=0
-  // in the environment (read per call, to time one schedule against the
-  // other) one CTA a tile instead: the hardware's schedule.
-  static int ctas(const FlashAttnParams& p) {
+  // CTAs: as many as are resident at once (one an SM: its registers and
+  // shared memory leave room for no second), no more than there are tiles.
+  // With PYEXT_FLASH_SM90_PERSISTENT=0 in the environment (read per call, to
+  // time one schedule against the other) one CTA a tile instead: the
+  // hardware's schedule.
+  template <typename Kernel>
+  static int ctas(Kernel kernel, const FlashAttnParams& p) {
     const char* env = std::getenv("PYEXT_FLASH_SM90_PERSISTENT");
     if (env != nullptr && std::strcmp(env, "0") == 0) return tiles(p);
-    int device = 0, sms = 1;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return std::min(tiles(p), sms);
+    return resident_blocks(kernel, kThreads, tiles(p), kSmemBytes);
   }
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kTileBytes = kBlockN * kD * 2;  // one K (or V) tile

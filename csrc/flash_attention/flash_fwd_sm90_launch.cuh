@@ -17,7 +17,7 @@ bool flash_fwd_sm90(const FlashAttnParams& p, cudaStream_t stream) {
   if (!make_sm90_tensor_maps<T>(p, Tr::kBlockM, Tr::kBlockN, maps)) return false;
   // 113 / 225 KB of dynamic shared memory: should a device refuse it, Stage 1 runs.
   if (!opt_in_smem(kernel, Tr::kSmemBytes)) return false;
-  kernel<<<Tr::ctas(p), Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, p);
+  kernel<<<Tr::ctas(kernel, p), Tr::kThreads, Tr::kSmemBytes, stream>>>(maps.q, maps.k, maps.v, p);
   return true;
 }
 

@@ -6,8 +6,8 @@
 // (common/wgmma.cuh) and for TMA, mbarriers and the tensor-map encoder
 // (common/tma.cuh); the tensor maps come from the real make_sm90_tensor_maps,
 // the grids, threads and shared memory from the kernels' traits (the
-// forward's persistent grid from the multiprocessors runtime.h says the
-// device has: emulator_sms). Loaded by tests/test_cuda_emulated.py.
+// forward's persistent grid from the multiprocessors and blocks an SM that
+// runtime.h says the device has: emulator_sms). Loaded by tests/test_cuda_emulated.py.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -61,7 +61,7 @@ void forward(const pyext::FlashAttnParams& p) {
     g_result = "the tensor-map encoder refused q, k or v";
     return;
   }
-  run(Tr::ctas(p), Tr::kThreads, Tr::kSmemBytes,
+  run(Tr::ctas(pyext::flash_fwd_sm90_kernel<T, kD>, p), Tr::kThreads, Tr::kSmemBytes,
       [&] { pyext::flash_fwd_sm90_kernel<T, kD>(maps.q, maps.k, maps.v, p); });
   g_forward_commits = emu::g_wgmma_commits;
 }
