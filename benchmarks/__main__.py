@@ -1,5 +1,5 @@
-"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--skip-providers P ...]
-                       [--out DIR] [--compare OLD.json]
+"""python -m benchmarks [--ops gelu ...] [--dtypes bfloat16 float32] [--quick] [--cases REGEX ...]
+                       [--skip-providers P ...] [--out DIR] [--compare OLD.json]
 python -m benchmarks --merge PART.json ... [--out DIR] [--compare OLD.json]
 
 The JSON and CSV are rewritten after every case, so a run that is killed (a
@@ -11,6 +11,7 @@ per process (as make gpu-check does, so that a kernel that breaks the CUDA
 context costs its own op only) into one report."""
 import argparse
 import json
+import re
 import signal
 import sys
 
@@ -32,6 +33,8 @@ def measure(args, meta, base):
     dtypes = [getattr(torch, d) for d in args.dtypes]
     print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
     meta.update(ops=list(args.ops), dtypes=list(args.dtypes), quick=args.quick)  # the run's scope, for readers
+    if args.cases:
+        meta["cases"] = list(args.cases)
     ceilings = harness.measure_ceilings(args.quick)
     meta["ceilings"] = ceilings
     if HAS_GPU:
@@ -42,12 +45,17 @@ def measure(args, meta, base):
     # Stopped early (Ctrl-C, or SIGTERM from a time limit), it reports the cases it finished.
     signal.signal(signal.SIGTERM, _interrupt)
     rows, done = [], 0
-    bar = harness.Progress(sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
+    # With --cases the count is not known ahead either: the bar shows cases done, with no total.
+    patterns = [re.compile(p) for p in args.cases or []]
+    bar = harness.Progress(None if patterns else sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
     skip = tuple(args.skip_providers)
     try:
         for op in args.ops:
             for case in OPS[op](args.quick, dtypes):
-                bar.show(done, f"{case.op} {case.direction} {case.dtype} {case.label}")
+                name = f"{case.op} {case.direction} {case.dtype} {case.label}"
+                if patterns and not any(p.search(name) for p in patterns):
+                    continue
+                bar.show(done, name)
                 rows += harness.run_case(case, ceilings, args.quick, skip)
                 done += 1
                 harness.write_results(base, meta, rows)
@@ -101,6 +109,9 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    parser.add_argument("--cases", nargs="+", metavar="REGEX",
+                        help="only the cases whose 'op direction dtype label', as the progress line shows it, "
+                             "one of these matches (e.g. 'fwd bfloat16-d64 ' or 'S=2048 D=128$')")
     parser.add_argument("--skip-providers", nargs="+", action="extend", default=[], metavar="PROVIDER",
                         help="leave these providers out (e.g. pyext-cuda), each row saying so")
     parser.add_argument("--out", default=harness.RESULTS_DIR)

@@ -232,17 +232,22 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
 
 class Progress:
     """A progress bar on stderr, rewritten in place: cases done of the total,
-    time so far, time left at the pace so far, and the case now running."""
+    time so far, time left at the pace so far, and the case now running.
+    With no total (a run filtered by --cases): the cases done and the time."""
 
-    def __init__(self, total: int, width: int = 24):
-        self.total, self.width, self.start = max(total, 1), width, time.perf_counter()
+    def __init__(self, total: Optional[int], width: int = 24):
+        self.total = None if total is None else max(total, 1)
+        self.width, self.start = width, time.perf_counter()
 
     def show(self, done: int, text: str, last: bool = False) -> None:
         elapsed = time.perf_counter() - self.start
-        filled = self.width * min(done, self.total) // self.total
-        left = f"~{_minutes(elapsed / done * (self.total - done))} left" if 0 < done < self.total else ""
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-                         f"{_minutes(elapsed)} {left:>10} {text[:60]:<60}")
+        if self.total is None:
+            sys.stderr.write(f"\r[{done} done] {_minutes(elapsed)} {text[:60]:<60}")
+        else:
+            filled = self.width * min(done, self.total) // self.total
+            left = f"~{_minutes(elapsed / done * (self.total - done))} left" if 0 < done < self.total else ""
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+                             f"{_minutes(elapsed)} {left:>10} {text[:60]:<60}")
         if last:
             sys.stderr.write("\n")
         sys.stderr.flush()

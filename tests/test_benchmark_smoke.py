@@ -93,6 +93,21 @@ def test_runs_of_one_op_each_merge_into_one_report(tmp_path):
     assert glob.glob(str(tmp_path / "all" / "*.csv")) and glob.glob(str(tmp_path / "all" / "*.png"))
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the GPU run is `make gpu-check`")
+def test_cases_runs_only_the_cases_a_pattern_matches(tmp_path):
+    """--cases: a regex each, searched in "op direction dtype label" (the progress line's text)."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "gelu", "layer_norm", "--cases",
+                          "^gelu fwd ", "layer_norm fwd\\+bwd float32", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    report = json.load(open(path))
+    cases = {(r["op"], r["direction"], r["dtype"]) for r in report["results"]}
+    assert cases == {("gelu", "fwd", "bfloat16"), ("gelu", "fwd", "float32"), ("layer_norm", "fwd+bwd", "float32")}
+    assert report["meta"]["cases"] == ["^gelu fwd ", "layer_norm fwd\\+bwd float32"]
+    assert "[3 done]" in run.stderr
+
+
 @pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")
 def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_gpt", "--steps", "3", "--out", str(tmp_path)],
