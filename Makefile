@@ -46,12 +46,13 @@ bench: ext
 # then reports the cases it finished). Each fails at the end if any of its
 # steps failed. The plots are packed into one plots.tgz (the device tool
 # brings back at most 8 files).
-# Peers the GPU image lacks (Liger-Kernel, pure Python) travel as wheels:
+# Peers the GPU image lacks (Liger-Kernel, pure Python) travel as wheels,
+# with einops, which FlashAttention's test file imports (tests/flash_attn_adapter):
 # `make peer-wheels` here, where there is a network, then carry .whl;
 # the GPU targets install them from that folder alone (--no-index).
 GPU_ARCHS   ?= 8.0;9.0a
 PEER_WHEELS ?= .whl
-PEERS       ?= liger-kernel==0.8.5
+PEERS       ?= liger-kernel==0.8.5 einops==0.8.1
 BENCH_ARGS  ?=
 BENCH_LIMIT ?= 0
 TRAIN       ?= 1
