@@ -4,6 +4,7 @@ on small shapes: each entry point gives what pyext gives on the same data in
 FlashAttention's layout, and what pyext lacks skips rather than fails."""
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -84,26 +85,34 @@ def test_a_backend_that_cannot_run_a_call_skips_with_its_reason(fa, monkeypatch)
         fa.flash_attn_func(q, k, v, softcap=20.0)
 
 
-def test_the_sample_keeps_the_same_one_in_n(monkeypatch):
-    monkeypatch.syspath_prepend(ADAPTER)
-    sample = importlib.import_module("fa_sample")
+SAMPLED = """
+import pytest
 
-    class Item:
-        def __init__(self, i):
-            self.nodeid = f"test_flash_attn.py::test_output[{i}]"
+@pytest.mark.parametrize("c", ["x", "y", "z"])
+@pytest.mark.parametrize("a,b", [(1, 2), (3, 4)])
+@pytest.mark.parametrize("d", list(range(100)))
+def test_grid(a, b, c, d):
+    assert (a, b) in [(1, 2), (3, 4)] and c in "xyz" and 0 <= d < 100
 
-    class Config:
-        class hook:
-            deselected = []
+def test_plain():
+    pass
+"""
 
-            @classmethod
-            def pytest_deselected(cls, items):
-                cls.deselected += items
 
-    monkeypatch.setenv("FA_SAMPLE", "16")
-    items = [Item(i) for i in range(4000)]
-    sample.pytest_collection_modifyitems(Config, items)
-    assert 150 < len(items) < 350 and len(items) + len(Config.hook.deselected) == 4000
-    again = [Item(i) for i in range(4000)]
-    sample.pytest_collection_modifyitems(Config, again)
-    assert [i.nodeid for i in again] == [i.nodeid for i in items]
+def test_the_sample_keeps_the_same_one_in_n_of_each_grid(tmp_path):
+    """run.sh's fa_sample plugin: one in FA_SAMPLE of a function's parameter
+    combinations, the same ones each run, drawn before pytest makes the tests."""
+    (tmp_path / "test_sampled.py").write_text(SAMPLED)
+
+    def collected(n):
+        env = dict(os.environ, PYTHONPATH=ADAPTER, FA_SAMPLE=str(n))
+        out = subprocess.run([sys.executable, "-m", "pytest", "-p", "fa_sample", "-p", "no:cacheprovider",
+                              "--collect-only", "-q", str(tmp_path / "test_sampled.py")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return [line for line in out.stdout.splitlines() if "::" in line]
+
+    every, sample = collected(1), collected(8)
+    assert len(every) == 601
+    assert 40 < len(sample) < 120 and sample == collected(8)
+    assert "test_sampled.py::test_plain" in sample
