@@ -47,7 +47,7 @@ bench: ext
 # steps failed. The plots are packed into one plots.tgz (the device tool
 # brings back at most 8 files).
 # Peers the GPU image lacks (Liger-Kernel, pure Python) travel as wheels,
-# with einops, which FlashAttention's test file imports (tests/flash_attn_adapter):
+# with einops, which FlashAttention's test file imports (.dev/fa_adapter, NOTES.md):
 # `make peer-wheels` here, where there is a network, then carry .whl;
 # the GPU targets install them from that folder alone (--no-index).
 GPU_ARCHS   ?= 8.0;9.0a
