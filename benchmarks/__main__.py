@@ -28,13 +28,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _regex(text):
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
+
+
 def measure(args, meta, base):
     """Ceilings (into meta), then every case of args.ops: the rows, written to base as they come."""
     dtypes = [getattr(torch, d) for d in args.dtypes]
     print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
     meta.update(ops=list(args.ops), dtypes=list(args.dtypes), quick=args.quick)  # the run's scope, for readers
     if args.cases:
-        meta["cases"] = list(args.cases)
+        meta["cases"] = [p.pattern for p in args.cases]
     ceilings = harness.measure_ceilings(args.quick)
     meta["ceilings"] = ceilings
     if HAS_GPU:
@@ -46,7 +53,7 @@ def measure(args, meta, base):
     signal.signal(signal.SIGTERM, _interrupt)
     rows, done = [], 0
     # With --cases the count is not known ahead either: the bar shows cases done, with no total.
-    patterns = [re.compile(p) for p in args.cases or []]
+    patterns = args.cases or []
     bar = harness.Progress(None if patterns else sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
     skip = tuple(args.skip_providers)
     try:
@@ -59,6 +66,9 @@ def measure(args, meta, base):
                 rows += harness.run_case(case, ceilings, args.quick, skip)
                 done += 1
                 harness.write_results(base, meta, rows)
+        if patterns and not done:
+            raise SystemExit(f"python -m benchmarks: --cases {' '.join(p.pattern for p in patterns)!r} matched no "
+                             f"case of --ops {' '.join(args.ops)}")
     except KeyboardInterrupt:
         meta["interrupted_after_cases"] = done
         print(f"\ninterrupted: reporting the {done} cases finished")
@@ -109,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
-    parser.add_argument("--cases", nargs="+", metavar="REGEX",
+    parser.add_argument("--cases", nargs="+", metavar="REGEX", type=_regex,
                         help="only the cases whose 'op direction dtype label', as the progress line shows it, "
                              "one of these matches (e.g. 'fwd bfloat16-d64 ' or 'S=2048 D=128$')")
     parser.add_argument("--skip-providers", nargs="+", action="extend", default=[], metavar="PROVIDER",

@@ -108,6 +108,15 @@ def test_cases_runs_only_the_cases_a_pattern_matches(tmp_path):
     assert "[3 done]" in run.stderr
 
 
+@pytest.mark.parametrize("pattern, error", [("(", "not a regular expression: '('"),
+                                            ("no-such-case", "matched no case of --ops gelu")])
+def test_cases_that_do_not_parse_or_match_nothing_are_errors(tmp_path, pattern, error):
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "gelu", "--cases", pattern,
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0 and error in run.stderr, run.stderr[-3000:]
+    assert not glob.glob(str(tmp_path / "*.json"))
+
+
 @pytest.mark.skipif(HAS_GPU, reason="the GPU run is `python -m benchmarks.train_gpt` in `make gpu-check`")
 def test_train_gpt_smoke_run_compares_loss_curves(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_gpt", "--steps", "3", "--out", str(tmp_path)],
