@@ -48,9 +48,13 @@ def _cpu_bodies():
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: kernel[grid](...) launches nothing."""
+    """Stands in for a Triton kernel: kernel[grid](...) and, for an autotuned
+    one, kernel.launch(grid, key, ...) (chosen_configs) launch nothing."""
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+    def launch(self, grid, key, *args, **kwargs):
+        pass
 
 
 def best_us(f, calls: int, rounds: int = 7) -> float:

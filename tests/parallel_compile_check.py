@@ -23,49 +23,18 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.compiler  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-
-# The module alone: the benchmarks package turns the interpreter on where there is no GPU.
-_spec = importlib.util.spec_from_file_location("parallel_compile",
-                                               os.path.join(ROOT, "benchmarks", "parallel_compile.py"))
-parallel_compile = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(parallel_compile)
 
 
-class PretendHopper:
-    """What Triton's JIT and autotuner ask of the active driver: device 0,
-    stream 0, an sm_90 target with its shared memory; a cubin "loads" as a
-    placeholder and a launch does nothing; every config times the same."""
+def _benchmarks_module(name):
+    """benchmarks/<name>.py alone: the benchmarks package turns the interpreter on where there is no GPU."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self):
-        self.utils = self
-        self.launcher_cls = lambda src, metadata: (lambda *args, **kwargs: None)
 
-    def is_active(self):
-        return True
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
-
-    def load_binary(self, name, kernel, shared, device):
-        return object(), object(), 32, 0, 1024  # module, function, registers, spills, max threads
-
-    def get_benchmarker(self):
-        return lambda kernel_call, quantiles: (kernel_call(), [1.0, 1.0, 1.0])[1]
-
+parallel_compile = _benchmarks_module("parallel_compile")
+pretend_hopper = _benchmarks_module("pretend_hopper")
 
 compiles = []  # (kernel name, num_warps, thread name): each compile, as it starts
 _compile = triton.compiler.compile
@@ -89,7 +58,7 @@ def call(x):
 
 def main():
     assert parallel_compile.AsyncCompileMode is not None, f"Triton {triton.__version__} has no AsyncCompileMode"
-    driver.set_active(PretendHopper())
+    pretend_hopper.install()
     triton.compiler.compile = _recording_compile  # the JIT binds it at its first call
 
     call(torch.zeros(1024, dtype=torch.float16))
@@ -109,7 +78,7 @@ def main():
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
     with parallel_compile.parallel_autotune_compiles():
         flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
-    tuner = flash_attention.forward._fwd_tma_kernel
+    tuner = flash_attention.forward._fwd_tma_kernel.autotuned
     names = {name for name, *_ in compiles}
     assert names == {"_fwd_tma_kernel"}, compiles
     assert len(compiles) == len(tuner.configs_timings), (compiles, tuner.configs_timings)

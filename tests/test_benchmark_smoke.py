@@ -49,6 +49,18 @@ def test_autotune_configs_compile_on_a_thread_each(tmp_path):
     assert "parallel compiles:" in out.stdout
 
 
+def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
+    """`TRITON_INTERPRET=0 python -m benchmarks.triton_launch_cost`: the Triton launch functions,
+    past the autotuner after each key's first launch, compiled for sm_90 and timed with no GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_launch_cost"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = out.stdout.strip().splitlines()[1:]
+    assert len(rows) == 6 and all(float(row.split()[0]) > 0 for row in rows), out.stdout
+
+
 @pytest.mark.parametrize("host_ms", [0.01, 5.0])
 def test_a_call_that_waits_for_the_gpu_is_told_from_one_that_does_not(host_ms):
     """The report flags a provider whose call synchronises (waits_for_gpu),

@@ -276,6 +276,10 @@ def main():
         triton.knobs.cache.dir = tempfile.mkdtemp(prefix="pyext_compile_check_")
     JITFunction.run = _record_jit
     Autotuner.run = _record_autotuned
+    # every launch through its autotuner, not past it with a config remembered for the key:
+    # the launches made while all_configs is True compile every config of their keys
+    from pyext.triton_kernels.chosen_configs import ChosenConfigs
+    ChosenConfigs.launch = lambda self, grid, key, *args, **kwargs: self.autotuned[grid](*args, **kwargs)
     exercise_launchers()
     seen = set()
     for fn, args, kwargs, configs, launch_targets, pruned in launches:

@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv, dot, on_device, round_to
-from .launch import _INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare, _unit_last_stride, _window_bounds
+from ..chosen_configs import ChosenConfigs
+from .launch import (_INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _unit_last_stride,
+                     _window_bounds)
 from .mask_spans import col_spans, row_spans
 from .tiles import (_dropout_keep, _key_range, _load_tile, _low_part, _masked_scores, _query_block, _sequence,
                     _soft_capped, _stats_start, _visible)
@@ -165,14 +167,15 @@ _DQ_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "D
 _BWD_KEY = _DQ_KEY + ["SINK"]  # the sink's gradient is summed in the dK/dV pass: the dQ kernel has no SINK
 # Timing a config adds into dq_acc, and leaves sink shares in the slots of its key blocks, which a
 # config of wider blocks does not overwrite: the autotuner zeroes both before each run (and the last).
-_bwd_dkdv_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"])(
-    _bwd_kv_kernel)
-_bwd_dkdv_dq_kernel = triton.autotune(configs=_configs("bwd"), key=_BWD_KEY,
-                                      reset_to_zero=["dq_acc_ptr", "dsink_ptr"])(_bwd_kv_kernel)
+_bwd_dkdv_kernel = ChosenConfigs(triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"])(
+    _bwd_kv_kernel))
+_bwd_dkdv_dq_kernel = ChosenConfigs(triton.autotune(configs=_configs("bwd"), key=_BWD_KEY,
+                                                    reset_to_zero=["dq_acc_ptr", "dsink_ptr"])(_bwd_kv_kernel))
 # the narrowest key block of any config: the most key blocks, so sink slots, a head can have
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs("bwd"))
 
 
+@ChosenConfigs
 @triton.autotune(configs=_configs("bwd"), key=_DQ_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
@@ -261,6 +264,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     rows_q, rows_k = (packed.max_seqlen_q, packed.max_seqlen_k) if packed else (seq_q, seq_k)
     grid_kv = lambda m: (cdiv(rows_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
     spans, cu_seqlens = col_spans(mask), _cu_seqlens(packed)
+    key = _tuning_key(buckets, q, dout, mask, sinks)
     # each (batch, head)'s sink shares, one slot per key block; with no sinks a zero the kernels
     # never write (the autotuner zeroes the argument, and Triton 3.6 cannot zero None)
     if sinks is None:
@@ -282,18 +286,18 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             LOW_PART=out_lo is not None)
         if not deterministic:
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
-            _bwd_dkdv_dq_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans, *sink_args,
-                                         *cu_seqlens, *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail,
-                                         ATOMIC_DQ=True, **meta)
+            _bwd_dkdv_dq_kernel.launch(grid_kv, key, q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans,
+                                       *sink_args, *cu_seqlens, *args, *dout_strides, *dk.stride()[:3],
+                                       *dv.stride()[:3], *tail, ATOMIC_DQ=True, **meta)
             torch.mul(dq_acc, scale, out=dq[:stats_batch])
         else:
-            _bwd_dkdv_kernel[grid_kv](q, k, v, dout, lse, delta, dk, dv, None, seed, mask, spans, *sink_args,
-                                      *cu_seqlens, *args, *dout_strides, *dk.stride()[:3], *dv.stride()[:3], *tail,
-                                      ATOMIC_DQ=False, **meta)
+            _bwd_dkdv_kernel.launch(grid_kv, key, q, k, v, dout, lse, delta, dk, dv, None, seed, mask, spans,
+                                    *sink_args, *cu_seqlens, *args, *dout_strides, *dk.stride()[:3],
+                                    *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
             meta.pop("SINK")
             grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
-            _bwd_dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask), *cu_seqlens, *args,
-                                   *dout_strides, *dq.stride()[:3], *tail, **meta)
+            _bwd_dq_kernel.launch(grid_q, key, q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask),
+                                  *cu_seqlens, *args, *dout_strides, *dq.stride()[:3], *tail, **meta)
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, -sink_args[1].sum((0, 2)))
 
 

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv, dot, on_device, round_to
-from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _window_bounds, empty_out
+from ..chosen_configs import ChosenConfigs
+from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _window_bounds, empty_out
 from .mask_spans import row_spans
 from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _low_part, _masked_scores, _query_block,
                     _sequence, _soft_capped, _stats_start, _visible)
@@ -100,6 +101,7 @@ def _finish(m_i, l_i, acc):
     return out, lse
 
 
+@ChosenConfigs
 @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
                                                "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN"])
 @triton.jit
@@ -158,6 +160,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
         tl.store(lse_ptr + stats, lse, mask=offs_m < seq_q)
 
 
+@ChosenConfigs
 @triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP",
                                                    "SINK"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
@@ -325,18 +328,19 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         return outputs
     rows = packed.max_seqlen_q if packed else seq_q
     grid = lambda meta_: (cdiv(rows, meta_["BLOCK_M"]), heads_q, batch)  # noqa: E731
+    key = _tuning_key(buckets, q, mask, sinks)
     with on_device(q):
         sink = None if sinks is None else sinks.contiguous()
         if not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
                 forward_loads(q, k, v, out) == "descriptor":
             meta.pop("DROPOUT"), meta.pop("MASK"), meta.pop("VARLEN")
-            _fwd_tma_kernel[grid](*(_descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
-                                  *out.stride()[:3], *sizes,
-                                  *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
-                                  **meta)
+            _fwd_tma_kernel.launch(grid, key, *(_descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
+                                   *out.stride()[:3], *sizes,
+                                   *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
+                                   **meta)
         else:
-            _fwd_kernel[grid](q, k, v, out, out_lo, lse, seed, mask, row_spans(mask), sink, *_cu_seqlens(packed),
-                              *args, *out.stride()[:3],
-                              *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
-                              WINDOW=window is not None, SINK=sinks is not None, **meta)
+            _fwd_kernel.launch(grid, key, q, k, v, out, out_lo, lse, seed, mask, row_spans(mask), sink,
+                               *_cu_seqlens(packed), *args, *out.stride()[:3],
+                               *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
+                               WINDOW=window is not None, SINK=sinks is not None, **meta)
     return outputs

@@ -50,6 +50,13 @@ def _seq_bucket(n):
     return next_power_of_2(max(int(n), 1))
 
 
+def _tuning_key(buckets, *tensors):
+    """What an attention launch's autotune key holds besides the constexprs
+    it passes (chosen_configs.ChosenConfigs): the sequence buckets, and the
+    dtypes of its inputs (None for one not given)."""
+    return buckets, tuple(None if t is None else t.dtype for t in tensors)
+
+
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 

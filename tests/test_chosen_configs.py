@@ -1,0 +1,79 @@
+"""An autotuned kernel launched past its autotuner once it has chosen
+(triton_kernels/chosen_configs.py), on a kernel that writes which config ran:
+the first launch of a key lets the autotuner time and choose, the next ones
+launch its choice without it, pre_hook applied, and a new key chooses anew.
+Under the Triton interpreter, with a stand-in for the autotuner's timer."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from pyext.triton_kernels.chosen_configs import ChosenConfigs  # noqa: E402
+
+hooked = []  # (BLOCK, names of the arguments) of each pre_hook call
+
+
+def _record_hook(nargs):
+    hooked.append((nargs["BLOCK"], sorted(nargs)))
+
+
+@triton.jit
+def _write_block(out_ptr, n, PLUS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.zeros([BLOCK], tl.int32) + BLOCK + PLUS, mask=offs < n)
+
+
+fastest = {"BLOCK": 16}  # the block the stand-in timer reports as the fastest
+
+
+def _timer(kernel_call, quantiles):
+    """Runs the config's call and times it from what it wrote: 1 for the fastest block, 2 for another."""
+    out.zero_()
+    kernel_call()
+    return [1.0 if int(out[0]) % 100 == fastest["BLOCK"] else 2.0] * 3
+
+
+out = torch.zeros(64, dtype=torch.int32)
+
+
+def _tuned():
+    configs = [triton.Config({"BLOCK": b}, num_warps=1, pre_hook=_record_hook) for b in (16, 32, 64)]
+    return ChosenConfigs(triton.autotune(configs=configs, key=["n", "PLUS"], do_bench=_timer)(_write_block))
+
+
+def _launch(tuned, n, plus=0):
+    """What a launch wrote: its config's BLOCK (+ plus); the caller's key is n, the constexpr PLUS a keyword."""
+    out.zero_()
+    tuned.launch(lambda meta: (1,), (n,), out, n, PLUS=plus)
+    return int(out[0])
+
+
+def test_a_key_chooses_once_and_its_next_launches_skip_the_autotuner(monkeypatch):
+    tuned = _tuned()
+    runs = []
+    run = tuned.autotuned.run
+    monkeypatch.setattr(tuned.autotuned, "run", lambda *args, **kwargs: (runs.append(1), run(*args, **kwargs))[1])
+    fastest["BLOCK"] = 32
+    assert _launch(tuned, 20) == 32 and len(runs) == 1  # timed 16, 32 and 64, ran 32
+    fastest["BLOCK"] = 64  # what the timer says now changes nothing for a key already chosen
+    for _ in range(3):
+        hooked.clear()
+        assert _launch(tuned, 20) == 32
+        assert len(runs) == 1
+        assert [block for block, _ in hooked] == [32], hooked  # the chosen config's pre_hook, once
+    assert _launch(tuned, 40) == 64 and len(runs) == 2  # a new key: the autotuner times again
+    assert _launch(tuned, 20) == 32 and _launch(tuned, 40) == 64 and len(runs) == 2
+    assert _launch(tuned, 20, plus=100) == 164 and len(runs) == 3  # so does the same key with other constexprs
+
+
+def test_the_pre_hook_sees_the_arguments_by_name_as_under_the_autotuner():
+    tuned = _tuned()
+    fastest["BLOCK"] = 16
+    hooked.clear()
+    _launch(tuned, 8)
+    _launch(tuned, 8)
+    (first_block, under_autotuner), (block, past_it) = hooked[-2:]
+    assert block == first_block == 16
+    named = {"out_ptr", "n", "PLUS", "BLOCK", "num_warps"}  # the kernel's arguments and the config's
+    assert named <= set(under_autotuner) and named <= set(past_it), hooked
