@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from benchmarks.parallel_compile import parallel_autotune_compiles
 
 HAS_GPU = torch.cuda.is_available()
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -51,12 +50,11 @@ class Case:
 
 def timer(fn: Callable[[], object], quick: bool) -> List[float]:
     """Run-time (median, 20th and 80th percentile) in milliseconds, after a
-    first call that compiles, untimed (an autotuned kernel's configs on a
-    thread each: parallel_compile.py), and warm-up. Without a GPU one run
-    after that first call: the smoke run's timings mean nothing, and the
-    interpreter's calls are slow."""
-    with parallel_autotune_compiles():
-        fn()
+    first call that compiles, untimed (pyext's autotuned kernels compile
+    their configs on a thread each: triton_kernels/chosen_configs.py), and
+    warm-up. Without a GPU one run after that first call: the smoke run's
+    timings mean nothing, and the interpreter's calls are slow."""
+    fn()
     if HAS_GPU:
         import triton.testing
         warmup, rep = (10, 30) if quick else (25, 100)

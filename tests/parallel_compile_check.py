@@ -1,12 +1,12 @@
-"""benchmarks.parallel_compile on a pretend H100: Triton's JIT and autotuner
-run as on a GPU, compiling real sm_90 cubins, with the launches no-ops.
+"""chosen_configs on a pretend H100: Triton's JIT and autotuner run as on a
+GPU, compiling real sm_90 cubins, with the launches no-ops.
 
 Run as a script, without TRITON_INTERPRET (test_benchmark_smoke.py runs it
 in a subprocess). Every compile is recorded with the thread it ran on:
 - a plain first call of an autotuned kernel compiles its configs one by one
   on the calling thread (the control);
-- inside parallel_autotune_compiles() the same call compiles each config
-  once, on the pool's threads, and the autotuner itself compiles none;
+- the same kernel launched through ChosenConfigs compiles each config once,
+  on the pool's threads, and the autotuner itself compiles none;
 - so does pyext's descriptor attention forward, whose configs set the
   descriptors' boxes (part of the signature) in a pre_hook.
 """
@@ -33,7 +33,6 @@ def _benchmarks_module(name):
     return module
 
 
-parallel_compile = _benchmarks_module("parallel_compile")
 pretend_hopper = _benchmarks_module("pretend_hopper")
 
 compiles = []  # (kernel name, num_warps, thread name): each compile, as it starts
@@ -57,8 +56,9 @@ def call(x):
 
 
 def main():
-    assert parallel_compile.AsyncCompileMode is not None, f"Triton {triton.__version__} has no AsyncCompileMode"
     pretend_hopper.install()
+    from pyext.triton_kernels import chosen_configs, flash_attention
+    assert chosen_configs.AsyncCompileMode is not None, f"Triton {triton.__version__} has no AsyncCompileMode"
     triton.compiler.compile = _recording_compile  # the JIT binds it at its first call
 
     call(torch.zeros(1024, dtype=torch.float16))
@@ -66,23 +66,22 @@ def main():
     assert {t for *_, t in compiles} == {threading.current_thread().name}, compiles
 
     compiles.clear()
-    with parallel_compile.parallel_autotune_compiles():
-        call(torch.zeros(1024))  # float32: a new variant of each config
-        call(torch.zeros(2048))  # a new autotune key, the same variants
+    chosen = chosen_configs.ChosenConfigs(doubled)
+    for n in (1024, 2048):  # float32: a new variant of each config; then a new key, the same variants
+        x = torch.zeros(n)
+        chosen.launch(lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),), (n,), x, x.numel())
     assert sorted(w for _, w, _ in compiles) == [1, 2, 4, 8], compiles
-    assert all(t.startswith("triton-compile") for *_, t in compiles), compiles
+    assert all(t.startswith("pyext-triton-compile") for *_, t in compiles), compiles
 
-    from pyext.triton_kernels import flash_attention
     flash_attention.forward._has_tma = lambda t: True
     compiles.clear()
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
-    with parallel_compile.parallel_autotune_compiles():
-        flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+    flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
     tuner = flash_attention.forward._fwd_tma_kernel.autotuned
     names = {name for name, *_ in compiles}
     assert names == {"_fwd_tma_kernel"}, compiles
     assert len(compiles) == len(tuner.configs_timings), (compiles, tuner.configs_timings)
-    assert all(t.startswith("triton-compile") for *_, t in compiles), compiles
+    assert all(t.startswith("pyext-triton-compile") for *_, t in compiles), compiles
     print(f"parallel compiles: {len(compiles)} descriptor forward configs on the pool (Triton {triton.__version__})")
 
 

@@ -37,18 +37,6 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert f"against {path}:" in again.stdout and "ms" in again.stdout.split(f"against {path}:")[1]
 
 
-def test_autotune_configs_compile_on_a_thread_each(tmp_path):
-    """benchmarks.parallel_compile on a pretend H100 (tests/parallel_compile_check.py):
-    real sm_90 compiles, each config once, on the pool's threads; the autotuner compiles none itself."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # every compile a real one
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_compile_check.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "parallel compiles:" in out.stdout
-
-
 def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
     """`TRITON_INTERPRET=0 python -m benchmarks.triton_launch_cost`: the Triton launch functions,
     past the autotuner after each key's first launch, compiled for sm_90 and timed with no GPU."""

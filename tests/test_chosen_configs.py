@@ -2,7 +2,13 @@
 (triton_kernels/chosen_configs.py), on a kernel that writes which config ran:
 the first launch of a key lets the autotuner time and choose, the next ones
 launch its choice without it, pre_hook applied, and a new key chooses anew.
-Under the Triton interpreter, with a stand-in for the autotuner's timer."""
+Under the Triton interpreter, with a stand-in for the autotuner's timer.
+And the configs of a first launch compiled on a thread each, on a pretend
+H100 (tests/parallel_compile_check.py)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -77,3 +83,15 @@ def test_the_pre_hook_sees_the_arguments_by_name_as_under_the_autotuner():
     assert block == first_block == 16
     named = {"out_ptr", "n", "PLUS", "BLOCK", "num_warps"}  # the kernel's arguments and the config's
     assert named <= set(under_autotuner) and named <= set(past_it), hooked
+
+
+def test_autotune_configs_compile_on_a_thread_each(tmp_path):
+    """tests/parallel_compile_check.py, without the interpreter: real sm_90 compiles, each config
+    once, on the pool's threads; the autotuner compiles none itself."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # every compile a real one
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "parallel_compile_check.py")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "parallel compiles:" in out.stdout

@@ -1,24 +1,63 @@
-"""An autotuned kernel launched past triton.autotune once it has chosen.
+"""An autotuned kernel launched past triton.autotune once it has chosen, its
+configs compiled all at once before it chooses.
 
 triton.autotune times every config on the first launch of a key and keeps
 the fastest, but every later launch works the key out again in Python: a
 dict of all the kernel's arguments, filtered through the list of their
 names, and str() of each tensor's dtype. For the attention kernels (20-60
 arguments) that is about 30 us a launch on this project's CPU machine, and
-2.5-3x that on the H200 machine's, three launches a forward and backward
+about 3.5x that on the H200 machine's, three launches a forward and backward
 (benchmarks/NOTES.md, "Host cost of a call"). The launch functions hold
 that key already (the constexprs they pass, the sequence buckets, the
 inputs' dtypes), so each kernel remembers its choice per key here, and a
 later launch of the key goes straight to the jitted kernel with it.
+
+On a fresh machine (no Triton cache) the autotuner's first launch is mostly
+compiling, one config after another: about 0.5 s a config on our CPU, 1.5 s
+on the GPU machine's, 7-8 configs a kernel. So before it times them, every
+config it will time is handed to a thread pool as a compile job (Triton's
+AsyncCompileMode: its LLVM passes give up the GIL, ptxas is a process of
+its own), and the autotuner finds them compiled (benchmarks/NOTES.md,
+"Triton compiles on a thread each"). What it times and picks is unchanged.
 """
+import functools
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:  # a Triton without it: the autotuner compiles the configs one at a time
+    AsyncCompileMode = None
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="pyext-triton-compile")
+
+
+def _compile_configs(autotuned, grid, args, kwargs):
+    """Compiles, on the pool and without running, each config the autotuner
+    will time for this launch: those its prune keeps, each with its pre_hook
+    applied first, as the autotuner applies it before a timed run (the
+    descriptor forward's sets the descriptors' boxes, part of the kernel's
+    signature). A config that fails to compile is left to the autotuner,
+    which skips it as it always has."""
+    autotuned.nargs = dict(zip(autotuned.arg_names, args))  # what the prune reads
+    with AsyncCompileMode(_compile_pool(), ignore_errors=True):
+        for config in autotuned.prune_configs(kwargs):
+            current = dict(kwargs, **config.all_kwargs())
+            if config.pre_hook is not None:
+                config.pre_hook({**autotuned.nargs, **current})
+            autotuned.fn.run(*args, grid=grid, warmup=True, **current)
 
 
 class ChosenConfigs:
     """launch(grid, key, *args, **kwargs) of an autotuned kernel: the first
-    launch of a key runs the autotuner, which chooses (timing each config on
-    a GPU); the next ones launch its choice directly, its pre_hook applied
-    (the descriptor forward's boxes) as the autotuner would."""
+    launch of a key compiles every config at once and runs the autotuner,
+    which chooses (timing each config on a GPU); the next ones launch its
+    choice directly, its pre_hook applied (the descriptor forward's boxes)
+    as the autotuner would."""
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
@@ -34,6 +73,8 @@ class ChosenConfigs:
         chosen = self._chosen.get(key)
         if chosen is None:
             with self._choosing:
+                if AsyncCompileMode is not None and len(self.autotuned.configs) > 1:
+                    _compile_configs(self.autotuned, grid, args, kwargs)
                 self.autotuned[grid](*args, **kwargs)
                 config = self.autotuned.best_config
             self._chosen[key] = config, config.all_kwargs()
