@@ -8,7 +8,9 @@ in a subprocess). Every compile is recorded with the thread it ran on:
 - the same kernel launched through ChosenConfigs compiles each config once,
   on the pool's threads, and the autotuner itself compiles none;
 - so does pyext's descriptor attention forward, whose configs set the
-  descriptors' boxes (part of the signature) in a pre_hook.
+  descriptors' boxes (part of the signature) in a pre_hook;
+- and the attention launches after a key's first, past the autotuner,
+  compile nothing: they run the variant the autotuner chose.
 """
 import importlib.util
 import os
@@ -83,6 +85,19 @@ def main():
     assert len(compiles) == len(tuner.configs_timings), (compiles, tuner.configs_timings)
     assert all(t.startswith("pyext-triton-compile") for *_, t in compiles), compiles
     print(f"parallel compiles: {len(compiles)} descriptor forward configs on the pool (Triton {triton.__version__})")
+
+    # the next launches of the key, past the autotuner, run the variant it chose: nothing new compiles
+    # (the descriptors' boxes and the config's warps and stages are part of the variant)
+    out, lse = flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+    for deterministic in (True, False):  # the dK/dV and dQ kernels; the dK/dV kernel with atomic dQ
+        flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 0.1, False, 0, deterministic)
+    compiles.clear()
+    for _ in range(2):
+        flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+        for deterministic in (True, False):
+            flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 0.1, False, 0, deterministic)
+    assert compiles == [], compiles
+    print("past the autotuner: the chosen variants, none compiled anew")
 
 
 if __name__ == "__main__":
