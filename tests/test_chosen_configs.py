@@ -4,7 +4,8 @@ the first launch of a key lets the autotuner time and choose, the next ones
 launch its choice without it, pre_hook applied, and a new key chooses anew.
 Under the Triton interpreter, with a stand-in for the autotuner's timer.
 And the configs of a first launch compiled on a thread each, on a pretend
-H100 (tests/parallel_compile_check.py)."""
+H100 (tests/parallel_compile_check.py); and the attention launches' keys,
+each of which must map to one key of the autotuner's own."""
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+import pyext  # noqa: E402
+from conftest import device_for  # noqa: E402
 from pyext.triton_kernels.chosen_configs import ChosenConfigs  # noqa: E402
+from pyext.triton_kernels.flash_attention import use_loads  # noqa: E402
 
 hooked = []  # (BLOCK, names of the arguments) of each pre_hook call
 
@@ -95,3 +99,68 @@ def test_autotune_configs_compile_on_a_thread_each(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "parallel compiles:" in out.stdout and "none compiled anew" in out.stdout
+
+
+def _autotuner_key(autotuned, args, kwargs):
+    """The key triton.autotune computes for a launch: its key arguments' values, then the dtype of
+    each tensor argument, in the order of the arguments."""
+    named = {k: v for k, v in {**dict(zip(autotuned.arg_names, args)), **kwargs}.items()
+             if k in autotuned.arg_names}
+    return (tuple(named[k] for k in autotuned.keys if k in named)
+            + tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+
+
+def _attention_calls():
+    """Attention calls through the Triton kernels that differ in what an autotune key may hold:
+    dtypes, causal, head dims, sequence buckets, GQA, a value head dim of its own, masks of two
+    kinds and dtypes, dropout, a window, a soft cap, sinks of two dtypes, a packed batch, the
+    descriptor forward; each forward and both backwards."""
+    device = device_for("triton")
+
+    def qkv(dtype=torch.bfloat16, sq=20, sk=20, hq=2, hk=2, d=32, dv=None):
+        return [torch.randn(1, h, s, e, dtype=dtype, device=device, requires_grad=True)
+                for h, s, e in ((hq, sq, d), (hk, sk, d), (hk, sk, dv or d))]
+    flash = pyext.flash_attention
+    sdpa = pyext.scaled_dot_product_attention
+    yield lambda t: flash(*qkv(), deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(torch.float16), deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(), causal=True, deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(sq=40), deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(sk=70, d=64), deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(hq=4, hk=2, dv=16), deterministic=t, backend="triton")
+    for mask in (torch.ones(20, 20, dtype=torch.bool, device=device).tril(), torch.zeros(20, 20, device=device),
+                 torch.zeros(20, 20, dtype=torch.bfloat16, device=device)):
+        yield lambda t, mask=mask: sdpa(*qkv(), attn_mask=mask, backend="triton")
+    yield lambda t: flash(*qkv(), dropout_p=0.1, deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(), window_size=(4, 4), deterministic=t, backend="triton")
+    yield lambda t: flash(*qkv(), softcap=5.0, deterministic=t, backend="triton")
+    for sinks_dtype in (torch.float32, torch.bfloat16):
+        yield lambda t, dt=sinks_dtype: flash(*qkv(), sinks=torch.zeros(2, dtype=dt, device=device), deterministic=t,
+                                              backend="triton")
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+    yield lambda t: pyext.flash_attention_varlen(*(x[0].transpose(0, 1) for x in qkv()), cu, cu, 13, 13,
+                                                 deterministic=t, backend="triton")
+
+    def descriptor_forward(t):
+        with use_loads("descriptor"):
+            return flash(*qkv(), deterministic=t, backend="triton")
+    yield descriptor_forward
+
+
+def test_the_attention_launch_keys_are_no_coarser_than_the_autotuners(monkeypatch):
+    """Each attention launch's key (launch._tuning_key and the constexprs) maps to one key of the
+    autotuner's own: a coarser one would launch a config chosen, and pruned, for another."""
+    seen = {}  # (autotuned kernel, our key) -> the autotuner's keys
+    launch = ChosenConfigs.launch
+
+    def recording_launch(self, grid, key, *args, **kwargs):
+        ours = (id(self.autotuned), key, tuple(kwargs.items()))
+        seen.setdefault(ours, set()).add(_autotuner_key(self.autotuned, args, kwargs))
+        return launch(self, grid, key, *args, **kwargs)
+    monkeypatch.setattr(ChosenConfigs, "launch", recording_launch)
+    for call in _attention_calls():
+        for deterministic in (False, True):
+            out = call(deterministic)
+            out.sum().backward()
+    assert len(seen) >= 30, len(seen)
+    assert all(len(theirs) == 1 for theirs in seen.values()), [t for t in seen.values() if len(t) > 1]
