@@ -15,7 +15,6 @@ is 2.5-3x slower than the project's CPU machine; benchmarks/NOTES.md,
 "Host cost of a call").
 """
 import os
-import time
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("run with TRITON_INTERPRET=0: the kernels must be compiled ones, not the interpreter's")
@@ -23,17 +22,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 import torch  # noqa: E402
 
 from benchmarks import pretend_hopper  # noqa: E402
-
-
-def best_us(f, calls: int = 300, rounds: int = 5) -> float:
-    f()  # compiles, and lets each autotuner choose
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            f()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-    return best
+from benchmarks.host_cost import best_us  # noqa: E402
 
 
 def calls():
@@ -69,7 +58,7 @@ def main():
     print(f"Triton launch path, us per call on this CPU (torch {torch.__version__}, Triton {triton.__version__}, "
           "launches no-ops)")
     for name, call in calls().items():
-        print(f"{best_us(call):8.1f}  {name}")
+        print(f"{best_us(call, 300, rounds=5):8.1f}  {name}")  # its first calls compile and let autotuners choose
 
 
 if __name__ == "__main__":
