@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-
 HAS_GPU = torch.cuda.is_available()
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # pyext-triton-ptr: the Triton forward with pointer loads forced (attention, on sm_90:

@@ -1,7 +1,7 @@
 """chosen_configs on a pretend H100: Triton's JIT and autotuner run as on a
 GPU, compiling real sm_90 cubins, with the launches no-ops.
 
-Run as a script, without TRITON_INTERPRET (test_benchmark_smoke.py runs it
+Run as a script, without TRITON_INTERPRET (test_chosen_configs.py runs it
 in a subprocess). Every compile is recorded with the thread it ran on:
 - a plain first call of an autotuned kernel compiles its configs one by one
   on the calling thread (the control);
