@@ -9,6 +9,7 @@ in a subprocess). Every compile is recorded with the thread it ran on:
   on the pool's threads, and the autotuner itself compiles none;
 - so does pyext's descriptor attention forward, whose configs set the
   descriptors' boxes (part of the signature) in a pre_hook;
+- the attention backward there takes its descriptor kernels;
 - and the attention launches after a key's first, past the autotuner,
   compile nothing: they run the variant the autotuner chose.
 """
@@ -75,7 +76,7 @@ def main():
     assert sorted(w for _, w, _ in compiles) == [1, 2, 4, 8], compiles
     assert all(t.startswith("pyext-triton-compile") for *_, t in compiles), compiles
 
-    flash_attention.forward._has_tma = lambda t: True
+    flash_attention.loads._has_tma = lambda t: True
     compiles.clear()
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
     flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
@@ -89,8 +90,11 @@ def main():
     # the next launches of the key, past the autotuner, run the variant it chose: nothing new compiles
     # (the descriptors' boxes and the config's warps and stages are part of the variant)
     out, lse = flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+    compiles.clear()
     for deterministic in (True, False):  # the dK/dV and dQ kernels; the dK/dV kernel with atomic dQ
         flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 0.1, False, 0, deterministic)
+    names = {name for name, *_ in compiles}
+    assert names == {"_bwd_delta_kernel", "_bwd_kv_tma_kernel", "_bwd_dq_tma_kernel"}, names
     compiles.clear()
     for _ in range(2):
         flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)

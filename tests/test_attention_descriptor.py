@@ -1,8 +1,9 @@
-"""The Hopper forward of the Triton attention: tensor descriptors (TMA on
-sm_90), forced on CPU under the interpreter. flash_attention.use_loads("descriptor")
-runs the descriptor forward wherever Triton has host tensor descriptors, the
-interpreter included; "auto" takes it on compute capability 9.0 and up
-only. The backward is the pointer kernels'."""
+"""The Hopper path of the Triton attention: the forward and the backward
+through tensor descriptors (TMA on sm_90), forced on CPU under the
+interpreter. flash_attention.use_loads("descriptor") runs the descriptor
+kernels wherever Triton has host tensor descriptors, the interpreter
+included; "auto" takes them on compute capability 9.0 and up only. Both
+dQ paths of the backward (atomic and deterministic) every time."""
 
 import pytest
 import torch
@@ -32,22 +33,28 @@ def triton_fa():
     return flash_attention
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("shape,layout,causal", DESCRIPTOR_CASES, ids=str)
-def test_descriptor_forward_matches_oracle(triton_fa, shape, layout, causal):
+def test_descriptor_kernels_match_oracle(triton_fa, shape, layout, causal, deterministic):
     q, k, v = qkv(shape, torch.bfloat16, device_for("triton"), layout)
     with triton_fa.use_loads("descriptor"):
-        assert triton_fa.forward_loads(q, k, v, triton_fa.empty_out(q, v.shape[-1])) == "descriptor"
-        check_flash("triton", q, k, v, causal)
+        out = triton_fa.empty_out(q, v.shape[-1])
+        assert triton_fa.forward_loads(q, k, v, out) == "descriptor"
+        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        assert triton_fa.backward_loads(q, k, v, out, *grads) == "descriptor"
+        check_flash("triton", q, k, v, causal, deterministic)
 
 
 # (shape, causal, window_size, softcap, scale, dtype), as test_attention_extras'
 # SOFTCAP_CASES: Gemma 2's cap 50 on a causal GQA block with Sq < Sk; one query row
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("shape,causal,window,softcap,scale,dtype", [
     ((2, 4, 2, 45, 70, 32), True, (-1, -1), 50.0, None, torch.bfloat16),
     ((1, 2, 2, 1, 33, 64), False, (-1, -1), 3.0, 0.5, torch.bfloat16)], ids=str)
-def test_descriptor_forward_with_a_softcap_matches_oracle(triton_fa, shape, causal, window, softcap, scale, dtype):
+def test_descriptor_kernels_with_a_softcap_match_oracle(triton_fa, shape, causal, window, softcap, scale, dtype,
+                                                        deterministic):
     with triton_fa.use_loads("descriptor"):
-        check_softcap("triton", False, shape, causal, window, softcap, scale, dtype)
+        check_softcap("triton", deterministic, shape, causal, window, softcap, scale, dtype)
 
 
 # (shape, causal, window_size, the sinks' spread, their dtype, dtype), as
@@ -57,10 +64,11 @@ def test_descriptor_forward_with_a_softcap_matches_oracle(triton_fa, shape, caus
     ((2, 4, 2, 45, 70, 32), True, (-1, -1), 1.0, torch.float32, torch.bfloat16),
     ((1, 2, 1, 70, 45, 32), True, (-1, -1), 1.0, torch.float32, torch.float16),
     ((1, 2, 2, 33, 33, 64), False, (-1, -1), 6.0, torch.bfloat16, torch.bfloat16)], ids=str)
-def test_descriptor_forward_with_sinks_matches_oracle(triton_fa, shape, causal, window, sink_scale, sinks_dtype,
-                                                      dtype):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_descriptor_kernels_with_sinks_match_oracle(triton_fa, shape, causal, window, sink_scale, sinks_dtype,
+                                                    dtype, deterministic):
     with triton_fa.use_loads("descriptor"):
-        check_sinks("triton", False, shape, causal, window, sink_scale, sinks_dtype, dtype)
+        check_sinks("triton", deterministic, shape, causal, window, sink_scale, sinks_dtype, dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 2, 13, 21, 40), (2, 4, 2, 21, 13, 64)], ids=str)
@@ -89,6 +97,65 @@ def test_descriptor_forward_writes_every_element(triton_fa, extra):
     assert len(out_lo) == bool(extra)
     for lo in out_lo:
         assert lo.any() and (lo.double().abs() <= out.double().abs() * 2 ** -8).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("extra", [{}, {"softcap": 5.0}, {"sinks": True}], ids=["plain", "softcap", "sinks"])
+def test_descriptor_backward_writes_every_gradient(triton_fa, extra, deterministic, monkeypatch):
+    """dq, dk, dv poisoned with NaN: the descriptor kernels (and no others)
+    write every element. Under the interpreter the two paths run the same
+    math on the same tiles in the same order: the same bits as the pointer
+    backward's."""
+    from pyext.triton_kernels.flash_attention import backward, backward_tma
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
+    if "sinks" in extra:
+        extra = {"sinks": torch.randn(4, device=q.device)}
+    out, lse, *out_lo = triton_fa.flash_attn_fwd(q, k, v, 0.3, True, 3, **extra)
+    dout = torch.randn_like(out)
+
+    def gradients(loads):
+        with triton_fa.use_loads(loads):
+            return triton_fa.flash_attn_bwd(dout, q, k, v, out, lse, 0.3, True, 3, deterministic,
+                                            dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v),
+                                            out_lo=out_lo[0] if out_lo else None, **extra)
+    launched = []
+    kernels = {name: getattr(m, name) for m in (backward, backward_tma) for name in dir(m) if name.startswith("_bwd_")}
+    for name, kernel in kernels.items():
+        if hasattr(kernel, "launch"):  # the autotuned kernels (ChosenConfigs)
+            monkeypatch.setattr(kernel, "launch", lambda *a, _name=name, _launch=kernel.launch, **kw: (
+                launched.append(_name), _launch(*a, **kw)))
+    grads = gradients("descriptor")
+    expected = ["_bwd_dkdv_tma_kernel", "_bwd_dq_tma_kernel"] if deterministic else ["_bwd_dkdv_dq_tma_kernel"]
+    assert launched == expected
+    for g in grads:
+        assert not g.isnan().any() and g.any()
+    if not HAS_GPU:
+        for g, p in zip(grads, gradients("pointer"), strict=True):
+            assert torch.equal(g, p)
+
+
+def test_backward_loads_choice_and_its_errors(triton_fa, monkeypatch):
+    """"auto" takes the descriptor backward where TMA can address every
+    tensor it reads or writes (q, k, v, dout, dq, dk, dv), else pointers;
+    forced, a layout it cannot address raises, naming the tensor."""
+    from pyext.triton_kernels.flash_attention import loads
+    q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 12, 48), torch.bfloat16, device_for("triton")))
+    out, lse = triton_fa.flash_attn_fwd(q, k, v, 0.3, False, 0)
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    good = torch.randn_like(out)
+    broadcast = make_tensor((1, 1, 9, 48), torch.bfloat16, q.device).expand(1, 2, 9, 48)  # a head stride of 0
+    assert triton_fa.backward_loads(q, k, v, good, *grads) == ("descriptor" if HAS_GPU else "pointer")
+    monkeypatch.setattr(loads, "_has_tma", lambda t: True)  # as on an H100
+    assert triton_fa.backward_loads(q, k, v, good, *grads) == "descriptor"
+    assert triton_fa.backward_loads(q, k, v, broadcast, *grads) == "pointer"
+    with triton_fa.use_loads("pointer"):
+        assert triton_fa.backward_loads(q, k, v, good, *grads) == "pointer"
+    with triton_fa.use_loads("descriptor"), pytest.raises(ValueError, match="dout: strides"):
+        triton_fa.flash_attn_bwd(broadcast, q, k, v, out, lse, 0.3, False, 0, True)
+    got = triton_fa.flash_attn_bwd(broadcast, q, k, v, out, lse, 0.3, False, 0, True)  # auto: pointers
+    with triton_fa.use_loads("pointer"):
+        assert all(torch.equal(g, p) for g, p in
+                   zip(got, triton_fa.flash_attn_bwd(broadcast.contiguous(), q, k, v, out, lse, 0.3, False, 0, True)))
 
 
 def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):

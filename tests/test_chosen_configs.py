@@ -114,7 +114,7 @@ def _attention_calls():
     """Attention calls through the Triton kernels that differ in what an autotune key may hold:
     dtypes, causal, head dims, sequence buckets, GQA, a value head dim of its own, masks of two
     kinds and dtypes, dropout, a window, a soft cap, sinks of two dtypes, a packed batch, the
-    descriptor forward; each forward and both backwards."""
+    descriptor kernels; each forward and both backwards."""
     device = device_for("triton")
 
     def qkv(dtype=torch.bfloat16, sq=20, sk=20, hq=2, hk=2, d=32, dv=None):
@@ -141,10 +141,13 @@ def _attention_calls():
     yield lambda t: pyext.flash_attention_varlen(*(x[0].transpose(0, 1) for x in qkv()), cu, cu, 13, 13,
                                                  deterministic=t, backend="triton")
 
-    def descriptor_forward(t):
+    def descriptors(t):  # the descriptor kernels, forward and backward: plain, GQA, a soft cap, sinks
         with use_loads("descriptor"):
-            return flash(*qkv(), deterministic=t, backend="triton")
-    yield descriptor_forward
+            for extra in ({}, {"softcap": 5.0}, {"sinks": torch.zeros(2, device=device)}):
+                flash(*qkv(), deterministic=t, backend="triton", **extra).sum().backward()
+            # returned: its backward, past the block, takes the pointer kernels
+            return flash(*qkv(hq=4, hk=2, dv=16), causal=True, deterministic=t, backend="triton")
+    yield descriptors
 
 
 def test_the_attention_launch_keys_are_no_coarser_than_the_autotuners(monkeypatch):
@@ -162,5 +165,9 @@ def test_the_attention_launch_keys_are_no_coarser_than_the_autotuners(monkeypatc
         for deterministic in (False, True):
             out = call(deterministic)
             out.sum().backward()
-    assert len(seen) >= 30, len(seen)
+    from pyext.triton_kernels.flash_attention import backward, backward_tma, forward
+    kernels = {name: k for m in (forward, backward, backward_tma) for name, k in vars(m).items()
+               if isinstance(k, ChosenConfigs)}
+    assert {name for name, k in kernels.items() if any(id(k.autotuned) == ours[0] for ours in seen)} == set(kernels)
+    assert len(kernels) == 8 and len(seen) >= 70, (sorted(kernels), len(seen))
     assert all(len(theirs) == 1 for theirs in seen.values()), [t for t in seen.values() if len(t) > 1]

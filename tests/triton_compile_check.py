@@ -13,10 +13,10 @@ what the interpreter cannot: Python globals the compiler refuses, illegal
 dot shapes, type errors in code paths the interpreter takes differently.
 
 The attention launchers run once per target, as if on that GPU: sm_80 must
-get the pointer forward, sm_90 the tensor-descriptor (TMA) forward (and the
-pointer forward too, forced, as its fallback there). Autotune configs are
-pruned with that GPU's shared memory, as on the device; where a kernel has
-such a prune, each config it keeps must compile to a kernel that fits.
+get the pointer forward and backward, sm_90 the tensor-descriptor (TMA)
+ones (and the pointer ones too, forced, as their fallback there). Autotune
+configs are pruned with that GPU's shared memory, as on the device; where a
+kernel has such a prune, each config it keeps must compile to a kernel that fits.
 
 --spills also lists the variants whose registers spill to local memory, as
 ptxas reports them when it builds the cubin (the same ptxas and options as
@@ -147,8 +147,8 @@ def exercise_launchers():
         layer_norm.rms_norm_bwd(xc, xc, rstd, wc, True)
     for target in TARGETS:  # the launchers as they run on an A100, then on an H100
         targets = [target]
-        flash_attention.forward._has_tma = lambda t: target.arch >= 90
-        flash_attention.forward._shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
+        flash_attention.loads._has_tma = lambda t: target.arch >= 90
+        flash_attention.loads.shared_memory_limit = lambda t: SHARED_MEMORY[target.arch]
         # head dims 64 (a 64-wide block) to 256; value head dim dv: the query/key one, or below it
         # (DeepSeek's MLA, 192 and 128). Every config on sm_90 from head dim 128 (the GPUs the tests
         # run on; the descriptor forward's shared memory prune counts them), the first of each launch
@@ -160,9 +160,12 @@ def exercise_launchers():
             out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
             for deterministic in (False, True):  # atomic dQ, then the dK/dV and dQ kernels
                 flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7, deterministic)
-        forwards = {fn.__name__ for fn, *_, ts, _ in launches if ts == targets and "fwd" in fn.__name__}
-        expected = "_fwd_tma_kernel" if target.arch >= 90 else "_fwd_kernel"
-        assert forwards == {expected}, f"sm_{target.arch} launched {forwards}, expected {expected}"
+        for direction, expected in (("fwd", {"_fwd_kernel"}), ("bwd", {"_bwd_kv_kernel", "_bwd_dq_kernel"})):
+            if target.arch >= 90:
+                expected = {name.replace("_kernel", "_tma_kernel") for name in expected}
+            launched = {fn.__name__ for fn, *_, ts, _ in launches if ts == targets and direction in fn.__name__}
+            launched.discard("_bwd_delta_kernel")
+            assert launched == expected, f"sm_{target.arch} launched {launched}, expected {expected}"
         # dropout: the pointer forward on every GPU, and the backward kernels with its mask
         all_configs = False
         seed = torch.tensor([1])
@@ -229,7 +232,10 @@ def exercise_launchers():
                 for d in (80, 128):
                     all_configs = d == 128
                     q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
-                    flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0)
+                    out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0)
+                    for deterministic in (False, True):
+                        flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0,
+                                                       deterministic)
     all_configs, targets = False, TARGETS
     for dtype, amsgrad, capturable in ((torch.float32, False, False), (torch.bfloat16, True, True)):
         ps = [torch.randn(5, dtype=dtype), torch.randn(3, 2, dtype=dtype)]

@@ -67,27 +67,32 @@ query head of its group (GQA without atomics). dQ two ways (flash_attn_bwd's
   True: a second kernel per query block over every key block, which computes
     S, P and dP again (7 matmuls per tile); same bits run to run.
 
-Two forwards compute the same thing: _fwd_kernel loads tiles through pointers
-(masked loads; Ampere, and the fallback), _fwd_tma_kernel through tensor
-descriptors (TMA copies on sm_90 and up, pipelined and optionally warp
-specialised). forward_loads() picks one per call (use_loads() and
-$PYEXT_TRITON_ATTN_LOADS override it); the backward uses pointers.
+Each pass has two versions that compute the same thing: one loads tiles
+through pointers (masked loads; Ampere, and the fallback), the other through
+tensor descriptors (TMA copies on sm_90 and up, pipelined; the forward's key
+loop optionally warp specialised), for calls with no dropout, mask, window
+or packed batch. loads.py picks one per call (use_loads() and
+$PYEXT_TRITON_ATTN_LOADS override it).
 
 A packed batch (FlashAttention's varlen: sequences of different lengths end
 to end, no padding) runs the same kernels with VARLEN; see varlen.py.
 
 Files: tiles.py, the per-tile device helpers both passes share (causal
 bounds, masks, dropout); launch.py, the host side both share (autotune
-configs, a launch's arguments, a mask's view and block bounds); forward.py
-and backward.py, their kernels and launch functions; varlen.py, the packed
-batch's launches; dropout.py, the dropout mask as a tensor for the reference.
+configs, a launch's arguments, a mask's view and block bounds); loads.py,
+pointers or descriptors; forward.py, the forward's kernels and launch
+function; backward.py, the backward's pointer kernels and launch function,
+backward_tma.py its descriptor kernels, backward_steps.py the per-tile math
+both share; varlen.py, the packed batch's launches; dropout.py, the dropout
+mask as a tensor for the reference.
 """
 from .backward import flash_attn_bwd
 from .dropout import dropout_keep_mask
-from .forward import LOADS, LOADS_ENV, flash_attn_fwd, forward_loads, loads_mode, stores_low_part, use_loads
+from .forward import flash_attn_fwd, stores_low_part
 from .launch import MAX_DROPOUT_SCORES, empty_out
+from .loads import LOADS, LOADS_ENV, backward_loads, forward_loads, loads_mode, use_loads
 from .varlen import flash_attn_varlen_bwd, flash_attn_varlen_fwd
 
-__all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "dropout_keep_mask", "empty_out", "flash_attn_bwd",
-           "flash_attn_fwd", "flash_attn_varlen_bwd", "flash_attn_varlen_fwd", "forward_loads", "loads_mode",
-           "stores_low_part", "use_loads"]
+__all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "backward_loads", "dropout_keep_mask", "empty_out",
+           "flash_attn_bwd", "flash_attn_fwd", "flash_attn_varlen_bwd", "flash_attn_varlen_fwd", "forward_loads",
+           "loads_mode", "stores_low_part", "use_loads"]

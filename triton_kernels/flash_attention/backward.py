@@ -1,18 +1,22 @@
 """The attention backward (FlashAttention-2): delta = rowsum(dO * O), then
-dK and dV per key block (and dQ by atomics), or dQ in a second kernel."""
+dK and dV per key block (and dQ by atomics), or dQ in a second kernel; the
+kernels that load through pointers, and the launch function, which runs
+them or their descriptor versions (backward_tma.py)."""
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import cdiv, dot, on_device, round_to
+from .._utils import cdiv, on_device, round_to
 from ..chosen_configs import ChosenConfigs
+from .backward_steps import _dq_step, _kv_step, _query_step, _row_stats
+from .backward_tma import _bwd_dkdv_dq_tma_kernel, _bwd_dkdv_tma_kernel, _bwd_dq_tma_kernel
 from .launch import (_INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _unit_last_stride,
                      _window_bounds)
+from .loads import backward_loads, descriptor
 from .mask_spans import col_spans, row_spans
-from .tiles import (_dropout_keep, _key_range, _load_tile, _low_part, _masked_scores, _query_block, _sequence,
-                    _soft_capped, _stats_start, _visible)
+from .tiles import _key_range, _load_tile, _query_block, _query_range, _sequence, _stats_start
 
 
 @triton.jit
@@ -31,42 +35,6 @@ def _bwd_delta_kernel(out_ptr, out_lo_ptr, dout_ptr, delta_ptr, sob, soh, som, s
         o += _load_tile(out_lo_ptr + b * slb + h * slh, offs_m, slm, offs_dv, seq_q, V_DIM).to(tl.float32)
     do = _load_tile(dout_ptr + b * sdb + h * sdh, offs_m, sdm, offs_dv, seq_q, V_DIM).to(tl.float32)
     tl.store(delta_ptr + bh * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
-
-
-@triton.jit
-def _row_stats(lse_ptr, row, valid, MASK: tl.constexpr):
-    """(shift, scale) of these rows for P = exp2(s - shift) * scale (_recomputed_p).
-    Without a mask: lse in base 2 (rows that saw no key get +inf, so P is 0),
-    and a scale of 1 that goes unused. With one: the forward's (m, 1 / l)
-    (rows that saw no key get (0, 0))."""
-    if MASK:
-        m = tl.load(lse_ptr + row * 2, mask=valid, other=0.0)
-        l_sum = tl.load(lse_ptr + row * 2 + 1, mask=valid, other=0.0)
-        seen = l_sum > 0.0
-        return tl.where(seen, m, 0.0), tl.where(seen, 1.0 / tl.where(seen, l_sum, 1.0), 0.0)
-    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), tl.full(row.shape, 1.0, tl.float32)
-
-
-@triton.jit
-def _recomputed_p(s, shift, scale, MASK: tl.constexpr):
-    """P of base-2 logits s, from _row_stats broadcast to s's shape."""
-    p = tl.exp2(s - shift)
-    if MASK:
-        p = p * scale
-    return p
-
-
-@triton.jit
-def _query_step(i, first, steps, key_block, ROTATE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The first query row of step i of a key block's walk over query blocks
-    first, first + BLOCK_M, ... (steps of them). ROTATE (the atomic-dQ
-    backward): each key block starts at its own query block and wraps round.
-    The grid runs a head's key blocks at once, and walking from one start
-    they would add into the same dQ rows at the same moments."""
-    if ROTATE:
-        i = (i + key_block) % steps
-    return first + i * BLOCK_M
 
 
 @triton.jit
@@ -100,12 +68,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     v = _load_tile(v_ptr + b * svb + hk * svh + first_k * svn, offs_n, svn, offs_dv, seq_k, V_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, hi = 0, tl.where(start_n < seq_k, seq_q, 0)  # no queries for a block past the keys (a packed batch's)
-    if CAUSAL:  # queries before start_n - causal_offset see none of these keys
-        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-    if WINDOW:  # query i sees keys i + causal_offset - left .. i + causal_offset + right
-        lo = tl.maximum(lo, tl.maximum(start_n - causal_offset - right, 0) // BLOCK_M * BLOCK_M)
-        hi = tl.maximum(tl.minimum(hi, start_n + BLOCK_N - causal_offset + left), 0)
+    lo, hi = _query_range(start_n, seq_q, seq_k, causal_offset, CAUSAL, WINDOW, left, right, BLOCK_M, BLOCK_N)
     for g in range(group):
         h = hk * group + g
         bh = b * heads_q + h
@@ -120,41 +83,13 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv
             start_m = _query_step(i, first, steps, tl.program_id(0), ATOMIC_DQ, BLOCK_M)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
-            row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
             do = _load_tile(dout_ptr + b * sdb + h * sdh + first_q * sdm, offs_m, sdm, offs_dv, seq_q, V_DIM)
-            shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
-            delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
-            # transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows
-            s_t, t_t = _soft_capped(dot(k, tl.trans(q)) * qk_scale, SOFTCAP, cap_log2e)
-            if MASK:
-                s_t = _masked_scores(s_t, mask_ptr, b * smb + h * smh, offs_n, smn, offs_m, smm, seq_k, seq_q, MASK)
-            visible_t = tl.trans(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right))
-            p_t = tl.where(visible_t, _recomputed_p(s_t, shift[None, :], p_scale[None, :], MASK), 0.0)
-            dp_t = dot(v, tl.trans(do))
-            if DROPOUT:
-                kept_t = tl.trans(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N))
-                dv += dot(round_to(tl.where(kept_t, p_t / keep, 0.0), do.dtype), do)
-                dp_t = tl.where(kept_t, dp_t / keep, 0.0)
-            else:
-                dv += dot(round_to(p_t, do.dtype), do)
-            if SINK:  # the sink's P of each row, from its base-2 logit as the keys' are
-                sink2 = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
-                p_sink = _recomputed_p(sink2 + tl.zeros([BLOCK_M], tl.float32), shift, p_scale, MASK)
-                sink_share += tl.sum(p_t * dp_t, 0) * p_sink
-            ds_exact = p_t * (dp_t - delta[None, :])
-            if SOFTCAP:
-                ds_exact = ds_exact * (1.0 - t_t * t_t)
-            ds_t = round_to(ds_exact, q.dtype)
-            dk += dot(ds_t, q)
-            if DROPOUT or MASK:  # dS as hi + lo (_low_part): with dropout its terms cancel, a bias makes P peaky
-                ds_lo_t = _low_part(ds_exact, ds_t)
-                dk += dot(ds_lo_t, q)
-            if ATOMIC_DQ:
-                dq_part = dot(tl.trans(ds_t), k)
-                if DROPOUT or MASK:
-                    dq_part += dot(tl.trans(ds_lo_t), k)
-                tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
-                              mask=(offs_m[:, None] < seq_q) & d_ok[None, :], sem="relaxed")
+            row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
+            dk, dv, sink_share = _kv_step(dk, dv, sink_share, k, v, q, do, row, offs_m, offs_n, start_n, h, bh,
+                                          lse_ptr, delta_ptr, dq_acc_ptr, sink_ptr, seed_ptr, mask_ptr,
+                                          b * smb + h * smh, smm, smn, seq_q, seq_k, qk_scale, cap_log2e,
+                                          causal_offset, left, right, keep, HEAD_DIM, BLOCK_D, CAUSAL, WINDOW,
+                                          DROPOUT, MASK, SOFTCAP, SINK, ATOMIC_DQ, BLOCK_M, BLOCK_N)
         if SINK:
             tl.store(dsink_ptr + bh * sink_slots + tl.program_id(0), tl.sum(sink_share, 0))
     tl.store(dk_ptr + b * sdkb + hk * sdkh + (first_k + offs_n[:, None]) * sdkn + offs_d[None, :],
@@ -209,21 +144,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
         v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
-        s, t = _soft_capped(dot(q, tl.trans(k)) * qk_scale, SOFTCAP, cap_log2e)
-        if MASK:
-            s = _masked_scores(s, mask_ptr, mask_off, offs_m, smm, offs_n, smn, seq_q, seq_k, MASK)
-        p = tl.where(_visible(offs_m, offs_n, seq_q, seq_k, CAUSAL, causal_offset, WINDOW, left, right),
-                     _recomputed_p(s, shift[:, None], p_scale[:, None], MASK), 0.0)
-        dp = dot(do, tl.trans(v))
-        if DROPOUT:
-            dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
-        ds_exact = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds_exact = ds_exact * (1.0 - t * t)
-        ds = round_to(ds_exact, k.dtype)
-        dq += dot(ds, k)
-        if DROPOUT or MASK:
-            dq += dot(_low_part(ds_exact, ds), k)
+        dq = _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm,
+                      smn, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL, WINDOW,
+                      DROPOUT, MASK, SOFTCAP, BLOCK_M, BLOCK_N)
     tl.store(dq_ptr + b * sdqb + h * sdqh + (first_q + offs_m[:, None]) * sdqm + offs_d[None, :],
              round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -241,7 +164,10 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     in (poisoned, by tests). dropout_p, seed and mask: the forward's (with a
     mask, `lse` is the forward's (m, l) stats), window, softcap and packed
     the forward's (packed: the gradients given, views as q, k, v are).
-    out_lo, the forward's third output where it has one: D from out + out_lo."""
+    out_lo, the forward's third output where it has one: D from out + out_lo.
+    Where loads.backward_loads says so (sm_90, no dropout, mask, window or
+    packed batch), both kernels read and write through tensor descriptors
+    (backward_tma.py); the same math either way."""
     q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape
@@ -274,6 +200,8 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
         sink_args = (sinks.contiguous(), torch.zeros((batch, heads_q, slots), dtype=torch.float32, device=q.device),
                      slots)
     meta["SINK"] = sinks is not None
+    descriptors = not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
+        backward_loads(q, k, v, dout, dq, dk, dv) == "descriptor"
     with on_device(q):
         # 64 rows, fewer past a head dim of 128: a program's two [rows, BLOCK_DV] fp32 tiles in 128
         # threads' registers (at a head dim of 129-256 that 16 does not divide, 136 or 200, 64 rows spill
@@ -284,7 +212,10 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             out, out_lo, dout, delta, *out.stride()[:3], *(out if out_lo is None else out_lo).stride()[:3],
             *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block,
             LOW_PART=out_lo is not None)
-        if not deterministic:
+        if descriptors:
+            _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, scale, softcap, causal_offset, buckets, key,
+                     deterministic, meta)
+        elif not deterministic:
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
             _bwd_dkdv_dq_kernel.launch(grid_kv, key, q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans,
                                        *sink_args, *cu_seqlens, *args, *dout_strides, *dk.stride()[:3],
@@ -299,6 +230,32 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             _bwd_dq_kernel.launch(grid_q, key, q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask),
                                   *cu_seqlens, *args, *dout_strides, *dq.stride()[:3], *tail, **meta)
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, -sink_args[1].sum((0, 2)))
+
+
+def _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, scale, softcap, causal_offset, buckets, key,
+             deterministic, meta):
+    """flash_attn_bwd's dK/dV and dQ kernels through tensor descriptors (backward_tma.py)."""
+    batch, heads_q, seq_q, _ = q.shape
+    heads_k, seq_k = k.shape[1], k.shape[2]
+    sizes = (seq_q, seq_k, heads_q, heads_q // heads_k)
+    scales = (*_logit_scales(scale, softcap), scale, causal_offset, *buckets)
+    meta = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], V_DIM=meta["V_DIM"], BLOCK_DV=meta["BLOCK_DV"],
+                CAUSAL=meta["CAUSAL"], SOFTCAP=meta["SOFTCAP"])
+    q_desc, k_desc, v_desc, dout_desc = (descriptor(t) for t in (q, k, v, dout))
+    grid_kv = lambda m: (cdiv(seq_k, m["BLOCK_N"]), heads_k, batch)  # noqa: E731
+    if not deterministic:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _bwd_dkdv_dq_tma_kernel.launch(grid_kv, key, q_desc, k_desc, v_desc, dout_desc, descriptor(dk),
+                                       descriptor(dv), lse, delta, dq_acc, *sink_args, *sizes, *scales,
+                                       SINK=sink_args[0] is not None, ATOMIC_DQ=True, **meta)
+        torch.mul(dq_acc, scale, out=dq)
+        return
+    _bwd_dkdv_tma_kernel.launch(grid_kv, key, q_desc, k_desc, v_desc, dout_desc, descriptor(dk), descriptor(dv), lse,
+                                delta, None, *sink_args, *sizes, *scales, SINK=sink_args[0] is not None,
+                                ATOMIC_DQ=False, **meta)
+    grid_q = lambda m: (cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
+    _bwd_dq_tma_kernel.launch(grid_q, key, q_desc, k_desc, v_desc, dout_desc, descriptor(dq), lse, delta, *sizes,
+                              *scales, **meta)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,6 @@
 """The attention forward: the online softmax over key blocks, through
 pointers (_fwd_kernel) or tensor descriptors (_fwd_tma_kernel, TMA on
 sm_90 and up), and the choice between the two."""
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -11,20 +8,11 @@ import triton.language as tl
 from .._utils import cdiv, dot, on_device, round_to
 from ..chosen_configs import ChosenConfigs
 from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _window_bounds, empty_out
+from . import loads
+from .loads import descriptor, forward_loads
 from .mask_spans import row_spans
 from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _low_part, _masked_scores, _query_block,
                     _sequence, _soft_capped, _stats_start, _visible)
-
-try:  # host-side tensor descriptors (Triton 3.4 on): TMA on sm_90 and up
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
-
-
-def _shared_memory_limit(t):
-    """Bytes of shared memory one program may use on t's GPU; None off a GPU."""
-    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin if t.is_cuda else None
-
 
 def _fitting_configs(configs, named_args, **kwargs):
     """The descriptor forward's configs whose buffers fit in shared memory (at
@@ -41,7 +29,7 @@ def _fitting_configs(configs, named_args, **kwargs):
     The pointer kernels have no such prune: their buffers depend on how the
     compiler pipelines cp.async, and the autotuner skips a config that does
     not launch for want of shared memory."""
-    limit = _shared_memory_limit(named_args["q_desc"].base)
+    limit = loads.shared_memory_limit(named_args["q_desc"].base)
     if limit is None:
         return configs
 
@@ -208,76 +196,6 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr, out_lo_
                  mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM))
 
 
-LOADS_ENV = "PYEXT_TRITON_ATTN_LOADS"
-LOADS = ("auto", "pointer", "descriptor")
-_loads = None  # set inside use_loads()
-
-
-def loads_mode():
-    """How the forward reads its tiles: use_loads()'s mode, else $PYEXT_TRITON_ATTN_LOADS, else "auto"."""
-    mode = _loads or os.environ.get(LOADS_ENV) or "auto"
-    if mode not in LOADS:
-        raise ValueError(f"{LOADS_ENV}={mode!r}: expected one of {', '.join(LOADS)}")
-    return mode
-
-
-@contextlib.contextmanager
-def use_loads(mode: str):
-    """Within the block the forward reads tiles `mode`'s way: "auto" (descriptors
-    on a GPU of compute capability 9 or more when Triton has them and the
-    layouts allow, else pointers), "pointer" (always; the Ampere path), or
-    "descriptor" (always; an error where the layouts do not allow; on CPU
-    tensors under TRITON_INTERPRET=1 too, which is how the tests run it)."""
-    global _loads
-    if mode not in LOADS:
-        raise ValueError(f"use_loads: mode {mode!r} is not one of {', '.join(LOADS)}")
-    previous, _loads = _loads, mode
-    try:
-        yield
-    finally:
-        _loads = previous
-
-
-def _has_tma(t):
-    """Whether t lives on a GPU with the Tensor Memory Accelerator (compute capability 9.0 and up)."""
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
-
-
-def _descriptor_problem(t):
-    """Why TMA cannot address t as a (B, H, S, D) tensor, or None: it needs a
-    16-byte aligned base, a unit last stride and the other strides positive
-    multiples of 16 bytes (so no broadcast dimension)."""
-    size = t.element_size()
-    if t.stride(-1) != 1:
-        return f"last stride {t.stride(-1)} is not 1"
-    if t.data_ptr() % 16:
-        return "base address is not 16-byte aligned"
-    if any(s <= 0 or s * size % 16 for s in t.stride()[:-1]):
-        return f"strides {tuple(t.stride())} of {size}-byte elements are not positive multiples of 16 bytes"
-    return None
-
-
-def forward_loads(q, k, v, out):
-    """"descriptor" or "pointer": how flash_attn_fwd reads q, k, v and writes out (see use_loads)."""
-    mode = loads_mode()
-    if mode == "pointer":
-        return "pointer"
-    problems = [f"{name}: {why}" for name, t in (("q", q), ("k", k), ("v", v), ("out", out))
-                if (why := _descriptor_problem(t)) is not None]
-    if mode == "auto":
-        return "descriptor" if _has_tma(q) and TensorDescriptor is not None and not problems else "pointer"
-    if TensorDescriptor is None:
-        raise RuntimeError(f"{LOADS_ENV}=descriptor: Triton {triton.__version__} has no host tensor descriptors")
-    if problems:
-        raise ValueError(f"{LOADS_ENV}=descriptor: " + "; ".join(problems))
-    return "descriptor"
-
-
-def _descriptor(t):
-    """Host descriptor over a (B, H, S, D) tensor; its box is set per config (_set_boxes)."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
-
-
 def stores_low_part(dropout_p: float, mask, softcap: float, sinks) -> bool:
     """Whether flash_attn_fwd writes out_lo beside out, for the backward's
     D = rowsum(dO * (out + out_lo)): with dropout, a mask, a soft cap or
@@ -334,7 +252,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
         if not meta["DROPOUT"] and not meta["MASK"] and window is None and packed is None and \
                 forward_loads(q, k, v, out) == "descriptor":
             meta.pop("DROPOUT"), meta.pop("MASK"), meta.pop("VARLEN")
-            _fwd_tma_kernel.launch(grid, key, *(_descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
+            _fwd_tma_kernel.launch(grid, key, *(descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
                                    *out.stride()[:3], *sizes,
                                    *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
                                    **meta)

@@ -15,7 +15,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _configs(kind):
     """Block sizes to try on a GPU; one small fixed shape under the interpreter.
     "fwd_tma" (the descriptor forward) also says whether its key loop is warp
-    specialised, and sets each config's descriptor boxes before a launch."""
+    specialised; it and "bwd_tma" (the descriptor backward, the pointer
+    backward's shapes) set each config's descriptor boxes before a launch."""
     if _INTERPRET:
         shapes = [(16, 16, 1, 1, False)]
     elif kind == "fwd":
@@ -31,18 +32,26 @@ def _configs(kind):
         # thread on 4 (sm_90); at d256 every tile spills 8 B-5 KB but 32 x 32 on 8 warps
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 1), (64, 64, 8, 2),
                   (32, 64, 8, 2), (32, 32, 8, 2)]
-    if kind != "fwd_tma":
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in shapes]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s,
-                          pre_hook=_set_boxes) for m, n, w, s, ws in shapes]
+    if kind == "fwd_tma":
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s,
+                              pre_hook=_set_boxes) for m, n, w, s, ws in shapes]
+    hook = _set_boxes if kind == "bwd_tma" else None
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
+            for m, n, w, s, *_ in shapes]
+
+
+# Each descriptor argument's box [1, 1, rows, columns]: rows of a query block (BLOCK_M) or
+# of a key block (BLOCK_N); columns over the query/key head dim (BLOCK_D) or the value one (BLOCK_DV).
+_BOXES = {"q_desc": ("BLOCK_M", "BLOCK_D"), "out_desc": ("BLOCK_M", "BLOCK_DV"), "dout_desc": ("BLOCK_M", "BLOCK_DV"),
+          "dq_desc": ("BLOCK_M", "BLOCK_D"), "k_desc": ("BLOCK_N", "BLOCK_D"), "v_desc": ("BLOCK_N", "BLOCK_DV"),
+          "dk_desc": ("BLOCK_N", "BLOCK_D"), "dv_desc": ("BLOCK_N", "BLOCK_DV")}
 
 
 def _set_boxes(nargs):
-    """Descriptor boxes of the config about to run: [1, 1, rows, BLOCK_D] (BLOCK_DV for V and O)."""
-    nargs["q_desc"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
-    nargs["out_desc"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_DV"]]
-    nargs["k_desc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
-    nargs["v_desc"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
+    """Sets the boxes of the descriptors among a launch's arguments for the config about to run."""
+    for name, (rows, columns) in _BOXES.items():
+        if name in nargs:
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs[columns]]
 
 
 def _seq_bucket(n):

@@ -109,6 +109,23 @@ def _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW: tl.constexpr, left,
 
 
 @triton.jit
+def _query_range(start_n, seq_q, seq_k, causal_offset, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, left, right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first, end) of the queries that can see a key block starting at
+    start_n, the backward's walk: first a multiple of BLOCK_M, from the
+    first row causality (queries before start_n - causal_offset see none of
+    these keys) and a local window let through; none for a block past the
+    keys (a packed batch's short ones)."""
+    first, end = 0, tl.where(start_n < seq_k, seq_q, 0)
+    if CAUSAL:
+        first = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    if WINDOW:  # query i sees keys i + causal_offset - left .. i + causal_offset + right
+        first = tl.maximum(first, tl.maximum(start_n - causal_offset - right, 0) // BLOCK_M * BLOCK_M)
+        end = tl.maximum(tl.minimum(end, start_n + BLOCK_N - causal_offset + left), 0)
+    return first, end
+
+
+@triton.jit
 def _dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_N] dropout mask of keys start_n.. (a multiple of 4),
     True where P is kept: Philox uniforms < keep, under the key seed + bh
