@@ -7,9 +7,9 @@ With a value head dim Dv of its own ("dv" in the dtype key; DeepSeek's MLA,
 D 192 and Dv 128, 16 heads): forward 2 * B * H * Sq * Sk * (D + Dv) (Q K^T
 and P V), backward 2 * B * H * Sq * Sk * (3 D + 2 Dv) (S, dQ and dK over D;
 dP and dV over Dv), half of each when causal.
-On a GPU of compute capability 9.0 and up, pyext-triton's forward reads through
-tensor descriptors (TMA); pyext-triton-ptr times the same forward with
-pointer loads forced, the Ampere path, so that one run compares the two.
+On a GPU of compute capability 9.0 and up, pyext-triton's forward and backward
+read through tensor descriptors (TMA); pyext-triton-ptr times the same calls
+with pointer loads forced, the Ampere path, so that one run compares the two.
 pyext-triton's backward adds dQ up with atomics (flash_attention's default);
 pyext-triton-det times the deterministic=True backward (dK/dV, then dQ in a
 second kernel) beside it.
@@ -208,16 +208,16 @@ def _flash_attn_package(causal, dropout_p, mask, window=None, softcap=0.0):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
 
-def _triton_pointer_forward(causal, dropout_p, mask, window, softcap, sinks, why_not_triton):
-    """pyext's Triton attention with the forward's pointer loads forced, or why
-    it is not timed: where pyext-triton itself takes the pointer path it would
-    time the same kernel again."""
+def _triton_pointer_loads(causal, dropout_p, mask, window, softcap, sinks, why_not_triton):
+    """pyext's Triton attention with pointer loads forced (forward and
+    backward), or why it is not timed: where pyext-triton itself takes the
+    pointer path it would time the same kernels again."""
     if why_not_triton is not None:
         return why_not_triton
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        return "same kernel as pyext-triton here: the descriptor forward needs compute capability 9.0+"
+        return "same kernel as pyext-triton here: the descriptor kernels need compute capability 9.0+"
     if dropout_p or mask is not None:
-        return "same kernel as pyext-triton: dropout, masks and windows run the pointer forward"
+        return "same kernel as pyext-triton: dropout, masks and windows run the pointer kernels"
     from pyext.triton_kernels import flash_attention
 
     def run(q, k, v):
@@ -430,12 +430,14 @@ def cases(quick: bool, dtypes):
                     else:
                         providers[name] = autograd_callable(wrap(fn), inputs, direction, dout)
                 # each variant of ours only where it differs from pyext-triton: the
-                # pointer loads in the forward, the deterministic dQ in the backward
-                variant, fn = (("pyext-triton-ptr", _triton_pointer_forward) if direction == "fwd" else
-                               ("pyext-triton-det", _triton_deterministic))
-                fn = fn(causal, dropout_p, mask, window, softcap, sinks, ours["pyext-triton"])
-                providers[variant] = fn if isinstance(fn, str) else autograd_callable(wrap(fn), inputs, direction,
-                                                                                       dout)
+                # pointer loads, and in the backward the deterministic dQ
+                variants = {"pyext-triton-ptr": _triton_pointer_loads}
+                if direction == "bwd":
+                    variants["pyext-triton-det"] = _triton_deterministic
+                for variant, fn in variants.items():
+                    fn = fn(causal, dropout_p, mask, window, softcap, sinks, ours["pyext-triton"])
+                    providers[variant] = fn if isinstance(fn, str) else \
+                        autograd_callable(wrap(fn), inputs, direction, dout)
                 why_not_cuda = ours["pyext-cuda"] or \
                     (fns["pyext-cuda"] if isinstance(fns["pyext-cuda"], str) else None)
                 if direction == "bwd":
@@ -525,11 +527,11 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
                     providers[name] = f"skipped above seqlen {MATH_MAX_SEQLEN}: S x S scores in memory"
                 else:
                     providers[name] = autograd_callable(fn, inputs, direction, dout)
-            if direction == "fwd":  # why not, as for the dense cases; on sm_90 because there is nothing else
-                why_not = _triton_pointer_forward(True, 0.0, None, None, 0.0, None, ours["pyext-triton"])
-                providers["pyext-triton-ptr"] = why_not if isinstance(why_not, str) else \
-                    "same kernel as pyext-triton: packed batches run the pointer forward"
-            else:
+            # why not, as for the dense cases; on sm_90 because there is nothing else
+            why_not = _triton_pointer_loads(True, 0.0, None, None, 0.0, None, ours["pyext-triton"])
+            providers["pyext-triton-ptr"] = why_not if isinstance(why_not, str) else \
+                "same kernel as pyext-triton: packed batches run the pointer kernels"
+            if direction == "bwd":
                 providers["pyext-triton-det"] = ours["pyext-triton"] or autograd_callable(ours_packed(True), inputs,
                                                                                          direction, dout)
                 providers["pyext-cuda-det"] = fns["pyext-cuda"]

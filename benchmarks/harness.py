@@ -22,8 +22,8 @@ import torch
 
 HAS_GPU = torch.cuda.is_available()
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# pyext-triton-ptr: the Triton forward with pointer loads forced (attention, on sm_90:
-# the Ampere path timed beside the descriptor path that pyext-triton takes there);
+# pyext-triton-ptr: the Triton attention with pointer loads forced (on sm_90: the
+# Ampere path timed beside the descriptor path that pyext-triton takes there);
 # pyext-triton-det: the Triton attention backward with deterministic=True (the
 # two-kernel one, beside pyext-triton's atomic-dQ pass); pyext-triton-mask: a
 # sliding window given as a mask, as an HF model gives it (attention "window" cases);

@@ -38,15 +38,19 @@ def calls():
         with flash_attention.use_loads(loads):
             flash_attention.flash_attn_fwd(q, k, v, scale, True, 0)
 
+    def backward(loads, deterministic):
+        with flash_attention.use_loads(loads):
+            flash_attention.flash_attn_bwd(dout, q, k, v, out, lse, scale, True, 0, deterministic)
+
     x, w = torch.randn(8, 768, dtype=torch.bfloat16), torch.randn(768, dtype=torch.bfloat16)
     _, mean, rstd = layer_norm.layer_norm_fwd(x, (768,), w, w, 1e-5)
     return {
         "attention forward, descriptors (1 launch, autotuned)": lambda: forward("descriptor"),
         "attention forward, pointers (1, autotuned)": lambda: forward("pointer"),
-        "attention backward, deterministic (3, 2 autotuned)":
-            lambda: flash_attention.flash_attn_bwd(dout, q, k, v, out, lse, scale, True, 0, True),
-        "attention backward, atomic dQ (2, 1 autotuned)":
-            lambda: flash_attention.flash_attn_bwd(dout, q, k, v, out, lse, scale, True, 0, False),
+        "attention backward, deterministic, descriptors (3, 2 autotuned)": lambda: backward("descriptor", True),
+        "attention backward, deterministic, pointers (3, 2 autotuned)": lambda: backward("pointer", True),
+        "attention backward, atomic dQ, descriptors (2, 1 autotuned)": lambda: backward("descriptor", False),
+        "attention backward, atomic dQ, pointers (2, 1 autotuned)": lambda: backward("pointer", False),
         "layer_norm forward (1)": lambda: layer_norm.layer_norm_fwd(x, (768,), w, w, 1e-5),
         "layer_norm backward (2)": lambda: layer_norm.layer_norm_bwd(x, x, mean, rstd, w, w, True, True),
     }

@@ -46,7 +46,7 @@ def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = out.stdout.strip().splitlines()[1:]
-    assert len(rows) == 6 and all(float(row.split()[0]) > 0 for row in rows), out.stdout
+    assert len(rows) == 8 and all(float(row.split()[0]) > 0 for row in rows), out.stdout
 
 
 @pytest.mark.parametrize("host_ms", [0.01, 5.0])
@@ -157,19 +157,17 @@ def test_train_gpt_attention_only_run_leaves_norms_and_gelu_to_torch():
     assert isinstance(opt, pyext.optim.AdamW)
 
 
-def test_attention_times_the_pointer_forward_beside_the_descriptor_forward():
-    # pyext-triton-ptr: the forward with pointer loads forced, timed only where
-    # pyext-triton takes the descriptor (TMA) path, i.e. compute capability 9.0+.
+def test_attention_times_the_pointer_kernels_beside_the_descriptor_kernels():
+    # pyext-triton-ptr: the forward and the backward with pointer loads forced, timed
+    # only where pyext-triton takes the descriptor (TMA) path, i.e. compute capability 9.0+.
     import torch
     from benchmarks import attention
     hopper = HAS_GPU and torch.cuda.get_device_capability()[0] >= 9
     cases = list(attention.cases(True, [torch.bfloat16]))
-    assert cases
+    assert {case.direction for case in cases} == {"fwd", "bwd"}
     for case in cases:
-        pointer = case.providers.get("pyext-triton-ptr")
-        if case.direction != "fwd":
-            assert pointer is None
-        elif hopper:  # where the forward has no descriptor path (dropout, masks, packed) it says so
+        pointer = case.providers["pyext-triton-ptr"]
+        if hopper:  # where the kernels have no descriptor path (dropout, masks, packed) it says so
             assert callable(pointer) or pointer.startswith("same kernel as pyext-triton:")
         else:
             assert isinstance(pointer, str) and "9.0" in pointer
