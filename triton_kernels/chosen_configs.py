@@ -14,7 +14,7 @@ later launch of the key goes straight to the jitted kernel with it.
 
 On a fresh machine (no Triton cache) the autotuner's first launch is mostly
 compiling, one config after another: about 0.5 s a config on our CPU, 1.5 s
-on the GPU machine's, 5-8 configs a kernel. So before it times them, every
+on the GPU machine's, 5-9 configs a kernel. So before it times them, every
 config it will time is handed to a thread pool as a compile job (Triton's
 AsyncCompileMode: its LLVM passes give up the GIL, ptxas is a process of
 its own), and the autotuner finds them compiled (benchmarks/NOTES.md,

@@ -107,7 +107,7 @@ _bwd_dkdv_kernel = ChosenConfigs(triton.autotune(configs=_configs("bwd"), key=_B
 _bwd_dkdv_dq_kernel = ChosenConfigs(triton.autotune(configs=_configs("bwd"), key=_BWD_KEY,
                                                     reset_to_zero=["dq_acc_ptr", "dsink_ptr"])(_bwd_kv_kernel))
 # the narrowest key block of any config: the most key blocks, so sink slots, a head can have
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs("bwd"))
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for kind in ("bwd", "bwd_tma") for c in _configs(kind))
 
 
 @ChosenConfigs

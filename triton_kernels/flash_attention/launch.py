@@ -15,8 +15,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _configs(kind):
     """Block sizes to try on a GPU; one small fixed shape under the interpreter.
     "fwd_tma" (the descriptor forward) also says whether its key loop is warp
-    specialised; it and "bwd_tma" (the descriptor backward, the pointer
-    backward's shapes) set each config's descriptor boxes before a launch."""
+    specialised; it and "bwd_tma" (the descriptor backward: the pointer
+    backward's shapes and one more) set each config's descriptor boxes
+    before a launch."""
     if _INTERPRET:
         shapes = [(16, 16, 1, 1, False)]
     elif kind == "fwd":
@@ -32,6 +33,10 @@ def _configs(kind):
         # thread on 4 (sm_90); at d256 every tile spills 8 B-5 KB but 32 x 32 on 8 warps
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 1), (64, 64, 8, 2),
                   (32, 64, 8, 2), (32, 32, 8, 2)]
+        if kind == "bwd_tma":  # FlashAttention-2's d128 backward tile, 128 keys by 64 queries on 8 warps: with
+            # the addresses off the registers ptxas spills 28 B a thread in it at d128 (92 with atomic dQ), none
+            # at d64 or in the dQ kernel (sm_90)
+            shapes.append((64, 128, 8, 2))
     if kind == "fwd_tma":
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s,
                               pre_hook=_set_boxes) for m, n, w, s, ws in shapes]
