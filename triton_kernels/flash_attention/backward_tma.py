@@ -109,6 +109,7 @@ def _bwd_dq_tma_kernel(q_desc, k_desc, v_desc, dout_desc, dq_desc, lse_ptr, delt
     """dQ of one query block, over every key block it sees, as backward._bwd_dq_kernel."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1), tl.program_id(2)  # grid (query blocks, query heads, batch)
+    hk = h // group
     bh = b.to(tl.int64) * heads_q + h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row = bh * seq_q + offs_m
@@ -118,8 +119,8 @@ def _bwd_dq_tma_kernel(q_desc, k_desc, v_desc, dout_desc, dq_desc, lse_ptr, delt
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in tl.range(0, _keys_end(start_m, seq_k, causal_offset, CAUSAL, BLOCK_M), BLOCK_N):
-        k = k_desc.load([b, h // group, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = v_desc.load([b, h // group, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         dq = _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, lse_ptr, lse_ptr, 0, 0, 0, seq_q,
                       seq_k, qk_scale, cap_log2e, causal_offset, 0, 0, 1.0, CAUSAL, False, False, 0, SOFTCAP,
                       BLOCK_M, BLOCK_N)  # no window, dropout or mask

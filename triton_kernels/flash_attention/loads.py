@@ -70,7 +70,7 @@ def _descriptor_problem(t):
 def _choose(tensors):
     """"descriptor" or "pointer" for a launch whose tiles are these {name: tensor} (see use_loads)."""
     mode = loads_mode()
-    if mode == "pointer" or mode == "auto" and not (TensorDescriptor is not None and _has_tma(tensors["q"])):
+    if mode == "pointer" or (mode == "auto" and not (TensorDescriptor is not None and _has_tma(tensors["q"]))):
         return "pointer"
     problems = [f"{name}: {why}" for name, t in tensors.items() if (why := _descriptor_problem(t)) is not None]
     if mode == "auto":
