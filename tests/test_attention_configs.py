@@ -1,5 +1,5 @@
 """Every autotune config of every Triton attention kernel, forced in turn,
-against the tolerance rule. The autotuner keeps the fastest config and never
+against the tolerance rule, for each feature the kernels have. The autotuner keeps the fastest config and never
 looks at its result, so a config wrong only at its own block sizes (a box,
 a partial last block, a rotated walk over more key blocks than one) would
 pass every other test and give wrong gradients wherever it wins. On a GPU
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import HAS_GPU, device_for
-from attention_checks import check_flash, qkv
+from attention_checks import check_dropout, check_flash, check_sinks, check_softcap, qkv
+from test_attention_mask import check_masked, make_mask
+from test_attention_varlen import check_varlen
 from pyext.triton_kernels.chosen_configs import ChosenConfigs
 from pyext.triton_kernels.flash_attention import backward, backward_tma, forward, launch, use_loads
 
@@ -56,18 +58,45 @@ def forced(monkeypatch):
     return index
 
 
+def _case(feature, shape, deterministic, seeds):
+    """One call of `feature` through the Triton kernels, checked against the rule."""
+    device = device_for("triton")
+    if feature == "plain":
+        check_flash("triton", *qkv(shape, torch.bfloat16, device), True, deterministic)
+    elif feature == "softcap":
+        check_softcap("triton", deterministic, shape, True, (-1, -1), 20.0, None, torch.bfloat16)
+    elif feature == "sinks":
+        check_sinks("triton", deterministic, shape, True, (-1, -1), 2.0, torch.float32, torch.bfloat16)
+    elif feature == "window":  # with a soft cap: the window's own check has no function of its own
+        check_softcap("triton", deterministic, shape, True, (shape[4] // 3, 7), 20.0, None, torch.bfloat16)
+    elif feature == "dropout":
+        check_dropout(*qkv(shape, torch.bfloat16, device), True, deterministic, 0.3, seeds)
+    elif feature == "mask":
+        q, k, v = qkv(shape, torch.bfloat16, device)
+        mask = make_mask("additive", None, torch.bfloat16, device, shape=(shape[3], shape[4]))
+        check_masked(q, k, v, mask, deterministic)
+    else:  # a packed batch of three sequences, one short of every block size
+        b, hq, hk, sq, sk, d = shape
+        check_varlen("triton", deterministic, ((sq, 17, sq // 2), (sk, 40, sk // 3), hq, hk, d), True)
+
+
+# (feature, loads): the descriptor kernels take plain calls, soft caps and sinks; the rest run on pointers
+CASES = [(f, loads) for f in ("plain", "softcap", "sinks") for loads in ("pointer", "descriptor")] + \
+    [(f, "pointer") for f in ("window", "dropout", "mask", "varlen")]
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("loads", ["pointer", "descriptor"])
-def test_every_config_of_every_attention_kernel_meets_the_rule(forced, loads, deterministic):
+@pytest.mark.parametrize("feature,loads", CASES, ids=str)
+def test_every_config_of_every_attention_kernel_meets_the_rule(forced, feature, loads, deterministic,
+                                                               dropout_seeds):
     if loads == "descriptor" and HAS_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the descriptor kernels run on compute capability 9.0 and up")
     # causal GQA, Sq > Sk and ragged for every block size: rows past the keys' end,
     # a partial last block of queries and of keys
-    shape = (1, 4, 2, 300, 270, 128) if HAS_GPU else (1, 4, 2, 150, 135, 64)
+    shape = (1, 4, 2, 300, 270, 128) if HAS_GPU else (1, 2, 1, 150, 135, 64)
     count = max(len(kernel.autotuned.configs) for kernel in _kernels().values())
     assert count >= 9
     for i in range(count):
         forced[0] = i
-        q, k, v = qkv(shape, torch.bfloat16, device_for("triton"))
         with use_loads(loads):
-            check_flash("triton", q, k, v, True, deterministic)
+            _case(feature, shape, deterministic, dropout_seeds)
