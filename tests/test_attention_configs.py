@@ -9,6 +9,7 @@ on lengths that leave each block size a partial last block."""
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 from conftest import HAS_GPU, device_for
 from attention_checks import check_dropout, check_flash, check_sinks, check_softcap, qkv
@@ -96,7 +97,13 @@ def test_every_config_of_every_attention_kernel_meets_the_rule(forced, feature, 
     shape = (1, 4, 2, 300, 270, 128) if HAS_GPU else (1, 2, 1, 150, 135, 64)
     count = max(len(kernel.autotuned.configs) for kernel in _kernels().values())
     assert count >= 9
+    launched = 0
     for i in range(count):
         forced[0] = i
-        with use_loads(loads):
-            _case(feature, shape, deterministic, dropout_seeds)
+        try:
+            with use_loads(loads):
+                _case(feature, shape, deterministic, dropout_seeds)
+        except OutOfResources:  # a config this GPU cannot launch, which the autotuner skips too
+            continue
+        launched += 1
+    assert launched > count // 2
