@@ -17,6 +17,8 @@ get the pointer forward and backward, sm_90 the tensor-descriptor (TMA)
 ones (and the pointer ones too, forced, as their fallback there). Autotune
 configs are pruned with that GPU's shared memory, as on the device; where a
 kernel has such a prune, each config it keeps must compile to a kernel that fits.
+A descriptor kernel must compile to TMA copies (cp.async.bulk.tensor), not
+to the plain loads Triton falls back to where it cannot use them.
 
 --spills also lists the variants whose registers spill to local memory, as
 ptxas reports them when it builds the cubin (the same ptxas and options as
@@ -268,6 +270,8 @@ def _compile(index: int):
     if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
         return (f"{what}: {kernel.metadata.shared} bytes of shared memory, more than "
                 f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}"), None
+    if fn.__name__.endswith("_tma_kernel") and "cp.async.bulk.tensor" not in kernel.asm["ptx"]:
+        return f"{what}: its descriptors lowered to plain loads and stores (no cp.async.bulk.tensor)", None
     spills = [int(n) for pair in _SPILLS.findall(log.getvalue()) for n in pair]
     registers = _REGISTERS.findall(log.getvalue())
     if any(spills):
