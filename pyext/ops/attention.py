@@ -135,6 +135,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     the reference is deterministic either way. A backward with
     create_graph=True (double backward) is the reference's, from the saved
     inputs (an S x S matrix), under "auto"; a named kernel backend raises.
+    On compute capability 9.0 and up the Triton forward and backward read
+    their tiles through TMA (tensor descriptors) where the call has no
+    dropout, mask or window and the layouts are 16-byte aligned;
+    PYEXT_TRITON_ATTN_LOADS=pointer keeps them on the pointer kernels.
     Kernels: float16/bfloat16, head dims multiple of 8 up to 256 (v's may be
     its own, below q's and k's, as in DeepSeek's MLA: the Triton kernels);
     other inputs go to the reference (backend "auto") or raise (a kernel
