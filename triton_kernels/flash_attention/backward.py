@@ -168,7 +168,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     Where loads.backward_loads says so (sm_90, no dropout, mask, window or
     packed batch), both kernels read and write through tensor descriptors
     (backward_tma.py); the same math either way."""
-    q, k, v, mask, args, _, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
+    q, k, v, mask, args, sizes, meta, buckets = _prepare(q, k, v, causal, dropout_p, mask, softcap, packed)
     meta["WINDOW"] = window is not None
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -213,8 +213,8 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block,
             LOW_PART=out_lo is not None)
         if descriptors:
-            _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, scale, softcap, causal_offset, buckets, key,
-                     deterministic, meta)
+            _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, sizes, scale, softcap, causal_offset, buckets,
+                     key, deterministic, meta)
         elif not deterministic:
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
             _bwd_dkdv_dq_kernel.launch(grid_kv, key, q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans,
@@ -232,12 +232,12 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, -sink_args[1].sum((0, 2)))
 
 
-def _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, scale, softcap, causal_offset, buckets, key,
+def _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, sizes, scale, softcap, causal_offset, buckets, key,
              deterministic, meta):
-    """flash_attn_bwd's dK/dV and dQ kernels through tensor descriptors (backward_tma.py)."""
+    """flash_attn_bwd's dK/dV and dQ kernels through tensor descriptors (backward_tma.py);
+    sizes: (Sq, Sk, Hq, Hq / Hkv), as launch._prepare gives them."""
     batch, heads_q, seq_q, _ = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
-    sizes = (seq_q, seq_k, heads_q, heads_q // heads_k)
     scales = (*_logit_scales(scale, softcap), scale, causal_offset, *buckets)
     meta = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], V_DIM=meta["V_DIM"], BLOCK_DV=meta["BLOCK_DV"],
                 CAUSAL=meta["CAUSAL"], SOFTCAP=meta["SOFTCAP"])

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .._utils import round_to
 from ..chosen_configs import ChosenConfigs
-from .backward_steps import _dq_step, _kv_step, _query_step, _row_stats
 from . import loads
+from .backward_steps import _dq_step, _kv_step, _query_step, _row_stats
 from .launch import _configs
 from .tiles import _keys_end, _query_range
 
@@ -37,9 +37,6 @@ def _fitting_configs(configs, named_args, **kwargs):
     and 3.8 (tests/triton_compile_check.py holds each kept config to the
     limit); exact to within that margin where the loop's loads are double
     buffered."""
-    limit = loads.shared_memory_limit(named_args["q_desc"].base)
-    if limit is None:
-        return configs
     columns, size = kwargs["BLOCK_D"] + kwargs["BLOCK_DV"], named_args["q_desc"].base.element_size()
     dkdv = "dk_desc" in named_args
 
@@ -48,7 +45,7 @@ def _fitting_configs(configs, named_args, **kwargs):
         once, looped = (n, m) if dkdv else (m, n)
         atomic = m * kwargs["BLOCK_D"] * 4 if dkdv and kwargs["ATOMIC_DQ"] else 0
         return (once + c.num_stages * looped) * columns * size + atomic + 2048
-    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+    return loads.fitting(configs, named_args["q_desc"].base, need)
 
 
 @triton.jit

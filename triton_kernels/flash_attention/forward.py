@@ -29,16 +29,12 @@ def _fitting_configs(configs, named_args, **kwargs):
     The pointer kernels have no such prune: their buffers depend on how the
     compiler pipelines cp.async, and the autotuner skips a config that does
     not launch for want of shared memory."""
-    limit = loads.shared_memory_limit(named_args["q_desc"].base)
-    if limit is None:
-        return configs
-
     def need(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         d, dv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
         elements = m * (3 if c.kwargs["WARP_SPECIALIZE"] else 1) * max(d, dv) + c.num_stages * n * (d + dv)
         return elements * named_args["q_desc"].base.element_size() + 1024
-    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+    return loads.fitting(configs, named_args["q_desc"].base, need)
 
 
 @triton.jit

@@ -53,6 +53,15 @@ def shared_memory_limit(t):
     return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin if t.is_cuda else None
 
 
+def fitting(configs, t, need):
+    """The configs whose need(config), bytes of shared memory a program, fits
+    on t's GPU (if none does, the one that needs least); all of them off a GPU."""
+    limit = shared_memory_limit(t)
+    if limit is None:
+        return configs
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+
+
 def _descriptor_problem(t):
     """Why TMA cannot address t as a (B, H, S, D) tensor, or None: it needs a
     16-byte aligned base, a unit last stride and the other strides positive
