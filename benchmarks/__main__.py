@@ -80,6 +80,7 @@ def measure(args, meta, base):
         print(f"\nstopped: {message}; the CUDA context is unusable after it. Reporting the {done} cases "
               f"finished; run again with --skip-providers {message.split()[0]} for the rest")
     bar.show(done, "done", last=True)
+    meta["seconds"] = bar.elapsed()  # the whole run's wall time (the suite's budget: 10 minutes in full)
     return rows
 
 
@@ -98,6 +99,8 @@ def merge(paths):
         meta.update(ops=list(dict.fromkeys(op for m in metas for op in m["ops"])),
                     dtypes=list(dict.fromkeys(d for m in metas for d in m["dtypes"])),
                     quick=any(m["quick"] for m in metas))
+    if all("seconds" in m for m in metas):
+        meta["seconds"] = sum(m["seconds"] for m in metas)
     interrupted = [p for p, r in zip(paths, reports) if "interrupted_after_cases" in r["meta"]]
     if interrupted:
         meta["interrupted"] = interrupted

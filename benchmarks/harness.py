@@ -199,6 +199,7 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
         elif isinstance(fn, str):
             row["skipped"] = fn
         else:
+            start = time.perf_counter()
             try:
                 med, lo, hi = timer(fn, quick)
             except Exception as e:  # a peer that cannot run this case says why
@@ -209,6 +210,8 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
                                             f"{row['skipped']}", rows) from e
             else:
                 row.update(ms=med, ms_p20=lo, ms_p80=hi, **host_and_memory(fn))
+                # what timing this provider cost the run: its first call (compiles, autotunes) included
+                row["wall_s"] = time.perf_counter() - start
                 if case.bytes:
                     row["GBps"] = case.bytes / med / 1e6
                     if ceilings.get("copy_GBps"):
@@ -236,8 +239,11 @@ class Progress:
         self.total = None if total is None else max(total, 1)
         self.width, self.start = width, time.perf_counter()
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
     def show(self, done: int, text: str, last: bool = False) -> None:
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.elapsed()
         if self.total is None:
             sys.stderr.write(f"\r[{done} done] {_minutes(elapsed)} {text[:60]:<60}")
         else:

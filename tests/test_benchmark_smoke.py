@@ -29,6 +29,8 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert report["meta"]["quick"] is True and report["meta"]["ops"] == list(OPS)
     timed = [r for r in report["results"] if "ms" in r]
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
+    # what each provider and the whole run cost in wall time, for sizing the suite to its budget
+    assert all(0 < r["wall_s"] < report["meta"]["seconds"] for r in timed)
     assert glob.glob(str(tmp_path / "*.csv")) and glob.glob(str(tmp_path / "*.png"))
     again = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "gelu", "--out",
                             str(tmp_path / "again"), "--compare", path],
@@ -90,6 +92,7 @@ def test_runs_of_one_op_each_merge_into_one_report(tmp_path):
     assert {r["op"] for r in report["results"]} == {"gelu", "adamw"}
     assert report["meta"]["merged_from"] == parts and report["meta"]["ceilings"]
     assert report["meta"]["ops"] == ["gelu", "adamw"] and report["meta"]["quick"] is True
+    assert report["meta"]["seconds"] == pytest.approx(sum(json.load(open(p))["meta"]["seconds"] for p in parts))
     assert glob.glob(str(tmp_path / "all" / "*.csv")) and glob.glob(str(tmp_path / "all" / "*.png"))
 
 
