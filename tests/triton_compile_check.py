@@ -18,7 +18,9 @@ ones (and the pointer ones too, forced, as their fallback there). Autotune
 configs are pruned with that GPU's shared memory, as on the device; where a
 kernel has such a prune, each config it keeps must compile to a kernel that fits.
 A descriptor kernel must compile to TMA copies (cp.async.bulk.tensor), not
-to the plain loads Triton falls back to where it cannot use them.
+to the plain loads Triton falls back to where it cannot use them. Every launch
+must ask for fused multiply-adds by name (`FMA`), as the kernels are written
+for them and Triton 3.10 stops fusing by default.
 
 --spills also lists the variants whose registers spill to local memory, as
 ptxas reports them when it builds the cubin (the same ptxas and options as
@@ -70,7 +72,7 @@ def _signature(fn, args, kwargs, config):
     names = fn.arg_names
     values = dict(zip(names, args))
     values.update({k: v for k, v in kwargs.items() if k in names})
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
     if config is not None:
         values.update(config.kwargs)
         options.update(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -270,6 +272,8 @@ def _compile(index: int):
     if pruned and kernel.metadata.shared > SHARED_MEMORY[target.arch]:
         return (f"{what}: {kernel.metadata.shared} bytes of shared memory, more than "
                 f"sm_{target.arch}'s {SHARED_MEMORY[target.arch]}"), None
+    if options.get("enable_fp_fusion") is not True:
+        return f"{what}: launched without enable_fp_fusion=True (triton_kernels._utils.FMA)", None
     if fn.__name__.endswith("_tma_kernel") and "cp.async.bulk.tensor" not in kernel.asm["ptx"]:
         return f"{what}: its descriptors lowered to plain loads and stores (no cp.async.bulk.tensor)", None
     spills = [int(n) for pair in _SPILLS.findall(log.getvalue()) for n in pair]

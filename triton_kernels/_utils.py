@@ -14,6 +14,13 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Every launch asks for fused multiply-adds (FMA contraction) by name: the kernels
+# are written, tuned and tested with them, marking the products that must not fuse
+# (`mul_rn`). Triton 3.6-3.9 fuse unless told otherwise; 3.10 turns that default off
+# (3.9 warns of it at the first compile that does not say).
+FMA = {"enable_fp_fusion": True}
+
+
 # Host-side integer helpers for grids and block sizes: Triton 3.8 makes its
 # own (triton.cdiv, triton.next_power_of_2) constexpr functions, about 2 us a
 # call on the host, several per launch.

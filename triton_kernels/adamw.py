@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import float32_pair, on_device, round_to
+from ._utils import FMA, float32_pair, on_device, round_to
 
 BLOCK = 1024
 
@@ -183,4 +183,4 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
             _float64_args(device, beta1, beta2, weight_decay), eps,
             P_DTYPE=_TL_DTYPE[params[0].dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)
+            HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, **FMA)

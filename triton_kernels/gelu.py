@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, on_device, poisonable_out, round_to, tanh, to_compute
+from ._utils import FMA, cdiv, on_device, poisonable_out, round_to, tanh, to_compute
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
@@ -64,7 +64,7 @@ def gelu_fwd(x: torch.Tensor, approximate: str, out=None) -> torch.Tensor:
     if n:
         with on_device(x):
             gelu_fwd_kernel[(cdiv(n, BLOCK),)](
-                x, y, n, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=NUM_WARPS)
+                x, y, n, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=NUM_WARPS, **FMA)
     return y
 
 
@@ -75,5 +75,5 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, approximate: str, out=None) -> t
     if n:
         with on_device(x):
             gelu_bwd_kernel[(cdiv(n, BLOCK),)](
-                dy, x, dx, n, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=NUM_WARPS)
+                dy, x, dx, n, TANH=approximate == "tanh", BLOCK=BLOCK, num_warps=NUM_WARPS, **FMA)
     return dx

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, float32_pair, mul_rn, next_power_of_2, on_device, round_to, to_compute
+from ._utils import FMA, cdiv, float32_pair, mul_rn, next_power_of_2, on_device, round_to, to_compute
 
 FWD_FUSED_COLS = 16384
 BWD_FUSED_COLS = 8192
@@ -381,11 +381,11 @@ def _norm_fwd(x, normalized_shape, weight, bias, eps, rms, out, group_size):
             block_m, block_n, num_warps = tile
             _norm_fwd_kernel[(cdiv(rows, block_m), groups)](
                 x, w_arg, b_arg, y, mean_arg, rstd, rows, cols, groups, eps_high, eps_low,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags, **FMA)
         else:
             _norm_fwd_chunked_kernel[(rows * groups,)](
                 x, w_arg, b_arg, y, mean_arg, rstd, cols, groups, eps_high, eps_low, BLOCK_N=CHUNK, num_warps=8,
-                **flags)
+                **flags, **FMA)
     return y, mean, rstd
 
 
@@ -440,17 +440,17 @@ def _norm_bwd(dy, x, mean, rstd, weight, bias, need_dweight, need_dbias, rms, ou
         if tile is not None:
             _norm_bwd_kernel[(programs, groups)](
                 dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
-                BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=num_warps, **flags)
+                BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=num_warps, **flags, **FMA)
         else:
             _norm_bwd_chunked_kernel[(programs,)](
                 dy, x, w_arg, mean_arg, rstd, dx, dw_part, db_part, rows, cols, groups, rows_per_program,
-                BLOCK_N=CHUNK, num_warps=8, **flags)
+                BLOCK_N=CHUNK, num_warps=8, **flags, **FMA)
         sums = [(part, grad) for need, part, grad in ((need_dweight, dw_part, dweight), (need_dbias, db_part, dbias))
                 if need]
         if sums:
             block_p, block_n = _sum_tile(x, n)
             _sum_partials_kernel[(cdiv(n, block_n), len(sums))](
-                *sums[0], *sums[-1], programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+                *sums[0], *sums[-1], programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4, **FMA)
     return dx, dweight, dbias
 
 

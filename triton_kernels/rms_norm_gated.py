@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, float32_pair, next_power_of_2, on_device, round_to, to_compute
+from ._utils import FMA, cdiv, float32_pair, next_power_of_2, on_device, round_to, to_compute
 from .layer_norm import (_backward_programs, _fused_tile, _grad_for, _groups, _row_tile, _rsqrt,
                          _stat_dtype, _sum_partials_kernel, _sum_tile, _take)
 
@@ -244,12 +244,12 @@ def rms_norm_gated_fwd(x, z, weight, eps, activation, gate_first, group_size=Non
         if cols > FUSED_COLS:
             block_n, num_warps = _chunk(cols)
             _rms_norm_gated_fwd_chunked_kernel[(rows * groups,)](*args, cols, groups, *float32_pair(eps),
-                                                                 BLOCK_N=block_n, num_warps=num_warps, **flags)
+                                                                 BLOCK_N=block_n, num_warps=num_warps, **flags, **FMA)
         else:
             block_m, block_n, num_warps = _fused_tile(cols, FUSED_COLS)
             _rms_norm_gated_fwd_kernel[(cdiv(rows, block_m), groups)](
                 *args, rows, cols, groups, *float32_pair(eps), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-                **flags)
+                **flags, **FMA)
     return y, rstd
 
 
@@ -284,12 +284,13 @@ def rms_norm_gated_bwd(dy, x, z, rstd, weight, activation, gate_first, need_dwei
                  NEED_DW=need_dweight)
     with on_device(x):
         if chunked:
-            _rms_norm_gated_bwd_chunked_kernel[(programs,)](*args, BLOCK_N=block_n, num_warps=num_warps, **flags)
+            _rms_norm_gated_bwd_chunked_kernel[(programs,)](*args, BLOCK_N=block_n, num_warps=num_warps, **flags,
+                                                            **FMA)
         else:
             _rms_norm_gated_bwd_kernel[(programs, groups)](*args, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                           num_warps=num_warps, **flags)
+                                                           num_warps=num_warps, **flags, **FMA)
         if need_dweight:
             block_p, block_n = _sum_tile(x, n)
             _sum_partials_kernel[(cdiv(n, block_n), 1)](
-                dw_part, dweight, dw_part, dweight, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+                dw_part, dweight, dw_part, dweight, programs, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4, **FMA)
     return dx, dz, dweight

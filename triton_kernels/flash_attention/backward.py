@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import cdiv, on_device, round_to
+from .._utils import FMA, cdiv, on_device, round_to
 from ..chosen_configs import ChosenConfigs
 from .backward_steps import _dq_step, _kv_step, _query_step, _row_stats
 from .backward_tma import _bwd_dkdv_dq_tma_kernel, _bwd_dkdv_tma_kernel, _bwd_dq_tma_kernel
@@ -211,7 +211,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
         _bwd_delta_kernel[(cdiv(seq_q, block), heads_q, stats_batch)](
             out, out_lo, dout, delta, *out.stride()[:3], *(out if out_lo is None else out_lo).stride()[:3],
             *dout_strides, seq_q, heads_q, V_DIM=meta["V_DIM"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=block,
-            LOW_PART=out_lo is not None)
+            LOW_PART=out_lo is not None, **FMA)
         if descriptors:
             _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, sizes, scale, softcap, causal_offset, buckets,
                      key, deterministic, meta)
@@ -219,16 +219,16 @@ def flash_attn_bwd(dout, q, k, v, out, lse, scale: float, causal: bool, causal_o
             dq_acc = torch.zeros((stats_batch, *q.shape[1:]), dtype=torch.float32, device=q.device)
             _bwd_dkdv_dq_kernel.launch(grid_kv, key, q, k, v, dout, lse, delta, dk, dv, dq_acc, seed, mask, spans,
                                        *sink_args, *cu_seqlens, *args, *dout_strides, *dk.stride()[:3],
-                                       *dv.stride()[:3], *tail, ATOMIC_DQ=True, **meta)
+                                       *dv.stride()[:3], *tail, ATOMIC_DQ=True, **meta, **FMA)
             torch.mul(dq_acc, scale, out=dq[:stats_batch])
         else:
             _bwd_dkdv_kernel.launch(grid_kv, key, q, k, v, dout, lse, delta, dk, dv, None, seed, mask, spans,
                                     *sink_args, *cu_seqlens, *args, *dout_strides, *dk.stride()[:3],
-                                    *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta)
+                                    *dv.stride()[:3], *tail, ATOMIC_DQ=False, **meta, **FMA)
             meta.pop("SINK")
             grid_q = lambda m: (cdiv(rows_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
             _bwd_dq_kernel.launch(grid_q, key, q, k, v, dout, lse, delta, dq, seed, mask, row_spans(mask),
-                                  *cu_seqlens, *args, *dout_strides, *dq.stride()[:3], *tail, **meta)
+                                  *cu_seqlens, *args, *dout_strides, *dq.stride()[:3], *tail, **meta, **FMA)
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, -sink_args[1].sum((0, 2)))
 
 
@@ -247,15 +247,15 @@ def _bwd_tma(q, k, v, dout, dq, dk, dv, lse, delta, sink_args, sizes, scale, sof
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         _bwd_dkdv_dq_tma_kernel.launch(grid_kv, key, q_desc, k_desc, v_desc, dout_desc, descriptor(dk),
                                        descriptor(dv), lse, delta, dq_acc, *sink_args, *sizes, *scales,
-                                       SINK=sink_args[0] is not None, ATOMIC_DQ=True, **meta)
+                                       SINK=sink_args[0] is not None, ATOMIC_DQ=True, **meta, **FMA)
         torch.mul(dq_acc, scale, out=dq)
         return
     _bwd_dkdv_tma_kernel.launch(grid_kv, key, q_desc, k_desc, v_desc, dout_desc, descriptor(dk), descriptor(dv), lse,
                                 delta, None, *sink_args, *sizes, *scales, SINK=sink_args[0] is not None,
-                                ATOMIC_DQ=False, **meta)
+                                ATOMIC_DQ=False, **meta, **FMA)
     grid_q = lambda m: (cdiv(seq_q, m["BLOCK_M"]), heads_q, batch)  # noqa: E731
     _bwd_dq_tma_kernel.launch(grid_q, key, q_desc, k_desc, v_desc, dout_desc, descriptor(dq), lse, delta, *sizes,
-                              *scales, **meta)
+                              *scales, **meta, **FMA)
 
 
 @functools.lru_cache(maxsize=None)

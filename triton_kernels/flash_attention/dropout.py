@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import cdiv, on_device
+from .._utils import FMA, cdiv, on_device
 from .tiles import _dropout_keep
 
 
@@ -26,5 +26,6 @@ def dropout_keep_mask(seed, batch: int, heads_q: int, seq_q: int, seq_k: int, dr
     if kept.numel():
         grid = (cdiv(seq_q, 16), cdiv(seq_k, 16), batch * heads_q)
         with on_device(seed):
-            _dropout_keep_kernel[grid](seed, kept, seq_q, seq_k, 1.0 - dropout_p, BLOCK_M=16, BLOCK_N=16)
+            _dropout_keep_kernel[grid](seed, kept, seq_q, seq_k, 1.0 - dropout_p, BLOCK_M=16, BLOCK_N=16,
+                                       **FMA)
     return kept.bool()

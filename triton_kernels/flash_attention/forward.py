@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import cdiv, dot, on_device, round_to
+from .._utils import FMA, cdiv, dot, on_device, round_to
 from ..chosen_configs import ChosenConfigs
 from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _window_bounds, empty_out
 from . import loads
@@ -251,10 +251,10 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel.launch(grid, key, *(descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
                                    *out.stride()[:3], *sizes,
                                    *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
-                                   **meta)
+                                   **meta, **FMA)
         else:
             _fwd_kernel.launch(grid, key, q, k, v, out, out_lo, lse, seed, mask, row_spans(mask), sink,
                                *_cu_seqlens(packed), *args, *out.stride()[:3],
                                *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
-                               WINDOW=window is not None, SINK=sinks is not None, **meta)
+                               WINDOW=window is not None, SINK=sinks is not None, **meta, **FMA)
     return outputs

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import cdiv, on_device
+from .._utils import FMA, cdiv, on_device
 from .launch import _INTERPRET
 
 
@@ -62,7 +62,7 @@ def _spans(mask, dim: int, length: int) -> torch.Tensor:
     with on_device(mask):
         _mask_spans_kernel[grid](mask, spans, mask.stride(0), mask.stride(1), mask.stride(keep_dim),
                                  mask.stride(dim), heads, n_keep, n_red, BLOCK_KEEP=block_keep, BLOCK_RED=block_red,
-                                 num_warps=8)
+                                 num_warps=8, **FMA)
     if n_red == 1 < length:  # (0, 1) or (1, 0): every index along dim alike
         hit = spans[..., 1:] > 0
         spans = torch.where(hit, spans.new_tensor([0, length]), spans.new_tensor([length, 0]))
