@@ -239,11 +239,8 @@ class Progress:
         self.total = None if total is None else max(total, 1)
         self.width, self.start = width, time.perf_counter()
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
     def show(self, done: int, text: str, last: bool = False) -> None:
-        elapsed = self.elapsed()
+        elapsed = time.perf_counter() - self.start
         if self.total is None:
             sys.stderr.write(f"\r[{done} done] {_minutes(elapsed)} {text[:60]:<60}")
         else:
