@@ -40,7 +40,7 @@ class PretendHopper:
         return object(), object(), 32, 0, 1024  # module, function, registers, spills, max threads
 
     def get_benchmarker(self):
-        return lambda kernel_call, quantiles: (kernel_call(), [1.0, 1.0, 1.0])[1]
+        return lambda kernel_call, quantiles, warmup=25, rep=100: (kernel_call(), [1.0, 1.0, 1.0])[1]
 
 
 def install():

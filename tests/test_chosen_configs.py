@@ -101,6 +101,44 @@ def test_autotune_configs_compile_on_a_thread_each(tmp_path):
     assert "parallel compiles:" in out.stdout and "none compiled anew" in out.stdout
 
 
+def _autotuners():
+    """Every autotuned Triton kernel of pyext's, by name: triton.autotune's
+    Autotuner objects, alone or inside ChosenConfigs."""
+    from pyext.triton_kernels import adamw, gelu, layer_norm, rms_norm_gated
+    from pyext.triton_kernels.flash_attention import backward, backward_tma, forward
+    found = {}
+    for module in (adamw, gelu, layer_norm, rms_norm_gated, backward, backward_tma, forward):
+        for name, value in vars(module).items():
+            value = getattr(value, "autotuned", value)
+            if isinstance(value, triton.runtime.Autotuner):
+                found.setdefault(id(value), (f"{module.__name__.split('.')[-1]}.{name}", value))
+    return dict(found.values())
+
+
+def test_every_autotuner_times_its_configs_with_the_short_timer(monkeypatch):
+    """Each config over 25 ms of runs after 5 ms of warm-up (Triton's own: 100 after 25),
+    and the quantiles the autotuner asks for."""
+    from pyext.triton_kernels.chosen_configs import tuning_timer
+    tuners = _autotuners()
+    assert len(tuners) >= 8, sorted(tuners)  # the attention forwards (2), dK/dV and dQ kernels (6)
+
+    def timer(tuner):
+        try:
+            return tuner.do_bench
+        except RuntimeError:  # Triton's own timer, which wants a GPU driver to be found
+            return triton.testing.do_bench
+    slow = [name for name, tuner in tuners.items() if timer(tuner) is not tuning_timer]
+    assert not slow, slow
+    asked = []
+
+    class Driver:  # what the timer asks of Triton's active driver
+        def get_benchmarker(self):
+            return lambda fn, **kwargs: (fn(), asked.append(kwargs))[0]
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
+    tuning_timer(lambda: asked.append("ran"), quantiles=(0.5, 0.2, 0.8))
+    assert asked == ["ran", {"warmup": 5, "rep": 25, "quantiles": (0.5, 0.2, 0.8)}]
+
+
 def _autotuner_key(autotuned, args, kwargs):
     """The key triton.autotune computes for a launch: its key arguments' values, then the dtype of
     each tensor argument, in the order of the arguments."""

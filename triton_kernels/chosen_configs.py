@@ -19,16 +19,38 @@ config it will time is handed to a thread pool as a compile job (Triton's
 AsyncCompileMode: its LLVM passes give up the GIL, ptxas is a process of
 its own), and the autotuner finds them compiled (benchmarks/NOTES.md,
 "Triton compiles on a thread each"). What it times and picks is unchanged.
+
+The autotuners built by `autotune` below time each config over 25 ms of
+runs after 5 of warm-up (`tuning_timer`), not Triton's 100 after 25: at
+training sizes (0.1-1 ms a launch) a config's median still comes from
+dozens to hundreds of runs, and a process tunes once per kernel, head dim,
+sequence bucket and feature set, 5-9 configs each: the benchmark suite's
+full grid some 330 times (benchmarks/NOTES.md, "Tuning time"), a user's
+first training step a few times.
 """
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import triton
+from triton.runtime import driver
+
 try:
     from triton.runtime._async_compile import AsyncCompileMode
 except ImportError:  # a Triton without it: the autotuner compiles the configs one at a time
     AsyncCompileMode = None
+
+
+def tuning_timer(kernel_call, quantiles):
+    """The autotuners' timer: the active driver's (triton.testing.do_bench on
+    a GPU) over 25 ms of runs after 5 ms of warm-up."""
+    return driver.active.get_benchmarker()(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune(configs, key, **kwargs):
+    """triton.autotune timing with `tuning_timer`."""
+    return triton.autotune(configs=configs, key=key, do_bench=tuning_timer, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._utils import FMA, cdiv, on_device, round_to
-from ..chosen_configs import ChosenConfigs
+from ..chosen_configs import ChosenConfigs, autotune
 from .backward_steps import _dq_step, _kv_step, _query_step, _row_stats
 from .backward_tma import _bwd_dkdv_dq_tma_kernel, _bwd_dkdv_tma_kernel, _bwd_dq_tma_kernel
 from .launch import (_INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _unit_last_stride,
@@ -102,16 +102,16 @@ _DQ_KEY = ["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW", "D
 _BWD_KEY = _DQ_KEY + ["SINK"]  # the sink's gradient is summed in the dK/dV pass: the dQ kernel has no SINK
 # Timing a config adds into dq_acc, and leaves sink shares in the slots of its key blocks, which a
 # config of wider blocks does not overwrite: the autotuner zeroes both before each run (and the last).
-_bwd_dkdv_kernel = ChosenConfigs(triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"])(
+_bwd_dkdv_kernel = ChosenConfigs(autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"])(
     _bwd_kv_kernel))
-_bwd_dkdv_dq_kernel = ChosenConfigs(triton.autotune(configs=_configs("bwd"), key=_BWD_KEY,
-                                                    reset_to_zero=["dq_acc_ptr", "dsink_ptr"])(_bwd_kv_kernel))
+_bwd_dkdv_dq_kernel = ChosenConfigs(autotune(configs=_configs("bwd"), key=_BWD_KEY,
+                                             reset_to_zero=["dq_acc_ptr", "dsink_ptr"])(_bwd_kv_kernel))
 # the narrowest key block of any config: the most key blocks, so sink slots, a head can have
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for kind in ("bwd", "bwd_tma") for c in _configs(kind))
 
 
 @ChosenConfigs
-@triton.autotune(configs=_configs("bwd"), key=_DQ_KEY)
+@autotune(configs=_configs("bwd"), key=_DQ_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr, mask_ptr, row_span_ptr,
                    cu_seqlens_q, cu_seqlens_k,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._utils import round_to
-from ..chosen_configs import ChosenConfigs
+from ..chosen_configs import ChosenConfigs, autotune
 from . import loads
 from .backward_steps import _dq_step, _kv_step, _query_step, _row_stats
 from .launch import _configs
@@ -88,16 +88,16 @@ def _bwd_kv_tma_kernel(q_desc, k_desc, v_desc, dout_desc, dk_desc, dv_desc, lse_
 
 # as backward.py's: the autotuner zeroes dq_acc and the sink shares before each timed run
 _PRUNE = {"early_config_prune": _fitting_configs}
-_bwd_dkdv_tma_kernel = ChosenConfigs(triton.autotune(
+_bwd_dkdv_tma_kernel = ChosenConfigs(autotune(
     configs=_configs("bwd_tma"), key=_BWD_KEY, reset_to_zero=["dsink_ptr"], prune_configs_by=_PRUNE)(
     _bwd_kv_tma_kernel))
-_bwd_dkdv_dq_tma_kernel = ChosenConfigs(triton.autotune(
+_bwd_dkdv_dq_tma_kernel = ChosenConfigs(autotune(
     configs=_configs("bwd_tma"), key=_BWD_KEY, reset_to_zero=["dq_acc_ptr", "dsink_ptr"], prune_configs_by=_PRUNE)(
     _bwd_kv_tma_kernel))
 
 
 @ChosenConfigs
-@triton.autotune(configs=_configs("bwd_tma"), key=_DQ_KEY, prune_configs_by=_PRUNE)
+@autotune(configs=_configs("bwd_tma"), key=_DQ_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq_tma_kernel(q_desc, k_desc, v_desc, dout_desc, dq_desc, lse_ptr, delta_ptr, seq_q, seq_k, heads_q, group,
                        qk_scale, cap_log2e, scale, causal_offset, SQ_BUCKET, SK_BUCKET,

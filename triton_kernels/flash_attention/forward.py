@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .._utils import FMA, cdiv, dot, on_device, round_to
-from ..chosen_configs import ChosenConfigs
+from ..chosen_configs import ChosenConfigs, autotune
 from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key, _window_bounds, empty_out
 from . import loads
 from .loads import descriptor, forward_loads
@@ -86,8 +86,8 @@ def _finish(m_i, l_i, acc):
 
 
 @ChosenConfigs
-@triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
-                                               "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN"])
+@autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
+                                        "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, sink_ptr,
                 cu_seqlens_q, cu_seqlens_k,
@@ -145,9 +145,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
 
 
 @ChosenConfigs
-@triton.autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP",
-                                                   "SINK"],
-                 prune_configs_by={"early_config_prune": _fitting_configs})
+@autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP", "SINK"],
+          prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr, out_lo_ptr, sob, soh, som,
                     seq_q, seq_k, heads_q, group, qk_scale, cap_log2e, causal_offset,
