@@ -146,6 +146,9 @@ def main(argv=None):
 
     print(harness.table(rows))
     print("\n".join(["", "summary:"] + harness.summary(rows)))
+    spent = harness.time_spent(rows, meta.get("seconds"))
+    if spent:
+        print("\n".join(["", "time spent:"] + spent))
     if args.compare:
         with open(args.compare) as f:
             lines = harness.compare(json.load(f)["results"], rows)

@@ -56,7 +56,7 @@ def timer(fn: Callable[[], object], quick: bool) -> List[float]:
     fn()
     if HAS_GPU:
         import triton.testing
-        warmup, rep = (10, 30) if quick else (25, 100)
+        warmup, rep = (10, 30) if quick else (10, 50)
         q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return list(q)
     t0 = time.perf_counter()
@@ -334,6 +334,29 @@ def summary(rows: List[dict]) -> List[str]:
         pct_text = f", up to {max(pct):.0f}% of the ceiling" if pct else ""
         lines.append(f"{op:<12} ours vs best peer: geomean {geo:.2f}x, min {min(ups):.2f}x "
                      f"over {len(ups)} cases{pct_text}")
+    return lines
+
+
+def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
+    """Where the run's time went: per op, the wall time of its timed rows
+    (wall_s: first calls, compiles, autotuning, timing) and its three
+    costliest providers; then the rest of the run's `seconds` (the ceilings,
+    making the inputs, peers that failed). Nothing for reports without wall_s."""
+    timed = [r for r in rows if "wall_s" in r]
+    if not timed:
+        return []
+    lines = [f"{seconds:.0f} s in all ({_minutes(seconds)})" if seconds else "the run's total is not known"]
+    for op in dict.fromkeys(r["op"] for r in timed):
+        by_provider = {}
+        for r in timed:
+            if r["op"] == op:
+                by_provider[r["provider"]] = by_provider.get(r["provider"], 0.0) + r["wall_s"]
+        costliest = sorted(by_provider.items(), key=lambda item: -item[1])[:3]
+        lines.append(f"{op:<14}{sum(by_provider.values()):6.0f} s: "
+                     + ", ".join(f"{name} {spent:.0f} s" for name, spent in costliest))
+    if seconds:
+        lines.append(f"{'the rest':<14}{seconds - sum(r['wall_s'] for r in timed):6.0f} s: ceilings, inputs, "
+                     "peers that failed")
     return lines
 
 

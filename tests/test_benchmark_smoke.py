@@ -31,6 +31,10 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
     # what each provider and the whole run cost in wall time, for sizing the suite to its budget
     assert all(0 < r["wall_s"] < report["meta"]["seconds"] for r in timed)
+    ops = list(dict.fromkeys(r["op"] for r in timed))
+    spent = out.stdout.split("time spent:\n")[1].splitlines()[:len(ops) + 2]
+    assert "s in all (" in spent[0] and spent[-1].startswith("the rest"), spent
+    assert all(line.startswith(op) for line, op in zip(spent[1:], ops)), spent
     assert glob.glob(str(tmp_path / "*.csv")) and glob.glob(str(tmp_path / "*.png"))
     again = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "gelu", "--out",
                             str(tmp_path / "again"), "--compare", path],
@@ -49,6 +53,20 @@ def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = out.stdout.strip().splitlines()[1:]
     assert len(rows) == 8 and all(float(row.split()[0]) > 0 for row in rows), out.stdout
+
+
+def test_time_spent_adds_up_each_ops_rows_and_names_its_costliest_providers():
+    from benchmarks.harness import time_spent
+    rows = [dict(op="gelu", provider="torch", wall_s=1.0), dict(op="gelu", provider="pyext-cuda", wall_s=2.0),
+            dict(op="attention", provider="sdpa-math", wall_s=30.0), dict(op="attention", provider="torch", wall_s=4.0),
+            dict(op="attention", provider="sdpa-math", wall_s=20.0), dict(op="attention", provider="flex", wall_s=5.0),
+            dict(op="attention", provider="eager", wall_s=6.0), dict(op="attention", provider="apex", skipped="no")]
+    assert time_spent(rows, 100.0) == [
+        "100 s in all (1:40)",
+        "gelu               3 s: pyext-cuda 2 s, torch 1 s",
+        "attention         65 s: sdpa-math 50 s, eager 6 s, flex 5 s",
+        "the rest          32 s: ceilings, inputs, peers that failed"]
+    assert time_spent([dict(op="gelu", provider="torch", ms=1.0)], 5.0) == []  # a report from before wall_s
 
 
 @pytest.mark.parametrize("host_ms", [0.01, 5.0])
