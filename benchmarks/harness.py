@@ -339,9 +339,10 @@ def summary(rows: List[dict]) -> List[str]:
 
 def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
     """Where the run's time went: per op, the wall time of its timed rows
-    (wall_s: first calls, compiles, autotuning, timing) and its three
-    costliest providers; then the rest of the run's `seconds` (the ceilings,
-    making the inputs, peers that failed). Nothing for reports without wall_s."""
+    (wall_s: first calls, compiles, autotuning, timing), over how many cases,
+    and its three costliest providers; then the rest of the run's `seconds`
+    (the ceilings, making the inputs, peers that failed). Nothing for
+    reports without wall_s."""
     timed = [r for r in rows if "wall_s" in r]
     if not timed:
         return []
@@ -352,7 +353,8 @@ def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
             if r["op"] == op:
                 by_provider[r["provider"]] = by_provider.get(r["provider"], 0.0) + r["wall_s"]
         costliest = sorted(by_provider.items(), key=lambda item: -item[1])[:3]
-        lines.append(f"{op:<14}{sum(by_provider.values()):6.0f} s: "
+        cases = len({case_key(r)[:4] for r in timed if r["op"] == op})
+        lines.append(f"{op:<14}{sum(by_provider.values()):6.0f} s over {cases:3d} cases: "
                      + ", ".join(f"{name} {spent:.0f} s" for name, spent in costliest))
     if seconds:
         lines.append(f"{'the rest':<14}{seconds - sum(r['wall_s'] for r in timed):6.0f} s: ceilings, inputs, "

@@ -59,12 +59,15 @@ def test_time_spent_adds_up_each_ops_rows_and_names_its_costliest_providers():
     from benchmarks.harness import time_spent
     rows = [dict(op="gelu", provider="torch", wall_s=1.0), dict(op="gelu", provider="pyext-cuda", wall_s=2.0),
             dict(op="attention", provider="sdpa-math", wall_s=30.0), dict(op="attention", provider="torch", wall_s=4.0),
-            dict(op="attention", provider="sdpa-math", wall_s=20.0), dict(op="attention", provider="flex", wall_s=5.0),
-            dict(op="attention", provider="eager", wall_s=6.0), dict(op="attention", provider="apex", skipped="no")]
+            dict(op="attention", provider="sdpa-math", wall_s=20.0, label="S=2"),
+            dict(op="attention", provider="flex", wall_s=5.0), dict(op="attention", provider="eager", wall_s=6.0),
+            dict(op="attention", provider="apex", skipped="no")]
+    for row in rows:
+        row.update(label=row.get("label", "S=1"), dtype="bfloat16", direction="fwd")
     assert time_spent(rows, 100.0) == [
         "100 s in all (1:40)",
-        "gelu               3 s: pyext-cuda 2 s, torch 1 s",
-        "attention         65 s: sdpa-math 50 s, eager 6 s, flex 5 s",
+        "gelu               3 s over   1 cases: pyext-cuda 2 s, torch 1 s",
+        "attention         65 s over   2 cases: sdpa-math 50 s, eager 6 s, flex 5 s",
         "the rest          32 s: ceilings, inputs, peers that failed"]
     assert time_spent([dict(op="gelu", provider="torch", ms=1.0)], 5.0) == []  # a report from before wall_s
 
