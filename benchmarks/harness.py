@@ -187,10 +187,36 @@ def cuda_context_broken() -> bool:
     return False
 
 
+def pyext_tuners() -> Dict[str, object]:
+    """pyext's autotuned Triton kernels (triton_kernels/chosen_configs.py's
+    ChosenConfigs) by name; none where Triton does not import."""
+    try:
+        from pyext.triton_kernels.chosen_configs import ChosenConfigs
+        from pyext.triton_kernels.flash_attention import backward, backward_tma, forward
+    except ImportError:
+        return {}
+    return {name: value for module in (forward, backward, backward_tma) for name, value in vars(module).items()
+            if isinstance(value, ChosenConfigs)}
+
+
+def tuned_since(tuners: Dict[str, object], before: Dict[str, int]) -> dict:
+    """What pyext's autotuners chose since `before` (each one's count of
+    choices then): per kernel, each choice's config and the median ms of
+    every config timed for it (None for one that could not run)."""
+    report = {}
+    for name, tuner in tuners.items():
+        for _, config, timed in tuner.choices[before[name]:]:
+            times = {str(c): ms if math.isfinite(ms) else None for c, ms in timed.items()}
+            report.setdefault(name, []).append({"config": str(config), "timed_ms": times})
+    return report
+
+
 def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[dict]:
     """Time every provider of one case but those in `skip`; one row per
-    provider. Raises BrokenCUDAContext, with the rows so far, when one faults."""
-    rows = []
+    provider. Raises BrokenCUDAContext, with the rows so far, when one faults.
+    A row of ours records what pyext's autotuners chose during its first call
+    ("tuned": config, and every config's time), for pruning the configs."""
+    rows, tuners = [], pyext_tuners()
     for name, fn in case.providers.items():
         row = dict(op=case.op, label=case.label, size=case.size, dtype=case.dtype,
                    direction=case.direction, provider=name, bytes=case.bytes, flops=case.flops)
@@ -199,7 +225,7 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
         elif isinstance(fn, str):
             row["skipped"] = fn
         else:
-            start = time.perf_counter()
+            start, before = time.perf_counter(), {name: len(t.choices) for name, t in tuners.items()}
             try:
                 med, lo, hi = timer(fn, quick)
             except Exception as e:  # a peer that cannot run this case says why
@@ -212,6 +238,9 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
                 row.update(ms=med, ms_p20=lo, ms_p80=hi, **host_and_memory(fn))
                 # what timing this provider cost the run: its first call (compiles, autotunes) included
                 row["wall_s"] = time.perf_counter() - start
+                tuned = tuned_since(tuners, before)
+                if tuned:
+                    row["tuned"] = tuned
                 if case.bytes:
                     row["GBps"] = case.bytes / med / 1e6
                     if ceilings.get("copy_GBps"):
@@ -287,9 +316,9 @@ def write_results(base: str, meta: dict, rows: List[dict]) -> None:
     """base.json (meta + every row) and base.csv (one row per case and provider)."""
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
-    keys = sorted({k for r in rows for k in r})
+    keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, dict)})  # "tuned": the JSON's alone
     with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

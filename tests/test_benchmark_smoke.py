@@ -31,6 +31,9 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
     # what each provider and the whole run cost in wall time, for sizing the suite to its budget
     assert all(0 < r["wall_s"] < report["meta"]["seconds"] for r in timed)
+    # the attention rows of ours say which config each autotuned kernel chose (one config under the interpreter)
+    tuned = {kernel for r in timed if "tuned" in r for kernel in r["tuned"]}
+    assert {"_fwd_kernel", "_bwd_dkdv_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"} <= tuned, tuned
     ops = list(dict.fromkeys(r["op"] for r in timed))
     spent = out.stdout.split("time spent:\n")[1].splitlines()[:len(ops) + 2]
     assert "s in all (" in spent[0] and spent[-1].startswith("the rest"), spent
@@ -70,6 +73,30 @@ def test_time_spent_adds_up_each_ops_rows_and_names_its_costliest_providers():
         "attention         65 s over   2 cases: sdpa-math 50 s, eager 6 s, flex 5 s",
         "the rest          32 s: ceilings, inputs, peers that failed"]
     assert time_spent([dict(op="gelu", provider="torch", ms=1.0)], 5.0) == []  # a report from before wall_s
+
+
+def test_a_row_records_what_pyexts_autotuners_chose_in_its_first_call(monkeypatch, tmp_path):
+    """"tuned": per kernel, the config chosen and every config's median ms (None for one that
+    could not run); in the JSON, not the CSV."""
+    from benchmarks import harness
+
+    class Tuner:  # a ChosenConfigs, as the harness reads it
+        choices = [("a key chosen before", "BLOCK: 8", {})]
+    tuner = Tuner()
+    monkeypatch.setattr(harness, "pyext_tuners", lambda: {"_fwd_kernel": tuner})
+
+    def first_call_tunes():
+        if len(tuner.choices) == 1:
+            tuner.choices.append(("key", "BLOCK: 32", {"BLOCK: 16": 2.0, "BLOCK: 32": 1.0, "BLOCK: 64": float("inf")}))
+    case = harness.Case(op="op", label="label", size=1, dtype="bfloat16", direction="fwd", bytes=1, flops=0,
+                        providers={"pyext-triton": first_call_tunes, "torch": lambda: None})
+    rows = harness.run_case(case, {}, quick=True)
+    assert rows[0]["tuned"] == {"_fwd_kernel": [{"config": "BLOCK: 32",
+                                                 "timed_ms": {"BLOCK: 16": 2.0, "BLOCK: 32": 1.0, "BLOCK: 64": None}}]}
+    assert "tuned" not in rows[1]
+    harness.write_results(str(tmp_path / "report"), {}, rows)
+    assert json.load(open(tmp_path / "report.json"))["results"][0]["tuned"] == rows[0]["tuned"]
+    assert "tuned" not in open(tmp_path / "report.csv").readline()
 
 
 @pytest.mark.parametrize("host_ms", [0.01, 5.0])

@@ -77,6 +77,21 @@ def test_a_key_chooses_once_and_its_next_launches_skip_the_autotuner(monkeypatch
     assert _launch(tuned, 20, plus=100) == 164 and len(runs) == 3  # so does the same key with other constexprs
 
 
+def test_each_choice_is_recorded_with_every_configs_time():
+    tuned = _tuned()
+    fastest["BLOCK"] = 64
+    _launch(tuned, 20)
+    _launch(tuned, 20)
+    ((key, config, timed),) = tuned.choices  # the second launch of the key chose nothing
+    assert config.kwargs == {"BLOCK": 64}
+    assert {c.kwargs["BLOCK"]: ms for c, ms in timed.items()} == {16: 2.0, 32: 2.0, 64: 1.0}
+    _launch(tuned, 40)
+    assert len(tuned.choices) == 2 and tuned.choices[1][0] != key
+    # a finer key of ours than the autotuner's: it reuses its own choice for n 40, and times nothing
+    tuned.launch(lambda meta: (1,), ("finer", 40), out, 40, PLUS=0)
+    assert tuned.choices[2][1].kwargs == {"BLOCK": 64} and tuned.choices[2][2] == {}
+
+
 def test_the_pre_hook_sees_the_arguments_by_name_as_under_the_autotuner():
     tuned = _tuned()
     fastest["BLOCK"] = 16

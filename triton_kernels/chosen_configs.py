@@ -79,12 +79,15 @@ class ChosenConfigs:
     launch of a key compiles every config at once and runs the autotuner,
     which chooses (timing each config on a GPU); the next ones launch its
     choice directly, its pre_hook applied (the descriptor forward's boxes)
-    as the autotuner would."""
+    as the autotuner would. `choices` records each key's choice and the
+    median ms of every config timed for it (none where the autotuner had one
+    config, or had chosen for its own, coarser key), for the benchmark reports."""
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
         self._chosen = {}  # key -> (config, its launch kwargs)
         self._choosing = threading.Lock()  # best_config is the autotuner's last choice, whichever thread made it
+        self.choices = []  # (key, config, {config timed: median ms}), in the order chosen
 
     def launch(self, grid, key, *args, **kwargs):
         """key: what the autotuner's key holds besides kwargs (the constexprs,
@@ -97,9 +100,12 @@ class ChosenConfigs:
             with self._choosing:
                 if AsyncCompileMode is not None and len(self.autotuned.configs) > 1:
                     _compile_configs(self.autotuned, grid, args, kwargs)
+                self.autotuned.configs_timings = None  # set again only if this launch times the configs
                 self.autotuned[grid](*args, **kwargs)
                 config = self.autotuned.best_config
+                timed = {c: ms[0] for c, ms in (self.autotuned.configs_timings or {}).items()}
             self._chosen[key] = config, config.all_kwargs()
+            self.choices.append((key, config, timed))
             return
         config, config_kwargs = chosen
         if config.pre_hook is not None:
