@@ -225,7 +225,7 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
         elif isinstance(fn, str):
             row["skipped"] = fn
         else:
-            start, before = time.perf_counter(), {name: len(t.choices) for name, t in tuners.items()}
+            start, before = time.perf_counter(), {kernel: len(t.choices) for kernel, t in tuners.items()}
             try:
                 med, lo, hi = timer(fn, quick)
             except Exception as e:  # a peer that cannot run this case says why
