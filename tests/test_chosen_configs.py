@@ -90,6 +90,11 @@ def test_each_choice_is_recorded_with_every_configs_time():
     # a finer key of ours than the autotuner's: it reuses its own choice for n 40, and times nothing
     tuned.launch(lambda meta: (1,), ("finer", 40), out, 40, PLUS=0)
     assert tuned.choices[2][1].kwargs == {"BLOCK": 64} and tuned.choices[2][2] == {}
+    # an autotuner whose timer gives a bare median (not [median, 20th, 80th]) is recorded as well
+    bare = ChosenConfigs(triton.autotune(configs=tuned.autotuned.configs, key=["n", "PLUS"],
+                                         do_bench=lambda call, quantiles: _timer(call, quantiles)[0])(_write_block))
+    _launch(bare, 20)
+    assert {c.kwargs["BLOCK"]: ms for c, ms in bare.choices[0][2].items()} == {16: 2.0, 32: 2.0, 64: 1.0}
 
 
 def test_the_pre_hook_sees_the_arguments_by_name_as_under_the_autotuner():

@@ -103,7 +103,9 @@ class ChosenConfigs:
                 self.autotuned.configs_timings = None  # set again only if this launch times the configs
                 self.autotuned[grid](*args, **kwargs)
                 config = self.autotuned.best_config
-                timed = {c: ms[0] for c, ms in (self.autotuned.configs_timings or {}).items()}
+                # [median, 20th, 80th percentile] from tuning_timer; a bare median from another timer
+                timed = {c: ms[0] if isinstance(ms, (list, tuple)) else ms
+                         for c, ms in (self.autotuned.configs_timings or {}).items()}
             self._chosen[key] = config, config.all_kwargs()
             self.choices.append((key, config, timed))
             return
