@@ -4,8 +4,11 @@ The extension is built when nvcc and a CUDA build of torch are both present;
 otherwise (or with PYEXT_SKIP_CUDA_BUILD=1) it is skipped with one line, and
 pyext runs through its Triton and reference backends.
 Honours TORCH_CUDA_ARCH_LIST (default "8.0;9.0a") and MAX_JOBS.
+Beside the built _C goes _C_built_with.json, the torch and CUDA versions it
+was compiled against: pyext will not load it into another torch.
 """
 import glob
+import json
 import os
 import re
 import shutil
@@ -84,6 +87,10 @@ def cuda_extension():
     if torch.version.cuda is None:
         say(f"torch {torch.__version__} is not a CUDA build: skipping the CUDA extension")
         return None
+    if "pip-build-env" in torch.__file__:
+        say(f"building against torch {torch.__version__} from pip's isolated build environment: pyext will "
+            "load this build only into that torch release; `pip install --no-build-isolation` builds against "
+            "the torch installed here")
     cuda_home = find_cuda_home()
     if cuda_home is None:
         say("no CUDA toolkit found (no nvcc on PATH, no CUDA_HOME): skipping the CUDA extension")
@@ -112,6 +119,26 @@ def cuda_extension():
     )
 
 
+BUILT_WITH = "_C_built_with.json"  # pyext/_backend.py reads it before loading _C
+
+
+def build_recording_versions(build_extension):
+    """torch's BuildExtension (a class), writing BUILT_WITH beside each
+    extension it builds: in the build folder for a wheel, in the source tree
+    for an in-place or editable build (where setuptools copies the .so)."""
+    import torch
+
+    class BuildRecordingVersions(build_extension):
+        def run(self):
+            super().run()
+            for extension in self.extensions:
+                folder = os.path.dirname(self.get_ext_fullpath(extension.name))
+                with open(os.path.join(folder, BUILT_WITH), "w") as f:
+                    json.dump({"torch": torch.__version__, "cuda": torch.version.cuda}, f)
+                    f.write("\n")
+    return BuildRecordingVersions
+
+
 class SdistWithKernelSources(sdist):
     """A source distribution that carries csrc/ whole, headers included, so
     that a build from it (`pip install pyext-*.tar.gz`, `python -m build`)
@@ -128,7 +155,7 @@ ext = cuda_extension()
 cmdclass = {"sdist": SdistWithKernelSources}
 if ext is not None:
     from torch.utils.cpp_extension import BuildExtension
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    cmdclass["build_ext"] = build_recording_versions(BuildExtension.with_options(use_ninja=True))
 
 setup(
     packages=["pyext", "pyext.ops", "pyext.patch", "pyext.triton_kernels", "pyext.triton_kernels.flash_attention"],

@@ -11,7 +11,9 @@ Backends: "auto" (default), "cuda" (csrc/, the extension pyext._C),
 """
 import contextlib
 import importlib.util
+import json
 import os
+import re
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -54,12 +56,60 @@ def use_backend(name: str):
         _default = previous
 
 
+BUILT_WITH = "_C_built_with.json"  # written by setup.py beside _C: the torch and CUDA it was compiled against
+
+
+def _release(version: Optional[str]) -> Optional[tuple]:
+    """(major, minor) of a version string such as "2.14.1+cu130", or None."""
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def built_with_problem(built_with: dict, torch_version: str, cuda_version: Optional[str]) -> Optional[str]:
+    """Why an extension compiled against built_with's torch and CUDA must not
+    load into this torch, or None. A C++ extension is bound to the torch
+    release it was compiled against (no ABI is kept between releases, and a
+    mismatched one may load and then fail or compute garbage), and to its
+    CUDA major version; patch releases keep the ABI."""
+    built_torch, built_cuda = built_with.get("torch"), built_with.get("cuda")
+    same_torch = _release(built_torch) is not None and _release(built_torch) == _release(torch_version)
+    same_cuda = _release(built_cuda) is not None and _release(cuda_version) is not None and \
+        _release(built_cuda)[0] == _release(cuda_version)[0]
+    if same_torch and same_cuda:
+        return None
+    built = f"torch {built_torch} (CUDA {built_cuda})"
+    here = f"torch {torch_version} ({'CUDA ' + cuda_version if cuda_version else 'no CUDA'})"
+    return (f"the CUDA extension pyext._C was compiled against {built}, and this is {here}; it runs only with "
+            "the torch release it was compiled against. Rebuild it with this torch: `pip install -v "
+            "--no-build-isolation .` (without that flag pip compiles against a torch it downloads for the build, "
+            "not the one installed; upgrading torch after a build has the same effect)")
+
+
+def _built_with_problem(folder: str) -> Optional[str]:
+    """built_with_problem for the extension in `folder`, from its BUILT_WITH;
+    None where there is no such file (an extension built another way)."""
+    path = os.path.join(folder, BUILT_WITH)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            built_with = json.load(f)
+    except (OSError, ValueError):
+        built_with = {}  # unreadable: the versions are unknown, so not this torch's
+    return built_with_problem(built_with if isinstance(built_with, dict) else {}, torch.__version__,
+                              torch.version.cuda)
+
+
 # What this machine can run, decided once at import.
 def _extension_status():
-    if importlib.util.find_spec("pyext._C") is None:
+    spec = importlib.util.find_spec("pyext._C")
+    if spec is None:
         return False, ("the CUDA extension pyext._C is not built (pyext was installed without nvcc or a CUDA "
                        "build of torch, or with PYEXT_SKIP_CUDA_BUILD=1; `pip install -v --no-build-isolation .` "
                        "with both present builds it)")
+    problem = _built_with_problem(os.path.dirname(spec.origin))
+    if problem is not None:  # checked before loading: a mismatched _C may crash as it registers its ops
+        return False, problem
     try:
         from pyext import _C  # noqa: F401  (registers torch.ops.pyext.*_cuda)
     except ImportError as e:

@@ -57,6 +57,54 @@ def test_environment_variable_sets_the_default():
     assert out.returncode != 0 and "backend" in out.stderr
 
 
+# (built against: torch, CUDA; running: torch, CUDA; may it load)
+BUILDS = [("2.14.1+cu130", "13.0", "2.14.1+cu130", "13.0", True),
+          ("2.14.0", "13.0", "2.14.1+cu130", "13.0", True),  # patch releases keep the ABI
+          ("2.14.1+cu130", "13.0", "2.14.1+cu132", "13.2", True),  # CUDA minor versions too
+          ("2.15.0+cu132", "13.2", "2.14.1+cu130", "13.0", False),  # what pip's isolated build gives
+          ("2.14.1+cu130", "13.0", "2.15.0+cu130", "13.0", False),  # torch upgraded after the build
+          ("2.14.1+cu128", "12.8", "2.14.1+cu130", "13.0", False),
+          ("2.14.1+cu130", "13.0", "2.14.1+cpu", None, False),
+          (None, None, "2.14.1+cu130", "13.0", False)]  # a record that says nothing
+
+
+@pytest.mark.parametrize("built_torch, built_cuda, torch_version, cuda_version, loads", BUILDS)
+def test_an_extension_loads_only_into_the_torch_release_it_was_compiled_against(
+        built_torch, built_cuda, torch_version, cuda_version, loads):
+    problem = pyext._backend.built_with_problem({"torch": built_torch, "cuda": built_cuda}, torch_version,
+                                                cuda_version)
+    if loads:
+        assert problem is None
+    else:
+        assert f"compiled against torch {built_torch}" in problem and f"this is torch {torch_version}" in problem
+        assert "--no-build-isolation" in problem
+
+
+def test_a_mismatched_extension_is_refused_before_it_is_loaded(tmp_path):
+    """A copy of the package whose _C cannot load at all (not a shared
+    object) beside a record of another torch release: importing pyext names
+    the mismatch, so it never tried to load _C. Without the record, the
+    load fails as before."""
+    import importlib.machinery
+    import json
+    import shutil
+    package = tmp_path / "pyext"
+    shutil.copytree(os.path.dirname(pyext.__file__), package,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared object")
+    code = "import pyext; print(pyext.available_backends()['cuda'].reason)"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+
+    def reason():
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    (package / pyext._backend.BUILT_WITH).write_text(json.dumps({"torch": "1.13.1+cu117", "cuda": "11.7"}))
+    assert "compiled against torch 1.13.1+cu117 (CUDA 11.7)" in reason()
+    (package / pyext._backend.BUILT_WITH).unlink()
+    assert "does not load" in reason()
+
+
 def _jagged(*tail, dtype=torch.float32):
     """A (2, j, *tail) nested tensor with rows of 3 and 5."""
     device = "cuda" if HAS_GPU else "cpu"

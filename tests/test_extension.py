@@ -3,6 +3,7 @@
 `make test` sets PYEXT_REQUIRE_CUDA_EXT=1 where nvcc is present, so a CUDA
 build that silently failed fails here instead of being skipped.
 """
+import json
 import os
 
 import pytest
@@ -41,6 +42,14 @@ CUDA_OPS = {
 
 def test_extension_is_built():
     assert _backend.CUDA_BUILT, _backend._CUDA_BUILD_NOTE
+
+
+def test_extension_records_the_torch_it_was_compiled_against():
+    """setup.py writes the versions beside _C; pyext compares them with the
+    running torch before it loads _C (test_backend.py)."""
+    from pyext import _C
+    with open(os.path.join(os.path.dirname(_C.__file__), _backend.BUILT_WITH)) as f:
+        assert json.load(f) == {"torch": torch.__version__, "cuda": torch.version.cuda}
 
 
 @pytest.mark.parametrize("name", sorted(CUDA_OPS))
