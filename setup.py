@@ -5,7 +5,8 @@ otherwise (or with PYEXT_SKIP_CUDA_BUILD=1) it is skipped with one line, and
 pyext runs through its Triton and reference backends.
 Honours TORCH_CUDA_ARCH_LIST (default "8.0;9.0a") and MAX_JOBS.
 Beside the built _C goes _C_built_with.json, the torch and CUDA versions it
-was compiled against: pyext will not load it into another torch.
+was compiled against and its architectures: pyext will not load it into
+another torch release, nor hand it tensors on a GPU it has no kernels for.
 """
 import glob
 import json
@@ -119,7 +120,7 @@ def cuda_extension():
     )
 
 
-BUILT_WITH = "_C_built_with.json"  # pyext/_backend.py reads it before loading _C
+BUILT_WITH = "_C_built_with.json"  # pyext/_extension_build.py reads it
 
 
 def build_recording_versions(build_extension):
@@ -134,7 +135,8 @@ def build_recording_versions(build_extension):
             for extension in self.extensions:
                 folder = os.path.dirname(self.get_ext_fullpath(extension.name))
                 with open(os.path.join(folder, BUILT_WITH), "w") as f:
-                    json.dump({"torch": torch.__version__, "cuda": torch.version.cuda}, f)
+                    json.dump({"torch": torch.__version__, "cuda": torch.version.cuda,
+                               "archs": os.environ["TORCH_CUDA_ARCH_LIST"]}, f)
                     f.write("\n")
     return BuildRecordingVersions
 

@@ -11,13 +11,13 @@ Backends: "auto" (default), "cuda" (csrc/, the extension pyext._C),
 """
 import contextlib
 import importlib.util
-import json
 import os
-import re
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.autograd import forward_ad
+
+from pyext import _extension_build
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
@@ -56,65 +56,24 @@ def use_backend(name: str):
         _default = previous
 
 
-BUILT_WITH = "_C_built_with.json"  # written by setup.py beside _C: the torch and CUDA it was compiled against
-
-
-def _release(version: Optional[str]) -> Optional[tuple]:
-    """(major, minor) of a version string such as "2.14.1+cu130", or None."""
-    found = re.match(r"(\d+)\.(\d+)", version or "")
-    return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-def built_with_problem(built_with: dict, torch_version: str, cuda_version: Optional[str]) -> Optional[str]:
-    """Why an extension compiled against built_with's torch and CUDA must not
-    load into this torch, or None. A C++ extension is bound to the torch
-    release it was compiled against (no ABI is kept between releases, and a
-    mismatched one may load and then fail or compute garbage), and to its
-    CUDA major version; patch releases keep the ABI."""
-    built_torch, built_cuda = built_with.get("torch"), built_with.get("cuda")
-    same_torch = _release(built_torch) is not None and _release(built_torch) == _release(torch_version)
-    same_cuda = _release(built_cuda) is not None and _release(cuda_version) is not None and \
-        _release(built_cuda)[0] == _release(cuda_version)[0]
-    if same_torch and same_cuda:
-        return None
-    built = f"torch {built_torch} (CUDA {built_cuda})"
-    here = f"torch {torch_version} ({'CUDA ' + cuda_version if cuda_version else 'no CUDA'})"
-    return (f"the CUDA extension pyext._C was compiled against {built}, and this is {here}; it runs only with "
-            "the torch release it was compiled against. Rebuild it with this torch: `pip install -v "
-            "--no-build-isolation .` (without that flag pip compiles against a torch it downloads for the build, "
-            "not the one installed; upgrading torch after a build has the same effect)")
-
-
-def _built_with_problem(folder: str) -> Optional[str]:
-    """built_with_problem for the extension in `folder`, from its BUILT_WITH;
-    None where there is no such file (an extension built another way)."""
-    path = os.path.join(folder, BUILT_WITH)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            built_with = json.load(f)
-    except (OSError, ValueError):
-        built_with = {}  # unreadable: the versions are unknown, so not this torch's
-    return built_with_problem(built_with if isinstance(built_with, dict) else {}, torch.__version__,
-                              torch.version.cuda)
-
-
 # What this machine can run, decided once at import.
 def _extension_status():
+    """(built and loaded, why (not), what setup.py recorded of the build)."""
     spec = importlib.util.find_spec("pyext._C")
     if spec is None:
         return False, ("the CUDA extension pyext._C is not built (pyext was installed without nvcc or a CUDA "
                        "build of torch, or with PYEXT_SKIP_CUDA_BUILD=1; `pip install -v --no-build-isolation .` "
-                       "with both present builds it)")
-    problem = _built_with_problem(os.path.dirname(spec.origin))
+                       "with both present builds it)"), {}
+    record = _extension_build.read_record(os.path.dirname(spec.origin))
+    problem = None if record is None else \
+        _extension_build.version_problem(record, torch.__version__, torch.version.cuda)
     if problem is not None:  # checked before loading: a mismatched _C may crash as it registers its ops
-        return False, problem
+        return False, problem, {}
     try:
         from pyext import _C  # noqa: F401  (registers torch.ops.pyext.*_cuda)
     except ImportError as e:
-        return False, f"the CUDA extension pyext._C does not load ({e})"
-    return True, "the CUDA extension pyext._C is built"
+        return False, f"the CUDA extension pyext._C does not load ({e})", {}
+    return True, "the CUDA extension pyext._C is built", record or {}
 
 
 def _triton_status():
@@ -130,10 +89,24 @@ def _triton_status():
     return True, f"triton {triton.__version__}"
 
 
-CUDA_BUILT, _CUDA_BUILD_NOTE = _extension_status()
+CUDA_BUILT, _CUDA_BUILD_NOTE, _BUILD_RECORD = _extension_status()
 TRITON_INSTALLED, _TRITON_NOTE = _triton_status()
 # Triton's interpreter runs its kernels on CPU tensors (slowly): for tests.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_image_problems = {}  # device index -> why the extension has no kernels for that GPU, or None
+
+
+def kernel_image_problem(device: torch.device) -> Optional[str]:
+    """Why the built extension holds no kernel this CUDA device can run, or
+    None (its architectures against the device's compute capability, once
+    per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _image_problems:
+        _image_problems[index] = _extension_build.arch_problem(
+            _BUILD_RECORD, torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+    return _image_problems[index]
 
 
 class BackendStatus(NamedTuple):
@@ -147,6 +120,8 @@ def available_backends() -> dict:
     no_gpu = "no CUDA GPU is visible to torch"
     if not CUDA_BUILT:
         cuda = BackendStatus(False, _CUDA_BUILD_NOTE)
+    elif gpu and kernel_image_problem(torch.device("cuda")) is not None:
+        cuda = BackendStatus(False, kernel_image_problem(torch.device("cuda")))
     else:
         cuda = BackendStatus(gpu, _CUDA_BUILD_NOTE + ("" if gpu else f", but {no_gpu}"))
     if not TRITON_INSTALLED:
@@ -203,7 +178,7 @@ def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
             return _CUDA_BUILD_NOTE
         if not all(t.is_cuda for t in tensors):
             return "it needs CUDA tensors, got " + ", ".join(sorted({str(t.device) for t in tensors}))
-        return None
+        return kernel_image_problem(tensors[0].device) if tensors else None
     if backend == "triton":
         if not TRITON_INSTALLED:
             return _TRITON_NOTE

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
+from pyext import _extension_build
 from conftest import HAS_GPU, assert_close, hessian_vector_product, hvp_directions
 
 
@@ -71,8 +72,8 @@ BUILDS = [("2.14.1+cu130", "13.0", "2.14.1+cu130", "13.0", True),
 @pytest.mark.parametrize("built_torch, built_cuda, torch_version, cuda_version, loads", BUILDS)
 def test_an_extension_loads_only_into_the_torch_release_it_was_compiled_against(
         built_torch, built_cuda, torch_version, cuda_version, loads):
-    problem = pyext._backend.built_with_problem({"torch": built_torch, "cuda": built_cuda}, torch_version,
-                                                cuda_version)
+    problem = _extension_build.version_problem({"torch": built_torch, "cuda": built_cuda}, torch_version,
+                                               cuda_version)
     if loads:
         assert problem is None
     else:
@@ -99,10 +100,61 @@ def test_a_mismatched_extension_is_refused_before_it_is_loaded(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         return out.stdout
-    (package / pyext._backend.BUILT_WITH).write_text(json.dumps({"torch": "1.13.1+cu117", "cuda": "11.7"}))
+    (package / _extension_build.BUILT_WITH).write_text(json.dumps({"torch": "1.13.1+cu117", "cuda": "11.7"}))
     assert "compiled against torch 1.13.1+cu117 (CUDA 11.7)" in reason()
-    (package / pyext._backend.BUILT_WITH).unlink()
+    (package / _extension_build.BUILT_WITH).unlink()
     assert "does not load" in reason()
+
+
+# (TORCH_CUDA_ARCH_LIST of the build, a GPU's compute capability, whether it has kernels for it)
+ARCHS = [("8.0;9.0a", (8, 0), True), ("8.0;9.0a", (8, 6), True), ("8.0;9.0a", (8, 9), True),  # A100, A10, L4
+         ("8.0;9.0a", (9, 0), True), ("8.0;9.0a", (10, 0), False), ("8.0;9.0a", (12, 0), False),  # H100, B200
+         ("8.0;9.0a", (7, 5), False), ("9.0a", (8, 6), False),  # T4; an "a" target runs on itself alone
+         ("8.0 9.0+PTX", (10, 0), True), ("9.0a+PTX", (10, 0), False), ("10.0f", (10, 3), True),
+         ("10.0a", (10, 3), False), ("8.6", (8, 0), False), ("Ampere;Hopper", (9, 0), None)]
+
+
+@pytest.mark.parametrize("archs, capability, runs", ARCHS)
+def test_which_gpus_a_build_has_kernels_for(archs, capability, runs):
+    assert _extension_build.runs_on(archs, capability) is runs
+    problem = _extension_build.arch_problem({"archs": archs}, capability, "a GPU")
+    if runs is False:
+        assert f"built for compute capabilities {archs}" in problem
+        assert f"compute capability {capability[0]}.{capability[1]}" in problem
+        assert ("TORCH_CUDA_ARCH_LIST=" in problem) == (capability >= (8, 0))
+    else:  # runs, or nothing known against it
+        assert problem is None
+    assert _extension_build.arch_problem({}, capability, "a GPU") is None  # a record without archs
+    assert _extension_build.arch_problem({"archs": ""}, capability, "a GPU") is None  # torch found the GPUs
+
+
+def test_the_cuda_backend_names_each_gpu_its_build_has_no_kernels_for(monkeypatch):
+    """A B200 under the default 8.0;9.0a: no kernel of the build runs there,
+    so the cuda backend reports why for that device (the GPUs pretended)."""
+    backend = pyext._backend
+    monkeypatch.setattr(backend, "_BUILD_RECORD", {"archs": "8.0;9.0a"})
+    monkeypatch.setattr(backend, "_image_problems", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: {0: (10, 0), 1: (9, 0)}[index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"GPU {index}")
+    assert "GPU 0, compute capability 10.0" in backend.kernel_image_problem(torch.device("cuda", 0))
+    assert backend.kernel_image_problem(torch.device("cuda", 1)) is None
+    assert set(backend._image_problems) == {0, 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not pyext._backend.CUDA_BUILT, reason="needs the CUDA extension")
+def test_on_a_gpu_without_kernels_of_the_build_auto_goes_on_and_cuda_raises(monkeypatch):
+    """The current GPU marked as one the build has no kernels for: a call
+    naming cuda raises that reason before any launch, available_backends
+    says it, and auto serves the call with the next backend."""
+    x = torch.randn(1000, device="cuda")
+    index = torch.cuda.current_device()
+    monkeypatch.setitem(pyext._backend._image_problems, index, "no kernel of the build runs on this GPU")
+    with pytest.raises(pyext.BackendUnavailable, match="no kernel of the build runs on this GPU"):
+        pyext.gelu(x, backend="cuda")
+    assert not pyext.available_backends()["cuda"].available
+    assert torch.equal(pyext.gelu(x), pyext.gelu(x, backend="triton"))
 
 
 def _jagged(*tail, dtype=torch.float32):

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from pyext import _backend
+from pyext import _backend, _extension_build
 
 REQUIRED = os.environ.get("PYEXT_REQUIRE_CUDA_EXT") == "1"
 
@@ -48,8 +48,11 @@ def test_extension_records_the_torch_it_was_compiled_against():
     """setup.py writes the versions beside _C; pyext compares them with the
     running torch before it loads _C (test_backend.py)."""
     from pyext import _C
-    with open(os.path.join(os.path.dirname(_C.__file__), _backend.BUILT_WITH)) as f:
-        assert json.load(f) == {"torch": torch.__version__, "cuda": torch.version.cuda}
+    with open(os.path.join(os.path.dirname(_C.__file__), _extension_build.BUILT_WITH)) as f:
+        record = json.load(f)
+    assert record["torch"] == torch.__version__ and record["cuda"] == torch.version.cuda
+    # the build's architectures: every GPU the GPU machine lends (H100, H200) has kernels in it
+    assert _extension_build.runs_on(record["archs"], (9, 0))
 
 
 @pytest.mark.parametrize("name", sorted(CUDA_OPS))
