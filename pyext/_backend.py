@@ -98,6 +98,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _image_problems = {}  # device index -> why the extension has no kernels for that GPU, or None
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it at trace time, its answer a constant
 def kernel_image_problem(device: torch.device) -> Optional[str]:
     """Why the built extension holds no kernel this CUDA device can run, or
     None (its architectures against the device's compute capability, once

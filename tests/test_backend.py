@@ -131,14 +131,23 @@ def test_which_gpus_a_build_has_kernels_for(archs, capability, runs):
 def test_the_cuda_backend_names_each_gpu_its_build_has_no_kernels_for(monkeypatch):
     """A B200 under the default 8.0;9.0a: no kernel of the build runs there,
     so the cuda backend reports why for that device (the GPUs pretended)."""
+    import ctypes
     backend = pyext._backend
     monkeypatch.setattr(backend, "_BUILD_RECORD", {"archs": "8.0;9.0a"})
     monkeypatch.setattr(backend, "_image_problems", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: {0: (10, 0), 1: (9, 0)}[index])
+    def capability(index=None):  # asks the driver, as torch's does: code torch.compile cannot trace
+        ctypes.CDLL(None)
+        return {0: (10, 0), 1: (9, 0)}[index]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"GPU {index}")
     assert "GPU 0, compute capability 10.0" in backend.kernel_image_problem(torch.device("cuda", 0))
     assert backend.kernel_image_problem(torch.device("cuda", 1)) is None
     assert set(backend._image_problems) == {0, 1}
+    # traced by torch.compile (the op's backend choice is) as a constant, even when first asked there
+    monkeypatch.setattr(backend, "_image_problems", {})
+    compiled = torch.compile(lambda x: x + (1 if backend.kernel_image_problem(torch.device("cuda", 0)) else 2),
+                             fullgraph=True)
+    assert compiled(torch.zeros(3)).tolist() == [1, 1, 1]
 
 
 @pytest.mark.gpu
