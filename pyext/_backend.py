@@ -95,19 +95,32 @@ TRITON_INSTALLED, _TRITON_NOTE = _triton_status()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_image_problems = {}  # device index -> why the extension has no kernels for that GPU, or None
+_gpu_problems = {}  # (backend, device index) -> why its kernels cannot run on that GPU, or None
+
+
+def _triton_gpu_problem(capability, gpu: str) -> Optional[str]:
+    """Why pyext's Triton kernels cannot run on a GPU, or None: they are
+    written and tested for NVIDIA GPUs of compute capability 8.0 and newer."""
+    if torch.version.hip is not None:
+        return f"pyext's Triton kernels are written for NVIDIA GPUs (PTX math, TMA), and this is {gpu} under ROCm"
+    if capability < (8, 0):
+        return (f"pyext's Triton kernels need compute capability 8.0 or newer (bf16 tensor cores, cp.async), "
+                f"and this GPU ({gpu}) is {capability[0]}.{capability[1]}")
+    return None
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it at trace time, its answer a constant
-def kernel_image_problem(device: torch.device) -> Optional[str]:
-    """Why the built extension holds no kernel this CUDA device can run, or
-    None (its architectures against the device's compute capability, once
-    per device)."""
+def gpu_problem(backend: str, device: torch.device) -> Optional[str]:
+    """Why kernel backend "cuda" or "triton" cannot run on this CUDA device,
+    or None: for cuda, the built extension's architectures against the
+    device's compute capability; for triton, the GPUs its kernels are for.
+    Asked of the driver once per backend and device."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _image_problems:
-        _image_problems[index] = _extension_build.arch_problem(
-            _BUILD_RECORD, torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
-    return _image_problems[index]
+    if (backend, index) not in _gpu_problems:
+        capability, gpu = torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index)
+        _gpu_problems[backend, index] = _extension_build.arch_problem(_BUILD_RECORD, capability, gpu) \
+            if backend == "cuda" else _triton_gpu_problem(capability, gpu)
+    return _gpu_problems[backend, index]
 
 
 class BackendStatus(NamedTuple):
@@ -121,12 +134,14 @@ def available_backends() -> dict:
     no_gpu = "no CUDA GPU is visible to torch"
     if not CUDA_BUILT:
         cuda = BackendStatus(False, _CUDA_BUILD_NOTE)
-    elif gpu and kernel_image_problem(torch.device("cuda")) is not None:
-        cuda = BackendStatus(False, kernel_image_problem(torch.device("cuda")))
+    elif gpu and gpu_problem("cuda", torch.device("cuda")) is not None:
+        cuda = BackendStatus(False, gpu_problem("cuda", torch.device("cuda")))
     else:
         cuda = BackendStatus(gpu, _CUDA_BUILD_NOTE + ("" if gpu else f", but {no_gpu}"))
     if not TRITON_INSTALLED:
         triton_status = BackendStatus(False, _TRITON_NOTE)
+    elif gpu and gpu_problem("triton", torch.device("cuda")) is not None:
+        triton_status = BackendStatus(False, gpu_problem("triton", torch.device("cuda")))
     elif gpu:
         triton_status = BackendStatus(True, _TRITON_NOTE + " on the GPU")
     elif TRITON_INTERPRET:
@@ -179,12 +194,12 @@ def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
             return _CUDA_BUILD_NOTE
         if not all(t.is_cuda for t in tensors):
             return "it needs CUDA tensors, got " + ", ".join(sorted({str(t.device) for t in tensors}))
-        return kernel_image_problem(tensors[0].device) if tensors else None
+        return gpu_problem("cuda", tensors[0].device) if tensors else None
     if backend == "triton":
         if not TRITON_INSTALLED:
             return _TRITON_NOTE
         if all(t.is_cuda for t in tensors):
-            return None
+            return gpu_problem("triton", tensors[0].device) if tensors else None
         if TRITON_INTERPRET and not any(t.is_cuda for t in tensors):
             return None
         return ("it needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got "

@@ -128,24 +128,34 @@ def test_which_gpus_a_build_has_kernels_for(archs, capability, runs):
     assert _extension_build.arch_problem({"archs": ""}, capability, "a GPU") is None  # torch found the GPUs
 
 
-def test_the_cuda_backend_names_each_gpu_its_build_has_no_kernels_for(monkeypatch):
-    """A B200 under the default 8.0;9.0a: no kernel of the build runs there,
-    so the cuda backend reports why for that device (the GPUs pretended)."""
+def test_each_kernel_backend_names_the_gpus_it_cannot_run_on(monkeypatch):
+    """GPUs pretended: a B200 under the build's default 8.0;9.0a (no kernel
+    of the build runs there), an H100, a T4 (older than the Triton kernels'
+    floor). Asked once per backend and device."""
     import ctypes
     backend = pyext._backend
-    monkeypatch.setattr(backend, "_BUILD_RECORD", {"archs": "8.0;9.0a"})
-    monkeypatch.setattr(backend, "_image_problems", {})
+    gpus = {0: ((10, 0), "B200"), 1: ((9, 0), "H100"), 2: ((7, 5), "T4")}
+
     def capability(index=None):  # asks the driver, as torch's does: code torch.compile cannot trace
         ctypes.CDLL(None)
-        return {0: (10, 0), 1: (9, 0)}[index]
+        return gpus[index][0]
+    monkeypatch.setattr(backend, "_BUILD_RECORD", {"archs": "8.0;9.0a"})
+    monkeypatch.setattr(backend, "_gpu_problems", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"GPU {index}")
-    assert "GPU 0, compute capability 10.0" in backend.kernel_image_problem(torch.device("cuda", 0))
-    assert backend.kernel_image_problem(torch.device("cuda", 1)) is None
-    assert set(backend._image_problems) == {0, 1}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: gpus[index][1])
+    assert "B200, compute capability 10.0" in backend.gpu_problem("cuda", torch.device("cuda", 0))
+    assert backend.gpu_problem("triton", torch.device("cuda", 0)) is None
+    assert backend.gpu_problem("cuda", torch.device("cuda", 1)) is None
+    assert backend.gpu_problem("triton", torch.device("cuda", 1)) is None
+    assert "(T4) is 7.5" in backend.gpu_problem("triton", torch.device("cuda", 2))
+    assert "need compute capability 8.0 or newer" in backend.gpu_problem("cuda", torch.device("cuda", 2))
+    assert len(backend._gpu_problems) == 6
+    monkeypatch.setattr(torch.version, "hip", "7.0")
+    monkeypatch.setattr(backend, "_gpu_problems", {})
+    assert "under ROCm" in backend.gpu_problem("triton", torch.device("cuda", 1))
     # traced by torch.compile (the op's backend choice is) as a constant, even when first asked there
-    monkeypatch.setattr(backend, "_image_problems", {})
-    compiled = torch.compile(lambda x: x + (1 if backend.kernel_image_problem(torch.device("cuda", 0)) else 2),
+    monkeypatch.setattr(backend, "_gpu_problems", {})
+    compiled = torch.compile(lambda x: x + (1 if backend.gpu_problem("cuda", torch.device("cuda", 0)) else 2),
                              fullgraph=True)
     assert compiled(torch.zeros(3)).tolist() == [1, 1, 1]
 
@@ -159,7 +169,7 @@ def test_on_a_gpu_without_kernels_of_the_build_auto_goes_on_and_cuda_raises(monk
     says it, and auto serves the call with the next backend."""
     x = torch.randn(1000, device="cuda")
     index = torch.cuda.current_device()
-    monkeypatch.setitem(pyext._backend._image_problems, index, "no kernel of the build runs on this GPU")
+    monkeypatch.setitem(pyext._backend._gpu_problems, ("cuda", index), "no kernel of the build runs on this GPU")
     with pytest.raises(pyext.BackendUnavailable, match="no kernel of the build runs on this GPU"):
         pyext.gelu(x, backend="cuda")
     assert not pyext.available_backends()["cuda"].available
