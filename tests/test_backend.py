@@ -22,6 +22,20 @@ def test_available_backends_lists_every_backend_with_a_reason():
         assert not status["cuda"].available
 
 
+def test_python_m_pyext_reports_versions_gpus_build_and_backends():
+    out = subprocess.run([sys.executable, "-m", "pyext"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"torch {torch.__version__}" in lines[1]
+    assert lines[2] == ("GPU: none visible to torch" if not HAS_GPU else
+                        f"GPU 0: {torch.cuda.get_device_name(0)}, compute capability "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))}")
+    built = [line for line in lines if line.startswith("CUDA extension built against")]
+    assert len(built) == int(bool(pyext._backend._BUILD_RECORD))
+    for name, status in pyext.available_backends().items():
+        assert f"backend {name}: {'available' if status.available else 'unavailable'}, {status.reason}" in lines
+
+
 def test_auto_on_cpu_tensors_uses_the_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(pyext.reference, "gelu", lambda x, a: calls.append(a) or x)
