@@ -154,7 +154,7 @@ def main(argv=None):
             lines = harness.compare(json.load(f)["results"], rows)
         print("\n".join(["", f"against {args.compare}:"] + (lines or ["no case in common"])))
     harness.write_results(base, meta, rows)
-    pngs = harness.plot(base, rows)
+    pngs = harness.plot(base, rows, meta)
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
     if not HAS_GPU:
         print(NO_GPU_WARNING)

@@ -391,8 +391,15 @@ def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
     return lines
 
 
-def plot(base: str, rows: List[dict]) -> List[str]:
-    """One PNG per op and direction: throughput against size, a line per provider."""
+# What a case's `size` is, by op (before any "[...]" of its plot group)
+SIZE_AXES = {"gelu": "elements", "layer_norm": "hidden size (elements a row)",
+             "rms_norm": "hidden size (elements a row)", "rms_norm_gated": "hidden size (elements a row)",
+             "attention": "sequence length (16k tokens a batch)", "adamw": "parameters",
+             "train_step": "tokens a step"}
+
+
+def plot(base: str, rows: List[dict], meta: Optional[dict] = None) -> List[str]:
+    """One PNG per op, direction and dtype (`figure`)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -401,28 +408,46 @@ def plot(base: str, rows: List[dict]) -> List[str]:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
     paths = []
-    groups = sorted({(r["op"], r["direction"], r["dtype"]) for r in rows})
-    for op, direction, dtype in groups:
+    for op, direction, dtype in sorted({(r["op"], r["direction"], r["dtype"]) for r in rows}):
         sel = [r for r in rows if (r["op"], r["direction"], r["dtype"]) == (op, direction, dtype) and "ms" in r]
         if not sel:
             continue
-        metric = "TFLOPs" if "TFLOPs" in sel[0] else "GBps"
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for provider in sorted({r["provider"] for r in sel}):
-            pts = sorted((r["size"], r[metric]) for r in sel if r["provider"] == provider)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("size")
-        ax.set_ylabel("TFLOP/s" if metric == "TFLOPs" else "GB/s")
-        ax.set_title(f"{op} {direction} {dtype}")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        fig = figure(sel, meta or {})
         path = f"{base}-{op}-{direction}-{dtype}.png"
-        fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def figure(rows: List[dict], meta: dict):
+    """Throughput against size for the timed rows of one op, direction and
+    dtype: a line per provider, and the run's measured ceiling (copy
+    bandwidth, or the bf16 matmul rate) dashed, so that each point reads as
+    a share of what the machine can do."""
+    import matplotlib.pyplot as plt
+    op, direction, dtype = rows[0]["op"], rows[0]["direction"], rows[0]["dtype"]
+    metric = "TFLOPs" if "TFLOPs" in rows[0] else "GBps"
+    unit = "TFLOP/s" if metric == "TFLOPs" else "GB/s"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for provider in sorted({r["provider"] for r in rows}):
+        pts = sorted((r["size"], r[metric]) for r in rows if r["provider"] == provider)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+    ceiling = meta.get("ceilings", {}).get("bf16_matmul_TFLOPs" if metric == "TFLOPs" else "copy_GBps")
+    if ceiling:
+        name = "bf16 matmul" if metric == "TFLOPs" else "copy"
+        ax.axhline(ceiling, color="black", linestyle="--", linewidth=0.8,
+                   label=f"{name}, measured: {ceiling:.0f} {unit}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(SIZE_AXES.get(op.split("[")[0], "size"))
+    ax.set_ylabel(unit)
+    ax.set_ylim(bottom=0)
+    machine = f" on {meta['gpu']}, {meta['time'][:10]}" if meta.get("gpu") and meta.get("time") else ""
+    ax.set_title(f"{op} {direction} {dtype}{machine}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def norm_grid(quick: bool, shapes_gpu, shapes_quick, shapes_smoke):

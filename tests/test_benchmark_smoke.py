@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyext
-from benchmarks import OPS
+from benchmarks import OPS, harness
 from conftest import HAS_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,31 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"against {path}:" in again.stdout and "ms" in again.stdout.split(f"against {path}:")[1]
+
+
+@pytest.mark.parametrize("op, metric, ceiling, axis", [
+    ("layer_norm[4096 rows]", "GBps", ("copy_GBps", "copy, measured: 4132 GB/s"), "hidden size (elements a row)"),
+    ("attention", "TFLOPs", ("bf16_matmul_TFLOPs", "bf16 matmul, measured: 783 TFLOP/s"),
+     "sequence length (16k tokens a batch)")])
+def test_a_plot_draws_each_provider_against_the_measured_ceiling(op, metric, ceiling, axis):
+    """A plot reads on its own: what the size is, the GPU and the day, a line
+    per provider and the run's ceiling for the metric; no ceiling drawn where
+    the run measured none (the CPU smoke run)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    rows = [dict(op=op, direction="fwd", dtype="bfloat16", provider=provider, size=size, ms=1.0, **{metric: value})
+            for provider, value in (("pyext-triton", 300.0), ("torch", 200.0)) for size in (1024, 4096)]
+    meta = {"gpu": "NVIDIA H200", "time": "2026-12-04T14:54:53+0000",
+            "ceilings": {"copy_GBps": 4131.8, "bf16_matmul_TFLOPs": 783.47}}
+    ax = harness.figure(rows, meta).axes[0]
+    assert ax.get_xlabel() == axis and ax.get_ylabel() == ("GB/s" if metric == "GBps" else "TFLOP/s")
+    assert ax.get_title() == f"{op} fwd bfloat16 on NVIDIA H200, 2026-12-04"
+    assert [line.get_label() for line in ax.get_lines()] == ["pyext-triton", "torch", ceiling[1]]
+    assert ax.get_lines()[-1].get_ydata()[0] == meta["ceilings"][ceiling[0]] and ax.get_ylim()[0] == 0
+    plt.close("all")
+    ax = harness.figure(rows, {}).axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["pyext-triton", "torch"]
+    plt.close("all")
 
 
 def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
