@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks import COUNTS, OPS, harness
+from benchmarks import COUNTS, OPS, harness, report
 from benchmarks.harness import HAS_GPU
 
 NO_GPU_WARNING = ("NO GPU: this is a smoke run on tiny CPU shapes; its timings mean nothing "
@@ -56,7 +56,7 @@ def measure(args, meta, base):
     rows, done = [], 0
     # With --cases the count is not known ahead either: the bar shows cases done, with no total.
     patterns = args.cases or []
-    bar = harness.Progress(None if patterns else sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
+    bar = report.Progress(None if patterns else sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
     skip = tuple(args.skip_providers)
     try:
         for op in args.ops:
@@ -67,7 +67,7 @@ def measure(args, meta, base):
                 bar.show(done, name)
                 rows += harness.run_case(case, ceilings, args.quick, skip)
                 done += 1
-                harness.write_results(base, meta, rows)
+                report.write_results(base, meta, rows)
         if patterns and not done:
             raise SystemExit(f"python -m benchmarks: --cases {' '.join(p.pattern for p in patterns)!r} matched no "
                              f"case of --ops {' '.join(args.ops)}")
@@ -111,7 +111,7 @@ def merge(paths):
         meta["cuda_context_broken_by"] = broken
     rows = {}
     for row in (row for r in reports for row in r["results"]):
-        key = harness.case_key(row)
+        key = report.case_key(row)
         if key not in rows or "skipped" in rows[key] or "skipped" not in row:
             rows[key] = row
     return meta, list(rows.values())
@@ -138,23 +138,23 @@ def main(argv=None):
 
     if args.merge:
         meta, rows = merge(args.merge)
-        base = harness.result_base(args.out, meta)
+        base = report.result_base(args.out, meta)
     else:
         meta = harness.machine_info()
-        base = harness.result_base(args.out, meta)
+        base = report.result_base(args.out, meta)
         rows = measure(args, meta, base)
 
-    print(harness.table(rows))
-    print("\n".join(["", "summary:"] + harness.summary(rows)))
-    spent = harness.time_spent(rows, meta.get("seconds"))
+    print(report.table(rows))
+    print("\n".join(["", "summary:"] + report.summary(rows)))
+    spent = report.time_spent(rows, meta.get("seconds"))
     if spent:
         print("\n".join(["", "time spent:"] + spent))
     if args.compare:
         with open(args.compare) as f:
-            lines = harness.compare(json.load(f)["results"], rows)
+            lines = report.compare(json.load(f)["results"], rows)
         print("\n".join(["", f"against {args.compare}:"] + (lines or ["no case in common"])))
-    harness.write_results(base, meta, rows)
-    pngs = harness.plot(base, rows, meta)
+    report.write_results(base, meta, rows)
+    pngs = report.plot(base, rows, meta)
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
     if not HAS_GPU:
         print(NO_GPU_WARNING)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyext
-from benchmarks import OPS, harness
+from benchmarks import OPS, report
 from conftest import HAS_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,13 +60,13 @@ def test_a_plot_draws_each_provider_against_the_measured_ceiling(op, metric, cei
             for provider, value in (("pyext-triton", 300.0), ("torch", 200.0)) for size in (1024, 4096)]
     meta = {"gpu": "NVIDIA H200", "time": "2026-12-04T14:54:53+0000",
             "ceilings": {"copy_GBps": 4131.8, "bf16_matmul_TFLOPs": 783.47}}
-    ax = harness.figure(rows, meta).axes[0]
+    ax = report.figure(rows, meta).axes[0]
     assert ax.get_xlabel() == axis and ax.get_ylabel() == ("GB/s" if metric == "GBps" else "TFLOP/s")
     assert ax.get_title() == f"{op} fwd bfloat16 on NVIDIA H200, 2026-12-04"
     assert [line.get_label() for line in ax.get_lines()] == ["pyext-triton", "torch", ceiling[1]]
     assert ax.get_lines()[-1].get_ydata()[0] == meta["ceilings"][ceiling[0]] and ax.get_ylim()[0] == 0
     plt.close("all")
-    ax = harness.figure(rows, {}).axes[0]
+    ax = report.figure(rows, {}).axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["pyext-triton", "torch"]
     plt.close("all")
 
@@ -84,7 +84,7 @@ def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
 
 
 def test_time_spent_adds_up_each_ops_rows_and_names_its_costliest_providers():
-    from benchmarks.harness import time_spent
+    from benchmarks.report import time_spent
     rows = [dict(op="gelu", provider="torch", wall_s=1.0), dict(op="gelu", provider="pyext-cuda", wall_s=2.0),
             dict(op="attention", provider="sdpa-math", wall_s=30.0), dict(op="attention", provider="torch", wall_s=4.0),
             dict(op="attention", provider="sdpa-math", wall_s=20.0, label="S=2"),
@@ -119,7 +119,7 @@ def test_a_row_records_what_pyexts_autotuners_chose_in_its_first_call(monkeypatc
     assert rows[0]["tuned"] == {"_fwd_kernel": [{"config": "BLOCK: 32",
                                                  "timed_ms": {"BLOCK: 16": 2.0, "BLOCK: 32": 1.0, "BLOCK: 64": None}}]}
     assert "tuned" not in rows[1]
-    harness.write_results(str(tmp_path / "report"), {}, rows)
+    report.write_results(str(tmp_path / "report"), {}, rows)
     assert json.load(open(tmp_path / "report.json"))["results"][0]["tuned"] == rows[0]["tuned"]
     assert "tuned" not in open(tmp_path / "report.csv").readline()
 
@@ -226,8 +226,8 @@ def test_train_gpt_attention_only_run_leaves_norms_and_gelu_to_torch():
     # GELU beat our kernels in a compiled model: only attention and AdamW swapped.
     from benchmarks import train_gpt
     model, opt = train_gpt.build(train_gpt.TINY, torch.device("cpu"), patched=True, norms=False)
-    report = pyext.patch_report(model)
-    assert not report.swapped and report.attention != "not routed"
+    swaps = pyext.patch_report(model)
+    assert not swaps.swapped and swaps.attention != "not routed"
     assert all(type(m) in (torch.nn.LayerNorm, torch.nn.GELU) for m in model.modules()
                if isinstance(m, (torch.nn.LayerNorm, torch.nn.GELU)))
     assert isinstance(opt, pyext.optim.AdamW)

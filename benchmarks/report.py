@@ -1,0 +1,203 @@
+"""What a benchmark run shows and writes: the progress bar, the table, the
+summary and where the time went, the comparison with an older run, the JSON
+and CSV reports and the plots. harness.py measures the rows they read."""
+import csv
+import json
+import math
+import os
+import sys
+import time
+from typing import List, Optional
+
+from benchmarks.harness import HAS_GPU, OURS
+
+
+class Progress:
+    """A progress bar on stderr, rewritten in place: cases done of the total,
+    time so far, time left at the pace so far, and the case now running.
+    With no total (a run filtered by --cases): the cases done and the time."""
+
+    def __init__(self, total: Optional[int], width: int = 24):
+        self.total = None if total is None else max(total, 1)
+        self.width, self.start = width, time.perf_counter()
+
+    def show(self, done: int, text: str, last: bool = False) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.total is None:
+            sys.stderr.write(f"\r[{done} done] {_minutes(elapsed)} {text[:60]:<60}")
+        else:
+            filled = self.width * min(done, self.total) // self.total
+            left = f"~{_minutes(elapsed / done * (self.total - done))} left" if 0 < done < self.total else ""
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+                             f"{_minutes(elapsed)} {left:>10} {text[:60]:<60}")
+        if last:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def table(rows: List[dict]) -> str:
+    head = (f"{'op':<12}{'case':<28}{'dtype':<26}{'dir':<8}{'provider':<16}"
+            f"{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
+                         f"  skipped: {r['skipped'][:60]}")
+            continue
+        def fmt(key, spec):
+            return format(r[key], spec) if key in r else "-"
+        speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
+        waits = "  waits for the GPU" if r.get("waits_for_gpu") else ""
+        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
+                     f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
+                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{waits}")
+    return "\n".join(lines)
+
+
+def result_base(out_dir: str, meta: dict) -> str:
+    """out_dir/<GPU name>-<date>-<time> (smoke-... without a GPU): the reports' path less its suffix."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = "smoke" if not HAS_GPU else (meta["gpu"] or "gpu").replace(" ", "-")
+    return os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def write_results(base: str, meta: dict, rows: List[dict]) -> None:
+    """base.json (meta + every row) and base.csv (one row per case and provider)."""
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, dict)})  # "tuned": the JSON's alone
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def case_key(row: dict) -> tuple:
+    return (row["op"], row["label"], row["dtype"], row["direction"], row["provider"])
+
+
+def compare(old_rows: List[dict], rows: List[dict], threshold: float = 0.05) -> List[str]:
+    """Per case and provider, the change of the median time against an older
+    run; lines flagged REGRESSION when more than `threshold` slower."""
+    old = {case_key(r): r["ms"] for r in old_rows if "ms" in r}
+    lines = []
+    for r in rows:
+        before = old.get(case_key(r))
+        if before is None or "ms" not in r:
+            continue
+        change = r["ms"] / before - 1
+        flag = "  REGRESSION" if change > threshold else ""
+        lines.append(f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
+                     f"{before:9.4f} -> {r['ms']:9.4f} ms {100 * change:+6.1f}%{flag}")
+    return lines
+
+
+def summary(rows: List[dict]) -> List[str]:
+    """Per op: our best backend's speed-up over the best peer (geometric mean
+    and minimum over its cases) and its best percent of the ceiling."""
+    lines = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        best = {}
+        for r in rows:
+            if r["op"] == op and "speedup_vs_best_peer" in r:
+                key = case_key(r)[:4]
+                best[key] = max(best.get(key, 0.0), r["speedup_vs_best_peer"])
+        if not best:
+            lines.append(f"{op:<12} no timed case of ours")
+            continue
+        ups = list(best.values())
+        geo = math.exp(sum(math.log(u) for u in ups) / len(ups))
+        pct = [r["pct_of_ceiling"] for r in rows if r["op"] == op and r["provider"] in OURS
+               and "pct_of_ceiling" in r]
+        pct_text = f", up to {max(pct):.0f}% of the ceiling" if pct else ""
+        lines.append(f"{op:<12} ours vs best peer: geomean {geo:.2f}x, min {min(ups):.2f}x "
+                     f"over {len(ups)} cases{pct_text}")
+    return lines
+
+
+def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
+    """Where the run's time went: per op, the wall time of its timed rows
+    (wall_s: first calls, compiles, autotuning, timing), over how many cases,
+    and its three costliest providers; then the rest of the run's `seconds`
+    (the ceilings, making the inputs, peers that failed). Nothing for
+    reports without wall_s."""
+    timed = [r for r in rows if "wall_s" in r]
+    if not timed:
+        return []
+    lines = [f"{seconds:.0f} s in all ({_minutes(seconds)})" if seconds else "the run's total is not known"]
+    for op in dict.fromkeys(r["op"] for r in timed):
+        by_provider = {}
+        for r in timed:
+            if r["op"] == op:
+                by_provider[r["provider"]] = by_provider.get(r["provider"], 0.0) + r["wall_s"]
+        costliest = sorted(by_provider.items(), key=lambda item: -item[1])[:3]
+        cases = len({case_key(r)[:4] for r in timed if r["op"] == op})
+        lines.append(f"{op:<14}{sum(by_provider.values()):6.0f} s over {cases:3d} cases: "
+                     + ", ".join(f"{name} {spent:.0f} s" for name, spent in costliest))
+    if seconds:
+        lines.append(f"{'the rest':<14}{seconds - sum(r['wall_s'] for r in timed):6.0f} s: ceilings, inputs, "
+                     "peers that failed")
+    return lines
+
+
+# What a case's `size` is, by op (before any "[...]" of its plot group)
+SIZE_AXES = {"gelu": "elements", "layer_norm": "hidden size (elements a row)",
+             "rms_norm": "hidden size (elements a row)", "rms_norm_gated": "hidden size (elements a row)",
+             "attention": "sequence length (16k tokens a batch)", "adamw": "parameters",
+             "train_step": "tokens a step"}
+
+
+def plot(base: str, rows: List[dict], meta: Optional[dict] = None) -> List[str]:
+    """One PNG per op, direction and dtype (`figure`)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    paths = []
+    for op, direction, dtype in sorted({(r["op"], r["direction"], r["dtype"]) for r in rows}):
+        sel = [r for r in rows if (r["op"], r["direction"], r["dtype"]) == (op, direction, dtype) and "ms" in r]
+        if not sel:
+            continue
+        fig = figure(sel, meta or {})
+        path = f"{base}-{op}-{direction}-{dtype}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def figure(rows: List[dict], meta: dict):
+    """Throughput against size for the timed rows of one op, direction and
+    dtype: a line per provider, and the run's measured ceiling (copy
+    bandwidth, or the bf16 matmul rate) dashed, so that each point reads as
+    a share of what the machine can do."""
+    import matplotlib.pyplot as plt
+    op, direction, dtype = rows[0]["op"], rows[0]["direction"], rows[0]["dtype"]
+    metric = "TFLOPs" if "TFLOPs" in rows[0] else "GBps"
+    unit = "TFLOP/s" if metric == "TFLOPs" else "GB/s"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for provider in sorted({r["provider"] for r in rows}):
+        pts = sorted((r["size"], r[metric]) for r in rows if r["provider"] == provider)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+    ceiling = meta.get("ceilings", {}).get("bf16_matmul_TFLOPs" if metric == "TFLOPs" else "copy_GBps")
+    if ceiling:
+        name = "bf16 matmul" if metric == "TFLOPs" else "copy"
+        ax.axhline(ceiling, color="black", linestyle="--", linewidth=0.8,
+                   label=f"{name}, measured: {ceiling:.0f} {unit}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(SIZE_AXES.get(op.split("[")[0], "size"))
+    ax.set_ylabel(unit)
+    ax.set_ylim(bottom=0)
+    machine = f" on {meta['gpu']}, {meta['time'][:10]}" if meta.get("gpu") and meta.get("time") else ""
+    ax.set_title(f"{op} {direction} {dtype}{machine}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
