@@ -98,7 +98,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _gpu_problems = {}  # (backend, device index) -> why its kernels cannot run on that GPU, or None
 
 
-def _triton_gpu_problem(capability, gpu: str) -> Optional[str]:
+def _triton_gpu_problem(capability: tuple, gpu: str) -> Optional[str]:
     """Why pyext's Triton kernels cannot run on a GPU, or None: they are
     written and tested for NVIDIA GPUs of compute capability 8.0 and newer."""
     if torch.version.hip is not None:
@@ -132,16 +132,18 @@ def available_backends() -> dict:
     """Each backend, whether it can run on this machine, and why (not)."""
     gpu = torch.cuda.is_available()
     no_gpu = "no CUDA GPU is visible to torch"
+    cuda_gpu_problem = gpu_problem("cuda", torch.device("cuda")) if gpu and CUDA_BUILT else None
+    triton_gpu_problem = gpu_problem("triton", torch.device("cuda")) if gpu and TRITON_INSTALLED else None
     if not CUDA_BUILT:
         cuda = BackendStatus(False, _CUDA_BUILD_NOTE)
-    elif gpu and gpu_problem("cuda", torch.device("cuda")) is not None:
-        cuda = BackendStatus(False, gpu_problem("cuda", torch.device("cuda")))
+    elif cuda_gpu_problem is not None:
+        cuda = BackendStatus(False, cuda_gpu_problem)
     else:
         cuda = BackendStatus(gpu, _CUDA_BUILD_NOTE + ("" if gpu else f", but {no_gpu}"))
     if not TRITON_INSTALLED:
         triton_status = BackendStatus(False, _TRITON_NOTE)
-    elif gpu and gpu_problem("triton", torch.device("cuda")) is not None:
-        triton_status = BackendStatus(False, gpu_problem("triton", torch.device("cuda")))
+    elif triton_gpu_problem is not None:
+        triton_status = BackendStatus(False, triton_gpu_problem)
     elif gpu:
         triton_status = BackendStatus(True, _TRITON_NOTE + " on the GPU")
     elif TRITON_INTERPRET:
