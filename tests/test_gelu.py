@@ -125,9 +125,17 @@ def test_module_is_drop_in():
     torch.testing.assert_close(ours(x), torch_mod(x))
 
 
-def test_bad_approximate_is_a_value_error():
-    with pytest.raises(ValueError, match="approximate"):
-        pyext.gelu(torch.randn(3), "erf")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_bad_approximate_raises_torchs_error_naming_it(backend):
+    x = torch.randn(3)
+    with pytest.raises(Exception) as torch_error:
+        F.gelu(x, approximate="erf")
+    with pytest.raises(Exception) as our_error:
+        pyext.gelu(x, "erf", backend=backend)
+    assert type(our_error.value) is type(torch_error.value), (our_error.value, torch_error.value)
+    assert "approximate" in str(our_error.value)
+    with pytest.raises(type(torch_error.value), match="approximate"):
+        pyext.nn.GELU(approximate="erf")(x)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])

@@ -2,6 +2,7 @@
 the specification, as tests. Each check covers y, dx, dweight and dbias."""
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -456,20 +457,26 @@ def check_state_dict_round_trip(torch_mod, ours):
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", ["int_shape", "empty_shape", "input_shape", "weight_shape", "bias_shape",
-                                  "weight_device", "bias_device", "integer_input", "weight_dtype", "bias_dtype"])
+@pytest.mark.parametrize("case", ["int_shape", "empty_shape", "bool_shape", "float_shape", "input_shape",
+                                  "weight_shape", "bias_shape", "weight_device", "bias_device", "integer_input",
+                                  "weight_dtype", "bias_dtype"])
 def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
     """Same exception type as F.layer_norm / F.rms_norm for the same call, a
     message naming the argument, raised before any backend is chosen (so a
     backend that could not run the call says the input is wrong, not that)."""
     x, ns, w, b = torch.randn(2, 3), (3,), torch.randn(3), torch.randn(3)
-    named = {"int_shape": "normalized_shape", "empty_shape": "normalized_shape", "input_shape": "x",
+    named = {"int_shape": "normalized_shape", "empty_shape": "normalized_shape", "bool_shape": "normalized_shape",
+             "float_shape": "normalized_shape", "input_shape": "x",
              "weight_shape": "weight", "bias_shape": "bias", "weight_device": "weight", "bias_device": "bias",
              "integer_input": "x", "weight_dtype": "weight", "bias_dtype": "bias"}[case]
     if case == "int_shape":
         ns = 3
     elif case == "empty_shape":
         ns = ()
+    elif case == "bool_shape":
+        x, ns, w, b = torch.randn(2, 1), (True,), None, None
+    elif case == "float_shape":
+        ns = (3.0,)
     elif case == "input_shape":
         ns = (4,)
         w, b = torch.randn(4), torch.randn(4)
@@ -501,6 +508,23 @@ def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
         ours()
     assert type(our_error.value) is type(torch_error.value), (our_error.value, torch_error.value)
     assert re.search(rf"\b{named}\b", str(our_error.value)), our_error.value
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dim", [np.int64(6), torch.tensor(6), torch.tensor([6])],
+                         ids=["numpy", "tensor0d", "tensor1d"])
+def test_normalized_shape_takes_the_integers_torch_takes(backend, kind, dim):
+    """torch's int lists take any integer (NumPy's, one-element integer
+    tensors): a model built with nn.LayerNorm(np.prod(shape)) keeps such a
+    normalized_shape, and our module, swapped in by pyext.patch, runs it."""
+    device = device_for(backend)
+    x = make_tensor((3, 6), torch.float32, device)
+    w = make_tensor((6,), torch.float32, device)
+    check(kind, backend, x, (dim,), w)
+    module = {"layer_norm": pyext.nn.LayerNorm, "rms_norm": pyext.nn.RMSNorm}[kind]((dim,), device=device)
+    module.backend = backend
+    assert module(x).shape == x.shape
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])

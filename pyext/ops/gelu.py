@@ -63,7 +63,7 @@ def gelu(x: Tensor, approximate: str = "none", *, backend=None) -> Tensor:
     (double backward) is torch's under "auto"; a named kernel backend raises.
     """
     if approximate not in _APPROXIMATE:
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        raise RuntimeError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")  # as F.gelu
     if not isinstance(x, Tensor):
         raise TypeError(f"gelu: x must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():

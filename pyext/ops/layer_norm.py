@@ -7,6 +7,7 @@ are saved for the backward. Backward ops return (dx, dweight, dbias) and
 (dx, dweight); a gradient not asked for (need_* false) is an empty tensor.
 """
 import math
+import operator
 from typing import List, Optional, Tuple
 
 import torch
@@ -46,16 +47,33 @@ def _narrower_rms_weight(x_dtype, w_dtype) -> bool:
     return w_dtype in _KERNEL_DTYPES and w_dtype != x_dtype and torch.promote_types(x_dtype, w_dtype) == x_dtype
 
 
+def _as_shape(op: str, normalized_shape) -> Tuple[int, ...]:
+    """normalized_shape as torch's int-list arguments take it: a sequence of
+    ints, SymInts or integers of other kinds (NumPy's, one-element integer
+    tensors: what a shape computed with them holds, as nn.LayerNorm(np.prod(s))
+    keeps), never bools or floats."""
+    def dim(d):
+        if isinstance(d, torch.SymInt):
+            return d
+        if isinstance(d, bool) or (isinstance(d, Tensor) and d.is_floating_point()):
+            raise TypeError
+        return operator.index(d)
+
+    try:
+        if isinstance(normalized_shape, (int, Tensor)):
+            raise TypeError
+        return tuple(dim(d) for d in normalized_shape)
+    except (TypeError, RuntimeError, ValueError):
+        raise TypeError(f"{op}: normalized_shape must be a tuple or list of ints, got {normalized_shape!r}") from None
+
+
 def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool, group_size=None) -> Tuple[int, ...]:
     """The errors F.layer_norm / F.rms_norm raise for the same call (type and
     meaning; our messages name the argument), and a group_size that is not a
     positive divisor of prod(normalized_shape). Returns normalized_shape as a tuple."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
-    if isinstance(normalized_shape, (int, Tensor)) or not all(
-            isinstance(d, (int, torch.SymInt)) for d in normalized_shape):
-        raise TypeError(f"{op}: normalized_shape must be a tuple or list of ints, got {normalized_shape!r}")
-    shape = tuple(normalized_shape)
+    shape = _as_shape(op, normalized_shape)
     if not shape:
         raise RuntimeError(f"{op}: normalized_shape must have at least one dimension, got []")
     for name, p in (("weight", weight), ("bias", bias)):
