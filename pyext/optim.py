@@ -85,7 +85,9 @@ def _eager_step(name: str, staged: List[List[Tensor]]):
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+    """float32 moments for half parameters (complex64 for complex32), the parameter's dtype otherwise."""
+    return {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}.get(
+        p.dtype, p.dtype)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -97,6 +99,8 @@ class AdamW(torch.optim.Optimizer):
     "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
     skipped, as torch's fused AdamW skips it: the kernels read found_inf on the device (no host
     sync) and the step counts do not advance; the reference reads it on the host.
+    Complex parameters step as their real views, as torch's AdamW steps them
+    (complex32 ones with complex64 moments, as half ones keep float32).
     The kernels step contiguous memory: a parameter, gradient or moment that
     is not contiguous (a strided view, a transposed or channels_last tensor)
     is stepped through a contiguous copy, written back after the launch."""
@@ -188,12 +192,15 @@ class AdamW(torch.optim.Optimizer):
                     found_inf: Optional[Tensor]):
         from torch.distributed.tensor import DTensor  # FSDP2 shards: step the local shards
         states = [self._init_state(p, group) for p in params]
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-        grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params)]
+
+        def local_real(ts):  # complex tensors step as their real views, as in torch's AdamW
+            ts = [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+            return [torch.view_as_real(t) if t.is_complex() else t for t in ts]
+
+        local, grads = local_real(params), local_real(p.grad for p in params)
 
         def moments(key):
-            ts = [s[key] for s in states] if key in states[0] else []
-            return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+            return local_real(s[key] for s in states) if key in states[0] else []
 
         steps = [s["step"] for s in states]
         beta1, beta2 = (float(b) for b in group["betas"])  # Tensor betas too, as torch's fused step reads them

@@ -421,6 +421,34 @@ def test_tensor_lr_and_betas_step_as_their_values(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o)) or "defaults")
+def test_complex_parameters_step_as_their_real_views(backend, options):
+    """torch.optim.AdamW steps a complex parameter as its real view (the real
+    and imaginary parts two parameters, not |g|^2 in the second moment):
+    within the rule of torch's own step in complex128, its complex64 step the
+    yardstick; the moments complex, as torch keeps them."""
+    device = device_for(backend)
+    start = [torch.randn(s, dtype=torch.complex64, device=device) for s in [(7,), (33, 5)]]
+    grads = [[torch.randn(p.shape, dtype=p.dtype, device=device) for p in start] for _ in range(6)]
+
+    def stepped(make, dtype):
+        params = [p.to(dtype, copy=True) for p in start]
+        opt = make(params, lr=1e-2, **options)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(dtype)
+            opt.step()
+        return (torch.cat([torch.view_as_real(t).reshape(-1) for t in ts])
+                for ts in (params, [opt.state[p]["exp_avg"] for p in params]))
+
+    ours = stepped(lambda g, **kw: pyext.optim.AdamW(g, backend=backend, **kw), torch.complex64)
+    ref = stepped(lambda g, **kw: torch.optim.AdamW(g, foreach=False, **kw), torch.complex128)
+    pt = stepped(lambda g, **kw: torch.optim.AdamW(g, foreach=False, **kw), torch.complex64)
+    for name, (o, r, y) in zip(("params", "exp_avg"), zip(ours, ref, pt)):
+        assert_close(o, r, y, name)
+
+
 def test_param_groups_hold_torchs_keys():
     p = [torch.nn.Parameter(torch.randn(3))]
     assert set(pyext.optim.AdamW(p).param_groups[0]) == set(torch.optim.AdamW(p).param_groups[0])
