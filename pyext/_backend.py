@@ -26,13 +26,13 @@ class BackendUnavailable(RuntimeError):
     """A backend named explicitly cannot serve this call."""
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, what: str = "backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
-_default = _check_name(os.environ.get("PYEXT_BACKEND", "auto"))
+_default = _check_name(os.environ.get("PYEXT_BACKEND", "auto"), "PYEXT_BACKEND (in the environment)")
 
 
 def set_backend(name: str) -> None:
