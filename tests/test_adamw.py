@@ -370,7 +370,7 @@ def test_compiled_step_matches_the_eager_step(backend):
         torch.testing.assert_close(a, b, **exact)
 
 
-@pytest.mark.parametrize("wrong", ["moment dtype", "moment size", "grad dtype"])
+@pytest.mark.parametrize("wrong", ["moment dtype", "moment size", "grad dtype", "moment count"])
 def test_triton_op_names_the_tensor_it_refuses(wrong):
     device = device_for("triton")
     p, g, m, v = (torch.zeros(4, 6, device=device) for _ in range(4))
@@ -378,10 +378,13 @@ def test_triton_op_names_the_tensor_it_refuses(wrong):
         v, match = v.half(), r"exp_avg_sqs\[0\] must be torch.float32"
     elif wrong == "moment size":
         m, match = torch.zeros(25, device=device), r"exp_avgs\[0\] must be contiguous with params\[0\]'s 24"
-    else:
+    elif wrong == "grad dtype":
         g, match = g.bfloat16(), r"grads\[0\] must be torch.float32 on .*, got torch.bfloat16"
+    else:
+        m, match = [m, m], "exp_avgs has 2 tensors but params has 1"
+    m = m if isinstance(m, list) else [m]
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.pyext.adamw_step_triton([p], [g], [m], [v], [], torch.ones(1, device=device), 1e-3, None,
+        torch.ops.pyext.adamw_step_triton([p], [g], m, [v], [], torch.ones(1, device=device), 1e-3, None,
                                           0.9, 0.999, 1e-8, 0.0, False, False, None, None)
 
 
@@ -391,6 +394,7 @@ def test_triton_op_names_the_tensor_it_refuses(wrong):
     (dict(betas=(0.9, torch.tensor(0.99))), "both floats or both Tensors"),
     (dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), "capturable=False and foreach=True"),
     (dict(lr=torch.tensor(1e-3), foreach=True), "capturable=False and foreach=True"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "1-element"),
 ])
 def test_constructor_validation_matches_torch(kwargs, match):
     p = [torch.nn.Parameter(torch.randn(3))]
@@ -447,6 +451,11 @@ def test_complex_parameters_step_as_their_real_views(backend, options):
     pt = stepped(lambda g, **kw: torch.optim.AdamW(g, foreach=False, **kw), torch.complex64)
     for name, (o, r, y) in zip(("params", "exp_avg"), zip(ours, ref, pt)):
         assert_close(o, r, y, name)
+
+
+def test_a_backend_not_known_is_a_value_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pyext.optim.AdamW([torch.nn.Parameter(torch.randn(3))], backend="cudnn")
 
 
 def test_param_groups_hold_torchs_keys():

@@ -393,6 +393,40 @@ def test_bad_inputs_raise_torchs_error_type_with_a_clear_message(bad, error):
         pyext.flash_attention(q, k, v)
 
 
+@pytest.mark.parametrize("bad,error,match", [
+    ("nested", RuntimeError, "nested"), ("three_dims", RuntimeError, "4-D"),
+    ("broadcast_batch", RuntimeError, "batch sizes"), ("key_value_heads", RuntimeError, "key/value heads"),
+    ("dropout_1", ValueError, "dropout_p"), ("key_a_list", TypeError, "key must be a Tensor"),
+    ("integers", RuntimeError, "floating-point"), ("sinks_elsewhere", RuntimeError, "sinks"),
+])
+def test_flash_attention_refuses_what_it_does_not_define(bad, error, match):
+    """flash_attention takes (B, H, S, D) tensors of one batch size, key and
+    value heads alike and dividing the query heads: what SDPA would broadcast
+    or take as another rank is an error here, as are a dropout_p outside
+    [0, 1), inputs that are not floating-point tensors and sinks elsewhere,
+    each raised before any backend is chosen and naming what is wrong."""
+    q, k, v = (make_tensor((1, 2, 6, 16), torch.bfloat16, "cpu") for _ in range(3))
+    kwargs = {}
+    if bad == "nested":
+        q = torch.nested.nested_tensor([q[0], q[0, :, :5]], layout=torch.jagged)
+    elif bad == "three_dims":
+        q, k, v = q[0], k[0], v[0]
+    elif bad == "broadcast_batch":
+        q = make_tensor((2, 2, 6, 16), torch.bfloat16, "cpu")
+    elif bad == "key_value_heads":
+        k = k[:, :1]
+    elif bad == "dropout_1":
+        kwargs["dropout_p"] = 1.0
+    elif bad == "key_a_list":
+        k = k.tolist()
+    elif bad == "integers":
+        q, k, v = (torch.ones(1, 2, 6, 16, dtype=torch.int64) for _ in range(3))
+    else:
+        kwargs["sinks"] = torch.zeros(2, device="meta")
+    with pytest.raises(error, match=match):
+        pyext.flash_attention(q, k, v, **kwargs)
+
+
 # (query, key, value shapes): leading dims that broadcast, as torch's SDPA allows
 BROADCAST = [((1, 4, 6, 16), (4, 6, 16), (4, 6, 16)), ((2, 4, 6, 16), (1, 4, 6, 16), (1, 4, 6, 16)),
              ((1, 4, 6, 16), (1, 1, 6, 16), (1, 1, 6, 16)), ((2, 3, 2, 5, 16), (2, 3, 2, 7, 16), (2, 3, 2, 7, 16)),

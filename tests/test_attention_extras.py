@@ -89,6 +89,27 @@ def test_sinks_are_checked():
             pyext.flash_attention(q, q, q, sinks=bad)
 
 
+@pytest.mark.parametrize("bad,error,match", [
+    ("window_and_mask", ValueError, "window in place of a mask"), ("causal_and_mask", RuntimeError, "is_causal"),
+    ("broadcast_batch", ValueError, "same leading dims"),
+])
+def test_sdpa_with_extras_refuses_what_it_does_not_define(bad, error, match):
+    """The SDPA path pyext.patch gives HF's attention with a window, a soft
+    cap or sinks: a window beside a mask, a mask with is_causal (torch's
+    refusal) and leading dims to broadcast with a cap (its reference takes
+    none) are errors naming what is wrong, whichever backend auto picks."""
+    q, k, v = (t.detach() for t in qkv((1, 2, 2, 6, 6, 16), torch.bfloat16, device_for("triton")))
+    kwargs = dict(softcap=2.0)
+    if bad == "window_and_mask":
+        kwargs = dict(attn_mask=torch.ones(6, 6, dtype=torch.bool, device=q.device), window=(2, 0))
+    elif bad == "causal_and_mask":
+        kwargs.update(attn_mask=torch.ones(6, 6, dtype=torch.bool, device=q.device), is_causal=True)
+    else:
+        q = torch.cat([q, q])
+    with pytest.raises(error, match=match):
+        attention._scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_sdpa_with_a_softcap_matches_the_reference(backend, masked):

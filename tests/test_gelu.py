@@ -139,6 +139,14 @@ def test_bad_approximate_raises_torchs_error_naming_it(backend):
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_x_not_a_tensor_is_torchs_type_error(backend):
+    with pytest.raises(TypeError):
+        F.gelu([1.0, 2.0])
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        pyext.gelu([1.0, 2.0], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_integer_input_is_rejected(backend):
     with pytest.raises(NotImplementedError, match="dtype"):
         pyext.gelu(torch.arange(4), backend=backend)

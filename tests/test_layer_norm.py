@@ -457,22 +457,25 @@ def check_state_dict_round_trip(torch_mod, ours):
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", ["int_shape", "empty_shape", "bool_shape", "float_shape", "input_shape",
-                                  "weight_shape", "bias_shape", "weight_device", "bias_device", "integer_input",
-                                  "weight_dtype", "bias_dtype"])
+@pytest.mark.parametrize("case", ["x_a_list", "int_shape", "tensor_shape", "empty_shape", "bool_shape", "float_shape",
+                                  "input_shape", "weight_shape", "bias_shape", "weight_device", "bias_device",
+                                  "integer_input", "weight_dtype", "bias_dtype"])
 def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
     """Same exception type as F.layer_norm / F.rms_norm for the same call, a
     message naming the argument, raised before any backend is chosen (so a
     backend that could not run the call says the input is wrong, not that)."""
     x, ns, w, b = torch.randn(2, 3), (3,), torch.randn(3), torch.randn(3)
-    named = {"int_shape": "normalized_shape", "empty_shape": "normalized_shape", "bool_shape": "normalized_shape",
-             "float_shape": "normalized_shape", "input_shape": "x",
-             "weight_shape": "weight", "bias_shape": "bias", "weight_device": "weight", "bias_device": "bias",
-             "integer_input": "x", "weight_dtype": "weight", "bias_dtype": "bias"}[case]
-    if case == "int_shape":
+    named = {"x_a_list": "x", "input_shape": "x", "integer_input": "x", "weight_shape": "weight",
+             "weight_device": "weight", "weight_dtype": "weight", "bias_shape": "bias", "bias_device": "bias",
+             "bias_dtype": "bias"}.get(case, "normalized_shape")
+    if case == "x_a_list":
+        x = x.tolist()
+    elif case == "int_shape":
         ns = 3
+    elif case == "tensor_shape":
+        ns = torch.tensor([3])
     elif case == "empty_shape":
-        ns = ()
+        ns, w, b = (), None, None
     elif case == "bool_shape":
         x, ns, w, b = torch.randn(2, 1), (True,), None, None
     elif case == "float_shape":
@@ -547,6 +550,13 @@ def test_ops_called_directly_refuse_inconsistent_arguments(backend):
         bwd(x[:, :7], x, mean, rstd, w, None, True, False)
     with pytest.raises(RuntimeError, match="need_dbias"):
         bwd(x, x, mean, rstd, w, None, True, True)
+    with pytest.raises(RuntimeError, match="need_dweight"):
+        bwd(x, x, mean, rstd, None, None, True, False)
+    with pytest.raises(RuntimeError, match="x dtype"):
+        fwd(x.to(torch.float8_e4m3fn), [8], None, None, 1e-5)
+    rms_fwd = getattr(torch.ops.pyext, f"rms_norm_fwd_{backend}")
+    with pytest.raises(RuntimeError, match="weight dtype"):  # F.rms_norm would promote it; the kernels do not
+        rms_fwd(x.bfloat16(), [8], w.double(), 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -310,3 +310,25 @@ def test_bad_input_raises_naming_the_argument(backend, case):
     error, message = BAD[case]
     with pytest.raises(error, match=message):
         pyext.rms_norm_gated(x, gate, weight, backend=backend, **kwargs)
+
+
+def test_ops_called_directly_refuse_inconsistent_arguments(monkeypatch):
+    """The ops validate too (they can be called without the public function):
+    nothing reads or writes out of bounds."""
+    x, gate, weight = inputs(3, 8, torch.float32, device_for("triton"))
+    fwd, bwd = torch.ops.pyext.rms_norm_gated_fwd_triton, torch.ops.pyext.rms_norm_gated_bwd_triton
+    y, rstd = fwd(x, gate, weight, 1e-5, "silu", True, None)
+    with pytest.raises(RuntimeError, match="weight dtype"):  # rms_norm_gated would promote it; the kernels do not
+        fwd(x.bfloat16(), gate.bfloat16(), weight.double(), 1e-5, "silu", True, None)
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        bwd(y.bfloat16(), x.bfloat16(), gate.bfloat16(), rstd, weight.double(), "silu", True, True, None)
+    with pytest.raises(RuntimeError, match="grad must match x"):
+        bwd(y[:, :7], x, gate, rstd, weight, "silu", True, True, None)
+    with pytest.raises(RuntimeError, match="rstd must be"):
+        bwd(y, x, gate, rstd[:2], weight, "silu", True, True, None)
+    with pytest.raises(RuntimeError, match="need_dweight"):
+        bwd(y, x, gate, rstd, None, "silu", True, True, None)
+    from pyext.ops import layer_norm
+    monkeypatch.setattr(layer_norm, "MAX_GROUPS", 1)
+    with pytest.raises(RuntimeError, match="2 groups a row"):
+        fwd(x, gate, weight, 1e-5, "silu", True, 4)
