@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import pyext
 from pyext import reference
+from pyext.triton_kernels.flash_attention import loads
 from conftest import HAS_GPU, assert_close, device_for, make_tensor, poisoned_like
 from attention_checks import check_flash, check_sinks, check_softcap, qkv
 
@@ -175,6 +176,11 @@ def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):
     monkeypatch.delenv(triton_fa.LOADS_ENV)
     with pytest.raises(ValueError, match="use_loads"), triton_fa.use_loads("tma"):
         pass
+    with monkeypatch.context() as older_triton:  # one without host tensor descriptors
+        older_triton.setattr(loads, "TensorDescriptor", None)
+        assert triton_fa.forward_loads(q, k, v, out) == "pointer"
+        with triton_fa.use_loads("descriptor"), pytest.raises(RuntimeError, match="no host tensor descriptors"):
+            triton_fa.forward_loads(q, k, v, out)
     # Layouts TMA cannot address: a base one element off 16 bytes, a broadcast
     # (stride 0) key head. "auto" falls back to pointers (and is right); forced, they raise.
     wide = make_tensor((1, 2, 9, 56), torch.bfloat16, q.device)

@@ -6,7 +6,7 @@ import torch
 
 import pyext
 from pyext import reference
-from conftest import assert_close, device_for, hessian_vector_product, hvp_directions, poisoned_like
+from conftest import assert_close, device_for, hessian_vector_product, hvp_directions, make_tensor, poisoned_like
 from attention_checks import attention_with_dropout, check_dropout, qkv
 
 
@@ -143,6 +143,31 @@ def test_dropout_draws_a_new_mask_at_each_cuda_graph_replay():
     first = out.clone()
     graph.replay()
     assert not torch.equal(out, first)
+
+
+def test_dropout_past_its_random_counter_is_refused_before_any_launch(monkeypatch):
+    """The keep mask's counter numbers a head's scores (row * Sk + key) in
+    int32, so Sq * Sk must stay below 2^31: past it the Triton backend named
+    raises saying so (auto takes torch's dropout), for dense and packed
+    batches, and so does the kernels' launch function called directly. The
+    bound is lowered to 8 x 8 here, so that a missing check runs a small
+    kernel rather than 2^31 scores."""
+    from pyext.triton_kernels import flash_attention as kernels
+    from pyext.triton_kernels.flash_attention import launch
+    assert kernels.MAX_DROPOUT_SCORES == launch.MAX_DROPOUT_SCORES == 2 ** 31
+    monkeypatch.setattr(kernels, "MAX_DROPOUT_SCORES", 64)
+    monkeypatch.setattr(launch, "MAX_DROPOUT_SCORES", 64)
+    device = device_for("triton")
+    q = make_tensor((1, 1, 8, 16), torch.bfloat16, device)
+    assert pyext.flash_attention(q[:, :, :7], q, q, dropout_p=0.1, backend="triton").shape == (1, 1, 7, 16)
+    with pytest.raises(pyext.BackendUnavailable, match=r"Sq \* Sk below 2\^31"):
+        pyext.flash_attention(q, q, q, dropout_p=0.1, backend="triton")
+    offsets = torch.tensor([0, 8], dtype=torch.int32, device=device)
+    with pytest.raises(pyext.BackendUnavailable, match=r"Sq \* Sk below 2\^31"):
+        pyext.flash_attention_varlen(*[q[0].transpose(0, 1)] * 3, offsets, offsets, 8, 8, dropout_p=0.1,
+                                     backend="triton")
+    with pytest.raises(ValueError, match=r"Sq \* Sk below 2\^31"):
+        kernels.flash_attn_fwd(q, q, q, 0.3, False, 0, dropout_p=0.1, seed=torch.tensor([7], device=device))
 
 
 @pytest.mark.gpu

@@ -73,6 +73,21 @@ def test_triton_kernels_write_every_element(approximate):
     assert not y.isnan().any() and not dx.isnan().any()
 
 
+@pytest.mark.parametrize("bad", ["shape", "dtype", "strides"])
+def test_triton_kernels_refuse_an_out_they_cannot_fill(bad):
+    """The launch functions take an out (the tests' poisoned ones) only of
+    the result's shape and dtype, contiguous: never one they would write
+    past or in another layout."""
+    from pyext.triton_kernels import gelu as kernels
+    x = make_tensor((4, 6), torch.float32, device_for("triton"))
+    out = {"shape": x.new_empty(4, 5), "dtype": x.new_empty(4, 6, dtype=torch.float16),
+           "strides": x.new_empty(6, 4).t()}[bad]
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        kernels.gelu_fwd(x, "none", out=out)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        kernels.gelu_bwd(x, x, "none", out=out)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("approximate", APPROX)
 def test_cuda_kernels_write_every_element(approximate):

@@ -306,6 +306,20 @@ def test_chunked_path_on_short_rows(kind, monkeypatch):
         check(kind, "triton", x, (300,), w, b)
 
 
+@pytest.mark.parametrize("bad", ["shape", "dtype", "strides"])
+def test_triton_kernels_refuse_an_out_they_cannot_fill(bad):
+    """The launch functions take outs (the tests' poisoned ones) only of
+    each result's shape and dtype, contiguous."""
+    from pyext.triton_kernels import layer_norm as kernels
+    x = make_tensor((4, 6), torch.float32, device_for("triton"))
+    y = {"shape": x.new_empty(4, 5), "dtype": x.new_empty(4, 6, dtype=torch.float16),
+         "strides": x.new_empty(6, 4).t()}[bad]
+    with pytest.raises(ValueError, match=r"out\[0\] must be contiguous"):
+        kernels.layer_norm_fwd(x, (6,), None, None, 1e-5, out=(y, None, None))
+    with pytest.raises(ValueError, match=r"out\[0\] must be contiguous"):
+        kernels.rms_norm_fwd(x, (6,), None, 1e-5, out=(y, None))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("hidden", [1023, 4096 + 9])
 def test_triton_kernels_write_every_element(kind, hidden):
