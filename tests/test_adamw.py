@@ -453,6 +453,13 @@ def test_complex_parameters_step_as_their_real_views(backend, options):
         assert_close(o, r, y, name)
 
 
+def test_a_parameter_dtype_the_kernels_lack_is_named_by_the_triton_backend():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64, device=device_for("triton")))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(pyext.BackendUnavailable, match="parameter dtype torch.float64 is not supported"):
+        pyext.optim.AdamW([p], backend="triton").step()
+
+
 def test_a_backend_not_known_is_a_value_error():
     with pytest.raises(ValueError, match="backend must be one of"):
         pyext.optim.AdamW([torch.nn.Parameter(torch.randn(3))], backend="cudnn")

@@ -415,3 +415,14 @@ def test_compile_fullgraph_with_dynamic_shapes(op):
                 assert torch.equal(g, e)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_an_extension_built_without_an_ops_sources_says_so():
+    """An extension built from sources lacking an op (a partial build, or one
+    from an older checkout) registers no stages for it: the cuda backend says
+    so; auto goes on."""
+    from pyext.ops._register import missing_reason
+    stages = {"triton": object()}
+    assert "pyext._C has no gelu kernels" in missing_reason("cuda", stages, "gelu")
+    assert missing_reason("triton", stages, "gelu") is None
+    assert missing_reason("torch", {}, "gelu") is None

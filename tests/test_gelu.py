@@ -153,6 +153,12 @@ def test_bad_approximate_raises_torchs_error_naming_it(backend):
         pyext.nn.GELU(approximate="erf")(x)
 
 
+def test_a_dtype_the_kernels_lack_is_named_by_the_triton_backend():
+    x = torch.randn(3, 6).to(torch.float8_e4m3fn)
+    with pytest.raises(pyext.BackendUnavailable, match="dtype torch.float8_e4m3fn is not supported"):
+        pyext.gelu(x.to(device_for("triton")), backend="triton")
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_x_not_a_tensor_is_torchs_type_error(backend):
     with pytest.raises(TypeError):

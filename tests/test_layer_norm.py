@@ -544,6 +544,13 @@ def test_normalized_shape_takes_the_integers_torch_takes(backend, kind, dim):
     assert module(x).shape == x.shape
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dtype_the_kernels_lack_is_named_by_the_triton_backend(kind):
+    x = torch.randn(3, 6).to(torch.float8_e4m3fn).to(device_for("triton"))
+    with pytest.raises(pyext.BackendUnavailable, match="dtype torch.float8_e4m3fn is not supported"):
+        pyext_fn(kind, "triton")(x, (6,))
+
+
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_ops_called_directly_refuse_inconsistent_arguments(backend):
     """The ops validate too (they can be called without the public function):

@@ -312,6 +312,14 @@ def test_bad_input_raises_naming_the_argument(backend, case):
         pyext.rms_norm_gated(x, gate, weight, backend=backend, **kwargs)
 
 
+@pytest.mark.parametrize("which", ["x", "gate"])
+def test_a_dtype_the_kernels_lack_is_named_by_the_triton_backend(which):
+    x, gate, weight = inputs(3, 8, torch.float32, device_for("triton"))
+    x, gate = (t.to(torch.float8_e4m3fn) if name == which else t for name, t in (("x", x), ("gate", gate)))
+    with pytest.raises(pyext.BackendUnavailable, match=f"{which} dtype torch.float8_e4m3fn is not supported"):
+        pyext.rms_norm_gated(x, gate, weight, backend="triton")
+
+
 def test_ops_called_directly_refuse_inconsistent_arguments(monkeypatch):
     """The ops validate too (they can be called without the public function):
     nothing reads or writes out of bounds."""
