@@ -431,7 +431,8 @@ def test_flash_attention_refuses_what_it_does_not_define(bad, error, match):
 BROADCAST = [((1, 4, 6, 16), (4, 6, 16), (4, 6, 16)), ((2, 4, 6, 16), (1, 4, 6, 16), (1, 4, 6, 16)),
              ((1, 4, 6, 16), (1, 1, 6, 16), (1, 1, 6, 16)), ((2, 3, 2, 5, 16), (2, 3, 2, 7, 16), (2, 3, 2, 7, 16)),
              ((3, 5, 16), (3, 7, 16), (3, 7, 16)), ((3, 5, 16), (1, 7, 16), (1, 7, 16)),
-             ((2, 3, 2, 5, 16), (1, 3, 2, 7, 16), (1, 3, 2, 7, 16)), ((5, 16), (7, 16), (7, 16))]
+             ((2, 3, 2, 5, 16), (1, 3, 2, 7, 16), (1, 3, 2, 7, 16)), ((5, 16), (7, 16), (7, 16)),
+             ((1, 2, 6, 16), (1, 1, 6, 16), (1, 2, 6, 16))]
 
 
 def _sdpa_on_bhsd_views(q, k, v):
@@ -457,7 +458,8 @@ def test_sdpa_broadcasts_leading_dims_like_torch(shapes):
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     pt = F.scaled_dot_product_attention(q, k, v)
     assert_close(pyext.scaled_dot_product_attention(q, k, v), ref, pt, "sdpa out")
-    kernel_runs = len(shapes[0]) == len(shapes[1]) and shapes[0][:-3] == shapes[1][:-3]
+    kernel_runs = len(shapes[0]) == len(shapes[1]) and shapes[0][:-3] == shapes[1][:-3] and \
+        shapes[1][:-2] == shapes[2][:-2]
     if kernel_runs:
         dout = make_tensor(pt.shape, torch.bfloat16, device)
 
@@ -471,7 +473,7 @@ def test_sdpa_broadcasts_leading_dims_like_torch(shapes):
         for name, o, r, p in zip(("triton out", "dq", "dk", "dv"), ours, refs, pts):
             assert_close(o, r, p, name)
     else:
-        with pytest.raises(pyext.BackendUnavailable, match="leading dims|batch"):
+        with pytest.raises(pyext.BackendUnavailable, match="leading dims|batch|as many key as value heads"):
             pyext.scaled_dot_product_attention(q, k, v, backend="triton")
 
 
