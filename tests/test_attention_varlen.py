@@ -302,6 +302,16 @@ def test_bad_inputs_raise_before_any_launch(backend, what, change, error, match,
         pyext.flash_attention_varlen(**_bad(change), backend=backend)
 
 
+def test_more_sequences_than_the_grid_takes_are_named_by_the_triton_backend():
+    """Sequence b is the kernels' grid axis 2 (at most 65535): a batch of
+    more runs the reference under auto, and a named Triton backend says why."""
+    device = device_for("triton")
+    q = make_tensor((0, 2, 16), torch.bfloat16, device)
+    offsets = torch.zeros(65537, dtype=torch.int32, device=device)
+    with pytest.raises(pyext.BackendUnavailable, match="65536 sequences, past 65535"):
+        pyext.flash_attention_varlen(q, q, q, offsets, offsets, 0, 0, backend="triton")
+
+
 def test_offsets_are_checked_once_per_tensor_until_written(monkeypatch):
     """The layers of a model share one batch's offsets: copied to the host
     once, and again after an in-place write (which must be checked again)."""
