@@ -49,21 +49,19 @@ def _narrower_rms_weight(x_dtype, w_dtype) -> bool:
 
 def _as_shape(op: str, normalized_shape) -> Tuple[int, ...]:
     """normalized_shape as torch's int-list arguments take it: a sequence of
-    ints, SymInts or integers of other kinds (NumPy's, one-element integer
-    tensors: what a shape computed with them holds, as nn.LayerNorm(np.prod(s))
-    keeps), never bools or floats."""
+    ints, SymInts or integers of other kinds (operator.index: NumPy's,
+    one-element integer tensors; what nn.LayerNorm(np.prod(s)) keeps), not
+    a bare int or tensor, nor bools or floats."""
     def dim(d):
-        if isinstance(d, torch.SymInt):
-            return d
-        if isinstance(d, bool) or (isinstance(d, Tensor) and d.is_floating_point()):
+        if isinstance(d, bool) or (isinstance(d, Tensor) and d.dtype == torch.bool):
             raise TypeError
-        return operator.index(d)
+        return d if isinstance(d, torch.SymInt) else operator.index(d)
 
     try:
         if isinstance(normalized_shape, (int, Tensor)):
             raise TypeError
         return tuple(dim(d) for d in normalized_shape)
-    except (TypeError, RuntimeError, ValueError):
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor dim whose value cannot be read (meta)
         raise TypeError(f"{op}: normalized_shape must be a tuple or list of ints, got {normalized_shape!r}") from None
 
 
