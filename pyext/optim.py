@@ -84,10 +84,12 @@ def _eager_step(name: str, staged: List[List[Tensor]]):
     return step
 
 
+# The moments' dtype of a parameter's dtype where it is not the parameter's own.
+_WIDER_MOMENTS = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+
+
 def _moment_dtype(p: Tensor) -> torch.dtype:
-    """float32 moments for half parameters (complex64 for complex32), the parameter's dtype otherwise."""
-    return {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}.get(
-        p.dtype, p.dtype)
+    return _WIDER_MOMENTS.get(p.dtype, p.dtype)
 
 
 class AdamW(torch.optim.Optimizer):
