@@ -17,6 +17,7 @@ from pyext.ops.layer_norm import layer_norm, rms_norm
 from pyext.ops.rms_norm_gated import rms_norm_gated
 from pyext.ops.attention import flash_attention, scaled_dot_product_attention
 from pyext.ops.attention_varlen import flash_attention_varlen
+from pyext.ops import attention_flops  # noqa: F401  (the attention ops' counts for torch's FlopCounterMode)
 from pyext import nn, optim, reference
 from pyext.patch import patch, patch_report, unpatch
 

@@ -1,0 +1,118 @@
+"""torch.utils.flop_counter.FlopCounterMode counts pyext's attention as torch
+counts its own flash kernels (torch's sdpa_flop_count and
+sdpa_backward_flop_count are the oracle): every op variant, GQA and a narrower
+value head dim, packed batches, fake tensors; and a patched model counts what
+the unpatched one does, so utilisation figures do not change with the swap."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+import pyext
+from conftest import device_for
+from attention_checks import KERNEL_BACKENDS, qkv
+
+
+def forward_and_backward_flops(fn, inputs):
+    """FLOPs FlopCounterMode counts for fn(*inputs), then for its backward."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*inputs)
+        forward = counter.get_total_flops()
+        out.backward(torch.randn_like(out))
+    return forward, counter.get_total_flops() - forward
+
+
+def torch_counts(b, hq, sq, sk, d, dv):
+    """What torch counts for its flash kernels on these shapes, forward and
+    backward, K and V given q's heads (torch counts per query head)."""
+    q, k, v, out = (b, hq, sq, d), (b, hq, sk, d), (b, hq, sk, dv), (b, hq, sq, dv)
+    return sdpa_flop_count(q, k, v), sdpa_backward_flop_count(out, q, k, v)
+
+
+# (shape as qkv takes it): GQA with Sq < Sk, a value head dim of its own
+# (Triton only) with Sq > Sk, one query row
+SHAPES = [(2, 4, 2, 5, 7, 16), (1, 2, 1, 9, 3, 32, 16), (1, 2, 2, 1, 6, 8)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attention_counts_as_torch_counts_its_flash_kernels(backend, shape, causal):
+    if backend == "cuda" and len(shape) == 7:
+        pytest.skip("the CUDA kernels take v at q's head dim")
+    q, k, v = qkv(shape, torch.bfloat16, device_for(backend))
+    counted = forward_and_backward_flops(lambda *t: pyext.flash_attention(*t, causal=causal, backend=backend),
+                                         (q, k, v))
+    assert counted == torch_counts(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+
+
+# The Triton-only variants, each its own op: dropout, a mask, the extras
+# (a window, a soft cap, sinks), each counted as dense attention.
+VARIANTS = {
+    "dropout": lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True,
+                                                                  backend="triton"),
+    "mask": lambda q, k, v: pyext.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.randn(q.shape[2], k.shape[2], device=q.device, dtype=q.dtype), enable_gqa=True,
+        backend="triton"),
+    "extras": lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, window_size=(3, -1), softcap=20.0,
+                                                    sinks=torch.randn(q.shape[1], device=q.device), backend="triton"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_triton_variant_counts_as_dense_attention(variant):
+    q, k, v = qkv((2, 4, 2, 5, 7, 16, 8), torch.bfloat16, device_for("triton"))
+    assert forward_and_backward_flops(VARIANTS[variant], (q, k, v)) == torch_counts(2, 4, 5, 7, 16, 8)
+
+
+def packed(seqlens_q, seqlens_k, heads_q, heads_k, d, device):
+    offsets = [torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+               for seqlens in (seqlens_q, seqlens_k)]
+    q = torch.randn(sum(seqlens_q), heads_q, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(sum(seqlens_k), heads_k, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    return q, k, v, *offsets
+
+
+def test_packed_batches_count_each_sequence():
+    seqlens_q, seqlens_k = [3, 5, 1], [4, 2, 6]
+    q, k, v, cu_q, cu_k = packed(seqlens_q, seqlens_k, 4, 2, 16, device_for("triton"))
+    counted = forward_and_backward_flops(
+        lambda *t: pyext.flash_attention_varlen(*t, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=True,
+                                                backend="triton"), (q, k, v))
+    each = [torch_counts(1, 4, sq, sk, 16, 16) for sq, sk in zip(seqlens_q, seqlens_k)]
+    assert counted == tuple(map(sum, zip(*each)))
+
+
+def test_packed_batches_of_fake_tensors_count_each_sequence_at_the_maximum_lengths():
+    """Where the offsets cannot be read (a fake or meta tensor, as when a
+    model is traced), each sequence counts at max_seqlen_q x max_seqlen_k,
+    as torch counts its own packed kernels."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q, k, v, cu_q, cu_k = packed([3, 5, 1], [4, 2, 6], 4, 2, 16, "cpu")
+        with FlopCounterMode(display=False) as counter:
+            torch.ops.pyext.flash_attn_varlen_fwd_triton(q, k, v, cu_q, cu_k, 5, 6, 0.25, True, -1, -1, 0.0, None,
+                                                         0.0, None)
+    assert counter.get_total_flops() == 3 * torch_counts(1, 4, 5, 6, 16, 16)[0]
+
+
+def test_every_attention_op_has_a_flop_formula():
+    """An op added without one would count as 0 in every model that runs it."""
+    ops = [name for name in dir(torch.ops.pyext) if name.startswith("flash_attn_")]
+    assert ops and [name for name in ops if getattr(torch.ops.pyext, name) not in flop_registry] == []
+
+
+@pytest.mark.gpu
+def test_a_patched_model_counts_what_the_unpatched_one_counts():
+    """(torch counts its SDPA kernels on CUDA only: its CPU kernel counts 0.)"""
+    from patch_models import build, loss_of
+    model = build("nanogpt").cuda()
+
+    def flops():
+        with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_of(model, "nanogpt", "cuda", torch.float32).backward()
+        return counter.get_total_flops()
+    unpatched = flops()
+    pyext.patch(model)
+    assert flops() == unpatched
