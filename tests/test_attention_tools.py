@@ -1,11 +1,17 @@
-"""torch.utils.flop_counter.FlopCounterMode counts pyext's attention as torch
-counts its own flash kernels (torch's sdpa_flop_count and
-sdpa_backward_flop_count are the oracle): every op variant, GQA and a narrower
-value head dim, packed batches, fake tensors; and a patched model counts what
-the unpatched one does, so utilisation figures do not change with the swap."""
+"""torch's tools see pyext's attention ops as they see torch's SDPA kernels.
+
+torch.utils.flop_counter.FlopCounterMode counts them as torch counts its own
+flash kernels (torch's sdpa_flop_count and sdpa_backward_flop_count are the
+oracle): every op variant, GQA and a narrower value head dim, packed batches,
+fake tensors; a patched model counts what the unpatched one does, so
+utilisation figures do not change with the swap. Selective activation
+checkpointing can save their outputs, as policies save torch's."""
+
+import functools
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 import pyext
@@ -116,3 +122,32 @@ def test_a_patched_model_counts_what_the_unpatched_one_counts():
     unpatched = flops()
     pyext.patch(model)
     assert flops() == unpatched
+
+
+def save_attention(ctx, op, *args, **kwargs):
+    """A selective activation checkpointing policy that keeps the attention
+    forward's outputs (as torchtitan's keeps those of torch's SDPA kernels)
+    and recomputes the rest."""
+    keep = op.name().startswith("pyext::flash_attn") and "_fwd_" in op.name()
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("policy", [None, save_attention])
+def test_selective_checkpointing_saves_the_attention_forward_when_its_policy_says_so(backend, policy):
+    """The forward op runs again in the backward under plain checkpointing
+    and once under a policy that saves it (FlopCounterMode counts each run);
+    the gradient is the same bits as without checkpointing (the
+    deterministic backward: the atomic one's last bits vary run to run)."""
+    q = qkv((1, 2, 2, 16, 16, 16), torch.bfloat16, device_for(backend))[0]
+
+    def block(q):
+        return pyext.flash_attention(q * 2, q, q, causal=True, deterministic=True, backend=backend).sin()
+    expected = torch.autograd.grad(block(q).sum(), q)[0]
+    context = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)} if policy else {}
+    with FlopCounterMode(display=False) as counter:
+        grad = torch.autograd.grad(checkpoint(block, q, use_reentrant=False, **context).sum(), q)[0]
+    forward_op = getattr(torch.ops.pyext, f"flash_attn_fwd_{backend}")
+    forward_runs = counter.get_flop_counts()["Global"][forward_op] / torch_counts(1, 2, 16, 16, 16, 16)[0]
+    assert forward_runs == (1 if policy else 2)
+    assert torch.equal(grad, expected)
