@@ -275,6 +275,48 @@ def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", ["torch", "pyext"])
+def test_distributed_checkpoint_moves_state_between_torch_and_pyext(backend, first):
+    """torch.distributed.checkpoint's optimizer state dicts, keyed by
+    parameter name (how FSDP2 jobs checkpoint): three steps with one
+    optimizer, its state saved (a copy, as a checkpoint on disk holds) and set
+    into a fresh one of the other kind, which DCP first steps at lr 0 with zero
+    gradients to make its state; three more steps: the parameters of six steps
+    of torch's AdamW, under the rule."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    device = device_for(backend)
+    start = make_params(torch.float32, device)
+    grads = [[torch.randn(p.shape, device=device) for p in start] for _ in range(6)]
+    make = {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=False),
+            "pyext": lambda ps: pyext.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=backend)}
+    second = "pyext" if first == "torch" else "torch"
+
+    def train(opt, params, steps):
+        for grad in steps:
+            for p, g in zip(params, grad):
+                p.grad = g
+            opt.step()
+
+    model = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in start])
+    before = make[first](model.parameters())
+    train(before, list(model.parameters()), grads[:3])
+    saved = copy.deepcopy(get_optimizer_state_dict(model, before))
+    for p in model.parameters():
+        p.grad = None
+    after = make[second](model.parameters())
+    set_optimizer_state_dict(model, after, saved)
+    train(after, list(model.parameters()), grads[3:])
+
+    pt = [p.clone() for p in start]
+    train(make["torch"](pt), pt, grads)
+    ref = [p.double() for p in start]
+    train(pyext.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, amsgrad=True, backend="torch"), ref,
+          [[g.double() for g in grad] for grad in grads])
+    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
+    assert_close(flat(model.parameters()), flat(ref), flat(pt), "params")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_state_of_torch_half_parameters_loads_as_this_optimizer_keeps_it(backend):
     """torch.optim.AdamW keeps bfloat16 moments for bfloat16 parameters and
     (unfused) its step on the CPU; loaded here the moments are float32 and
