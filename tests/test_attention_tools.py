@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
 import pyext
 from conftest import device_for
 from attention_checks import KERNEL_BACKENDS, qkv
+from test_attention_varlen import packed
 
 
 def forward_and_backward_flops(fn, inputs):
@@ -71,22 +72,12 @@ def test_every_triton_variant_counts_as_dense_attention(variant):
     assert forward_and_backward_flops(VARIANTS[variant], (q, k, v)) == torch_counts(2, 4, 5, 7, 16, 8)
 
 
-def packed(seqlens_q, seqlens_k, heads_q, heads_k, d, device):
-    offsets = [torch.tensor([0] + seqlens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-               for seqlens in (seqlens_q, seqlens_k)]
-    q = torch.randn(sum(seqlens_q), heads_q, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(sum(seqlens_k), heads_k, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
-    return q, k, v, *offsets
-
-
 def test_packed_batches_count_each_sequence():
-    seqlens_q, seqlens_k = [3, 5, 1], [4, 2, 6]
-    q, k, v, cu_q, cu_k = packed(seqlens_q, seqlens_k, 4, 2, 16, device_for("triton"))
+    case = ([3, 5, 1], [4, 2, 6], 4, 2, 16)
+    q, k, v, *sequences = packed(case, torch.bfloat16, device_for("triton"))
     counted = forward_and_backward_flops(
-        lambda *t: pyext.flash_attention_varlen(*t, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=True,
-                                                backend="triton"), (q, k, v))
-    each = [torch_counts(1, 4, sq, sk, 16, 16) for sq, sk in zip(seqlens_q, seqlens_k)]
+        lambda *t: pyext.flash_attention_varlen(*t, *sequences, causal=True, backend="triton"), (q, k, v))
+    each = [torch_counts(1, 4, sq, sk, 16, 16) for sq, sk in zip(case[0], case[1])]
     assert counted == tuple(map(sum, zip(*each)))
 
 
@@ -95,12 +86,14 @@ def test_packed_batches_of_fake_tensors_count_each_sequence_at_the_maximum_lengt
     model is traced), each sequence counts at max_seqlen_q x max_seqlen_k,
     as torch counts its own packed kernels."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        q, k, v, cu_q, cu_k = packed([3, 5, 1], [4, 2, 6], 4, 2, 16, "cpu")
+    *tensors, max_q, max_k = packed(([3, 5, 1], [4, 2, 6], 4, 2, 16), torch.bfloat16, "cpu")
+    mode = FakeTensorMode()
+    q, k, v, cu_q, cu_k = (mode.from_tensor(t.detach()) for t in tensors)
+    with mode:
         with FlopCounterMode(display=False) as counter:
-            torch.ops.pyext.flash_attn_varlen_fwd_triton(q, k, v, cu_q, cu_k, 5, 6, 0.25, True, -1, -1, 0.0, None,
-                                                         0.0, None)
-    assert counter.get_total_flops() == 3 * torch_counts(1, 4, 5, 6, 16, 16)[0]
+            torch.ops.pyext.flash_attn_varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, 0.25, True, -1, -1, 0.0,
+                                                         None, 0.0, None)
+    assert counter.get_total_flops() == 3 * torch_counts(1, 4, max_q, max_k, 16, 16)[0]
 
 
 def test_every_attention_op_has_a_flop_formula():
