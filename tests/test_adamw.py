@@ -239,12 +239,11 @@ def test_triton_op_refuses_tensors_it_cannot_step_as_flat_memory(layout):
                                           0.9, 0.999, 1e-8, 0.0, False, False, None, None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("first", ["torch", "pyext"])
-def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend, first):
-    """Three steps with one optimizer, its state_dict loaded into the other,
-    three more steps: the same parameters as six steps of torch's AdamW, under
-    the rule (reference: six steps of the float64 reference)."""
+def check_state_moves_and_training_continues(backend, first, move):
+    """Three steps with one optimizer (`first`'s kind), `move(model, before,
+    make_other)` handing its state to a fresh one of the other kind, three
+    more steps: the same parameters as six steps of torch's AdamW, under the
+    rule (reference: six steps of the float64 reference)."""
     device = device_for(backend)
     start = make_params(torch.float32, device)
     grads = [[torch.randn(p.shape, device=device) for p in start] for _ in range(6)]
@@ -258,62 +257,49 @@ def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend
                 p.grad = g.to(p.dtype)
             opt.step()
 
-    moved = [p.clone() for p in start]
+    model = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in start])
+    moved = list(model.parameters())
     before = make[first](moved)
     train(before, moved, grads[:3])
-    after = make[second](moved)
-    after.load_state_dict(before.state_dict())
-    assert all(isinstance(after.state[p]["step"], torch.Tensor) for p in moved)
-    train(after, moved, grads[3:])
+    train(move(model, before, make[second]), moved, grads[3:])
 
     pt = [p.clone() for p in start]
     train(make["torch"](pt), pt, grads)
     ref = [p.double() for p in start]
     train(pyext.optim.AdamW(ref, lr=1e-2, amsgrad=True, backend="torch"), ref, grads)
-    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
     assert_close(flat(moved), flat(ref), flat(pt), "params")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", ["torch", "pyext"])
+def test_state_dict_moves_between_torch_and_pyext_and_training_continues(backend, first):
+    def move(model, before, make_other):
+        after = make_other(model.parameters())
+        after.load_state_dict(before.state_dict())
+        assert all(isinstance(after.state[p]["step"], torch.Tensor) for p in model.parameters())
+        return after
+    check_state_moves_and_training_continues(backend, first, move)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("first", ["torch", "pyext"])
 def test_distributed_checkpoint_moves_state_between_torch_and_pyext(backend, first):
     """torch.distributed.checkpoint's optimizer state dicts, keyed by
-    parameter name (how FSDP2 jobs checkpoint): three steps with one
-    optimizer, its state saved (a copy, as a checkpoint on disk holds) and set
-    into a fresh one of the other kind, which DCP first steps at lr 0 with zero
-    gradients to make its state; three more steps: the parameters of six steps
-    of torch's AdamW, under the rule."""
+    parameter name (how FSDP2 jobs checkpoint): the state saved (a copy, as a
+    checkpoint on disk holds) and set into a fresh optimizer of the other
+    kind, which DCP first steps at lr 0 with zero gradients to make its state
+    (no parameter may move, weight decay included)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    device = device_for(backend)
-    start = make_params(torch.float32, device)
-    grads = [[torch.randn(p.shape, device=device) for p in start] for _ in range(6)]
-    make = {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=False),
-            "pyext": lambda ps: pyext.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=backend)}
-    second = "pyext" if first == "torch" else "torch"
 
-    def train(opt, params, steps):
-        for grad in steps:
-            for p, g in zip(params, grad):
-                p.grad = g
-            opt.step()
-
-    model = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in start])
-    before = make[first](model.parameters())
-    train(before, list(model.parameters()), grads[:3])
-    saved = copy.deepcopy(get_optimizer_state_dict(model, before))
-    for p in model.parameters():
-        p.grad = None
-    after = make[second](model.parameters())
-    set_optimizer_state_dict(model, after, saved)
-    train(after, list(model.parameters()), grads[3:])
-
-    pt = [p.clone() for p in start]
-    train(make["torch"](pt), pt, grads)
-    ref = [p.double() for p in start]
-    train(pyext.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, amsgrad=True, backend="torch"), ref,
-          [[g.double() for g in grad] for grad in grads])
-    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
-    assert_close(flat(model.parameters()), flat(ref), flat(pt), "params")
+    def move(model, before, make_other):
+        saved = copy.deepcopy(get_optimizer_state_dict(model, before))
+        for p in model.parameters():
+            p.grad = None
+        after = make_other(model.parameters())
+        set_optimizer_state_dict(model, after, saved)
+        return after
+    check_state_moves_and_training_continues(backend, first, move)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
