@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyext
-from pyext import reference
+from pyext import _backend, reference
 from pyext.ops import attention_ops
 from conftest import (COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, poisoned_like, run_under_sanitizer)
@@ -89,7 +89,7 @@ VALUE_HEAD_DIM_SHAPES = [
 @pytest.mark.parametrize("shape,layout", VALUE_HEAD_DIM_SHAPES, ids=str)
 def test_value_head_dim_may_differ_from_the_query_head_dim(backend, deterministic, causal, shape, layout):
     """As in torch's SDPA, v's head dim is its own (out has it): the Triton
-    kernels take any multiple of 8 below the query/key head dim."""
+    kernels take any below the query/key head dim."""
     check_flash(backend, *qkv(shape, torch.bfloat16, device_for(backend), layout), causal, deterministic)
 
 
@@ -105,6 +105,61 @@ def test_a_value_head_dim_above_the_query_head_dim_goes_to_torch_under_auto_and_
 def test_cuda_kernels_name_a_value_head_dim_they_do_not_take():
     q, k, v = qkv((1, 2, 2, 16, 16, 64, 32), torch.bfloat16, "cuda")
     with pytest.raises(pyext.BackendUnavailable, match="value head dim 32"):
+        pyext.flash_attention(q, k, v, backend="cuda")
+
+
+# Head dims that are not a multiple of 8 (torch's SDPA takes them, and so
+# do the Triton kernels; the CUDA ones' 16-byte loads need multiples of 8):
+# 1, 4 (below one 16-wide block), 59 and 100 with a value head dim of 36,
+# as (B, S, H, D) views too; GQA, Sq != Sk both ways, Sq = 1.
+UNALIGNED_HEAD_DIM_SHAPES = [
+    ((1, 2, 2, 17, 23, 59), "contiguous"),
+    ((2, 4, 2, 9, 30, 4), "bshd"),
+    ((1, 2, 1, 19, 12, 100, 36), "contiguous"),
+    ((1, 3, 1, 1, 7, 1), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("backend,deterministic", TRITON_AND_REFERENCE)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape,layout", UNALIGNED_HEAD_DIM_SHAPES, ids=str)
+def test_head_dims_not_a_multiple_of_8_run_the_triton_kernels(backend, deterministic, causal, shape, layout):
+    check_flash(backend, *qkv(shape, torch.bfloat16, device_for(backend), layout), causal, deterministic)
+
+
+def test_sdpa_with_a_head_dim_not_a_multiple_of_8_goes_to_torch_under_auto(monkeypatch):
+    """Until a GPU run measures the Triton kernels there (SDPA_UNALIGNED_HEAD_AUTO_ORDER);
+    flash_attention, whose fallback is the S x S reference, runs them. ("auto"
+    chooses here as on a GPU: CPU tensors would always go to torch.)"""
+    chosen, select = [], _backend.select
+    monkeypatch.setattr(_backend, "select", lambda op, backend, device, *rest: chosen.append(
+        select(op, backend, torch.device("cuda"), *rest)) or chosen[-1])
+    q, k, v = (t.detach() for t in qkv((1, 2, 2, 9, 11, 59), torch.bfloat16, device_for("triton")))
+    assert torch.equal(pyext.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    pyext.flash_attention(q, k, v)
+    pyext.scaled_dot_product_attention(q, k, v[..., :56])  # q's head dim alone not a multiple of 8
+    assert chosen == ["torch", "triton", "torch"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_head_dim_0_gives_torchs_empty_result_or_names_the_kernels_limit(backend):
+    """torch's SDPA gives (B, H, Sq, 0); its default scale is 1 / sqrt(0), inf."""
+    q, k, v = qkv((1, 2, 2, 5, 7, 0), torch.bfloat16, device_for("triton"))
+    if backend == "triton":
+        for call in (pyext.scaled_dot_product_attention, pyext.flash_attention):
+            with pytest.raises(pyext.BackendUnavailable, match="head dim 0"):
+                call(q, k, v, backend=backend)
+        return
+    for call in (pyext.scaled_dot_product_attention, pyext.flash_attention):
+        out = call(q, k, v, backend=backend)
+        assert out.shape == (1, 2, 5, 0)
+        assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(out.sum(), (q, k, v)), (q, k, v)))
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_name_the_head_dims_they_do_not_take():
+    q, k, v = qkv((1, 2, 2, 16, 16, 59), torch.bfloat16, "cuda")
+    with pytest.raises(pyext.BackendUnavailable, match="multiples of 8"):
         pyext.flash_attention(q, k, v, backend="cuda")
 
 
@@ -571,6 +626,13 @@ def test_large(backend, deterministic, head_dim, seqlen):
 @pytest.mark.parametrize("head_dim", [8, 24, 96, 160, 192, 256])
 def test_every_head_dim_on_gpu(backend, deterministic, head_dim):
     check_flash(backend, *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True, deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("head_dim", [1, 59, 111, 250])
+def test_triton_head_dims_not_a_multiple_of_8_on_gpu(deterministic, head_dim):
+    check_flash("triton", *qkv((2, 4, 2, 300, 257, head_dim), torch.bfloat16, "cuda"), True, deterministic)
 
 
 # ---- CUDA forward and backward, Stage 2 (sm_90a) and Stage 1 (mma.sync) ----

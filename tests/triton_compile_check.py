@@ -170,8 +170,19 @@ def exercise_launchers():
             launched = {fn.__name__ for fn, *_, ts, _ in launches if ts == targets and direction in fn.__name__}
             launched.discard("_bwd_delta_kernel")
             assert launched == expected, f"sm_{target.arch} launched {launched}, expected {expected}"
-        # dropout: the pointer forward on every GPU, and the backward kernels with its mask
         all_configs = False
+        # head dims that are not a multiple of 8 (rows that are not 16-byte aligned): the pointer kernels
+        # on every GPU; a value head dim of its own too
+        first = len(launches)
+        for d, dv in ((59, 59), (100, 36)):
+            q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
+            k, v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16), torch.randn(1, 2, 40, dv, dtype=torch.bfloat16)
+            out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, True, 7)
+            for deterministic in (False, True):
+                flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, True, 7, deterministic)
+        unaligned = {fn.__name__ for fn, *_ in launches[first:]}
+        assert not any("tma" in name for name in unaligned), f"sm_{target.arch}: {unaligned} at unaligned rows"
+        # dropout: the pointer forward on every GPU, and the backward kernels with its mask
         seed = torch.tensor([1])
         for d in (80, 128):
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)

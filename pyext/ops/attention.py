@@ -13,7 +13,7 @@ from torch import Tensor
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext.ops.attention_checks import (_check_qkv, _extras_problem, _heads_fit, _mask_problem, _sinks, _softcap,
-                                        _why_not, _window)
+                                        _why_not, _window, softmax_scale)
 from pyext.ops.attention_ops import _FlashAttention
 
 
@@ -48,6 +48,13 @@ SDPA_DROPOUT_AUTO_ORDER = ()
 # until a GPU run of the benchmark's masked cases shows the Triton kernels at
 # least as fast (benchmarks/NOTES.md, "Attention masks").
 SDPA_MASK_AUTO_ORDER = ()
+
+# The same for scaled_dot_product_attention with a head dim that is not a
+# multiple of 8: torch's SDPA (its flash kernel pads such heads to one) until
+# a GPU run shows the Triton kernels at least as fast there (they read such
+# rows without 16-byte loads and never through TMA). flash_attention, whose
+# fallback is the reference, takes the Triton kernels under auto.
+SDPA_UNALIGNED_HEAD_AUTO_ORDER = ()
 
 # The kernel backends "auto" tries. The CUDA kernels (issue 5) join when a GPU
 # run of tests/test_attention.py has passed with them; until then only
@@ -139,8 +146,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     their tiles through TMA (tensor descriptors) where the call has no
     dropout, mask or window and the layouts are 16-byte aligned;
     PYEXT_TRITON_ATTN_LOADS=pointer keeps them on the pointer kernels.
-    Kernels: float16/bfloat16, head dims multiple of 8 up to 256 (v's may be
-    its own, below q's and k's, as in DeepSeek's MLA: the Triton kernels);
+    Kernels: float16/bfloat16, head dims up to 256, multiples of 8 in the
+    CUDA kernels, any in the Triton ones (v's may be its own, below q's and
+    k's, as in DeepSeek's MLA: the Triton kernels);
     other inputs go to the reference (backend "auto") or raise (a kernel
     backend named). Under torch.autocast, q, k and v are cast as torch casts
     them for its SDPA (float32 to the region's dtype).
@@ -163,7 +171,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
     window, softcap = _window("flash_attention", window_size), _softcap("flash_attention", softcap)
     sinks = _sinks("flash_attention", sinks, q)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(scale, q.shape[-1])
     causal_offset = k.shape[2] - q.shape[2]
     name = _backend.select("flash_attention", backend, q.device, lambda b: _why_not(
         b, q, k, v, _extras_problem(b, window, softcap, sinks), dropout_p), AUTO_ORDER)
@@ -193,7 +201,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (False: not attended) or additive (bool, float32 or the inputs' dtype,
     broadcastable to (..., Sq, Sk)): likewise, the Triton kernels' when named
     (with dropout too; a mask that requires grad goes to torch),
-    torch's SDPA under auto (SDPA_MASK_AUTO_ORDER). The
+    torch's SDPA under auto (SDPA_MASK_AUTO_ORDER). Head dims that are not
+    a multiple of 8: likewise (SDPA_UNALIGNED_HEAD_AUTO_ORDER). The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast
     the inputs are cast as torch casts them (float32 to the region's dtype),
@@ -226,6 +235,8 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     order = SDPA_DROPOUT_AUTO_ORDER if dropout_p > 0 else AUTO_ORDER
     if masked:
         order = tuple(b for b in order if b in SDPA_MASK_AUTO_ORDER)
+    if query.shape[-1] % 8 or value.shape[-1] % 8:
+        order = tuple(b for b in order if b in SDPA_UNALIGNED_HEAD_AUTO_ORDER)
     if softcap > 0 or window is not None or sinks is not None:
         order = AUTO_ORDER
     name = _backend.select("scaled_dot_product_attention", backend, query.device, lambda b: _why_not(
@@ -250,7 +261,7 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
             return (query @ key.transpose(-2, -1)).softmax(-1) @ value
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(scale, query.shape[-1])
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
     out = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),

@@ -60,15 +60,23 @@ def _why_not(backend: str, q: Tensor, k: Tensor, v: Tensor, extra: Optional[str]
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
     d, dv = q.shape[-1], v.shape[-1]
-    if d % 8 or d > MAX_HEAD_DIM or dv % 8 or dv > MAX_HEAD_DIM:
-        return (f"head dim {d} (value head dim {dv}) is not supported: "
-                f"multiples of 8 up to {MAX_HEAD_DIM}")
+    if not (0 < d <= MAX_HEAD_DIM and 0 < dv <= MAX_HEAD_DIM):
+        return f"head dim {d} (value head dim {dv}) is not supported: 1 to {MAX_HEAD_DIM}"
+    if backend == "cuda" and (d % 8 or dv % 8):
+        return (f"head dim {d} (value head dim {dv}): the CUDA kernels take multiples of 8 "
+                f"(their 16-byte loads), the Triton ones any up to {MAX_HEAD_DIM}")
     if dv > d or (dv != d and backend != "triton"):
         return (f"value head dim {dv} other than the query/key head dim {d} (the Triton kernels take one "
                 f"below it, as DeepSeek's MLA has: benchmarks/NOTES.md, \"Value head dim\")")
     return None
 
 
+def softmax_scale(scale: Optional[float], head_dim: int) -> float:
+    """The logits' scale: `scale` as given, else torch's SDPA default,
+    1 / sqrt(head dim) (inf at head dim 0, as torch's C++ computes it)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim else math.inf
 
 
 def _mask_problem(attn_mask: Tensor, query: Tensor, key: Tensor, is_causal: bool) -> Optional[str]:
@@ -85,8 +93,6 @@ def _mask_problem(attn_mask: Tensor, query: Tensor, key: Tensor, is_causal: bool
     if attn_mask.dim() <= len(scores) and all(m in (1, n) for m, n in zip(reversed(attn_mask.shape), reversed(scores))):
         return None
     return f"an attn_mask of shape {list(attn_mask.shape)} that does not broadcast to {list(scores)}"
-
-
 
 
 def _window(op: str, window_size) -> Optional[Tuple[int, int]]:

@@ -6,8 +6,9 @@ carries the backward's choices.
     flash_attn_fwd(q, k, v, scale, causal, causal_offset) -> (out, lse)
     flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic) -> (dq, dk, dv)
 
-Kernels cover float16/bfloat16, head dims that are multiples of 8 up to 256
-(a value head dim of its own below the query/key one in the Triton kernels),
+Kernels cover float16/bfloat16, head dims up to 256 (multiples of 8 in the
+CUDA kernels; a value head dim of its own below the query/key one in the
+Triton kernels),
 any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
 The CUDA forward and backward run the sm_90a kernels (wgmma, TMA) on
 compute capability 9.x for head dims that pad to 64 or 128, the mma.sync

@@ -15,7 +15,6 @@ a cap or sinks (both as the dense extras ops').
 The kernels are the Triton ones (the CUDA kernels have no packed batches);
 elsewhere the reference runs each sequence on its own.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -244,7 +243,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     softcap = attention_checks._softcap("flash_attention_varlen", softcap)
     sinks = attention_checks._sinks("flash_attention_varlen", sinks, q, heads_dim=-2)
     _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = attention_checks.softmax_scale(scale, q.shape[-1])
     name = _backend.select("flash_attention_varlen", backend, q.device, lambda b: _why_not(
         b, q, k, v, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, dropout_p), attention.AUTO_ORDER)
     if name == "torch":
