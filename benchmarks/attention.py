@@ -65,7 +65,14 @@ CUDA flash kernel; GPU only) and FlashAttention's package
 (flash_attn_varlen_func) take the offsets (cu_seqlens) and no mask; pyext-triton-mask and the SDPA backends the
 (1, 1, T, T) block-diagonal causal mask HF builds for SDPA from packed
 position_ids. FLOPs counted: each document's causal pairs, L^2 / 2.
+And a head dim that is not a multiple of 8 (UNALIGNED_HEAD_DIM, causal):
+torch's SDPA flash kernel and FlashAttention's package pad it to one, the
+CUDA kernels refuse it, pyext-triton runs its pointer kernels (rows not
+16-byte aligned: no vector loads, no TMA); the case that decides
+pyext.ops.attention.SDPA_UNALIGNED_HEAD_AUTO_ORDER. FLOPs counted at the
+head dim itself, not the padded one.
 """
+import functools
 import itertools
 import os
 
@@ -208,16 +215,19 @@ def _flash_attn_package(causal, dropout_p, mask, window=None, softcap=0.0):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, **extra).transpose(1, 2)
 
 
-def _triton_pointer_loads(causal, dropout_p, mask, window, softcap, sinks, why_not_triton):
+def _triton_pointer_loads(causal, dropout_p, mask, window, softcap, sinks, why_not_triton, aligned=True):
     """pyext's Triton attention with pointer loads forced (forward and
     backward), or why it is not timed: where pyext-triton itself takes the
-    pointer path it would time the same kernels again."""
+    pointer path it would time the same kernels again. aligned: the head
+    dims are multiples of 8 (16-byte rows, what TMA needs)."""
     if why_not_triton is not None:
         return why_not_triton
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         return "same kernel as pyext-triton here: the descriptor kernels need compute capability 9.0+"
     if dropout_p or mask is not None:
         return "same kernel as pyext-triton: dropout, masks and windows run the pointer kernels"
+    if not aligned:
+        return "same kernel as pyext-triton: rows that are not 16-byte aligned run the pointer kernels"
     from pyext.triton_kernels import flash_attention
 
     def run(q, k, v):
@@ -317,6 +327,8 @@ SEQLENS_SINKS, SEQLENS_SINKS_QUICK = [2048, 4096], [4096]
 SEQLENS_PACKED, SEQLENS_PACKED_QUICK = [2048, 8192], [8192]
 MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
 SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
+UNALIGNED_HEAD_DIM = 59  # not a multiple of 8 (FlashAttention's tests use 59 and 111)
+SEQLENS_UNALIGNED, SEQLENS_UNALIGNED_QUICK = [2048, 4096], [4096]
 
 
 def _grid(quick: bool, dtypes):
@@ -326,7 +338,7 @@ def _grid(quick: bool, dtypes):
         return []
     if not HAS_GPU:
         return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"), (True, 0.0, "softcap"), (True, 0.0, "sinks"))),
-                (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:])]
+                (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:]), (64, 20, 20, False, STANDARD[1:])]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
     standard = [(s, d, d, False, STANDARD) for s in seqlens for d in head_dims]
@@ -338,7 +350,9 @@ def _grid(quick: bool, dtypes):
                for s in (SEQLENS_SOFTCAP_QUICK if quick else SEQLENS_SOFTCAP)]
     sinks = [(s, SINKS_HEAD_DIM, SINKS_HEAD_DIM, False, ((True, 0.0, "sinks"),))
              for s in (SEQLENS_SINKS_QUICK if quick else SEQLENS_SINKS)]
-    return standard + model + mla + window + softcap + sinks
+    unaligned = [(s, UNALIGNED_HEAD_DIM, UNALIGNED_HEAD_DIM, False, STANDARD[1:])
+                 for s in (SEQLENS_UNALIGNED_QUICK if quick else SEQLENS_UNALIGNED)]
+    return standard + model + mla + window + softcap + sinks + unaligned
 
 
 def _packed_grid(quick: bool, dtypes):
@@ -393,6 +407,8 @@ def cases(quick: bool, dtypes):
             fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window, softcap, sinks) for b in ("cuda", "triton")}
             if dropout_p or extra:
                 fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, mask, window, soft cap or sinks"
+            if head_dim % 8 or v_dim % 8:
+                fns["pyext-cuda"] = "the CUDA attention kernels take head dims that are multiples of 8"
             if window:  # what an HF sliding-window layer runs: the band as a mask
                 fns["pyext-triton-mask"] = _ours("triton", causal, dropout_p, mask) \
                     if ours["pyext-triton"] is None else ours["pyext-triton"]
@@ -431,7 +447,8 @@ def cases(quick: bool, dtypes):
                         providers[name] = autograd_callable(wrap(fn), inputs, direction, dout)
                 # each variant of ours only where it differs from pyext-triton: the
                 # pointer loads, and in the backward the deterministic dQ
-                variants = {"pyext-triton-ptr": _triton_pointer_loads}
+                variants = {"pyext-triton-ptr": functools.partial(_triton_pointer_loads,
+                                                                  aligned=head_dim % 8 == v_dim % 8 == 0)}
                 if direction == "bwd":
                     variants["pyext-triton-det"] = _triton_deterministic
                 for variant, fn in variants.items():
