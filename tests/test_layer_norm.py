@@ -295,14 +295,15 @@ def take_the_chunked_path(monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK", 128)
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_weight_no_bias"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunked_path_on_short_rows(kind, monkeypatch):
+def test_chunked_path_on_short_rows(kind, affine, monkeypatch):
     """The Triton chunked kernels on rows made 'long' by lowering the fast-path limits."""
     take_the_chunked_path(monkeypatch)
     device = device_for("triton")
     for dtype in DTYPES:
         x = inputs(11, 300, dtype, device)
-        w, b = params(kind, (300,), dtype, device)
+        w, b = params(kind, (300,), dtype, device, weight=affine, bias=affine)
         check(kind, "triton", x, (300,), w, b)
 
 
