@@ -529,6 +529,31 @@ def test_groups_without_parameters_or_gradients_step_as_nothing(backend):
     assert torch.equal(b, before) and b not in opt.state and a in opt.state
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_evaluates_a_closure_with_autograd_on_and_returns_its_loss(backend):
+    """optimizer.step(closure), as torch's: the closure recomputes the loss
+    and its gradients (autograd on, though step runs under no_grad) before
+    the update, and step returns that loss."""
+    device = device_for(backend)
+    start = torch.randn(7, device=device)
+    results = []
+    for make in (lambda p: torch.optim.AdamW([p], lr=0.1), lambda p: pyext.optim.AdamW([p], lr=0.1, backend=backend)):
+        p = start.clone().requires_grad_()
+        opt = make(p)
+
+        def closure():
+            opt.zero_grad()
+            loss = (p * p).sum()
+            loss.backward()
+            return loss
+        losses = [opt.step(closure) for _ in range(3)]
+        results.append((p.detach(), torch.stack(losses)))
+    (p_theirs, losses_theirs), (p_ours, losses_ours) = results
+    assert losses_ours.requires_grad
+    torch.testing.assert_close(losses_ours, losses_theirs)
+    torch.testing.assert_close(p_ours, p_theirs)
+
+
 def test_empty_parameter_list_is_torchs_error():
     with pytest.raises(ValueError, match="empty"):
         pyext.optim.AdamW([])
