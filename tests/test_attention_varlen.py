@@ -198,6 +198,30 @@ def test_kernels_write_every_element(deterministic, sinks):
     torch.testing.assert_close(lse[:, 33:38], no_keys)  # the sink's, through log2(e) and back
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+@pytest.mark.parametrize("offsets", [([0, 3, 3, 5], [0, 0, 0, 0]), ([0], [0])], ids=["no_keys", "no_sequences"])
+def test_a_batch_with_no_keys_or_no_sequences_writes_every_element(offsets, sinks):
+    """The kernels launch nothing there and fill in what every row gets
+    with no key to see: out and every gradient 0, lse -inf or the sink's."""
+    from pyext.triton_kernels import flash_attention as kernels
+    device = device_for("triton")
+    cu_q, cu_k = (torch.tensor(o, dtype=torch.int32, device=device) for o in offsets)
+    q = make_tensor((offsets[0][-1], 4, 16), torch.bfloat16, device)
+    k, v = (make_tensor((0, 2, 16), torch.bfloat16, device) for _ in range(2))
+    sinks = torch.randn(4, device=device) if sinks else None
+    out, lse, *out_lo = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, 3, 0, 0.25, False, sinks=sinks,
+                                                      out=poisoned_like(q), lse=poisoned_like(q[:, :, 0].T.float()),
+                                                      out_lo=poisoned_like(q))
+    grads = kernels.flash_attn_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, 3, 0, 0.25, False,
+                                          True, *(poisoned_like(t) for t in (q, k, v)), sinks=sinks,
+                                          out_lo=out_lo[0] if out_lo else None)
+    no_keys = torch.full_like(lse, float("-inf")) if sinks is None else sinks[:, None].expand_as(lse)
+    assert torch.equal(lse, no_keys)
+    for t in (out, *out_lo, *grads):
+        assert torch.equal(t, torch.zeros_like(t))
+    assert len(grads) == 3 + (sinks is not None)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_views_of_one_qkv_projection_need_no_copy_to_be_right(deterministic):
     """q, k, v as views of one (total, 3, H, D) projection (FlashAttention's
