@@ -308,6 +308,28 @@ def test_masked_kernels_write_every_element(deterministic):
     assert not any(g.isnan().any() for g in grads)
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+def test_masked_kernels_with_no_keys_write_every_element(sinks):
+    """Sk = 0: nothing launches; each row's statistics are those of no key,
+    (max, sum) = (-inf, 0), or the sink's (sink * log2(e), 1), out and
+    every gradient 0."""
+    from pyext.triton_kernels import flash_attention as kernels
+    q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 0, 16), torch.bfloat16, device_for("triton")))
+    mask = torch.ones(9, 0, dtype=torch.bool, device=q.device)
+    sinks = torch.randn(2, device=q.device) if sinks else None
+    stats = torch.full((*q.shape[:3], 2), float("nan"), device=q.device)
+    out, stats, out_lo = kernels.flash_attn_fwd(q, k, v, 0.3, False, 0, out=poisoned_like(q), lse=stats, mask=mask,
+                                                sinks=sinks)
+    start = torch.full_like(stats[..., 0], float("-inf")) if sinks is None else \
+        (sinks.view(1, 2, 1) * 1.4426950408889634).expand_as(stats[..., 0])
+    torch.testing.assert_close(stats, torch.stack([start, torch.full_like(start, float(sinks is not None))], -1))
+    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, stats, 0.3, False, 0, True,
+                                   dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v), mask=mask,
+                                   sinks=sinks, out_lo=out_lo)
+    for t in (out, out_lo, *grads):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
 @pytest.mark.parametrize("dropout_p,sinks", [(0.0, False), (0.2, False), (0.0, True)], ids=str)
 def test_opcheck_masked(layout, dropout_p, sinks):
