@@ -305,7 +305,27 @@ def test_multihead_attention_masks_torch_forward_takes(pyext_sdpa_calls):
         mha(x, x, x, need_weights=False, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
     with pytest.raises(AssertionError, match="only bool and floating types of key_padding_mask"):
         mha(x, x, x, need_weights=False, key_padding_mask=padding.int())
+    with pytest.raises(AssertionError, match="key_padded_mask.shape"):
+        mha(x, x, x, need_weights=False, key_padding_mask=padding[:, :4])
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+        mha(x, x, x, need_weights=False, is_causal=True)
     assert pyext_sdpa_calls == []
+
+
+def test_multihead_attention_built_directly_is_torchs_module_on_pyexts_attention(pyext_sdpa_calls):
+    """pyext.nn.MultiheadAttention(...), made by hand rather than by patch:
+    torch's constructor and state_dict, its calls through pyext's SDPA with
+    the backend given."""
+    ours = pyext.nn.MultiheadAttention(16, 2, batch_first=True, backend="torch")
+    theirs = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.MultiheadAttention) and ours.backend == "torch"
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0])
+    assert len(pyext_sdpa_calls) == 1
+    ours.backend = "cuda"  # the backend given is the one asked for: here, on the CPU, refused
+    with pytest.raises(pyext.BackendUnavailable, match="'cuda'"):
+        ours(x, x, x, need_weights=False)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
