@@ -257,6 +257,28 @@ def test_opcheck_extras(layout, window, softcap, sinks):
                            0.2, seed, True))
 
 
+@pytest.mark.parametrize("extra", ["window", "softcap", "sinks"])
+def test_double_backward_under_auto_is_the_references(extra, auto_runs_the_triton_kernels):
+    """A backward with create_graph=True through the extras' kernels under
+    auto: the reference's graph, window, cap and sinks with it, so the
+    second derivatives are the reference's own."""
+    q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton")))
+    window = (4, -1) if extra == "window" else None
+    softcap = 5.0 if extra == "softcap" else 0.0
+    sinks = torch.randn(2, device=q.device) if extra == "sinks" else None
+    c = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+
+    def second(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        first = torch.autograd.grad((fn(*leaves) * c).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.float().square().sum() for g in first), leaves)
+    got = second(lambda *t: pyext.flash_attention(*t, causal=True, window_size=window or (-1, -1), softcap=softcap,
+                                                  sinks=sinks))
+    expected = second(lambda *t: reference.attention(*t, scale=0.25, causal=True, causal_offset=3, window=window,
+                                                     softcap=softcap, sinks=sinks)[0])
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_compile_fullgraph_with_sinks():
     """flash_attention with sinks, a parameter given its gradient, under
     torch.compile(fullgraph=True): the gradients, the sinks' included, are
