@@ -507,6 +507,19 @@ def test_a_model_with_nothing_to_swap_says_so(capsys):
     assert "nothing to swap" in capsys.readouterr().out
 
 
+def test_pyexts_own_modules_are_left_be_and_not_reported_as_unknown():
+    """A model built with pyext.nn's modules already: patch neither swaps
+    them nor lists them as norms it has no equivalent for; unpatch of a
+    model never patched changes nothing."""
+    model = torch.nn.Sequential(pyext.nn.LayerNorm(8), torch.nn.Linear(8, 8), pyext.nn.GELU())
+    assert pyext.unpatch(model) is model and type(model[0]) is pyext.nn.LayerNorm
+    report = pyext.patch_report(pyext.patch(model))
+    assert [type(m) for m in model] == [pyext.nn.LayerNorm, torch.nn.Linear, pyext.nn.GELU]
+    assert not [entry for entry in report.swapped + report.left if entry[0] in ("0", "2")]
+    pyext.unpatch(model)
+    assert [type(m) for m in model] == [pyext.nn.LayerNorm, torch.nn.Linear, pyext.nn.GELU]
+
+
 def test_attention_dropout_and_masks_are_noted_in_the_report():
     """Attention dropout and masks are the Triton kernels' only, named: the
     report says which attention will run torch's SDPA under auto (in
