@@ -112,6 +112,28 @@ def test_dropout_follows_torch_manual_seed_and_draws_anew_each_call():
     assert torch.equal(run(), first) and not torch.equal(first, second)
 
 
+def test_flash_attention_dropout_on_the_reference_scales_what_it_keeps():
+    """backend="torch" (what auto runs on the CPU) draws its own mask: with
+    v the identity, out is the dropped weights themselves, each kept one
+    P / (1 - p), about 1 - p of them kept (5 standard deviations), the
+    same for the same seed; the gradient goes through the same mask."""
+    q, k = (make_tensor((2, 2, 48, 8), torch.float64, "cpu") for _ in range(2))
+    v = torch.eye(48, dtype=torch.float64).expand(2, 2, 48, 48).requires_grad_()
+    p = 0.3
+    torch.manual_seed(11)
+    out = pyext.flash_attention(q, k, v, dropout_p=p, backend="torch")
+    torch.manual_seed(11)
+    assert torch.equal(pyext.flash_attention(q, k, v, dropout_p=p, backend="torch"), out)
+    weights = torch.softmax((q @ k.transpose(-2, -1)) * 8 ** -0.5, -1)
+    kept = out != 0
+    n = kept.numel()
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    torch.testing.assert_close(out[kept], weights[kept] / (1 - p))
+    dout = torch.randn_like(out)
+    (dv,) = torch.autograd.grad(out, v, dout)
+    torch.testing.assert_close(dv, out.detach().transpose(-2, -1) @ dout)
+
+
 def test_dropout_double_backward_under_auto_uses_the_kernels_mask(dropout_seeds, auto_runs_the_triton_kernels):
     """A backward with create_graph=True through dropout attention (auto):
     the reference differentiates the same mask the kernels drew."""
