@@ -68,9 +68,11 @@ position_ids. FLOPs counted: each document's causal pairs, L^2 / 2.
 And a head dim that is not a multiple of 8 (UNALIGNED_HEAD_DIM, causal):
 torch's SDPA flash kernel and FlashAttention's package pad it to one, the
 CUDA kernels refuse it, pyext-triton runs its pointer kernels (rows not
-16-byte aligned: no vector loads, no TMA); the case that decides
-pyext.ops.attention.SDPA_UNALIGNED_HEAD_AUTO_ORDER. FLOPs counted at the
-head dim itself, not the padded one.
+16-byte aligned: no vector loads, no TMA), and pyext-triton-padded times
+our kernels on q, k, v zero-padded to 64 as torch pads them (the copies in
+its time); the case that decides pyext.ops.attention.SDPA_UNALIGNED_HEAD_AUTO_ORDER
+and between the two ways. FLOPs counted at the head dim itself, not the
+padded one.
 """
 import functools
 import itertools
@@ -114,6 +116,19 @@ def _ours(backend, causal, dropout_p, mask, window=None, softcap=0.0, sinks=None
                                                      sinks=sinks, backend=backend)
     return lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                               backend=backend)
+
+
+def _padded_to_8(causal, head_dim, v_dim):
+    """pyext's Triton attention on q, k (and v) zero-padded to head dims that
+    8 divides, out cut back to v_dim: what torch's flash SDPA does with such
+    heads. The zero columns add nothing to Q K^T, and P V's are cut off."""
+    scale = head_dim ** -0.5
+
+    def run(q, k, v):
+        q, k = (F.pad(t, (0, -head_dim % 8)) for t in (q, k))
+        out = pyext.flash_attention(q, k, F.pad(v, (0, -v_dim % 8)), causal=causal, scale=scale, backend="triton")
+        return out[..., :v_dim]
+    return run
 
 
 def _padding_mask(batch, seqlen, device, causal):
@@ -409,6 +424,7 @@ def cases(quick: bool, dtypes):
                 fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, mask, window, soft cap or sinks"
             if head_dim % 8 or v_dim % 8:
                 fns["pyext-cuda"] = "the CUDA attention kernels take head dims that are multiples of 8"
+                fns["pyext-triton-padded"] = ours["pyext-triton"] or _padded_to_8(causal, head_dim, v_dim)
             if window:  # what an HF sliding-window layer runs: the band as a mask
                 fns["pyext-triton-mask"] = _ours("triton", causal, dropout_p, mask) \
                     if ours["pyext-triton"] is None else ours["pyext-triton"]

@@ -24,11 +24,13 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # pyext-triton-det: the Triton attention backward with deterministic=True (the
 # two-kernel one, beside pyext-triton's atomic-dQ pass); pyext-triton-mask: a
 # sliding window given as a mask, as an HF model gives it (attention "window" cases);
+# pyext-triton-padded: the Triton attention on heads zero-padded to a multiple
+# of 8, as torch pads them (cases whose head dim 8 does not divide);
 # pyext-cuda-stage1: the CUDA attention's mma.sync kernels where pyext-cuda runs
 # the sm_90a ones (compute capability 9.x); pyext-cuda-det: the CUDA backward
 # with deterministic=True (beside pyext-cuda's atomic-dQ one)
-OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det", "pyext-triton-mask", "pyext-cuda-stage1",
-        "pyext-cuda-det")
+OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det", "pyext-triton-mask",
+        "pyext-triton-padded", "pyext-cuda-stage1", "pyext-cuda-det")
 
 
 @dataclasses.dataclass

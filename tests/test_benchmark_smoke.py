@@ -11,7 +11,7 @@ import torch
 
 import pyext
 from benchmarks import OPS, report
-from conftest import HAS_GPU
+from conftest import HAS_GPU, device_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -282,6 +282,20 @@ def test_attention_times_the_cuda_deterministic_backward_beside_the_default():
             assert callable(det)
         else:
             assert isinstance(det, str)
+
+
+def test_attention_times_the_triton_kernels_on_padded_heads_where_8_does_not_divide_them():
+    # pyext-triton-padded: q, k, v zero-padded to a multiple of 8 as torch pads them, out cut back:
+    # the same attention as pyext-triton's on the heads as given, timed only where 8 does not divide them.
+    from benchmarks import attention
+    for case in attention.cases(True, [torch.bfloat16]):
+        padded = case.providers.get("pyext-triton-padded")
+        assert (padded is not None) == (case.dtype.split("-")[1] in ("d20", f"d{attention.UNALIGNED_HEAD_DIM}"))
+    q, k = (torch.randn(1, 2, 9, 20, dtype=torch.bfloat16, device=device_for("triton")) for _ in range(2))
+    v = torch.randn(1, 2, 9, 12, dtype=torch.bfloat16, device=q.device, requires_grad=True)
+    got = attention._padded_to_8(True, 20, 12)(q, k, v)
+    torch.testing.assert_close(got, pyext.flash_attention(q, k, v, causal=True, backend="triton"))
+    assert got.shape == v.shape and torch.autograd.grad(got.sum(), v)[0].shape == v.shape
 
 
 def test_cuda_deterministic_asks_for_it_wherever_pyext_cuda_runs(monkeypatch):
