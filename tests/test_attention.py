@@ -13,7 +13,7 @@ import pyext
 from pyext import _backend, reference
 from pyext.ops import attention_ops
 from conftest import (COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
-                      poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+                      poison_cuda_allocator, run_under_sanitizer)
 from attention_checks import (DTYPES, FLASH_BACKENDS, FLASH_KERNELS, KERNEL_BACKENDS, TRITON_AND_REFERENCE,
                               check_flash, qkv, sdpa)
 
@@ -221,16 +221,28 @@ def test_rows_that_see_no_key_are_zero(backend, deterministic):
     assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
 
 
+def _poisoned_with_a_tail(t):
+    """(a NaN tensor shaped like t, the 64 elements of its buffer past it, set to 7)."""
+    buffer = torch.full((t.numel() + 64,), float("nan"), dtype=t.dtype, device=t.device)
+    buffer[t.numel():] = 7
+    return buffer[:t.numel()].view(t.shape), buffer[t.numel():]
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_triton_kernels_write_every_element(deterministic):
+@pytest.mark.parametrize("head_dim", [40, 59])
+def test_triton_kernels_write_every_element_and_nothing_past_them(deterministic, head_dim):
+    """Outputs poisoned with NaN, each at the head of a longer buffer: every
+    element written, and the buffer past them untouched (a head dim below
+    its block, 64: the padded columns of the last row stay unstored)."""
     from pyext.triton_kernels import flash_attention as kernels
-    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
-    out, lse = kernels.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
-                                      lse=torch.full(q.shape[:3], float("nan"), device=q.device))
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, head_dim), torch.bfloat16, device_for("triton")))
+    (out, out_tail), (lse, lse_tail) = (_poisoned_with_a_tail(t) for t in (q, q[..., 0].float()))
+    kernels.flash_attn_fwd(q, k, v, 0.3, True, 3, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
-    grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3, deterministic,
-                                   dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
-    assert not any(g.isnan().any() for g in grads)
+    (dq, dq_tail), (dk, dk_tail), (dv, dv_tail) = (_poisoned_with_a_tail(t) for t in (q, k, v))
+    kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3, deterministic, dq=dq, dk=dk, dv=dv)
+    assert not any(g.isnan().any() for g in (dq, dk, dv))
+    assert all((tail == 7).all() for tail in (out_tail, lse_tail, dq_tail, dk_tail, dv_tail))
 
 
 @pytest.mark.gpu
