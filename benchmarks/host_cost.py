@@ -1,4 +1,4 @@
-"""python -m benchmarks.host_cost: the host time of pyext's Python path, on any machine.
+"""python -m benchmarks.host_cost [--quick]: the host time of pyext's Python path, on any machine.
 
 Every public call pays for checks, backend choice, autograd and the
 dispatcher before its kernel launches; at small sizes that host time, not
@@ -11,8 +11,10 @@ are timed with backend="triton" and the Triton launches made no-ops, beside
 torch's SDPA with the block-diagonal mask that HF gives it for such a row.
 Needs the CUDA extension built (its ops registered), not a GPU. The figures
 are this machine's host times, not kernel times; benchmarks/NOTES.md
-("Host cost of a call") keeps them.
+("Host cost of a call") keeps them. --quick makes a hundredth of the calls:
+it shows that the tool runs (the CPU test runs it so), not what anything costs.
 """
+import argparse
 import time
 
 import torch
@@ -120,6 +122,9 @@ def _packed_calls():
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a hundredth of the calls; its figures are noise")
+    calls_per_round = 20 if parser.parse_args().quick else 2000  # the forwards'; half for fwd+bwd, 3/20 for AdamW
     if not _backend.CUDA_BUILT:
         raise SystemExit(f"needs the CUDA extension's ops: {_backend._CUDA_BUILD_NOTE}")
     library = torch.library.Library("pyext", "IMPL")  # kept alive until the end of main
@@ -146,8 +151,8 @@ def main():
     print("host time per call, us (tiny CPU tensors; the CUDA ops run CPU bodies)")
     print(f"{'op':18s} {'fwd torch':>10s} {'fwd pyext':>10s} {'fwd+bwd torch':>14s} {'fwd+bwd pyext':>14s}")
     for name, (theirs, ours) in calls.items():
-        row = [best_us(f, 2000) for f in (theirs, ours)]
-        row += [best_us(lambda f=f: f().sum().backward(), 1000) for f in (theirs, ours)]
+        row = [best_us(f, calls_per_round) for f in (theirs, ours)]
+        row += [best_us(lambda f=f: f().sum().backward(), calls_per_round // 2) for f in (theirs, ours)]
         print(f"{name:18s} {row[0]:10.1f} {row[1]:10.1f} {row[2]:14.1f} {row[3]:14.1f}")
 
     def params():
@@ -160,7 +165,7 @@ def main():
     steps = {"torch fused (its CPU kernel included)": torch.optim.AdamW(params(), fused=True),
              "pyext cuda (kernel a no-op)": pyext.optim.AdamW(params(), backend="cuda"),
              "pyext triton (launch a no-op)": pyext.optim.AdamW(params(), backend="triton")}
-    print("AdamW step, 148 tensors: " + ", ".join(f"{name} {best_us(opt.step, 300) / 1e3:.3f} ms"
+    print("AdamW step, 148 tensors: " + ", ".join(f"{name} {best_us(opt.step, calls_per_round * 3 // 20) / 1e3:.3f} ms"
                                                   for name, opt in steps.items()))
 
 

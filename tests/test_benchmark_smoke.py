@@ -83,7 +83,22 @@ def test_triton_launch_cost_times_every_launch_function_on_a_pretend_gpu():
     assert len(rows) == 8 and all(float(row.split()[0]) > 0 for row in rows), out.stdout
 
 
-def test_time_spent_adds_up_each_ops_rows_and_names_its_costliest_providers():
+def test_host_cost_times_each_call_beside_torchs():
+    """`python -m benchmarks.host_cost --quick`: the CUDA ops given CPU bodies, each public call timed
+    beside torch's; a hundredth of the calls, so that CI sees the tool run (its figures are noise)."""
+    from pyext import _backend
+    if not _backend.CUDA_BUILT:
+        pytest.skip(f"needs the CUDA extension's ops: {_backend._CUDA_BUILD_NOTE}")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.host_cost", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split()[0]: line for line in out.stdout.strip().splitlines()[2:-1]}
+    assert {"layer_norm", "gelu", "sdpa", "varlen"} <= set(rows), out.stdout
+    assert all(float(row.split()[-1]) > 0 for row in rows.values()), out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("AdamW step, 148 tensors: torch fused"), out.stdout
+
+
+
     from benchmarks.report import time_spent
     rows = [dict(op="gelu", provider="torch", wall_s=1.0), dict(op="gelu", provider="pyext-cuda", wall_s=2.0),
             dict(op="attention", provider="sdpa-math", wall_s=30.0), dict(op="attention", provider="torch", wall_s=4.0),
