@@ -158,6 +158,30 @@ def test_an_hf_module_whose_code_changed_under_its_name_is_left(monkeypatch, mod
         "(has this transformers changed its code?)"]
 
 
+def test_hf_modules_pyext_cannot_stand_for_are_left_saying_why():
+    """An HF norm whose weight is not over the features, one holding state
+    pyext's module would not, a gated norm with a gate activation pyext
+    lacks or a 2-D weight, a GELU on another function (HF's Python gelu):
+    each left in place, the report saying why; the plain one beside them swapped."""
+    tf = pytest.importorskip("transformers")
+    llama_norm, gated_norm = hf_class("llama", "LlamaRMSNorm"), hf_class("qwen3_next", "Qwen3NextRMSNormGated")
+    two_d, extra, gelu_gate, gated_two_d = llama_norm(8), llama_norm(8), gated_norm(8), gated_norm(8)
+    two_d.weight = gated_two_d.weight = torch.nn.Parameter(torch.ones(2, 8))
+    extra.register_buffer("scale", torch.ones(1))
+    gelu_gate.activation = "gelu"
+    model = torch.nn.Sequential(two_d, extra, gelu_gate, gated_two_d,
+                                tf.activations.GELUActivation(use_gelu_python=True), llama_norm(8))
+    left = list(model)
+    report = pyext.patch_report(pyext.patch(model, attention=False))
+    assert report.left == [
+        ("0", "LlamaRMSNorm", "a weight of shape (2, 8)"),
+        ("1", "LlamaRMSNorm", "state pyext's module would not hold: scale"),
+        ("2", "Qwen3NextRMSNormGated", "a gate activation 'gelu' (pyext's are silu and sigmoid)"),
+        ("3", "Qwen3NextRMSNormGated", "no weight Parameter of the features"),
+        ("4", "GELUActivation", "not a function pyext implements")]
+    assert list(model)[:5] == left[:5] and report.swapped == [("5", "LlamaRMSNorm", "pyext.nn.RMSNorm")]
+
+
 def test_patching_an_hf_model_draws_nothing_from_torchs_generator():
     """The probe of each swapped module draws its values from a generator of
     its own: patching leaves torch's global random state as it was."""
