@@ -139,13 +139,15 @@ def test_a_decorated_hf_attention_forward_is_read_through_its_decorator(kind, mo
     assert ("sliding-window layers" in report) == (kind == "gpt_oss"), report
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal):
+def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal, backend):
     """An HF attention call with no mask and a sliding window W, on a model
     whose windows pyext applies itself: key j seen by query i iff
     i - W < j <= i in a causal layer, |i - j| < W in a bidirectional one
     (ModernBERT's local attention; FlashAttention's window (W - 1, W - 1) in
-    transformers' integration): within the rule against the band mask."""
+    transformers' integration): within the rule against the band mask, in
+    the kernels and in torch's SDPA given the window as that mask."""
     pytest.importorskip("transformers")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from pyext.patch.hf_attention import _hf_attention
@@ -158,7 +160,7 @@ def test_an_hf_sliding_window_given_no_mask_is_the_layers_band(causal):
     q, k, v = (torch.randn(1, 2, 12, 16, generator=g).to(device) for _ in range(3))
     i = torch.arange(12, device=device)
     band = (i[None, :] > i[:, None] - 3) & ((i[None, :] <= i[:, None]) if causal else (i[None, :] < i[:, None] + 3))
-    out = _hf_attention(sdpa_attention_forward, "triton", Layer(), *(t.bfloat16() for t in (q, k, v)), None,
+    out = _hf_attention(sdpa_attention_forward, backend, Layer(), *(t.bfloat16() for t in (q, k, v)), None,
                         sliding_window=3, scaling=0.25)[0]
     ref, pt = (F.scaled_dot_product_attention(*(t.to(dtype) for t in (q, k, v)), attn_mask=band,
                                               scale=0.25).transpose(1, 2) for dtype in (torch.float64, torch.bfloat16))
