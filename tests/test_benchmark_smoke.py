@@ -98,7 +98,7 @@ def test_host_cost_times_each_call_beside_torchs():
     assert out.stdout.strip().splitlines()[-1].startswith("AdamW step, 148 tensors: torch fused"), out.stdout
 
 
-
+def test_time_spent_adds_up_each_ops_rows_and_names_its_costliest_providers():
     from benchmarks.report import time_spent
     rows = [dict(op="gelu", provider="torch", wall_s=1.0), dict(op="gelu", provider="pyext-cuda", wall_s=2.0),
             dict(op="attention", provider="sdpa-math", wall_s=30.0), dict(op="attention", provider="torch", wall_s=4.0),
