@@ -10,9 +10,9 @@ the dtype, causality, a window, a scale and the backward path. Runs that
 feature's own test check on the Triton backend, recording each output's
 error / the rule's bound (fuzzing.margin; above 1 fails) rather than
 asserting, and prints each case past the rule or raising, then the worst
-margin of each feature's outputs and its case. --case N reruns one case. Small key counts and peaky
-softmaxes are where the rule's tails hide (benchmarks/NOTES.md, "A dropout
-tail where a row sees one key").
+margin of each feature's outputs and its case. --case N reruns one case.
+Small key counts and peaky softmaxes are where the rule's tails hide
+(benchmarks/NOTES.md, "A dropout tail where a row sees one key").
 """
 import os
 import sys
