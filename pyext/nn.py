@@ -10,7 +10,23 @@ from pyext.ops.layer_norm import layer_norm, rms_norm
 from pyext.ops.rms_norm_gated import rms_norm_gated
 
 
-class GELU(torch.nn.GELU):
+def refuse_torchscript(what: str):
+    """torch.jit.script calls a module's __prepare_scriptable__ before it
+    compiles the module: pyext's modules, and the modules whose forward
+    pyext.patch wraps, raise there with a way out, rather than deep inside
+    TorchScript's compiler."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {what}: pyext chooses each call's kernel backend in Python, which "
+        "TorchScript cannot compile. torch.compile and torch.export take pyext's kernels as ops; or script "
+        "the model without them (pyext.unpatch(model) first).")
+
+
+class _NotScriptable:
+    def __prepare_scriptable__(self):
+        refuse_torchscript(f"pyext.nn.{type(self).__name__}")
+
+
+class GELU(_NotScriptable, torch.nn.GELU):
     def __init__(self, approximate: str = "none", *, backend=None):
         super().__init__(approximate=approximate)
         self.backend = backend
@@ -19,7 +35,7 @@ class GELU(torch.nn.GELU):
         return gelu(input, self.approximate, backend=self.backend)
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(_NotScriptable, torch.nn.LayerNorm):
     """torch.nn.LayerNorm; group_size (keyword) normalizes each group of that
     many consecutive elements of normalized_shape separately (see
     pyext.layer_norm): LayerNorm((heads, head_dim), group_size=head_dim),
@@ -80,7 +96,7 @@ class DebertaLayerNorm(LayerNorm):
                           backend=self.backend)
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(_NotScriptable, torch.nn.RMSNorm):
     """torch.nn.RMSNorm; group_size (keyword) as in pyext.nn.LayerNorm."""
 
     group_size = None  # also on torch modules pyext.patch gives this class
@@ -118,7 +134,7 @@ class T5RMSNorm(RMSNorm):
         return y.to(out)
 
 
-class UnweightedRMSNorm(torch.nn.Module):
+class UnweightedRMSNorm(_NotScriptable, torch.nn.Module):
     """x / rms(x) over the last dim, whatever its size, with no weight:
     transformers' weightless RMSNorms (nanochat's; Gemma 3n's and 4's built
     with with_scale=False), statistics in float32, rounded once to x's dtype."""
@@ -135,7 +151,7 @@ class UnweightedRMSNorm(torch.nn.Module):
         return f"eps={self.eps}"
 
 
-class GemmaRMSNorm(torch.nn.Module):
+class GemmaRMSNorm(_NotScriptable, torch.nn.Module):
     """Gemma's RMSNorm (transformers' GemmaRMSNorm, and Gemma 2's and 3's):
     y = x / rms(x) * (1 + weight), computed in float32 and rounded once to
     x's dtype, the weight stored as an offset from one (zeros at init). The
@@ -158,7 +174,7 @@ class GemmaRMSNorm(torch.nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}{groups}"
 
 
-class RMSNormGated(torch.nn.Module):
+class RMSNormGated(_NotScriptable, torch.nn.Module):
     """The gated RMSNorm of linear attention and Mamba layers, as
     transformers' modules hold it (a weight of the features, ones at init)
     and call it, forward(hidden_states, gate=None); see pyext.rms_norm_gated.
@@ -195,7 +211,7 @@ class RMSNormGated(torch.nn.Module):
                 f"norm_before_gate={self.norm_before_gate}, group_size={self.group_size}, promote={self.promote}")
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose attention runs through
     pyext.scaled_dot_product_attention when `need_weights=False`: with no
     mask, with an attn_mask ((L, S) or (B * num_heads, L, S)) and/or a

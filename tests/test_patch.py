@@ -3,6 +3,7 @@ against their originals, state and parameters, where attention and function
 calls go, the report, compile and export. HF models' attention and modules:
 test_patch_hf_attention.py and test_patch_hf_modules.py."""
 import copy
+import io
 
 import pytest
 import torch
@@ -104,6 +105,7 @@ def test_unpatch_restores_classes_and_forward(kind):
     pyext.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert "forward" not in model.__dict__
+    assert not [n for n, m in model.named_modules() if "__prepare_scriptable__" in m.__dict__]
 
 
 @pytest.mark.parametrize("kind", ["nanogpt", "gpt2"])
@@ -604,6 +606,42 @@ def test_a_patched_model_exports_with_the_kernels_in_its_graph(strict):
     for op in ("flash_attn_fwd_triton", "layer_norm_fwd_triton", "gelu_fwd_triton"):
         assert f"pyext.{op}.default" in ops, f"{op} is not in the exported graph"
     torch.testing.assert_close(program.module()(idx, idx), model(idx, idx), rtol=0, atol=0)
+
+
+class ScriptableAttention(torch.nn.Module):  # torch.jit.script compiles it as it is
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+PYEXT_MODULES = [pyext.nn.LayerNorm(8), pyext.nn.RMSNorm(8), pyext.nn.GELU(), pyext.nn.UnweightedRMSNorm(),
+                 pyext.nn.GemmaRMSNorm(8), pyext.nn.RMSNormGated(8), pyext.nn.MultiheadAttention(8, 2),
+                 pyext.nn.NemotronLayerNorm1P(8), pyext.nn.DebertaLayerNorm(8), pyext.nn.T5RMSNorm(8)]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("module", PYEXT_MODULES, ids=lambda m: type(m).__name__)
+def test_torchscript_refuses_pyext_modules_with_a_way_out(module):
+    """torch.jit.script (deprecated, still a deployment path) cannot compile
+    the Python that chooses a backend: it says so and what to use instead,
+    rather than failing inside TorchScript's compiler."""
+    with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile pyext.nn.{type(module).__name__}: "
+                                           ".*torch.export.*pyext.unpatch"):
+        torch.jit.script(module)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("kind", ["routed", "encoder"])
+def test_a_patched_model_refuses_torchscript_and_scripts_again_unpatched(kind):
+    """A model whose forward pyext.patch wraps refuses too, its copies as
+    well; unpatched, it scripts and computes as before the patch."""
+    model, x = (ScriptableAttention(), torch.randn(2, 3, 5, 8)) if kind == "routed" else (encoder(), torch.randn(2, 5, 32))
+    expected = model(x)
+    pyext.patch(model, backend="torch")
+    refused = f"torch.jit.script cannot compile a {type(model).__name__} whose forward pyext.patch wraps"
+    for patched in (model, copy.deepcopy(model), _saved_and_loaded(model, io.BytesIO())):
+        with pytest.raises(RuntimeError, match=refused):
+            torch.jit.script(patched)
+    torch.testing.assert_close(torch.jit.script(pyext.unpatch(model))(x), expected, rtol=0, atol=0)
 
 
 def test_blocks_in_a_wrapper_class_are_routed_too():

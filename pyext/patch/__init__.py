@@ -163,11 +163,11 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     if flags:
         for module in model.modules():
             if isinstance(module, torch.nn.TransformerEncoder):
-                module.forward = _TorchFastPathForward(module, module.__dict__.get("forward"))
+                _wrap_forward(module, _TorchFastPathForward(module, module.__dict__.get("forward")))
         routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
         callers = [path for path, names in named.items() if path and names & routed]
         for module in [model] + [model.get_submodule(path) for path in callers]:
-            module.forward = _RoutedForward(module, backend, flags, module.__dict__.get("forward"))
+            _wrap_forward(module, _RoutedForward(module, backend, flags, module.__dict__.get("forward")))
     if attention and not hf:
         report.attention = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
         sdpa_callers = [path for path in callers if "scaled_dot_product_attention" in named[path]]
@@ -180,6 +180,15 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
     return model
+
+
+def _wrap_forward(module, wrapper):
+    """Set the module's forward to the wrapper; torch.jit.script, which
+    cannot compile the wrapper, then says why (a partial, which copies and
+    pickles with the model)."""
+    module.forward = wrapper
+    module.__prepare_scriptable__ = functools.partial(
+        pnn.refuse_torchscript, f"a {type(module).__name__} whose forward pyext.patch wraps")
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -196,6 +205,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         forward = module.__dict__.get("forward")
         if isinstance(forward, _ForwardWrapper):
+            del module.__prepare_scriptable__
             while isinstance(forward, _ForwardWrapper):
                 forward = forward.previous
             if forward is not None:
