@@ -417,6 +417,38 @@ def test_compile_fullgraph_with_dynamic_shapes(op):
         torch.use_deterministic_algorithms(previous)
 
 
+# public function -> (a call of it, its inputs' shapes (or the input) and dtype)
+FX_CALLS = {
+    "gelu": (lambda x: pyext.gelu(x, "tanh"), [(4, 24)], torch.float32),
+    "layer_norm": (lambda x, w, b: pyext.layer_norm(x, (24,), w, b), [(4, 24), (24,), (24,)], torch.float32),
+    "rms_norm": (lambda x, w: pyext.rms_norm(x, (24,), w), [(4, 24), (24,)], torch.float32),
+    "rms_norm_gated": (lambda x, z, w: pyext.rms_norm_gated(x, z, w), [(4, 24), (4, 24), (24,)], torch.float32),
+    "scaled_dot_product_attention": (lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                     [(1, 2, 8, 16)] * 3, torch.float16),
+    "flash_attention": (lambda q, k, v: pyext.flash_attention(q, k, v, causal=True, return_lse=True),
+                        [(1, 2, 8, 16)] * 3, torch.float16),
+    "flash_attention_varlen": (lambda q, k, v, cu: pyext.flash_attention_varlen(q, k, v, cu, cu, 5, 5, causal=True),
+                               [(8, 2, 16)] * 3 + [torch.tensor([0, 3, 8], dtype=torch.int32)], torch.float16),
+}
+
+
+@pytest.mark.parametrize("op", sorted(FX_CALLS))
+def test_fx_symbolic_trace_records_each_public_function_as_one_node(op):
+    """torch.fx.symbolic_trace (torchvision's and timm's feature extraction,
+    FX quantization) records a pyext call as it records torch's F calls: one
+    node calling the public function, which the traced module runs, rather
+    than pyext's checks failing on the tracer's Proxy."""
+    call, shapes, dtype = FX_CALLS[op]
+    device = "cuda" if HAS_GPU else "cpu"
+    inputs = [s.to(device) if isinstance(s, torch.Tensor) else torch.randn(s, device=device).to(dtype) for s in shapes]
+    traced = torch.fx.symbolic_trace(call)
+    calls = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert calls == [getattr(pyext, op)], calls
+    got, want = traced(*inputs), call(*inputs)
+    for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
+        assert torch.equal(g, w)
+
+
 def test_an_extension_built_without_an_ops_sources_says_so():
     """An extension built from sources lacking an op (a partial build, or one
     from an older checkout) registers no stages for it: the cuda backend says

@@ -608,6 +608,18 @@ def test_a_patched_model_exports_with_the_kernels_in_its_graph(strict):
     torch.testing.assert_close(program.module()(idx, idx), model(idx, idx), rtol=0, atol=0)
 
 
+def test_a_patched_model_traces_with_torch_fx_into_pyexts_functions():
+    """torch.fx.symbolic_trace of a patched model: its norm modules, GELU
+    and routed SDPA calls become nodes calling pyext's functions, and the
+    traced module computes what the model computes."""
+    model = pyext.patch(nano_gpt(), backend="torch")
+    traced = torch.fx.symbolic_trace(model)
+    called = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert {pyext.layer_norm, pyext.gelu, pyext.ops.attention._scaled_dot_product_attention} <= called, called
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(traced(idx, idx), model(idx, idx), rtol=0, atol=0)
+
+
 class ScriptableAttention(torch.nn.Module):  # torch.jit.script compiles it as it is
     def forward(self, x):
         return F.scaled_dot_product_attention(x, x, x, is_causal=True)

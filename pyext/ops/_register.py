@@ -5,8 +5,10 @@ fake implementation and autograd in Python; Triton stages are defined in
 Python with torch.library.custom_op. Both are reached as torch.ops.pyext.*.
 """
 import contextlib
+import functools
 
 import torch
+from torch.fx import Proxy
 
 from pyext import _backend
 
@@ -67,6 +69,20 @@ def called_past_autograd(op):
         with past_autograd():
             return op(*args)
     return call
+
+
+def fx_traceable(fn):
+    """A public function that torch.fx.symbolic_trace records as one node,
+    as it records torch's F functions (torchvision's and timm's feature
+    extraction, FX quantization): given a Proxy for its first tensor, the
+    call becomes a node of the graph, which runs pyext's function when the
+    traced module runs, rather than pyext's checks running on the Proxy."""
+    @functools.wraps(fn)
+    def traceable(*args, **kwargs):
+        if isinstance(args[0], Proxy):
+            return args[0].tracer.create_proxy("call_function", traceable, args, kwargs)
+        return fn(*args, **kwargs)
+    return traceable
 
 
 def differentiable_forward(fwd_op, setup_context, backward, auto: bool):

@@ -15,6 +15,7 @@ from pyext._autocast import autocast_inputs
 from pyext.ops.attention_checks import (_check_qkv, _extras_problem, _heads_fit, _mask_problem, _sinks, _softcap,
                                         _why_not, _window, softmax_scale)
 from pyext.ops.attention_ops import _FlashAttention
+from pyext.ops._register import fx_traceable
 
 
 def _distinct(*tensors: Tensor) -> List[Tensor]:
@@ -97,6 +98,7 @@ def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor) -> Te
 
 
 
+@fx_traceable
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None,
                     dropout_p: float = 0.0, return_lse: bool = False, deterministic: Optional[bool] = None,
@@ -187,6 +189,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     return (out, lse) if return_lse else out
 
 
+@fx_traceable
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend=None) -> Tensor:
@@ -212,6 +215,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                          backend=backend)
 
 
+@fx_traceable
 def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                   enable_gqa=False, *, backend=None, softcap: float = 0.0,
                                   window: Optional[Tuple[int, int]] = None, sinks: Optional[Tensor] = None) -> Tensor:

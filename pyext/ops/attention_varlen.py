@@ -24,7 +24,7 @@ from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext._weak import WeakTensorCache
 from pyext.ops import attention, attention_checks, attention_ops
-from pyext.ops._register import called_past_autograd, create_graph_grads, past_autograd, register_stages
+from pyext.ops._register import called_past_autograd, create_graph_grads, fx_traceable, past_autograd, register_stages
 
 
 @torch.library.custom_op("pyext::flash_attn_varlen_fwd_triton", mutates_args=())
@@ -208,6 +208,7 @@ def _why_not(backend, q, k, v, sequences, max_seqlen_q, max_seqlen_k, dropout_p)
     return reason
 
 
+@fx_traceable
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                            scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),

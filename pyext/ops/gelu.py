@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import create_graph_grads, missing_reason, register_stages
+from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
 
 _APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -54,6 +54,7 @@ def _why_not(backend: str, x: Tensor):
     return reason
 
 
+@fx_traceable
 def gelu(x: Tensor, approximate: str = "none", *, backend=None) -> Tensor:
     """GELU with `torch.nn.functional.gelu`'s semantics (NaN and inf included).
 

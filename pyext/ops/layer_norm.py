@@ -15,7 +15,7 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
-from pyext.ops._register import create_graph_grads, missing_reason, register_stages
+from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -284,6 +284,7 @@ def _why_not(backend: str, x: Tensor, *params, rms=False):
     return None
 
 
+@fx_traceable
 def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, *, group_size: Optional[int] = None, backend=None) -> Tensor:
     """LayerNorm with `torch.nn.functional.layer_norm`'s semantics: normalizes
@@ -327,6 +328,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     return LAYER_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, bias, float(eps))[0]
 
 
+@fx_traceable
 def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
              group_size: Optional[int] = None, backend=None) -> Tensor:
     """RMSNorm with `torch.nn.functional.rms_norm`'s semantics:

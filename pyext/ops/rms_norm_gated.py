@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import create_graph_grads, missing_reason, register_stages
+from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
 from pyext.ops.layer_norm import (_KERNEL_DTYPES, _narrower_rms_weight, _param_dtype_ok, _stat_dtype,
                                   default_rms_eps, groups_reason)
 
@@ -140,6 +140,7 @@ RMS_NORM_GATED_FWD, _, RMS_NORM_GATED = register_stages("rms_norm_gated", _fake_
 
 # ------------------------------------------------------------ public API
 
+@fx_traceable
 def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
                    activation: str = "silu", norm_before_gate: bool = True, group_size: Optional[int] = None,
                    backend=None) -> Tensor:
