@@ -646,7 +646,8 @@ def test_torchscript_refuses_pyext_modules_with_a_way_out(module):
 def test_a_patched_model_refuses_torchscript_and_scripts_again_unpatched(kind):
     """A model whose forward pyext.patch wraps refuses too, its copies as
     well; unpatched, it scripts and computes as before the patch."""
-    model, x = (ScriptableAttention(), torch.randn(2, 3, 5, 8)) if kind == "routed" else (encoder(), torch.randn(2, 5, 32))
+    model, x = ((ScriptableAttention(), torch.randn(2, 3, 5, 8)) if kind == "routed"
+                else (encoder(), torch.randn(2, 5, 32)))
     expected = model(x)
     pyext.patch(model, backend="torch")
     refused = f"torch.jit.script cannot compile a {type(model).__name__} whose forward pyext.patch wraps"
