@@ -420,7 +420,8 @@ def test_compile_fullgraph_with_dynamic_shapes(op):
 # public function -> (a call of it, its inputs' shapes (or the input) and dtype)
 FX_CALLS = {
     "gelu": (lambda x: pyext.gelu(x, "tanh"), [(4, 24)], torch.float32),
-    "layer_norm": (lambda x, w, b: pyext.layer_norm(x, (24,), w, b), [(4, 24), (24,), (24,)], torch.float32),
+    "layer_norm": (lambda x, w, b: pyext.layer_norm(x=x, normalized_shape=(24,), weight=w, bias=b),  # by keyword
+                   [(4, 24), (24,), (24,)], torch.float32),
     "rms_norm": (lambda x, w: pyext.rms_norm(x, (24,), w), [(4, 24), (24,)], torch.float32),
     "rms_norm_gated": (lambda x, z, w: pyext.rms_norm_gated(x, z, w), [(4, 24), (4, 24), (24,)], torch.float32),
     "scaled_dot_product_attention": (lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, is_causal=True),

@@ -74,13 +74,14 @@ def called_past_autograd(op):
 def fx_traceable(fn):
     """A public function that torch.fx.symbolic_trace records as one node,
     as it records torch's F functions (torchvision's and timm's feature
-    extraction, FX quantization): given a Proxy for its first tensor, the
+    extraction, FX quantization): given a Proxy for its first argument, the
     call becomes a node of the graph, which runs pyext's function when the
     traced module runs, rather than pyext's checks running on the Proxy."""
     @functools.wraps(fn)
     def traceable(*args, **kwargs):
-        if isinstance(args[0], Proxy):
-            return args[0].tracer.create_proxy("call_function", traceable, args, kwargs)
+        first = args[0] if args else next(iter(kwargs.values()), None)  # called by keyword too
+        if isinstance(first, Proxy):
+            return first.tracer.create_proxy("call_function", traceable, args, kwargs)
         return fn(*args, **kwargs)
     return traceable
 
