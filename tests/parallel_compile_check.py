@@ -79,7 +79,7 @@ def main():
     flash_attention.loads._has_tma = lambda t: True
     compiles.clear()
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
-    flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+    flash_attention.flash_attn_fwd(q, q, q, 128 ** -0.5, False, 0)
     tuner = flash_attention.forward._fwd_tma_kernel.autotuned
     names = {name for name, *_ in compiles}
     assert names == {"_fwd_tma_kernel"}, compiles
@@ -89,17 +89,17 @@ def main():
 
     # the next launches of the key, past the autotuner, run the variant it chose: nothing new compiles
     # (the descriptors' boxes and the config's warps and stages are part of the variant)
-    out, lse = flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+    out, lse = flash_attention.flash_attn_fwd(q, q, q, 128 ** -0.5, False, 0)
     compiles.clear()
     for deterministic in (True, False):  # the dK/dV and dQ kernels; the dK/dV kernel with atomic dQ
-        flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 0.1, False, 0, deterministic)
+        flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 128 ** -0.5, False, 0, deterministic)
     names = {name for name, *_ in compiles}
     assert names == {"_bwd_delta_kernel", "_bwd_kv_tma_kernel", "_bwd_dq_tma_kernel"}, names
     compiles.clear()
     for _ in range(2):
-        flash_attention.flash_attn_fwd(q, q, q, 0.1, False, 0)
+        flash_attention.flash_attn_fwd(q, q, q, 128 ** -0.5, False, 0)
         for deterministic in (True, False):
-            flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 0.1, False, 0, deterministic)
+            flash_attention.flash_attn_bwd(q, q, q, q, out, lse, 128 ** -0.5, False, 0, deterministic)
     assert compiles == [], compiles
     print("past the autotuner: the chosen variants, none compiled anew")
 

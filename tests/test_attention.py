@@ -54,6 +54,20 @@ def test_custom_scale(backend, deterministic, causal, scale):
                 scale)
 
 
+def test_a_scale_above_the_default_gives_the_backward_out_lo():
+    """A scale of 2/sqrt(D) or more spreads the logits: rows of P nearly one-hot,
+    where the backward's D = rowsum(dO * O) from the rounded output costs
+    dq and dk the rule, as a mask's bias does. Such Triton calls take the
+    ops whose forward stores out_lo (what rounding the output left out).
+    The case and seed were past the rule before (dk 1.04x the bound;
+    benchmarks/NOTES.md, "a tail of test_custom_scale")."""
+    q, k, v = qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for("triton"))
+    for scale, kind in ((None, "plain"), (0.3, "plain"), (0.32, "extras"), (4.0, "extras")):  # 1.9x, 2.02x
+        assert pyext.flash_attention(q, k, v, scale=scale, backend="triton").grad_fn.kind == kind, scale
+    torch.manual_seed(88)
+    check_flash("triton", *qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for("triton")), False, False, 4.0)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("shape", [(0, 2, 2, 5, 7, 16), (0, 4, 2, 5, 7, 16), (1, 0, 0, 5, 7, 16), (1, 2, 1, 0, 7, 16),
                                    (1, 2, 1, 5, 0, 16)], ids=str)
@@ -228,21 +242,26 @@ def _poisoned_with_a_tail(t):
     return buffer[:t.numel()].view(t.shape), buffer[t.numel():]
 
 
+@pytest.mark.parametrize("scale", ["default", 0.5])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("head_dim", [40, 59])
-def test_triton_kernels_write_every_element_and_nothing_past_them(deterministic, head_dim):
+def test_triton_kernels_write_every_element_and_nothing_past_them(deterministic, head_dim, scale):
     """Outputs poisoned with NaN, each at the head of a longer buffer: every
     element written, and the buffer past them untouched (a head dim below
-    its block, 64: the padded columns of the last row stay unstored)."""
+    its block, 64: the padded columns of the last row stay unstored); at a
+    scale over twice the default, out_lo too."""
     from pyext.triton_kernels import flash_attention as kernels
+    scale = head_dim ** -0.5 if scale == "default" else scale
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, head_dim), torch.bfloat16, device_for("triton")))
-    (out, out_tail), (lse, lse_tail) = (_poisoned_with_a_tail(t) for t in (q, q[..., 0].float()))
-    kernels.flash_attn_fwd(q, k, v, 0.3, True, 3, out=out, lse=lse)
-    assert not out.isnan().any() and not lse.isnan().any()
+    (out, out_tail), (lse, lse_tail), (out_lo, lo_tail) = (_poisoned_with_a_tail(t) for t in (q, q[..., 0].float(), q))
+    out, lse, *stored = kernels.flash_attn_fwd(q, k, v, scale, True, 3, out=out, lse=lse, out_lo=out_lo)
+    assert len(stored) == (scale == 0.5)
+    assert not any(t.isnan().any() for t in (out, lse, *stored))
     (dq, dq_tail), (dk, dk_tail), (dv, dv_tail) = (_poisoned_with_a_tail(t) for t in (q, k, v))
-    kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 3, deterministic, dq=dq, dk=dk, dv=dv)
+    kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, scale, True, 3, deterministic, dq=dq, dk=dk, dv=dv,
+                           out_lo=stored[0] if stored else None)
     assert not any(g.isnan().any() for g in (dq, dk, dv))
-    assert all((tail == 7).all() for tail in (out_tail, lse_tail, dq_tail, dk_tail, dv_tail))
+    assert all((tail == 7).all() for tail in (out_tail, lse_tail, lo_tail, dq_tail, dk_tail, dv_tail))
 
 
 @pytest.mark.gpu

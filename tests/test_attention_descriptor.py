@@ -82,26 +82,37 @@ def test_descriptor_forward_top_left_causal_matches_torch(triton_fa, shape):
     assert_close(out, ref, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), "sdpa out")
 
 
-@pytest.mark.parametrize("extra", [{}, {"softcap": 5.0}, {"sinks": True}], ids=["plain", "softcap", "sinks"])
-def test_descriptor_forward_writes_every_element(triton_fa, extra):
-    """out and lse poisoned with NaN, and with a cap or sinks out_lo, which
-    the descriptor forward writes through pointers: at most half a unit in
-    out's last place, and not all zero."""
-    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
+EXTRAS = [{"scale": 40 ** -0.5}, {"scale": 0.5}, {"softcap": 5.0}, {"sinks": True}]
+EXTRAS_IDS = ["plain", "peaky_scale", "softcap", "sinks"]
+
+
+def _extras(extra, device):
+    """(scale, the forward's keyword arguments) of an EXTRAS entry, at head dim 40."""
+    extra = dict(extra)
     if "sinks" in extra:
-        extra = {"sinks": torch.randn(4, device=q.device)}
+        extra["sinks"] = torch.randn(4, device=device)
+    return extra.pop("scale", 0.3), extra
+
+
+@pytest.mark.parametrize("extra", EXTRAS, ids=EXTRAS_IDS)
+def test_descriptor_forward_writes_every_element(triton_fa, extra):
+    """out and lse poisoned with NaN, and with a cap, sinks or a scale over
+    twice the default out_lo, which the descriptor forward writes through
+    pointers: at most half a unit in out's last place, and not all zero."""
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
+    scale, extra = _extras(extra, q.device)
     with triton_fa.use_loads("descriptor"):
-        out, lse, *out_lo = triton_fa.flash_attn_fwd(q, k, v, 0.3, True, 3, out=poisoned_like(q),
+        out, lse, *out_lo = triton_fa.flash_attn_fwd(q, k, v, scale, True, 3, out=poisoned_like(q),
                                                      lse=torch.full(q.shape[:3], float("nan"), device=q.device),
                                                      out_lo=poisoned_like(q), **extra)
     assert not out.isnan().any() and not lse.isnan().any()
-    assert len(out_lo) == bool(extra)
+    assert len(out_lo) == (scale != 40 ** -0.5)  # every entry but "plain"
     for lo in out_lo:
         assert lo.any() and (lo.double().abs() <= out.double().abs() * 2 ** -8).all()
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("extra", [{}, {"softcap": 5.0}, {"sinks": True}], ids=["plain", "softcap", "sinks"])
+@pytest.mark.parametrize("extra", EXTRAS, ids=EXTRAS_IDS)
 def test_descriptor_backward_writes_every_gradient(triton_fa, extra, deterministic, monkeypatch):
     """dq, dk, dv poisoned with NaN: the descriptor kernels (and no others)
     write every element. Under the interpreter the two paths run the same
@@ -109,14 +120,13 @@ def test_descriptor_backward_writes_every_gradient(triton_fa, extra, determinist
     backward's."""
     from pyext.triton_kernels.flash_attention import backward, backward_tma
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 19, 22, 40), torch.bfloat16, device_for("triton")))
-    if "sinks" in extra:
-        extra = {"sinks": torch.randn(4, device=q.device)}
-    out, lse, *out_lo = triton_fa.flash_attn_fwd(q, k, v, 0.3, True, 3, **extra)
+    scale, extra = _extras(extra, q.device)
+    out, lse, *out_lo = triton_fa.flash_attn_fwd(q, k, v, scale, True, 3, **extra)
     dout = torch.randn_like(out)
 
     def gradients(loads):
         with triton_fa.use_loads(loads):
-            return triton_fa.flash_attn_bwd(dout, q, k, v, out, lse, 0.3, True, 3, deterministic,
+            return triton_fa.flash_attn_bwd(dout, q, k, v, out, lse, scale, True, 3, deterministic,
                                             dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v),
                                             out_lo=out_lo[0] if out_lo else None, **extra)
     launched = []
@@ -135,13 +145,16 @@ def test_descriptor_backward_writes_every_gradient(triton_fa, extra, determinist
             assert torch.equal(g, p)
 
 
+SCALE = 48 ** -0.5  # the default scale at the head dim of the loads tests: plain attention, (out, lse)
+
+
 def test_backward_loads_choice_and_its_errors(triton_fa, monkeypatch):
     """"auto" takes the descriptor backward where TMA can address every
     tensor it reads or writes (q, k, v, dout, dq, dk, dv), else pointers;
     forced, a layout it cannot address raises, naming the tensor."""
     from pyext.triton_kernels.flash_attention import loads
     q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 12, 48), torch.bfloat16, device_for("triton")))
-    out, lse = triton_fa.flash_attn_fwd(q, k, v, 0.3, False, 0)
+    out, lse = triton_fa.flash_attn_fwd(q, k, v, SCALE, False, 0)
     grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     good = torch.randn_like(out)
     broadcast = make_tensor((1, 1, 9, 48), torch.bfloat16, q.device).expand(1, 2, 9, 48)  # a head stride of 0
@@ -152,11 +165,11 @@ def test_backward_loads_choice_and_its_errors(triton_fa, monkeypatch):
     with triton_fa.use_loads("pointer"):
         assert triton_fa.backward_loads(q, k, v, good, *grads) == "pointer"
     with triton_fa.use_loads("descriptor"), pytest.raises(ValueError, match="dout: strides"):
-        triton_fa.flash_attn_bwd(broadcast, q, k, v, out, lse, 0.3, False, 0, True)
-    got = triton_fa.flash_attn_bwd(broadcast, q, k, v, out, lse, 0.3, False, 0, True)  # auto: pointers
+        triton_fa.flash_attn_bwd(broadcast, q, k, v, out, lse, SCALE, False, 0, True)
+    got = triton_fa.flash_attn_bwd(broadcast, q, k, v, out, lse, SCALE, False, 0, True)  # auto: pointers
     with triton_fa.use_loads("pointer"):
         assert all(torch.equal(g, p) for g, p in
-                   zip(got, triton_fa.flash_attn_bwd(broadcast.contiguous(), q, k, v, out, lse, 0.3, False, 0, True)))
+                   zip(got, triton_fa.flash_attn_bwd(broadcast.contiguous(), q, k, v, out, lse, SCALE, False, 0, True)))
 
 
 def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):
@@ -189,8 +202,8 @@ def test_forward_loads_choice_and_its_errors(triton_fa, monkeypatch):
     for bad_q, bad_k, why in ((shifted, k, "16-byte aligned"), (q, broadcast, "positive multiples")):
         assert triton_fa.forward_loads(bad_q, bad_k, v, out) == "pointer"
         with triton_fa.use_loads("descriptor"), pytest.raises(ValueError, match=why):
-            triton_fa.flash_attn_fwd(bad_q, bad_k, v, 0.3, False, 0)
-    got, _ = triton_fa.flash_attn_fwd(shifted, k, v, 0.3, False, 0)
-    ref, _ = reference.attention(shifted.double(), k.double(), v.double(), scale=0.3, causal=False, causal_offset=0)
-    pt, _ = reference.attention(shifted, k, v, scale=0.3, causal=False, causal_offset=0)
+            triton_fa.flash_attn_fwd(bad_q, bad_k, v, SCALE, False, 0)
+    got, _ = triton_fa.flash_attn_fwd(shifted, k, v, SCALE, False, 0)
+    ref, _ = reference.attention(shifted.double(), k.double(), v.double(), scale=SCALE, causal=False, causal_offset=0)
+    pt, _ = reference.attention(shifted, k, v, scale=SCALE, causal=False, causal_offset=0)
     assert_close(got, ref, pt, "out")

@@ -241,20 +241,24 @@ def test_cuda_kernels_name_the_softcap_as_what_they_lack():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-@pytest.mark.parametrize("window,softcap,sinks", [((4, -1), 0.0, False), ((-1, -1), 2.5, False),
-                                                  ((4, 1), 2.5, False), ((-1, -1), 0.0, True)], ids=str)
-def test_opcheck_extras(layout, window, softcap, sinks):
+@pytest.mark.parametrize("window,softcap,sinks,scale,dropout_p", [
+    ((4, -1), 0.0, False, 0.25, 0.2), ((-1, -1), 2.5, False, 0.25, 0.2), ((4, 1), 2.5, False, 0.25, 0.2),
+    ((-1, -1), 0.0, True, 0.25, 0.2),
+    ((-1, -1), 0.0, False, 1.0, 0.0),  # none of the extras at 4x the default scale: out_lo for that alone
+    ((-1, -1), 0.0, False, 0.25, 0.0)], ids=str)  # and at the default: an empty out_lo
+def test_opcheck_extras(layout, window, softcap, sinks, scale, dropout_p):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
     seed = torch.tensor([7], device=q.device)
     sink = torch.randn(2, device=q.device, requires_grad=True) if sinks else None
-    args = (0.25, True, 3, *window, softcap)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_extras_fwd_triton, (q, k, v, *args, sink, 0.2, seed))
+    args = (scale, True, 3, *window, softcap)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_extras_fwd_triton, (q, k, v, *args, sink, dropout_p, seed))
     with torch.no_grad():
-        out, lse, out_lo = torch.ops.pyext.flash_attn_extras_fwd_triton(q, k, v, *args, sink, 0.2, seed)
+        out, lse, out_lo = torch.ops.pyext.flash_attn_extras_fwd_triton(q, k, v, *args, sink, dropout_p, seed)
+    assert out_lo.shape == (out.shape if (scale, dropout_p) != (0.25, 0.0) or sinks or softcap else (0,))
     sink = None if sink is None else sink.detach()
     torch.library.opcheck(torch.ops.pyext.flash_attn_extras_bwd_triton,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse, *args, sink,
-                           0.2, seed, True))
+                           dropout_p, seed, True))
 
 
 @pytest.mark.parametrize("extra", ["window", "softcap", "sinks"])

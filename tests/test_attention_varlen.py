@@ -184,11 +184,12 @@ def test_kernels_write_every_element(deterministic, sinks):
                                                device_for("triton"))
     q, k, v = (t.detach() for t in (q, k, v))
     sinks = torch.randn(q.shape[1], device=q.device) if sinks else None
-    out, lse, *out_lo = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, True, sinks=sinks,
+    scale = 32 ** -0.5  # the default: out_lo with sinks only
+    out, lse, *out_lo = kernels.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, True, sinks=sinks,
                                                       out=poisoned_like(q), lse=poisoned_like(q[:, :, 0].T.float()),
                                                       out_lo=poisoned_like(q))
     assert len(out_lo) == (sinks is not None)
-    grads = kernels.flash_attn_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.3,
+    grads = kernels.flash_attn_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale,
                                           True, deterministic, *(poisoned_like(t) for t in (q, k, v)), sinks=sinks,
                                           out_lo=out_lo[0] if out_lo else None)
     for name, t in zip(["out", "lse", "dq", "dk", "dv", "dsinks", "out_lo"], [out, lse, *grads, *out_lo]):

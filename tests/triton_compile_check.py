@@ -161,9 +161,9 @@ def exercise_launchers():
             all_configs = target.arch >= 90 and d >= 128
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
             k, v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16), torch.randn(1, 2, 40, dv, dtype=torch.bfloat16)
-            out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, causal, 7)
+            out, lse = flash_attention.flash_attn_fwd(q, k, v, d ** -0.5, causal, 7)
             for deterministic in (False, True):  # atomic dQ, then the dK/dV and dQ kernels
-                flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, causal, 7, deterministic)
+                flash_attention.flash_attn_bwd(out, q, k, v, out, lse, d ** -0.5, causal, 7, deterministic)
         for direction, expected in (("fwd", {"_fwd_kernel"}), ("bwd", {"_bwd_kv_kernel", "_bwd_dq_kernel"})):
             if target.arch >= 90:
                 expected = {name.replace("_kernel", "_tma_kernel") for name in expected}
@@ -177,9 +177,9 @@ def exercise_launchers():
         for d, dv in ((59, 59), (100, 36)):
             q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
             k, v = torch.randn(1, 2, 40, d, dtype=torch.bfloat16), torch.randn(1, 2, 40, dv, dtype=torch.bfloat16)
-            out, lse = flash_attention.flash_attn_fwd(q, k, v, 0.1, True, 7)
+            out, lse = flash_attention.flash_attn_fwd(q, k, v, d ** -0.5, True, 7)
             for deterministic in (False, True):
-                flash_attention.flash_attn_bwd(out, q, k, v, out, lse, 0.1, True, 7, deterministic)
+                flash_attention.flash_attn_bwd(out, q, k, v, out, lse, d ** -0.5, True, 7, deterministic)
         unaligned = {fn.__name__ for fn, *_ in launches[first:]}
         assert not any("tma" in name for name in unaligned), f"sm_{target.arch}: {unaligned} at unaligned rows"
         # dropout: the pointer forward on every GPU, and the backward kernels with its mask
@@ -195,10 +195,12 @@ def exercise_launchers():
         # a local window (flash_attention's window_size), with dropout and without: the pointer forward
         q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
         for p in (0.0, 0.1):
-            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0, dropout_p=p,
-                                                               seed=seed, window=(16, -1))  # out_lo with dropout
+            out, lse, *out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 128 ** -0.5, True, 0,
+                                                               dropout_p=p, seed=seed,
+                                                               window=(16, -1))  # out_lo with dropout
             for deterministic in (False, True):
-                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0, deterministic,
+                flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 128 ** -0.5, True, 0,
+                                               deterministic,
                                                dropout_p=p, seed=seed, window=(16, -1),
                                                out_lo=out_lo[0] if out_lo else None)
         # masks, boolean and additive (float32 and the inputs' dtype), alone and with dropout
@@ -228,17 +230,24 @@ def exercise_launchers():
             for deterministic in (False, True):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, causal, 0, deterministic,
                                                sinks=sinks, out_lo=out_lo, **extra)
+        # a scale above the default (T5's 1.0, say): out_lo stored with no extras (the descriptor forward on sm_90)
+        q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
+        out, lse, out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.3, True, 0)
+        for deterministic in (False, True):
+            flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.3, True, 0, deterministic,
+                                           out_lo=out_lo)
         # a packed batch (varlen): every config at head dim 128 on sm_90; with dropout, a window and a soft cap;
-        # with a window and sinks (GPT-OSS's packed SFT)
+        # with a window and sinks (GPT-OSS's packed SFT); at a scale above the default (out_lo alone)
         cu = torch.tensor([0, 20, 21, 40], dtype=torch.int32)
         q = torch.randn(40, 4, 128, dtype=torch.bfloat16)
-        for extra in ({}, {"dropout_p": 0.1, "seed": seed, "window": (16, -1), "softcap": 30.0},
-                      {"window": (16, -1), "sinks": sinks}):
-            all_configs = target.arch >= 90 and not extra
-            out, lse, *out_lo = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, 0.1,
-                                                                      True, **extra)  # out_lo: not with {}
+        for scale, extra in ((128 ** -0.5, {}), (0.1, {"dropout_p": 0.1, "seed": seed, "window": (16, -1),
+                                                      "softcap": 30.0}),
+                             (0.1, {"window": (16, -1), "sinks": sinks}), (0.3, {})):
+            all_configs = target.arch >= 90 and scale == 128 ** -0.5
+            out, lse, *out_lo = flash_attention.flash_attn_varlen_fwd(q, q[:, :2], q[:, :2], cu, cu, 20, 20, scale,
+                                                                      True, **extra)  # out_lo: not with the first
             for deterministic in (False, True):
-                flash_attention.flash_attn_varlen_bwd(out, q, q[:, :2], q[:, :2], out, lse, cu, cu, 20, 20, 0.1,
+                flash_attention.flash_attn_varlen_bwd(out, q, q[:, :2], q[:, :2], out, lse, cu, cu, 20, 20, scale,
                                                       True, deterministic, out_lo=out_lo[0] if out_lo else None,
                                                       **extra)
         all_configs = False
@@ -247,9 +256,9 @@ def exercise_launchers():
                 for d in (80, 128):
                     all_configs = d == 128
                     q = torch.randn(1, 4, 33, d, dtype=torch.bfloat16)
-                    out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, True, 0)
+                    out, lse = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], d ** -0.5, True, 0)
                     for deterministic in (False, True):
-                        flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, 0.1, True, 0,
+                        flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, lse, d ** -0.5, True, 0,
                                                        deterministic)
     all_configs, targets = False, TARGETS
     for dtype, amsgrad, capturable in ((torch.float32, False, False), (torch.bfloat16, True, True)):

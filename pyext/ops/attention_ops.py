@@ -36,9 +36,11 @@ bias makes P peaky, where D from the rounded out costs dq and dk the rule.
 The extras (Triton only): a local window, a logit soft cap and attention
 sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
 None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too, and
-out_lo as the dropout ops' with dropout, a cap or sinks (a cap makes P
-peaky, and a row that sees one key and its sink has dS = P (1 - P) dP:
-small differences again), empty with a window alone. The masked ops take
+out_lo as the dropout ops' with dropout, a cap, sinks or a scale of
+2/sqrt(D) or more (a cap or such a scale makes P peaky, and a row that sees one
+key and its sink has dS = P (1 - P) dP: small differences again), empty
+with a window alone. Triton calls with such a scale take these ops, with
+none of the extras, for their out_lo. The masked ops take
 a soft cap and sinks as well (HF's Gemma 2 with a padded batch or its
 sliding-window mask, GPT-OSS's, through pyext.patch). The backward ops
 take the sinks too, for their gradient (their fourth output, empty
@@ -57,7 +59,9 @@ from pyext.ops._register import called_past_autograd, create_graph_grads, past_a
 def flash_attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                           causal_offset: int) -> Tuple[Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset)
+    # (out, lse): at a scale of 2/sqrt(D) or more the kernels add out_lo, which this op's backward does
+    # without (the public functions take the extras ops there, _peaky_triton_call)
+    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset)[:2]
 
 
 @torch.library.custom_op("pyext::flash_attn_bwd_triton", mutates_args=())
@@ -81,7 +85,7 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                   seed: Tensor, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
-                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_stored(out_lo, dropout_p))
+                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_stored(out_lo, q, scale, dropout_p))
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
@@ -127,8 +131,8 @@ def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
                                                dropout_p=dropout_p, seed=seed,
                                                window=_kernel_window(window_left, window_right), softcap=softcap,
-                                               sinks=sinks, out_lo=_out_lo_if_stored(out_lo, dropout_p, softcap,
-                                                                                     sinks)), q)
+                                               sinks=sinks, out_lo=_out_lo_if_stored(out_lo, q, scale, dropout_p,
+                                                                                     softcap, sinks)), q)
 
 
 def _with_dsinks(grads, q: Tensor):
@@ -144,11 +148,11 @@ def _with_out_lo(outputs):
     return outputs if len(outputs) == 3 else (*outputs, outputs[0].new_empty(0))
 
 
-def _out_lo_if_stored(out_lo: Tensor, dropout_p: float, softcap: float = 0.0,
+def _out_lo_if_stored(out_lo: Tensor, q: Tensor, scale: float, dropout_p: float, softcap: float = 0.0,
                       sinks: Optional[Tensor] = None) -> Optional[Tensor]:
     """The backward's out_lo: the forward's where it stored one, else None."""
     from pyext.triton_kernels.flash_attention import stores_low_part
-    return out_lo if stores_low_part(dropout_p, None, softcap, sinks) else None
+    return out_lo if stores_low_part(dropout_p, None, softcap, sinks, scale, q.shape[-1]) else None
 
 
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):
@@ -171,17 +175,17 @@ def _fake_masked_fwd_triton(q, k, v, *_):
     return out, lse.new_empty((*lse.shape, 2)), torch.empty_like(out)
 
 
-def _fake_fwd_with_out_lo(fake_fwd, dropout_at: int, softcap_at: Optional[int] = None,
+def _fake_fwd_with_out_lo(fake_fwd, scale_at: int, dropout_at: int, softcap_at: Optional[int] = None,
                           sinks_at: Optional[int] = None):
     """fake_fwd's (out, lse) and out_lo: in out's strides where the forward
-    stores one (stores_low_part), else empty; the op's arguments at
-    `dropout_at`, `softcap_at` and `sinks_at` being dropout_p, softcap and
-    sinks (an op without the last two has none)."""
+    stores one (stores_low_part), else empty; the op's first argument being
+    q and those at `scale_at`, `dropout_at`, `softcap_at` and `sinks_at`
+    scale, dropout_p, softcap and sinks (an op without the last two has none)."""
     def fake(*args):
         from pyext.triton_kernels.flash_attention import stores_low_part
         out, lse = fake_fwd(*args)
         stored = stores_low_part(args[dropout_at], None, 0.0 if softcap_at is None else args[softcap_at],
-                                 None if sinks_at is None else args[sinks_at])
+                                 None if sinks_at is None else args[sinks_at], args[scale_at], args[0].shape[-1])
         return out, lse, torch.empty_like(out) if stored else out.new_empty(0)
     return fake
 
@@ -316,12 +320,13 @@ def _make_extras_backward(bwd_op):
 
 FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
-DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_with_out_lo(_fake_fwd_triton, 6),
+DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_with_out_lo(_fake_fwd_triton, 3, 6),
                                               _fake_bwd_triton, _dropout_setup_context, _make_dropout_backward)
 MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
                                             _fake_bwd_with_sinks_triton(10), _masked_setup_context,
                                             _make_masked_backward)
-EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras", _fake_fwd_with_out_lo(_fake_fwd_triton, 10, 8, 9),
+EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras",
+                                            _fake_fwd_with_out_lo(_fake_fwd_triton, 3, 10, 8, 9),
                                             _fake_bwd_with_sinks_triton(13), _extras_setup_context,
                                             _make_extras_backward)
 
@@ -334,6 +339,16 @@ _KINDS = {"plain": (FWD, _setup_context, _make_backward, BWD),
           "extras": (EXTRAS_FWD, _extras_setup_context, _make_extras_backward, EXTRAS_BWD)}
 
 
+def _peaky_triton_call(backend: str, scale: float, q: Tensor) -> bool:
+    """A Triton call whose scale is 2/sqrt(D) or more: the extras ops, whose
+    forward stores out_lo for it (the plain ops' schema has no place for
+    out_lo, which the CUDA kernels do not make)."""
+    if backend != "triton":
+        return False
+    from pyext.triton_kernels.flash_attention import peaky_scale
+    return peaky_scale(scale, q.shape[-1])
+
+
 class _FlashAttention(torch.autograd.Function):
     """The forward op of `backend` with a backward that honours `deterministic`
     and `auto` (see create_graph_grads): the op's schema has no place for
@@ -344,7 +359,7 @@ class _FlashAttention(torch.autograd.Function):
                 dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
         if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
             ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
-        elif window is not None or softcap > 0 or sinks is not None:
+        elif window is not None or softcap > 0 or sinks is not None or _peaky_triton_call(backend, scale, q):
             ctx.kind, inputs = "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap,
                                           sinks, dropout_p, seed)
         elif dropout_p > 0:

@@ -47,6 +47,9 @@ the backward's P = exp2(s - m) / l needs it. They also store out_lo, what
 rounding out left out, and the backward's D below is rowsum(dO * (out +
 out_lo)): a bias makes rows nearly one-hot, where dP - D is a small
 difference that out's 8 bits in D would swamp (tiles._low_part).
+A scale of 2/sqrt(D) or more (peaky_scale) spreads the logits as a bias
+does, so those calls store out_lo too (LOW_PART); below it, plain
+attention stores none, as FlashAttention.
 
 Forward, per block of queries, over blocks of keys (never an S x S tensor):
     s = q k^T * scale * log2(e)              (base-2 logits: exp2 is one instruction)
@@ -88,11 +91,11 @@ mask as a tensor for the reference.
 """
 from .backward import flash_attn_bwd
 from .dropout import dropout_keep_mask
-from .forward import flash_attn_fwd, stores_low_part
+from .forward import flash_attn_fwd, peaky_scale, stores_low_part
 from .launch import MAX_DROPOUT_SCORES, empty_out
 from .loads import LOADS, LOADS_ENV, backward_loads, forward_loads, loads_mode, use_loads
 from .varlen import flash_attn_varlen_bwd, flash_attn_varlen_fwd
 
 __all__ = ["LOADS", "LOADS_ENV", "MAX_DROPOUT_SCORES", "backward_loads", "dropout_keep_mask", "empty_out",
            "flash_attn_bwd", "flash_attn_fwd", "flash_attn_varlen_bwd", "flash_attn_varlen_fwd", "forward_loads",
-           "loads_mode", "stores_low_part", "use_loads"]
+           "loads_mode", "peaky_scale", "stores_low_part", "use_loads"]

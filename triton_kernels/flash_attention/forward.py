@@ -1,6 +1,8 @@
 """The attention forward: the online softmax over key blocks, through
 pointers (_fwd_kernel) or tensor descriptors (_fwd_tma_kernel, TMA on
 sm_90 and up), and the choice between the two."""
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -87,7 +89,7 @@ def _finish(m_i, l_i, acc):
 
 @ChosenConfigs
 @autotune(configs=_configs("fwd"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "WINDOW",
-                                        "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN"])
+                                        "DROPOUT", "MASK", "SOFTCAP", "SINK", "VARLEN", "LOW_PART"])
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mask_ptr, row_span_ptr, sink_ptr,
                 cu_seqlens_q, cu_seqlens_k,
@@ -96,12 +98,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
                 causal_offset, left, right, keep, SQ_BUCKET, SK_BUCKET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                SOFTCAP: tl.constexpr, SINK: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                SOFTCAP: tl.constexpr, SINK: tl.constexpr, VARLEN: tl.constexpr, LOW_PART: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward through pointers. With MASK, lse_ptr takes each row's
     (m, l), the stats the masked backward reads (see the module docstring),
-    and with MASK, DROPOUT, SOFTCAP or SINK out_lo_ptr (out's strides) what
-    rounding out left out (_low_part, stores_low_part).
+    and with LOW_PART out_lo_ptr (out's strides) what rounding out left out
+    (_low_part, stores_low_part).
     With SINK, head h's sink logit sink_ptr[h] starts each row's softmax.
     With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
     start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
@@ -135,7 +137,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
     out_mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM)
     out_hi = round_to(out, out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, out_hi, mask=out_mask)
-    if MASK or DROPOUT or SOFTCAP or SINK:
+    if LOW_PART:
         tl.store(out_lo_ptr + out_offs, _low_part(out, out_hi), mask=out_mask)
     if MASK:
         tl.store(lse_ptr + stats * 2, m_i, mask=offs_m < seq_q)
@@ -145,22 +147,23 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
 
 
 @ChosenConfigs
-@autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP", "SINK"],
+@autotune(configs=_configs("fwd_tma"), key=["HEAD_DIM", "V_DIM", "SQ_BUCKET", "SK_BUCKET", "CAUSAL", "SOFTCAP", "SINK",
+                                            "LOW_PART"],
           prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr, out_lo_ptr, sob, soh, som,
                     seq_q, seq_k, heads_q, group, qk_scale, cap_log2e, causal_offset,
                     SQ_BUCKET, SK_BUCKET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, SINK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, SINK: tl.constexpr, LOW_PART: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """The forward with Q, K, V read and O written through 4-D tensor descriptors
     (B, H, S, D) with boxes [1, 1, rows, BLOCK_D] (BLOCK_DV for V and O): TMA on sm_90. The hardware
     bounds each box by the tensor's extents, per head: rows past S and columns
     past D read as zeros (what the padded dot needs) and are not written, so
     no masks, and no address arithmetic per element. Box coordinates are int32
     (what TMA takes); only the lse and out_lo pointers need int64 offsets.
-    With SOFTCAP or SINK, out_lo_ptr (out's strides sob, soh, som) takes
+    With LOW_PART, out_lo_ptr (out's strides sob, soh, som) takes
     what rounding out left out (_low_part, stores_low_part), through
     pointers."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -184,20 +187,32 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, out_desc, lse_ptr, sink_ptr, out_lo_
     out_hi = round_to(out, out_desc.dtype)
     out_desc.store([b, h, start_m, 0], out_hi.reshape(1, 1, BLOCK_M, BLOCK_DV))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
-    if SOFTCAP or SINK:
+    if LOW_PART:
         offs_dv = tl.arange(0, BLOCK_DV)
         out_offs = b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
         tl.store(out_lo_ptr + out_offs, _low_part(out, out_hi),
                  mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < V_DIM))
 
 
-def stores_low_part(dropout_p: float, mask, softcap: float, sinks) -> bool:
+def peaky_scale(scale: float, head_dim: int) -> bool:
+    """A softmax scale at least twice the default 1/sqrt(head_dim): logits
+    spread twice as wide as unit-variance q and k give at the default, so
+    rows of P can be nearly one-hot on any data. The rule's tail showed
+    from there (2.3x, 2.8x, 12.6x the default; benchmarks/NOTES.md, "a tail
+    of test_custom_scale"); below it, as at the default, plain attention
+    keeps no out_lo, as FlashAttention (DeepSeek-V3's YaRN scale, 1.9x, and
+    heads zero-padded to a multiple of 8, at most 1.13x from 25 on, among them)."""
+    return scale * math.sqrt(head_dim) >= 2.0
+
+
+def stores_low_part(dropout_p: float, mask, softcap: float, sinks, scale: float, head_dim: int) -> bool:
     """Whether flash_attn_fwd writes out_lo beside out, for the backward's
-    D = rowsum(dO * (out + out_lo)): with dropout, a mask, a soft cap or
-    sinks, each of which can leave a row with few keys or a peaky P, where
-    out's rounding in D costs dq and dk the rule (tiles._low_part). Not for
-    plain attention: out_lo costs a saved out-sized tensor per call."""
-    return dropout_p > 0 or mask is not None or softcap > 0 or sinks is not None
+    D = rowsum(dO * (out + out_lo)): with dropout, a mask, a soft cap, sinks
+    or a scale twice the default (peaky_scale), each of which can leave a
+    row with few keys or a peaky P, where out's rounding in D costs dq and
+    dk the rule (tiles._low_part). Not for plain attention at scales below
+    that: out_lo costs a saved out-sized tensor per call."""
+    return dropout_p > 0 or mask is not None or softcap > 0 or sinks is not None or peaky_scale(scale, head_dim)
 
 
 def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=None, lse=None,
@@ -207,7 +222,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     dropout_p > 0 needs `seed`, a one-element int64 tensor on q's device.
     `mask` (boolean or additive, broadcastable to (B, Hq, Sq, Sk)) makes the
     second output each row's (m, l), (B, Hq, Sq, 2), in place of lse.
-    Dropout, a mask, a soft cap or sinks add a third output, out_lo: what
+    Dropout, a mask, a soft cap, sinks or a scale of 2/sqrt(D) or more add a third output, out_lo: what
     rounding out to its dtype left out, in that dtype and out's strides
     (tiles._low_part, stores_low_part), for flash_attn_bwd's delta (may be
     passed in, as out).
@@ -223,7 +238,7 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
     if lse is None:
         stats_shape = (batch, heads_q, seq_q) + ((2,) if meta["MASK"] else ())
         lse = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    low_part = stores_low_part(dropout_p, mask, softcap, sinks)
+    low_part = stores_low_part(dropout_p, mask, softcap, sinks, scale, head_dim)
     if low_part and out_lo is None:  # in out's strides: the kernel writes both with them
         out_lo = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
     outputs = (out, lse, out_lo) if low_part else (out, lse)
@@ -250,10 +265,11 @@ def flash_attn_fwd(q, k, v, scale: float, causal: bool, causal_offset: int, out=
             _fwd_tma_kernel.launch(grid, key, *(descriptor(t) for t in (q, k, v, out)), lse, sink, out_lo,
                                    *out.stride()[:3], *sizes,
                                    *_logit_scales(scale, softcap), causal_offset, *buckets, SINK=sinks is not None,
-                                   **meta, **FMA)
+                                   LOW_PART=low_part, **meta, **FMA)
         else:
             _fwd_kernel.launch(grid, key, q, k, v, out, out_lo, lse, seed, mask, row_spans(mask), sink,
                                *_cu_seqlens(packed), *args, *out.stride()[:3],
                                *_logit_scales(scale, softcap), causal_offset, left, right, 1.0 - dropout_p, *buckets,
-                               WINDOW=window is not None, SINK=sinks is not None, **meta, **FMA)
+                               WINDOW=window is not None, SINK=sinks is not None, LOW_PART=low_part, **meta,
+                               **FMA)
     return outputs

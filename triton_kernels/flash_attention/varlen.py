@@ -42,7 +42,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     batch = cu_seqlens_q.numel() - 1
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2])) if out is None else out
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if lse is None else lse
-    if not stores_low_part(dropout_p, None, softcap, sinks):
+    if not stores_low_part(dropout_p, None, softcap, sinks, scale, q.shape[2]):
         out_lo = None
     elif out_lo is None:
         out_lo = torch.empty_like(out)
