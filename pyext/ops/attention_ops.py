@@ -37,10 +37,10 @@ The extras (Triton only): a local window, a logit soft cap and attention
 sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
 None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too, and
 out_lo as the dropout ops' with dropout, a cap, sinks or a scale of
-2/sqrt(D) or more (a cap or such a scale makes P peaky, and a row that sees one
-key and its sink has dS = P (1 - P) dP: small differences again), empty
-with a window alone. Triton calls with such a scale take these ops, with
-none of the extras, for their out_lo. The masked ops take
+2/sqrt(D) or more (a cap or such a scale makes P peaky, and a row that
+sees one key and its sink has dS = P (1 - P) dP: small differences
+again), empty with a window alone. Triton calls with such a scale take
+these ops, with none of the extras, for their out_lo. The masked ops take
 a soft cap and sinks as well (HF's Gemma 2 with a padded batch or its
 sliding-window mask, GPT-OSS's, through pyext.patch). The backward ops
 take the sinks too, for their gradient (their fourth output, empty
