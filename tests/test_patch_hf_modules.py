@@ -182,6 +182,29 @@ def test_hf_modules_pyext_cannot_stand_for_are_left_saying_why():
     assert list(model)[:5] == left[:5] and report.swapped == [("5", "LlamaRMSNorm", "pyext.nn.RMSNorm")]
 
 
+def test_hf_norms_whose_attributes_have_gone_are_left_saying_why(monkeypatch):
+    """transformers renames what its norms read between releases (5.25:
+    eps became variance_epsilon in four of them). A norm class pyext swaps
+    whose code reads no eps attribute pyext knows, or an OLMo LayerNorm
+    with no normalized_shape (and no weight to take it from), is left,
+    the report saying why, rather than given a default."""
+    llama_norm, gated_norm = hf_class("llama", "LlamaRMSNorm"), hf_class("qwen3_next", "Qwen3NextRMSNormGated")
+    olmo_norm = hf_class("olmo", "OlmoLayerNorm")
+
+    def forward(self, hidden_states, gate=None):  # an eps under a name pyext does not know
+        return hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.renamed) * self.weight
+    for cls in (llama_norm, gated_norm):
+        monkeypatch.setattr(cls, "forward", forward)
+    shapeless = olmo_norm(8)
+    del shapeless.normalized_shape
+    model = pyext.patch(torch.nn.Sequential(llama_norm(8), gated_norm(8), shapeless), attention=False)
+    assert pyext.patch_report(model).left == [
+        ("0", "LlamaRMSNorm", "no eps attribute its code reads"),
+        ("1", "Qwen3NextRMSNormGated", "no eps attribute its code reads"),
+        ("2", "OlmoLayerNorm", "no weight and no normalized_shape: pyext.nn.LayerNorm's is fixed")]
+    assert all(type(m).__module__.startswith("transformers") for m in model)
+
+
 def test_patching_an_hf_model_draws_nothing_from_torchs_generator():
     """The probe of each swapped module draws its values from a generator of
     its own: patching leaves torch's global random state as it was."""
