@@ -10,7 +10,7 @@ from pyext.ops.layer_norm import layer_norm, rms_norm
 from pyext.ops.rms_norm_gated import rms_norm_gated
 
 
-def refuse_torchscript(what: str):
+def _refuse_torchscript(what: str):
     """torch.jit.script calls a module's __prepare_scriptable__ before it
     compiles the module: pyext's modules, and the modules whose forward
     pyext.patch wraps, raise there with a way out, rather than deep inside
@@ -23,7 +23,7 @@ def refuse_torchscript(what: str):
 
 class _NotScriptable:
     def __prepare_scriptable__(self):
-        refuse_torchscript(f"pyext.nn.{type(self).__name__}")
+        _refuse_torchscript(f"pyext.nn.{type(self).__name__}")
 
 
 class GELU(_NotScriptable, torch.nn.GELU):

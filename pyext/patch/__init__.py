@@ -188,7 +188,7 @@ def _wrap_forward(module, wrapper):
     pickles with the model)."""
     module.forward = wrapper
     module.__prepare_scriptable__ = functools.partial(
-        pnn.refuse_torchscript, f"a {type(module).__name__} whose forward pyext.patch wraps")
+        pnn._refuse_torchscript, f"a {type(module).__name__} whose forward pyext.patch wraps")
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
