@@ -205,6 +205,17 @@ def test_hf_norms_whose_attributes_have_gone_are_left_saying_why(monkeypatch):
     assert all(type(m).__module__.startswith("transformers") for m in model)
 
 
+def test_pyexts_modules_for_hf_norms_print_what_they_compute_with():
+    """print(model) of a patched model names each of these norms' shape,
+    eps and options, as torch's norm modules do."""
+    assert [repr(m) for m in (pyext.nn.GemmaRMSNorm(8, eps=1e-6), pyext.nn.GemmaRMSNorm(8, group_size=4),
+                              pyext.nn.UnweightedRMSNorm(1e-5),
+                              pyext.nn.RMSNormGated(8, 1e-5, "sigmoid", False, 4, True))] == [
+        "GemmaRMSNorm((8,), eps=1e-06)", "GemmaRMSNorm((8,), eps=1e-06, group_size=4)",
+        "UnweightedRMSNorm(eps=1e-05)",
+        "RMSNormGated((8,), eps=1e-05, activation=sigmoid, norm_before_gate=False, group_size=4, promote=True)"]
+
+
 def test_patching_an_hf_model_draws_nothing_from_torchs_generator():
     """The probe of each swapped module draws its values from a generator of
     its own: patching leaves torch's global random state as it was."""
