@@ -108,6 +108,32 @@ def test_unpatch_restores_classes_and_forward(kind):
     assert not [n for n, m in model.named_modules() if "__prepare_scriptable__" in m.__dict__]
 
 
+class Doubled(torch.nn.Module):  # a parametrization: the weight used is twice the one stored
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_unpatch_keeps_a_parametrization_registered_after_the_patch():
+    """torch's parametrize gives a module a class of its own, derived on the
+    spot from the module's class, pyext's after a patch: unpatch rebuilds
+    that class on torch's, so the parametrization stays and the module
+    computes as the same parametrization on an unpatched model."""
+    import torch.nn.utils.parametrize as parametrize
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    unpatched = copy.deepcopy(model)
+    parametrize.register_parametrization(unpatched[1], "weight", Doubled())
+    pyext.patch(model, backend="torch")
+    parametrize.register_parametrization(model[1], "weight", Doubled())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), unpatched(x), rtol=0, atol=0)
+    pyext.unpatch(model)
+    assert type(model[1]).__name__ == "ParametrizedLayerNorm" and parametrize.is_parametrized(model[1], "weight")
+    assert parametrize.type_before_parametrizations(model[1]) is torch.nn.LayerNorm
+    torch.testing.assert_close(model(x), unpatched(x), rtol=0, atol=0)
+    parametrize.remove_parametrizations(model[1], "weight")
+    assert type(model[1]) is torch.nn.LayerNorm
+
+
 @pytest.mark.parametrize("kind", ["nanogpt", "gpt2"])
 def test_a_copy_of_a_patched_model_computes_with_its_own_weights(kind, pyext_sdpa_calls):
     """copy.deepcopy and torch.save / torch.load of a whole patched model: the

@@ -192,13 +192,15 @@ def _wrap_forward(module, wrapper):
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `patch`: original classes, modules, attention and forward."""
+    """Undo `patch`: original classes (a class derived from pyext's after
+    the patch, as torch's parametrize derives one, rebuilt on the original),
+    modules, attention and forward."""
     if not getattr(model, "_pyext_patched", False):
         return model
     for module in model.modules():
         original = module.__dict__.pop("_pyext_original_class", None)
         if original is not None:
-            module.__class__ = original
+            module.__class__ = _on_original(type(module), _CLASS_SWAPS[original][0], original)
             module.__dict__.pop("backend", None)
     for parent, name, old in model._pyext_replaced:
         setattr(parent, name, old)
@@ -220,6 +222,20 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_backend"):
         delattr(model, attr)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _on_original(cls, swapped, original):
+    """cls with `original` in place of `swapped`, the pyext class patch gave
+    the module: `original` itself, or, where something derived a class of
+    its own from pyext's after the patch (torch's parametrize makes
+    Parametrized<name> on the spot), that class rebuilt on `original`, so
+    that unpatch keeps what it added."""
+    if cls is swapped:
+        return original
+    bases = tuple(_on_original(b, swapped, original) if issubclass(b, swapped) else b for b in cls.__bases__)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls)(cls.__name__, bases, namespace)
 
 
 def patch_report(model: torch.nn.Module) -> PatchReport:
