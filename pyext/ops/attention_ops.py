@@ -85,7 +85,7 @@ def flash_attn_dropout_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                   seed: Tensor, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
     return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
-                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_stored(out_lo, q, scale, dropout_p))
+                                  dropout_p=dropout_p, seed=seed, out_lo=_out_lo_if_stored(out_lo))
 
 
 @torch.library.custom_op("pyext::flash_attn_masked_fwd_triton", mutates_args=())
@@ -131,8 +131,7 @@ def flash_attn_extras_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
                                                dropout_p=dropout_p, seed=seed,
                                                window=_kernel_window(window_left, window_right), softcap=softcap,
-                                               sinks=sinks, out_lo=_out_lo_if_stored(out_lo, q, scale, dropout_p,
-                                                                                     softcap, sinks)), q)
+                                               sinks=sinks, out_lo=_out_lo_if_stored(out_lo)), q)
 
 
 def _with_dsinks(grads, q: Tensor):
@@ -148,11 +147,11 @@ def _with_out_lo(outputs):
     return outputs if len(outputs) == 3 else (*outputs, outputs[0].new_empty(0))
 
 
-def _out_lo_if_stored(out_lo: Tensor, q: Tensor, scale: float, dropout_p: float, softcap: float = 0.0,
-                      sinks: Optional[Tensor] = None) -> Optional[Tensor]:
-    """The backward's out_lo: the forward's where it stored one, else None."""
-    from pyext.triton_kernels.flash_attention import stores_low_part
-    return out_lo if stores_low_part(dropout_p, None, softcap, sinks, scale, q.shape[-1]) else None
+def _out_lo_if_stored(out_lo: Tensor) -> Optional[Tensor]:
+    """The backward's out_lo: the forward's where it stored one (out-sized),
+    else None (_with_out_lo's empty tensor; where out itself is empty, the
+    backward reads neither)."""
+    return out_lo if out_lo.numel() else None
 
 
 def _fake_fwd_cuda(q, k, v, scale, causal, causal_offset):

@@ -48,8 +48,7 @@ def flash_attn_varlen_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     return attention_ops._with_dsinks(kernels.flash_attn_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
         deterministic, dropout_p=dropout_p, seed=seed, window=attention_ops._kernel_window(window_left, window_right),
-        softcap=softcap, sinks=sinks, out_lo=attention_ops._out_lo_if_stored(out_lo, q, scale, dropout_p, softcap,
-                                                                             sinks)), q)
+        softcap=softcap, sinks=sinks, out_lo=attention_ops._out_lo_if_stored(out_lo)), q)
 
 
 def _fake_fwd(q, k, v, *_):
