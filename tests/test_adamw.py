@@ -716,12 +716,13 @@ def test_many_tensors_and_long_ones_across_launches(backend, dtype, offset):
             assert_close(o, r, p, f"param {i} ({o.numel()} elements)")
 
 
-def _dtensor_rank(rank, world, port, backend, results):
+def _dtensor_rank(rank, world, store, backend, results):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store: no TCP store server in rank 0 and no port to race for.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(0)  # the same full tensors on every rank
@@ -738,24 +739,22 @@ def _dtensor_rank(rank, world, port, backend, results):
             opt.step()
             ref_opt.step()
         results[rank] = max((s.full_tensor() - r).abs().max().item() for s, r in zip(shards, ref))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_dtensor_shards_are_stepped_locally(backend, monkeypatch):
+def test_dtensor_shards_are_stepped_locally(backend, monkeypatch, tmp_path):
     """FSDP2-style parameters: a 2-process gloo run on CPU against a plain run
     (Triton's kernels run there under the interpreter, GPU or not)."""
-    import socket
     import torch.multiprocessing as mp
     pytest.importorskip("torch.distributed.tensor")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_dtensor_rank, args=(2, port, backend, results), nprocs=2, join=True, start_method="spawn")
+    store = tmp_path / "store"
+    mp.start_processes(_dtensor_rank, args=(2, store, backend, results), nprocs=2, join=True, start_method="spawn")
     assert sorted(results.keys()) == [0, 1]
     assert all(err < 1e-5 for err in results.values()), dict(results)
