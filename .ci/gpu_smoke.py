@@ -38,11 +38,11 @@ for d in (64, 128, 40):
     for causal in (False, True):
         q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, d ** -0.5, causal, 0)
+            out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, d ** -0.5, causal, 0)
             torch.cuda.synchronize()
             print(f"forward d={{d}} causal={{causal}}: ran", flush=True)
             dout = torch.randn_like(out)
-            grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, d ** -0.5, causal, 0, True)
+            grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, out_lo, lse, d ** -0.5, causal, 0, True)
             torch.cuda.synchronize()
             print(f"backward d={{d}} causal={{causal}}: ran", flush=True)
         # Which kernels ran: a refused tensor map falls back to Stage 1 silently.

@@ -54,18 +54,25 @@ def test_custom_scale(backend, deterministic, causal, scale):
                 scale)
 
 
-def test_a_scale_above_the_default_gives_the_backward_out_lo():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_scale_twice_the_default_gives_the_backward_out_lo(backend):
     """A scale of 2/sqrt(D) or more spreads the logits: rows of P nearly one-hot,
     where the backward's D = rowsum(dO * O) from the rounded output costs
-    dq and dk the rule, as a mask's bias does. Such Triton calls take the
-    ops whose forward stores out_lo (what rounding the output left out).
-    The case and seed were past the rule before (dk 1.04x the bound;
-    benchmarks/NOTES.md, "a tail of test_custom_scale")."""
-    q, k, v = qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for("triton"))
-    for scale, kind in ((None, "plain"), (0.3, "plain"), (0.32, "extras"), (4.0, "extras")):  # 1.9x, 2.02x
-        assert pyext.flash_attention(q, k, v, scale=scale, backend="triton").grad_fn.kind == kind, scale
+    dq and dk the rule, as a mask's bias does. There the forward op also
+    returns out_lo (what rounding the output left out; empty below), and the
+    backward reads it. The case and seed were past the rule before (dk 1.04x
+    the bound; benchmarks/NOTES.md, "a tail of test_custom_scale")."""
+    q, k, v = qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for(backend))
+    forward = attention_ops.FWD[backend]
+    for scale, stored in ((None, False), (0.3, False), (0.32, True), (4.0, True)):  # 1.9x, 2.02x
+        out, _, out_lo = forward(q, k, v, scale or 40 ** -0.5, False, 14)
+        assert out_lo.shape == (out.shape if stored else (0,)), scale
+        fake = torch._subclasses.FakeTensorMode()
+        with fake:
+            fake_out_lo = forward(*map(fake.from_tensor, (q, k, v)), scale or 40 ** -0.5, False, 14)[2]
+        assert fake_out_lo.shape == out_lo.shape, scale
     torch.manual_seed(88)
-    check_flash("triton", *qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for("triton")), False, False, 4.0)
+    check_flash(backend, *qkv((2, 2, 1, 19, 33, 40), torch.bfloat16, device_for(backend)), False, False, 4.0)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
@@ -269,11 +276,11 @@ def test_triton_kernels_write_every_element_and_nothing_past_them(deterministic,
 def test_cuda_kernels_write_every_element(backend):
     q, k, v = (t.detach() for t in qkv((2, 4, 2, 77, 90, 72), torch.bfloat16, "cuda"))
     poison_cuda_allocator(8 * q.numel() * q.element_size())
-    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)  # 2.5x the default: out_lo too
     poison_cuda_allocator(8 * q.numel() * q.element_size())
-    grads = torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, 0.3, True, 13, True)
-    assert not out.isnan().any() and not lse.isnan().any()
-    assert not any(g.isnan().any() for g in grads)
+    grads = torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, out_lo, lse, 0.3, True, 13, True)
+    assert out_lo.shape == out.shape
+    assert not any(t.isnan().any() for t in (out, lse, out_lo, *grads))
 
 
 @pytest.mark.gpu
@@ -292,9 +299,10 @@ def test_cuda_kernels_under_sanitizer(backend, tool):
             "  for sq, sk, causal, off in ((1, 70, True, 69), (70, 33, True, 0), (130, 65, False, 0)):\n"
             "    q = torch.randn(1, sq, 4, d, device='cuda', dtype=torch.bfloat16).transpose(1, 2)\n"
             "    k, v = (torch.randn(1, 2, sk, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))\n"
-            "    out, lse = fwd(q, k, v, 0.1, causal, off)\n"
-            "    for deterministic in (True, False):\n"
-            "      bwd(torch.randn_like(out), q, k, v, out, lse, 0.1, causal, off, deterministic)\n"
+            "    for scale in (0.1, 3 / d ** 0.5):\n"  # the second stores out_lo
+            "      out, lse, out_lo = fwd(q, k, v, scale, causal, off)\n"
+            "      for deterministic in (True, False):\n"
+            "        bwd(torch.randn_like(out), q, k, v, out, out_lo, lse, scale, causal, off, deterministic)\n"
             "torch.cuda.synchronize()\n")
     result = run_under_sanitizer(tool, code)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -579,21 +587,23 @@ def test_opcheck(backend, layout):
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for(backend), layout)
     fwd = getattr(torch.ops.pyext, f"flash_attn_fwd_{backend}")
     bwd = getattr(torch.ops.pyext, f"flash_attn_bwd_{backend}")
-    torch.library.opcheck(fwd, (q, k, v, 0.25, True, 3))
-    out, lse = fwd(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
-    for deterministic in (False, True):
-        torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-                                    0.25, True, 3, deterministic))
+    for scale in (0.25, 0.5):  # 0.5 is twice the default at d 16: out_lo stored
+        torch.library.opcheck(fwd, (q, k, v, scale, True, 3))
+        out, lse, out_lo = fwd(q.detach(), k.detach(), v.detach(), scale, True, 3)
+        for deterministic in (False, True):
+            torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse,
+                                        scale, True, 3, deterministic))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
 def test_opcheck_with_a_value_head_dim_of_its_own(layout):
     q, k, v = qkv((1, 2, 1, 9, 12, 32, 16), torch.bfloat16, device_for("triton"), layout)
     torch.library.opcheck(torch.ops.pyext.flash_attn_fwd_triton, (q, k, v, 0.25, True, 3))
-    out, lse = torch.ops.pyext.flash_attn_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
     assert out.shape == (1, 2, 9, 16) and out.transpose(1, 2).is_contiguous() == (layout == "bshd")
     torch.library.opcheck(torch.ops.pyext.flash_attn_bwd_triton,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, True, 3, True))
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse, 0.25, True, 3,
+                           True))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -732,9 +742,10 @@ def test_cuda_backward_runs_the_stage_asked_for(backend, cuda_stage, determinist
     then dQ (deterministic), or dK/dV adding dQ up (its template's last
     argument true), then the pass that rounds it."""
     q, k, v = (t.detach() for t in qkv((1, 4, 2, 200, 300, head_dim), torch.bfloat16, "cuda"))
-    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 100)
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.125, True, 100)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, lse, 0.125, True, 100, deterministic)
+        torch.ops.pyext.flash_attn_bwd_cuda(torch.randn_like(out), q, k, v, out, out_lo, lse, 0.125, True, 100,
+                                            deterministic)
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
     ran = {kernel: any(kernel in n for n in names) for kernel in (
@@ -755,12 +766,12 @@ def test_cuda_dq_atomic_backward_writes_every_element_and_the_same_dk_dv(backend
     are the deterministic backward's bit for bit, dQ within the rule (the
     stage tests above); no element left unwritten in poisoned memory."""
     q, k, v = (t.detach() for t in qkv((2, 4, 2, 77, 300, 120), torch.bfloat16, "cuda", "bshd"))
-    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
     dout = torch.randn_like(out)
-    _, dk, dv = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, 0.3, True, 13, True)
+    _, dk, dv = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, out_lo, lse, 0.3, True, 13, True)
     for _ in range(3):
         poison_cuda_allocator(8 * q.numel() * q.element_size())
-        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, 0.3, True, 13, False)
+        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, out_lo, lse, 0.3, True, 13, False)
         assert not any(g.isnan().any() for g in grads)
         assert torch.equal(grads[1], dk) and torch.equal(grads[2], dv)
 
@@ -769,12 +780,12 @@ def test_cuda_dq_atomic_backward_writes_every_element_and_the_same_dk_dv(backend
 @pytest.mark.parametrize("backend", ["cuda"])
 def test_cuda_stages_backward_is_deterministic_and_writes_every_element(backend, cuda_stage):
     q, k, v = (t.detach() for t in qkv((2, 4, 2, 77, 300, 120), torch.bfloat16, "cuda", "bshd"))
-    out, lse = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 0.3, True, 13)
     dout = torch.randn_like(out)
     first = None
     for _ in range(10):
         poison_cuda_allocator(8 * k.numel() * k.element_size())
-        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, lse, 0.3, True, 13, True)
+        grads = torch.ops.pyext.flash_attn_bwd_cuda(dout, q, k, v, out, out_lo, lse, 0.3, True, 13, True)
         assert not any(g.isnan().any() for g in grads)
         if first is None:
             first = grads

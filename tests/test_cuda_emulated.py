@@ -16,6 +16,7 @@ import glob
 import functools
 import hashlib
 import itertools
+import math
 import os
 import re
 import shutil
@@ -118,7 +119,8 @@ class FlashAttnParams(ctypes.Structure):
     """csrc/flash_attention/flash_attention.h's struct, field for field."""
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v")]
                 + [(f"{t}_{s}_stride", ctypes.c_int64) for t in "qkv" for s in ("batch", "head", "row")]
-                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "delta", "dq", "dk", "dv", "dq_accum")]
+                + [(n, ctypes.c_void_p)
+                   for n in ("out", "out_lo", "lse", "dout", "delta", "dq", "dk", "dv", "dq_accum")]
                 + [(n, ctypes.c_int) for n in ("batch", "heads_q", "heads_kv", "seq_q", "seq_k", "head_dim")]
                 + [("scale", ctypes.c_float), ("causal", ctypes.c_bool), ("causal_offset", ctypes.c_int)])
 
@@ -165,15 +167,26 @@ def call(fn, p, dtype, mode, inputs, outputs):
     assert_guards_untouched(outputs)
 
 
-def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage="", deterministic=True):
+def stores_out_lo(scale, head_dim):
+    """flash_attention_api.cpp's rule: the forward stores out_lo at twice the default scale or more."""
+    return scale * math.sqrt(head_dim) >= 2.0
+
+
+def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage="", deterministic=True, with_out_lo=False):
     """out, lse, dq, dk, dv from the emulated kernels (lib's emulate_flash_fwd{stage}
-    and emulate_flash_bwd{stage}), as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them;
-    deterministic=False: Stage 2's backward that adds dQ up in an fp32 buffer."""
+    and emulate_flash_bwd{stage}), as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them,
+    out_lo too where that forward stores it (stores_out_lo), and after them out_lo or None
+    if with_out_lo; deterministic=False: Stage 2's backward that adds dQ up in an fp32 buffer."""
     b, hq, sq, d = q.shape
     out, lse = guarded(q.shape, q.dtype), guarded((b, hq, sq), torch.float32)
     p = params(q, k, v, scale, causal, offset)
     p.out, p.lse = out[1].data_ptr(), lse[1].data_ptr()
-    call(getattr(lib, "emulate_flash_fwd" + stage), p, q.dtype, mode, (q, k, v), {"out": out, "lse": lse})
+    forward_outputs = {"out": out, "lse": lse}
+    if stores_out_lo(scale, d):
+        forward_outputs["out_lo"] = guarded(q.shape, q.dtype)
+        p.out_lo = forward_outputs["out_lo"][1].data_ptr()
+    call(getattr(lib, "emulate_flash_fwd" + stage), p, q.dtype, mode, (q, k, v), forward_outputs)
+    read_back = [out[1]] + ([forward_outputs["out_lo"][1]] if p.out_lo else [])
 
     delta = guarded((b, hq, sq), torch.float32)
     grads = {"dq": guarded(q.shape, q.dtype), "dk": guarded(k.shape, k.dtype), "dv": guarded(v.shape, v.dtype)}
@@ -183,9 +196,10 @@ def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage="", determin
     if not deterministic:
         scratch["dq_accum"] = guarded(q.shape, torch.float32)
         p.dq_accum = scratch["dq_accum"][1].data_ptr()
-    call(getattr(lib, "emulate_flash_bwd" + stage), p, q.dtype, mode, (q, k, v, dout, out[1]),
+    call(getattr(lib, "emulate_flash_bwd" + stage), p, q.dtype, mode, (q, k, v, dout, *read_back),
          {**scratch, **grads})
-    return [out[1], lse[1]] + [grads[n][1] for n in ("dq", "dk", "dv")]
+    outs = [out[1], lse[1]] + [grads[n][1] for n in ("dq", "dk", "dv")]
+    return outs + [read_back[1] if p.out_lo else None] if with_out_lo else outs
 
 
 # (batch, query heads, key heads, Sq, Sk, head dim): every head-dim kernel
@@ -203,13 +217,15 @@ SHAPES = [
 ]
 
 
-def check_stage(lib, shape, dtype, causal, mode, layout, stage="", offset=None, deterministic=True):
+def check_stage(lib, shape, dtype, causal, mode, layout, stage="", offset=None, deterministic=True, scale=None):
     """flash_attention's semantics (bottom-right causal, offset Sk - Sq, unless
-    another offset is given): out, lse, dq, dk, dv of the emulated kernels by the rule."""
+    another offset is given; scale 1/sqrt(D) unless another is given): out,
+    lse, dq, dk, dv of the emulated kernels by the rule."""
     b, hq, hk, sq, sk, d = shape
     q, k, v = (t.detach() for t in qkv(shape, dtype, "cpu", layout))
     dout = torch.randn(b, hq, sq, d).to(dtype)
-    scale, offset = d ** -0.5, sk - sq if offset is None else offset
+    scale = d ** -0.5 if scale is None else scale
+    offset = sk - sq if offset is None else offset
     outs = emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage, deterministic)
     assert_flash_close(outs, q, k, v, dout, scale, causal, offset)
 
@@ -490,6 +506,27 @@ def test_dq_atomic_backward_changes_nothing_but_dq(request, stage, shape):
     runs = [emulated(lib, q, k, v, dout, d ** -0.5, True, sk - sq, "eager", stage, deterministic)
             for deterministic in (True, False)]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][3:], runs[1][3:]))
+
+
+@pytest.mark.parametrize("stage", ["", "_sm90"])
+def test_a_scale_twice_the_default_stores_out_lo_for_the_backward(request, stage):
+    """At 4.0 (25x the default at d 40) rows of P are nearly one-hot, and D =
+    rowsum(dO * O) from the rounded out put this seed's dk past the rule
+    (1.04x, dq 0.91x): the forward stores out_lo, every element of it, what
+    rounding out left out (at most half an ulp of out, and not all zero),
+    and the backward that reads both meets the rule (dk 0.74x as the Triton
+    path's)."""
+    lib = request.getfixturevalue("sm90_emulator" if stage else "emulator")
+    shape, scale = (2, 2, 1, 19, 33, 40), 4.0
+    torch.manual_seed(88)
+    q, k, v = (t.detach() for t in qkv(shape, torch.bfloat16, "cpu"))
+    dout = torch.randn(2, 2, 19, 40).to(torch.bfloat16)
+    *outs, out_lo = emulated(lib, q, k, v, dout, scale, False, 14, "eager", stage, False, with_out_lo=True)
+    assert not out_lo.isnan().any() and out_lo.count_nonzero() > out_lo.numel() // 2
+    out = outs[0].float()
+    half_ulp = torch.ldexp(torch.ones_like(out), torch.frexp(out).exponent - 9)  # bf16: 8 significant bits
+    assert (out_lo.float().abs() <= half_ulp).all()
+    assert_flash_close(outs, q, k, v, dout, scale, False, 14)
 
 
 @pytest.mark.parametrize("deterministic", BACKWARDS)

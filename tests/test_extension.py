@@ -29,10 +29,10 @@ CUDA_OPS = {
     "rms_norm_bwd_cuda": "pyext::rms_norm_bwd_cuda(Tensor grad, Tensor x, Tensor rstd, Tensor? weight, "
                          "bool need_dweight) -> (Tensor, Tensor)",
     "flash_attn_fwd_cuda": "pyext::flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale, bool causal, "
-                           "int causal_offset) -> (Tensor, Tensor)",
+                           "int causal_offset) -> (Tensor, Tensor, Tensor)",
     "flash_attn_bwd_cuda": "pyext::flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
-                           "Tensor lse, float scale, bool causal, int causal_offset, bool deterministic) "
-                           "-> (Tensor, Tensor, Tensor)",
+                           "Tensor out_lo, Tensor lse, float scale, bool causal, int causal_offset, "
+                           "bool deterministic) -> (Tensor, Tensor, Tensor)",
     "adamw_step_cuda": ("pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor steps, float lr, "
                         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "

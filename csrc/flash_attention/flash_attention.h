@@ -20,6 +20,10 @@ struct FlashAttnParams {
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
   void* out;          // forward output; backward input
+  // Where set (calls at twice the default scale or more; the API's
+  // stores_out_lo), also out's size and dtype, contiguous: the forward writes
+  // what rounding out to T left out, the backward's delta reads out + out_lo.
+  void* out_lo;
   float* lse;         // forward output (natural log); backward input
   const void* dout;   // backward only
   float* delta;       // backward scratch: rowsum(dout * out), fp32
@@ -65,7 +69,8 @@ template <typename T, int kD> bool flash_bwd(const FlashAttnParams& p, cudaStrea
 // flash_fwd_sm90: no sm_90a code, a tensor map or the shared memory refused);
 // the caller then runs flash_bwd.
 template <typename T, int kD> bool flash_bwd_sm90(const FlashAttnParams& p, cudaStream_t stream);
-// delta = rowsum(dout * out) in fp32; instantiated in flash_bwd_delta.cu.
+// delta = rowsum(dout * (out + out_lo)) in fp32 (out alone where p.out_lo is
+// null); instantiated in flash_bwd_delta.cu.
 template <typename T> void flash_bwd_delta(const FlashAttnParams& p, cudaStream_t stream);
 
 }  // namespace pyext

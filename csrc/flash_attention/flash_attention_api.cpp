@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -107,6 +108,14 @@ bool sm90_wanted(int device) {
   return major == 9;
 }
 
+// Whether the forward stores out_lo beside out (FlashAttnParams::out_lo): at
+// a softmax scale twice the default 1/sqrt(D) or more, where rows of P can be
+// nearly one-hot on any data and D = rowsum(dO * O) from the rounded out costs
+// dq and dk the rule. The Triton launcher's rule for plain attention
+// (triton_kernels/flash_attention/forward.py, peaky_scale), in the same double
+// arithmetic; tests/test_attention.py checks both backends follow it.
+bool stores_out_lo(double scale, int64_t head_dim) { return scale * std::sqrt(double(head_dim)) >= 2.0; }
+
 // Each launch_* returns false, having launched nothing, when this GPU has too
 // little shared memory per block for the head dim's kernels.
 template <typename T>
@@ -126,18 +135,22 @@ bool launch_fwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                       const at::Tensor& v_in, double scale, bool causal,
-                                                       int64_t causal_offset) {
+// (out, lse, out_lo): out_lo out-sized where stores_out_lo, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                   const at::Tensor& v_in, double scale, bool causal,
+                                                                   int64_t causal_offset) {
   check_qkv("flash_attn_fwd_cuda", q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   at::Tensor lse = at::empty({q_in.size(0), q_in.size(1), q_in.size(2)}, q_in.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  if (k_in.size(2) == 0) return {out.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};
+  const bool low_part = stores_out_lo(scale, q_in.size(3));
+  at::Tensor out_lo = low_part ? at::empty(q_in.sizes(), q_in.options()) : at::empty({0}, q_in.options());
+  if (out.numel() == 0) return {out, lse, out_lo};
+  if (k_in.size(2) == 0) return {out.zero_(), lse.fill_(-std::numeric_limits<float>::infinity()), out_lo.zero_()};
   const at::Tensor q = aligned_for_copies(q_in), k = aligned_for_copies(k_in), v = aligned_for_copies(v_in);
   FlashAttnParams p = make_params(q, k, v, scale, causal, causal_offset);
   p.out = out.data_ptr();
+  p.out_lo = low_part ? out_lo.data_ptr() : nullptr;
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = sm90_wanted(q.get_device());
@@ -148,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q_in, c
                                       [&] { launched = launch_fwd<cuda_t<scalar_t>>(p, stream, sm90); }));
   check_shared_memory("flash_attn_fwd_cuda", launched, p.head_dim, q.get_device());
   check_launch("flash_attn_fwd_cuda");
-  return {out, lse};
+  return {out, lse, out_lo};
 }
 
 template <typename T>
@@ -168,7 +181,7 @@ bool launch_bwd(const FlashAttnParams& p, cudaStream_t s, bool sm90) {
   }
 }
 
-// out and dout are read as contiguous (B, Hq, Sq, D) rows, lse as (B, Hq, Sq).
+// out, out_lo and dout are read as contiguous (B, Hq, Sq, D) rows, lse as (B, Hq, Sq).
 at::Tensor contiguous_like(const char* op, const at::Tensor& t, const at::Tensor& q, const char* name,
                            at::IntArrayRef sizes, at::ScalarType dtype) {
   TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
@@ -180,12 +193,15 @@ at::Tensor contiguous_like(const char* op, const at::Tensor& t, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, bool causal, int64_t causal_offset,
-    bool deterministic) {
+    const at::Tensor& out_in, const at::Tensor& out_lo_in, const at::Tensor& lse_in, double scale, bool causal,
+    int64_t causal_offset, bool deterministic) {
   constexpr const char* op = "flash_attn_bwd_cuda";
   check_qkv(op, q_in, k_in, v_in);
   const at::Tensor dout = contiguous_like(op, dout_in, q_in, "dout", q_in.sizes(), q_in.scalar_type());
   const at::Tensor out = contiguous_like(op, out_in, q_in, "out", q_in.sizes(), q_in.scalar_type());
+  // out_lo: the forward's, out-sized where it stored one, else empty (D from out alone)
+  const at::Tensor out_lo = out_lo_in.numel() == 0 ? out_lo_in
+                            : contiguous_like(op, out_lo_in, q_in, "out_lo", q_in.sizes(), q_in.scalar_type());
   const at::Tensor lse = contiguous_like(op, lse_in, q_in, "lse", q_in.sizes().slice(0, 3), at::kFloat);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor dq = at::empty(q_in.sizes(), q_in.options());
@@ -196,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   FlashAttnParams p = make_params(q, k, v, scale, causal, causal_offset);
   p.out = const_cast<void*>(out.data_ptr());
+  p.out_lo = out_lo.numel() == 0 ? nullptr : const_cast<void*>(out_lo.data_ptr());
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.delta = delta.data_ptr<float>();
@@ -228,9 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
 
 TORCH_LIBRARY_FRAGMENT(pyext, m) {
   m.def("flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale, bool causal, int causal_offset) "
-        "-> (Tensor, Tensor)");
-  m.def("flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-        "bool causal, int causal_offset, bool deterministic) -> (Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor out_lo, Tensor lse, "
+        "float scale, bool causal, int causal_offset, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyext, CUDA, m) {

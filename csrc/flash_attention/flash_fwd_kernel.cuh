@@ -109,7 +109,9 @@ __global__ void __launch_bounds__(FlashFwdTraits<kD>::kThreads) flash_fwd_kernel
   for (int t = 0; t < kMT; ++t) {
     float inv[2];
     softmax_finish(m[t], l[t], inv, p.lse + row_base, row[t], p.seq_q, lane);
-    store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * d, o[t], row[t], p.seq_q, 0, d, inv, lane);
+    store_out<T, kD / 8>(static_cast<T*>(p.out) + row_base * d,
+                         p.out_lo ? static_cast<T*>(p.out_lo) + row_base * d : nullptr, o[t], row[t], p.seq_q, d,
+                         inv, lane);
   }
 }
 

@@ -335,7 +335,9 @@ __global__ void __launch_bounds__(FlashFwdSm90Traits<kD>::kThreads, 1)
       float inv[2];
       const int64_t row_base = (int64_t(tile.b) * p.heads_q + tile.h) * p.seq_q;
       softmax_finish(m, l, inv, p.lse + row_base, row, p.seq_q, lane);
-      store_acc<T, kD / 8>(static_cast<T*>(p.out) + row_base * p.head_dim, o, row, p.seq_q, 0, p.head_dim, inv, lane);
+      store_out<T, kD / 8>(static_cast<T*>(p.out) + row_base * p.head_dim,
+                           p.out_lo ? static_cast<T*>(p.out_lo) + row_base * p.head_dim : nullptr, o, row, p.seq_q,
+                           p.head_dim, inv, lane);
     }
     // Warpgroup 1's arrival after its last issue (or before the first tile,
     // when there was none) completes this last phase of 0's turn.

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "common/float_math.cuh"
 #include "common/mma.cuh"
 #include "common/red_add.cuh"
 #include "flash_attention/flash_attention.h"
@@ -193,6 +194,33 @@ __device__ __forceinline__ void store_acc(T* out, const float (&acc)[kN][4], int
     for (int j = 0; j < kN; ++j) {
       if (col + 8 * j < d)
         *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(acc[j][2 * r] * mul[r], acc[j][2 * r + 1] * mul[r]);
+    }
+  }
+}
+
+// The forwards' epilogue: O / l (acc times `inv`) into `out` as store_acc
+// stores it, and, where `low` is set (FlashAttnParams::out_lo), what that
+// rounding to T left out, x - T(x) (exact in fp32), rounded to T at the same
+// places: out + out_lo holds x to about 16 significant bits. A scale well
+// above the default makes rows of P nearly one-hot, where the backward's
+// D = rowsum(dO * O) from the rounded out alone costs dq and dk the rule
+// (flash_bwd_delta_kernel.cuh; the Triton kernels' tiles._low_part).
+template <typename T, int kN>
+__device__ __forceinline__ void store_out(T* out, T* low, const float (&acc)[kN][4], int row, int n_rows, int d,
+                                          const float (&inv)[2], int lane) {
+  store_acc<T, kN>(out, acc, row, n_rows, 0, d, inv, lane);
+  if (low == nullptr) return;
+  const int col = 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= n_rows) continue;
+    T* dst = low + int64_t(row + 8 * r) * d + col;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (col + 8 * j >= d) continue;
+      const float x0 = acc[j][2 * r] * inv[r], x1 = acc[j][2 * r + 1] * inv[r];
+      *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+          pack2<T>(x0 - to_acc(from_acc<T>(x0)), x1 - to_acc(from_acc<T>(x1)));
     }
   }
 }

@@ -3,8 +3,14 @@ the Triton-only variants (dropout, masked, extras), their fake
 implementations, and _FlashAttention, which runs the op a call needs and
 carries the backward's choices.
 
-    flash_attn_fwd(q, k, v, scale, causal, causal_offset) -> (out, lse)
-    flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic) -> (dq, dk, dv)
+    flash_attn_fwd(q, k, v, scale, causal, causal_offset) -> (out, lse, out_lo)
+    flash_attn_bwd(dout, q, k, v, out, out_lo, lse, scale, causal, causal_offset, deterministic) -> (dq, dk, dv)
+
+out_lo is what rounding out to its dtype left out, stored at a scale of
+2/sqrt(D) or more (forward.peaky_scale; flash_attention_api.cpp's
+stores_out_lo) and empty below it: such a scale makes rows of P nearly
+one-hot on any data, where the backward's D = rowsum(dO * O) from the
+rounded out alone costs dq and dk the rule; the backward reads out + out_lo.
 
 Kernels cover float16/bfloat16, head dims up to 256 (multiples of 8 in the
 CUDA kernels; a value head dim of its own below the query/key one in the
@@ -23,11 +29,9 @@ deterministic backward.
 Dropout (Triton only): flash_attn_dropout_{fwd,bwd}_triton take dropout_p
 and `seed`, a one-element int64 tensor drawn from torch's generator on the
 inputs' device per call; the backward draws the forward's mask from it.
-Their forward has a third output, out_lo, what rounding out to its dtype
-left out, which the backward adds to out for D = rowsum(dO * O): a row that
-sees one key has O = v / (1 - dropout_p), which out rounds, and D from the
-rounded out costs that row's dq the rule (triton_kernels/flash_attention/
-tiles.py, _low_part). out_lo is empty where there is no dropout.
+Their out_lo is stored at any scale: a row that sees one key has O = v /
+(1 - dropout_p), which out rounds, and D from the rounded out costs that
+row's dq the rule (triton_kernels/flash_attention/tiles.py, _low_part).
 An attention mask (Triton only; SDPA's attn_mask, never with causal):
 flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
@@ -39,8 +43,7 @@ None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too, and
 out_lo as the dropout ops' with dropout, a cap, sinks or a scale of
 2/sqrt(D) or more (a cap or such a scale makes P peaky, and a row that
 sees one key and its sink has dS = P (1 - P) dP: small differences
-again), empty with a window alone. Triton calls with such a scale take
-these ops, with none of the extras, for their out_lo. The masked ops take
+again), empty with a window alone. The masked ops take
 a soft cap and sinks as well (HF's Gemma 2 with a padded batch or its
 sliding-window mask, GPT-OSS's, through pyext.patch). The backward ops
 take the sinks too, for their gradient (their fourth output, empty
@@ -57,19 +60,18 @@ from pyext.ops._register import called_past_autograd, create_graph_grads, past_a
 
 @torch.library.custom_op("pyext::flash_attn_fwd_triton", mutates_args=())
 def flash_attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
-                          causal_offset: int) -> Tuple[Tensor, Tensor]:
+                          causal_offset: int) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    # (out, lse): at a scale of 2/sqrt(D) or more the kernels add out_lo, which this op's backward does
-    # without (the public functions take the extras ops there, _peaky_triton_call)
-    return kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset)[:2]
+    return _with_out_lo(kernels.flash_attn_fwd(q, k, v, scale, causal, causal_offset))
 
 
 @torch.library.custom_op("pyext::flash_attn_bwd_triton", mutates_args=())
-def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def flash_attn_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out_lo: Tensor, lse: Tensor,
                           scale: float, causal: bool, causal_offset: int,
                           deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic)
+    return kernels.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic,
+                                  out_lo=_out_lo_if_stored(out_lo))
 
 
 @torch.library.custom_op("pyext::flash_attn_dropout_fwd_triton", mutates_args=())
@@ -174,22 +176,23 @@ def _fake_masked_fwd_triton(q, k, v, *_):
     return out, lse.new_empty((*lse.shape, 2)), torch.empty_like(out)
 
 
-def _fake_fwd_with_out_lo(fake_fwd, scale_at: int, dropout_at: int, softcap_at: Optional[int] = None,
-                          sinks_at: Optional[int] = None):
+def _fake_fwd_with_out_lo(fake_fwd, scale_at: int, dropout_at: Optional[int] = None,
+                          softcap_at: Optional[int] = None, sinks_at: Optional[int] = None):
     """fake_fwd's (out, lse) and out_lo: in out's strides where the forward
     stores one (stores_low_part), else empty; the op's first argument being
     q and those at `scale_at`, `dropout_at`, `softcap_at` and `sinks_at`
-    scale, dropout_p, softcap and sinks (an op without the last two has none)."""
+    scale, dropout_p, softcap and sinks (an op without the last three has none)."""
     def fake(*args):
         from pyext.triton_kernels.flash_attention import stores_low_part
         out, lse = fake_fwd(*args)
-        stored = stores_low_part(args[dropout_at], None, 0.0 if softcap_at is None else args[softcap_at],
+        stored = stores_low_part(0.0 if dropout_at is None else args[dropout_at], None,
+                                 0.0 if softcap_at is None else args[softcap_at],
                                  None if sinks_at is None else args[sinks_at], args[scale_at], args[0].shape[-1])
         return out, lse, torch.empty_like(out) if stored else out.new_empty(0)
     return fake
 
 
-def _fake_bwd_cuda(dout, q, k, v, out, lse, scale, causal, causal_offset, deterministic):
+def _fake_bwd_cuda(dout, q, k, v, out, out_lo, lse, scale, causal, causal_offset, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -209,9 +212,9 @@ def _fake_bwd_with_sinks_triton(sinks_at: int):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)  # a statistic returned for inspection, as in FlashAttention
-    ctx.save_for_backward(q, k, v, out, lse)
+    out, lse, out_lo = output
+    ctx.mark_non_differentiable(lse, out_lo)  # lse: a statistic returned for inspection, as in FlashAttention
+    ctx.save_for_backward(q, k, v, out, out_lo, lse)
     ctx.args = (scale, causal, causal_offset)
     ctx.deterministic = True  # a forward op called directly; _FlashAttention sets the caller's choice
 
@@ -266,11 +269,11 @@ def _kernels_keep_mask(seed, q, k, dropout_p):
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+    def backward(ctx, dout, *_):
+        q, k, v, out, out_lo, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             return create_graph_grads("flash_attention", ctx, _reference_out, (q, k, v, *ctx.args), (dout,))
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
+        dq, dk, dv = bwd_op(dout, q, k, v, out, out_lo, lse, *ctx.args, ctx.deterministic)
         return dq, dk, dv, None, None, None
     return backward
 
@@ -317,7 +320,8 @@ def _make_extras_backward(bwd_op):
     return backward
 
 
-FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_cuda, "triton": _fake_fwd_triton},
+FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_with_out_lo(_fake_fwd_cuda, 3),
+                                             "triton": _fake_fwd_with_out_lo(_fake_fwd_triton, 3)},
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
 DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_with_out_lo(_fake_fwd_triton, 3, 6),
                                               _fake_bwd_triton, _dropout_setup_context, _make_dropout_backward)
@@ -338,16 +342,6 @@ _KINDS = {"plain": (FWD, _setup_context, _make_backward, BWD),
           "extras": (EXTRAS_FWD, _extras_setup_context, _make_extras_backward, EXTRAS_BWD)}
 
 
-def _peaky_triton_call(backend: str, scale: float, q: Tensor) -> bool:
-    """A Triton call whose scale is 2/sqrt(D) or more: the extras ops, whose
-    forward stores out_lo for it (the plain ops' schema has no place for
-    out_lo, which the CUDA kernels do not make)."""
-    if backend != "triton":
-        return False
-    from pyext.triton_kernels.flash_attention import peaky_scale
-    return peaky_scale(scale, q.shape[-1])
-
-
 class _FlashAttention(torch.autograd.Function):
     """The forward op of `backend` with a backward that honours `deterministic`
     and `auto` (see create_graph_grads): the op's schema has no place for
@@ -358,7 +352,7 @@ class _FlashAttention(torch.autograd.Function):
                 dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
         if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
             ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
-        elif window is not None or softcap > 0 or sinks is not None or _peaky_triton_call(backend, scale, q):
+        elif window is not None or softcap > 0 or sinks is not None:
             ctx.kind, inputs = "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap,
                                           sinks, dropout_p, seed)
         elif dropout_p > 0:
