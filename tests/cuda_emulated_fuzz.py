@@ -11,10 +11,12 @@ with a causal offset (bottom-right, top-left or any from -Sq to Sk), the
 memory layout, the schedule (warps in lockstep; cp.async or TMA copies
 landing as late as they may; warps one at a time; threads in a random order
 and pace, with a seed of their own), the backward's mode (deterministic,
-or dQ added up with atomics) and, for Stage 2, the multiprocessors of the
-emulated device (its forward runs one CTA each, looping over the tiles). Records each output's
-error / the rule's bound (above 1 fails) as the other fuzzers do. No GPU
-needed: g++ and the CUDA toolkit's headers.
+or dQ added up with atomics), for Stage 2 the multiprocessors of the
+emulated device (its forward runs one CTA each, looping over the tiles),
+and the softmax scale (1/sqrt(D), 0.5 or 2.0: the last two twice the
+default or more from D 16 on, where the forward stores out_lo). Records
+each output's error / the rule's bound (above 1 fails) as the other
+fuzzers do. No GPU needed: g++ and the CUDA toolkit's headers.
 """
 import os
 import sys
@@ -45,7 +47,7 @@ def draw(rng, features):
     return stage, dict(shape=shape, dtype=rng.choice([torch.bfloat16, torch.float16]), causal=rng.random() < 0.6,
                        mode=rng.choice(emulated.MODES), layout=rng.choice(["contiguous", "bshd"]), offset=offset,
                        seed=rng.randint(0, 2 ** 31), deterministic=rng.random() < 0.5,
-                       sms=rng.choice([1, 2, 3, 132]))
+                       sms=rng.choice([1, 2, 3, 132]), scale=rng.choice([None, None, 0.5, 2.0]))
 
 
 LIBRARIES = {}
