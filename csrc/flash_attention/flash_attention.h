@@ -26,7 +26,7 @@ struct FlashAttnParams {
   void* out_lo;
   float* lse;         // forward output (natural log); backward input
   const void* dout;   // backward only
-  float* delta;       // backward scratch: rowsum(dout * out), fp32
+  float* delta;       // backward scratch: rowsum(dout * (out + out_lo)), fp32
   void* dq;
   void* dk;
   void* dv;
