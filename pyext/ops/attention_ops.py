@@ -14,8 +14,8 @@ rounded out alone costs dq and dk the rule; the backward reads out + out_lo.
 
 Kernels cover float16/bfloat16, head dims up to 256 (multiples of 8 in the
 CUDA kernels; a value head dim of its own below the query/key one in the
-Triton kernels),
-any Sq and Sk, GQA/MQA, causal with any alignment, no mask and no dropout.
+Triton kernels), any Sq and Sk, GQA/MQA, causal with any alignment, no mask
+and no dropout.
 The CUDA forward and backward run the sm_90a kernels (wgmma, TMA) on
 compute capability 9.x for head dims that pad to 64 or 128, the mma.sync
 kernels elsewhere; PYEXT_FLASH_SM90=0 in the environment (read per call)
@@ -43,11 +43,11 @@ None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too, and
 out_lo as the dropout ops' with dropout, a cap, sinks or a scale of
 2/sqrt(D) or more (a cap or such a scale makes P peaky, and a row that
 sees one key and its sink has dS = P (1 - P) dP: small differences
-again), empty with a window alone. The masked ops take
-a soft cap and sinks as well (HF's Gemma 2 with a padded batch or its
-sliding-window mask, GPT-OSS's, through pyext.patch). The backward ops
-take the sinks too, for their gradient (their fourth output, empty
-without sinks); lse includes them, so dQ, dK and dV need nothing more.
+again), empty with a window alone. The masked ops take a soft cap and
+sinks as well (HF's Gemma 2 with a padded batch or its sliding-window mask,
+GPT-OSS's, through pyext.patch). The backward ops take the sinks too, for
+their gradient (their fourth output, empty without sinks); lse includes
+them, so dQ, dK and dV need nothing more.
 """
 from typing import Optional, Tuple
 
