@@ -285,6 +285,24 @@ def test_cuda_kernels_write_every_element(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
+def test_cuda_backward_op_names_a_wrong_saved_tensor(backend):
+    """The backward op called directly with out_lo, lse or dout of the wrong
+    shape or dtype raises naming it, before any launch."""
+    q, k, v = (t.detach() for t in qkv((1, 2, 1, 9, 12, 32), torch.bfloat16, "cuda"))
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_cuda(q, k, v, 1.0, False, 0)  # 5.7x the default
+    saved = {"dout": torch.randn_like(out), "out_lo": out_lo, "lse": lse}
+    for name, bad, match in (("out_lo", out_lo[..., :16], "out_lo must have shape"),
+                             ("out_lo", out_lo.float(), "out_lo must be"),
+                             ("lse", lse[..., :4], "lse must have shape"),
+                             ("dout", saved["dout"].half(), "dout must be")):
+        given = {**saved, name: bad}
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.pyext.flash_attn_bwd_cuda(given["dout"], q, k, v, out, given["out_lo"], given["lse"], 1.0, False,
+                                                0, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda"])
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 @pytest.mark.skipif(compute_sanitizer() is None, reason="compute-sanitizer is not on PATH")
 def test_cuda_kernels_under_sanitizer(backend, tool):
