@@ -615,14 +615,16 @@ def test_opcheck(backend, layout):
                                         scale, True, 3, deterministic))
 
 
+@pytest.mark.parametrize("scale", [0.25, 0.75])  # 0.75: 4.2x the default, out_lo stored (the value head dim's)
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-def test_opcheck_with_a_value_head_dim_of_its_own(layout):
+def test_opcheck_with_a_value_head_dim_of_its_own(layout, scale):
     q, k, v = qkv((1, 2, 1, 9, 12, 32, 16), torch.bfloat16, device_for("triton"), layout)
-    torch.library.opcheck(torch.ops.pyext.flash_attn_fwd_triton, (q, k, v, 0.25, True, 3))
-    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_triton(q.detach(), k.detach(), v.detach(), 0.25, True, 3)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_fwd_triton, (q, k, v, scale, True, 3))
+    out, lse, out_lo = torch.ops.pyext.flash_attn_fwd_triton(q.detach(), k.detach(), v.detach(), scale, True, 3)
     assert out.shape == (1, 2, 9, 16) and out.transpose(1, 2).is_contiguous() == (layout == "bshd")
+    assert out_lo.shape == (out.shape if scale == 0.75 else (0,))
     torch.library.opcheck(torch.ops.pyext.flash_attn_bwd_triton,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse, 0.25, True, 3,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, out_lo, lse, scale, True, 3,
                            True))
 
 
