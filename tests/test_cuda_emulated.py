@@ -16,7 +16,6 @@ import glob
 import functools
 import hashlib
 import itertools
-import math
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ import test_layer_norm
 from attention_checks import assert_flash_close, qkv
 from conftest import assert_close, make_tensor
 from pyext import reference
+from pyext.triton_kernels.flash_attention import peaky_scale
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -167,22 +167,18 @@ def call(fn, p, dtype, mode, inputs, outputs):
     assert_guards_untouched(outputs)
 
 
-def stores_out_lo(scale, head_dim):
-    """flash_attention_api.cpp's rule: the forward stores out_lo at twice the default scale or more."""
-    return scale * math.sqrt(head_dim) >= 2.0
-
-
 def emulated(lib, q, k, v, dout, scale, causal, offset, mode, stage="", deterministic=True, with_out_lo=False):
     """out, lse, dq, dk, dv from the emulated kernels (lib's emulate_flash_fwd{stage}
     and emulate_flash_bwd{stage}), as flash_attn_fwd_cuda and flash_attn_bwd_cuda give them,
-    out_lo too where that forward stores it (stores_out_lo), and after them out_lo or None
+    out_lo too where that forward stores it (peaky_scale: flash_attention_api.cpp's
+    stores_out_lo is the Triton rule), and after them out_lo or None
     if with_out_lo; deterministic=False: Stage 2's backward that adds dQ up in an fp32 buffer."""
     b, hq, sq, d = q.shape
     out, lse = guarded(q.shape, q.dtype), guarded((b, hq, sq), torch.float32)
     p = params(q, k, v, scale, causal, offset)
     p.out, p.lse = out[1].data_ptr(), lse[1].data_ptr()
     forward_outputs = {"out": out, "lse": lse}
-    if stores_out_lo(scale, d):
+    if peaky_scale(scale, d):
         forward_outputs["out_lo"] = guarded(q.shape, q.dtype)
         p.out_lo = forward_outputs["out_lo"][1].data_ptr()
     call(getattr(lib, "emulate_flash_fwd" + stage), p, q.dtype, mode, (q, k, v), forward_outputs)
