@@ -42,6 +42,8 @@ def main():
     parser.add_argument("--scale", type=float, help="dense: a softmax scale other than 1/sqrt(D)")
     parser.add_argument("--cuda-emulated", choices=["stage1", "stage2"], help="dense: the emulated CUDA kernels")
     args = parser.parse_args()
+    if args.cuda_emulated and args.kind != "dense":
+        parser.error("--cuda-emulated runs dense cases only (the CUDA kernels have no packed batches)")
     case = ast.literal_eval(args.case)
     if args.math_yardstick:
         attention_checks.sdpa = F.scaled_dot_product_attention
