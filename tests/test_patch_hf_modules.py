@@ -425,6 +425,106 @@ def test_t5_in_half_precision_keeping_wo_in_float32_runs_patched(backend):
               output_and_grads(original, torch.float16))
 
 
+def test_a_replaced_hf_norm_keeps_what_is_done_to_the_model_while_patched():
+    """An HF norm replaced by a pyext module shares its hooks: one registered
+    before the patch runs while patched, one registered on pyext's module
+    stays after unpatch. unpatch puts the HF module back holding what was
+    set on pyext's meanwhile: the mode (model.eval()), the Parameters that
+    load_state_dict(assign=True) put in place (a model built on the meta
+    device is loaded so), the buffers that .to() made anew. An unpatched
+    model treated alike computes the same."""
+    llama_norm = hf_class("llama", "LlamaRMSNorm")
+    weightless = hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")  # a buffer its code never reads
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), llama_norm(8), weightless(8))
+    model, unpatched = build(), build()
+    calls = []
+    before = model[1].register_forward_hook(lambda module, args, out: calls.append("before"))
+    pyext.patch(model, attention=False)
+    assert type(model[1]) is pyext.nn.RMSNorm and type(model[2]) is pyext.nn.UnweightedRMSNorm
+    during = model[1].register_forward_pre_hook(lambda module, args: calls.append("during"))
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    for m in (model, unpatched):
+        m.load_state_dict(state, assign=True)
+        m.to(torch.float64).eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    model(x)
+    assert calls == ["during", "before"]
+    pyext.unpatch(model)
+    assert [type(m) for m in model] == [torch.nn.Linear, llama_norm, weightless]
+    assert not any(m.training for m in model.modules())
+    assert model[1].weight is model.state_dict(keep_vars=True)["1.weight"]
+    assert model[2].weight.dtype == torch.float64 and torch.equal(model[2].weight, unpatched[2].weight)
+    calls.clear()
+    torch.testing.assert_close(model(x), unpatched(x), rtol=0, atol=0)
+    assert calls == ["during", "before"]
+    during.remove()
+    before.remove()
+    model(x)
+    assert calls == ["during", "before"]
+
+
+def test_unpatch_puts_an_hf_norm_back_in_every_place_that_holds_its_replacement():
+    """One HF norm held in two places becomes one pyext module in both;
+    unpatch puts the HF norm back wherever pyext's module is then, inside
+    a wrapper added while patched (PEFT's LN tuning wraps norms so) too."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1
+    norm = hf_class("llama", "LlamaRMSNorm")(8)
+    model = pyext.patch(torch.nn.Sequential(norm, torch.nn.Linear(8, 8), norm), attention=False)
+    assert model[0] is model[2] and type(model[0]) is pyext.nn.RMSNorm
+    model[2] = Wrapper(model[2])
+    pyext.unpatch(model)
+    assert model[0] is norm and model[2].inner is norm
+
+
+def test_unpatch_keeps_a_parametrization_of_a_replaced_hf_norm():
+    """A parametrization registered on pyext's module standing for an HF
+    norm stays on the HF norm unpatch puts back (its class derived from the
+    HF one), computing as the same parametrization of an unpatched norm."""
+    import torch.nn.utils.parametrize as parametrize
+    llama_norm = hf_class("llama", "LlamaRMSNorm")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), llama_norm(8))
+    unpatched = copy.deepcopy(model)
+    parametrize.register_parametrization(unpatched[1], "weight", Doubled())
+    pyext.patch(model, attention=False)
+    parametrize.register_parametrization(model[1], "weight", Doubled())
+    x = torch.randn(3, 8)
+    pyext.unpatch(model)
+    assert type(model[1]).__name__ == "ParametrizedLlamaRMSNorm"
+    assert parametrize.type_before_parametrizations(model[1]) is llama_norm
+    assert model.state_dict().keys() == unpatched.state_dict().keys()
+    torch.testing.assert_close(model(x), unpatched(x), rtol=0, atol=0)
+    parametrize.remove_parametrizations(model[1], "weight")
+    assert type(model[1]) is llama_norm
+
+
+class Doubled(torch.nn.Module):  # a parametrization: the weight used is twice the one stored
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_modules_whose_forward_is_set_on_the_instance_are_left_saying_why():
+    """accelerate's hooks (a model loaded with device_map over several
+    devices) set a forward on each module instance, which calls the
+    module's own code: such a module, torch's or transformers', is left as
+    it is, the report saying why, rather than reported swapped and not run."""
+    torch_norm, hf_norm = torch.nn.LayerNorm(8), hf_class("llama", "LlamaRMSNorm")(8)
+    for m in (torch_norm, hf_norm):
+        m.forward = m.forward
+    model = pyext.patch(torch.nn.Sequential(torch_norm, hf_norm, torch.nn.LayerNorm(8)), attention=False)
+    why = "a forward set on the instance, which pyext's module would not run"
+    assert pyext.patch_report(model).left == [("0", "LayerNorm", why), ("1", "LlamaRMSNorm", why)]
+    assert type(model[0]) is torch.nn.LayerNorm and model[1] is hf_norm and type(model[2]) is pyext.nn.LayerNorm
+
+
 def test_gemma_rms_norm_state_dict_loads_both_ways():
     """pyext.nn.GemmaRMSNorm, built on its own, and transformers' GemmaRMSNorm: one state_dict."""
     theirs = hf_class("gemma", "GemmaRMSNorm")(96)

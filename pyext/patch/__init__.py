@@ -30,7 +30,8 @@
   in mT5, LongT5, Pix2Struct, IDEFICS, ...; Cohere's, OLMo's and
   Nemotron's LayerNorms; the gated RMSNorms of Qwen3-Next, GLM-5 Next,
   Mamba 2 and Falcon-H1 and their copies) are replaced by pyext modules
-  sharing their parameters, each where it computes what its replacement
+  sharing their parameters and hooks (unpatch puts them back with what
+  was set meanwhile: replacing.py), each where it computes what its replacement
   does on a float64 probe (hf_modules._probe: a release may change a class's
   code under the same name). A logit soft cap (Gemma 2's attn_logit_softcapping) and
   attention sinks (GPT-OSS's), which transformers' SDPA integration
@@ -42,9 +43,13 @@
   A backend named here raises BackendUnavailable on such calls instead, as a
   named backend does everywhere in pyext.
 
+A module whose forward is set on the instance (accelerate's hooks, a
+wrapper library's) is left: what it runs is not its class's code.
+
 This module holds patch, unpatch and the report; routing.py the routing of F
-calls, hf_modules.py transformers' modules pyext replaces, hf_attention.py
-pyext's attention in transformers' models, notes.py the report's notes.
+calls, hf_modules.py transformers' modules pyext replaces, replacing.py how
+they are replaced and put back, hf_attention.py pyext's attention in
+transformers' models, notes.py the report's notes.
 """
 import functools
 import logging
@@ -59,6 +64,7 @@ from pyext.ops.gelu import gelu as pyext_gelu
 from pyext.patch.hf_attention import _flash_before, _native_windows, _use_pyext_attention_in_hf
 from pyext.patch.hf_modules import _hf_module_swaps, _hf_swap
 from pyext.patch.notes import _attention_notes
+from pyext.patch.replacing import _on_original, _put_back, _replace
 from pyext.patch.routing import (_ROUTED_FUNCTIONS, _ForwardWrapper, _named_in, _RoutedForward,
                                  _TorchFastPathForward)
 
@@ -106,7 +112,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
         unpatch(model)
     enabled = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu, "attention": attention}
     report = PatchReport()
-    replaced = []  # (parent, attribute name, original module) to put back on unpatch
+    replaced = []  # (module, attribute name, original value) to put back on unpatch
+    replaced_modules = []  # what _put_back takes for each module replaced by a pyext one
     unknown = []  # (path, class) of leaf modules named like a norm, a GELU or an attention
     hf_swaps = _hf_module_swaps()
 
@@ -122,8 +129,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
                 report.left.append((where, "F.gelu", "gelu=False"))
         if cls in _CLASS_SWAPS:
             new_cls, flag = _CLASS_SWAPS[cls]
-            if not enabled[flag]:
-                report.left.append((path, cls.__name__, f"{flag}=False"))
+            why_not = _why_not(module, flag, enabled)
+            if why_not:
+                report.left.append((path, cls.__name__, why_not))
                 continue
             module.__class__ = new_cls
             module.backend = backend
@@ -131,14 +139,11 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             report.swapped.append((path, cls.__name__, f"pyext.nn.{new_cls.__name__}"))
         elif (hf_swap := _hf_swap(cls, hf_swaps)) is not None:
             flag, make = hf_swap
-            new = make(module, backend) if enabled[flag] else f"{flag}=False"
+            new = _why_not(module, flag, enabled) or ("the model itself" if module is model else make(module, backend))
             if isinstance(new, str):  # why not
                 report.left.append((path, cls.__name__, new))
                 continue
-            parent_path, _, name = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            setattr(parent, name, new)
-            replaced.append((parent, name, module))
+            replaced_modules.append(_replace(model, module, new))
             report.swapped.append((path, cls.__name__, f"pyext.nn.{type(new).__name__}"))
         elif cls.__module__.startswith("pyext."):
             continue
@@ -148,6 +153,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
+    model._pyext_replaced_modules = replaced_modules
     hf = attention and _use_pyext_attention_in_hf(model, report)
     if attention and not report.attention.startswith("left:"):
         report.notes += _attention_notes(model, backend)
@@ -182,6 +188,15 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     return model
 
 
+def _why_not(module, flag, enabled):
+    """Why `module` is not swapped, or None."""
+    if not enabled[flag]:
+        return f"{flag}=False"
+    if "forward" in module.__dict__:  # accelerate's hooks set one; it would call the module's own code
+        return "a forward set on the instance, which pyext's module would not run"
+    return None
+
+
 def _wrap_forward(module, wrapper):
     """Set the module's forward to the wrapper; torch.jit.script, which
     cannot compile the wrapper, then says why (a partial, which copies and
@@ -204,6 +219,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             module.__dict__.pop("backend", None)
     for parent, name, old in model._pyext_replaced:
         setattr(parent, name, old)
+    for replaced in model._pyext_replaced_modules:
+        _put_back(model, *replaced)
     for module in model.modules():
         forward = module.__dict__.get("forward")
         if isinstance(forward, _ForwardWrapper):
@@ -219,23 +236,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         del model._pyext_hf_attn
         _native_windows.pop(id(model.config), None)
         _flash_before.pop(id(model.config), None)
-    for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_backend"):
+    for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_replaced_modules", "_pyext_backend"):
         delattr(model, attr)
     return model
-
-
-@functools.lru_cache(maxsize=None)
-def _on_original(cls, swapped, original):
-    """cls with `original` in place of `swapped`, the pyext class patch gave
-    the module: `original` itself, or, where something derived a class of
-    its own from pyext's after the patch (torch's parametrize makes
-    Parametrized<name> on the spot), that class rebuilt on `original`, so
-    that unpatch keeps what it added."""
-    if cls is swapped:
-        return original
-    bases = tuple(_on_original(b, swapped, original) if issubclass(b, swapped) else b for b in cls.__bases__)
-    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    return type(cls)(cls.__name__, bases, namespace)
 
 
 def patch_report(model: torch.nn.Module) -> PatchReport:

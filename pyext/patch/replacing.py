@@ -1,0 +1,72 @@
+"""How patch puts pyext's modules in a model and unpatch takes them out
+again, keeping what was done to the model in between.
+
+- A torch module keeps its object and gets pyext's class; unpatch gives it
+  back the original class, or, where something derived a class of its own
+  from pyext's meanwhile (torch's parametrize), that class rebuilt on the
+  original (_on_original).
+- A transformers module is replaced by a new pyext module, in every place
+  of the model that holds it (_replace). The two share the old module's
+  hooks (the same dicts: a hook registered on either before or during the
+  patch runs on the one in the model) and its Parameters; unpatch puts the
+  old module back wherever the pyext one is then, wrappers added since
+  included, with what was set on the pyext one meanwhile (_put_back): its
+  Parameters and buffers by name (load_state_dict(assign=True), to_empty,
+  FSDP's sharding and .to() of buffers put new objects there), its
+  train/eval mode, a parametrization.
+"""
+import functools
+
+import torch
+
+# the dicts of a torch.nn.Module's hooks, shared by a replaced module and its replacement
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+          "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+          "_load_state_dict_post_hooks")
+
+
+def _replace(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.Module):
+    """`new` in each place of `model` that holds `old`, with old's hooks and
+    mode; returns what _put_back takes."""
+    for name in _HOOKS + ("training",):
+        setattr(new, name, getattr(old, name))
+    _swap_children(model, old, new)
+    return old, new, type(new)
+
+
+def _put_back(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.Module, new_class: type):
+    """`old` in each place of `model` that holds `new` (of `new_class` when
+    _replace put it there), holding what was set on `new` since."""
+    for name in _HOOKS + ("training",):
+        setattr(old, name, getattr(new, name))
+    if type(new) is not new_class:  # parametrized since: old's class gets the property of each
+        old.__class__ = _on_original(type(new), new_class, type(old))
+    moved = set(getattr(new, "parametrizations", {}))  # names of Parameters a parametrization holds now
+    for store in ("_parameters", "_buffers", "_modules"):
+        mine, theirs = getattr(old, store), getattr(new, store)
+        kept = {k: theirs.get(k, v) for k, v in mine.items() if k not in moved}
+        setattr(old, store, {**kept, **{k: v for k, v in theirs.items() if k not in mine and v is not None}})
+    old._non_persistent_buffers_set = old._non_persistent_buffers_set | new._non_persistent_buffers_set
+    _swap_children(model, new, old)
+
+
+def _swap_children(model, child, by):
+    for parent in list(model.modules()):
+        for name, module in parent._modules.items():
+            if module is child:
+                parent._modules[name] = by
+
+
+@functools.lru_cache(maxsize=None)
+def _on_original(cls, swapped, original):
+    """cls with `original` in place of `swapped`, the pyext class patch gave
+    the module: `original` itself, or, where something derived a class of
+    its own from pyext's after the patch (torch's parametrize makes
+    Parametrized<name> on the spot), that class rebuilt on `original` (and
+    named after it), so that unpatch keeps what it added."""
+    if cls is swapped:
+        return original
+    bases = tuple(_on_original(b, swapped, original) if issubclass(b, swapped) else b for b in cls.__bases__)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls)(cls.__name__.replace(swapped.__name__, original.__name__), bases, namespace)
