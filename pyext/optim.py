@@ -17,7 +17,7 @@ from pyext import _backend, reference
 from pyext.ops._register import kernel_backends, missing_reason
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+_MUTATED = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")  # grads: with grad_scale
 
 
 def _check_lists(op: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool):
@@ -73,15 +73,23 @@ def _eager_step(name: str, staged: List[List[Tensor]]):
     op's dispatch converts its five tensor lists at every layer (autograd,
     version counters, backend): 0.8 ms a step for 148 tensors on a 2-core
     host, more than the kernel of a 124M-parameter model takes on an H100.
-    The direct call bumps the version counters of what it writes itself."""
+    The direct call bumps the version counters of what it writes itself
+    (the grads too where it unscales them)."""
     if (name != "triton" or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or any(type(t) not in _backend.PLAIN_TENSOR_TYPES for tensors in staged for t in tensors)):
         return STEP[name]
 
     def step(*args):
         _adamw_step_triton(*args)
-        torch.autograd.graph.increment_version([t for k in (0, 2, 3, 4) for t in args[k]])  # not the grads
+        torch.autograd.graph.increment_version([t for k in _written(args[14]) for t in args[k]])
     return step
+
+
+def _written(grad_scale: Optional[Tensor]):
+    """Which of the step's five tensor lists it writes: params and moments,
+    and with a GradScaler's grad_scale the grads, left unscaled as torch's
+    fused AdamW leaves them (GradScaler unscales them before other optimizers' steps)."""
+    return (0, 1, 2, 3, 4) if grad_scale is not None else (0, 2, 3, 4)
 
 
 # The moments' dtype of a parameter's dtype where it is not the parameter's own.
@@ -100,7 +108,8 @@ class AdamW(torch.optim.Optimizer):
     (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
     "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
     skipped, as torch's fused AdamW skips it: the kernels read found_inf on the device (no host
-    sync) and the step counts do not advance; the reference reads it on the host.
+    sync) and the step counts do not advance; the reference reads it on the host. A step
+    taken leaves the gradients unscaled, as torch's optimizers do.
     Complex parameters step as their real views, as torch's AdamW steps them
     (complex32 ones with complex64 moments, as half ones keep float32).
     The kernels step contiguous memory: a parameter, gradient or moment that
@@ -232,7 +241,7 @@ class AdamW(torch.optim.Optimizer):
         scale_arg = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else None
         _eager_step(name, staged)(*staged, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"], kw["eps"],
                                   kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg, found_arg)
-        for k in (0, 2, 3, 4):  # params and moments written back; grads are only read
+        for k in _written(grad_scale):  # written back where staged in a copy
             for t, c in zip(args[k], staged[k]):
                 if c is not t:
                     t.copy_(c)

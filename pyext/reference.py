@@ -163,12 +163,14 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
                weight_decay, amsgrad, maximize, grad_scale=None):
     """One AdamW step per tensor, in place, in the moments' dtype (float32 for
     half parameters, the parameter's own dtype otherwise); `steps` hold t,
-    already incremented. The update is written out in triton_kernels/adamw.py."""
+    already incremented; with grad_scale, the grads are left divided by it.
+    The update is written out in triton_kernels/adamw.py."""
     for i, p in enumerate(params):
         m, v = exp_avgs[i], exp_avg_sqs[i]
         g = grads[i].to(m.dtype)
         if grad_scale is not None:
             g = g / grad_scale.to(m.dtype)
+            grads[i].copy_(g)
         if maximize:
             g = -g
         t = float(steps[i])

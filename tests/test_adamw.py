@@ -347,8 +347,10 @@ def test_triton_steps_each_dtype_group_in_one_launch(monkeypatch):
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "under-a-dispatch-mode"])
 def test_triton_step_bumps_the_version_of_what_it_writes(traced):
     """Eager, the optimizer calls the Triton op's body without the op's
-    dispatch (its cost per tensor); it must still tell autograd what changed,
-    and under a dispatch mode (a tracer, a FLOP counter) go through the op."""
+    dispatch (its cost per tensor); it must still tell autograd what changed
+    (not the grads, which only a GradScaler's step writes), and under a
+    dispatch mode (a tracer, a FLOP counter) go through the op, whose schema
+    declares the grads written, as torch's _fused_adamw_ declares them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class SeenOps(TorchDispatchMode):
@@ -373,7 +375,7 @@ def test_triton_step_bumps_the_version_of_what_it_writes(traced):
     else:
         opt.step()
     assert all(t._version > v for t, v in zip(written, versions))
-    assert [p.grad._version for p in params] == grad_versions
+    assert all((g._version > v) == traced for g, v in zip([p.grad for p in params], grad_versions))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -578,7 +580,7 @@ def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
     """torch.amp.GradScaler hands the optimizer its scale and found_inf: the
     step with an inf gradient changes nothing and is not counted, the others
     equal torch's AdamW run on the unscaled gradients (reference: the same in
-    float64)."""
+    float64) and leave the gradients unscaled, as torch's does."""
     check_grad_scaler(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend=backend), device_for(backend))
 
 
@@ -597,8 +599,10 @@ def check_grad_scaler(make_ours, device):
             before = [p.detach().clone() for p in model.parameters()]
             if i == 1:
                 model.weight.grad[0, 0] = float("inf")
+            scale, scaled = scaler.get_scale(), [p.grad.clone() for p in model.parameters()]
             scaler.step(opt)
             scaler.update()
+            assert i == 1 or all(torch.equal(p.grad, g / scale) for p, g in zip(model.parameters(), scaled))
             assert (i == 1) == all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         assert [float(opt.state[p]["step"]) for p in model.parameters()] == [len(inputs) - 1] * 2
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -607,6 +611,29 @@ def check_grad_scaler(make_ours, device):
     ref = train(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend="torch"), torch.float64)
     pt = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), torch.float32)
     assert_close(ours, ref, pt, "params")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_scaled_step_leaves_the_gradients_unscaled(backend, dtype):
+    """A step given GradScaler's grad_scale divides the gradients by it in
+    place (in their dtype: exact for a power of two), a transposed one (the
+    kernels step a contiguous copy) too, as torch's fused AdamW does; a
+    skipped step (found_inf) leaves them as they were."""
+    device = device_for(backend)
+    params = [torch.nn.Parameter(torch.randn(4, 6, device=device, dtype=dtype)),
+              torch.nn.Parameter(torch.randn(6, 4, device=device, dtype=dtype).t())]
+    scaled = [torch.randn_like(p) * 1024 for p in params]
+    for p, g in zip(params, scaled):
+        p.grad = g.clone()
+    opt = pyext.optim.AdamW(params, backend=backend)
+    opt.grad_scale, opt.found_inf = torch.tensor([1024.0], device=device), torch.ones(1, device=device)
+    opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, scaled))
+    opt.found_inf.zero_()
+    opt.step()
+    assert all(torch.equal(p.grad, g / 1024) for p, g in zip(params, scaled))
+    assert not params[1].grad.is_contiguous()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

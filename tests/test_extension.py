@@ -33,8 +33,8 @@ CUDA_OPS = {
     "flash_attn_bwd_cuda": "pyext::flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
                            "Tensor out_lo, Tensor lse, float scale, bool causal, int causal_offset, "
                            "bool deterministic) -> (Tensor, Tensor, Tensor)",
-    "adamw_step_cuda": ("pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor steps, float lr, "
+    "adamw_step_cuda": ("pyext::adamw_step_cuda(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+                        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor steps, float lr, "
                         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
                         "bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"),
 }

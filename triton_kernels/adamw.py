@@ -5,14 +5,15 @@ its tensor (block_tensor[i]) and its offset in it (block_start[i]), so tensors
 of any sizes share one launch. Per element, in fp32 (the moments formed in
 fp64 and rounded once; AdamW, Loshchilov & Hutter):
 
-    g = grad / grad_scale, negated when maximizing
+    g = grad / grad_scale, negated when maximizing      (grad = g, unscaled, as torch's fused AdamW leaves it)
     p = p * (1 - lr * weight_decay)                     (decoupled weight decay)
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g^2
     v_max = max(v_max, v)                               (amsgrad only; v_max replaces v below)
     p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-Bytes per fp32 parameter: read p, g, m, v and write p, m, v: 28 (36 with amsgrad).
+Bytes per fp32 parameter: read p, g, m, v and write p, m, v: 28 (36 with
+amsgrad), 4 more with a GradScaler's grad_scale (g written back).
 """
 import collections
 import math
@@ -56,6 +57,7 @@ def _adamw_kernel(p_tab, g_tab, m_tab, v_tab, vmax_tab, numel_tab, step_tab, blo
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr)
+        tl.store(g_ptr + offs, round_to(g, P_DTYPE), mask=mask)
     if MAXIMIZE:
         g = -g
     # 1 - lr * weight_decay in float64, rounded once (float64_args[2] is the
@@ -162,7 +164,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
 
     steps: float32 tensor (len(params),) on the device, already incremented.
     lr_tensor: a 0-d device tensor read by the kernel (capturable), else lr.
-    grad_scale: a 1-element device tensor the grads are divided by, or None.
+    grad_scale: a 1-element device tensor the grads are divided by, or None;
+    given, the grads are left divided by it.
     found_inf: a 1-element device tensor, or None: when it is not 0 the step
     changes nothing (GradScaler's skipped step, decided on the device).
     """

@@ -16,7 +16,7 @@ constexpr int64_t kAdamWChunk = 65536;
 
 struct AdamWLaunch {
   void* param[kAdamWMaxTensors];        // T, contiguous
-  const void* grad[kAdamWMaxTensors];   // T, contiguous
+  void* grad[kAdamWMaxTensors];         // T, contiguous; written unscaled with grad_scale
   float* exp_avg[kAdamWMaxTensors];     // fp32 moments, contiguous
   float* exp_avg_sq[kAdamWMaxTensors];
   float* max_exp_avg_sq[kAdamWMaxTensors];  // amsgrad only
@@ -30,7 +30,7 @@ struct AdamWHyper {
   const float* steps;       // t per tensor, already incremented, on the device
   double lr;                // as given: 1 - lr * weight_decay is worked out in double
   const float* lr_ptr;      // read instead of lr when not null (capturable)
-  const float* grad_scale;  // grads are divided by *grad_scale when not null
+  const float* grad_scale;  // grads are divided by *grad_scale, in place, when not null
   const float* found_inf;   // not null and not 0: GradScaler skips this step, nothing is written
   double beta1, beta2;      // as given: 1 - beta^t is worked out in double
   float eps;
@@ -40,7 +40,7 @@ struct AdamWHyper {
 
 struct AdamWTensorList {
   void** param;
-  const void** grad;
+  void** grad;
   float** exp_avg;
   float** exp_avg_sq;
   float** max_exp_avg_sq;  // null entries when not amsgrad

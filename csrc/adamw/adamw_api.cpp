@@ -59,8 +59,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 
   const c10::cuda::CUDAGuard guard(params[0].device());
   const size_t n = params.size();
-  std::vector<void*> p(n), m(n), v(n), vmax(n, nullptr);
-  std::vector<const void*> g(n);
+  std::vector<void*> p(n), g(n), m(n), v(n), vmax(n, nullptr);
   std::vector<int64_t> numel(n);
   for (size_t i = 0; i < n; ++i) {
     p[i] = params[i].data_ptr();
@@ -90,8 +89,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyext, m) {
-  m.def("adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor steps, float lr, "
+  m.def("adamw_step_cuda(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor steps, float lr, "
         "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
         "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

@@ -4,13 +4,14 @@
 // include this file: tests/cuda_emulation).
 //
 // Per element (AdamW, Loshchilov & Hutter; decoupled weight decay):
-//   g = grad / grad_scale, negated when maximizing
+//   g = grad / grad_scale, negated when maximizing (grad = g, unscaled, as torch's fused AdamW leaves it)
 //   p = p * (1 - lr * weight_decay)
 //   m = beta1 * m + (1 - beta1) * g
 //   v = beta2 * v + (1 - beta2) * g^2
 //   v_max = max(v_max, v), used for v below (amsgrad only)
 //   p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-// Bytes per fp32 parameter: read p, g, m, v; write p, m, v: 28 (36 with amsgrad).
+// Bytes per fp32 parameter: read p, g, m, v; write p, m, v: 28 (36 with
+// amsgrad), 4 more with a GradScaler's grad_scale (g written back).
 #pragma once
 
 #include "adamw/adamw.h"
@@ -30,11 +31,12 @@ constexpr int kVec = 4;     // elements per access on the vector path: 16 bytes 
 struct AdamWUpdate {
   float inv_scale, step_size, inv_sqrt_bc2, decay, eps;
   double beta1, beta2, one_minus_beta1, one_minus_beta2;
-  bool amsgrad, maximize;
+  bool unscale, amsgrad, maximize;
 
   __device__ AdamWUpdate(const AdamWHyper& h, float t) {
     const double lr = h.lr_ptr ? double(*h.lr_ptr) : h.lr;
-    inv_scale = h.grad_scale ? 1.0f / *h.grad_scale : 1.0f;
+    unscale = h.grad_scale != nullptr;
+    inv_scale = unscale ? 1.0f / *h.grad_scale : 1.0f;
     // 1 - beta^t in double: in float, 1 - 0.999^2 = 0.001999 keeps about four
     // correct digits, which the update would carry. Once per block.
     step_size = static_cast<float>(lr / (1.0 - pow(h.beta1, double(t))));
@@ -49,10 +51,11 @@ struct AdamWUpdate {
     eps = h.eps, amsgrad = h.amsgrad, maximize = h.maximize;
   }
 
-  // p, m, v (and vmax, amsgrad only) updated in place from the gradient g.
-  __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float& vmax) const {
-    g *= inv_scale;
-    if (maximize) g = -g;
+  // p, m, v (and vmax, amsgrad only) updated in place from the gradient,
+  // which is left unscaled.
+  __device__ __forceinline__ void operator()(float& p, float& grad, float& m, float& v, float& vmax) const {
+    grad *= inv_scale;
+    const float g = maximize ? -grad : grad;
     // The moments in double, rounded once to float: in float each is three
     // or four roundings (two with an fma the compiler may or may not form),
     // where torch's lerp_ and addcmul_ take two. g * g is exact in double.
@@ -69,7 +72,7 @@ struct AdamWUpdate {
 // access (VEC > 1: end - begin a multiple of VEC, every pointer aligned to
 // VEC elements), kUnroll groups loaded before any is updated.
 template <typename T, int VEC>
-__device__ __forceinline__ void adamw_range(const AdamWUpdate& update, T* param, const T* grad, float* m,
+__device__ __forceinline__ void adamw_range(const AdamWUpdate& update, T* param, T* grad, float* m,
                                             float* v, float* vmax, int64_t begin, int64_t end) {
   constexpr int64_t kStride = int64_t(kThreads) * VEC;
   for (int64_t base = begin + int64_t(threadIdx.x) * VEC; base < end; base += kStride * kUnroll) {
@@ -91,6 +94,7 @@ __device__ __forceinline__ void adamw_range(const AdamWUpdate& update, T* param,
 #pragma unroll
       for (int j = 0; j < VEC; ++j) update(p_r[u][j], g_r[u][j], m_r[u][j], v_r[u][j], w_r[u][j]);
       store_from_acc<T, VEC>(param + i, p_r[u]);
+      if (update.unscale) store_from_acc<T, VEC>(grad + i, g_r[u]);
       store_from_acc<float, VEC>(m + i, m_r[u]);
       store_from_acc<float, VEC>(v + i, v_r[u]);
       if (update.amsgrad) store_from_acc<float, VEC>(vmax + i, w_r[u]);
@@ -109,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWLaunch args, AdamW
   const int64_t begin = int64_t(args.block_chunk[blockIdx.x]) * kAdamWChunk;
   const int64_t end = min(begin + kAdamWChunk, args.numel[slot]);
   T* param = static_cast<T*>(args.param[slot]);
-  const T* grad = static_cast<const T*>(args.grad[slot]);
+  T* grad = static_cast<T*>(args.grad[slot]);
   float* m = args.exp_avg[slot];
   float* v = args.exp_avg_sq[slot];
   float* vmax = args.max_exp_avg_sq[slot];
