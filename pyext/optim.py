@@ -92,6 +92,13 @@ def _written(grad_scale: Optional[Tensor]):
     return (0, 1, 2, 3, 4) if grad_scale is not None else (0, 2, 3, 4)
 
 
+_NOT_DIFFERENTIABLE = ("pyext.optim.AdamW does not support `differentiable`: its kernels step the parameters "
+                       "in place, outside autograd")
+
+# The options a param group saved by an older torch may lack, as torch.optim.Adam fills them in.
+_OPTIONS_OF_OLDER_RELEASES = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                  differentiable=False, fused=None)
+
 # The moments' dtype of a parameter's dtype where it is not the parameter's own.
 _WIDER_MOMENTS = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
@@ -144,8 +151,7 @@ class AdamW(torch.optim.Optimizer):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if differentiable:
-            raise RuntimeError("pyext.optim.AdamW does not support `differentiable`: its kernels step the "
-                               "parameters in place, outside autograd")
+            raise RuntimeError(_NOT_DIFFERENTIABLE)
         if backend is not None and backend not in _backend.BACKENDS:
             raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -166,18 +172,46 @@ class AdamW(torch.optim.Optimizer):
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         return state
 
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("differentiable"):
+            raise RuntimeError(_NOT_DIFFERENTIABLE)
+        super().add_param_group(param_group)
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a state_dict of this class or of torch.optim.AdamW, whose
-        moments are in the parameter's dtype (float32 here for float16/bfloat16
-        parameters) and whose step is on the CPU unless it is fused or
-        capturable (here on the parameter's device)."""
+        """Loads a state_dict of this class or of torch.optim.AdamW (of an
+        older torch too, and of torch.optim.Adam, made decoupled as
+        torch.optim.AdamW makes it), whose moments are in the parameter's
+        dtype (float32 here for float16/bfloat16 parameters) and whose step
+        is on the CPU unless it is fused or capturable (here on the
+        parameter's device), or a number (torch before 1.12): __setstate__
+        converts them."""
+        if any(group.get("differentiable") for group in state_dict["param_groups"]):
+            raise RuntimeError(_NOT_DIFFERENTIABLE)
         super().load_state_dict(state_dict)
-        for p, state in self.state.items():
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        """Where copy.deepcopy, pickle and torch.load of the optimizer, and
+        load_state_dict, end: the backend kept (a pickle without one: the
+        process default); as torch.optim.AdamW's, the options a group of an
+        older torch lacks and decoupled weight decay; each state as this
+        class keeps it: moments in float32 for half parameters, the step a
+        float32 tensor on the parameter's device."""
+        state = dict(state)
+        self.backend = state.pop("backend", getattr(self, "backend", None))
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _OPTIONS_OF_OLDER_RELEASES.items():
+                group.setdefault(key, value)
+            group["decoupled_weight_decay"] = True
+        for p, p_state in self.state.items():
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(_moment_dtype(p))
-            if "step" in state:
-                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+                if key in p_state:
+                    p_state[key] = p_state[key].to(_moment_dtype(p))
+            if "step" in p_state:
+                p_state["step"] = torch.as_tensor(p_state["step"], dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
     def step(self, closure=None):

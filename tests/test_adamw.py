@@ -325,6 +325,87 @@ def test_state_of_torch_half_parameters_loads_as_this_optimizer_keeps_it(backend
     assert [float(ours.state[p]["step"]) for p in params] == [2.0] * len(params)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_on_with_its_backend(backend, copier):
+    """copy.deepcopy, pickle and torch.save / torch.load of the optimizer
+    (with its model, as training scripts checkpoint them) keep its backend
+    (torch's Optimizer pickles only defaults, state and param_groups) and
+    step on as the original does."""
+    import io
+    import pickle
+    device = device_for(backend)
+    model = torch.nn.ParameterList([torch.nn.Parameter(p) for p in make_params(torch.float32, device)])
+    opt = pyext.optim.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+    def saved_and_loaded(both):
+        buffer = io.BytesIO()
+        torch.save(both, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+    copy_of = {"deepcopy": copy.deepcopy, "pickle": lambda both: pickle.loads(pickle.dumps(both)),
+               "torch.save": saved_and_loaded}[copier]
+    copied_model, copied = copy_of((model, opt))
+    assert copied.backend == backend and copied.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for p, q in zip(model.parameters(), copied_model.parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    copied.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), copied_model.parameters()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_dict_of_an_older_torch_loads_as_torch_loads_it(backend):
+    """torch before 1.12 saved the step as a number, and its param groups
+    lack the options added since (maximize, foreach, capturable,
+    differentiable, fused, decoupled_weight_decay): loaded here, as
+    torch.optim.AdamW loads it, it steps on as the same state saved today."""
+    device = device_for(backend)
+    params = make_params(torch.float32, device)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    torch_opt.step()
+    today = torch_opt.state_dict()
+    old = copy.deepcopy(today)
+    for state in old["state"].values():
+        state["step"] = int(state["step"])
+    for group in old["param_groups"]:
+        for key in ("maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"):
+            del group[key]
+    results = []
+    for state_dict in (today, old):
+        start = [p.detach().clone() for p in params]
+        for p, s in zip(start, params):
+            p.grad = s.grad
+        ours = pyext.optim.AdamW(start, lr=1e-2, backend=backend)
+        ours.load_state_dict(state_dict)
+        ours.step()
+        results.append((start, ours.state_dict()))
+    (today_params, today_state), (old_params, old_state) = results
+    assert all(torch.equal(a, b) for a, b in zip(today_params, old_params))
+    assert old_state["param_groups"] == today_state["param_groups"]
+    assert all(old_state["state"][i]["step"].dtype == torch.float32 for i in old_state["state"])
+
+
+def test_differentiable_param_groups_are_refused_however_they_come():
+    """differentiable=True, which this optimizer cannot honour, raises
+    whether it is the constructor's, a param group's (given to the
+    constructor or to add_param_group) or a loaded state_dict's."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError, match="differentiable"):
+        pyext.optim.AdamW([{"params": [p], "differentiable": True}])
+    opt = pyext.optim.AdamW([p])
+    with pytest.raises(RuntimeError, match="differentiable"):
+        opt.add_param_group({"params": [q], "differentiable": True})
+    with pytest.raises(RuntimeError, match="differentiable"):
+        opt.load_state_dict(torch.optim.AdamW([p], differentiable=True).state_dict())
+    assert len(opt.param_groups) == 1 and not opt.param_groups[0]["differentiable"]
+
+
 def test_triton_steps_each_dtype_group_in_one_launch(monkeypatch):
     """Not a launch per tensor: one per (device, dtype) of a param group,
     however many tensors that holds."""
