@@ -222,8 +222,9 @@ class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
     key_padding_mask too, it adds the two, and so does this one). Packed
     in-projection, batched input. Every other call (weights asked for, masks
     of other shapes or of two dtypes, bias_k/bias_v, add_zero_attn,
-    separate q/k/v projection weights) is torch's own forward, unchanged,
-    with its errors and warnings."""
+    separate q/k/v projection weights, inputs torch's forward refuses: an
+    embedding size not the module's, keys and values of two shapes) is
+    torch's own forward, unchanged, with its errors and warnings."""
 
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -233,7 +234,7 @@ class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
                 average_attn_weights=True, is_causal=False):
         sdpa_mask = None
         if not (need_weights or self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim
-                or query.dim() != 3):
+                or query.dim() != 3 or query.shape[-1] != self.embed_dim or key.shape != value.shape):
             sdpa_mask = self._sdpa_mask(query, key, key_padding_mask, attn_mask, is_causal)
         if sdpa_mask is None:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
@@ -257,9 +258,11 @@ class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=causal, backend=self.backend)
-        out = F.linear(out.transpose(1, 2).reshape(batch, -1, self.embed_dim),
-                       self.out_proj.weight, self.out_proj.bias)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        if self.batch_first:  # (B, H, L, D) -> (B, L, E)
+            out = out.transpose(1, 2).reshape(batch, -1, self.embed_dim)
+        else:  # -> (L, B, E), contiguous as torch's forward returns it
+            out = out.permute(2, 0, 1, 3).reshape(-1, batch, self.embed_dim)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
     def _sdpa_mask(self, query, key, key_padding_mask, attn_mask, is_causal):
         """(attn_mask, is_causal) for SDPA on (B, H, L, S) heads, meaning what

@@ -255,6 +255,7 @@ def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
     got, weights = mha(x, x, x, need_weights=False)
     assert calls == [1] and weights is None
     torch.testing.assert_close(got, expected)
+    assert got.is_contiguous() == expected.is_contiguous()  # (L, B, E): code that views it as torch's works
     torch.testing.assert_close(mha(x, memory, memory, need_weights=False)[0], expected_cross)
     assert calls == [1, 1]
     mha(x, x, x, need_weights=True)  # weights asked for: torch's own path
@@ -322,8 +323,9 @@ def test_multihead_attention_masks_go_through_pyext(kind, backend, batch_first, 
 
 def test_multihead_attention_masks_torch_forward_takes(pyext_sdpa_calls):
     """Masks of two dtypes (torch's forward warns, and converts), of a shape
-    torch's forward refuses, and an integer mask are torch's forward's:
-    its results, warnings and errors."""
+    torch's forward refuses, an integer mask, inputs of another embedding
+    size, keys and values of two lengths are torch's forward's: its
+    results, warnings and errors."""
     mha = pyext.patch(torch.nn.MultiheadAttention(16, 2, batch_first=True), backend="triton")
     x = torch.randn(2, 5, 16)
     padding = torch.zeros(2, 5, dtype=torch.bool)
@@ -337,6 +339,10 @@ def test_multihead_attention_masks_torch_forward_takes(pyext_sdpa_calls):
         mha(x, x, x, need_weights=False, key_padding_mask=padding[:, :4])
     with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
         mha(x, x, x, need_weights=False, is_causal=True)
+    with pytest.raises(AssertionError, match="was expecting embedding dimension of 16, but got 8"):
+        mha(x[..., :8], x[..., :8], x[..., :8], need_weights=False)
+    with pytest.raises(AssertionError, match="does not match value shape"):
+        mha(x, x, x[:, :4], need_weights=False)
     assert pyext_sdpa_calls == []
 
 
