@@ -474,13 +474,14 @@ def check_state_dict_round_trip(torch_mod, ours):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", ["x_a_list", "int_shape", "tensor_shape", "empty_shape", "bool_shape", "float_shape",
                                   "input_shape", "weight_shape", "bias_shape", "weight_device", "bias_device",
-                                  "integer_input", "weight_dtype", "bias_dtype"])
+                                  "integer_input", "weight_dtype", "bias_dtype", "none_eps", "string_eps"])
 def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
     """Same exception type as F.layer_norm / F.rms_norm for the same call, a
     message naming the argument, raised before any backend is chosen (so a
     backend that could not run the call says the input is wrong, not that)."""
-    x, ns, w, b = torch.randn(2, 3), (3,), torch.randn(3), torch.randn(3)
-    named = {"x_a_list": "x", "input_shape": "x", "integer_input": "x", "weight_shape": "weight",
+    x, ns, w, b, eps = torch.randn(2, 3), (3,), torch.randn(3), torch.randn(3), 1e-5
+    named = {"none_eps": "eps", "string_eps": "eps", "x_a_list": "x", "input_shape": "x", "integer_input": "x",
+             "weight_shape": "weight",
              "weight_device": "weight", "weight_dtype": "weight", "bias_shape": "bias", "bias_device": "bias",
              "bias_dtype": "bias"}.get(case, "normalized_shape")
     if case == "x_a_list":
@@ -512,14 +513,18 @@ def test_bad_input_raises_torchs_error_naming_the_argument(backend, kind, case):
         w = torch.randn(3, dtype=torch.float64)
     elif case == "bias_dtype":
         x, w, b = x.bfloat16(), w.bfloat16(), b
+    elif case == "none_eps":
+        eps = None
+    elif case == "string_eps":
+        eps = "1e-5"
     if kind == "rms_norm":
-        if case in ("bias_shape", "bias_device", "bias_dtype", "weight_dtype"):
-            pytest.skip("rms_norm has no bias, and promotes any weight dtype")
-        ours = lambda: pyext.rms_norm(x, ns, w, backend=backend)  # noqa: E731
-        theirs = lambda: F.rms_norm(x, ns, w)  # noqa: E731
+        if case in ("bias_shape", "bias_device", "bias_dtype", "weight_dtype", "none_eps"):
+            pytest.skip("rms_norm has no bias, promotes any weight dtype, and takes eps None")
+        ours = lambda: pyext.rms_norm(x, ns, w, eps, backend=backend)  # noqa: E731
+        theirs = lambda: F.rms_norm(x, ns, w, eps)  # noqa: E731
     else:
-        ours = lambda: pyext.layer_norm(x, ns, w, b, backend=backend)  # noqa: E731
-        theirs = lambda: F.layer_norm(x, ns, w, b)  # noqa: E731
+        ours = lambda: pyext.layer_norm(x, ns, w, b, eps, backend=backend)  # noqa: E731
+        theirs = lambda: F.layer_norm(x, ns, w, b, eps)  # noqa: E731
     with pytest.raises(Exception) as torch_error:
         theirs()
     with pytest.raises(Exception) as our_error:

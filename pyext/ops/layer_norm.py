@@ -65,6 +65,19 @@ def _as_shape(op: str, normalized_shape) -> Tuple[int, ...]:
         raise TypeError(f"{op}: normalized_shape must be a tuple or list of ints, got {normalized_shape!r}") from None
 
 
+def checked_eps(op: str, eps, optional: bool) -> Optional[float]:
+    """eps as a float (None stays None where `optional`: rms_norm's
+    default), or the TypeError torch raises for another type, naming eps."""
+    if eps is None and optional:
+        return None
+    try:
+        if eps is None or isinstance(eps, str):
+            raise TypeError
+        return float(eps)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}") from None
+
+
 def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool, group_size=None) -> Tuple[int, ...]:
     """The errors F.layer_norm / F.rms_norm raise for the same call (type and
     meaning; our messages name the argument), and a group_size that is not a
@@ -320,12 +333,13 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     """
     x, weight, bias = autocast_inputs("aten::layer_norm", x, weight, bias)
     shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False, group_size=group_size)
+    eps = checked_eps("layer_norm", eps, optional=False)
     if group_size is not None and group_size != math.prod(shape):
         return grouped_norm.layer_norm(x, shape, weight, bias, eps, group_size, backend)
     name = _backend.select("layer_norm", backend, x.device, lambda b: _why_not(b, x, weight, bias))
     if name == "torch":
         return reference.layer_norm(x, shape, weight, bias, eps)
-    return LAYER_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, bias, float(eps))[0]
+    return LAYER_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, bias, eps)[0]
 
 
 @fx_traceable
@@ -347,12 +361,13 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     """
     x, weight = autocast_inputs("aten::rms_norm", x, weight)
     shape = _check_inputs("rms_norm", x, normalized_shape, weight, None, rms=True, group_size=group_size)
+    eps = checked_eps("rms_norm", eps, optional=True)
     if group_size is not None and group_size != math.prod(shape):
         return grouped_norm.rms_norm(x, shape, weight, eps, group_size, backend)
     name = _backend.select("rms_norm", backend, x.device, lambda b: _why_not(b, x, weight, rms=True))
     if name == "torch":
         return reference.rms_norm(x, shape, weight, eps)
-    eps = default_rms_eps(x.dtype) if eps is None else float(eps)
+    eps = default_rms_eps(x.dtype) if eps is None else eps
     return RMS_NORM[_backend.is_auto(backend)][name](x, list(shape), weight, eps)[0]
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from pyext import _backend, reference
 from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
 from pyext.ops.layer_norm import (_KERNEL_DTYPES, _narrower_rms_weight, _param_dtype_ok, _stat_dtype,
-                                  default_rms_eps, groups_reason)
+                                  checked_eps, default_rms_eps, groups_reason)
 
 ACTIVATIONS = ("silu", "sigmoid")
 
@@ -170,6 +170,7 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     There are no CUDA kernels for it.
     """
     _check_inputs("rms_norm_gated", x, gate, weight, activation, group_size)
+    eps = checked_eps("rms_norm_gated", eps, optional=True)
 
     def why_not(name):
         return (_backend.device_reason(name, *(t for t in (x, gate, weight) if t is not None))
@@ -178,7 +179,7 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     name = _backend.select("rms_norm_gated", backend, x.device, why_not)
     if name == "torch":
         return reference.rms_norm_gated(x, gate, weight, eps, activation, norm_before_gate, group_size)
-    eps = default_rms_eps(x.dtype) if eps is None else float(eps)
+    eps = default_rms_eps(x.dtype) if eps is None else eps
     groups = None if group_size in (None, x.shape[-1]) else group_size
     return RMS_NORM_GATED[_backend.is_auto(backend)][name](x, gate, weight, eps, activation, norm_before_gate,
                                                            groups)[0]
