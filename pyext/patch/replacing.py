@@ -30,7 +30,8 @@ def _replace(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.Module)
     """`new` in each place of `model` that holds `old`, with old's hooks and
     mode; returns what _put_back takes."""
     for name in _HOOKS + ("training",):
-        setattr(new, name, getattr(old, name))
+        if name in old.__dict__:  # (a torch that lacks one of these dicts)
+            setattr(new, name, old.__dict__[name])
     _swap_children(model, old, new)
     return old, new, type(new)
 
@@ -39,7 +40,8 @@ def _put_back(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.Module
     """`old` in each place of `model` that holds `new` (of `new_class` when
     _replace put it there), holding what was set on `new` since."""
     for name in _HOOKS + ("training",):
-        setattr(old, name, getattr(new, name))
+        if name in new.__dict__:
+            setattr(old, name, new.__dict__[name])
     if type(new) is not new_class:  # parametrized since: old's class gets the property of each
         old.__class__ = _on_original(type(new), new_class, type(old))
     moved = set(getattr(new, "parametrizations", {}))  # names of Parameters a parametrization holds now
