@@ -3,7 +3,8 @@
 Each op has a module here with a `cases(quick, dtypes)` generator of
 harness.Case and a `count(quick, dtypes)` of how many it makes (for the
 progress bar; the cases hold GPU tensors, so they are made one at a time);
-OPS lists them in the order they run, COUNTS their counts.
+OPS lists them in the order they run, COUNTS their counts, PROVIDERS the
+provider names each module's cases may hold.
 """
 import os
 
@@ -25,6 +26,16 @@ OPS = {
     "attention": attention.cases,
     "adamw": adamw.cases,
     "train_step": train_step.cases,
+}
+PROVIDERS = {
+    "gelu": gelu.PROVIDERS,
+    "layer_norm": layer_norm.PROVIDERS,
+    "rms_norm": layer_norm.PROVIDERS,
+    "rms_norm_gated": rms_norm_gated.PROVIDERS,
+    "grouped_norm": grouped_norm.PROVIDERS,
+    "attention": attention.PROVIDERS,
+    "adamw": adamw.PROVIDERS,
+    "train_step": train_step.PROVIDERS,
 }
 COUNTS = {
     "gelu": gelu.count,

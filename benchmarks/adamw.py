@@ -18,6 +18,8 @@ def gpt_shapes(layers, dim, vocab=50257, seq=1024):
 
 
 MODELS = {"gpt2-medium": (24, 1024), "1B": (20, 2048)}
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", "torch-forloop", "torch-foreach", "torch-fused", "apex")
 
 
 def _models(quick: bool, dtypes) -> dict:

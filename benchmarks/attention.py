@@ -95,6 +95,10 @@ MATH_MAX_SEQLEN = 2048  # the math backend materialises B*H*S*S scores
 EAGER_MAX_SEQLEN = 4096  # the soft cap's eager peer too, in bf16 and fp32, once per case
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", *SDPA, "flash-attn", "pyext-triton-ptr", "pyext-cuda-stage1",
+             "pyext-triton-det", "pyext-cuda-det", "pyext-triton-mask", "eager", "flex-attention",
+             "pyext-triton-nosinks", "pyext-triton-padded", "torch-varlen")
 
 
 DROPOUT = 0.1  # the model-layout cases' second run, as GPT-2 and BERT train

@@ -9,6 +9,8 @@ from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
 ELEMENTS_GPU = [1 << 22, 1 << 24, 1 << 26, 1 << 27]  # 1 << 26 fp32 = 256 MB
 ELEMENTS_QUICK = [1 << 24, 1 << 26]
 ELEMENTS_SMOKE = [1 << 12]
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", "torch", "torch.compile")
 
 
 DIRECTIONS = (("fwd", 2), ("bwd", 3))  # with the tensors each moves

@@ -25,6 +25,8 @@ SHAPES_GPU = [("layer_norm", 8192, 96, 128), ("layer_norm", 8192, 8, 128), ("rms
 SHAPES_QUICK = SHAPES_GPU[:1] + SHAPES_GPU[2:]
 SHAPES_SMOKE = [("layer_norm", 4, 2, 64), ("rms_norm", 4, 2, 64)]
 EPS = 1e-5
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", "torch", "torch.compile")
 
 
 def _bytes(rms: bool, rows: int, n: int, groups: int, e: int, e_w: int, direction: str) -> int:

@@ -22,6 +22,8 @@ GPT2 = (8 * 1024, 768)  # batch 8 x 1024 tokens x hidden 768
 SHAPES_GPU = [GPT2] + [(rows, hidden) for rows in (4096, 16384) for hidden in (1024, 2048, 4096, 8192)]
 SHAPES_QUICK = [GPT2, (4096, 1024), (16384, 8192)]
 SHAPES_SMOKE = [(4, 256)]
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", "torch", "torch.compile", "liger", "apex")
 
 
 def _bytes(rms: bool, rows: int, hidden: int, e: int, e_w: int, direction: str) -> int:

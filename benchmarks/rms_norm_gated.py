@@ -22,6 +22,8 @@ HEADS_ROWS = (16384 * 32, 128)  # 16k tokens x 32 value heads of 128 (Qwen3-Next
 SHAPES_GPU = [HEADS_ROWS, (4096 * 32, 128), (16384, 4096), (4096, 4096), (8192, 5120), (4096, 16384)]
 SHAPES_QUICK = [HEADS_ROWS, (16384, 4096)]
 SHAPES_SMOKE = [(4, 128)]
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", "torch", "torch.compile")
 
 
 def _bytes(rows: int, hidden: int, e: int, e_w: int, direction: str) -> int:

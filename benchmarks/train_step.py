@@ -18,6 +18,10 @@ from benchmarks.harness import HAS_GPU, Case, our_backends
 # imports this package first, and must not find that module already loaded.
 
 
+# the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
+PROVIDERS = ("pyext-cuda", "pyext-triton", "torch", "torch.compile")
+
+
 def _configs(quick: bool, dtypes) -> dict:
     if torch.bfloat16 not in dtypes:
         return {}
