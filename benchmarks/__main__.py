@@ -10,7 +10,6 @@ that one out of a second run. --merge joins the reports of runs made one op
 per process (as make gpu-check does, so that a kernel that breaks the CUDA
 context costs its own op only) into one report."""
 import argparse
-import json
 import re
 import signal
 import sys
@@ -18,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks import COUNTS, OPS, harness, report
+from benchmarks import COUNTS, OPS, PROVIDERS, harness, report
 from benchmarks.harness import HAS_GPU
 
 NO_GPU_WARNING = ("NO GPU: this is a smoke run on tiny CPU shapes; its timings mean nothing "
@@ -40,6 +39,10 @@ def measure(args, meta, base):
     """Ceilings (into meta), then every case of args.ops: the rows, written to base as they come."""
     start = time.perf_counter()
     dtypes = [getattr(torch, d) for d in args.dtypes]
+    total = sum(COUNTS[op](args.quick, dtypes) for op in args.ops)
+    if not total:  # adamw and attention in float32 only, say: nothing to time
+        raise SystemExit(f"python -m benchmarks: --ops {' '.join(args.ops)} with --dtypes {' '.join(args.dtypes)} "
+                         "select no case (each op's dtypes: benchmarks/<op>.py)")
     print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
     meta.update(ops=list(args.ops), dtypes=list(args.dtypes), quick=args.quick)  # the run's scope, for readers
     if args.cases:
@@ -56,7 +59,7 @@ def measure(args, meta, base):
     rows, done = [], 0
     # With --cases the count is not known ahead either: the bar shows cases done, with no total.
     patterns = args.cases or []
-    bar = report.Progress(None if patterns else sum(COUNTS[op](args.quick, dtypes) for op in args.ops))
+    bar = report.Progress(None if patterns else total)
     skip = tuple(args.skip_providers)
     try:
         for op in args.ops:
@@ -91,10 +94,7 @@ def merge(paths):
     per case and provider. Where parts repeat one (a run again after a fault,
     with the faulting provider left out), a measured row wins over a skipped
     one, and a later part over an earlier."""
-    reports = []
-    for path in paths:
-        with open(path) as f:
-            reports.append(json.load(f))
+    reports = [report.load_report(path, "--merge") for path in paths]
     meta = dict(reports[0]["meta"], merged_from=list(paths))
     metas = [r["meta"] for r in reports]
     if all("ops" in m for m in metas):
@@ -133,15 +133,23 @@ def main(argv=None):
     parser.add_argument("--compare", metavar="OLD.json", help="report each case's change against an older run")
     parser.add_argument("--merge", nargs="+", metavar="PART.json", help="join these reports instead of measuring")
     args = parser.parse_args(argv)
-    if not HAS_GPU:
-        print(NO_GPU_WARNING)
+    args.ops, args.dtypes = list(dict.fromkeys(args.ops)), list(dict.fromkeys(args.dtypes))
+    known = set().union(*(PROVIDERS[op] for op in args.ops))
+    unknown = [p for p in args.skip_providers if p not in known]
+    if unknown and not args.merge:
+        parser.error(f"--skip-providers {' '.join(unknown)}: no provider of --ops {' '.join(args.ops)} is named "
+                     f"so (they are: {', '.join(sorted(known))})")
+    old = report.load_report(args.compare, "--compare") if args.compare else None  # before any time is spent
 
     if args.merge:
         meta, rows = merge(args.merge)
-        base = report.result_base(args.out, meta)
     else:
         meta = harness.machine_info()
-        base = report.result_base(args.out, meta)
+    gpu = bool(meta.get("gpu"))  # a merge's: the machine its reports were measured on
+    if not gpu:
+        print(NO_GPU_WARNING)
+    base = report.result_base(args.out, meta)
+    if not args.merge:
         rows = measure(args, meta, base)
 
     print(report.table(rows))
@@ -149,14 +157,13 @@ def main(argv=None):
     spent = report.time_spent(rows, meta.get("seconds"))
     if spent:
         print("\n".join(["", "time spent:"] + spent))
-    if args.compare:
-        with open(args.compare) as f:
-            lines = report.compare(json.load(f)["results"], rows)
+    if old is not None:
+        lines = report.compare(old["results"], rows)
         print("\n".join(["", f"against {args.compare}:"] + (lines or ["no case in common"])))
     report.write_results(base, meta, rows)
     pngs = report.plot(base, rows, meta)
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
-    if not HAS_GPU:
+    if not gpu:
         print(NO_GPU_WARNING)
     return 1 if "interrupted_after_cases" in meta or "interrupted" in meta else 0
 

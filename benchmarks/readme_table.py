@@ -9,11 +9,14 @@ README shows only measured figures, with their date, GPU, versions and the
 ops the run covered, and the plots written beside that JSON
 (`<its name>-<op>-<direction>-<dtype>.png`).
 """
+import argparse
 import datetime
 import glob
 import json
 import os
 import sys
+
+from benchmarks.report import load_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -77,7 +80,10 @@ def markdown(report, source, readme_dir=ROOT):
     stem = os.path.basename(os.path.splitext(source)[0])
     for png in plots_beside(source):
         title = os.path.splitext(os.path.basename(png))[0][len(stem) + 1:].replace("-", " ")
-        lines += ["", f"![{title}]({os.path.relpath(png, readme_dir)})"]
+        target = os.path.relpath(png, readme_dir)
+        if any(c in target for c in " ()<>"):  # (an older run's plot names): a link Markdown still reads
+            target = f"<{target}>"
+        lines += ["", f"![{title}]({target})"]
     return "\n".join(lines)
 
 
@@ -93,13 +99,20 @@ def rewrite(readme_path, body):
 
 def main(argv=None, readme=os.path.join(ROOT, "README.md"),
          results_dir=os.path.join(ROOT, "benchmarks", "results")):
-    argv = sys.argv[1:] if argv is None else argv
-    source = argv[0] if argv else latest_gpu_json(results_dir)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme_table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", metavar="RESULTS.json",
+                        help="a GPU run's JSON (default: the committed one whose run started last)")
+    args = parser.parse_args(argv)
+    source = args.results or latest_gpu_json(results_dir)
     if source is None:
         body = "No GPU results are committed yet: run `make gpu-check` on a GPU machine."
     else:
-        with open(source) as f:
-            body = markdown(json.load(f), source, os.path.dirname(os.path.abspath(readme)))
+        report = load_report(source, "readme_table")
+        if not report["meta"].get("gpu"):
+            raise SystemExit(f"python -m benchmarks.readme_table: {source} is a run without a GPU (a smoke run): "
+                             "its timings mean nothing; give a GPU run's JSON")
+        body = markdown(report, source, os.path.dirname(os.path.abspath(readme)))
     rewrite(readme, body)
     if source is None:
         print(f"no GPU results JSON in {results_dir}: the results section of {readme} says so")

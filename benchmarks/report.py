@@ -9,7 +9,7 @@ import sys
 import time
 from typing import List, Optional
 
-from benchmarks.harness import HAS_GPU, OURS
+from benchmarks.harness import OURS
 
 
 class Progress:
@@ -59,10 +59,38 @@ def table(rows: List[dict]) -> str:
 
 
 def result_base(out_dir: str, meta: dict) -> str:
-    """out_dir/<GPU name>-<date>-<time> (smoke-... without a GPU): the reports' path less its suffix."""
-    os.makedirs(out_dir, exist_ok=True)
-    stem = "smoke" if not HAS_GPU else (meta["gpu"] or "gpu").replace(" ", "-")
+    """out_dir/<GPU name>-<date>-<time> (smoke-... for a run without a GPU,
+    meta's "gpu" None): the reports' path less its suffix."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"python -m benchmarks: --out {out_dir}: {e.strerror}") from None
+    stem = meta["gpu"].replace(" ", "-") if meta.get("gpu") else "smoke"
     return os.path.join(out_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+_KEY_FIELDS = ("op", "label", "dtype", "direction", "provider")
+
+
+def load_report(path: str, option: str) -> dict:
+    """The report (meta and results) that `python -m benchmarks` wrote at
+    path, or SystemExit saying, in a line, why the file named by `option`
+    is not one."""
+    def refuse(why):
+        raise SystemExit(f"python -m benchmarks: {option} {path}: {why}")
+    try:
+        with open(path) as f:
+            loaded = json.load(f)
+    except OSError as e:
+        refuse(e.strerror)
+    except ValueError as e:
+        refuse(f"not JSON ({e})")
+    rows = loaded.get("results") if isinstance(loaded, dict) else None
+    if not isinstance(loaded.get("meta") if isinstance(loaded, dict) else None, dict) or not isinstance(rows, list) \
+            or not all(isinstance(r, dict) and all(k in r for k in _KEY_FIELDS) for r in rows):
+        refuse(f"not a report of python -m benchmarks (a JSON object of 'meta' and 'results', rows naming "
+               f"{', '.join(_KEY_FIELDS)})")
+    return loaded
 
 
 def write_results(base: str, meta: dict, rows: List[dict]) -> None:
@@ -82,17 +110,25 @@ def case_key(row: dict) -> tuple:
 
 def compare(old_rows: List[dict], rows: List[dict], threshold: float = 0.05) -> List[str]:
     """Per case and provider, the change of the median time against an older
-    run; lines flagged REGRESSION when more than `threshold` slower."""
-    old = {case_key(r): r["ms"] for r in old_rows if "ms" in r}
+    run; lines flagged REGRESSION when more than `threshold` slower, a row
+    timed then and skipped now saying why, and a last line counting the rows
+    timed then that this run does not hold (other ops, dtypes or sizes)."""
+    old = {case_key(r): r["ms"] for r in old_rows if r.get("ms", 0) > 0}
     lines = []
     for r in rows:
         before = old.get(case_key(r))
-        if before is None or "ms" not in r:
+        if before is None:
+            continue
+        head = f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
+        if "ms" not in r:
+            lines.append(f"{head}{before:9.4f} -> skipped now: {r.get('skipped', 'not timed')[:60]}")
             continue
         change = r["ms"] / before - 1
         flag = "  REGRESSION" if change > threshold else ""
-        lines.append(f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
-                     f"{before:9.4f} -> {r['ms']:9.4f} ms {100 * change:+6.1f}%{flag}")
+        lines.append(f"{head}{before:9.4f} -> {r['ms']:9.4f} ms {100 * change:+6.1f}%{flag}")
+    gone = len(old.keys() - {case_key(r) for r in rows})
+    if gone and lines:
+        lines.append(f"{gone} rows timed in the older run are not in this one (other ops, dtypes or sizes)")
     return lines
 
 
@@ -107,7 +143,9 @@ def summary(rows: List[dict]) -> List[str]:
                 key = case_key(r)[:4]
                 best[key] = max(best.get(key, 0.0), r["speedup_vs_best_peer"])
         if not best:
-            lines.append(f"{op:<12} no timed case of ours")
+            ours_timed = any(r["op"] == op and r["provider"] in OURS and "ms" in r for r in rows)
+            lines.append(f"{op:<12} " + ("no peer timed beside ours: no speed-up to give" if ours_timed
+                                         else "no timed case of ours"))
             continue
         ups = list(best.values())
         geo = math.exp(sum(math.log(u) for u in ups) / len(ups))
@@ -128,7 +166,8 @@ def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
     timed = [r for r in rows if "wall_s" in r]
     if not timed:
         return []
-    lines = [f"{seconds:.0f} s in all ({_minutes(seconds)})" if seconds else "the run's total is not known"]
+    digits = 1 if seconds and seconds < 60 else 0  # a smoke run's seconds, not rounded to nothing
+    lines = [f"{seconds:.{digits}f} s in all ({_minutes(seconds)})" if seconds else "the run's total is not known"]
     for op in dict.fromkeys(r["op"] for r in timed):
         by_provider = {}
         for r in timed:
@@ -136,11 +175,11 @@ def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:
                 by_provider[r["provider"]] = by_provider.get(r["provider"], 0.0) + r["wall_s"]
         costliest = sorted(by_provider.items(), key=lambda item: -item[1])[:3]
         cases = len({case_key(r)[:4] for r in timed if r["op"] == op})
-        lines.append(f"{op:<14}{sum(by_provider.values()):6.0f} s over {cases:3d} cases: "
-                     + ", ".join(f"{name} {spent:.0f} s" for name, spent in costliest))
+        lines.append(f"{op:<14}{sum(by_provider.values()):6.{digits}f} s over {cases:3d} cases: "
+                     + ", ".join(f"{name} {spent:.{digits}f} s" for name, spent in costliest))
     if seconds:
-        lines.append(f"{'the rest':<14}{seconds - sum(r['wall_s'] for r in timed):6.0f} s: ceilings, inputs, "
-                     "peers that failed")
+        lines.append(f"{'the rest':<14}{seconds - sum(r['wall_s'] for r in timed):6.{digits}f} s: ceilings, "
+                     "inputs, peers that failed")
     return lines
 
 
@@ -166,11 +205,16 @@ def plot(base: str, rows: List[dict], meta: Optional[dict] = None) -> List[str]:
         if not sel:
             continue
         fig = figure(sel, meta or {})
-        path = f"{base}-{op}-{direction}-{dtype}.png"
+        path = f"{base}-{_file_safe(op)}-{_file_safe(direction)}-{dtype}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _file_safe(name: str) -> str:
+    """name with what a file name or a Markdown link would trip on ("[4096 rows]", "fwd+bwd") made "_"."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in name).strip("_")
 
 
 def figure(rows: List[dict], meta: dict):
@@ -195,7 +239,8 @@ def figure(rows: List[dict], meta: dict):
     ax.set_xlabel(SIZE_AXES.get(op.split("[")[0], "size"))
     ax.set_ylabel(unit)
     ax.set_ylim(bottom=0)
-    machine = f" on {meta['gpu']}, {meta['time'][:10]}" if meta.get("gpu") and meta.get("time") else ""
+    machine = (f" on {meta['gpu']}, {meta['time'][:10]}" if meta.get("gpu") and meta.get("time")
+               else " (CPU smoke run: the timings mean nothing)" if not meta.get("gpu") else "")
     ax.set_title(f"{op} {direction} {dtype}{machine}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -534,3 +534,85 @@ def test_train_step_flops_are_what_the_model_runs_with_causal_attentions_hidden_
                                                                           "pyext.flash_attn_bwd_triton"}
     assert step_flops(**{k: TINY[k] for k in ("layers", "heads", "dim", "seq", "batch")}) \
         == counts["aten.mm"] + counts["aten.addmm"] + attention / 2
+
+
+def _fake_gelu_cases(monkeypatch, providers):
+    """OPS["gelu"] replaced by one case of `providers` (name -> callable) per dtype."""
+    from benchmarks import __main__ as cli
+
+    def cases(quick, dtypes):
+        for _ in dtypes:
+            yield _case(dict(providers))
+    monkeypatch.setitem(cli.OPS, "gelu", cases)
+    monkeypatch.setitem(cli.COUNTS, "gelu", lambda quick, dtypes: len(dtypes))
+    return cli
+
+
+@pytest.mark.parametrize("content, why", [(None, "No such file"), ("{", "not JSON"),
+                                          ('{"meta": {}}', "not a report of python -m benchmarks"),
+                                          ("[]", "not a report of python -m benchmarks"),
+                                          ('{"meta": {}, "results": [{"op": "gelu"}]}', "rows naming")])
+def test_a_compare_file_that_is_not_a_report_is_refused_before_anything_is_timed(monkeypatch, tmp_path, capsys,
+                                                                                   content, why):
+    timed = []
+    cli = _fake_gelu_cases(monkeypatch, {"torch": lambda: timed.append(1)})
+    old = tmp_path / "old.json"
+    if content is not None:
+        old.write_text(content)
+    with pytest.raises(SystemExit, match=why):
+        cli.main(["--quick", "--ops", "gelu", "--out", str(tmp_path / "out"), "--compare", str(old)])
+    assert timed == [] and not glob.glob(str(tmp_path / "out" / "*.json"))
+
+
+def test_compare_names_rows_skipped_now_and_counts_rows_this_run_lacks():
+    row = dict(op="gelu", label="n=8", dtype="float32", direction="fwd")
+    old = [dict(row, provider="a", ms=1.0), dict(row, provider="b", ms=2.0), dict(row, provider="c", ms=0.0),
+           dict(row, label="n=16", provider="a", ms=3.0)]
+    new = [dict(row, provider="a", ms=1.1), dict(row, provider="b", skipped="left out by --skip-providers"),
+           dict(row, provider="c", ms=1.0)]
+    lines = report.compare(old, new)
+    assert lines[0].endswith("+10.0%  REGRESSION")
+    assert lines[1].endswith("2.0000 -> skipped now: left out by --skip-providers")
+    assert lines[2:] == ["1 rows timed in the older run are not in this one (other ops, dtypes or sizes)"]
+
+
+def test_option_values_that_select_nothing_or_name_no_provider_are_errors(monkeypatch, tmp_path, capsys):
+    from benchmarks import __main__ as cli
+    with pytest.raises(SystemExit, match="--ops adamw with --dtypes bfloat16 select no case"):
+        cli.main(["--quick", "--ops", "adamw", "--dtypes", "bfloat16", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--ops", "gelu", "--skip-providers", "pyext-tritn", "--out", str(tmp_path)])
+    assert "--skip-providers pyext-tritn: no provider of --ops gelu is named so" in capsys.readouterr().err
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(SystemExit, match="--out .*file"):
+        cli.main(["--quick", "--ops", "gelu", "--out", str(not_a_folder)])
+
+
+def test_an_op_or_dtype_given_twice_is_timed_once_and_ours_alone_says_so(monkeypatch, tmp_path, capsys):
+    cli = _fake_gelu_cases(monkeypatch, {"pyext-triton": lambda: None, "torch": lambda: None})
+    cli.main(["--quick", "--ops", "gelu", "gelu", "--dtypes", "float32", "float32", "--skip-providers", "torch",
+              "--out", str(tmp_path)])
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    assert [r["provider"] for r in json.load(open(path))["results"]] == ["pyext-triton", "torch"]
+    assert "gelu         no peer timed beside ours: no speed-up to give" in capsys.readouterr().out
+
+
+def test_a_merge_of_gpu_reports_is_labelled_by_their_gpu_wherever_it_runs(tmp_path, capsys):
+    from benchmarks import __main__ as cli
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200", "time": "2026-12-04T14:54:53+0000"}, "results": [
+        dict(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", provider="torch", ms=1.0,
+             GBps=1.0)]}))
+    assert cli.main(["--merge", str(part), "--out", str(tmp_path / "out")]) == 0
+    assert "mean nothing" not in capsys.readouterr().out
+    (path,) = glob.glob(str(tmp_path / "out" / "*.json"))
+    assert os.path.basename(path).startswith("NVIDIA-H200-")
+
+
+def test_plot_files_have_names_a_markdown_link_reads_and_smoke_plots_say_so(tmp_path):
+    row = dict(op="layer_norm[4096 rows]", label="4096x1024", size=1024, dtype="bfloat16", direction="fwd+bwd",
+               provider="torch", ms=1.0, GBps=1.0)
+    (path,) = report.plot(str(tmp_path / "run"), [row], {"gpu": None})
+    assert os.path.basename(path) == "run-layer_norm_4096_rows-fwd_bwd-bfloat16.png"
+    assert "CPU smoke run" in report.figure([row], {"gpu": None}).axes[0].get_title()

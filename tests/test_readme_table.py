@@ -60,3 +60,21 @@ def test_takes_the_run_that_started_last_not_the_file_written_last(tmp_path):
     text = readme.read_text()
     assert "Source: `run-b.json`" in text
     assert "The run's ops: adamw (--quick: fewer sizes, shorter timing)." in text
+
+
+def test_a_smoke_run_or_a_file_that_is_no_report_is_refused(tmp_path, capsys):
+    import pytest
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{readme_table.START}\nkept\n{readme_table.END}\n")
+    smoke, broken = tmp_path / "smoke.json", tmp_path / "broken.json"
+    smoke.write_text(json.dumps(dict(report_at("2026-12-04T14:54:53+0000", ["gelu"]),
+                                     meta={"gpu": None, "time": "2026-12-04T14:54:53+0000"})))
+    broken.write_text("{")
+    with pytest.raises(SystemExit, match="a run without a GPU"):
+        readme_table.main([str(smoke)], readme=str(readme), results_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="not JSON"):
+        readme_table.main([str(broken)], readme=str(readme), results_dir=str(tmp_path))
+    assert "kept" in readme.read_text()
+    with pytest.raises(SystemExit) as done:
+        readme_table.main(["--help"], readme=str(readme), results_dir=str(tmp_path))
+    assert done.value.code == 0 and "RESULTS.json" in capsys.readouterr().out
