@@ -701,13 +701,17 @@ def test_a_scaled_step_leaves_the_gradients_unscaled(backend, dtype):
     place (in their dtype: exact for a power of two), a transposed one (the
     kernels step a contiguous copy) too, as torch's fused AdamW does; a
     skipped step (found_inf) leaves them as they were."""
-    device = device_for(backend)
+    check_scaled_step_unscales(lambda ps: pyext.optim.AdamW(ps, backend=backend), device_for(backend), dtype)
+
+
+def check_scaled_step_unscales(make_opt, device, dtype):
+    """The scaled-step test's body; make_opt(params) gives our optimizer."""
     params = [torch.nn.Parameter(torch.randn(4, 6, device=device, dtype=dtype)),
               torch.nn.Parameter(torch.randn(6, 4, device=device, dtype=dtype).t())]
     scaled = [torch.randn_like(p) * 1024 for p in params]
     for p, g in zip(params, scaled):
         p.grad = g.clone()
-    opt = pyext.optim.AdamW(params, backend=backend)
+    opt = make_opt(params)
     opt.grad_scale, opt.found_inf = torch.tensor([1024.0], device=device), torch.ones(1, device=device)
     opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(params, scaled))

@@ -734,6 +734,13 @@ def test_adamw_grad_scaler_skips_the_step_with_inf(adamw_emulator):
     test_adamw.check_grad_scaler(lambda ps: EmulatedAdamW(ps, adamw_emulator, lr=1e-2), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("dtype", ADAMW_DTYPES, ids=str)
+def test_adamw_scaled_step_leaves_the_gradients_unscaled(adamw_emulator, dtype):
+    """test_adamw's check on the kernel: the gradients written back divided
+    by the scale, in their dtype (the vector path and the one-at-a-time tail)."""
+    test_adamw.check_scaled_step_unscales(lambda ps: EmulatedAdamW(ps, adamw_emulator), torch.device("cpu"), dtype)
+
+
 class GeluParams(ctypes.Structure):
     """csrc/gelu/gelu.h's struct, field for field."""
     _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "dy", "out")]
