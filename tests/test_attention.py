@@ -4,6 +4,8 @@ dropout: test_attention_dropout.py; masks: test_attention_mask.py; packed
 batches: test_attention_varlen.py; the Hopper Triton forward:
 test_attention_descriptor.py. The shared checks: attention_checks.py."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -504,6 +506,16 @@ def test_bad_inputs_raise_torchs_error_type_with_a_clear_message(bad, error):
         pyext.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     with pytest.raises(RuntimeError, match=error):
         pyext.flash_attention(q, k, v)
+
+
+def test_flash_attentions_layout_mistaken_for_ours_is_named_where_the_heads_do_not_fit():
+    """FlashAttention's (B, S, H, D) tensors read as (B, H, S, D) take S as
+    heads; where the query's no longer divide the keys', the error says
+    which layout pyext takes."""
+    q, kv = make_tensor((1, 6, 4, 16), torch.bfloat16, "cpu"), make_tensor((1, 4, 4, 16), torch.bfloat16, "cpu")
+    for call in (pyext.flash_attention, functools.partial(pyext.scaled_dot_product_attention, enable_gqa=True)):
+        with pytest.raises(RuntimeError, match=r"the layout is \(B, H, S, D\).*transpose\(1, 2\)"):
+            call(q, kv, kv)
 
 
 @pytest.mark.parametrize("bad,error,match", [

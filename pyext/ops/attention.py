@@ -12,8 +12,8 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
-from pyext.ops.attention_checks import (_check_qkv, _extras_problem, _heads_fit, _mask_problem, _sinks, _softcap,
-                                        _why_not, _window, softmax_scale)
+from pyext.ops.attention_checks import (_LAYOUT_HINT, _check_qkv, _extras_problem, _heads_fit, _mask_problem, _sinks,
+                                        _softcap, _why_not, _window, softmax_scale)
 from pyext.ops.attention_ops import _FlashAttention
 from pyext.ops._register import fx_traceable
 
@@ -124,8 +124,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     the CUDA ones not. k and v may
     have fewer heads than q (GQA/MQA: Hq a multiple of Hkv). return_lse=True
     also returns the float32 log-sum-exp of each query row, (B, Hq, Sq), which
-    carries no gradient (it includes the sinks). dropout_p in [0, 1): each attention weight is
-    dropped with that probability and the kept ones scaled by 1 / (1 - p), as
+    carries no gradient (it includes the sinks; -inf, the log of an empty sum,
+    on every backend for a row that sees no key, where FlashAttention-2
+    writes +inf). dropout_p in [0, 1): each attention weight is dropped
+    with that probability and the kept ones scaled by 1 / (1 - p), as
     SDPA's dropout does; the mask comes from torch's generator on the inputs'
     device (torch.manual_seed reproduces it) and is drawn again, not stored,
     in the backward. The Triton kernels and the reference have dropout (up to
@@ -168,7 +170,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
                            f"value {v.shape[0]}")
     if not _heads_fit(q, k, v):
         raise RuntimeError(f"flash_attention: query heads {q.shape[1]} must be a multiple of key/value heads "
-                           f"{k.shape[1]}/{v.shape[1]}")
+                           f"{k.shape[1]}/{v.shape[1]}" + _LAYOUT_HINT)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
     window, softcap = _window("flash_attention", window_size), _softcap("flash_attention", softcap)

@@ -143,7 +143,12 @@ def _check_qkv(op: str, q, k, v, gqa: bool):
         raise RuntimeError(
             f"{op}: the leading (batch, head) dims of query {list(q.shape)}, key {list(k.shape)} and value "
             f"{list(v.shape)} do not broadcast" + (": query heads must be a multiple of key/value heads" if gqa
-                                                   else " (fewer key/value heads need enable_gqa=True)")) from None
+                                                   else " (fewer key/value heads need enable_gqa=True)")
+            + _LAYOUT_HINT) from None
+
+
+# The layout is SDPA's; a tensor in FlashAttention's (B, S, H, D) is read with its S as heads.
+_LAYOUT_HINT = "; the layout is (B, H, S, D): FlashAttention's (B, S, H, D) tensors go in as t.transpose(1, 2)"
 
 
 def _softcap(op: str, softcap) -> float:
