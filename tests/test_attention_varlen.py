@@ -305,6 +305,8 @@ BAD = [
     ("integer q, k, v", lambda a: a.update({n: a[n].to(torch.int32) for n in "qkv"}), RuntimeError, "floating-point"),
     ("dropout_p of 1", lambda a: a.update(dropout_p=1.0), ValueError, "dropout_p"),
     ("max_seqlen not an int", lambda a: a.update(max_seqlen_q=33.0), ValueError, "max_seqlen_q"),
+    ("max_seqlen a bool", lambda a: a.update(max_seqlen_k=True), ValueError, "max_seqlen_k"),
+    ("max_seqlen a float tensor", lambda a: a.update(max_seqlen_q=torch.tensor(33.0)), ValueError, "max_seqlen_q"),
     ("window below -1", lambda a: a.update(window_size=(-2, 0)), ValueError, "flash_attention_varlen: window_size"),
     ("negative softcap", lambda a: a.update(softcap=-1.0), ValueError, "flash_attention_varlen: softcap"),
     ("one sink per key head", lambda a: a.update(sinks=torch.zeros(2)), ValueError,
@@ -326,6 +328,18 @@ def test_bad_inputs_raise_before_any_launch(backend, what, change, error, match,
     monkeypatch.setitem(attention_varlen.VARLEN_FWD, "triton", launched)
     with pytest.raises(error, match=match):
         pyext.flash_attention_varlen(**_bad(change), backend=backend)
+
+
+def test_max_seqlens_may_be_any_integer():
+    """numpy's integers and one-element integer tensors (what
+    cu_seqlens.diff().max() gives) stand for the ints they hold."""
+    import numpy as np
+    q, k, v, cu_q, cu_k, max_q, max_k = (t.detach() if isinstance(t, torch.Tensor) else t
+                                         for t in packed(CASES[1], torch.bfloat16, "cpu"))
+    expected = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend="torch")
+    for given in (np.int64, torch.tensor, lambda n: torch.tensor([n], dtype=torch.int32)):
+        out = pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, given(max_q), given(max_k), backend="torch")
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_more_sequences_than_the_grid_takes_are_named_by_the_triton_backend():

@@ -15,6 +15,7 @@ a cap or sinks (both as the dense extras ops').
 The kernels are the Triton ones (the CUDA kernels have no packed batches);
 elsewhere the reference runs each sequence on its own.
 """
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -125,7 +126,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return (None, None, None) + grads
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     """torch's error types, with messages naming the argument, before any launch."""
     op = "flash_attention_varlen"
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -154,9 +155,22 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise RuntimeError(f"{op}: cu_seqlens_q has {cu_seqlens_q.numel()} offsets, cu_seqlens_k "
                            f"{cu_seqlens_k.numel()}: one more than the number of sequences, each")
+
+
+def _max_seqlens(op, max_seqlen_q, max_seqlen_k):
+    """The two lengths as Python ints: any integer (numpy's, a one-element
+    integer tensor, as `cu_seqlens.diff().max()` gives it) but a bool."""
+    lengths = []
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        try:
+            if isinstance(n, bool) or (isinstance(n, Tensor) and (n.numel() != 1 or n.is_floating_point())):
+                raise TypeError
+            lengths.append(operator.index(n.reshape(()) if isinstance(n, Tensor) else n))
+        except TypeError:
+            lengths.append(-1)
+        if lengths[-1] < 0:
             raise ValueError(f"{op}: {name} must be an int >= 0, got {n!r}")
+    return lengths
 
 
 # Offsets _check_offsets has passed: tensor -> (its version, rows, max_seqlen).
@@ -223,7 +237,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     keys only, as flash_attention would on each alone; returns out
     (total_q, Hq, Dv), and with return_lse=True also lse (Hq, total_q) fp32.
     max_seqlen_q, max_seqlen_k: the longest sequence's lengths (the kernels'
-    grid). The offsets and lengths are checked before any launch, with one
+    grid; ints, numpy's or one-element integer tensors). The offsets and lengths are checked before any launch, with one
     copy of the offsets to the host per offsets tensor (again after it is
     written: a model's layers sharing a batch's offsets pay it once), except
     while torch.compile traces or a CUDA graph is captured, where the caller
@@ -237,7 +251,8 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     float32 inputs among them; "cuda" raises: its kernels have no packed
     batches."""
     q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = _max_seqlens("flash_attention_varlen", max_seqlen_q, max_seqlen_k)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
     window = attention_checks._window("flash_attention_varlen", window_size)
