@@ -61,6 +61,12 @@ def _extension_status():
     """(built and loaded, why (not), what setup.py recorded of the build)."""
     spec = importlib.util.find_spec("pyext._C")
     if spec is None:
+        source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.exists(os.path.join(source, "setup.py")) and os.path.isdir(os.path.join(source, "csrc")):
+            # an editable install, or Python run from the checkout (python -m puts it first on the path)
+            return False, (f"this pyext is the source folder {source}, whose CUDA extension pyext._C is not "
+                           "built: `make ext` or `pip install -v --no-build-isolation -e .` there builds it (an "
+                           "installed pyext is the one imported from other folders)"), {}
         return False, ("the CUDA extension pyext._C is not built (pyext was installed without nvcc or a CUDA "
                        "build of torch, or with PYEXT_SKIP_CUDA_BUILD=1; `pip install -v --no-build-isolation .` "
                        "with both present builds it)"), {}

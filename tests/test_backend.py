@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
-from pyext import _extension_build
+from pyext import _backend, _extension_build
 from conftest import HAS_GPU, assert_close, hessian_vector_product, hvp_directions
 
 
@@ -459,3 +459,26 @@ def test_an_extension_built_without_an_ops_sources_says_so():
     assert "pyext._C has no gelu kernels" in missing_reason("cuda", stages, "gelu")
     assert missing_reason("triton", stages, "gelu") is None
     assert missing_reason("torch", {}, "gelu") is None
+
+
+def test_a_source_folder_without_its_extension_says_how_to_build_it_there(monkeypatch):
+    """pyext imported from its checkout (an editable install, or python run
+    there, which puts the checkout first on the path) whose pyext._C is not
+    built: the reason names the folder and builds it in place (`-e .`, or
+    the installed pyext is replaced), not "installed without nvcc"."""
+    real = _backend.importlib.util.find_spec
+    monkeypatch.setattr(_backend.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pyext._C" else real(name, *a))
+    built, why, record = _backend._extension_status()
+    source = os.path.dirname(os.path.dirname(os.path.abspath(pyext.__file__)))
+    assert not built and record == {}
+    assert f"the source folder {source}" in why and "pip install -v --no-build-isolation -e ." in why
+
+
+def test_importing_pyext_without_triton_logs_nothing():
+    """torch's flop counter, which pyext registers its attention counts with,
+    logs a warning on import where triton is missing; `import pyext` does not."""
+    code = "import sys; sys.modules['triton'] = None; import pyext; print(pyext.available_backends()['triton'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "triton is not installed" in out.stdout, out.stderr
+    assert "triton not found" not in out.stderr, out.stderr
