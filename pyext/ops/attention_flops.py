@@ -14,8 +14,19 @@ their sequences; where the offsets cannot be read (fake or meta tensors) each
 sequence counts at the call's maximum lengths, as torch counts its own
 packed kernels.
 """
+import logging
+
 import torch
-from torch.utils.flop_counter import register_flop_formula
+
+# torch's flop_counter logs a warning on import where triton is not
+# installed (its triton kernels' counts); importing pyext should not.
+_flop_log = logging.getLogger("torch.utils.flop_counter")
+_level = _flop_log.level
+_flop_log.setLevel(logging.ERROR)
+try:
+    from torch.utils.flop_counter import register_flop_formula
+finally:
+    _flop_log.setLevel(_level)
 
 # The ops on (B, H, S, D) tensors whose forward takes q, k, v first and whose
 # backward takes dout, q, k, v first, for each kernel backend that has them.
