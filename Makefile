@@ -84,4 +84,4 @@ gpu-bench:
 	exit $$status
 
 clean:
-	rm -rf build $(VENV) pyext/_C*.so *.egg-info
+	rm -rf build $(VENV) pyext/_C*.so pyext/_C_built_with.json *.egg-info
