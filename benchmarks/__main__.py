@@ -40,7 +40,7 @@ def measure(args, meta, base):
     start = time.perf_counter()
     dtypes = [getattr(torch, d) for d in args.dtypes]
     total = sum(COUNTS[op](args.quick, dtypes) for op in args.ops)
-    if not total:  # adamw and attention in float32 only, say: nothing to time
+    if not total:  # adamw times float32 alone, attention the half types: --dtypes can leave an op nothing
         raise SystemExit(f"python -m benchmarks: --ops {' '.join(args.ops)} with --dtypes {' '.join(args.dtypes)} "
                          "select no case (each op's dtypes: benchmarks/<op>.py)")
     print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
