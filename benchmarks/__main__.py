@@ -93,8 +93,20 @@ def merge(paths):
     """One report from several: the first one's machine and ceilings, one row
     per case and provider. Where parts repeat one (a run again after a fault,
     with the faulting provider left out), a measured row wins over a skipped
-    one, and a later part over an earlier."""
-    reports = [report.load_report(path, "--merge") for path in paths]
+    one, and a later part over an earlier. A part that is not a report (a
+    run killed while writing it) is left out, saying so, unless all are."""
+    reports, kept = [], []
+    for path in paths:
+        try:
+            reports.append(report.load_report(path, "--merge"))
+            kept.append(path)
+        except SystemExit as e:
+            if len(paths) == 1:
+                raise
+            print(f"left out of the merge: {e}")
+    if not reports:
+        raise SystemExit("python -m benchmarks: --merge: none of the files is a report")
+    paths = kept
     meta = dict(reports[0]["meta"], merged_from=list(paths))
     metas = [r["meta"] for r in reports]
     if all("ops" in m for m in metas):

@@ -599,15 +599,22 @@ def test_an_op_or_dtype_given_twice_is_timed_once_and_ours_alone_says_so(monkeyp
 
 
 def test_a_merge_of_gpu_reports_is_labelled_by_their_gpu_wherever_it_runs(tmp_path, capsys):
+    """...and a part cut short while being written (a run killed by its
+    time limit) is left out, saying so, where other parts remain."""
     from benchmarks import __main__ as cli
-    part = tmp_path / "part.json"
+    part, cut = tmp_path / "part.json", tmp_path / "cut.json"
     part.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200", "time": "2026-12-04T14:54:53+0000"}, "results": [
         dict(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", provider="torch", ms=1.0,
              GBps=1.0)]}))
-    assert cli.main(["--merge", str(part), "--out", str(tmp_path / "out")]) == 0
-    assert "mean nothing" not in capsys.readouterr().out
+    cut.write_text(part.read_text()[:40])
+    assert cli.main(["--merge", str(part), str(cut), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "mean nothing" not in out and f"left out of the merge: python -m benchmarks: --merge {cut}: not JSON" in out
     (path,) = glob.glob(str(tmp_path / "out" / "*.json"))
     assert os.path.basename(path).startswith("NVIDIA-H200-")
+    assert json.load(open(path))["meta"]["merged_from"] == [str(part)]
+    with pytest.raises(SystemExit, match="not JSON"):
+        cli.main(["--merge", str(cut), "--out", str(tmp_path / "out")])
 
 
 def test_plot_files_have_names_a_markdown_link_reads_and_smoke_plots_say_so(tmp_path):
