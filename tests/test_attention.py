@@ -98,6 +98,22 @@ def test_empty_inputs_give_torchs_empty_or_zero_results(backend, shape):
         assert out.shape == q.shape and not out.any()
 
 
+@pytest.mark.parametrize("mask_dtype,causal", [(torch.bool, True), (torch.int64, False), (torch.float64, False),
+                                               (torch.float16, False)], ids=str)
+def test_an_empty_batch_raises_the_argument_errors_of_torchs_sdpa(mask_dtype, causal):
+    """Under "torch" and "auto" an empty batch gets its empty result without
+    torch's SDPA (which has none there): the arguments it refuses for a full
+    batch (a mask with is_causal, a mask of another dtype than bool, float32
+    or the query's) are refused alike."""
+    q = make_tensor((1, 2, 4, 8), torch.bfloat16, "cpu")
+    mask = torch.zeros(4, 4, dtype=mask_dtype)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=causal)
+    for backend in ("torch", "auto"):
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            pyext.scaled_dot_product_attention(q[:0], q[:0], q[:0], attn_mask=mask, is_causal=causal, backend=backend)
+
+
 # (as SHAPES, then the value head dim, below the query/key head dim), with
 # GQA and MQA; DeepSeek's MLA (192, 128), as (B, S, H, D) views.
 VALUE_HEAD_DIM_SHAPES = [

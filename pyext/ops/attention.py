@@ -264,6 +264,7 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
             key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
             enable_gqa = False
         if empty:
+            _refuse_as_torch_sdpa(query, attn_mask, is_causal)
             return (query @ key.transpose(-2, -1)).softmax(-1) @ value
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -274,6 +275,17 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
                                 *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap,
                                 sinks)[0]
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
+
+
+def _refuse_as_torch_sdpa(query: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> None:
+    """The argument errors torch's SDPA raises, for calls that do not reach it (an empty batch)."""
+    if attn_mask is None:
+        return
+    if is_causal:
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                           f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
 
 
 def _band(seq_q: int, seq_k: int, causal: bool, window: Tuple[int, int], device) -> Tensor:
