@@ -85,9 +85,9 @@ def load_report(path: str, option: str) -> dict:
         refuse(e.strerror)
     except ValueError as e:
         refuse(f"not JSON ({e})")
-    rows = loaded.get("results") if isinstance(loaded, dict) else None
-    if not isinstance(loaded.get("meta") if isinstance(loaded, dict) else None, dict) or not isinstance(rows, list) \
-            or not all(isinstance(r, dict) and all(k in r for k in _KEY_FIELDS) for r in rows):
+    if not (isinstance(loaded, dict) and isinstance(loaded.get("meta"), dict)
+            and isinstance(loaded.get("results"), list)
+            and all(isinstance(r, dict) and all(k in r for k in _KEY_FIELDS) for r in loaded["results"])):
         refuse(f"not a report of python -m benchmarks (a JSON object of 'meta' and 'results', rows naming "
                f"{', '.join(_KEY_FIELDS)})")
     return loaded

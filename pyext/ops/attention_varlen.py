@@ -157,20 +157,16 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
                            f"{cu_seqlens_k.numel()}: one more than the number of sequences, each")
 
 
-def _max_seqlens(op, max_seqlen_q, max_seqlen_k):
-    """The two lengths as Python ints: any integer (numpy's, a one-element
-    integer tensor, as `cu_seqlens.diff().max()` gives it) but a bool."""
-    lengths = []
-    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        try:
-            if isinstance(n, bool) or (isinstance(n, Tensor) and (n.numel() != 1 or n.is_floating_point())):
-                raise TypeError
-            lengths.append(operator.index(n.reshape(()) if isinstance(n, Tensor) else n))
-        except TypeError:
-            lengths.append(-1)
-        if lengths[-1] < 0:
-            raise ValueError(f"{op}: {name} must be an int >= 0, got {n!r}")
-    return lengths
+def _max_seqlen(name: str, n) -> int:
+    """n as a Python int: any integer (numpy's, a one-element integer tensor,
+    as `cu_seqlens.diff().max()` gives it) but a bool."""
+    try:
+        length = -1 if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        length = -1
+    if length < 0:
+        raise ValueError(f"flash_attention_varlen: {name} must be an int >= 0, got {n!r}")
+    return length
 
 
 # Offsets _check_offsets has passed: tensor -> (its version, rows, max_seqlen).
@@ -237,9 +233,10 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     keys only, as flash_attention would on each alone; returns out
     (total_q, Hq, Dv), and with return_lse=True also lse (Hq, total_q) fp32.
     max_seqlen_q, max_seqlen_k: the longest sequence's lengths (the kernels'
-    grid; ints, numpy's or one-element integer tensors). The offsets and lengths are checked before any launch, with one
-    copy of the offsets to the host per offsets tensor (again after it is
-    written: a model's layers sharing a batch's offsets pay it once), except
+    grid; ints, numpy's or one-element integer tensors). The offsets and
+    lengths are checked before any launch, with one copy of the offsets to
+    the host per offsets tensor (again after it is written: a model's layers
+    sharing a batch's offsets pay it once), except
     while torch.compile traces or a CUDA graph is captured, where the caller
     must get them right.
     causal (bottom-right in each sequence), scale, window_size, softcap,
@@ -251,7 +248,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     float32 inputs among them; "cuda" raises: its kernels have no packed
     batches."""
     q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
-    max_seqlen_q, max_seqlen_k = _max_seqlens("flash_attention_varlen", max_seqlen_q, max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k)
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"flash_attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")

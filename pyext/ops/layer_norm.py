@@ -70,12 +70,12 @@ def checked_eps(op: str, eps, optional: bool) -> Optional[float]:
     default), or the TypeError torch raises for another type, naming eps."""
     if eps is None and optional:
         return None
-    try:
-        if eps is None or isinstance(eps, str):
-            raise TypeError
-        return float(eps)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
-        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}") from None
+    if eps is not None and not isinstance(eps, str):
+        try:
+            return float(eps)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+            pass
+    raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
 
 
 def _check_inputs(op: str, x, normalized_shape, weight, bias, rms: bool, group_size=None) -> Tuple[int, ...]:
