@@ -281,6 +281,7 @@ BAD = {  # case: (exception, what the message names)
     "group_size": (ValueError, "group_size must be a positive divisor"),
     "scalar": (RuntimeError, "x must have at least one dimension"),
     "list_weight": (TypeError, "weight must be a Tensor, got list"),
+    "string_eps": (TypeError, "eps must be a float, got str"),
 }
 
 
@@ -307,6 +308,8 @@ def test_bad_input_raises_naming_the_argument(backend, case):
         weight = weight.tolist()
     elif case == "scalar":
         x, gate, weight = x[0, 0], gate[0, 0], None
+    elif case == "string_eps":
+        kwargs["eps"] = "1e-5"
     error, message = BAD[case]
     with pytest.raises(error, match=message):
         pyext.rms_norm_gated(x, gate, weight, backend=backend, **kwargs)
