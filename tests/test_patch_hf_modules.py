@@ -559,3 +559,11 @@ def test_hf_tanh_gelu_classes_become_pyext_tanh_gelu(name, rtol, atol):
     out = model["act"](x)
     torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], expected_grad, rtol=rtol, atol=atol)
+
+
+def test_an_hf_norm_patched_as_the_model_itself_is_left_saying_why():
+    """patch replaces an HF module in the places of the model that hold it;
+    the model itself has none (pyext.nn's modules stand for one directly)."""
+    norm = hf_class("llama", "LlamaRMSNorm")(8)
+    assert pyext.patch_report(pyext.patch(norm, attention=False)).left == [("", "LlamaRMSNorm", "the model itself")]
+    assert type(pyext.unpatch(norm)) is hf_class("llama", "LlamaRMSNorm")
