@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.functional import scaled_dot_product_attention as sdpa_by_another_name
 
 import pyext
 from conftest import BACKENDS, assert_close, device_for
@@ -225,6 +226,92 @@ def test_checkpointed_blocks_recompute_through_pyext(pyext_sdpa_calls):
     assert len(pyext_sdpa_calls) == 3  # the forward twice, and the recomputation
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain)
+
+
+def attend(q, k, v):  # a helper in the model's file that the attention module calls
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class AttentionProcessor:  # not a module; as diffusers' AttnProcessor2_0, the attention's forward calls it
+    def __call__(self, attn, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class AttentionProcessorModule(torch.nn.Module):  # diffusers' processors that hold weights: a __call__ of their own
+    def __call__(self, attn, q, k, v):
+        return sdpa_by_another_name(q, k, v)
+
+
+class AttentionCallingOut(torch.nn.Module):
+    """Self-attention whose SDPA call is made elsewhere than in its forward's
+    code: `how` it is made."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.qkv = how, torch.nn.Linear(16, 48)
+        if how in ("processor", "processor module"):
+            self.processor = AttentionProcessor() if how == "processor" else AttentionProcessorModule()
+        elif how == "held function":
+            self.attention_function = attend
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        if self.how == "helper":
+            out = attend(q, k, v)
+        elif self.how == "another name":
+            out = sdpa_by_another_name(q, k, v)
+        elif self.how == "held function":
+            out = self.attention_function(q, k, v)
+        else:
+            out = self.processor(self, q, k, v)
+        return out.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("how", ["processor", "processor module", "helper", "another name", "held function"])
+def test_a_checkpointed_block_recomputes_attention_called_outside_its_forward_through_pyext(how, pyext_sdpa_calls):
+    """A module whose forward has SDPA called by an object it holds (diffusers'
+    attention processors), a helper function, a function held as an
+    attribute, or F's function imported under another name: a block of them
+    that torch.utils.checkpoint recomputes in the backward calls pyext again,
+    as its forward did (torch's SDPA would save other tensors, which
+    checkpoint refuses with the Triton kernels)."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([AttentionCallingOut(how), AttentionCallingOut(how)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            return x
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(2, 5, 16)
+    expected = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    pyext.patch(model, backend="torch")
+    got = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    assert len(pyext_sdpa_calls) == 4  # each block's forward and its recomputation
+    assert {"blocks.0", "blocks.1"} <= set(pyext.patch_report(model).attention.split(": ")[-1].split(", "))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_an_attribute_named_like_a_function_is_not_a_call_of_it():
+    """A module that reads a flag `self.layer_norm` (diffusers' PatchEmbed)
+    makes no F.layer_norm call: patch neither routes its forward nor reports
+    the function routed."""
+    class PatchEmbed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer_norm, self.gelu, self.proj = False, True, torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = self.proj(x)
+            return F.gelu(x) if self.gelu and not self.layer_norm else x
+    model = pyext.patch(torch.nn.Sequential(PatchEmbed()), attention=False)
+    assert pyext.patch_report(model).functions == ["F.gelu"]
+    assert "forward" in model[0].__dict__
+    model = pyext.patch(torch.nn.Sequential(PatchEmbed()), attention=False, gelu=False)
+    assert pyext.patch_report(model).functions == [] and "forward" not in model[0].__dict__
 
 
 def test_flags_leave_modules_alone():

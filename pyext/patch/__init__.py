@@ -161,8 +161,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
     # pyext too, as do its SDPA calls; transformers' models have modules for these.
     functions = set() if hf else {flag for flag in _ROUTED_FUNCTIONS if enabled[flag]}
-    named = {path: _named_in(type(m), functions | {"scaled_dot_product_attention"})
-             for path, m in model.named_modules()}
+    memo, sought = {}, frozenset(functions | {"scaled_dot_product_attention"})
+    named = {path: set() if hf else _named_in(m, sought, memo) for path, m in model.named_modules()}
     functions &= set().union(*named.values())  # those some module's code names
     flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
     report.functions = [f"F.{name}" for name in _ROUTED_FUNCTIONS if name in functions]

@@ -2,9 +2,11 @@
 sends F.scaled_dot_product_attention, F.layer_norm, F.rms_norm and F.gelu
 calls to pyext's, and the forwards that enter it (the model's, and those of
 its modules whose code names a routed function)."""
+import dis
+import functools
 import inspect
 import threading
-from types import CodeType
+from types import CodeType, FunctionType
 
 import torch
 import torch.nn.functional as F
@@ -70,29 +72,101 @@ def _code_of(f):
     return getattr(inspect.unwrap(f), "__code__", None) if callable(f) else None
 
 
-def _named_in(cls, names) -> set:
-    """Which of `names` a method of `cls` or of its bases (torch's and
-    pyext's own classes aside, e.g. FSDP2's wrapper class) names: the
-    modules whose forward gets routed besides the model's, so that a block
-    recomputed in the backward by torch.utils.checkpoint, outside the
-    model's forward, routes its calls too."""
-    found = set()
-    for klass in cls.__mro__:
-        if klass.__module__.startswith(("torch.", "pyext.", "builtins")):
+def _named_in(module, names, memo=None) -> set:
+    """Which of `names` (F functions) the code run by `module`'s forward
+    calls: the modules whose forward gets routed besides the model's, so that
+    a block recomputed in the backward by torch.utils.checkpoint, outside the
+    model's forward, routes its calls too (torch's would save other tensors,
+    which checkpoint refuses). That code is the methods of its class and
+    bases (torch's and pyext's own classes aside, e.g. FSDP2's wrapper
+    class), those of the objects it holds that are not modules (diffusers'
+    attention processors: `self.processor(self, ...)` makes the call) or are
+    modules with a `__call__` of their own, and the functions these call by
+    a global name (a helper in the model's file). `memo` keeps what each
+    function calls across the modules of a model."""
+    holders = [module] + [value for value in vars(module).values() if _holds_code(value)] + \
+        [child for child in module.children() if type(child).__call__ is not torch.nn.Module.__call__]
+    functions = [f for holder in holders for f in _methods(type(holder))]
+    functions += [value for value in vars(module).values() if isinstance(value, (FunctionType, functools.partial))]
+    memo = {} if memo is None else memo
+    found, seen = set(), set()
+    while functions:
+        function = _function_of(functions.pop())
+        if function is None or function in seen:
             continue
-        for member in vars(klass).values():
-            code = _code_of(getattr(member, "__func__", member))
-            if code is not None:
-                found |= _names_in_code(code, names)
+        seen.add(function)
+        if (function, names) not in memo:
+            memo[function, names] = _calls_of(function, names)
+        calls, callees = memo[function, names]
+        found |= calls
+        functions += callees
     return found
 
 
-def _names_in_code(code, names) -> set:
-    found = names & set(code.co_names)
+def _holds_code(value) -> bool:
+    """Whether `value`, held by a module, is an object of a class of its own
+    whose methods a forward may call (not a module, tensor or function)."""
+    return not isinstance(value, (torch.nn.Module, torch.Tensor, FunctionType, functools.partial)) and \
+        callable(value) and not _torchs_or_ours(type(value).__module__)
+
+
+def _torchs_or_ours(module_name) -> bool:
+    return (module_name or "").startswith(("torch", "pyext", "builtins"))
+
+
+def _methods(cls) -> list:
+    return [member for klass in cls.__mro__ if not _torchs_or_ours(klass.__module__) for member in vars(klass).values()]
+
+
+def _function_of(member):
+    """The Python function a method, a static or class method, a partial or
+    a decorated function runs, or None."""
+    member = getattr(member, "__func__", member)
+    member = getattr(member, "func", member) if isinstance(member, functools.partial) else member
+    function = inspect.unwrap(member) if callable(member) else None
+    return function if isinstance(function, FunctionType) else None
+
+
+def _calls_of(function, names) -> tuple:
+    """(Which of `names` `function` calls as torch's F function, by F.name,
+    torch.nn.functional.name or a global bound to it (imported under another
+    name); the functions of the model's code it calls by a global name.) An
+    attribute of that name of one of its arguments is not one (diffusers'
+    PatchEmbed reads a flag `self.layer_norm`)."""
+    wanted = {id(getattr(F, name)): name for name in names}
+    calls, callees = set(), []
+    for instructions, arguments in _code_and_nested(function.__code__):
+        start = None  # the load a chain of attribute loads starts from
+        for i in instructions:
+            if i.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+                if i.argval in names and not (start is not None and start.opname.startswith("LOAD_FAST")
+                                              and _last(start.argval) in arguments):
+                    calls.add(i.argval)
+                continue
+            start = i
+            if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                value = function.__globals__.get(i.argval)
+                if id(value) in wanted:
+                    calls.add(wanted[id(value)])
+                elif value is None and i.argval in names:  # not bound yet: taken as F's
+                    calls.add(i.argval)
+                elif isinstance(value, FunctionType) and not _torchs_or_ours(value.__module__):
+                    callees.append(value)
+    return calls, callees
+
+
+def _code_and_nested(code):
+    """(instructions, argument names) of `code` and of the code defined in it."""
+    arguments = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    yield [i for i in dis.get_instructions(code) if i.opname not in ("EXTENDED_ARG", "CACHE", "NOP")], arguments
     for c in code.co_consts:
         if isinstance(c, CodeType):
-            found |= _names_in_code(c, names)
-    return found
+            yield from _code_and_nested(c)
+
+
+def _last(argval):
+    """The variable an instruction loads last (Python 3.13 loads two at once)."""
+    return argval[-1] if isinstance(argval, tuple) else argval
 
 
 class _Routing(threading.local):
