@@ -40,8 +40,11 @@
   back to torch where the kernels do not apply (float32 outside autocast) or
   are not yet measured faster: an attention mask (an HF model given a
   padding attention_mask) and attention dropout, which backend="triton" runs.
-  A backend named here raises BackendUnavailable on such calls instead, as a
-  named backend does everywhere in pyext.
+  A mask that requires grad (a learned relative position bias, as BEiT's
+  and MaxViT's attention pass it) has no gradient in the kernels: auto
+  leaves those calls to torch's SDPA. A backend named here raises
+  BackendUnavailable on such calls instead, as a named backend does
+  everywhere in pyext.
 
 A module whose forward is set on the instance (accelerate's hooks, a
 wrapper library's) is left: what it runs is not its class's code.
