@@ -622,6 +622,11 @@ def test_patch_refuses_what_is_not_a_module():
         pyext.patch("a model")
 
 
+def test_the_report_of_a_model_never_patched_is_an_error_saying_so():
+    with pytest.raises(ValueError, match="Sequential was never given to pyext.patch"):
+        pyext.patch_report(torch.nn.Sequential())
+
+
 def test_a_model_with_nothing_to_swap_says_so(capsys):
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     pyext.patch(model, attention=False, verbose=True)

@@ -245,5 +245,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def patch_report(model: torch.nn.Module) -> PatchReport:
-    """What the last `patch(model)` swapped and left."""
-    return model._pyext_report
+    """What the last `patch(model)` swapped and left (after an unpatch too)."""
+    report = getattr(model, "_pyext_report", None)
+    if report is None:
+        raise ValueError(f"pyext.patch_report: this {type(model).__name__} was never given to pyext.patch")
+    return report
