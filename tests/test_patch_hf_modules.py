@@ -74,8 +74,9 @@ def test_hf_norms_are_swapped_by_what_they_compute():
              "falcon_mamba": (hf_class("falcon_mamba", "FalconMambaWeightlessRMSNorm")(8),  # a buffer it never
                               "UnweightedRMSNorm"),  # reads, kept: its fused kernels read it
              "buffer_weight": (buffer_weight, "a weight that is not a Parameter"),
-             "other": (OtherRMSNorm(), "no pyext equivalent"),
-             "other_norm": (OtherNormRMSNorm(8), "no pyext equivalent")}
+             "other": (OtherRMSNorm(), "code pyext does not recognise"),
+             "other_norm": (OtherNormRMSNorm(8), "code pyext does not recognise"),
+             "group_norm": (torch.nn.GroupNorm(2, 8), "no pyext equivalent")}
     model = torch.nn.ModuleDict({name: old for name, (old, _) in norms.items()})
     pyext.patch(model, attention=False)
     report = pyext.patch_report(model)

@@ -183,8 +183,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
         if sdpa_callers:
             report.attention += (", and in the forward of the modules that make them, run on their own as "
                                  "torch.utils.checkpoint recomputes them: " + ", ".join(sdpa_callers))
-    report.left += [(path, cls.__name__, "no pyext equivalent") for path, cls in unknown
-                    if not named[path] & functions]
+    # torch's GroupNorm or BatchNorm has none; a class of the model's own may compute what pyext does
+    report.left += [(path, cls.__name__, "no pyext equivalent" if cls.__module__.startswith("torch.")
+                     else "code pyext does not recognise") for path, cls in unknown if not named[path] & functions]
     model._pyext_patched = True
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
