@@ -3,6 +3,7 @@ against their originals, state and parameters, where attention and function
 calls go, the report, compile and export. HF models' attention and modules:
 test_patch_hf_attention.py and test_patch_hf_modules.py."""
 import copy
+import functools
 import io
 
 import pytest
@@ -267,18 +268,35 @@ class AttentionCallingOut(torch.nn.Module):
         return out.transpose(1, 2).flatten(2)
 
 
-@pytest.mark.parametrize("how", ["processor", "processor module", "helper", "another name", "held function"])
+class LibraryAttention(torch.nn.Module):
+    """Its code in a library whose name starts with "torch" (torchvision's, torchtune's)."""
+    __module__ = "torchtune.modules.attention"
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("how", ["processor", "processor module", "helper", "another name", "held function",
+                                 "another library"])
 def test_a_checkpointed_block_recomputes_attention_called_outside_its_forward_through_pyext(how, pyext_sdpa_calls):
     """A module whose forward has SDPA called by an object it holds (diffusers'
     attention processors), a helper function, a function held as an
-    attribute, or F's function imported under another name: a block of them
-    that torch.utils.checkpoint recomputes in the backward calls pyext again,
-    as its forward did (torch's SDPA would save other tensors, which
-    checkpoint refuses with the Triton kernels)."""
+    attribute, or F's function imported under another name, or whose code is
+    another library's: a block of them that torch.utils.checkpoint
+    recomputes in the backward calls pyext again, as its forward did
+    (torch's SDPA would save other tensors, which checkpoint refuses with
+    the Triton kernels)."""
+    attention = LibraryAttention if how == "another library" else functools.partial(AttentionCallingOut, how)
+
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.blocks = torch.nn.ModuleList([AttentionCallingOut(how), AttentionCallingOut(how)])
+            self.blocks = torch.nn.ModuleList([attention(), attention()])
 
         def forward(self, x):
             for block in self.blocks:

@@ -111,7 +111,8 @@ def _holds_code(value) -> bool:
 
 
 def _torchs_or_ours(module_name) -> bool:
-    return (module_name or "").startswith(("torch", "pyext", "builtins"))
+    """Whether code of this module is torch's, pyext's or builtin (torchvision's and torchtune's are not)."""
+    return (module_name or "").split(".")[0] in ("torch", "pyext", "builtins")
 
 
 def _methods(cls) -> list:
