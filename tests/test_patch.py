@@ -332,6 +332,19 @@ def test_an_attribute_named_like_a_function_is_not_a_call_of_it():
     assert pyext.patch_report(model).functions == [] and "forward" not in model[0].__dict__
 
 
+def test_a_held_function_that_unwraps_to_itself_is_not_read():
+    """patch reads the code of functions a module holds through their
+    decorators (__wrapped__); one whose __wrapped__ is itself has none to
+    read, and the patch goes on."""
+    def looping(x):
+        return x
+    looping.__wrapped__ = looping
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model[0].hook = looping
+    pyext.patch(model, backend="torch")
+    assert model(torch.ones(1, 2)).shape == (1, 2)
+
+
 def test_flags_leave_modules_alone():
     model = nano_gpt()
     pyext.patch(model, layer_norm=False, backend="torch")

@@ -124,7 +124,10 @@ def _function_of(member):
     a decorated function runs, or None."""
     member = getattr(member, "__func__", member)
     member = getattr(member, "func", member) if isinstance(member, functools.partial) else member
-    function = inspect.unwrap(member) if callable(member) else None
+    try:
+        function = inspect.unwrap(member) if callable(member) else None
+    except ValueError:  # a chain of __wrapped__ with no end (a mock)
+        return None
     return function if isinstance(function, FunctionType) else None
 
 
