@@ -5,6 +5,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from pyext import _backend
 from pyext.ops.gelu import gelu
 from pyext.ops.layer_norm import layer_norm, rms_norm
 from pyext.ops.rms_norm_gated import rms_norm_gated
@@ -224,7 +225,10 @@ class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
     of other shapes or of two dtypes, bias_k/bias_v, add_zero_attn,
     separate q/k/v projection weights, inputs torch's forward refuses: an
     embedding size not the module's, keys and values of two shapes) is
-    torch's own forward, unchanged, with its errors and warnings."""
+    torch's own forward, unchanged, with its errors and warnings. So is,
+    under backend "auto", a call in eval mode with no gradient to compute:
+    torch's inference fast path (torch._native_multi_head_attention), as
+    nn.TransformerEncoder keeps it in a patched model."""
 
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -233,12 +237,14 @@ class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         sdpa_mask = None
-        if not (need_weights or self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim
+        if not (need_weights or not self._runs_pyexts_attention() or self._torchs_inference(query, key, value)
                 or query.dim() != 3 or query.shape[-1] != self.embed_dim or key.shape != value.shape):
             sdpa_mask = self._sdpa_mask(query, key, key_padding_mask, attn_mask, is_causal)
         if sdpa_mask is None:
-            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                   average_attn_weights, is_causal)
+            from pyext.patch.routing import outside_routing
+            with outside_routing():  # in a patched model, torch's SDPA and fast path, as if unpatched
+                return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal)
         mask, causal = sdpa_mask
         from pyext.ops.attention import scaled_dot_product_attention
         self_attention = query is key is value
@@ -263,6 +269,17 @@ class MultiheadAttention(_NotScriptable, torch.nn.MultiheadAttention):
         else:  # -> (L, B, E), contiguous as torch's forward returns it
             out = out.permute(2, 0, 1, 3).reshape(-1, batch, self.embed_dim)
         return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
+
+    def _runs_pyexts_attention(self) -> bool:
+        """Whether a call can run pyext's attention at all: not with bias_k /
+        bias_v, add_zero_attn, or separate key and value sizes (kdim, vdim)."""
+        return self.bias_k is None and not self.add_zero_attn and self._qkv_same_embed_dim
+
+    def _torchs_inference(self, *inputs) -> bool:
+        """Whether torch's forward takes this call: in eval mode, no gradient
+        to compute, under backend "auto"."""
+        return not self.training and _backend.is_auto(self.backend) and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *self.parameters())))
 
     def _sdpa_mask(self, query, key, key_padding_mask, attn_mask, is_causal):
         """(attn_mask, is_causal) for SDPA on (B, H, L, S) heads, meaning what

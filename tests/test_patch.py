@@ -380,6 +380,56 @@ def test_multihead_attention_goes_through_pyext(pyext_sdpa_calls):
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("built", ["patched", "pyext.nn"])
+def test_multihead_attention_inference_under_auto_is_torchs_fast_path(built, pyext_sdpa_calls, monkeypatch):
+    """In eval mode with no gradient to compute, under auto, MultiheadAttention
+    is torch's own forward, which takes torch's inference fast path
+    (torch._native_multi_head_attention; a patched model's routing mode would
+    turn it off): the same bits as the unpatched module, as
+    nn.TransformerEncoder keeps them. With gradients to compute, pyext's."""
+    fast = []
+    native = torch._native_multi_head_attention
+    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a, **k: fast.append(1) or native(*a, **k))
+    torch.manual_seed(0)
+    original = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+
+    class Block(torch.nn.Module):
+        def __init__(self, attn):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x, mask=None):
+            return self.attn(x, x, x, need_weights=False, key_padding_mask=mask)[0]
+    if built == "patched":
+        model = pyext.patch(Block(copy.deepcopy(original)))
+    else:
+        model = Block(pyext.nn.MultiheadAttention(32, 4, batch_first=True).eval())
+        model.attn.load_state_dict(original.state_dict())
+    x, padding = torch.randn(2, 8, 32), torch.arange(8) >= torch.tensor([[8], [5]])
+    with torch.no_grad():
+        for mask in (None, padding):
+            expected = Block(original)(x, mask)
+            fast.clear()
+            assert torch.equal(model(x, mask), expected) and fast == [1]
+    assert pyext_sdpa_calls == []
+    model(x).sum().backward()
+    assert len(pyext_sdpa_calls) == 1
+
+
+def test_multihead_attention_that_torchs_forward_runs_is_left_saying_why():
+    """bias_k / bias_v, add_zero_attn and keys and values of their own sizes
+    are torch's forward's: patch leaves such a module, saying so."""
+    model = torch.nn.ModuleDict({"kdim": torch.nn.MultiheadAttention(16, 2, kdim=6, vdim=10),
+                                 "bias_kv": torch.nn.MultiheadAttention(16, 2, add_bias_kv=True),
+                                 "zero_attn": torch.nn.MultiheadAttention(16, 2, add_zero_attn=True),
+                                 "plain": torch.nn.MultiheadAttention(16, 2)})
+    report = pyext.patch_report(pyext.patch(model))
+    assert [path for path, _, _ in report.swapped] == ["plain"]
+    assert [(path, why.endswith("torch's forward runs it")) for path, _, why in report.left] == \
+        [("kdim", True), ("bias_kv", True), ("zero_attn", True)]
+    assert type(model["kdim"]) is torch.nn.MultiheadAttention
+
+
 MHA_MASKS = ["key_padding", "key_padding_additive", "attn_2d", "attn_3d_additive", "attn_2d_and_key_padding",
              "causal_and_key_padding"]
 

@@ -198,6 +198,8 @@ def _why_not(module, flag, enabled):
         return f"{flag}=False"
     if "forward" in module.__dict__:  # accelerate's hooks set one; it would call the module's own code
         return "a forward set on the instance, which pyext's module would not run"
+    if isinstance(module, torch.nn.MultiheadAttention) and not pnn.MultiheadAttention._runs_pyexts_attention(module):
+        return "bias_k and bias_v, add_zero_attn or keys and values of their own sizes: torch's forward runs it"
     return None
 
 

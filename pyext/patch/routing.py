@@ -2,6 +2,7 @@
 sends F.scaled_dot_product_attention, F.layer_norm, F.rms_norm and F.gelu
 calls to pyext's, and the forwards that enter it (the model's, and those of
 its modules whose code names a routed function)."""
+import contextlib
 import dis
 import functools
 import inspect
@@ -235,11 +236,24 @@ class _TorchFastPathForward(_ForwardWrapper):
     F calls, and the encoder's code makes none."""
 
     def __call__(self, *args, **kwargs):
-        if self.model.training or not isinstance(torch.overrides._get_current_function_mode(), _RouteCalls):
+        if self.model.training:
             return self._forward(*args, **kwargs)
-        _routing.backends.append(None)  # a routed forward inside enters its own mode
-        try:
-            with torch.overrides._pop_mode_temporarily():
-                return self._forward(*args, **kwargs)
-        finally:
-            _routing.backends.pop()
+        with outside_routing():
+            return self._forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def outside_routing():
+    """Torch's own code run with a patched model's routing mode set aside:
+    torch takes its inference fast paths (nn.TransformerEncoder's,
+    nn.MultiheadAttention's) only where no torch-function mode is active.
+    A routed forward inside enters its own mode."""
+    if not isinstance(torch.overrides._get_current_function_mode(), _RouteCalls):
+        yield
+        return
+    _routing.backends.append(None)
+    try:
+        with torch.overrides._pop_mode_temporarily():
+            yield
+    finally:
+        _routing.backends.pop()
