@@ -345,6 +345,23 @@ def test_a_held_function_that_unwraps_to_itself_is_not_read():
     assert model(torch.ones(1, 2)).shape == (1, 2)
 
 
+def test_a_module_patched_on_its_own_is_patched_anew_with_the_model_holding_it(pyext_sdpa_calls):
+    """patch(block) then patch(model holding it): the model's patch takes the
+    block over (its backend, its report); unpatch of the model undoes both.
+    patch of a block inside a patched model is refused, saying what to do."""
+    model = nano_gpt()
+    block = model.blocks[0]
+    pyext.patch(block, backend="triton")
+    pyext.patch(model, backend="torch")
+    assert not hasattr(block, "_pyext_patched") and block.ln_1.backend == "torch"
+    assert "blocks.0.ln_1" in [path for path, _, _ in pyext.patch_report(model).swapped]
+    loss_of(model, "nanogpt", "cpu", torch.float32)  # torch's backend: float32 runs
+    with pytest.raises(ValueError, match="was patched as part of a model holding it: pyext.unpatch that model"):
+        pyext.patch(block, backend="triton")
+    pyext.unpatch(model)
+    assert type(block.ln_1) is torch.nn.LayerNorm and "forward" not in block.__dict__
+
+
 def test_flags_leave_modules_alone():
     model = nano_gpt()
     pyext.patch(model, layer_norm=False, backend="torch")

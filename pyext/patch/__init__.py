@@ -106,13 +106,21 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
           backend=None, verbose=False) -> torch.nn.Module:
     """Swap pyext's kernels into `model` in place and return it (see the module doc).
 
-    Patching twice is harmless; `backend` pins one backend for every swapped
-    module (None: the process default, normally "auto").
+    Patching twice is harmless, and a module patched before on its own is
+    patched anew as part of `model`; a module inside a patched model is
+    refused (unpatch that model first). `backend` pins one backend for every
+    swapped module (None: the process default, normally "auto").
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"pyext.patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    if getattr(model, "_pyext_patched", False):
-        unpatch(model)
+    for module in model.modules():  # patched before, on its own or as this model: patched anew as this model
+        if getattr(module, "_pyext_patched", False):
+            unpatch(module)
+    inside = next((path or "this module" for path, m in model.named_modules() if "_pyext_original_class" in m.__dict__
+                   or isinstance(m.__dict__.get("forward"), _ForwardWrapper)), None)
+    if inside is not None:
+        raise ValueError(f"pyext.patch: {inside} was patched as part of a model holding it: pyext.unpatch that "
+                         "model first, or patch that model again")
     enabled = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu, "attention": attention}
     report = PatchReport()
     replaced = []  # (module, attribute name, original value) to put back on unpatch
