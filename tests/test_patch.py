@@ -362,6 +362,20 @@ def test_a_module_patched_on_its_own_is_patched_anew_with_the_model_holding_it(p
     assert type(block.ln_1) is torch.nn.LayerNorm and "forward" not in block.__dict__
 
 
+def test_the_report_lists_norm_like_leaves_and_no_other_layers_named_so():
+    """Leaf modules named like a norm that patch does not swap are listed
+    as left; a torch layer of another kind named so (torchtune's
+    GemmaNormEmbeddings, an Embedding) is not. The attention line says when
+    the model's code names no SDPA call."""
+    class ScaledNormEmbeddings(torch.nn.Embedding):
+        pass
+    model = torch.nn.Sequential(ScaledNormEmbeddings(4, 8), torch.nn.GroupNorm(2, 8))
+    report = pyext.patch_report(pyext.patch(model))
+    assert [(path, why) for path, _, why in report.left] == [("1", "no pyext equivalent")]
+    assert report.attention.endswith("(its code names none)")
+    assert not pyext.patch_report(pyext.patch(nano_gpt())).attention.endswith("(its code names none)")
+
+
 def test_flags_leave_modules_alone():
     model = nano_gpt()
     pyext.patch(model, layer_norm=False, backend="torch")

@@ -158,8 +158,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             report.swapped.append((path, cls.__name__, f"pyext.nn.{type(new).__name__}"))
         elif cls.__module__.startswith("pyext."):
             continue
-        elif any(k in cls.__name__.lower() for k in ("norm", "gelu", "attention")) and \
-                not list(module.children()):
+        elif _named_like_what_pyext_swaps(cls) and not list(module.children()):
             unknown.append((path, cls))
 
     model._pyext_backend = backend
@@ -187,6 +186,9 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             _wrap_forward(module, _RoutedForward(module, backend, flags, module.__dict__.get("forward")))
     if attention and not hf:
         report.attention = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
+        if not any("scaled_dot_product_attention" in names for names in named.values()) and \
+                not any(isinstance(m, pnn.MultiheadAttention) for m in model.modules()):
+            report.attention += " (its code names none)"
         sdpa_callers = [path for path in callers if "scaled_dot_product_attention" in named[path]]
         if sdpa_callers:
             report.attention += (", and in the forward of the modules that make them, run on their own as "
@@ -198,6 +200,15 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
     return model
+
+
+def _named_like_what_pyext_swaps(cls) -> bool:
+    """Whether a class is named like a norm, a GELU or an attention and is not
+    a torch layer of another kind (torchtune's GemmaNormEmbeddings is an
+    Embedding): the leaf modules the report lists as left."""
+    words = ("norm", "gelu", "attention")
+    torch_layers = [k for k in cls.__mro__ if k.__module__.startswith("torch.nn.") and k is not torch.nn.Module]
+    return all(any(w in k.__name__.lower() for w in words) for k in [cls] + torch_layers)
 
 
 def _why_not(module, flag, enabled):
