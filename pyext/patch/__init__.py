@@ -113,7 +113,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"pyext.patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():  # patched before, on its own or as this model: patched anew as this model
+    for module in list(model.modules()):  # patched before, on its own or as this model: patched anew as this model
         if getattr(module, "_pyext_patched", False):
             unpatch(module)
     inside = next((path or "this module" for path, m in model.named_modules() if "_pyext_original_class" in m.__dict__
