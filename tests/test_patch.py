@@ -816,6 +816,40 @@ def test_patched_model_compiles_without_graph_breaks():
         torch.testing.assert_close(got, want)
 
 
+class InGraphAttention(torch.nn.Module):
+    """Self-attention whose class torch.compile is told to trace whole, as
+    diffusers marks its attention modules and blocks (maybe_allow_in_graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+torch._dynamo.allow_in_graph(InGraphAttention)
+
+
+def test_a_patched_module_that_torch_compile_traces_whole_breaks_no_graph():
+    """A routed module whose class is torch._dynamo.allow_in_graph'd (diffusers'
+    Attention, BasicTransformerBlock): the patched model compiles into one
+    graph, as unpatched, with the same output and gradients."""
+    model = torch.nn.Sequential(torch.nn.LayerNorm(16), InGraphAttention())
+    x = torch.randn(2, 5, 16)
+    pyext.patch(model, backend="torch")
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, want = (run(x) for run in (compiled, model))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got.sum(), list(model.parameters())),
+                    torch.autograd.grad(want.sum(), list(model.parameters()))):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
 def test_a_patched_hf_model_compiles_without_graph_breaks(kind):
     """The same for HF models: the attention function and its routing (the

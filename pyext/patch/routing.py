@@ -186,15 +186,21 @@ class _ForwardWrapper:
     """A patched module's forward wrapping the forward it had. An object
     holding the module rather than a closure over its bound forward, so that
     copy.deepcopy and pickling of the model carry it along, bound to the copy
-    (a closure would keep calling the original model)."""
+    (a closure would keep calling the original model). The class's forward
+    is looked up once: torch.compile cannot read it off type(module) where
+    the class is one it is told to trace whole (torch._dynamo.allow_in_graph:
+    diffusers' attention modules and blocks), and broke the graph there."""
+    cls = cls_forward = None  # what a wrapper pickled before they were kept reads
 
     def __init__(self, model, previous=None):
         self.model, self.previous = model, previous
+        self.cls, self.cls_forward = type(model), type(model).forward
 
     def _forward(self, *args, **kwargs):
         if self.previous is not None:  # an instance forward set before the patch
             return self.previous(*args, **kwargs)
-        return type(self.model).forward(self.model, *args, **kwargs)
+        forward = self.cls_forward if type(self.model) is self.cls else type(self.model).forward
+        return forward(self.model, *args, **kwargs)
 
     @property
     def __signature__(self):  # what inspect.signature(model.forward) gives, as before the patch
