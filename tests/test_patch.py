@@ -816,17 +816,9 @@ def test_patched_model_compiles_without_graph_breaks():
         torch.testing.assert_close(got, want)
 
 
-class InGraphAttention(torch.nn.Module):
+class InGraphAttention(LibraryAttention):
     """Self-attention whose class torch.compile is told to trace whole, as
     diffusers marks its attention modules and blocks (maybe_allow_in_graph)."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 torch._dynamo.allow_in_graph(InGraphAttention)
