@@ -70,7 +70,8 @@ def _code_of(f):
     """The code `f` runs: past decorators that keep the function they wrap as
     __wrapped__ (functools.wraps; transformers 5.24 so wraps its attention
     modules' forwards in deprecate_kwarg), else f's own; None for no code."""
-    return getattr(inspect.unwrap(f), "__code__", None) if callable(f) else None
+    function = _function_of(f)
+    return function.__code__ if function is not None else None
 
 
 def _named_in(module, names, memo=None) -> set:
@@ -84,7 +85,7 @@ def _named_in(module, names, memo=None) -> set:
     attention processors: `self.processor(self, ...)` makes the call) or are
     modules with a `__call__` of their own, and the functions these call by
     a global name (a helper in the model's file). `memo` keeps what each
-    function calls across the modules of a model."""
+    function calls across the modules of a model, for the same `names`."""
     holders = [module] + [value for value in vars(module).values() if _holds_code(value)] + \
         [child for child in module.children() if type(child).__call__ is not torch.nn.Module.__call__]
     functions = [f for holder in holders for f in _methods(type(holder))]
@@ -96,9 +97,9 @@ def _named_in(module, names, memo=None) -> set:
         if function is None or function in seen:
             continue
         seen.add(function)
-        if (function, names) not in memo:
-            memo[function, names] = _calls_of(function, names)
-        calls, callees = memo[function, names]
+        if function not in memo:
+            memo[function] = _calls_of(function, names)
+        calls, callees = memo[function]
         found |= calls
         functions += callees
     return found
