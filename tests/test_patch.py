@@ -3,8 +3,10 @@ against their originals, state and parameters, where attention and function
 calls go, the report, compile and export. HF models' attention and modules:
 test_patch_hf_attention.py and test_patch_hf_modules.py."""
 import copy
-import functools
 import io
+import sys
+import textwrap
+import types
 
 import pytest
 import torch
@@ -233,6 +235,29 @@ def attend(q, k, v):  # a helper in the model's file that the attention module c
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def _attention_dispatch_module():
+    """A module of code as diffusers' attention_dispatch: its dispatcher picks
+    the attention function from a table, so no name in the caller's code or
+    the dispatcher's is the one that calls SDPA."""
+    module = types.ModuleType("attention_dispatch_of_a_library")
+    exec(textwrap.dedent("""
+        import torch.nn.functional as F
+
+        def _native_attention(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+        BACKENDS = {"native": _native_attention}
+
+        def dispatch_attention(q, k, v, backend="native"):
+            return BACKENDS[backend](q, k, v)
+    """), vars(module))
+    sys.modules[module.__name__] = module
+    return module
+
+
+dispatch_attention = _attention_dispatch_module().dispatch_attention
+
+
 class AttentionProcessor:  # not a module; as diffusers' AttnProcessor2_0, the attention's forward calls it
     def __call__(self, attn, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
@@ -245,27 +270,54 @@ class AttentionProcessorModule(torch.nn.Module):  # diffusers' processors that h
 
 class AttentionCallingOut(torch.nn.Module):
     """Self-attention whose SDPA call is made elsewhere than in its forward's
-    code: `how` it is made."""
+    code: by what `call_attention` of a class below calls, each its own
+    code, so that each way of making the call is what patch has to find."""
 
-    def __init__(self, how):
+    def __init__(self):
         super().__init__()
-        self.how, self.qkv = how, torch.nn.Linear(16, 48)
-        if how in ("processor", "processor module"):
-            self.processor = AttentionProcessor() if how == "processor" else AttentionProcessorModule()
-        elif how == "held function":
-            self.attention_function = attend
+        self.qkv = torch.nn.Linear(16, 48)
 
     def forward(self, x):
         q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
-        if self.how == "helper":
-            out = attend(q, k, v)
-        elif self.how == "another name":
-            out = sdpa_by_another_name(q, k, v)
-        elif self.how == "held function":
-            out = self.attention_function(q, k, v)
-        else:
-            out = self.processor(self, q, k, v)
-        return out.transpose(1, 2).flatten(2)
+        return self.call_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class ByProcessor(AttentionCallingOut):
+    def __init__(self, processor=AttentionProcessor):
+        super().__init__()
+        self.processor = processor()
+
+    def call_attention(self, q, k, v):
+        return self.processor(self, q, k, v)
+
+
+class ByProcessorModule(ByProcessor):
+    def __init__(self):
+        super().__init__(AttentionProcessorModule)
+
+
+class ByHelper(AttentionCallingOut):
+    def call_attention(self, q, k, v):
+        return attend(q, k, v)
+
+
+class ByAnotherName(AttentionCallingOut):
+    def call_attention(self, q, k, v):
+        return sdpa_by_another_name(q, k, v)
+
+
+class ByHeldFunction(AttentionCallingOut):
+    def __init__(self):
+        super().__init__()
+        self.attention_function = attend
+
+    def call_attention(self, q, k, v):
+        return self.attention_function(q, k, v)
+
+
+class ByDispatcher(AttentionCallingOut):
+    def call_attention(self, q, k, v):
+        return dispatch_attention(q, k, v)
 
 
 class LibraryAttention(torch.nn.Module):

@@ -6,6 +6,7 @@ import contextlib
 import dis
 import functools
 import inspect
+import sys
 import threading
 from types import CodeType, FunctionType
 
@@ -158,7 +159,19 @@ def _calls_of(function, names) -> tuple:
                     calls.add(i.argval)
                 elif isinstance(value, FunctionType) and not _torchs_or_ours(value.__module__):
                     callees.append(value)
+                    if value.__module__ != function.__module__:
+                        callees += _functions_of_module(value.__module__)
     return calls, callees
+
+
+def _functions_of_module(name) -> list:
+    """The functions a module of code defines. A function called from
+    another module's code counts as calling what these call: a dispatcher
+    may pick one of them from a table (diffusers' dispatch_attention_fn,
+    Flux's attention), which no name in the code shows."""
+    module = sys.modules.get(name)
+    return [value for value in vars(module).values()
+            if isinstance(value, FunctionType) and value.__module__ == name] if module is not None else []
 
 
 def _code_and_nested(code):
