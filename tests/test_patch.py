@@ -334,16 +334,20 @@ class LibraryAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("how", ["processor", "processor module", "helper", "another name", "held function",
-                                 "another library"])
+                                 "dispatched", "another library"])
 def test_a_checkpointed_block_recomputes_attention_called_outside_its_forward_through_pyext(how, pyext_sdpa_calls):
     """A module whose forward has SDPA called by an object it holds (diffusers'
     attention processors), a helper function, a function held as an
-    attribute, or F's function imported under another name, or whose code is
+    attribute, F's function imported under another name, or a function
+    another module's dispatcher picks from a table (diffusers' attention
+    dispatch: Flux, Wan, HunyuanVideo), or whose code is
     another library's: a block of them that torch.utils.checkpoint
     recomputes in the backward calls pyext again, as its forward did
     (torch's SDPA would save other tensors, which checkpoint refuses with
     the Triton kernels)."""
-    attention = LibraryAttention if how == "another library" else functools.partial(AttentionCallingOut, how)
+    attention = {"processor": ByProcessor, "processor module": ByProcessorModule, "helper": ByHelper,
+                 "another name": ByAnotherName, "held function": ByHeldFunction, "dispatched": ByDispatcher,
+                 "another library": LibraryAttention}[how]
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -424,8 +428,36 @@ def test_the_report_lists_norm_like_leaves_and_no_other_layers_named_so():
     model = torch.nn.Sequential(ScaledNormEmbeddings(4, 8), torch.nn.GroupNorm(2, 8))
     report = pyext.patch_report(pyext.patch(model))
     assert [(path, why) for path, _, why in report.left] == [("1", "no pyext equivalent")]
-    assert report.attention.endswith("(its code names none)")
+    assert report.attention == "not routed: no code of the model names F.scaled_dot_product_attention"
+    assert "nothing to swap" in str(report)
+    calls_gelu = torch.nn.Sequential(torch.nn.Linear(8, 8), GELUFunction())
+    assert pyext.patch_report(pyext.patch(calls_gelu)).attention.endswith("(its code names none)")
     assert not pyext.patch_report(pyext.patch(nano_gpt())).attention.endswith("(its code names none)")
+
+
+class GELUFunction(torch.nn.Module):
+    def forward(self, x):
+        return F.gelu(x)
+
+
+def test_a_model_whose_code_names_no_routed_function_runs_outside_the_routing_mode():
+    """The routing mode costs each torch call of the forward it is entered
+    by: a model whose code calls none of the functions patch routes (LeViT:
+    BatchNorm, its own attention) runs its forward as it was; one whose code
+    calls one runs in the mode, SDPA calls included."""
+    from pyext.patch.routing import _RouteCalls
+
+    class RecordsTheMode(torch.nn.Module):
+        def forward(self, x):
+            self.mode = torch.overrides._get_current_function_mode()
+            return x
+
+    plain = pyext.patch(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), RecordsTheMode()))
+    calling = pyext.patch(torch.nn.Sequential(torch.nn.Linear(8, 8), GELUFunction(), RecordsTheMode()))
+    for model, routed in ((plain, False), (calling, True)):
+        model(torch.randn(2, 8))
+        assert isinstance(model[2].mode, _RouteCalls) is routed
+        assert ("forward" in model.__dict__) is routed
 
 
 def test_flags_leave_modules_alone():
@@ -641,8 +673,9 @@ def test_a_transformer_encoder_in_eval_keeps_torchs_fast_path(wrapped, pyext_sdp
     """nn.TransformerEncoder in eval mode under no_grad, given a padded
     batch: torch's inference fast path (nested tensors, zeros in the padded
     rows) runs as before the patch, the same output bit for bit, whether the
-    encoder is the patched model or inside it. With grad enabled torch takes
-    its slow path, and its attention goes through pyext's, as before."""
+    encoder is the patched model or inside one whose forward is routed (its
+    code calls F.gelu). With grad enabled torch takes its slow path, and its
+    attention goes through pyext's, as before."""
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -650,7 +683,7 @@ def test_a_transformer_encoder_in_eval_keeps_torchs_fast_path(wrapped, pyext_sdp
                 32, 4, dim_feedforward=64, dropout=0.0, batch_first=True), num_layers=2)
 
         def forward(self, x, src_key_padding_mask):
-            return self.encoder(x, src_key_padding_mask=src_key_padding_mask)
+            return F.gelu(self.encoder(x, src_key_padding_mask=src_key_padding_mask))
     torch.manual_seed(0)
     original = (Model() if wrapped else Model().encoder).eval()
     patched = pyext.patch(copy.deepcopy(original), backend="torch")
@@ -958,16 +991,19 @@ def test_torchscript_refuses_pyext_modules_with_a_way_out(module):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("kind", ["routed", "encoder"])
 def test_a_patched_model_refuses_torchscript_and_scripts_again_unpatched(kind):
-    """A model whose forward pyext.patch wraps refuses too, its copies as
-    well; unpatched, it scripts and computes as before the patch."""
+    """A module whose forward pyext.patch wraps refuses too (a routed model;
+    a TransformerEncoder in one, its eval forward set outside the routing),
+    its copies as well; unpatched, it scripts and computes as before the
+    patch."""
     model, x = ((ScriptableAttention(), torch.randn(2, 3, 5, 8)) if kind == "routed"
-                else (encoder(), torch.randn(2, 5, 32)))
+                else (torch.nn.Sequential(encoder(), GELUFunction()), torch.randn(2, 5, 32)))
     expected = model(x)
     pyext.patch(model, backend="torch")
-    refused = f"torch.jit.script cannot compile a {type(model).__name__} whose forward pyext.patch wraps"
     for patched in (model, copy.deepcopy(model), _saved_and_loaded(model, io.BytesIO())):
+        wrapped = patched if kind == "routed" else patched[0]
+        refused = f"torch.jit.script cannot compile a {type(wrapped).__name__} whose forward pyext.patch wraps"
         with pytest.raises(RuntimeError, match=refused):
-            torch.jit.script(patched)
+            torch.jit.script(wrapped)
     torch.testing.assert_close(torch.jit.script(pyext.unpatch(model))(x), expected, rtol=0, atol=0)
 
 

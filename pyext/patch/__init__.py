@@ -16,7 +16,9 @@
   recomputes in the backward): other code, and other models, are untouched.
   So do calls to F.layer_norm, F.rms_norm and F.gelu that the model's own
   code makes (nanoGPT's LayerNorm module, a block written with torch's
-  functions), each with its flag, in models outside transformers. An
+  functions), each with its flag, in models outside transformers. The mode
+  costs each torch call it sees (~1 us of host time), so a model whose code
+  names none of these functions (routing.py reads it) runs without it. An
   nn.TransformerEncoder in eval mode runs with that routing set aside, so
   torch's inference fast path stays torch's (a torch-function mode would
   turn it off); its swapped modules run pyext's kernels on the slow path.
@@ -97,7 +99,7 @@ class PatchReport:
         lines += [f"  swapped {path or '<root>'}: {old} -> {new}" for path, old, new in self.swapped]
         lines += [f"  left    {path or '<root>'}: {cls} ({why})" for path, cls, why in self.left]
         lines += [f"  note    {note}" for note in self.notes]
-        if not self.swapped and self.attention == "not routed" and not self.functions:
+        if not self.swapped and self.attention.startswith("not routed") and not self.functions:
             lines.append("  nothing to swap in this model")
         return "\n".join(lines)
 
@@ -176,23 +178,19 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     functions &= set().union(*named.values())  # those some module's code names
     flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
     report.functions = [f"F.{name}" for name in _ROUTED_FUNCTIONS if name in functions]
-    if flags:
+    # The routing mode costs each torch call of the forwards it is entered by
+    # (~1 us on the host): none where no code of the model names a routed function.
+    routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
+    callers = [path for path, names in named.items() if names & routed]
+    if callers:
         for module in model.modules():
             if isinstance(module, torch.nn.TransformerEncoder):
                 _wrap_forward(module, _TorchFastPathForward(module, module.__dict__.get("forward")))
-        routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
-        callers = [path for path, names in named.items() if path and names & routed]
-        for module in [model] + [model.get_submodule(path) for path in callers]:
+        for module in [model] + [model.get_submodule(path) for path in callers if path]:
             _wrap_forward(module, _RoutedForward(module, backend, flags, module.__dict__.get("forward")))
     if attention and not hf:
-        report.attention = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
-        if not any("scaled_dot_product_attention" in names for names in named.values()) and \
-                not any(isinstance(m, pnn.MultiheadAttention) for m in model.modules()):
-            report.attention += " (its code names none)"
-        sdpa_callers = [path for path in callers if "scaled_dot_product_attention" in named[path]]
-        if sdpa_callers:
-            report.attention += (", and in the forward of the modules that make them, run on their own as "
-                                 "torch.utils.checkpoint recomputes them: " + ", ".join(sdpa_callers))
+        report.attention = _routed_attention_line(named, bool(callers),
+                                                  any(isinstance(m, pnn.MultiheadAttention) for m in model.modules()))
     # torch's GroupNorm or BatchNorm has none; a class of the model's own may compute what pyext does
     report.left += [(path, cls.__name__, "no pyext equivalent" if cls.__module__.startswith("torch.")
                      else "code pyext does not recognise") for path, cls in unknown if not named[path] & functions]
@@ -200,6 +198,23 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
     return model
+
+
+def _routed_attention_line(named, routed, mha) -> str:
+    """The report's attention line for a model outside transformers:
+    `named` the routed functions each module's code names, `routed` whether
+    its forward is routed, `mha` whether it has nn.MultiheadAttention modules."""
+    if not routed:
+        return ("the swapped nn.MultiheadAttention modules run pyext's; no other" if mha else "not routed: no") + \
+            " code of the model names F.scaled_dot_product_attention"
+    line = "F.scaled_dot_product_attention calls in the model's forward go to pyext"
+    callers = [path for path, names in named.items() if "scaled_dot_product_attention" in names]
+    if not callers and not mha:
+        line += " (its code names none)"
+    if [path for path in callers if path]:
+        line += (", and in the forward of the modules that make them, run on their own as torch.utils.checkpoint "
+                 "recomputes them: " + ", ".join(path for path in callers if path))
+    return line
 
 
 def _named_like_what_pyext_swaps(cls) -> bool:
