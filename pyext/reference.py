@@ -6,6 +6,7 @@ norms call torch's ops below torch.nn.functional (the same ops F.gelu,
 F.layer_norm and F.rms_norm call), which pyext.patch's routing of a model's
 F calls to pyext leaves alone: pyext's fallbacks are never sent back to it.
 """
+import contextlib
 import math
 
 import torch
@@ -99,7 +100,9 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
     in the computing one.
     """
     dtype = q.dtype
-    with torch.autocast(q.device.type, enabled=False):  # its precision is its own, as a fused kernel's
+    # its precision is its own, as a fused kernel's (the meta device has no autocast to turn off)
+    with torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type) \
+            else contextlib.nullcontext():
         q, k, v = (t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in (q, k, v))
         groups = q.shape[1] // k.shape[1] if k.shape[1] else 1  # no heads at all: nothing to repeat
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -493,6 +493,18 @@ def test_flash_attention_float32_goes_to_the_reference_under_auto():
     torch.testing.assert_close(out, reference.attention(q, k, v, causal=True, causal_offset=0)[0])
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_flash_attention_on_the_meta_device_gives_the_shapes_torch_gives(backend, softcap):
+    """A model built on the meta device (its shapes traced, no memory taken)
+    runs pyext's reference as torch runs its SDPA: the meta device has no
+    autocast for the reference to turn off (a patched Gemma 2, whose soft
+    cap goes to pyext, raised "unsupported scalarType")."""
+    q = torch.empty(1, 2, 5, 8, dtype=torch.bfloat16, device="meta")
+    out = pyext.flash_attention(q, q, q, causal=True, softcap=softcap, backend=backend)
+    assert out.is_meta and out.shape == F.scaled_dot_product_attention(q, q, q, is_causal=True).shape
+
+
 @pytest.mark.parametrize("bad,error", [
     ("dtype", "same dtype"), ("device", "same device"), ("rank", "rank at least 2"), ("head_dim", "head dim"),
     ("heads", "heads"), ("batch", "broadcast"), ("length", "length"),
