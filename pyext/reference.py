@@ -148,18 +148,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     (Hq, total_q). keeps: sequence b's dropout mask (1, Hq, Sq_b, Sk_b) per
     sequence, or None to draw them. sinks (Hq,): every sequence's, as attention()'s."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    empty = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))  # no sequences at all
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64
-                     else torch.float32, device=q.device)
     offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs = []
+    outs, lses = [], []  # the sequences' rows, which run from 0 to the rows given; joined, not written in
     for b, (q0, q1, k0, k1) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])):
         o, row_lse = attention(*(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), scale=scale,
                          causal=causal, causal_offset=(k1 - k0) - (q1 - q0), dropout_p=dropout_p,
                          keep=None if keeps is None else keeps[b], window=window, softcap=softcap, sinks=sinks)
         outs.append(o[0].transpose(0, 1))
-        lse[:, q0:q1] = row_lse[0]
-    return (torch.cat(outs) if outs else empty), lse
+        lses.append(row_lse[0])
+    if not outs:  # no sequences at all
+        return q.new_zeros((q.shape[0], q.shape[1], v.shape[2])), \
+            torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64
+                       else torch.float32, device=q.device)
+    return torch.cat(outs), torch.cat(lses, dim=-1)
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,

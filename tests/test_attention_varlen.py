@@ -352,6 +352,20 @@ def test_more_sequences_than_the_grid_takes_are_named_by_the_triton_backend():
         pyext.flash_attention_varlen(q, q, q, offsets, offsets, 0, 0, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_vmap_over_packed_batches_is_a_loop_over_them(backend):
+    """torch.func.vmap over a batch of packed batches with the same offsets
+    (an ensemble's, say): under auto and torch, what a loop over them gives."""
+    q, k, v, cu_q, cu_k, max_q, max_k = (t.detach() if isinstance(t, torch.Tensor) else t
+                                         for t in packed(CASES[1], torch.bfloat16, "cpu"))
+    qs, ks, vs = (torch.stack([t, t.flip(0)]) for t in (q, k, v))
+
+    def attend(q, k, v):
+        return pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, backend=backend)
+    expected = torch.stack([attend(*t) for t in zip(qs, ks, vs)])
+    torch.testing.assert_close(torch.vmap(attend)(qs, ks, vs), expected, rtol=0, atol=0)
+
+
 def test_offsets_are_checked_once_per_tensor_until_written(monkeypatch):
     """The layers of a model share one batch's offsets: copied to the host
     once, and again after an in-place write (which must be checked again)."""
