@@ -1,6 +1,8 @@
 """pyext.flash_attention_varlen: attention over a packed batch (sequences end
 to end, no padding), the specification."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -364,6 +366,22 @@ def test_vmap_over_packed_batches_is_a_loop_over_them(backend):
         return pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, backend=backend)
     expected = torch.stack([attend(*t) for t in zip(qs, ks, vs)])
     torch.testing.assert_close(torch.vmap(attend)(qs, ks, vs), expected, rtol=0, atol=0)
+
+
+def test_offsets_that_hold_no_values_are_not_read():
+    """Under FakeTensorMode (shapes traced without data) and on the meta
+    device the offsets cannot be read: the Triton op's shapes come out, as
+    the op itself gives them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v, cu_q, cu_k, max_q, max_k = (t.detach() if isinstance(t, torch.Tensor) else t
+                                         for t in packed(CASES[1], torch.bfloat16, device_for("triton")))
+    mode = FakeTensorMode()
+    for tensors, context in (((mode.from_tensor(t) for t in (q, k, v, cu_q, cu_k)), mode),
+                             ((t.to("meta") for t in (q, k, v, cu_q, cu_k)), contextlib.nullcontext())):
+        tensors = list(tensors)
+        with context:
+            out = pyext.flash_attention_varlen(*tensors, max_q, max_k, causal=True, backend="triton")
+        assert out.shape == (q.shape[0], q.shape[1], v.shape[2])
 
 
 def test_offsets_are_checked_once_per_tensor_until_written(monkeypatch):

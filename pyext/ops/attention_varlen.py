@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
@@ -180,9 +181,11 @@ def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     whose longest sequence is within max_seqlen: the kernels' grid is sized by
     it, and a longer sequence would be left partly unwritten. One copy of the
     offsets to the host (a sync on a GPU) per offsets tensor and version;
-    skipped where none can be made: while torch.compile traces and while a
-    CUDA graph is captured."""
-    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    skipped where none can be made: while torch.compile traces, while a
+    CUDA graph is captured, and for offsets that hold no values (fake or
+    meta tensors: shapes traced by FakeTensorMode)."""
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()) or \
+            any(is_fake(cu) or cu.is_meta for cu in (cu_seqlens_q, cu_seqlens_k)):
         return
     for name, cu, rows, longest, limit in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
                                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
