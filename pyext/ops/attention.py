@@ -186,8 +186,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
-        out, lse = _FlashAttention.apply(name, _backend.is_auto(backend), deterministic, *_distinct(q, k, v), scale,
-                                         causal, causal_offset, dropout_p, seed, None, window, softcap, sinks)[:2]
+        out, lse = _FlashAttention.apply("flash_attention", name, _backend.is_auto(backend), deterministic,
+                                         *_distinct(q, k, v), scale, causal, causal_offset, dropout_p, seed, None,
+                                         window, softcap, sinks)[:2]
     return (out, lse) if return_lse else out
 
 
@@ -271,9 +272,9 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     scale = softmax_scale(scale, query.shape[-1])
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
-    out = _FlashAttention.apply(name, _backend.is_auto(backend), torch.are_deterministic_algorithms_enabled(),
-                                *_distinct(q, k, v), scale, is_causal, 0, dropout_p, seed, mask, window, softcap,
-                                sinks)[0]
+    out = _FlashAttention.apply("scaled_dot_product_attention", name, _backend.is_auto(backend),
+                                torch.are_deterministic_algorithms_enabled(), *_distinct(q, k, v), scale,
+                                is_causal, 0, dropout_p, seed, mask, window, softcap, sinks)[0]
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out
 
 

@@ -216,7 +216,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, out_lo)  # lse: a statistic returned for inspection, as in FlashAttention
     ctx.save_for_backward(q, k, v, out, out_lo, lse)
     ctx.args = (scale, causal, causal_offset)
-    ctx.deterministic = True  # a forward op called directly; _FlashAttention sets the caller's choice
+    # a forward op called directly; _FlashAttention sets the caller's choice and the function called
+    ctx.deterministic, ctx.function = True, "flash_attention"
 
 
 def _dropout_setup_context(ctx, inputs, output):
@@ -225,7 +226,7 @@ def _dropout_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, out_lo)
     ctx.save_for_backward(q, k, v, out, out_lo, lse, seed)
     ctx.args, ctx.dropout_p = (scale, causal, causal_offset), dropout_p
-    ctx.deterministic = True
+    ctx.deterministic, ctx.function = True, "flash_attention"
 
 
 def _masked_setup_context(ctx, inputs, output):
@@ -234,7 +235,7 @@ def _masked_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, out_lo)
     ctx.save_for_backward(q, k, v, mask, out, out_lo, stats, sinks, seed)
     ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
-    ctx.deterministic = True
+    ctx.deterministic, ctx.function = True, "scaled_dot_product_attention"
 
 
 def _extras_setup_context(ctx, inputs, output):
@@ -244,7 +245,7 @@ def _extras_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, out_lo, lse, sinks, seed)
     ctx.args, ctx.window = (scale, causal, causal_offset), (window_left, window_right)
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
-    ctx.deterministic = True
+    ctx.deterministic, ctx.function = True, "flash_attention"
 
 
 def _reference_out(q, k, v, scale, causal, causal_offset, dropout_p=0.0, keep=None, mask=None, window=None,
@@ -272,7 +273,7 @@ def _make_backward(bwd_op):
     def backward(ctx, dout, *_):
         q, k, v, out, out_lo, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            return create_graph_grads("flash_attention", ctx, _reference_out, (q, k, v, *ctx.args), (dout,))
+            return create_graph_grads(ctx.function, ctx, _reference_out, (q, k, v, *ctx.args), (dout,))
         dq, dk, dv = bwd_op(dout, q, k, v, out, out_lo, lse, *ctx.args, ctx.deterministic)
         return dq, dk, dv, None, None, None
     return backward
@@ -283,7 +284,7 @@ def _make_dropout_backward(bwd_op):
         q, k, v, out, out_lo, lse, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p)
-            return create_graph_grads("flash_attention", ctx, _reference_out,
+            return create_graph_grads(ctx.function, ctx, _reference_out,
                                       (q, k, v, *ctx.args, ctx.dropout_p, keep), (dout,))
         dq, dk, dv = bwd_op(dout, q, k, v, out, out_lo, lse, *ctx.args, ctx.dropout_p, seed, ctx.deterministic)
         return dq, dk, dv, None, None, None, None, None
@@ -295,7 +296,7 @@ def _make_masked_backward(bwd_op):
         q, k, v, mask, out, out_lo, stats, sinks, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
-            grads = create_graph_grads("scaled_dot_product_attention", ctx, _reference_out,
+            grads = create_graph_grads(ctx.function, ctx, _reference_out,
                                        (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap,
                                         sinks), (dout,))
             return grads[:3] + (None, None, None, grads[-1], None, None)
@@ -310,7 +311,7 @@ def _make_extras_backward(bwd_op):
         q, k, v, out, out_lo, lse, sinks, seed = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the reference, with the kernels' dropout mask
             keep = _kernels_keep_mask(seed, q, k, ctx.dropout_p) if ctx.dropout_p > 0 else None
-            grads = create_graph_grads("flash_attention", ctx, _reference_out,
+            grads = create_graph_grads(ctx.function, ctx, _reference_out,
                                        (q, k, v, *ctx.args, ctx.dropout_p, keep, None, ctx.window, ctx.softcap,
                                         sinks), (dout,))
             return grads[:3] + (None,) * 6 + (grads[-1], None, None)
@@ -344,12 +345,13 @@ _KINDS = {"plain": (FWD, _setup_context, _make_backward, BWD),
 
 class _FlashAttention(torch.autograd.Function):
     """The forward op of `backend` with a backward that honours `deterministic`
-    and `auto` (see create_graph_grads): the op's schema has no place for
-    them, so they live in this context."""
+    and `auto` (see create_graph_grads) and names the `function` called in
+    its errors: the op's schema has no place for them, so they live in this
+    context."""
 
     @staticmethod
-    def forward(ctx, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal, causal_offset,
-                dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
+    def forward(ctx, function: str, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal,
+                causal_offset, dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
         if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
             ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
         elif window is not None or softcap > 0 or sinks is not None:
@@ -363,7 +365,7 @@ class _FlashAttention(torch.autograd.Function):
         with past_autograd():
             output = forward_ops[backend](*inputs)
         setup_context(ctx, inputs, output)
-        ctx.backend, ctx.auto, ctx.deterministic = backend, auto, deterministic
+        ctx.backend, ctx.auto, ctx.deterministic, ctx.function = backend, auto, deterministic, function
         return output
 
     @staticmethod
@@ -372,4 +374,4 @@ class _FlashAttention(torch.autograd.Function):
         grads = make_backward(called_past_autograd(backward_ops[ctx.backend]))(ctx, dout, dlse)
         sinks_at = {"masked": 6, "extras": 9}.get(ctx.kind)  # the sinks' place in the op's inputs
         dsinks = None if sinks_at is None else grads[sinks_at]
-        return (None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)
+        return (None, None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)
