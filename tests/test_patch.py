@@ -138,6 +138,36 @@ def test_unpatch_keeps_a_parametrization_registered_after_the_patch():
     assert type(model[1]) is torch.nn.LayerNorm
 
 
+@pytest.mark.parametrize("how", ["register_parametrization", "weight_norm"])
+def test_a_norm_parametrized_before_the_patch_is_swapped_keeping_it(how):
+    """A norm whose weight torch's parametrize reparametrized before the
+    patch (its class Parametrized<name>, derived from torch's) is swapped,
+    the parametrization kept, and computes as the unpatched one; unpatch
+    gives it back on torch's class. (It was left unreported, torch's kernel
+    running under a named backend, and weight_norm's _WeightNorm listed as
+    a norm left.)"""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    for norm in model[1:]:
+        if how == "weight_norm":
+            weight_norm(norm, "weight", dim=None)
+        else:
+            parametrize.register_parametrization(norm, "weight", Doubled())
+    unpatched, x = copy.deepcopy(model), torch.randn(3, 8)
+    pyext.patch(model, backend="torch")
+    report = pyext.patch_report(model)
+    assert [(path, new) for path, _, new in report.swapped] == [("1", "pyext.nn.LayerNorm"), ("2", "pyext.nn.RMSNorm")]
+    assert report.left == []
+    assert isinstance(model[1], pyext.nn.LayerNorm) and isinstance(model[2], pyext.nn.RMSNorm)
+    assert all(parametrize.is_parametrized(norm, "weight") for norm in model[1:])
+    torch.testing.assert_close(model(x), unpatched(x), rtol=0, atol=0)
+    pyext.unpatch(model)
+    assert [parametrize.type_before_parametrizations(norm) for norm in model[1:]] == \
+        [torch.nn.LayerNorm, torch.nn.RMSNorm]
+    torch.testing.assert_close(model(x), unpatched(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["nanogpt", "gpt2"])
 def test_a_copy_of_a_patched_model_computes_with_its_own_weights(kind, pyext_sdpa_calls):
     """copy.deepcopy and torch.save / torch.load of a whole patched model: the

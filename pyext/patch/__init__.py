@@ -69,7 +69,7 @@ from pyext.ops.gelu import gelu as pyext_gelu
 from pyext.patch.hf_attention import _flash_before, _native_windows, _use_pyext_attention_in_hf
 from pyext.patch.hf_modules import _hf_module_swaps, _hf_swap
 from pyext.patch.notes import _attention_notes
-from pyext.patch.replacing import _on_original, _put_back, _replace
+from pyext.patch.replacing import _put_back, _rebased, _replace
 from pyext.patch.routing import (_ROUTED_FUNCTIONS, _ForwardWrapper, _named_in, _RoutedForward,
                                  _TorchFastPathForward)
 
@@ -140,15 +140,15 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
                 report.swapped.append((where, "F.gelu", "pyext.gelu"))
             else:
                 report.left.append((where, "F.gelu", "gelu=False"))
-        if cls in _CLASS_SWAPS:
-            new_cls, flag = _CLASS_SWAPS[cls]
+        if (torch_cls := _swappable_class(module)) is not None:
+            new_cls, flag = _CLASS_SWAPS[torch_cls]
             why_not = _why_not(module, flag, enabled)
             if why_not:
                 report.left.append((path, cls.__name__, why_not))
                 continue
-            module.__class__ = new_cls
+            module.__class__ = _rebased(cls, torch_cls, new_cls)
             module.backend = backend
-            module._pyext_original_class = cls
+            module._pyext_original_class = torch_cls
             report.swapped.append((path, cls.__name__, f"pyext.nn.{new_cls.__name__}"))
         elif (hf_swap := _hf_swap(cls, hf_swaps)) is not None:
             flag, make = hf_swap
@@ -160,7 +160,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             report.swapped.append((path, cls.__name__, f"pyext.nn.{type(new).__name__}"))
         elif cls.__module__.startswith("pyext."):
             continue
-        elif _named_like_what_pyext_swaps(cls) and not list(module.children()):
+        elif _named_like_what_pyext_swaps(cls) and not list(module.children()) and \
+                "parametrizations" not in path.split("."):  # weight_norm's _WeightNorm is no layer of the model
             unknown.append((path, cls))
 
     model._pyext_backend = backend
@@ -217,6 +218,16 @@ def _routed_attention_line(named, routed, mha) -> str:
     return line
 
 
+def _swappable_class(module):
+    """The torch class of _CLASS_SWAPS that `module` is one of: its class, or
+    the one torch's parametrize derived its class from (weight_norm,
+    spectral_norm or register_parametrization before the patch), else None."""
+    cls = type(module)
+    if cls not in _CLASS_SWAPS and torch.nn.utils.parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls if cls in _CLASS_SWAPS else None
+
+
 def _named_like_what_pyext_swaps(cls) -> bool:
     """Whether a class is named like a norm, a GELU or an attention and is not
     a torch layer of another kind (torchtune's GemmaNormEmbeddings is an
@@ -255,7 +266,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         original = module.__dict__.pop("_pyext_original_class", None)
         if original is not None:
-            module.__class__ = _on_original(type(module), _CLASS_SWAPS[original][0], original)
+            module.__class__ = _rebased(type(module), _CLASS_SWAPS[original][0], original)
             module.__dict__.pop("backend", None)
     for parent, name, old in model._pyext_replaced:
         setattr(parent, name, old)

@@ -4,7 +4,8 @@ again, keeping what was done to the model in between.
 - A torch module keeps its object and gets pyext's class; unpatch gives it
   back the original class, or, where something derived a class of its own
   from pyext's meanwhile (torch's parametrize), that class rebuilt on the
-  original (_on_original).
+  original (_rebased); a module parametrized before the patch gets its
+  class rebuilt on pyext's.
 - A transformers module is replaced by a new pyext module, in every place
   of the model that holds it (_replace). The two share the old module's
   hooks (the same dicts: a hook registered on either before or during the
@@ -43,7 +44,7 @@ def _put_back(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.Module
         if name in new.__dict__:
             setattr(old, name, new.__dict__[name])
     if type(new) is not new_class:  # parametrized since: old's class gets the property of each
-        old.__class__ = _on_original(type(new), new_class, type(old))
+        old.__class__ = _rebased(type(new), new_class, type(old))
     moved = set(getattr(new, "parametrizations", {}))  # names of Parameters a parametrization holds now
     for store in ("_parameters", "_buffers", "_modules"):
         mine, theirs = getattr(old, store), getattr(new, store)
@@ -61,14 +62,14 @@ def _swap_children(model, child, by):
 
 
 @functools.lru_cache(maxsize=None)
-def _on_original(cls, swapped, original):
-    """cls with `original` in place of `swapped`, the pyext class patch gave
-    the module: `original` itself, or, where something derived a class of
-    its own from pyext's after the patch (torch's parametrize makes
-    Parametrized<name> on the spot), that class rebuilt on `original` (and
-    named after it), so that unpatch keeps what it added."""
-    if cls is swapped:
-        return original
-    bases = tuple(_on_original(b, swapped, original) if issubclass(b, swapped) else b for b in cls.__bases__)
+def _rebased(cls, old, new):
+    """cls with `new` in place of `old`: `new` itself, or, where something
+    derived a class of its own from `old` (torch's parametrize makes
+    Parametrized<name> on the spot, before the patch or after it), that
+    class rebuilt on `new` (and named after it), so that what it added is
+    kept: a module's class as patch swaps it, and as unpatch puts it back."""
+    if cls is old:
+        return new
+    bases = tuple(_rebased(b, old, new) if issubclass(b, old) else b for b in cls.__bases__)
     namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    return type(cls)(cls.__name__.replace(swapped.__name__, original.__name__), bases, namespace)
+    return type(cls)(cls.__name__.replace(old.__name__, new.__name__), bases, namespace)
