@@ -103,6 +103,9 @@ _OPTIONS_OF_OLDER_RELEASES = dict(amsgrad=False, maximize=False, foreach=None, c
 _WIDER_MOMENTS = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
 
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
 def _moment_dtype(p: Tensor) -> torch.dtype:
     return _WIDER_MOMENTS.get(p.dtype, p.dtype)
 
@@ -184,10 +187,18 @@ class AdamW(torch.optim.Optimizer):
         dtype (float32 here for float16/bfloat16 parameters) and whose step
         is on the CPU unless it is fused or capturable (here on the
         parameter's device), or a number (torch before 1.12): __setstate__
-        converts them."""
+        converts them. torch's load casts each moment to its parameter's
+        dtype: a float32 moment of this class's for a half parameter is
+        taken from the state_dict itself, not from that rounding."""
         if any(group.get("differentiable") for group in state_dict["param_groups"]):
             raise RuntimeError(_NOT_DIFFERENTIABLE)
         super().load_state_dict(state_dict)
+        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for i, p in zip(saved_ids, params):  # matched by order, as torch matches them
+            for key, value in state_dict["state"].get(i, {}).items():
+                if key in _MOMENTS and isinstance(value, Tensor) and value.dtype == _moment_dtype(p) != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "backend": self.backend}
@@ -207,7 +218,7 @@ class AdamW(torch.optim.Optimizer):
                 group.setdefault(key, value)
             group["decoupled_weight_decay"] = True
         for p, p_state in self.state.items():
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in _MOMENTS:
                 if key in p_state:
                     p_state[key] = p_state[key].to(_moment_dtype(p))
             if "step" in p_state:

@@ -326,6 +326,38 @@ def test_state_of_torch_half_parameters_loads_as_this_optimizer_keeps_it(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_checkpoint_of_half_parameters_resumes_exactly(backend, dtype):
+    """This optimizer's own state_dict, saved and loaded into a new one (a
+    checkpoint resumed by HF Trainer, accelerate, Lightning, DCP): the
+    float32 moments of half parameters come back bit for bit (torch's load
+    casts them to the parameter's dtype), and training goes on as if never
+    stopped, as torch.optim.AdamW's resumes."""
+    import io
+    device = device_for(backend)
+    start = [p.to(dtype) for p in make_params(torch.float32, device)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+
+    def train(resume_after=None):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = pyext.optim.AdamW(params, lr=1e-2, amsgrad=True, backend=backend)
+        for i, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+            if i == resume_after:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                saved = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+                opt = pyext.optim.AdamW(params, lr=1e-2, amsgrad=True, backend=backend)
+                opt.load_state_dict(torch.load(buffer, weights_only=True))
+                assert all(torch.equal(opt.state[p][k], v) for p in params for k, v in saved[p].items())
+        return params
+    assert all(torch.equal(a, b) for a, b in zip(train(), train(resume_after=1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle", "torch.save"])
 def test_a_copied_optimizer_steps_on_with_its_backend(backend, copier):
     """copy.deepcopy, pickle and torch.save / torch.load of the optimizer
