@@ -116,17 +116,17 @@ class AdamW(torch.optim.Optimizer):
     accepted and kept in the param groups as torch keeps them (the step here
     is fused either way), `differentiable=True` refused. `backend` (keyword only): "auto"
     (default: the CUDA kernel, else Triton, on GPUs; the reference elsewhere),
-    "cuda", "triton" or "torch". With torch.amp.GradScaler, a step whose gradients hold inf/NaN is
-    skipped, as torch's fused AdamW skips it: the kernels read found_inf on the device (no host
-    sync) and the step counts do not advance; the reference reads it on the host. A step
-    taken leaves the gradients unscaled, as torch's optimizers do.
+    "cuda", "triton" or "torch". With torch.amp.GradScaler and fused=True, as with torch's fused
+    AdamW, the step unscales the gradients and skips a step whose gradients hold inf/NaN itself:
+    the kernels read found_inf on the device (no host sync) and the step counts do not advance
+    (the reference reads it on the host). Otherwise, as with torch.optim.AdamW, GradScaler
+    unscales and skips (one host sync a step), which is what lets Lightning clip gradients under
+    mixed precision. Either way a step taken leaves the gradients unscaled.
     Complex parameters step as their real views, as torch's AdamW steps them
     (complex32 ones with complex64 moments, as half ones keep float32).
     The kernels step contiguous memory: a parameter, gradient or moment that
     is not contiguous (a strided view, a transposed or channels_last tensor)
     is stepped through a contiguous copy, written back after the launch."""
-
-    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
@@ -162,6 +162,8 @@ class AdamW(torch.optim.Optimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=False,
                         fused=fused, decoupled_weight_decay=True)
         super().__init__(params, defaults)
+        if fused:  # GradScaler hands the step its scale and found_inf, as it hands torch's fused AdamW
+            self._step_supports_amp_scaling = True
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]

@@ -689,12 +689,26 @@ def test_named_cuda_backend_on_cpu_tensors_says_why():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend):
-    """torch.amp.GradScaler hands the optimizer its scale and found_inf: the
-    step with an inf gradient changes nothing and is not counted, the others
-    equal torch's AdamW run on the unscaled gradients (reference: the same in
-    float64) and leave the gradients unscaled, as torch's does."""
-    check_grad_scaler(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, backend=backend), device_for(backend))
+@pytest.mark.parametrize("fused", [None, True])
+def test_grad_scaler_skips_a_step_with_inf_and_unscales_the_others(backend, fused):
+    """torch.amp.GradScaler, which with fused=True hands the optimizer its
+    scale and found_inf (as torch's fused AdamW), and otherwise unscales
+    and skips itself: the step with an inf gradient changes nothing and is
+    not counted, the others equal torch's AdamW run on the unscaled
+    gradients (reference: the same in float64) and leave the gradients
+    unscaled, as torch's does."""
+    check_grad_scaler(lambda ps: pyext.optim.AdamW(ps, lr=1e-2, fused=fused, backend=backend), device_for(backend))
+
+
+@pytest.mark.parametrize("fused", [None, False, True])
+def test_the_step_handles_amp_scaling_where_torchs_does(fused):
+    """Whether GradScaler hands the step its scale (`_step_supports_amp_scaling`)
+    is torch.optim.AdamW's answer: only with fused=True. Lightning reads it,
+    and refuses to clip gradients under mixed precision where it is set:
+    set always, a drop-in for the plain AdamW could not clip."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    ours, theirs = pyext.optim.AdamW(params, fused=fused), torch.optim.AdamW(params, fused=fused)
+    assert getattr(ours, "_step_supports_amp_scaling", False) == getattr(theirs, "_step_supports_amp_scaling", False)
 
 
 def check_grad_scaler(make_ours, device):
@@ -774,11 +788,11 @@ def test_a_skipped_step_is_not_counted_whatever_found_inf_sums_to(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_grad_scaler_step_does_not_wait_for_the_gpu(backend):
-    """With GradScaler the kernels read found_inf on the device, as torch's
-    fused AdamW does: no step synchronises the host with the GPU, skipped
+    """With GradScaler and fused=True the kernels read found_inf on the
+    device, as torch's fused AdamW does: no step synchronises the host with the GPU, skipped
     (an inf gradient) or not."""
     model = torch.nn.Linear(64, 64, device="cuda")
-    opt, scaler = pyext.optim.AdamW(model.parameters(), backend=backend), torch.amp.GradScaler("cuda")
+    opt, scaler = pyext.optim.AdamW(model.parameters(), fused=True, backend=backend), torch.amp.GradScaler("cuda")
     x = torch.randn(8, 64, device="cuda")
     for i in range(3):  # the first step makes the state and the launch tables
         opt.zero_grad()

@@ -731,7 +731,8 @@ def test_adamw_grad_scaler_skips_the_step_with_inf(adamw_emulator):
     """GradScaler's scale and found_inf, read by the kernel from memory: the
     step with an inf gradient writes nothing, the others unscale (test_adamw's
     GradScaler check)."""
-    test_adamw.check_grad_scaler(lambda ps: EmulatedAdamW(ps, adamw_emulator, lr=1e-2), torch.device("cpu"))
+    test_adamw.check_grad_scaler(lambda ps: EmulatedAdamW(ps, adamw_emulator, lr=1e-2, fused=True),
+                                 torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", ADAMW_DTYPES, ids=str)
