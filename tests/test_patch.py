@@ -3,6 +3,7 @@ against their originals, state and parameters, where attention and function
 calls go, the report, compile and export. HF models' attention and modules:
 test_patch_hf_attention.py and test_patch_hf_modules.py."""
 import copy
+import functools
 import io
 import sys
 import textwrap
@@ -434,7 +435,8 @@ def test_a_held_function_that_unwraps_to_itself_is_not_read():
 def test_a_module_patched_on_its_own_is_patched_anew_with_the_model_holding_it(pyext_sdpa_calls):
     """patch(block) then patch(model holding it): the model's patch takes the
     block over (its backend, its report); unpatch of the model undoes both.
-    patch of a block inside a patched model is refused, saying what to do."""
+    patch or unpatch of a block inside a patched model is refused, saying
+    what to do (unpatch did nothing, saying nothing)."""
     model = nano_gpt()
     block = model.blocks[0]
     pyext.patch(block, backend="triton")
@@ -442,8 +444,9 @@ def test_a_module_patched_on_its_own_is_patched_anew_with_the_model_holding_it(p
     assert not hasattr(block, "_pyext_patched") and block.ln_1.backend == "torch"
     assert "blocks.0.ln_1" in [path for path, _, _ in pyext.patch_report(model).swapped]
     loss_of(model, "nanogpt", "cpu", torch.float32)  # torch's backend: float32 runs
-    with pytest.raises(ValueError, match="was patched as part of a model holding it: pyext.unpatch that model"):
-        pyext.patch(block, backend="triton")
+    for change in (functools.partial(pyext.patch, backend="triton"), pyext.unpatch):
+        with pytest.raises(ValueError, match="was patched as part of a model holding it: pyext.unpatch that model"):
+            change(block)
     pyext.unpatch(model)
     assert type(block.ln_1) is torch.nn.LayerNorm and "forward" not in block.__dict__
 

@@ -201,6 +201,47 @@ def test_an_hf_model_without_sdpa_support_keeps_its_attention():
     torch.testing.assert_close(patched(input_ids=ids).logits, original(input_ids=ids).logits)
 
 
+class HoldsAnHFModel(torch.nn.Module):
+    """A training wrapper holding a transformers model (a LightningModule's
+    way), with code of its own around it: a head with F.gelu."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.head = model, torch.nn.Linear(64, 4)
+
+    def forward(self, ids):
+        return self.head(F.gelu(self.model(input_ids=ids).logits))
+
+
+def test_an_hf_model_held_by_a_module_of_the_users_gets_pyexts_attention(monkeypatch):
+    """patch(wrapper): the transformers model it holds gets pyext's attention
+    implementation, as when patched itself (the report names where), the
+    wrapper's own code its routing; its gradients are within the rule;
+    unpatch gives the model its attention back; unpatch or patch of the held
+    model alone is refused, naming what to unpatch."""
+    from pyext.ops import attention_ops
+    calls = count_triton_calls(monkeypatch, plain=attention_ops.FWD)
+    device = device_for("triton")
+    original = HoldsAnHFModel(sharp_hf_model("llama", device)).to(device)
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    report = pyext.patch_report(patched)
+    assert report.attention.startswith("model: transformers attention implementation 'pyext-triton' (was 'sdpa')")
+    assert report.functions == ["F.gelu"]
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def output_and_grads(model, dtype):
+        out = model.to(dtype)(ids)
+        return [out] + list(torch.autograd.grad(out.float().square().sum(), list(model.parameters())))
+    ref, pt = output_and_grads(copy.deepcopy(original), torch.float64), output_and_grads(original, torch.bfloat16)
+    check_all(["output"] + [n for n, _ in original.named_parameters()], output_and_grads(patched, torch.bfloat16),
+              ref, pt)
+    assert len(calls["plain"]) == patched.model.config.num_hidden_layers
+    for change in (pyext.unpatch, pyext.patch):
+        with pytest.raises(ValueError, match="was patched as part of a model holding it"):
+            change(patched.model)
+    assert pyext.unpatch(patched).model.config._attn_implementation == "sdpa"
+
+
 GENERATION_CASES = [(kind, padded) for kind in ("gpt2", "llama", "mistral", "gemma2", "gemma3")
                     for padded in (False, True)
                     # Gemma 2's float64 eager oracle turns padded rows into NaN (see above), and their K, V with them

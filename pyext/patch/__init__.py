@@ -25,7 +25,8 @@
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
-  the model; the models' own GELU modules (BLOOM's too) and norm modules
+  the model, or on each transformers model it holds (a LightningModule's,
+  a wrapper's); the models' own GELU modules (BLOOM's too) and norm modules
   (any whose code is one of hf_modules._HF_NORMS: Llama's RMSNorm and its copies in
   Mistral, Qwen2/3, Phi-3, ...; OLMo 2's in OLMo 3, GPT-OSS, ...; Gemma's,
   x / rms * (1 + weight), in Gemma 1, 2 and 3; Gemma 3n's in Gemma 4; T5's
@@ -66,7 +67,7 @@ import torch.nn.functional as F
 
 from pyext import nn as pnn
 from pyext.ops.gelu import gelu as pyext_gelu
-from pyext.patch.hf_attention import _flash_before, _native_windows, _use_pyext_attention_in_hf
+from pyext.patch.hf_attention import _is_hf_model, _restore_hf_attention, _use_pyext_attention_in_hf
 from pyext.patch.hf_modules import _hf_module_swaps, _hf_swap
 from pyext.patch.notes import _attention_notes
 from pyext.patch.replacing import _put_back, _rebased, _replace
@@ -118,8 +119,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     for module in list(model.modules()):  # patched before, on its own or as this model: patched anew as this model
         if getattr(module, "_pyext_patched", False):
             unpatch(module)
-    inside = next((path or "this module" for path, m in model.named_modules() if "_pyext_original_class" in m.__dict__
-                   or isinstance(m.__dict__.get("forward"), _ForwardWrapper)), None)
+    inside = _patched_part(model)
     if inside is not None:
         raise ValueError(f"pyext.patch: {inside} was patched as part of a model holding it: pyext.unpatch that "
                          "model first, or patch that model again")
@@ -167,15 +167,24 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     model._pyext_replaced_modules = replaced_modules
-    hf = attention and _use_pyext_attention_in_hf(model, report)
-    if attention and not report.attention.startswith("left:"):
-        report.notes += _attention_notes(model, backend)
+    # transformers' models, the model itself or models it holds (a LightningModule's,
+    # a wrapper's): pyext's attention selected in each, their code not routed
+    hf_models = {path: line for path, m in _outermost_hf_models(model)
+                 if (line := _use_pyext_attention_in_hf(m, backend) if attention else None) is not None}
+    hf = "" in hf_models
+    if hf_models:
+        report.attention = hf_models[""] if hf else "; ".join(f"{path}: {line}" for path, line in hf_models.items())
+    if attention:
+        for path in hf_models or [""]:
+            if not hf_models.get(path, "").startswith("left:"):
+                report.notes += _attention_notes(model.get_submodule(path), backend)
     # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
     # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
     # pyext too, as do its SDPA calls; transformers' models have modules for these.
     functions = set() if hf else {flag for flag in _ROUTED_FUNCTIONS if enabled[flag]}
     memo, sought = {}, frozenset(functions | {"scaled_dot_product_attention"})
-    named = {path: set() if hf else _named_in(m, sought, memo) for path, m in model.named_modules()}
+    named = {path: set() if hf or _within(path, hf_models) else _named_in(m, sought, memo)
+             for path, m in model.named_modules()}
     functions &= set().union(*named.values())  # those some module's code names
     flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
     report.functions = [f"F.{name}" for name in _ROUTED_FUNCTIONS if name in functions]
@@ -189,9 +198,10 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
                 _wrap_forward(module, _TorchFastPathForward(module, module.__dict__.get("forward")))
         for module in [model] + [model.get_submodule(path) for path in callers if path]:
             _wrap_forward(module, _RoutedForward(module, backend, flags, module.__dict__.get("forward")))
-    if attention and not hf:
-        report.attention = _routed_attention_line(named, bool(callers),
-                                                  any(isinstance(m, pnn.MultiheadAttention) for m in model.modules()))
+    if attention and not hf and (callers or not hf_models):
+        routed_line = _routed_attention_line(named, bool(callers),
+                                             any(isinstance(m, pnn.MultiheadAttention) for m in model.modules()))
+        report.attention = f"{report.attention}; {routed_line}" if hf_models else routed_line
     # torch's GroupNorm or BatchNorm has none; a class of the model's own may compute what pyext does
     report.left += [(path, cls.__name__, "no pyext equivalent" if cls.__module__.startswith("torch.")
                      else "code pyext does not recognise") for path, cls in unknown if not named[path] & functions]
@@ -199,6 +209,28 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_report = report
     (print if verbose else log.info)(str(report))
     return model
+
+
+def _patched_part(model):
+    """The path of a module of `model` that a patch of a model holding it
+    changed ("this module" for `model` itself), or None."""
+    return next((path or "this module" for path, m in model.named_modules() if "_pyext_original_class" in m.__dict__
+                 or "_pyext_hf_attn" in m.__dict__ or isinstance(m.__dict__.get("forward"), _ForwardWrapper)), None)
+
+
+def _outermost_hf_models(model) -> list:
+    """(path, module) of the transformers models in `model`, itself
+    included, not those inside another (a VLM's language model)."""
+    found = []
+    for path, module in model.named_modules():
+        if not _within(path, found) and _is_hf_model(module):
+            found.append(path)
+    return [(path, model.get_submodule(path)) for path in found]
+
+
+def _within(path: str, paths) -> bool:
+    """Whether the module at `path` is one of `paths` or inside one."""
+    return any(path == p or p == "" or path.startswith(p + ".") for p in paths)
 
 
 def _routed_attention_line(named, routed, mha) -> str:
@@ -262,6 +294,10 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     the patch, as torch's parametrize derives one, rebuilt on the original),
     modules, attention and forward."""
     if not getattr(model, "_pyext_patched", False):
+        inside = _patched_part(model)
+        if inside is not None:
+            raise ValueError(f"pyext.unpatch: {inside} was patched as part of a model holding it: pyext.unpatch "
+                             "that model")
         return model
     for module in model.modules():
         original = module.__dict__.pop("_pyext_original_class", None)
@@ -282,11 +318,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
                 module.forward = forward
             else:
                 del module.forward
-    if hasattr(model, "_pyext_hf_attn"):
-        model.set_attn_implementation(model._pyext_hf_attn)
-        del model._pyext_hf_attn
-        _native_windows.pop(id(model.config), None)
-        _flash_before.pop(id(model.config), None)
+    for module in model.modules():
+        if "_pyext_hf_attn" in module.__dict__:
+            _restore_hf_attention(module)
     for attr in ("_pyext_patched", "_pyext_replaced", "_pyext_replaced_modules", "_pyext_backend"):
         delattr(model, attr)
     return model

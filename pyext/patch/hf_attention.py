@@ -5,6 +5,7 @@ packed documents, to flash_attention_varlen."""
 import dis
 import functools
 import weakref
+from typing import Optional
 
 import torch
 
@@ -317,25 +318,33 @@ def _hf_mask(sdpa_mask, *args, **kwargs):
     return None
 
 
-def _use_pyext_attention_in_hf(model, report) -> bool:
+def _is_hf_model(module) -> bool:
+    """Whether `module` is a transformers model (a PeftModel passes on its
+    model's config and methods): one with an attention implementation to set."""
+    return hasattr(getattr(module, "config", None), "_attn_implementation") and \
+        callable(getattr(module, "set_attn_implementation", None))
+
+
+def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
     """Register and select the "pyext" attention implementation on an HF
-    model ("pyext-<backend>" for a named backend); False where the model
-    has no AttentionInterface to select it through. A model that does not
-    support transformers' SDPA integration, on which pyext's is built, keeps
-    its attention (unless a logit soft cap or attention sinks are why)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
-        return False
+    model ("pyext-<backend>" for a named backend) and say so, the report's
+    attention line; None where the model has no AttentionInterface to
+    select it through. A model that does not support transformers' SDPA
+    integration, on which pyext's is built, keeps its attention (unless a
+    logit soft cap or attention sinks are why): "left: ..."."""
+    if not _is_hf_model(model):
+        return None
+    config = model.config
     try:
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
-        return False
+        return None
 
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if callable(can_set) and not can_set():
-        return False  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
+        return None  # a model that calls torch's SDPA itself (Falcon): routed as any other model's calls are
     # transformers refuses its SDPA integration to a model whose attention
     # holds only eagerly (causal by its mask alone, say), and to one with a
     # logit soft cap (Gemma 2) or sinks (GPT-OSS), which torch's SDPA lacks
@@ -349,31 +358,38 @@ def _use_pyext_attention_in_hf(model, report) -> bool:
         elif any(_rebinds(code, "attention_mask") for code in _hf_attention_forwards(model)):
             why = "runs its attention eagerly only, and rewrites the attention mask it is given"
         if why is not None:
-            report.attention = f"left: {type(model).__name__} {why}"
-            return True
+            return f"left: {type(model).__name__} {why}"
     # one implementation name per backend, each function holding only its
     # backend: the registry is global, shared by every patched model (and copy)
-    impl = "pyext" if model._pyext_backend is None else f"pyext-{model._pyext_backend}"
-    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, model._pyext_backend))
+    impl = "pyext" if backend is None else f"pyext-{backend}"
+    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, backend))
     AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
     previous = config._attn_implementation
     model.set_attn_implementation(impl)
     if config._attn_implementation != impl:
-        return False
+        return None
     model._pyext_hf_attn = previous
-    report.attention = f"transformers attention implementation '{impl}' (was '{model._pyext_hf_attn}')"
+    line = f"transformers attention implementation '{impl}' (was '{previous}')"
     if "flash" in str(previous):  # flash_attention_2/3, kernels-community's FlashAttention builds
         _flash_before[id(config)] = weakref.ref(config, lambda _, key=id(config): _flash_before.pop(key, None))
-        report.attention += "; rows of packed documents kept apart as FlashAttention kept them"
+        line += "; rows of packed documents kept apart as FlashAttention kept them"
     if _native_windows_apply(model):
         _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
-        report.attention += ("; sliding-window layers over an unpadded batch: the window in the kernels, no "
-                             "mask")
-    if model._pyext_backend not in ("torch", "cuda"):
-        report.attention += ("; a row of packed documents (position_ids restarting, no cache): "
-                             "flash_attention_varlen (the Triton kernels, when they run), no mask read; under "
-                             "torch.compile, where the call has FlashAttention's packed kwargs (cu_seq_lens_q, ...)")
-    return True
+        line += "; sliding-window layers over an unpadded batch: the window in the kernels, no mask"
+    if backend not in ("torch", "cuda"):
+        line += ("; a row of packed documents (position_ids restarting, no cache): flash_attention_varlen (the "
+                 "Triton kernels, when they run), no mask read; under torch.compile, where the call has "
+                 "FlashAttention's packed kwargs (cu_seq_lens_q, ...)")
+    return line
+
+
+def _restore_hf_attention(model) -> None:
+    """Undo _use_pyext_attention_in_hf on `model`."""
+    model.set_attn_implementation(model.__dict__.pop("_pyext_hf_attn"))
+    _native_windows.pop(id(model.config), None)
+    _flash_before.pop(id(model.config), None)
+
+
 
 
 def _hf_softcap(model) -> float:
