@@ -167,10 +167,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     model._pyext_backend = backend
     model._pyext_replaced = replaced
     model._pyext_replaced_modules = replaced_modules
-    # transformers' models, the model itself or models it holds (a LightningModule's,
-    # a wrapper's): pyext's attention selected in each, their code not routed
-    hf_models = {path: line for path, m in _outermost_hf_models(model)
-                 if (line := _use_pyext_attention_in_hf(m, backend) if attention else None) is not None}
+    hf_models = _hf_attention_in(model, backend) if attention else {}
     hf = "" in hf_models
     if hf_models:
         report.attention = hf_models[""] if hf else "; ".join(f"{path}: {line}" for path, line in hf_models.items())
@@ -216,6 +213,19 @@ def _patched_part(model):
     changed ("this module" for `model` itself), or None."""
     return next((path or "this module" for path, m in model.named_modules() if "_pyext_original_class" in m.__dict__
                  or "_pyext_hf_attn" in m.__dict__ or isinstance(m.__dict__.get("forward"), _ForwardWrapper)), None)
+
+
+def _hf_attention_in(model, backend) -> dict:
+    """{path: the report's attention line} of the transformers models in
+    `model`, the model itself or those it holds (a LightningModule's, a
+    wrapper's), each given pyext's attention (or left, saying why); their
+    code is not routed."""
+    lines = {}
+    for path, module in _outermost_hf_models(model):
+        line = _use_pyext_attention_in_hf(module, backend)
+        if line is not None:
+            lines[path] = line
+    return lines
 
 
 def _outermost_hf_models(model) -> list:
