@@ -113,11 +113,11 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
         i = torch.arange(q.shape[2], device=q.device)[:, None] + causal_offset  # the diagonal's key
         j = torch.arange(k.shape[2], device=q.device)[None, :]
         if causal:
-            s = s.masked_fill(j > i, float("-inf"))
+            s = s.masked_fill(_placed_as(s, j > i), float("-inf"))
         if window is not None and window[0] >= 0:
-            s = s.masked_fill(j < i - window[0], float("-inf"))
+            s = s.masked_fill(_placed_as(s, j < i - window[0]), float("-inf"))
         if window is not None and window[1] >= 0:
-            s = s.masked_fill(j > i + window[1], float("-inf"))
+            s = s.masked_fill(_placed_as(s, j > i + window[1]), float("-inf"))
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
         # P = exp(s - m) / l with m the row max and l the row sum, not exp(s - lse):
@@ -137,6 +137,16 @@ def attention(q, k, v, *, scale=None, causal=False, causal_offset=0, dropout_p=0
                 keep = torch.rand(p.shape, device=p.device) >= dropout_p
             p = p * keep / (1 - dropout_p)
         return (p @ v).to(dtype), lse
+
+
+def _placed_as(s: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The (Sq, Sk) keys each query does not see, made alike on every rank,
+    as a replicated DTensor where the scores are one (a tensor-parallel
+    model's heads), for DTensor ops, which refuse plain tensors beside theirs."""
+    from torch.distributed.tensor import DTensor, Replicate
+    if not isinstance(s, DTensor):
+        return hidden
+    return DTensor.from_local(hidden, s.device_mesh, [Replicate()] * s.device_mesh.ndim, run_check=False)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False, dropout_p=0.0, keeps=None,

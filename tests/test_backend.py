@@ -234,8 +234,9 @@ def test_flash_attention_refuses_nested_tensors_by_name():
 
 def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
     """Tensor parallelism's activations: torch's op has a sharding rule, ours
-    have none, so auto leaves a DTensor to torch and a named backend says so.
-    On CPU (one gloo process): the DTensor reason comes before any device
+    have none, so auto leaves a DTensor to torch and a named backend says so
+    (flash_attention, which torch lacks, to the reference: causal and
+    windowed too). On CPU (one gloo process): the DTensor reason comes before any device
     check, which is what makes auto pass CUDA DTensors over too."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -249,6 +250,12 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
         for backend in ("cuda", "triton"):
             with pytest.raises(pyext.BackendUnavailable, match="got a DTensor"):
                 pyext.gelu(x, backend=backend)
+        # flash_attention has no torch op to leave them to: the reference, its masks DTensors too
+        q = torch.randn(2, 4, 8, 8)
+        heads = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(1)])
+        for options in (dict(causal=True), dict(window_size=(2, 0))):
+            out = pyext.flash_attention(heads, heads, heads, **options)
+            torch.testing.assert_close(out.full_tensor(), pyext.flash_attention(q, q, q, **options), rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
 
