@@ -101,8 +101,8 @@ def test_an_hf_sliding_window_over_an_unpadded_batch_runs_with_no_mask(kind, bac
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     check_hf_training_step(original, patched, lambda result: result.logits, input_ids=ids, labels=ids)
     assert not calls["masked"] and bool(calls["window"]) == (backend == "triton")
-    from pyext.patch.hf_attention import _windows_trusted
-    assert _windows_trusted(patched.config) and not _windows_trusted(pyext.unpatch(patched).config)
+    from pyext.patch.hf_attention import _native_windows
+    assert patched.config in _native_windows and pyext.unpatch(patched).config not in _native_windows
 
 
 @pytest.mark.parametrize("kind", ["smollm3", "qwen2_moe"])
@@ -240,6 +240,45 @@ def test_an_hf_model_held_by_a_module_of_the_users_gets_pyexts_attention(monkeyp
         with pytest.raises(ValueError, match="was patched as part of a model holding it"):
             change(patched.model)
     assert pyext.unpatch(patched).model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_model_that_ran_eager_attention_keeps_what_eager_gives_a_row_that_sees_no_key(backend):
+    """Gemma 2 runs transformers' eager attention (its soft cap keeps it from
+    SDPA's), whose additive finfo.min mask gives a left-padded row, which
+    sees no key, the average of every value, where a boolean mask gives it 0.
+    The last padding position's logits predict the first token, so that row
+    is in the loss: patched, the model keeps eager's rows (its logits there
+    were ~2 off, its loss 2% off)."""
+    device = device_for(backend)
+    original = sharp_hf_model("gemma2", device)
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+    patched = pyext.patch(copy.deepcopy(original), backend=backend).to(dtype)
+    assert "eager's additive masks" in pyext.patch_report(patched).attention
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    padding = torch.ones_like(ids)
+    padding[1, :3] = 0
+    ids, labels = ids.masked_fill(padding == 0, 0), ids.masked_fill(padding == 0, -100)
+
+    def run(model, dtype):
+        with torch.no_grad():
+            result = model.to(dtype)(input_ids=ids, attention_mask=padding, labels=labels)
+        return result.logits.float(), result.loss.float()
+    (got, loss), (want, want_loss) = run(patched, dtype), run(copy.deepcopy(original), torch.float32)
+    same_dtype = run(original, dtype)[0]
+    rows = slice(0, 3)  # the padded rows: a bound from torch's own error in the dtype, at least 1e-5
+    bound = 2 * (same_dtype - want)[1, rows].abs().max().item() + 1e-5
+    assert (got - want)[1, rows].abs().max().item() <= bound
+    if backend == "torch":
+        torch.testing.assert_close(loss, want_loss)
+
+
+def test_unpatch_keeps_an_attention_implementation_set_while_patched():
+    """set_attn_implementation("eager") on a patched model: unpatch keeps it,
+    as it keeps what else was done to the model meanwhile."""
+    model = pyext.patch(sharp_hf_model("llama", "cpu"), backend="torch")
+    model.set_attn_implementation("eager")
+    assert pyext.unpatch(model).config._attn_implementation == "eager"
 
 
 GENERATION_CASES = [(kind, padded) for kind in ("gpt2", "llama", "mistral", "gemma2", "gemma3")
@@ -404,7 +443,6 @@ def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     from FlashAttention's packed kwargs (while tracing, on the device);
     none for one document, a batch of rows, or a model that did not run
     FlashAttention before."""
-    import weakref
     from pyext.patch import hf_attention
 
     class Config:
@@ -413,7 +451,7 @@ def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     class Layer:
         is_causal, config = True, Config()
     layer, lengths = Layer(), [5, 4, 7]
-    monkeypatch.setitem(hf_attention._flash_before, id(layer.config), weakref.ref(layer.config))
+    monkeypatch.setattr(hf_attention, "_flash_before", hf_attention._Configs([layer.config]))
     positions = torch.tensor([[*range(5), *range(4), *range(7)]])
     query = torch.zeros(1, 2, 16, 8)
 
@@ -429,7 +467,7 @@ def test_the_documents_mask_of_a_model_that_ran_flashattention(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.equal(mask(3, **_flash_kwargs(lengths))[0, 0], _block_causal(lengths, 3))
     assert torch.equal(mask(position_ids=positions.clone())[0, 0], _block_causal(lengths))
-    monkeypatch.delitem(hf_attention._flash_before, id(layer.config))
+    hf_attention._flash_before.discard(layer.config)
     assert mask(**_flash_kwargs(lengths)) is None
 
 

@@ -25,7 +25,9 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
     gave no mask for it. A packed row (_hf_packed_rows) goes to
     flash_attention_varlen instead, its mask not read by the kernels; given
     no mask, one is built for it where the model ran FlashAttention before
-    (_flash_documents_mask), and a mask given is restricted to the documents."""
+    (_flash_documents_mask), and a mask given is restricted to the documents;
+    where it ran eager attention before, its masks are made additive, as
+    eager's (_eager_before)."""
     documents = _flash_documents_mask(module, query, key, sliding_window, kwargs)
     if documents is not None:
         attention_mask = documents if attention_mask is None else _within_documents(attention_mask, documents)
@@ -37,9 +39,12 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
                                      softcap=softcap or 0.0, sinks=s_aux, dropout_p=kwargs.get("dropout", 0.0),
                                      backend=backend)
         return out[None], None  # (1, T, H, Dv), as transformers' integration returns it
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool and \
+            getattr(module, "config", None) in _eager_before:
+        attention_mask = _as_eager_mask(attention_mask, query.dtype)
     window = None
     if attention_mask is None and sliding_window and query.shape[2] == key.shape[2] and \
-            _windows_trusted(getattr(module, "config", None)):
+            getattr(module, "config", None) in _native_windows:
         # key j seen by query i iff i - W < j (<= i, causal): the mask's band;
         # |i - j| < W in a bidirectional layer (ModernBERT's local attention),
         # FlashAttention's window (W - 1, W - 1) in transformers' integration
@@ -49,14 +54,45 @@ def _hf_attention(sdpa_attention_forward, backend, module, query, key, value, at
                                       sliding_window=sliding_window, **kwargs)
 
 
-# Patched HF models that ran a FlashAttention implementation before the patch:
-# id(config) -> a weak reference to it. FlashAttention's integration runs a row
+class _Configs:
+    """A set of HF models' configs, by identity (configs are not hashable),
+    holding none alive: id(config) -> a weak reference to it."""
+
+    def __init__(self, configs=()):
+        self._refs = {}
+        for config in configs:
+            self.add(config)
+
+    def add(self, config) -> None:
+        key = id(config)
+        self._refs[key] = weakref.ref(config, lambda _, key=key: self._refs.pop(key, None))
+
+    def discard(self, config) -> None:
+        self._refs.pop(id(config), None)
+
+    def __contains__(self, config) -> bool:
+        ref = self._refs.get(id(config))
+        return ref is not None and ref() is config
+
+
+# Patched HF models that ran a FlashAttention implementation before the patch.
+# FlashAttention's integration runs a row
 # of packed documents (position_ids restarting, or its packed kwargs) per
 # document whatever the masks say, while transformers' SDPA masks follow the
 # documents only in models whose mask functions read position_ids. GPT-OSS's
 # and Granite 4 hybrid's (among others) do not: given no mask, pyext would
 # run such a row as one causal sequence, which the model did not compute before.
-_flash_before = {}
+_flash_before = _Configs()
+
+# Patched HF models that ran transformers' eager attention before the patch
+# (Gemma 2's soft cap, which transformers' SDPA integration lacks, makes it
+# eager-only). Eager adds finfo.min to the scores a mask hides: a query row
+# that sees no key (left padding) gets the plain average of every value, where
+# SDPA's boolean mask (pyext's kernels, torch's) gives it 0. That row is
+# not ignored in training: the last padding position predicts the first
+# token. _hf_attention gives such a model's masked calls eager's additive
+# mask (after a packed row, which needs the boolean one, is ruled out).
+_eager_before = _Configs()
 
 # The masks _flash_documents_mask has built: position_ids or offsets ->
 # {sliding window: mask or None}, once per forward and window rather than
@@ -71,11 +107,9 @@ def _flash_documents_mask(module, query, key, sliding_window, kwargs):
     of FlashAttention's packed kwargs where the call has them, else where
     position_ids do not rise by 1 (in eager mode: reading them is a host
     sync). None elsewhere: one document, a batch of rows, a cache."""
-    config = getattr(module, "config", None)
-    ref = _flash_before.get(id(config))
     tokens = query.shape[2]
-    if ref is None or ref() is not config or not getattr(module, "is_causal", False) or query.shape[0] != 1 or \
-            key.shape[2] != tokens or tokens < 2:
+    if getattr(module, "config", None) not in _flash_before or not getattr(module, "is_causal", False) or \
+            query.shape[0] != 1 or key.shape[2] != tokens or tokens < 2:
         return None
     declared = _flash_packed_kwargs(kwargs)
     source = declared[0] if declared is not None else kwargs.get("position_ids")
@@ -116,6 +150,21 @@ _read_documents_mask_at_a_graph_break = torch.compiler.disable(_read_documents_m
 # (the documents' mask, the restricted one), so that the layers sharing a
 # mask share the restricted one too (and _hf_packed_rows reads it once).
 _restricted_masks = WeakTensorCache()
+
+
+# The additive masks _as_eager_mask has made: a boolean mask -> its additive one, once per forward
+_eager_masks = WeakTensorCache()
+
+
+def _as_eager_mask(mask, dtype):
+    """A boolean mask as transformers' eager mask: 0 where seen, finfo.min
+    where hidden (see _eager_before)."""
+    known = None if torch.compiler.is_compiling() else _eager_masks.get(mask)
+    if known is None or known.dtype != dtype:
+        known = torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+        if not torch.compiler.is_compiling():
+            _eager_masks[mask] = known
+    return known
 
 
 def _within_documents(mask, documents):
@@ -181,7 +230,7 @@ def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window,
         return None
     declared = _flash_packed_kwargs(kwargs)
     if torch.compiler.is_compiling():
-        window_known = not sliding_window or _windows_trusted(getattr(module, "config", None))
+        window_known = not sliding_window or getattr(module, "config", None) in _native_windows
         return declared if window_known and attention_mask is not None else None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool or \
             attention_mask.shape != (1, 1, query.shape[2], key.shape[2]):
@@ -254,8 +303,7 @@ class _KeyHeadsUnrepeated:
 # an unpadded batch: those transformers can run with FlashAttention, whose
 # integration takes each layer's window from its `sliding_window` argument
 # alone (FlashAttention has no mask), so that argument is the layer's window.
-# id(config) -> a weak reference to it (configs are not hashable).
-_native_windows = {}
+_native_windows = _Configs()
 
 
 def _native_windows_apply(model) -> bool:
@@ -296,11 +344,6 @@ def _names_keyword(code, name: str) -> bool:
     return any(c == name or isinstance(c, tuple) and name in c for c in code.co_consts)
 
 
-def _windows_trusted(config) -> bool:
-    ref = _native_windows.get(id(config))
-    return ref is not None and ref() is config
-
-
 def _hf_mask(sdpa_mask, *args, **kwargs):
     """transformers' SDPA mask, except none for a sliding-window layer (it
     passes local_size) of a model in _native_windows, over an unpadded batch
@@ -309,7 +352,7 @@ def _hf_mask(sdpa_mask, *args, **kwargs):
     (_hf_attention), rather than read a (B, 1, S, S) band built per forward."""
     padding = kwargs.get("attention_mask")
     if args or kwargs.get("local_size") is None or not kwargs.get("allow_is_causal_skip", True) or \
-            not _windows_trusted(kwargs.get("config")) or kwargs.get("q_offset", 0) or \
+            kwargs.get("config") not in _native_windows or kwargs.get("q_offset", 0) or \
             kwargs.get("kv_offset", 0) or kwargs.get("q_length") != kwargs.get("kv_length"):
         return sdpa_mask(*args, **kwargs)
     if padding is not None and (torch.compiler.is_compiling() or padding.shape[-1] != kwargs["kv_length"]
@@ -371,10 +414,13 @@ def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
     model._pyext_hf_attn = previous
     line = f"transformers attention implementation '{impl}' (was '{previous}')"
     if "flash" in str(previous):  # flash_attention_2/3, kernels-community's FlashAttention builds
-        _flash_before[id(config)] = weakref.ref(config, lambda _, key=id(config): _flash_before.pop(key, None))
+        _flash_before.add(config)
         line += "; rows of packed documents kept apart as FlashAttention kept them"
+    if previous == "eager":
+        _eager_before.add(config)
+        line += "; eager's additive masks (a row that sees no key averages the values, as eager's did)"
     if _native_windows_apply(model):
-        _native_windows[id(config)] = weakref.ref(config, lambda _, key=id(config): _native_windows.pop(key, None))
+        _native_windows.add(config)
         line += "; sliding-window layers over an unpadded batch: the window in the kernels, no mask"
     if backend not in ("torch", "cuda"):
         line += ("; a row of packed documents (position_ids restarting, no cache): flash_attention_varlen (the "
@@ -384,10 +430,13 @@ def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
 
 
 def _restore_hf_attention(model) -> None:
-    """Undo _use_pyext_attention_in_hf on `model`."""
-    model.set_attn_implementation(model.__dict__.pop("_pyext_hf_attn"))
-    _native_windows.pop(id(model.config), None)
-    _flash_before.pop(id(model.config), None)
+    """Undo _use_pyext_attention_in_hf on `model`: its attention
+    implementation back, unless another was set since the patch."""
+    previous = model.__dict__.pop("_pyext_hf_attn")
+    if str(model.config._attn_implementation).startswith("pyext"):
+        model.set_attn_implementation(previous)
+    for configs in (_native_windows, _flash_before, _eager_before):
+        configs.discard(model.config)
 
 
 
