@@ -110,20 +110,6 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
     return _WIDER_MOMENTS.get(p.dtype, p.dtype)
 
 
-def _grad_placed_as(p: Tensor) -> Tensor:
-    """p.grad laid out over the devices as p is, for the local pieces the step
-    takes to match. Under tensor parallelism they may differ: a
-    SequenceParallel norm's replicated weight gets a Partial (unreduced)
-    gradient, a RowwiseParallel embedding's sharded weight a replicated one.
-    torch's AdamW meets this in its DTensor ops, which redistribute it."""
-    from torch.distributed.tensor import DTensor
-    grad = p.grad
-    if isinstance(p, DTensor) and isinstance(grad, DTensor) and \
-            (grad.placements != p.placements or grad.device_mesh != p.device_mesh):
-        grad = grad.redistribute(p.device_mesh, p.placements)
-    return grad
-
-
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW with fused steps: its arguments (lr and betas floats or
     1-element tensors, validated as torch validates them), `foreach` and `fused`
@@ -269,7 +255,19 @@ class AdamW(torch.optim.Optimizer):
             ts = [t.to_local() if isinstance(t, DTensor) else t for t in ts]
             return [torch.view_as_real(t) if t.is_complex() else t for t in ts]
 
-        local, grads = local_real(params), local_real(_grad_placed_as(p) for p in params)
+        def grad_placed_as(p):
+            # p.grad laid out over the devices as p is, for the local pieces to
+            # match. Under tensor parallelism they may differ: a SequenceParallel
+            # norm's replicated weight gets a Partial (unreduced) gradient, a
+            # RowwiseParallel embedding's sharded weight a replicated one (torch's
+            # AdamW meets this in its DTensor ops, which redistribute it).
+            grad = p.grad
+            if isinstance(p, DTensor) and isinstance(grad, DTensor) and \
+                    (grad.placements != p.placements or grad.device_mesh != p.device_mesh):
+                grad = grad.redistribute(p.device_mesh, p.placements)
+            return grad
+
+        local, grads = local_real(params), local_real(grad_placed_as(p) for p in params)
 
         def moments(key):
             return local_real(s[key] for s in states) if key in states[0] else []
