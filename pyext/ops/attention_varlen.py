@@ -184,12 +184,11 @@ def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     skipped where none can be made: while torch.compile traces, while a
     CUDA graph is captured, and for offsets that hold no values (fake or
     meta tensors: shapes traced by FakeTensorMode)."""
-    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()) or \
-            any(is_fake(cu) or cu.is_meta for cu in (cu_seqlens_q, cu_seqlens_k)):
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     for name, cu, rows, longest, limit in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
                                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
-        if _checked.get(cu) == (cu._version, rows, limit):
+        if _checked.get(cu) == (cu._version, rows, limit) or cu.is_meta or is_fake(cu):
             continue
         offsets = cu.tolist()
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
