@@ -180,7 +180,7 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     # pyext too, as do its SDPA calls; transformers' models have modules for these.
     functions = set() if hf else {flag for flag in _ROUTED_FUNCTIONS if enabled[flag]}
     memo, sought = {}, frozenset(functions | {"scaled_dot_product_attention"})
-    named = {path: set() if hf or _within(path, hf_models) else _named_in(m, sought, memo)
+    named = {path: set() if _within(path, hf_models) else _named_in(m, sought, memo)
              for path, m in model.named_modules()}
     functions &= set().union(*named.values())  # those some module's code names
     flags = frozenset(functions | ({"attention"} if attention and not hf else set()))
@@ -233,9 +233,9 @@ def _outermost_hf_models(model) -> list:
     included, not those inside another (a VLM's language model)."""
     found = []
     for path, module in model.named_modules():
-        if not _within(path, found) and _is_hf_model(module):
-            found.append(path)
-    return [(path, model.get_submodule(path)) for path in found]
+        if not _within(path, [p for p, _ in found]) and _is_hf_model(module):
+            found.append((path, module))
+    return found
 
 
 def _within(path: str, paths) -> bool:
@@ -254,9 +254,10 @@ def _routed_attention_line(named, routed, mha) -> str:
     callers = [path for path, names in named.items() if "scaled_dot_product_attention" in names]
     if not callers and not mha:
         line += " (its code names none)"
-    if [path for path in callers if path]:
+    modules = [path for path in callers if path]  # the model's own forward is routed anyway
+    if modules:
         line += (", and in the forward of the modules that make them, run on their own as torch.utils.checkpoint "
-                 "recomputes them: " + ", ".join(path for path in callers if path))
+                 "recomputes them: " + ", ".join(modules))
     return line
 
 
