@@ -54,29 +54,33 @@ def torch_math_sdpa(q, k, v, mask, **kwargs):
 
 def check_masked(q, k, v, mask, deterministic, yardstick=torch_sdpa, **kwargs):
     """out, dq, dk, dv of backend="triton" against the float64 oracle, with
-    torch in the inputs' dtype (its SDPA, unless told) as the yardstick. On a
-    GPU a float32 mask for half inputs goes to torch's math backend: its
+    torch in the inputs' dtype (its SDPA, unless told) as the yardstick; and
+    dmask, in the mask's dtype, where the mask requires grad. On a GPU a
+    float32 mask for half inputs goes to torch's math backend: its
     memory-efficient kernel refuses it, and torch 2.11's cuDNN one misreads it."""
     if yardstick is torch_sdpa and q.is_cuda and mask.dtype == torch.float32:
         yardstick = torch_math_sdpa
+    learned = mask.requires_grad
     torch.use_deterministic_algorithms(deterministic)
     try:
         out = pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="triton", **kwargs)
     finally:
         torch.use_deterministic_algorithms(False)
     dout = torch.randn_like(out)
-    ours = [out] + list(torch.autograd.grad(out, (q, k, v), dout))
+    ours = [out] + list(torch.autograd.grad(out, (q, k, v, mask) if learned else (q, k, v), dout))
 
-    def run(fn, dtype):
+    def run(fn, dtype, mask_dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o = fn(*leaves)
-        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+        m = mask.detach().to(mask_dtype).requires_grad_(learned)
+        o = fn(*leaves, m)
+        return [o] + list(torch.autograd.grad(o, leaves + [m] if learned else leaves, dout.to(dtype)))
     scale = kwargs.get("scale")
-    ref = run(lambda *t: reference.attention(*(x.reshape(-1, *x.shape[-3:]) for x in t), scale=scale,
-                                             mask=mask)[0].reshape(out.shape), torch.float64)  # (H, S, D): one batch
-    pt = run(lambda *t: yardstick(*t, mask, **kwargs), q.dtype)
+    ref = run(lambda *t: reference.attention(*(x.reshape(-1, *x.shape[-3:]) for x in t[:3]), scale=scale,
+                                             mask=t[3])[0].reshape(out.shape),  # (H, S, D): one batch
+              torch.float64, mask.dtype if mask.dtype == torch.bool else torch.float64)
+    pt = run(lambda *t: yardstick(*t, **kwargs), q.dtype, mask.dtype)
     failures = []
-    for name, o, r, p in zip(["out", "dq", "dk", "dv"], ours, ref, pt):
+    for name, o, r, p in zip(["out", "dq", "dk", "dv", "dmask"], ours, ref, pt):
         try:
             assert_close(o, r, p, name)
         except AssertionError as e:
@@ -90,6 +94,67 @@ def check_masked(q, k, v, mask, deterministic, yardstick=torch_sdpa, **kwargs):
 def test_mask_matches_the_oracle(kind, shape_name, deterministic):
     q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
     check_masked(q, k, v, make_mask(kind, shape_name, q.dtype, q.device), deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape_name", list(MASK_SHAPES))
+@pytest.mark.parametrize("kind", ["additive", "additive_qdtype"])
+def test_a_mask_that_requires_grad_gets_its_gradient(kind, shape_name, deterministic):
+    """A learned bias passed as the mask (BEiT's and MaxViT's relative
+    position bias, T5's): its gradient is dS = P (dP - D), summed over the
+    dims the mask broadcasts (autograd's sum over the kernels' (B, Hq, Sq,
+    Sk) dS, as over torch's), in the mask's dtype."""
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    check_masked(q, k, v, make_mask(kind, shape_name, q.dtype, q.device).requires_grad_(), deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("feature", ["softcap", "sinks", "dropout"])
+def test_a_learned_mask_with_a_soft_cap_sinks_or_dropout_gets_its_gradient(feature, deterministic, dropout_seeds):
+    """The masked calls pyext.patch makes for Gemma 2 (a cap), GPT-OSS
+    (sinks) and a training model's attention dropout, their bias learned:
+    the mask is added after the cap, so its gradient is dS before the cap's
+    derivative; the sinks and dropout change P and dP, not the formula. The
+    yardstick is the reference in the inputs' dtype (torch's SDPA has no cap
+    or sinks), with the kernels' dropout mask."""
+    from pyext.triton_kernels.flash_attention import dropout_keep_mask
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    mask = make_mask("additive_qdtype", "per_head", q.dtype, q.device).requires_grad_()
+    sinks = torch.randn(SHAPE[1], device=q.device) if feature == "sinks" else None
+    extras = dict(softcap=5.0 if feature == "softcap" else 0.0, sinks=sinks)
+    p = 0.3 if feature == "dropout" else 0.0
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = attention._scaled_dot_product_attention(q, k, v, mask, p, False, None, True, backend="triton", **extras)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    dout = torch.randn_like(out)
+    ours = [out] + list(torch.autograd.grad(out, (q, k, v, mask), dout))
+    keep = dropout_keep_mask(dropout_seeds[-1], *q.shape[:3], k.shape[2], p) if p else None
+
+    def run(dtype, mask_dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)] + \
+            [mask.detach().to(mask_dtype).requires_grad_()]
+        o = reference.attention(*leaves[:3], mask=leaves[3], dropout_p=p, keep=keep, **extras)[0]
+        return [o] + list(torch.autograd.grad(o, leaves, dout.to(dtype)))
+    for name, o, r, y in zip(["out", "dq", "dk", "dv", "dmask"], ours, run(torch.float64, torch.float64),
+                             run(q.dtype, mask.dtype)):
+        assert_close(o, r, y, name)
+
+
+def test_the_masked_op_called_directly_gives_a_broadcast_mask_its_gradient():
+    """The op takes a mask of any shape that broadcasts (the public functions
+    hand it one broadcast to (B, Hq, Sq, Sk)): its gradient is summed to
+    that shape, as through scaled_dot_product_attention."""
+    q, k, v = (t.detach() for t in qkv(SHAPE, torch.bfloat16, device_for("triton")))
+    mask = make_mask("additive", "square", q.dtype, q.device).requires_grad_()
+    out = torch.ops.pyext.flash_attn_masked_fwd_triton(q, k, v, mask, 0.25, 0.0, None, 0.0, None)[0]
+    dout = torch.randn_like(out)
+    (direct,) = torch.autograd.grad(out, mask, dout)
+    out = pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True, backend="triton")
+    (public,) = torch.autograd.grad(out, mask, dout)
+    assert direct.shape == mask.shape
+    torch.testing.assert_close(direct, public)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -276,6 +341,27 @@ def test_mask_double_backward_under_auto_is_the_references(monkeypatch, auto_run
         assert_close(g, w, pt, f"Hessian-vector product, {name}")
 
 
+def test_a_learned_mask_gets_its_gradient_in_a_double_backward(monkeypatch, auto_runs_the_triton_kernels):
+    """create_graph=True through a masked call the kernels ran (auto): the
+    reference's gradients, the mask's among them, each differentiable (the
+    second derivatives: test_mask_double_backward_under_auto_is_the_references)."""
+    monkeypatch.setattr(attention, "SDPA_MASK_AUTO_ORDER", ("triton",))
+    calls, forward = [], attention_ops.MASKED_FWD["triton"]
+    monkeypatch.setitem(attention_ops.MASKED_FWD, "triton", lambda *a: calls.append(1) or forward(*a))
+    q, k, v = qkv((1, 2, 2, 17, 24, 16), torch.float16, device_for("triton"))
+    mask = make_mask("additive", None, q.dtype, q.device, (17, 24)).requires_grad_()
+
+    def grads(fn, *inputs):
+        return torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
+    got = grads(lambda *t: pyext.scaled_dot_product_attention(*t[:3], attn_mask=t[3]), q, k, v, mask)
+    assert calls == [1] and all(g.requires_grad for g in got)
+    want = grads(lambda *t: reference.attention(*t[:3], mask=t[3])[0],
+                 *(t.detach().double().requires_grad_() for t in (q, k, v, mask)))
+    same_dtype = grads(lambda *t: torch_math_sdpa(*t), *(t.detach().requires_grad_() for t in (q, k, v, mask)))
+    for name, g, w, pt in zip(("dq", "dk", "dv", "dmask"), got, want, same_dtype):
+        assert_close(g, w, pt, name)
+
+
 @pytest.mark.parametrize("bad,why", [("integer", "bool or floating"), ("other_device", "on meta")])
 def test_the_masked_ops_refuse_a_mask_they_cannot_read_before_any_launch(bad, why):
     """Direct callers of the launch functions (what the ops run; no SDPA checks
@@ -302,10 +388,11 @@ def test_masked_kernels_write_every_element(deterministic):
     stats = torch.full((*q.shape[:3], 2), float("nan"), device=q.device)
     out, stats, out_lo = kernels.flash_attn_fwd(q, k, v, 0.3, False, 0, out=poisoned_like(q), lse=stats, mask=mask)
     assert not out.isnan().any() and not stats.isnan().any()
+    dmask = torch.full((*q.shape[:3], k.shape[2]), float("nan"), dtype=mask.dtype, device=q.device)
     grads = kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, stats, 0.3, False, 0, deterministic,
                                    dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v), mask=mask,
-                                   out_lo=out_lo)
-    assert not any(g.isnan().any() for g in grads)
+                                   out_lo=out_lo, dmask=dmask)
+    assert not any(g.isnan().any() for g in (*grads, dmask))
 
 
 @pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
@@ -331,10 +418,12 @@ def test_masked_kernels_with_no_keys_write_every_element(sinks):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
-@pytest.mark.parametrize("dropout_p,sinks", [(0.0, False), (0.2, False), (0.0, True)], ids=str)
-def test_opcheck_masked(layout, dropout_p, sinks):
+@pytest.mark.parametrize("dropout_p,sinks,learned", [(0.0, False, False), (0.2, False, False), (0.0, True, False),
+                                                     (0.2, True, True)], ids=str)
+def test_opcheck_masked(layout, dropout_p, sinks, learned):
+    """learned: an additive mask whose gradient the backward gives (mask_grad)."""
     q, k, v = qkv((1, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton"), layout)
-    mask = make_mask("bool", None, q.dtype, q.device, (1, 1, 9, 12))
+    mask = make_mask("additive" if learned else "bool", None, q.dtype, q.device, (1, 1, 9, 12))
     seed = torch.tensor([7], device=q.device) if dropout_p else None
     sink = torch.randn(2, device=q.device, requires_grad=True) if sinks else None
     args = (0.25, 2.5 if dropout_p else 0.0)  # scale, softcap
@@ -345,20 +434,24 @@ def test_opcheck_masked(layout, dropout_p, sinks):
     for deterministic in (False, True):
         torch.library.opcheck(torch.ops.pyext.flash_attn_masked_bwd_triton,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, out_lo, stats,
-                               *args, sink, dropout_p, seed, deterministic))
+                               *args, sink, dropout_p, seed, deterministic, learned))
 
 
-def test_compile_fullgraph_with_a_mask():
+@pytest.mark.parametrize("learned", [False, True], ids=["bool", "learned"])
+def test_compile_fullgraph_with_a_mask(learned):
     """torch.compile keeps the masked op in one graph and computes what eager
-    does, its gradients within the rule."""
+    does, its gradients within the rule; a learned mask's too."""
     q, k, v = qkv((1, 2, 2, 9, 11, 16), torch.bfloat16, device_for("triton"))
-    mask = make_mask("bool", None, q.dtype, q.device, (9, 11))
+    mask = make_mask("additive" if learned else "bool", None, q.dtype, q.device, (9, 11))
 
-    def f(q, k, v, backend="triton"):
-        return pyext.scaled_dot_product_attention(q * 2, k, v, attn_mask=mask, backend=backend).float().sum()
+    def f(q, k, v, *m, backend="triton"):
+        return pyext.scaled_dot_product_attention(q * 2, k, v, attn_mask=m[0] if m else mask,
+                                                  backend=backend).float().sum()
 
     def grads(fn, dtype=q.dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        if learned:
+            leaves.append(mask.to(torch.float64 if dtype == torch.float64 else mask.dtype).requires_grad_())
         return torch.autograd.grad(fn(*leaves), leaves)
     torch._dynamo.reset()
     torch.use_deterministic_algorithms(True)
@@ -368,13 +461,11 @@ def test_compile_fullgraph_with_a_mask():
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
     ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
-    for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
+    for name, g, r, p in zip(("dq", "dk", "dv", "dmask"), compiled, ref64, pt):
         assert_close(g, r, p, name)
 
 
 BAD_MASKS = {  # name: (mask maker for bf16 inputs (1, 2, 7, 16), SDPA keyword arguments, the reason named)
-    "requires_grad": (lambda d: torch.randn(7, 7, device=d, dtype=torch.bfloat16, requires_grad=True), {},
-                      "requires grad"),
     "integer": (lambda d: torch.ones(7, 7, dtype=torch.int32, device=d), {}, "int32"),
     "float16_for_bfloat16": (lambda d: torch.zeros(7, 7, dtype=torch.float16, device=d), {}, "float16"),
     "with_is_causal": (lambda d: torch.ones(7, 7, dtype=torch.bool, device=d), {"is_causal": True}, "is_causal"),
@@ -430,3 +521,14 @@ def test_large_padding_mask(deterministic, head_dim):
     mask = torch.zeros(4, 1, 1, 1024, dtype=q.dtype, device="cuda").masked_fill(
         padding[:, None, None, :], torch.finfo(q.dtype).min)
     check_masked(q, k, v, mask, deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_large_learned_bias(mask_dtype, deterministic):
+    """A relative position bias at training size (T5-base: 12 heads, 512
+    tokens), shared by the batch, learned: its gradient summed over 8 rows."""
+    q, k, v = qkv((8, 12, 12, 512, 512, 64), torch.bfloat16, "cuda")
+    bias = (2 * torch.randn(1, 12, 512, 512, device="cuda")).to(mask_dtype).requires_grad_()
+    check_masked(q, k, v, bias, deterministic)

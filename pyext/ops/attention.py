@@ -92,9 +92,15 @@ def _as_4d(q: Tensor, k: Tensor, v: Tensor):
 def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor) -> Tensor:
     """attn_mask as the kernels take it: broadcast to (B, Hq, Sq, Sk) of the
     4-D inputs q (a view; a copy only where a reshape of broadcast leading
-    dims needs one)."""
-    mask = torch.broadcast_to(attn_mask, (*query.shape[:-1], key.shape[-2]))
-    return mask.reshape(*q.shape[:-1], key.shape[-2])
+    dims needs one). A half mask that requires grad and broadcasts goes up to
+    float32 first (a copy of its own size): the kernels' dS then comes in
+    float32 and autograd sums it over the broadcast dims before one
+    rounding, as torch's SDPA does, where rounding each element first puts
+    the sum of B * Hq of them past the rule."""
+    scores = (*query.shape[:-1], key.shape[-2])
+    if attn_mask.requires_grad and attn_mask.dtype != torch.float32 and attn_mask.shape != scores:
+        attn_mask = attn_mask.float()
+    return torch.broadcast_to(attn_mask, scores).reshape(*q.shape[:-1], key.shape[-2])
 
 
 
@@ -206,8 +212,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     until measured faster (SDPA_DROPOUT_AUTO_ORDER). attn_mask, boolean
     (False: not attended) or additive (bool, float32 or the inputs' dtype,
     broadcastable to (..., Sq, Sk)): likewise, the Triton kernels' when named
-    (with dropout too; a mask that requires grad goes to torch),
-    torch's SDPA under auto (SDPA_MASK_AUTO_ORDER). Head dims that are not
+    (with dropout too; a mask that requires grad, a learned bias, gets its
+    gradient, in its dtype), torch's SDPA under auto (SDPA_MASK_AUTO_ORDER). Head dims that are not
     a multiple of 8: likewise (SDPA_UNALIGNED_HEAD_AUTO_ORDER). The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast

@@ -86,9 +86,6 @@ def _mask_problem(attn_mask: Tensor, query: Tensor, key: Tensor, is_causal: bool
     if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype) or attn_mask.device != query.device:
         return (f"an attn_mask of {attn_mask.dtype} on {attn_mask.device} (the kernels take a bool, "
                 f"float32 or {query.dtype} mask on {query.device}, as torch's SDPA does)")
-    if attn_mask.requires_grad:
-        return ("an attn_mask that requires grad, a learned position bias say (the kernels give the mask no "
-                "gradient; backend 'auto' leaves such calls to torch's SDPA)")
     scores = (*query.shape[:-1], key.shape[-2])
     # broadcasts to scores: trailing dims 1 or equal (in Python: torch.broadcast_shapes costs ~30 us of host time)
     if attn_mask.dim() <= len(scores) and all(m in (1, n) for m, n in zip(reversed(attn_mask.shape), reversed(scores))):

@@ -37,6 +37,9 @@ flash_attn_masked_{fwd,bwd}_triton, with dropout too (dropout_p 0 and no
 seed for none); their second output is each row's (max, sum), (B, H, S, 2)
 fp32, in place of lse, and their third out_lo, with or without dropout: a
 bias makes P peaky, where D from the rounded out costs dq and dk the rule.
+With mask_grad (an additive mask that requires grad, a learned bias) the
+backward's fifth output is the mask's gradient, dS, (B, Hq, Sq, Sk) in the
+mask's dtype, D then summed from the tiles (flash_attn_bwd's dmask).
 The extras (Triton only): a local window, a logit soft cap and attention
 sinks (flash_attention's window_size, softcap and sinks; (-1, -1), 0 and
 None for none): flash_attn_extras_{fwd,bwd}_triton, with dropout too, and
@@ -102,12 +105,26 @@ def flash_attn_masked_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, 
 @torch.library.custom_op("pyext::flash_attn_masked_bwd_triton", mutates_args=())
 def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
                                  out_lo: Tensor, stats: Tensor, scale: float, softcap: float, sinks: Optional[Tensor],
-                                 dropout_p: float, seed: Optional[Tensor],
-                                 deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                 dropout_p: float, seed: Optional[Tensor], deterministic: bool,
+                                 mask_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    return _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic,
-                                               dropout_p=dropout_p, seed=seed, mask=mask, softcap=softcap,
-                                               sinks=sinks, out_lo=out_lo), q)
+    dmask = _empty_dmask(q, k, mask, mask_grad)
+    grads = _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic,
+                                                dropout_p=dropout_p, seed=seed, mask=mask, softcap=softcap,
+                                                sinks=sinks, out_lo=out_lo, dmask=dmask if dmask.numel() else None),
+                         q)
+    return (*grads, dmask)
+
+
+def _empty_dmask(q: Tensor, k: Tensor, mask: Tensor, mask_grad: bool) -> Tensor:
+    """The masked backward's fifth output: with mask_grad, the gradient of an
+    additive mask as broadcast to (B, Hq, Sq, Sk), contiguous, in the mask's
+    dtype (torch's SDPA gives it in that dtype too); else empty."""
+    if not mask_grad:
+        return mask.new_empty(0)
+    if mask.dtype == torch.bool:
+        raise ValueError("flash_attn_masked_bwd_triton: mask_grad=True needs an additive (floating-point) mask")
+    return mask.new_empty((*q.shape[:3], k.shape[2]))
 
 
 def _kernel_window(window_left: int, window_right: int):
@@ -210,6 +227,12 @@ def _fake_bwd_with_sinks_triton(sinks_at: int):
     return fake
 
 
+def _fake_masked_bwd_triton(dout, q, k, v, mask, *rest):
+    """The masked backward's outputs: _fake_bwd_with_sinks_triton's and dmask."""
+    mask_grad = rest[-1]
+    return (*_fake_bwd_with_sinks_triton(10)(dout, q, k, v, mask, *rest[:-1]), _empty_dmask(q, k, mask, mask_grad))
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset = inputs
     out, lse, out_lo = output
@@ -235,6 +258,7 @@ def _masked_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, out_lo)
     ctx.save_for_backward(q, k, v, mask, out, out_lo, stats, sinks, seed)
     ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
+    ctx.mask_grad = ctx.needs_input_grad[3]  # a learned bias (BEiT's, T5's): dS, written by the backward
     ctx.deterministic, ctx.function = True, "scaled_dot_product_attention"
 
 
@@ -299,10 +323,11 @@ def _make_masked_backward(bwd_op):
             grads = create_graph_grads(ctx.function, ctx, _reference_out,
                                        (q, k, v, ctx.scale, False, 0, ctx.dropout_p, keep, mask, None, ctx.softcap,
                                         sinks), (dout,))
-            return grads[:3] + (None, None, None, grads[-1], None, None)
-        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.softcap, sinks,
-                                    ctx.dropout_p, seed, ctx.deterministic)
-        return dq, dk, dv, None, None, None, _sinks_grad(sinks, dsinks), None, None
+            return grads[:3] + (grads[8], None, None, grads[-1], None, None)
+        dq, dk, dv, dsinks, dmask = bwd_op(dout, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.softcap, sinks,
+                                           ctx.dropout_p, seed, ctx.deterministic, ctx.mask_grad)
+        dmask = dmask.sum_to_size(mask.shape) if ctx.mask_grad else None  # a direct caller's mask may broadcast
+        return dq, dk, dv, dmask, None, None, _sinks_grad(sinks, dsinks), None, None
     return backward
 
 
@@ -326,9 +351,8 @@ FWD, BWD, _ = register_stages("flash_attn", {"cuda": _fake_fwd_with_out_lo(_fake
                               {"cuda": _fake_bwd_cuda, "triton": _fake_bwd_triton}, _setup_context, _make_backward)
 DROPOUT_FWD, DROPOUT_BWD, _ = register_stages("flash_attn_dropout", _fake_fwd_with_out_lo(_fake_fwd_triton, 3, 6),
                                               _fake_bwd_triton, _dropout_setup_context, _make_dropout_backward)
-MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton,
-                                            _fake_bwd_with_sinks_triton(10), _masked_setup_context,
-                                            _make_masked_backward)
+MASKED_FWD, MASKED_BWD, _ = register_stages("flash_attn_masked", _fake_masked_fwd_triton, _fake_masked_bwd_triton,
+                                            _masked_setup_context, _make_masked_backward)
 EXTRAS_FWD, EXTRAS_BWD, _ = register_stages("flash_attn_extras",
                                             _fake_fwd_with_out_lo(_fake_fwd_triton, 3, 10, 8, 9),
                                             _fake_bwd_with_sinks_triton(13), _extras_setup_context,
@@ -365,6 +389,8 @@ class _FlashAttention(torch.autograd.Function):
         with past_autograd():
             output = forward_ops[backend](*inputs)
         setup_context(ctx, inputs, output)
+        if ctx.kind == "masked":  # the mask's place here (setup_context read the op's)
+            ctx.mask_grad = ctx.needs_input_grad[12]
         ctx.backend, ctx.auto, ctx.deterministic, ctx.function = backend, auto, deterministic, function
         return output
 
@@ -374,4 +400,5 @@ class _FlashAttention(torch.autograd.Function):
         grads = make_backward(called_past_autograd(backward_ops[ctx.backend]))(ctx, dout, dlse)
         sinks_at = {"masked": 6, "extras": 9}.get(ctx.kind)  # the sinks' place in the op's inputs
         dsinks = None if sinks_at is None else grads[sinks_at]
-        return (None, None, None, None, *grads[:3]) + (None,) * 8 + (dsinks,)
+        dmask = grads[3] if ctx.kind == "masked" else None
+        return (None, None, None, None, *grads[:3]) + (None,) * 5 + (dmask, None, None, dsinks)

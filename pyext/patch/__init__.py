@@ -42,12 +42,9 @@
 - `backend=None` (the process default, normally "auto") lets each call fall
   back to torch where the kernels do not apply (float32 outside autocast) or
   are not yet measured faster: an attention mask (an HF model given a
-  padding attention_mask) and attention dropout, which backend="triton" runs.
-  A mask that requires grad (a learned relative position bias, as BEiT's
-  and MaxViT's attention pass it) has no gradient in the kernels: auto
-  leaves those calls to torch's SDPA. A backend named here raises
-  BackendUnavailable on such calls instead, as a named backend does
-  everywhere in pyext.
+  padding attention_mask) and attention dropout, which backend="triton" runs,
+  a mask that requires grad too (a learned relative position bias, as BEiT's,
+  MaxViT's and T5's attention pass it: the kernels give it its gradient).
 
 A module whose forward is set on the instance (accelerate's hooks, a
 wrapper library's) is left: what it runs is not its class's code.

@@ -47,6 +47,11 @@ the backward's P = exp2(s - m) / l needs it. They also store out_lo, what
 rounding out left out, and the backward's D below is rowsum(dO * (out +
 out_lo)): a bias makes rows nearly one-hot, where dP - D is a small
 difference that out's 8 bits in D would swamp (tiles._low_part).
+An additive mask's gradient (flash_attn_bwd's dmask: a learned bias) is dS
+itself, written by the dK/dV pass; D for it is rowsum(P * dP), summed from
+the tiles in a pass of its own (two more matmuls a tile), since O came from
+P rounded in the forward's P V and D from it is off by 2^-9 relative, where
+torch computes a float32 mask's gradient in float32.
 A scale of 2/sqrt(D) or more (peaky_scale) spreads the logits as a bias
 does, so those calls store out_lo too (LOW_PART); below it, plain
 attention stores none, as FlashAttention.

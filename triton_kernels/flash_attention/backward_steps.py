@@ -47,16 +47,21 @@ def _query_step(i, first, steps, key_block, ROTATE: tl.constexpr, BLOCK_M: tl.co
 
 @triton.jit
 def _kv_step(dk, dv, sink_share, k, v, q, do, row, offs_m, offs_n, start_n, h, bh, lse_ptr, delta_ptr, dq_acc_ptr,
-             sink_ptr, seed_ptr, mask_ptr, mask_off, smm, smn, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left,
-             right, keep, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-             DROPOUT: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, SINK: tl.constexpr,
-             ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             sink_ptr, seed_ptr, mask_ptr, mask_off, smm, smn, dmask_ptr, seq_q, seq_k, qk_scale, cap_log2e,
+             causal_offset, left, right, keep, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+             SINK: tl.constexpr, DMASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """(dk, dv, sink_share) with one query block's tile of a key block added
     (q, do: its rows offs_m, stats at `row`; k, v: keys offs_n), in
     transposed tiles [BLOCK_N, BLOCK_M], keys along rows. With ATOMIC_DQ,
     also the tile's dS K (unscaled) added into dq_acc (fp32, rows as lse's,
     HEAD_DIM contiguous). With SINK, sink_share gains, per row, P_sink *
-    sum over these keys of P dP (the sink's gradient before its sign)."""
+    sum over these keys of P dP (the sink's gradient before its sign).
+    With DMASK, the tile's gradient of the additive mask goes to dmask_ptr,
+    (B, Hq, Sq, Sk) contiguous: the mask is added to the logits after the
+    scale and the soft cap, so its gradient is dS = P (dP - D) itself, before
+    the cap's derivative (and 0 where P is)."""
     shift, p_scale = _row_stats(lse_ptr, row, offs_m < seq_q, MASK)
     delta = tl.load(delta_ptr + row, mask=offs_m < seq_q, other=0.0)
     s_t, t_t = _soft_capped(dot(k, tl.trans(q)) * qk_scale, SOFTCAP, cap_log2e)
@@ -76,6 +81,10 @@ def _kv_step(dk, dv, sink_share, k, v, q, do, row, offs_m, offs_n, start_n, h, b
         p_sink = _recomputed_p(sink2 + tl.zeros([BLOCK_M], tl.float32), shift, p_scale, MASK)
         sink_share += tl.sum(p_t * dp_t, 0) * p_sink
     ds_exact = p_t * (dp_t - delta[None, :])
+    if DMASK:
+        tl.store(dmask_ptr + bh * seq_q * seq_k + offs_m.to(tl.int64)[None, :] * seq_k + offs_n[:, None],
+                 round_to(ds_exact, dmask_ptr.dtype.element_ty),
+                 mask=(offs_m[None, :] < seq_q) & (offs_n[:, None] < seq_k))
     if SOFTCAP:
         ds_exact = ds_exact * (1.0 - t_t * t_t)
     ds_t = round_to(ds_exact, q.dtype)
@@ -94,11 +103,14 @@ def _kv_step(dk, dv, sink_share, k, v, q, do, row, offs_m, offs_n, start_n, h, b
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm, smn,
-             seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL: tl.constexpr,
-             WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq (unscaled) with the tile of keys start_n.. added: dS K, S, P and dP recomputed."""
+def _p_and_dp(q, do, k, v, shift, p_scale, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm, smn, seq_q, seq_k,
+              qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              DROPOUT: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """(P, dP, t) of the tile of query rows offs_m and keys start_n..,
+    recomputed: P from the rows' stats (_row_stats), dP = dO V^T with the
+    forward's dropout (dP / keep where kept, 0 where dropped), and t, the
+    soft cap's tanh (_soft_capped; unused without SOFTCAP)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s, t = _soft_capped(dot(q, tl.trans(k)) * qk_scale, SOFTCAP, cap_log2e)
     if MASK:
@@ -108,6 +120,18 @@ def _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_p
     dp = dot(do, tl.trans(v))
     if DROPOUT:
         dp = tl.where(_dropout_keep(seed_ptr, bh, offs_m, start_n, seq_k, keep, BLOCK_M, BLOCK_N), dp / keep, 0.0)
+    return p, dp, t
+
+
+@triton.jit
+def _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm, smn,
+             seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq (unscaled) with the tile of keys start_n.. added: dS K, S, P and dP recomputed."""
+    p, dp, t = _p_and_dp(q, do, k, v, shift, p_scale, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm, smn,
+                         seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL, WINDOW,
+                         DROPOUT, MASK, SOFTCAP, BLOCK_M, BLOCK_N)
     ds_exact = p * (dp - delta[:, None])
     if SOFTCAP:
         ds_exact = ds_exact * (1.0 - t * t)

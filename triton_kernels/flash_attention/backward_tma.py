@@ -77,9 +77,9 @@ def _bwd_kv_tma_kernel(q_desc, k_desc, v_desc, dout_desc, dk_desc, dv_desc, lse_
             do = dout_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
             dk, dv, sink_share = _kv_step(dk, dv, sink_share, k, v, q, do, bh * seq_q + offs_m, offs_m, offs_n,
                                           start_n, h, bh, lse_ptr, delta_ptr, dq_acc_ptr, sink_ptr, lse_ptr, lse_ptr,
-                                          0, 0, 0, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, 0, 0, 1.0,
-                                          HEAD_DIM, BLOCK_D, CAUSAL, False, False, 0, SOFTCAP, SINK, ATOMIC_DQ,
-                                          BLOCK_M, BLOCK_N)  # no window, dropout or mask
+                                          0, 0, 0, lse_ptr, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, 0, 0,
+                                          1.0, HEAD_DIM, BLOCK_D, CAUSAL, False, False, 0, SOFTCAP, SINK, False,
+                                          ATOMIC_DQ, BLOCK_M, BLOCK_N)  # no window, dropout or mask
         if SINK:
             tl.store(dsink_ptr + bh * sink_slots + tl.program_id(0), tl.sum(sink_share, 0))
     dk_desc.store([b, hk, start_n, 0], round_to(dk * scale, dk_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
