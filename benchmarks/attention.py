@@ -65,6 +65,13 @@ CUDA flash kernel; GPU only) and FlashAttention's package
 (flash_attn_varlen_func) take the offsets (cu_seqlens) and no mask; pyext-triton-mask and the SDPA backends the
 (1, 1, T, T) block-diagonal causal mask HF builds for SDPA from packed
 position_ids. FLOPs counted: each document's causal pairs, L^2 / 2.
+And "bias": a learned relative position bias (T5's, BEiT's), a (1, H, S, S)
+bf16 attn_mask that requires grad, non-causal, head dim 64: the backward
+gives the bias its gradient too (pyext-triton: dS written by the dK/dV pass,
+D summed from the tiles in a pass of its own; sdpa-efficient: its grad_bias;
+sdpa-math: S x S autograd). sdpa-flash, sdpa-cudnn and FlashAttention's
+package take no such mask. FLOPs counted: the matmuls' (every pair), the
+delta pass's two more a tile not among them.
 And a head dim that is not a multiple of 8 (UNALIGNED_HEAD_DIM, causal):
 torch's SDPA flash kernel and FlashAttention's package pad it to one, the
 CUDA kernels refuse it, pyext-triton runs its pointer kernels (rows not
@@ -143,6 +150,20 @@ def _padding_mask(batch, seqlen, device, causal):
     if causal:
         mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
     return mask.to(device)
+
+
+def _learned_bias(heads, seqlen, device, dtype):
+    """A (1, H, S, S) relative position bias that requires grad, as T5 and
+    BEiT add one (a fixed draw, spread 2)."""
+    bias = 2 * torch.randn(1, heads, seqlen, seqlen, generator=torch.Generator().manual_seed(0))
+    return bias.to(device, dtype).requires_grad_()
+
+
+def _with_the_bias_as_an_input(inputs, wrap, bias):
+    """The case's inputs with the bias among them, so the backward computes
+    its gradient; each provider, which holds the bias as its mask, called
+    without it."""
+    return inputs + [bias], lambda fn: (lambda *tensors: wrap(fn)(*tensors[:-1]))
 
 
 def _window(seqlen):
@@ -332,7 +353,8 @@ def _cuda_stage1(head_dim, v_dim, why_not_cuda):
     return stage1
 
 
-# (causal, dropout probability, None or what else: "padded", "causal-padded", "window", "softcap" or "sinks")
+# (causal, dropout probability, None or what else: "padded", "causal-padded", "window", "softcap", "sinks"
+# or "bias")
 # of each case
 STANDARD = ((False, 0.0, None), (True, 0.0, None))
 MODEL = ((True, 0.0, None), (True, DROPOUT, None), (False, 0.0, "padded"), (False, 0.0, "causal-padded"))
@@ -346,6 +368,8 @@ SEQLENS_SINKS, SEQLENS_SINKS_QUICK = [2048, 4096], [4096]
 SEQLENS_PACKED, SEQLENS_PACKED_QUICK = [2048, 8192], [8192]
 MLA = (192, 128)  # DeepSeek-V2/V3's query/key and value head dims
 SEQLENS_MLA, SEQLENS_MLA_QUICK = [2048, 4096], [4096]
+BIAS_HEAD_DIM = 64
+SEQLENS_BIAS, SEQLENS_BIAS_QUICK = [512, 1024, 2048], [1024]
 UNALIGNED_HEAD_DIM = 59  # not a multiple of 8 (FlashAttention's tests use 59 and 111)
 SEQLENS_UNALIGNED, SEQLENS_UNALIGNED_QUICK = [2048, 4096], [4096]
 
@@ -356,7 +380,8 @@ def _grid(quick: bool, dtypes):
     if torch.bfloat16 not in dtypes and torch.float16 not in dtypes:
         return []
     if not HAS_GPU:
-        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"), (True, 0.0, "softcap"), (True, 0.0, "sinks"))),
+        return [(64, 32, 32, False, STANDARD + ((False, 0.0, "window"), (True, 0.0, "softcap"), (True, 0.0, "sinks"),
+                                                (False, 0.0, "bias"))),
                 (64, 32, 32, True, MODEL), (64, 32, 16, False, STANDARD[1:]), (64, 20, 20, False, STANDARD[1:])]
     seqlens = SEQLENS_QUICK if quick else SEQLENS
     head_dims = (128,) if quick else (64, 128)
@@ -369,9 +394,11 @@ def _grid(quick: bool, dtypes):
                for s in (SEQLENS_SOFTCAP_QUICK if quick else SEQLENS_SOFTCAP)]
     sinks = [(s, SINKS_HEAD_DIM, SINKS_HEAD_DIM, False, ((True, 0.0, "sinks"),))
              for s in (SEQLENS_SINKS_QUICK if quick else SEQLENS_SINKS)]
+    bias = [(s, BIAS_HEAD_DIM, BIAS_HEAD_DIM, False, ((False, 0.0, "bias"),))
+            for s in (SEQLENS_BIAS_QUICK if quick else SEQLENS_BIAS)]
     unaligned = [(s, UNALIGNED_HEAD_DIM, UNALIGNED_HEAD_DIM, False, STANDARD[1:])
                  for s in (SEQLENS_UNALIGNED_QUICK if quick else SEQLENS_UNALIGNED)]
-    return standard + model + mla + window + softcap + sinks + unaligned
+    return standard + model + mla + window + softcap + sinks + bias + unaligned
 
 
 def _packed_grid(quick: bool, dtypes):
@@ -415,14 +442,18 @@ def cases(quick: bool, dtypes):
     for seqlen, head_dim, v_dim, model_layout, variants in _grid(quick, dtypes):
         heads = HIDDEN // v_dim if HAS_GPU else 2
         batch = max(TOKENS // seqlen, 1) if HAS_GPU else 1
-        inputs, dout, wrap = _tensors(batch, heads, seqlen, head_dim, v_dim, model_layout, device, dtype)
+        tensors = _tensors(batch, heads, seqlen, head_dim, v_dim, model_layout, device, dtype)
         for causal, dropout_p, extra in variants:
+            inputs, dout, wrap = tensors
             window = _window(seqlen) if extra == "window" else None
             softcap = SOFTCAP if extra == "softcap" else 0.0
             sinks = torch.randn(heads, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_() \
                 if extra == "sinks" else None
             mask = _window_mask(seqlen, device) if window else \
-                _padding_mask(batch, seqlen, device, extra == "causal-padded") if extra in PADDED else None
+                _padding_mask(batch, seqlen, device, extra == "causal-padded") if extra in PADDED else \
+                _learned_bias(heads, seqlen, device, dtype) if extra == "bias" else None
+            if extra == "bias":
+                inputs, wrap = _with_the_bias_as_an_input(inputs, wrap, mask)
             fns = {f"pyext-{b}": _ours(b, causal, dropout_p, mask, window, softcap, sinks) for b in ("cuda", "triton")}
             if dropout_p or extra:
                 fns["pyext-cuda"] = "the CUDA attention kernels have no dropout, mask, window, soft cap or sinks"
