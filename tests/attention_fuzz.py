@@ -55,6 +55,7 @@ def draw(rng, features):
         del case["causal"]
         case.update(kind=rng.choice(["bool", "additive", "additive_qdtype"]), scale=rng.choice([None, 0.5]),
                     mask_shape=rng.choice([(b, hq, sq, sk), (sq, sk), (b, 1, 1, sk), (hq, sq, sk)]))
+        case.update(learned=case["kind"] != "bool" and rng.random() < 0.5)
     else:
         count = rng.randint(1, 4)
         lens_q = [length(rng, zero=True) for _ in range(count)]
@@ -89,11 +90,12 @@ def run_dropout(shape, dtype, causal, deterministic, p):
         attention._dropout_seed = draw_seed
 
 
-def run_mask(shape, dtype, deterministic, kind, scale, mask_shape):
+def run_mask(shape, dtype, deterministic, kind, scale, mask_shape, learned):
     """A boolean mask leaves each row one key at least: rows that see none
-    have a test of their own (test_rows_masked_everywhere_give_what_torch_gives)."""
+    have a test of their own (test_rows_masked_everywhere_give_what_torch_gives).
+    learned: an additive mask that requires grad, its gradient checked too."""
     q, k, v = attention_checks.qkv(shape, dtype, "cpu")
-    mask = test_attention_mask.make_mask(kind, None, dtype, "cpu", shape=mask_shape)
+    mask = test_attention_mask.make_mask(kind, None, dtype, "cpu", shape=mask_shape).requires_grad_(learned)
     if kind == "bool":
         mask[..., torch.randint(shape[4], ())] = True
     test_attention_mask.check_masked(q, k, v, mask, deterministic, scale=scale)
