@@ -30,6 +30,7 @@ variant goes through ptxas.
 import concurrent.futures
 import contextlib
 import io
+import itertools
 import multiprocessing
 import os
 import re
@@ -203,15 +204,17 @@ def exercise_launchers():
                                                deterministic,
                                                dropout_p=p, seed=seed, window=(16, -1),
                                                out_lo=out_lo[0] if out_lo else None)
-        # masks, boolean and additive (float32 and the inputs' dtype), alone and with dropout
+        # masks, boolean and additive (float32 and the inputs' dtype), alone and with dropout; the
+        # additive ones learned too (dmask: D from the tiles, dS written)
         q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
         masks = (torch.rand(1, 1, 33, 33) > 0.5, torch.randn(33, 33), torch.randn(1, 4, 33, 33, dtype=q.dtype))
         for mask, p in zip(masks, (0.0, 0.1, 0.0)):
             out, stats, out_lo = flash_attention.flash_attn_fwd(q, q[:, :2], q[:, :2], 0.1, False, 0, dropout_p=p,
                                                                 seed=seed, mask=mask)
-            for deterministic in (False, True):
+            dmasks = (None,) if mask.dtype == torch.bool else (None, torch.empty(1, 4, 33, 33, dtype=mask.dtype))
+            for deterministic, dmask in itertools.product((False, True), dmasks):
                 flash_attention.flash_attn_bwd(out, q, q[:, :2], q[:, :2], out, stats, 0.1, False, 0, deterministic,
-                                               dropout_p=p, seed=seed, mask=mask, out_lo=out_lo)
+                                               dropout_p=p, seed=seed, mask=mask, out_lo=out_lo, dmask=dmask)
         # a logit soft cap (Gemma 2's): alone (the descriptor forward on sm_90), with a window, with a mask
         for extra in ({}, {"window": (16, -1)}, {"mask": masks[0]}):
             causal = "mask" not in extra
