@@ -167,19 +167,27 @@ def available_backends() -> dict:
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # no __torch_dispatch__ of their own
 
 
-def _tensor_kind_reason(tensors) -> Optional[str]:
+def _tensor_kind_reason(tensors, dtensors: bool = False) -> Optional[str]:
     """Why the kernels, which index dense strided memory, cannot take one of
-    these tensors, or None. A DTensor (tensor parallelism's activations) has
-    no sharding rule for our ops; torch's own op has one."""
+    these tensors, or None. A DTensor (tensor parallelism's activations)
+    goes to an op only where it has sharding rules (dtensors: the norms',
+    ops/norm_sharding.py), and then every tensor must be one, on one mesh
+    (DTensor's dispatch refuses a mix); torch's own ops have rules for all."""
+    meshes = set()
     for t in tensors:
         if t.is_nested or t.layout != torch.strided:
             return f"it takes dense strided tensors, got a {'nested' if t.is_nested else str(t.layout)} tensor"
-        if type(t) not in PLAIN_TENSOR_TYPES and _is_dtensor(t):
-            return "it takes local tensors, got a DTensor (torch's own op knows its sharding)"
+        if type(t) not in PLAIN_TENSOR_TYPES and is_dtensor(t):
+            if not dtensors:
+                return "it takes local tensors, got a DTensor (torch's own op knows its sharding)"
+            meshes.add(t.device_mesh)
+    if meshes and (len(meshes) > 1 or not all(is_dtensor(t) for t in tensors)):
+        return ("it takes DTensors on one mesh for every tensor argument or for none, got a mix (torch's own op "
+                "knows how to place them)")
     return None
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed
@@ -187,14 +195,15 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def device_reason(backend: str, *tensors: torch.Tensor) -> Optional[str]:
-    """Why `backend` cannot take these tensors at all, or None.
+def device_reason(backend: str, *tensors: torch.Tensor, dtensors: bool = False) -> Optional[str]:
+    """Why `backend` cannot take these tensors at all, or None. dtensors:
+    the op has sharding rules, so DTensors are fine (all on one mesh).
 
     The per-op checks (dtype, sizes, options) come on top of this.
     """
     if backend == "torch":
         return None
-    reason = _tensor_kind_reason(tensors)
+    reason = _tensor_kind_reason(tensors, dtensors)
     if reason is not None:
         return reason
     if backend == "cuda":

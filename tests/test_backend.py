@@ -234,9 +234,11 @@ def test_flash_attention_refuses_nested_tensors_by_name():
 
 def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
     """Tensor parallelism's activations: torch's op has a sharding rule, ours
-    have none, so auto leaves a DTensor to torch and a named backend says so
+    (but the norms': test_layer_norm.py's sequence-parallel test) have none,
+    so auto leaves a DTensor to torch and a named backend says so
     (flash_attention, which torch lacks, to the reference: causal and
-    windowed too). On CPU (one gloo process): the DTensor reason comes before any device
+    windowed too); a norm given a DTensor beside a plain tensor says that.
+    On CPU (one gloo process): the DTensor reason comes before any device
     check, which is what makes auto pass CUDA DTensors over too."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -250,6 +252,8 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
         for backend in ("cuda", "triton"):
             with pytest.raises(pyext.BackendUnavailable, match="got a DTensor"):
                 pyext.gelu(x, backend=backend)
+            with pytest.raises(pyext.BackendUnavailable, match="got a mix"):
+                pyext.layer_norm(x, (8,), torch.ones(8), backend=backend)
         # flash_attention has no torch op to leave them to: the reference, its masks DTensors too
         q = torch.randn(2, 4, 8, 8)
         heads = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(1)])

@@ -280,11 +280,18 @@ _, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_
 
 # ------------------------------------------------------------ public API
 
-def _why_not(backend: str, x: Tensor, *params, rms=False):
-    reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None))
+def _why_not(backend: str, x: Tensor, *params, rms=False, sharded=True):
+    """Why `backend` cannot run this norm call, or None. sharded: the ops
+    have DTensor rules (norm_sharding.py; the grouped norms' have none)."""
+    if backend == "torch":
+        return None
+    reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None), dtensors=sharded)
               or missing_reason(backend, LAYER_NORM_FWD, "layer_norm"))
-    if reason is not None or backend == "torch":
+    if reason is not None:
         return reason
+    if sharded and type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
+        from pyext.ops import norm_sharding  # tensor parallelism's sharded rows: the ops' DTensor rules
+        norm_sharding.register(tuple(LAYER_NORM_FWD))
     if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
     narrower = rms and backend == "triton"
