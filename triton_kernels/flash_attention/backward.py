@@ -16,7 +16,7 @@ from .launch import (_INTERPRET, _configs, _cu_seqlens, _logit_scales, _prepare,
                      _window_bounds)
 from .loads import backward_loads, descriptor
 from .mask_spans import col_spans, row_spans
-from .tiles import _key_range, _load_tile, _query_block, _query_range, _sequence, _stats_start
+from .tiles import _key_block, _key_range, _load_tile, _query_block, _query_range, _sequence, _stats_start
 
 
 @triton.jit
@@ -124,11 +124,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
                    SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, over every key block it sees."""
-    start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
-    rows_q = seq_q
-    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
-                                                              causal_offset, VARLEN)
-    row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
+    start_m, h, b, bh, hk, offs_m, first_q, seq_q, first_k, seq_k, causal_offset, row = _query_block(
+        heads_q, group, cu_seqlens_q, cu_seqlens_k, seq_q, seq_k, causal_offset, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
@@ -143,9 +140,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
                             MASK, BLOCK_M, BLOCK_N)
     for start_n in range(first, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
+        k, v = _key_block(k_base, v_base, start_n, skn, svn, offs_d, offs_dv, seq_k, HEAD_DIM, V_DIM, BLOCK_N)
         dq = _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm,
                       smn, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL, WINDOW,
                       DROPOUT, MASK, SOFTCAP, BLOCK_M, BLOCK_N)
@@ -171,11 +166,8 @@ def _bwd_delta_from_tiles_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_p
     inputs' dtype in the forward's P V, which puts 2^-9 of relative error
     into D, so into dS = P (dP - D). dS is the mask's gradient: for a
     float32 mask, torch computes it in float32."""
-    start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
-    rows_q = seq_q
-    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
-                                                              causal_offset, VARLEN)
-    row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
+    start_m, h, b, bh, hk, offs_m, first_q, seq_q, first_k, seq_k, causal_offset, row = _query_block(
+        heads_q, group, cu_seqlens_q, cu_seqlens_k, seq_q, seq_k, causal_offset, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
@@ -187,9 +179,7 @@ def _bwd_delta_from_tiles_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_p
     first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
                             MASK, BLOCK_M, BLOCK_N)
     for start_n in range(first, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
+        k, v = _key_block(k_base, v_base, start_n, skn, svn, offs_d, offs_dv, seq_k, HEAD_DIM, V_DIM, BLOCK_N)
         p, dp, _ = _p_and_dp(q, do, k, v, shift, p_scale, offs_m, start_n, bh, seed_ptr, mask_ptr, b * smb + h * smh,
                              smm, smn, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL,
                              WINDOW, DROPOUT, MASK, SOFTCAP, BLOCK_M, BLOCK_N)

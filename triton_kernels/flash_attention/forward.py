@@ -13,8 +13,8 @@ from .launch import _configs, _cu_seqlens, _logit_scales, _prepare, _tuning_key,
 from . import loads
 from .loads import descriptor, forward_loads
 from .mask_spans import row_spans
-from .tiles import (_dropout_keep, _key_range, _keys_end, _load_tile, _low_part, _masked_scores, _query_block,
-                    _sequence, _soft_capped, _stats_start, _visible)
+from .tiles import (_dropout_keep, _key_block, _key_range, _keys_end, _load_tile, _low_part, _masked_scores,
+                    _query_block, _soft_capped, _visible)
 
 def _fitting_configs(configs, named_args, **kwargs):
     """The descriptor forward's configs whose buffers fit in shared memory (at
@@ -106,11 +106,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
     (_low_part, stores_low_part).
     With SINK, head h's sink logit sink_ptr[h] starts each row's softmax.
     With VARLEN, batch entry b is sequence b of a packed batch (varlen.py)."""
-    start_m, h, b, bh, hk, offs_m = _query_block(heads_q, group, BLOCK_M)
-    rows_q = seq_q
-    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
-                                                              causal_offset, VARLEN)
-    stats = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
+    start_m, h, b, bh, hk, offs_m, first_q, seq_q, first_k, seq_k, causal_offset, stats = _query_block(
+        heads_q, group, cu_seqlens_q, cu_seqlens_k, seq_q, seq_k, causal_offset, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_ptr + b * sqb + h * sqh + first_q * sqm, offs_m, sqm, offs_d, seq_q, HEAD_DIM)
@@ -123,9 +120,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out_lo_ptr, lse_ptr, seed_ptr, mas
     first, end = _key_range(start_m, seq_q, seq_k, causal_offset, WINDOW, left, right, row_span_ptr, bh, CAUSAL,
                             MASK, BLOCK_M, BLOCK_N)
     for start_n in range(first, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM)
+        k, v = _key_block(k_base, v_base, start_n, skn, svn, offs_d, offs_dv, seq_k, HEAD_DIM, V_DIM, BLOCK_N)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_m, start_n, seq_q, seq_k, qk_scale, SOFTCAP, cap_log2e,
                                 causal_offset, CAUSAL, WINDOW, left, right, DROPOUT, seed_ptr, bh, keep, MASK,
                                 mask_ptr, mask_off, smm, smn, BLOCK_M, BLOCK_N)

@@ -35,12 +35,20 @@ def _soft_capped(x, SOFTCAP: tl.constexpr, cap_log2e):
 
 
 @triton.jit
-def _query_block(heads_q, group, BLOCK_M: tl.constexpr):
-    """This program's query block, of grid (query blocks, query heads, batch):
-    (start_m, h, b, bh = b * Hq + h, its key head hk, offs_m), ids int64."""
+def _query_block(heads_q, group, cu_seqlens_q, cu_seqlens_k, seq_q, seq_k, causal_offset, VARLEN: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """This program's query block, of grid (query blocks, query heads, batch),
+    in its sequence: (start_m, h, b, bh = b * Hq + h, its key head hk, offs_m,
+    then _sequence's first_q, seq_q, first_k, seq_k, causal_offset, then
+    `row`, its rows' index in lse and delta), ids int64."""
     start_m = tl.program_id(0) * BLOCK_M
     h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    return start_m, h, b, b * heads_q + h, h // group, start_m + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows_q = seq_q
+    first_q, seq_q, first_k, seq_k, causal_offset = _sequence(cu_seqlens_q, cu_seqlens_k, b, seq_q, seq_k,
+                                                              causal_offset, VARLEN)
+    row = _stats_start(b, h, heads_q, rows_q, first_q, VARLEN) + offs_m
+    return start_m, h, b, b * heads_q + h, h // group, offs_m, first_q, seq_q, first_k, seq_k, causal_offset, row
 
 
 @triton.jit
@@ -76,6 +84,15 @@ def _load_tile(base, offs_rows, row_stride, offs_d, n_rows, HEAD_DIM: tl.constex
     """[rows, BLOCK_D] tile of a (rows, HEAD_DIM) matrix with unit column stride; zeros outside."""
     mask = (offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
     return tl.load(base + offs_rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_block(k_base, v_base, start_n, skn, svn, offs_d, offs_dv, seq_k, HEAD_DIM: tl.constexpr,
+               V_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(k, v): the tiles of keys start_n.. that a query block's walk visits (_load_tile)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    return (_load_tile(k_base, offs_n, skn, offs_d, seq_k, HEAD_DIM),
+            _load_tile(v_base, offs_n, svn, offs_dv, seq_k, V_DIM))
 
 
 @triton.jit
