@@ -130,7 +130,7 @@ def main():
     library = torch.library.Library("pyext", "IMPL")  # kept alive until the end of main
     for op, body in _cpu_bodies().items():
         library.impl(op, body, "CPU")
-    _backend.device_reason = lambda backend, *tensors: None  # CPU tensors may take backend="cuda" here
+    _backend.device_reason = lambda backend, *tensors, **options: None  # CPU tensors may take backend="cuda" here
 
     x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((4, 8), (8,), (8,)))
     q, k, v = (torch.randn(1, 2, 4, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

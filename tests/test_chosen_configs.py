@@ -171,8 +171,8 @@ def _autotuner_key(autotuned, args, kwargs):
 def _attention_calls():
     """Attention calls through the Triton kernels that differ in what an autotune key may hold:
     dtypes, causal, head dims, sequence buckets, GQA, a value head dim of its own, masks of two
-    kinds and dtypes, dropout, a window, a soft cap, sinks of two dtypes, a packed batch, the
-    descriptor kernels; each forward and both backwards."""
+    kinds and dtypes (learned too: D from the tiles, dS written), dropout, a window, a soft cap,
+    sinks of two dtypes, a packed batch, the descriptor kernels; each forward and both backwards."""
     device = device_for("triton")
 
     def qkv(dtype=torch.bfloat16, sq=20, sk=20, hq=2, hk=2, d=32, dv=None):
@@ -189,6 +189,9 @@ def _attention_calls():
     for mask in (torch.ones(20, 20, dtype=torch.bool, device=device).tril(), torch.zeros(20, 20, device=device),
                  torch.zeros(20, 20, dtype=torch.bfloat16, device=device)):
         yield lambda t, mask=mask: sdpa(*qkv(), attn_mask=mask, backend="triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        yield lambda t, dt=dtype: sdpa(*qkv(), attn_mask=torch.zeros(2, 20, 20, dtype=dt, device=device,
+                                                                     requires_grad=True), backend="triton")
     yield lambda t: flash(*qkv(), dropout_p=0.1, deterministic=t, backend="triton")
     yield lambda t: flash(*qkv(), window_size=(4, 4), deterministic=t, backend="triton")
     yield lambda t: flash(*qkv(), softcap=5.0, deterministic=t, backend="triton")
@@ -227,5 +230,5 @@ def test_the_attention_launch_keys_are_no_coarser_than_the_autotuners(monkeypatc
     kernels = {name: k for m in (forward, backward, backward_tma) for name, k in vars(m).items()
                if isinstance(k, ChosenConfigs)}
     assert {name for name, k in kernels.items() if any(id(k.autotuned) == ours[0] for ours in seen)} == set(kernels)
-    assert len(kernels) == 8 and len(seen) >= 70, (sorted(kernels), len(seen))
+    assert len(kernels) == 9 and len(seen) >= 72, (sorted(kernels), len(seen))
     assert all(len(theirs) == 1 for theirs in seen.values()), [t for t in seen.values() if len(t) > 1]
