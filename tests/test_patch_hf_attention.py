@@ -392,6 +392,8 @@ def test_flash_attentions_packed_kwargs_must_match_the_mask_in_eager_and_are_tak
     assert _packed_call(None, _block_causal(lengths, 3), sliding_window=3, **given) is None
     # no mask: a model that builds none from position_ids (GPT-OSS), run by eager mode as one causal row
     assert _packed_call(None, None, **given) is None
+    # a learned bias beside the mask (T5's position_bias): the varlen kernels take none
+    assert _packed_call(None, _block_causal(lengths), position_bias=torch.zeros(1, 2, 16, 16), **given) is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -226,8 +226,8 @@ def _hf_packed_rows(backend, module, query, key, attention_mask, sliding_window,
     eager mode run its packed rows so, and a compiled model must agree)."""
     name = backend or _backend.get_backend()
     if not (name == "triton" or name == "auto" and query.is_cuda) or not getattr(module, "is_causal", False) or \
-            query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return None
+            query.shape[0] != 1 or query.shape[2] != key.shape[2] or kwargs.get("position_bias") is not None:
+        return None  # (T5's learned position_bias: flash_attention_varlen takes no bias, the mask path does)
     declared = _flash_packed_kwargs(kwargs)
     if torch.compiler.is_compiling():
         window_known = not sliding_window or getattr(module, "config", None) in _native_windows
