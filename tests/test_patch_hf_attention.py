@@ -655,3 +655,38 @@ def test_an_hf_row_of_packed_documents_with_attention_sinks_runs_the_varlen_kern
                            labels=ids, use_cache=False)
     layers_with_sinks = [layer.self_attn.sinks is not None for layer in original.model.layers]
     assert not calls["masked"] and sinks_given == layers_with_sinks and any(layers_with_sinks)
+
+
+def test_an_hf_models_own_sdpa_calls_go_to_pyext(monkeypatch):
+    """SAM's vision attention calls F.scaled_dot_product_attention itself,
+    with its learned relative position bias as the mask, not through the
+    attention interface pyext's HF attention replaces: those modules' calls
+    are routed (the report names them), the bias gets its gradient from the
+    kernels, and the model's outputs and gradients are within the rule."""
+    from transformers import SamVisionConfig, SamVisionModel
+    from pyext.ops import attention_ops
+    config = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=32, patch_size=8, use_rel_pos=True, window_size=2, global_attn_indexes=[1],
+                             mlp_dim=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    original = SamVisionModel(config)
+    with torch.no_grad():
+        for p in original.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    patched = pyext.patch(copy.deepcopy(original), backend="triton")
+    assert "in the forward of: vision_encoder.layers.0.attn, vision_encoder.layers.1.attn" in \
+        pyext.patch_report(patched).attention
+    calls = count_triton_calls(monkeypatch, masked=attention_ops.MASKED_FWD)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def output_and_grads(model, dtype):
+        model = model.to(dtype).train()
+        out = model(pixel_values=pixels.to(dtype)).last_hidden_state
+        return [out] + list(torch.autograd.grad(out.float().square().mean(), list(model.parameters()),
+                                                allow_unused=True))
+    ref = output_and_grads(copy.deepcopy(original), torch.float64)
+    pt = output_and_grads(original, torch.bfloat16)
+    out = output_and_grads(patched, torch.bfloat16)
+    assert len(calls["masked"]) == 2  # one forward of each layer (the backward reuses its saved inputs)
+    check_all(["output"] + [n for n, _ in original.named_parameters()], out, ref, pt)

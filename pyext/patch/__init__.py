@@ -68,7 +68,7 @@ from pyext.patch.hf_attention import _is_hf_model, _restore_hf_attention, _use_p
 from pyext.patch.hf_modules import _hf_module_swaps, _hf_swap
 from pyext.patch.notes import _attention_notes
 from pyext.patch.replacing import _put_back, _rebased, _replace
-from pyext.patch.routing import (_ROUTED_FUNCTIONS, _ForwardWrapper, _named_in, _RoutedForward,
+from pyext.patch.routing import (_ROUTED_FUNCTIONS, _direct_callers, _ForwardWrapper, _named_in, _RoutedForward,
                                  _TorchFastPathForward)
 
 log = logging.getLogger("pyext.patch")
@@ -172,6 +172,15 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
         for path in hf_models or [""]:
             if not hf_models.get(path, "").startswith("left:"):
                 report.notes += _attention_notes(model.get_submodule(path), backend)
+        # calls of a transformers model's own code that its attention interface does not make
+        direct = _direct_callers(model, list(hf_models), "scaled_dot_product_attention") if hf_models else []
+        for path in direct:
+            module = model.get_submodule(path)
+            _wrap_forward(module, _RoutedForward(module, backend, frozenset({"attention"}),
+                                                 module.__dict__.get("forward")))
+        if direct:
+            report.attention += ("; F.scaled_dot_product_attention calls of its own code go to pyext, in the "
+                                 "forward of: " + ", ".join(direct))
     # Outside transformers' models, calls of F.layer_norm, F.rms_norm and
     # F.gelu in the model's own code (nanoGPT's LayerNorm module, say) go to
     # pyext too, as do its SDPA calls; transformers' models have modules for these.

@@ -106,6 +106,33 @@ def _named_in(module, names, memo=None) -> set:
     return found
 
 
+def _direct_callers(model, paths, name: str) -> list:
+    """The paths of the modules inside those at `paths` (transformers
+    models) whose own code calls F's `name` (_named_in): SAM's vision
+    attention calls F.scaled_dot_product_attention itself, with its learned
+    relative position bias, where transformers' other models go through the
+    attention interface pyext's HF attention replaces. Only modules whose
+    forward is defined in a source that mentions the name are read (11 of
+    transformers 5.25's modeling files do; reading every module's code costs
+    0.25-0.5 s a model)."""
+    memo, sought = {}, frozenset({name})
+    return [path for path, module in model.named_modules()
+            if any(path == p or p == "" or path.startswith(p + ".") for p in paths)
+            and any(_source_mentions(klass.__module__, name) for klass in type(module).__mro__
+                    if "forward" in vars(klass) and not _torchs_or_ours(klass.__module__))
+            and _named_in(module, sought, memo)]
+
+
+@functools.lru_cache(maxsize=None)
+def _source_mentions(module_name: str, text: str) -> bool:
+    """Whether the source of Python module `module_name` holds `text`
+    (True where it has no source to read: _named_in then reads its code)."""
+    try:
+        return text in inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):
+        return True
+
+
 def _holds_code(value) -> bool:
     """Whether `value`, held by a module, is an object of a class of its own
     whose methods a forward may call (not a module, tensor or function)."""
