@@ -213,8 +213,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (False: not attended) or additive (bool, float32 or the inputs' dtype,
     broadcastable to (..., Sq, Sk)): likewise, the Triton kernels' when named
     (with dropout too; a mask that requires grad, a learned bias, gets its
-    gradient, in its dtype), torch's SDPA under auto (SDPA_MASK_AUTO_ORDER). Head dims that are not
-    a multiple of 8: likewise (SDPA_UNALIGNED_HEAD_AUTO_ORDER). The
+    gradient, in its dtype), torch's SDPA under auto (SDPA_MASK_AUTO_ORDER).
+    Head dims that are not a multiple of 8: likewise
+    (SDPA_UNALIGNED_HEAD_AUTO_ORDER). The
     backward is deterministic when torch.are_deterministic_algorithms_enabled()
     at the call (see flash_attention's `deterministic`). Under torch.autocast
     the inputs are cast as torch casts them (float32 to the region's dtype),
