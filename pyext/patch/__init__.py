@@ -173,7 +173,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
             if not hf_models.get(path, "").startswith("left:"):
                 report.notes += _attention_notes(model.get_submodule(path), backend)
         # calls of a transformers model's own code that its attention interface does not make
-        direct = _direct_callers(model, list(hf_models), "scaled_dot_product_attention") if hf_models else []
+        direct = _direct_callers([(path, m) for path, m in model.named_modules() if _within(path, hf_models)],
+                                 "scaled_dot_product_attention") if hf_models else []
         for path in direct:
             module = model.get_submodule(path)
             _wrap_forward(module, _RoutedForward(module, backend, frozenset({"attention"}),

@@ -106,9 +106,9 @@ def _named_in(module, names, memo=None) -> set:
     return found
 
 
-def _direct_callers(model, paths, name: str) -> list:
-    """The paths of the modules inside those at `paths` (transformers
-    models) whose own code calls F's `name` (_named_in): SAM's vision
+def _direct_callers(modules, name: str) -> list:
+    """The paths of those of `modules`, (path, module) pairs (of transformers
+    models), whose own code calls F's `name` (_named_in): SAM's vision
     attention calls F.scaled_dot_product_attention itself, with its learned
     relative position bias, where transformers' other models go through the
     attention interface pyext's HF attention replaces. Only modules whose
@@ -116,10 +116,9 @@ def _direct_callers(model, paths, name: str) -> list:
     transformers 5.25's modeling files do; reading every module's code costs
     0.25-0.5 s a model)."""
     memo, sought = {}, frozenset({name})
-    return [path for path, module in model.named_modules()
-            if any(path == p or p == "" or path.startswith(p + ".") for p in paths)
-            and any(_source_mentions(klass.__module__, name) for klass in type(module).__mro__
-                    if "forward" in vars(klass) and not _torchs_or_ours(klass.__module__))
+    return [path for path, module in modules
+            if any(_source_mentions(klass.__module__, name) for klass in type(module).__mro__
+                   if "forward" in vars(klass) and not _torchs_or_ours(klass.__module__))
             and _named_in(module, sought, memo)]
 
 
