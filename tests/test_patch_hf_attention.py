@@ -21,7 +21,11 @@ def sharp_hf_model(kind, device, layers=None):
         config = copy.deepcopy(model.config)
         config.num_hidden_layers = layers
         model = type(model)(config)
-    model = model.to(device)
+    return sharpened(model.to(device))
+
+
+def sharpened(model):
+    """model with its matrices drawn at std 0.3 (see sharp_hf_model)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -669,11 +673,7 @@ def test_an_hf_models_own_sdpa_calls_go_to_pyext(monkeypatch):
                              image_size=32, patch_size=8, use_rel_pos=True, window_size=2, global_attn_indexes=[1],
                              mlp_dim=64, attn_implementation="sdpa")
     torch.manual_seed(0)
-    original = SamVisionModel(config)
-    with torch.no_grad():
-        for p in original.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    original = sharpened(SamVisionModel(config))
     patched = pyext.patch(copy.deepcopy(original), backend="triton")
     assert "in the forward of: vision_encoder.layers.0.attn, vision_encoder.layers.1.attn" in \
         pyext.patch_report(patched).attention
