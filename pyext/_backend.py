@@ -170,8 +170,8 @@ PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # no __torch_dispatch__
 def _tensor_kind_reason(tensors, dtensors: bool = False) -> Optional[str]:
     """Why the kernels, which index dense strided memory, cannot take one of
     these tensors, or None. A DTensor (tensor parallelism's activations)
-    goes to an op only where it has sharding rules (dtensors: the norms',
-    ops/norm_sharding.py), and then every tensor must be one, on one mesh
+    goes to an op only where it has sharding rules (dtensors: the norms' and
+    GELU's, ops/sharding.py), and then every tensor must be one, on one mesh
     (DTensor's dispatch refuses a mix); torch's own ops have rules for all."""
     meshes = set()
     for t in tensors:

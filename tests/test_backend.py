@@ -234,10 +234,11 @@ def test_flash_attention_refuses_nested_tensors_by_name():
 
 def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
     """Tensor parallelism's activations: torch's op has a sharding rule, ours
-    (but the norms': test_layer_norm.py's sequence-parallel test) have none,
-    so auto leaves a DTensor to torch and a named backend says so
-    (flash_attention, which torch lacks, to the reference: causal and
-    windowed too); a norm given a DTensor beside a plain tensor says that.
+    (but the norms' and GELU's: test_layer_norm.py's and test_gelu.py's
+    tensor-parallel tests) have none, so auto leaves a DTensor to torch and
+    a named backend says so (flash_attention, which torch lacks, to the
+    reference: causal and windowed too); a norm given a DTensor beside a
+    plain tensor says that.
     On CPU (one gloo process): the DTensor reason comes before any device
     check, which is what makes auto pass CUDA DTensors over too."""
     import torch.distributed as dist
@@ -249,14 +250,14 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
         y = pyext.layer_norm(x, (8,))
         assert isinstance(y, DTensor)
         torch.testing.assert_close(y.full_tensor(), torch.nn.functional.layer_norm(x.full_tensor(), (8,)))
+        q = torch.randn(2, 4, 8, 8)
+        heads = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(1)])
         for backend in ("cuda", "triton"):
             with pytest.raises(pyext.BackendUnavailable, match="got a DTensor"):
-                pyext.gelu(x, backend=backend)
+                pyext.scaled_dot_product_attention(heads, heads, heads, backend=backend)
             with pytest.raises(pyext.BackendUnavailable, match="got a mix"):
                 pyext.layer_norm(x, (8,), torch.ones(8), backend=backend)
         # flash_attention has no torch op to leave them to: the reference, its masks DTensors too
-        q = torch.randn(2, 4, 8, 8)
-        heads = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(1)])
         for options in (dict(causal=True), dict(window_size=(2, 0))):
             out = pyext.flash_attention(heads, heads, heads, **options)
             torch.testing.assert_close(out.full_tensor(), pyext.flash_attention(q, q, q, **options), rtol=0, atol=0)

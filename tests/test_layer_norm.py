@@ -725,15 +725,21 @@ def _sequence_parallel_rank(rank, world, store, backend, results):
         x, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
         rows = slice(rank * 6 // world, (rank + 1) * 6 // world)  # this rank's part of the sequence
         errors = {}
-        for name, norm in (("layer_norm", pyext.nn.LayerNorm(16, backend=backend)),
-                           ("rms_norm", pyext.nn.RMSNorm(16, backend=backend))):
+        cases = (("layer_norm", pyext.nn.LayerNorm(16, backend=backend),
+                  lambda x, p: F.layer_norm(x, (16,), p["weight"], p["bias"])),
+                 ("rms_norm", pyext.nn.RMSNorm(16, eps=1e-6, backend=backend),
+                  lambda x, p: F.rms_norm(x, (16,), p["weight"], 1e-6)),
+                 ("grouped_layer_norm", pyext.nn.LayerNorm(16, group_size=4, backend=backend),
+                  lambda x, p: reference.grouped_layer_norm(x, (16,), p["weight"], p["bias"], 1e-5, 4)),
+                 ("grouped_rms_norm", pyext.nn.RMSNorm(16, eps=1e-6, group_size=4, backend=backend),
+                  lambda x, p: reference.grouped_rms_norm(x, (16,), p["weight"], 1e-6, 4)))
+        for name, norm, norm_ref in cases:
             with torch.no_grad():
                 for p in norm.parameters():
                     p.normal_()
             ref = {n: p.detach().clone().requires_grad_() for n, p in norm.named_parameters()}
             x_ref = x.clone().requires_grad_()
-            y_ref = (F.layer_norm(x_ref, (16,), ref["weight"], ref["bias"]) if name == "layer_norm"
-                     else F.rms_norm(x_ref, (16,), ref["weight"], norm.eps))
+            y_ref = norm_ref(x_ref, ref)
             y_ref.backward(dy)
             # SequenceParallel: x sharded along the sequence (dim 1), the parameters replicated
             parallelize_module(norm, mesh, SequenceParallel())
@@ -753,11 +759,12 @@ def _sequence_parallel_rank(rank, world, store, backend, results):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_sequence_parallel_norms_run_the_kernels_on_each_ranks_rows(backend, monkeypatch, tmp_path):
     """Tensor parallelism's sequence-parallel norms (torch's SequenceParallel
-    over pyext.nn.LayerNorm and RMSNorm; 2 gloo processes on CPU, the Triton
-    kernels under the interpreter): x sharded along the sequence, the
-    weights replicated. The kernels run on each rank's rows (DTensor rules,
-    pyext/ops/norm_sharding.py; a named backend refused DTensors before),
-    the weights' gradients each rank's part, summed: torch's full run's."""
+    over pyext.nn.LayerNorm and RMSNorm, whole rows and groups of a row; 2
+    gloo processes on CPU, the Triton kernels under the interpreter): x
+    sharded along the sequence, the weights replicated. The kernels run on
+    each rank's rows (DTensor rules, pyext/ops/sharding.py; a named backend
+    refused DTensors before), the weights' gradients each rank's part,
+    summed: torch's full run's."""
     import torch.multiprocessing as mp
     pytest.importorskip("torch.distributed.tensor.parallel")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():

@@ -48,10 +48,17 @@ FWD, BWD, DIFFERENTIABLE = register_stages("gelu", _fake_fwd, _fake_bwd, _setup_
 
 
 def _why_not(backend: str, x: Tensor):
-    reason = _backend.device_reason(backend, x) or missing_reason(backend, FWD, "gelu")
-    if reason is None and backend != "torch" and x.dtype not in _KERNEL_DTYPES:
-        reason = f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
-    return reason
+    if backend == "torch":
+        return None
+    reason = _backend.device_reason(backend, x, dtensors=True) or missing_reason(backend, FWD, "gelu")
+    if reason is not None:
+        return reason
+    if type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
+        from pyext.ops import sharding  # tensor parallelism's activations: the ops' DTensor rules
+        sharding.register("gelu", backend)
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
+    return None
 
 
 @fx_traceable

@@ -157,7 +157,7 @@ _, _, GROUPED_RMS_NORM = register_stages("grouped_rms_norm", _fake_rms_fwd, _fak
 def _why_not_grouped(backend: str, x: Tensor, groups: int, *params, rms=False):
     if backend == "cuda":
         return "pyext has no CUDA kernels for norms over groups of a row (group_size); the Triton ones take them"
-    return _why_not(backend, x, *params, rms=rms, sharded=False) or \
+    return _why_not(backend, x, *params, rms=rms, family="grouped_norm") or \
         (None if backend == "torch" else groups_reason(groups))
 
 

@@ -280,18 +280,18 @@ _, _, RMS_NORM = register_stages("rms_norm", _fake_rms_fwd, _fake_rms_bwd, _rms_
 
 # ------------------------------------------------------------ public API
 
-def _why_not(backend: str, x: Tensor, *params, rms=False, sharded=True):
-    """Why `backend` cannot run this norm call, or None. sharded: the ops
-    have DTensor rules (norm_sharding.py; the grouped norms' have none)."""
+def _why_not(backend: str, x: Tensor, *params, rms=False, family="norm"):
+    """Why `backend` cannot run this norm call, or None. family: whose ops'
+    DTensor rules (sharding.py) a DTensor x takes: "norm" or "grouped_norm"."""
     if backend == "torch":
         return None
-    reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None), dtensors=sharded)
+    reason = (_backend.device_reason(backend, x, *(p for p in params if p is not None), dtensors=True)
               or missing_reason(backend, LAYER_NORM_FWD, "layer_norm"))
     if reason is not None:
         return reason
-    if sharded and type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
-        from pyext.ops import norm_sharding  # tensor parallelism's sharded rows: the ops' DTensor rules
-        norm_sharding.register(tuple(LAYER_NORM_FWD))
+    if type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
+        from pyext.ops import sharding  # tensor parallelism's sharded rows: the ops' DTensor rules
+        sharding.register(family, backend)
     if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
     narrower = rms and backend == "triton"
