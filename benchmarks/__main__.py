@@ -175,9 +175,12 @@ def main(argv=None):
     report.write_results(base, meta, rows)
     pngs = report.plot(base, rows, meta)
     print(f"wrote {base}.json, {base}.csv and {len(pngs)} plots")
+    failed = report.failures(rows)
+    if failed:
+        print("\n".join(["", "FAILED (ours raised or gave a wrong result):"] + failed))
     if not gpu:
         print(NO_GPU_WARNING)
-    return 1 if "interrupted_after_cases" in meta or "interrupted" in meta else 0
+    return 1 if failed or "interrupted_after_cases" in meta or "interrupted" in meta else 0
 
 
 if __name__ == "__main__":

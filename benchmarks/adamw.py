@@ -2,10 +2,13 @@
 in ~290 tensors) and a ~1B one. Bytes: 28 per fp32 parameter (read p, g, m, v;
 write p, m, v). Peers: torch.optim.AdamW for-loop, foreach and fused, and
 Apex's FusedAdam in AdamW mode when Apex is installed."""
+import functools
+
 import torch
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, optional_peer, our_backends
+from benchmarks.harness import HAS_GPU, Case, Check, optional_peer, our_backends
+from pyext import reference
 
 
 def gpt_shapes(layers, dim, vocab=50257, seq=1024):
@@ -60,7 +63,9 @@ def cases(quick: bool, dtypes):
             else:
                 providers[name] = _stepper(make)
         yield Case(op="adamw", label=f"{label} {len(params)} tensors {n / 1e6:.0f}M", size=n, dtype="float32",
-                   direction="step", bytes=28 * n, flops=0, providers=providers)
+                   direction="step", bytes=28 * n, flops=0, providers=providers,
+                   check=Check(functools.partial(_oracle, params), per_provider=True,
+                               yardsticks=("torch-forloop", "torch-foreach", "torch-fused")))
 
 
 def _apex_adamw(params):
@@ -72,14 +77,33 @@ def _apex_adamw(params):
 
 
 def _stepper(make):
-    """A step of an optimizer built on first use (its state lives with it)."""
+    """A step of an optimizer built on first use (its state lives with it),
+    returning the parameters it stepped."""
     holder = []
 
     def step():
         if not holder:
             holder.append(make())
         holder[0].step()
+        return [p for group in holder[0].param_groups for p in group["params"]]
     return step
+
+
+def _oracle(params):
+    """What a new optimizer's first step makes of the parameters as they are
+    now (each provider's steps go on from the last's): per tensor, a callable
+    giving the step by pyext's reference in float64 from a copy taken now,
+    with torch.optim.AdamW's defaults (computed when compared, one tensor at
+    a time: no float64 copy of every parameter at once)."""
+    return [functools.partial(_first_step, p.detach().clone(), p.grad) for p in params]
+
+
+def _first_step(p, grad):
+    p64, g64 = p.double(), grad.double()
+    moments = [torch.zeros_like(p64), torch.zeros_like(p64)]
+    reference.adamw_step([p64], [g64], *([m] for m in moments), [None], [1], lr=1e-3, beta1=0.9, beta2=0.999,
+                         eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
+    return p64
 
 
 def _fused_on_cpu():

@@ -88,9 +88,11 @@ import os
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, optional_peer, our_backends
+from benchmarks.harness import HAS_GPU, Case, Check, autograd_callable, optional_peer, oracle_of, our_backends
+from pyext import reference
 
 TOKENS, HIDDEN = 16384, 2048
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
@@ -127,6 +129,38 @@ def _ours(backend, causal, dropout_p, mask, window=None, softcap=0.0, sinks=None
                                                      sinks=sinks, backend=backend)
     return lambda q, k, v: pyext.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                               backend=backend)
+
+
+# torch's own providers, whose error sets the correctness check's bound: the first of them that ran
+YARDSTICKS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "torch-varlen", "eager", "flex-attention")
+ORACLE_CHUNK = 1 << 27  # scores of one chunk of the float64 oracle: 1 GiB
+
+
+def _oracle(causal, mask, window, softcap, sinks):
+    """The case's attention by its definition (pyext.reference.attention)
+    for the float64 oracle, in chunks of one sequence and as many heads as
+    keep its S x S scores within ORACLE_CHUNK, each recomputed in the
+    backward rather than kept (checkpoint). A learned bias comes as a 4th
+    input (it has a gradient); any other mask is the case's own."""
+    def one(q, k, v, mask, sinks):
+        return reference.attention(q, k, v, causal=causal, window=window, softcap=softcap, sinks=sinks,
+                                   mask=mask)[0]
+
+    def run(q, k, v, bias=None):
+        full = mask if bias is None else bias
+        heads = max(1, ORACLE_CHUNK // (q.shape[2] * k.shape[2]))
+        sequences = []
+        for b in range(q.shape[0]):
+            chunks = []
+            for h in range(0, q.shape[1], heads):
+                hs = slice(h, h + heads)
+                part = None if full is None else \
+                    full[b if full.shape[0] > 1 else 0][None][:, hs if full.shape[1] > 1 else slice(None)]
+                chunks.append(checkpoint(one, q[b:b + 1, hs], k[b:b + 1, hs], v[b:b + 1, hs], part,
+                                         None if sinks is None else sinks[hs], use_reentrant=False))
+            sequences.append(torch.cat(chunks, 1))
+        return torch.cat(sequences)
+    return run
 
 
 def _padded_to_8(causal, head_dim, v_dim):
@@ -517,8 +551,21 @@ def cases(quick: bool, dtypes):
                     stage1(autograd_callable(wrap(fns["pyext-cuda"]), inputs, direction, dout))
                 yield Case(op="attention", label=label, size=seqlen,
                            dtype=f"{str(dtype).split('.')[1]}-{dims}{options}",
-                           direction=direction, bytes=0, flops=flops, providers=providers)
+                           direction=direction, bytes=0, flops=flops, providers=providers,
+                           check=_check(causal, dropout_p, mask, window, softcap, sinks, extra, inputs, wrap,
+                                        direction, dout))
     yield from _packed_cases(quick, dtypes, dtype, device, ours)
+
+
+def _check(causal, dropout_p, mask, window, softcap, sinks, extra, inputs, wrap, direction, dout):
+    """How a dense case's providers are checked (harness.Check): against the
+    float64 oracle, torch's providers setting the bound; not with dropout,
+    whose draws differ from one provider to the next."""
+    if dropout_p:
+        return "dropout: each provider draws its own mask"
+    fn = _oracle(causal, None if extra == "bias" else mask, (window - 1, 0) if window else None, softcap, sinks)
+    oracle = oracle_of(fn if extra == "bias" else wrap(fn), inputs, direction, dout)  # the bias: its 4th input
+    return Check(oracle, YARDSTICKS, unchecked={"pyext-triton-nosinks": "the case without its sinks"})
 
 
 def _document_lengths(total: int, longest: int):
@@ -605,4 +652,6 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
                 providers["pyext-cuda-det"] = fns["pyext-cuda"]
             yield Case(op="attention", label=label, size=longest,
                        dtype=f"{str(dtype).split('.')[1]}-d{head_dim}-causal-packed",
-                       direction=direction, bytes=0, flops=flops, providers=providers)
+                       direction=direction, bytes=0, flops=flops, providers=providers,
+                       check=Check(oracle_of(_oracle(False, mask, None, 0.0, None), inputs, direction, dout),
+                                   YARDSTICKS))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, our_backends
+from benchmarks.harness import HAS_GPU, Case, Check, autograd_callable, oracle_of, our_backends
 
 ELEMENTS_GPU = [1 << 22, 1 << 24, 1 << 26, 1 << 27]  # 1 << 26 fp32 = 256 MB
 ELEMENTS_QUICK = [1 << 24, 1 << 26]
@@ -44,4 +44,5 @@ def cases(quick: bool, dtypes):
                              for name, fn in fns.items()}
                 yield Case(op="gelu", label=f"tanh n={n}", size=n, dtype=str(dtype).split(".")[1],
                            direction=direction, bytes=tensors * n * x.element_size(), flops=0,
-                           providers=providers)
+                           providers=providers,
+                           check=Check(oracle_of(fns["torch"], [x], direction, dy), yardsticks=("torch",)))

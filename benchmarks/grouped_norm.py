@@ -17,7 +17,8 @@ torch.compile of it. Liger's and Apex's norms take no weight per group.
 import torch
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, grid_count, norm_grid, our_backends
+from pyext import reference
+from benchmarks.harness import HAS_GPU, Case, Check, autograd_callable, grid_count, norm_grid, oracle_of, our_backends
 
 # (kind, rows, groups, group size): Command R+'s query and key norms over
 # 8192 tokens, 4 streams of 4096
@@ -59,6 +60,13 @@ def streams_rms_norm(x, weight):
     return (h * weight.float()).to(x.dtype)
 
 
+def _oracle(rms: bool):
+    """The norm over each group of the last dim, by pyext's reference (the oracle in float64)."""
+    if rms:
+        return lambda x, w: reference.grouped_rms_norm(x, x.shape[1:], w, EPS, x.shape[-1])
+    return lambda x, w: reference.grouped_layer_norm(x, x.shape[1:], w, None, EPS, x.shape[-1])
+
+
 def cases(quick: bool, dtypes):
     device = "cuda" if HAS_GPU else "cpu"
     shapes, directions = _grid(quick)
@@ -87,4 +95,5 @@ def cases(quick: bool, dtypes):
                            dtype=str(dtype).split(".")[1], direction=direction,
                            bytes=_bytes(rms, rows, groups * size, groups, x.element_size(), weight.element_size(),
                                         direction),
-                           flops=0, providers=providers)
+                           flops=0, providers=providers,
+                           check=Check(oracle_of(_oracle(rms), [x, weight], direction, dy), yardsticks=("torch",)))

@@ -13,7 +13,7 @@ import platform
 import statistics
 import time
 from functools import lru_cache, partial
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -29,8 +29,30 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 # pyext-cuda-stage1: the CUDA attention's mma.sync kernels where pyext-cuda runs
 # the sm_90a ones (compute capability 9.x); pyext-cuda-det: the CUDA backward
 # with deterministic=True (beside pyext-cuda's atomic-dQ one)
+# pyext-triton-nosinks: the Triton attention on a sinks case without its sinks (their own cost)
 OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det", "pyext-triton-mask",
-        "pyext-triton-padded", "pyext-cuda-stage1", "pyext-cuda-det")
+        "pyext-triton-padded", "pyext-cuda-stage1", "pyext-cuda-det", "pyext-triton-nosinks")
+# The backends a user names (or auto picks): the summary's "ours"; the rest of OURS are diagnostics.
+PUBLIC = ("pyext-cuda", "pyext-triton")
+# The correctness rule's floor per dtype (DESIGN.md section 4; tests/conftest.py's FLOOR, which a test
+# holds these to).
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@dataclasses.dataclass
+class Check:
+    """How a case's providers are judged before they are timed (DESIGN.md
+    section 4's rule): each provider's first result against the float64
+    oracle, output by output, within twice the error of torch's own
+    provider in the same dtype (the first of `yardsticks` that ran) plus the
+    dtype's floor. A result past it is marked wrong and left out of the
+    speed-ups, ours or a peer's."""
+    oracle: Callable[[], object]  # the case's result in float64, as a provider returns it
+    yardsticks: Tuple[str, ...]
+    # the inputs change from one provider to the next (an optimizer step): the oracle per provider,
+    # called before its first call (its items may be callables, each computed when compared)
+    per_provider: bool = False
+    unchecked: Dict[str, str] = dataclasses.field(default_factory=dict)  # provider -> why not compared
 
 
 @dataclasses.dataclass
@@ -44,15 +66,18 @@ class Case:
     flops: float            # FLOPs done (0 when memory bound)
     # provider -> zero-argument callable to time, or a string saying why it is skipped
     providers: Dict[str, Union[Callable[[], object], str]]
+    check: Union[Check, str]  # or why the case's results are not compared (dropout's random draws)
 
 
-def timer(fn: Callable[[], object], quick: bool) -> List[float]:
+def timer(fn: Callable[[], object], quick: bool, first_call_made: bool = False) -> List[float]:
     """Run-time (median, 20th and 80th percentile) in milliseconds, after a
     first call that compiles, untimed (pyext's autotuned kernels compile
-    their configs on a thread each: triton_kernels/chosen_configs.py), and
-    warm-up. Without a GPU one run after that first call: the smoke run's
-    timings mean nothing, and the interpreter's calls are slow."""
-    fn()
+    their configs on a thread each: triton_kernels/chosen_configs.py; made
+    by the caller where first_call_made), and warm-up. Without a GPU one run
+    after that first call: the smoke run's timings mean nothing, and the
+    interpreter's calls are slow."""
+    if not first_call_made:
+        fn()
     if HAS_GPU:
         import triton.testing
         warmup, rep = (10, 30) if quick else (10, 50)
@@ -210,12 +235,70 @@ def tuned_since(tuners: Dict[str, object], before: Dict[str, int]) -> dict:
     return report
 
 
+class WrongResult(Exception):
+    """A provider's result is not the oracle's shape: no error to measure."""
+
+
+def _tensors(result) -> list:
+    """The tensors of a provider's result (an output, or a tuple of gradients), in order."""
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _tensors(item)]
+    return [] if result is None else [result]
+
+
+def result_errors(result, oracle) -> List[float]:
+    """max |result - oracle| of each tensor, over the elements where the
+    oracle is finite (a NaN there is infinitely far)."""
+    outs, refs = _tensors(result), _tensors(oracle)
+    if len(outs) != len(refs):
+        raise WrongResult(f"{len(outs)} tensors where the oracle has {len(refs)}")
+    errors = []
+    for out, ref in zip(outs, refs):
+        ref = ref() if callable(ref) else ref
+        if out.shape != ref.shape:
+            raise WrongResult(f"shape {tuple(out.shape)} where the oracle's is {tuple(ref.shape)}")
+        finite = ref.isfinite()
+        diff = (out.detach().to(ref.device, torch.float64) - ref)[finite].abs()
+        err = diff.max().item() if diff.numel() else 0.0
+        errors.append(math.inf if math.isnan(err) else err)
+    return errors
+
+
+def judge(rows: List[dict], errors: Dict[str, List[float]], dtypes: Dict[str, list], check) -> None:
+    """Each checked row's "error_vs_bound" (its worst output's error over the
+    rule's bound; above 1 it is "wrong"), or why it is "unchecked"."""
+    if isinstance(check, str):
+        for r in rows:
+            if "ms" in r:
+                r["unchecked"] = check
+        return
+    yardstick = next((name for name in check.yardsticks if name in errors), None)
+    for r in rows:
+        name = r["provider"]
+        if "ms" not in r or "wrong" in r:
+            continue
+        if name in check.unchecked:
+            r["unchecked"] = check.unchecked[name]
+        elif yardstick is None:
+            r["unchecked"] = f"none of torch's providers ({', '.join(check.yardsticks)}) ran to set the bound"
+        else:
+            bounds = [2 * theirs + FLOOR[dtype] for theirs, dtype in zip(errors[yardstick], dtypes[name])]
+            worst = max((ours / bound for ours, bound in zip(errors[name], bounds)), default=0.0)
+            r.update(error_vs_bound=worst, yardstick=yardstick)
+            if worst > 1:
+                r["wrong"] = f"error {worst:.3g}x the bound (2x {yardstick}'s error + the floor)"
+
+
 def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[dict]:
-    """Time every provider of one case but those in `skip`; one row per
-    provider. Raises BrokenCUDAContext, with the rows so far, when one faults.
-    A row of ours records what pyext's autotuners chose during its first call
-    ("tuned": config, and every config's time), for pruning the configs."""
+    """Check, then time, every provider of one case but those in `skip`; one
+    row per provider. Raises BrokenCUDAContext, with the rows so far, when
+    one faults. A row of ours records what pyext's autotuners chose during
+    its first call ("tuned": config, and every config's time), for pruning
+    the configs. A provider of ours that raises is an "error" (a peer that
+    cannot run the case is "skipped", saying why)."""
     rows, tuners = [], pyext_tuners()
+    check = case.check
+    oracle, errors, dtypes = None, {}, {}
     for name, fn in case.providers.items():
         row = dict(op=case.op, label=case.label, size=case.size, dtype=case.dtype,
                    direction=case.direction, provider=name, bytes=case.bytes, flops=case.flops)
@@ -225,14 +308,29 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
             row["skipped"] = fn
         else:
             start, before = time.perf_counter(), {kernel: len(t.choices) for kernel, t in tuners.items()}
+            checked = isinstance(check, Check) and name not in check.unchecked
+            if checked and (oracle is None or check.per_provider):
+                try:
+                    oracle = check.oracle()
+                except Exception as e:  # out of memory, say: the case goes unchecked, saying why
+                    check = f"the oracle failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    checked = False
             try:
-                med, lo, hi = timer(fn, quick)
+                result = fn()  # the first call: compiles, autotunes; its result is the one checked
+                if checked:
+                    try:
+                        errors[name] = result_errors(result, oracle)
+                        dtypes[name] = [t.dtype for t in _tensors(result)]
+                    except WrongResult as e:
+                        row["wrong"] = str(e)
+                del result
+                med, lo, hi = timer(fn, quick, first_call_made=True)
             except Exception as e:  # a peer that cannot run this case says why
-                row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                row["error" if name in OURS else "skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 if cuda_context_broken():
                     rows.append(row)
                     raise BrokenCUDAContext(f"{name} on {case.op} {case.direction} {case.dtype} {case.label}: "
-                                            f"{row['skipped']}", rows) from e
+                                            f"{row.get('error') or row['skipped']}", rows) from e
             else:
                 row.update(ms=med, ms_p20=lo, ms_p80=hi, **host_and_memory(fn))
                 # what timing this provider cost the run: its first call (compiles, autotunes) included
@@ -251,10 +349,14 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
         rows.append(row)
         if HAS_GPU:
             torch.cuda.empty_cache()
-    peers = [r["ms"] for r in rows if "ms" in r and r["provider"] not in OURS]
-    for r in rows:
-        if "ms" in r and r["provider"] in OURS and peers:
-            r["speedup_vs_best_peer"] = min(peers) / r["ms"]
+    del oracle
+    judge(rows, errors, dtypes, check)
+    right = [r for r in rows if "ms" in r and "wrong" not in r]
+    peers = {r["provider"]: r["ms"] for r in right if r["provider"] not in OURS}
+    for r in right:
+        if r["provider"] in OURS and peers:
+            best = min(peers, key=peers.get)
+            r.update(speedup_vs_best_peer=peers[best] / r["ms"], best_peer=best)
     return rows
 
 
@@ -278,6 +380,17 @@ def our_backends() -> Dict[str, Optional[str]]:
     import pyext
     status = pyext.available_backends()
     return {f"pyext-{b}": None if status[b].available else status[b].reason for b in ("cuda", "triton")}
+
+
+def oracle_of(fn: Callable, inputs: list, direction: str, grad: torch.Tensor) -> Callable[[], object]:
+    """The case's oracle: what autograd_callable(fn, ...) returns, computed
+    on float64 copies of the floating-point inputs and grad (fn the
+    reference; tensors it holds itself, a mask, stay as they are)."""
+    def run():
+        copies = [t.detach().double().requires_grad_(t.requires_grad)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+        return autograd_callable(fn, copies, direction, grad.double())()
+    return run
 
 
 def autograd_callable(fn: Callable, inputs: list, direction: str, grad: torch.Tensor):

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, grid_count, norm_grid, optional_peer, our_backends
+from benchmarks.harness import (HAS_GPU, Case, Check, autograd_callable, grid_count, norm_grid, optional_peer,
+                                oracle_of, our_backends)
 
 GPT2 = (8 * 1024, 768)  # batch 8 x 1024 tokens x hidden 768
 SHAPES_GPU = [GPT2] + [(rows, hidden) for rows in (4096, 16384) for hidden in (1024, 2048, 4096, 8192)]
 SHAPES_QUICK = [GPT2, (4096, 1024), (16384, 8192)]
 SHAPES_SMOKE = [(4, 256)]
+EPS, RMS_EPS = 1e-5, 1e-6  # every provider's, given explicitly (RMSNorm's default differs by dtype and library)
 # the provider names its cases may hold (python -m benchmarks checks --skip-providers against them)
 PROVIDERS = ("pyext-cuda", "pyext-triton", "torch", "torch.compile", "liger", "apex")
 
@@ -80,16 +82,16 @@ def _cases(rms: bool, quick: bool, dtypes):
 
     if rms:
         def torch_fn(x, w, b):
-            return F.rms_norm(x, x.shape[-1:], w)
+            return F.rms_norm(x, x.shape[-1:], w, RMS_EPS)
 
         def pyext_fn(backend):
-            return lambda x, w, b: pyext.rms_norm(x, x.shape[-1:], w, backend=backend)
+            return lambda x, w, b: pyext.rms_norm(x, x.shape[-1:], w, RMS_EPS, backend=backend)
     else:
         def torch_fn(x, w, b):
-            return F.layer_norm(x, x.shape[-1:], w, b)
+            return F.layer_norm(x, x.shape[-1:], w, b, EPS)
 
         def pyext_fn(backend):
-            return lambda x, w, b: pyext.layer_norm(x, x.shape[-1:], w, b, backend=backend)
+            return lambda x, w, b: pyext.layer_norm(x, x.shape[-1:], w, b, EPS, backend=backend)
 
     compiled = torch.compile(torch_fn, dynamic=False)
     fns = {
@@ -121,7 +123,8 @@ def _cases(rms: bool, quick: bool, dtypes):
                        dtype=str(dtype).split(".")[1],
                        direction=direction,
                        bytes=_bytes(rms, rows, hidden, x.element_size(), w.element_size(), direction),
-                       flops=0, providers=providers)
+                       flops=0, providers=providers,
+                       check=Check(oracle_of(torch_fn, inputs, direction, dy), yardsticks=("torch",)))
 
 
 def _liger(rms: bool):
@@ -130,9 +133,9 @@ def _liger(rms: bool):
     ops = optional_peer(name)
     if isinstance(ops, str):
         return ops
-    if rms:
-        return lambda x, w, b: ops.LigerRMSNormFunction.apply(x, w, torch.finfo(torch.float32).eps)
-    return lambda x, w, b: ops.LigerLayerNormFunction.apply(x, w, b, 1e-5)
+    if rms:  # offset 0, Llama's casting, and not in place (its default writes dx into dy, every provider's)
+        return lambda x, w, b: ops.LigerRMSNormFunction.apply(x, w, RMS_EPS, 0.0, "llama", False)
+    return lambda x, w, b: ops.LigerLayerNormFunction.apply(x, w, b, EPS)
 
 
 def _apex(rms: bool):
@@ -141,8 +144,8 @@ def _apex(rms: bool):
     if isinstance(apex, str):
         return apex
     if rms:
-        return lambda x, w, b: apex.fused_rms_norm_affine(x, w, x.shape[-1:], torch.finfo(torch.float32).eps)
-    return lambda x, w, b: apex.fused_layer_norm_affine(x, w, b, x.shape[-1:], 1e-5)
+        return lambda x, w, b: apex.fused_rms_norm_affine(x, w, x.shape[-1:], RMS_EPS)
+    return lambda x, w, b: apex.fused_layer_norm_affine(x, w, b, x.shape[-1:], EPS)
 
 
 def layer_norm_cases(quick: bool, dtypes):

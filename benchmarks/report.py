@@ -9,7 +9,7 @@ import sys
 import time
 from typing import List, Optional
 
-from benchmarks.harness import OURS
+from benchmarks.harness import OURS, PUBLIC
 
 
 class Progress:
@@ -40,22 +40,34 @@ def _minutes(seconds: float) -> str:
 
 
 def table(rows: List[dict]) -> str:
+    """One line per row: its figures, or why it has none. "err/bound": the
+    row's error against the float64 oracle over the correctness rule's bound
+    (above 1: WRONG, and no speed-up); "-" where it is not checked."""
     head = (f"{'op':<12}{'case':<28}{'dtype':<26}{'dir':<8}{'provider':<16}"
-            f"{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}")
+            f"{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}{'err/bound':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        if "skipped" in r:
-            lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
-                         f"  skipped: {r['skipped'][:60]}")
+        start = f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
+        if "ms" not in r:
+            why = ("ERROR: " + r["error"]) if "error" in r else "skipped: " + r.get("skipped", "not timed")
+            lines.append(f"{start}  {why[:70]}")
             continue
         def fmt(key, spec):
             return format(r[key], spec) if key in r else "-"
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
-        waits = "  waits for the GPU" if r.get("waits_for_gpu") else ""
-        lines.append(f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
-                     f"{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
-                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{waits}")
+        notes = ("  WRONG: " + r["wrong"] if "wrong" in r else "") + \
+            ("  waits for the GPU" if r.get("waits_for_gpu") else "")
+        lines.append(f"{start}{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
+                     f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{fmt('error_vs_bound', '.2f'):>10}{notes}")
     return "\n".join(lines)
+
+
+def failures(rows: List[dict]) -> List[str]:
+    """The rows of ours that raised or were wrong, and peers that were wrong,
+    one line each: what makes the run fail."""
+    return [f"{r['op']} {r['direction']} {r['dtype']} {r['label']} {r['provider']}: "
+            f"{'error: ' + r['error'] if 'error' in r else 'wrong: ' + r['wrong']}"
+            for r in rows if "error" in r or ("wrong" in r and r["provider"] in OURS)]
 
 
 def result_base(out_dir: str, meta: dict) -> str:
@@ -133,13 +145,15 @@ def compare(old_rows: List[dict], rows: List[dict], threshold: float = 0.05) -> 
 
 
 def summary(rows: List[dict]) -> List[str]:
-    """Per op: our best backend's speed-up over the best peer (geometric mean
-    and minimum over its cases) and its best percent of the ceiling."""
+    """Per op: the speed-up over the best peer of the better of our public
+    backends (pyext-cuda, pyext-triton; not the diagnostic variants) in each
+    case (geometric mean and minimum over the cases) and their best percent
+    of the ceiling; rows of ours that are wrong or raised, counted."""
     lines = []
     for op in dict.fromkeys(r["op"] for r in rows):
         best = {}
         for r in rows:
-            if r["op"] == op and "speedup_vs_best_peer" in r:
+            if r["op"] == op and r["provider"] in PUBLIC and "speedup_vs_best_peer" in r:
                 key = case_key(r)[:4]
                 best[key] = max(best.get(key, 0.0), r["speedup_vs_best_peer"])
         if not best:
@@ -149,11 +163,15 @@ def summary(rows: List[dict]) -> List[str]:
             continue
         ups = list(best.values())
         geo = math.exp(sum(math.log(u) for u in ups) / len(ups))
-        pct = [r["pct_of_ceiling"] for r in rows if r["op"] == op and r["provider"] in OURS
-               and "pct_of_ceiling" in r]
+        pct = [r["pct_of_ceiling"] for r in rows if r["op"] == op and r["provider"] in PUBLIC
+               and "pct_of_ceiling" in r and "wrong" not in r]
         pct_text = f", up to {max(pct):.0f}% of the ceiling" if pct else ""
         lines.append(f"{op:<12} ours vs best peer: geomean {geo:.2f}x, min {min(ups):.2f}x "
                      f"over {len(ups)} cases{pct_text}")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        bad = [r for r in rows if r["op"] == op and r["provider"] in OURS and ("error" in r or "wrong" in r)]
+        if bad:
+            lines.append(f"{op:<12} FAILED: {len(bad)} rows of ours raised or were wrong (see the table)")
     return lines
 
 

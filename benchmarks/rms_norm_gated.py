@@ -16,7 +16,8 @@ is not among the peer wheels the GPU machine has.)
 import torch
 
 import pyext
-from benchmarks.harness import HAS_GPU, Case, autograd_callable, grid_count, norm_grid, our_backends
+from pyext import reference
+from benchmarks.harness import HAS_GPU, Case, Check, autograd_callable, grid_count, norm_grid, oracle_of, our_backends
 
 HEADS_ROWS = (16384 * 32, 128)  # 16k tokens x 32 value heads of 128 (Qwen3-Next)
 SHAPES_GPU = [HEADS_ROWS, (4096 * 32, 128), (16384, 4096), (4096, 4096), (8192, 5120), (4096, 16384)]
@@ -73,4 +74,6 @@ def cases(quick: bool, dtypes):
                 yield Case(op="rms_norm_gated", label=f"{rows}x{hidden}", size=hidden,
                            dtype=str(dtype).split(".")[1], direction=direction,
                            bytes=_bytes(rows, hidden, x.element_size(), weight.element_size(), direction),
-                           flops=0, providers=providers)
+                           flops=0, providers=providers,
+                           check=Check(oracle_of(lambda x, gate, w: reference.rms_norm_gated(x, gate, w, 1e-6),
+                                                 [x, gate, weight], direction, dy), yardsticks=("torch",)))

@@ -54,7 +54,8 @@ def cases(quick: bool, dtypes):
         yield Case(op="train_step", label=f"{label} {cfg['batch']}x{cfg['seq']} tokens", size=tokens,
                    dtype="bfloat16", direction="step", bytes=0,
                    flops=step_flops(cfg["layers"], cfg["heads"], cfg["dim"], cfg["seq"], cfg["batch"]),
-                   providers=providers)
+                   providers=providers,
+                   check="a whole training step: benchmarks/train_gpt.py compares its loss curves with torch's")
 
 
 def _stepper(cfg, device, x, y, backend=None, compiled=False):

@@ -29,6 +29,10 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert report["meta"]["quick"] is True and report["meta"]["ops"] == list(OPS)
     timed = [r for r in report["results"] if "ms" in r]
     assert {r["provider"] for r in timed} >= {"torch", "pyext-triton"}
+    # every result checked against the float64 oracle before it was timed, or saying why not
+    assert not [r for r in timed if "wrong" in r or "error" in r], [r for r in timed if "wrong" in r]
+    assert all(("error_vs_bound" in r) != ("unchecked" in r) for r in timed)
+    assert {r["op"] for r in timed if "error_vs_bound" in r} == {r["op"] for r in timed} - {"train_step"}
     # what each provider and the whole run cost in wall time, for sizing the suite to its budget
     assert all(0 < r["wall_s"] < report["meta"]["seconds"] for r in timed)
     # the attention rows of ours say which config each autotuned kernel chose (one config under the interpreter)
@@ -129,6 +133,7 @@ def test_a_row_records_what_pyexts_autotuners_chose_in_its_first_call(monkeypatc
         if len(tuner.choices) == 1:
             tuner.choices.append(("key", "BLOCK: 32", {"BLOCK: 16": 2.0, "BLOCK: 32": 1.0, "BLOCK: 64": float("inf")}))
     case = harness.Case(op="op", label="label", size=1, dtype="bfloat16", direction="fwd", bytes=1, flops=0,
+                        check="a test's case",
                         providers={"pyext-triton": first_call_tunes, "torch": lambda: None})
     rows = harness.run_case(case, {}, quick=True)
     assert rows[0]["tuned"] == {"_fwd_kernel": [{"config": "BLOCK: 32",
@@ -453,10 +458,74 @@ def test_the_grouped_norm_cases_time_the_models_code_on_what_ours_computes():
     assert all(c.providers["pyext-cuda"] == why_not_cuda for c in cases)
 
 
-def _case(provider_fns):
+def _case(provider_fns, check="a test's case"):
     from benchmarks.harness import Case
     return Case(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", bytes=64, flops=0,
-                providers=provider_fns)
+                providers=provider_fns, check=check)
+
+
+def test_the_checks_floors_are_the_tests():
+    from benchmarks import harness
+    from conftest import FLOOR
+    assert harness.FLOOR == FLOOR
+
+
+def test_a_wrong_result_is_marked_and_left_out_of_the_speed_ups(monkeypatch, tmp_path, capsys):
+    """Each provider's first result against the float64 oracle, bound by
+    twice torch's own error plus the floor: a result past it is WRONG, ours
+    or a peer's, and neither gives nor sets a speed-up; a wrong one of ours
+    fails the run. A provider the check leaves out says why."""
+    from benchmarks import __main__ as cli, harness
+    x = torch.randn(64)
+    exact = x.double().exp()
+    tiny = 1e-6  # well inside the float32 floor (1e-5)
+    fns = {"torch": lambda: x.exp(), "pyext-triton": lambda: (exact + tiny).float(),
+           "pyext-cuda": lambda: (exact + 1).float(), "fast-but-wrong": lambda: x.exp()[:32],
+           "slow-and-right": lambda: x.exp(), "pyext-triton-nosinks": lambda: x}
+    check = harness.Check(lambda: exact, yardsticks=("torch",), unchecked={"pyext-triton-nosinks": "another problem"})
+    rows = {r["provider"]: r for r in harness.run_case(_case(fns, check), {}, True)}
+    assert rows["pyext-triton"]["error_vs_bound"] < 1 and "wrong" not in rows["pyext-triton"]
+    assert "speedup_vs_best_peer" in rows["pyext-triton"]
+    assert rows["pyext-cuda"]["wrong"].startswith("error ") and "speedup_vs_best_peer" not in rows["pyext-cuda"]
+    assert rows["fast-but-wrong"]["wrong"] == "shape (32,) where the oracle's is (64,)"
+    assert rows["pyext-triton"]["best_peer"] in ("torch", "slow-and-right")  # never the wrong peer
+    assert rows["pyext-triton-nosinks"]["unchecked"] == "another problem"
+    assert [line.split(": ", 1)[0] for line in report.failures(list(rows.values()))] == \
+        ["gelu fwd float32 n=8 pyext-cuda"]
+
+    def cases(quick, dtypes):
+        yield _case(fns, check)
+    monkeypatch.setitem(cli.OPS, "gelu", cases)
+    monkeypatch.setitem(cli.COUNTS, "gelu", lambda quick, dtypes: 1)
+    assert cli.main(["--quick", "--ops", "gelu", "--dtypes", "float32", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "WRONG: error" in out and "FAILED (ours raised or gave a wrong result):" in out
+
+
+def test_an_error_of_ours_fails_the_run_where_a_peers_is_a_skip(monkeypatch, tmp_path, capsys):
+    from benchmarks import __main__ as cli
+
+    def raises():
+        raise RuntimeError("no kernel for this")
+
+    def cases(quick, dtypes):
+        yield _case({"torch": lambda: None, "pyext-triton": raises, "a-peer": raises})
+    monkeypatch.setitem(cli.OPS, "gelu", cases)
+    monkeypatch.setitem(cli.COUNTS, "gelu", lambda quick, dtypes: 1)
+    assert cli.main(["--quick", "--ops", "gelu", "--dtypes", "float32", "--out", str(tmp_path)]) == 1
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    rows = {r["provider"]: r for r in json.load(open(path))["results"]}
+    assert rows["pyext-triton"]["error"] == "RuntimeError: no kernel for this"
+    assert rows["a-peer"]["skipped"] == "RuntimeError: no kernel for this"
+    out = capsys.readouterr().out
+    assert "ERROR: RuntimeError: no kernel for this" in out and "gelu         FAILED: 1 rows of ours" in out
+
+
+def test_the_summary_speaks_for_the_public_backends_not_the_diagnostic_variants():
+    row = dict(op="attention", label="S=1024", dtype="bfloat16", direction="fwd")
+    rows = [dict(row, provider="pyext-triton", ms=2.0, speedup_vs_best_peer=0.5),
+            dict(row, provider="pyext-triton-det", ms=1.0, speedup_vs_best_peer=1.0)]
+    assert report.summary(rows) == ["attention    ours vs best peer: geomean 0.50x, min 0.50x over 1 cases"]
 
 
 def test_skipped_providers_are_left_out_and_say_so():

@@ -14,7 +14,12 @@ def test_rewrites_only_the_marked_section(tmp_path):
                        GBps=2700.0, pct_of_ceiling=90.0, speedup_vs_best_peer=1.1),
                   dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="pyext-cuda", ms=1.5,
                        GBps=2800.0, pct_of_ceiling=93.3, speedup_vs_best_peer=1.2),
-                  dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="torch", ms=1.8)]}
+                  dict(op="gelu", label="n=1", dtype="bfloat16", direction="fwd", provider="torch", ms=1.8),
+                  # a faster result of ours that is wrong is not the case's figure
+                  dict(op="gelu", label="n=2", dtype="bfloat16", direction="fwd", provider="pyext-cuda", ms=1.0,
+                       GBps=5400.0, wrong="error 3x the bound"),
+                  dict(op="gelu", label="n=2", dtype="bfloat16", direction="fwd", provider="pyext-triton", ms=2.0,
+                       GBps=2700.0, pct_of_ceiling=90.0, speedup_vs_best_peer=0.9, best_peer="torch.compile")]}
     results = tmp_path / "results"
     results.mkdir()
     source = results / "NVIDIA-H100.json"
@@ -25,8 +30,10 @@ def test_rewrites_only_the_marked_section(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "NVIDIA H100" in text
-    assert "| gelu | n=1 | bfloat16 | fwd | pyext-cuda | 1.500 | 2800 GB/s | 93% | 1.20x |" in text
+    assert "| gelu | n=1 | bfloat16 | fwd | pyext-cuda | 1.500 | 2800 GB/s | 93% | 1.20x | - |" in text
+    assert "| gelu | n=2 | bfloat16 | fwd | pyext-triton | 2.000 | 2700 GB/s | 90% | 0.90x | torch.compile |" in text
     assert "Source: `results/NVIDIA-H100.json`" in text
+    assert "not checked against the oracle" in text  # none of its rows has error_vs_bound
     # the plots written with this JSON, by path from the README; not another run's
     assert "![gelu bwd float32](results/NVIDIA-H100-gelu-bwd-float32.png)" in text
     assert "![gelu fwd bfloat16](results/NVIDIA-H100-gelu-fwd-bfloat16.png)" in text
@@ -59,7 +66,7 @@ def test_takes_the_run_that_started_last_not_the_file_written_last(tmp_path):
     readme_table.main([], readme=str(readme), results_dir=str(tmp_path))
     text = readme.read_text()
     assert "Source: `run-b.json`" in text
-    assert "The run's ops: adamw (--quick: fewer sizes, shorter timing)." in text
+    assert "The run's ops: adamw (--quick: fewer sizes, shorter timing); its results were not checked" in text
 
 
 def test_a_smoke_run_or_a_file_that_is_no_report_is_refused(tmp_path, capsys):
