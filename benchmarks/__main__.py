@@ -10,6 +10,7 @@ that one out of a second run. --merge joins the reports of runs made one op
 per process (as make gpu-check does, so that a kernel that breaks the CUDA
 context costs its own op only) into one report."""
 import argparse
+import json
 import re
 import signal
 import sys
@@ -43,7 +44,7 @@ def measure(args, meta, base):
     if not total:  # adamw times float32 alone, attention the half types: --dtypes can leave an op nothing
         raise SystemExit(f"python -m benchmarks: --ops {' '.join(args.ops)} with --dtypes {' '.join(args.dtypes)} "
                          "select no case (each op's dtypes: benchmarks/<op>.py)")
-    print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items()))
+    print("machine:", ", ".join(f"{k}={v}" for k, v in meta.items() if not isinstance(v, dict)))
     meta.update(ops=list(args.ops), dtypes=list(args.dtypes), quick=args.quick)  # the run's scope, for readers
     if args.cases:
         meta["cases"] = [p.pattern for p in args.cases]
@@ -107,8 +108,13 @@ def merge(paths):
     if not reports:
         raise SystemExit("python -m benchmarks: --merge: none of the files is a report")
     paths = kept
-    meta = dict(reports[0]["meta"], merged_from=list(paths))
+    # the first part's machine; what belongs to one part alone is not the merge's
+    one_part = ("interrupted_after_cases", "cuda_context_broken_by", "cases", "seconds", "command")
+    meta = {k: v for k, v in reports[0]["meta"].items() if k not in one_part}
+    meta["merged_from"] = list(paths)
     metas = [r["meta"] for r in reports]
+    if len({json.dumps(m.get("ceilings"), sort_keys=True) for m in metas}) > 1:
+        meta["ceilings_of_parts"] = {p: m.get("ceilings") for p, m in zip(paths, metas)}  # each row: its own
     if all("ops" in m for m in metas):
         meta.update(ops=list(dict.fromkeys(op for m in metas for op in m["ops"])),
                     dtypes=list(dict.fromkeys(d for m in metas for d in m["dtypes"])),
@@ -141,7 +147,8 @@ def main(argv=None):
                              "one of these matches (e.g. 'fwd bfloat16-d64 ' or 'S=2048 D=128$')")
     parser.add_argument("--skip-providers", nargs="+", action="extend", default=[], metavar="PROVIDER",
                         help="leave these providers out (e.g. pyext-cuda), each row saying so")
-    parser.add_argument("--out", default=harness.RESULTS_DIR)
+    parser.add_argument("--out", default=harness.RESULTS_DIR, metavar="DIR",
+                        help="where the JSON, CSV and plots go (default: benchmarks/results/)")
     parser.add_argument("--compare", metavar="OLD.json", help="report each case's change against an older run")
     parser.add_argument("--merge", nargs="+", metavar="PART.json", help="join these reports instead of measuring")
     args = parser.parse_args(argv)
@@ -170,7 +177,7 @@ def main(argv=None):
     if spent:
         print("\n".join(["", "time spent:"] + spent))
     if old is not None:
-        lines = report.compare(old["results"], rows)
+        lines = report.compare_machines(old["meta"], meta) + report.compare(old["results"], rows)
         print("\n".join(["", f"against {args.compare}:"] + (lines or ["no case in common"])))
     report.write_results(base, meta, rows)
     pngs = report.plot(base, rows, meta)

@@ -11,6 +11,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from functools import lru_cache, partial
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -34,6 +36,14 @@ OURS = ("pyext-cuda", "pyext-triton", "pyext-triton-ptr", "pyext-triton-det", "p
         "pyext-triton-padded", "pyext-cuda-stage1", "pyext-cuda-det", "pyext-triton-nosinks")
 # The backends a user names (or auto picks): the summary's "ours"; the rest of OURS are diagnostics.
 PUBLIC = ("pyext-cuda", "pyext-triton")
+# How the GPU rows are timed (into each report's meta): triton.testing.do_bench, which clears a 256 MB
+# buffer before each run (L2 cold, the clearing not timed) and reports the median and the 20th and 80th
+# percentiles of the runs it makes over rep ms (rep_ms_quick with --quick), after warmup ms.
+TIMING = {"method": "triton.testing.do_bench (CUDA events), L2 cleared before each run", "warmup_ms": 10,
+          "rep_ms": 50, "rep_ms_quick": 30, "min_repeats": 10, "quantiles": "median, p20, p80"}
+# A row whose host time to issue one call is at least this share of its measured time measures the host
+# (Python, launches), not the kernels: flagged "host_bound".
+HOST_BOUND = 0.8
 # The correctness rule's floor per dtype (DESIGN.md section 4; tests/conftest.py's FLOOR, which a test
 # holds these to).
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -80,12 +90,24 @@ def timer(fn: Callable[[], object], quick: bool, first_call_made: bool = False) 
         fn()
     if HAS_GPU:
         import triton.testing
-        warmup, rep = (10, 30) if quick else (10, 50)
+        warmup, rep = TIMING["warmup_ms"], TIMING["rep_ms_quick" if quick else "rep_ms"]
+        # do_bench repeats a call rep / (its time) times: at least MIN_REPEATS, however long the call
+        rep = max(rep, TIMING["min_repeats"] * _one_call_ms(fn))
         q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return list(q)
     t0 = time.perf_counter()
     fn()
     return [(time.perf_counter() - t0) * 1e3] * 3
+
+
+def _one_call_ms(fn: Callable[[], object]) -> float:
+    """One call's GPU time (CUDA events), to size the repeats."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def host_and_memory(fn: Callable[[], object]) -> dict:
@@ -177,12 +199,20 @@ def measure_ceilings(quick: bool) -> dict:
 
 
 def machine_info() -> dict:
+    """What a reader needs to place a run's figures: when, on what, with
+    which versions of everything timed, from which source, run how."""
+    import pyext
     info = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if HAS_GPU else None,
+        "pyext": pyext.__version__,
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+        "peers": {name: _version(name) for name in ("flash-attn", "liger-kernel", "apex")},
+        "timing": TIMING,
     }
     try:
         import triton
@@ -192,8 +222,42 @@ def machine_info() -> dict:
     if HAS_GPU:
         p = torch.cuda.get_device_properties(0)
         info.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                    memory_GiB=round(p.total_memory / 2 ** 30, 1))
+                    memory_GiB=round(p.total_memory / 2 ** 30, 1), **_gpu_clocks())
     return info
+
+
+def _version(distribution: str) -> Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    """The source's commit, with "+changes" where the tree differs from it (None outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def _gpu_clocks() -> dict:
+    """The driver, and the SM and memory clocks now and at most, as nvidia-smi reports them."""
+    fields = ("driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.limit")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader",
+                              f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    return {"nvidia_smi": dict(zip(fields, values))} if out.returncode == 0 and len(values) == len(fields) else {}
 
 
 class BrokenCUDAContext(RuntimeError):
@@ -338,14 +402,19 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
                 tuned = tuned_since(tuners, before)
                 if tuned:
                     row["tuned"] = tuned
+                if row.get("host_ms", 0) >= HOST_BOUND * med:
+                    row["host_bound"] = True
+                # the ceiling each row is a percent of, in the row (a merge's parts measured their own)
                 if case.bytes:
                     row["GBps"] = case.bytes / med / 1e6
                     if ceilings.get("copy_GBps"):
-                        row["pct_of_ceiling"] = 100 * row["GBps"] / ceilings["copy_GBps"]
+                        row.update(ceiling=ceilings["copy_GBps"], pct_of_ceiling=100 * row["GBps"] /
+                                   ceilings["copy_GBps"])
                 if case.flops:
                     row["TFLOPs"] = case.flops / med / 1e9
                     if ceilings.get("bf16_matmul_TFLOPs"):
-                        row["pct_of_ceiling"] = 100 * row["TFLOPs"] / ceilings["bf16_matmul_TFLOPs"]
+                        row.update(ceiling=ceilings["bf16_matmul_TFLOPs"], pct_of_ceiling=100 * row["TFLOPs"] /
+                                   ceilings["bf16_matmul_TFLOPs"])
         rows.append(row)
         if HAS_GPU:
             torch.cuda.empty_cache()

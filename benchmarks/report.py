@@ -56,7 +56,8 @@ def table(rows: List[dict]) -> str:
             return format(r[key], spec) if key in r else "-"
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
         notes = ("  WRONG: " + r["wrong"] if "wrong" in r else "") + \
-            ("  waits for the GPU" if r.get("waits_for_gpu") else "")
+            ("  waits for the GPU" if r.get("waits_for_gpu") else "") + \
+            ("  host-bound" if r.get("host_bound") else "")
         lines.append(f"{start}{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
                      f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{fmt('error_vs_bound', '.2f'):>10}{notes}")
     return "\n".join(lines)
@@ -110,6 +111,7 @@ def write_results(base: str, meta: dict, rows: List[dict]) -> None:
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, dict)})  # "tuned": the JSON's alone
+    keys = [k for k in _KEY_FIELDS if k in keys] + [k for k in keys if k not in _KEY_FIELDS]  # the case first
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -120,23 +122,36 @@ def case_key(row: dict) -> tuple:
     return (row["op"], row["label"], row["dtype"], row["direction"], row["provider"])
 
 
+MACHINE_KEYS = ("gpu", "torch", "triton", "cuda", "python", "pyext")
+
+
+def compare_machines(old_meta: dict, meta: dict) -> List[str]:
+    """A line for each of MACHINE_KEYS where the two runs differ: their
+    times then compare different machines or software, not our change."""
+    return [f"NOTE: {key} differs: {old_meta.get(key)} then, {meta.get(key)} now" for key in MACHINE_KEYS
+            if old_meta.get(key) != meta.get(key)]
+
+
 def compare(old_rows: List[dict], rows: List[dict], threshold: float = 0.05) -> List[str]:
     """Per case and provider, the change of the median time against an older
-    run; lines flagged REGRESSION when more than `threshold` slower, a row
-    timed then and skipped now saying why, and a last line counting the rows
+    run; lines flagged REGRESSION when more than `threshold` slower and the
+    two runs' spreads (20th to 80th percentile) do not overlap, a row timed
+    then and skipped now saying why, and a last line counting the rows
     timed then that this run does not hold (other ops, dtypes or sizes)."""
-    old = {case_key(r): r["ms"] for r in old_rows if r.get("ms", 0) > 0}
+    old = {case_key(r): r for r in old_rows if r.get("ms", 0) > 0}
     lines = []
     for r in rows:
-        before = old.get(case_key(r))
-        if before is None:
+        then = old.get(case_key(r))
+        if then is None:
             continue
+        before = then["ms"]
         head = f"{r['op']:<11}{r['label'][:26]:<27}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
         if "ms" not in r:
-            lines.append(f"{head}{before:9.4f} -> skipped now: {r.get('skipped', 'not timed')[:60]}")
+            lines.append(f"{head}{before:9.4f} -> skipped now: {r.get('skipped', r.get('error', 'not timed'))[:60]}")
             continue
         change = r["ms"] / before - 1
-        flag = "  REGRESSION" if change > threshold else ""
+        apart = r.get("ms_p20", r["ms"]) > then.get("ms_p80", before)
+        flag = ("  REGRESSION" if apart else "  slower, within the runs' spread") if change > threshold else ""
         lines.append(f"{head}{before:9.4f} -> {r['ms']:9.4f} ms {100 * change:+6.1f}%{flag}")
     gone = len(old.keys() - {case_key(r) for r in rows})
     if gone and lines:

@@ -521,6 +521,52 @@ def test_an_error_of_ours_fails_the_run_where_a_peers_is_a_skip(monkeypatch, tmp
     assert "ERROR: RuntimeError: no kernel for this" in out and "gelu         FAILED: 1 rows of ours" in out
 
 
+def test_a_report_says_what_it_ran_on_from_which_source_and_how_it_was_timed(monkeypatch, tmp_path):
+    from benchmarks import __main__ as cli, harness
+
+    def cases(quick, dtypes):
+        yield _case({"torch": lambda: None, "pyext-triton": lambda: None})
+    monkeypatch.setitem(cli.OPS, "gelu", cases)
+    monkeypatch.setitem(cli.COUNTS, "gelu", lambda quick, dtypes: 1)
+    # a call whose host time is most of its measured time measures the host, not the kernel
+    monkeypatch.setattr(harness, "timer", lambda fn, quick, first_call_made=False: [1.0, 0.9, 1.1])
+    monkeypatch.setattr(harness, "host_and_memory", lambda fn: {"host_ms": 0.95})
+    assert cli.main(["--quick", "--ops", "gelu", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    report_ = json.load(open(path))
+    meta = report_["meta"]
+    assert meta["pyext"] == pyext.__version__ and meta["timing"] == harness.TIMING
+    assert set(meta["peers"]) == {"flash-attn", "liger-kernel", "apex"} and "command" in meta
+    assert meta["git_commit"] is None or len(meta["git_commit"].split("+")[0]) == 40
+    assert all(r["host_bound"] for r in report_["results"])
+    header = open(path.replace(".json", ".csv")).readline().strip().split(",")
+    assert header[:5] == ["op", "label", "dtype", "direction", "provider"]
+
+
+def test_a_merge_keeps_each_parts_own_figures_out_of_its_meta(tmp_path):
+    from benchmarks import __main__ as cli
+    row = dict(op="gelu", label="n=8", size=8, dtype="float32", direction="fwd", provider="torch", ms=1.0)
+    paths = []
+    for i, extra in enumerate([{"interrupted_after_cases": 3}, {}]):
+        paths.append(str(tmp_path / f"{i}.json"))
+        meta = dict(gpu="x", seconds=10.0, ceilings={"copy_GBps": 4000.0 + i}, **extra)
+        json.dump({"meta": meta, "results": [dict(row, op=f"op{i}", ceiling=4000.0 + i)]}, open(paths[-1], "w"))
+    meta, rows = cli.merge(paths)
+    assert "interrupted_after_cases" not in meta and meta["interrupted"] == [paths[0]]
+    assert meta["ceilings_of_parts"] == {paths[0]: {"copy_GBps": 4000.0}, paths[1]: {"copy_GBps": 4001.0}}
+    assert [r["ceiling"] for r in rows] == [4000.0, 4001.0] and meta["seconds"] == 20.0
+
+
+def test_compare_flags_a_regression_outside_the_runs_spread_and_notes_another_machine():
+    row = dict(op="gelu", label="n=8", dtype="float32", direction="fwd", provider="torch")
+    old = [dict(row, ms=1.0, ms_p20=0.9, ms_p80=1.1), dict(row, provider="noisy", ms=1.0, ms_p20=0.5, ms_p80=2.0)]
+    new = [dict(row, ms=1.3, ms_p20=1.2, ms_p80=1.4), dict(row, provider="noisy", ms=1.3, ms_p20=0.8, ms_p80=2.0)]
+    lines = report.compare(old, new)
+    assert lines[0].endswith("+30.0%  REGRESSION") and lines[1].endswith("+30.0%  slower, within the runs' spread")
+    assert report.compare_machines({"gpu": "NVIDIA H100", "torch": "2.11"}, {"gpu": "NVIDIA H200", "torch": "2.11"}) \
+        == ["NOTE: gpu differs: NVIDIA H100 then, NVIDIA H200 now"]
+
+
 def test_the_summary_speaks_for_the_public_backends_not_the_diagnostic_variants():
     row = dict(op="attention", label="S=1024", dtype="bfloat16", direction="fwd")
     rows = [dict(row, provider="pyext-triton", ms=2.0, speedup_vs_best_peer=0.5),
