@@ -248,16 +248,20 @@ def _git_commit() -> Optional[str]:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+# nvidia-smi's query fields, by the names the report gives them
+_NVIDIA_SMI = {"driver": "driver_version", "sm_clock": "clocks.sm", "sm_clock_max": "clocks.max.sm",
+               "memory_clock": "clocks.mem", "memory_clock_max": "clocks.max.mem", "power_limit": "power.limit"}
+
+
 def _gpu_clocks() -> dict:
-    """The driver, and the SM and memory clocks now and at most, as nvidia-smi reports them."""
-    fields = ("driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.limit")
+    """The driver, the SM and memory clocks now and at most, and the power limit, as nvidia-smi reports them."""
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader",
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(_NVIDIA_SMI.values())}", "--format=csv,noheader",
                               f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     values = [v.strip() for v in out.stdout.strip().split(",")]
-    return {"nvidia_smi": dict(zip(fields, values))} if out.returncode == 0 and len(values) == len(fields) else {}
+    return dict(zip(_NVIDIA_SMI, values)) if out.returncode == 0 and len(values) == len(_NVIDIA_SMI) else {}
 
 
 class BrokenCUDAContext(RuntimeError):
