@@ -553,7 +553,8 @@ def cases(quick: bool, dtypes):
                            dtype=f"{str(dtype).split('.')[1]}-{dims}{options}",
                            direction=direction, bytes=0, flops=flops, providers=providers,
                            check=_check(causal, dropout_p, mask, window, softcap, sinks, extra, inputs, wrap,
-                                        direction, dout))
+                                        direction, dout),
+                           shape=dict(batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim, v_dim=v_dim))
     yield from _packed_cases(quick, dtypes, dtype, device, ours)
 
 
@@ -654,4 +655,6 @@ def _packed_cases(quick, dtypes, dtype, device, ours):
                        dtype=f"{str(dtype).split('.')[1]}-d{head_dim}-causal-packed",
                        direction=direction, bytes=0, flops=flops, providers=providers,
                        check=Check(oracle_of(_oracle(False, mask, None, 0.0, None), inputs, direction, dout),
-                                   YARDSTICKS))
+                                   YARDSTICKS),
+                       shape=dict(tokens=total, heads=heads, documents=len(lengths), longest=longest,
+                                  head_dim=head_dim))

@@ -77,6 +77,7 @@ class Case:
     # provider -> zero-argument callable to time, or a string saying why it is skipped
     providers: Dict[str, Union[Callable[[], object], str]]
     check: Union[Check, str]  # or why the case's results are not compared (dropout's random draws)
+    shape: Dict[str, int] = dataclasses.field(default_factory=dict)  # sizes the label leaves out, into each row
 
 
 def timer(fn: Callable[[], object], quick: bool, first_call_made: bool = False) -> List[float]:
@@ -370,6 +371,8 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
     for name, fn in case.providers.items():
         row = dict(op=case.op, label=case.label, size=case.size, dtype=case.dtype,
                    direction=case.direction, provider=name, bytes=case.bytes, flops=case.flops)
+        if case.shape:
+            row["shape"] = case.shape
         if name in skip:
             row["skipped"] = "left out by --skip-providers"
         elif isinstance(fn, str):

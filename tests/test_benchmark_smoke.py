@@ -33,6 +33,8 @@ def test_smoke_run_writes_json_csv_and_plots(tmp_path):
     assert not [r for r in timed if "wrong" in r or "error" in r], [r for r in timed if "wrong" in r]
     assert all(("error_vs_bound" in r) != ("unchecked" in r) for r in timed)
     assert {r["op"] for r in timed if "error_vs_bound" in r} == {r["op"] for r in timed} - {"train_step"}
+    # what an attention label leaves out (B = 16384 / S and H = 2048 / D on a GPU) is in each row
+    assert all({"batch", "heads"} <= set(r["shape"]) or "packed" in r["dtype"] for r in timed if r["op"] == "attention")
     # what each provider and the whole run cost in wall time, for sizing the suite to its budget
     assert all(0 < r["wall_s"] < report["meta"]["seconds"] for r in timed)
     # the attention rows of ours say which config each autotuned kernel chose (one config under the interpreter)
