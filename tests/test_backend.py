@@ -265,6 +265,54 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
         dist.destroy_process_group()
 
 
+def _attention_inputs():
+    return [torch.randn(1, 2, 16, 8, dtype=torch.bfloat16) for _ in range(3)]
+
+
+# Each public function on small inputs of the dtypes its Triton kernels take, called with backend="triton".
+INFERENCE_CALLS = {
+    "gelu": (lambda b: pyext.gelu(*b, "tanh", backend="triton"), lambda: [torch.randn(4, 33)]),
+    "layer_norm": (lambda b: pyext.layer_norm(b[0], (33,), *b[1:], backend="triton"),
+                   lambda: [torch.randn(4, 33), torch.randn(33), torch.randn(33)]),
+    "rms_norm": (lambda b: pyext.rms_norm(b[0], (33,), b[1], backend="triton"),
+                 lambda: [torch.randn(4, 33), torch.randn(33)]),
+    "rms_norm groups": (lambda b: pyext.rms_norm(b[0], (2, 16), b[1], group_size=16, backend="triton"),
+                        lambda: [torch.randn(4, 2, 16), torch.randn(2, 16)]),
+    "rms_norm_gated": (lambda b: pyext.rms_norm_gated(*b, backend="triton"),
+                       lambda: [torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)]),
+    "scaled_dot_product_attention": (lambda b: pyext.scaled_dot_product_attention(*b, is_causal=True,
+                                                                                   backend="triton"),
+                                     _attention_inputs),
+    "flash_attention": (lambda b: pyext.flash_attention(*b, causal=True, backend="triton"), _attention_inputs),
+    "flash_attention_varlen": (
+        lambda b: pyext.flash_attention_varlen(*b, torch.tensor([0, 5, 16], dtype=torch.int32),
+                                               torch.tensor([0, 5, 16], dtype=torch.int32), 11, 11, causal=True,
+                                               backend="triton"),
+        lambda: [torch.randn(16, 2, 8, dtype=torch.bfloat16) for _ in range(3)]),
+}
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the CPU interpreter's check; on a GPU the op tests compile the kernels")
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "plain tensors"])
+@pytest.mark.parametrize("op", sorted(INFERENCE_CALLS))
+def test_compiled_inference_runs_each_function_in_one_graph(op, mode):
+    """torch.compile(fullgraph=True) of a call whose inputs need no gradient
+    (generation, evaluation): one graph, the eager result. GELU's two
+    arguments were taken for forward's (ctx, *args) by dynamo, which then
+    left ctx out ("expected a Tensor for x, found str"); varlen's offsets
+    made under inference_mode, which keep no version counter, failed its
+    offsets cache, eager too."""
+    call, inputs = INFERENCE_CALLS[op]
+    args = inputs()
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "plain tensors": torch.enable_grad}[mode]
+    torch._dynamo.reset()
+    with context():
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(args)
+        eager = call(args)
+    assert torch.equal(compiled, eager)
+
+
 TRANSFORMED = {
     "gelu": (lambda t, **kw: pyext.gelu(t, **kw), lambda t: torch.nn.functional.gelu(t)),
     "layer_norm": (lambda t, **kw: pyext.layer_norm(t, (8,), **kw),

@@ -6,6 +6,7 @@ Python with torch.library.custom_op. Both are reached as torch.ops.pyext.*.
 """
 import contextlib
 import functools
+import inspect
 
 import torch
 from torch.fx import Proxy
@@ -105,6 +106,13 @@ def differentiable_forward(fwd_op, setup_context, backward, auto: bool):
         setup_context(ctx, args, output)
         ctx.auto = auto
         return output
+    # torch.compile, where no input requires grad, inlines forward and leaves ctx out
+    # when the call's arguments are as many as forward's parameters (here ctx and
+    # args: an op of two arguments, GELU's, lost its first to ctx). forward shows the
+    # op's arguments one by one, one parameter more than any call gives.
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_ONLY)] +
+        [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_ONLY) for a in fwd_op.default._schema.arguments])
 
     # named after the op, so a graph's grad_fn says which kernel ran (e.g. layer_norm_fwd_cudaBackward)
     function = type(fwd_op.__name__, (torch.autograd.Function,),

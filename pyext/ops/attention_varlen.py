@@ -180,15 +180,17 @@ def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     """Offsets that start at 0, never decrease, end at the rows given, and
     whose longest sequence is within max_seqlen: the kernels' grid is sized by
     it, and a longer sequence would be left partly unwritten. One copy of the
-    offsets to the host (a sync on a GPU) per offsets tensor and version;
-    skipped where none can be made: while torch.compile traces, while a
-    CUDA graph is captured, and for offsets that hold no values (fake or
-    meta tensors: shapes traced by FakeTensorMode)."""
+    offsets to the host (a sync on a GPU) per offsets tensor and version
+    (per call for offsets made under torch.inference_mode, which keep no
+    version); skipped where none can be made: while torch.compile traces,
+    while a CUDA graph is captured, and for offsets that hold no values
+    (fake or meta tensors: shapes traced by FakeTensorMode)."""
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     for name, cu, rows, longest, limit in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
                                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
-        if _checked.get(cu) == (cu._version, rows, limit) or cu.is_meta or is_fake(cu):
+        versioned = not cu.is_inference()  # inference_mode's tensors keep no version: checked on each call
+        if versioned and _checked.get(cu) == (cu._version, rows, limit) or cu.is_meta or is_fake(cu):
             continue
         offsets = cu.tolist()
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
@@ -199,7 +201,8 @@ def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
             b = max(range(len(lengths)), key=lengths.__getitem__)
             raise ValueError(f"flash_attention_varlen: sequence {b} has {lengths[b]} rows, more than "
                              f"{longest}={limit}")
-        _checked[cu] = (cu._version, rows, limit)
+        if versioned:
+            _checked[cu] = (cu._version, rows, limit)
 
 
 def _why_not(backend, q, k, v, sequences, max_seqlen_q, max_seqlen_k, dropout_p):
