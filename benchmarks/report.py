@@ -40,11 +40,13 @@ def _minutes(seconds: float) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    """One line per row: its figures, or why it has none. "err/bound": the
-    row's error against the float64 oracle over the correctness rule's bound
-    (above 1: WRONG, and no speed-up); "-" where it is not checked."""
+    """One line per row: its figures, or why it has none. "spread": half the
+    20th-80th percentile range of its runs, in percent of the median.
+    "err/bound": the row's error against the float64 oracle over the
+    correctness rule's bound (above 1: WRONG, and no speed-up); "-" where it
+    is not checked."""
     head = (f"{'op':<12}{'case':<28}{'dtype':<26}{'dir':<8}{'provider':<16}"
-            f"{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}{'err/bound':>10}")
+            f"{'ms':>9}{'spread':>8}{'GB/s':>9}{'TFLOP/s':>9}{'%ceil':>7}{'vs best':>9}{'err/bound':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         start = f"{r['op']:<12}{r['label'][:27]:<28}{r['dtype']:<26}{r['direction']:<8}{r['provider']:<16}"
@@ -58,7 +60,9 @@ def table(rows: List[dict]) -> str:
         notes = ("  WRONG: " + r["wrong"] if "wrong" in r else "") + \
             ("  waits for the GPU" if r.get("waits_for_gpu") else "") + \
             ("  host-bound" if r.get("host_bound") else "")
-        lines.append(f"{start}{fmt('ms', '.4f'):>9}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
+        # half the 20th-80th percentile range, in percent of the median
+        spread = f"±{50 * (r['ms_p80'] - r['ms_p20']) / r['ms']:.0f}%" if "ms_p80" in r and r["ms"] else "-"
+        lines.append(f"{start}{fmt('ms', '.4f'):>9}{spread:>8}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
                      f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{fmt('error_vs_bound', '.2f'):>10}{notes}")
     return "\n".join(lines)
 
