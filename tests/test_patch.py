@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.functional import scaled_dot_product_attention as sdpa_by_another_name
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
 from conftest import BACKENDS, assert_close, device_for
@@ -729,6 +730,33 @@ def test_a_transformer_encoder_in_eval_keeps_torchs_fast_path(wrapped, pyext_sdp
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1, :5], expected[1, :5])
     assert len(pyext_sdpa_calls) == 2
+
+
+def test_a_gelu_transformer_encoder_layer_in_eval_keeps_torchs_fused_layer():
+    """An encoder layer with activation="gelu" names F.gelu, so its forward
+    is routed; in eval under no_grad torch's one fused op for the layer
+    (aten._transformer_encoder_layer_fwd) still runs as before the patch,
+    bit for bit (the routing mode turned that fast path off: MHA's alone
+    ran fused), and again after unpatch."""
+    class FusedOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+    torch.manual_seed(0)
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
+        16, 2, 32, batch_first=True, activation="gelu"), 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    runs = []
+    for step in (lambda: None, lambda: pyext.patch(encoder, backend="torch"), lambda: pyext.unpatch(encoder)):
+        step()
+        with torch.no_grad(), FusedOps() as seen:
+            runs.append(encoder(x))
+        assert "aten._transformer_encoder_layer_fwd.default" in seen.ops
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_the_gelu_function_of_a_transformer_layer_is_swapped_and_restored():

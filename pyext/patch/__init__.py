@@ -19,9 +19,10 @@
   functions), each with its flag, in models outside transformers. The mode
   costs each torch call it sees (~1 us of host time), so a model whose code
   names none of these functions (routing.py reads it) runs without it. An
-  nn.TransformerEncoder in eval mode runs with that routing set aside, so
-  torch's inference fast path stays torch's (a torch-function mode would
-  turn it off); its swapped modules run pyext's kernels on the slow path.
+  nn.TransformerEncoder or TransformerEncoderLayer in eval mode runs with
+  that routing set aside, so torch's inference fast paths (the fused
+  encoder layer, nested tensors) stay torch's (a torch-function mode would
+  turn them off); its swapped modules run pyext's kernels on the slow path.
 - HuggingFace transformers models: pyext's attention is registered as the
   attention implementation "pyext" ("pyext-<backend>" for a named backend;
   with the SDPA mask function, so causal masking is kept) and selected on
@@ -197,8 +198,8 @@ def patch(model: torch.nn.Module, *, layer_norm=True, rms_norm=True, gelu=True, 
     routed = functions | ({"scaled_dot_product_attention"} if "attention" in flags else set())
     callers = [path for path, names in named.items() if names & routed]
     if callers:
-        for module in model.modules():
-            if isinstance(module, torch.nn.TransformerEncoder):
+        for module in model.modules():  # inside the routed forwards below: torch's fast paths in eval
+            if isinstance(module, (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer)):
                 _wrap_forward(module, _TorchFastPathForward(module, module.__dict__.get("forward")))
         for module in [model] + [model.get_submodule(path) for path in callers if path]:
             _wrap_forward(module, _RoutedForward(module, backend, flags, module.__dict__.get("forward")))

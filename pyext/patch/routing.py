@@ -272,14 +272,18 @@ class _RoutedForward(_ForwardWrapper):
 
 
 class _TorchFastPathForward(_ForwardWrapper):
-    """nn.TransformerEncoder's forward in eval mode with the routing mode set
-    aside. torch takes its inference fast path (nested tensors: the padded
-    rows of a src_key_padding_mask batch skipped, zeros in the output) only
-    where no torch-function mode is active; inside _RouteCalls it took the
-    slow path and gave the padded rows values. Where torch takes its slow
-    path all the same, the layers' swapped modules (pyext.nn's attention
-    and norms, pyext's GELU) still run pyext's kernels: the mode only routes
-    F calls, and the encoder's code makes none."""
+    """nn.TransformerEncoder's or TransformerEncoderLayer's forward in eval
+    mode with the routing mode set aside. torch takes its inference fast
+    paths (the encoder's nested tensors: the padded rows of a
+    src_key_padding_mask batch skipped, zeros in the output; the layer's
+    one fused op, _transformer_encoder_layer_fwd) only where no
+    torch-function mode is active; inside _RouteCalls the encoder took the
+    slow path and gave the padded rows values, and a layer with
+    activation="gelu" (whose code names F.gelu, so it is routed) lost its
+    fused op. Where torch takes its slow path all the same, the layers'
+    swapped modules (pyext.nn's attention and norms) and their GELU (the
+    activation they hold, swapped to pyext.gelu) still run pyext's kernels:
+    the mode only routes F calls, and their code makes none."""
 
     def __call__(self, *args, **kwargs):
         if self.model.training:
