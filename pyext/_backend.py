@@ -157,7 +157,8 @@ def available_backends() -> dict:
     else:
         triton_status = BackendStatus(False, f"{_TRITON_NOTE}, but {no_gpu} (TRITON_INTERPRET=1 runs it on CPU)")
     return {
-        "auto": BackendStatus(True, "picks cuda, then triton, then torch, per call"),
+        "auto": BackendStatus(True, "picks, per call, the first of cuda, triton, torch that runs it "
+                                    "(attention skips cuda until its kernels pass a GPU run)"),
         "cuda": cuda,
         "triton": triton_status,
         "torch": BackendStatus(True, "the PyTorch reference implementation"),

@@ -335,8 +335,10 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     consecutive elements of a row separately, the weight and bias still of
     normalized_shape: a per-head QK norm with a weight per head is
     layer_norm(q, (heads, head_dim), w, group_size=head_dim) (Cohere's).
-    Any number of groups; the Triton kernels hold groups of up to the sizes
-    above, the CUDA kernels take none (a named "cuda" raises).
+    The Triton kernels hold groups of up to the sizes above and take up to
+    65535 groups a row (their grid's limit; more go to torch under "auto",
+    a named "triton" raises); the CUDA kernels take none (a named "cuda"
+    raises).
     """
     x, weight, bias = autocast_inputs("aten::layer_norm", x, weight, bias)
     shape = _check_inputs("layer_norm", x, normalized_shape, weight, bias, rms=False, group_size=group_size)

@@ -164,8 +164,9 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     of x's dtype, float32, or a narrower one (Mamba's float32 residual
     stream through bfloat16 norms; dweight in the weight's dtype). The fast
     path holds rows (or groups) of up to 8192 features whole (one read of x
-    and gate forward; x, gate and dy backward), in any number of groups;
-    longer ones go through chunked kernels that read each input twice. "auto" sends other calls to torch (the
+    and gate forward; x, gate and dy backward), up to 65535 groups a row
+    (the grid's limit); longer ones go through chunked kernels that read
+    each input twice. "auto" sends other calls to torch (the
     reference), a named backend raises.
     There are no CUDA kernels for it.
     """
