@@ -436,6 +436,46 @@ def test_compile_fullgraph(backend, kind, compiler):
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_compiled_norm_keeps_the_hidden_size_symbolic(kind):
+    """Hidden sizes that vary (automatic dynamic shapes, mark_dynamic, an
+    export's Dim): one graph after the first, as F.layer_norm gives, not one
+    per size. normalized_shape's check pinned a symbolic size to its value
+    (operator.index), so mark_dynamic and a strict export raised."""
+    from torch._dynamo.utils import counters
+    norm = getattr(pyext, kind)
+
+    def f(x, w):
+        return norm(x, (x.shape[-1],), w, backend="triton")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for n in (12, 20, 28):
+        x, w = torch.randn(3, n, requires_grad=True), torch.randn(n, requires_grad=True)
+        compiled(x, w).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    x, w = torch.randn(3, 36), torch.randn(36)
+    torch._dynamo.reset()
+    torch._dynamo.mark_dynamic(x, 1)
+    torch._dynamo.mark_dynamic(w, 0)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w), f(x, w), rtol=0, atol=0)
+    hidden = torch.export.Dim("hidden", min=2)
+    program = torch.export.export(_Wrapped(f), (x, w), dynamic_shapes=({1: hidden}, {0: hidden}), strict=True)
+    x, w = torch.randn(3, 20), torch.randn(20)
+    torch.testing.assert_close(program.module()(x, w), f(x, w), rtol=0, atol=0)
+
+
+class _Wrapped(torch.nn.Module):
+    """fn(x, w) as a module, for torch.export."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, w):
+        return self.fn(x, w)
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}], ids=str)
 def test_layer_norm_module_is_drop_in(kwargs):
     torch_mod, ours = torch.nn.LayerNorm((4, 6), **kwargs), pyext.nn.LayerNorm((4, 6), **kwargs)

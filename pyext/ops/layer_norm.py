@@ -55,7 +55,9 @@ def _as_shape(op: str, normalized_shape) -> Tuple[int, ...]:
     def dim(d):
         if isinstance(d, bool) or (isinstance(d, Tensor) and d.dtype == torch.bool):
             raise TypeError
-        return d if isinstance(d, torch.SymInt) else operator.index(d)
+        # an int or SymInt as it is: traced by torch.compile a symbolic size passes isinstance(d, int), and
+        # operator.index of it would pin it to its value (one graph per hidden size)
+        return d if isinstance(d, (int, torch.SymInt)) else operator.index(d)
 
     try:
         if isinstance(normalized_shape, (int, Tensor)):
