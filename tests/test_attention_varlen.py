@@ -436,6 +436,24 @@ def test_compile_fullgraph(compiler):
     assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
 
 
+def test_compiled_packed_batches_of_new_lengths_reuse_one_graph():
+    """Each packed batch brings its own max_seqlen: after the first, one
+    graph for all (their check pinned each to its value, one graph a batch
+    until the recompile limit, where fullgraph raises)."""
+    from torch._dynamo.utils import counters
+
+    def f(q, k, v, cu, longest):
+        return pyext.flash_attention_varlen(q, k, v, cu, cu, longest, longest, causal=True, backend="triton")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for n in (3, 5, 7, 9):
+        q, k, v = (torch.randn(n + 2, 2, 16, dtype=torch.bfloat16) for _ in range(3))
+        cu = torch.tensor([0, 2, n + 2], dtype=torch.int32)
+        assert torch.equal(compiled(q, k, v, cu, n), f(q, k, v, cu, n))
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_compile_fullgraph_self_attention_with_one_offsets_tensor():
     """attention_varlen(x, x, x, cu, cu, ...), one tensor for q, k and v and
     one for both offsets, as packed self-attention calls it: no graph break

@@ -160,9 +160,11 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
 
 def _max_seqlen(name: str, n) -> int:
     """n as a Python int: any integer (numpy's, a one-element integer tensor,
-    as `cu_seqlens.diff().max()` gives it) but a bool."""
+    as `cu_seqlens.diff().max()` gives it) but a bool. An int or SymInt as
+    it is: traced by torch.compile, operator.index would pin a symbolic
+    length to its value (one graph per packed batch)."""
     try:
-        length = -1 if isinstance(n, bool) else operator.index(n)
+        length = -1 if isinstance(n, bool) else n if isinstance(n, (int, torch.SymInt)) else operator.index(n)
     except TypeError:
         length = -1
     if length < 0:
