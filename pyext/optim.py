@@ -295,6 +295,10 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_sub_(steps, [found_arg] * len(steps))
         staged = [[t.contiguous() for t in tensors] for tensors in args]
         step_values = torch.stack(steps)
+        if lr_tensor is None and torch.compiler.is_compiling():
+            # traced, float(lr) is a constant of the graph, guarded: one graph per value an LR scheduler
+            # sets. A tensor computed from it is an input of one graph (torch.full would keep the constant).
+            lr_tensor = torch.ones((), dtype=torch.float32, device=device) * lr
         lr_value = 0.0 if lr_tensor is not None else float(lr)
         lr_arg = lr_tensor.to(device=device, dtype=torch.float32) if lr_tensor is not None else None
         scale_arg = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else None

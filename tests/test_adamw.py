@@ -513,6 +513,30 @@ def test_compiled_step_matches_the_eager_step(backend):
         torch.testing.assert_close(a, b, **exact)
 
 
+def test_a_compiled_step_under_an_lr_scheduler_is_one_graph():
+    """torch.compile(opt.step) with a scheduler setting a new float lr each
+    step: one graph after the first, as torch's AdamW gives (the lr went to
+    the kernel as a float, a constant of the graph: one graph a step until
+    the recompile limit), and the eager step's bits."""
+    from torch._dynamo.utils import counters
+    device = device_for("triton")
+    eager, compiled = ([torch.nn.Parameter(torch.ones(5, device=device))] for _ in range(2))
+    opts = [pyext.optim.AdamW(ps, lr=1e-2, backend="triton") for ps in (eager, compiled)]
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(opt, 0.9) for opt in opts]
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(opts[1].step, backend="aot_eager")
+    for _ in range(5):
+        grad = torch.randn(5, device=device)
+        eager[0].grad, compiled[0].grad = grad.clone(), grad.clone()
+        opts[0].step()
+        step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("wrong", ["moment dtype", "moment size", "grad dtype", "moment count"])
 def test_triton_op_names_the_tensor_it_refuses(wrong):
     device = device_for("triton")
