@@ -436,6 +436,40 @@ def test_compile_fullgraph(compiler):
     assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_reference_path_compiles_in_one_graph(backend):
+    """The reference (backend "torch", and "auto" where the kernels do not
+    run: here the CPU) reads the offsets on the host, which a trace cannot
+    follow: fullgraph raised GuardOnDataDependentSymNode. Traced, it is one
+    op (and its backward one): the eager values and gradients, bit for bit."""
+    q, k, v = (torch.randn(7, 2, 16, dtype=torch.bfloat16) for _ in range(3))
+    sinks = torch.randn(2)
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+
+    def f(q, k, v, sinks):
+        out, lse = pyext.flash_attention_varlen(q, k, v, cu, cu, 5, 5, causal=True, window_size=(3, 0), sinks=sinks,
+                                                return_lse=True, backend=backend)
+        return out.float().square().sum() + lse.sum()
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        loss = fn(*leaves)
+        return [loss] + list(torch.autograd.grad(loss, leaves))
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
+
+
+def test_the_reference_op_passes_opcheck():
+    """Its autograd registration test runs the backward op too (whose own
+    opcheck cannot look into the torch.func wrappers it computes with)."""
+    from pyext.ops.attention_varlen_reference import flash_attn_varlen_reference
+    q, k, v = (torch.randn(7, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    for sinks in (None, torch.randn(2, dtype=torch.float64, requires_grad=True)):
+        torch.library.opcheck(flash_attn_varlen_reference, (q, k, v, cu, cu, 0.25, True, -1, -1, 0.0, sinks))
+
+
 def test_compiled_packed_batches_of_new_lengths_reuse_one_graph():
     """Each packed batch brings its own max_seqlen: after the first, one
     graph for all (their check pinned each to its value, one graph a batch

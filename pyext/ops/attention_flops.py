@@ -72,6 +72,19 @@ def _varlen_flops(backward: bool):
     return flops
 
 
+def _reference_varlen_flops(backward: bool):
+    """For the packed reference's ops (attention_varlen_reference.py), whose
+    forward takes q, k, v, cu_seqlens_q, cu_seqlens_k first and whose
+    backward takes dout, dlse and then the same; offsets that hold no values
+    count each sequence as long as the whole batch (an upper bound)."""
+    def flops(*args, out_val=None, **_) -> int:
+        q, k, v, cu_q, cu_k = args[2:7] if backward else args[:5]
+        heads, d, dv = q.shape[1], q.shape[2], v.shape[2]
+        return sum(_dense_flops(heads, s_q, s_k, d, dv, backward) for s_q, s_k in
+                   zip(_sequence_lengths(cu_q, q.shape[0]), _sequence_lengths(cu_k, k.shape[0])))
+    return flops
+
+
 def _ops(names):
     return [getattr(torch.ops.pyext, name) for name in names if hasattr(torch.ops.pyext, name)]
 
@@ -80,3 +93,5 @@ register_flop_formula(_ops(f"{op}_fwd_{b}" for op in _DENSE_OPS for b in _BACKEN
 register_flop_formula(_ops(f"{op}_bwd_{b}" for op in _DENSE_OPS for b in _BACKENDS))(_bwd_flops)
 register_flop_formula(_ops(f"flash_attn_varlen_fwd_{b}" for b in _BACKENDS), get_raw=True)(_varlen_flops(False))
 register_flop_formula(_ops(f"flash_attn_varlen_bwd_{b}" for b in _BACKENDS), get_raw=True)(_varlen_flops(True))
+register_flop_formula(_ops(["flash_attn_varlen_reference"]), get_raw=True)(_reference_varlen_flops(False))
+register_flop_formula(_ops(["flash_attn_varlen_reference_bwd"]), get_raw=True)(_reference_varlen_flops(True))

@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import is_fake
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext._weak import WeakTensorCache
-from pyext.ops import attention, attention_checks, attention_ops
+from pyext.ops import attention, attention_checks, attention_ops, attention_varlen_reference
 from pyext.ops._register import called_past_autograd, create_graph_grads, fx_traceable, past_autograd, register_stages
 
 
@@ -266,7 +266,10 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale = attention_checks.softmax_scale(scale, q.shape[-1])
     name = _backend.select("flash_attention_varlen", backend, q.device, lambda b: _why_not(
         b, q, k, v, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, dropout_p), attention.AUTO_ORDER)
-    if name == "torch":
+    if name == "torch" and torch.compiler.is_compiling() and not dropout_p:  # traced: the reference as one op
+        out, lse = attention_varlen_reference.flash_attn_varlen_reference(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, *(window or (-1, -1)), softcap, sinks)
+    elif name == "torch":
         out, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
                                               dropout_p=dropout_p, window=window, softcap=softcap, sinks=sinks)
     else:
