@@ -92,7 +92,7 @@ def timer(fn: Callable[[], object], quick: bool, first_call_made: bool = False) 
     if HAS_GPU:
         import triton.testing
         warmup, rep = TIMING["warmup_ms"], TIMING["rep_ms_quick" if quick else "rep_ms"]
-        # do_bench repeats a call rep / (its time) times: at least MIN_REPEATS, however long the call
+        # do_bench repeats a call rep / (its time) times: at least TIMING's min_repeats, however long the call
         rep = max(rep, TIMING["min_repeats"] * _one_call_ms(fn))
         q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return list(q)

@@ -192,7 +192,7 @@ def _check_offsets(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     for name, cu, rows, longest, limit in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
                                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
         versioned = not cu.is_inference()  # inference_mode's tensors keep no version: checked on each call
-        if versioned and _checked.get(cu) == (cu._version, rows, limit) or cu.is_meta or is_fake(cu):
+        if (versioned and _checked.get(cu) == (cu._version, rows, limit)) or cu.is_meta or is_fake(cu):
             continue
         offsets = cu.tolist()
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
