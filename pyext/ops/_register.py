@@ -29,6 +29,16 @@ def missing_reason(backend: str, table: dict, op: str):
     return None
 
 
+def sharding_rules_for(x, family: str, backend: str) -> None:
+    """Where x is a DTensor (tensor parallelism's activations), the DTensor
+    rules of the family's ops ("norm", "grouped_norm", "gelu") of this
+    backend, registered once (ops/sharding.py; imported only then, as
+    torch.distributed.tensor costs ~0.25 s)."""
+    if type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
+        from pyext.ops import sharding
+        sharding.register(family, backend)
+
+
 def register_stages(op: str, fake_fwd, fake_bwd, setup_context, make_backward):
     """Fake implementations and autograd for `<op>_fwd_<backend>` and
     `<op>_bwd_<backend>` of every kernel backend here; returns the forward

@@ -3,7 +3,8 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
+from pyext.ops._register import (create_graph_grads, fx_traceable, missing_reason, register_stages,
+                                 sharding_rules_for)
 
 _APPROXIMATE = ("none", "tanh")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,9 +54,7 @@ def _why_not(backend: str, x: Tensor):
     reason = _backend.device_reason(backend, x, dtensors=True) or missing_reason(backend, FWD, "gelu")
     if reason is not None:
         return reason
-    if type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
-        from pyext.ops import sharding  # tensor parallelism's activations: the ops' DTensor rules
-        sharding.register("gelu", backend)
+    sharding_rules_for(x, "gelu", backend)
     if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
     return None

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
-from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
+from pyext.ops._register import (create_graph_grads, fx_traceable, missing_reason, register_stages,
+                                 sharding_rules_for)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -291,9 +292,7 @@ def _why_not(backend: str, x: Tensor, *params, rms=False, family="norm"):
               or missing_reason(backend, LAYER_NORM_FWD, "layer_norm"))
     if reason is not None:
         return reason
-    if type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):
-        from pyext.ops import sharding  # tensor parallelism's sharded rows: the ops' DTensor rules
-        sharding.register(family, backend)
+    sharding_rules_for(x, family, backend)
     if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16, float64 are)"
     narrower = rms and backend == "triton"
