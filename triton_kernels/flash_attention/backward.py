@@ -142,8 +142,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, se
     for start_n in range(first, end, BLOCK_N):
         k, v = _key_block(k_base, v_base, start_n, skn, svn, offs_d, offs_dv, seq_k, HEAD_DIM, V_DIM, BLOCK_N)
         dq = _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm,
-                      smn, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL, WINDOW,
-                      DROPOUT, MASK, SOFTCAP, BLOCK_M, BLOCK_N)
+                      smn, seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, HEAD_DIM, CAUSAL,
+                      WINDOW, DROPOUT, MASK, SOFTCAP, BLOCK_M, BLOCK_N)
     tl.store(dq_ptr + b * sdqb + h * sdqh + (first_q + offs_m[:, None]) * sdqm + offs_d[None, :],
              round_to(dq * scale, dq_ptr.dtype.element_ty), mask=q_mask)
 

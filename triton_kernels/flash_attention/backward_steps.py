@@ -89,12 +89,12 @@ def _kv_step(dk, dv, sink_share, k, v, q, do, row, offs_m, offs_n, start_n, h, b
         ds_exact = ds_exact * (1.0 - t_t * t_t)
     ds_t = round_to(ds_exact, q.dtype)
     dk += dot(ds_t, q)
-    if DROPOUT or MASK:  # dS as hi + lo (_low_part): with dropout its terms cancel, a bias makes P peaky
+    if DROPOUT or MASK or HEAD_DIM < 16:  # dS as hi + lo (_low_part)
         ds_lo_t = _low_part(ds_exact, ds_t)
         dk += dot(ds_lo_t, q)
     if ATOMIC_DQ:
         dq_part = dot(tl.trans(ds_t), k)
-        if DROPOUT or MASK:
+        if DROPOUT or MASK or HEAD_DIM < 16:
             dq_part += dot(tl.trans(ds_lo_t), k)
         offs_d = tl.arange(0, BLOCK_D)
         tl.atomic_add(dq_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
@@ -125,9 +125,9 @@ def _p_and_dp(q, do, k, v, shift, p_scale, offs_m, start_n, bh, seed_ptr, mask_p
 
 @triton.jit
 def _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm, smn,
-             seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL: tl.constexpr,
-             WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, HEAD_DIM: tl.constexpr,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
+             SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq (unscaled) with the tile of keys start_n.. added: dS K, S, P and dP recomputed."""
     p, dp, t = _p_and_dp(q, do, k, v, shift, p_scale, offs_m, start_n, bh, seed_ptr, mask_ptr, mask_off, smm, smn,
                          seq_q, seq_k, qk_scale, cap_log2e, causal_offset, left, right, keep, CAUSAL, WINDOW,
@@ -137,6 +137,6 @@ def _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, seed_p
         ds_exact = ds_exact * (1.0 - t * t)
     ds = round_to(ds_exact, k.dtype)
     dq += dot(ds, k)
-    if DROPOUT or MASK:
+    if DROPOUT or MASK or HEAD_DIM < 16:
         dq += dot(_low_part(ds_exact, ds), k)
     return dq

@@ -119,6 +119,6 @@ def _bwd_dq_tma_kernel(q_desc, k_desc, v_desc, dout_desc, dq_desc, lse_ptr, delt
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         dq = _dq_step(dq, q, do, k, v, shift, p_scale, delta, offs_m, start_n, bh, lse_ptr, lse_ptr, 0, 0, 0, seq_q,
-                      seq_k, qk_scale, cap_log2e, causal_offset, 0, 0, 1.0, CAUSAL, False, False, 0, SOFTCAP,
+                      seq_k, qk_scale, cap_log2e, causal_offset, 0, 0, 1.0, HEAD_DIM, CAUSAL, False, False, 0, SOFTCAP,
                       BLOCK_M, BLOCK_N)  # no window, dropout or mask
     dq_desc.store([b, h, start_m, 0], round_to(dq * scale, dq_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))

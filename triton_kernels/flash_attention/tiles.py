@@ -189,7 +189,10 @@ def _low_part(x, hi):
       (-P D) and kept ones (P (dP / keep - D)) cancel in dK and dQ; with a
       mask, a bias makes P peaky and a few large dS terms carry dQ and dK.
       One rounding of dS put dq or dk past the rule in about 1 of 250
-      random cases.
+      random cases. Head dims under 16 too: there dK and dQ are sums of few
+      large terms, each carrying dS's rounding (a dk past the rule in CI at
+      head dim 4), and the kernels pad the head dim to 16 anyway, so the
+      second product is small.
     - The dropout, masked, capped and sink forwards store out's lo beside
       out (forward.stores_low_part), and the backward's D = rowsum(dO * O)
       reads hi + lo. For a nearly one-hot row the dominant key's dP - D is
