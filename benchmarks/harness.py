@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from benchmarks import replay
+
 HAS_GPU = torch.cuda.is_available()
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # pyext-triton-ptr: the Triton attention with pointer loads forced (on sm_90: the
@@ -40,7 +42,9 @@ PUBLIC = ("pyext-cuda", "pyext-triton")
 # buffer before each run (L2 cold, the clearing not timed) and reports the median and the 20th and 80th
 # percentiles of the runs it makes over rep ms (rep_ms_quick with --quick), after warmup ms.
 TIMING = {"method": "triton.testing.do_bench (CUDA events), L2 cleared before each run", "warmup_ms": 10,
-          "rep_ms": 50, "rep_ms_quick": 30, "min_repeats": 10, "quantiles": "median, p20, p80"}
+          "rep_ms": 50, "rep_ms_quick": 30, "min_repeats": 10, "quantiles": "median, p20, p80",
+          "host_bound_cases": "every provider also replayed as a CUDA graph, L2 cleared before each replay "
+                              "(benchmarks/replay.py): graph_ms"}
 # A row whose host time to issue one call is at least this share of its measured time measures the host
 # (Python, launches), not the kernels: flagged "host_bound".
 HOST_BOUND = 0.8
@@ -427,6 +431,10 @@ def run_case(case: Case, ceilings: dict, quick: bool, skip: tuple = ()) -> List[
             torch.cuda.empty_cache()
     del oracle
     judge(rows, errors, dtypes, check)
+    if HAS_GPU:
+        broken = replay.retime_host_bound(rows, case.providers, OURS, cuda_context_broken)
+        if broken:
+            raise BrokenCUDAContext(f"{case.op} {case.direction} {case.dtype} {case.label}: {broken}", rows)
     right = [r for r in rows if "ms" in r and "wrong" not in r]
     peers = {r["provider"]: r["ms"] for r in right if r["provider"] not in OURS}
     for r in right:

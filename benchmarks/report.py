@@ -59,12 +59,20 @@ def table(rows: List[dict]) -> str:
         speedup = f"{r['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in r else "-"
         notes = ("  WRONG: " + r["wrong"] if "wrong" in r else "") + \
             ("  waits for the GPU" if r.get("waits_for_gpu") else "") + \
-            ("  host-bound" if r.get("host_bound") else "")
+            ("  host-bound" if r.get("host_bound") else "") + _graph_note(r)
         # half the 20th-80th percentile range, in percent of the median
         spread = f"±{50 * (r['ms_p80'] - r['ms_p20']) / r['ms']:.0f}%" if "ms_p80" in r and r["ms"] else "-"
         lines.append(f"{start}{fmt('ms', '.4f'):>9}{spread:>8}{fmt('GBps', '.0f'):>9}{fmt('TFLOPs', '.1f'):>9}"
                      f"{fmt('pct_of_ceiling', '.1f'):>7}{speedup:>9}{fmt('error_vs_bound', '.2f'):>10}{notes}")
     return "\n".join(lines)
+
+
+def _graph_note(r: dict) -> str:
+    """A host-bound case's row timed again as a CUDA graph (benchmarks/replay.py)."""
+    if "graph_ms" in r:
+        up = f", {r['graph_speedup_vs_best_peer']:.2f}x" if "graph_speedup_vs_best_peer" in r else ""
+        return f"  as a CUDA graph {r['graph_ms']:.4f} ms{up}"
+    return "  no CUDA graph: " + r["graph_error"][:60] if "graph_error" in r else ""
 
 
 def failures(rows: List[dict]) -> List[str]:
@@ -170,28 +178,40 @@ def summary(rows: List[dict]) -> List[str]:
     of the ceiling; rows of ours that are wrong or raised, counted."""
     lines = []
     for op in dict.fromkeys(r["op"] for r in rows):
-        best = {}
-        for r in rows:
-            if r["op"] == op and r["provider"] in PUBLIC and "speedup_vs_best_peer" in r:
-                key = case_key(r)[:4]
-                best[key] = max(best.get(key, 0.0), r["speedup_vs_best_peer"])
+        best = _best_of_ours(rows, op, "speedup_vs_best_peer")
         if not best:
             ours_timed = any(r["op"] == op and r["provider"] in OURS and "ms" in r for r in rows)
             lines.append(f"{op:<12} " + ("no peer timed beside ours: no speed-up to give" if ours_timed
                                          else "no timed case of ours"))
             continue
-        ups = list(best.values())
-        geo = math.exp(sum(math.log(u) for u in ups) / len(ups))
         pct = [r["pct_of_ceiling"] for r in rows if r["op"] == op and r["provider"] in PUBLIC
                and "pct_of_ceiling" in r and "wrong" not in r]
         pct_text = f", up to {max(pct):.0f}% of the ceiling" if pct else ""
-        lines.append(f"{op:<12} ours vs best peer: geomean {geo:.2f}x, min {min(ups):.2f}x "
-                     f"over {len(ups)} cases{pct_text}")
+        lines.append(f"{op:<12} ours vs best peer: {_geomean_and_min(best)}{pct_text}")
+        graphed = _best_of_ours(rows, op, "graph_speedup_vs_best_peer")
+        if graphed:
+            lines.append(f"{op:<12} host-bound cases as CUDA graphs: {_geomean_and_min(graphed)}")
     for op in dict.fromkeys(r["op"] for r in rows):
         bad = [r for r in rows if r["op"] == op and r["provider"] in OURS and ("error" in r or "wrong" in r)]
         if bad:
             lines.append(f"{op:<12} FAILED: {len(bad)} rows of ours raised or were wrong (see the table)")
     return lines
+
+
+def _best_of_ours(rows: List[dict], op: str, key: str) -> dict:
+    """Per case of op, the better of our public backends' `key` (a speed-up)."""
+    best = {}
+    for r in rows:
+        if r["op"] == op and r["provider"] in PUBLIC and key in r:
+            case = case_key(r)[:4]
+            best[case] = max(best.get(case, 0.0), r[key])
+    return best
+
+
+def _geomean_and_min(ups: dict) -> str:
+    values = list(ups.values())
+    geo = math.exp(sum(math.log(u) for u in values) / len(values))
+    return f"geomean {geo:.2f}x, min {min(values):.2f}x over {len(values)} cases"
 
 
 def time_spent(rows: List[dict], seconds: Optional[float]) -> List[str]:

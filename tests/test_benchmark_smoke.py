@@ -523,6 +523,70 @@ def test_an_error_of_ours_fails_the_run_where_a_peers_is_a_skip(monkeypatch, tmp
     assert "ERROR: RuntimeError: no kernel for this" in out and "gelu         FAILED: 1 rows of ours" in out
 
 
+def test_a_host_bound_case_is_timed_again_as_cuda_graphs(monkeypatch):
+    """Where issuing a call takes most of a row's time, every provider of the
+    case is also timed as a replayed CUDA graph (the kernels alone); one that
+    cannot be captured says why, a wrong one sets no speed-up, and a capture
+    that breaks the CUDA context stops the run naming it. (replay_ms itself
+    runs on a GPU: test_replaying_a_small_call_leaves_its_host_time_out.)"""
+    from benchmarks import harness, replay
+    x = torch.randn(64)
+    fns = {"torch": lambda: x.exp(), "pyext-triton": lambda: x.exp(), "a-peer": lambda: x.exp(),
+           "a-wrong-peer": lambda: x, "synchronises": lambda: x.exp()}
+    graph_ms = {fns["torch"]: 0.04, fns["pyext-triton"]: 0.01, fns["a-peer"]: 0.02, fns["a-wrong-peer"]: 0.001}
+
+    def fake_replay(fn):
+        if fn not in graph_ms:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return [graph_ms[fn]] * 3
+    monkeypatch.setattr(harness, "HAS_GPU", True)
+    monkeypatch.setattr(harness, "timer", lambda fn, quick, first_call_made=False: [1.0, 0.9, 1.1])
+    monkeypatch.setattr(harness, "cuda_context_broken", lambda: False)
+    monkeypatch.setattr(replay, "replay_ms", fake_replay)
+    check = harness.Check(lambda: x.double().exp(), yardsticks=("torch",))
+    for host_ms, graphed in ((0.5, False), (0.95, True)):
+        monkeypatch.setattr(harness, "host_and_memory", lambda fn: {"host_ms": host_ms})
+        rows = {r["provider"]: r for r in harness.run_case(_case(fns, check), {}, True)}
+        assert all(("graph_ms" in r or "graph_error" in r) == graphed for r in rows.values())
+    assert rows["pyext-triton"]["graph_ms"] == 0.01 and rows["a-wrong-peer"]["graph_ms"] == 0.001
+    assert rows["pyext-triton"]["graph_best_peer"] == "a-peer"  # not the wrong one, nor the uncaptured one
+    assert rows["pyext-triton"]["graph_speedup_vs_best_peer"] == pytest.approx(2.0)
+    assert rows["synchronises"]["graph_error"] == "RuntimeError: operation not permitted when stream is capturing"
+    lines = report.table(list(rows.values())).splitlines()
+    assert "host-bound  as a CUDA graph 0.0100 ms, 2.00x" in next(line for line in lines if " pyext-triton " in line)
+    assert report.summary(list(rows.values()))[1] == \
+        "gelu         host-bound cases as CUDA graphs: geomean 2.00x, min 2.00x over 1 cases"
+    monkeypatch.setattr(harness, "cuda_context_broken", lambda: True)
+    with pytest.raises(harness.BrokenCUDAContext, match="synchronises's CUDA-graph capture: RuntimeError"):
+        harness.run_case(_case(fns, check), {}, True)
+
+
+@pytest.mark.gpu
+def test_replaying_a_small_call_leaves_its_host_time_out():
+    """A call of several tiny kernels: issuing it costs the host more than
+    its kernels take, so the eager timing is host-bound; replayed as a CUDA
+    graph it takes less, and the capture leaves the stream
+    as it was. A call that synchronises cannot be captured, and the GPU
+    stays usable after."""
+    from benchmarks import harness, replay
+    x = torch.randn(1024, device="cuda")
+
+    def small():
+        y = x
+        for _ in range(20):
+            y = y * 1.0001
+        return y
+    stream = torch.cuda.current_stream()
+    eager = harness.timer(small, quick=True)[0]
+    graph = replay.replay_ms(small)
+    assert torch.cuda.current_stream() == stream
+    assert 0 < graph[0] < 0.8 * eager and graph[1] <= graph[0] <= graph[2]
+    with pytest.raises(RuntimeError):
+        replay.replay_ms(lambda: x.sum().item())
+    assert torch.cuda.current_stream() == stream and not harness.cuda_context_broken()
+    assert torch.equal(small(), small())
+
+
 def test_a_report_says_what_it_ran_on_from_which_source_and_how_it_was_timed(monkeypatch, tmp_path):
     from benchmarks import __main__ as cli, harness
 

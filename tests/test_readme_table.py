@@ -85,3 +85,16 @@ def test_a_smoke_run_or_a_file_that_is_no_report_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         readme_table.main(["--help"], readme=str(readme), results_dir=str(tmp_path))
     assert done.value.code == 0 and "RESULTS.json" in capsys.readouterr().out
+
+
+def test_a_run_with_host_bound_cases_gives_their_cuda_graph_times_in_a_column(tmp_path):
+    meta = {"time": "2026-12-08T10:00:00", "gpu": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "cuda": "13.0"}
+    row = dict(op="gelu", dtype="bfloat16", direction="fwd", provider="pyext-triton", GBps=100.0)
+    rows = [dict(row, label="n=1", ms=0.02, host_bound=True, graph_ms=0.004, graph_speedup_vs_best_peer=1.5,
+                 graph_best_peer="torch"),
+            dict(row, label="n=2", ms=1.0)]
+    lines = readme_table.markdown({"meta": meta, "results": rows}, str(tmp_path / "run.json"),
+                                  readme_dir=str(tmp_path)).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| op |"))
+    assert lines[head].endswith("| best peer | host-bound: as a CUDA graph |") and lines[head + 1] == "|---" * 11 + "|"
+    assert lines[head + 2].endswith("| - | 0.004 ms, 1.50x vs torch |") and lines[head + 3].endswith("| - | - |")
