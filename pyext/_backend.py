@@ -10,6 +10,7 @@ Backends: "auto" (default), "cuda" (csrc/, the extension pyext._C),
   saying why; it never falls back silently.
 """
 import contextlib
+import contextvars
 import importlib.util
 import os
 from typing import Callable, NamedTuple, Optional
@@ -33,27 +34,33 @@ def _check_name(name: str, what: str = "backend") -> str:
 
 
 _default = _check_name(os.environ.get("PYEXT_BACKEND", "auto"), "PYEXT_BACKEND (in the environment)")
+# use_backend's choice, in the thread (or asyncio task) that made it, over the process's _default
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pyext_use_backend", default=None)
 
 
 def set_backend(name: str) -> None:
-    """Set the backend used by calls that pass no `backend=`."""
+    """Set the backend used by calls that pass no `backend=`, in every thread
+    (a use_backend block still decides inside it)."""
     global _default
     _default = _check_name(name)
 
 
 def get_backend() -> str:
-    return _default
+    """The backend of calls that pass no `backend=`, here and now."""
+    return _scoped.get() or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """`with pyext.use_backend("triton"): ...` — the default backend inside the block."""
-    global _default
-    previous, _default = _default, _check_name(name)
+    """`with pyext.use_backend("triton"): ...` — the default backend inside
+    the block, for this thread (or asyncio task) alone, as torch's no_grad
+    and autocast are: other threads keep theirs, and blocks that overlap in
+    several threads each restore their own."""
+    token = _scoped.set(_check_name(name))
     try:
         yield
     finally:
-        _default = previous
+        _scoped.reset(token)
 
 
 # What this machine can run, decided once at import.
@@ -227,7 +234,7 @@ def device_reason(backend: str, *tensors: torch.Tensor, dtensors: bool = False) 
 
 def is_auto(backend: Optional[str]) -> bool:
     """Whether a call passing `backend=` asks for "auto" (itself or by default)."""
-    return (backend if backend is not None else _default) == "auto"
+    return (backend if backend is not None else get_backend()) == "auto"
 
 
 def _autograd_mode_reason() -> Optional[str]:
@@ -249,7 +256,7 @@ def select(op: str, backend: Optional[str], device: torch.device,
     reason it cannot (used in the error when that backend was asked for).
     auto_order: the kernel backends "auto" tries, in order, before torch.
     """
-    name = _check_name(backend) if backend is not None else _default
+    name = _check_name(backend) if backend is not None else get_backend()
     reason = _autograd_mode_reason() if name != "torch" else None
     if reason is not None:
         if name == "auto":

@@ -57,6 +57,39 @@ def test_set_backend_and_use_backend(restore_backend):
         pyext.set_backend("fastest")
 
 
+def test_use_backend_holds_in_its_own_thread_alone(restore_backend):
+    """As torch's no_grad and autocast: a block in one thread leaves the
+    others' backend as it was, and blocks that overlap in two threads each
+    restore their own (the process default stayed "triton" when the first
+    thread's block ended first)."""
+    import threading
+    entered, leave = [threading.Event() for _ in range(2)], [threading.Event() for _ in range(2)]
+    seen = {}
+    pyext.set_backend("auto")
+
+    def block(i, name):
+        with pyext.use_backend(name):
+            entered[i].set()
+            leave[i].wait()
+            seen[name] = pyext.get_backend()
+    threads = [threading.Thread(target=block, args=(i, name)) for i, name in enumerate(("triton", "torch"))]
+    threads[0].start()
+    entered[0].wait()
+    assert pyext.get_backend() == "auto"  # this thread's, while the other's block runs
+    threads[1].start()
+    entered[1].wait()
+    for i in (0, 1):  # the first block ends first
+        leave[i].set()
+        threads[i].join()
+    assert seen == {"triton": "triton", "torch": "torch"} and pyext.get_backend() == "auto"
+    pyext.set_backend("torch")  # the process default, seen in every thread
+    other = []
+    thread = threading.Thread(target=lambda: other.append(pyext.get_backend()))
+    thread.start()
+    thread.join()
+    assert other == ["torch"]
+
+
 def test_per_call_backend_overrides_the_default(restore_backend):
     pyext.set_backend("cuda")
     pyext.gelu(torch.randn(2), backend="torch")  # no error: the call names torch
