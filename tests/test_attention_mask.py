@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
 from pyext import reference
@@ -106,6 +107,50 @@ def test_a_mask_that_requires_grad_gets_its_gradient(kind, shape_name, determini
     Sk) dS, as over torch's), in the mask's dtype."""
     q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
     check_masked(q, k, v, make_mask(kind, shape_name, q.dtype, q.device).requires_grad_(), deterministic)
+
+
+def test_a_learned_bias_is_kept_for_the_backward_as_it_is_not_as_a_copy():
+    """A bf16 bias (1, H, Sq, Sk) that broadcasts over the batch: the
+    backward keeps the bias itself (it kept a float32 copy, per call: one
+    per layer for T5's shared position bias), and sums its gradient over
+    the batch in float32 (test_a_mask_that_requires_grad_gets_its_gradient
+    holds the values). With 5-D inputs, whose leading dims the kernels
+    flatten, the copy is the mask's leading dims alone, not its heads
+    (it was (B1 * B2, H, Sq, Sk) for a mask of (B1, 1, 1, Sq, Sk)). Under
+    no_grad nothing is copied."""
+    q, k, v = qkv(SHAPE, torch.bfloat16, device_for("triton"))
+    bias = make_mask("additive_qdtype", "per_head", q.dtype, q.device).unsqueeze(0).requires_grad_()
+    q5, k5, v5 = (t.detach().reshape(1, 2, *t.shape[1:]).requires_grad_() for t in (q, k, v))
+    mask5 = make_mask("bool", "full", q.dtype, q.device, shape=(1, 1, 1, *SHAPE[3:5])).expand(1, 2, 1, -1, -1)
+    for inputs, mask in (((q, k, v), bias), ((q5, k5, v5), mask5)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = pyext.scaled_dot_product_attention(*inputs, attn_mask=mask, enable_gqa=True, backend="triton")
+        masks = [t for t in saved if t.dim() == 4 and t.shape[-2:] == mask.shape[-2:]]
+        if mask is bias:
+            assert [(t.data_ptr(), t.dtype) for t in masks] == [(bias.data_ptr(), torch.bfloat16)]
+            out.backward(torch.randn_like(out))
+            assert bias.grad.dtype == torch.bfloat16 and bias.grad.shape == bias.shape
+        else:
+            assert [tuple(t.shape) for t in masks] == [(2, 1, *SHAPE[3:5])]
+    copies = _CopiesMade()
+    with torch.no_grad(), copies:
+        pyext.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True, backend="triton")
+    assert copies.shapes == []
+
+
+class _CopiesMade(TorchDispatchMode):
+    """The shapes of the copies (dtype casts, clones) made while it is on, outside ops' own bodies."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.clone):
+            self.shapes.append(tuple(out.shape))
+        return out
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -90,18 +90,24 @@ def _as_4d(q: Tensor, k: Tensor, v: Tensor):
 
 
 def _kernel_mask(attn_mask: Tensor, query: Tensor, key: Tensor, q: Tensor) -> Tensor:
-    """attn_mask as the kernels take it: broadcast to (B, Hq, Sq, Sk) of the
-    4-D inputs q (a view; a copy only where a reshape of broadcast leading
-    dims needs one). A half mask that requires grad and broadcasts goes up to
-    float32 first (a copy of its own size): the kernels' dS then comes in
-    float32 and autograd sums it over the broadcast dims before one
-    rounding, as torch's SDPA does, where rounding each element first puts
-    the sum of B * Hq of them past the rule."""
+    """attn_mask as the kernels take it, for the 4-D inputs q. Inputs of up
+    to 4 dims: the mask as it is (the kernels read it broadcast, and sum a
+    learned bias's gradient over its broadcast dims in float32:
+    flash_attn_masked_bwd_triton). Inputs with more leading dims, which q
+    flattens into its batch: the mask's leading dims broadcast and
+    flattened the same way (a copy where the reshape needs one); a half
+    mask that requires grad goes up to float32 first there, so that its
+    gradient's sum over those dims is rounded once too."""
+    if query.dim() <= 4:
+        return attn_mask
     scores = (*query.shape[:-1], key.shape[-2])
-    if attn_mask.requires_grad and attn_mask.dtype != torch.float32 and attn_mask.shape != scores:
-        attn_mask = attn_mask.float()
-    return torch.broadcast_to(attn_mask, scores).reshape(*q.shape[:-1], key.shape[-2])
-
+    lead = len(scores) - 3
+    mask = attn_mask.reshape((1,) * (len(scores) - attn_mask.dim()) + tuple(attn_mask.shape))
+    if attn_mask.requires_grad and torch.is_grad_enabled() and attn_mask.dtype != torch.float32 and \
+            tuple(mask.shape[:lead]) != scores[:lead]:
+        mask = mask.float()
+    mask = torch.broadcast_to(mask, (*scores[:lead], *mask.shape[lead:]))
+    return mask.reshape(q.shape[0], *mask.shape[lead:])
 
 
 @fx_traceable

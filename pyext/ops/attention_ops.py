@@ -108,23 +108,34 @@ def flash_attn_masked_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                                  dropout_p: float, seed: Optional[Tensor], deterministic: bool,
                                  mask_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from pyext.triton_kernels import flash_attention as kernels
-    dmask = _empty_dmask(q, k, mask, mask_grad)
+    ds = _ds_buffer(q, k, mask, mask_grad)
     grads = _with_dsinks(kernels.flash_attn_bwd(dout, q, k, v, out, stats, scale, False, 0, deterministic,
                                                 dropout_p=dropout_p, seed=seed, mask=mask, softcap=softcap,
-                                                sinks=sinks, out_lo=out_lo, dmask=dmask if dmask.numel() else None),
+                                                sinks=sinks, out_lo=out_lo, dmask=ds),
                          q)
-    return (*grads, dmask)
+    return (*grads, mask.new_empty(0) if ds is None else ds.sum_to_size(mask.shape).to(mask.dtype))
 
 
-def _empty_dmask(q: Tensor, k: Tensor, mask: Tensor, mask_grad: bool) -> Tensor:
-    """The masked backward's fifth output: with mask_grad, the gradient of an
-    additive mask as broadcast to (B, Hq, Sq, Sk), contiguous, in the mask's
-    dtype (torch's SDPA gives it in that dtype too); else empty."""
+def _ds_buffer(q: Tensor, k: Tensor, mask: Tensor, mask_grad: bool) -> Optional[Tensor]:
+    """With mask_grad, where the dK/dV kernel writes dS, the gradient of an
+    additive mask at each score: (B, Hq, Sq, Sk), contiguous. In the mask's
+    dtype where the mask has that shape; in float32 where it broadcasts
+    (a learned bias (1, H, Sq, Sk), T5's or BEiT's), so that its gradient,
+    the sum over the broadcast dims, is rounded once, as torch's SDPA
+    rounds it (each element rounded first put the sum of B * Hq of them
+    past the rule). None without mask_grad."""
     if not mask_grad:
-        return mask.new_empty(0)
+        return None
     if mask.dtype == torch.bool:
         raise ValueError("flash_attn_masked_bwd_triton: mask_grad=True needs an additive (floating-point) mask")
-    return mask.new_empty((*q.shape[:3], k.shape[2]))
+    scores = (*q.shape[:3], k.shape[2])
+    return mask.new_empty(scores, dtype=mask.dtype if tuple(mask.shape) == scores else torch.float32)
+
+
+def _empty_dmask(mask: Tensor, mask_grad: bool) -> Tensor:
+    """The masked backward's fifth output: with mask_grad, the gradient of
+    the additive mask, in its shape and dtype, contiguous; else empty."""
+    return mask.new_empty(mask.shape if mask_grad else 0)
 
 
 def _kernel_window(window_left: int, window_right: int):
@@ -230,13 +241,14 @@ def _fake_bwd_with_sinks_triton(sinks_at: int):
 def _fake_masked_bwd_triton(dout, q, k, v, mask, *rest):
     """The masked backward's outputs: _fake_bwd_with_sinks_triton's and dmask."""
     mask_grad = rest[-1]
-    return (*_fake_bwd_with_sinks_triton(10)(dout, q, k, v, mask, *rest[:-1]), _empty_dmask(q, k, mask, mask_grad))
+    return (*_fake_bwd_with_sinks_triton(10)(dout, q, k, v, mask, *rest[:-1]), _empty_dmask(mask, mask_grad))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset = inputs
     out, lse, out_lo = output
     ctx.mark_non_differentiable(lse, out_lo)  # lse: a statistic returned for inspection, as in FlashAttention
+    ctx.set_materialize_grads(False)  # no zeros made for them in the backward
     ctx.save_for_backward(q, k, v, out, out_lo, lse)
     ctx.args = (scale, causal, causal_offset)
     # a forward op called directly; _FlashAttention sets the caller's choice and the function called
@@ -247,6 +259,7 @@ def _dropout_setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset, dropout_p, seed = inputs
     out, lse, out_lo = output
     ctx.mark_non_differentiable(lse, out_lo)
+    ctx.set_materialize_grads(False)  # no zeros made for them in the backward
     ctx.save_for_backward(q, k, v, out, out_lo, lse, seed)
     ctx.args, ctx.dropout_p = (scale, causal, causal_offset), dropout_p
     ctx.deterministic, ctx.function = True, "flash_attention"
@@ -256,6 +269,7 @@ def _masked_setup_context(ctx, inputs, output):
     q, k, v, mask, scale, softcap, sinks, dropout_p, seed = inputs
     out, stats, out_lo = output
     ctx.mark_non_differentiable(stats, out_lo)
+    ctx.set_materialize_grads(False)  # no zeros made for them in the backward
     ctx.save_for_backward(q, k, v, mask, out, out_lo, stats, sinks, seed)
     ctx.scale, ctx.softcap, ctx.dropout_p = scale, softcap, dropout_p
     ctx.mask_grad = ctx.needs_input_grad[3]  # a learned bias (BEiT's, T5's): dS, written by the backward
@@ -266,6 +280,7 @@ def _extras_setup_context(ctx, inputs, output):
     q, k, v, scale, causal, causal_offset, window_left, window_right, softcap, sinks, dropout_p, seed = inputs
     out, lse, out_lo = output
     ctx.mark_non_differentiable(lse, out_lo)
+    ctx.set_materialize_grads(False)  # no zeros made for them in the backward
     ctx.save_for_backward(q, k, v, out, out_lo, lse, sinks, seed)
     ctx.args, ctx.window = (scale, causal, causal_offset), (window_left, window_right)
     ctx.softcap, ctx.dropout_p = softcap, dropout_p
@@ -326,8 +341,7 @@ def _make_masked_backward(bwd_op):
             return grads[:3] + (grads[8], None, None, grads[-1], None, None)
         dq, dk, dv, dsinks, dmask = bwd_op(dout, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.softcap, sinks,
                                            ctx.dropout_p, seed, ctx.deterministic, ctx.mask_grad)
-        dmask = dmask.sum_to_size(mask.shape) if ctx.mask_grad else None  # a direct caller's mask may broadcast
-        return dq, dk, dv, dmask, None, None, _sinks_grad(sinks, dsinks), None, None
+        return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, _sinks_grad(sinks, dsinks), None, None
     return backward
 
 

@@ -64,6 +64,7 @@ def _setup_context(ctx, inputs, output):
      softcap, sinks, dropout_p, seed) = inputs
     out, lse, out_lo = output
     ctx.mark_non_differentiable(lse, out_lo)
+    ctx.set_materialize_grads(False)  # no zeros made for them in the backward
     ctx.save_for_backward(q, k, v, out, out_lo, lse, cu_seqlens_q, cu_seqlens_k, sinks, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap)
     ctx.dropout_p = dropout_p
