@@ -85,6 +85,40 @@ def _eager_step(name: str, staged: List[List[Tensor]]):
     return step
 
 
+def _staged(args):
+    """The step's tensor lists (params, grads, moments) as the kernels read
+    them, flat memory with element i of a parameter beside element i of its
+    grad and moments, and the indices of the parameters staged in copies
+    (to write back). A parameter whose tensors are all contiguous goes as it
+    is; one whose tensors all share one dense layout of other strides (a
+    channels_last conv weight, its grad and moments, which zeros_like keeps
+    in that layout) as flat views of that memory; any other (a strided view,
+    a grad laid out unlike its parameter) through contiguous copies."""
+    staged, copied = [list(tensors) for tensors in args], []
+    for i in range(len(args[0])):
+        tensors = [ts[i] for ts in args if ts]
+        if all(t.is_contiguous() for t in tensors):
+            continue
+        flat = _dense(tensors[0]) and all(t.stride() == tensors[0].stride() for t in tensors)
+        if not flat:
+            copied.append(i)
+        for ts in staged:
+            if ts:
+                ts[i] = ts[i].as_strided((ts[i].numel(),), (1,)) if flat else ts[i].contiguous()
+    return staged, copied
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether t fills its memory span without gaps or overlaps, its dims in
+    some order of strides (channels_last), the smallest stride 1."""
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
 def _written(grad_scale: Optional[Tensor]):
     """Which of the step's five tensor lists it writes: params and moments,
     and with a GradScaler's grad_scale the grads, left unscaled as torch's
@@ -124,9 +158,11 @@ class AdamW(torch.optim.Optimizer):
     mixed precision. Either way a step taken leaves the gradients unscaled.
     Complex parameters step as their real views, as torch's AdamW steps them
     (complex32 ones with complex64 moments, as half ones keep float32).
-    The kernels step contiguous memory: a parameter, gradient or moment that
-    is not contiguous (a strided view, a transposed or channels_last tensor)
-    is stepped through a contiguous copy, written back after the launch."""
+    The kernels step flat memory: a parameter whose gradient and moments
+    share its dense layout (contiguous, transposed, channels_last) is
+    stepped in place; one that is not dense (a strided view) or whose
+    gradient is laid out otherwise goes through contiguous copies, written
+    back after the launch."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
@@ -293,7 +329,7 @@ class AdamW(torch.optim.Optimizer):
             # GradScaler sums found_inf over the devices' gradients: 0, 1, 2, ...
             found_arg = found_inf.to(device=device, dtype=torch.float32).reshape(()).clamp(max=1.0)
             torch._foreach_sub_(steps, [found_arg] * len(steps))
-        staged = [[t.contiguous() for t in tensors] for tensors in args]
+        staged, copied = _staged(args)
         step_values = torch.stack(steps)
         if lr_tensor is None and torch.compiler.is_compiling():
             # traced, float(lr) is a constant of the graph, guarded: one graph per value an LR scheduler
@@ -305,9 +341,9 @@ class AdamW(torch.optim.Optimizer):
         _eager_step(name, staged)(*staged, step_values, lr_value, lr_arg, kw["beta1"], kw["beta2"], kw["eps"],
                                   kw["weight_decay"], kw["amsgrad"], kw["maximize"], scale_arg, found_arg)
         for k in _written(grad_scale):  # written back where staged in a copy
-            for t, c in zip(args[k], staged[k]):
-                if c is not t:
-                    t.copy_(c)
+            for i in copied:
+                if args[k]:
+                    args[k][i].copy_(staged[k][i])
 
     @staticmethod
     def _why_not(backend: str, tensors: List[Tensor]):

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
 from conftest import BACKENDS, HAS_GPU, assert_close, device_for
@@ -224,6 +225,39 @@ def test_non_contiguous_parameters_and_gradients(backend, amsgrad):
     ref = train(lambda ps, **kw: pyext.optim.AdamW(ps, backend="torch", **kw), torch.float64)
     pt = train(lambda ps, **kw: torch.optim.AdamW(ps, foreach=False, **kw), torch.float32)
     assert_close(ours, ref, pt, "params")
+
+
+class _StepOpInputs(TorchDispatchMode):
+    """The storages of the tensors each pyext AdamW step op is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith("pyext::adamw_step"):
+            self.storages.append({t.untyped_storage().data_ptr() for ts in args[:4] for t in ts})
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_channels_last_parameter_is_stepped_in_place_not_through_copies():
+    """A conv weight in channels_last, its grad and moments (zeros_like keeps
+    the layout, as torch's AdamW makes them) share one dense layout: the
+    kernels step that memory as it is, element by element, where they
+    stepped contiguous copies of all four and wrote three back each step
+    (four times the parameter's bytes a step; torch's fused AdamW makes
+    none). The values: test_non_contiguous_parameters_and_gradients."""
+    device = device_for("triton")
+    p = torch.nn.Parameter(torch.randn(8, 3, 5, 5, device=device).contiguous(memory_format=torch.channels_last))
+    p.grad = torch.randn(p.shape, device=device).contiguous(memory_format=torch.channels_last)
+    opt = pyext.optim.AdamW([p], backend="triton")
+    seen = _StepOpInputs()
+    with seen:
+        opt.step()
+        opt.step()
+    state = opt.state[p]
+    own = {t.untyped_storage().data_ptr() for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])}
+    assert seen.storages == [own, own]
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
