@@ -1,7 +1,11 @@
 """pyext.patch on HF transformers models' attention: padded batches, sliding windows, packed
 documents, sinks, generation, and the models whose attention it leaves alone."""
 import copy
+import io
 import itertools
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -690,3 +694,126 @@ def test_an_hf_models_own_sdpa_calls_go_to_pyext(monkeypatch):
     out = output_and_grads(patched, torch.bfloat16)
     assert len(calls["masked"]) == 2  # one forward of each layer (the backward reuses its saved inputs)
     check_all(["output"] + [n for n, _ in original.named_parameters()], out, ref, pt)
+
+
+def copies_of(model):
+    """A deep copy of `model` and a pickled one (torch.save and torch.load of the whole model)."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+
+
+def test_patched_hf_models_saved_whole_run_in_a_new_process(tmp_path):
+    """torch.save of a whole patched HF model, torch.load in a process that
+    imports pyext and never patched: transformers' registry there lacks
+    "pyext-torch" until unpickling the model registers it (the forward
+    raised KeyError). Each loaded model gives the saved one's logits, its
+    attention still through pyext's SDPA."""
+    kinds, ids = ["gpt2", "llama", "bert"], torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for kind in kinds:
+        model = pyext.patch(build(kind).eval(), backend="torch")
+        with torch.no_grad():
+            torch.save({"model": model, "logits": model(input_ids=ids).logits, "ids": ids}, tmp_path / f"{kind}.pt")
+    child = textwrap.dedent(f"""
+        import sys
+        import torch
+        import pyext.ops.attention as attention
+        calls, real = [], attention._scaled_dot_product_attention
+        attention._scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+        for kind in {kinds!r}:
+            saved = torch.load(f"{{sys.argv[1]}}/{{kind}}.pt", weights_only=False)
+            with torch.no_grad():
+                torch.testing.assert_close(saved["model"](input_ids=saved["ids"]).logits, saved["logits"])
+            print(kind, saved["model"].config._attn_implementation, len(calls))
+            calls.clear()
+    """)
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.stdout.splitlines() == [f"{kind} pyext-torch 1" for kind in kinds], out.stderr[-2000:]
+
+
+def test_copies_of_a_patched_hf_model_that_ran_eager_attention_keep_eagers_padded_rows():
+    """What a patched HF model ran before the patch (eager attention here,
+    FlashAttention below) is held by its config's identity, and a copy has
+    a config of its own: a deep copy and a pickled copy of a patched GPT-2
+    that ran eager attention give a left-padded batch eager's logits, its
+    padded rows (which see no key: eager averages the values) included, as
+    the patched model does (the copies' padded rows were 0.07 off).
+    Unpatching one copy leaves the model and the other copy as they were."""
+    original = build("gpt2").eval()
+    original.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones_like(ids)
+    padding[0, :5] = 0
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=padding).logits
+    want = logits(original)
+    patched = pyext.patch(copy.deepcopy(original), backend="torch")
+    deep, pickled = copies_of(patched)
+    for model in (patched, deep, pickled):
+        torch.testing.assert_close(logits(model), want)
+    assert pyext.unpatch(deep).config._attn_implementation == "eager"
+    for model in (deep, patched, pickled):
+        torch.testing.assert_close(logits(model), want)
+
+
+def test_copies_of_a_patched_hf_model_that_ran_flashattention_keep_its_packed_documents_apart():
+    """GPT-OSS's masks ignore position_ids, so for a model that ran
+    FlashAttention before the patch pyext builds the mask of a packed row's
+    documents itself (test_a_model_that_ran_flashattention_keeps_its_packed_documents_apart):
+    its deep copy and its pickled copy too, each document's logits those of
+    the document run alone by the original (the copies ran the row as one
+    causal sequence)."""
+    original = build("gpt_oss").eval()
+    ran = copy.deepcopy(original)
+    ran.config._attn_implementation = "flash_attention_2"  # what it ran before (flash-attn is not installed here)
+    patched = pyext.patch(ran, backend="torch")
+    lengths = [5, 4, 7]
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        bounds = [0, *itertools.accumulate(lengths)]
+        want = torch.cat([original(input_ids=ids[:, a:b]).logits for a, b in zip(bounds, bounds[1:])], 1)
+        for model in (patched, *copies_of(patched)):
+            torch.testing.assert_close(model(input_ids=ids, position_ids=positions).logits, want)
+
+
+def test_a_patched_hf_model_and_its_copies_save_the_config_an_unpatched_one_saves(tmp_path):
+    """save_pretrained of a patched HF model, and of its copies, writes the
+    config.json an unpatched model writes, byte for byte, and the same
+    weights: what patch holds on the model is no part of either."""
+    model = build("gpt2")
+    model.save_pretrained(tmp_path / "unpatched")
+    patched = pyext.patch(model, backend="torch")
+    saved = {"patched": patched, "deep copy": copies_of(patched)[0], "pickled copy": copies_of(patched)[1]}
+    for name, model in saved.items():
+        model.save_pretrained(tmp_path / name)
+    for name in saved:
+        assert (tmp_path / name / "config.json").read_bytes() == (tmp_path / "unpatched" / "config.json").read_bytes()
+        assert (tmp_path / name / "model.safetensors").read_bytes() == \
+            (tmp_path / "unpatched" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+def test_hf_attention_asks_for_gqa_only_where_the_keys_have_fewer_heads(kind, monkeypatch):
+    """pyext's HF attention hands SDPA the key heads as they are, and
+    enable_gqa only where they are fewer than the query heads (Llama's 2
+    for 4), as transformers asks torch's SDPA: the legacy ONNX exporter
+    (torch.onnx.export(dynamo=False)) refuses to convert a call with
+    enable_gqa, and refused patched GPT-2 and BERT, which export unpatched.
+    The logits are the unpatched model's."""
+    import pyext.ops.attention as attention
+    asked, real = [], attention._scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        asked.append((kwargs.get("enable_gqa", False), key.shape[1] < query.shape[1]))
+        return real(query, key, *args, **kwargs)
+    monkeypatch.setattr(attention, "_scaled_dot_product_attention", spy)
+    original = build(kind).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    patched = pyext.patch(copy.deepcopy(original), backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids).logits, original(input_ids=ids).logits)
+    assert asked == [(kind == "llama", kind == "llama")]

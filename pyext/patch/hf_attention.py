@@ -305,6 +305,9 @@ class _KeyHeadsUnrepeated:
 # alone (FlashAttention has no mask), so that argument is the layer's window.
 _native_windows = _Configs()
 
+# the sets above by the names a _PatchedAttention holds
+_FLAGGED = {"flash_before": _flash_before, "eager_before": _eager_before, "native_windows": _native_windows}
+
 
 def _native_windows_apply(model) -> bool:
     """Whether `model` is one whose sliding windows pyext takes from its layers
@@ -379,9 +382,7 @@ def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
         return None
     config = model.config
     try:
-        from transformers import AttentionInterface
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        import transformers.masking_utils  # noqa: F401 (the registries _register_attention fills)
     except ImportError:
         return None
 
@@ -402,26 +403,23 @@ def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
             why = "runs its attention eagerly only, and rewrites the attention mask it is given"
         if why is not None:
             return f"left: {type(model).__name__} {why}"
-    # one implementation name per backend, each function holding only its
-    # backend: the registry is global, shared by every patched model (and copy)
-    impl = "pyext" if backend is None else f"pyext-{backend}"
-    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, backend))
-    AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
+    impl = _register_attention(backend)
     previous = config._attn_implementation
     model.set_attn_implementation(impl)
     if config._attn_implementation != impl:
         return None
-    model._pyext_hf_attn = previous
     line = f"transformers attention implementation '{impl}' (was '{previous}')"
+    flags = set()
     if "flash" in str(previous):  # flash_attention_2/3, kernels-community's FlashAttention builds
-        _flash_before.add(config)
+        flags.add("flash_before")
         line += "; rows of packed documents kept apart as FlashAttention kept them"
     if previous == "eager":
-        _eager_before.add(config)
+        flags.add("eager_before")
         line += "; eager's additive masks (a row that sees no key averages the values, as eager's did)"
     if _native_windows_apply(model):
-        _native_windows.add(config)
+        flags.add("native_windows")
         line += "; sliding-window layers over an unpadded batch: the window in the kernels, no mask"
+    model._pyext_hf_attn = _patched_attention(config, previous, backend, frozenset(flags))
     if backend not in ("torch", "cuda"):
         line += ("; a row of packed documents (position_ids restarting, no cache): flash_attention_varlen (the "
                  "Triton kernels, when they run), no mask read; under torch.compile, where the call has "
@@ -429,16 +427,56 @@ def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
     return line
 
 
+def _register_attention(backend) -> str:
+    """Register pyext's attention implementation for `backend` in
+    transformers' registries and return its name: one name per backend,
+    each function holding only its backend, as the registries are global,
+    shared by every patched model (and copy)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    impl = "pyext" if backend is None else f"pyext-{backend}"
+    AttentionInterface.register(impl, functools.partial(_hf_attention, sdpa_attention_forward, backend))
+    AttentionMaskInterface.register(impl, functools.partial(_hf_mask, sdpa_mask))
+    return impl
+
+
+class _PatchedAttention:
+    """What patch did to an HF model's attention, held by the model (an
+    attribute: state_dict and save_pretrained do not see it): the
+    implementation it had before, the backend, and which of
+    _flash_before, _eager_before and _native_windows hold its config. These
+    are held by the config's identity, and a model's copy (copy.deepcopy,
+    torch.save and load, in another process too) has a config of its own,
+    in a process whose registries may not have pyext's implementation: the
+    copy's is made by _patched_attention with the copy's config (deepcopy
+    and pickle copy the arguments of __reduce__ as the model's)."""
+
+    def __init__(self, config, previous, backend, flags):
+        self.config, self.previous, self.backend, self.flags = config, previous, backend, flags
+
+    def __reduce__(self):
+        return _patched_attention, (self.config, self.previous, self.backend, self.flags)
+
+
+def _patched_attention(config, previous, backend, flags) -> _PatchedAttention:
+    """The _PatchedAttention of a patched model (or of its copy), its
+    backend's implementation registered, its config in the sets `flags` names."""
+    _register_attention(backend)
+    for flag in flags:
+        _FLAGGED[flag].add(config)
+    return _PatchedAttention(config, previous, backend, flags)
+
+
 def _restore_hf_attention(model) -> None:
     """Undo _use_pyext_attention_in_hf on `model`: its attention
     implementation back, unless another was set since the patch."""
-    previous = model.__dict__.pop("_pyext_hf_attn")
+    patched = model.__dict__.pop("_pyext_hf_attn")
+    previous = getattr(patched, "previous", patched)  # a str in a model pickled before it held a _PatchedAttention
     if str(model.config._attn_implementation).startswith("pyext"):
         model.set_attn_implementation(previous)
-    for configs in (_native_windows, _flash_before, _eager_before):
+    for configs in _FLAGGED.values():
         configs.discard(model.config)
-
-
 
 
 def _hf_softcap(model) -> float:

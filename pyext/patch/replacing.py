@@ -16,7 +16,7 @@ again, keeping what was done to the model in between.
   FSDP's sharding and .to() of buffers put new objects there), its
   train/eval mode, a parametrization.
 """
-import functools
+import weakref
 
 import torch
 
@@ -61,15 +61,33 @@ def _swap_children(model, child, by):
                 parent._modules[name] = by
 
 
-@functools.lru_cache(maxsize=None)
 def _rebased(cls, old, new):
     """cls with `new` in place of `old`: `new` itself, or, where something
     derived a class of its own from `old` (torch's parametrize makes
     Parametrized<name> on the spot, before the patch or after it), that
     class rebuilt on `new` (and named after it), so that what it added is
-    kept: a module's class as patch swaps it, and as unpatch puts it back."""
+    kept: a module's class as patch swaps it, and as unpatch puts it back.
+    A class rebuilt so and rebased back, nothing added to or taken from
+    either since (a parametrization of another tensor adds a property), is
+    the class it was rebuilt from, the same object: patch and unpatch over
+    and over build one class a cycle, which dies with the cycle, rather
+    than two kept for good."""
     if cls is old:
         return new
+    source = _rebuilt_from.get(cls)
+    if source is not None and source[1:] == (new, old) and _namespace(source[0]) == _namespace(cls):
+        return source[0]
     bases = tuple(_rebased(b, old, new) if issubclass(b, old) else b for b in cls.__bases__)
-    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    return type(cls)(cls.__name__.replace(old.__name__, new.__name__), bases, namespace)
+    rebuilt = type(cls)(cls.__name__.replace(old.__name__, new.__name__), bases, _namespace(cls))
+    _rebuilt_from[rebuilt] = (cls, old, new)
+    return rebuilt
+
+
+def _namespace(cls) -> dict:
+    """What a class defines itself, as a class rebuilt from it takes it
+    (not __slotnames__, copyreg's cache, which copying a module writes)."""
+    return {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__", "__slotnames__")}
+
+
+# the classes _rebased has built -> (the class each was rebuilt from, old, new), while they live
+_rebuilt_from = weakref.WeakKeyDictionary()

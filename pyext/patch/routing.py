@@ -8,6 +8,7 @@ import functools
 import inspect
 import sys
 import threading
+import weakref
 from types import CodeType, FunctionType
 
 import torch
@@ -40,7 +41,8 @@ _ROUTED_FUNCTIONS = {"layer_norm": (F.layer_norm, _layer_norm_call), "rms_norm":
 class _RouteCalls(TorchFunctionMode):
     """Sends F.scaled_dot_product_attention ("attention" in `flags`; with a
     logit soft cap when softcap > 0, attention sinks when given, a local
-    window (left, right) in place of a mask when given, enable_gqa with gqa)
+    window (left, right) in place of a mask when given, enable_gqa with gqa
+    where the key has fewer heads than the query)
     and F.layer_norm, F.rms_norm, F.gelu
     (their flags) to pyext's, with the patch's backend. pyext's own
     fallbacks call torch's ops below these functions (pyext.reference), so
@@ -56,7 +58,7 @@ class _RouteCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.attention and \
                 not getattr(attention.calling_torch_sdpa, "active", False):
-            if self.gqa:
+            if self.gqa and _fewer_key_heads(args, kwargs):
                 kwargs["enable_gqa"] = True
             return attention._scaled_dot_product_attention(*args, **kwargs, backend=self.backend,
                                                                softcap=self.softcap, window=self.window,
@@ -65,6 +67,15 @@ class _RouteCalls(TorchFunctionMode):
         if call is not None:
             return call(self.backend, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _fewer_key_heads(args, kwargs) -> bool:
+    """Whether an SDPA call's key has fewer heads than its query (GQA, MQA):
+    only those are asked for enable_gqa, which the legacy ONNX exporter
+    (torch.onnx.export(dynamo=False)) refuses to convert."""
+    query = args[0] if args else kwargs["query"]
+    key = args[1] if len(args) > 1 else kwargs["key"]
+    return query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] != query.shape[-3]
 
 
 def _code_of(f):
@@ -226,15 +237,34 @@ class _ForwardWrapper:
     """A patched module's forward wrapping the forward it had. An object
     holding the module rather than a closure over its bound forward, so that
     copy.deepcopy and pickling of the model carry it along, bound to the copy
-    (a closure would keep calling the original model). The class's forward
+    (a closure would keep calling the original model). It holds the module
+    weakly, as the module holds it (its forward): a strong reference both
+    ways kept a deleted model's weights alive until the cycle collector ran;
+    copied or pickled, it hands on the module itself, so that the copy's
+    wrapper refers to the copy. The class's forward
     is looked up once: torch.compile cannot read it off type(module) where
     the class is one it is told to trace whole (torch._dynamo.allow_in_graph:
     diffusers' attention modules and blocks), and broke the graph there."""
     cls = cls_forward = None  # what a wrapper pickled before they were kept reads
 
     def __init__(self, model, previous=None):
-        self.model, self.previous = model, previous
+        self._model, self.previous = weakref.ref(model), previous
         self.cls, self.cls_forward = type(model), type(model).forward
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise ReferenceError("pyext.patch: the forward of a patched module called after the module was freed")
+        return model
+
+    def __getstate__(self):  # the module itself (copy.deepcopy and pickle map it to the copy's)
+        return {**{k: v for k, v in self.__dict__.items() if k != "_model"}, "model": self.model}
+
+    def __setstate__(self, state):  # a wrapper pickled before it held its module weakly has "model" too
+        state = dict(state)
+        self._model = weakref.ref(state.pop("model"))
+        self.__dict__.update(state)
 
     def _forward(self, *args, **kwargs):
         if self.previous is not None:  # an instance forward set before the patch
