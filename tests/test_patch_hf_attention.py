@@ -759,6 +759,28 @@ def test_copies_of_a_patched_hf_model_that_ran_eager_attention_keep_eagers_padde
         torch.testing.assert_close(logits(model), want)
 
 
+@pytest.mark.parametrize("name", ["llava", "gemma3", "qwen2_vl"])
+def test_a_composite_hf_model_that_ran_eager_attention_keeps_eagers_padded_rows_in_its_text_layers(name):
+    """A vision-language model's text layers read its text config, not the
+    model's: what the model ran before the patch is held for every config
+    its modules read (the padded rows of its text tower were up to 7 off
+    eager's: eager averaged the values there, the patch's SDPA gave 0)."""
+    from hf_sweep import build as build_tiny
+    original = build_tiny(name).eval()
+    original.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones_like(ids)
+    padding[0, :5] = 0
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=padding).logits
+    want = logits(original)
+    patched = pyext.patch(copy.deepcopy(original), backend="torch")
+    for model in (patched, *copies_of(patched)):
+        torch.testing.assert_close(logits(model), want)
+
+
 def test_copies_of_a_patched_hf_model_that_ran_flashattention_keep_its_packed_documents_apart():
     """GPT-OSS's masks ignore position_ids, so for a model that ran
     FlashAttention before the patch pyext builds the mask of a packed row's

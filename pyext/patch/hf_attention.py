@@ -404,27 +404,50 @@ def _use_pyext_attention_in_hf(model, backend) -> Optional[str]:
         if why is not None:
             return f"left: {type(model).__name__} {why}"
     impl = _register_attention(backend)
+    ran = [(c, c._attn_implementation) for c in _configs_of(model)]
     previous = config._attn_implementation
     model.set_attn_implementation(impl)
     if config._attn_implementation != impl:
         return None
     line = f"transformers attention implementation '{impl}' (was '{previous}')"
-    flags = set()
-    if "flash" in str(previous):  # flash_attention_2/3, kernels-community's FlashAttention builds
-        flags.add("flash_before")
+    windows = _native_windows_apply(model)  # the model's own config's layers
+    flagged = tuple((c, frozenset(_flags(before, windows and c is config))) for c, before in ran)
+    said = frozenset().union(*(flags for _, flags in flagged))
+    if "flash_before" in said:
         line += "; rows of packed documents kept apart as FlashAttention kept them"
-    if previous == "eager":
-        flags.add("eager_before")
+    if "eager_before" in said:
         line += "; eager's additive masks (a row that sees no key averages the values, as eager's did)"
-    if _native_windows_apply(model):
-        flags.add("native_windows")
+    if "native_windows" in said:
         line += "; sliding-window layers over an unpadded batch: the window in the kernels, no mask"
-    model._pyext_hf_attn = _patched_attention(config, previous, backend, frozenset(flags))
+    model._pyext_hf_attn = _patched_attention(previous, backend, tuple(f for f in flagged if f[1]))
     if backend not in ("torch", "cuda"):
         line += ("; a row of packed documents (position_ids restarting, no cache): flash_attention_varlen (the "
                  "Triton kernels, when they run), no mask read; under torch.compile, where the call has "
                  "FlashAttention's packed kwargs (cu_seq_lens_q, ...)")
     return line
+
+
+def _configs_of(model) -> list:
+    """The configs an HF model's modules read, by identity, its own first:
+    a composite model's (LLaVA, Gemma 3, Qwen2-VL) text and vision layers
+    read their sub-configs, each with its own _attn_implementation."""
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_attn_implementation"):
+            configs.setdefault(id(config), config)
+    return list(configs.values())
+
+
+def _flags(before, native_windows: bool) -> set:
+    """Which of _flash_before, _eager_before, _native_windows a config that
+    ran attention `before` goes in."""
+    flags = {"native_windows"} if native_windows else set()
+    if "flash" in str(before):  # flash_attention_2/3, kernels-community's FlashAttention builds
+        flags.add("flash_before")
+    if before == "eager":
+        flags.add("eager_before")
+    return flags
 
 
 def _register_attention(backend) -> str:
@@ -444,28 +467,31 @@ def _register_attention(backend) -> str:
 class _PatchedAttention:
     """What patch did to an HF model's attention, held by the model (an
     attribute: state_dict and save_pretrained do not see it): the
-    implementation it had before, the backend, and which of
-    _flash_before, _eager_before and _native_windows hold its config. These
-    are held by the config's identity, and a model's copy (copy.deepcopy,
-    torch.save and load, in another process too) has a config of its own,
-    in a process whose registries may not have pyext's implementation: the
-    copy's is made by _patched_attention with the copy's config (deepcopy
-    and pickle copy the arguments of __reduce__ as the model's)."""
+    implementation it had before, the backend, and the configs (the
+    model's, a composite model's sub-configs) that _flash_before,
+    _eager_before and _native_windows hold, each with the names of those
+    sets. These hold configs by identity, and a model's copy
+    (copy.deepcopy, torch.save and load, in another process too) has
+    configs of its own, in a process whose registries may not have pyext's
+    implementation: the copy's is made by _patched_attention with the
+    copy's configs (deepcopy and pickle copy the arguments of __reduce__ as
+    the model's)."""
 
-    def __init__(self, config, previous, backend, flags):
-        self.config, self.previous, self.backend, self.flags = config, previous, backend, flags
+    def __init__(self, previous, backend, flagged):
+        self.previous, self.backend, self.flagged = previous, backend, flagged
 
     def __reduce__(self):
-        return _patched_attention, (self.config, self.previous, self.backend, self.flags)
+        return _patched_attention, (self.previous, self.backend, self.flagged)
 
 
-def _patched_attention(config, previous, backend, flags) -> _PatchedAttention:
+def _patched_attention(previous, backend, flagged) -> _PatchedAttention:
     """The _PatchedAttention of a patched model (or of its copy), its
-    backend's implementation registered, its config in the sets `flags` names."""
+    backend's implementation registered, each config in the sets its flags name."""
     _register_attention(backend)
-    for flag in flags:
-        _FLAGGED[flag].add(config)
-    return _PatchedAttention(config, previous, backend, flags)
+    for config, flags in flagged:
+        for flag in flags:
+            _FLAGGED[flag].add(config)
+    return _PatchedAttention(previous, backend, flagged)
 
 
 def _restore_hf_attention(model) -> None:
@@ -475,8 +501,9 @@ def _restore_hf_attention(model) -> None:
     previous = getattr(patched, "previous", patched)  # a str in a model pickled before it held a _PatchedAttention
     if str(model.config._attn_implementation).startswith("pyext"):
         model.set_attn_implementation(previous)
-    for configs in _FLAGGED.values():
-        configs.discard(model.config)
+    for config in [model.config] + [c for c, _ in getattr(patched, "flagged", ())]:
+        for configs in _FLAGGED.values():
+            configs.discard(config)
 
 
 def _hf_softcap(model) -> float:
