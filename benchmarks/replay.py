@@ -60,13 +60,11 @@ def replay_ms(fn: Callable[[], object]) -> List[float]:
     return [statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]]
 
 
-def retime_host_bound(rows: List[dict], providers: Dict[str, object], ours: tuple,
+def retime_host_bound(rows: List[dict], providers: Dict[str, object],
                       context_broken: Callable[[], bool]) -> Optional[str]:
     """Where any timed row of a case is host_bound, every timed row gets
-    graph_ms (and _p20, _p80) or graph_error; then each right row of ours
-    its graph_speedup_vs_best_peer over the right peers that have graph_ms
-    (graph_best_peer). Returns what broke the CUDA context if a capture did
-    (the rows after it then go untimed), else None."""
+    graph_ms (and _p20, _p80) or graph_error. Returns what broke the CUDA
+    context if a capture did (the rows after it then go untimed), else None."""
     if not any(r.get("host_bound") for r in rows):
         return None
     for r in rows:
@@ -81,10 +79,4 @@ def retime_host_bound(rows: List[dict], providers: Dict[str, object], ours: tupl
         else:
             r.update(graph_ms=med, graph_ms_p20=lo, graph_ms_p80=hi)
         torch.cuda.empty_cache()
-    right = [r for r in rows if "graph_ms" in r and "wrong" not in r]
-    peers = {r["provider"]: r["graph_ms"] for r in right if r["provider"] not in ours}
-    for r in right:
-        if r["provider"] in ours and peers:
-            best = min(peers, key=peers.get)
-            r.update(graph_speedup_vs_best_peer=peers[best] / r["graph_ms"], graph_best_peer=best)
     return None

@@ -24,6 +24,7 @@ import tempfile
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
@@ -322,3 +323,18 @@ def restore_backend():
     previous = _backend.get_backend()
     yield
     pyext.set_backend(previous)
+
+
+class ShapesMade(TorchDispatchMode):
+    """While on: the shapes of the tensors the given aten ops (overload
+    packets) return, outside ops' own bodies (a pyext op is one call)."""
+
+    def __init__(self, *ops):
+        super().__init__()
+        self.ops, self.shapes = ops, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in self.ops:
+            self.shapes.append(tuple(out.shape))
+        return out

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
 from pyext import _backend, reference
 from pyext.ops import attention_ops
-from conftest import (COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+from conftest import (COMPILERS, HAS_GPU, ShapesMade, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, run_under_sanitizer)
 from attention_checks import (DTYPES, FLASH_BACKENDS, FLASH_KERNELS, KERNEL_BACKENDS, TRITON_AND_REFERENCE,
                               check_flash, qkv, sdpa)
@@ -649,20 +648,6 @@ def test_sdpa_without_enable_gqa_refuses_fewer_key_heads_like_torch():
         pyext.scaled_dot_product_attention(q, k, v)
 
 
-class _ZerosMade(TorchDispatchMode):
-    """The shapes of the tensors of zeros made while it is on (outside ops' own bodies)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros):
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("kind", ["plain", "learned mask", "soft cap", "dropout", "packed"])
 def test_the_backward_makes_no_zero_gradients_for_the_statistics(backend, kind):
@@ -685,7 +670,7 @@ def test_the_backward_makes_no_zero_gradients_for_the_statistics(backend, kind):
     else:
         out = pyext.flash_attention(q, k, v, softcap=30.0 if kind == "soft cap" else 0.0,
                                     dropout_p=0.1 if kind == "dropout" else 0.0, backend=backend)
-    zeros = _ZerosMade()
+    zeros = ShapesMade(torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros)
     with zeros:
         out.backward(torch.randn_like(out))
     assert zeros.shapes == []

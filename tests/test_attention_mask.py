@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
 from pyext import reference
 from pyext.ops import attention, attention_ops
-from conftest import assert_close, device_for, hessian_vector_product, hvp_directions, make_tensor, poisoned_like
+from conftest import (ShapesMade, assert_close, device_for, hessian_vector_product, hvp_directions, make_tensor,
+                      poisoned_like)
 from attention_checks import attention_with_dropout, qkv, sdpa
 
 SHAPE = (2, 4, 2, 19, 33, 40)  # (batch, query heads, key heads, Sq, Sk, head dim): GQA, ragged lengths
@@ -133,24 +133,10 @@ def test_a_learned_bias_is_kept_for_the_backward_as_it_is_not_as_a_copy():
             assert bias.grad.dtype == torch.bfloat16 and bias.grad.shape == bias.shape
         else:
             assert [tuple(t.shape) for t in masks] == [(2, 1, *SHAPE[3:5])]
-    copies = _CopiesMade()
+    copies = ShapesMade(torch.ops.aten._to_copy, torch.ops.aten.clone)
     with torch.no_grad(), copies:
         pyext.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True, backend="triton")
     assert copies.shapes == []
-
-
-class _CopiesMade(TorchDispatchMode):
-    """The shapes of the copies (dtype casts, clones) made while it is on, outside ops' own bodies."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.clone):
-            self.shapes.append(tuple(out.shape))
-        return out
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -696,6 +696,16 @@ def test_an_hf_models_own_sdpa_calls_go_to_pyext(monkeypatch):
     check_all(["output"] + [n for n, _ in original.named_parameters()], out, ref, pt)
 
 
+def left_padded_logits(model):
+    """An HF model's logits (no grad) for a fixed batch of two rows of 12
+    tokens, the first left-padded by 5 (its padded rows see no key)."""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones_like(ids)
+    padding[0, :5] = 0
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=padding).logits
+
+
 def copies_of(model):
     """A deep copy of `model` and a pickled one (torch.save and torch.load of the whole model)."""
     buffer = io.BytesIO()
@@ -742,21 +752,14 @@ def test_copies_of_a_patched_hf_model_that_ran_eager_attention_keep_eagers_padde
     Unpatching one copy leaves the model and the other copy as they were."""
     original = build("gpt2").eval()
     original.set_attn_implementation("eager")
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    padding = torch.ones_like(ids)
-    padding[0, :5] = 0
-
-    def logits(model):
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=padding).logits
-    want = logits(original)
+    want = left_padded_logits(original)
     patched = pyext.patch(copy.deepcopy(original), backend="torch")
     deep, pickled = copies_of(patched)
     for model in (patched, deep, pickled):
-        torch.testing.assert_close(logits(model), want)
+        torch.testing.assert_close(left_padded_logits(model), want)
     assert pyext.unpatch(deep).config._attn_implementation == "eager"
     for model in (deep, patched, pickled):
-        torch.testing.assert_close(logits(model), want)
+        torch.testing.assert_close(left_padded_logits(model), want)
 
 
 @pytest.mark.parametrize("name", ["llava", "gemma3", "qwen2_vl"])
@@ -768,17 +771,10 @@ def test_a_composite_hf_model_that_ran_eager_attention_keeps_eagers_padded_rows_
     from hf_sweep import build as build_tiny
     original = build_tiny(name).eval()
     original.set_attn_implementation("eager")
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    padding = torch.ones_like(ids)
-    padding[0, :5] = 0
-
-    def logits(model):
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=padding).logits
-    want = logits(original)
+    want = left_padded_logits(original)
     patched = pyext.patch(copy.deepcopy(original), backend="torch")
     for model in (patched, *copies_of(patched)):
-        torch.testing.assert_close(logits(model), want)
+        torch.testing.assert_close(left_padded_logits(model), want)
 
 
 def test_copies_of_a_patched_hf_model_that_ran_flashattention_keep_its_packed_documents_apart():
