@@ -373,6 +373,7 @@ def _cuda_stage1(head_dim, v_dim, why_not_cuda):
         return why
 
     def stage1(timed):
+        @functools.wraps(timed)  # its attributes too (harness.autograd_callable's forget_forward)
         def run():
             previous = os.environ.get("PYEXT_FLASH_SM90")
             os.environ["PYEXT_FLASH_SM90"] = "0"

@@ -500,6 +500,9 @@ def autograd_callable(fn: Callable, inputs: list, direction: str, grad: torch.Te
             if not graph:
                 graph.append(fn(*inputs))
             return torch.autograd.grad(graph[0], leaves, grad, retain_graph=True)
+        # a backward runs on its forward's stream: a CUDA-graph capture (replay.py), on a stream of its
+        # own, builds the forward again there first
+        run.forget_forward = graph.clear
         return run
     if direction == "fwd+bwd":
         return lambda: torch.autograd.grad(fn(*inputs), leaves, grad)

@@ -585,6 +585,27 @@ def test_replaying_a_small_call_leaves_its_host_time_out():
         replay.replay_ms(lambda: x.sum().item())
     assert torch.cuda.current_stream() == stream and not harness.cuda_context_broken()
     assert torch.equal(small(), small())
+    rows = torch.randn(64, 256, device="cuda", requires_grad=True)
+    for direction in ("bwd", "fwd+bwd"):  # autograd's backward on the capturing stream
+        timed = harness.autograd_callable(lambda t: torch.nn.functional.layer_norm(t, (256,)), [rows], direction,
+                                          torch.randn(64, 256, device="cuda"))
+        timed()
+        assert replay.replay_ms(timed)[0] > 0, direction
+
+
+def test_a_timed_backward_builds_its_forward_again_when_told():
+    """A provider timed backward-alone builds its forward once and replays
+    the backward; a CUDA-graph capture (benchmarks/replay.py) has it build
+    the forward again on the capturing stream, as a backward runs on its
+    forward's stream."""
+    from benchmarks import harness
+    forwards = []
+    x = torch.randn(4, requires_grad=True)
+    timed = harness.autograd_callable(lambda t: forwards.append(1) or t.exp(), [x], "bwd", torch.ones(4))
+    timed(), timed()
+    timed.forget_forward()
+    grads = timed()
+    assert len(forwards) == 2 and torch.equal(grads[0], x.detach().exp())
 
 
 def test_a_report_says_what_it_ran_on_from_which_source_and_how_it_was_timed(monkeypatch, tmp_path):
