@@ -90,6 +90,18 @@ def check_flash(backend, q, k, v, causal, deterministic=False, scale=None):
     assert_flash_close([out, lse, *grads], q, k, v, dout, scale, causal, k.shape[2] - q.shape[2])
 
 
+def compiled_and_eager(loss, grads):
+    """(grads(loss compiled with fullgraph=True), grads(loss)), with torch's
+    deterministic algorithms on: the kernels' deterministic backward, so
+    that the two agree to the bit where the compiled graph runs the same ops."""
+    torch._dynamo.reset()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return grads(torch.compile(loss, fullgraph=True, backend="aot_eager")), grads(loss)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def assert_flash_close(outs, q, k, v, dout, scale, causal, offset):
     """outs = out, lse, dq, dk, dv of flash attention (bottom-right causal at
     `offset`) against the float64 oracle, PyTorch's own in q's dtype the yardstick."""

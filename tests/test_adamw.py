@@ -527,15 +527,15 @@ def test_triton_step_bumps_the_version_of_what_it_writes(traced):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_step_matches_the_eager_step(backend):
-    """torch.compile(opt.step): the kernel runs as the registered op inside
-    the graph (the eager shortcut is not taken while compiling), the same
+    """torch.compile(opt.step, fullgraph=True): the kernel runs as the
+    registered op inside one graph (the eager shortcut is not taken while compiling), the same
     bits; the reference backend's torch ops Inductor may fuse and reorder."""
     device = device_for(backend)
     start = [torch.randn(s, device=device) for s in ((5,), (3, 4), (0,))]
     grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
     eager, compiled = ([torch.nn.Parameter(p.clone()) for p in start] for _ in range(2))
     opts = [pyext.optim.AdamW(ps, weight_decay=0.1, backend=backend) for ps in (eager, compiled)]
-    step = torch.compile(opts[1].step)
+    step = torch.compile(opts[1].step, fullgraph=True)
     for grad in grads:
         for ps in (eager, compiled):
             for p, g in zip(ps, grad):

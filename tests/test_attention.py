@@ -299,6 +299,33 @@ def test_triton_kernels_write_every_element_and_nothing_past_them(deterministic,
     assert all((tail == 7).all() for tail in (out_tail, lse_tail, lo_tail, dq_tail, dk_tail, dv_tail))
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("extra", ["window", "softcap", "dropout", "narrower value"])
+def test_each_features_kernels_write_every_element_and_nothing_past_them(extra, deterministic):
+    """As above, through the pointer kernels' feature paths: a window
+    narrow enough that key blocks see no query row of some query blocks
+    (their dk, dv must still be written, as zeros where no row sees them),
+    a soft cap, dropout, and a value head dim below q's (DeepSeek's MLA);
+    causal with Sq > Sk, so the first rows see no key (zeros); with a cap
+    or dropout the forward stores out_lo too."""
+    from pyext.triton_kernels import flash_attention as kernels
+    dims = (40, 24) if extra == "narrower value" else (40,)
+    q, k, v = (t.detach() for t in qkv((1, 4, 2, 37, 30, *dims), torch.bfloat16, device_for("triton")))
+    options = {"window": dict(window=(3, 0)), "softcap": dict(softcap=5.0), "narrower value": {},
+               "dropout": dict(dropout_p=0.3, seed=torch.tensor([5], device=q.device))}[extra]
+    like_out = q[..., :dims[-1]]
+    (out, out_tail), (lse, lse_tail), (out_lo, lo_tail) = (_poisoned_with_a_tail(t)
+                                                           for t in (like_out, q[..., 0].float(), like_out))
+    out, lse, *stored = kernels.flash_attn_fwd(q, k, v, 0.3, True, -7, out=out, lse=lse, out_lo=out_lo, **options)
+    assert not any(t.isnan().any() for t in (out, lse, *stored))
+    (dq, dq_tail), (dk, dk_tail), (dv, dv_tail) = (_poisoned_with_a_tail(t) for t in (q, k, v))
+    kernels.flash_attn_bwd(torch.randn_like(out), q, k, v, out, lse, 0.3, True, -7, deterministic, dq=dq, dk=dk,
+                           dv=dv, out_lo=stored[0] if stored else None, **options)
+    assert not any(g.isnan().any() for g in (dq, dk, dv))
+    assert not out[:, :, :7].any() and not dq[:, :, :7].any()  # the rows that see no key
+    assert all((tail == 7).all() for tail in (out_tail, lse_tail, lo_tail, dq_tail, dk_tail, dv_tail))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda"])
 def test_cuda_kernels_write_every_element(backend):
@@ -676,6 +703,28 @@ def test_the_backward_makes_no_zero_gradients_for_the_statistics(backend, kind):
     assert zeros.shapes == []
 
 
+@pytest.mark.parametrize("extra", ["plain", "window, cap and sinks", "mask and dropout"])
+def test_gradcheck_of_the_reference_in_float64(extra):
+    """Finite differences against the reference's gradients (backend "torch",
+    which takes float64), GQA and Sq > Sk under causality (rows that see no
+    key); the sinks' and a learned mask's gradients too. With dropout the
+    mask is drawn once (the kernels' draw, as their backward replays it)."""
+    q, k, v = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+               for shape in ((1, 4, 5, 8), (1, 2, 3, 8), (1, 2, 3, 8)))
+    if extra == "mask and dropout":
+        mask = torch.randn(1, 1, 5, 3, dtype=torch.float64, requires_grad=True)
+        keep = torch.rand(1, 4, 5, 3, generator=torch.Generator().manual_seed(0)) > 0.3
+        assert torch.autograd.gradcheck(lambda q, k, v, m: reference.attention(
+            q, k, v, scale=0.4, mask=m, dropout_p=0.3, keep=keep)[0], (q, k, v, mask))
+        return
+    extras = [] if extra == "plain" else [torch.randn(4, dtype=torch.float64, requires_grad=True)]  # sinks
+    options = {} if extra == "plain" else dict(window_size=(1, 0), softcap=3.0)
+
+    def f(q, k, v, *sinks):
+        return pyext.flash_attention(q, k, v, causal=True, sinks=(sinks or [None])[0], backend="torch", **options)
+    assert torch.autograd.gradcheck(f, (q, k, v, *extras))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "bshd"])
 def test_opcheck(backend, layout):
@@ -726,6 +775,29 @@ def test_compile_fullgraph(backend, use_deterministic_algorithms, compiler, dete
     deterministic_algorithms(False)  # for the references' matmuls: cuBLAS refuses them otherwise
     if use_deterministic_algorithms:
         assert all(torch.equal(g, e) for g, e in zip(compiled, eager))
+    ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
+    for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
+        assert_close(g, r, p, name)
+
+
+def test_compile_fullgraph_with_a_cap_a_scale_gqa_and_a_narrower_value(deterministic_algorithms):
+    """The extras op compiled: a soft cap, a custom scale, 4 query heads on 2
+    key heads and a value head dim of 8 under q's 16; the compiled gradients
+    eager's bit for bit (deterministic backward), and within the rule."""
+    q, k, v = qkv((1, 4, 2, 9, 11, 16, 8), torch.bfloat16, device_for("triton"))
+
+    def f(q, k, v, backend="triton"):
+        return pyext.flash_attention(q, k, v, causal=True, scale=0.3, softcap=5.0, deterministic=True,
+                                     backend=backend).float().square().sum()
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves)
+    deterministic_algorithms(True)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"), q.dtype)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f, q.dtype)))
+    deterministic_algorithms(False)
     ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
     for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
         assert_close(g, r, p, name)

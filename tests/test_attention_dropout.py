@@ -7,7 +7,7 @@ import torch
 import pyext
 from pyext import reference
 from conftest import assert_close, device_for, hessian_vector_product, hvp_directions, make_tensor, poisoned_like
-from attention_checks import attention_with_dropout, check_dropout, qkv
+from attention_checks import attention_with_dropout, check_dropout, compiled_and_eager, qkv
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -151,6 +151,29 @@ def test_dropout_double_backward_under_auto_uses_the_kernels_mask(dropout_seeds,
                                         (q, k, v), c, r)
     for name, g, w, pt in zip(("q", "k", "v"), got, want, same_dtype):
         assert_close(g, w, pt, f"Hessian-vector product, {name}")
+
+
+@pytest.mark.parametrize("call", ["flash_attention", "scaled_dot_product_attention"])
+def test_dropout_compiles_in_one_graph_drawing_as_eager_draws(call):
+    """torch.compile(fullgraph=True) of a call with dropout: no graph break
+    (the seed is drawn on the device, not read on the host), and the same
+    torch.manual_seed gives the compiled call eager's mask: its gradients
+    equal eager's bit for bit (the deterministic backward)."""
+    q, k, v = qkv((1, 2, 2, 9, 11, 16), torch.bfloat16, device_for("triton"))
+
+    def loss(q, k, v):
+        if call == "flash_attention":
+            out = pyext.flash_attention(q, k, v, causal=True, dropout_p=0.3, deterministic=True, backend="triton")
+        else:
+            out = pyext.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="triton")
+        return out.float().square().sum()
+
+    def grads(f):
+        torch.manual_seed(0)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(f(*leaves), leaves)
+    compiled, eager = compiled_and_eager(loss, grads)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ from pyext import reference
 from pyext.ops import attention, attention_ops
 from conftest import (ShapesMade, assert_close, device_for, hessian_vector_product, hvp_directions, make_tensor,
                       poisoned_like)
-from attention_checks import attention_with_dropout, qkv, sdpa
+from attention_checks import attention_with_dropout, compiled_and_eager, qkv, sdpa
 
 SHAPE = (2, 4, 2, 19, 33, 40)  # (batch, query heads, key heads, Sq, Sk, head dim): GQA, ragged lengths
 # mask shapes for SHAPE, each broadcast to (B, Hq, Sq, Sk) its own way
@@ -471,6 +471,24 @@ def test_opcheck_masked(layout, dropout_p, sinks, learned):
                                *args, sink, dropout_p, seed, deterministic, learned))
 
 
+def test_the_masked_backward_gives_a_half_masks_gradient_in_its_shape_and_dtype_and_refuses_a_bool_one():
+    """mask_grad: the gradient of the mask as given, in its shape and dtype
+    (a bf16 bias that broadcasts: summed in float32 inside the op, rounded
+    once), through opcheck's fake and real runs; a boolean mask has no
+    gradient to give, said before any launch."""
+    q, k, v = (t.detach() for t in qkv((2, 2, 1, 9, 12, 16), torch.bfloat16, device_for("triton")))
+    bias = make_mask("additive_qdtype", None, q.dtype, q.device, (1, 2, 9, 12))
+    with torch.no_grad():
+        out, stats, out_lo = torch.ops.pyext.flash_attn_masked_fwd_triton(q, k, v, bias, 0.25, 0.0, None, 0.0, None)
+    args = (torch.randn_like(out), q, k, v, bias, out, out_lo, stats, 0.25, 0.0, None, 0.0, None, True, True)
+    torch.library.opcheck(torch.ops.pyext.flash_attn_masked_bwd_triton, args)
+    dmask = torch.ops.pyext.flash_attn_masked_bwd_triton(*args)[-1]
+    assert dmask.shape == bias.shape and dmask.dtype == torch.bfloat16
+    boolean = make_mask("bool", None, q.dtype, q.device, (1, 2, 9, 12))
+    with pytest.raises(ValueError, match="mask_grad=True needs an additive"):
+        torch.ops.pyext.flash_attn_masked_bwd_triton(*args[:4], boolean, *args[5:])
+
+
 @pytest.mark.parametrize("learned", [False, True], ids=["bool", "learned"])
 def test_compile_fullgraph_with_a_mask(learned):
     """torch.compile keeps the masked op in one graph and computes what eager
@@ -487,12 +505,7 @@ def test_compile_fullgraph_with_a_mask(learned):
         if learned:
             leaves.append(mask.to(torch.float64 if dtype == torch.float64 else mask.dtype).requires_grad_())
         return torch.autograd.grad(fn(*leaves), leaves)
-    torch._dynamo.reset()
-    torch.use_deterministic_algorithms(True)
-    try:
-        compiled, eager = grads(torch.compile(f, fullgraph=True, backend="aot_eager")), grads(f)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    compiled, eager = compiled_and_eager(f, grads)
     assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
     ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
     for name, g, r, p in zip(("dq", "dk", "dv", "dmask"), compiled, ref64, pt):

@@ -460,6 +460,23 @@ def test_the_reference_path_compiles_in_one_graph(backend):
     assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gradcheck_of_the_reference_in_float64(compiled):
+    """Finite differences against the reference's gradients, q, k, v and the
+    sinks, with a window, a cap and a sequence with no key (lengths 2, 0,
+    3), eager and compiled (traced, the reference is an op whose backward
+    is another: attention_varlen_reference.py)."""
+    cu_q, cu_k = (torch.tensor(b, dtype=torch.int32) for b in ([0, 2, 4, 7], [0, 3, 3, 6]))
+
+    def f(q, k, v, sinks):
+        return pyext.flash_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, causal=True, window_size=(2, 0),
+                                            softcap=4.0, sinks=sinks, backend="torch")
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+              for shape in ((7, 2, 8), (6, 1, 8), (6, 1, 8), (2,))]
+    torch._dynamo.reset()
+    assert torch.autograd.gradcheck(torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f, inputs)
+
+
 def test_the_reference_op_passes_opcheck():
     """Its autograd registration test runs the backward op too (whose own
     opcheck cannot look into the torch.func wrappers it computes with)."""

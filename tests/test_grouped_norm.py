@@ -71,6 +71,12 @@ def test_matches_oracle(backend, kind, dtype, normalized_shape, group_size):
     check(kind, backend, *inputs(3, normalized_shape, dtype, device_for(backend)), normalized_shape, group_size)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_groups_past_64k(kind):
+    """Two groups of 65537 a row (the chunked kernels, the last chunk one element)."""
+    check(kind, "triton", *inputs(2, (2, 65537), torch.bfloat16, device_for("triton")), (2, 65537), 65537)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -165,9 +165,11 @@ def test_chunked_path_matches_oracle(chunked_path, norm_before_gate, activation,
 
 
 @pytest.mark.parametrize("norm_before_gate", ORDERS)
-def test_rows_past_8192_take_the_chunked_kernels(norm_before_gate):
-    x, gate, weight = inputs(2, 8193, torch.bfloat16, device_for("triton"))
-    check("triton", x, gate, weight, norm_before_gate=norm_before_gate)
+@pytest.mark.parametrize("hidden,group_size", [(8193, None), (65537, None), (2 * 65537, 65537)], ids=str)
+def test_rows_past_8192_take_the_chunked_kernels(norm_before_gate, hidden, group_size):
+    """Past 8192 and past 64K, a whole row or groups of 65537 (odd: the last chunk one element)."""
+    x, gate, weight = inputs(2, hidden, torch.bfloat16, device_for("triton"))
+    check("triton", x, gate, weight, norm_before_gate=norm_before_gate, group_size=group_size)
 
 
 def test_no_cuda_kernels_and_a_named_cuda_backend_says_so():
