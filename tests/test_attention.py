@@ -17,7 +17,7 @@ from pyext.ops import attention_ops
 from conftest import (COMPILERS, HAS_GPU, ShapesMade, assert_close, compute_sanitizer, device_for, make_tensor,
                       poison_cuda_allocator, run_under_sanitizer)
 from attention_checks import (DTYPES, FLASH_BACKENDS, FLASH_KERNELS, KERNEL_BACKENDS, TRITON_AND_REFERENCE,
-                              check_flash, qkv, sdpa)
+                              check_flash, check_softcap, qkv, sdpa)
 
 
 # (batch, query heads, key heads, Sq, Sk, head dim): odd lengths one past a
@@ -783,24 +783,24 @@ def test_compile_fullgraph(backend, use_deterministic_algorithms, compiler, dete
 def test_compile_fullgraph_with_a_cap_a_scale_gqa_and_a_narrower_value(deterministic_algorithms):
     """The extras op compiled: a soft cap, a custom scale, 4 query heads on 2
     key heads and a value head dim of 8 under q's 16; the compiled gradients
-    eager's bit for bit (deterministic backward), and within the rule."""
+    eager's bit for bit (deterministic backward), and eager's within the
+    rule on these inputs (check_softcap: Gemma 2's eager attention the
+    yardstick; the reference run in bf16 computes in float32, one rounding,
+    which put dv past twice its error in 1 of 150 seeds)."""
     q, k, v = qkv((1, 4, 2, 9, 11, 16, 8), torch.bfloat16, device_for("triton"))
 
-    def f(q, k, v, backend="triton"):
+    def f(q, k, v):
         return pyext.flash_attention(q, k, v, causal=True, scale=0.3, softcap=5.0, deterministic=True,
-                                     backend=backend).float().square().sum()
+                                     backend="triton").float().square().sum()
 
-    def grads(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    def grads(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         return torch.autograd.grad(fn(*leaves), leaves)
     deterministic_algorithms(True)
     torch._dynamo.reset()
-    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"), q.dtype)
-    assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f, q.dtype)))
-    deterministic_algorithms(False)
-    ref64, pt = (grads(lambda *t: f(*t, backend="torch"), dtype) for dtype in (torch.float64, q.dtype))
-    for name, g, r, p in zip(("dq", "dk", "dv"), compiled, ref64, pt):
-        assert_close(g, r, p, name)
+    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    assert all(torch.equal(c, e) for c, e in zip(compiled, grads(f)))
+    check_softcap("triton", True, None, True, (-1, -1), 5.0, 0.3, inputs=(q, k, v))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

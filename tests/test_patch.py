@@ -1101,6 +1101,43 @@ def test_a_patched_model_traces_with_torch_fx_into_pyexts_functions():
     torch.testing.assert_close(traced(idx, idx), model(idx, idx), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_a_traced_patched_model_records_the_kernels_ops_and_saves():
+    """torch.jit.trace of a model patched with the Triton kernels: the trace
+    records their ops (pyext::..._fwd_triton), not an autograd.Function,
+    which torch.jit.save refused ("Could not export Python function call");
+    saved and loaded, it computes what the model computes; a masked SDPA
+    call and a packed batch's call too."""
+    device = device_for("triton")
+    model = pyext.patch(nano_gpt().to(device, torch.bfloat16).eval(), backend="triton")
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    q = torch.randn(2, 2, 9, 16, dtype=torch.bfloat16, device=device)
+    mask = torch.rand(9, 9, device=device) > 0.3
+    offsets = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+
+    class Calls(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx, q):
+            packed = q[0].transpose(0, 1)
+            return (self.model(idx, idx),
+                    pyext.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="triton"),
+                    pyext.flash_attention_varlen(packed, packed, packed, offsets, offsets, 5, 5, backend="triton"))
+    calls = Calls()
+    traced = torch.jit.trace(calls, (idx, q), check_trace=False)
+    recorded = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert {"pyext::flash_attn_fwd_triton", "pyext::layer_norm_fwd_triton", "pyext::gelu_fwd_triton",
+            "pyext::flash_attn_masked_fwd_triton", "pyext::flash_attn_varlen_fwd_triton"} <= recorded
+    assert "prim::PythonOp" not in recorded
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    for got, want in zip(torch.jit.load(buffer)(idx, q), calls(idx, q)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class ScriptableAttention(torch.nn.Module):  # torch.jit.script compiles it as it is
     def forward(self, x):
         return F.scaled_dot_product_attention(x, x, x, is_causal=True)

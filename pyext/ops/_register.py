@@ -127,7 +127,16 @@ def differentiable_forward(fwd_op, setup_context, backward, auto: bool):
     # named after the op, so a graph's grad_fn says which kernel ran (e.g. layer_norm_fwd_cudaBackward)
     function = type(fwd_op.__name__, (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-    return function.apply
+    return traced_as(fwd_op, function.apply)
+
+
+def traced_as(fwd_op, apply):
+    """apply (an autograd.Function's), or fwd_op itself, with the autograd
+    registered on it, while torch.jit.trace runs: a trace records a Function
+    as a Python call, which torch.jit.save cannot save, and an op as itself."""
+    def call(*args):
+        return fwd_op(*args) if torch.jit.is_tracing() else apply(*args)
+    return call
 
 
 def create_graph_grads(op: str, ctx, reference_fn, inputs, grads):

@@ -14,7 +14,7 @@ from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext.ops.attention_checks import (_LAYOUT_HINT, _check_qkv, _extras_problem, _heads_fit, _mask_problem, _sinks,
                                         _softcap, _why_not, _window, softmax_scale)
-from pyext.ops.attention_ops import _FlashAttention
+from pyext.ops.attention_ops import flash_attention_apply
 from pyext.ops._register import fx_traceable
 
 
@@ -198,7 +198,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = _dropout_seed(q.device) if dropout_p > 0 else None
-        out, lse = _FlashAttention.apply("flash_attention", name, _backend.is_auto(backend), deterministic,
+        out, lse = flash_attention_apply("flash_attention", name, _backend.is_auto(backend), deterministic,
                                          *_distinct(q, k, v), scale, causal, causal_offset, dropout_p, seed, None,
                                          window, softcap, sinks)[:2]
     return (out, lse) if return_lse else out
@@ -285,7 +285,7 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0
     scale = softmax_scale(scale, query.shape[-1])
     seed = _dropout_seed(q.device) if dropout_p > 0 else None
     mask = _kernel_mask(attn_mask, query, key, q) if masked else None
-    out = _FlashAttention.apply("scaled_dot_product_attention", name, _backend.is_auto(backend),
+    out = flash_attention_apply("scaled_dot_product_attention", name, _backend.is_auto(backend),
                                 torch.are_deterministic_algorithms_enabled(), *_distinct(q, k, v), scale,
                                 is_causal, 0, dropout_p, seed, mask, window, softcap, sinks)[0]
     return out.reshape(*query.shape[:-1], value.shape[-1]) if q is not query else out

@@ -381,6 +381,28 @@ _KINDS = {"plain": (FWD, _setup_context, _make_backward, BWD),
           "extras": (EXTRAS_FWD, _extras_setup_context, _make_extras_backward, EXTRAS_BWD)}
 
 
+def _kind_of(q, k, v, scale, causal, causal_offset, dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0,
+             sinks=None):
+    """(the kind of an attention call, its forward op's inputs)."""
+    if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
+        return "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
+    if window is not None or softcap > 0 or sinks is not None:
+        return "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap, sinks, dropout_p,
+                          seed)
+    if dropout_p > 0:
+        return "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
+    return "plain", (q, k, v, scale, causal, causal_offset)
+
+
+def flash_attention_apply(function: str, backend: str, auto: bool, deterministic: bool, *args):
+    """_FlashAttention.apply, or, while torch.jit.trace runs, the kind's
+    forward op itself (with its registered autograd: _register.traced_as)."""
+    if torch.jit.is_tracing():
+        kind, inputs = _kind_of(*args)
+        return _KINDS[kind][0][backend](*inputs)
+    return _FlashAttention.apply(function, backend, auto, deterministic, *args)
+
+
 class _FlashAttention(torch.autograd.Function):
     """The forward op of `backend` with a backward that honours `deterministic`
     and `auto` (see create_graph_grads) and names the `function` called in
@@ -390,15 +412,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function: str, backend: str, auto: bool, deterministic: bool, q, k, v, scale, causal,
                 causal_offset, dropout_p=0.0, seed=None, mask=None, window=None, softcap=0.0, sinks=None):
-        if mask is not None:  # SDPA's attn_mask: never causal (SDPA refuses both), never a window
-            ctx.kind, inputs = "masked", (q, k, v, mask, scale, softcap, sinks, dropout_p, seed)
-        elif window is not None or softcap > 0 or sinks is not None:
-            ctx.kind, inputs = "extras", (q, k, v, scale, causal, causal_offset, *(window or (-1, -1)), softcap,
-                                          sinks, dropout_p, seed)
-        elif dropout_p > 0:
-            ctx.kind, inputs = "dropout", (q, k, v, scale, causal, causal_offset, dropout_p, seed)
-        else:
-            ctx.kind, inputs = "plain", (q, k, v, scale, causal, causal_offset)
+        ctx.kind, inputs = _kind_of(q, k, v, scale, causal, causal_offset, dropout_p, seed, mask, window, softcap,
+                                    sinks)
         forward_ops, setup_context, _, _ = _KINDS[ctx.kind]
         with past_autograd():
             output = forward_ops[backend](*inputs)

@@ -128,6 +128,14 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return (None, None, None) + grads
 
 
+def _varlen_apply(backend: str, auto: bool, deterministic: bool, *inputs):
+    """_FlashAttentionVarlen.apply, or, while torch.jit.trace runs, the forward
+    op itself (with its registered autograd: _register.traced_as)."""
+    if torch.jit.is_tracing():
+        return VARLEN_FWD[backend](*inputs)
+    return _FlashAttentionVarlen.apply(backend, auto, deterministic, *inputs)
+
+
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     """torch's error types, with messages naming the argument, before any launch."""
     op = "flash_attention_varlen"
@@ -277,7 +285,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = attention._dropout_seed(q.device) if dropout_p > 0 else None
-        out, lse = _FlashAttentionVarlen.apply(name, _backend.is_auto(backend), deterministic,
+        out, lse = _varlen_apply(name, _backend.is_auto(backend), deterministic,
                                                *attention._distinct(q, k, v, cu_seqlens_q, cu_seqlens_k),
                                                max_seqlen_q, max_seqlen_k, scale, causal, *(window or (-1, -1)),
                                                softcap, sinks, dropout_p, seed)[:2]
