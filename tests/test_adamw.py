@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
-from conftest import BACKENDS, HAS_GPU, assert_close, device_for
+from conftest import BACKENDS, HAS_GPU, assert_close, device_for, exit_rank
 
 SHAPES = [(), (1,), (7,), (33, 5), (0,), (1025,)]
 OPTIONS = [
@@ -970,6 +970,7 @@ def _dtensor_rank(rank, world, store, backend, layout, results):
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "sequence-parallel", "rowwise"])

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from conftest import (BACKENDS, COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for,
-                      make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+                      exit_rank, make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROX = ["none", "tanh"]
@@ -222,6 +222,7 @@ def _tensor_parallel_rank(rank, world, store, results):
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_tensor_parallel_gelu_runs_the_kernels_on_each_ranks_part(monkeypatch, tmp_path):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops.layer_norm import default_rms_eps
-from conftest import (BACKENDS, COMPILERS, assert_close, compute_sanitizer, device_for, make_tensor,
-                      poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+from conftest import (BACKENDS, COMPILERS, assert_close, compute_sanitizer, device_for, exit_rank,
+                      make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
 
 KINDS = ["layer_norm", "rms_norm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -794,6 +794,7 @@ def _sequence_parallel_rank(rank, world, store, backend, results):
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
