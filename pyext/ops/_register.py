@@ -130,12 +130,13 @@ def differentiable_forward(fwd_op, setup_context, backward, auto: bool):
     return traced_as(fwd_op, function.apply)
 
 
-def traced_as(fwd_op, apply):
-    """apply (an autograd.Function's), or fwd_op itself, with the autograd
-    registered on it, while torch.jit.trace runs: a trace records a Function
+def traced_as(forward_op_call, apply):
+    """apply (an autograd.Function's), or, while torch.jit.trace runs,
+    forward_op_call, which calls the forward op itself with the same
+    arguments (its autograd registered on it): a trace records a Function
     as a Python call, which torch.jit.save cannot save, and an op as itself."""
     def call(*args):
-        return fwd_op(*args) if torch.jit.is_tracing() else apply(*args)
+        return forward_op_call(*args) if torch.jit.is_tracing() else apply(*args)
     return call
 
 

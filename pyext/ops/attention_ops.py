@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from pyext import reference
-from pyext.ops._register import called_past_autograd, create_graph_grads, past_autograd, register_stages
+from pyext.ops._register import called_past_autograd, create_graph_grads, past_autograd, register_stages, traced_as
 
 
 @torch.library.custom_op("pyext::flash_attn_fwd_triton", mutates_args=())
@@ -394,13 +394,10 @@ def _kind_of(q, k, v, scale, causal, causal_offset, dropout_p=0.0, seed=None, ma
     return "plain", (q, k, v, scale, causal, causal_offset)
 
 
-def flash_attention_apply(function: str, backend: str, auto: bool, deterministic: bool, *args):
-    """_FlashAttention.apply, or, while torch.jit.trace runs, the kind's
-    forward op itself (with its registered autograd: _register.traced_as)."""
-    if torch.jit.is_tracing():
-        kind, inputs = _kind_of(*args)
-        return _KINDS[kind][0][backend](*inputs)
-    return _FlashAttention.apply(function, backend, auto, deterministic, *args)
+def _forward_op_call(function: str, backend: str, auto: bool, deterministic: bool, *args):
+    """What _FlashAttention.apply computes, by the kind's forward op itself (for _register.traced_as)."""
+    kind, inputs = _kind_of(*args)
+    return _KINDS[kind][0][backend](*inputs)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -431,3 +428,7 @@ class _FlashAttention(torch.autograd.Function):
         dsinks = None if sinks_at is None else grads[sinks_at]
         dmask = grads[3] if ctx.kind == "masked" else None
         return (None, None, None, None, *grads[:3]) + (None,) * 5 + (dmask, None, None, dsinks)
+
+
+# the public functions' call: _FlashAttention.apply, the forward op itself while torch.jit.trace runs
+flash_attention_apply = traced_as(_forward_op_call, _FlashAttention.apply)

@@ -26,7 +26,8 @@ from pyext import _backend, reference
 from pyext._autocast import autocast_inputs
 from pyext._weak import WeakTensorCache
 from pyext.ops import attention, attention_checks, attention_ops, attention_varlen_reference
-from pyext.ops._register import called_past_autograd, create_graph_grads, fx_traceable, past_autograd, register_stages
+from pyext.ops._register import (called_past_autograd, create_graph_grads, fx_traceable, past_autograd,
+                                 register_stages, traced_as)
 
 
 @torch.library.custom_op("pyext::flash_attn_varlen_fwd_triton", mutates_args=())
@@ -128,12 +129,13 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return (None, None, None) + grads
 
 
-def _varlen_apply(backend: str, auto: bool, deterministic: bool, *inputs):
-    """_FlashAttentionVarlen.apply, or, while torch.jit.trace runs, the forward
-    op itself (with its registered autograd: _register.traced_as)."""
-    if torch.jit.is_tracing():
-        return VARLEN_FWD[backend](*inputs)
-    return _FlashAttentionVarlen.apply(backend, auto, deterministic, *inputs)
+def _forward_op_call(backend: str, auto: bool, deterministic: bool, *inputs):
+    """What _FlashAttentionVarlen.apply computes, by the forward op itself (for traced_as)."""
+    return VARLEN_FWD[backend](*inputs)
+
+
+# _FlashAttentionVarlen.apply, the forward op itself while torch.jit.trace runs
+_varlen_apply = traced_as(_forward_op_call, _FlashAttentionVarlen.apply)
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
