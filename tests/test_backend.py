@@ -267,8 +267,8 @@ def test_flash_attention_refuses_nested_tensors_by_name():
 
 def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
     """Tensor parallelism's activations: torch's op has a sharding rule, ours
-    (but the norms' and GELU's: test_layer_norm.py's and test_gelu.py's
-    tensor-parallel tests) have none, so auto leaves a DTensor to torch and
+    (but the norms' and GELU's: the tensor-parallel tests of
+    test_layer_norm.py, test_rms_norm_gated.py and test_gelu.py) have none, so auto leaves a DTensor to torch and
     a named backend says so (flash_attention, which torch lacks, to the
     reference: causal and windowed too); a norm given a DTensor beside a
     plain tensor says that.

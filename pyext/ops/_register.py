@@ -31,7 +31,7 @@ def missing_reason(backend: str, table: dict, op: str):
 
 def sharding_rules_for(x, family: str, backend: str) -> None:
     """Where x is a DTensor (tensor parallelism's activations), the DTensor
-    rules of the family's ops ("norm", "grouped_norm", "gelu") of this
+    rules of the family's ops (sharding.py's families) of this
     backend, registered once (ops/sharding.py; imported only then, as
     torch.distributed.tensor costs ~0.25 s)."""
     if type(x) not in _backend.PLAIN_TENSOR_TYPES and _backend.is_dtensor(x):

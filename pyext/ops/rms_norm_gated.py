@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from pyext import _backend, reference
-from pyext.ops._register import create_graph_grads, fx_traceable, missing_reason, register_stages
+from pyext.ops._register import (create_graph_grads, fx_traceable, missing_reason, register_stages,
+                                 sharding_rules_for)
 from pyext.ops.layer_norm import (_KERNEL_DTYPES, _narrower_rms_weight, _param_dtype_ok, _stat_dtype,
                                   checked_eps, default_rms_eps, groups_reason)
 
@@ -174,9 +175,13 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Optional[Tensor] = None, eps
     eps = checked_eps("rms_norm_gated", eps, optional=True)
 
     def why_not(name):
-        return (_backend.device_reason(name, *(t for t in (x, gate, weight) if t is not None))
-                or missing_reason(name, RMS_NORM_GATED_FWD, "rms_norm_gated")
-                or (None if name == "torch" else _kernel_reason(x, gate, weight, group_size)))
+        if name == "torch":
+            return None
+        reason = (_backend.device_reason(name, *(t for t in (x, gate, weight) if t is not None), dtensors=True)
+                  or missing_reason(name, RMS_NORM_GATED_FWD, "rms_norm_gated"))
+        if reason is None:
+            sharding_rules_for(x, "rms_norm_gated", name)
+        return reason or _kernel_reason(x, gate, weight, group_size)
     name = _backend.select("rms_norm_gated", backend, x.device, why_not)
     if name == "torch":
         return reference.rms_norm_gated(x, gate, weight, eps, activation, norm_before_gate, group_size)

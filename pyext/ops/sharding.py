@@ -10,6 +10,9 @@ as x is. In the backward dx is sharded as x, and dweight and dbias, each
 rank's sum over its own rows, are Partial: the sum over ranks is the
 gradient (what torch's own layer_norm rule gives).
 
+Gated RMSNorm is a norm of whole rows (or groups of a row) too: the gate
+placed as x, and in the backward dgate as x, dweight Partial.
+
 GELU is elementwise: x (and the backward's grad) replicated or sharded
 along any dim, the result as x. A Partial x is not: gelu(a + b) is not
 gelu(a) + gelu(b).
@@ -69,6 +72,21 @@ def _rms_norm_bwd(grad, x, rstd, weight, need_dweight, *group_size):
     return strategies
 
 
+def _rms_norm_gated_fwd(x, gate, weight, eps, activation, norm_before_gate, group_size):
+    """(y, rstd) as x, the gate placed as x."""
+    options = [_replicated_if(weight), None, None, None, None]
+    return [([place] * 2, [place, place, *options]) for place in _rows(x, x.shape[-1:])]
+
+
+def _rms_norm_gated_bwd(grad, x, gate, rstd, weight, activation, norm_before_gate, need_dweight, group_size):
+    """(dx, dgate, dweight): dx and dgate as x, dweight Partial where
+    sharded rows sum it."""
+    options = [_replicated_if(weight), None, None, None, None]
+    dweight = Partial() if need_dweight else Replicate()
+    return [([place] * 2 + [Replicate() if place == Replicate() else dweight], [place] * 4 + options)
+            for place in _rows(x, x.shape[-1:])]
+
+
 def _elementwise(x):
     return [Replicate()] + [Shard(d) for d in range(x.ndim)]
 
@@ -86,12 +104,13 @@ def _gelu_bwd(grad, x, approximate):
 _NORMS = {"layer_norm_fwd": _layer_norm_fwd, "layer_norm_bwd": _layer_norm_bwd,
           "rms_norm_fwd": _rms_norm_fwd, "rms_norm_bwd": _rms_norm_bwd}
 _RULES = {"norm": _NORMS, "grouped_norm": {f"grouped_{stage}": rule for stage, rule in _NORMS.items()},
+          "rms_norm_gated": {"rms_norm_gated_fwd": _rms_norm_gated_fwd, "rms_norm_gated_bwd": _rms_norm_gated_bwd},
           "gelu": {"gelu_fwd": _gelu_fwd, "gelu_bwd": _gelu_bwd}}
 
 
 @functools.lru_cache(maxsize=None)
 def register(family: str, backend: str) -> None:
-    """The rules for a family's ops ("norm", "grouped_norm", "gelu") of a
-    kernel backend, once."""
+    """The rules for a family's ops ("norm", "grouped_norm", "rms_norm_gated",
+    "gelu") of a kernel backend, once."""
     for stage, rule in _RULES[family].items():
         register_sharding(getattr(torch.ops.pyext, f"{stage}_{backend}").default)(rule)
