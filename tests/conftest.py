@@ -340,12 +340,38 @@ class ShapesMade(TorchDispatchMode):
         return out
 
 
-def exit_rank() -> None:
-    """The end of a spawned gloo rank whose work passed (its process group
-    destroyed): exit at once, without the interpreter's teardown, where a
-    rank once died of "terminate called without an active exception" (a
-    thread of gloo's still joinable; benchmarks/NOTES.md, "A gloo rank
-    aborted once in CI"). A rank that fails raises before it, as before."""
+def run_on_ranks(rank_fn, tmp_path, monkeypatch, *args, world: int = 2) -> dict:
+    """rank_fn(rank, world, mesh, *args) in `world` spawned processes of one
+    gloo group on the CPU (a 1-D mesh of them; the Triton kernels under the
+    interpreter, GPU or not): {rank: what each returned}. Skips where torch
+    has no gloo."""
+    import torch.multiprocessing as mp
+    pytest.importorskip("torch.distributed.tensor")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_rank_main, args=(world, tmp_path / "store", rank_fn, args, results), nprocs=world,
+                       join=True, start_method="spawn")
+    assert sorted(results.keys()) == list(range(world))
+    return dict(results)
+
+
+def _rank_main(rank, world, store, rank_fn, args, results):
+    """One spawned rank of run_on_ranks. A file store: no TCP store server
+    in rank 0 and no port to race for. A rank whose work passed exits at
+    once, without the interpreter's teardown, where a rank once died of
+    "terminate called without an active exception" (a thread of gloo's
+    still joinable; benchmarks/NOTES.md, "A gloo rank aborted once in CI");
+    a rank that fails raises first."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        results[rank] = rank_fn(rank, world, init_device_mesh("cpu", (world,)), *args)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

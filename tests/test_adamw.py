@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyext
-from conftest import BACKENDS, HAS_GPU, assert_close, device_for, exit_rank
+from conftest import BACKENDS, HAS_GPU, assert_close, device_for, run_on_ranks
 
 SHAPES = [(), (1,), (7,), (33, 5), (0,), (1025,)]
 OPTIONS = [
@@ -932,45 +932,36 @@ def test_many_tensors_and_long_ones_across_launches(backend, dtype, offset):
             assert_close(o, r, p, f"param {i} ({o.numel()} elements)")
 
 
-def _dtensor_rank(rank, world, store, backend, layout, results):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _dtensor_rank(rank, world, mesh, backend, layout):
+    """One rank of test_dtensor_parameters_are_stepped_locally."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    # A file store: no TCP store server in rank 0 and no port to race for.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)  # the same full tensors on every rank
-        full = [torch.randn(6, 5), torch.randn(7)]
-        grads = [[torch.randn_like(p) for p in full] for _ in range(3)]
-        # how a parameter and its gradient lie over the ranks: FSDP2's shards;
-        # tensor parallelism's SequenceParallel norm weight (replicated, its
-        # gradient each rank's unreduced part) and RowwiseParallel embedding
-        # (sharded, its gradient replicated)
-        placement, grad_placement = {"fsdp": (Shard(0), Shard(0)), "sequence-parallel": (Replicate(), Partial()),
-                                     "rowwise": (Shard(0), Replicate())}[layout]
+    torch.manual_seed(0)  # the same full tensors on every rank
+    full = [torch.randn(6, 5), torch.randn(7)]
+    grads = [[torch.randn_like(p) for p in full] for _ in range(3)]
+    # how a parameter and its gradient lie over the ranks: FSDP2's shards;
+    # tensor parallelism's SequenceParallel norm weight (replicated, its
+    # gradient each rank's unreduced part) and RowwiseParallel embedding
+    # (sharded, its gradient replicated)
+    placement, grad_placement = {"fsdp": (Shard(0), Shard(0)), "sequence-parallel": (Replicate(), Partial()),
+                                 "rowwise": (Shard(0), Replicate())}[layout]
 
-        def placed(g):  # a Partial gradient: each rank's part, the parts summing to g, not in proportion to it
-            if isinstance(grad_placement, Partial):  # (Adam would step a part in proportion as it steps g)
-                split = torch.randn(g.shape, generator=torch.Generator().manual_seed(g.numel()))
-                return DTensor.from_local(g / world + split * (rank - (world - 1) / 2), mesh, [grad_placement])
-            return distribute_tensor(g, mesh, [grad_placement])
-        shards = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [placement])) for p in full]
-        opt = pyext.optim.AdamW(shards, lr=1e-2, weight_decay=0.1, backend=backend)
-        ref = [p.clone() for p in full]
-        ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
-        for step_grads in grads:
-            for s, r, g in zip(shards, ref, step_grads):
-                s.grad = placed(g)
-                r.grad = g.clone()
-            opt.step()
-            ref_opt.step()
-        results[rank] = max((s.full_tensor() - r).abs().max().item() for s, r in zip(shards, ref))
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+    def placed(g):  # a Partial gradient: each rank's part, the parts summing to g, not in proportion to it
+        if isinstance(grad_placement, Partial):  # (Adam would step a part in proportion as it steps g)
+            split = torch.randn(g.shape, generator=torch.Generator().manual_seed(g.numel()))
+            return DTensor.from_local(g / world + split * (rank - (world - 1) / 2), mesh, [grad_placement])
+        return distribute_tensor(g, mesh, [grad_placement])
+    shards = [torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [placement])) for p in full]
+    opt = pyext.optim.AdamW(shards, lr=1e-2, weight_decay=0.1, backend=backend)
+    ref = [p.clone() for p in full]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step_grads in grads:
+        for s, r, g in zip(shards, ref, step_grads):
+            s.grad = placed(g)
+            r.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+    return max((s.full_tensor() - r).abs().max().item() for s, r in zip(shards, ref))
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "sequence-parallel", "rowwise"])
@@ -981,14 +972,5 @@ def test_dtensor_parameters_are_stepped_locally(backend, layout, monkeypatch, tm
     interpreter, GPU or not). A gradient laid out otherwise than its
     parameter is laid out as it first (stepped as each rank's part, the
     replicated weights went apart; the sharded ones raised)."""
-    import torch.multiprocessing as mp
-    pytest.importorskip("torch.distributed.tensor")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
-    results = mp.get_context("spawn").Manager().dict()
-    store = tmp_path / "store"
-    mp.start_processes(_dtensor_rank, args=(2, store, backend, layout, results), nprocs=2, join=True,
-                       start_method="spawn")
-    assert sorted(results.keys()) == [0, 1]
+    results = run_on_ranks(_dtensor_rank, tmp_path, monkeypatch, backend, layout)
     assert all(err < 1e-5 for err in results.values()), dict(results)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 import pyext
 from pyext import reference
-from conftest import (BACKENDS, COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for,
-                      exit_rank, make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+from conftest import (BACKENDS, COMPILERS, HAS_GPU, assert_close, compute_sanitizer, device_for, make_tensor,
+                      poison_cuda_allocator, poisoned_like, run_on_ranks, run_under_sanitizer)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROX = ["none", "tanh"]
@@ -190,39 +190,30 @@ def test_unknown_backend_is_a_value_error():
         pyext.gelu(torch.randn(3), backend="cudnn")
 
 
-def _tensor_parallel_rank(rank, world, store, results):
+def _tensor_parallel_rank(rank, world, mesh):
     """One rank of test_tensor_parallel_gelu_runs_the_kernels_on_each_ranks_part."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)  # the same full tensors on every rank
-        x, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
-        errors = {}
-        for name, placement in (("colwise output", Shard(2)), ("batch", Shard(0)), ("replicated", Replicate()),
-                                ("partial", Partial())):
-            runs = []
-            for gelu in (lambda t: pyext.gelu(t, "tanh", backend="triton"), lambda t: F.gelu(t, approximate="tanh")):
-                if name == "partial":  # each rank holds a part of x's sum (exactly x): gelu needs the whole
-                    x_dt = DTensor.from_local(x.round() if rank == 0 else x - x.round(), mesh, [placement])
-                else:
-                    x_dt = distribute_tensor(x, mesh, [placement])
-                x_dt.requires_grad_()
-                y = gelu(x_dt)
-                y.backward(distribute_tensor(dy, mesh, y.placements))
-                runs.append((y.placements, x_dt.grad.placements, y.full_tensor(), x_dt.grad.full_tensor()))
-            (ours, theirs) = runs
-            if name != "partial":  # which sharding a Partial x becomes is DTensor's choice of the cheapest
-                assert ours[:2] == theirs[:2], (name, ours[:2], theirs[:2])  # placed as torch's own rules place them
-            errors[name] = max((ours[2] - theirs[2]).abs().max().item(), (ours[3] - theirs[3]).abs().max().item())
-        results[rank] = errors
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+    torch.manual_seed(0)  # the same full tensors on every rank
+    x, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    errors = {}
+    for name, placement in (("colwise output", Shard(2)), ("batch", Shard(0)), ("replicated", Replicate()),
+                            ("partial", Partial())):
+        runs = []
+        for gelu in (lambda t: pyext.gelu(t, "tanh", backend="triton"), lambda t: F.gelu(t, approximate="tanh")):
+            if name == "partial":  # each rank holds a part of x's sum (exactly x): gelu needs the whole
+                x_dt = DTensor.from_local(x.round() if rank == 0 else x - x.round(), mesh, [placement])
+            else:
+                x_dt = distribute_tensor(x, mesh, [placement])
+            x_dt.requires_grad_()
+            y = gelu(x_dt)
+            y.backward(distribute_tensor(dy, mesh, y.placements))
+            runs.append((y.placements, x_dt.grad.placements, y.full_tensor(), x_dt.grad.full_tensor()))
+        (ours, theirs) = runs
+        if name != "partial":  # which sharding a Partial x becomes is DTensor's choice of the cheapest
+            assert ours[:2] == theirs[:2], (name, ours[:2], theirs[:2])  # placed as torch's own rules place them
+        errors[name] = max((ours[2] - theirs[2]).abs().max().item(), (ours[3] - theirs[3]).abs().max().item())
+    return errors
 
 
 def test_tensor_parallel_gelu_runs_the_kernels_on_each_ranks_part(monkeypatch, tmp_path):
@@ -232,14 +223,7 @@ def test_tensor_parallel_gelu_runs_the_kernels_on_each_ranks_part(monkeypatch, t
     The kernels run on each rank's part (DTensor rules, pyext/ops/sharding.py;
     a named backend refused DTensors before): y and dx placed, and valued, as
     torch's F.gelu on the same DTensors."""
-    import torch.multiprocessing as mp
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_tensor_parallel_rank, args=(2, tmp_path / "store", results), nprocs=2,
-                       join=True, start_method="spawn")
-    assert sorted(results.keys()) == [0, 1]
+    results = run_on_ranks(_tensor_parallel_rank, tmp_path, monkeypatch)
     assert all(err < 1e-6 for errors in results.values() for err in errors.values()), dict(results)
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import pyext
 from pyext import reference
 from pyext.ops.layer_norm import default_rms_eps
-from conftest import (BACKENDS, COMPILERS, assert_close, compute_sanitizer, device_for, exit_rank,
-                      make_tensor, poison_cuda_allocator, poisoned_like, run_under_sanitizer)
+from conftest import (BACKENDS, COMPILERS, assert_close, compute_sanitizer, device_for, make_tensor,
+                      poison_cuda_allocator, poisoned_like, run_on_ranks, run_under_sanitizer)
 
 KINDS = ["layer_norm", "rms_norm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -751,50 +751,41 @@ def test_cuda_kernels_under_sanitizer(tool):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
-def _sequence_parallel_rank(rank, world, store, backend, results):
+def _sequence_parallel_rank(rank, world, mesh, backend):
     """One rank of test_sequence_parallel_norms_run_the_kernels_on_each_ranks_rows."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)  # the same full tensors on every rank
-        x, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
-        rows = slice(rank * 6 // world, (rank + 1) * 6 // world)  # this rank's part of the sequence
-        errors = {}
-        cases = (("layer_norm", pyext.nn.LayerNorm(16, backend=backend),
-                  lambda x, p: F.layer_norm(x, (16,), p["weight"], p["bias"])),
-                 ("rms_norm", pyext.nn.RMSNorm(16, eps=1e-6, backend=backend),
-                  lambda x, p: F.rms_norm(x, (16,), p["weight"], 1e-6)),
-                 ("grouped_layer_norm", pyext.nn.LayerNorm(16, group_size=4, backend=backend),
-                  lambda x, p: reference.grouped_layer_norm(x, (16,), p["weight"], p["bias"], 1e-5, 4)),
-                 ("grouped_rms_norm", pyext.nn.RMSNorm(16, eps=1e-6, group_size=4, backend=backend),
-                  lambda x, p: reference.grouped_rms_norm(x, (16,), p["weight"], 1e-6, 4)))
-        for name, norm, norm_ref in cases:
-            with torch.no_grad():
-                for p in norm.parameters():
-                    p.normal_()
-            ref = {n: p.detach().clone().requires_grad_() for n, p in norm.named_parameters()}
-            x_ref = x.clone().requires_grad_()
-            y_ref = norm_ref(x_ref, ref)
-            y_ref.backward(dy)
-            # SequenceParallel: x sharded along the sequence (dim 1), the parameters replicated
-            parallelize_module(norm, mesh, SequenceParallel())
-            x_local = x[:, rows].clone().requires_grad_()
-            y = norm(x_local)
-            y.backward(DTensor.from_local(dy[:, rows], mesh, [Shard(1)]))
-            errors[name] = max([(y.full_tensor() - y_ref).abs().max().item(),
-                                (x_local.grad - x_ref.grad[:, rows]).abs().max().item()] +
-                               [(p.grad.full_tensor() - ref[n].grad).abs().max().item()
-                                for n, p in norm.named_parameters()])
-        results[rank] = errors
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+    torch.manual_seed(0)  # the same full tensors on every rank
+    x, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    rows = slice(rank * 6 // world, (rank + 1) * 6 // world)  # this rank's part of the sequence
+    errors = {}
+    cases = (("layer_norm", pyext.nn.LayerNorm(16, backend=backend),
+              lambda x, p: F.layer_norm(x, (16,), p["weight"], p["bias"])),
+             ("rms_norm", pyext.nn.RMSNorm(16, eps=1e-6, backend=backend),
+              lambda x, p: F.rms_norm(x, (16,), p["weight"], 1e-6)),
+             ("grouped_layer_norm", pyext.nn.LayerNorm(16, group_size=4, backend=backend),
+              lambda x, p: reference.grouped_layer_norm(x, (16,), p["weight"], p["bias"], 1e-5, 4)),
+             ("grouped_rms_norm", pyext.nn.RMSNorm(16, eps=1e-6, group_size=4, backend=backend),
+              lambda x, p: reference.grouped_rms_norm(x, (16,), p["weight"], 1e-6, 4)))
+    for name, norm, norm_ref in cases:
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.normal_()
+        ref = {n: p.detach().clone().requires_grad_() for n, p in norm.named_parameters()}
+        x_ref = x.clone().requires_grad_()
+        y_ref = norm_ref(x_ref, ref)
+        y_ref.backward(dy)
+        # SequenceParallel: x sharded along the sequence (dim 1), the parameters replicated
+        parallelize_module(norm, mesh, SequenceParallel())
+        x_local = x[:, rows].clone().requires_grad_()
+        y = norm(x_local)
+        y.backward(DTensor.from_local(dy[:, rows], mesh, [Shard(1)]))
+        errors[name] = max([(y.full_tensor() - y_ref).abs().max().item(),
+                            (x_local.grad - x_ref.grad[:, rows]).abs().max().item()] +
+                           [(p.grad.full_tensor() - ref[n].grad).abs().max().item()
+                            for n, p in norm.named_parameters()])
+    return errors
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -806,13 +797,5 @@ def test_sequence_parallel_norms_run_the_kernels_on_each_ranks_rows(backend, mon
     each rank's rows (DTensor rules, pyext/ops/sharding.py; a named backend
     refused DTensors before), the weights' gradients each rank's part,
     summed: torch's full run's."""
-    import torch.multiprocessing as mp
-    pytest.importorskip("torch.distributed.tensor.parallel")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_sequence_parallel_rank, args=(2, tmp_path / "store", backend, results), nprocs=2,
-                       join=True, start_method="spawn")
-    assert sorted(results.keys()) == [0, 1]
+    results = run_on_ranks(_sequence_parallel_rank, tmp_path, monkeypatch, backend)
     assert all(err < 1e-5 for errors in results.values() for err in errors.values()), dict(results)

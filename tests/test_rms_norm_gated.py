@@ -6,7 +6,7 @@ import torch
 import pyext
 from pyext import reference
 from pyext.ops.layer_norm import default_rms_eps
-from conftest import COMPILERS, assert_close, device_for, exit_rank, make_tensor, poisoned_like
+from conftest import COMPILERS, assert_close, device_for, make_tensor, poisoned_like, run_on_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = ["silu", "sigmoid"]
@@ -172,41 +172,32 @@ def test_rows_past_8192_take_the_chunked_kernels(norm_before_gate, hidden, group
     check("triton", x, gate, weight, norm_before_gate=norm_before_gate, group_size=group_size)
 
 
-def _tensor_parallel_rank(rank, world, store, results):
+def _tensor_parallel_rank(rank, world, mesh):
     """One rank of test_tensor_parallel_gated_norm_runs_the_kernels_on_each_ranks_rows."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)  # the same full tensors on every rank
-        x, gate, weight, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16), torch.randn(16), torch.randn(2, 6, 16)
-        errors, placed_as_x = {}, {}
-        for norm_before_gate, group_size in ((True, None), (False, 4)):
-            full = [t.clone().requires_grad_() for t in (x, gate, weight)]
-            y_ref = reference.rms_norm_gated(*full, 1e-6, "silu", norm_before_gate, group_size)
-            y_ref.backward(dy)
-            # the sequence, the batch, replicated; a gate placed otherwise than x and x sharded along its
-            # features each go through DTensor's redistribution first
-            for x_place, gate_place in ((Shard(1), Shard(1)), (Shard(0), Shard(0)), (Replicate(), Replicate()),
-                                        (Shard(1), Replicate()), (Shard(2), Shard(1))):
-                case = f"{norm_before_gate} {group_size} {x_place} {gate_place}"
-                parts = [distribute_tensor(t, mesh, [place]).requires_grad_()
-                         for t, place in ((x, x_place), (gate, gate_place), (weight, Replicate()))]
-                y = pyext.rms_norm_gated(*parts, 1e-6, norm_before_gate=norm_before_gate, group_size=group_size,
-                                         backend="triton")
-                y.backward(distribute_tensor(dy, mesh, y.placements))
-                if x_place != Shard(2):  # rows sharded stay sharded: no gather around the kernels
-                    placed_as_x[case] = y.placements == (x_place,)
-                errors[case] = max([(y.full_tensor() - y_ref).abs().max().item()] +
-                                   [(p.grad.full_tensor() - r.grad).abs().max().item() for p, r in zip(parts, full)])
-        results[rank] = (errors, placed_as_x)
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+    torch.manual_seed(0)  # the same full tensors on every rank
+    x, gate, weight, dy = torch.randn(2, 6, 16), torch.randn(2, 6, 16), torch.randn(16), torch.randn(2, 6, 16)
+    errors, placed_as_x = {}, {}
+    for norm_before_gate, group_size in ((True, None), (False, 4)):
+        full = [t.clone().requires_grad_() for t in (x, gate, weight)]
+        y_ref = reference.rms_norm_gated(*full, 1e-6, "silu", norm_before_gate, group_size)
+        y_ref.backward(dy)
+        # the sequence, the batch, replicated; a gate placed otherwise than x and x sharded along its
+        # features each go through DTensor's redistribution first
+        for x_place, gate_place in ((Shard(1), Shard(1)), (Shard(0), Shard(0)), (Replicate(), Replicate()),
+                                    (Shard(1), Replicate()), (Shard(2), Shard(1))):
+            case = f"{norm_before_gate} {group_size} {x_place} {gate_place}"
+            parts = [distribute_tensor(t, mesh, [place]).requires_grad_()
+                     for t, place in ((x, x_place), (gate, gate_place), (weight, Replicate()))]
+            y = pyext.rms_norm_gated(*parts, 1e-6, norm_before_gate=norm_before_gate, group_size=group_size,
+                                     backend="triton")
+            y.backward(distribute_tensor(dy, mesh, y.placements))
+            if x_place != Shard(2):  # rows sharded stay sharded: no gather around the kernels
+                placed_as_x[case] = y.placements == (x_place,)
+            errors[case] = max([(y.full_tensor() - y_ref).abs().max().item()] +
+                               [(p.grad.full_tensor() - r.grad).abs().max().item() for p, r in zip(parts, full)])
+    return errors, placed_as_x
 
 
 def test_tensor_parallel_gated_norm_runs_the_kernels_on_each_ranks_rows(monkeypatch, tmp_path):
@@ -216,15 +207,7 @@ def test_tensor_parallel_gated_norm_runs_the_kernels_on_each_ranks_rows(monkeypa
     kernels run on each rank's rows (DTensor rules, pyext/ops/sharding.py; a
     named backend refused DTensors before); y as x, dx, dgate and the summed
     dweight torch's full run's."""
-    import torch.multiprocessing as mp
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned processes' imports
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_tensor_parallel_rank, args=(2, tmp_path / "store", results), nprocs=2,
-                       join=True, start_method="spawn")
-    assert sorted(results.keys()) == [0, 1]
-    for errors, placed_as_x in results.values():
+    for errors, placed_as_x in run_on_ranks(_tensor_parallel_rank, tmp_path, monkeypatch).values():
         assert all(err < 1e-5 for err in errors.values()), errors
         assert all(placed_as_x.values()), placed_as_x
 
