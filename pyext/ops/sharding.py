@@ -82,9 +82,10 @@ def _rms_norm_gated_bwd(grad, x, gate, rstd, weight, activation, norm_before_gat
     """(dx, dgate, dweight): dx and dgate as x, dweight Partial where
     sharded rows sum it."""
     options = [_replicated_if(weight), None, None, None, None]
-    dweight = Partial() if need_dweight else Replicate()
-    return [([place] * 2 + [Replicate() if place == Replicate() else dweight], [place] * 4 + options)
-            for place in _rows(x, x.shape[-1:])]
+    strategies = [([Replicate()] * 3, [Replicate()] * 4 + options)]
+    for d in range(x.ndim - 1):
+        strategies.append(([Shard(d)] * 2 + [Partial() if need_dweight else Replicate()], [Shard(d)] * 4 + options))
+    return strategies
 
 
 def _elementwise(x):
