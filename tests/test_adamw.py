@@ -973,4 +973,4 @@ def test_dtensor_parameters_are_stepped_locally(backend, layout, monkeypatch, tm
     parameter is laid out as it first (stepped as each rank's part, the
     replicated weights went apart; the sharded ones raised)."""
     results = run_on_ranks(_dtensor_rank, tmp_path, monkeypatch, backend, layout)
-    assert all(err < 1e-5 for err in results.values()), dict(results)
+    assert all(err < 1e-5 for err in results.values()), results

@@ -798,4 +798,4 @@ def test_sequence_parallel_norms_run_the_kernels_on_each_ranks_rows(backend, mon
     refused DTensors before), the weights' gradients each rank's part,
     summed: torch's full run's."""
     results = run_on_ranks(_sequence_parallel_rank, tmp_path, monkeypatch, backend)
-    assert all(err < 1e-5 for errors in results.values() for err in errors.values()), dict(results)
+    assert all(err < 1e-5 for errors in results.values() for err in errors.values()), results

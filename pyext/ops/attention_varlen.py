@@ -288,7 +288,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
             deterministic = torch.are_deterministic_algorithms_enabled()
         seed = attention._dropout_seed(q.device) if dropout_p > 0 else None
         out, lse = _varlen_apply(name, _backend.is_auto(backend), deterministic,
-                                               *attention._distinct(q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                               max_seqlen_q, max_seqlen_k, scale, causal, *(window or (-1, -1)),
-                                               softcap, sinks, dropout_p, seed)[:2]
+                                 *attention._distinct(q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                 max_seqlen_q, max_seqlen_k, scale, causal, *(window or (-1, -1)),
+                                 softcap, sinks, dropout_p, seed)[:2]
     return (out, lse) if return_lse else out
