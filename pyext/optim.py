@@ -8,6 +8,7 @@ each new moment in float64 and round it once (torch's lerp_ and addcmul_
 round two or three times). One launch steps every tensor of a (device,
 dtype) group.
 """
+import itertools
 from typing import List, Optional
 
 import torch
@@ -95,6 +96,8 @@ def _staged(args):
     in that layout) as flat views of that memory; any other (a strided view,
     a grad laid out unlike its parameter) through contiguous copies."""
     staged, copied = [list(tensors) for tensors in args], []
+    if all(map(Tensor.is_contiguous, itertools.chain.from_iterable(args))):  # the common case, in one pass
+        return staged, copied
     for i in range(len(args[0])):
         tensors = [ts[i] for ts in args if ts]
         if all(t.is_contiguous() for t in tensors):
@@ -289,6 +292,8 @@ class AdamW(torch.optim.Optimizer):
 
         def local_real(ts):  # complex tensors step as their real views, as in torch's AdamW
             ts = [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+            if not any(map(Tensor.is_complex, ts)):
+                return ts
             return [torch.view_as_real(t) if t.is_complex() else t for t in ts]
 
         def grad_placed_as(p):
