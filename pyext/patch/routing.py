@@ -7,7 +7,6 @@ import dis
 import functools
 import inspect
 import sys
-import threading
 import weakref
 from types import CodeType, FunctionType
 
@@ -48,10 +47,11 @@ class _RouteCalls(TorchFunctionMode):
     fallbacks call torch's ops below these functions (pyext.reference), so
     they are never sent back."""
 
-    def __init__(self, backend, flags, softcap=0.0, window=None, gqa=False, sinks=None):
+    def __init__(self, backend, flags, softcap=0.0, window=None, gqa=False, sinks=None, entered_by=None):
         super().__init__()
         self.backend, self.attention, self.softcap, self.window = backend, "attention" in flags, softcap, window
         self.gqa, self.sinks = gqa, sinks
+        self.entered_by = entered_by  # (backend, flags) of the routed forward that entered it, if one did
         self.calls = {fn: call for flag, (fn, call) in _ROUTED_FUNCTIONS.items() if flag in flags}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -225,14 +225,6 @@ def _last(argval):
     return argval[-1] if isinstance(argval, tuple) else argval
 
 
-class _Routing(threading.local):
-    def __init__(self):
-        self.backends = []  # (backend, flags) of the routed forwards this thread is inside
-
-
-_routing = _Routing()
-
-
 class _ForwardWrapper:
     """A patched module's forward wrapping the forward it had. An object
     holding the module rather than a closure over its bound forward, so that
@@ -282,23 +274,23 @@ class _ForwardWrapper:
 
 
 class _RoutedForward(_ForwardWrapper):
-    """The forward it had, run inside _RouteCalls, unless this thread is
-    inside a routed forward of the same backend and flags already (one mode
-    however the routed modules nest: the mode costs per torch call)."""
+    """The forward it had, run inside _RouteCalls, unless the mode this
+    thread is in is one a routed forward of the same backend and flags
+    entered (one mode however the routed modules nest: the mode costs per
+    torch call). Read off torch's mode stack, which torch.compile and
+    torch.export trace without a side effect to replay."""
 
     def __init__(self, model, backend, flags, previous=None):
         super().__init__(model, previous)
         self.backend, self.flags = backend, flags
 
     def __call__(self, *args, **kwargs):
-        if _routing.backends and _routing.backends[-1] == (self.backend, self.flags):
+        key = (self.backend, self.flags)
+        mode = torch.overrides._get_current_function_mode()
+        if isinstance(mode, _RouteCalls) and mode.entered_by == key:
             return self._forward(*args, **kwargs)
-        _routing.backends.append((self.backend, self.flags))
-        try:
-            with _RouteCalls(self.backend, self.flags):
-                return self._forward(*args, **kwargs)
-        finally:
-            _routing.backends.pop()
+        with _RouteCalls(self.backend, self.flags, entered_by=key):
+            return self._forward(*args, **kwargs)
 
 
 class _TorchFastPathForward(_ForwardWrapper):
@@ -327,13 +319,9 @@ def outside_routing():
     """Torch's own code run with a patched model's routing mode set aside:
     torch takes its inference fast paths (nn.TransformerEncoder's,
     nn.MultiheadAttention's) only where no torch-function mode is active.
-    A routed forward inside enters its own mode."""
+    A routed forward inside routes its calls again."""
     if not isinstance(torch.overrides._get_current_function_mode(), _RouteCalls):
         yield
         return
-    _routing.backends.append(None)
-    try:
-        with torch.overrides._pop_mode_temporarily():
-            yield
-    finally:
-        _routing.backends.pop()
+    with torch.overrides._pop_mode_temporarily():
+        yield
