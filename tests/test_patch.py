@@ -567,6 +567,33 @@ def test_a_model_whose_code_names_no_routed_function_runs_outside_the_routing_mo
         assert ("forward" in model.__dict__) is routed
 
 
+def test_routed_modules_inside_a_routed_model_share_its_one_mode():
+    """The routing mode costs each torch call made inside it, once for each
+    mode on torch's stack: a routed module inside a routed model runs in the
+    model's mode rather than one more; called alone, it enters its own."""
+    from pyext.patch.routing import _RouteCalls
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            self.modes = [m for m in torch.overrides._get_current_function_mode_stack() if isinstance(m, _RouteCalls)]
+            return F.gelu(x)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return F.gelu(self.block(x))
+
+    model = pyext.patch(Outer(), backend="torch")
+    assert "forward" in model.__dict__ and "forward" in model.block.__dict__  # both routed
+    model(torch.randn(2, 8))
+    assert len(model.block.modes) == 1
+    model.block(torch.randn(2, 8))
+    assert len(model.block.modes) == 1
+
+
 def test_flags_leave_modules_alone():
     model = nano_gpt()
     pyext.patch(model, layer_norm=False, backend="torch")
