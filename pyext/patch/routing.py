@@ -277,8 +277,8 @@ class _RoutedForward(_ForwardWrapper):
     """The forward it had, run inside _RouteCalls, unless the mode this
     thread is in is one a routed forward of the same backend and flags
     entered (one mode however the routed modules nest: the mode costs per
-    torch call). Read off torch's mode stack, which torch.compile and
-    torch.export trace without a side effect to replay."""
+    torch call). Read off torch's mode stack, not kept in a list beside it
+    (strict torch.export reported such a list as a side effect to replay)."""
 
     def __init__(self, model, backend, flags, previous=None):
         super().__init__(model, previous)
