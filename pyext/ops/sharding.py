@@ -46,15 +46,25 @@ def _layer_norm_fwd(x, normalized_shape, weight, bias, eps, *group_size):
     return [([place] * 3, [place, None, *params]) for place in _rows(x, normalized_shape)]
 
 
-def _layer_norm_bwd(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias, *group_size):
-    """(dx, dweight, dbias): dx as x, the parameters' Partial where sharded
-    rows sum them (a gradient not asked for is an empty tensor, replicated)."""
-    params = [_replicated_if(weight), _replicated_if(bias), None, None, *[None for _ in group_size]]
-    strategies = [([Replicate()] * 3, [Replicate()] * 4 + params)]
-    for d in range(mean.ndim - len(group_size)):  # mean has x's leading dims (and the grouped op's groups)
-        sums = [Partial() if need_dweight else Replicate(), Partial() if need_dbias else Replicate()]
-        strategies.append(([Shard(d), *sums], [Shard(d)] * 4 + params))
+def _backward(leading_dims, row_outputs, needs, row_inputs, params):
+    """A norm backward's strategies: everything replicated, or the rows
+    sharded along one leading dim d: the row outputs (dx, dgate) and row
+    inputs (grad, x, the statistics, the gate) Shard(d), each parameter's
+    gradient Partial where sharded rows sum it (one not asked for is an
+    empty tensor, replicated); params: the other arguments' placements."""
+    strategies = [([Replicate()] * (row_outputs + len(needs)), [Replicate()] * row_inputs + params)]
+    for d in range(leading_dims):
+        sums = [Partial() if need else Replicate() for need in needs]
+        strategies.append(([Shard(d)] * row_outputs + sums, [Shard(d)] * row_inputs + params))
     return strategies
+
+
+def _layer_norm_bwd(grad, x, mean, rstd, weight, bias, need_dweight, need_dbias, *group_size):
+    """(dx, dweight, dbias): dx as x, the parameters' Partial where sharded rows sum them."""
+    params = [_replicated_if(weight), _replicated_if(bias), None, None, *[None for _ in group_size]]
+    # mean has x's leading dims (and the grouped op's groups)
+    return _backward(mean.ndim - len(group_size), row_outputs=1, needs=[need_dweight, need_dbias],
+                     row_inputs=4, params=params)
 
 
 def _rms_norm_fwd(x, normalized_shape, weight, eps, *group_size):
@@ -66,10 +76,7 @@ def _rms_norm_fwd(x, normalized_shape, weight, eps, *group_size):
 def _rms_norm_bwd(grad, x, rstd, weight, need_dweight, *group_size):
     """(dx, dweight): as _layer_norm_bwd's."""
     params = [_replicated_if(weight), None, *[None for _ in group_size]]
-    strategies = [([Replicate()] * 2, [Replicate()] * 3 + params)]
-    for d in range(rstd.ndim - len(group_size)):
-        strategies.append(([Shard(d), Partial() if need_dweight else Replicate()], [Shard(d)] * 3 + params))
-    return strategies
+    return _backward(rstd.ndim - len(group_size), row_outputs=1, needs=[need_dweight], row_inputs=3, params=params)
 
 
 def _rms_norm_gated_fwd(x, gate, weight, eps, activation, norm_before_gate, group_size):
@@ -82,10 +89,7 @@ def _rms_norm_gated_bwd(grad, x, gate, rstd, weight, activation, norm_before_gat
     """(dx, dgate, dweight): dx and dgate as x, dweight Partial where
     sharded rows sum it."""
     options = [_replicated_if(weight), None, None, None, None]
-    strategies = [([Replicate()] * 3, [Replicate()] * 4 + options)]
-    for d in range(x.ndim - 1):
-        strategies.append(([Shard(d)] * 2 + [Partial() if need_dweight else Replicate()], [Shard(d)] * 4 + options))
-    return strategies
+    return _backward(x.ndim - 1, row_outputs=2, needs=[need_dweight], row_inputs=4, params=options)
 
 
 def _elementwise(x):
