@@ -269,9 +269,8 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
     """Tensor parallelism's activations: torch's op has a sharding rule, ours
     (but the norms' and GELU's: the tensor-parallel tests of
     test_layer_norm.py, test_rms_norm_gated.py and test_gelu.py) have none, so auto leaves a DTensor to torch and
-    a named backend says so (flash_attention, which torch lacks, to the
-    reference: causal and windowed too); a norm given a DTensor beside a
-    plain tensor says that.
+    a named backend says so; a norm given a DTensor beside a plain tensor
+    says that.
     On CPU (one gloo process): the DTensor reason comes before any device
     check, which is what makes auto pass CUDA DTensors over too."""
     import torch.distributed as dist
@@ -283,16 +282,37 @@ def test_dtensors_go_to_torch_and_named_kernel_backends_refuse_them(tmp_path):
         y = pyext.layer_norm(x, (8,))
         assert isinstance(y, DTensor)
         torch.testing.assert_close(y.full_tensor(), torch.nn.functional.layer_norm(x.full_tensor(), (8,)))
-        q = torch.randn(2, 4, 8, 8)
-        heads = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(1)])
+        heads = distribute_tensor(torch.randn(2, 4, 8, 8), init_device_mesh("cpu", (1,)), [Shard(1)])
         for backend in ("cuda", "triton"):
             with pytest.raises(pyext.BackendUnavailable, match="got a DTensor"):
                 pyext.scaled_dot_product_attention(heads, heads, heads, backend=backend)
             with pytest.raises(pyext.BackendUnavailable, match="got a mix"):
                 pyext.layer_norm(x, (8,), torch.ones(8), backend=backend)
-        # flash_attention has no torch op to leave them to: the reference, its masks DTensors too
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sharded_dim", [0, 1], ids=["batch", "heads"])
+def test_flash_attention_runs_the_reference_on_dtensors(sharded_dim, tmp_path):
+    """flash_attention has no torch op to leave DTensors to: the reference
+    takes them, through DTensor's own ops, its causal and window masks
+    DTensors too. Sharded along the heads it needs a torch whose DTensor
+    multiplies 4-D tensors so sharded (torch 2.11's cannot: "Attempted to
+    flatten multiple dimensions, with dimension 1 being sharded"; 2.14's can)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        q = torch.randn(2, 4, 8, 8)
+        sharded = distribute_tensor(q, init_device_mesh("cpu", (1,)), [Shard(sharded_dim)])
+        try:
+            sharded @ sharded.transpose(-2, -1)
+        except RuntimeError as error:
+            pytest.skip(f"this torch's DTensor cannot multiply these: {error}")
         for options in (dict(causal=True), dict(window_size=(2, 0))):
-            out = pyext.flash_attention(heads, heads, heads, **options)
+            out = pyext.flash_attention(sharded, sharded, sharded, **options)
+            assert out.placements == (Shard(sharded_dim),)
             torch.testing.assert_close(out.full_tensor(), pyext.flash_attention(q, q, q, **options), rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
