@@ -166,7 +166,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     CUDA kernels, any in the Triton ones (v's may be its own, below q's and
     k's, as in DeepSeek's MLA: the Triton kernels);
     other inputs go to the reference (backend "auto") or raise (a kernel
-    backend named). Under torch.autocast, q, k and v are cast as torch casts
+    backend named). DTensors (a tensor-parallel model's heads) are other
+    inputs: the reference runs them through DTensor's own ops, which in
+    torch 2.11 cannot multiply 4-D tensors sharded along the heads (2.14's
+    can). Under torch.autocast, q, k and v are cast as torch casts
     them for its SDPA (float32 to the region's dtype).
     """
     q, k, v = autocast_inputs("aten::scaled_dot_product_attention", q, k, v)
