@@ -6,6 +6,7 @@ Under the Triton interpreter, with a stand-in for the autotuner's timer.
 And the configs of a first launch compiled on a thread each, on a pretend
 H100 (tests/parallel_compile_check.py); and the attention launches' keys,
 each of which must map to one key of the autotuner's own."""
+import inspect
 import os
 import subprocess
 import sys
@@ -113,6 +114,10 @@ def test_autotune_configs_compile_on_a_thread_each(tmp_path):
     """tests/parallel_compile_check.py, without the interpreter: real sm_90 compiles, each config
     once, on the pool's threads; the autotuner compiles none itself."""
     pytest.importorskip("triton.backends.nvidia")
+    async_compile = pytest.importorskip("triton.runtime._async_compile")
+    if "ignore_errors" not in inspect.signature(async_compile.AsyncCompileMode).parameters:
+        pytest.skip(f"Triton {triton.__version__}'s AsyncCompileMode cannot leave a config that fails to compile "
+                    "to the autotuner: pyext compiles the configs one at a time there")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # every compile a real one
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "parallel_compile_check.py")],

@@ -29,6 +29,7 @@ full grid some 330 times (benchmarks/NOTES.md, "Tuning time"), a user's
 first training step a few times.
 """
 import functools
+import inspect
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,10 @@ from triton.runtime import driver
 try:
     from triton.runtime._async_compile import AsyncCompileMode
 except ImportError:  # a Triton without it: the autotuner compiles the configs one at a time
+    AsyncCompileMode = None
+if AsyncCompileMode is not None and "ignore_errors" not in inspect.signature(AsyncCompileMode).parameters:
+    # Triton 3.5's raises at the end of the block for a config that fails to compile, which the
+    # autotuner would have skipped: there too the autotuner compiles them one at a time
     AsyncCompileMode = None
 
 
