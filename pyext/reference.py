@@ -156,9 +156,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q (of k and v: cu_seqlens_k);
     causal bottom-right in each sequence. out (total_q, Hq, Dv), lse
     (Hq, total_q). keeps: sequence b's dropout mask (1, Hq, Sq_b, Sk_b) per
-    sequence, or None to draw them. sinks (Hq,): every sequence's, as attention()'s."""
+    sequence, or None to draw them. sinks (Hq,): every sequence's, as attention()'s.
+    The offsets may be lists of ints, read off their tensors already (torch
+    2.9 cannot read a captured tensor's values inside torch.func.vjp)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    offsets_q, offsets_k = (c if isinstance(c, list) else c.tolist() for c in (cu_seqlens_q, cu_seqlens_k))
     outs, lses = [], []  # the sequences' rows, which run from 0 to the rows given; joined, not written in
     for b, (q0, q1, k0, k1) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])):
         o, row_lse = attention(*(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), scale=scale,

@@ -47,8 +47,10 @@ def flash_attn_varlen_reference_bwd(dout: Tensor, dlse: Optional[Tensor], q: Ten
     """(dq, dk, dv, dsinks; empty without sinks): the reference's gradients,
     its forward recomputed under autograd (an op too: a trace of the
     backward cannot follow the offsets either)."""
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # read outside the vjp (torch 2.9)
+
     def forward(q, k, v, *sinks):
-        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
+        return reference.attention_varlen(q, k, v, offsets_q, offsets_k, scale=scale, causal=causal,
                                           window=_window(window_left, window_right), softcap=softcap,
                                           sinks=sinks[0] if sinks else None)
     # torch.func's vjp: plain autograd is off inside an op's kernel
