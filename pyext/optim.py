@@ -204,17 +204,19 @@ class AdamW(torch.optim.Optimizer):
         if fused:  # GradScaler hands the step its scale and found_inf, as it hands torch's fused AdamW
             self._step_supports_amp_scaling = True
 
-    def _init_state(self, p: Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if not state:
-            # step on the parameter's device, where torch's fused AdamW keeps it:
-            # one launch increments every step and the kernel reads them in place.
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        return state
+    def _states(self, params: List[Tensor], group: dict) -> List[dict]:
+        """The parameters' states, made on their first step: the step on the
+        parameter's device, where torch's fused AdamW keeps it (one launch
+        increments every step and the kernel reads them in place)."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        return states
 
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("differentiable"):
@@ -274,41 +276,48 @@ class AdamW(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            groups = {}
+            groups = {}  # (device, dtype) -> ([params], [their grads])
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                groups.setdefault((p.device, p.dtype), []).append(p)
-            for params in groups.values():
-                self._step_group(group, params, grad_scale, found_inf)
+                params, grads = groups.setdefault((p.device, p.dtype), ([], []))
+                params.append(p)
+                grads.append(grad)
+            for params, grads in groups.values():
+                self._step_group(group, params, grads, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, group: dict, params: List[Tensor], grad_scale: Optional[Tensor],
+    def _step_group(self, group: dict, params: List[Tensor], grads: List[Tensor], grad_scale: Optional[Tensor],
                     found_inf: Optional[Tensor]):
         from torch.distributed.tensor import DTensor  # FSDP2 shards: step the local shards
-        states = [self._init_state(p, group) for p in params]
+        states = self._states(params, group)
+        # Plain real parameters (the common case, one pass to tell) step as they are.
+        plain = not params[0].is_complex() and all(type(p) in _backend.PLAIN_TENSOR_TYPES for p in params)
 
         def local_real(ts):  # complex tensors step as their real views, as in torch's AdamW
+            if plain:
+                return list(ts)
             ts = [t.to_local() if isinstance(t, DTensor) else t for t in ts]
             if not any(map(Tensor.is_complex, ts)):
                 return ts
             return [torch.view_as_real(t) if t.is_complex() else t for t in ts]
 
-        def grad_placed_as(p):
-            # p.grad laid out over the devices as p is, for the local pieces to
+        def placed_as(grad, p):
+            # grad laid out over the devices as p is, for the local pieces to
             # match. Under tensor parallelism they may differ: a SequenceParallel
             # norm's replicated weight gets a Partial (unreduced) gradient, a
             # RowwiseParallel embedding's sharded weight a replicated one (torch's
             # AdamW meets this in its DTensor ops, which redistribute it).
-            grad = p.grad
             if isinstance(p, DTensor) and isinstance(grad, DTensor) and \
                     (grad.placements != p.placements or grad.device_mesh != p.device_mesh):
                 grad = grad.redistribute(p.device_mesh, p.placements)
             return grad
 
-        local, grads = local_real(params), local_real(grad_placed_as(p) for p in params)
+        local = local_real(params)
+        grads = grads if plain else local_real(map(placed_as, grads, params))
 
         def moments(key):
             return local_real(s[key] for s in states) if key in states[0] else []
@@ -320,7 +329,7 @@ class AdamW(torch.optim.Optimizer):
         kw = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                   amsgrad=group["amsgrad"], maximize=group["maximize"])
         name = _backend.select("optim.AdamW", self.backend, local[0].device,
-                               lambda b: self._why_not(b, local + grads))
+                               lambda b: self._why_not(b, local, grads))
         args = (local, grads, moments("exp_avg"), moments("exp_avg_sq"), moments("max_exp_avg_sq"))
         if name == "torch":
             if found_inf is None or not found_inf.item():
@@ -351,12 +360,13 @@ class AdamW(torch.optim.Optimizer):
                     args[k][i].copy_(staged[k][i])
 
     @staticmethod
-    def _why_not(backend: str, tensors: List[Tensor]):
-        """Why `backend` cannot step these parameters and gradients, or None."""
-        reason = _backend.device_reason(backend, *tensors) or missing_reason(backend, STEP, "AdamW")
+    def _why_not(backend: str, params: List[Tensor], grads: List[Tensor]):
+        """Why `backend` cannot step these parameters (of one dtype) and gradients, or None."""
+        reason = _backend.device_reason(backend, *params, *grads) or missing_reason(backend, STEP, "AdamW")
         if reason is None and backend != "torch":
-            if tensors[0].dtype not in _KERNEL_DTYPES:
-                reason = f"parameter dtype {tensors[0].dtype} is not supported (float32, float16, bfloat16 are)"
-            elif any(g.dtype != tensors[0].dtype for g in tensors):
+            dtype = params[0].dtype
+            if dtype not in _KERNEL_DTYPES:
+                reason = f"parameter dtype {dtype} is not supported (float32, float16, bfloat16 are)"
+            elif any(g.dtype != dtype for g in grads):
                 reason = "gradients must have their parameters' dtype"
         return reason
