@@ -64,8 +64,55 @@ def _interpret_float_arguments_as_float32():
     interpreter._implicit_cvt = implicit_cvt
 
 
+def _patch_the_language_once_a_launch():
+    """The interpreter runs a launch with triton.language's builtins swapped
+    for interpreted ones (interpreter._patch_lang: inspect.getmembers over
+    tl, tl.tensor, tl.math and more, 1.5-2 ms here), then swaps them again
+    at every call of a @triton.jit function inside the kernel (our helpers:
+    round_to, dot, the attention loads; Triton's: tl.sum, tl.max, which see
+    triton.language.core), never undoing that: wrappers already in place
+    are left as they are, and the launch's own undo restores tl. A masked
+    attention backward makes thousands of such calls. Here a call inside a
+    launch skips the swap where the language modules its function sees are
+    patched already in this launch: the same interpreted builtins run, and
+    an attention test takes a third less time (benchmarks/NOTES.md, "`make
+    test`'s time, session 69"). Triton 3.6 to 3.9 call _patch_lang from
+    GridExecutor.__call__ (a launch) and InterpretedFunction.__call__ (a
+    call inside it); where a Triton does not, every call patches, as before."""
+    import inspect
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_lang, run_launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    patched = []  # per launch running, innermost last: the language modules patched in it
+    seen = {}  # function -> the language modules among its globals
+
+    def languages(fn):
+        if fn not in seen:
+            seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return seen[fn]
+
+    def patch_lang_once(fn):
+        if patched and languages(fn) <= patched[-1]:
+            return interpreter._LangPatchScope()  # nothing to undo
+        scope = patch_lang(fn)
+        if patched:
+            patched[-1] |= languages(fn)
+        return scope
+
+    def launch(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return run_launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang_once, launch
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpret_float_arguments_as_float32()
+    _patch_the_language_once_a_launch()
 
 MARGIN_LOG = os.environ.get("PYEXT_MARGIN_LOG")
 
