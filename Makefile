@@ -20,7 +20,7 @@ SHELL       := /bin/bash
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest pytest-benchmark pytest-xdist hypothesis \
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest pytest-benchmark pytest-xdist \
 		ninja pybind11 matplotlib setuptools wheel transformers==5.25.0
 	PYEXT_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
