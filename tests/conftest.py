@@ -357,6 +357,17 @@ def auto_runs_the_triton_kernels(monkeypatch):
 
 
 @pytest.fixture
+def pyext_sdpa_calls(monkeypatch):
+    """One entry per call of pyext.scaled_dot_product_attention (or of what it
+    calls, with a soft cap, as pyext.patch's routing does)."""
+    import pyext.ops.attention as attention
+    calls, real = [], attention._scaled_dot_product_attention
+    monkeypatch.setattr(attention, "_scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.fixture
 def dropout_seeds(monkeypatch):
     """The attention dropout seeds the kernel calls draw, in order."""
     from pyext.ops import attention

@@ -3,6 +3,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.train_gpt import GPT, TINY
 from conftest import assert_close
@@ -157,3 +158,30 @@ def check_all(names, out, ref, pt):
             assert o is None, name
             continue
         assert_close(o, r, p, name)
+
+
+class GELUFunction(torch.nn.Module):
+    """A module whose own code calls F.gelu: patch routes its forward."""
+
+    def forward(self, x):
+        return F.gelu(x)
+
+
+class LibraryAttention(torch.nn.Module):
+    """Its code in a library whose name starts with "torch" (torchvision's, torchtune's)."""
+    __module__ = "torchtune.modules.attention"
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def saved_and_loaded(model, buffer):
+    """The model through torch.save and torch.load, as a checkpoint of the whole module."""
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
