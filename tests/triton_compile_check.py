@@ -321,19 +321,21 @@ def _stop_at_ptx(*args):
 
 
 def main():
+    spills = "--spills" in sys.argv
     cache = tempfile.mkdtemp(prefix="pyext_compile_check_")
     try:
         triton.knobs.cache.dir = cache
-        if "--spills" in sys.argv:
+        if spills:
             triton.knobs.nvidia.dump_ptxas_log = True
         else:
             triton.knobs.runtime.add_stages_inspection_hook = _stop_at_ptx
-        return check()
+        return check(spills)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def check():
+def check(spills: bool):
+    """Compiles every variant the launch functions launch (to cubins if `spills`, listing theirs); 1 if any fails."""
     JITFunction.run = _record_jit
     Autotuner.run = _record_autotuned
     # every launch through its autotuner, not past it with a config remembered for the key:
@@ -356,15 +358,15 @@ def check():
                                                 mp_context=multiprocessing.get_context("fork")) as pool:
         results = list(pool.map(_compile, range(len(jobs)), chunksize=4))
     failures = [why for why, _ in results if why is not None]
-    built = "cubins" if "--spills" in sys.argv else "PTX"
+    built = "cubins" if spills else "PTX"
     print(f"compiled {len(jobs) - len(failures)} of {len(jobs)} kernel variants to {built} "
           f"(Triton {triton.__version__})")
     for line in failures:
         print("FAILED", line)
-    if "--spills" in sys.argv:
-        spills = sorted(report for _, report in results if report is not None)
-        print(f"{len(spills)} variants spill registers")
-        for line in spills:
+    if spills:
+        spilling = sorted(report for _, report in results if report is not None)
+        print(f"{len(spilling)} variants spill registers")
+        for line in spilling:
             print("SPILLS", line)
     return 1 if failures else 0
 
